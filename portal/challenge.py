@@ -1,0 +1,245 @@
+"""
+Registration challenges: proof that a tunnel holds the key it registers names for.
+
+The relay issues a random, single-use, short-lived nonce for a set of names.  The tunnel signs
+L{registrationMessage}, which binds the nonce to the relay's identity, the names and the tunnel's
+public key, so a signature cannot be replayed, moved to another relay, or reused for other names.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections import OrderedDict
+from typing import Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from portal.identity import Identity, verifySignature
+
+#: Seconds a challenge stays redeemable after it is issued.
+CHALLENGE_TTL: float = 30.0
+
+#: Number of random bytes in a challenge nonce.
+NONCE_LENGTH = 32
+
+_DOMAIN = b"portal-register-v1\0"
+
+
+class ChallengeError(Exception):
+    """
+    A registration was refused; C{str()} of the exception is a reason the tunnel user can act on.
+    """
+
+
+class UnknownChallenge(ChallengeError):
+    """
+    The challenge was never issued by this relay, or has already been used.
+    """
+
+
+class ExpiredChallenge(ChallengeError):
+    """
+    The challenge was redeemed after its lifetime ended.
+    """
+
+
+class ChallengeMismatch(ChallengeError):
+    """
+    The registration names differ from the names the challenge was issued for.
+    """
+
+
+class BadSignature(ChallengeError):
+    """
+    The signature does not verify: it was made for another relay, another challenge or other names,
+    or by another key than the one presented.
+    """
+
+
+def _checkNames(names: Sequence[str]) -> tuple[str, ...]:
+    """
+    Put a collection of names in canonical order.
+
+    @param names: The names.
+    @return: The names, sorted.
+    @raise TypeError: If C{names} is a single string rather than a sequence of names.
+    """
+    if isinstance(names, (str, bytes)):
+        raise TypeError("names must be a sequence of names, not a single string")
+    return tuple(sorted(names))
+
+
+def _field(value: bytes) -> bytes:
+    """
+    Length-prefix one field of a signed message.
+
+    @param value: The field's bytes.
+    @return: A 4-byte big-endian length followed by C{value}.
+    """
+    return struct.pack("!I", len(value)) + value
+
+
+def registrationMessage(
+    relayId: str, nonce: bytes, names: Sequence[str], publicKey: bytes
+) -> bytes:
+    """
+    Encode what a tunnel signs to register names.
+
+    The encoding is C{b"portal-register-v1\\0"} followed by four length-prefixed fields (4-byte
+    big-endian length): the relay id (UTF-8), the nonce, the names, and the public key.  The names
+    field is the sorted names, each itself length-prefixed and UTF-8 encoded, so no two different
+    inputs give the same message.
+
+    @param relayId: The identity id of the relay that issued the challenge.
+    @param nonce: The challenge nonce.
+    @param names: The names being registered, in any order.
+    @param publicKey: The registering tunnel's compressed public key.
+    @return: The message to sign.
+    """
+    encodedNames = b"".join(_field(name.encode("utf-8")) for name in _checkNames(names))
+    return (
+        _DOMAIN
+        + _field(relayId.encode("utf-8"))
+        + _field(nonce)
+        + _field(encodedNames)
+        + _field(publicKey)
+    )
+
+
+def signRegistration(identity: Identity, relayId: str, nonce: bytes, names: Sequence[str]) -> bytes:
+    """
+    Answer a registration challenge.
+
+    @param identity: The tunnel's identity.
+    @param relayId: The identity id of the relay that issued the challenge.
+    @param nonce: The challenge nonce.
+    @param names: The names being registered.
+    @return: A signature over L{registrationMessage} with C{identity}'s public key.
+    """
+    return identity.sign(registrationMessage(relayId, nonce, names, identity.publicKey))
+
+
+@attrs.frozen
+class _Outstanding:
+    """
+    A challenge that has been issued and not yet redeemed.
+
+    @ivar names: The sorted names it was issued for.
+    @ivar expiresAt: The clock time after which it may no longer be redeemed.
+    """
+
+    names: tuple[str, ...]
+    expiresAt: float
+
+
+class ChallengeIssuer:
+    """
+    Issue and redeem a relay's registration challenges.
+
+    Outstanding challenges are kept in issue order, which (with a fixed lifetime) is also expiry
+    order, so pruning and dropping the oldest are cheap.
+    """
+
+    def __init__(
+        self,
+        relayId: str,
+        clock: IReactorTime,
+        ttl: float = CHALLENGE_TTL,
+        maxOutstanding: int = 10000,
+    ) -> None:
+        """
+        @param relayId: This relay's identity id, which registrations must be signed for.
+        @param clock: The source of the current time.
+        @param ttl: Seconds a challenge stays redeemable.
+        @param maxOutstanding: Most challenges remembered at once; issuing more forgets the oldest.
+        """
+        if maxOutstanding < 1:
+            raise ValueError("maxOutstanding must be at least 1")
+        self.relayId = relayId
+        self.ttl = ttl
+        self.maxOutstanding = maxOutstanding
+        self._clock = clock
+        self._outstanding: OrderedDict[bytes, _Outstanding] = OrderedDict()
+
+    def __len__(self) -> int:
+        """
+        Count the challenges issued and not yet redeemed, including expired ones not yet pruned.
+
+        @return: The number of remembered challenges.
+        """
+        return len(self._outstanding)
+
+    def _prune(self, now: float) -> None:
+        """
+        Forget challenges that have expired.
+
+        @param now: The current time.
+        """
+        while self._outstanding:
+            oldest = next(iter(self._outstanding.values()))
+            if now <= oldest.expiresAt:
+                break
+            self._outstanding.popitem(last=False)
+
+    def issue(self, names: Sequence[str]) -> bytes:
+        """
+        Issue a challenge for registering C{names}.
+
+        @param names: The names the tunnel asks for.
+        @return: A fresh 32-byte random nonce.
+        """
+        sortedNames = _checkNames(names)
+        now = self._clock.seconds()
+        self._prune(now)
+        while len(self._outstanding) >= self.maxOutstanding:
+            self._outstanding.popitem(last=False)
+        nonce = secrets.token_bytes(NONCE_LENGTH)
+        self._outstanding[nonce] = _Outstanding(sortedNames, now + self.ttl)
+        return nonce
+
+    def redeem(
+        self, nonce: bytes, names: Sequence[str], publicKey: bytes, signature: bytes
+    ) -> None:
+        """
+        Check a signed answer to a challenge.
+
+        The challenge is used up by this call whether or not the answer is accepted.
+
+        @param nonce: The nonce from L{issue}.
+        @param names: The names being registered.
+        @param publicKey: The compressed public key the tunnel registers with.
+        @param signature: The tunnel's signature, see L{signRegistration}.
+        @raise UnknownChallenge: If the nonce was never issued here, was already redeemed, or was
+            forgotten to make room for newer ones.
+        @raise ExpiredChallenge: If the challenge's lifetime has ended.
+        @raise ChallengeMismatch: If C{names} are not the names the challenge was issued for.
+        @raise BadSignature: If C{signature} is not C{publicKey}'s signature of this relay's
+            registration message.
+        """
+        sortedNames = _checkNames(names)
+        outstanding = self._outstanding.pop(nonce, None)
+        if outstanding is None:
+            raise UnknownChallenge(
+                "the registration challenge is unknown to this relay or was already used; "
+                "request a new challenge and sign that"
+            )
+        if self._clock.seconds() > outstanding.expiresAt:
+            raise ExpiredChallenge(
+                f"the registration challenge expired (challenges are valid for {self.ttl:g} "
+                f"seconds); request a new challenge and answer it promptly"
+            )
+        if sortedNames != outstanding.names:
+            raise ChallengeMismatch(
+                f"the registration challenge was issued for names {list(outstanding.names)} "
+                f"but the registration asks for {list(sortedNames)}; request a challenge for "
+                f"the names you register"
+            )
+        message = registrationMessage(self.relayId, nonce, sortedNames, publicKey)
+        if not verifySignature(publicKey, signature, message):
+            raise BadSignature(
+                "the registration signature is not valid for the presented public key, this "
+                f"relay (identity {self.relayId}) and the challenge; sign the challenge this "
+                "relay issued with the key you present"
+            )

@@ -1,0 +1,290 @@
+"""
+The C{portal} command: C{expose}, C{identity show|new} and C{demo}.
+
+Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+import portal
+from portal.identity import (
+    Identity,
+    IdentityError,
+    defaultIdentityPath,
+    loadIdentity,
+    saveIdentity,
+)
+from portal.localca import CertificateError
+from portal.tunnel.options import TunnelOptions
+from portal.tunnel.report import Reporter
+
+USAGE_ERROR = 2
+FAILURE = 1
+
+
+class IdentityOptions(usage.Options):
+    """
+    C{portal identity show|new [--identity PATH] [--force]}.
+    """
+
+    synopsis = "show|new [--identity PATH] [--force]"
+    optFlags = [["force", None, "With new: replace an existing identity (its leases are lost)."]]
+    optParameters = [
+        ["identity", None, None, "Identity file (default ~/.config/portal/identity.json)."]
+    ]
+
+    def parseArgs(self, action: str | None = None) -> None:
+        """
+        @param action: C{show} or C{new}.
+        """
+        if action not in ("show", "new"):
+            raise usage.UsageError("expected 'portal identity show' or 'portal identity new'")
+        self["action"] = action
+
+
+class DemoOptions(usage.Options):
+    """
+    C{portal demo}: a relay, a tunnel and a sample site, all in this process on loopback.
+    """
+
+    optParameters = [
+        [
+            "public",
+            None,
+            "tcp:8443:interface=127.0.0.1",
+            "Endpoint of the relay's public listener.",
+        ],
+        [
+            "control",
+            None,
+            "tcp:4017:interface=127.0.0.1",
+            "Endpoint of the relay's control listener.",
+        ],
+        ["state-dir", None, None, "The demo relay's state directory."],
+        ["identity", None, None, "Identity file (default ~/.config/portal/identity.json)."],
+    ]
+    optFlags = [["json", None, "Print JSON event lines."]]
+
+
+class PortalOptions(usage.Options):
+    """
+    The C{portal} command line.
+    """
+
+    synopsis = "portal expose|identity|demo|version ..."
+    subCommands = [
+        ["expose", None, TunnelOptions, "Publish a local service through relays."],
+        ["identity", None, IdentityOptions, "Show or create this machine's identity."],
+        ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
+        ["version", None, usage.Options, "Print the version."],
+    ]
+
+    def postOptions(self) -> None:
+        """
+        A subcommand is required.
+        """
+        if self.subCommand is None:
+            raise usage.UsageError("expected a command: expose, identity, demo or version")
+
+
+def _startLogging(err: TextIO, level: LogLevel) -> None:
+    """
+    Send log events at C{level} and above to C{err} as text.
+    """
+    observer = FilteringLogObserver(
+        textFileLogObserver(err), [LogLevelFilterPredicate(defaultLogLevel=level)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def identityCommand(options: IdentityOptions, out: TextIO) -> int:
+    """
+    Run C{portal identity show|new}.
+
+    @return: The exit code.
+    """
+    path = options["identity"] or defaultIdentityPath()
+    if options["action"] == "new":
+        identity = Identity.generate()
+        saveIdentity(identity, path, overwrite=bool(options["force"]))
+        out.write(f"created identity {identity.id}\n  file: {path}\n")
+        return 0
+    if not os.path.exists(path):
+        out.write(
+            f"no identity yet at {path}; 'portal identity new' or 'portal expose' creates one\n"
+        )
+        return FAILURE
+    identity = loadIdentity(path)
+    out.write(
+        f"identity {identity.id}\n  short id: {identity.shortId}\n"
+        f"  public key: {identity.publicKey.hex()}\n  file: {path}\n"
+    )
+    return 0
+
+
+def runUntilStopped(reactor: Any, services: Sequence[Any], onStart: Any = None) -> Deferred[None]:
+    """
+    Start services, and stop them when the reactor shuts down (Ctrl-C, SIGTERM).
+
+    @return: A L{Deferred} that never fires by itself; the runner stops the reactor.
+    """
+    for service in services:
+        service.startService()
+
+    def stopAll() -> Any:
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(
+            [ensureDeferred(_maybeDeferred(s.stopService)) for s in reversed(services)]
+        )
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopAll)
+    return Deferred()
+
+
+async def _maybeDeferred(f: Any) -> None:
+    """
+    Await C{f()} if it returns a L{Deferred}.
+    """
+    result = f()
+    if isinstance(result, Deferred):
+        await result
+
+
+def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
+    """
+    Run C{portal expose} until interrupted.
+
+    @return: The exit code.
+    """
+    from twisted.internet import reactor
+
+    from portal.tunnel.service import TunnelService
+
+    config = options.tunnelConfig
+    _startLogging(err, LogLevel.warn)
+    exit = [0]
+
+    def fatal(message: str) -> None:
+        err.write(f"portal: {message}\n")
+        exit[0] = FAILURE
+        if reactor.running:
+            reactor.stop()
+
+    tunnel = TunnelService(config, reactor, Reporter(out, config.json), fatal)
+    reactor.callWhenRunning(runUntilStopped, reactor, [tunnel])
+    reactor.run()
+    return exit[0]
+
+
+def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
+    """
+    Run a relay, a tunnel and a sample site in one process on loopback until interrupted.
+
+    @return: The exit code.
+    """
+    import tempfile
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    from portal.demo import SampleSite
+    from portal.relay.service import RelayConfig, RelayService
+    from portal.tunnel.config import buildConfig
+    from portal.tunnel.service import TunnelService
+
+    _startLogging(err, LogLevel.warn)
+    exit = [0]
+
+    def fatal(message: str) -> None:
+        err.write(f"portal: {message}\n")
+        exit[0] = FAILURE
+        if reactor.running:
+            reactor.stop()
+
+    stateDir = options["state-dir"] or tempfile.mkdtemp(prefix="portal-demo-relay-")
+    relay = RelayService(
+        RelayConfig(public=options["public"], control=options["control"], stateDir=stateDir),
+        reactor,
+    )
+
+    async def start() -> None:
+        relay.startService()
+        await relay.whenListening
+        site = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Site(SampleSite())
+        )
+        controlPort = relay.ports["control"].getHost().port
+        config = buildConfig(
+            str(site.getHost().port),
+            relays=[f"127.0.0.1:{controlPort}"],
+            identityPath=options["identity"],
+            json=bool(options["json"]),
+        )
+        out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
+        tunnel = TunnelService(config, reactor, Reporter(out, config.json), fatal)
+        runUntilStopped(reactor, [tunnel])
+        reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
+        reactor.addSystemEventTrigger("before", "shutdown", site.stopListening)
+
+    def started() -> None:
+        d = ensureDeferred(start())
+
+        def failed(failure: Any) -> None:
+            fatal(f"demo could not start: {failure.getErrorMessage()}")
+
+        d.addErrback(failed)
+
+    reactor.callWhenRunning(started)
+    reactor.run()
+    return exit[0]
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> None:
+    """
+    Entry point of the C{portal} console script.
+
+    @param argv: Arguments without the program name (default C{sys.argv[1:]}).
+    """
+    options = PortalOptions()
+    try:
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+    except usage.UsageError as e:
+        err.write(f"portal: error: {e}\n")
+        sys.exit(USAGE_ERROR)
+    command = options.subCommand
+    sub = options.subOptions
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if command == "version":
+            out.write(f"portal {portal.__version__}\n")
+            code = 0
+        elif command == "identity":
+            code = identityCommand(sub, out)
+        elif command == "expose":
+            code = exposeCommand(sub, out, err)
+        else:
+            code = demoCommand(sub, out, err)
+    except (IdentityError, CertificateError, ValueError) as e:
+        err.write(f"portal: {e}\n")
+        code = FAILURE
+    sys.exit(code)

@@ -1,0 +1,180 @@
+"""
+The control protocol between a tunnel and a relay: Twisted AMP over TLS.
+
+Specified in C{docs/protocol.md}. The tunnel speaks first with L{Hello}; both sides agree on a protocol
+version and a set of capabilities, and the relay proves its secp256k1 identity by signing the session's TLS
+exporter value (a channel binding, RFC 9266 style). Everything after that is only sent when the capability
+that introduces it was negotiated, so neighbouring versions interoperate.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+#: Protocol versions this code speaks.
+MIN_VERSION = 1
+MAX_VERSION = 1
+
+#: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
+CAPABILITIES = ("stream",)
+
+#: TLS exporter label whose value the relay signs in L{Hello}.
+EXPORTER_HELLO = b"EXPORTER-portal-relay-hello"
+#: TLS exporter label of the key that authenticates data sessions of this control session.
+EXPORTER_DATA_KEY = b"EXPORTER-portal-data-key"
+#: Length of exported values.
+EXPORTER_LENGTH = 32
+#: Domain separation prefix of the relay's L{Hello} signature.
+HELLO_SIGNATURE_PREFIX = b"portal-relay-hello-v1\0"
+
+
+class UnsupportedVersion(Exception):
+    """
+    The two sides share no protocol version.
+    """
+
+
+class NotAuthenticated(Exception):
+    """
+    A command that needs a registered identity came before L{Register}.
+    """
+
+
+class RegistrationRefused(Exception):
+    """
+    The relay refused a registration: wrong signature, stale or replayed challenge, invalid or taken name,
+    or a limit. The message says which.
+    """
+
+
+class LeaseUnknown(Exception):
+    """
+    A renew or unregister named a lease this session does not hold.
+    """
+
+
+class Hello(amp.Command):
+    """
+    First command of a control session, sent by the tunnel.
+
+    The relay answers with the chosen version, the shared capabilities, its identity's public key and a
+    signature over L{HELLO_SIGNATURE_PREFIX} + the TLS exporter value for L{EXPORTER_HELLO}.
+    """
+
+    arguments = [
+        (b"minVersion", amp.Integer()),
+        (b"maxVersion", amp.Integer()),
+        (b"capabilities", amp.ListOf(amp.Unicode())),
+        (b"software", amp.Unicode()),
+    ]
+    response = [
+        (b"version", amp.Integer()),
+        (b"capabilities", amp.ListOf(amp.Unicode())),
+        (b"relayKey", amp.String()),
+        (b"signature", amp.String()),
+        (b"sessionId", amp.String()),
+        (b"tunnelDomain", amp.Unicode()),
+        (b"publicPort", amp.Integer()),
+        (b"leaseTTL", amp.Float()),
+        (b"software", amp.Unicode()),
+    ]
+    errors = {UnsupportedVersion: b"UNSUPPORTED_VERSION"}
+
+
+class Challenge(amp.Command):
+    """
+    Ask for a single-use, short-lived registration challenge bound to the relay and to C{names}.
+    """
+
+    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    response = [(b"nonce", amp.String()), (b"expiresIn", amp.Float())]
+    errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
+
+
+class Register(amp.Command):
+    """
+    Register leases on C{names} by signing the challenge with the identity whose key is C{publicKey}.
+    """
+
+    arguments = [
+        (b"publicKey", amp.String()),
+        (b"names", amp.ListOf(amp.Unicode())),
+        (b"nonce", amp.String()),
+        (b"signature", amp.String()),
+        (b"mode", amp.Unicode()),
+    ]
+    response = [
+        (b"hostnames", amp.ListOf(amp.Unicode())),
+        (b"expiresIn", amp.Float()),
+    ]
+    errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
+
+
+class Renew(amp.Command):
+    """
+    Extend the leases on C{names} held by this session.
+    """
+
+    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    response = [(b"expiresIn", amp.Float())]
+    errors = {NotAuthenticated: b"NOT_AUTHENTICATED", LeaseUnknown: b"LEASE_UNKNOWN"}
+
+
+class Unregister(amp.Command):
+    """
+    End the leases on C{names} now; the names stay reserved for their owner for the reservation period.
+    """
+
+    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = {NotAuthenticated: b"NOT_AUTHENTICATED", LeaseUnknown: b"LEASE_UNKNOWN"}
+
+
+class RequestData(amp.Command):
+    """
+    Sent by the relay: visitors are waiting and the idle data sessions ran out; open C{count} more.
+    """
+
+    arguments = [(b"count", amp.Integer())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = False
+
+
+def negotiateVersion(theirMin: int, theirMax: int) -> int:
+    """
+    Pick the highest protocol version both sides speak.
+
+    @param theirMin: The lowest version the peer speaks.
+    @param theirMax: The highest version the peer speaks.
+    @return: The chosen version.
+    @raise UnsupportedVersion: When the ranges do not overlap.
+    """
+    version = min(theirMax, MAX_VERSION)
+    if version < max(theirMin, MIN_VERSION):
+        raise UnsupportedVersion(
+            f"no common protocol version: peer speaks {theirMin}..{theirMax}, "
+            f"this relay {MIN_VERSION}..{MAX_VERSION}"
+        )
+    return version
+
+
+def helloSignatureMessage(exporterValue: bytes) -> bytes:
+    """
+    The bytes the relay signs to prove its identity on one TLS session.
+
+    @param exporterValue: The session's exported keying material for L{EXPORTER_HELLO}.
+    @return: The message to sign.
+    """
+    return HELLO_SIGNATURE_PREFIX + exporterValue
+
+
+def exportKeyingMaterial(transport: object, label: bytes) -> bytes:
+    """
+    Export keying material (RFC 5705 / RFC 8446 section 7.5) from the TLS session under C{transport}.
+
+    @param transport: A L{twisted.protocols.tls.TLSMemoryBIOProtocol} whose handshake has finished.
+    @param label: The exporter label.
+    @return: L{EXPORTER_LENGTH} bytes, equal on both ends of the session.
+    """
+    connection = transport.getHandle()  # type: ignore[attr-defined]
+    return bytes(connection.export_keying_material(label, EXPORTER_LENGTH))

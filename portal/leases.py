@@ -1,0 +1,359 @@
+"""
+The relay's lease table: which identity owns which name, and which control session serves it.
+
+A lease name belongs to the identity that first registered it for as long as the lease is renewed,
+plus a reservation period after it lapses, so that a tunnel that reconnects (or a relay that
+restarts) gets its name back and nobody else can take it in between.  A name is routable only while
+its lease is live and a control session holds it.
+
+Times are C{clock.seconds()} values.  The relay uses the reactor's clock, which is wall-clock time,
+so persisted expiry times stay meaningful across restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+#: Version of the format written by L{LeaseTable.toJSON}.
+STATE_VERSION = 1
+
+
+class LeaseError(Exception):
+    """
+    A lease operation was refused; C{str()} of the exception gives the reason.
+    """
+
+
+class NameTaken(LeaseError):
+    """
+    The name is owned, or still reserved, by another identity.
+    """
+
+
+class TooManyLeases(LeaseError):
+    """
+    The identity already owns as many names (live or reserved) as one identity may.
+    """
+
+
+@attrs.define
+class Lease:
+    """
+    One name's lease.
+
+    Leases returned by L{LeaseTable} are the table's own records: read them, do not change them.
+
+    @ivar name: The lease name (a DNS label).
+    @ivar owner: The identity id of the owner.
+    @ivar expiresAt: The clock time the lease stops being live unless renewed; ownership lasts until
+        the table's reservation period after it.
+    @ivar holder: The control session serving the name, or C{None} when detached.
+    """
+
+    name: str
+    owner: str
+    expiresAt: float
+    holder: object | None
+
+
+class LeaseTable:
+    """
+    All of a relay's leases, indexed by name, owner and holder so that lookups take constant time.
+
+    @ivar ttl: Seconds a registration or renewal keeps a lease live.
+    @ivar reservation: Seconds a lapsed lease stays owned by its owner.
+    @ivar maxPerOwner: Most names (live or reserved) one owner may hold.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        ttl: float = 60.0,
+        reservation: float = 3600.0,
+        maxPerOwner: int = 100,
+    ) -> None:
+        """
+        @param clock: The source of the current time.
+        @param ttl: Seconds a registration or renewal keeps a lease live.
+        @param reservation: Seconds a lapsed lease stays owned by its owner.
+        @param maxPerOwner: Most names (live or reserved) one owner may hold.
+        """
+        self.ttl = ttl
+        self.reservation = reservation
+        self.maxPerOwner = maxPerOwner
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}
+        self._byOwner: dict[str, set[str]] = {}
+        # Keyed by id(holder): holders need not be hashable.  Each entry's lease keeps its holder
+        # alive, so the id cannot be reused while it is in this index.
+        self._byHolder: dict[int, set[str]] = {}
+
+    def __len__(self) -> int:
+        """
+        Count the names in the table.
+
+        @return: The number of names recorded, live or reserved; names whose reservation has ended
+            count until L{expire} or a lookup removes them.
+        """
+        return len(self._leases)
+
+    def _owned(self, lease: Lease, now: float) -> bool:
+        """
+        Tell whether a lease still belongs to its owner.
+
+        @param lease: The lease.
+        @param now: The current time.
+        @return: Whether C{now} is before the end of the lease's reservation period.
+        """
+        return now < lease.expiresAt + self.reservation
+
+    def _setHolder(self, lease: Lease, holder: object | None) -> None:
+        """
+        Move a lease to another holder, keeping the holder index up to date.
+
+        @param lease: The lease.
+        @param holder: The new holder, or C{None} to detach it.
+        """
+        if lease.holder is not None:
+            key = id(lease.holder)
+            names = self._byHolder.get(key)
+            if names is not None:
+                names.discard(lease.name)
+                if not names:
+                    del self._byHolder[key]
+        lease.holder = holder
+        if holder is not None:
+            self._byHolder.setdefault(id(holder), set()).add(lease.name)
+
+    def _remove(self, lease: Lease) -> None:
+        """
+        Drop a lease from the table and every index.
+
+        @param lease: The lease to drop.
+        """
+        self._setHolder(lease, None)
+        del self._leases[lease.name]
+        names = self._byOwner[lease.owner]
+        names.discard(lease.name)
+        if not names:
+            del self._byOwner[lease.owner]
+
+    def _lookup(self, name: str, now: float) -> Lease | None:
+        """
+        Find a name's lease, dropping it if its reservation has ended.
+
+        @param name: The lease name.
+        @param now: The current time.
+        @return: The lease if it is still owned, else C{None}.
+        """
+        lease = self._leases.get(name)
+        if lease is None:
+            return None
+        if not self._owned(lease, now):
+            self._remove(lease)
+            return None
+        return lease
+
+    def _ownedCount(self, owner: str, now: float) -> int:
+        """
+        Count the names an owner holds, first dropping any whose reservation has ended.
+
+        @param owner: The owner's identity id.
+        @param now: The current time.
+        @return: The number of live or reserved names of C{owner}.
+        """
+        names = self._byOwner.get(owner)
+        if not names:
+            return 0
+        if len(names) >= self.maxPerOwner:
+            for name in list(names):
+                self._lookup(name, now)
+            names = self._byOwner.get(owner, set())
+        return len(names)
+
+    def register(self, name: str, owner: str, holder: object) -> Lease:
+        """
+        Give C{owner} a live lease on C{name}, served by C{holder}.
+
+        This succeeds if the name is free, already owned by C{owner} (live, lapsed or detached; a
+        new holder takes it over, as when a tunnel reconnects), or its previous owner's reservation
+        has ended.
+
+        @param name: The lease name, already validated.
+        @param owner: The registering identity's id, already authenticated.
+        @param holder: The control session that will serve the name.
+        @return: The lease, live for L{ttl} seconds from now.
+        @raise NameTaken: If another identity owns the name or still has it reserved.
+        @raise TooManyLeases: If C{owner} already holds C{maxPerOwner} other names.
+        """
+        now = self._clock.seconds()
+        lease = self._lookup(name, now)
+        if lease is not None and lease.owner != owner:
+            raise NameTaken(f"name {name!r} is taken by another identity")
+        if lease is None:
+            if self._ownedCount(owner, now) >= self.maxPerOwner:
+                raise TooManyLeases(
+                    f"identity already holds {self.maxPerOwner} names on this relay, the most "
+                    f"allowed; release one before registering {name!r}"
+                )
+            lease = Lease(name=name, owner=owner, expiresAt=now + self.ttl, holder=None)
+            self._leases[name] = lease
+            self._byOwner.setdefault(owner, set()).add(name)
+        lease.expiresAt = now + self.ttl
+        if lease.holder is not holder:
+            self._setHolder(lease, holder)
+        return lease
+
+    def renew(self, name: str, owner: str, holder: object) -> Lease:
+        """
+        Keep a lease live for another L{ttl} seconds.
+
+        @param name: The lease name.
+        @param owner: The renewing identity's id.
+        @param holder: The control session renewing it.
+        @return: The renewed lease.
+        @raise LeaseError: If C{owner} does not own the name or C{holder} does not hold it (a
+            detached lease must be registered again).
+        """
+        now = self._clock.seconds()
+        lease = self._lookup(name, now)
+        if lease is None or lease.owner != owner:
+            raise LeaseError(f"name {name!r} is not leased to this identity; register it again")
+        if lease.holder is not holder:
+            raise LeaseError(
+                f"name {name!r} is not held by this connection; register it again to move it here"
+            )
+        lease.expiresAt = now + self.ttl
+        return lease
+
+    def release(self, name: str, owner: str) -> None:
+        """
+        End a lease now at its owner's request.
+
+        The name stops being routable at once; the owner keeps it for the reservation period
+        counted from now (or from its earlier expiry, if the lease had already lapsed).
+
+        @param name: The lease name.
+        @param owner: The releasing identity's id.
+        @raise LeaseError: If C{owner} does not own the name.
+        """
+        now = self._clock.seconds()
+        lease = self._lookup(name, now)
+        if lease is None or lease.owner != owner:
+            raise LeaseError(f"name {name!r} is not leased to this identity")
+        lease.expiresAt = min(lease.expiresAt, now)
+        self._setHolder(lease, None)
+
+    def detach(self, holder: object) -> list[Lease]:
+        """
+        Note that a control session has gone away.
+
+        Its leases stop being routable; their owners keep them until their expiry plus the
+        reservation period, and can take them back by registering again.
+
+        @param holder: The control session that ended.
+        @return: The leases it held, now detached.
+        """
+        names = self._byHolder.pop(id(holder), set())
+        detached = []
+        for name in names:
+            lease = self._leases[name]
+            lease.holder = None
+            detached.append(lease)
+        return detached
+
+    def route(self, name: str) -> Lease | None:
+        """
+        Find where to send a visitor for a name.
+
+        @param name: The lease name.
+        @return: The lease if it is live and held by a control session, else C{None}.
+        """
+        lease = self._leases.get(name)
+        if lease is None or lease.holder is None:
+            return None
+        if not self._clock.seconds() < lease.expiresAt:
+            return None
+        return lease
+
+    def ownerOf(self, name: str) -> str | None:
+        """
+        Find who owns a name.
+
+        @param name: The lease name.
+        @return: The owner's identity id while the lease is live or reserved, else C{None}.
+        """
+        lease = self._lookup(name, self._clock.seconds())
+        return None if lease is None else lease.owner
+
+    def expire(self) -> list[str]:
+        """
+        Drop every name whose reservation period has ended.
+
+        This walks the whole table; call it now and then (every L{ttl} seconds, say).
+
+        @return: The names dropped.
+        """
+        now = self._clock.seconds()
+        expired = [lease for lease in self._leases.values() if not self._owned(lease, now)]
+        for lease in expired:
+            self._remove(lease)
+        return [lease.name for lease in expired]
+
+    def toJSON(self) -> dict[str, Any]:
+        """
+        Describe the table's ownership for persistence.
+
+        Holders are not included: after a restart every lease is detached until its owner
+        registers again.
+
+        @return: A JSON-serialisable C{dict} for L{fromJSON}.
+        """
+        now = self._clock.seconds()
+        return {
+            "version": STATE_VERSION,
+            "leases": {
+                lease.name: {"owner": lease.owner, "expiresAt": lease.expiresAt}
+                for lease in self._leases.values()
+                if self._owned(lease, now)
+            },
+        }
+
+    @classmethod
+    def fromJSON(cls, data: Any, clock: IReactorTime, **kw: Any) -> LeaseTable:
+        """
+        Rebuild a table saved by L{toJSON}, with every lease detached.
+
+        @param data: The result of L{toJSON}, after a JSON round trip.
+        @param clock: The source of the current time.
+        @param kw: Further arguments for L{LeaseTable.__init__}.
+        @return: The table; names whose reservation has already ended are left out.
+        @raise ValueError: If C{data} is not in the format L{toJSON} writes.
+        """
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError(f"lease state is not a version {STATE_VERSION} lease table")
+        leases = data.get("leases")
+        if not isinstance(leases, dict):
+            raise ValueError("lease state has no 'leases' object")
+        table = cls(clock, **kw)
+        now = clock.seconds()
+        for name, entry in leases.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"lease state for {name!r} is not an object")
+            owner = entry.get("owner")
+            expiresAt = entry.get("expiresAt")
+            if (
+                not isinstance(owner, str)
+                or isinstance(expiresAt, bool)
+                or not isinstance(expiresAt, (int, float))
+            ):
+                raise ValueError(f"lease state for {name!r} lacks a valid owner or expiresAt")
+            lease = Lease(name=name, owner=owner, expiresAt=float(expiresAt), holder=None)
+            if not table._owned(lease, now):
+                continue
+            table._leases[name] = lease
+            table._byOwner.setdefault(owner, set()).add(name)
+        return table

@@ -1,0 +1,311 @@
+"""
+The relay's control port: TLS + AMP control sessions and plain-TCP data sessions on one listener.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+import portal
+from portal.attach import MAGIC
+from portal.challenge import ChallengeError
+from portal.control import (
+    CAPABILITIES,
+    EXPORTER_DATA_KEY,
+    EXPORTER_HELLO,
+    Challenge,
+    Hello,
+    LeaseUnknown,
+    NotAuthenticated,
+    Register,
+    RegistrationRefused,
+    Renew,
+    RequestData,
+    Unregister,
+    exportKeyingMaterial,
+    helloSignatureMessage,
+    negotiateVersion,
+)
+from portal.identity import identityId
+from portal.leases import LeaseError
+from portal.names import InvalidName, leaseHostname, validateLabel
+from portal.peek import PeekingProtocol, RefuseConnection
+from portal.relay.data import RelayDataSession
+from portal.relay.router import DataPool, Router
+
+TLS_HANDSHAKE = 0x16
+
+
+class RelayControlProtocol(amp.AMP):
+    """
+    The relay's side of one control session.
+
+    @ivar pool: This session's data pool, once L{Hello} is done.
+    @ivar owner: The identity id that registered on this session.
+    @ivar names: Lease names registered on this session.
+    """
+
+    pool: DataPool | None = None
+    owner: str | None = None
+    _helloTimer: Any = None
+    _log = Logger()
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+        self.names: set[str] = set()
+        self.sessionId = b""
+
+    def connectionMade(self) -> None:
+        """
+        Give the tunnel a bounded time to say L{Hello}.
+        """
+        super().connectionMade()
+        self._helloTimer = self._router.clock.callLater(
+            self._router.limits.helloTimeout, self._helloTimedOut
+        )
+
+    def _helloTimedOut(self) -> None:
+        """
+        No L{Hello} in time: drop the connection.
+        """
+        self._helloTimer = None
+        self._log.info("control session sent no Hello in time; closing")
+        self.transport.loseConnection()
+
+    @Hello.responder
+    def hello(
+        self, minVersion: int, maxVersion: int, capabilities: list[str], software: str
+    ) -> dict[str, object]:
+        """
+        Negotiate, prove the relay's identity on this TLS session, and open the data pool.
+        """
+        if self._helloTimer is not None:
+            self._helloTimer.cancel()
+            self._helloTimer = None
+        version = negotiateVersion(minVersion, maxVersion)
+        router = self._router
+        if self.pool is None:
+            self.sessionId = router.newSessionId()
+            key = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
+            self.pool = DataPool(self, key, router.limits)
+            router.sessions[self.sessionId] = self.pool
+        exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
+        return {
+            "version": version,
+            "capabilities": [c for c in CAPABILITIES if c in capabilities],
+            "relayKey": router.identity.publicKey,
+            "signature": router.identity.sign(helloSignatureMessage(exporter)),
+            "sessionId": self.sessionId,
+            "tunnelDomain": router.tunnelDomain,
+            "publicPort": router.publicPort,
+            "leaseTTL": router.limits.leaseTTL,
+            "software": f"portal-relay/{portal.__version__}",
+        }
+
+    def _checkNames(self, names: list[str]) -> list[str]:
+        """
+        Validate requested lease names.
+
+        @raise RegistrationRefused: When a name is invalid or too many are asked for.
+        """
+        if not names:
+            raise RegistrationRefused("no lease name given")
+        if len(names) > self._router.limits.maxNamesPerRegister:
+            raise RegistrationRefused(
+                f"at most {self._router.limits.maxNamesPerRegister} names per registration"
+            )
+        try:
+            return [validateLabel(n) for n in names]
+        except InvalidName as e:
+            raise RegistrationRefused(str(e))
+
+    @Challenge.responder
+    def challenge(self, names: list[str]) -> dict[str, object]:
+        """
+        Issue a registration challenge for C{names}.
+        """
+        if self.pool is None:
+            raise RegistrationRefused("Hello must come first")
+        names = self._checkNames(names)
+        nonce = self._router.challenges.issue(names)
+        return {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
+
+    @Register.responder
+    def register(
+        self, publicKey: bytes, names: list[str], nonce: bytes, signature: bytes, mode: str
+    ) -> dict[str, object]:
+        """
+        Check the signed challenge and register the leases, all or none.
+        """
+        router = self._router
+        if self.pool is None:
+            raise RegistrationRefused("Hello must come first")
+        if mode != "stream":
+            raise RegistrationRefused(f"{mode} mode is not supported by this relay")
+        names = self._checkNames(names)
+        try:
+            router.challenges.redeem(nonce, names, publicKey, signature)
+        except ChallengeError as e:
+            self._log.warn("registration refused: {reason}", reason=str(e))
+            raise RegistrationRefused(str(e))
+        owner = identityId(publicKey)
+        if self.owner is not None and self.owner != owner:
+            raise RegistrationRefused("this control session belongs to another identity")
+        for name in names:
+            current = router.leases.ownerOf(name)
+            if current is not None and current != owner:
+                self._log.info(
+                    "refused name {name} to {identity}: taken", name=name, identity=owner[:12]
+                )
+                raise RegistrationRefused(f"name {name!r} is taken by another identity")
+        try:
+            for name in names:
+                router.leases.register(name, owner, self)
+        except LeaseError as e:
+            raise RegistrationRefused(str(e))
+        self.owner = owner
+        self.names.update(names)
+        router.onLeasesChanged()
+        for name in names:
+            self._log.info("lease {name} registered by {identity}", name=name, identity=owner[:12])
+        return {
+            "hostnames": [leaseHostname(n, router.tunnelDomain) for n in names],
+            "expiresIn": router.leases.ttl,
+        }
+
+    def _ownNames(self, names: list[str]) -> None:
+        """
+        @raise NotAuthenticated: Before a registration.
+        @raise LeaseUnknown: When a name is not held by this session.
+        """
+        if self.owner is None:
+            raise NotAuthenticated("register first")
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise LeaseUnknown(f"this session holds no lease on {', '.join(unknown)}")
+
+    @Renew.responder
+    def renew(self, names: list[str]) -> dict[str, object]:
+        """
+        Extend this session's leases.
+        """
+        self._ownNames(names)
+        assert self.owner is not None
+        try:
+            for name in names:
+                self._router.leases.renew(name, self.owner, self)
+        except LeaseError as e:
+            self.names.difference_update(names)
+            raise LeaseUnknown(str(e))
+        return {"expiresIn": self._router.leases.ttl}
+
+    @Unregister.responder
+    def unregister(self, names: list[str]) -> dict[str, object]:
+        """
+        End this session's leases on C{names}.
+        """
+        self._ownNames(names)
+        assert self.owner is not None
+        for name in names:
+            self._router.leases.release(name, self.owner)
+            self.names.discard(name)
+            self._log.info("lease {name} released", name=name)
+        self._router.onLeasesChanged()
+        return {}
+
+    def requestData(self, count: int) -> None:
+        """
+        Ask the tunnel for C{count} more data sessions.
+
+        @param count: How many visitors are waiting.
+        """
+        self.callRemote(RequestData, count=count)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Detach this session's leases (they stay owned until expiry plus reservation) and close its pool.
+
+        @param reason: Why.
+        """
+        if self._helloTimer is not None:
+            self._helloTimer.cancel()
+            self._helloTimer = None
+        router = self._router
+        if self.pool is not None:
+            router.sessions.pop(self.sessionId, None)
+            self.pool.close()
+        for lease in router.leases.detach(self):
+            self._log.info("lease {name} detached: control session closed", name=lease.name)
+        super().connectionLost(reason)
+
+
+class ControlDispatch(PeekingProtocol):
+    """
+    Tells a TLS control session (first byte 0x16) from a plain data session (L{MAGIC}).
+    """
+
+    maxPeek = len(MAGIC)
+
+    def __init__(self, router: Router, tlsFactory: TLSMemoryBIOFactory) -> None:
+        super().__init__()
+        self._router = router
+        self._tlsFactory = tlsFactory
+        self.peekTimeout = router.limits.attachTimeout
+
+    def choose(self, data: bytes) -> IProtocol | None:
+        """
+        @param data: The first bytes of the connection.
+        @return: A TLS-wrapped L{RelayControlProtocol} or a L{RelayDataSession}.
+        """
+        if data[0] == TLS_HANDSHAKE:
+            return self._tlsFactory.buildProtocol(self.transport.getPeer())
+        if data.startswith(MAGIC):
+            return RelayDataSession(self._router)
+        if MAGIC.startswith(data):
+            return None
+        raise RefuseConnection("neither TLS nor a Portal data session")
+
+
+class _ControlSessionFactory(Factory):
+    """
+    Builds L{RelayControlProtocol}s inside TLS.
+    """
+
+    noisy = False
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def buildProtocol(self, addr: IAddress) -> RelayControlProtocol:
+        """
+        @return: A new control protocol.
+        """
+        return RelayControlProtocol(self._router)
+
+
+class ControlFactory(Factory):
+    """
+    The control listener's factory.
+    """
+
+    noisy = False
+
+    def __init__(self, router: Router, tlsOptions: Any) -> None:
+        self._router = router
+        self._tlsFactory = TLSMemoryBIOFactory(
+            tlsOptions, False, _ControlSessionFactory(router), clock=router.clock
+        )
+
+    def buildProtocol(self, addr: IAddress) -> ControlDispatch:
+        """
+        @return: A dispatcher for one new connection.
+        """
+        return ControlDispatch(self._router, self._tlsFactory)

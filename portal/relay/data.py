@@ -1,0 +1,114 @@
+"""
+The relay's end of a stream data session: authenticate the attach, wait idle in the pool, then splice.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from portal.attach import (
+    ACK,
+    ATTACH_LENGTH,
+    MAGIC,
+    NONCE_LENGTH,
+    SESSION_ID_LENGTH,
+    checkAttachProof,
+)
+from portal.relay.router import DataPool, Router
+from portal.splice import SpliceProtocol
+
+
+class RelayDataSession(SpliceProtocol, TimeoutMixin):
+    """
+    A data session the tunnel opened to the control port, after the L{MAGIC} prefix was seen.
+
+    @ivar nonce: The fresh nonce this session's attach and stream header are bound to.
+    @ivar streamId: The stream it carries, once paired.
+    """
+
+    _log = Logger()
+    _pool: DataPool | None = None
+    streamId: int | None = None
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+        self.nonce = os.urandom(NONCE_LENGTH)
+        self._buffer = b""
+        self._attached = False
+
+    def connectionMade(self) -> None:
+        """
+        Send the nonce and start the attach timer.
+        """
+        self.transport.write(self.nonce)
+        self.setTimeout(self._router.limits.attachTimeout)
+
+    def unsplicedDataReceived(self, data: bytes) -> None:
+        """
+        Read the magic and the attach proof; an attached idle session must stay silent.
+
+        @param data: Bytes from the tunnel.
+        """
+        if self._attached:
+            self._fail("tunnel sent data on an idle data session")
+            return
+        self._buffer += data
+        if len(self._buffer) < len(MAGIC) + ATTACH_LENGTH:
+            if not MAGIC.startswith(self._buffer[: len(MAGIC)]):
+                self._fail("bad data session magic")
+            return
+        if not self._buffer.startswith(MAGIC):
+            self._fail("bad data session magic")
+            return
+        proof = self._buffer[len(MAGIC) : len(MAGIC) + ATTACH_LENGTH]
+        if len(self._buffer) > len(MAGIC) + ATTACH_LENGTH:
+            self._fail("tunnel sent data before a stream was assigned")
+            return
+        self._buffer = b""
+        sessionId, tag = proof[:SESSION_ID_LENGTH], proof[SESSION_ID_LENGTH:]
+        pool = self._router.sessions.get(sessionId)
+        if pool is None or not checkAttachProof(pool.key, self.nonce, sessionId, tag):
+            self._fail("data session attach failed authentication")
+            return
+        self.setTimeout(None)
+        self._attached = True
+        self._pool = pool
+        self.transport.write(ACK)
+        pool.offer(self)
+
+    def _fail(self, reason: str) -> None:
+        """
+        Log and close.
+
+        @param reason: Why the session is refused.
+        """
+        peer = self.transport.getPeer()
+        self._log.warn(
+            "refused data session from {peer}: {reason}",
+            peer=getattr(peer, "host", str(peer)),
+            reason=reason,
+        )
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        """
+        The tunnel did not authenticate in time.
+        """
+        self._fail(f"no attach within {self._router.limits.attachTimeout} seconds")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Leave the idle pool, close the visitor if paired.
+
+        @param reason: Why.
+        """
+        self.setTimeout(None)
+        if self._pool is not None and self.peer is None:
+            self._pool.forget(self)
+        super().connectionLost(reason)

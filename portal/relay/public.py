@@ -1,0 +1,199 @@
+"""
+The relay's public TLS listener: peek at the ClientHello, route by SNI, never decrypt tenants' traffic.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from portal.attach import StreamHeader
+from portal.clienthello import (
+    INTERNAL_ERROR,
+    UNRECOGNIZED_NAME,
+    MalformedClientHello,
+    alertRecord,
+    parseClientHello,
+)
+from portal.relay.router import DataPool, Router
+from portal.splice import SpliceProtocol
+
+
+class VisitorProtocol(SpliceProtocol, TimeoutMixin):
+    """
+    One public connection: buffered until its ClientHello is complete, then spliced to a tunnel's data
+    session, handed to the relay's own TLS site, or refused with a TLS alert.
+
+    @ivar pool: The data pool this visitor waits in, while it waits.
+    """
+
+    pool: DataPool | None = None
+    _site: IProtocol | None = None
+    _decided = False
+    _log = Logger()
+
+    def __init__(self, router: Router, siteFactory: IProtocolFactory) -> None:
+        super().__init__()
+        self._router = router
+        self._siteFactory = siteFactory
+
+    def connectionMade(self) -> None:
+        """
+        Start the ClientHello timer.
+        """
+        self._router.counters["visitors"] += 1
+        self.setTimeout(self._router.limits.helloTimeout)
+
+    def unsplicedDataReceived(self, data: bytes) -> None:
+        """
+        Buffer until the ClientHello is complete, then decide; after a decision, forward to the relay's
+        own site or keep buffering until the data session is paired.
+
+        @param data: Bytes from the visitor.
+        """
+        if self._site is not None:
+            self._site.dataReceived(data)
+            return
+        super().unsplicedDataReceived(data)
+        if self._decided:
+            return
+        buffered = b"".join(self._pending)
+        self._pending = [buffered]
+        try:
+            hello = parseClientHello(buffered)
+        except MalformedClientHello as e:
+            self._refuse(f"malformed ClientHello: {e.reason}", INTERNAL_ERROR)
+            return
+        if hello is None:
+            return
+        self._decided = True
+        self._dispatch(hello.serverName)
+
+    def _dispatch(self, serverName: str | None) -> None:
+        """
+        Route a visitor by the SNI of its ClientHello.
+
+        @param serverName: The normalised SNI hostname, or L{None}.
+        """
+        router = self._router
+        if serverName is None:
+            self._refuse("ClientHello has no server name (SNI)", UNRECOGNIZED_NAME)
+            return
+        if serverName == router.relayDomain:
+            self._serveSite()
+            return
+        pool = router.poolFor(serverName)
+        if pool is None:
+            router.counters["unknown"] += 1
+            self._refuse(f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
+            return
+        peer = self.transport.getPeer()
+        header = StreamHeader(
+            streamId=router.nextStreamId(),
+            hostname=serverName,
+            peerHost=str(getattr(peer, "host", "")),
+            peerPort=int(getattr(peer, "port", 0)),
+        )
+        self.setTimeout(None)
+        self.pool = pool
+        if not pool.route(self, header):
+            self.pool = None
+            router.counters["refused"] += 1
+            self._refuse(f"too many visitors waiting for {serverName!r}", INTERNAL_ERROR)
+            return
+        router.counters["routed"] += 1
+
+    def _serveSite(self) -> None:
+        """
+        Hand the connection to the relay's own TLS site (status page).
+        """
+        self.setTimeout(None)
+        site = self._siteFactory.buildProtocol(self.transport.getPeer())
+        if site is None:
+            self.transport.loseConnection()
+            return
+        self._site = site
+        site.makeConnection(self.transport)
+        site.dataReceived(self.takePending())
+
+    def _refuse(self, reason: str, alert: int) -> None:
+        """
+        Log the reason, send a fatal TLS alert and close.
+
+        @param reason: Why, for the log.
+        @param alert: The TLS alert description to send.
+        """
+        self.setTimeout(None)
+        peer = self.transport.getPeer()
+        self._log.info(
+            "refused visitor {peer}: {reason}", peer=getattr(peer, "host", str(peer)), reason=reason
+        )
+        self._pending = []
+        self.transport.write(alertRecord(alert))
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        """
+        Too slow: either the ClientHello did not arrive in time, or no data session came for it.
+        """
+        if self.pool is not None:
+            self._router.counters["timeouts"] += 1
+            self._log.warn(
+                "no data session from the tunnel within {timeout}s; dropping visitor",
+                timeout=self._router.limits.dataWaitTimeout,
+            )
+            self.pool.abandon(self)
+            self.pool = None
+            self.transport.loseConnection()
+            return
+        self._refuse(
+            f"no complete ClientHello within {self._router.limits.helloTimeout} seconds",
+            INTERNAL_ERROR,
+        )
+
+    def readConnectionLost(self) -> None:
+        """
+        Pass a half-close on; the relay's own site cannot half-close, so close it.
+        """
+        if self._site is not None:
+            self.transport.loseConnection()
+            return
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Leave the waiting line, close the peer or the site.
+
+        @param reason: Why.
+        """
+        self.setTimeout(None)
+        if self.pool is not None:
+            self.pool.abandon(self)
+            self.pool = None
+        if self._site is not None:
+            self._site.connectionLost(reason)
+        super().connectionLost(reason)
+
+
+class PublicFactory(Factory):
+    """
+    Builds L{VisitorProtocol}s for the public TLS listener.
+    """
+
+    noisy = False
+
+    def __init__(self, router: Router, siteFactory: IProtocolFactory) -> None:
+        self._router = router
+        self._siteFactory = siteFactory
+
+    def buildProtocol(self, addr: IAddress) -> VisitorProtocol:
+        """
+        @param addr: The visitor's address.
+        @return: A new visitor protocol.
+        """
+        protocol = VisitorProtocol(self._router, self._siteFactory)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,246 @@
+"""
+The relay's routing state: leases, live control sessions, and the pairing of visitors with data sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from portal.attach import StreamHeader, encodeStreamHeader
+from portal.challenge import ChallengeIssuer
+from portal.identity import Identity
+from portal.leases import LeaseTable
+from portal.names import leaseLabel, normaliseHostname
+from portal.splice import pauseReading, splice
+
+if TYPE_CHECKING:
+    from portal.relay.data import RelayDataSession
+    from portal.relay.public import VisitorProtocol
+
+
+class RequestsData(Protocol):
+    """
+    What a L{DataPool} needs from its control session: a way to ask the tunnel for more data sessions.
+    """
+
+    def requestData(self, count: int) -> None:
+        """
+        Ask the tunnel to open C{count} more data sessions.
+        """
+
+
+@attrs.frozen
+class RelayLimits:
+    """
+    Limits a relay enforces per tunnel and per visitor.
+
+    @ivar maxIdleData: Idle data sessions kept per control session; more are closed.
+    @ivar maxWaiting: Visitors that may wait for a data session per control session; more are refused.
+    @ivar dataWaitTimeout: Seconds a visitor waits for a data session before it is dropped.
+    @ivar helloTimeout: Seconds a client has to send a complete ClientHello.
+    @ivar attachTimeout: Seconds a new data session has to authenticate.
+    @ivar leaseTTL: Seconds a lease lives without renewal.
+    @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
+    @ivar maxLeasesPerIdentity: Names one identity may hold on this relay.
+    @ivar maxNamesPerRegister: Names one registration may ask for.
+    """
+
+    maxIdleData: int = 64
+    maxWaiting: int = 256
+    dataWaitTimeout: float = 10.0
+    helloTimeout: float = 10.0
+    attachTimeout: float = 10.0
+    leaseTTL: float = 60.0
+    reservation: float = 3600.0
+    maxLeasesPerIdentity: int = 100
+    maxNamesPerRegister: int = 16
+
+
+class DataPool:
+    """
+    The idle data sessions of one control session, and the visitors waiting for one.
+
+    @ivar key: The data key exported from the control session's TLS.
+    """
+
+    _log = Logger()
+
+    def __init__(self, owner: RequestsData, key: bytes, limits: RelayLimits) -> None:
+        self._owner = owner
+        self.key = key
+        self._limits = limits
+        self._idle: dict[RelayDataSession, None] = {}
+        self._waiting: dict[VisitorProtocol, StreamHeader] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        """
+        @return: The number of idle data sessions.
+        """
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """
+        The number of visitors waiting for a data session.
+        """
+        return len(self._waiting)
+
+    def offer(self, session: RelayDataSession) -> None:
+        """
+        A data session finished its attach: pair it with a waiting visitor, or keep it idle.
+
+        @param session: The authenticated data session.
+        """
+        if self._closed:
+            session.transport.loseConnection()
+            return
+        if self._waiting:
+            visitor = next(iter(self._waiting))
+            header = self._waiting.pop(visitor)
+            self._pair(visitor, session, header)
+            return
+        if len(self._idle) >= self._limits.maxIdleData:
+            self._log.info(
+                "closing surplus data session: {limit} already idle", limit=len(self._idle)
+            )
+            session.transport.loseConnection()
+            return
+        self._idle[session] = None
+
+    def forget(self, session: RelayDataSession) -> None:
+        """
+        An idle data session closed.
+
+        @param session: The closed session.
+        """
+        self._idle.pop(session, None)
+
+    def route(self, visitor: VisitorProtocol, header: StreamHeader) -> bool:
+        """
+        Pair a visitor with an idle data session, or make it wait (paused) and ask the tunnel for more.
+
+        @param visitor: The visitor, with its ClientHello buffered.
+        @param header: What the tunnel is told about the visitor.
+        @return: C{False} if the visitor was refused because too many are waiting.
+        """
+        if self._idle:
+            session = next(iter(self._idle))
+            del self._idle[session]
+            self._pair(visitor, session, header)
+            return True
+        if len(self._waiting) >= self._limits.maxWaiting:
+            return False
+        pauseReading(visitor.transport)
+        self._waiting[visitor] = header
+        visitor.setTimeout(self._limits.dataWaitTimeout)
+        self._owner.requestData(len(self._waiting))
+        return True
+
+    def abandon(self, visitor: VisitorProtocol) -> None:
+        """
+        A waiting visitor left or timed out.
+
+        @param visitor: The visitor.
+        """
+        self._waiting.pop(visitor, None)
+
+    def _pair(
+        self, visitor: VisitorProtocol, session: RelayDataSession, header: StreamHeader
+    ) -> None:
+        """
+        Send the stream header on C{session} and splice it to C{visitor}.
+        """
+        visitor.setTimeout(None)
+        visitor.pool = None
+        session.streamId = header.streamId
+        splice(visitor, session, bFirst=encodeStreamHeader(self.key, session.nonce, header))
+
+    def close(self) -> None:
+        """
+        The control session ended: close idle data sessions and drop waiting visitors.
+        """
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        waiting, self._waiting = self._waiting, {}
+        for session in idle:
+            session.transport.loseConnection()
+        for visitor in waiting:
+            visitor.transport.loseConnection()
+
+
+class Router:
+    """
+    Everything the relay's listeners share.
+
+    @ivar identity: The relay's own identity.
+    @ivar relayDomain: The relay's own hostname (served by the relay itself).
+    @ivar tunnelDomain: Lease hostnames are C{<label>.<tunnelDomain>}.
+    @ivar leases: The lease table.
+    @ivar challenges: Registration challenges.
+    @ivar sessions: Live control sessions' data pools by session id.
+    @ivar publicPort: The port visitors use, once the public listener is up.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        identity: Identity,
+        clock: IReactorTime,
+        relayDomain: str = "localhost",
+        tunnelDomain: str = "localhost",
+        limits: RelayLimits | None = None,
+    ) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.relayDomain = normaliseHostname(relayDomain)
+        self.tunnelDomain = normaliseHostname(tunnelDomain)
+        self.limits = limits or RelayLimits()
+        self.leases = LeaseTable(
+            clock,
+            ttl=self.limits.leaseTTL,
+            reservation=self.limits.reservation,
+            maxPerOwner=self.limits.maxLeasesPerIdentity,
+        )
+        self.challenges = ChallengeIssuer(identity.id, clock)
+        self.sessions: dict[bytes, DataPool] = {}
+        self.publicPort = 0
+        self.onLeasesChanged: Callable[[], None] = lambda: None
+        self._nextStream = 0
+        self.counters = {"visitors": 0, "routed": 0, "unknown": 0, "refused": 0, "timeouts": 0}
+
+    def newSessionId(self) -> bytes:
+        """
+        @return: A fresh random control session id.
+        """
+        return os.urandom(16)
+
+    def nextStreamId(self) -> int:
+        """
+        @return: A new stream number, for logs.
+        """
+        self._nextStream += 1
+        return self._nextStream
+
+    def poolFor(self, hostname: str) -> DataPool | None:
+        """
+        Find the data pool of the tunnel serving C{hostname}.
+
+        @param hostname: A normalised SNI hostname.
+        @return: The pool, or L{None} when no live lease has that name.
+        """
+        label = leaseLabel(hostname, self.tunnelDomain)
+        if label is None:
+            return None
+        lease = self.leases.route(label)
+        if lease is None:
+            return None
+        holder = lease.holder
+        return getattr(holder, "pool", None)

@@ -1,0 +1,243 @@
+"""
+The relay as a Twisted service: its state directory, its listeners, and lease persistence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from portal.identity import loadOrCreateIdentity
+from portal.leases import LeaseTable
+from portal.localca import LocalCA
+from portal.relay.control import ControlFactory
+from portal.relay.public import PublicFactory
+from portal.relay.router import RelayLimits, Router
+from portal.relay.site import httpSite, relaySite
+
+
+def defaultStateDir() -> str:
+    """
+    @return: C{$XDG_STATE_HOME/portal-relay}, or C{~/.local/state/portal-relay}.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "portal-relay")
+
+
+@attrs.frozen
+class RelayConfig:
+    """
+    What a relay is told on its command line.
+
+    @ivar public: Endpoint description of the public TLS listener.
+    @ivar control: Endpoint description of the control listener.
+    @ivar http: Endpoint description of the plain-HTTP listener, or L{None}.
+    @ivar stateDir: Where the relay keeps its identity, TLS key and leases.
+    @ivar domain: The relay's own hostname.
+    @ivar tunnelDomain: The domain lease names live under.
+    @ivar limits: The relay's limits.
+    """
+
+    public: str = "tcp:8443"
+    control: str = "tcp:4017"
+    http: str | None = None
+    stateDir: str = attrs.field(factory=defaultStateDir)
+    domain: str = "localhost"
+    tunnelDomain: str = "localhost"
+    limits: RelayLimits = attrs.field(factory=RelayLimits)
+
+
+def _writeAtomically(path: str, data: bytes) -> None:
+    """
+    Replace C{path} with C{data} so that a crash leaves either the old or the new file.
+    """
+    temporary = f"{path}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+class RelayService(Service):
+    """
+    Starts the relay's listeners (public first, so its port can be told to tunnels) and keeps leases on
+    disk so that names stay owned across a relay restart.
+
+    @ivar router: The relay's routing state, once started.
+    @ivar ports: The listening ports by listener name.
+    """
+
+    _log = Logger()
+    router: Router | None = None
+
+    def __init__(self, config: RelayConfig, reactor: Any) -> None:
+        self.config = config
+        self._reactor = reactor
+        self.ports: dict[str, IListeningPort] = {}
+        self._saveCall: Any = None
+        self._expiry: LoopingCall | None = None
+        self.whenListening: Deferred[None] = Deferred()
+
+    def _buildRouter(self) -> tuple[Router, CertificateOptions]:
+        """
+        Load or create the relay's identity, TLS certificate and leases from the state directory.
+        """
+        config = self.config
+        os.makedirs(config.stateDir, mode=0o700, exist_ok=True)
+        identity, created = loadOrCreateIdentity(os.path.join(config.stateDir, "identity.json"))
+        if created:
+            self._log.info("created relay identity {id}", id=identity.id)
+        router = Router(
+            identity,
+            self._reactor,
+            relayDomain=config.domain,
+            tunnelDomain=config.tunnelDomain,
+            limits=config.limits,
+        )
+        leasesPath = os.path.join(config.stateDir, "leases.json")
+        if os.path.exists(leasesPath):
+            try:
+                with open(leasesPath, "rb") as f:
+                    router.leases = LeaseTable.fromJSON(
+                        json.load(f),
+                        self._reactor,
+                        ttl=config.limits.leaseTTL,
+                        reservation=config.limits.reservation,
+                        maxPerOwner=config.limits.maxLeasesPerIdentity,
+                    )
+                self._log.info(
+                    "restored {count} lease names from {path}",
+                    count=len(router.leases),
+                    path=leasesPath,
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self._log.error(
+                    "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
+                )
+        router.onLeasesChanged = self._scheduleSave
+        ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
+        key, chain = ca.issue(sorted({config.domain, "localhost"}))
+        options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
+        return router, options
+
+    def _scheduleSave(self) -> None:
+        """
+        Write the lease table soon, coalescing bursts of registrations into one write.
+        """
+        if self._saveCall is None:
+            self._saveCall = self._reactor.callLater(1.0, self._save)
+
+    def _save(self) -> None:
+        """
+        Write the lease table to the state directory.
+        """
+        self._saveCall = None
+        if self.router is None:
+            return
+        path = os.path.join(self.config.stateDir, "leases.json")
+        try:
+            _writeAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
+        except OSError as e:
+            self._log.error("could not save leases to {path}: {error}", path=path, error=str(e))
+
+    def startService(self) -> None:
+        """
+        Start listening.
+        """
+        super().startService()
+        self._start().addErrback(self._startFailed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        """
+        Listen on the public port, then the control port, then the HTTP port.
+        """
+        router, tlsOptions = self._buildRouter()
+        self.router = router
+        config = self.config
+        site = TLSMemoryBIOFactory(tlsOptions, False, relaySite(router), clock=self._reactor)
+        public = yield serverFromString(self._reactor, config.public).listen(
+            PublicFactory(router, site)
+        )
+        self.ports["public"] = public
+        router.publicPort = public.getHost().port
+        self._announce("public", public)
+        control = yield serverFromString(self._reactor, config.control).listen(
+            ControlFactory(router, tlsOptions)
+        )
+        self.ports["control"] = control
+        self._announce("control", control)
+        if config.http:
+            http = yield serverFromString(self._reactor, config.http).listen(httpSite(router))
+            self.ports["http"] = http
+            self._announce("http", http)
+        self._expiry = LoopingCall(self._expire)
+        self._expiry.clock = self._reactor
+        self._expiry.start(60.0, now=False)
+        self._log.info(
+            "portal-relay {id} serving {domain}; leases under {tunnelDomain}",
+            id=router.identity.id,
+            domain=router.relayDomain,
+            tunnelDomain=router.tunnelDomain,
+        )
+        self.whenListening.callback(None)
+
+    def _announce(self, name: str, port: IListeningPort) -> None:
+        """
+        Log where a listener is, in a form tests and operators can read.
+        """
+        address = port.getHost()
+        self._log.info(
+            "portal-relay {listener} listening on {host}:{port}",
+            listener=name,
+            host=getattr(address, "host", ""),
+            port=getattr(address, "port", 0),
+        )
+
+    def _expire(self) -> None:
+        """
+        Forget names whose reservation has run out.
+        """
+        if self.router is not None and self.router.leases.expire():
+            self._scheduleSave()
+
+    def _startFailed(self, failure: Any) -> None:
+        """
+        A listener could not start: log it and stop, since a relay without its listeners is useless.
+        """
+        self._log.failure("portal-relay could not start", failure)
+        if not self.whenListening.called:
+            self.whenListening.errback(failure)
+            self.whenListening.addErrback(lambda f: None)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        Stop listening and save the leases.
+        """
+        super().stopService()
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        for port in self.ports.values():
+            yield port.stopListening()
+        self.ports.clear()
+        if self._saveCall is not None:
+            self._saveCall.cancel()
+        self._save()

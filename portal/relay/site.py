@@ -1,0 +1,136 @@
+"""
+The relay's own web pages: a status page, C{/healthz} and C{/metrics}, served over TLS on the relay's own
+hostname and, on the optional plain-HTTP listener, next to a redirect to https.
+"""
+
+from __future__ import annotations
+
+import html
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.util import Redirect
+
+import portal
+from portal.relay.router import Router
+
+
+class Health(Resource):
+    """
+    C{/healthz}: C{ok} while the relay runs.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        """
+        @return: C{ok}.
+        """
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class Metrics(Resource):
+    """
+    C{/metrics}: counters in the Prometheus text format.
+    """
+
+    isLeaf = True
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+
+    def render_GET(self, request: Request) -> bytes:
+        """
+        @return: The metrics text.
+        """
+        router = self._router
+        lines = [
+            f"portal_relay_leases {len(router.leases)}",
+            f"portal_relay_control_sessions {len(router.sessions)}",
+            f"portal_relay_idle_data_sessions {sum(len(p) for p in router.sessions.values())}",
+        ]
+        for name, value in sorted(router.counters.items()):
+            lines.append(f"portal_relay_{name}_total {value}")
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return ("\n".join(lines) + "\n").encode("ascii")
+
+
+class Status(Resource):
+    """
+    The relay's status page.
+    """
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """
+        Serve the status page at the root only.
+        """
+        if path == b"":
+            return self
+        return Resource.getChild(self, path, request)
+
+    def render_GET(self, request: Request) -> bytes:
+        """
+        @return: A small HTML page describing this relay.
+        """
+        router = self._router
+        body = (
+            "<!doctype html><meta charset=utf-8><title>Portal relay</title>"
+            f"<h1>Portal relay {html.escape(router.relayDomain)}</h1>"
+            f"<p>Identity <code>{html.escape(router.identity.id)}</code></p>"
+            f"<p>Tunnel domain <code>{html.escape(router.tunnelDomain)}</code>, "
+            f"{len(router.leases)} leases, {len(router.sessions)} tunnels connected.</p>"
+            f"<p>portal {portal.__version__}</p>"
+        )
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return body.encode("utf-8")
+
+
+def relaySite(router: Router) -> Site:
+    """
+    The site served over TLS on the relay's own hostname.
+
+    @param router: The relay's state.
+    @return: A L{Site}.
+    """
+    root = Status(router)
+    root.putChild(b"healthz", Health())
+    root.putChild(b"metrics", Metrics(router))
+    return Site(root)
+
+
+class _HTTPRoot(Resource):
+    """
+    The plain-HTTP root: health and metrics, everything else redirected to https.
+    """
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+        self.putChild(b"healthz", Health())
+        self.putChild(b"metrics", Metrics(router))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """
+        Redirect to the same host and path over https on the public port.
+        """
+        host = (request.getRequestHostname() or b"").decode("ascii", "replace")
+        port = self._router.publicPort
+        authority = host if port == 443 else f"{host}:{port}"
+        uri = request.uri.decode("ascii", "replace")
+        return Redirect(f"https://{authority}{uri}".encode("ascii", "replace"))
+
+
+def httpSite(router: Router) -> Site:
+    """
+    The site of the optional plain-HTTP listener.
+
+    @param router: The relay's state.
+    @return: A L{Site}.
+    """
+    return Site(_HTTPRoot(router))

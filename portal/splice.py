@@ -1,0 +1,183 @@
+"""
+Two-way forwarding between two connected transports.
+
+A splice joins two protocols that each already have a transport: bytes received on one side are written to
+the other, each transport is registered as the other's streaming producer (so a slow reader pauses the fast
+writer and memory per connection stays bounded by the transports' own write buffers), a half-close on one
+side becomes a half-close of the other where the transport supports it, and a full close on either side
+closes the other once its pending writes are flushed.
+
+The model is L{twisted.protocols.portforward}, with the accepting side paused until the other side exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+def pauseReading(transport: ITransport) -> None:
+    """
+    Stop reading from C{transport} until L{resumeReading}.
+
+    @param transport: A transport that is also a push producer (TCP, TLS and iosim transports are).
+    """
+    pause = getattr(transport, "pauseProducing", None)
+    if pause is not None:
+        pause()
+
+
+def resumeReading(transport: ITransport) -> None:
+    """
+    Resume reading from C{transport} after L{pauseReading}.
+
+    @param transport: A transport that is also a push producer.
+    """
+    resume = getattr(transport, "resumeProducing", None)
+    if resume is not None:
+        resume()
+
+
+def closeWriteSide(transport: Any) -> None:
+    """
+    Half-close C{transport} if it can (TCP), otherwise close it after its buffered writes (TLS, whose
+    Twisted implementation has no half-close).
+
+    @param transport: The transport whose writing direction is finished.
+    """
+    # Only a real descriptor can half-close: a TLS wrapper forwards unknown attributes (such as
+    # loseWriteConnection, even zope.interface's __provides__) to the socket under it, which would end
+    # the stream without close_notify: ask the class, not the instance.
+    if IHalfCloseableDescriptor.implementedBy(type(transport)):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class SpliceProtocol(Protocol):
+    """
+    One end of a splice.
+
+    Before L{splice} pairs it, a subclass decides what to do with received bytes by overriding
+    L{unsplicedDataReceived} (the default buffers them). Once paired, every byte goes straight to the peer.
+
+    @ivar peer: The other end, once spliced.
+    """
+
+    peer: SpliceProtocol | None = None
+    _readClosed = False
+    _writeClosed = False
+    _lost = False
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Forward C{data} to the peer, or hand it to L{unsplicedDataReceived} before pairing.
+
+        @param data: Bytes read from this side's transport.
+        """
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)
+        else:
+            self.unsplicedDataReceived(data)
+
+    def unsplicedDataReceived(self, data: bytes) -> None:
+        """
+        Hold bytes that arrive before the splice is made; they are written to the peer first.
+
+        @param data: Bytes read before pairing.
+        """
+        self._pending.append(data)
+
+    def takePending(self) -> bytes:
+        """
+        Return and forget the bytes held by L{unsplicedDataReceived}.
+
+        @return: The buffered bytes.
+        """
+        data = b"".join(self._pending)
+        self._pending = []
+        return data
+
+    def readConnectionLost(self) -> None:
+        """
+        This side will send no more: half-close the peer's writing direction.
+        """
+        self._readClosed = True
+        if self.peer is not None:
+            closeWriteSide(self.peer.transport)
+        self._maybeClose()
+
+    def writeConnectionLost(self) -> None:
+        """
+        This side's writing direction was shut down by us; close fully once reading is done too.
+        """
+        self._writeClosed = True
+        self._maybeClose()
+
+    def _maybeClose(self) -> None:
+        """
+        Close the transport when both directions are finished, or when unpaired and the reader is gone.
+        """
+        if self._readClosed and (self._writeClosed or self.peer is None):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Close the peer once its pending writes are flushed, and drop the producer links.
+
+        @param reason: Why this side closed.
+        """
+        self._lost = True
+        peer = self.peer
+        if peer is not None and not peer._lost:
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+
+
+def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: bytes = b"") -> None:
+    """
+    Pair two connected splice ends and start forwarding in both directions.
+
+    Bytes either side buffered before pairing are written to the other first, each after the given prefix.
+    Both transports are resumed: callers pause the side that was waiting for the other.
+
+    @param a: One connected end.
+    @param b: The other connected end.
+    @param aFirst: Bytes to write to C{a} before anything C{b} buffered.
+    @param bFirst: Bytes to write to C{b} before anything C{a} buffered.
+    """
+    a.peer = b
+    b.peer = a
+    toB = bFirst + a.takePending()
+    toA = aFirst + b.takePending()
+    if toB:
+        b.transport.write(toB)
+    if toA:
+        a.transport.write(toA)
+    # Each transport produces the bytes the other consumes: a full write buffer on one pauses reads on
+    # the other.
+    a.transport.registerProducer(b.transport, True)
+    b.transport.registerProducer(a.transport, True)
+    if a._lost:
+        b.transport.loseConnection()
+    elif a._readClosed:
+        closeWriteSide(b.transport)
+    if b._lost:
+        a.transport.loseConnection()
+    elif b._readClosed:
+        closeWriteSide(a.transport)
+    resumeReading(a.transport)
+    resumeReading(b.transport)

@@ -1,0 +1,133 @@
+"""
+C{twistd portal-relay}: command-line options and service construction for the relay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from portal.relay.router import RelayLimits
+from portal.relay.service import RelayConfig, RelayService, defaultStateDir
+
+
+def _positive(kind: type) -> Any:
+    """
+    A coercer for a positive number option.
+    """
+
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"{value!r} is not a number")
+        if number <= 0:
+            raise usage.UsageError(f"{value!r} must be positive")
+        return number
+
+    coerce.coerceDoc = "Must be positive."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd portal-relay}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a Portal relay: route visitors' TLS by SNI to the tunnels holding leases, without "
+        "decrypting it."
+    )
+    optParameters = [
+        ["domain", None, "localhost", "The relay's own hostname (status page and API)."],
+        ["tunnel-domain", None, "localhost", "Lease hostnames are <label>.<tunnel-domain>."],
+        ["public", None, "tcp:8443", "Endpoint of the public TLS listener."],
+        ["control", None, "tcp:4017", "Endpoint of the control listener tunnels connect to."],
+        ["http", None, None, "Endpoint of the plain-HTTP listener (off unless given)."],
+        ["state-dir", None, None, "Directory for the relay's identity, TLS key and leases."],
+        ["tcp-ports", None, None, "Port range LO-HI for raw TCP leases (not available yet)."],
+        ["udp-ports", None, None, "Port range LO-HI for UDP leases (not available yet)."],
+        ["lease-ttl", None, 60.0, "Seconds a lease lives without renewal.", _positive(float)],
+        [
+            "reservation",
+            None,
+            3600.0,
+            "Seconds a lapsed lease name stays reserved for its owner.",
+            _positive(float),
+        ],
+        [
+            "max-leases-per-identity",
+            None,
+            100,
+            "Lease names one identity may hold.",
+            _positive(int),
+        ],
+        [
+            "data-wait-timeout",
+            None,
+            10.0,
+            "Seconds a visitor waits for a tunnel data session.",
+            _positive(float),
+        ],
+        ["max-idle-data", None, 64, "Idle data sessions kept per tunnel.", _positive(int)],
+    ]
+    optFlags: list[list[str]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-hop"] = []
+
+    def opt_allow_hop(self, destination: str) -> None:
+        """
+        Allow multi-hop connections to DESTINATION (not available yet).
+        """
+        self["allow-hop"].append(destination)
+
+    def postOptions(self) -> None:
+        """
+        Refuse options whose features this relay does not have yet, rather than ignoring them.
+        """
+        for name, what in (
+            ("tcp-ports", "raw TCP mode"),
+            ("udp-ports", "UDP mode"),
+        ):
+            if self[name] is not None:
+                raise usage.UsageError(f"--{name}: {what} is not available in this version yet")
+        if self["allow-hop"]:
+            raise usage.UsageError(
+                "--allow-hop: multi-hop chains are not available in this version yet"
+            )
+
+    def config(self) -> RelayConfig:
+        """
+        @return: The relay configuration these options describe.
+        """
+        return RelayConfig(
+            public=self["public"],
+            control=self["control"],
+            http=self["http"],
+            stateDir=self["state-dir"] or defaultStateDir(),
+            domain=self["domain"],
+            tunnelDomain=self["tunnel-domain"],
+            limits=RelayLimits(
+                leaseTTL=self["lease-ttl"],
+                reservation=self["reservation"],
+                maxLeasesPerIdentity=self["max-leases-per-identity"],
+                dataWaitTimeout=self["data-wait-timeout"],
+                maxIdleData=self["max-idle-data"],
+            ),
+        )
+
+
+def makeService(options: Options) -> RelayService:
+    """
+    Build the relay service for C{twistd}.
+
+    @param options: Parsed options.
+    @return: The relay service.
+    """
+    from twisted.internet import reactor
+
+    return RelayService(options.config(), reactor)

@@ -1,0 +1,224 @@
+"""
+What a tunnel is told to do: parsed targets, relay addresses and the tunnel's configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import attrs
+
+from portal.identity import defaultIdentityPath
+
+#: The relay a tunnel uses when given none: one on this machine.
+DEFAULT_RELAY = "localhost:4017"
+
+
+class ConfigError(ValueError):
+    """
+    A tunnel option is malformed; the message says which and why.
+    """
+
+
+@attrs.frozen
+class Target:
+    """
+    The local service a tunnel forwards to.
+
+    @ivar host: Host name or address.
+    @ivar port: TCP port.
+    @ivar tls: Whether the tunnel speaks TLS to it (an C{https://} target).
+    """
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        """
+        @return: The target as users write it, scheme included when it is TLS.
+        """
+        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"https://{hostport}" if self.tls else hostport
+
+
+def _port(text: str, what: str) -> int:
+    """
+    Parse a TCP port number.
+
+    @raise ConfigError: When it is not one.
+    """
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{what}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _hostPort(text: str, what: str) -> tuple[str, int]:
+    """
+    Split C{HOST:PORT} (C{[v6]:PORT} for IPv6).
+
+    @raise ConfigError: When malformed.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{what}: {text!r} is not [HOST]:PORT")
+        return host, _port(rest[1:], what)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT")
+    return host, _port(port, what)
+
+
+def parseTarget(text: str) -> Target:
+    """
+    Parse a TARGET: C{PORT}, C{HOST:PORT}, or C{http(s)://HOST:PORT}; a bare port means 127.0.0.1.
+
+    @param text: The target as given.
+    @return: The parsed target.
+    @raise ConfigError: When malformed.
+    """
+    tls = False
+    rest = text
+    for scheme, isTLS in (("http://", False), ("https://", True)):
+        if text.lower().startswith(scheme):
+            rest, tls = text[len(scheme) :].rstrip("/"), isTLS
+            break
+    else:
+        if "://" in text:
+            raise ConfigError(f"target {text!r}: only http:// and https:// schemes are supported")
+    if rest.isdigit():
+        return Target("127.0.0.1", _port(rest, "target"), tls)
+    host, port = _hostPort(rest, "target")
+    return Target(host, port, tls)
+
+
+@attrs.frozen
+class RelayAddress:
+    """
+    A relay's control address, and the identity the user expects it to have.
+
+    @ivar host: Host name or address.
+    @ivar port: Control port.
+    @ivar expectedId: The relay identity given as C{HOST:PORT#RELAYID}, if any.
+    """
+
+    host: str
+    port: int
+    expectedId: str | None = None
+
+    @property
+    def address(self) -> str:
+        """
+        C{HOST:PORT}, the key relays are pinned under.
+        """
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parseRelay(text: str) -> RelayAddress:
+    """
+    Parse C{HOST:PORT[#RELAYID]}; the port defaults to 4017.
+
+    @param text: The relay as given.
+    @return: The parsed address.
+    @raise ConfigError: When malformed.
+    """
+    spec, _, relayId = text.partition("#")
+    if spec.isdigit() or not spec:
+        raise ConfigError(f"--relay {text!r}: expected HOST:PORT[#RELAYID]")
+    if ":" not in spec.strip("[]") or (spec.startswith("[") and spec.endswith("]")):
+        spec = f"{spec}:4017"
+    host, port = _hostPort(spec, "--relay")
+    if relayId and (len(relayId) != 52 or not relayId.isalnum()):
+        raise ConfigError(f"--relay {text!r}: RELAYID must be the relay's 52-character identity id")
+    return RelayAddress(host, port, relayId.lower() or None)
+
+
+def _alpn(value: str) -> tuple[bytes, ...]:
+    """
+    Parse a comma-separated ALPN list.
+
+    @raise ConfigError: When empty or malformed.
+    """
+    protocols = tuple(p.strip().encode("ascii", "replace") for p in value.split(",") if p.strip())
+    if not protocols or any(len(p) > 255 for p in protocols):
+        raise ConfigError(f"--alpn {value!r}: expected a comma-separated list like h2,http/1.1")
+    return protocols
+
+
+@attrs.frozen
+class TunnelConfig:
+    """
+    A tunnel's whole configuration.
+
+    @ivar target: The local service.
+    @ivar relays: The relays to hold leases on.
+    @ivar name: The requested lease label, or L{None} for a stable derived one.
+    @ivar alpn: Protocols offered to visitors, most preferred first.
+    @ivar certFile: The user's certificate file, or L{None} to use the local CA.
+    @ivar keyFile: The user's key file.
+    @ivar identityPath: The identity file.
+    @ivar json: Print JSON event lines instead of text.
+    @ivar poolSize: Idle data sessions kept open per relay.
+    """
+
+    target: Target
+    relays: tuple[RelayAddress, ...] = (parseRelay(DEFAULT_RELAY),)
+    name: str | None = None
+    alpn: tuple[bytes, ...] = (b"http/1.1",)
+    certFile: str | None = None
+    keyFile: str | None = None
+    identityPath: str = attrs.field(factory=defaultIdentityPath)
+    json: bool = False
+    poolSize: int = 4
+
+    @property
+    def configDir(self) -> str:
+        """
+        The directory holding the identity, the known relays and the local CA.
+        """
+        return os.path.dirname(os.path.abspath(self.identityPath))
+
+
+def buildConfig(
+    target: str,
+    relays: Sequence[str] = (),
+    name: str | None = None,
+    alpn: str = "http/1.1",
+    certFile: str | None = None,
+    keyFile: str | None = None,
+    identityPath: str | None = None,
+    json: bool = False,
+    poolSize: int = 4,
+) -> TunnelConfig:
+    """
+    Build a L{TunnelConfig} from command-line strings.
+
+    @raise ConfigError: For any malformed or inconsistent option.
+    """
+    if (certFile is None) != (keyFile is None):
+        raise ConfigError("--cert and --key must be given together")
+    if not 0 < poolSize <= 64:
+        raise ConfigError("--pool-size must be between 1 and 64")
+    if name is not None:
+        from portal.names import InvalidName, validateLabel
+
+        try:
+            name = validateLabel(name)
+        except InvalidName as e:
+            raise ConfigError(f"--name: {e}")
+    parsedRelays = tuple(parseRelay(r) for r in relays) or (parseRelay(DEFAULT_RELAY),)
+    if len({r.address for r in parsedRelays}) != len(parsedRelays):
+        raise ConfigError("--relay: the same relay is given twice")
+    return TunnelConfig(
+        target=parseTarget(target),
+        relays=parsedRelays,
+        name=name,
+        alpn=_alpn(alpn),
+        certFile=certFile,
+        keyFile=keyFile,
+        identityPath=identityPath or defaultIdentityPath(),
+        json=json,
+        poolSize=poolSize,
+    )

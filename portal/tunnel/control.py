@@ -1,0 +1,215 @@
+"""
+The tunnel's side of a control session: check the relay's identity, register leases, renew them, and
+open data sessions when the relay asks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+import portal
+from portal.challenge import signRegistration
+from portal.control import (
+    CAPABILITIES,
+    EXPORTER_DATA_KEY,
+    EXPORTER_HELLO,
+    MAX_VERSION,
+    MIN_VERSION,
+    Challenge,
+    Hello,
+    LeaseUnknown,
+    Register,
+    RegistrationRefused,
+    Renew,
+    RequestData,
+    Unregister,
+    UnsupportedVersion,
+    exportKeyingMaterial,
+    helloSignatureMessage,
+)
+from portal.identity import identityId, verifySignature
+from portal.pinning import RelayIdentityChanged
+
+if TYPE_CHECKING:
+    from portal.tunnel.service import RelayLink
+
+#: Seconds any control command may take.
+COMMAND_TIMEOUT = 30.0
+
+
+class RelayAuthenticationFailed(Exception):
+    """
+    The relay's signature over this TLS session does not verify: someone is in the middle.
+    """
+
+
+class FatalRelayError(Exception):
+    """
+    An error reconnecting cannot fix (a changed relay identity, a name taken by another identity); the
+    tunnel stops with a message.
+    """
+
+
+class TunnelControlProtocol(amp.AMP):
+    """
+    One control session from the tunnel to a relay.
+
+    @ivar relayId: The relay's verified identity id.
+    @ivar hostnames: The lease hostnames registered on this session.
+    """
+
+    _log = Logger()
+    relayId: str | None = None
+    _renewal: LoopingCall | None = None
+
+    def __init__(self, link: RelayLink) -> None:
+        super().__init__()
+        self._link = link
+        self.hostnames: list[str] = []
+        self._names: list[str] = []
+
+    def _call(self, command: type[amp.Command], **kw: Any) -> Any:
+        """
+        Send a command with a timeout.
+        """
+        d = self.callRemote(command, **kw)
+        d.addTimeout(COMMAND_TIMEOUT, self._link.reactor)
+        return d
+
+    def connectionMade(self) -> None:
+        """
+        Start the handshake: Hello, relay identity check, challenge, register.
+        """
+        super().connectionMade()
+        d = self._call(
+            Hello,
+            minVersion=MIN_VERSION,
+            maxVersion=MAX_VERSION,
+            capabilities=list(CAPABILITIES),
+            software=f"portal/{portal.__version__}",
+        )
+        d.addCallback(self._helloed)
+        d.addCallback(lambda _: Deferred.fromCoroutine(self._register()))
+        d.addErrback(self._failed)
+
+    def _helloed(self, response: dict[str, Any]) -> None:
+        """
+        Verify that the relay holds its identity key on this very TLS session, and pin it.
+        """
+        exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
+        relayKey = response["relayKey"]
+        if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
+            raise RelayAuthenticationFailed(
+                "the relay's identity signature does not match this connection"
+            )
+        if "stream" not in response["capabilities"]:
+            raise FatalRelayError("the relay does not offer stream mode")
+        relayId = identityId(relayKey)
+        link = self._link
+        try:
+            if link.pins.check(link.relay.address, relayId, link.relay.expectedId):
+                link.reporter.state(
+                    "pinned",
+                    link.relay.address,
+                    f"pinned relay identity {relayId} (first use)",
+                    relayId=relayId,
+                )
+        except RelayIdentityChanged as e:
+            raise FatalRelayError(str(e))
+        self.relayId = relayId
+        self._sessionId = response["sessionId"]
+        self._dataKey = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
+        self._tunnelDomain = response["tunnelDomain"]
+        self._publicPort = response["publicPort"]
+        self._leaseTTL = response["leaseTTL"]
+
+    async def _register(self) -> None:
+        """
+        Sign a fresh challenge and register the lease names.
+        """
+        link = self._link
+        names = [link.label]
+        challenge = await self._call(Challenge, names=names)
+        signature = signRegistration(link.identity, self.relayId or "", challenge["nonce"], names)
+        response = await self._call(
+            Register,
+            publicKey=link.identity.publicKey,
+            names=names,
+            nonce=challenge["nonce"],
+            signature=signature,
+            mode="stream",
+        )
+        self._names = names
+        self.hostnames = response["hostnames"]
+        interval = max(1.0, min(self._leaseTTL, response["expiresIn"]) / 3)
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = link.reactor
+        self._renewal.start(interval, now=False)
+        link.registered(self, self.hostnames, self._publicPort)
+        link.pool.start(self._sessionId, self._dataKey)
+
+    def _renew(self) -> Any:
+        """
+        Extend the leases; a relay that no longer knows them gets a fresh registration.
+        """
+        d = self._call(Renew, names=self._names)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(LeaseUnknown):
+                self._log.warn("relay forgot our lease; registering again")
+                Deferred.fromCoroutine(self._register()).addErrback(self._failed)
+                return
+            self._log.warn("renewal failed: {error}", error=failure.getErrorMessage())
+            self.transport.loseConnection()
+
+        d.addErrback(failed)
+        return None
+
+    def _failed(self, failure: Failure) -> None:
+        """
+        Handshake or registration failed: fatal errors stop the tunnel, the rest reconnect.
+        """
+        link = self._link
+        if failure.check(FatalRelayError, RelayAuthenticationFailed, UnsupportedVersion):
+            link.fatal(failure.getErrorMessage())
+        elif failure.check(RegistrationRefused):
+            link.fatal(f"the relay refused the lease: {failure.getErrorMessage()}")
+        else:
+            link.reporter.state(
+                "error", link.relay.address, f"control session failed: {failure.getErrorMessage()}"
+            )
+        self.transport.loseConnection()
+
+    @RequestData.responder
+    def requestData(self, count: int) -> dict[str, object]:
+        """
+        Visitors are waiting at the relay: open more data sessions.
+        """
+        self._link.pool.want(count)
+        return {}
+
+    def unregister(self) -> Any:
+        """
+        End our leases on a clean stop.
+
+        @return: A L{Deferred} that fires when the relay answered or after a short timeout.
+        """
+        d = self.callRemote(Unregister, names=self._names)
+        d.addTimeout(2.0, self._link.reactor)
+        d.addErrback(lambda f: None)
+        return d
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Stop renewing; the link reconnects.
+        """
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
+        self._link.controlLost(self)
+        super().connectionLost(reason)

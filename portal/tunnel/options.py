@@ -1,0 +1,158 @@
+"""
+Command-line options shared by C{portal expose} and C{twistd portal-tunnel}.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from twisted.python import usage
+
+from portal.tunnel.config import ConfigError, TunnelConfig, buildConfig
+
+
+class TunnelOptions(usage.Options):
+    """
+    C{TARGET [--relay HOST:PORT[#RELAYID]]... [--name LABEL] [--alpn LIST] [--cert F --key F]
+    [--identity PATH] [--json]}.
+
+    @ivar tunnelConfig: The parsed configuration, after L{postOptions}.
+    """
+
+    synopsis = "TARGET [options]"
+    longdesc = (
+        "Publish a local service through Portal relays. TARGET is PORT, HOST:PORT or "
+        "http(s)://HOST:PORT; a bare port means 127.0.0.1. Without --relay the relay on this "
+        "machine (localhost:4017) is used."
+    )
+    optFlags = [
+        ["json", None, "Print one JSON object per event instead of text."],
+        ["http", None, "Routed HTTP mode (not available yet)."],
+        ["tcp", None, "Raw TCP mode (not available yet)."],
+        ["udp", None, "UDP mode (not available yet)."],
+    ]
+    optParameters = [
+        ["name", None, None, "Lease label to ask for (default: derived from identity and target)."],
+        ["alpn", None, "http/1.1", "Protocols offered to visitors, e.g. h2,http/1.1."],
+        ["cert", None, None, "Certificate chain file (PEM) to present instead of the local CA's."],
+        ["key", None, None, "Private key file (PEM) for --cert."],
+        ["identity", None, None, "Identity file (default ~/.config/portal/identity.json)."],
+        ["pool-size", None, 4, "Idle data sessions kept open per relay.", int],
+        ["udp-addr", None, None, "Local UDP service for --udp (not available yet)."],
+        [
+            "proxy-protocol",
+            None,
+            None,
+            "Send a PROXY header v1|v2 to the target (not available yet).",
+        ],
+        ["registry", None, None, "Relay registry URL or file (not available yet)."],
+        ["acme", None, None, "ACME directory URL (not available yet)."],
+        ["app", None, None, "app.json of a gateway app (not available yet)."],
+    ]
+
+    tunnelConfig: TunnelConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["relays"] = []
+        self["via"] = []
+        self["http-routes"] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Accept options before and after TARGET (C{portal expose 3000 --relay R}), as users of other
+        tunnel tools expect; Twisted's parser alone stops at the first positional argument.
+
+        @param options: The arguments (default C{sys.argv[1:]}).
+        """
+        if options is None:
+            options = sys.argv[1:]
+        flags: list[str] = []
+        positional: list[str] = []
+        arguments = iter(options)
+        for argument in arguments:
+            if argument == "--":
+                positional.extend(arguments)
+                break
+            if argument.startswith("-") and argument != "-":
+                flags.append(argument)
+                if "=" not in argument and self._takesValue(argument):
+                    value = next(arguments, None)
+                    if value is not None:
+                        flags.append(value)
+            else:
+                positional.append(argument)
+        super().parseOptions(flags + ["--"] + positional)
+
+    def _takesValue(self, flag: str) -> bool:
+        """
+        @return: Whether C{flag} (possibly an unambiguous abbreviation) needs a value.
+        """
+        if flag.startswith("--"):
+            matches = [o for o in self.longOpt if o.rstrip("=") == flag[2:]] or [
+                o for o in self.longOpt if o.startswith(flag[2:])
+            ]
+            return len(matches) == 1 and matches[0].endswith("=")
+        return len(flag) == 2 and f"{flag[1]}:" in self.shortOpt
+
+    def opt_relay(self, relay: str) -> None:
+        """
+        A relay to hold a lease on, HOST:PORT[#RELAYID] (repeatable; default localhost:4017).
+        """
+        self["relays"].append(relay)
+
+    def opt_via(self, relay: str) -> None:
+        """
+        Reach the relay through this relay first (not available yet).
+        """
+        self["via"].append(relay)
+
+    def opt_http_route(self, route: str) -> None:
+        """
+        PREFIX=TARGET route of routed HTTP mode (not available yet).
+        """
+        self["http-routes"].append(route)
+
+    def parseArgs(self, target: str | None = None) -> None:
+        """
+        @param target: The local service to publish.
+        """
+        if target is None:
+            raise usage.UsageError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
+        self["target"] = target
+
+    def postOptions(self) -> None:
+        """
+        Refuse what this version cannot do yet, then build the configuration.
+        """
+        unavailable = [
+            ("http", "routed HTTP mode"),
+            ("tcp", "raw TCP mode"),
+            ("udp", "UDP mode"),
+            ("udp-addr", "UDP mode"),
+            ("proxy-protocol", "PROXY protocol"),
+            ("registry", "the relay registry"),
+            ("acme", "ACME certificates"),
+            ("app", "the app gateway"),
+            ("via", "multi-hop chains"),
+            ("http-routes", "routed HTTP mode"),
+        ]
+        for option, feature in unavailable:
+            if self[option]:
+                flag = "--http-route" if option == "http-routes" else f"--{option}"
+                raise usage.UsageError(f"{flag}: {feature} is not available in this version yet")
+        try:
+            self.tunnelConfig = buildConfig(
+                self["target"],
+                relays=self["relays"],
+                name=self["name"],
+                alpn=self["alpn"],
+                certFile=self["cert"],
+                keyFile=self["key"],
+                identityPath=self["identity"],
+                json=bool(self["json"]),
+                poolSize=self["pool-size"],
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e))

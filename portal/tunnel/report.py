@@ -1,0 +1,61 @@
+"""
+What the tunnel tells its user: C{Forwarding} lines, or one JSON object per event with C{--json}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+
+class Reporter:
+    """
+    Writes user-facing events to a text stream.
+
+    @ivar events: Every event reported, newest last (for tests and status).
+    """
+
+    def __init__(self, out: TextIO, asJSON: bool = False) -> None:
+        self._out = out
+        self._json = asJSON
+        self.events: list[dict[str, Any]] = []
+
+    def _emit(self, event: dict[str, Any], text: str) -> None:
+        """
+        Record an event and print it.
+        """
+        self.events.append(event)
+        self._out.write((json.dumps(event, sort_keys=True) if self._json else text) + "\n")
+        self._out.flush()
+
+    def lease(self, url: str, relay: str, target: str, caPath: str | None) -> None:
+        """
+        A lease is live: visitors can use C{url}.
+
+        @param url: The public URL.
+        @param relay: The relay's address.
+        @param target: The local target.
+        @param caPath: The local CA file visitors can trust, when the local CA is used.
+        """
+        text = f"Forwarding {url} -> {target}"
+        if caPath:
+            text += (
+                f"\n  (certificate from the local CA {caPath}; try: curl --cacert {caPath} {url}/)"
+            )
+        self._emit(
+            {"event": "lease", "url": url, "relay": relay, "target": target, "ca": caPath}, text
+        )
+
+    def state(self, event: str, relay: str, message: str, **fields: Any) -> None:
+        """
+        A change of state: reconnecting, lease lost, an error.
+
+        @param event: A short event name (C{disconnected}, C{error}, ...).
+        @param relay: The relay concerned.
+        @param message: A sentence for humans.
+        @param fields: More JSON fields.
+        """
+        self._emit(
+            {"event": event, "relay": relay, "message": message, **fields},
+            f"[{relay}] {message}",
+        )

@@ -1,0 +1,216 @@
+"""
+The tunnel as a Twisted service: one L{RelayLink} per relay, each a reconnecting control session
+(L{ClientService}) with its pool of data sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from OpenSSL.crypto import X509, PKey
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+
+from portal.identity import Identity, loadOrCreateIdentity
+from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
+from portal.names import stableLabel
+from portal.pinning import KnownRelays
+from portal.tunnel.config import RelayAddress, TunnelConfig
+from portal.tunnel.control import TunnelControlProtocol
+from portal.tunnel.data import DataSessionPool
+from portal.tunnel.report import Reporter
+from portal.tunnel.stream import StreamHandler
+
+#: Seconds to wait for a TCP connection to a relay.
+CONNECT_TIMEOUT = 10.0
+
+
+class RelayLink(Service):
+    """
+    Keeps one relay connected: control session with reconnect and backoff, data session pool, and the
+    user-facing reports of its state.
+
+    @ivar relay: The relay's address.
+    @ivar pool: The data session pool.
+    @ivar protocol: The live control protocol, if any.
+    """
+
+    _log = Logger()
+    protocol: TunnelControlProtocol | None = None
+    _client: ClientService | None = None
+
+    def __init__(self, tunnel: TunnelService, relay: RelayAddress) -> None:
+        self.tunnel = tunnel
+        self.relay = relay
+        self.reactor = tunnel.reactor
+        self.identity = tunnel.identity
+        self.label = tunnel.label
+        self.reporter = tunnel.reporter
+        self.pins = tunnel.pins
+        self._wasLive = False
+        self.pool = DataSessionPool(
+            self.reactor, self.dataEndpoint, tunnel.streamHandler, size=tunnel.config.poolSize
+        )
+
+    def dataEndpoint(self) -> IStreamClientEndpoint:
+        """
+        @return: A plain TCP endpoint to the relay's control port, for data sessions.
+        """
+        return HostnameEndpoint(
+            self.reactor, self.relay.host, self.relay.port, timeout=CONNECT_TIMEOUT
+        )
+
+    def controlEndpoint(self) -> IStreamClientEndpoint:
+        """
+        @return: A TLS endpoint to the relay's control port. The certificate is not checked against a
+            CA: the relay proves its secp256k1 identity inside the session (see L{portal.control.Hello}).
+        """
+        options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
+        return wrapClientTLS(options, self.dataEndpoint())
+
+    def startService(self) -> None:
+        """
+        Connect, and keep reconnecting with backoff.
+        """
+        super().startService()
+        factory = Factory.forProtocol(lambda: TunnelControlProtocol(self))
+        self._client = ClientService(
+            self.controlEndpoint(),
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            clock=self.reactor,
+        )
+        self._client.startService()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        End the leases cleanly and disconnect.
+        """
+        super().stopService()
+        self.pool.stop()
+        if self.protocol is not None:
+            yield self.protocol.unregister()
+        if self._client is not None:
+            yield self._client.stopService()
+
+    def registered(self, protocol: TunnelControlProtocol, hostnames: list[str], port: int) -> None:
+        """
+        The relay accepted our leases: tell the user where the service is.
+        """
+        self.protocol = protocol
+        self.tunnel.servedHostnames.update(hostnames)
+        if self._wasLive:
+            self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
+        self._wasLive = True
+        for hostname in hostnames:
+            url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
+            self.reporter.lease(
+                url, self.relay.address, str(self.tunnel.config.target), self.tunnel.caPath
+            )
+
+    def controlLost(self, protocol: TunnelControlProtocol) -> None:
+        """
+        The control session closed: stop the pool; the L{ClientService} reconnects.
+        """
+        if protocol is self.protocol:
+            self.protocol = None
+            self.pool.stop()
+            if self.running:
+                self.reporter.state(
+                    "disconnected", self.relay.address, "lost the relay; reconnecting"
+                )
+
+    def fatal(self, message: str) -> None:
+        """
+        Something reconnecting cannot fix happened: stop the tunnel.
+        """
+        self.tunnel.fatal(f"{self.relay.address}: {message}")
+
+
+class TunnelService(MultiService):
+    """
+    A tunnel: the identity, the certificates, and a L{RelayLink} per relay.
+
+    @ivar label: The lease label asked for on every relay.
+    @ivar caPath: The local CA certificate file, when the local CA issues the certificates.
+    @ivar servedHostnames: Lease hostnames relays gave us.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        reactor: Any,
+        reporter: Reporter,
+        onFatal: Callable[[str], None],
+    ) -> None:
+        """
+        Load (or create) the identity and the certificates; raises L{portal.identity.IdentityError} or
+        L{portal.localca.CertificateError} with a message for the user.
+        """
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.reporter = reporter
+        self._onFatal = onFatal
+        self.identity: Identity
+        self.identity, created = loadOrCreateIdentity(config.identityPath)
+        if created:
+            self._log.info(
+                "created identity {id} in {path}", id=self.identity.id, path=config.identityPath
+            )
+        self.label = config.name or stableLabel(self.identity.id, str(config.target))
+        self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
+        self.servedHostnames: set[str] = set()
+        self.caPath: str | None = None
+        self._keyPair: tuple[PKey, list[X509]] | None = None
+        self._ca: LocalCA | None = None
+        if config.certFile and config.keyFile:
+            self._keyPair = loadKeyPair(config.certFile, config.keyFile)
+        else:
+            self._ca = LocalCA.loadOrCreate(
+                os.path.join(config.configDir, "ca", self.identity.shortId),
+                f"Portal local CA {self.identity.shortId}",
+            )
+            self.caPath = self._ca.certPath
+        creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
+        self.streamHandler = StreamHandler(reactor, config.target, creator)
+        self.links = [RelayLink(self, relay) for relay in config.relays]
+        for link in self.links:
+            link.setServiceParent(self)
+        self.stopped: Deferred[None] = Deferred()
+
+    def _certificateFor(self, hostname: str | None) -> tuple[PKey, list[X509]]:
+        """
+        The key and chain to present for C{hostname}: the user's own, or one the local CA issues for
+        a hostname a relay gave us.
+
+        @raise ValueError: For a hostname this tunnel does not serve.
+        """
+        if self._keyPair is not None:
+            return self._keyPair
+        assert self._ca is not None
+        if hostname is None:
+            hostname = min(self.servedHostnames, default="localhost")
+        elif hostname not in self.servedHostnames:
+            raise ValueError(f"{hostname!r} is not a hostname of this tunnel")
+        return self._ca.issue([hostname])
+
+    def fatal(self, message: str) -> None:
+        """
+        Report an unrecoverable error and ask the runner to stop.
+
+        @param message: What went wrong and what to do.
+        """
+        self.reporter.state("fatal", "", message)
+        self._onFatal(message)

@@ -1,0 +1,123 @@
+"""
+Stream mode in the tunnel: terminate the visitor's TLS with the tenant's certificate and splice the
+decrypted bytes to the local target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from portal.attach import StreamHeader
+from portal.splice import SpliceProtocol, pauseReading, splice
+from portal.tunnel.config import Target
+
+#: Seconds to wait for the local target to accept a connection.
+TARGET_CONNECT_TIMEOUT = 10.0
+
+
+class _TargetSide(SpliceProtocol):
+    """
+    The tunnel's connection to the local target.
+    """
+
+
+class _VisitorSide(SpliceProtocol):
+    """
+    The decrypted visitor stream, inside the tunnel's TLS; connects to the target when it starts.
+    """
+
+    _log = Logger()
+
+    def __init__(self, handler: StreamHandler, header: StreamHeader) -> None:
+        super().__init__()
+        self._handler = handler
+        self._header = header
+        self._connecting: Deferred[Any] | None = None
+
+    def connectionMade(self) -> None:
+        """
+        Hold the visitor until the target is connected, then splice.
+        """
+        pauseReading(self.transport)
+        d = connectProtocol(self._handler.targetEndpoint(), _TargetSide())
+        d.addTimeout(TARGET_CONNECT_TIMEOUT, self._handler.reactor)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, target: _TargetSide) -> None:
+        """
+        Start forwarding both ways.
+        """
+        self._connecting = None
+        if self._lost:
+            target.transport.loseConnection()
+            return
+        splice(self, target)
+
+    def _failed(self, failure: Failure) -> None:
+        """
+        The target cannot be reached: say so in the log and close the visitor.
+        """
+        self._connecting = None
+        self._log.warn(
+            "stream {stream} from {peer}: cannot reach {target}: {error}",
+            stream=self._header.streamId,
+            peer=self._header.peerHost,
+            target=str(self._handler.target),
+            error=failure.getErrorMessage(),
+        )
+        if not self._lost:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Stop connecting to the target if that is still under way.
+        """
+        super().connectionLost(reason)
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+
+class StreamHandler:
+    """
+    Builds, for each stream header a data session receives, the protocol that serves it.
+
+    @ivar target: The local target.
+    @ivar reactor: The reactor (TCP and time).
+    """
+
+    def __init__(
+        self, reactor: Any, target: Target, tlsCreator: IOpenSSLServerConnectionCreator
+    ) -> None:
+        self.reactor = reactor
+        self.target = target
+        self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+
+    def targetEndpoint(self) -> Any:
+        """
+        @return: A client endpoint to the local target (TLS without verification for C{https://}
+            targets, as local development servers rarely have a trusted certificate).
+        """
+        endpoint = HostnameEndpoint(
+            self.reactor, self.target.host, self.target.port, timeout=TARGET_CONNECT_TIMEOUT
+        )
+        if self.target.tls:
+            return wrapClientTLS(CertificateOptions(verify=False), endpoint)
+        return endpoint
+
+    def __call__(self, header: StreamHeader) -> IProtocol:
+        """
+        @param header: The visitor's stream header.
+        @return: A TLS server protocol around the visitor's stream.
+        """
+        factory = self._tlsFactory
+        return factory.protocol(factory, _VisitorSide(self, header))
