@@ -145,6 +145,6 @@ def decodeStreamHeader(key: bytes, nonce: bytes, data: bytes) -> tuple[StreamHea
             peerHost=str(peerHost),
             peerPort=int(peerPort),
         )
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise AttachError(f"malformed stream header: {e}")
     return header, end

@@ -117,6 +117,9 @@ class SpliceProtocol(Protocol):
         """
         self._readClosed = True
         if self.peer is not None:
+            # Nothing more will be produced into the peer's transport; a TLS transport waits for its
+            # producer to go away before it sends close_notify.
+            self.peer.transport.unregisterProducer()
             closeWriteSide(self.peer.transport)
         self._maybeClose()
 
@@ -152,7 +155,8 @@ def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: by
     Pair two connected splice ends and start forwarding in both directions.
 
     Bytes either side buffered before pairing are written to the other first, each after the given prefix.
-    Both transports are resumed: callers pause the side that was waiting for the other.
+    Both transports are resumed (unless already closing): callers pause the side that was waiting for
+    the other.
 
     @param a: One connected end.
     @param b: The other connected end.
@@ -171,13 +175,14 @@ def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: by
     # the other.
     a.transport.registerProducer(b.transport, True)
     b.transport.registerProducer(a.transport, True)
-    if a._lost:
-        b.transport.loseConnection()
-    elif a._readClosed:
-        closeWriteSide(b.transport)
-    if b._lost:
-        a.transport.loseConnection()
-    elif b._readClosed:
-        closeWriteSide(a.transport)
-    resumeReading(a.transport)
-    resumeReading(b.transport)
+    for this, other in ((a, b), (b, a)):
+        if this._lost:
+            other.transport.unregisterProducer()
+            other.transport.loseConnection()
+        elif this._readClosed:
+            other.transport.unregisterProducer()
+            closeWriteSide(other.transport)
+    # A side that already stopped reading is closing: resuming it would break the producer contract.
+    for side in (a, b):
+        if not (side._lost or side._readClosed):
+            resumeReading(side.transport)

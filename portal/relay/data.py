@@ -37,6 +37,8 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
     def __init__(self, router: Router) -> None:
         super().__init__()
         self._router = router
+        # TimeoutMixin would use the global reactor; time comes from the router's clock.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
         self.nonce = os.urandom(NONCE_LENGTH)
         self._buffer = b""
         self._attached = False

@@ -39,6 +39,8 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         super().__init__()
         self._router = router
         self._siteFactory = siteFactory
+        # TimeoutMixin would use the global reactor; time comes from the router's clock.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
 
     def connectionMade(self) -> None:
         """

@@ -120,7 +120,8 @@ class TunnelControlProtocol(amp.AMP):
                     f"pinned relay identity {relayId} (first use)",
                     relayId=relayId,
                 )
-        except RelayIdentityChanged as e:
+        except (RelayIdentityChanged, ValueError) as e:
+            # A changed identity, or a known relays file that cannot be read: reconnecting cannot help.
             raise FatalRelayError(str(e))
         self.relayId = relayId
         self._sessionId = response["sessionId"]
@@ -148,6 +149,8 @@ class TunnelControlProtocol(amp.AMP):
         self._names = names
         self.hostnames = response["hostnames"]
         interval = max(1.0, min(self._leaseTTL, response["expiresIn"]) / 3)
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = link.reactor
         self._renewal.start(interval, now=False)

@@ -170,6 +170,9 @@ class DataSessionPool:
         """
         self._session = None
         self._extra = 0
+        # Sessions still opening belong to the ended control session: they are closed when they
+        # finish and must not hold back the next control session's pool.
+        self._opening = 0
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -220,19 +223,22 @@ class DataSessionPool:
         d.addCallback(lambda p: p.attached)
         d.addTimeout(ATTACH_TIMEOUT, self._reactor)
 
+        def current() -> bool:
+            return self._session is not None and self._session[0] == sessionId
+
         def attached(session: TunnelDataSession) -> None:
-            self._opening -= 1
-            if self._session is None or self._session[0] != sessionId:
+            if not current():
                 session.transport.loseConnection()
                 return
+            self._opening -= 1
             self._idle.add(session)
 
         def failed(failure: Failure) -> None:
-            self._opening -= 1
             if protocol.transport is not None:
                 protocol.transport.loseConnection()
-            if self._session is None:
+            if not current():
                 return
+            self._opening -= 1
             self._log.warn(
                 "could not open a data session: {error}", error=failure.getErrorMessage()
             )

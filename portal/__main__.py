@@ -1,0 +1,7 @@
+"""
+C{python -m portal}: the same as the C{portal} command.
+"""
+
+from portal.cli import main
+
+main()

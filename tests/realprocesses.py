@@ -1,0 +1,259 @@
+"""
+Helpers for end-to-end tests: real C{twistd portal-relay} and C{portal expose} processes on 127.0.0.1,
+with ports chosen by the OS and read back from the processes' own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ProcessDone, ProcessTerminated, TimeoutError
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+#: Seconds a process may take to print what a test waits for.
+WAIT = 30.0
+
+
+class ProcessFailed(Exception):
+    """
+    A process ended, or did not print what was awaited in time; the message holds its output.
+    """
+
+
+class WatchedProcess(ProcessProtocol):
+    """
+    Collects a child process's output line by line and lets tests wait for a line.
+
+    @ivar lines: Output lines so far (stdout and stderr interleaved).
+    @ivar exitCode: The exit code once ended.
+    @ivar ended: Fires with the exit code when the process ends.
+    """
+
+    exitCode: int | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._partial = {1: b"", 2: b""}
+        self._waiters: list[tuple[re.Pattern[str], Deferred[re.Match[str]]]] = []
+        self.ended: Deferred[int | None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """
+        Split output into lines and wake waiters whose pattern matches.
+        """
+        buffered = self._partial.get(childFD, b"") + data
+        *complete, self._partial[childFD] = buffered.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            for waiter in list(self._waiters):
+                pattern, d = waiter
+                match = pattern.search(line)
+                if match is not None:
+                    self._waiters.remove(waiter)
+                    d.callback(match)
+
+    def output(self) -> str:
+        """
+        @return: Everything printed so far.
+        """
+        return "\n".join(self.lines)
+
+    def waitFor(
+        self, pattern: str, timeout: float = WAIT, after: int = 0
+    ) -> Deferred[re.Match[str]]:
+        """
+        Wait for an output line matching C{pattern}.
+
+        @param pattern: A regular expression.
+        @param timeout: Seconds to wait.
+        @param after: Only consider lines from this index on (to wait for a later occurrence).
+        @return: A L{Deferred} firing with the match.
+        """
+        compiled = re.compile(pattern)
+        d: Deferred[re.Match[str]] = Deferred()
+        for line in self.lines[after:]:
+            match = compiled.search(line)
+            if match is not None:
+                d.callback(match)
+                return d
+        if self.exitCode is not None or self.ended.called:
+            d.errback(ProcessFailed(f"{self.name} already ended; output:\n{self.output()}"))
+            return d
+        self._waiters.append((compiled, d))
+
+        def timedOut(failure: Failure) -> Failure:
+            failure.trap(TimeoutError)
+            if (compiled, d) in self._waiters:
+                self._waiters.remove((compiled, d))
+            raise ProcessFailed(
+                f"{self.name} printed nothing matching {pattern!r} in {timeout}s; output:\n"
+                f"{self.output()}"
+            )
+
+        d.addTimeout(timeout, reactor)
+        d.addErrback(timedOut)
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        """
+        Record the exit code and fail every waiter.
+        """
+        for fd, rest in self._partial.items():
+            if rest:
+                self.lines.append(rest.decode("utf-8", "replace"))
+                self._partial[fd] = b""
+        if reason.check(ProcessDone):
+            self.exitCode = 0
+        elif reason.check(ProcessTerminated):
+            self.exitCode = reason.value.exitCode
+            if self.exitCode is None:
+                self.exitCode = -(reason.value.signal or 0)
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(
+                ProcessFailed(f"{self.name} ended ({self.exitCode}); output:\n{self.output()}")
+            )
+        self.ended.callback(self.exitCode)
+
+    def signal(self, name: str) -> None:
+        """
+        Send a signal if the process still runs.
+        """
+        if self.transport is not None and self.exitCode is None and not self.ended.called:
+            try:
+                self.transport.signalProcess(name)
+            except OSError:
+                pass
+
+    @inlineCallbacks
+    def stop(self, timeout: float = 10.0) -> Any:
+        """
+        SIGTERM, then SIGKILL if it has not ended within C{timeout} seconds.
+
+        @return: A L{Deferred} firing with the exit code.
+        """
+        if self.ended.called:
+            return self.exitCode
+        self.signal("TERM")
+        killer = reactor.callLater(timeout, self.signal, "KILL")
+        code = yield self.ended
+        if killer.active():
+            killer.cancel()
+        return code
+
+
+def _twistd() -> str:
+    """
+    @return: The C{twistd} next to this Python, or the one on the PATH.
+    """
+    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return candidate if os.path.exists(candidate) else (shutil.which("twistd") or "twistd")
+
+
+def spawn(testCase: TestCase, name: str, argv: Sequence[str], home: str) -> WatchedProcess:
+    """
+    Start a child process with its own home directory; it is stopped when the test ends.
+
+    @param testCase: The running test.
+    @param name: A name for messages.
+    @param argv: The command line.
+    @param home: The HOME (and XDG directories) of the child.
+    @return: The watcher.
+    """
+    env = dict(os.environ)
+    env.update(
+        HOME=home,
+        XDG_CONFIG_HOME=os.path.join(home, ".config"),
+        XDG_STATE_HOME=os.path.join(home, ".local", "state"),
+        PYTHONUNBUFFERED="1",
+    )
+    watcher = WatchedProcess(name)
+    reactor.spawnProcess(watcher, argv[0], list(argv), env=env)
+    testCase.addCleanup(watcher.stop)
+    return watcher
+
+
+@inlineCallbacks
+def startRelay(
+    testCase: TestCase,
+    stateDir: str,
+    public: str = "tcp:0:interface=127.0.0.1",
+    control: str = "tcp:0:interface=127.0.0.1",
+    extra: Sequence[str] = (),
+) -> Any:
+    """
+    Start C{twistd -n portal-relay} and wait until it listens.
+
+    @return: A L{Deferred} firing with C{(watcher, publicPort, controlPort)}.
+    """
+    argv = [
+        _twistd(),
+        "-n",
+        "--pidfile=",
+        "portal-relay",
+        "--state-dir",
+        stateDir,
+        "--public",
+        public,
+        "--control",
+        control,
+        *extra,
+    ]
+    relay = spawn(testCase, "portal-relay", argv, os.path.dirname(stateDir))
+    publicMatch = yield relay.waitFor(r"public listening on 127\.0\.0\.1:(\d+)")
+    controlMatch = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
+    return relay, int(publicMatch.group(1)), int(controlMatch.group(1))
+
+
+def startTunnel(
+    testCase: TestCase, home: str, controlPort: int, target: str, extra: Sequence[str] = ()
+) -> WatchedProcess:
+    """
+    Start C{portal expose TARGET --relay 127.0.0.1:PORT --json} with the identity under C{home}.
+
+    @return: The watcher; wait for its lease with L{waitForLease}.
+    """
+    argv = [
+        sys.executable,
+        "-m",
+        "portal",
+        "expose",
+        target,
+        "--relay",
+        f"127.0.0.1:{controlPort}",
+        "--identity",
+        os.path.join(home, "identity.json"),
+        "--json",
+        *extra,
+    ]
+    return spawn(testCase, "portal expose", argv, home)
+
+
+@inlineCallbacks
+def waitForLease(tunnel: WatchedProcess, after: int = 0) -> Any:
+    """
+    Wait for a C{lease} JSON event.
+
+    @return: A L{Deferred} firing with the event's dict.
+    """
+    match = yield tunnel.waitFor(r'^\{.*"event": "lease".*\}$', after=after)
+    return json.loads(match.group(0))
+
+
+def terminate(watcher: WatchedProcess) -> Deferred[Any]:
+    """
+    Stop a process with SIGTERM (a clean stop).
+    """
+    return watcher.stop()

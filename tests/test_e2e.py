@@ -1,0 +1,448 @@
+"""
+End to end: real C{twistd portal-relay} and C{portal expose} processes, real local services and real TLS
+clients (curl, Python's C{ssl}), all on 127.0.0.1 with ports the OS chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import ssl
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from tests.realprocesses import spawn, startRelay, startTunnel, waitForLease
+
+PAGE = b"<h1>portal end-to-end page</h1>\n"
+
+
+class _Page(Resource):
+    """
+    A one-page local web service.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        """
+        @return: L{PAGE}.
+        """
+        return PAGE
+
+
+class _Echo(Protocol):
+    """
+    Writes back what it receives.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Echo C{data}.
+        """
+        self.transport.write(data)
+
+
+def _hostPort(url: str) -> tuple[str, int]:
+    """
+    Split C{https://host:port}.
+    """
+    host, _, port = url.removeprefix("https://").partition(":")
+    return host, int(port)
+
+
+def _fetch(url: str, cafile: str) -> tuple[bytes, dict[str, Any]]:
+    """
+    GET C{/} with Python's C{ssl}, verifying the chain against C{cafile}.
+
+    @return: The response and the peer certificate.
+    """
+    host, port = _hostPort(url)
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            chunks = []
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks), tls.getpeercert()
+
+
+def _echoRoundTrip(url: str, cafile: str, total: int) -> tuple[str, str, int]:
+    """
+    Send C{total} pseudo-random bytes through an echo service while reading the echo, in one thread.
+
+    @return: The sha256 of what was sent, of what came back, and how many bytes came back.
+    """
+    host, port = _hostPort(url)
+    context = ssl.create_default_context(cafile=cafile)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    tls = context.wrap_socket(raw, server_hostname=host)
+    tls.setblocking(False)
+    rng = random.Random(20261122)
+    sentHash, receivedHash = hashlib.sha256(), hashlib.sha256()
+    sent = received = 0
+    pending = b""
+    try:
+        while received < total:
+            writing = sent < total or pending
+            readable, writable, _ = select.select([tls], [tls] if writing else [], [], 30)
+            if not readable and not writable:
+                raise TimeoutError(f"stalled after sending {sent} and receiving {received} bytes")
+            if writable and writing:
+                if not pending:
+                    pending = rng.randbytes(min(65536, total - sent))
+                    sentHash.update(pending)
+                try:
+                    n = tls.send(pending)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    n = 0
+                pending = pending[n:]
+                sent += n
+            while True:
+                try:
+                    data = tls.recv(262144)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                if not data:
+                    raise ConnectionError(f"closed after receiving {received} bytes")
+                receivedHash.update(data)
+                received += len(data)
+    finally:
+        tls.close()
+    return sentHash.hexdigest(), receivedHash.hexdigest(), received
+
+
+def _alertFor(port: int, hostname: str) -> str:
+    """
+    Connect with an SNI no lease holds.
+
+    @return: The TLS error text.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=hostname):
+                return "handshake succeeded"
+        except ssl.SSLError as e:
+            return str(e)
+
+
+class StreamModeEndToEndTests(TestCase):
+    """
+    The default HTTPS stream mode through real relay and tunnel processes.
+    """
+
+    timeout = 120
+
+    def _home(self, name: str) -> str:
+        """
+        A fresh home directory for one process.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(path, name))
+        return os.path.join(path, name)
+
+    @inlineCallbacks
+    def _service(self, factory: Any) -> Any:
+        """
+        Listen with C{factory} on a loopback port the OS picks.
+
+        @return: The port number.
+        """
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def _world(self, factory: Any = None, name: str | None = None) -> Any:
+        """
+        A relay, a local service and a tunnel publishing it.
+
+        @return: C{(relay, publicPort, controlPort, tunnel, lease, relayState, tunnelHome)}.
+        """
+        relayState = os.path.join(self._home("relay"), "state")
+        relay, publicPort, controlPort = yield startRelay(self, relayState)
+        servicePort = yield self._service(factory or Site(_Page()))
+        home = self._home("tunnel")
+        tunnel = startTunnel(
+            self, home, controlPort, str(servicePort), ["--name", name] if name else []
+        )
+        lease = yield waitForLease(tunnel)
+        return relay, publicPort, controlPort, tunnel, lease, relayState, home
+
+    @inlineCallbacks
+    def test_curlAndPythonGetThePage(self) -> Any:
+        """
+        curl and Python's ssl reach the local service at the printed URL, verifying the certificate
+        against the tunnel's local CA; the certificate is the tunnel's, not the relay's.
+        """
+        relay, publicPort, _, tunnel, lease, relayState, _ = yield self._world()
+        url = lease["url"]
+        self.assertRegex(url, rf"^https://[a-z2-7]{{16}}\.localhost:{publicPort}$")
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed (.ci/run installs it)")
+        out, err, code = yield getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "20", "--cacert", lease["ca"], url + "/"], env=os.environ
+        )
+        self.assertEqual((code, out), (0, PAGE), err)
+        response, certificate = yield deferToThread(_fetch, url, lease["ca"])
+        self.assertTrue(response.startswith(b"HTTP/1."), response[:100])
+        self.assertTrue(response.endswith(PAGE))
+        host = _hostPort(url)[0]
+        self.assertEqual(certificate["subjectAltName"], (("DNS", host),))
+        issuer = dict(x[0] for x in certificate["issuer"])
+        self.assertIn("Portal local CA", issuer["commonName"])
+        # The relay's own certificate authority does not vouch for what the visitor saw.
+        relayCA = os.path.join(relayState, "tls", "ca.pem")
+        error = yield self.assertFailure(deferToThread(_fetch, url, relayCA), ssl.SSLError)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str(error))
+
+    @inlineCallbacks
+    def test_64MBEachWay(self) -> Any:
+        """
+        64 MB sent through relay and tunnel to an echo service comes back intact (sha256 both ways).
+        """
+        _, _, _, _, lease, _, _ = yield self._world(Factory.forProtocol(_Echo))
+        total = 64 * 1024 * 1024
+        sent, received, count = yield deferToThread(
+            _echoRoundTrip, lease["url"], lease["ca"], total
+        )
+        self.assertEqual(count, total)
+        self.assertEqual(sent, received)
+
+    @inlineCallbacks
+    def test_unknownNameGetsAlert(self) -> Any:
+        """
+        A ClientHello for a name no lease holds gets a TLS unrecognized_name alert, and the relay logs it.
+        """
+        relay, publicPort, _, _, _, _, _ = yield self._world()
+        error = yield deferToThread(_alertFor, publicPort, "nobody.localhost")
+        self.assertIn("UNRECOGNIZED_NAME", error.upper())
+        yield relay.waitFor(r"no live lease for 'nobody\.localhost'")
+
+    @inlineCallbacks
+    def test_relayOwnHostnameServesStatus(self) -> Any:
+        """
+        The relay's own hostname is served by the relay itself (TLS terminated there), with its status
+        page and health check.
+        """
+        _, publicPort, _, _, _, relayState, _ = yield self._world()
+        relayCA = os.path.join(relayState, "tls", "ca.pem")
+        response, _ = yield deferToThread(_fetch, f"https://localhost:{publicPort}", relayCA)
+        self.assertIn(b"Portal relay", response)
+        self.assertIn(b"1 leases", response)
+
+    @inlineCallbacks
+    def test_secondIdentityCannotTakeLiveName(self) -> Any:
+        """
+        A second identity asking for a name that is live gets a clear 'taken' error and exit code 1,
+        and the first tunnel keeps serving.
+        """
+        _, _, controlPort, _, lease, _, _ = yield self._world(name="shared")
+        self.assertTrue(lease["url"].startswith("https://shared.localhost:"))
+        otherHome = self._home("other")
+        other = startTunnel(self, otherHome, controlPort, "9", ["--name", "shared"])
+        code = yield other.ended
+        self.assertEqual(code, 1, other.output())
+        self.assertIn("taken by another identity", other.output())
+        response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
+        self.assertTrue(response.endswith(PAGE))
+
+    @inlineCallbacks
+    def test_relayRestartKeepsURL(self) -> Any:
+        """
+        Killing and restarting the relay brings the same URL back without restarting the tunnel.
+        """
+        relay, publicPort, controlPort, tunnel, lease, relayState, _ = yield self._world()
+        yield relay.stop()
+        seen = len(tunnel.lines)
+        yield tunnel.waitFor(r'"event": "disconnected"', after=seen)
+        seen = len(tunnel.lines)
+        relay2, _, _ = yield startRelay(
+            self,
+            relayState,
+            public=f"tcp:{publicPort}:interface=127.0.0.1",
+            control=f"tcp:{controlPort}:interface=127.0.0.1",
+        )
+        again = yield waitForLease(tunnel, after=seen)
+        self.assertEqual(again["url"], lease["url"])
+        response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
+        self.assertTrue(response.endswith(PAGE))
+
+    @inlineCallbacks
+    def test_changedRelayIdentityRefused(self) -> Any:
+        """
+        A relay that comes back with another identity at a pinned address is refused loudly: the tunnel
+        says what to do and exits 1.
+        """
+        relay, publicPort, controlPort, tunnel, _, relayState, home = yield self._world()
+        yield relay.stop()
+        impostorState = os.path.join(self._home("impostor"), "state")
+        yield startRelay(
+            self,
+            impostorState,
+            public=f"tcp:{publicPort}:interface=127.0.0.1",
+            control=f"tcp:{controlPort}:interface=127.0.0.1",
+        )
+        code = yield tunnel.ended
+        self.assertEqual(code, 1, tunnel.output())
+        self.assertIn("known_relays.json", tunnel.output())
+        self.assertIn("#", tunnel.output())
+
+    @inlineCallbacks
+    def test_cleanStopUnregisters(self) -> Any:
+        """
+        SIGTERM stops the tunnel with exit code 0 and its name stops routing at once.
+        """
+        relay, publicPort, _, tunnel, lease, _, _ = yield self._world()
+        code = yield tunnel.stop()
+        self.assertEqual(code, 0, tunnel.output())
+        yield relay.waitFor(r"lease \S+ released")
+        error = yield deferToThread(_alertFor, publicPort, _hostPort(lease["url"])[0])
+        self.assertIn("UNRECOGNIZED_NAME", error.upper())
+
+
+class CommandLineTests(TestCase):
+    """
+    The C{portal} command's contract: usage errors, identity commands, the demo, and twistd plugins.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def _portal(self, *args: str, home: str | None = None) -> Any:
+        """
+        Run C{python -m portal ARGS} to completion.
+
+        @return: C{(stdout, stderr, exit code)}.
+        """
+        home = home or os.path.abspath(self.mktemp())
+        os.makedirs(home, exist_ok=True)
+        env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"))
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "portal", *args], env=env
+        )
+        return out.decode(), err.decode(), code
+
+    @inlineCallbacks
+    def test_usageErrorsExit2(self) -> Any:
+        """
+        A missing TARGET, a bad flag, or a mode this version lacks exit 2 with a one-line reason.
+        """
+        for args, reason in [
+            (("expose",), "missing TARGET"),
+            (("expose", "99999"), "not a port number"),
+            (("expose", "3000", "--tcp"), "--tcp"),
+            (("expose", "3000", "--bogus"), "bogus"),
+            (("expose", "3000", "--cert", "x.pem"), "--cert and --key"),
+        ]:
+            out, err, code = yield self._portal(*args)
+            self.assertEqual(code, 2, (args, out, err))
+            self.assertIn(reason, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    @inlineCallbacks
+    def test_identityNewAndShow(self) -> Any:
+        """
+        C{portal identity new} creates a 0600 file at the default path and C{show} prints the same id;
+        a world-readable identity is an error that says to chmod, never silently replaced.
+        """
+        home = os.path.abspath(self.mktemp())
+        out, err, code = yield self._portal("identity", "new", home=home)
+        self.assertEqual(code, 0, err)
+        path = os.path.join(home, ".config", "portal", "identity.json")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        created = out.split()[2]
+        out, err, code = yield self._portal("identity", "show", home=home)
+        self.assertEqual(code, 0, err)
+        self.assertIn(created, out)
+        os.chmod(path, 0o644)
+        out, err, code = yield self._portal("identity", "show", home=home)
+        self.assertEqual(code, 1)
+        self.assertIn("chmod 600", err)
+
+    @inlineCallbacks
+    def test_demo(self) -> Any:
+        """
+        C{portal demo} runs relay, tunnel and sample site in one process and prints a URL that serves
+        the sample page.
+        """
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        demo = spawn(
+            self,
+            "portal demo",
+            [
+                sys.executable,
+                "-m",
+                "portal",
+                "demo",
+                "--json",
+                "--public",
+                "tcp:0:interface=127.0.0.1",
+                "--control",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            home,
+        )
+        lease = yield waitForLease(demo)
+        response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
+        self.assertIn(b"Hello from Portal", response)
+        code = yield demo.stop()
+        self.assertEqual(code, 0, demo.output())
+
+    @inlineCallbacks
+    def test_twistdPortalTunnel(self) -> Any:
+        """
+        C{twistd -n portal-tunnel} takes the same options as C{portal expose} and serves the same way.
+        """
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "relay"))
+        _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(_Page()))
+        self.addCleanup(port.stopListening)
+        home = os.path.join(root, "tunnel")
+        os.makedirs(home)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        tunnel = spawn(
+            self,
+            "twistd portal-tunnel",
+            [
+                twistd,
+                "-n",
+                "--pidfile=",
+                "portal-tunnel",
+                str(port.getHost().port),
+                "--relay",
+                f"127.0.0.1:{controlPort}",
+                "--identity",
+                os.path.join(home, "identity.json"),
+                "--json",
+            ],
+            home,
+        )
+        match = yield tunnel.waitFor(r'\{.*"event": "lease".*\}')
+        lease = json.loads(match.group(0)[match.group(0).index("{") :])
+        response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
+        self.assertTrue(response.endswith(PAGE))
