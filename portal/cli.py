@@ -28,6 +28,7 @@ from portal.identity import (
     IdentityError,
     defaultIdentityPath,
     loadIdentity,
+    loadOrCreateIdentity,
     saveIdentity,
 )
 from portal.localca import CertificateError
@@ -199,14 +200,13 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
 
     @return: The exit code.
     """
-    import tempfile
-
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
     from portal.demo import SampleSite
-    from portal.relay.service import RelayConfig, RelayService
+    from portal.names import stableLabel
+    from portal.relay.service import RelayConfig, RelayService, defaultStateDir
     from portal.tunnel.config import buildConfig
     from portal.tunnel.service import TunnelService
 
@@ -219,7 +219,9 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
         if reactor.running:
             reactor.stop()
 
-    stateDir = options["state-dir"] or tempfile.mkdtemp(prefix="portal-demo-relay-")
+    # The relay keeps the default state directory, like `twistd portal-relay`: its identity stays the
+    # one the tunnel pinned, so the demo can be run again (and mixed with a hand-started relay).
+    stateDir = options["state-dir"] or defaultStateDir()
     relay = RelayService(
         RelayConfig(public=options["public"], control=options["control"], stateDir=stateDir),
         reactor,
@@ -232,10 +234,14 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
             Site(SampleSite())
         )
         controlPort = relay.ports["control"].getHost().port
+        identityPath = options["identity"] or defaultIdentityPath()
+        identity, _ = loadOrCreateIdentity(identityPath)
         config = buildConfig(
             str(site.getHost().port),
             relays=[f"127.0.0.1:{controlPort}"],
-            identityPath=options["identity"],
+            # The sample site's port changes every run; the demo's URL should not.
+            name=stableLabel(identity.id, "portal demo"),
+            identityPath=identityPath,
             json=bool(options["json"]),
         )
         out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
