@@ -130,6 +130,20 @@ def _echoRoundTrip(url: str, cafile: str, total: int) -> tuple[str, str, int]:
     return sentHash.hexdigest(), receivedHash.hexdigest(), received
 
 
+def _negotiated(url: str, cafile: str, protocols: list[str]) -> str | None:
+    """
+    Handshake offering C{protocols} by ALPN.
+
+    @return: The protocol the tunnel selected.
+    """
+    host, port = _hostPort(url)
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(protocols)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            return tls.selected_alpn_protocol()
+
+
 def _alertFor(port: int, hostname: str) -> str:
     """
     Connect with an SNI no lease holds.
@@ -230,6 +244,24 @@ class StreamModeEndToEndTests(TestCase):
         )
         self.assertEqual(count, total)
         self.assertEqual(sent, received)
+
+    @inlineCallbacks
+    def test_alpn(self) -> Any:
+        """
+        C{--alpn h2,http/1.1} makes the tunnel (not the relay) negotiate h2 with clients that offer it and
+        http/1.1 with those that offer only that.
+        """
+        relayState = os.path.join(self._home("relay"), "state")
+        _, _, controlPort = yield startRelay(self, relayState)
+        servicePort = yield self._service(Site(_Page()))
+        tunnel = startTunnel(
+            self, self._home("tunnel"), controlPort, str(servicePort), ["--alpn", "h2,http/1.1"]
+        )
+        lease = yield waitForLease(tunnel)
+        both = yield deferToThread(_negotiated, lease["url"], lease["ca"], ["h2", "http/1.1"])
+        self.assertEqual(both, "h2")
+        old = yield deferToThread(_negotiated, lease["url"], lease["ca"], ["http/1.1"])
+        self.assertEqual(old, "http/1.1")
 
     @inlineCallbacks
     def test_unknownNameGetsAlert(self) -> Any:

@@ -33,6 +33,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
     pool: DataPool | None = None
     _site: IProtocol | None = None
     _decided = False
+    _reads = 0
     _log = Logger()
 
     def __init__(self, router: Router, siteFactory: IProtocolFactory) -> None:
@@ -61,6 +62,12 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             return
         super().unsplicedDataReceived(data)
         if self._decided:
+            return
+        self._reads += 1
+        if self._reads > self._router.limits.maxHelloReads:
+            self._refuse(
+                f"ClientHello still incomplete after {self._reads - 1} reads", INTERNAL_ERROR
+            )
             return
         buffered = b"".join(self._pending)
         self._pending = [buffered]

@@ -44,6 +44,8 @@ class RelayLimits:
     @ivar maxWaiting: Visitors that may wait for a data session per control session; more are refused.
     @ivar dataWaitTimeout: Seconds a visitor waits for a data session before it is dropped.
     @ivar helloTimeout: Seconds a client has to send a complete ClientHello.
+    @ivar maxHelloReads: Reads a ClientHello may take. The parser re-reads the buffer on every read, so
+        this bounds the work a client dripping bytes can cause (a real client needs one to a few).
     @ivar attachTimeout: Seconds a new data session has to authenticate.
     @ivar leaseTTL: Seconds a lease lives without renewal.
     @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
@@ -55,6 +57,7 @@ class RelayLimits:
     maxWaiting: int = 256
     dataWaitTimeout: float = 10.0
     helloTimeout: float = 10.0
+    maxHelloReads: int = 64
     attachTimeout: float = 10.0
     leaseTTL: float = 60.0
     reservation: float = 3600.0
