@@ -355,6 +355,80 @@ class StreamModeEndToEndTests(TestCase):
         self.assertIn("UNRECOGNIZED_NAME", error.upper())
 
 
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+class BrowserTests(TestCase):
+    """
+    A real browser reaches a published service once the user trusts the tunnel's local CA.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_chromiumShowsPage(self) -> Any:
+        """
+        Headless Chromium, with the tunnel's CA imported into its NSS database the way a user would,
+        renders the local service's page at the printed C{https://<label>.localhost:<port>} URL; without
+        the CA it does not.
+        """
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        certutil = shutil.which("certutil")
+        if chromium is None or certutil is None:
+            raise SkipTest(
+                "chromium and certutil (libnss3-tools) are needed; .ci/run installs them"
+            )
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "relay"))
+        _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(_Page()))
+        self.addCleanup(port.stopListening)
+        home = os.path.join(root, "tunnel")
+        os.makedirs(home)
+        lease = yield waitForLease(startTunnel(self, home, controlPort, str(port.getHost().port)))
+
+        @inlineCallbacks
+        def render(browserHome: str) -> Any:
+            env = dict(os.environ, HOME=browserHome)
+            out, err, code = yield getProcessOutputAndValue(
+                chromium,
+                [
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={browserHome}/profile",
+                    "--dump-dom",
+                    lease["url"],
+                ],
+                env=env,
+            )
+            return out
+
+        untrusting = os.path.join(root, "untrusting")
+        os.makedirs(untrusting)
+        page = yield render(untrusting)
+        self.assertNotIn(b"portal end-to-end page", page)
+
+        trusting = os.path.join(root, "trusting")
+        nssdb = os.path.join(trusting, ".pki", "nssdb")
+        os.makedirs(nssdb)
+        for args in (
+            ["-N", "-d", f"sql:{nssdb}", "--empty-password"],
+            ["-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "portal", "-i", lease["ca"]],
+        ):
+            out, err, code = yield getProcessOutputAndValue(certutil, args, env=os.environ)
+            self.assertEqual(code, 0, err)
+        page = yield render(trusting)
+        self.assertIn(b"portal end-to-end page", page)
+
+
 class CommandLineTests(TestCase):
     """
     The C{portal} command's contract: usage errors, identity commands, the demo, and twistd plugins.
