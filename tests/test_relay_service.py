@@ -1,0 +1,75 @@
+"""
+Tests for L{portal.relay.service}: the relay's state directory and lease persistence.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from portal.relay.service import RelayConfig, RelayService
+
+
+class RelayStateTests(SynchronousTestCase):
+    """
+    What the relay keeps in C{--state-dir}.
+    """
+
+    def _service(self, stateDir: str, clock: Clock) -> RelayService:
+        """
+        A relay service on C{stateDir} whose router is built but which listens nowhere.
+        """
+        service = RelayService(RelayConfig(stateDir=stateDir), clock)
+        service.router, _ = service._buildRouter()
+        return service
+
+    def test_identityAndCertificateKept(self) -> None:
+        """
+        The relay creates its identity and TLS CA on first start, private files 0600, and reuses them.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        clock = Clock()
+        first = self._service(stateDir, clock)
+        second = self._service(stateDir, clock)
+        assert first.router is not None and second.router is not None
+        self.assertEqual(first.router.identity.id, second.router.identity.id)
+        for name in ("identity.json", os.path.join("tls", "ca-key.pem")):
+            self.assertEqual(os.stat(os.path.join(stateDir, name)).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(stateDir).st_mode & 0o777, 0o700)
+
+    def test_leaseOwnershipSurvivesRestart(self) -> None:
+        """
+        Registrations are saved (coalesced, one second later); after a restart the name still belongs
+        to its owner, detached until the owner's tunnel registers again.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        clock = Clock()
+        clock.advance(1000)
+        first = self._service(stateDir, clock)
+        assert first.router is not None
+        holder = object()
+        first.router.leases.register("app", "owner-a", holder)
+        first.router.onLeasesChanged()
+        first.router.onLeasesChanged()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(1.0)
+        self.assertTrue(os.path.exists(os.path.join(stateDir, "leases.json")))
+        second = self._service(stateDir, clock)
+        assert second.router is not None
+        self.assertEqual(second.router.leases.ownerOf("app"), "owner-a")
+        self.assertIsNone(second.router.leases.route("app"))
+
+    def test_unreadableLeaseFileIgnored(self) -> None:
+        """
+        A corrupt lease file is logged and ignored rather than stopping the relay.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        os.makedirs(stateDir)
+        with open(os.path.join(stateDir, "leases.json"), "w") as f:
+            f.write("{not json")
+        service = self._service(stateDir, Clock())
+        assert service.router is not None
+        self.assertEqual(len(service.router.leases), 0)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
