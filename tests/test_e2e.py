@@ -307,8 +307,8 @@ class StreamModeEndToEndTests(TestCase):
         Killing and restarting the relay brings the same URL back without restarting the tunnel.
         """
         relay, publicPort, controlPort, tunnel, lease, relayState, _ = yield self._world()
-        yield relay.stop()
         seen = len(tunnel.lines)
+        yield relay.stop()
         yield tunnel.waitFor(r'"event": "disconnected"', after=seen)
         seen = len(tunnel.lines)
         relay2, _, _ = yield startRelay(
