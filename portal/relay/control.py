@@ -259,6 +259,8 @@ class ControlDispatch(PeekingProtocol):
         self._router = router
         self._tlsFactory = tlsFactory
         self.peekTimeout = router.limits.attachTimeout
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign]
 
     def choose(self, data: bytes) -> IProtocol | None:
         """

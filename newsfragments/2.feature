@@ -1,0 +1,1 @@
+Portal can publish a local service over HTTPS through a relay: `twistd -n portal-relay` routes visitors' TLS by SNI without decrypting it, and `portal expose TARGET` holds a lease on the relay, terminates TLS with a certificate from a per-identity local CA (or `--cert/--key`) and forwards to the target; `portal demo` runs all of it on loopback.
