@@ -183,12 +183,12 @@ def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
     exit = [0]
 
     def fatal(message: str) -> None:
-        err.write(f"portal: {message}\n")
+        # The reporter already told the user (stderr in text mode, a JSON line with --json).
         exit[0] = FAILURE
         if reactor.running:
             reactor.stop()
 
-    tunnel = TunnelService(config, reactor, Reporter(out, config.json), fatal)
+    tunnel = TunnelService(config, reactor, Reporter(out, config.json, err), fatal)
     reactor.callWhenRunning(runUntilStopped, reactor, [tunnel])
     reactor.run()
     return exit[0]
@@ -214,7 +214,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
     exit = [0]
 
     def fatal(message: str) -> None:
-        err.write(f"portal: {message}\n")
+        # The reporter already told the user (stderr in text mode, a JSON line with --json).
         exit[0] = FAILURE
         if reactor.running:
             reactor.stop()
@@ -229,7 +229,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
 
     async def start() -> None:
         relay.startService()
-        await relay.whenListening
+        await relay.whenListening()
         site = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             Site(SampleSite())
         )
@@ -245,7 +245,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
             json=bool(options["json"]),
         )
         out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
-        tunnel = TunnelService(config, reactor, Reporter(out, config.json), fatal)
+        tunnel = TunnelService(config, reactor, Reporter(out, config.json, err), fatal)
         runUntilStopped(reactor, [tunnel])
         reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
         reactor.addSystemEventTrigger("before", "shutdown", site.stopListening)
@@ -254,7 +254,8 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
         d = ensureDeferred(start())
 
         def failed(failure: Any) -> None:
-            fatal(f"demo could not start: {failure.getErrorMessage()}")
+            err.write(f"portal: demo could not start: {failure.getErrorMessage()}\n")
+            fatal("demo could not start")
 
         d.addErrback(failed)
 

@@ -47,6 +47,14 @@ class RegistrationRefused(Exception):
     """
 
 
+class TryAgain(Exception):
+    """
+    A refusal that may succeed later: the challenge was unknown or expired (challenges are bounded and
+    short-lived), or the name is live on another control session of the same identity. The tunnel
+    retries with backoff instead of stopping.
+    """
+
+
 class LeaseUnknown(Exception):
     """
     A renew or unregister named a lease this session does not hold.
@@ -107,7 +115,7 @@ class Register(amp.Command):
         (b"hostnames", amp.ListOf(amp.Unicode())),
         (b"expiresIn", amp.Float()),
     ]
-    errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
+    errors = {RegistrationRefused: b"REGISTRATION_REFUSED", TryAgain: b"TRY_AGAIN"}
 
 
 class Renew(amp.Command):

@@ -489,6 +489,22 @@ class CommandLineTests(TestCase):
         self.assertIn("chmod 600", err)
 
     @inlineCallbacks
+    def test_unreachableRelayReported(self) -> Any:
+        """
+        A tunnel that cannot reach its relay says so (once) and keeps retrying rather than exiting.
+        """
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
+        closedPort = listening.getHost().port
+        yield listening.stopListening()
+        tunnel = startTunnel(self, home, closedPort, "8000")
+        yield tunnel.waitFor(r'"event": "unreachable".*cannot reach the relay')
+        self.assertIsNone(tunnel.exitCode)
+        code = yield tunnel.stop()
+        self.assertEqual(code, 0, tunnel.output())
+
+    @inlineCallbacks
     def test_demo(self) -> Any:
         """
         C{portal demo} runs relay, tunnel and sample site in one process and prints a URL that serves

@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.service import RelayConfig, RelayService
+from portal.tap.relay import Options
 
 
 class RelayStateTests(SynchronousTestCase):
@@ -73,3 +76,67 @@ class RelayStateTests(SynchronousTestCase):
         assert service.router is not None
         self.assertEqual(len(service.router.leases), 0)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class RelayStartTests(SynchronousTestCase):
+    """
+    A relay whose listeners cannot start does not keep running.
+    """
+
+    def test_listenFailureStopsReactor(self) -> None:
+        """
+        When a listener fails before the reactor runs (as under twistd), the failure is logged and the
+        reactor is stopped as soon as it runs.
+        """
+        reactor = MemoryReactorClock()
+        config = RelayConfig(stateDir=os.path.abspath(self.mktemp()), public="tcp:notaport")
+        service = RelayService(config, reactor)
+        service.startService()
+        self.failureResultOf(service.whenListening(), ValueError)
+        self.assertIn(reactor.stop, [hook for hook, _, _ in reactor.whenRunningHooks])
+        self.assertTrue(self.flushLoggedErrors())
+
+
+class RelayOptionsTests(SynchronousTestCase):
+    """
+    C{twistd portal-relay} options.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Without options the relay listens on the design's default ports for the C{localhost} domains.
+        """
+        options = Options()
+        options.parseOptions([])
+        config = options.config()
+        self.assertEqual(
+            (config.public, config.control, config.http), ("tcp:8443", "tcp:4017", None)
+        )
+        self.assertEqual((config.domain, config.tunnelDomain), ("localhost", "localhost"))
+
+    def test_limits(self) -> None:
+        """
+        Limit options reach the relay's L{RelayLimits}; non-positive values are usage errors.
+        """
+        options = Options()
+        options.parseOptions(["--lease-ttl", "30", "--max-idle-data", "8"])
+        self.assertEqual(options.config().limits.leaseTTL, 30.0)
+        self.assertEqual(options.config().limits.maxIdleData, 8)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--lease-ttl", "0"])
+
+    def test_badEndpoint(self) -> None:
+        """
+        A malformed endpoint description is a usage error naming the option.
+        """
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--control", "tcp:notaport"]
+        )
+        self.assertIn("--control", str(error))
+
+    def test_unavailableModes(self) -> None:
+        """
+        Port ranges for modes this version lacks are refused, not ignored.
+        """
+        for flag in ("--tcp-ports", "--udp-ports"):
+            error = self.assertRaises(usage.UsageError, Options().parseOptions, [flag, "1-2"])
+            self.assertIn("not available", str(error))

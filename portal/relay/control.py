@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 import portal
 from portal.attach import MAGIC
-from portal.challenge import ChallengeError
+from portal.challenge import ChallengeError, ExpiredChallenge, UnknownChallenge
 from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
@@ -28,6 +28,7 @@ from portal.control import (
     RegistrationRefused,
     Renew,
     RequestData,
+    TryAgain,
     Unregister,
     exportKeyingMaterial,
     helloSignatureMessage,
@@ -153,6 +154,9 @@ class RelayControlProtocol(amp.AMP):
         names = self._checkNames(names)
         try:
             router.challenges.redeem(nonce, names, publicKey, signature)
+        except (UnknownChallenge, ExpiredChallenge) as e:
+            self._log.info("registration deferred: {reason}", reason=str(e))
+            raise TryAgain(f"{e}; ask for a new challenge")
         except ChallengeError as e:
             self._log.warn("registration refused: {reason}", reason=str(e))
             raise RegistrationRefused(str(e))
@@ -166,10 +170,23 @@ class RelayControlProtocol(amp.AMP):
                     "refused name {name} to {identity}: taken", name=name, identity=owner[:12]
                 )
                 raise RegistrationRefused(f"name {name!r} is taken by another identity")
+            live = router.leases.route(name)
+            if live is not None and live.holder is not self:
+                raise TryAgain(
+                    f"name {name!r} is served by another tunnel of this identity; it can be taken "
+                    f"over when that tunnel stops or its lease lapses (within {router.leases.ttl:.0f} s)"
+                )
+        registered: list[str] = []
         try:
             for name in names:
                 router.leases.register(name, owner, self)
+                registered.append(name)
         except LeaseError as e:
+            # All or none: give back what this call took (the names stay reserved for the owner).
+            for name in registered:
+                router.leases.release(name, owner)
+            if registered:
+                router.onLeasesChanged()
             raise RegistrationRefused(str(e))
         self.owner = owner
         self.names.update(names)
@@ -199,12 +216,14 @@ class RelayControlProtocol(amp.AMP):
         """
         self._ownNames(names)
         assert self.owner is not None
-        try:
-            for name in names:
+        for name in names:
+            try:
                 self._router.leases.renew(name, self.owner, self)
-        except LeaseError as e:
-            self.names.difference_update(names)
-            raise LeaseUnknown(str(e))
+            except LeaseError as e:
+                self.names.discard(name)
+                raise LeaseUnknown(str(e))
+        # Saved (coalesced) so that a crash does not shorten the owner's reservation.
+        self._router.onLeasesChanged()
         return {"expiresIn": self._router.leases.ttl}
 
     @Unregister.responder
@@ -215,8 +234,12 @@ class RelayControlProtocol(amp.AMP):
         self._ownNames(names)
         assert self.owner is not None
         for name in names:
-            self._router.leases.release(name, self.owner)
             self.names.discard(name)
+            live = self._router.leases.route(name)
+            if live is not None and live.holder is not self:
+                # Another session of this identity serves it now; this session's word is stale.
+                continue
+            self._router.leases.release(name, self.owner)
             self._log.info("lease {name} released", name=name)
         self._router.onLeasesChanged()
         return {}

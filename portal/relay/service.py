@@ -10,13 +10,14 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from portal.identity import loadOrCreateIdentity
 from portal.leases import LeaseTable
@@ -91,7 +92,32 @@ class RelayService(Service):
         self.ports: dict[str, IListeningPort] = {}
         self._saveCall: Any = None
         self._expiry: LoopingCall | None = None
-        self.whenListening: Deferred[None] = Deferred()
+        self._listening: Failure | bool = False
+        self._listeningWaiters: list[Deferred[None]] = []
+
+    def whenListening(self) -> Deferred[None]:
+        """
+        @return: A L{Deferred} that fires when every listener is up, or fails with why one could not.
+        """
+        if self._listening is True:
+            return succeed(None)
+        if isinstance(self._listening, Failure):
+            return fail(self._listening)
+        d: Deferred[None] = Deferred()
+        self._listeningWaiters.append(d)
+        return d
+
+    def _listened(self, result: Failure | bool) -> None:
+        """
+        Record the outcome of starting the listeners and tell the waiters.
+        """
+        self._listening = result
+        waiters, self._listeningWaiters = self._listeningWaiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
 
     def _buildRouter(self) -> tuple[Router, CertificateOptions]:
         """
@@ -195,7 +221,7 @@ class RelayService(Service):
             domain=router.relayDomain,
             tunnelDomain=router.tunnelDomain,
         )
-        self.whenListening.callback(None)
+        self._listened(True)
 
     def _announce(self, name: str, port: IListeningPort) -> None:
         """
@@ -221,11 +247,12 @@ class RelayService(Service):
         A listener could not start: log it and stop, since a relay without its listeners is useless.
         """
         self._log.failure("portal-relay could not start", failure)
-        if not self.whenListening.called:
-            self.whenListening.errback(failure)
-            self.whenListening.addErrback(lambda f: None)
+        self._listened(failure)
+        # twistd starts services before the reactor runs: stop as soon as it does.
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     @inlineCallbacks
     def stopService(self) -> Any:

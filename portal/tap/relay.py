@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from portal.relay.router import RelayLimits
@@ -95,6 +96,16 @@ class Options(usage.Options):
         ):
             if self[name] is not None:
                 raise usage.UsageError(f"--{name}: {what} is not available in this version yet")
+        for name in ("public", "control", "http"):
+            if self[name] is None:
+                continue
+            try:
+                # Parsing only: the endpoint is built again, with the reactor, at start.
+                serverFromString(None, self[name])
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(
+                    f"--{name} {self[name]!r} is not an endpoint description: {e}"
+                )
         if self["allow-hop"]:
             raise usage.UsageError(
                 "--allow-hop: multi-hop chains are not available in this version yet"

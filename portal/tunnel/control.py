@@ -28,6 +28,7 @@ from portal.control import (
     RegistrationRefused,
     Renew,
     RequestData,
+    TryAgain,
     Unregister,
     UnsupportedVersion,
     exportKeyingMaterial,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 #: Seconds any control command may take.
 COMMAND_TIMEOUT = 30.0
+#: Longest wait between registration attempts the relay asked to retry.
+MAX_RETRY_DELAY = 30.0
 
 
 class RelayAuthenticationFailed(Exception):
@@ -67,6 +70,8 @@ class TunnelControlProtocol(amp.AMP):
     _log = Logger()
     relayId: str | None = None
     _renewal: LoopingCall | None = None
+    _retry: Any = None
+    _retryDelay = 1.0
 
     def __init__(self, link: RelayLink) -> None:
         super().__init__()
@@ -117,7 +122,8 @@ class TunnelControlProtocol(amp.AMP):
                 link.reporter.state(
                     "pinned",
                     link.relay.address,
-                    f"pinned relay identity {relayId} (first use)",
+                    f"pinned relay identity {relayId} "
+                    f"({'as given with --relay' if link.relay.expectedId else 'first use'})",
                     relayId=relayId,
                 )
         except (RelayIdentityChanged, ValueError) as e:
@@ -176,9 +182,21 @@ class TunnelControlProtocol(amp.AMP):
 
     def _failed(self, failure: Failure) -> None:
         """
-        Handshake or registration failed: fatal errors stop the tunnel, the rest reconnect.
+        Handshake or registration failed: fatal errors stop the tunnel, a L{TryAgain} refusal is retried
+        on this session with backoff, the rest reconnect.
         """
         link = self._link
+        if failure.check(TryAgain) and self.transport.connected:
+            delay = self._retryDelay
+            self._retryDelay = min(MAX_RETRY_DELAY, delay * 2)
+            link.reporter.state(
+                "retrying",
+                link.relay.address,
+                f"the relay cannot register the lease yet: {failure.getErrorMessage()} "
+                f"(retrying in {delay:.0f} s)",
+            )
+            self._retry = link.reactor.callLater(delay, self._retryRegister)
+            return
         if failure.check(FatalRelayError, RelayAuthenticationFailed, UnsupportedVersion):
             link.fatal(failure.getErrorMessage())
         elif failure.check(RegistrationRefused):
@@ -188,6 +206,13 @@ class TunnelControlProtocol(amp.AMP):
                 "error", link.relay.address, f"control session failed: {failure.getErrorMessage()}"
             )
         self.transport.loseConnection()
+
+    def _retryRegister(self) -> None:
+        """
+        Ask for a fresh challenge and register again.
+        """
+        self._retry = None
+        Deferred.fromCoroutine(self._register()).addErrback(self._failed)
 
     @RequestData.responder
     def requestData(self, count: int) -> dict[str, object]:
@@ -214,5 +239,8 @@ class TunnelControlProtocol(amp.AMP):
         """
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         self._link.controlLost(self)
         super().connectionLost(reason)

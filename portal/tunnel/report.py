@@ -15,8 +15,12 @@ class Reporter:
     @ivar events: Every event reported, newest last (for tests and status).
     """
 
-    def __init__(self, out: TextIO, asJSON: bool = False) -> None:
+    #: Events that go to the error stream in text mode.
+    ERRORS = frozenset({"fatal", "error", "unreachable", "retrying"})
+
+    def __init__(self, out: TextIO, asJSON: bool = False, err: TextIO | None = None) -> None:
         self._out = out
+        self._err = err or out
         self._json = asJSON
         self.events: list[dict[str, Any]] = []
 
@@ -25,8 +29,13 @@ class Reporter:
         Record an event and print it.
         """
         self.events.append(event)
-        self._out.write((json.dumps(event, sort_keys=True) if self._json else text) + "\n")
-        self._out.flush()
+        if self._json:
+            stream, line = self._out, json.dumps(event, sort_keys=True)
+        else:
+            stream = self._err if event["event"] in self.ERRORS else self._out
+            line = text
+        stream.write(line + "\n")
+        stream.flush()
 
     def lease(self, url: str, relay: str, target: str, caPath: str | None) -> None:
         """
@@ -57,5 +66,5 @@ class Reporter:
         """
         self._emit(
             {"event": event, "relay": relay, "message": message, **fields},
-            f"[{relay}] {message}",
+            f"[{relay}] {message}" if relay else message,
         )

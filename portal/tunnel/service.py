@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
@@ -31,6 +33,32 @@ from portal.tunnel.stream import StreamHandler
 
 #: Seconds to wait for a TCP connection to a relay.
 CONNECT_TIMEOUT = 10.0
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """
+    An endpoint that tells C{onFailure} about each failed connection attempt.
+    """
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, onFailure: Callable[[Failure], None]
+    ) -> None:
+        self._endpoint = endpoint
+        self._onFailure = onFailure
+
+    def connect(self, factory: Any) -> Any:
+        """
+        Connect through the wrapped endpoint, reporting a failure.
+        """
+        d = self._endpoint.connect(factory)
+
+        def failed(failure: Failure) -> Failure:
+            self._onFailure(failure)
+            return failure
+
+        d.addErrback(failed)
+        return d
 
 
 class RelayLink(Service):
@@ -56,6 +84,7 @@ class RelayLink(Service):
         self.reporter = tunnel.reporter
         self.pins = tunnel.pins
         self._wasLive = False
+        self._reportedUnreachable = False
         self.pool = DataSessionPool(
             self.reactor, self.dataEndpoint, tunnel.streamHandler, size=tunnel.config.poolSize
         )
@@ -73,8 +102,9 @@ class RelayLink(Service):
         @return: A TLS endpoint to the relay's control port. The certificate is not checked against a
             CA: the relay proves its secp256k1 identity inside the session (see L{portal.control.Hello}).
         """
-        options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
-        return wrapClientTLS(options, self.dataEndpoint())
+        # TLS 1.3: its exporter is a sound channel binding (RFC 9266) without further conditions.
+        options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3)
+        return _ReportingEndpoint(wrapClientTLS(options, self.dataEndpoint()), self._unreachable)
 
     def startService(self) -> None:
         """
@@ -102,13 +132,27 @@ class RelayLink(Service):
         if self._client is not None:
             yield self._client.stopService()
 
+    def _unreachable(self, failure: Failure) -> None:
+        """
+        A connection attempt failed: say so once per outage (L{ClientService} keeps retrying).
+        """
+        if not self._reportedUnreachable and self.running:
+            self._reportedUnreachable = True
+            self.reporter.state(
+                "unreachable",
+                self.relay.address,
+                f"cannot reach the relay: {failure.getErrorMessage()}; retrying with backoff",
+            )
+
     def registered(self, protocol: TunnelControlProtocol, hostnames: list[str], port: int) -> None:
         """
         The relay accepted our leases: tell the user where the service is.
         """
+        newSession = protocol is not self.protocol
         self.protocol = protocol
+        self._reportedUnreachable = False
         self.tunnel.servedHostnames.update(hostnames)
-        if self._wasLive:
+        if self._wasLive and newSession:
             self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
         self._wasLive = True
         for hostname in hostnames:
@@ -133,7 +177,7 @@ class RelayLink(Service):
         """
         Something reconnecting cannot fix happened: stop the tunnel.
         """
-        self.tunnel.fatal(f"{self.relay.address}: {message}")
+        self.tunnel.fatal(message, self.relay.address)
 
 
 class TunnelService(MultiService):
@@ -206,11 +250,12 @@ class TunnelService(MultiService):
             raise ValueError(f"{hostname!r} is not a hostname of this tunnel")
         return self._ca.issue([hostname])
 
-    def fatal(self, message: str) -> None:
+    def fatal(self, message: str, relay: str = "") -> None:
         """
         Report an unrecoverable error and ask the runner to stop.
 
         @param message: What went wrong and what to do.
+        @param relay: The relay concerned, if one is.
         """
-        self.reporter.state("fatal", "", message)
-        self._onFatal(message)
+        self.reporter.state("fatal", relay, message)
+        self._onFatal(f"{relay}: {message}" if relay else message)

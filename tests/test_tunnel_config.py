@@ -1,0 +1,359 @@
+"""
+Tests for L{portal.tunnel.config} and L{portal.tunnel.options}: how a tunnel's command line is read.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from portal.tunnel.config import (
+    DEFAULT_RELAY,
+    ConfigError,
+    RelayAddress,
+    Target,
+    buildConfig,
+    parseRelay,
+    parseTarget,
+)
+from portal.tunnel.options import TunnelOptions
+
+RELAY_ID = "a" * 52
+
+
+class ParseTargetTests(SynchronousTestCase):
+    """
+    Tests for L{parseTarget}.
+    """
+
+    def test_barePort(self) -> None:
+        """
+        A bare port means that port on 127.0.0.1.
+        """
+        self.assertEqual(parseTarget("8000"), Target("127.0.0.1", 8000))
+
+    def test_hostPort(self) -> None:
+        """
+        C{HOST:PORT} names both.
+        """
+        self.assertEqual(parseTarget("localhost:3000"), Target("localhost", 3000))
+
+    def test_http(self) -> None:
+        """
+        An C{http://} target is plain TCP; a trailing slash is allowed.
+        """
+        self.assertEqual(parseTarget("http://example.com:80/"), Target("example.com", 80, False))
+
+    def test_https(self) -> None:
+        """
+        An C{https://} target is reached over TLS, and shown with its scheme.
+        """
+        target = parseTarget("https://example.com:8443")
+        self.assertEqual(target, Target("example.com", 8443, True))
+        self.assertEqual(str(target), "https://example.com:8443")
+
+    def test_schemeCaseInsensitive(self) -> None:
+        """
+        Schemes are matched without regard to case.
+        """
+        self.assertEqual(parseTarget("HTTPS://h:1"), Target("h", 1, True))
+
+    def test_ipv6(self) -> None:
+        """
+        An IPv6 address goes in brackets, and is shown that way.
+        """
+        target = parseTarget("[::1]:80")
+        self.assertEqual(target, Target("::1", 80))
+        self.assertEqual(str(target), "[::1]:80")
+        self.assertEqual(parseTarget("https://[::1]:443"), Target("::1", 443, True))
+
+    def test_str(self) -> None:
+        """
+        A plain target is shown as C{HOST:PORT}, a bare port with the address it means.
+        """
+        self.assertEqual(str(parseTarget("8000")), "127.0.0.1:8000")
+
+    def test_badPorts(self) -> None:
+        """
+        Ports outside 1-65535, or not numbers, are refused with the offending text named.
+        """
+        for text in ["0", "65536", "h:0", "h:65536", "h:x", "h:", "h:-1", "h:+80"]:
+            e = self.assertRaises(ConfigError, parseTarget, text)
+            self.assertIn("port number", str(e), text)
+
+    def test_noHost(self) -> None:
+        """
+        A port with an empty host before the colon is refused.
+        """
+        self.assertRaises(ConfigError, parseTarget, ":80")
+
+    def test_badIPv6(self) -> None:
+        """
+        A bracketed address without a port, or without the colon before it, is refused.
+        """
+        for text in ["[::1]", "[::1]80", "[::1"]:
+            self.assertRaises(ConfigError, parseTarget, text)
+
+    def test_otherSchemes(self) -> None:
+        """
+        Schemes other than http and https are refused, naming the supported ones.
+        """
+        for text in ["ftp://h:21", "tcp://h:1", "ws://h:80"]:
+            e = self.assertRaises(ConfigError, parseTarget, text)
+            self.assertIn("only http:// and https://", str(e))
+
+    def test_configError(self) -> None:
+        """
+        L{ConfigError} is a L{ValueError}, so callers that expect one still catch it.
+        """
+        self.assertRaises(ValueError, parseTarget, "nonsense")
+
+
+class ParseRelayTests(SynchronousTestCase):
+    """
+    Tests for L{parseRelay}.
+    """
+
+    def test_hostOnly(self) -> None:
+        """
+        A relay without a port uses the default control port 4017.
+        """
+        self.assertEqual(parseRelay("relay.example"), RelayAddress("relay.example", 4017))
+
+    def test_hostPort(self) -> None:
+        """
+        C{HOST:PORT} names both; the address relays are pinned under is the same text.
+        """
+        relay = parseRelay("relay.example:5000")
+        self.assertEqual(relay, RelayAddress("relay.example", 5000))
+        self.assertEqual(relay.address, "relay.example:5000")
+
+    def test_default(self) -> None:
+        """
+        The default relay is the one on this machine.
+        """
+        self.assertEqual(parseRelay(DEFAULT_RELAY), RelayAddress("localhost", 4017))
+
+    def test_ipv6(self) -> None:
+        """
+        A bracketed IPv6 relay takes the default port when none is given, and keeps brackets in its
+        address.
+        """
+        self.assertEqual(parseRelay("[::1]"), RelayAddress("::1", 4017))
+        relay = parseRelay("[::1]:5000")
+        self.assertEqual(relay, RelayAddress("::1", 5000))
+        self.assertEqual(relay.address, "[::1]:5000")
+
+    def test_relayId(self) -> None:
+        """
+        C{#RELAYID} gives the expected relay identity, lowercased.
+        """
+        self.assertEqual(
+            parseRelay(f"relay.example:1#{RELAY_ID.upper()}"),
+            RelayAddress("relay.example", 1, RELAY_ID),
+        )
+        self.assertEqual(parseRelay(f"relay.example#{RELAY_ID}").port, 4017)
+
+    def test_emptyRelayId(self) -> None:
+        """
+        An empty C{#} suffix means no expected identity.
+        """
+        self.assertIsNone(parseRelay("relay.example:1#").expectedId)
+
+    def test_badRelayId(self) -> None:
+        """
+        An identity that is not 52 letters and digits is refused with what it must be.
+        """
+        for relayId in ["abc", "a" * 51, "a" * 53, "a" * 51 + "!"]:
+            e = self.assertRaises(ConfigError, parseRelay, f"h:1#{relayId}")
+            self.assertIn("52-character identity id", str(e))
+
+    def test_badSpecs(self) -> None:
+        """
+        A bare port, an empty relay, and a bad port are refused.
+        """
+        for text in ["4017", "", "#" + RELAY_ID, "h:x", "h:0", "h:70000"]:
+            self.assertRaises(ConfigError, parseRelay, text)
+
+
+class BuildConfigTests(SynchronousTestCase):
+    """
+    Tests for L{buildConfig}.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        With only a target the tunnel uses the local relay, a derived name and HTTP/1.1.
+        """
+        identityPath = os.path.join("somewhere", "identity.json")
+        config = buildConfig("8000", identityPath=identityPath)
+        self.assertEqual(config.target, Target("127.0.0.1", 8000))
+        self.assertEqual(config.relays, (RelayAddress("localhost", 4017),))
+        self.assertIsNone(config.name)
+        self.assertEqual(config.alpn, (b"http/1.1",))
+        self.assertEqual(config.identityPath, identityPath)
+        self.assertEqual(config.configDir, os.path.abspath("somewhere"))
+
+    def test_everything(self) -> None:
+        """
+        Every option is parsed into the configuration.
+        """
+        config = buildConfig(
+            "https://h:1",
+            relays=["a:1", f"b:2#{RELAY_ID}"],
+            name="My-App",
+            alpn="h2, http/1.1",
+            certFile="c.pem",
+            keyFile="k.pem",
+            identityPath="id.json",
+            json=True,
+            poolSize=8,
+        )
+        self.assertEqual(config.target, Target("h", 1, True))
+        self.assertEqual(config.relays, (RelayAddress("a", 1), RelayAddress("b", 2, RELAY_ID)))
+        self.assertEqual(config.name, "my-app")
+        self.assertEqual(config.alpn, (b"h2", b"http/1.1"))
+        self.assertEqual((config.certFile, config.keyFile), ("c.pem", "k.pem"))
+        self.assertTrue(config.json)
+        self.assertEqual(config.poolSize, 8)
+
+    def test_certWithoutKey(self) -> None:
+        """
+        A certificate without its key, or a key without its certificate, is refused.
+        """
+        e = self.assertRaises(ConfigError, buildConfig, "8000", certFile="c.pem")
+        self.assertIn("--cert and --key", str(e))
+        self.assertRaises(ConfigError, buildConfig, "8000", keyFile="k.pem")
+
+    def test_invalidName(self) -> None:
+        """
+        A name that is not a DNS label is refused, naming the option.
+        """
+        for name in ["Bad_Name", "", "-x", "a.b", "x" * 64]:
+            e = self.assertRaises(ConfigError, buildConfig, "8000", name=name)
+            self.assertIn("--name", str(e))
+
+    def test_duplicateRelays(self) -> None:
+        """
+        The same relay given twice is refused, even when spelt once with the default port.
+        """
+        self.assertRaises(ConfigError, buildConfig, "8000", relays=["h:1", "h:1"])
+        e = self.assertRaises(ConfigError, buildConfig, "8000", relays=["h", "h:4017"])
+        self.assertIn("twice", str(e))
+
+    def test_poolSize(self) -> None:
+        """
+        A pool size outside 1-64 is refused.
+        """
+        for size in [0, -1, 65]:
+            self.assertRaises(ConfigError, buildConfig, "8000", poolSize=size)
+
+    def test_badAlpn(self) -> None:
+        """
+        An empty ALPN list is refused.
+        """
+        self.assertRaises(ConfigError, buildConfig, "8000", alpn=" , ")
+
+    def test_badTarget(self) -> None:
+        """
+        A malformed target is refused.
+        """
+        self.assertRaises(ConfigError, buildConfig, "ftp://h:1")
+
+
+class TunnelOptionsTests(SynchronousTestCase):
+    """
+    Tests for L{TunnelOptions}, the options of C{portal expose} and C{twistd portal-tunnel}.
+    """
+
+    def parse(self, *arguments: str) -> TunnelOptions:
+        """
+        Parse a command line.
+        """
+        options = TunnelOptions()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_optionsAfterTarget(self) -> None:
+        """
+        Options may follow TARGET, as in C{portal expose 8000 --relay h:1 --name x}.
+        """
+        config = self.parse("8000", "--relay", "h:1", "--name", "x").tunnelConfig
+        self.assertEqual(config.target, Target("127.0.0.1", 8000))
+        self.assertEqual(config.relays, (RelayAddress("h", 1),))
+        self.assertEqual(config.name, "x")
+
+    def test_optionsBeforeTarget(self) -> None:
+        """
+        Options may also come before TARGET, with C{=} values and flags mixed in.
+        """
+        config = self.parse(
+            "--name=x", "--json", "--relay", "h:1", "8000", "--relay", "g:2"
+        ).tunnelConfig
+        self.assertEqual(config.name, "x")
+        self.assertTrue(config.json)
+        self.assertEqual(config.relays, (RelayAddress("h", 1), RelayAddress("g", 2)))
+
+    def test_defaultRelay(self) -> None:
+        """
+        Without C{--relay} the relay on this machine is used.
+        """
+        self.assertEqual(self.parse("8000").tunnelConfig.relays, (parseRelay(DEFAULT_RELAY),))
+
+    def test_poolSize(self) -> None:
+        """
+        C{--pool-size} is read as a number.
+        """
+        self.assertEqual(self.parse("8000", "--pool-size", "9").tunnelConfig.poolSize, 9)
+
+    def test_missingTarget(self) -> None:
+        """
+        Without TARGET the usage error says what TARGET is.
+        """
+        e = self.assertRaises(UsageError, self.parse, "--relay", "h:1")
+        self.assertIn("missing TARGET", str(e))
+
+    def test_twoTargets(self) -> None:
+        """
+        More than one TARGET is a usage error.
+        """
+        self.assertRaises(UsageError, self.parse, "8000", "9000")
+
+    def test_unknownOption(self) -> None:
+        """
+        An unknown option is a usage error.
+        """
+        self.assertRaises(UsageError, self.parse, "8000", "--bogus")
+
+    def test_unavailableFeatures(self) -> None:
+        """
+        Features this version does not have are refused with a usage error naming the flag.
+        """
+        cases = [
+            (["--tcp"], "--tcp"),
+            (["--udp"], "--udp"),
+            (["--http"], "--http"),
+            (["--http-route", "/=1"], "--http-route"),
+            (["--via", "h:1"], "--via"),
+            (["--udp-addr", "h:1"], "--udp-addr"),
+            (["--proxy-protocol", "v1"], "--proxy-protocol"),
+            (["--registry", "https://r"], "--registry"),
+            (["--acme", "https://a"], "--acme"),
+            (["--app", "app.json"], "--app"),
+        ]
+        for arguments, flag in cases:
+            e = self.assertRaises(UsageError, self.parse, "8000", *arguments)
+            self.assertTrue(str(e).startswith(f"{flag}:"), str(e))
+            self.assertIn("not available", str(e))
+
+    def test_configErrorIsUsageError(self) -> None:
+        """
+        A malformed option value becomes a usage error with the configuration's reason.
+        """
+        e = self.assertRaises(UsageError, self.parse, "8000", "--name", "Bad_Name")
+        self.assertIn("--name", str(e))
+        e = self.assertRaises(UsageError, self.parse, "ftp://h:1")
+        self.assertIn("only http:// and https://", str(e))
+        self.assertRaises(UsageError, self.parse, "8000", "--cert", "c.pem")
