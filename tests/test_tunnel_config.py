@@ -357,3 +357,38 @@ class TunnelOptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, self.parse, "ftp://h:1")
         self.assertIn("only http:// and https://", str(e))
         self.assertRaises(UsageError, self.parse, "8000", "--cert", "c.pem")
+
+
+class AddressEdgeTests(SynchronousTestCase):
+    """
+    Addresses that once parsed into nonsense.
+    """
+
+    def test_bareIPv6Relay(self) -> None:
+        """
+        A bare IPv6 address is refused with a hint to use brackets; in brackets it gets port 4017.
+        """
+        error = self.assertRaises(ConfigError, parseRelay, "::1")
+        self.assertIn("[", str(error))
+        self.assertEqual(parseRelay("[::1]"), RelayAddress("::1", 4017))
+
+    def test_emptyBracketHost(self) -> None:
+        """
+        C{[]:80} is not an address.
+        """
+        self.assertRaises(ConfigError, parseTarget, "[]:80")
+
+    def test_relayIdAlphabet(self) -> None:
+        """
+        A relay id must be base32 (letters and 2-7): digits 0, 1, 8 and 9 cannot occur in one.
+        """
+        self.assertRaises(ConfigError, parseRelay, "h:1#" + "0" * 52)
+        self.assertEqual(parseRelay("h:1#" + "A" * 52).expectedId, "a" * 52)
+
+    def test_duplicateRelayIgnoresCase(self) -> None:
+        """
+        The same relay written in two cases is a duplicate, as pins are keyed case-insensitively.
+        """
+        self.assertRaises(
+            ConfigError, buildConfig, "80", relays=["Relay.Example:1", "relay.example:1"]
+        )

@@ -11,6 +11,9 @@ import attrs
 
 from portal.identity import defaultIdentityPath
 
+#: Characters of an identity id (RFC 4648 base32, lowercase).
+_BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
 
@@ -62,12 +65,14 @@ def _hostPort(text: str, what: str) -> tuple[str, int]:
     """
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ConfigError(f"{what}: {text!r} is not [HOST]:PORT")
+        if not sep or not host or ":" not in host or not rest.startswith(":"):
+            raise ConfigError(f"{what}: {text!r} is not [IPV6]:PORT")
         return host, _port(rest[1:], what)
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what}: {text!r} is not HOST:PORT")
+    if ":" in host:
+        raise ConfigError(f"{what}: {text!r}: write an IPv6 address in brackets, [{host}]:{port}")
     return host, _port(port, what)
 
 
@@ -127,12 +132,13 @@ def parseRelay(text: str) -> RelayAddress:
     spec, _, relayId = text.partition("#")
     if spec.isdigit() or not spec:
         raise ConfigError(f"--relay {text!r}: expected HOST:PORT[#RELAYID]")
-    if ":" not in spec.strip("[]") or (spec.startswith("[") and spec.endswith("]")):
+    if ":" not in spec or (spec.startswith("[") and spec.endswith("]")):
         spec = f"{spec}:4017"
     host, port = _hostPort(spec, "--relay")
-    if relayId and (len(relayId) != 52 or not relayId.isalnum()):
+    relayId = relayId.lower()
+    if relayId and (len(relayId) != 52 or not set(relayId) <= _BASE32):
         raise ConfigError(f"--relay {text!r}: RELAYID must be the relay's 52-character identity id")
-    return RelayAddress(host, port, relayId.lower() or None)
+    return RelayAddress(host.lower(), port, relayId or None)
 
 
 def _alpn(value: str) -> tuple[bytes, ...]:
