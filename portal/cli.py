@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import (
@@ -201,6 +201,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
     @return: The exit code.
     """
     from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
     from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
@@ -233,7 +234,8 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
         site = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             Site(SampleSite())
         )
-        controlPort = relay.ports["control"].getHost().port
+        # The demo's control listener is TCP on 127.0.0.1; getHost() is only typed as IAddress.
+        controlPort = cast(IPv4Address, relay.ports["control"].getHost()).port
         identityPath = options["identity"] or defaultIdentityPath()
         identity, _ = loadOrCreateIdentity(identityPath)
         config = buildConfig(

@@ -134,7 +134,7 @@ class Unregister(amp.Command):
     """
 
     arguments = [(b"names", amp.ListOf(amp.Unicode()))]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = {NotAuthenticated: b"NOT_AUTHENTICATED", LeaseUnknown: b"LEASE_UNKNOWN"}
 
 
@@ -144,7 +144,7 @@ class RequestData(amp.Command):
     """
 
     arguments = [(b"count", amp.Integer())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     requiresAnswer = False
 
 

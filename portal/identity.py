@@ -15,11 +15,19 @@ import hashlib
 import json
 import os
 import secrets
-import stat
 from typing import Any
 
 import attrs
 import coincurve
+
+from portal.privatefiles import (
+    PRIVATE_FILE_MODE,
+    NotRegularFileError,
+    PermissionsTooOpenError,
+    makePrivateDirectories,
+    openPrivateFile,
+    writeFileAtomically,
+)
 
 #: Length in bytes of a compressed secp256k1 public key.
 PUBLIC_KEY_LENGTH = 33
@@ -157,49 +165,6 @@ def defaultIdentityPath() -> str:
     return os.path.join(configHome, "portal", "identity.json")
 
 
-def _makePrivateDirectories(directory: str) -> None:
-    """
-    Create C{directory} and any missing parents, each new one with mode 0700.
-
-    Directories that already exist are left alone.
-
-    @param directory: The directory to create.
-    """
-    directory = os.path.abspath(directory)
-    missing = []
-    while not os.path.isdir(directory):
-        missing.append(directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    for new in reversed(missing):
-        try:
-            os.mkdir(new, 0o700)
-        except FileExistsError:
-            continue
-        # The mode given to mkdir is reduced by the umask; make sure it is exactly 0700.
-        os.chmod(new, 0o700)
-
-
-def _fsyncDirectory(directory: str) -> None:
-    """
-    Flush a directory entry to disk, where the platform allows it.
-
-    @param directory: The directory whose entries should be made durable.
-    """
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _alreadyExists(path: str) -> IdentityError:
     """
     Describe a refusal to replace an existing identity file.
@@ -238,67 +203,16 @@ def saveIdentity(identity: Identity, path: str, overwrite: bool = False) -> None
     }
     content = (json.dumps(document, indent=2) + "\n").encode("ascii")
     try:
-        _makePrivateDirectories(directory)
-        _writeAtomically(directory, path, content, overwrite)
+        makePrivateDirectories(directory)
+        writeFileAtomically(path, content, PRIVATE_FILE_MODE, overwrite=overwrite)
+    except FileExistsError:
+        # Another process created the file since the check above.
+        raise _alreadyExists(path)
     except OSError as e:
         raise IdentityError(
             f"Cannot write the identity file {path}: {e.strerror or e}. "
             f"Check that its directory is writable, or choose another path with --identity."
         )
-    _fsyncDirectory(directory)
-
-
-def _writeAtomically(directory: str, path: str, content: bytes, overwrite: bool) -> None:
-    """
-    Write C{content} to a private temporary file in C{directory}, then move it to C{path}.
-
-    @param directory: The directory holding C{path}.
-    @param path: The final name.
-    @param content: The bytes to write.
-    @param overwrite: Whether an existing file at C{path} may be replaced.
-    @raise IdentityError: If C{path} exists and C{overwrite} is false.
-    @raise OSError: If writing fails.
-    """
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(content)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _placeWithoutReplacing(temporary, path)
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-
-
-def _placeWithoutReplacing(temporary: str, path: str) -> None:
-    """
-    Move C{temporary} to C{path}, failing if C{path} appeared in the meantime.
-
-    A hard link is used where the file system supports it, so that two processes creating the same
-    identity at once cannot replace each other's file.
-
-    @param temporary: The completely written temporary file.
-    @param path: The final name.
-    @raise IdentityError: If C{path} exists.
-    """
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        raise _alreadyExists(path)
-    except OSError:
-        # No hard links here (some file systems); fall back to check-then-replace.
-        if os.path.lexists(path):
-            raise _alreadyExists(path)
-        os.replace(temporary, path)
 
 
 def _readPrivateFile(path: str) -> bytes:
@@ -310,33 +224,27 @@ def _readPrivateFile(path: str) -> bytes:
     @raise IdentityError: If the file is missing, unreadable, or accessible by group or others.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        privateFile = openPrivateFile(path)
     except FileNotFoundError:
         raise IdentityError(
             f"No identity file at {path}. Create one with `portal identity new`, "
             f"or point --identity at an existing file."
         )
+    except NotRegularFileError:
+        raise IdentityError(f"The identity file {path} is not a regular file.")
+    except PermissionsTooOpenError as e:
+        raise IdentityError(
+            f"The identity file {path} has mode {e.mode:04o}, so other users may read or change "
+            f"the private key. Run `chmod 600 {path}` and, if anyone else could have read it, "
+            f"create a new identity."
+        )
     except OSError as e:
         raise IdentityError(f"Cannot open the identity file {path}: {e.strerror}.")
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise IdentityError(f"The identity file {path} is not a regular file.")
-        mode = stat.S_IMODE(status.st_mode)
-        if os.name == "posix" and mode & 0o077:
-            raise IdentityError(
-                f"The identity file {path} has mode {mode:04o}, so other users may read or change "
-                f"the private key. Run `chmod 600 {path}` and, if anyone else could have read it, "
-                f"create a new identity."
-            )
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as e:
-        raise IdentityError(f"Cannot read the identity file {path}: {e.strerror}.")
-    finally:
-        os.close(fd)
+    with privateFile:
+        try:
+            return privateFile.read()
+        except OSError as e:
+            raise IdentityError(f"Cannot read the identity file {path}: {e.strerror}.")
 
 
 def _parseIdentity(path: str, content: bytes) -> Identity:

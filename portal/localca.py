@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Sequence, TypeGuard, Union
 
@@ -35,6 +34,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
+
+from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
@@ -233,17 +234,17 @@ class LocalCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(publicKey), critical=False)
             .sign(privateKey, hashes.SHA256())
         )
-        _makePrivateDirectories(directory)
-        _writeFileAtomically(
+        makePrivateDirectories(directory)
+        writeFileAtomically(
             keyPath,
             privateKey.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
-            0o600,
+            PRIVATE_FILE_MODE,
         )
-        _writeFileAtomically(certPath, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+        writeFileAtomically(certPath, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
         return cls(certPath=certPath, certificate=certificate, privateKey=privateKey)
 
     def issue(
@@ -624,68 +625,3 @@ def _loadPrivateKey(path: str) -> PrivateKeyTypes:
         raise CertificateError(f"{path} does not hold a valid PEM private key: {e}.")
     except UnsupportedAlgorithm as e:
         raise CertificateError(f"the private key in {path} uses an unsupported algorithm: {e}.")
-
-
-def _makePrivateDirectories(directory: str) -> None:
-    """
-    Create a directory and its missing parents, each with mode 0700.
-
-    @param directory: The directory; existing directories are left as they are.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.isdir(directory):
-        return
-    parent = os.path.dirname(directory)
-    if parent != directory:
-        _makePrivateDirectories(parent)
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        return
-    os.chmod(directory, 0o700)
-
-
-def _writeFileAtomically(path: str, content: bytes, mode: int) -> None:
-    """
-    Write a file so that readers see either the old or the whole new content.
-
-    @param path: The file.
-    @param content: What it should hold.
-    @param mode: Its permission bits; it never has wider ones, even while being written.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    _fsyncDirectory(directory)
-
-
-def _fsyncDirectory(directory: str) -> None:
-    """
-    Make a rename in a directory durable, where the platform allows it.
-
-    @param directory: The directory.
-    """
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -9,7 +9,7 @@ protocol and forwards every later event to the chosen one.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -85,6 +85,7 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self.chosen = chosen
         data, self._peeked = self._peeked, b""
+        assert self.transport is not None
         chosen.makeConnection(self.transport)
         if data:
             chosen.dataReceived(data)
@@ -97,6 +98,7 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         @param reply: Bytes to send first.
         """
         self.setTimeout(None)
+        assert self.transport is not None
         peer = self.transport.getPeer()
         self._log.info(
             "refused connection from {peer}: {reason}",
@@ -121,6 +123,7 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         if halfCloseable is not None:
             halfCloseable.readConnectionLost()
         else:
+            assert self.transport is not None
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -131,7 +134,7 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         if halfCloseable is not None:
             halfCloseable.writeConnectionLost()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Stop the timer and tell the chosen protocol.
 

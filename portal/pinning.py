@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
+from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
 
 FILE_VERSION = 1
 """
@@ -172,39 +173,5 @@ class KnownRelays:
         content = json.dumps(
             {"version": FILE_VERSION, "relays": relays}, indent=2, sort_keys=True
         ).encode("utf-8")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        _makePrivateDirectories(directory)
-        descriptor, temporary = tempfile.mkstemp(
-            dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(descriptor, "wb") as f:
-                f.write(content + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-
-
-def _makePrivateDirectories(directory: str) -> None:
-    """
-    Create a directory and its missing parents, each with mode 0700.
-
-    @param directory: The directory; existing directories are left as they are.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.isdir(directory):
-        return
-    parent = os.path.dirname(directory)
-    if parent != directory:
-        _makePrivateDirectories(parent)
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        return
-    os.chmod(directory, 0o700)
+        makePrivateDirectories(os.path.dirname(os.path.abspath(self.path)))
+        writeFileAtomically(self.path, content + b"\n", PRIVATE_FILE_MODE)

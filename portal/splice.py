@@ -12,16 +12,38 @@ The model is L{twisted.protocols.portforward}, with the accepting side paused un
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import (
+    IConsumer,
     IHalfCloseableDescriptor,
     IHalfCloseableProtocol,
+    IPushProducer,
     ITransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+
+class _ISplicedTransport(ITransport, IConsumer, IPushProducer):
+    """
+    What a splice needs of each transport: TCP, TLS and iosim transports are also consumers and
+    push producers, which L{ITransport} does not say.  Only used to type L{SpliceProtocol}'s
+    transport.
+    """
+
+
+def _transportOf(end: SpliceProtocol) -> _ISplicedTransport:
+    """
+    Get the transport of a splice end, which is connected before anything uses it.
+
+    @param end: A connected splice end.
+    @return: Its transport.
+    """
+    transport = end.transport
+    assert transport is not None, f"{end!r} is not connected"
+    return cast(_ISplicedTransport, transport)
 
 
 def pauseReading(transport: ITransport) -> None:
@@ -89,7 +111,7 @@ class SpliceProtocol(Protocol):
         """
         peer = self.peer
         if peer is not None:
-            peer.transport.write(data)
+            _transportOf(peer).write(data)
         else:
             self.unsplicedDataReceived(data)
 
@@ -119,8 +141,9 @@ class SpliceProtocol(Protocol):
         if self.peer is not None:
             # Nothing more will be produced into the peer's transport; a TLS transport waits for its
             # producer to go away before it sends close_notify.
-            self.peer.transport.unregisterProducer()
-            closeWriteSide(self.peer.transport)
+            peerTransport = _transportOf(self.peer)
+            peerTransport.unregisterProducer()
+            closeWriteSide(peerTransport)
         self._maybeClose()
 
     def writeConnectionLost(self) -> None:
@@ -135,9 +158,9 @@ class SpliceProtocol(Protocol):
         Close the transport when both directions are finished, or when unpaired and the reader is gone.
         """
         if self._readClosed and (self._writeClosed or self.peer is None):
-            self.transport.loseConnection()
+            _transportOf(self).loseConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Close the peer once its pending writes are flushed, and drop the producer links.
 
@@ -146,8 +169,9 @@ class SpliceProtocol(Protocol):
         self._lost = True
         peer = self.peer
         if peer is not None and not peer._lost:
-            peer.transport.unregisterProducer()
-            peer.transport.loseConnection()
+            peerTransport = _transportOf(peer)
+            peerTransport.unregisterProducer()
+            peerTransport.loseConnection()
 
 
 def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: bytes = b"") -> None:
@@ -165,24 +189,25 @@ def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: by
     """
     a.peer = b
     b.peer = a
+    aTransport, bTransport = _transportOf(a), _transportOf(b)
     toB = bFirst + a.takePending()
     toA = aFirst + b.takePending()
     if toB:
-        b.transport.write(toB)
+        bTransport.write(toB)
     if toA:
-        a.transport.write(toA)
+        aTransport.write(toA)
     # Each transport produces the bytes the other consumes: a full write buffer on one pauses reads on
     # the other.
-    a.transport.registerProducer(b.transport, True)
-    b.transport.registerProducer(a.transport, True)
+    aTransport.registerProducer(bTransport, True)
+    bTransport.registerProducer(aTransport, True)
     for this, other in ((a, b), (b, a)):
         if this._lost:
-            other.transport.unregisterProducer()
-            other.transport.loseConnection()
+            _transportOf(other).unregisterProducer()
+            _transportOf(other).loseConnection()
         elif this._readClosed:
-            other.transport.unregisterProducer()
-            closeWriteSide(other.transport)
+            _transportOf(other).unregisterProducer()
+            closeWriteSide(_transportOf(other))
     # A side that already stopped reading is closing: resuming it would break the producer contract.
     for side in (a, b):
         if not (side._lost or side._readClosed):
-            resumeReading(side.transport)
+            resumeReading(_transportOf(side))

@@ -144,6 +144,26 @@ def _negotiated(url: str, cafile: str, protocols: list[str]) -> str | None:
             return tls.selected_alpn_protocol()
 
 
+def _metrics(port: int, cafile: str) -> dict[str, float]:
+    """
+    Read the relay's C{/metrics} over TLS on its own hostname.
+
+    @return: Metric values by name.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            body = b""
+            while chunk := tls.recv(65536):
+                body += chunk
+    values = {}
+    for line in body.split(b"\r\n\r\n", 1)[1].decode().splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = float(value)
+    return values
+
+
 def _alertFor(port: int, hostname: str) -> str:
     """
     Connect with an SNI no lease holds.
@@ -161,12 +181,18 @@ def _alertFor(port: int, hostname: str) -> str:
             return str(e)
 
 
-class StreamModeEndToEndTests(TestCase):
+class StreamModeEndToEndMixin:
     """
-    The default HTTPS stream mode through real relay and tunnel processes.
+    The default HTTPS stream mode through real relay and tunnel processes; mixed into one test case per
+    relay forwarding path.
+
+    @cvar relayExtra: Extra relay options selecting the path.
+    @cvar splicedCounter: The relay metric that counts pairings on that path.
     """
 
     timeout = 120
+    relayExtra: list[str] = []
+    splicedCounter = ""
 
     def _home(self, name: str) -> str:
         """
@@ -195,7 +221,8 @@ class StreamModeEndToEndTests(TestCase):
         @return: C{(relay, publicPort, controlPort, tunnel, lease, relayState, tunnelHome)}.
         """
         relayState = os.path.join(self._home("relay"), "state")
-        relay, publicPort, controlPort = yield startRelay(self, relayState)
+        self._relayCA = os.path.join(relayState, "tls", "ca.pem")
+        relay, publicPort, controlPort = yield startRelay(self, relayState, extra=self.relayExtra)
         servicePort = yield self._service(factory or Site(_Page()))
         home = self._home("tunnel")
         tunnel = startTunnel(
@@ -244,6 +271,9 @@ class StreamModeEndToEndTests(TestCase):
         )
         self.assertEqual(count, total)
         self.assertEqual(sent, received)
+        # The bytes went through the forwarding path under test.
+        metrics = yield deferToThread(_metrics, _hostPort(lease["url"])[1], self._relayCA)
+        self.assertGreaterEqual(metrics[f"portal_relay_{self.splicedCounter}_total"], 1)
 
     @inlineCallbacks
     def test_alpn(self) -> Any:
@@ -316,6 +346,7 @@ class StreamModeEndToEndTests(TestCase):
             relayState,
             public=f"tcp:{publicPort}:interface=127.0.0.1",
             control=f"tcp:{controlPort}:interface=127.0.0.1",
+            extra=self.relayExtra,
         )
         again = yield waitForLease(tunnel, after=seen)
         self.assertEqual(again["url"], lease["url"])
@@ -353,6 +384,23 @@ class StreamModeEndToEndTests(TestCase):
         yield relay.waitFor(r"lease \S+ released")
         error = yield deferToThread(_alertFor, publicPort, _hostPort(lease["url"])[0])
         self.assertIn("UNRECOGNIZED_NAME", error.upper())
+
+
+class KernelSpliceEndToEndTests(StreamModeEndToEndMixin, TestCase):
+    """
+    Stream mode with the relay moving paired connections in the kernel (C{os.splice}), the default.
+    """
+
+    splicedCounter = "kernel_spliced"
+
+
+class PythonSpliceEndToEndTests(StreamModeEndToEndMixin, TestCase):
+    """
+    Stream mode with the relay's portable producer/consumer splice (C{--no-kernel-splice}).
+    """
+
+    relayExtra = ["--no-kernel-splice"]
+    splicedCounter = "python_spliced"
 
 
 CHROMIUM_FLAGS = [

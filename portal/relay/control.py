@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IProtocol
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -79,6 +79,7 @@ class RelayControlProtocol(amp.AMP):
         """
         self._helloTimer = None
         self._log.info("control session sent no Hello in time; closing")
+        assert self.transport is not None
         self.transport.loseConnection()
 
     @Hello.responder
@@ -96,7 +97,13 @@ class RelayControlProtocol(amp.AMP):
         if self.pool is None:
             self.sessionId = router.newSessionId()
             key = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
-            self.pool = DataPool(self, key, router.limits)
+            self.pool = DataPool(
+                self,
+                key,
+                router.limits,
+                router.clock if router.kernelSplice else None,
+                router.counters,
+            )
             router.sessions[self.sessionId] = self.pool
         exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
         return {
@@ -252,7 +259,7 @@ class RelayControlProtocol(amp.AMP):
         """
         self.callRemote(RequestData, count=count)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Detach this session's leases (they stay owned until expiry plus reservation) and close its pool.
 
@@ -283,7 +290,9 @@ class ControlDispatch(PeekingProtocol):
         self._tlsFactory = tlsFactory
         self.peekTimeout = router.limits.attachTimeout
         # TimeoutMixin schedules on the global reactor unless told otherwise.
-        self.callLater = router.clock.callLater  # type: ignore[method-assign]
+        # Replacing callLater is TimeoutMixin's documented hook; mypy-zope wrongly keeps "self" in
+        # the signature of a method read from an interface-typed object, hence "assignment".
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
 
     def choose(self, data: bytes) -> IProtocol | None:
         """
@@ -291,6 +300,7 @@ class ControlDispatch(PeekingProtocol):
         @return: A TLS-wrapped L{RelayControlProtocol} or a L{RelayDataSession}.
         """
         if data[0] == TLS_HANDSHAKE:
+            assert self.transport is not None
             return self._tlsFactory.buildProtocol(self.transport.getPeer())
         if data.startswith(MAGIC):
             return RelayDataSession(self._router)
@@ -309,7 +319,7 @@ class _ControlSessionFactory(Factory):
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    def buildProtocol(self, addr: IAddress) -> RelayControlProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RelayControlProtocol:
         """
         @return: A new control protocol.
         """
@@ -329,7 +339,7 @@ class ControlFactory(Factory):
             tlsOptions, False, _ControlSessionFactory(router), clock=router.clock
         )
 
-    def buildProtocol(self, addr: IAddress) -> ControlDispatch:
+    def buildProtocol(self, addr: IAddress | None) -> ControlDispatch:
         """
         @return: A dispatcher for one new connection.
         """

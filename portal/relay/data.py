@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -38,6 +39,8 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         super().__init__()
         self._router = router
         # TimeoutMixin would use the global reactor; time comes from the router's clock.
+        # Replacing callLater is TimeoutMixin's documented hook; mypy-zope wrongly keeps "self" in
+        # the signature of a method read from an interface-typed object, hence "assignment".
         self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
         self.nonce = os.urandom(NONCE_LENGTH)
         self._buffer = b""
@@ -47,6 +50,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         """
         Send the nonce and start the attach timer.
         """
+        assert self.transport is not None
         self.transport.write(self.nonce)
         self.setTimeout(self._router.limits.attachTimeout)
 
@@ -80,6 +84,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         self.setTimeout(None)
         self._attached = True
         self._pool = pool
+        assert self.transport is not None
         self.transport.write(ACK)
         pool.offer(self)
 
@@ -89,6 +94,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
 
         @param reason: Why the session is refused.
         """
+        assert self.transport is not None
         peer = self.transport.getPeer()
         self._log.warn(
             "refused data session from {peer}: {reason}",
@@ -104,7 +110,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         """
         self._fail(f"no attach within {self._router.limits.attachTimeout} seconds")
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Leave the idle pool, close the visitor if paired.
 

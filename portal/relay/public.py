@@ -5,7 +5,7 @@ The relay's public TLS listener: peek at the ClientHello, route by SNI, never de
 from __future__ import annotations
 
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -41,6 +41,8 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         self._router = router
         self._siteFactory = siteFactory
         # TimeoutMixin would use the global reactor; time comes from the router's clock.
+        # Replacing callLater is TimeoutMixin's documented hook; mypy-zope wrongly keeps "self" in
+        # the signature of a method read from an interface-typed object, hence "assignment".
         self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
 
     def connectionMade(self) -> None:
@@ -99,6 +101,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             router.counters["unknown"] += 1
             self._refuse(f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
             return
+        assert self.transport is not None
         peer = self.transport.getPeer()
         header = StreamHeader(
             streamId=router.nextStreamId(),
@@ -120,6 +123,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         Hand the connection to the relay's own TLS site (status page).
         """
         self.setTimeout(None)
+        assert self.transport is not None
         site = self._siteFactory.buildProtocol(self.transport.getPeer())
         if site is None:
             self.transport.loseConnection()
@@ -136,6 +140,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         @param alert: The TLS alert description to send.
         """
         self.setTimeout(None)
+        assert self.transport is not None
         peer = self.transport.getPeer()
         self._log.info(
             "refused visitor {peer}: {reason}", peer=getattr(peer, "host", str(peer)), reason=reason
@@ -156,6 +161,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             )
             self.pool.abandon(self)
             self.pool = None
+            assert self.transport is not None
             self.transport.loseConnection()
             return
         self._refuse(
@@ -168,11 +174,12 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         Pass a half-close on; the relay's own site cannot half-close, so close it.
         """
         if self._site is not None:
+            assert self.transport is not None
             self.transport.loseConnection()
             return
         super().readConnectionLost()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Leave the waiting line, close the peer or the site.
 
@@ -198,7 +205,7 @@ class PublicFactory(Factory):
         self._router = router
         self._siteFactory = siteFactory
 
-    def buildProtocol(self, addr: IAddress) -> VisitorProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> VisitorProtocol:
         """
         @param addr: The visitor's address.
         @return: A new visitor protocol.

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from portal.attach import StreamHeader, encodeStreamHeader
 from portal.challenge import ChallengeIssuer
 from portal.identity import Identity
+from portal.kernelsplice import KernelSplice, canSplice
 from portal.leases import LeaseTable
 from portal.names import leaseLabel, normaliseHostname
 from portal.splice import pauseReading, splice
@@ -74,8 +76,28 @@ class DataPool:
 
     _log = Logger()
 
-    def __init__(self, owner: RequestsData, key: bytes, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        owner: RequestsData,
+        key: bytes,
+        limits: RelayLimits,
+        reactor: Any = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        """
+        @param owner: The control session, asked for more data sessions when they run out.
+        @param key: The data key exported from the control session's TLS.
+        @param limits: The relay's limits.
+        @param reactor: The reactor, to move paired plain-TCP connections in the kernel
+            (L{portal.kernelsplice}); L{None} keeps every splice in Python.
+        @param counters: Where to count pairings by path (the router's metrics).
+        """
         self._owner = owner
+        self._reactor = reactor
+        #: Pairings by path, shared with the router's counters when it passes them.
+        self.counters: dict[str, int] = counters if counters is not None else {}
+        self.counters.setdefault("kernel_spliced", 0)
+        self.counters.setdefault("python_spliced", 0)
         self.key = key
         self._limits = limits
         self._idle: dict[RelayDataSession, None] = {}
@@ -101,6 +123,7 @@ class DataPool:
 
         @param session: The authenticated data session.
         """
+        assert session.transport is not None
         if self._closed:
             session.transport.loseConnection()
             return
@@ -140,6 +163,7 @@ class DataPool:
             return True
         if len(self._waiting) >= self._limits.maxWaiting:
             return False
+        assert visitor.transport is not None
         pauseReading(visitor.transport)
         self._waiting[visitor] = header
         visitor.setTimeout(self._limits.dataWaitTimeout)
@@ -163,7 +187,19 @@ class DataPool:
         visitor.setTimeout(None)
         visitor.pool = None
         session.streamId = header.streamId
-        splice(visitor, session, bFirst=encodeStreamHeader(self.key, session.nonce, header))
+        prefix = encodeStreamHeader(self.key, session.nonce, header)
+        if self._reactor is not None and canSplice(visitor.transport, session.transport):
+            # Each side closes the other if Twisted reports it lost.
+            visitor.peer, session.peer = session, visitor
+            first = prefix + visitor.takePending()
+            # canSplice accepted both transports, so they are plain TCP connections.
+            visitorTCP = cast(tcp.Connection, visitor.transport)
+            sessionTCP = cast(tcp.Connection, session.transport)
+            KernelSplice(self._reactor, visitorTCP, sessionTCP, toB=first).start()
+            self.counters["kernel_spliced"] += 1
+        else:
+            splice(visitor, session, bFirst=prefix)
+            self.counters["python_spliced"] += 1
 
     def close(self) -> None:
         """
@@ -173,8 +209,10 @@ class DataPool:
         idle, self._idle = self._idle, {}
         waiting, self._waiting = self._waiting, {}
         for session in idle:
+            assert session.transport is not None
             session.transport.loseConnection()
         for visitor in waiting:
+            assert visitor.transport is not None
             visitor.transport.loseConnection()
 
 
@@ -215,9 +253,19 @@ class Router:
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.sessions: dict[bytes, DataPool] = {}
         self.publicPort = 0
+        #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
+        self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None
         self._nextStream = 0
-        self.counters = {"visitors": 0, "routed": 0, "unknown": 0, "refused": 0, "timeouts": 0}
+        self.counters = {
+            "visitors": 0,
+            "routed": 0,
+            "unknown": 0,
+            "refused": 0,
+            "timeouts": 0,
+            "kernel_spliced": 0,
+            "python_spliced": 0,
+        }
 
     def newSessionId(self) -> bytes:
         """

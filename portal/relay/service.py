@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from portal.identity import loadOrCreateIdentity
 from portal.leases import LeaseTable
 from portal.localca import LocalCA
+from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
 from portal.relay.public import PublicFactory
 from portal.relay.router import RelayLimits, Router
@@ -50,6 +51,7 @@ class RelayConfig:
     @ivar domain: The relay's own hostname.
     @ivar tunnelDomain: The domain lease names live under.
     @ivar limits: The relay's limits.
+    @ivar kernelSplice: Move paired connections with C{os.splice} where the platform allows.
     """
 
     public: str = "tcp:8443"
@@ -59,19 +61,7 @@ class RelayConfig:
     domain: str = "localhost"
     tunnelDomain: str = "localhost"
     limits: RelayLimits = attrs.field(factory=RelayLimits)
-
-
-def _writeAtomically(path: str, data: bytes) -> None:
-    """
-    Replace C{path} with C{data} so that a crash leaves either the old or the new file.
-    """
-    temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    kernelSplice: bool = True
 
 
 class RelayService(Service):
@@ -155,6 +145,7 @@ class RelayService(Service):
                 self._log.error(
                     "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
                 )
+        router.kernelSplice = config.kernelSplice
         router.onLeasesChanged = self._scheduleSave
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
@@ -177,7 +168,7 @@ class RelayService(Service):
             return
         path = os.path.join(self.config.stateDir, "leases.json")
         try:
-            _writeAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
+            writeFileAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
         except OSError as e:
             self._log.error("could not save leases to {path}: {error}", path=path, error=str(e))
 

@@ -74,7 +74,13 @@ class Options(usage.Options):
         ],
         ["max-idle-data", None, 64, "Idle data sessions kept per tunnel.", _positive(int)],
     ]
-    optFlags: list[list[str]] = []
+    optFlags: list[list[str | None]] = [
+        [
+            "no-kernel-splice",
+            None,
+            "Forward in Python (producer/consumer) instead of with os.splice.",
+        ]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,6 +128,7 @@ class Options(usage.Options):
             stateDir=self["state-dir"] or defaultStateDir(),
             domain=self["domain"],
             tunnelDomain=self["tunnel-domain"],
+            kernelSplice=not self["no-kernel-splice"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],

@@ -5,12 +5,14 @@ open data sessions when the relay asks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 import portal
@@ -175,6 +177,7 @@ class TunnelControlProtocol(amp.AMP):
                 Deferred.fromCoroutine(self._register()).addErrback(self._failed)
                 return
             self._log.warn("renewal failed: {error}", error=failure.getErrorMessage())
+            assert self.transport is not None
             self.transport.loseConnection()
 
         d.addErrback(failed)
@@ -186,7 +189,10 @@ class TunnelControlProtocol(amp.AMP):
         on this session with backoff, the rest reconnect.
         """
         link = self._link
-        if failure.check(TryAgain) and self.transport.connected:
+        # The control protocol runs inside TLS: its transport is the TLS protocol, which says
+        # whether it is still connected (ITransport does not).
+        transport = cast(TLSMemoryBIOProtocol, self.transport)
+        if failure.check(TryAgain) and transport.connected:
             delay = self._retryDelay
             self._retryDelay = min(MAX_RETRY_DELAY, delay * 2)
             link.reporter.state(
@@ -205,7 +211,7 @@ class TunnelControlProtocol(amp.AMP):
             link.reporter.state(
                 "error", link.relay.address, f"control session failed: {failure.getErrorMessage()}"
             )
-        self.transport.loseConnection()
+        transport.loseConnection()
 
     def _retryRegister(self) -> None:
         """
@@ -233,7 +239,7 @@ class TunnelControlProtocol(amp.AMP):
         d.addErrback(lambda f: None)
         return d
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Stop renewing; the link reconnects.
         """

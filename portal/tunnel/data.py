@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,6 +56,7 @@ class TunnelDataSession(Protocol):
         """
         Announce a data session.
         """
+        assert self.transport is not None
         self.transport.write(MAGIC)
 
     def dataReceived(self, data: bytes) -> None:
@@ -67,6 +68,7 @@ class TunnelDataSession(Protocol):
         if self._delegate is not None:
             self._delegate.dataReceived(data)
             return
+        assert self.transport is not None
         self._buffer += data
         if not self.nonce:
             if len(self._buffer) < NONCE_LENGTH:
@@ -104,9 +106,10 @@ class TunnelDataSession(Protocol):
         Log a protocol error and close.
         """
         self._log.warn("data session closed: {reason}", reason=reason)
+        assert self.transport is not None
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Pass the close to the stream, or leave the pool.
 
@@ -178,6 +181,7 @@ class DataSessionPool:
         self._retry = None
         idle, self._idle = self._idle, set()
         for session in idle:
+            assert session.transport is not None
             session.transport.loseConnection()
 
     def want(self, count: int) -> None:
@@ -228,6 +232,7 @@ class DataSessionPool:
 
         def attached(session: TunnelDataSession) -> None:
             if not current():
+                assert session.transport is not None
                 session.transport.loseConnection()
                 return
             self._opening -= 1

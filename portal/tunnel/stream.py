@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -47,6 +47,7 @@ class _VisitorSide(SpliceProtocol):
         """
         Hold the visitor until the target is connected, then splice.
         """
+        assert self.transport is not None
         pauseReading(self.transport)
         d = connectProtocol(self._handler.targetEndpoint(), _TargetSide())
         d.addTimeout(TARGET_CONNECT_TIMEOUT, self._handler.reactor)
@@ -59,6 +60,7 @@ class _VisitorSide(SpliceProtocol):
         """
         self._connecting = None
         if self._lost:
+            assert target.transport is not None
             target.transport.loseConnection()
             return
         splice(self, target)
@@ -76,9 +78,10 @@ class _VisitorSide(SpliceProtocol):
             error=failure.getErrorMessage(),
         )
         if not self._lost:
+            assert self.transport is not None
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Stop connecting to the target if that is still under way.
         """

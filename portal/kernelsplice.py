@@ -1,0 +1,340 @@
+"""
+Kernel splice: move bytes between two TCP sockets through a pipe with C{os.splice}, so the relay's hot
+path does no per-byte work in Python (DESIGN.md section 7).
+
+Once a visitor and a data session are paired, the relay takes both sockets away from their Twisted
+transports and registers one L{_End} per socket with the reactor. Each direction moves
+C{socket -> pipe -> socket}; the pipe is the only buffer, so a slow reader stops reads on the other side
+(bounded memory), an end of stream is passed on as C{shutdown(SHUT_WR)} once the pipe is empty
+(half-close), and any error aborts both connections. When both directions have ended, both transports
+are closed through Twisted, so protocols see C{connectionLost} as usual.
+
+Linux only; L{canSplice} says when it applies, and the caller falls back to L{portal.splice}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Bytes moved per splice call, and the pipe size asked for.
+CHUNK = 1 << 20
+#: Splice calls per readiness event before yielding to the reactor (fairness between connections).
+MAX_ROUNDS = 16
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def canSplice(*transports: Any) -> bool:
+    """
+    Whether the kernel path can join these transports.
+
+    @param transports: Twisted transports.
+    @return: True when C{os.splice} exists and every transport is a plain, connected TCP transport.
+    """
+    if not hasattr(os, "splice"):
+        return False
+    for transport in transports:
+        if not isinstance(transport, tcp.Connection):
+            return False
+        if not transport.connected or transport.disconnecting:
+            return False
+    return True
+
+
+def takeUnsent(transport: tcp.Connection) -> bytes:
+    """
+    Take the bytes Twisted has accepted for C{transport} but not sent yet, so that the kernel path sends
+    them first (for example a data session's attach ACK, written just before pairing).
+
+    This reads L{twisted.internet.abstract.FileDescriptor}'s write buffer attributes, which have been
+    stable for many years; L{canSplice} only accepts transports that have them.
+
+    @param transport: A TCP transport about to be taken over.
+    @return: The unsent bytes, now removed from Twisted's buffer.
+    """
+    unsent = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return unsent
+
+
+class _Direction:
+    """
+    Bytes flowing from one socket to the other through a pipe.
+
+    @ivar pending: Bytes in the pipe not yet written to the destination.
+    @ivar eof: The source sent its end of stream.
+    @ivar done: End of stream passed on and the pipe drained.
+    """
+
+    def __init__(self, source: _End, destination: _End, prefix: bytes) -> None:
+        self.source = source
+        self.destination = destination
+        self.prefix = prefix
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0
+        self.eof = False
+        self.done = False
+
+    def _openPipe(self) -> tuple[int, int]:
+        """
+        Create the pipe on first use (idle connections hold no pipe).
+        """
+        if self.pipe is None:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+            except OSError:
+                pass  # Above /proc/sys/fs/pipe-max-size: keep the default size.
+            self.pipe = (r, w)
+        return self.pipe
+
+    def close(self) -> None:
+        """
+        Close the pipe.
+        """
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+    def pump(self) -> bool:
+        """
+        Move what can be moved now.
+
+        @return: True when the caller should be called again (more may be readable); readiness
+            registration is updated here.
+        @raise OSError: On a socket error other than "would block".
+        """
+        source, destination = self.source, self.destination
+        for _ in range(MAX_ROUNDS):
+            if self.prefix:
+                try:
+                    sent = os.write(destination.fd, self.prefix)
+                except BlockingIOError:
+                    sent = 0
+                self.prefix = self.prefix[sent:]
+                if self.prefix:
+                    destination.wantWrite(self)
+                    source.pauseRead(self)
+                    return False
+            if self.pending:
+                try:
+                    moved = os.splice(
+                        self._openPipe()[0], destination.fd, self.pending, flags=_FLAGS
+                    )
+                except BlockingIOError:
+                    moved = 0
+                self.pending -= moved
+                if self.pending:
+                    destination.wantWrite(self)
+                    source.pauseRead(self)
+                    return False
+            destination.doneWriting(self)
+            if self.eof:
+                if not self.done:
+                    self.done = True
+                    destination.shutdownWrite()
+                    source.pauseRead(self)
+                return False
+            try:
+                moved = os.splice(source.fd, self._openPipe()[1], CHUNK, flags=_FLAGS)
+            except BlockingIOError:
+                source.resumeRead(self)
+                return False
+            if moved == 0:
+                self.eof = True
+            else:
+                self.pending += moved
+        source.resumeRead(self)
+        return True
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """
+    One socket of a kernel splice, as the reactor sees it.
+    """
+
+    def __init__(self, owner: KernelSplice, transport: tcp.Connection) -> None:
+        self._owner = owner
+        self.transport = transport
+        self.fd = transport.fileno()
+        self.outgoing: _Direction
+        self.incoming: _Direction
+        self._reading = False
+        self._writing = False
+
+    def fileno(self) -> int:
+        """
+        @return: The socket's descriptor.
+        """
+        return self.fd
+
+    def logPrefix(self) -> str:
+        """
+        @return: A prefix for log events.
+        """
+        return "KernelSplice"
+
+    def doRead(self) -> None:
+        """
+        The socket is readable: move bytes to the other socket.
+        """
+        self._owner.run(self.outgoing)
+
+    def doWrite(self) -> None:
+        """
+        The socket is writable: drain what waits for it.
+        """
+        self._owner.run(self.incoming)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor saw an error or hang-up on the socket.
+        """
+        self._owner.abort(reason)
+
+    def pauseRead(self, direction: _Direction) -> None:
+        """
+        Stop reading (the pipe toward the other socket is full, or the stream ended).
+        """
+        if self._reading:
+            self._reading = False
+            self._owner.reactor.removeReader(self)
+
+    def resumeRead(self, direction: _Direction) -> None:
+        """
+        Read again.
+        """
+        if not self._reading and not direction.eof:
+            self._reading = True
+            self._owner.reactor.addReader(self)
+
+    def wantWrite(self, direction: _Direction) -> None:
+        """
+        Wait until the socket is writable.
+        """
+        if not self._writing:
+            self._writing = True
+            self._owner.reactor.addWriter(self)
+
+    def doneWriting(self, direction: _Direction) -> None:
+        """
+        Nothing waits to be written.
+        """
+        if self._writing:
+            self._writing = False
+            self._owner.reactor.removeWriter(self)
+
+    def shutdownWrite(self) -> None:
+        """
+        Pass an end of stream on.
+        """
+        try:
+            self.transport.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def unregister(self) -> None:
+        """
+        Leave the reactor.
+        """
+        self.pauseRead(self.outgoing)
+        self.doneWriting(self.incoming)
+
+
+class KernelSplice:
+    """
+    Joins two TCP transports in the kernel.
+
+    @ivar reactor: The reactor watching the sockets.
+    @ivar finished: Whether both directions ended or the splice was aborted.
+    """
+
+    _log = Logger()
+    finished = False
+
+    def __init__(
+        self, reactor: Any, a: tcp.Connection, b: tcp.Connection, toB: bytes = b""
+    ) -> None:
+        """
+        @param reactor: The reactor both transports belong to.
+        @param a: One transport (the visitor).
+        @param b: The other (the data session).
+        @param toB: Bytes to write to C{b} before anything read from C{a}.
+        """
+        self.reactor = reactor
+        self._a = _End(self, a)
+        self._b = _End(self, b)
+        toA = takeUnsent(a)
+        toB = takeUnsent(b) + toB
+        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB)
+        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA)
+
+    def start(self) -> None:
+        """
+        Take both sockets from Twisted and start moving bytes.
+        """
+        for end in (self._a, self._b):
+            end.transport.stopReading()
+            end.transport.stopWriting()
+        self.run(self._a.outgoing)
+        self.run(self._b.outgoing)
+
+    def run(self, direction: _Direction) -> None:
+        """
+        Pump one direction; finish or abort as the result says.
+        """
+        if self.finished:
+            return
+        try:
+            direction.pump()
+        except OSError as e:
+            self.abort(Failure(e))
+            return
+        if self._a.outgoing.done and self._b.outgoing.done:
+            self._finish()
+
+    def _release(self) -> None:
+        """
+        Leave the reactor and close the pipes.
+        """
+        self.finished = True
+        for end in (self._a, self._b):
+            end.unregister()
+            end.outgoing.close()
+
+    def _finish(self) -> None:
+        """
+        Both directions ended cleanly: close both connections through Twisted.
+        """
+        self._release()
+        for end in (self._a, self._b):
+            end.transport.loseConnection()
+
+    def abort(self, reason: Failure) -> None:
+        """
+        A socket failed: drop both connections.
+
+        @param reason: Why.
+        """
+        if self.finished:
+            return
+        self._log.debug("kernel splice aborted: {error}", error=reason.getErrorMessage())
+        self._release()
+        for end in (self._a, self._b):
+            end.transport.abortConnection()
