@@ -150,6 +150,13 @@ class _Direction:
                     destination.shutdownWrite()
                     source.pauseRead(self)
                 return False
+            if self.pipe is None:
+                # Idle connections hold no pipe: open it once the source has bytes (or its EOF).
+                try:
+                    source.transport.socket.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    source.resumeRead(self)
+                    return False
             try:
                 moved = os.splice(source.fd, self._openPipe()[1], CHUNK, flags=_FLAGS)
             except BlockingIOError:
@@ -159,6 +166,10 @@ class _Direction:
                 self.eof = True
             else:
                 self.pending += moved
+        if self.pending or self.eof:
+            # Out of rounds with bytes in the pipe (or an EOF to pass on): come back when the
+            # destination is writable, not only if the source happens to send more.
+            destination.wantWrite(self)
         source.resumeRead(self)
         return True
 
