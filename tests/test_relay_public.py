@@ -617,6 +617,7 @@ class WaitingVisitorTests(RelayHarness):
         second.dataReceived(hello)
         self.assertEqual(self.owner.requested, [1, 2])
         self.assertEqual(self.pool.waiting, 2)
+        self.assertEqual(self.pool.counters["waited"], 2)
         self.assertEqual(firstTransport.value(), b"")
         self.assertFalse(firstTransport.disconnecting)
 

@@ -20,7 +20,7 @@ from portal.attach import (
     checkAttachProof,
 )
 from portal.relay.router import DataPool, Router
-from portal.splice import SpliceProtocol
+from portal.splice import SpliceProtocol, noDelay
 
 
 class RelayDataSession(SpliceProtocol, TimeoutMixin):
@@ -51,6 +51,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         Send the nonce and start the attach timer.
         """
         assert self.transport is not None
+        noDelay(self.transport)
         self.transport.write(self.nonce)
         self.setTimeout(self._router.limits.attachTimeout)
 

@@ -19,7 +19,7 @@ from portal.clienthello import (
     parseClientHello,
 )
 from portal.relay.router import DataPool, Router
-from portal.splice import SpliceProtocol
+from portal.splice import SpliceProtocol, noDelay
 
 
 class VisitorProtocol(SpliceProtocol, TimeoutMixin):
@@ -50,6 +50,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         Start the ClientHello timer.
         """
         self._router.counters["visitors"] += 1
+        noDelay(self.transport)
         self.setTimeout(self._router.limits.helloTimeout)
 
     def unsplicedDataReceived(self, data: bytes) -> None:

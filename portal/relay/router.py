@@ -165,6 +165,7 @@ class DataPool:
             return False
         assert visitor.transport is not None
         pauseReading(visitor.transport)
+        self.counters["waited"] = self.counters.get("waited", 0) + 1
         self._waiting[visitor] = header
         visitor.setTimeout(self._limits.dataWaitTimeout)
         self._owner.requestData(len(self._waiting))
@@ -265,6 +266,7 @@ class Router:
             "timeouts": 0,
             "kernel_spliced": 0,
             "python_spliced": 0,
+            "waited": 0,
         }
 
     def newSessionId(self) -> bytes:

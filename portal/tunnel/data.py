@@ -23,6 +23,7 @@ from portal.attach import (
     attachProof,
     decodeStreamHeader,
 )
+from portal.splice import noDelay
 
 #: Seconds a data session may take to connect and attach.
 ATTACH_TIMEOUT = 10.0
@@ -57,6 +58,7 @@ class TunnelDataSession(Protocol):
         Announce a data session.
         """
         assert self.transport is not None
+        noDelay(self.transport)
         self.transport.write(MAGIC)
 
     def dataReceived(self, data: bytes) -> None:

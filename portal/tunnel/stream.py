@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from portal.attach import StreamHeader
-from portal.splice import SpliceProtocol, pauseReading, splice
+from portal.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.tunnel.config import Target
 
 #: Seconds to wait for the local target to accept a connection.
@@ -28,6 +28,12 @@ class _TargetSide(SpliceProtocol):
     """
     The tunnel's connection to the local target.
     """
+
+    def connectionMade(self) -> None:
+        """
+        Forward small writes at once.
+        """
+        noDelay(self.transport)
 
 
 class _VisitorSide(SpliceProtocol):

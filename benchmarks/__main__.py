@@ -1,0 +1,108 @@
+"""
+C{python -m benchmarks [--quick] [--only N,N] [--out DIR]}: run the benchmark scenarios on 127.0.0.1
+and write C{DIR/<date>.json} and C{DIR/<date>.md} (and a PNG chart when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import scenarios
+from benchmarks.lab import Lab
+from benchmarks.procs import raiseFileLimit
+from benchmarks.report import evaluateTargets, markdown, writeChart
+
+
+def _log(message: str) -> None:
+    """
+    Progress on standard error.
+    """
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run the scenarios and write the results.
+
+    @return: The exit code.
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    parser.add_argument(
+        "--only", default="1,2,3,4,7", help="comma-separated scenario numbers (default all built)"
+    )
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="results folder"
+    )
+    args = parser.parse_args(argv)
+    settings = scenarios.QUICK if args.quick else scenarios.FULL
+    wanted = {int(n) for n in args.only.split(",") if n.strip()}
+    limit = raiseFileLimit(1 << 20)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "openFileLimit": limit,
+        },
+        "settings": {
+            "runs": settings.runs,
+            "bulkBytes": settings.bulkBytes,
+            "fullPathBytes": settings.fullPathBytes,
+            "connections": settings.connections,
+            "concurrency": list(settings.concurrency),
+            "leases": settings.leases,
+        },
+        "scenarios": {},
+        "notBuilt": scenarios.NOT_BUILT,
+    }
+    plan: list[tuple[int, str, Callable[[Lab], dict[str, Any]]]] = [
+        (1, "relayHop", lambda lab: scenarios.relayHop(lab, settings, _log)),
+        (2, "fullPath", lambda lab: scenarios.fullPath(lab, settings, _log)),
+        (3, "connectionSetup", lambda lab: scenarios.connectionSetup(lab, settings, _log)),
+        (4, "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
+        (7, "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
+    ]
+    for number, name, run in plan:
+        if number not in wanted:
+            continue
+        lab = Lab()
+        try:
+            results["scenarios"][name] = run(lab)
+        except Exception as e:  # A broken scenario is reported, and the others still run.
+            _log(f"scenario {number} ({name}) failed: {e}")
+            results["scenarios"][name] = {"error": str(e)}
+        finally:
+            lab.close()
+    results["seconds"] = time.monotonic() - started
+    results["targets"] = evaluateTargets(results)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, results["date"][:10] + ("-quick" if args.quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    table = markdown(results)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    chart = writeChart(results, stem + ".png")
+    print(table)
+    _log(
+        f"wrote {stem}.json, {stem}.md"
+        + (f", {chart}" if chart else "")
+        + f" in {results['seconds']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""
+The benchmark lab: everything a scenario needs, started on 127.0.0.1 on demand and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Sequence
+
+from cryptography.hazmat.primitives import serialization
+
+from benchmarks.procs import Child, freePort, python, tool, twistd
+from portal.localca import LocalCA
+
+#: The SNI name the sinks and forwarders are reached by.
+SINK_NAME = "bench.localhost"
+
+
+class Lab:
+    """
+    Starts relays, tunnels, sinks and baseline forwarders, and stops them all in L{close}.
+
+    @ivar root: A temporary directory for state, identities and configuration.
+    """
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="portal-bench-")
+        self._children: list[Child] = []
+        self.certFile, self.keyFile = self._certificates()
+
+    def _certificates(self) -> tuple[str, str]:
+        """
+        A certificate and key for the sinks and the TLS front (from a throwaway local CA).
+        """
+        ca = LocalCA.loadOrCreate(os.path.join(self.root, "ca"), "Portal benchmarks")
+        key, chain = ca.issue([SINK_NAME, "localhost"])
+        certFile = os.path.join(self.root, "sink.pem")
+        keyFile = os.path.join(self.root, "sink-key.pem")
+        with open(certFile, "wb") as f:
+            for certificate in chain:
+                f.write(certificate.to_cryptography().public_bytes(serialization.Encoding.PEM))
+        with open(keyFile, "wb") as f:
+            f.write(
+                key.to_cryptography_key().private_bytes(  # type: ignore[union-attr]
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        return certFile, keyFile
+
+    def _start(self, name: str, argv: Sequence[str]) -> Child:
+        """
+        Start a child and remember it for L{close}.
+        """
+        child = Child(name, argv)
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        """
+        Stop one child early.
+        """
+        child.stop()
+        if child in self._children:
+            self._children.remove(child)
+
+    def close(self) -> None:
+        """
+        Stop every child.
+        """
+        for child in reversed(self._children):
+            child.stop()
+        self._children.clear()
+
+    def sink(self, tls: bool) -> tuple[Child, int]:
+        """
+        A sink server (TLS or plain).
+        """
+        argv = [python(), "-m", "benchmarks.workload"]
+        if tls:
+            argv += ["--tls", self.certFile, self.keyFile]
+        child = self._start("sink", argv)
+        return child, int(child.waitFor(r"^listening (\d+)").group(1))
+
+    def relay(self, extra: Sequence[str] = ()) -> tuple[Child, int, int]:
+        """
+        A real C{twistd -n portal-relay}.
+
+        @return: The child, its public port and its control port.
+        """
+        state = tempfile.mkdtemp(dir=self.root, prefix="relay-")
+        child = self._start(
+            "portal-relay",
+            [
+                twistd(),
+                "-n",
+                "--pidfile=",
+                "portal-relay",
+                "--state-dir",
+                state,
+                "--public",
+                "tcp:0:interface=127.0.0.1:backlog=4096",
+                "--control",
+                "tcp:0:interface=127.0.0.1:backlog=4096",
+                *extra,
+            ],
+        )
+        public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
+        control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
+        return child, public, control
+
+    def _identity(self) -> str:
+        """
+        A path for a new identity.
+        """
+        return os.path.join(tempfile.mkdtemp(dir=self.root, prefix="id-"), "identity.json")
+
+    @staticmethod
+    def _lease(child: Child) -> str:
+        """
+        Wait for a tunnel's JSON lease event.
+
+        @return: The public URL.
+        """
+        line = child.waitFor(r'^\{.*"event": "lease".*\}$').group(0)
+        url: str = json.loads(line)["url"]
+        return url
+
+    def benchTunnel(self, controlPort: int, name: str = "bench") -> tuple[Child, str]:
+        """
+        The relay-only tunnel (L{benchmarks.benchtunnel}).
+
+        @return: The child and the lease URL.
+        """
+        child = self._start(
+            "bench tunnel",
+            [
+                python(),
+                "-m",
+                "benchmarks.benchtunnel",
+                "--relay",
+                f"127.0.0.1:{controlPort}",
+                "--identity",
+                self._identity(),
+                "--name",
+                name,
+                "--cert",
+                self.certFile,
+                "--key",
+                self.keyFile,
+            ],
+        )
+        return child, self._lease(child)
+
+    def tunnel(self, controlPort: int, targetPort: int, name: str) -> tuple[Child, str]:
+        """
+        A real C{portal expose}.
+
+        @return: The child and the lease URL.
+        """
+        child = self._start(
+            "portal expose",
+            [
+                python(),
+                "-m",
+                "portal",
+                "expose",
+                str(targetPort),
+                "--relay",
+                f"127.0.0.1:{controlPort}",
+                "--identity",
+                self._identity(),
+                "--name",
+                name,
+                "--json",
+                "--pool-size",
+                "16",
+            ],
+        )
+        return child, self._lease(child)
+
+    def tlsFront(self, targetPort: int) -> tuple[Child, int]:
+        """
+        The full-path baseline (L{benchmarks.tlsfront}).
+        """
+        child = self._start(
+            "tls front",
+            [python(), "-m", "benchmarks.tlsfront", str(targetPort), self.certFile, self.keyFile],
+        )
+        return child, int(child.waitFor(r"^listening (\d+)").group(1))
+
+    def haproxy(self, targetPort: int) -> tuple[Child, int] | None:
+        """
+        HAProxy routing by SNI without decrypting (C{req_ssl_sni}), one thread; L{None} if absent.
+        """
+        binary = tool("haproxy")
+        if binary is None:
+            return None
+        port = freePort()
+        config = os.path.join(self.root, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "global\n  maxconn 9000\n  nbthread 1\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n"
+                "  timeout server 300s\n"
+                f"frontend fe\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n"
+                "  tcp-request content accept if { req_ssl_hello_type 1 }\n"
+                f"  use_backend sink if {{ req_ssl_sni -i {SINK_NAME} }}\n"
+                f"backend sink\n  server s1 127.0.0.1:{targetPort}\n"
+            )
+        child = self._start("haproxy", [binary, "-db", "-f", config])
+        _waitListening(port, child)
+        return child, port
+
+    def nginx(self, targetPort: int) -> tuple[Child, int] | None:
+        """
+        nginx routing by SNI without decrypting (C{ssl_preread}), one worker; L{None} if absent.
+        """
+        binary = tool("nginx")
+        module = "/usr/lib/nginx/modules/ngx_stream_module.so"
+        if binary is None or not os.path.exists(module):
+            return None
+        port = freePort()
+        prefix = tempfile.mkdtemp(dir=self.root, prefix="nginx-")
+        config = os.path.join(prefix, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(
+                f"load_module {module};\nworker_processes 1;\nmaster_process off;\ndaemon off;\n"
+                f"pid {prefix}/nginx.pid;\nerror_log stderr;\n"
+                "events { worker_connections 40000; }\n"
+                "stream {\n"
+                "  map $ssl_preread_server_name $sink {\n"
+                f"    {SINK_NAME} 127.0.0.1:{targetPort};\n    default 127.0.0.1:1;\n  }}\n"
+                f"  server {{ listen 127.0.0.1:{port}; ssl_preread on; proxy_pass $sink; }}\n"
+                "}\n"
+            )
+        child = self._start("nginx", [binary, "-p", prefix, "-c", config, "-e", "stderr"])
+        _waitListening(port, child)
+        return child, port
+
+    def registrar(self, controlPort: int, count: int, prefix: str) -> tuple[Child, float]:
+        """
+        Register C{count} leases on the relay (L{benchmarks.registrar}).
+
+        @return: The child (which holds the leases) and the seconds registration took.
+        """
+        child = self._start(
+            "registrar",
+            [
+                python(),
+                "-m",
+                "benchmarks.registrar",
+                f"127.0.0.1:{controlPort}",
+                str(count),
+                prefix,
+            ],
+        )
+        seconds = float(child.waitFor(r"^registered \d+ in ([\d.]+)", timeout=600).group(1))
+        return child, seconds
+
+
+def _waitListening(port: int, child: Child, tries: int = 200) -> None:
+    """
+    Wait until something accepts TCP connections on C{port}.
+    """
+    import time
+
+    for _ in range(tries):
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited:\n" + "\n".join(child.lines[-20:]))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{child.name} is not listening on {port}")
+
+
+def metrics(publicPort: int) -> dict[str, float]:
+    """
+    Read a relay's C{/metrics} from its own hostname.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", publicPort), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            body = b""
+            while chunk := tls.recv(65536):
+                body += chunk
+    values = {}
+    for line in body.split(b"\r\n\r\n", 1)[1].decode().splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = float(value)
+    return values

@@ -1,0 +1,195 @@
+"""
+Child processes of the benchmark harness: start, wait for a line of output, measure, stop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Child:
+    """
+    A running child process whose output is collected line by line.
+
+    @ivar name: A name for messages.
+    @ivar lines: Output lines so far (stdout and stderr together).
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        """
+        The child's process id.
+        """
+        return self.process.pid
+
+    def _read(self) -> None:
+        """
+        Collect output until the child closes it.
+        """
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def waitFor(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """
+        Wait for an output line matching C{pattern}.
+
+        @raise RuntimeError: When the child ends or the time runs out first (with its output).
+        """
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = compiled.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.process.poll() is not None:
+                    raise RuntimeError(self._explain(f"ended ({self.process.returncode})", pattern))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(
+                        self._explain(f"printed nothing matching in {timeout}s", pattern)
+                    )
+                self._changed.wait(min(left, 0.5))
+
+    def _explain(self, what: str, pattern: str) -> str:
+        """
+        An error message with the child's last output.
+        """
+        tail = "\n".join(self.lines[-30:])
+        return f"{self.name} {what} (waiting for {pattern!r}); last output:\n{tail}"
+
+    def cpuSeconds(self) -> float:
+        """
+        @return: User plus system CPU seconds the child used so far.
+        """
+        return cpuSeconds(self.pid)
+
+    def rss(self) -> int:
+        """
+        @return: The child's resident set size in bytes.
+        """
+        return rss(self.pid)
+
+    def stop(self) -> None:
+        """
+        SIGTERM the child's process group, then SIGKILL if it lingers.
+        """
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    @return: User plus system CPU seconds of process C{pid} (all its threads).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss(pid: int) -> int:
+    """
+    @return: The resident set size of process C{pid} in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def freePort() -> int:
+    """
+    A loopback port that was free a moment ago (for servers that cannot report a port they chose,
+    such as HAProxy and nginx).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raiseFileLimit(wanted: int) -> int:
+    """
+    Raise this process's open file limit (children inherit it).
+
+    @return: The soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, wanted)
+    if hard != resource.RLIM_INFINITY and hard < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            target = hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+def tool(name: str) -> str | None:
+    """
+    @return: The path of an installed program, or L{None}.
+    """
+    return shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
+
+
+def python() -> str:
+    """
+    @return: This Python.
+    """
+    return sys.executable
+
+
+def twistd() -> str:
+    """
+    @return: The C{twistd} next to this Python.
+    """
+    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return candidate if os.path.exists(candidate) else (shutil.which("twistd") or "twistd")

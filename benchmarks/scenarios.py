@@ -1,0 +1,306 @@
+"""
+The benchmark scenarios of issue 3. Each returns a JSON-able dict; figures are medians of at least
+L{Settings.runs} runs, taken interleaved with their baselines (A B A B ...).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from benchmarks import workload
+from benchmarks.lab import SINK_NAME, Lab, metrics
+from benchmarks.procs import Child
+
+
+@attrs.frozen
+class Settings:
+    """
+    How big a run is.
+
+    @ivar runs: Runs per figure (at least 5).
+    @ivar bulkBytes: Bytes per throughput run (scenario 1).
+    @ivar fullPathBytes: Bytes per throughput run through the whole path (scenario 2).
+    @ivar connections: Sequential connections for connection setup (scenario 3).
+    @ivar concurrency: Idle connection counts (scenario 4).
+    @ivar leases: Leases for the lease-scale scenario (7).
+    """
+
+    runs: int = 5
+    bulkBytes: int = 1 << 30
+    fullPathBytes: int = 1 << 30
+    connections: int = 2000
+    concurrency: tuple[int, ...] = (5000, 10000)
+    leases: int = 10000
+
+
+FULL = Settings()
+QUICK = Settings(
+    runs=5,
+    bulkBytes=128 << 20,
+    fullPathBytes=64 << 20,
+    connections=300,
+    concurrency=(1000,),
+    leases=2000,
+)
+
+
+def _host(url: str) -> str:
+    """
+    @return: The hostname of C{https://host:port}.
+    """
+    return url.split("//", 1)[1].rsplit(":", 1)[0]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    """
+    Median, minimum and maximum.
+    """
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """
+    The C{q}-th percentile (nearest rank).
+    """
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def _throughput(
+    paths: dict[str, tuple[int, str, Child | None]],
+    size: int,
+    runs: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """
+    Upload and download C{size} bytes on one connection per run over each path, interleaved.
+
+    @param paths: Name to (port, SNI name, forwarder process whose CPU to count or None).
+    @return: Per path: upload and download MB/s summaries and forwarder CPU ns per byte.
+    """
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"upload": [], "download": [], "cpu": []} for name in paths
+    }
+    for run in range(runs):
+        for name, (port, serverName, forwarder) in paths.items():
+            before = forwarder.cpuSeconds() if forwarder else 0.0
+            up = size / workload.upload(port, serverName, size) / 1e6
+            down = size / workload.download(port, serverName, size) / 1e6
+            used = (forwarder.cpuSeconds() - before) if forwarder else 0.0
+            samples[name]["upload"].append(up)
+            samples[name]["download"].append(down)
+            samples[name]["cpu"].append(used * 1e9 / (2 * size))
+            log(f"  run {run + 1} {name}: up {up:.0f} MB/s, down {down:.0f} MB/s")
+    result: dict[str, Any] = {}
+    for name, (_, _, forwarder) in paths.items():
+        entry: dict[str, Any] = {
+            "uploadMBps": _summary(samples[name]["upload"]),
+            "downloadMBps": _summary(samples[name]["download"]),
+        }
+        if forwarder is not None:
+            entry["forwarderCpuNsPerByte"] = _summary(samples[name]["cpu"])
+        result[name] = entry
+    return result
+
+
+def relayHop(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 1: one TLS 1.3 connection moving C{bulkBytes} through the relay alone (the tunnel side is
+    the same sink as the direct path, behind the relay's data path), versus direct, HAProxy and nginx;
+    the relay both with the kernel splice and with the Python fallback.
+    """
+    _, sinkPort = lab.sink(tls=True)
+    relay, public, control = lab.relay()
+    _, url = lab.benchTunnel(control)
+    pyRelay, pyPublic, pyControl = lab.relay(["--no-kernel-splice"])
+    _, pyURL = lab.benchTunnel(pyControl)
+    paths: dict[str, tuple[int, str, Child | None]] = {
+        "direct": (sinkPort, SINK_NAME, None),
+        "portal": (public, _host(url), relay),
+        "portal (python splice)": (pyPublic, _host(pyURL), pyRelay),
+    }
+    notes = []
+    haproxy = lab.haproxy(sinkPort)
+    if haproxy:
+        paths["haproxy"] = (haproxy[1], SINK_NAME, haproxy[0])
+    else:
+        notes.append("HAProxy is not installed (Debian package haproxy): baseline skipped")
+    nginx = lab.nginx(sinkPort)
+    if nginx:
+        paths["nginx"] = (nginx[1], SINK_NAME, nginx[0])
+    else:
+        notes.append("nginx stream is not installed (nginx-light, libnginx-mod-stream): skipped")
+    log(f"scenario 1: relay hop, {settings.bulkBytes >> 20} MiB x {settings.runs} runs per path")
+    result = _throughput(paths, settings.bulkBytes, settings.runs, log)
+    kernel = metrics(public)
+    return {
+        "bytes": settings.bulkBytes,
+        "runs": settings.runs,
+        "paths": result,
+        "kernelSplicedStreams": kernel.get("portal_relay_kernel_spliced_total", 0),
+        "notes": notes,
+    }
+
+
+def fullPath(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 2: client -> relay -> tunnel (TLS terminated there) -> plain TCP sink, versus a client
+    talking TLS to a Twisted TLS server (built from the tunnel's own stream code) in front of the same
+    sink.
+    """
+    _, sinkPort = lab.sink(tls=False)
+    relay, public, control = lab.relay()
+    tunnel, url = lab.tunnel(control, sinkPort, "full")
+    front, frontPort = lab.tlsFront(sinkPort)
+    paths: dict[str, tuple[int, str, Child | None]] = {
+        "twisted TLS server": (frontPort, SINK_NAME, front),
+        "portal (relay + tunnel)": (public, _host(url), tunnel),
+    }
+    log(
+        f"scenario 2: full path, {settings.fullPathBytes >> 20} MiB x {settings.runs} runs per path"
+    )
+    result = _throughput(paths, settings.fullPathBytes, settings.runs, log)
+    return {
+        "bytes": settings.fullPathBytes,
+        "runs": settings.runs,
+        "paths": result,
+        "notes": ["forwarderCpuNsPerByte is the TLS-terminating process: tunnel or Twisted server"],
+    }
+
+
+def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 3: sequential new TLS connections with a 1-byte exchange: connections per second and time
+    to first byte (p50/p99), direct versus through the relay (alone) and HAProxy.
+    """
+    _, sinkPort = lab.sink(tls=True)
+    _, public, control = lab.relay()
+    _, url = lab.benchTunnel(control)
+    paths = {"direct": (sinkPort, SINK_NAME), "portal": (public, _host(url))}
+    haproxy = lab.haproxy(sinkPort)
+    if haproxy:
+        paths["haproxy"] = (haproxy[1], SINK_NAME)
+    context = workload.clientContext()
+    for port, name in paths.values():
+        for _ in range(20):
+            workload.firstByte(port, name, context)
+    waitedBefore = metrics(public).get("portal_relay_waited_total", 0)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    elapsed: dict[str, float] = {name: 0.0 for name in paths}
+    block = max(1, settings.connections // settings.runs)
+    log(f"scenario 3: connection setup, {block * settings.runs} connections per path")
+    for _ in range(settings.runs):
+        for name, (port, serverName) in paths.items():
+            start = time.perf_counter()
+            for _ in range(block):
+                samples[name].append(workload.firstByte(port, serverName, context))
+            elapsed[name] += time.perf_counter() - start
+    waited = metrics(public).get("portal_relay_waited_total", 0) - waitedBefore
+    result: dict[str, Any] = {}
+    for name in paths:
+        values = samples[name]
+        result[name] = {
+            "connectionsPerSecond": len(values) / elapsed[name],
+            "ttfbP50us": _percentile(values, 50) * 1e6,
+            "ttfbP99us": _percentile(values, 99) * 1e6,
+        }
+    direct = result["direct"]
+    for name in paths:
+        if name != "direct":
+            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
+            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
+    return {
+        "connectionsPerPath": block * settings.runs,
+        "paths": result,
+        "visitorsThatWaitedForADataSession": waited,
+    }
+
+
+def concurrency(
+    lab: Lab, settings: Settings, limit: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """
+    Scenario 4: idle TLS connections held open through relay and tunnel to a plain sink; resident
+    memory of each per connection.
+
+    @param limit: The open file limit in force (each connection costs the relay two descriptors).
+    """
+    results = []
+    notes = []
+    for wanted in settings.concurrency:
+        count = min(wanted, (limit - 500) // 2)
+        if count < wanted:
+            notes.append(
+                f"{wanted} connections need about {2 * wanted + 500} descriptors in the relay and the "
+                f"tunnel each; the hard open-file limit here is {limit}, so {count} were held"
+            )
+        _, sinkPort = lab.sink(tls=False)
+        relay, public, control = lab.relay()
+        tunnel, url = lab.tunnel(control, sinkPort, f"idle{wanted}")
+        # One connection first, so that lazily built state is not counted as per-connection cost.
+        warm = workload.hold(public, _host(url), 10, lambda n: None)
+        time.sleep(0.5)
+        relayBefore, tunnelBefore = relay.rss(), tunnel.rss()
+        log(f"scenario 4: holding {count} idle connections")
+        start = time.perf_counter()
+        held = workload.hold(public, _host(url), count, lambda n: log(f"  {n} open"))
+        opened = time.perf_counter() - start
+        time.sleep(1.0)
+        relayAfter, tunnelAfter = relay.rss(), tunnel.rss()
+        for stream in held + warm:
+            stream.close()
+        lab.stop(tunnel)
+        lab.stop(relay)
+        results.append(
+            {
+                "connections": count,
+                "openedPerSecond": count / opened,
+                "relayBytesPerConnection": (relayAfter - relayBefore) / count,
+                "tunnelBytesPerConnection": (tunnelAfter - tunnelBefore) / count,
+                "relayRssMiB": relayAfter / 2**20,
+                "tunnelRssMiB": tunnelAfter / 2**20,
+            }
+        )
+    return {"levels": results, "notes": notes}
+
+
+def leaseScale(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 7: register many leases on one relay (registration rate), and the relay's time to first
+    byte with 10 leases versus with many.
+    """
+    _, public, control = lab.relay(["--max-leases-per-identity", str(settings.leases + 100)])
+    _, url = lab.benchTunnel(control)
+    context = workload.clientContext()
+    name = _host(url)
+
+    def ttfb() -> float:
+        for _ in range(20):
+            workload.firstByte(public, name, context)
+        values = [workload.firstByte(public, name, context) for _ in range(300)]
+        return _percentile(values, 50) * 1e6
+
+    few, seconds10 = lab.registrar(control, 10, "few")
+    p50few = ttfb()
+    log(f"scenario 7: registering {settings.leases} leases")
+    many, seconds = lab.registrar(control, settings.leases, "many")
+    p50many = ttfb()
+    return {
+        "leases": settings.leases,
+        "registrationSeconds": seconds,
+        "registrationsPerSecond": settings.leases / seconds,
+        "ttfbP50usWith10": p50few,
+        "ttfbP50usWithMany": p50many,
+        "routingCostRatio": p50many / p50few,
+    }
+
+
+NOT_BUILT = {
+    "routed HTTP (scenario 5)": "routed HTTP mode is not built yet (issue 4)",
+    "raw TCP and UDP (scenario 6)": "raw TCP and UDP modes are not built yet (issue 5)",
+}

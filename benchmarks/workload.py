@@ -1,0 +1,227 @@
+"""
+The benchmark workload: a sink server that speaks a tiny command protocol over TLS or plain TCP, and
+the client measurements that drive it. Blocking sockets and threads, so that the same sink code serves
+every path being compared (direct, through Portal, through HAProxy or nginx).
+
+Commands (client -> sink), each C{op} (1 byte) + C{size} (8 bytes, big-endian):
+    C{U}: the client sends C{size} bytes; the sink answers C{K} once it has them all.
+    C{D}: the sink sends C{size} bytes.
+    C{P}: the sink answers C{P} at once (time to first byte).
+    C{H}: the sink holds the connection until the client closes it (idle connections).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+_COMMAND = struct.Struct("!cQ")
+#: Bytes per send/recv call.
+CHUNK = 1 << 20
+_PAYLOAD = memoryview(os.urandom(CHUNK))
+
+
+def recvExact(sock: socket.socket | ssl.SSLSocket, count: int) -> bytes:
+    """
+    Read exactly C{count} bytes.
+
+    @raise ConnectionError: When the peer closes first.
+    """
+    parts = []
+    while count:
+        data = sock.recv(min(count, CHUNK))
+        if not data:
+            raise ConnectionError("closed early")
+        parts.append(data)
+        count -= len(data)
+    return b"".join(parts)
+
+
+def serverContext(certFile: str, keyFile: str) -> ssl.SSLContext:
+    """
+    @return: A TLS 1.3 server context for the sink.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(certFile, keyFile)
+    return context
+
+
+def clientContext() -> ssl.SSLContext:
+    """
+    @return: A TLS 1.3 client context that does not verify (every path presents another certificate;
+        verification is tested elsewhere and costs the same on every path).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def serve(sock: socket.socket, context: ssl.SSLContext | None) -> None:
+    """
+    Serve one sink connection until the client closes it.
+
+    @param sock: A connected socket (blocking).
+    @param context: A server TLS context, or L{None} for plain TCP.
+    """
+    try:
+        stream: socket.socket | ssl.SSLSocket = (
+            context.wrap_socket(sock, server_side=True) if context else sock
+        )
+        while True:
+            try:
+                head = recvExact(stream, _COMMAND.size)
+            except ConnectionError:
+                return
+            op, size = _COMMAND.unpack(head)
+            if op == b"U":
+                buffer = bytearray(CHUNK)
+                while size:
+                    n = stream.recv_into(buffer, min(size, CHUNK))
+                    if not n:
+                        return
+                    size -= n
+                stream.sendall(b"K")
+            elif op == b"D":
+                while size:
+                    n = min(size, CHUNK)
+                    stream.sendall(_PAYLOAD[:n])
+                    size -= n
+            elif op == b"P":
+                stream.sendall(b"P")
+            elif op == b"H":
+                while stream.recv(65536):
+                    pass
+                return
+            else:
+                return
+    except (OSError, ssl.SSLError):
+        return
+    finally:
+        sock.close()
+
+
+def serveForever(listener: socket.socket, context: ssl.SSLContext | None) -> None:
+    """
+    Accept connections and serve each on its own thread.
+    """
+    threading.stack_size(256 * 1024)
+    while True:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=serve, args=(sock, context), daemon=True).start()
+
+
+def _connect(port: int, serverName: str | None, context: ssl.SSLContext | None):  # type: ignore[no-untyped-def]
+    """
+    Connect to 127.0.0.1:C{port}, with TLS when C{context} is given.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if context is None:
+        return sock
+    return context.wrap_socket(sock, server_hostname=serverName)
+
+
+def upload(port: int, serverName: str | None, size: int, tls: bool = True) -> float:
+    """
+    Send C{size} bytes on a new connection and wait for the sink's acknowledgement.
+
+    @return: Seconds from the first byte sent to the acknowledgement.
+    """
+    stream = _connect(port, serverName, clientContext() if tls else None)
+    try:
+        start = time.perf_counter()
+        stream.sendall(_COMMAND.pack(b"U", size))
+        remaining = size
+        while remaining:
+            n = min(remaining, CHUNK)
+            stream.sendall(_PAYLOAD[:n])
+            remaining -= n
+        if recvExact(stream, 1) != b"K":
+            raise ConnectionError("bad acknowledgement")
+        return time.perf_counter() - start
+    finally:
+        stream.close()
+
+
+def download(port: int, serverName: str | None, size: int, tls: bool = True) -> float:
+    """
+    Receive C{size} bytes on a new connection.
+
+    @return: Seconds from the request to the last byte.
+    """
+    stream = _connect(port, serverName, clientContext() if tls else None)
+    try:
+        start = time.perf_counter()
+        stream.sendall(_COMMAND.pack(b"D", size))
+        remaining = size
+        buffer = bytearray(CHUNK)
+        while remaining:
+            n = stream.recv_into(buffer, min(remaining, CHUNK))
+            if not n:
+                raise ConnectionError("closed early")
+            remaining -= n
+        return time.perf_counter() - start
+    finally:
+        stream.close()
+
+
+def firstByte(port: int, serverName: str | None, context: ssl.SSLContext) -> float:
+    """
+    One new TLS connection with a 1-byte exchange.
+
+    @return: Seconds from starting the TCP connection to receiving the first byte.
+    """
+    start = time.perf_counter()
+    stream = _connect(port, serverName, context)
+    try:
+        stream.sendall(_COMMAND.pack(b"P", 0))
+        if recvExact(stream, 1) != b"P":
+            raise ConnectionError("bad answer")
+        return time.perf_counter() - start
+    finally:
+        stream.close()
+
+
+def hold(port: int, serverName: str | None, count: int, progress: Callable[[int], None]) -> list:  # type: ignore[type-arg]
+    """
+    Open C{count} TLS connections and leave them idle.
+
+    @return: The open connections (close them to release).
+    """
+    context = clientContext()
+    held = []
+    for i in range(count):
+        stream = _connect(port, serverName, context)
+        stream.sendall(_COMMAND.pack(b"H", 0))
+        held.append(stream)
+        if i % 500 == 499:
+            progress(i + 1)
+    return held
+
+
+def main(argv: list[str]) -> None:
+    """
+    C{python -m benchmarks.workload [--tls CERT KEY]}: run a sink on a free loopback port and print
+    C{listening PORT}.
+    """
+    context = serverContext(argv[2], argv[3]) if argv[1:2] == ["--tls"] else None
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4096)
+    print(f"listening {listener.getsockname()[1]}", flush=True)
+    serveForever(listener, context)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
