@@ -94,9 +94,15 @@ class BlockingDataPool:
                 return
         except (OSError, ConnectionError):
             return
+        serve(sock, self._context, onHandshake=lambda: self._replace(generation))
+
+    def _replace(self, generation: int) -> None:
+        """
+        Open a replacement data session, once the stream's handshake is done (off the measured path;
+        the real tunnel also replaces sessions asynchronously).
+        """
         if generation == self._generation:
             reactor.callFromThread(self._spawn)
-        serve(sock, self._context)
 
 
 class Options(usage.Options):

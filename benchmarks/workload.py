@@ -65,17 +65,24 @@ def clientContext() -> ssl.SSLContext:
     return context
 
 
-def serve(sock: socket.socket, context: ssl.SSLContext | None) -> None:
+def serve(
+    sock: socket.socket,
+    context: ssl.SSLContext | None,
+    onHandshake: Callable[[], object] | None = None,
+) -> None:
     """
     Serve one sink connection until the client closes it.
 
     @param sock: A connected socket (blocking).
     @param context: A server TLS context, or L{None} for plain TCP.
+    @param onHandshake: Called once the TLS handshake is done.
     """
     try:
         stream: socket.socket | ssl.SSLSocket = (
             context.wrap_socket(sock, server_side=True) if context else sock
         )
+        if onHandshake is not None:
+            onHandshake()
         while True:
             try:
                 head = recvExact(stream, _COMMAND.size)

@@ -71,6 +71,59 @@ def takeUnsent(transport: tcp.Connection) -> bytes:
     return unsent
 
 
+class PipePool:
+    """
+    Empty pipes, kept for reuse: a direction borrows one only while bytes are in flight, so idle
+    connections hold none and a new connection costs no C{pipe2}/C{fcntl}/C{close} calls.
+
+    @ivar keep: Most empty pipes kept; more are closed.
+    """
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        """
+        @return: The number of empty pipes kept.
+        """
+        return len(self._free)
+
+    def take(self) -> tuple[int, int]:
+        """
+        @return: An empty non-blocking pipe C{(read end, write end)}, sized to L{CHUNK} where allowed.
+        """
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass  # Above /proc/sys/fs/pipe-max-size: keep the default size.
+        return r, w
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """
+        Take back an I{empty} pipe.
+        """
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            discard(pipe)
+
+
+def discard(pipe: tuple[int, int]) -> None:
+    """
+    Close both ends of a pipe.
+    """
+    for fd in pipe:
+        os.close(fd)
+
+
+#: The pipes every kernel splice of this process shares.
+pipes = PipePool()
+
+
 class _Direction:
     """
     Bytes flowing from one socket to the other through a pipe.
@@ -80,36 +133,34 @@ class _Direction:
     @ivar done: End of stream passed on and the pipe drained.
     """
 
-    def __init__(self, source: _End, destination: _End, prefix: bytes) -> None:
+    def __init__(self, source: _End, destination: _End, prefix: bytes, pool: PipePool) -> None:
         self.source = source
         self.destination = destination
         self.prefix = prefix
+        self._pool = pool
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         self.eof = False
         self.done = False
 
-    def _openPipe(self) -> tuple[int, int]:
+    def _release(self) -> None:
         """
-        Create the pipe on first use (idle connections hold no pipe).
+        Give the (empty) pipe back to the pool.
         """
-        if self.pipe is None:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
-            except OSError:
-                pass  # Above /proc/sys/fs/pipe-max-size: keep the default size.
-            self.pipe = (r, w)
-        return self.pipe
+        if self.pipe is not None:
+            self._pool.give(self.pipe)
+            self.pipe = None
 
     def close(self) -> None:
         """
-        Close the pipe.
+        Let go of the pipe: back to the pool when empty, closed when bytes are stuck in it.
         """
         if self.pipe is not None:
-            for fd in self.pipe:
-                os.close(fd)
-            self.pipe = None
+            if self.pending:
+                discard(self.pipe)
+                self.pipe = None
+            else:
+                self._release()
 
     def pump(self) -> bool:
         """
@@ -132,10 +183,9 @@ class _Direction:
                     source.pauseRead(self)
                     return False
             if self.pending:
+                assert self.pipe is not None
                 try:
-                    moved = os.splice(
-                        self._openPipe()[0], destination.fd, self.pending, flags=_FLAGS
-                    )
+                    moved = os.splice(self.pipe[0], destination.fd, self.pending, flags=_FLAGS)
                 except BlockingIOError:
                     moved = 0
                 self.pending -= moved
@@ -143,6 +193,7 @@ class _Direction:
                     destination.wantWrite(self)
                     source.pauseRead(self)
                     return False
+            self._release()
             destination.doneWriting(self)
             if self.eof:
                 if not self.done:
@@ -150,20 +201,17 @@ class _Direction:
                     destination.shutdownWrite()
                     source.pauseRead(self)
                 return False
-            if self.pipe is None:
-                # Idle connections hold no pipe: open it once the source has bytes (or its EOF).
-                try:
-                    source.transport.socket.recv(1, socket.MSG_PEEK)
-                except BlockingIOError:
-                    source.resumeRead(self)
-                    return False
+            self.pipe = self._pool.take()
             try:
-                moved = os.splice(source.fd, self._openPipe()[1], CHUNK, flags=_FLAGS)
+                moved = os.splice(source.fd, self.pipe[1], CHUNK, flags=_FLAGS)
             except BlockingIOError:
+                # Nothing to read: the pipe goes back, so idle connections hold none.
+                self._release()
                 source.resumeRead(self)
                 return False
             if moved == 0:
                 self.eof = True
+                self._release()
             else:
                 self.pending += moved
         if self.pending or self.eof:
@@ -280,21 +328,27 @@ class KernelSplice:
     finished = False
 
     def __init__(
-        self, reactor: Any, a: tcp.Connection, b: tcp.Connection, toB: bytes = b""
+        self,
+        reactor: Any,
+        a: tcp.Connection,
+        b: tcp.Connection,
+        toB: bytes = b"",
+        pool: PipePool = pipes,
     ) -> None:
         """
         @param reactor: The reactor both transports belong to.
         @param a: One transport (the visitor).
         @param b: The other (the data session).
         @param toB: Bytes to write to C{b} before anything read from C{a}.
+        @param pool: Where pipes are borrowed from.
         """
         self.reactor = reactor
         self._a = _End(self, a)
         self._b = _End(self, b)
         toA = takeUnsent(a)
         toB = takeUnsent(b) + toB
-        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB)
-        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA)
+        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB, pool)
+        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA, pool)
 
     def start(self) -> None:
         """

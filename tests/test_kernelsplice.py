@@ -9,6 +9,7 @@ the relay would hold and is handed to L{KernelSplice}; the outer end plays the v
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -25,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import FailTest, TestCase
+from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from portal import kernelsplice
@@ -526,7 +527,8 @@ class KernelSpliceTests(KernelSpliceTestCase):
     @inlineCallbacks
     def test_idleHoldsNoPipe(self) -> _Gen:
         """
-        An idle spliced connection holds no pipe; a direction gets its pipe when its first bytes arrive.
+        An idle spliced connection holds no pipe; a direction borrows one from the pool only while its
+        bytes are in flight, and gives it back once they are delivered.
         """
         rig = self.rig()
         self.assertIsNone(rig.splice._a.outgoing.pipe)
@@ -538,8 +540,50 @@ class KernelSpliceTests(KernelSpliceTestCase):
         rig.visitorOuter.tcpTransport.write(b"x")
         yield rig.dataOuter.whenReceived(len(HEADER) + 1)
         self.assertEqual(rig.dataOuter.received, HEADER + b"x")
-        self.assertIsNotNone(rig.splice._a.outgoing.pipe)
+        self.assertIsNone(rig.splice._a.outgoing.pipe)
         self.assertIsNone(rig.splice._b.outgoing.pipe)
+        self.assertGreaterEqual(len(kernelsplice.pipes), 1)
+
+
+class PipePoolTests(SynchronousTestCase):
+    """
+    The shared pool of empty pipes.
+    """
+
+    def test_reuse(self) -> None:
+        """
+        A pipe given back is the next one taken: no new pipe is created.
+        """
+        pool = kernelsplice.PipePool(keep=2)
+        pipe = pool.take()
+        self.addCleanup(kernelsplice.discard, pipe)
+        pool.give(pipe)
+        self.assertEqual(len(pool), 1)
+        self.assertEqual(pool.take(), pipe)
+        self.assertEqual(len(pool), 0)
+
+    def test_bounded(self) -> None:
+        """
+        At most C{keep} empty pipes are kept; the rest are closed.
+        """
+        pool = kernelsplice.PipePool(keep=1)
+        first, second = pool.take(), pool.take()
+        pool.give(first)
+        pool.give(second)
+        self.assertEqual(len(pool), 1)
+        self.addCleanup(kernelsplice.discard, pool.take())
+        self.assertRaises(OSError, os.fstat, second[0])
+
+    def test_nonBlockingAndSized(self) -> None:
+        """
+        New pipes are non-blocking and, where the system allows, sized to L{kernelsplice.CHUNK}.
+        """
+        pool = kernelsplice.PipePool()
+        r, w = pool.take()
+        self.addCleanup(kernelsplice.discard, (r, w))
+        self.assertFalse(os.get_blocking(r))
+        self.assertFalse(os.get_blocking(w))
+        self.assertEqual(fcntl.fcntl(w, fcntl.F_GETPIPE_SZ), kernelsplice.CHUNK)
 
     @inlineCallbacks
     def test_lastRoundDelivers(self) -> _Gen:
