@@ -544,6 +544,24 @@ class KernelSpliceTests(KernelSpliceTestCase):
         self.assertIsNone(rig.splice._b.outgoing.pipe)
         self.assertGreaterEqual(len(kernelsplice.pipes), 1)
 
+    @inlineCallbacks
+    def test_lastRoundDelivers(self) -> _Gen:
+        """
+        Bytes read in the last splice round of a readiness event are delivered even if the source then
+        goes quiet (a request waiting for its reply must not stall in the pipe).
+        """
+        self.patch(kernelsplice, "MAX_ROUNDS", 1)
+        rig = self.rig()
+        rig.visitorOuter.tcpTransport.write(b"ping")
+        yield rig.dataOuter.whenReceived(len(HEADER + b"ping"))
+        self.assertEqual(rig.dataOuter.received, HEADER + b"ping")
+        rig.dataOuter.tcpTransport.write(b"pong")
+        yield rig.visitorOuter.whenReceived(len(b"pong"))
+        self.assertEqual(rig.visitorOuter.received, b"pong")
+
+        rig.visitorOuter.tcpTransport.loseWriteConnection()
+        yield rig.dataOuter.whenReadLost()
+
 
 class PipePoolTests(SynchronousTestCase):
     """
@@ -584,21 +602,3 @@ class PipePoolTests(SynchronousTestCase):
         self.assertFalse(os.get_blocking(r))
         self.assertFalse(os.get_blocking(w))
         self.assertEqual(fcntl.fcntl(w, fcntl.F_GETPIPE_SZ), kernelsplice.CHUNK)
-
-    @inlineCallbacks
-    def test_lastRoundDelivers(self) -> _Gen:
-        """
-        Bytes read in the last splice round of a readiness event are delivered even if the source then
-        goes quiet (a request waiting for its reply must not stall in the pipe).
-        """
-        self.patch(kernelsplice, "MAX_ROUNDS", 1)
-        rig = self.rig()
-        rig.visitorOuter.tcpTransport.write(b"ping")
-        yield rig.dataOuter.whenReceived(len(HEADER + b"ping"))
-        self.assertEqual(rig.dataOuter.received, HEADER + b"ping")
-        rig.dataOuter.tcpTransport.write(b"pong")
-        yield rig.visitorOuter.whenReceived(len(b"pong"))
-        self.assertEqual(rig.visitorOuter.received, b"pong")
-
-        rig.visitorOuter.tcpTransport.loseWriteConnection()
-        yield rig.dataOuter.whenReadLost()
