@@ -13,7 +13,9 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import sys
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -55,6 +57,105 @@ class _Echo(Protocol):
         Echo C{data}.
         """
         self.transport.write(data)
+
+
+class _Source(Protocol):
+    """
+    Sends L{SOURCE_BYTES} pseudo-random bytes as fast as the connection takes them, then closes.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Start sending, driven by the transport's demand.
+        """
+        self._rng = random.Random(SOURCE_SEED)
+        self._left = SOURCE_BYTES
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        """
+        Write the next chunk, or close when all is sent.
+        """
+        if self._left <= 0:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
+        chunk = self._rng.randbytes(min(1 << 18, self._left))
+        self._left -= len(chunk)
+        self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        """
+        The connection went away.
+        """
+        self._left = 0
+
+
+SOURCE_BYTES = 64 * 1024 * 1024
+SOURCE_SEED = 7
+
+
+def _slowRead(url: str, cafile: str, publicPort: int, relayPid: int) -> tuple[str, str, int, int]:
+    """
+    Read L{SOURCE_BYTES} from the source slowly (1 ms pause every 256 KiB, so the source is far faster
+    than the reader), watching the relay's resident memory.
+
+    @return: The expected and received sha256, bytes received, and the relay's largest RSS growth.
+    """
+    host, port = _hostPort(url)
+    expected = hashlib.sha256(random.Random(SOURCE_SEED).randbytes(SOURCE_BYTES)).hexdigest()
+    context = ssl.create_default_context(cafile=cafile)
+    baseline = _rss(relayPid)
+    peak = 0
+    digest = hashlib.sha256()
+    received = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                digest.update(data)
+                received += len(data)
+                if received % (1 << 18) < len(data):
+                    time.sleep(0.001)
+                    peak = max(peak, _rss(relayPid) - baseline)
+    return expected, digest.hexdigest(), received, peak
+
+
+def _rss(pid: int) -> int:
+    """
+    @return: The resident set size of process C{pid} in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _abortMidTransfer(url: str, cafile: str) -> int:
+    """
+    Start a large upload to the echo service and reset the connection (RST) half way.
+
+    @return: Bytes sent before the reset.
+    """
+    host, port = _hostPort(url)
+    context = ssl.create_default_context(cafile=cafile)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    tls = context.wrap_socket(raw, server_hostname=host)
+    sent = 0
+    chunk = os.urandom(1 << 16)
+    tls.settimeout(5)
+    try:
+        while sent < 8 * 1024 * 1024:
+            sent += tls.send(chunk)
+    except (TimeoutError, ssl.SSLError, OSError):
+        pass
+    # wrap_socket took over the raw socket's descriptor: reset through the TLS socket.
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tls.close()
+    return sent
 
 
 def _hostPort(url: str) -> tuple[str, int]:
@@ -292,6 +393,34 @@ class StreamModeEndToEndMixin:
         self.assertEqual(both, "h2")
         old = yield deferToThread(_negotiated, lease["url"], lease["ca"], ["http/1.1"])
         self.assertEqual(old, "http/1.1")
+
+    @inlineCallbacks
+    def test_slowReader(self) -> Any:
+        """
+        A local service that sends 64 MB far faster than the visitor reads is slowed down, not buffered:
+        every byte arrives intact and the relay's memory grows by far less than what was sent.
+        """
+        relay, publicPort, _, _, lease, _, _ = yield self._world(Factory.forProtocol(_Source))
+        expected, got, count, peak = yield deferToThread(
+            _slowRead, lease["url"], lease["ca"], publicPort, relay.transport.pid
+        )
+        self.assertEqual(count, SOURCE_BYTES)
+        self.assertEqual(got, expected)
+        self.assertLess(peak, 16 * 1024 * 1024)
+
+    @inlineCallbacks
+    def test_abruptClose(self) -> Any:
+        """
+        A visitor that resets its connection in the middle of a transfer costs nobody else anything: the
+        next visitor is served and the relay keeps running.
+        """
+        relay, _, _, _, lease, _, _ = yield self._world(Factory.forProtocol(_Echo))
+        sent = yield deferToThread(_abortMidTransfer, lease["url"], lease["ca"])
+        self.assertGreater(sent, 0)
+        total = 4 * 1024 * 1024
+        before, after, count = yield deferToThread(_echoRoundTrip, lease["url"], lease["ca"], total)
+        self.assertEqual((count, before), (total, after))
+        self.assertIsNone(relay.exitCode)
 
     @inlineCallbacks
     def test_unknownNameGetsAlert(self) -> Any:
