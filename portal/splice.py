@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
-class _ISplicedTransport(ITransport, IConsumer, IPushProducer):
+class IForwardingTransport(ITransport, IConsumer, IPushProducer):
     """
     What a splice needs of each transport: TCP, TLS and iosim transports are also consumers and
     push producers, which L{ITransport} does not say.  Only used to type L{SpliceProtocol}'s
@@ -34,7 +34,7 @@ class _ISplicedTransport(ITransport, IConsumer, IPushProducer):
     """
 
 
-def _transportOf(end: SpliceProtocol) -> _ISplicedTransport:
+def _transportOf(end: SpliceProtocol) -> IForwardingTransport:
     """
     Get the transport of a splice end, which is connected before anything uses it.
 
@@ -43,7 +43,7 @@ def _transportOf(end: SpliceProtocol) -> _ISplicedTransport:
     """
     transport = end.transport
     assert transport is not None, f"{end!r} is not connected"
-    return cast(_ISplicedTransport, transport)
+    return cast(IForwardingTransport, transport)
 
 
 def noDelay(transport: object) -> None:

@@ -334,8 +334,6 @@ class TunnelOptionsTests(SynchronousTestCase):
         cases = [
             (["--tcp"], "--tcp"),
             (["--udp"], "--udp"),
-            (["--http"], "--http"),
-            (["--http-route", "/=1"], "--http-route"),
             (["--via", "h:1"], "--via"),
             (["--udp-addr", "h:1"], "--udp-addr"),
             (["--proxy-protocol", "v1"], "--proxy-protocol"),
@@ -392,3 +390,74 @@ class AddressEdgeTests(SynchronousTestCase):
         self.assertRaises(
             ConfigError, buildConfig, "80", relays=["Relay.Example:1", "relay.example:1"]
         )
+
+
+class RoutedHTTPConfigTests(SynchronousTestCase):
+    """
+    Routed HTTP mode's options: C{--http} and C{--http-route}.
+    """
+
+    def parse(self, *arguments: str) -> TunnelOptions:
+        """
+        Parse C{portal expose} arguments.
+        """
+        options = TunnelOptions()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_httpIsOneRoute(self) -> None:
+        """
+        C{portal expose 3000 --http} is routed mode with the one route '/' to 127.0.0.1:3000.
+        """
+        config = self.parse("3000", "--http").tunnelConfig
+        self.assertIsNone(config.target)
+        self.assertEqual([r.prefix for r in config.routes], ["/"])
+        self.assertEqual(config.routes[0].upstream.authority, "127.0.0.1:3000")
+
+    def test_routesWithoutTarget(self) -> None:
+        """
+        Routes need no TARGET; they are kept longest prefix first and described for the Forwarding line.
+        """
+        config = self.parse(
+            "--http-route", "/=5173", "--http-route", "/api=3001,strip"
+        ).tunnelConfig
+        self.assertEqual([r.prefix for r in config.routes], ["/api", "/"])
+        self.assertEqual(config.describeTarget(), "/api=127.0.0.1:3001,strip /=127.0.0.1:5173")
+
+    def test_targetBecomesRootRoute(self) -> None:
+        """
+        A TARGET given with routes becomes the '/' route; if a '/' route is given too, that is an error.
+        """
+        config = self.parse("5173", "--http-route", "/api=3001").tunnelConfig
+        self.assertEqual([r.prefix for r in config.routes], ["/api", "/"])
+        error = self.assertRaises(UsageError, self.parse, "5173", "--http-route", "/=3001")
+        self.assertIn("'/' route", str(error))
+
+    def test_badRoute(self) -> None:
+        """
+        A malformed route is a usage error that names the route.
+        """
+        error = self.assertRaises(UsageError, self.parse, "--http-route", "api=3001")
+        self.assertIn("--http-route", str(error))
+
+    def test_duplicatePrefix(self) -> None:
+        """
+        Two routes for one prefix are refused.
+        """
+        self.assertRaises(
+            UsageError, self.parse, "--http-route", "/api=1", "--http-route", "/api/=2"
+        )
+
+    def test_noHTTP2Yet(self) -> None:
+        """
+        Routed mode speaks HTTP/1.1 to visitors for now: asking for h2 is a clear usage error.
+        """
+        error = self.assertRaises(UsageError, self.parse, "3000", "--http", "--alpn", "h2,http/1.1")
+        self.assertIn("HTTP/2", str(error))
+
+    def test_missingTarget(self) -> None:
+        """
+        Neither TARGET nor routes is a usage error saying what is missing.
+        """
+        error = self.assertRaises(UsageError, self.parse)
+        self.assertIn("missing TARGET", str(error))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from portal.httproutes import Route, RouteError, RouteTable, parseRoute
 from portal.identity import defaultIdentityPath
 
 #: Characters of an identity id (RFC 4648 base32, lowercase).
@@ -167,9 +168,10 @@ class TunnelConfig:
     @ivar identityPath: The identity file.
     @ivar json: Print JSON event lines instead of text.
     @ivar poolSize: Idle data sessions kept open per relay.
+    @ivar routes: Routed HTTP mode's routes; empty in stream mode.
     """
 
-    target: Target
+    target: Target | None
     relays: tuple[RelayAddress, ...] = (parseRelay(DEFAULT_RELAY),)
     name: str | None = None
     alpn: tuple[bytes, ...] = (b"http/1.1",)
@@ -178,6 +180,19 @@ class TunnelConfig:
     identityPath: str = attrs.field(factory=defaultIdentityPath)
     json: bool = False
     poolSize: int = 4
+    routes: tuple[Route, ...] = ()
+
+    def describeTarget(self) -> str:
+        """
+        What the tunnel forwards to, for humans and for the stable label: the target in stream mode,
+        C{PREFIX=TARGET} for each route in routed HTTP mode.
+        """
+        if self.routes:
+            return " ".join(
+                f"{r.prefix}={r.upstream.authority}{r.upstream.basePath}{',strip' if r.strip else ''}"
+                for r in self.routes
+            )
+        return str(self.target)
 
     @property
     def configDir(self) -> str:
@@ -188,7 +203,7 @@ class TunnelConfig:
 
 
 def buildConfig(
-    target: str,
+    target: str | None,
     relays: Sequence[str] = (),
     name: str | None = None,
     alpn: str = "http/1.1",
@@ -197,6 +212,8 @@ def buildConfig(
     identityPath: str | None = None,
     json: bool = False,
     poolSize: int = 4,
+    http: bool = False,
+    httpRoutes: Sequence[str] = (),
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -214,11 +231,34 @@ def buildConfig(
             name = validateLabel(name)
         except InvalidName as e:
             raise ConfigError(f"--name: {e}")
+    routes: list[Route] = []
+    try:
+        routes = [parseRoute(r) for r in httpRoutes]
+        if target is not None and (http or routes):
+            if any(r.prefix == "/" for r in routes):
+                raise ConfigError(
+                    f"TARGET {target!r} would be the '/' route, but --http-route gives one already"
+                )
+            routes.append(parseRoute(f"/={target}"))
+        if routes:
+            RouteTable(routes)  # Rejects duplicate prefixes.
+    except RouteError as e:
+        raise ConfigError(f"--http-route: {e}")
+    if routes:
+        if any(p != b"http/1.1" for p in _alpn(alpn)):
+            raise ConfigError(
+                "--alpn: routed HTTP mode speaks HTTP/1.1 to visitors (HTTP/2 is not available yet)"
+            )
+    elif target is None:
+        raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
+    elif http:
+        raise ConfigError("--http needs a TARGET")
     parsedRelays = tuple(parseRelay(r) for r in relays) or (parseRelay(DEFAULT_RELAY),)
     if len({r.address for r in parsedRelays}) != len(parsedRelays):
         raise ConfigError("--relay: the same relay is given twice")
     return TunnelConfig(
-        target=parseTarget(target),
+        target=None if routes else parseTarget(target or ""),
+        routes=tuple(RouteTable(routes).routes) if routes else (),
         relays=parsedRelays,
         name=name,
         alpn=_alpn(alpn),

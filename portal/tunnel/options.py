@@ -28,7 +28,7 @@ class TunnelOptions(usage.Options):
     )
     optFlags = [
         ["json", None, "Print one JSON object per event instead of text."],
-        ["http", None, "Routed HTTP mode (not available yet)."],
+        ["http", None, "Routed HTTP mode with TARGET as the one route '/'."],
         ["tcp", None, "Raw TCP mode (not available yet)."],
         ["udp", None, "UDP mode (not available yet)."],
     ]
@@ -110,7 +110,7 @@ class TunnelOptions(usage.Options):
 
     def opt_http_route(self, route: str) -> None:
         """
-        PREFIX=TARGET route of routed HTTP mode (not available yet).
+        PREFIX=TARGET[,strip] route of routed HTTP mode (repeatable; longest prefix wins).
         """
         self["http-routes"].append(route)
 
@@ -118,8 +118,6 @@ class TunnelOptions(usage.Options):
         """
         @param target: The local service to publish.
         """
-        if target is None:
-            raise usage.UsageError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
         self["target"] = target
 
     def postOptions(self) -> None:
@@ -127,7 +125,6 @@ class TunnelOptions(usage.Options):
         Refuse what this version cannot do yet, then build the configuration.
         """
         unavailable = [
-            ("http", "routed HTTP mode"),
             ("tcp", "raw TCP mode"),
             ("udp", "UDP mode"),
             ("udp-addr", "UDP mode"),
@@ -136,7 +133,6 @@ class TunnelOptions(usage.Options):
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
             ("via", "multi-hop chains"),
-            ("http-routes", "routed HTTP mode"),
         ]
         for option, feature in unavailable:
             if self[option]:
@@ -153,6 +149,8 @@ class TunnelOptions(usage.Options):
                 identityPath=self["identity"],
                 json=bool(self["json"]),
                 poolSize=self["pool-size"],
+                http=bool(self["http"]),
+                httpRoutes=self["http-routes"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

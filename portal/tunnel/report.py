@@ -55,6 +55,42 @@ class Reporter:
             {"event": "lease", "url": url, "relay": relay, "target": target, "ca": caPath}, text
         )
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        bytes: int,
+        ms: float,
+        route: str | None,
+        upstream: str | None,
+    ) -> None:
+        """
+        One proxied request finished (routed HTTP mode), like ngrok's console.
+
+        @param method: The request method.
+        @param path: The request target as the visitor sent it.
+        @param status: The response status sent to the visitor.
+        @param bytes: Response body bytes sent.
+        @param ms: Milliseconds from the request's first byte to its last response byte.
+        @param route: The route prefix, or L{None} when no route matched.
+        @param upstream: The route's target.
+        """
+        where = f"{route} -> {upstream}" if route else "no route"
+        self._emit(
+            {
+                "event": "request",
+                "method": method,
+                "path": path,
+                "status": status,
+                "bytes": bytes,
+                "ms": round(ms, 2),
+                "route": route,
+                "upstream": upstream,
+            },
+            f"{method} {path} {status} {bytes} B {ms:.1f} ms [{where}]",
+        )
+
     def state(self, event: str, relay: str, message: str, **fields: Any) -> None:
         """
         A change of state: reconnecting, lease lost, an error.

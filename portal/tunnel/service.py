@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
 from portal.names import stableLabel
@@ -28,6 +29,7 @@ from portal.pinning import KnownRelays
 from portal.tunnel.config import RelayAddress, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import DataSessionPool
+from portal.tunnel.httpproxy import HTTPProxy
 from portal.tunnel.report import Reporter
 from portal.tunnel.stream import StreamHandler
 
@@ -158,7 +160,7 @@ class RelayLink(Service):
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
             self.reporter.lease(
-                url, self.relay.address, str(self.tunnel.config.target), self.tunnel.caPath
+                url, self.relay.address, self.tunnel.config.describeTarget(), self.tunnel.caPath
             )
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
@@ -213,7 +215,7 @@ class TunnelService(MultiService):
             self._log.info(
                 "created identity {id} in {path}", id=self.identity.id, path=config.identityPath
             )
-        self.label = config.name or stableLabel(self.identity.id, str(config.target))
+        self.label = config.name or stableLabel(self.identity.id, config.describeTarget())
         self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
         self.servedHostnames: set[str] = set()
         self.caPath: str | None = None
@@ -228,7 +230,11 @@ class TunnelService(MultiService):
             )
             self.caPath = self._ca.certPath
         creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
-        self.streamHandler = StreamHandler(reactor, config.target, creator)
+        inner = None
+        if config.routes:
+            self.httpProxy = HTTPProxy(reactor, RouteTable(config.routes), reporter)
+            inner = self.httpProxy.protocolFor
+        self.streamHandler = StreamHandler(reactor, config.target, creator, inner)
         self.links = [RelayLink(self, relay) for relay in config.relays]
         for link in self.links:
             link.setServiceParent(self)

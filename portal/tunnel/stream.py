@@ -5,6 +5,7 @@ decrypted bytes to the local target.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -105,10 +106,22 @@ class StreamHandler:
     """
 
     def __init__(
-        self, reactor: Any, target: Target, tlsCreator: IOpenSSLServerConnectionCreator
+        self,
+        reactor: Any,
+        target: Target | None,
+        tlsCreator: IOpenSSLServerConnectionCreator,
+        inner: Callable[[StreamHeader], IProtocol] | None = None,
     ) -> None:
+        """
+        @param reactor: The reactor (TCP and time).
+        @param target: The local target of stream mode.
+        @param tlsCreator: Makes the TLS server connection visitors handshake with.
+        @param inner: Builds the protocol inside TLS instead of the stream-mode splice to C{target}
+            (routed HTTP mode passes L{portal.tunnel.httpproxy.HTTPProxy.protocolFor}).
+        """
         self.reactor = reactor
         self.target = target
+        self._inner = inner
         self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
 
     def targetEndpoint(self) -> Any:
@@ -116,10 +129,12 @@ class StreamHandler:
         @return: A client endpoint to the local target (TLS without verification for C{https://}
             targets, as local development servers rarely have a trusted certificate).
         """
+        target = self.target
+        assert target is not None
         endpoint = HostnameEndpoint(
-            self.reactor, self.target.host, self.target.port, timeout=TARGET_CONNECT_TIMEOUT
+            self.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
         )
-        if self.target.tls:
+        if target.tls:
             return wrapClientTLS(CertificateOptions(verify=False), endpoint)
         return endpoint
 
@@ -129,4 +144,5 @@ class StreamHandler:
         @return: A TLS server protocol around the visitor's stream.
         """
         factory = self._tlsFactory
-        return factory.protocol(factory, _VisitorSide(self, header))
+        inner = self._inner(header) if self._inner is not None else _VisitorSide(self, header)
+        return factory.protocol(factory, inner)

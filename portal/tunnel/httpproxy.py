@@ -1,0 +1,778 @@
+"""
+Routed HTTP mode: an HTTP/1.1 reverse proxy inside the tunnel's TLS.
+
+Each visitor connection is parsed with C{httptools} (llhttp, in C); every request goes to the route
+whose prefix is the longest match of its normalised path (L{portal.httproutes}). Upstream connections are
+persistent and pooled per target. Bodies stream both ways with backpressure (each side's transport is the
+other's producer while an exchange runs); C{Connection: Upgrade} answered with C{101} becomes a raw
+two-way splice (WebSocket). Pipelined requests are answered in order.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import deque
+from typing import Any, cast
+
+import httptools
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import TimeoutError
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from portal.attach import StreamHeader
+from portal.httproutes import Match, RouteTable, Upstream
+from portal.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
+from portal.tunnel.report import Reporter
+
+#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: Seconds to connect to an upstream.
+CONNECT_TIMEOUT = 10.0
+#: Seconds an upstream may take to start its response.
+RESPONSE_TIMEOUT = 60.0
+#: Idle upstream connections kept per target.
+MAX_IDLE_PER_UPSTREAM = 32
+#: Largest request head (request line and headers) accepted.
+MAX_HEAD_BYTES = 64 * 1024
+_STATUS = {
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    404: b"Not Found",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+}
+
+
+def _connectionTokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """
+    @return: The lowercased tokens of every C{Connection} header.
+    """
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def _endToEnd(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """
+    @return: C{headers} without hop-by-hop headers and those named in C{Connection}.
+    """
+    drop = HOP_BY_HOP | _connectionTokens(headers)
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """
+    @return: The first value of header C{name} (lowercase), or L{None}.
+    """
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def _chunk(data: bytes) -> bytes:
+    """
+    @return: C{data} as one chunk of a chunked body.
+    """
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Exchange:
+    """
+    One request and its response.
+    """
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keepAlive = True
+        self.upgrade = False
+        self.headComplete = False
+        self.match: Match | None = None
+        self.body: list[bytes] = []
+        self.bodyDone = False
+        self.chunkedUpstream = False
+        self.upstream: UpstreamConnection | None = None
+        self.started = 0.0
+        self.status = 0
+        self.sent = 0
+        self.headBytes = 0
+
+
+class HTTPProxy:
+    """
+    What every visitor connection of one routed-HTTP tunnel shares: the routes, the upstream pool, the
+    reporter.
+    """
+
+    def __init__(self, reactor: Any, table: RouteTable, reporter: Reporter | None) -> None:
+        self.reactor = reactor
+        self.table = table
+        self.reporter = reporter
+        self.pool = UpstreamPool(reactor)
+
+    def protocolFor(self, header: StreamHeader) -> VisitorHTTP:
+        """
+        @param header: The stream header of the visitor's data session.
+        @return: The protocol serving the decrypted visitor stream.
+        """
+        return VisitorHTTP(self, header)
+
+    def logRequest(self, exchange: Exchange) -> None:
+        """
+        Report one finished request (method, path, status, bytes, milliseconds, route).
+        """
+        if self.reporter is None:
+            return
+        route = exchange.match.route if exchange.match else None
+        self.reporter.request(
+            method=exchange.method.decode("latin-1"),
+            path=exchange.url.decode("latin-1"),
+            status=exchange.status,
+            bytes=exchange.sent,
+            ms=(self.reactor.seconds() - exchange.started) * 1000,
+            route=route.prefix if route else None,
+            upstream=route.upstream.authority if route else None,
+        )
+
+
+class VisitorHTTP(Protocol):
+    """
+    The visitor's side: parses requests and writes responses, in order.
+    """
+
+    _log = Logger()
+
+    def __init__(self, proxy: HTTPProxy, header: StreamHeader) -> None:
+        self._proxy = proxy
+        self._header = header
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: Exchange | None = None
+        self._current: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._raw: UpstreamConnection | None = None
+        self._upgradeBuffer: list[bytes] | None = None
+        self._lost = False
+        self._closeAfter = False
+        self._headBytes = 0
+
+    # Transport events.
+
+    def connectionMade(self) -> None:
+        """
+        Nothing to do until a request arrives.
+        """
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Feed the parser, or pass bytes on once the connection was upgraded.
+        """
+        if self._raw is not None:
+            assert self._raw.transport is not None
+            self._raw.transport.write(data)
+            return
+        if self._upgradeBuffer is not None:
+            self._upgradeBuffer.append(data)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgradeBuffer = [data[e.args[0] :]]
+        except httptools.HttpParserError as e:
+            self._badRequest(f"malformed request: {e}")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Drop what is in flight.
+        """
+        self._lost = True
+        for exchange in [self._current, *self._queue]:
+            if exchange is not None and exchange.upstream is not None:
+                exchange.upstream.abandon()
+        if self._raw is not None and self._raw.transport is not None:
+            self._raw.transport.loseConnection()
+
+    # Parser callbacks.
+
+    def on_message_begin(self) -> None:
+        """
+        A new request: answer it now, or after those before it (pipelining).
+        """
+        exchange = Exchange()
+        exchange.started = self._proxy.reactor.seconds()
+        self._parsing = exchange
+        self._headBytes = 0
+        if self._current is None:
+            self._current = exchange
+        else:
+            self._queue.append(exchange)
+            assert self.transport is not None
+            pauseReading(self.transport)
+
+    def on_url(self, url: bytes) -> None:
+        """
+        Accumulate the request target.
+        """
+        assert self._parsing is not None
+        self._parsing.url += url
+        self._checkHeadSize(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """
+        Accumulate a header.
+        """
+        assert self._parsing is not None
+        self._parsing.headers.append((name, value))
+        self._checkHeadSize(len(name) + len(value) + 4)
+
+    def _checkHeadSize(self, more: int) -> None:
+        """
+        Refuse request heads larger than L{MAX_HEAD_BYTES}.
+        """
+        self._headBytes += more
+        if self._headBytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        """
+        The head is complete: start the exchange if it is first in line.
+        """
+        exchange = self._parsing
+        assert exchange is not None
+        parser = self._parser
+        exchange.method = parser.get_method()
+        exchange.version = parser.get_http_version()
+        exchange.keepAlive = parser.should_keep_alive()
+        exchange.upgrade = parser.should_upgrade()
+        exchange.headComplete = True
+        exchange.chunkedUpstream = _header(exchange.headers, b"content-length") is None and (
+            _header(exchange.headers, b"transfer-encoding") is not None
+        )
+        if exchange is self._current:
+            self._start(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        """
+        Forward (or hold) a piece of the request body.
+        """
+        exchange = self._parsing
+        assert exchange is not None
+        upstream = exchange.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(_chunk(body) if exchange.chunkedUpstream else body)
+        else:
+            exchange.body.append(body)
+
+    def on_message_complete(self) -> None:
+        """
+        The request body is complete.
+        """
+        exchange = self._parsing
+        assert exchange is not None
+        exchange.bodyDone = True
+        upstream = exchange.upstream
+        if exchange.chunkedUpstream and upstream is not None and upstream.transport is not None:
+            upstream.transport.write(b"0\r\n\r\n")
+
+    # Exchanges.
+
+    def _start(self, exchange: Exchange) -> None:
+        """
+        Route the request and get an upstream connection for it.
+        """
+        match = self._proxy.table.match(exchange.url.decode("latin-1"))
+        if match is None:
+            prefixes = ", ".join(html.escape(p) for p in self._proxy.table.prefixes())
+            self._respondLocally(exchange, 404, f"No route for this path. Routes: {prefixes}")
+            return
+        exchange.match = match
+        transport = self.transport
+        assert transport is not None
+        # Hold the request body in the socket, not in memory, until the upstream is connected.
+        pauseReading(transport)
+        d = self._proxy.pool.get(match.route.upstream)
+
+        def connected(upstream: UpstreamConnection) -> None:
+            if self._lost:
+                self._proxy.pool.release(upstream, reusable=True)
+                return
+            exchange.upstream = upstream
+            upstream.begin(self, exchange)
+            if not self._queue:
+                resumeReading(transport)
+
+        def failed(failure: Failure) -> None:
+            if self._lost:
+                return
+            target = match.route.upstream.authority
+            if failure.check(TimeoutError, CancelledError):
+                self._respondLocally(
+                    exchange, 504, f"Route {match.route.prefix} -> {target}: no answer in time."
+                )
+            else:
+                self._respondLocally(
+                    exchange,
+                    502,
+                    f"Route {match.route.prefix} -> {target}: {failure.getErrorMessage()}",
+                )
+
+        d.addCallbacks(connected, failed)
+
+    def requestHead(self, exchange: Exchange) -> bytes:
+        """
+        The request head to send upstream: hop-by-hop headers removed, forwarding headers added.
+        """
+        match = exchange.match
+        assert match is not None
+        headers = _endToEnd(exchange.headers)
+        if exchange.upgrade:
+            headers += [(b"Connection", b"Upgrade")]
+            upgrade = _header(exchange.headers, b"upgrade")
+            if upgrade is not None:
+                headers.append((b"Upgrade", upgrade))
+        peer = self._header.peerHost.encode("latin-1")
+        host = _header(exchange.headers, b"host") or b""
+        forwardedFor = _header(exchange.headers, b"x-forwarded-for")
+        headers = [
+            (n, v)
+            for n, v in headers
+            if n.lower() not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+        ]
+        headers.append((b"X-Forwarded-For", forwardedFor + b", " + peer if forwardedFor else peer))
+        headers.append((b"X-Forwarded-Proto", b"https"))
+        if host:
+            headers.append((b"X-Forwarded-Host", host))
+        forNode = b'"[%s]"' % peer if b":" in peer else peer
+        headers.append((b"Forwarded", b"for=%s;host=%s;proto=https" % (forNode, host)))
+        if match.strippedPrefix is not None:
+            headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
+        if exchange.chunkedUpstream:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
+        lines += [b"%s: %s" % (n, v) for n, v in headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def pendingBody(self, exchange: Exchange) -> bytes:
+        """
+        Body bytes held while the upstream connection was being made, framed for upstream.
+        """
+        held, exchange.body = exchange.body, []
+        data = b"".join(_chunk(b) for b in held) if exchange.chunkedUpstream else b"".join(held)
+        if exchange.bodyDone and exchange.chunkedUpstream:
+            data += b"0\r\n\r\n"
+        return data
+
+    def writeHead(
+        self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Write a response head to the visitor.
+        """
+        exchange.status = status
+        keep = exchange.keepAlive and not self._closeAfter
+        if not keep:
+            self._closeAfter = True
+        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+        lines += [b"%s: %s" % (n, v) for n, v in headers]
+        if status != 101:
+            lines.append(b"Connection: keep-alive" if keep else b"Connection: close")
+        assert self.transport is not None
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+
+    def writeBody(self, exchange: Exchange, data: bytes) -> None:
+        """
+        Write response body bytes to the visitor.
+        """
+        exchange.sent += len(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def finished(self, exchange: Exchange) -> None:
+        """
+        An exchange is complete: log it, then go on with the next one or close.
+        """
+        self._proxy.logRequest(exchange)
+        if exchange is not self._current:
+            return
+        self._current = None
+        transport = self.transport
+        assert transport is not None
+        if self._closeAfter or self._lost:
+            transport.loseConnection()
+            return
+        if self._queue:
+            self._current = self._queue.popleft()
+            if self._current.headComplete:
+                self._start(self._current)
+        if not self._queue:
+            resumeReading(transport)
+
+    def upgraded(self, upstream: UpstreamConnection) -> None:
+        """
+        The upstream accepted an upgrade: pass raw bytes both ways from now on.
+        """
+        self._raw = upstream
+        held, self._upgradeBuffer = self._upgradeBuffer or [], None
+        assert upstream.transport is not None
+        for data in held:
+            if data:
+                upstream.transport.write(data)
+
+    def _respondLocally(self, exchange: Exchange, status: int, message: str) -> None:
+        """
+        Answer with a small page of our own (404, 502, 504).
+        """
+        reason = _STATUS.get(status, b"Error")
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>{status}</title>"
+            f"<h1>{status} {reason.decode()}</h1><p>{html.escape(message)}</p>"
+            "<p><small>portal tunnel</small></p>\n"
+        ).encode()
+        if not exchange.bodyDone:
+            # The request body was not read: the connection cannot be reused.
+            self._closeAfter = True
+        self.writeHead(
+            exchange,
+            status,
+            reason,
+            [
+                (b"Content-Type", b"text/html; charset=utf-8"),
+                (b"Content-Length", b"%d" % len(body)),
+            ],
+        )
+        self.writeBody(exchange, body if exchange.method != b"HEAD" else b"")
+        self.finished(exchange)
+
+    def _badRequest(self, reason: str) -> None:
+        """
+        A request the parser refused: 400 and close.
+        """
+        self._log.info(
+            "bad request from {peer}: {reason}", peer=self._header.peerHost, reason=reason
+        )
+        self._closeAfter = True
+        exchange = self._current or Exchange()
+        if exchange.status:
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        self._respondLocally(exchange, 400, reason)
+
+
+class UpstreamConnection(Protocol):
+    """
+    One persistent connection to an upstream; carries one exchange at a time.
+    """
+
+    _log = Logger()
+
+    def __init__(self, pool: UpstreamPool, upstream: Upstream) -> None:
+        self._pool = pool
+        self.upstream = upstream
+        self._visitor: VisitorHTTP | None = None
+        self._exchange: Exchange | None = None
+        self._parser: Any = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunked = False
+        self._untilClose = False
+        self._raw = False
+        self._timer: Any = None
+        self._interim = False
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        """
+        Send small writes at once.
+        """
+        noDelay(self.transport)
+
+    def begin(self, visitor: VisitorHTTP, exchange: Exchange) -> None:
+        """
+        Send C{exchange}'s request and stream its body; responses go back to C{visitor}.
+        """
+        self._visitor = visitor
+        self._exchange = exchange
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        transport = cast(IForwardingTransport, self.transport)
+        visitorTransport = cast(IForwardingTransport, visitor.transport)
+        assert transport is not None and visitorTransport is not None
+        transport.write(visitor.requestHead(exchange) + visitor.pendingBody(exchange))
+        # Each side's transport produces what the other consumes, for this exchange.
+        transport.registerProducer(visitorTransport, True)
+        visitorTransport.registerProducer(transport, True)
+        self._timer = self._pool.reactor.callLater(RESPONSE_TIMEOUT, self._timedOut)
+
+    def _endExchange(self) -> None:
+        """
+        Undo the producer links of the finished exchange.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        visitor = self._visitor
+        if visitor is not None and visitor.transport is not None and not visitor._lost:
+            cast(IForwardingTransport, visitor.transport).unregisterProducer()
+            resumeReading(visitor.transport)
+        if self.transport is not None and not self.lost:
+            cast(IForwardingTransport, self.transport).unregisterProducer()
+            resumeReading(self.transport)
+
+    def _timedOut(self) -> None:
+        """
+        No response head in time: 504, and this connection is not reused.
+        """
+        self._timer = None
+        exchange, visitor = self._exchange, self._visitor
+        if exchange is None or visitor is None or exchange.status:
+            return
+        self._endExchange()
+        self._exchange = None
+        assert self.transport is not None
+        self.transport.loseConnection()
+        match = exchange.match
+        assert match is not None
+        visitor._respondLocally(
+            exchange,
+            504,
+            f"Route {match.route.prefix} -> {self.upstream.authority}: no response in "
+            f"{RESPONSE_TIMEOUT:.0f} s.",
+        )
+
+    def abandon(self) -> None:
+        """
+        The visitor went away mid-exchange: this connection's state is unknown, close it.
+        """
+        self._exchange = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Parse the response, or pass raw bytes after an upgrade.
+        """
+        visitor = self._visitor
+        if self._raw:
+            if visitor is not None and visitor.transport is not None:
+                visitor.transport.write(data)
+            return
+        if self._parser is None or self._exchange is None:
+            # Bytes from an idle connection: it cannot be trusted any more.
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0] :]
+            self._raw = True
+            if visitor is not None:
+                visitor.upgraded(self)
+                if rest and visitor.transport is not None:
+                    visitor.transport.write(rest)
+        except httptools.HttpParserError as e:
+            self._log.warn(
+                "bad response from {upstream}: {error}",
+                upstream=self.upstream.authority,
+                error=str(e),
+            )
+            self._fail("the upstream sent a malformed response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """
+        Accumulate a response header.
+        """
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """
+        Write the response head to the visitor, choosing the framing.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        assert exchange is not None and visitor is not None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        status = self._parser.get_status_code()
+        headers = _endToEnd(self._headers)
+        reason = _STATUS.get(status, b"Status")
+        if 100 <= status < 200 and status != 101:
+            # An interim response (100 Continue, 103 Early Hints): pass it on; the real one follows.
+            self._interim = True
+            lines = [b"HTTP/1.1 %d %s" % (status, reason)] + [b"%s: %s" % h for h in headers]
+            assert visitor.transport is not None
+            visitor.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+            self._headers = []
+            return
+        if exchange.upgrade and status != 101:
+            # The visitor's parser stopped at the upgrade request: this connection ends here.
+            visitor._closeAfter = True
+        if status == 101 and exchange.upgrade:
+            upgrade = _header(self._headers, b"upgrade") or b""
+            visitor.writeHead(
+                exchange,
+                101,
+                reason,
+                headers + [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)],
+            )
+            return
+        noBody = exchange.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+        length = _header(self._headers, b"content-length")
+        self._chunked = self._untilClose = False
+        if not noBody and length is None:
+            if exchange.version == "1.1":
+                self._chunked = True
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                self._untilClose = True
+                visitor._closeAfter = True
+        visitor.writeHead(exchange, status, reason, headers)
+        if exchange.method == b"HEAD":
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        """
+        Stream a piece of the response body to the visitor.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        if exchange is None or visitor is None:
+            return
+        visitor.writeBody(exchange, _chunk(body) if self._chunked else body)
+
+    def on_message_complete(self) -> None:
+        """
+        The response is complete (an interim response is not).
+        """
+        if self._interim:
+            self._interim = False
+            return
+        if self._exchange is not None and not self._raw:
+            self._complete()
+
+    def _complete(self) -> None:
+        """
+        Finish the exchange; keep the connection for the next one when the upstream allows.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        if exchange is None or visitor is None:
+            return
+        if self._chunked:
+            visitor.writeBody(exchange, b"0\r\n\r\n")
+        reusable = bool(self._parser.should_keep_alive()) and exchange.bodyDone
+        self._endExchange()
+        self._exchange = None
+        self._visitor = None
+        self._parser = None
+        self._pool.release(self, reusable)
+        visitor.finished(exchange)
+
+    def _fail(self, message: str) -> None:
+        """
+        The upstream broke the exchange: 502 if nothing was answered yet, else cut the visitor off.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        self._exchange = None
+        self._endExchange()
+        if self.transport is not None:
+            self.transport.loseConnection()
+        if exchange is None or visitor is None:
+            return
+        if not exchange.status:
+            match = exchange.match
+            assert match is not None
+            visitor._respondLocally(
+                exchange, 502, f"Route {match.route.prefix} -> {self.upstream.authority}: {message}"
+            )
+        elif visitor.transport is not None:
+            visitor.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        A close ends a response without length; otherwise it is an error mid-exchange.
+        """
+        self.lost = True
+        self._pool.forget(self)
+        visitor = self._visitor
+        if self._raw:
+            if visitor is not None and visitor.transport is not None:
+                visitor.transport.loseConnection()
+            return
+        if self._exchange is None:
+            return
+        if self._untilClose and self._exchange.status:
+            self._complete()
+            return
+        self._fail("the upstream closed the connection")
+
+
+class UpstreamPool:
+    """
+    Persistent upstream connections, idle ones kept per target.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._idle: dict[Upstream, list[UpstreamConnection]] = {}
+        self.opened = 0
+
+    def get(self, upstream: Upstream) -> Deferred[UpstreamConnection]:
+        """
+        @return: An idle connection to C{upstream}, or a new one (within L{CONNECT_TIMEOUT}).
+        """
+        idle = self._idle.get(upstream)
+        while idle:
+            connection = idle.pop()
+            if not connection.lost:
+                return succeed(connection)
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, upstream.host, upstream.port, timeout=CONNECT_TIMEOUT
+        )
+        if upstream.tls:
+            endpoint = wrapClientTLS(CertificateOptions(verify=False), endpoint)
+        self.opened += 1
+        d: Deferred[UpstreamConnection] = connectProtocol(
+            endpoint, UpstreamConnection(self, upstream)
+        )
+        d.addTimeout(CONNECT_TIMEOUT, self.reactor)
+        return d
+
+    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+        """
+        Keep a connection whose exchange finished cleanly, or close it.
+        """
+        idle = self._idle.setdefault(connection.upstream, [])
+        if reusable and not connection.lost and len(idle) < MAX_IDLE_PER_UPSTREAM:
+            idle.append(connection)
+        elif connection.transport is not None:
+            connection.transport.loseConnection()
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        """
+        A connection closed: it is not idle any more.
+        """
+        idle = self._idle.get(connection.upstream)
+        if idle and connection in idle:
+            idle.remove(connection)
