@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
-        "--only", default="1,2,3,4,7", help="comma-separated scenario numbers (default all built)"
+        "--only", default="1,2,3,4,5,7", help="comma-separated scenario numbers (default all built)"
     )
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="results folder"
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         (2, "fullPath", lambda lab: scenarios.fullPath(lab, settings, _log)),
         (3, "connectionSetup", lambda lab: scenarios.connectionSetup(lab, settings, _log)),
         (4, "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
+        (5, "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
         (7, "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
     ]
     for number, name, run in plan:

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 import tempfile
 from collections.abc import Sequence
 
@@ -243,6 +244,87 @@ class Lab:
         _waitListening(port, child)
         return child, port
 
+    def httpService(self) -> tuple[Child, int, int] | None:
+        """
+        nginx serving a 1 KiB body on plain HTTP (the routed tunnel's upstream) and on HTTPS with the
+        sink certificate (the direct baseline), keep-alive on both; L{None} without nginx.
+
+        @return: The child, the HTTP port and the HTTPS port.
+        """
+        binary = tool("nginx")
+        if binary is None:
+            return None
+        httpPort, httpsPort = freePort(), freePort()
+        prefix = tempfile.mkdtemp(dir=self.root, prefix="nginx-http-")
+        config = os.path.join(prefix, "nginx.conf")
+        body = "x" * 1024
+        with open(config, "w") as f:
+            f.write(
+                "worker_processes 1;\nmaster_process off;\ndaemon off;\n"
+                f"pid {prefix}/nginx.pid;\nerror_log stderr;\n"
+                "events { worker_connections 4096; }\n"
+                "http {\n  access_log off;\n  keepalive_requests 1000000;\n"
+                f"  server {{ listen 127.0.0.1:{httpPort}; location / {{ return 200 '{body}'; }} }}\n"
+                f"  server {{ listen 127.0.0.1:{httpsPort} ssl; ssl_certificate {self.certFile};\n"
+                f"    ssl_certificate_key {self.keyFile}; ssl_protocols TLSv1.3;\n"
+                f"    location / {{ return 200 '{body}'; }} }}\n"
+                "}\n"
+            )
+        child = self._start("nginx http", [binary, "-p", prefix, "-c", config, "-e", "stderr"])
+        _waitListening(httpPort, child)
+        _waitListening(httpsPort, child)
+        return child, httpPort, httpsPort
+
+    def routedTunnel(self, controlPort: int, targetPort: int, name: str) -> tuple[Child, str]:
+        """
+        A real C{portal expose PORT --http}.
+
+        @return: The child and the lease URL.
+        """
+        child = self._start(
+            "portal expose --http",
+            [
+                python(),
+                "-m",
+                "portal",
+                "expose",
+                str(targetPort),
+                "--http",
+                "--relay",
+                f"127.0.0.1:{controlPort}",
+                "--identity",
+                self._identity(),
+                "--name",
+                name,
+                "--json",
+            ],
+        )
+        return child, self._lease(child)
+
+    def wrk(self, url: str, seconds: float, connections: int = 16) -> dict[str, float]:
+        """
+        Run wrk against C{url}; C{*.localhost} names resolve to 127.0.0.1 through nss_wrapper (for the
+        wrk process only), since glibc does not resolve them.
+
+        @return: Requests per second and latency percentiles (microseconds).
+        """
+        binary = tool("wrk")
+        if binary is None:
+            raise RuntimeError("wrk is not installed (Debian package wrk)")
+        host = url.split("//", 1)[1].rsplit(":", 1)[0]
+        hosts = os.path.join(self.root, "hosts")
+        with open(hosts, "w") as f:
+            f.write(f"127.0.0.1 {host}\n")
+        env = dict(os.environ, LD_PRELOAD="libnss_wrapper.so", NSS_WRAPPER_HOSTS=hosts)
+        output = subprocess.run(
+            [binary, "-t2", f"-c{connections}", f"-d{seconds:g}s", "--latency", url + "/"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        ).stdout
+        return parseWrk(output)
+
     def registrar(self, controlPort: int, count: int, prefix: str) -> tuple[Child, float]:
         """
         Register C{count} leases on the relay (L{benchmarks.registrar}).
@@ -279,6 +361,27 @@ def _waitListening(port: int, child: Child, tries: int = 200) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{child.name} is not listening on {port}")
+
+
+def parseWrk(output: str) -> dict[str, float]:
+    """
+    Read requests/s, errors and the latency distribution from wrk's C{--latency} output.
+    """
+    units = {"us": 1.0, "ms": 1e3, "s": 1e6}
+    result: dict[str, float] = {"errors": 0.0}
+    for line in output.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            result["requestsPerSecond"] = float(words[1])
+        elif len(words) == 2 and words[0] in ("50%", "75%", "90%", "99%"):
+            number = words[1].rstrip("usm")
+            unit = words[1][len(number) :]
+            result[f"p{words[0][:-1]}us"] = float(number) * units[unit]
+        elif line.strip().startswith("Non-2xx") or line.strip().startswith("Socket errors"):
+            result["errors"] += sum(float(w.rstrip(",")) for w in words if w.rstrip(",").isdigit())
+    if "requestsPerSecond" not in result:
+        raise RuntimeError(f"wrk printed no result:\n{output}")
+    return result
 
 
 def metrics(publicPort: int) -> dict[str, float]:

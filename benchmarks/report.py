@@ -60,6 +60,20 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "KiB",
             )
         )
+    routed = results["scenarios"].get("routedHTTP", {}).get("paths", {})
+    if "portal" in routed:
+        targets.append(
+            _target(
+                "routed HTTP requests/s through relay + tunnel",
+                routed["portal"]["requestsPerSecond"],
+                10000,
+                True,
+                "req/s",
+            )
+        )
+        targets.append(
+            _target("routed HTTP p99 latency", routed["portal"]["p99us"] / 1000, 20, False, "ms")
+        )
     full = results["scenarios"].get("fullPath", {}).get("paths", {})
     if "portal (relay + tunnel)" in full and "twisted TLS server" in full:
         for direction in ("uploadMBps", "downloadMBps"):
@@ -162,6 +176,24 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_fmt(level['relayBytesPerConnection'] / 1024, 1)} | "
                     f"{_fmt(level['tunnelBytesPerConnection'] / 1024, 1)} | "
                     f"{_fmt(level['relayRssMiB'], 1)} | {_fmt(level['tunnelRssMiB'], 1)} |"
+                )
+            out += [f"- {note}" for note in data.get("notes", [])]
+    data = scenarios.get("routedHTTP")
+    if data:
+        out += ["", "## 5. Routed HTTP", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += [
+                "wrk, 2 threads, 16 keep-alive connections, 1 KiB responses from nginx.",
+                "",
+                "| path | requests/s | p50 µs | p99 µs | errors |",
+                "|---|---|---|---|---|",
+            ]
+            for name, e in data["paths"].items():
+                out.append(
+                    f"| {name} | {_fmt(e['requestsPerSecond'])} | {_fmt(e['p50us'])} | "
+                    f"{_fmt(e['p99us'])} | {_fmt(e['errors'])} |"
                 )
             out += [f"- {note}" for note in data.get("notes", [])]
     data = scenarios.get("leaseScale")

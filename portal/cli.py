@@ -188,7 +188,7 @@ def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
         if reactor.running:
             reactor.stop()
 
-    tunnel = TunnelService(config, reactor, Reporter(out, config.json, err), fatal)
+    tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
     reactor.callWhenRunning(runUntilStopped, reactor, [tunnel])
     reactor.run()
     return exit[0]
@@ -247,7 +247,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
             json=bool(options["json"]),
         )
         out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
-        tunnel = TunnelService(config, reactor, Reporter(out, config.json, err), fatal)
+        tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
         runUntilStopped(reactor, [tunnel])
         reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
         reactor.addSystemEventTrigger("before", "shutdown", site.stopListening)

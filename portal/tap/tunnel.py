@@ -36,4 +36,4 @@ def makeService(options: Options) -> TunnelService:
             reactor.stop()
 
     config = options.tunnelConfig
-    return TunnelService(config, reactor, Reporter(sys.stdout, config.json), fatal)
+    return TunnelService(config, reactor, Reporter(sys.stdout, config.json, clock=reactor), fatal)

@@ -48,6 +48,8 @@ CONNECT_TIMEOUT = 10.0
 RESPONSE_TIMEOUT = 60.0
 #: Idle upstream connections kept per target.
 MAX_IDLE_PER_UPSTREAM = 32
+#: Body bytes of one exchange after which the two transports are linked as each other's producers.
+LINK_THRESHOLD = 64 * 1024
 #: Largest request head (request line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
 _STATUS = {
@@ -282,6 +284,7 @@ class VisitorHTTP(Protocol):
         assert exchange is not None
         upstream = exchange.upstream
         if upstream is not None and upstream.transport is not None:
+            upstream.bodyProgress(len(body))
             upstream.transport.write(_chunk(body) if exchange.chunkedUpstream else body)
         else:
             exchange.body.append(body)
@@ -311,6 +314,12 @@ class VisitorHTTP(Protocol):
         exchange.match = match
         transport = self.transport
         assert transport is not None
+        idle = self._proxy.pool.takeIdle(match.route.upstream)
+        if idle is not None:
+            # The common case with keep-alive: no Deferred, no pause.
+            exchange.upstream = idle
+            idle.begin(self, exchange)
+            return
         # Hold the request body in the socket, not in memory, until the upstream is connected.
         pauseReading(transport)
         d = self._proxy.pool.get(match.route.upstream)
@@ -435,6 +444,7 @@ class VisitorHTTP(Protocol):
         The upstream accepted an upgrade: pass raw bytes both ways from now on.
         """
         self._raw = upstream
+        upstream.link()
         held, self._upgradeBuffer = self._upgradeBuffer or [], None
         assert upstream.transport is not None
         for data in held:
@@ -501,6 +511,8 @@ class UpstreamConnection(Protocol):
         self._raw = False
         self._timer: Any = None
         self._interim = False
+        self._linked = False
+        self._bodyBytes = 0
         self.lost = False
 
     def connectionMade(self) -> None:
@@ -521,10 +533,31 @@ class UpstreamConnection(Protocol):
         visitorTransport = cast(IForwardingTransport, visitor.transport)
         assert transport is not None and visitorTransport is not None
         transport.write(visitor.requestHead(exchange) + visitor.pendingBody(exchange))
-        # Each side's transport produces what the other consumes, for this exchange.
+        self._linked = False
+        self._bodyBytes = 0
+        self._timer = self._pool.reactor.callLater(RESPONSE_TIMEOUT, self._timedOut)
+
+    def link(self) -> None:
+        """
+        Make each side's transport the producer of what the other consumes, so a slow reader on
+        either side pauses the writer. Done once a body grows past L{LINK_THRESHOLD} (small exchanges
+        need no flow control: what they can buffer is bounded), and for upgraded connections.
+        """
+        if self._linked or self._visitor is None:
+            return
+        self._linked = True
+        transport = cast(IForwardingTransport, self.transport)
+        visitorTransport = cast(IForwardingTransport, self._visitor.transport)
         transport.registerProducer(visitorTransport, True)
         visitorTransport.registerProducer(transport, True)
-        self._timer = self._pool.reactor.callLater(RESPONSE_TIMEOUT, self._timedOut)
+
+    def bodyProgress(self, count: int) -> None:
+        """
+        Count body bytes of this exchange (both directions); link producers past the threshold.
+        """
+        self._bodyBytes += count
+        if self._bodyBytes > LINK_THRESHOLD:
+            self.link()
 
     def _endExchange(self) -> None:
         """
@@ -533,6 +566,9 @@ class UpstreamConnection(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if not self._linked:
+            return
+        self._linked = False
         visitor = self._visitor
         if visitor is not None and visitor.transport is not None and not visitor._lost:
             cast(IForwardingTransport, visitor.transport).unregisterProducer()
@@ -660,6 +696,7 @@ class UpstreamConnection(Protocol):
         exchange, visitor = self._exchange, self._visitor
         if exchange is None or visitor is None:
             return
+        self.bodyProgress(len(body))
         visitor.writeBody(exchange, _chunk(body) if self._chunked else body)
 
     def on_message_complete(self) -> None:
@@ -737,6 +774,17 @@ class UpstreamPool:
         self.reactor = reactor
         self._idle: dict[Upstream, list[UpstreamConnection]] = {}
         self.opened = 0
+
+    def takeIdle(self, upstream: Upstream) -> UpstreamConnection | None:
+        """
+        @return: An idle connection to C{upstream}, or L{None}.
+        """
+        idle = self._idle.get(upstream)
+        while idle:
+            connection = idle.pop()
+            if not connection.lost:
+                return connection
+        return None
 
     def get(self, upstream: Upstream) -> Deferred[UpstreamConnection]:
         """

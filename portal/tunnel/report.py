@@ -18,10 +18,21 @@ class Reporter:
     #: Events that go to the error stream in text mode.
     ERRORS = frozenset({"fatal", "error", "unreachable", "retrying"})
 
-    def __init__(self, out: TextIO, asJSON: bool = False, err: TextIO | None = None) -> None:
+    def __init__(
+        self, out: TextIO, asJSON: bool = False, err: TextIO | None = None, clock: Any = None
+    ) -> None:
+        """
+        @param out: Where events go.
+        @param asJSON: One JSON object per line instead of text.
+        @param err: Where errors go in text mode (default C{out}).
+        @param clock: With a clock, output is flushed once per reactor turn rather than per line (a
+            busy routed-HTTP tunnel logs every request).
+        """
         self._out = out
         self._err = err or out
         self._json = asJSON
+        self._clock = clock
+        self._flushing: Any = None
         self.events: list[dict[str, Any]] = []
 
     def _emit(self, event: dict[str, Any], text: str) -> None:
@@ -35,7 +46,19 @@ class Reporter:
             stream = self._err if event["event"] in self.ERRORS else self._out
             line = text
         stream.write(line + "\n")
-        stream.flush()
+        if self._clock is None or event["event"] != "request":
+            # State changes (a fatal error just before the reactor stops, above all) go out at once.
+            stream.flush()
+        elif self._flushing is None:
+            self._flushing = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        """
+        Flush both streams.
+        """
+        self._flushing = None
+        self._out.flush()
+        self._err.flush()
 
     def lease(self, url: str, relay: str, target: str, caPath: str | None) -> None:
         """
