@@ -11,6 +11,7 @@ two-way splice (WebSocket). Pipelined requests are answered in order.
 from __future__ import annotations
 
 import html
+import re
 from collections import deque
 from typing import Any, cast
 
@@ -52,6 +53,8 @@ MAX_IDLE_PER_UPSTREAM = 32
 LINK_THRESHOLD = 64 * 1024
 #: Largest request head (request line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
+#: An RFC 9110 token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _STATUS = {
     101: b"Switching Protocols",
     200: b"OK",
@@ -91,6 +94,16 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if n.lower() == name:
             return v
     return None
+
+
+def _forwardedValue(value: bytes) -> bytes:
+    """
+    @return: C{value} as a C{Forwarded} parameter value (RFC 7239): a token when it is one, else a
+        quoted string, so that a visitor's C{Host} cannot add parameters.
+    """
+    if _TOKEN.fullmatch(value):
+        return value
+    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
 def _chunk(data: bytes) -> bytes:
@@ -179,6 +192,8 @@ class VisitorHTTP(Protocol):
         self._upgradeBuffer: list[bytes] | None = None
         self._lost = False
         self._closeAfter = False
+        self._refused = False
+        self._connecting = False
         self._headBytes = 0
 
     # Transport events.
@@ -199,12 +214,17 @@ class VisitorHTTP(Protocol):
         if self._upgradeBuffer is not None:
             self._upgradeBuffer.append(data)
             return
+        if self._refused:
+            # The parser stopped at an error; the connection is closing.
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgradeBuffer = [data[e.args[0] :]]
         except httptools.HttpParserError as e:
-            self._badRequest(f"malformed request: {e}")
+            # An error raised by a callback (the head size check) arrives wrapped: report it.
+            cause = e.__context__ if isinstance(e.__context__, httptools.HttpParserError) else e
+            self._badRequest(f"malformed request: {cause}")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -270,9 +290,12 @@ class VisitorHTTP(Protocol):
         exchange.keepAlive = parser.should_keep_alive()
         exchange.upgrade = parser.should_upgrade()
         exchange.headComplete = True
-        exchange.chunkedUpstream = _header(exchange.headers, b"content-length") is None and (
+        length = _header(exchange.headers, b"content-length")
+        exchange.chunkedUpstream = length is None and (
             _header(exchange.headers, b"transfer-encoding") is not None
         )
+        # Known now, so that a local answer given before on_message_complete keeps the connection.
+        exchange.bodyDone = not exchange.chunkedUpstream and int(length or 0) == 0
         if exchange is self._current:
             self._start(exchange)
 
@@ -322,10 +345,13 @@ class VisitorHTTP(Protocol):
             return
         # Hold the request body in the socket, not in memory, until the upstream is connected.
         pauseReading(transport)
+        self._connecting = True
         d = self._proxy.pool.get(match.route.upstream)
 
         def connected(upstream: UpstreamConnection) -> None:
-            if self._lost:
+            self._connecting = False
+            if self._lost or exchange.status:
+                # Gone, or already answered (a malformed body): the request was never sent.
                 self._proxy.pool.release(upstream, reusable=True)
                 return
             exchange.upstream = upstream
@@ -334,7 +360,8 @@ class VisitorHTTP(Protocol):
                 resumeReading(transport)
 
         def failed(failure: Failure) -> None:
-            if self._lost:
+            self._connecting = False
+            if self._lost or exchange.status:
                 return
             target = match.route.upstream.authority
             if failure.check(TimeoutError, CancelledError):
@@ -375,7 +402,8 @@ class VisitorHTTP(Protocol):
         if host:
             headers.append((b"X-Forwarded-Host", host))
         forNode = b'"[%s]"' % peer if b":" in peer else peer
-        headers.append((b"Forwarded", b"for=%s;host=%s;proto=https" % (forNode, host)))
+        hostParam = b"host=%s;" % _forwardedValue(host) if host else b""
+        headers.append((b"Forwarded", b"for=%s;%sproto=https" % (forNode, hostParam)))
         if match.strippedPrefix is not None:
             headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
         if exchange.chunkedUpstream:
@@ -436,7 +464,7 @@ class VisitorHTTP(Protocol):
             self._current = self._queue.popleft()
             if self._current.headComplete:
                 self._start(self._current)
-        if not self._queue:
+        if not self._queue and not self._connecting:
             resumeReading(transport)
 
     def upgraded(self, upstream: UpstreamConnection) -> None:
@@ -484,11 +512,20 @@ class VisitorHTTP(Protocol):
             "bad request from {peer}: {reason}", peer=self._header.peerHost, reason=reason
         )
         self._closeAfter = True
-        exchange = self._current or Exchange()
+        self._refused = True
+        current = self._current
+        if current is not None and (current is not self._parsing or current.bodyDone):
+            # The bad request waits behind one still being answered: finish that one, then close.
+            self._queue.clear()
+            return
+        exchange = current or Exchange()
         if exchange.status:
             assert self.transport is not None
             self.transport.loseConnection()
             return
+        if exchange.upstream is not None:
+            # Its head (and part of its body) went upstream: that connection cannot be reused.
+            exchange.upstream.abandon()
         self._respondLocally(exchange, 400, reason)
 
 
@@ -602,6 +639,7 @@ class UpstreamConnection(Protocol):
         """
         The visitor went away mid-exchange: this connection's state is unknown, close it.
         """
+        self._endExchange()
         self._exchange = None
         if self.transport is not None:
             self.transport.loseConnection()
@@ -674,16 +712,24 @@ class UpstreamConnection(Protocol):
                 reason,
                 headers + [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)],
             )
+            # llhttp calls on_message_complete before raising HttpParserUpgrade: mark the
+            # connection raw now so that the exchange is not completed and the connection is not
+            # pooled (and this visitor is not forgotten) while it carries the upgraded stream.
+            self._raw = True
+            # Its only chance to be reported: the splice that follows is not an HTTP exchange.
+            visitor._proxy.logRequest(exchange)
             return
         noBody = exchange.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
         length = _header(self._headers, b"content-length")
+        codings = _header(self._headers, b"transfer-encoding") or b""
         self._chunked = self._untilClose = False
         if not noBody and length is None:
+            # Without a length the body ends with its last chunk, or else when the upstream closes.
+            self._untilClose = codings.split(b",")[-1].strip().lower() != b"chunked"
             if exchange.version == "1.1":
                 self._chunked = True
                 headers.append((b"Transfer-Encoding", b"chunked"))
             else:
-                self._untilClose = True
                 visitor._closeAfter = True
         visitor.writeHead(exchange, status, reason, headers)
         if exchange.method == b"HEAD":
