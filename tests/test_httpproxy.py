@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from portal.attach import StreamHeader
 from portal.httproutes import RouteTable, Upstream, parseRoute
 from portal.tunnel.httpproxy import (
+    IDLE_TIMEOUT,
     LINK_THRESHOLD,
     MAX_HEAD_BYTES,
     RESPONSE_TIMEOUT,
@@ -310,6 +311,16 @@ class ProxyTestCase(SynchronousTestCase):
         if data:
             visitor.dataReceived(data)
         return visitor, transport
+
+    def responseTimers(self) -> list[Any]:
+        """
+        @return: Pending upstream response timeouts (the visitors' idle timers are not counted).
+        """
+        return [
+            call
+            for call in self.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_timedOut"
+        ]
 
     def requestLog(self) -> list[dict[str, Any]]:
         """
@@ -928,7 +939,7 @@ class ErrorTests(ProxyTestCase):
         upstream.dataReceived(b"llo")
         [response] = parseResponses(transport.value())
         self.assertEqual(response.body, b"hello")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.responseTimers(), [])
 
     def test_closedMidHead(self) -> None:
         """
@@ -939,7 +950,7 @@ class ErrorTests(ProxyTestCase):
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Le")
         closeUpstream(upstream)
         self.assertLocalResponse(transport, 502, b"closed the connection")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.responseTimers(), [])
 
     def test_malformedResponse(self) -> None:
         """
@@ -1055,7 +1066,7 @@ class ErrorTests(ProxyTestCase):
         upstream.dataReceived(OK_HELLO)
         self.assertEqual(transport.value(), written)
         self.assertNotIn(upstream, self.pool.idle)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.responseTimers(), [])
 
     def test_nothingAfterRefusal(self) -> None:
         """
@@ -1434,3 +1445,47 @@ class RequestLogTests(ProxyTestCase):
         self.visit(b"GET /x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         [event] = self.requestLog()
         self.assertEqual((event["status"], event["route"], event["upstream"]), (404, None, None))
+
+
+class IdleTimeoutTests(ProxyTestCase):
+    """
+    Keep-alive visitor connections do not stay open forever.
+    """
+
+    def test_idleClosed(self) -> None:
+        """
+        A visitor connection with no request in flight is closed after C{IDLE_TIMEOUT} seconds of
+        silence, with a log event.
+        """
+        _, transport = self.visit()
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(any("idle" in e.get("log_format", "") for e in self.events))
+
+    def test_requestInFlightKept(self) -> None:
+        """
+        A long response (an event stream, a long poll) is not cut off by the idle timer, and the
+        timer starts again once the response is complete.
+        """
+        _, transport = self.visit(b"GET /events HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.clock.advance(IDLE_TIMEOUT * 3)
+        self.assertFalse(transport.disconnecting)
+        upstream.dataReceived(b"0\r\n\r\n")
+        self.clock.advance(IDLE_TIMEOUT * 2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_bytesExcludeFraming(self) -> None:
+        """
+        The request log counts body bytes, not chunk framing.
+        """
+        self.visit(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        upstream = self.pool.connect()
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        [entry] = self.requestLog()
+        self.assertEqual(entry["bytes"], 5)

@@ -22,6 +22,7 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from portal.attach import StreamHeader
@@ -47,6 +48,8 @@ HOP_BY_HOP = frozenset(
 CONNECT_TIMEOUT = 10.0
 #: Seconds an upstream may take to start its response.
 RESPONSE_TIMEOUT = 60.0
+#: Seconds a visitor connection with no request in flight may stay silent.
+IDLE_TIMEOUT = 120.0
 #: Idle upstream connections kept per target.
 MAX_IDLE_PER_UPSTREAM = 32
 #: Body bytes of one exchange after which the two transports are linked as each other's producers.
@@ -174,9 +177,10 @@ class HTTPProxy:
         )
 
 
-class VisitorHTTP(Protocol):
+class VisitorHTTP(Protocol, TimeoutMixin):
     """
-    The visitor's side: parses requests and writes responses, in order.
+    The visitor's side: parses requests and writes responses, in order. A connection with no request
+    in flight is closed after L{IDLE_TIMEOUT} seconds without bytes from the visitor.
     """
 
     _log = Logger()
@@ -184,6 +188,8 @@ class VisitorHTTP(Protocol):
     def __init__(self, proxy: HTTPProxy, header: StreamHeader) -> None:
         self._proxy = proxy
         self._header = header
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = proxy.reactor.callLater  # type: ignore[method-assign]
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: Exchange | None = None
         self._current: Exchange | None = None
@@ -200,13 +206,27 @@ class VisitorHTTP(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Nothing to do until a request arrives.
+        Start the idle timer.
         """
+        self.setTimeout(IDLE_TIMEOUT)
+
+    def timeoutConnection(self) -> None:
+        """
+        Close an idle keep-alive connection; one with a request in flight (a long poll, an event
+        stream) is left alone.
+        """
+        if self._current is not None or self._raw is not None:
+            self.setTimeout(IDLE_TIMEOUT)
+            return
+        self._log.info("closing idle connection from {peer}", peer=self._header.peerHost)
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """
         Feed the parser, or pass bytes on once the connection was upgraded.
         """
+        self.resetTimeout()
         if self._raw is not None:
             assert self._raw.transport is not None
             self._raw.transport.write(data)
@@ -231,6 +251,7 @@ class VisitorHTTP(Protocol):
         Drop what is in flight.
         """
         self._lost = True
+        self.setTimeout(None)
         for exchange in [self._current, *self._queue]:
             if exchange is not None and exchange.upstream is not None:
                 exchange.upstream.abandon()
@@ -439,11 +460,13 @@ class VisitorHTTP(Protocol):
         assert self.transport is not None
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
 
-    def writeBody(self, exchange: Exchange, data: bytes) -> None:
+    def writeBody(self, exchange: Exchange, data: bytes, payload: int | None = None) -> None:
         """
         Write response body bytes to the visitor.
+
+        @param payload: How many of C{data}'s bytes are body (without chunk framing), for the log.
         """
-        exchange.sent += len(data)
+        exchange.sent += len(data) if payload is None else payload
         assert self.transport is not None
         self.transport.write(data)
 
@@ -743,7 +766,7 @@ class UpstreamConnection(Protocol):
         if exchange is None or visitor is None:
             return
         self.bodyProgress(len(body))
-        visitor.writeBody(exchange, _chunk(body) if self._chunked else body)
+        visitor.writeBody(exchange, _chunk(body) if self._chunked else body, len(body))
 
     def on_message_complete(self) -> None:
         """
@@ -763,7 +786,7 @@ class UpstreamConnection(Protocol):
         if exchange is None or visitor is None:
             return
         if self._chunked:
-            visitor.writeBody(exchange, b"0\r\n\r\n")
+            visitor.writeBody(exchange, b"0\r\n\r\n", 0)
         reusable = bool(self._parser.should_keep_alive()) and exchange.bodyDone
         self._endExchange()
         self._exchange = None
