@@ -38,7 +38,7 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
 _ABSOLUTE_FORM = re.compile(r"(?i)https?://[^/?#]*")
 
 #: How users write a route, for error messages.
-_SYNTAX = "expected PREFIX=TARGET[,strip], e.g. /api=3001,strip"
+_SYNTAX = "expected PREFIX=TARGET[,strip][,host], e.g. /api=3001,strip"
 
 
 class RouteError(ValueError):
@@ -83,11 +83,14 @@ class Route:
         exactly C{/}.
     @ivar upstream: Where matching requests go.
     @ivar strip: Whether C{prefix} is removed from the path before it is forwarded.
+    @ivar rewriteHost: Whether the C{Host} header is set to the upstream's authority (for development
+        servers that refuse other hosts) instead of being passed through.
     """
 
     prefix: str
     upstream: Upstream
     strip: bool
+    rewriteHost: bool = False
 
 
 @attrs.frozen
@@ -286,8 +289,8 @@ def parseRoute(text: str) -> Route:
     PREFIX is a path starting with C{/}; it is normalised like request paths (L{normalisePath}) and
     loses any trailing C{/}.  It cannot contain C{=}, which ends it.  TARGET is C{PORT} (on
     127.0.0.1), C{HOST:PORT}, C{[IPV6]:PORT}, or C{http://HOST:PORT[/BASE]} or
-    C{https://HOST:PORT[/BASE]}.  The only option is C{strip}, which removes the prefix from the
-    forwarded path.
+    C{https://HOST:PORT[/BASE]}.  Options: C{strip} removes the prefix from the forwarded path;
+    C{host} sends the target's C{HOST:PORT} as the C{Host} header instead of the visitor's.
 
     @param text: The route as given.
     @return: The parsed route.
@@ -303,13 +306,18 @@ def parseRoute(text: str) -> Route:
         raise RouteError(f"{where}: PREFIX {prefix!r} must start with '/'")
     _checkPath(prefix, "PREFIX", text)
     target, *options = rest.split(",")
-    strip = False
+    strip = rewriteHost = False
     for option in options:
-        if option != "strip":
-            raise RouteError(f"{where}: unknown option {option!r}; the only option is 'strip'")
-        strip = True
+        if option == "strip":
+            strip = True
+        elif option == "host":
+            rewriteHost = True
+        else:
+            raise RouteError(
+                f"{where}: unknown option {option!r}; the options are 'strip' and 'host'"
+            )
     upstream = _parseUpstream(target, text)
-    return Route(_trimPath(prefix) or "/", upstream, strip)
+    return Route(_trimPath(prefix) or "/", upstream, strip, rewriteHost)
 
 
 def _prefixMatches(prefix: str, path: str) -> bool:

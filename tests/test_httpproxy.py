@@ -1489,3 +1489,29 @@ class IdleTimeoutTests(ProxyTestCase):
         )
         [entry] = self.requestLog()
         self.assertEqual(entry["bytes"], 5)
+
+
+class HostRewriteTests(ProxyTestCase):
+    """
+    A route with the C{host} option sends the target's authority as C{Host}.
+    """
+
+    routes = ["/dev=5173,host", "/=3000"]
+
+    def test_rewritten(self) -> None:
+        """
+        The upstream of a C{host} route sees C{Host: 127.0.0.1:5173}; the visitor's host is still in
+        C{X-Forwarded-Host}.
+        """
+        self.visit(b"GET /dev/x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        [request] = self.sentUpstream(self.pool.connect())
+        self.assertEqual(request.values(b"host"), [b"127.0.0.1:5173"])
+        self.assertEqual(request.header(b"x-forwarded-host"), b"app.localhost")
+
+    def test_passedThrough(self) -> None:
+        """
+        Other routes pass the visitor's C{Host} through unchanged.
+        """
+        self.visit(b"GET /x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        [request] = self.sentUpstream(self.pool.connect())
+        self.assertEqual(request.values(b"host"), [b"app.localhost"])

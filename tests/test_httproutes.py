@@ -325,7 +325,7 @@ class ParseRouteTests(SynchronousTestCase):
         """
         Options other than C{strip} are rejected, with the option named.
         """
-        self.assertRouteError("/api=3001,strip,fast", "'fast'", "only option is 'strip'")
+        self.assertRouteError("/api=3001,strip,fast", "'fast'", "options are 'strip' and 'host'")
         self.assertRouteError("/api=3001,", "unknown option ''")
 
     @given(st.integers(1, 65535), st.booleans())
@@ -699,3 +699,18 @@ class RouteTableMatchTests(SynchronousTestCase):
             self.assertTrue(match.upstreamPath.endswith("?" + query))
         else:
             self.assertEqual(match.strippedPrefix, None)
+
+
+class HostOptionTests(SynchronousTestCase):
+    """
+    The C{host} route option.
+    """
+
+    def test_hostOption(self) -> None:
+        """
+        C{,host} asks for the Host header to be rewritten; it combines with C{strip} in any order.
+        """
+        route = parseRoute("/app=5173,host,strip")
+        self.assertTrue(route.rewriteHost)
+        self.assertTrue(route.strip)
+        self.assertFalse(parseRoute("/app=5173").rewriteHost)

@@ -189,7 +189,8 @@ class TunnelConfig:
         """
         if self.routes:
             return " ".join(
-                f"{r.prefix}={r.upstream.authority}{r.upstream.basePath}{',strip' if r.strip else ''}"
+                f"{r.prefix}={r.upstream.authority}{r.upstream.basePath}"
+                f"{',strip' if r.strip else ''}{',host' if r.rewriteHost else ''}"
                 for r in self.routes
             )
         return str(self.target)

@@ -412,6 +412,10 @@ class VisitorHTTP(Protocol, TimeoutMixin):
                 headers.append((b"Upgrade", upgrade))
         peer = self._header.peerHost.encode("latin-1")
         host = _header(exchange.headers, b"host") or b""
+        if match.route.rewriteHost:
+            # The visitor's Host still travels in X-Forwarded-Host and Forwarded.
+            headers = [(n, v) for n, v in headers if n.lower() != b"host"]
+            headers.append((b"Host", match.route.upstream.authority.encode("latin-1")))
         forwardedFor = _header(exchange.headers, b"x-forwarded-for")
         headers = [
             (n, v)

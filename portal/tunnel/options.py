@@ -110,7 +110,7 @@ class TunnelOptions(usage.Options):
 
     def opt_http_route(self, route: str) -> None:
         """
-        PREFIX=TARGET[,strip] route of routed HTTP mode (repeatable; longest prefix wins).
+        PREFIX=TARGET[,strip][,host] route of routed HTTP mode (repeatable; longest prefix wins).
         """
         self["http-routes"].append(route)
 
