@@ -782,11 +782,11 @@ class RoutedHTTPEndToEndTests(TestCase):
         self.assertEqual((after[0], json.loads(after[1])["uri"]), (200, "/still/here"))
 
     @inlineCallbacks
-    def test_curlHTTP11AndNoHTTP2(self) -> Any:
+    def test_curlHTTP11AndHTTP2(self) -> Any:
         """
-        C{portal expose PORT --http} serves curl C{--http1.1}, and curl C{--http2} falls back to
-        HTTP/1.1 (the tunnel offers only http/1.1 by ALPN); asking routed mode for
-        C{--alpn h2,http/1.1} is a usage error (exit 2) that says HTTP/2 is not available.
+        By default routed mode offers http/1.1 only, so curl C{--http2} falls back to HTTP/1.1; with
+        C{--alpn h2,http/1.1} curl C{--http2} gets HTTP/2 (twisted.web's h2, forwarded over the same
+        upstream pool) and C{--http1.1} still gets HTTP/1.1; an unknown protocol is a usage error.
         """
         port = yield self._service(Site(_Echo("single")))
         tunnel, lease = yield self._routed(str(port), "--http")
@@ -797,9 +797,14 @@ class RoutedHTTPEndToEndTests(TestCase):
         self.assertEqual((code, status, version), (0, 200, "1.1"), err)
         self.assertEqual(json.loads(body)["uri"], "/two")
 
-        refused = self._expose(
-            self._controlPort, "--http-route", f"/={port}", "--alpn", "h2,http/1.1"
-        )
+        _, h2lease = yield self._routed(str(port), "--http", "--alpn", "h2,http/1.1")
+        code, status, body, version, err = yield self._curl(h2lease, "/three?q=1", "--http2")
+        self.assertEqual((code, status, version), (0, 200, "2"), err)
+        self.assertEqual(json.loads(body)["uri"], "/three?q=1")
+        code, status, body, version, err = yield self._curl(h2lease, "/four", "--http1.1")
+        self.assertEqual((code, status, version), (0, 200, "1.1"), err)
+
+        refused = self._expose(self._controlPort, "--http-route", f"/={port}", "--alpn", "h3")
         exitCode = yield refused.ended
         self.assertEqual(exitCode, 2, refused.output())
-        self.assertIn("HTTP/2", refused.output())
+        self.assertIn("h2,http/1.1", refused.output())

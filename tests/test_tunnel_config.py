@@ -448,12 +448,14 @@ class RoutedHTTPConfigTests(SynchronousTestCase):
             UsageError, self.parse, "--http-route", "/api=1", "--http-route", "/api/=2"
         )
 
-    def test_noHTTP2Yet(self) -> None:
+    def test_alpnInRoutedMode(self) -> None:
         """
-        Routed mode speaks HTTP/1.1 to visitors for now: asking for h2 is a clear usage error.
+        Routed mode offers HTTP/2 and HTTP/1.1 to visitors; other ALPN protocols are a usage error.
         """
-        error = self.assertRaises(UsageError, self.parse, "3000", "--http", "--alpn", "h2,http/1.1")
-        self.assertIn("HTTP/2", str(error))
+        config = self.parse("3000", "--http", "--alpn", "h2,http/1.1").tunnelConfig
+        self.assertEqual(config.alpn, (b"h2", b"http/1.1"))
+        error = self.assertRaises(UsageError, self.parse, "3000", "--http", "--alpn", "h3")
+        self.assertIn("h2,http/1.1", str(error))
 
     def test_missingTarget(self) -> None:
         """

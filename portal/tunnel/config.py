@@ -246,9 +246,9 @@ def buildConfig(
     except RouteError as e:
         raise ConfigError(f"--http-route: {e}")
     if routes:
-        if any(p != b"http/1.1" for p in _alpn(alpn)):
+        if any(p not in (b"h2", b"http/1.1") for p in _alpn(alpn)):
             raise ConfigError(
-                "--alpn: routed HTTP mode speaks HTTP/1.1 to visitors (HTTP/2 is not available yet)"
+                "--alpn: routed HTTP mode speaks HTTP/1.1 and HTTP/2 to visitors (h2,http/1.1)"
             )
     elif target is None:
         raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")

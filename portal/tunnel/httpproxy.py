@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import re
+import typing
 from collections import deque
 from typing import Any, cast
 
@@ -116,6 +117,56 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+class ExchangeVisitor(typing.Protocol):
+    """
+    What an L{UpstreamConnection} needs of the visitor side of an exchange: L{VisitorHTTP} for HTTP/1.1,
+    L{portal.tunnel.http2.H2Visitor} for one HTTP/2 request.
+    """
+
+    framesBodies: bool
+    transport: Any
+    _proxy: HTTPProxy
+    _lost: bool
+    _closeAfter: bool
+
+    def writeHead(
+        self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Send the response head.
+        """
+
+    def writeBody(self, exchange: Exchange, data: bytes, payload: int | None = None) -> None:
+        """
+        Send response body bytes.
+        """
+
+    def finished(self, exchange: Exchange) -> None:
+        """
+        The exchange is complete.
+        """
+
+    def upgraded(self, upstream: UpstreamConnection) -> None:
+        """
+        The upstream accepted an upgrade.
+        """
+
+    def requestHead(self, exchange: Exchange) -> bytes:
+        """
+        The request head to send upstream.
+        """
+
+    def pendingBody(self, exchange: Exchange) -> bytes:
+        """
+        Body bytes held until the upstream was connected.
+        """
+
+    def _respondLocally(self, exchange: Exchange, status: int, message: str) -> None:
+        """
+        Answer with a page of the tunnel's own.
+        """
+
+
 class Exchange:
     """
     One request and its response.
@@ -177,11 +228,123 @@ class HTTPProxy:
         )
 
 
-class VisitorHTTP(Protocol, TimeoutMixin):
+class ExchangeAnswers:
+    """
+    What both kinds of visitor (L{VisitorHTTP}, L{portal.tunnel.http2.H2Visitor}) do alike: build the
+    upstream request and answer with a page of the tunnel's own.
+
+    Subclasses provide C{_header} (the stream header), C{_closeAfter}, C{writeHead}, C{writeBody} and
+    C{finished}.
+    """
+
+    _header: StreamHeader
+    _closeAfter: bool
+
+    def writeHead(
+        self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Send the response head.
+        """
+        raise NotImplementedError()
+
+    def writeBody(self, exchange: Exchange, data: bytes, payload: int | None = None) -> None:
+        """
+        Send response body bytes.
+        """
+        raise NotImplementedError()
+
+    def finished(self, exchange: Exchange) -> None:
+        """
+        The exchange is complete.
+        """
+        raise NotImplementedError()
+
+    def requestHead(self, exchange: Exchange) -> bytes:
+        """
+        The request head to send upstream: hop-by-hop headers removed, forwarding headers added.
+        """
+        match = exchange.match
+        assert match is not None
+        headers = _endToEnd(exchange.headers)
+        if exchange.upgrade:
+            headers += [(b"Connection", b"Upgrade")]
+            upgrade = _header(exchange.headers, b"upgrade")
+            if upgrade is not None:
+                headers.append((b"Upgrade", upgrade))
+        peer = self._header.peerHost.encode("latin-1")
+        host = _header(exchange.headers, b"host") or b""
+        if match.route.rewriteHost:
+            # The visitor's Host still travels in X-Forwarded-Host and Forwarded.
+            headers = [(n, v) for n, v in headers if n.lower() != b"host"]
+            headers.append((b"Host", match.route.upstream.authority.encode("latin-1")))
+        forwardedFor = _header(exchange.headers, b"x-forwarded-for")
+        headers = [
+            (n, v)
+            for n, v in headers
+            if n.lower() not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+        ]
+        headers.append((b"X-Forwarded-For", forwardedFor + b", " + peer if forwardedFor else peer))
+        headers.append((b"X-Forwarded-Proto", b"https"))
+        if host:
+            headers.append((b"X-Forwarded-Host", host))
+        forNode = b'"[%s]"' % peer if b":" in peer else peer
+        hostParam = b"host=%s;" % _forwardedValue(host) if host else b""
+        headers.append((b"Forwarded", b"for=%s;%sproto=https" % (forNode, hostParam)))
+        if match.strippedPrefix is not None:
+            headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
+        if exchange.chunkedUpstream:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
+        lines += [b"%s: %s" % (n, v) for n, v in headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def pendingBody(self, exchange: Exchange) -> bytes:
+        """
+        Body bytes held while the upstream connection was being made, framed for upstream.
+        """
+        held, exchange.body = exchange.body, []
+        data = b"".join(_chunk(b) for b in held) if exchange.chunkedUpstream else b"".join(held)
+        if exchange.bodyDone and exchange.chunkedUpstream:
+            data += b"0\r\n\r\n"
+        return data
+
+    def _respondLocally(self, exchange: Exchange, status: int, message: str) -> None:
+        """
+        Answer with a small page of our own (404, 502, 504).
+        """
+        reason = _STATUS.get(status, b"Error")
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>{status}</title>"
+            f"<h1>{status} {reason.decode()}</h1><p>{html.escape(message)}</p>"
+            "<p><small>portal tunnel</small></p>\n"
+        ).encode()
+        if not exchange.bodyDone:
+            # The request body was not read: the connection cannot be reused.
+            self._closeAfter = True
+        self.writeHead(
+            exchange,
+            status,
+            reason,
+            [
+                (b"Content-Type", b"text/html; charset=utf-8"),
+                (b"Content-Length", b"%d" % len(body)),
+            ],
+        )
+        self.writeBody(exchange, body if exchange.method != b"HEAD" else b"")
+        self.finished(exchange)
+
+
+class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
     """
     The visitor's side: parses requests and writes responses, in order. A connection with no request
     in flight is closed after L{IDLE_TIMEOUT} seconds without bytes from the visitor.
+
+    @cvar framesBodies: Whether the visitor's protocol delimits bodies itself (HTTP/2); HTTP/1.1
+        visitors get chunked or close-delimited bodies when the upstream gives no length.
     """
+
+    framesBodies = False
 
     _log = Logger()
 
@@ -398,55 +561,6 @@ class VisitorHTTP(Protocol, TimeoutMixin):
 
         d.addCallbacks(connected, failed)
 
-    def requestHead(self, exchange: Exchange) -> bytes:
-        """
-        The request head to send upstream: hop-by-hop headers removed, forwarding headers added.
-        """
-        match = exchange.match
-        assert match is not None
-        headers = _endToEnd(exchange.headers)
-        if exchange.upgrade:
-            headers += [(b"Connection", b"Upgrade")]
-            upgrade = _header(exchange.headers, b"upgrade")
-            if upgrade is not None:
-                headers.append((b"Upgrade", upgrade))
-        peer = self._header.peerHost.encode("latin-1")
-        host = _header(exchange.headers, b"host") or b""
-        if match.route.rewriteHost:
-            # The visitor's Host still travels in X-Forwarded-Host and Forwarded.
-            headers = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.append((b"Host", match.route.upstream.authority.encode("latin-1")))
-        forwardedFor = _header(exchange.headers, b"x-forwarded-for")
-        headers = [
-            (n, v)
-            for n, v in headers
-            if n.lower() not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-        ]
-        headers.append((b"X-Forwarded-For", forwardedFor + b", " + peer if forwardedFor else peer))
-        headers.append((b"X-Forwarded-Proto", b"https"))
-        if host:
-            headers.append((b"X-Forwarded-Host", host))
-        forNode = b'"[%s]"' % peer if b":" in peer else peer
-        hostParam = b"host=%s;" % _forwardedValue(host) if host else b""
-        headers.append((b"Forwarded", b"for=%s;%sproto=https" % (forNode, hostParam)))
-        if match.strippedPrefix is not None:
-            headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
-        if exchange.chunkedUpstream:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
-        lines += [b"%s: %s" % (n, v) for n, v in headers]
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
-    def pendingBody(self, exchange: Exchange) -> bytes:
-        """
-        Body bytes held while the upstream connection was being made, framed for upstream.
-        """
-        held, exchange.body = exchange.body, []
-        data = b"".join(_chunk(b) for b in held) if exchange.chunkedUpstream else b"".join(held)
-        if exchange.bodyDone and exchange.chunkedUpstream:
-            data += b"0\r\n\r\n"
-        return data
-
     def writeHead(
         self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
@@ -506,31 +620,6 @@ class VisitorHTTP(Protocol, TimeoutMixin):
             if data:
                 upstream.transport.write(data)
 
-    def _respondLocally(self, exchange: Exchange, status: int, message: str) -> None:
-        """
-        Answer with a small page of our own (404, 502, 504).
-        """
-        reason = _STATUS.get(status, b"Error")
-        body = (
-            f"<!doctype html><meta charset=utf-8><title>{status}</title>"
-            f"<h1>{status} {reason.decode()}</h1><p>{html.escape(message)}</p>"
-            "<p><small>portal tunnel</small></p>\n"
-        ).encode()
-        if not exchange.bodyDone:
-            # The request body was not read: the connection cannot be reused.
-            self._closeAfter = True
-        self.writeHead(
-            exchange,
-            status,
-            reason,
-            [
-                (b"Content-Type", b"text/html; charset=utf-8"),
-                (b"Content-Length", b"%d" % len(body)),
-            ],
-        )
-        self.writeBody(exchange, body if exchange.method != b"HEAD" else b"")
-        self.finished(exchange)
-
     def _badRequest(self, reason: str) -> None:
         """
         A request the parser refused: 400 and close.
@@ -566,7 +655,7 @@ class UpstreamConnection(Protocol):
     def __init__(self, pool: UpstreamPool, upstream: Upstream) -> None:
         self._pool = pool
         self.upstream = upstream
-        self._visitor: VisitorHTTP | None = None
+        self._visitor: ExchangeVisitor | None = None
         self._exchange: Exchange | None = None
         self._parser: Any = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -585,7 +674,7 @@ class UpstreamConnection(Protocol):
         """
         noDelay(self.transport)
 
-    def begin(self, visitor: VisitorHTTP, exchange: Exchange) -> None:
+    def begin(self, visitor: ExchangeVisitor, exchange: Exchange) -> None:
         """
         Send C{exchange}'s request and stream its body; responses go back to C{visitor}.
         """
@@ -753,7 +842,9 @@ class UpstreamConnection(Protocol):
         if not noBody and length is None:
             # Without a length the body ends with its last chunk, or else when the upstream closes.
             self._untilClose = codings.split(b",")[-1].strip().lower() != b"chunked"
-            if exchange.version == "1.1":
+            if visitor.framesBodies:
+                pass  # HTTP/2 ends each response with its own frames.
+            elif exchange.version == "1.1":
                 self._chunked = True
                 headers.append((b"Transfer-Encoding", b"chunked"))
             else:

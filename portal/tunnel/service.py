@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.attach import StreamHeader
 from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
@@ -29,6 +30,7 @@ from portal.pinning import KnownRelays
 from portal.tunnel.config import RelayAddress, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import DataSessionPool
+from portal.tunnel.http2 import RoutedHTTP
 from portal.tunnel.httpproxy import HTTPProxy
 from portal.tunnel.report import Reporter
 from portal.tunnel.stream import StreamHandler
@@ -232,8 +234,11 @@ class TunnelService(MultiService):
         creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
         inner = None
         if config.routes:
-            self.httpProxy = HTTPProxy(reactor, RouteTable(config.routes), reporter)
-            inner = self.httpProxy.protocolFor
+            proxy = self.httpProxy = HTTPProxy(reactor, RouteTable(config.routes), reporter)
+
+            def inner(header: StreamHeader) -> RoutedHTTP:
+                return RoutedHTTP(proxy, header)
+
         self.streamHandler = StreamHandler(reactor, config.target, creator, inner)
         self.links = [RelayLink(self, relay) for relay in config.relays]
         for link in self.links:
