@@ -7,9 +7,10 @@ from __future__ import annotations
 import io
 import json
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.tunnel.report import Reporter
+from portal.tunnel.report import MAX_EVENTS, Reporter
 
 
 class ReporterTests(SynchronousTestCase):
@@ -53,3 +54,34 @@ class ReporterTests(SynchronousTestCase):
         reporter.state("reconnected", "r:4017", "reconnected to the relay")
         self.assertEqual(err.getvalue(), "[r:4017] cannot reach the relay\nno identity\n")
         self.assertEqual(out.getvalue(), "[r:4017] reconnected to the relay\n")
+
+    def test_eventsBounded(self) -> None:
+        """
+        Only the last L{MAX_EVENTS} events are kept, so a tunnel logging every request does not grow.
+        """
+        reporter = Reporter(io.StringIO())
+        for i in range(MAX_EVENTS + 10):
+            reporter.request("GET", f"/{i}", 200, 1, 1.0, "/", "127.0.0.1:1")
+        self.assertEqual(len(reporter.events), MAX_EVENTS)
+        self.assertEqual(reporter.events[-1]["path"], f"/{MAX_EVENTS + 9}")
+
+    def test_requestLinesBatched(self) -> None:
+        """
+        With a clock, request lines are written once per reactor turn, and a state change written in
+        between comes after the request lines before it.
+        """
+        out = io.StringIO()
+        clock = Clock()
+        reporter = Reporter(out, clock=clock)
+        reporter.request("GET", "/a", 200, 1, 1.0, "/", "127.0.0.1:1")
+        reporter.request("GET", "/b", 200, 1, 1.0, "/", "127.0.0.1:1")
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(0)
+        self.assertEqual(len(out.getvalue().splitlines()), 2)
+        reporter.request("GET", "/c", 200, 1, 1.0, "/", "127.0.0.1:1")
+        reporter.state("reconnected", "r:1", "reconnected to the relay")
+        lines = out.getvalue().splitlines()
+        self.assertTrue(lines[2].startswith("GET /c 200"))
+        self.assertEqual(lines[3], "[r:1] reconnected to the relay")
+        clock.advance(0)
+        self.assertEqual(len(out.getvalue().splitlines()), 4)

@@ -5,14 +5,18 @@ What the tunnel tells its user: C{Forwarding} lines, or one JSON object per even
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, TextIO
+
+#: Events kept in L{Reporter.events}.
+MAX_EVENTS = 1000
 
 
 class Reporter:
     """
     Writes user-facing events to a text stream.
 
-    @ivar events: Every event reported, newest last (for tests and status).
+    @ivar events: The last L{MAX_EVENTS} events reported, newest last (for tests and status).
     """
 
     #: Events that go to the error stream in text mode.
@@ -33,7 +37,8 @@ class Reporter:
         self._json = asJSON
         self._clock = clock
         self._flushing: Any = None
-        self.events: list[dict[str, Any]] = []
+        self._pendingLines: list[str] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
 
     def _emit(self, event: dict[str, Any], text: str) -> None:
         """
@@ -45,20 +50,33 @@ class Reporter:
         else:
             stream = self._err if event["event"] in self.ERRORS else self._out
             line = text
+        if self._clock is not None and event["event"] == "request":
+            # A busy routed-HTTP tunnel logs every request: one write per reactor turn, not per line.
+            self._pendingLines.append(line + "\n")
+            if self._flushing is None:
+                self._flushing = self._clock.callLater(0, self._flush)
+            return
+        # State changes (a fatal error just before the reactor stops, above all) go out at once,
+        # after the request lines before them.
+        self._writePending()
         stream.write(line + "\n")
-        if self._clock is None or event["event"] != "request":
-            # State changes (a fatal error just before the reactor stops, above all) go out at once.
-            stream.flush()
-        elif self._flushing is None:
-            self._flushing = self._clock.callLater(0, self._flush)
+        stream.flush()
 
     def _flush(self) -> None:
         """
-        Flush both streams.
+        Write the request lines collected during this reactor turn.
         """
         self._flushing = None
-        self._out.flush()
-        self._err.flush()
+        self._writePending()
+
+    def _writePending(self) -> None:
+        """
+        Write and flush collected request lines.
+        """
+        if self._pendingLines:
+            data, self._pendingLines = "".join(self._pendingLines), []
+            self._out.write(data)
+            self._out.flush()
 
     def lease(self, url: str, relay: str, target: str, caPath: str | None) -> None:
         """
