@@ -168,6 +168,23 @@ async def _maybeDeferred(f: Any) -> None:
         await result
 
 
+def _stopOnFatal(reactor: Any) -> tuple[list[int], Any]:
+    """
+    A fatal-error callback for a service: it records exit status 1 and stops the reactor (the reporter
+    has already told the user: stderr in text mode, a JSON line with C{--json}).
+
+    @return: A one-element list holding the exit status, and the callback.
+    """
+    exit = [0]
+
+    def fatal(message: str) -> None:
+        exit[0] = FAILURE
+        if reactor.running:
+            reactor.stop()
+
+    return exit, fatal
+
+
 def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
     """
     Run C{portal expose} until interrupted.
@@ -180,13 +197,7 @@ def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
 
     config = options.tunnelConfig
     _startLogging(err, LogLevel.warn)
-    exit = [0]
-
-    def fatal(message: str) -> None:
-        # The reporter already told the user (stderr in text mode, a JSON line with --json).
-        exit[0] = FAILURE
-        if reactor.running:
-            reactor.stop()
+    exit, fatal = _stopOnFatal(reactor)
 
     tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
     reactor.callWhenRunning(runUntilStopped, reactor, [tunnel])
@@ -212,13 +223,7 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
     from portal.tunnel.service import TunnelService
 
     _startLogging(err, LogLevel.warn)
-    exit = [0]
-
-    def fatal(message: str) -> None:
-        # The reporter already told the user (stderr in text mode, a JSON line with --json).
-        exit[0] = FAILURE
-        if reactor.running:
-            reactor.stop()
+    exit, fatal = _stopOnFatal(reactor)
 
     # The relay keeps the default state directory, like `twistd portal-relay`: its identity stays the
     # one the tunnel pinned, so the demo can be run again (and mixed with a hand-started relay).

@@ -15,10 +15,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated, TimeoutError
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 #: Seconds a process may take to print what a test waits for.
 WAIT = 30.0
@@ -257,3 +259,69 @@ def terminate(watcher: WatchedProcess) -> Deferred[Any]:
     Stop a process with SIGTERM (a clean stop).
     """
     return watcher.stop()
+
+
+@inlineCallbacks
+def listenLocal(testCase: TestCase, factory: Any) -> Any:
+    """
+    Listen with C{factory} on a loopback port the OS picks, until the test ends.
+
+    @return: A L{Deferred} firing with the port number.
+    """
+    port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    testCase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+#: Headless Chromium on a machine with no network but loopback.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def browserTools() -> tuple[str, str]:
+    """
+    @return: The paths of Chromium and certutil.
+    @raise SkipTest: When either is missing (C{.ci/run} installs both).
+    """
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    certutil = shutil.which("certutil")
+    if chromium is None or certutil is None:
+        raise SkipTest("chromium and certutil (libnss3-tools) are needed; .ci/run installs them")
+    return chromium, certutil
+
+
+@inlineCallbacks
+def trustCA(testCase: TestCase, certutil: str, browserHome: str, caFile: str) -> Any:
+    """
+    Import C{caFile} as a trusted CA into the NSS database of a browser whose HOME is
+    C{browserHome}, as a user would.
+    """
+    nssdb = os.path.join(browserHome, ".pki", "nssdb")
+    os.makedirs(nssdb)
+    for args in (
+        ["-N", "-d", f"sql:{nssdb}", "--empty-password"],
+        ["-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "portal", "-i", caFile],
+    ):
+        out, err, code = yield getProcessOutputAndValue(certutil, args, env=os.environ)
+        testCase.assertEqual(code, 0, err)
+
+
+def dumpDOM(chromium: str, browserHome: str, url: str, extra: Sequence[str] = ()) -> Any:
+    """
+    Load C{url} in headless Chromium with HOME C{browserHome}.
+
+    @return: A L{Deferred} firing with C{(stdout, stderr, exit code)}; stdout is the DOM.
+    """
+    return getProcessOutputAndValue(
+        chromium,
+        [*CHROMIUM_FLAGS, *extra, f"--user-data-dir={browserHome}/profile", "--dump-dom", url],
+        env=dict(os.environ, HOME=browserHome),
+    )

@@ -6,7 +6,6 @@ script calls a second route and opens a WebSocket through a third, and the test 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 from typing import Any
@@ -14,12 +13,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tests.realprocesses import spawn, startRelay, waitForLease
+from tests.realprocesses import browserTools, dumpDOM, spawn, startRelay, trustCA, waitForLease
 
 PAGE = b"""<!doctype html>
 <meta charset="utf-8"><title>routed</title>
@@ -41,18 +39,8 @@ ws.onerror = () => { document.getElementById("ws").textContent = "ws: error"; };
 </script>
 """
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Keep the page alive until its fetch and WebSocket have finished (virtual time waits for them).
-    "--virtual-time-budget=15000",
-]
+#: Keep the page alive until its requests are done (virtual time waits for pending requests).
+VIRTUAL_TIME = ["--virtual-time-budget=15000"]
 
 
 class _Leaf(Resource):
@@ -147,12 +135,7 @@ class ChromiumRoutedHTTPTests(TestCase):
         DOM Chromium renders shows both results, so routing, streaming and the upgrade splice work for a
         real browser.
         """
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        certutil = shutil.which("certutil")
-        if chromium is None or certutil is None:
-            raise SkipTest(
-                "chromium and certutil (libnss3-tools) are needed; .ci/run installs them"
-            )
+        chromium, certutil = browserTools()
         try:
             server, wsPort = _echoServer()
         except ImportError:
@@ -195,25 +178,9 @@ class ChromiumRoutedHTTPTests(TestCase):
         )
         lease = yield waitForLease(tunnel)
 
-        nssdb = os.path.join(root, "browser", ".pki", "nssdb")
-        os.makedirs(nssdb)
-        for args in (
-            ["-N", "-d", f"sql:{nssdb}", "--empty-password"],
-            ["-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "portal", "-i", lease["ca"]],
-        ):
-            out, err, code = yield getProcessOutputAndValue(certutil, args, env=os.environ)
-            self.assertEqual(code, 0, err)
         browserHome = os.path.join(root, "browser")
-        out, err, code = yield getProcessOutputAndValue(
-            chromium,
-            [
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={browserHome}/profile",
-                "--dump-dom",
-                lease["url"] + "/",
-            ],
-            env=dict(os.environ, HOME=browserHome),
-        )
+        yield trustCA(self, certutil, browserHome, lease["ca"])
+        out, err, code = yield dumpDOM(chromium, browserHome, lease["url"] + "/", VIRTUAL_TIME)
         self.assertIn(b"api: hello from the api route", out, err[-2000:])
         self.assertIn(b"ws: ping through portal", out, err[-2000:])
         self.assertTrue(report.reported.called)

@@ -28,7 +28,16 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.realprocesses import spawn, startRelay, startTunnel, waitForLease
+from tests.realprocesses import (
+    browserTools,
+    dumpDOM,
+    listenLocal,
+    spawn,
+    startRelay,
+    startTunnel,
+    trustCA,
+    waitForLease,
+)
 
 PAGE = b"<h1>portal end-to-end page</h1>\n"
 
@@ -303,16 +312,13 @@ class StreamModeEndToEndMixin:
         os.makedirs(os.path.join(path, name))
         return os.path.join(path, name)
 
-    @inlineCallbacks
     def _service(self, factory: Any) -> Any:
         """
         Listen with C{factory} on a loopback port the OS picks.
 
-        @return: The port number.
+        @return: A L{Deferred} firing with the port number.
         """
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return listenLocal(self, factory)
 
     @inlineCallbacks
     def _world(self, factory: Any = None, name: str | None = None) -> Any:
@@ -532,18 +538,6 @@ class PythonSpliceEndToEndTests(StreamModeEndToEndMixin, TestCase):
     splicedCounter = "python_spliced"
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
 class BrowserTests(TestCase):
     """
     A real browser reaches a published service once the user trusts the tunnel's local CA.
@@ -558,12 +552,7 @@ class BrowserTests(TestCase):
         renders the local service's page at the printed C{https://<label>.localhost:<port>} URL; without
         the CA it does not.
         """
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        certutil = shutil.which("certutil")
-        if chromium is None or certutil is None:
-            raise SkipTest(
-                "chromium and certutil (libnss3-tools) are needed; .ci/run installs them"
-            )
+        chromium, certutil = browserTools()
         root = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(root, "relay"))
         _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
@@ -573,36 +562,14 @@ class BrowserTests(TestCase):
         os.makedirs(home)
         lease = yield waitForLease(startTunnel(self, home, controlPort, str(port.getHost().port)))
 
-        @inlineCallbacks
-        def render(browserHome: str) -> Any:
-            env = dict(os.environ, HOME=browserHome)
-            out, err, code = yield getProcessOutputAndValue(
-                chromium,
-                [
-                    *CHROMIUM_FLAGS,
-                    f"--user-data-dir={browserHome}/profile",
-                    "--dump-dom",
-                    lease["url"],
-                ],
-                env=env,
-            )
-            return out
-
         untrusting = os.path.join(root, "untrusting")
         os.makedirs(untrusting)
-        page = yield render(untrusting)
+        page, _, _ = yield dumpDOM(chromium, untrusting, lease["url"])
         self.assertNotIn(b"portal end-to-end page", page)
 
         trusting = os.path.join(root, "trusting")
-        nssdb = os.path.join(trusting, ".pki", "nssdb")
-        os.makedirs(nssdb)
-        for args in (
-            ["-N", "-d", f"sql:{nssdb}", "--empty-password"],
-            ["-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "portal", "-i", lease["ca"]],
-        ):
-            out, err, code = yield getProcessOutputAndValue(certutil, args, env=os.environ)
-            self.assertEqual(code, 0, err)
-        page = yield render(trusting)
+        yield trustCA(self, certutil, trusting, lease["ca"])
+        page, _, _ = yield dumpDOM(chromium, trusting, lease["url"])
         self.assertIn(b"portal end-to-end page", page)
 
 

@@ -30,7 +30,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from tests.realprocesses import WatchedProcess, spawn, startRelay, waitForLease
+from tests.realprocesses import WatchedProcess, listenLocal, spawn, startRelay, waitForLease
 
 #: Size of the large download and upload.
 BIG = 256 * 1024 * 1024
@@ -476,16 +476,13 @@ class RoutedHTTPEndToEndTests(TestCase):
         os.makedirs(path)
         return path
 
-    @inlineCallbacks
     def _service(self, factory: Any) -> Any:
         """
         Listen with C{factory} on a loopback port the OS picks.
 
-        @return: The port number.
+        @return: A L{Deferred} firing with the port number.
         """
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return listenLocal(self, factory)
 
     @inlineCallbacks
     def _closedPort(self) -> Any:
