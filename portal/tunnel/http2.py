@@ -11,18 +11,21 @@ control as backpressure. Request bodies are collected by twisted.web before the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from portal.attach import StreamHeader
+from portal.splice import IForwardingTransport
 from portal.tunnel.httpproxy import (
+    IDLE_TIMEOUT,
     Exchange,
     ExchangeAnswers,
     HTTPProxy,
@@ -81,10 +84,12 @@ class _RequestSink:
 
     def loseConnection(self) -> None:
         """
-        Reset the stream (the other streams of the connection go on).
+        Reset the stream (the other streams of the connection go on), so that the visitor does not
+        take a truncated body for a whole one: C{Request.loseConnection} would end it cleanly.
         """
-        if not self._request.finished:
-            self._request.loseConnection()
+        channel: Any = self._request.channel  # An H2Stream, which can reset itself.
+        if not self._request.finished and channel is not None:
+            channel.abortConnection()
 
 
 class H2Visitor(ExchangeAnswers):
@@ -101,6 +106,7 @@ class H2Visitor(ExchangeAnswers):
         self._request = request
         self.transport = _RequestSink(request)
         self._lost = False
+        self._done = False
         self._exchange: Exchange | None = None
         request.notifyFinish().addErrback(self._gone)
 
@@ -163,11 +169,12 @@ class H2Visitor(ExchangeAnswers):
 
     def _gone(self, reason: Failure) -> None:
         """
-        The visitor reset the stream or closed the connection.
+        The visitor reset the stream or closed the connection: an upstream still answering (even
+        mid-body) is abandoned, its state unknown.
         """
         self._lost = True
         exchange = self._exchange
-        if exchange is not None and exchange.upstream is not None and not exchange.status:
+        if exchange is not None and exchange.upstream is not None and not self._done:
             exchange.upstream.abandon()
 
     def writeHead(
@@ -196,6 +203,7 @@ class H2Visitor(ExchangeAnswers):
         """
         The response is complete.
         """
+        self._done = True
         self._proxy.logRequest(exchange)
         if not self._request.finished and not self._lost:
             self._request.finish()
@@ -238,6 +246,23 @@ class _QuietSite(Site):
         """
 
 
+class _H2Channel(H2Connection):
+    """
+    twisted.web's HTTP/2 connection, closed when idle as an HTTP/1.1 visitor's is: after
+    L{IDLE_TIMEOUT} seconds without frames and with no request in flight. (twisted.web's own timeout
+    also closes connections with streams in flight: a slow upstream, a long poll, an event stream.)
+    """
+
+    def timeoutConnection(self) -> None:
+        """
+        Close the connection unless a request is in flight.
+        """
+        if self.streams:
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
+
+
 class RoutedHTTP(Protocol):
     """
     The protocol inside the visitor's TLS in routed mode: HTTP/2 when the handshake negotiated C{h2},
@@ -258,16 +283,36 @@ class RoutedHTTP(Protocol):
         inner = self._inner
         if inner is None:
             negotiated = getattr(self.transport, "negotiatedProtocol", None)
+            assert self.transport is not None
             if negotiated == b"h2":
-                site = _QuietSite(_Proxied(self._proxy, self._header))
-                site.displayTracebacks = False
-                inner = site.buildProtocol(None)
+                inner = self._h2Channel()
+                self._inner = inner
+                inner.makeConnection(self.transport)
+                # Let the visitor's transport pause the channel when its buffer fills, as
+                # twisted.web's own ALPN switch does.
+                cast(IForwardingTransport, self.transport).registerProducer(inner, True)
             else:
-                inner = VisitorHTTP(self._proxy, self._header)
-            assert inner is not None and self.transport is not None
-            self._inner = inner
-            inner.makeConnection(self.transport)
+                inner = self._inner = VisitorHTTP(self._proxy, self._header)
+                inner.makeConnection(self.transport)
         inner.dataReceived(data)
+
+    def _h2Channel(self) -> _H2Channel:
+        """
+        @return: twisted.web's HTTP/2 channel, running on the proxy's reactor: built through
+            C{Site.buildProtocol} it would schedule its send loop on the global reactor.
+        """
+        reactor = self._proxy.reactor
+        site = _QuietSite(_Proxied(self._proxy, self._header), reactor=reactor)
+        site.displayTracebacks = False
+        channel = _H2Channel(reactor)
+        # twisted.web's H2Connection declares these None; its Site-built channels get them set too.
+        configure: Any = channel
+        configure.site = site
+        configure.factory = site
+        configure.requestFactory = site.requestFactory
+        configure.timeOut = IDLE_TIMEOUT
+        configure.callLater = reactor.callLater
+        return channel
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """

@@ -1,0 +1,805 @@
+"""
+Tests for L{portal.tunnel.http2}: routed HTTP for visitors whose TLS handshake negotiated C{h2},
+entirely in memory.
+
+The visitor is an HTTP/2 client state machine from the C{h2} library talking to a L{RoutedHTTP} on a
+L{StringTransport} that says which protocol ALPN chose. Upstream connections are real
+L{UpstreamConnection}s handed out by L{tests.test_httpproxy.FakePool}, as in the HTTP/1.1 tests.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+)
+from twisted.internet.base import DelayedCall
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web._http2 import H2Connection as ServerH2Connection
+
+from portal.tunnel.http2 import RoutedHTTP
+from portal.tunnel.httpproxy import IDLE_TIMEOUT, LINK_THRESHOLD, RESPONSE_TIMEOUT, VisitorHTTP
+from tests.test_httpproxy import (
+    API,
+    APP,
+    HEADER,
+    OK_HELLO,
+    ProxyTestCase,
+    parseResponses,
+    transportOf,
+)
+
+#: The visitor's C{:authority}.
+AUTHORITY = b"app.localhost"
+
+
+class NegotiatedTransport(StringTransport):
+    """
+    A L{StringTransport} that says which application protocol the TLS handshake negotiated (ALPN), as
+    L{twisted.protocols.tls.TLSMemoryBIOProtocol} does.
+
+    @ivar negotiatedProtocol: C{b"h2"}, C{b"http/1.1"}, or L{None} when ALPN chose nothing.
+    """
+
+    def __init__(self, negotiatedProtocol: bytes | None) -> None:
+        super().__init__()
+        self.negotiatedProtocol = negotiatedProtocol
+
+
+class Response:
+    """
+    One HTTP/2 response as the client received it.
+
+    @ivar headers: The response headers, pseudo-headers included, in order.
+    @ivar body: The body received so far.
+    @ivar ended: Whether the server ended the stream.
+    @ivar reset: The error code of a C{RST_STREAM} from the server, or L{None}.
+    @ivar unacknowledged: Flow-controlled bytes received and not yet given back with
+        C{WINDOW_UPDATE}.
+    """
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.ended = False
+        self.reset: int | None = None
+        self.unacknowledged = 0
+
+    @property
+    def status(self) -> int:
+        """
+        The C{:status}, or 0 before the headers arrived.
+        """
+        value = self.header(b":status")
+        return int(value) if value is not None else 0
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        @param name: A lowercase header name.
+        @return: The only value of that header, or L{None}; fails if it appears twice.
+        """
+        values = [v for n, v in self.headers if n == name]
+        assert len(values) <= 1, f"{name!r} appears {len(values)} times"
+        return values[0] if values else None
+
+
+class H2Client:
+    """
+    An HTTP/2 client (the C{h2} library's state machine) connected to a L{RoutedHTTP} through a
+    L{NegotiatedTransport}, with the proxy's clock driving twisted.web's send loop.
+
+    @ivar conn: The client's C{h2} connection.
+    @ivar events: Every event the client saw, in order.
+    @ivar responses: The responses by stream ID.
+    """
+
+    def __init__(
+        self, server: RoutedHTTP, transport: NegotiatedTransport, clock: MemoryReactorClock
+    ) -> None:
+        self._server = server
+        self._transport = transport
+        self._clock = clock
+        self.conn = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.events: list[Event] = []
+        self.responses: dict[int, Response] = {}
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        body: bytes = b"",
+    ) -> int:
+        """
+        Send a request on a new stream (not yet flushed).
+
+        @return: The stream ID.
+        """
+        streamID: int = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            streamID,
+            [
+                (b":method", method),
+                (b":path", path),
+                (b":authority", AUTHORITY),
+                (b":scheme", b"https"),
+                *(headers or []),
+            ],
+            end_stream=not body,
+        )
+        if body:
+            self.conn.send_data(streamID, body, end_stream=True)
+        self.responses[streamID] = Response()
+        return streamID
+
+    def _turn(self) -> bool:
+        """
+        Run the calls due now, as one reactor iteration does: calls they schedule wait for the next
+        turn. (C{Clock.advance(0)} runs until nothing is due, which never happens while twisted.web's
+        send loop waits for a flow-control window: it reschedules itself with C{callLater(0)} every
+        turn until the window opens.)
+
+        @return: Whether any call was due.
+        """
+        now = self._clock.seconds()
+        due = [
+            cast(DelayedCall, call)
+            for call in self._clock.getDelayedCalls()
+            if call.getTime() <= now
+        ]
+        for call in due:
+            if call.active():
+                func, args, kw = call.func, call.args, call.kw
+                call.cancel()  # Takes it off the clock; it runs now.
+                func(*args, **kw)
+        return bool(due)
+
+    def flush(self) -> None:
+        """
+        Exchange bytes and run due calls until neither side has anything more to send.
+        """
+        silent = 0
+        for _ in range(1000):
+            outgoing = self.conn.data_to_send()
+            if outgoing:
+                self._server.dataReceived(outgoing)
+            incoming = self._transport.value()
+            self._transport.clear()
+            if incoming:
+                self.receive(incoming)
+            silent = 0 if outgoing or incoming else silent + 1
+            if (not self._turn() and silent) or silent > 2:
+                return
+        raise AssertionError("the HTTP/2 exchange never went quiet")
+
+    def acknowledge(self, streamID: int) -> None:
+        """
+        Give back the flow-control window for the body bytes of C{streamID} read so far.
+        """
+        response = self.responses[streamID]
+        self.conn.acknowledge_received_data(response.unacknowledged, streamID)
+        response.unacknowledged = 0
+
+    def receive(self, data: bytes) -> None:
+        """
+        Feed the server's bytes to the client and record what they mean.
+        """
+        for event in self.conn.receive_data(data):
+            self.events.append(event)
+            if isinstance(event, ResponseReceived):
+                self.responses[event.stream_id].headers += event.headers
+            elif isinstance(event, DataReceived):
+                self.responses[event.stream_id].body += event.data
+                self.responses[event.stream_id].unacknowledged += event.flow_controlled_length
+            elif isinstance(event, StreamEnded):
+                self.responses[event.stream_id].ended = True
+            elif isinstance(event, StreamReset):
+                self.responses[event.stream_id].reset = event.error_code
+
+
+class H2TestCase(ProxyTestCase):
+    """
+    A proxy as in L{ProxyTestCase}, visited over HTTP/2.
+    """
+
+    def connectH2(self) -> tuple[RoutedHTTP, NegotiatedTransport, H2Client]:
+        """
+        Connect a visitor whose handshake negotiated C{h2} and exchange the connection prefaces.
+
+        @return: The server's protocol, its transport, and the client.
+        """
+        routed = RoutedHTTP(self.proxy, HEADER)
+        transport = NegotiatedTransport(b"h2")
+        routed.makeConnection(transport)
+        client = H2Client(routed, transport, self.clock)
+        client.flush()
+        return routed, transport, client
+
+    def get(self, path: bytes) -> tuple[H2Client, int]:
+        """
+        Connect over HTTP/2 and send C{GET path}.
+
+        @return: The client and the request's stream ID.
+        """
+        _, _, client = self.connectH2()
+        streamID = client.request(b"GET", path)
+        client.flush()
+        return client, streamID
+
+
+class DispatchTests(H2TestCase):
+    """
+    L{RoutedHTTP} serves HTTP/2 when ALPN chose C{h2} and HTTP/1.1 otherwise.
+    """
+
+    def test_h2(self) -> None:
+        """
+        With C{h2} negotiated, the client's preface is answered by twisted.web's HTTP/2 channel
+        with the server's SETTINGS, and the channel is the transport's producer (backpressure).
+        """
+        routed, transport, client = self.connectH2()
+        self.assertIsInstance(routed._inner, ServerH2Connection)
+        self.assertIs(transport.producer, routed._inner)
+        self.assertTrue(any(isinstance(e, RemoteSettingsChanged) for e in client.events))
+        self.assertFalse(any(isinstance(e, ConnectionTerminated) for e in client.events))
+
+    def assertHTTP11(self, transport: StringTransport) -> None:
+        """
+        Check that a L{RoutedHTTP} on C{transport} serves an HTTP/1.1 request through the routes.
+        """
+        routed = RoutedHTTP(self.proxy, HEADER)
+        routed.makeConnection(transport)
+        routed.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        self.assertIsInstance(routed._inner, VisitorHTTP)
+        self.assertEqual(self.pool.gets, [API])
+        upstream = self.pool.connect()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.url, b"/x")
+        upstream.dataReceived(OK_HELLO)
+        [response] = parseResponses(transport.value())
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+
+    def test_noALPN(self) -> None:
+        """
+        When ALPN chose nothing (the visitor offered none), the connection speaks HTTP/1.1.
+        """
+        self.assertHTTP11(NegotiatedTransport(None))
+
+    def test_http11(self) -> None:
+        """
+        When ALPN chose C{http/1.1}, the connection speaks HTTP/1.1.
+        """
+        self.assertHTTP11(NegotiatedTransport(b"http/1.1"))
+
+    def test_noTLSAttribute(self) -> None:
+        """
+        A transport that knows nothing of ALPN gets HTTP/1.1.
+        """
+        self.assertHTTP11(StringTransport())
+
+    def test_connectionLostPassedOn(self) -> None:
+        """
+        The close of the visitor's connection reaches the inner protocol, which abandons the request
+        in flight.
+        """
+        routed, transport, client = self.connectH2()
+        client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        routed.connectionLost()
+        self.assertTrue(transportOf(upstream).disconnecting)
+
+    def test_connectionLostBeforeData(self) -> None:
+        """
+        A connection closed before any application bytes has no inner protocol and nothing to do.
+        """
+        routed = RoutedHTTP(self.proxy, HEADER)
+        routed.makeConnection(NegotiatedTransport(b"h2"))
+        routed.connectionLost()
+        self.assertEqual(self.pool.gets, [])
+
+
+class ExchangeTests(H2TestCase):
+    """
+    HTTP/2 requests are forwarded as HTTP/1.1 requests; the responses come back as HTTP/2.
+    """
+
+    def test_get(self) -> None:
+        """
+        A GET reaches the upstream as an HTTP/1.1 request with C{Host} from C{:authority} and the
+        forwarding headers; its response reaches the client with status, headers and body, the
+        stream ends, and the request is reported once.
+        """
+        client, streamID = self.get(b"/api/users?x=1")
+        self.assertEqual(self.pool.gets, [API])
+        upstream = self.pool.connect()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.method, b"GET")
+        self.assertEqual(request.url, b"/users?x=1")
+        self.assertEqual(request.header(b"host"), AUTHORITY)
+        self.assertEqual(request.header(b"x-forwarded-for"), b"203.0.113.9")
+        self.assertEqual(request.header(b"x-forwarded-proto"), b"https")
+        self.assertEqual(request.header(b"x-forwarded-host"), AUTHORITY)
+        self.assertEqual(request.header(b"x-forwarded-prefix"), b"/api")
+        self.assertEqual(
+            request.header(b"forwarded"), b"for=203.0.113.9;host=app.localhost;proto=https"
+        )
+        self.assertFalse({n for n in request.names() if n.startswith(b":")})
+        self.assertNotIn(b"content-length", request.names())
+        self.assertTrue(request.complete)
+
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+        )
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-type"), b"text/plain")
+        self.assertEqual(response.header(b"content-length"), b"5")
+        self.assertEqual(response.body, b"hello")
+        self.assertTrue(response.ended)
+        self.assertIsNone(response.reset)
+        self.assertEqual(self.pool.released, [(upstream, True)])
+        [event] = self.requestLog()
+        self.assertEqual(
+            {k: event[k] for k in ("method", "path", "status", "bytes", "route", "upstream")},
+            {
+                "method": "GET",
+                "path": "/api/users?x=1",
+                "status": 200,
+                "bytes": 5,
+                "route": "/api",
+                "upstream": "127.0.0.1:3001",
+            },
+        )
+
+    def test_chunkedResponse(self) -> None:
+        """
+        A chunked upstream body without length streams to the client as it arrives, without chunk
+        framing, and the stream ends with the last chunk.
+        """
+        client, streamID = self.get(b"/page")
+        upstream = self.pool.connect()
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.status, 200)
+        self.assertIsNone(response.header(b"transfer-encoding"))
+        self.assertIsNone(response.header(b"content-length"))
+        self.assertEqual(response.body, b"hello")
+        self.assertFalse(response.ended)
+        upstream.dataReceived(b"6\r\n world\r\n0\r\n\r\n")
+        client.flush()
+        self.assertEqual(response.body, b"hello world")
+        self.assertTrue(response.ended)
+        self.assertEqual(self.pool.released, [(upstream, True)])
+        self.assertEqual(self.requestLog()[0]["bytes"], 11)
+
+    def test_closeDelimitedResponse(self) -> None:
+        """
+        A body that ends when the upstream closes ends the stream cleanly when it does.
+        """
+        client, streamID = self.get(b"/page")
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nsome")
+        client.flush()
+        self.assertFalse(client.responses[streamID].ended)
+        transportOf(upstream).loseConnection()
+        upstream.connectionLost()
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.body, b"some")
+        self.assertTrue(response.ended)
+        self.assertIsNone(response.reset)
+
+    def test_post(self) -> None:
+        """
+        A POST body reaches the upstream whole, with one C{Content-Length} of its own.
+        """
+        _, _, client = self.connectH2()
+        body = b'{"name": "x"}'
+        streamID = client.request(
+            b"POST",
+            b"/api/items",
+            [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            body,
+        )
+        client.flush()
+        upstream = self.pool.connect()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.method, b"POST")
+        self.assertEqual(request.url, b"/items")
+        self.assertEqual(request.header(b"content-length"), b"%d" % len(body))
+        self.assertEqual(request.header(b"content-type"), b"application/json")
+        self.assertEqual(request.body, body)
+        self.assertTrue(request.complete)
+        upstream.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        client.flush()
+        self.assertEqual(client.responses[streamID].status, 201)
+        self.assertTrue(client.responses[streamID].ended)
+
+    def test_emptyPost(self) -> None:
+        """
+        A POST without a body says C{Content-Length: 0} upstream, so the upstream does not wait for
+        one.
+        """
+        _, _, client = self.connectH2()
+        client.request(b"POST", b"/api/ping")
+        client.flush()
+        [request] = self.sentUpstream(self.pool.connect())
+        self.assertEqual(request.header(b"content-length"), b"0")
+        self.assertEqual(request.body, b"")
+
+    def test_head(self) -> None:
+        """
+        A HEAD response's length passes through and the stream ends without a body.
+        """
+        _, _, client = self.connectH2()
+        streamID = client.request(b"HEAD", b"/file")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"")
+        self.assertTrue(response.ended)
+        self.assertEqual(self.pool.released, [(upstream, True)])
+
+    def test_concurrentStreams(self) -> None:
+        """
+        Two streams in flight use two upstream connections, and each response reaches its own
+        stream whatever the order of the answers.
+        """
+        _, _, client = self.connectH2()
+        first = client.request(b"GET", b"/api/a")
+        second = client.request(b"GET", b"/b")
+        client.flush()
+        self.assertEqual(self.pool.gets, [API, APP])
+        api, app = self.pool.connect(), self.pool.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbbb")
+        client.flush()
+        api.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\naaa")
+        client.flush()
+        self.assertEqual(client.responses[first].body, b"aaa")
+        self.assertEqual(client.responses[second].body, b"bbb")
+        self.assertTrue(client.responses[first].ended and client.responses[second].ended)
+        self.assertEqual([e["path"] for e in self.requestLog()], ["/b", "/api/a"])
+
+    def test_reuse(self) -> None:
+        """
+        A request after a finished one takes the idle upstream connection again.
+        """
+        _, _, client = self.connectH2()
+        client.request(b"GET", b"/api/a")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(OK_HELLO)
+        client.flush()
+        streamID = client.request(b"GET", b"/api/b")
+        client.flush()
+        self.assertEqual(self.pool.taken, [upstream])
+        self.assertEqual([r.url for r in self.sentUpstream(upstream)], [b"/a", b"/b"])
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+        client.flush()
+        self.assertEqual(client.responses[streamID].body, b"bye")
+
+
+class FlowControlTests(H2TestCase):
+    """
+    The client's HTTP/2 flow control paces the upstream.
+    """
+
+    def test_windowPausesUpstream(self) -> None:
+        """
+        A response larger than the stream's flow-control window pauses the upstream connection once
+        the window is used up, and resumes it as the client opens the window again.
+        """
+        client, streamID = self.get(b"/big")
+        upstream = self.pool.connect()
+        size = LINK_THRESHOLD + 70_000
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        upstream.dataReceived(b"x" * (size - 10))
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(len(response.body), client.conn.local_settings.initial_window_size)
+        self.assertEqual(transportOf(upstream).producerState, "paused")
+        for _ in range(5):
+            client.acknowledge(streamID)
+            client.flush()
+            if transportOf(upstream).producerState == "producing":
+                break
+        self.assertEqual(transportOf(upstream).producerState, "producing")
+        upstream.dataReceived(b"y" * 10)
+        for _ in range(5):
+            client.acknowledge(streamID)
+            client.flush()
+        self.assertTrue(response.ended)
+        self.assertEqual(response.body, b"x" * (size - 10) + b"y" * 10)
+        self.assertEqual(self.pool.released, [(upstream, True)])
+        self.assertIsNone(transportOf(upstream).producer)
+
+
+class ErrorTests(H2TestCase):
+    """
+    Failures get an explanatory response where one is still possible, and stay within their stream.
+    """
+
+    def assertLocalResponse(self, response: Response, status: int, text: bytes) -> None:
+        """
+        Check that C{response} is a complete local page with C{status} containing C{text}.
+        """
+        self.assertEqual(response.status, status)
+        self.assertEqual(response.header(b"content-type"), b"text/html; charset=utf-8")
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(response.body))
+        self.assertIn(text, response.body)
+        self.assertTrue(response.ended)
+
+    def test_refused(self) -> None:
+        """
+        A refused upstream connection gets a 502 page naming the route and its target, and the
+        HTTP/2 connection goes on serving requests.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        self.pool.fail(ConnectionRefusedError())
+        client.flush()
+        self.assertLocalResponse(
+            client.responses[streamID], 502, b"Route /api -&gt; 127.0.0.1:3001"
+        )
+        self.assertEqual(self.requestLog()[0]["status"], 502)
+        again = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[again].body, b"hello")
+        self.assertFalse(transport.disconnecting)
+
+    def test_upstreamClosedBeforeAnswer(self) -> None:
+        """
+        An upstream that closes before answering gets a 502.
+        """
+        client, streamID = self.get(b"/api/x")
+        upstream = self.pool.connect()
+        upstream.connectionLost()
+        client.flush()
+        self.assertLocalResponse(client.responses[streamID], 502, b"closed the connection")
+
+    def test_upstreamClosedMidBody(self) -> None:
+        """
+        An upstream that closes in the middle of a body with a length resets the stream, not the
+        connection.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        client.flush()
+        upstream.connectionLost()
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.body, b"hello")
+        self.assertFalse(response.ended)
+        self.assertIsNotNone(response.reset)
+        self.assertFalse(transport.disconnecting)
+
+    def test_upstreamClosedMidChunkedBody(self) -> None:
+        """
+        An upstream that closes before the last chunk resets the stream: a body without length would
+        otherwise look complete to the client.
+        """
+        client, streamID = self.get(b"/api/x")
+        upstream = self.pool.connect()
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        client.flush()
+        upstream.connectionLost()
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.body, b"hello")
+        self.assertFalse(response.ended)
+        self.assertIsNotNone(response.reset)
+
+    def test_responseTimeout(self) -> None:
+        """
+        An upstream that does not answer in L{RESPONSE_TIMEOUT} seconds gets a 504, on the proxy's
+        clock; the HTTP/2 connection, idle meanwhile, stays open for more requests.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        self.clock.advance(RESPONSE_TIMEOUT)
+        client.flush()
+        self.assertLocalResponse(client.responses[streamID], 504, b"no response in 60 s")
+        self.assertTrue(transportOf(upstream).disconnecting)
+        self.assertFalse(transport.disconnecting)
+        again = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[again].body, b"hello")
+
+
+class NoRootRouteTests(H2TestCase):
+    """
+    A table without C{/}: some paths match no route.
+    """
+
+    routes = ["/api=3001,strip", "/admin=4000"]
+
+    def test_notFound(self) -> None:
+        """
+        A path no route matches gets a local 404 page naming the prefixes, and no upstream is asked.
+        """
+        client, streamID = self.get(b"/other")
+        response = client.responses[streamID]
+        self.assertEqual(response.status, 404)
+        self.assertIn(b"/api", response.body)
+        self.assertIn(b"/admin", response.body)
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(response.body))
+        self.assertTrue(response.ended)
+        self.assertEqual(self.pool.gets, [])
+        self.assertEqual(self.requestLog()[0]["status"], 404)
+
+
+class ResetTests(H2TestCase):
+    """
+    A stream the client resets gives up its upstream connection, whose state is then unknown.
+    """
+
+    def test_resetMidResponse(self) -> None:
+        """
+        A reset after the response started closes the upstream connection, which is not reused;
+        the HTTP/2 connection stays open.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        client.flush()
+        self.assertEqual(client.responses[streamID].body, b"hello")
+        client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        self.assertTrue(transportOf(upstream).disconnecting)
+        upstream.dataReceived(b"world")
+        upstream.connectionLost()
+        client.flush()
+        self.assertEqual(self.pool.idle, [])
+        self.assertNotIn((upstream, True), self.pool.released)
+        self.assertFalse(transport.disconnecting)
+
+    def test_resetMidResponseLinked(self) -> None:
+        """
+        A reset once the exchange is large enough to link producers also closes the upstream
+        connection, and leaves it with no producer registered.
+        """
+        client, streamID = self.get(b"/api/big")
+        upstream = self.pool.connect()
+        size = LINK_THRESHOLD * 4
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        upstream.dataReceived(b"x" * (LINK_THRESHOLD + 1))
+        client.flush()
+        self.assertIsNotNone(transportOf(upstream).producer)
+        client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        self.assertTrue(transportOf(upstream).disconnecting)
+        self.assertIsNone(transportOf(upstream).producer)
+        self.assertEqual(self.pool.released, [])
+
+    def test_resetBeforeResponse(self) -> None:
+        """
+        A reset while the upstream has not answered closes the upstream connection.
+        """
+        _, _, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        self.assertTrue(transportOf(upstream).disconnecting)
+        self.assertEqual(self.responseTimers(), [])
+
+    def test_resetWhileConnecting(self) -> None:
+        """
+        A reset before the upstream connection is made leaves that new connection unused, idle in
+        the pool.
+        """
+        _, _, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        upstream = self.pool.connect()
+        self.assertEqual(transportOf(upstream).value(), b"")
+        self.assertEqual(self.pool.idle, [upstream])
+
+    def test_resetAfterResponse(self) -> None:
+        """
+        A connection whose exchange finished before the stream's end was processed is kept for
+        reuse.
+        """
+        client, streamID = self.get(b"/api/x")
+        upstream = self.pool.connect()
+        upstream.dataReceived(OK_HELLO)
+        client.flush()
+        self.assertTrue(client.responses[streamID].ended)
+        self.assertEqual(self.pool.idle, [upstream])
+        self.assertFalse(transportOf(upstream).disconnecting)
+
+
+class ClockTests(H2TestCase):
+    """
+    twisted.web's HTTP/2 runs on the proxy's reactor, not the global one, and closes idle
+    connections as the HTTP/1.1 path does.
+    """
+
+    def test_sendLoopOnProxyClock(self) -> None:
+        """
+        Response bytes are sent when the proxy's clock runs, and nothing is left waiting on the
+        global reactor.
+        """
+        from twisted.internet import reactor
+
+        before = list(reactor.getDelayedCalls())
+        client, streamID = self.get(b"/api/x")
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[streamID].body, b"hello")
+        self.assertEqual(list(reactor.getDelayedCalls()), before)
+
+    def test_idleTimeout(self) -> None:
+        """
+        An HTTP/2 connection with no request in flight is closed with C{GOAWAY} after
+        L{IDLE_TIMEOUT} seconds without frames.
+        """
+        _, transport, client = self.connectH2()
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        client.receive(transport.value())
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.NO_ERROR)
+        self.assertTrue(transport.disconnecting)
+
+    def test_silentStreamKeepsConnection(self) -> None:
+        """
+        A response that stays silent for longer than L{IDLE_TIMEOUT} (a long poll, an event stream)
+        keeps its connection; once it ends, the idle timeout applies again.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/events")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        client.flush()
+        for _ in range(3):
+            self.clock.advance(IDLE_TIMEOUT)
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(transportOf(upstream).disconnecting)
+        upstream.dataReceived(b"3\r\nbye\r\n0\r\n\r\n")
+        client.flush()
+        self.assertEqual(client.responses[streamID].body, b"hellobye")
+        self.assertTrue(client.responses[streamID].ended)
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
