@@ -158,20 +158,27 @@ class Lab:
         )
         return child, self._lease(child)
 
-    def tunnel(self, controlPort: int, targetPort: int, name: str) -> tuple[Child, str]:
+    def tunnel(
+        self,
+        controlPort: int,
+        targetPort: int,
+        name: str,
+        extra: Sequence[str] = ("--pool-size", "16"),
+    ) -> tuple[Child, str]:
         """
-        A real C{portal expose}.
+        A real C{portal expose PORT}, with C{extra} options.
 
         @return: The child and the lease URL.
         """
         child = self._start(
-            "portal expose",
+            " ".join(["portal expose", *extra]),
             [
                 python(),
                 "-m",
                 "portal",
                 "expose",
                 str(targetPort),
+                *extra,
                 "--relay",
                 f"127.0.0.1:{controlPort}",
                 "--identity",
@@ -179,8 +186,6 @@ class Lab:
                 "--name",
                 name,
                 "--json",
-                "--pool-size",
-                "16",
             ],
         )
         return child, self._lease(child)
@@ -281,25 +286,7 @@ class Lab:
 
         @return: The child and the lease URL.
         """
-        child = self._start(
-            "portal expose --http",
-            [
-                python(),
-                "-m",
-                "portal",
-                "expose",
-                str(targetPort),
-                "--http",
-                "--relay",
-                f"127.0.0.1:{controlPort}",
-                "--identity",
-                self._identity(),
-                "--name",
-                name,
-                "--json",
-            ],
-        )
-        return child, self._lease(child)
+        return self.tunnel(controlPort, targetPort, name, ("--http",))
 
     def wrk(self, url: str, seconds: float, connections: int = 16) -> dict[str, float]:
         """
