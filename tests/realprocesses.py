@@ -219,11 +219,15 @@ def startRelay(
     return relay, int(publicMatch.group(1)), int(controlMatch.group(1))
 
 
-def startTunnel(
-    testCase: TestCase, home: str, controlPort: int, target: str, extra: Sequence[str] = ()
+def startExpose(
+    testCase: TestCase,
+    home: str,
+    controlPort: int,
+    arguments: Sequence[str],
+    name: str = "portal expose",
 ) -> WatchedProcess:
     """
-    Start C{portal expose TARGET --relay 127.0.0.1:PORT --json} with the identity under C{home}.
+    Start C{portal expose ARGUMENTS --relay 127.0.0.1:PORT --identity HOME/identity.json --json}.
 
     @return: The watcher; wait for its lease with L{waitForLease}.
     """
@@ -232,15 +236,25 @@ def startTunnel(
         "-m",
         "portal",
         "expose",
-        target,
+        *arguments,
         "--relay",
         f"127.0.0.1:{controlPort}",
         "--identity",
         os.path.join(home, "identity.json"),
         "--json",
-        *extra,
     ]
-    return spawn(testCase, "portal expose", argv, home)
+    return spawn(testCase, name, argv, home)
+
+
+def startTunnel(
+    testCase: TestCase, home: str, controlPort: int, target: str, extra: Sequence[str] = ()
+) -> WatchedProcess:
+    """
+    Start C{portal expose TARGET [EXTRA]} against the relay, with the identity under C{home}.
+
+    @return: The watcher; wait for its lease with L{waitForLease}.
+    """
+    return startExpose(testCase, home, controlPort, [target, *extra])
 
 
 @inlineCallbacks

@@ -556,11 +556,10 @@ class BrowserTests(TestCase):
         root = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(root, "relay"))
         _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(_Page()))
-        self.addCleanup(port.stopListening)
+        port = yield listenLocal(self, Site(_Page()))
         home = os.path.join(root, "tunnel")
         os.makedirs(home)
-        lease = yield waitForLease(startTunnel(self, home, controlPort, str(port.getHost().port)))
+        lease = yield waitForLease(startTunnel(self, home, controlPort, str(port)))
 
         untrusting = os.path.join(root, "untrusting")
         os.makedirs(untrusting)
@@ -686,8 +685,7 @@ class CommandLineTests(TestCase):
         root = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(root, "relay"))
         _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(_Page()))
-        self.addCleanup(port.stopListening)
+        port = yield listenLocal(self, Site(_Page()))
         home = os.path.join(root, "tunnel")
         os.makedirs(home)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -699,7 +697,7 @@ class CommandLineTests(TestCase):
                 "-n",
                 "--pidfile=",
                 "portal-tunnel",
-                str(port.getHost().port),
+                str(port),
                 "--relay",
                 f"127.0.0.1:{controlPort}",
                 "--identity",

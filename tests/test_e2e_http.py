@@ -14,7 +14,6 @@ import random
 import shutil
 import socket
 import ssl
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,13 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from tests.realprocesses import WatchedProcess, listenLocal, spawn, startRelay, waitForLease
+from tests.realprocesses import (
+    WatchedProcess,
+    listenLocal,
+    startExpose,
+    startRelay,
+    waitForLease,
+)
 
 #: Size of the large download and upload.
 BIG = 256 * 1024 * 1024
@@ -512,20 +517,9 @@ class RoutedHTTPEndToEndTests(TestCase):
 
         @return: The watcher.
         """
-        home = self._home("tunnel")
-        argv = [
-            sys.executable,
-            "-m",
-            "portal",
-            "expose",
-            *arguments,
-            "--relay",
-            f"127.0.0.1:{controlPort}",
-            "--identity",
-            os.path.join(home, "identity.json"),
-            "--json",
-        ]
-        return spawn(self, "portal expose (routed)", argv, home)
+        return startExpose(
+            self, self._home("tunnel"), controlPort, arguments, "portal expose (routed)"
+        )
 
     @inlineCallbacks
     def _routed(self, *arguments: str) -> Any:
