@@ -339,3 +339,70 @@ def dumpDOM(chromium: str, browserHome: str, url: str, extra: Sequence[str] = ()
         [*CHROMIUM_FLAGS, *extra, f"--user-data-dir={browserHome}/profile", "--dump-dom", url],
         env=dict(os.environ, HOME=browserHome),
     )
+
+
+@inlineCallbacks
+def openBrowser(testCase: TestCase, chromium: str, browserHome: str, url: str) -> Any:
+    """
+    Start headless Chromium on C{url} with HOME C{browserHome} and a DevTools port on 127.0.0.1; it is
+    stopped when the test ends. Unlike L{dumpDOM}, no virtual time: the page runs in real time (virtual
+    time holds WebSocket traffic back until pending fetches end), and the test reads the DOM when it
+    chooses, with L{readDOM}.
+
+    @return: A L{Deferred} firing with the DevTools port.
+    """
+    browser = spawn(
+        testCase,
+        "chromium",
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={browserHome}/profile",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            url,
+        ],
+        browserHome,
+    )
+    match = yield browser.waitFor(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/")
+    return int(match.group(1))
+
+
+def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float) -> Any:
+    """
+    Evaluate C{expression} in the page whose URL starts with C{urlPrefix} over the DevTools protocol
+    (blocking; run it on a thread).
+    """
+    from urllib.request import urlopen
+
+    from websockets.sync.client import connect
+
+    with urlopen(f"http://127.0.0.1:{devtoolsPort}/json/list", timeout=timeout) as response:
+        targets = json.load(response)
+    pages = [t for t in targets if t.get("type") == "page" and t["url"].startswith(urlPrefix)]
+    if not pages:
+        raise AssertionError(f"no page at {urlPrefix} among {[t['url'] for t in targets]}")
+    request = {
+        "id": 1,
+        "method": "Runtime.evaluate",
+        "params": {"expression": expression, "returnByValue": True},
+    }
+    with connect(pages[0]["webSocketDebuggerUrl"], open_timeout=timeout) as session:
+        session.send(json.dumps(request))
+        while True:
+            answer = json.loads(session.recv(timeout=timeout))
+            if answer.get("id") == 1:
+                return answer["result"]["result"]["value"]
+
+
+def readDOM(devtoolsPort: int, urlPrefix: str, timeout: float = WAIT) -> Any:
+    """
+    Read the rendered DOM (C{outerHTML}) of the page at C{urlPrefix} in a browser from L{openBrowser}.
+
+    @return: A L{Deferred} firing with the HTML text.
+    """
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(
+        _evaluate, devtoolsPort, urlPrefix, "document.documentElement.outerHTML", timeout
+    )
