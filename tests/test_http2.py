@@ -534,6 +534,183 @@ class FlowControlTests(H2TestCase):
         self.assertIsNone(transportOf(upstream).producer)
 
 
+class StallTests(H2TestCase):
+    """
+    A visitor that stops opening its window costs no CPU.
+    """
+
+    def test_stalledStreamDoesNotSpin(self) -> None:
+        """
+        While a stream's window is used up with data still queued, the send loop is not rescheduled
+        (twisted.web alone reschedules it every reactor turn); when the client opens the window the
+        rest is sent.
+        """
+        client, streamID = self.get(b"/big")
+        upstream = self.pool.connect()
+        size = 100_000
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        upstream.dataReceived(b"x" * size)
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(len(response.body), client.conn.local_settings.initial_window_size)
+        loops = [
+            call
+            for call in self.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_sendPrioritisedData"
+        ]
+        self.assertEqual(loops, [])
+        for _ in range(5):
+            client.acknowledge(streamID)
+            client.flush()
+        self.assertEqual(response.body, b"x" * size)
+        self.assertTrue(response.ended)
+
+
+class UploadTests(H2TestCase):
+    """
+    Request bodies stream upstream as their DATA frames arrive, paced by HTTP/2 flow control.
+    """
+
+    def startUpload(
+        self, headers: list[tuple[bytes, bytes]], path: bytes = b"/api/upload"
+    ) -> tuple[H2Client, int]:
+        """
+        Open a POST stream without ending it.
+
+        @return: The client and the stream ID.
+        """
+        _, _, client = self.connectH2()
+        streamID: int = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            streamID,
+            [
+                (b":method", b"POST"),
+                (b":path", path),
+                (b":authority", AUTHORITY),
+                (b":scheme", b"https"),
+                *headers,
+            ],
+        )
+        client.responses[streamID] = Response()
+        client.flush()
+        return client, streamID
+
+    def test_bodyStreams(self) -> None:
+        """
+        With C{content-length}, the upstream gets the head and each DATA frame as it comes, before
+        the body ends; the length passes through.
+        """
+        client, streamID = self.startUpload([(b"content-length", b"10")])
+        upstream = self.pool.connect()
+        client.conn.send_data(streamID, b"01234")
+        client.flush()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.header(b"content-length"), b"10")
+        self.assertEqual(request.body, b"01234")
+        self.assertFalse(request.complete)
+        client.conn.send_data(streamID, b"56789", end_stream=True)
+        client.flush()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.body, b"0123456789")
+        self.assertTrue(request.complete)
+        upstream.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        client.flush()
+        self.assertEqual(client.responses[streamID].status, 201)
+        self.assertTrue(client.responses[streamID].ended)
+
+    def test_noLengthIsChunked(self) -> None:
+        """
+        Without C{content-length}, the body goes upstream chunked, one chunk per DATA frame, and
+        ends with the last chunk when the stream ends.
+        """
+        client, streamID = self.startUpload([])
+        upstream = self.pool.connect()
+        client.conn.send_data(streamID, b"abc")
+        client.flush()
+        self.assertIn(b"\r\n\r\n3\r\nabc\r\n", transportOf(upstream).value())
+        client.conn.send_data(streamID, b"de", end_stream=True)
+        client.flush()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.header(b"transfer-encoding"), b"chunked")
+        self.assertIsNone(request.header(b"content-length"))
+        self.assertEqual(request.body, b"abcde")
+        self.assertTrue(request.complete)
+
+    def test_heldWhileConnecting(self) -> None:
+        """
+        Body bytes that come before the upstream is connected are held with the stream's window
+        closed (so what is held is bounded by one window), and go upstream after the head once it
+        connects.
+        """
+        client, streamID = self.startUpload([(b"content-length", b"%d" % 60_000)])
+        for part in (b"a", b"b"):
+            for _ in range(2):
+                client.conn.send_data(streamID, part * 10_000)
+            client.flush()
+        # Without the hold, the server would have given back more than half the window by now.
+        window = client.conn.local_flow_control_window(streamID)
+        self.assertEqual(window, client.conn.remote_settings.initial_window_size - 40_000)
+        upstream = self.pool.connect()
+        client.flush()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.body, b"a" * 20_000 + b"b" * 20_000)
+        self.assertGreater(client.conn.local_flow_control_window(streamID), window)
+
+    def test_upstreamBackpressure(self) -> None:
+        """
+        Once the body is past L{LINK_THRESHOLD}, an upstream that cannot take more pauses the stream:
+        what the client sends then is held and its window stays closed; when the upstream drains,
+        the held bytes go upstream and the window opens again.
+        """
+        size = LINK_THRESHOLD + 40_000
+        client, streamID = self.startUpload([(b"content-length", b"%d" % size)])
+        upstream = self.pool.connect()
+        sent = 0
+        while sent <= LINK_THRESHOLD:
+            client.conn.send_data(streamID, b"x" * 16_000)
+            sent += 16_000
+            client.flush()
+        transport = transportOf(upstream)
+        self.assertIsNotNone(transport.producer)
+        transport.producer.pauseProducing()  # The upstream's socket buffer is full.
+        before = len(transport.value())
+        window = client.conn.local_flow_control_window(streamID)
+        client.conn.send_data(streamID, b"y" * 16_000)
+        client.flush()
+        self.assertEqual(len(transport.value()), before)
+        self.assertEqual(client.conn.local_flow_control_window(streamID), window - 16_000)
+        transport.producer.resumeProducing()
+        client.flush()
+        self.assertEqual(len(transport.value()), before + 16_000)
+        self.assertGreater(client.conn.local_flow_control_window(streamID), window - 16_000)
+
+    def test_earlyAnswer(self) -> None:
+        """
+        An upstream that answers before the body ended (here 413) gets its answer to the client;
+        DATA the client still sends is discarded and the stream reset with C{NO_ERROR}, and the
+        connection goes on serving other streams.
+        """
+        client, streamID = self.startUpload([(b"content-length", b"100000")])
+        upstream = self.pool.connect()
+        client.conn.send_data(streamID, b"z" * 1000)
+        client.flush()
+        upstream.dataReceived(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig"
+        )
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual((response.status, response.body, response.ended), (413, b"big", True))
+        client.conn.send_data(streamID, b"z" * 1000)
+        client.flush()
+        self.assertEqual(response.reset, ErrorCodes.NO_ERROR)
+        other = client.request(b"GET", b"/api/again")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertFalse([e for e in client.events if isinstance(e, ConnectionTerminated)])
+
+
 class ErrorTests(H2TestCase):
     """
     Failures get an explanatory response where one is still possible, and stay within their stream.

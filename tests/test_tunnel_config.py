@@ -450,10 +450,14 @@ class RoutedHTTPConfigTests(SynchronousTestCase):
 
     def test_alpnInRoutedMode(self) -> None:
         """
-        Routed mode offers HTTP/2 and HTTP/1.1 to visitors; other ALPN protocols are a usage error.
+        Routed mode offers HTTP/2 and HTTP/1.1 to visitors by default (stream mode HTTP/1.1 only),
+        C{--alpn http/1.1} turns HTTP/2 off; other ALPN protocols are a usage error.
         """
-        config = self.parse("3000", "--http", "--alpn", "h2,http/1.1").tunnelConfig
+        config = self.parse("3000", "--http").tunnelConfig
         self.assertEqual(config.alpn, (b"h2", b"http/1.1"))
+        config = self.parse("3000", "--http", "--alpn", "http/1.1").tunnelConfig
+        self.assertEqual(config.alpn, (b"http/1.1",))
+        self.assertEqual(self.parse("3000").tunnelConfig.alpn, (b"http/1.1",))
         error = self.assertRaises(UsageError, self.parse, "3000", "--http", "--alpn", "h3")
         self.assertIn("h2,http/1.1", str(error))
 

@@ -207,7 +207,7 @@ def buildConfig(
     target: str | None,
     relays: Sequence[str] = (),
     name: str | None = None,
-    alpn: str = "http/1.1",
+    alpn: str | None = None,
     certFile: str | None = None,
     keyFile: str | None = None,
     identityPath: str | None = None,
@@ -245,6 +245,9 @@ def buildConfig(
             RouteTable(routes)  # Rejects duplicate prefixes.
     except RouteError as e:
         raise ConfigError(f"--http-route: {e}")
+    if alpn is None:
+        # Routed mode speaks HTTP/2 itself; in stream mode the target would have to (h2c).
+        alpn = "h2,http/1.1" if routes else "http/1.1"
     if routes:
         if any(p not in (b"h2", b"http/1.1") for p in _alpn(alpn)):
             raise ConfigError(

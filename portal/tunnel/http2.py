@@ -5,14 +5,19 @@ When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{-
 connection is served by twisted.web's HTTP/2 implementation (the C{h2} package), and each request is
 forwarded over the same pooled HTTP/1.1 upstream connections as the HTTP/1.1 path
 (L{portal.tunnel.httpproxy.UpstreamConnection}). Responses stream to the visitor with HTTP/2 flow
-control as backpressure. Request bodies are collected by twisted.web before the request is forwarded
-(twisted.web's resource model), so HTTP/2 uploads are not streamed; HTTP/1.1 uploads are.
+control as backpressure. Request bodies stream too: L{StreamingRequest} takes over from twisted.web's
+C{Request} as soon as the request's headers are in (twisted.web would collect the whole body and only
+then render), forwards each DATA frame upstream as it arrives, and holds the stream's flow-control
+window closed while the upstream cannot take more.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, cast
 
+from h2.errors import ErrorCodes
+from h2.exceptions import H2Error
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IProtocol
@@ -20,7 +25,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from portal.attach import StreamHeader
 from portal.splice import IForwardingTransport
@@ -31,6 +36,7 @@ from portal.tunnel.httpproxy import (
     HTTPProxy,
     UpstreamConnection,
     VisitorHTTP,
+    _chunk,
 )
 
 
@@ -69,17 +75,24 @@ class _RequestSink:
 
     def pauseProducing(self) -> None:
         """
-        The request body is already complete: nothing to pause.
+        The upstream cannot take more of the request body: stop giving the visitor flow-control
+        window for this stream.
         """
+        channel: Any = None if self._request.finished else self._request.channel
+        if channel is not None:
+            channel.pauseProducing()
 
     def resumeProducing(self) -> None:
         """
-        Nothing to resume.
+        Pass on what the stream held back and open its window again.
         """
+        channel: Any = None if self._request.finished else self._request.channel
+        if channel is not None and not channel.producing:
+            channel.resumeProducing()
 
     def stopProducing(self) -> None:
         """
-        Nothing to stop.
+        The upstream went away: L{H2Visitor} answers or resets the stream.
         """
 
     def loseConnection(self) -> None:
@@ -107,31 +120,38 @@ class H2Visitor(ExchangeAnswers):
         self.transport = _RequestSink(request)
         self._lost = False
         self._done = False
-        self._exchange: Exchange | None = None
+        self._exchange: Exchange | None = Exchange()
+        #: The request's C{content-length}, if it gave one.
+        self.length: int | None = None
         request.notifyFinish().addErrback(self._gone)
 
     def start(self) -> None:
         """
-        Route the request and forward it.
+        Route the request and forward it; its body follows as it arrives (L{bodyChunk}).
         """
         request = self._request
-        exchange = self._exchange = Exchange()
+        if self._lost or request.finished:
+            return
+        exchange = self._exchange
+        assert exchange is not None
         exchange.started = self._proxy.reactor.seconds()
         exchange.method = request.method
         exchange.url = request.uri
-        headers = [
+        exchange.headers = [
             (name, value)
             for name, values in request.requestHeaders.getAllRawHeaders()
             for value in values
             if name.lower() not in (b"content-length", b"transfer-encoding")
         ]
-        assert request.content is not None
-        body = request.content.read()
-        if body or exchange.method in (b"POST", b"PUT", b"PATCH"):
-            headers.append((b"Content-Length", b"%d" % len(body)))
-        exchange.headers = headers
-        exchange.body = [body] if body else []
-        exchange.bodyDone = True
+        if exchange.bodyDone:
+            # The whole body (if any) came with the headers.
+            held = sum(len(b) for b in exchange.body)
+            if held or exchange.method in (b"POST", b"PUT", b"PATCH"):
+                exchange.headers.append((b"Content-Length", b"%d" % held))
+        elif self.length is not None:
+            exchange.headers.append((b"Content-Length", b"%d" % self.length))
+        else:
+            exchange.chunkedUpstream = True
         exchange.headComplete = True
         exchange.version = "2"
         match = self._proxy.table.match(exchange.url.decode("latin-1"))
@@ -142,8 +162,7 @@ class H2Visitor(ExchangeAnswers):
         exchange.match = match
         idle = self._proxy.pool.takeIdle(match.route.upstream)
         if idle is not None:
-            exchange.upstream = idle
-            idle.begin(self, exchange)
+            self._begin(idle, exchange)
             return
         d = self._proxy.pool.get(match.route.upstream)
 
@@ -151,8 +170,7 @@ class H2Visitor(ExchangeAnswers):
             if self._lost or exchange.status:
                 self._proxy.pool.release(upstream, reusable=True)
                 return
-            exchange.upstream = upstream
-            upstream.begin(self, exchange)
+            self._begin(upstream, exchange)
 
         def failed(failure: Failure) -> None:
             if self._lost or exchange.status:
@@ -166,6 +184,42 @@ class H2Visitor(ExchangeAnswers):
             )
 
         d.addCallbacks(connected, failed)
+
+    def _begin(self, upstream: UpstreamConnection, exchange: Exchange) -> None:
+        """
+        Send the request head (and any body held so far) upstream, then let the body flow.
+        """
+        exchange.upstream = upstream
+        upstream.begin(self, exchange)
+        self.transport.resumeProducing()
+
+    def bodyChunk(self, data: bytes) -> None:
+        """
+        A DATA frame of the request body: forward it, or hold it (and close the stream's window)
+        until the upstream is connected.
+        """
+        exchange = self._exchange
+        if exchange is None or self._lost or exchange.bodyDone:
+            return
+        upstream = exchange.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.bodyProgress(len(data))
+            upstream.transport.write(_chunk(data) if exchange.chunkedUpstream else data)
+        else:
+            exchange.body.append(data)
+            self.transport.pauseProducing()
+
+    def bodyComplete(self) -> None:
+        """
+        The request body ended (C{END_STREAM}).
+        """
+        exchange = self._exchange
+        if exchange is None or exchange.bodyDone:
+            return
+        exchange.bodyDone = True
+        upstream = exchange.upstream
+        if exchange.chunkedUpstream and upstream is not None and upstream.transport is not None:
+            upstream.transport.write(b"0\r\n\r\n")
 
     def _gone(self, reason: Failure) -> None:
         """
@@ -215,24 +269,52 @@ class H2Visitor(ExchangeAnswers):
         upstream.abandon()
 
 
-class _Proxied(Resource):
+class StreamingRequest(Request):
     """
-    Every HTTP/2 request, whatever its path, goes to the routes.
+    One HTTP/2 request, forwarded as soon as its headers are in (twisted.web would collect the whole
+    body first): L{gotLength}, which twisted.web's C{H2Stream} calls once it has read the headers,
+    starts an L{H2Visitor}; each DATA frame then goes to L{H2Visitor.bodyChunk} and C{END_STREAM} to
+    L{H2Visitor.bodyComplete}. Nothing of the body is kept here, and twisted.web's resource rendering
+    (and its form parsing of the body) never runs.
     """
 
-    isLeaf = True
+    visitor: H2Visitor | None = None
 
-    def __init__(self, proxy: HTTPProxy, header: StreamHeader) -> None:
-        super().__init__()
+    def __init__(
+        self, channel: Any, queued: Any = False, *, proxy: HTTPProxy, header: StreamHeader
+    ) -> None:
+        super().__init__(channel, queued)
         self._proxy = proxy
         self._header = header
 
-    def render(self, request: Request) -> Any:
+    def gotLength(self, length: int | None) -> None:
         """
-        Forward the request; the response is written as it streams in.
+        The headers are in (C{content-length}, if any, is C{length}): start forwarding on the next
+        reactor turn, once the stream is set up.
         """
-        H2Visitor(self._proxy, self._header, request).start()
-        return NOT_DONE_YET
+        visitor = self.visitor
+        if visitor is None:
+            stream: Any = self.channel
+            self.method = stream.command
+            self.uri = stream.path
+            self.clientproto = b"HTTP/2"
+            visitor = self.visitor = H2Visitor(self._proxy, self._header, self)
+            self._proxy.reactor.callLater(0, visitor.start)
+        visitor.length = length
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """
+        Forward a piece of the body.
+        """
+        if self.visitor is not None and not self.finished:
+            self.visitor.bodyChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        The body ended.
+        """
+        if self.visitor is not None:
+            self.visitor.bodyComplete()
 
 
 class _QuietSite(Site):
@@ -261,6 +343,75 @@ class _H2Channel(H2Connection):
             self.setTimeout(self.timeOut)
             return
         super().timeoutConnection()
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        """
+        twisted.web's send loop, with flow-control stalls parked: twisted.web leaves a stream whose
+        window ran out while it still has data queued in the priority tree, and its loop then runs
+        every reactor turn (sending nothing, a core at 100%) until the visitor opens the window.
+        Such streams are blocked here; L{dataReceived} unblocks them when the window opens.
+        """
+        super()._sendPrioritisedData(*args)
+        for streamID, queue in self._outboundStreamQueues.items():
+            if queue and self._window(streamID) <= 0:
+                self.priority.block(streamID)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Frames from the visitor; afterwards, streams parked by L{_sendPrioritisedData} whose window
+        opened again (C{WINDOW_UPDATE} or a larger C{SETTINGS_INITIAL_WINDOW_SIZE}) go back to the
+        send loop, which is woken if it was waiting.
+        """
+        super().dataReceived(data)
+        opened = False
+        for streamID, queue in list(self._outboundStreamQueues.items()):
+            if queue and self._window(streamID) > 0:
+                self.priority.unblock(streamID)
+                opened = True
+        sending = self._sendingDeferred
+        if opened and sending is not None:
+            self._sendingDeferred = None
+            sending.callback(None)
+
+    def _window(self, streamID: int) -> int:
+        """
+        @return: How much C{streamID} may send now (0 once the stream is closed).
+        """
+        try:
+            window: int = self.conn.local_flow_control_window(streamID)
+        except H2Error:
+            return 0
+        return window
+
+    def _requestDataReceived(self, event: Any) -> None:
+        """
+        A DATA frame. One for a stream whose response already ended (an answer given before the
+        whole body came, such as a 502 or an upstream's early 413) is discarded, its window given back,
+        and the stream reset with C{NO_ERROR} (RFC 9113 8.1) so the client stops sending; twisted.web
+        would look the stream up and fail the whole connection.
+        """
+        if event.stream_id in self.streams:
+            super()._requestDataReceived(event)
+            return
+        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        self._resetFinished(event.stream_id)
+
+    def _requestEnded(self, event: Any) -> None:
+        """
+        C{END_STREAM}; ignored for a stream whose response already ended.
+        """
+        if event.stream_id in self.streams:
+            super()._requestEnded(event)
+
+    def _resetFinished(self, streamID: int) -> None:
+        """
+        Ask the client to stop sending the body of an answered request.
+        """
+        try:
+            self.conn.reset_stream(streamID, ErrorCodes.NO_ERROR)
+        except H2Error:
+            return  # Already closed both ways.
+        self._tryToWriteControlData()
 
 
 class RoutedHTTP(Protocol):
@@ -302,14 +453,14 @@ class RoutedHTTP(Protocol):
             C{Site.buildProtocol} it would schedule its send loop on the global reactor.
         """
         reactor = self._proxy.reactor
-        site = _QuietSite(_Proxied(self._proxy, self._header), reactor=reactor)
+        site = _QuietSite(Resource(), reactor=reactor)
         site.displayTracebacks = False
         channel = _H2Channel(reactor)
         # twisted.web's H2Connection declares these None; its Site-built channels get them set too.
         configure: Any = channel
         configure.site = site
         configure.factory = site
-        configure.requestFactory = site.requestFactory
+        configure.requestFactory = partial(StreamingRequest, proxy=self._proxy, header=self._header)
         configure.timeOut = IDLE_TIMEOUT
         configure.callLater = reactor.callLater
         return channel

@@ -34,7 +34,13 @@ class TunnelOptions(usage.Options):
     ]
     optParameters = [
         ["name", None, None, "Lease label to ask for (default: derived from identity and target)."],
-        ["alpn", None, "http/1.1", "Protocols offered to visitors, e.g. h2,http/1.1."],
+        [
+            "alpn",
+            None,
+            None,
+            "Protocols offered to visitors (default: h2,http/1.1 in routed HTTP mode, "
+            "http/1.1 otherwise).",
+        ],
         ["cert", None, None, "Certificate chain file (PEM) to present instead of the local CA's."],
         ["key", None, None, "Private key file (PEM) for --cert."],
         ["identity", None, None, "Identity file (default ~/.config/portal/identity.json)."],
