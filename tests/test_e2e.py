@@ -24,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -710,3 +711,76 @@ class CommandLineTests(TestCase):
         lease = json.loads(match.group(0)[match.group(0).index("{") :])
         response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
         self.assertTrue(response.endswith(PAGE))
+
+
+class _PeerAddress(Protocol):
+    """
+    Answers the first bytes with the client address it sees (C{HOST PORT}) and closes (behind
+    C{HAProxyWrappingFactory}, the PROXY header has been read by then).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Answer.
+        """
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        self.transport.write(f"{peer.host} {peer.port}".encode())
+        self.transport.loseConnection()
+
+
+def _readFromSourcePort(url: str, cafile: str) -> tuple[int, bytes]:
+    """
+    Connect to C{url} through TLS from a source port of our own, send a line and read until the
+    server closes.
+
+    @return: The source port and what was read.
+    """
+    host, port = _hostPort(url)
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.socket() as raw:
+        raw.bind(("127.0.0.1", 0))
+        source = raw.getsockname()[1]
+        raw.settimeout(20)
+        raw.connect(("127.0.0.1", port))
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(b"who?\n")
+            chunks = []
+            while data := tls.recv(65536):
+                chunks.append(data)
+    return source, b"".join(chunks)
+
+
+class ProxyProtocolEndToEndTests(TestCase):
+    """
+    C{--proxy-protocol v1|v2}: the local service learns the visitor's address.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_visitorAddressReachesService(self) -> Any:
+        """
+        A service behind Twisted's own PROXY protocol parser (C{HAProxyWrappingFactory}) sees the
+        visitor's source port as its client's, with either header version; without the flag it sees
+        the tunnel's own connection instead.
+        """
+        root = os.path.abspath(self.mktemp())
+        _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
+        proxied = yield listenLocal(self, HAProxyWrappingFactory(Factory.forProtocol(_PeerAddress)))
+        plain = yield listenLocal(self, Factory.forProtocol(_PeerAddress))
+        for version in ("v1", "v2"):
+            home = os.path.join(root, f"tunnel-{version}")
+            os.makedirs(home)
+            tunnel = startTunnel(self, home, controlPort, str(proxied), ["--proxy-protocol", version])
+            lease = yield waitForLease(tunnel)
+            source, seen = yield deferToThread(_readFromSourcePort, lease["url"], lease["ca"])
+            self.assertEqual(seen.decode(), f"127.0.0.1 {source}", version)
+        home = os.path.join(root, "tunnel-plain")
+        os.makedirs(home)
+        tunnel = startTunnel(self, home, controlPort, str(plain), [])
+        lease = yield waitForLease(tunnel)
+        source, seen = yield deferToThread(_readFromSourcePort, lease["url"], lease["ca"])
+        host, port = seen.decode().split()
+        self.assertEqual(host, "127.0.0.1")
+        self.assertNotEqual(int(port), source)

@@ -327,6 +327,23 @@ class TunnelOptionsTests(SynchronousTestCase):
         """
         self.assertRaises(UsageError, self.parse, "8000", "--bogus")
 
+    def test_proxyProtocol(self) -> None:
+        """
+        C{--proxy-protocol v1|v2} (or 1|2) is kept in the configuration; another version, routed HTTP
+        mode and an C{https://} target are usage errors that say why.
+        """
+        self.assertIsNone(self.parse("8000").tunnelConfig.proxyProtocol)
+        self.assertEqual(self.parse("8000", "--proxy-protocol", "v1").tunnelConfig.proxyProtocol, "v1")
+        self.assertEqual(self.parse("8000", "--proxy-protocol", "2").tunnelConfig.proxyProtocol, "v2")
+        e = self.assertRaises(UsageError, self.parse, "8000", "--proxy-protocol", "v3")
+        self.assertEqual(str(e), "--proxy-protocol v3: expected v1 or v2")
+        e = self.assertRaises(UsageError, self.parse, "8000", "--http", "--proxy-protocol", "v1")
+        self.assertIn("X-Forwarded-For", str(e))
+        e = self.assertRaises(
+            UsageError, self.parse, "https://127.0.0.1:8443", "--proxy-protocol", "v2"
+        )
+        self.assertIn("https://", str(e))
+
     def test_unavailableFeatures(self) -> None:
         """
         Features this version does not have are refused with a usage error naming the flag.
@@ -336,7 +353,6 @@ class TunnelOptionsTests(SynchronousTestCase):
             (["--udp"], "--udp"),
             (["--via", "h:1"], "--via"),
             (["--udp-addr", "h:1"], "--udp-addr"),
-            (["--proxy-protocol", "v1"], "--proxy-protocol"),
             (["--registry", "https://r"], "--registry"),
             (["--acme", "https://a"], "--acme"),
             (["--app", "app.json"], "--app"),

@@ -169,6 +169,8 @@ class TunnelConfig:
     @ivar json: Print JSON event lines instead of text.
     @ivar poolSize: Idle data sessions kept open per relay.
     @ivar routes: Routed HTTP mode's routes; empty in stream mode.
+    @ivar proxyProtocol: C{"v1"} or C{"v2"} to start each target connection with a PROXY protocol
+        header (stream mode), or L{None}.
     """
 
     target: Target | None
@@ -181,6 +183,7 @@ class TunnelConfig:
     json: bool = False
     poolSize: int = 4
     routes: tuple[Route, ...] = ()
+    proxyProtocol: str | None = None
 
     def describeTarget(self) -> str:
         """
@@ -215,6 +218,7 @@ def buildConfig(
     poolSize: int = 4,
     http: bool = False,
     httpRoutes: Sequence[str] = (),
+    proxyProtocol: str | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -245,6 +249,20 @@ def buildConfig(
             RouteTable(routes)  # Rejects duplicate prefixes.
     except RouteError as e:
         raise ConfigError(f"--http-route: {e}")
+    if proxyProtocol is not None:
+        from portal.proxyheader import parseVersion
+
+        try:
+            proxyProtocol = parseVersion(proxyProtocol)
+        except ValueError as e:
+            raise ConfigError(f"--proxy-protocol {e}")
+        if routes:
+            raise ConfigError(
+                "--proxy-protocol: routed HTTP mode passes the visitor's address in "
+                "X-Forwarded-For and Forwarded instead"
+            )
+        if target is not None and target.startswith("https://"):
+            raise ConfigError("--proxy-protocol: not available with an https:// target yet")
     if alpn is None:
         # Routed mode speaks HTTP/2 itself; in stream mode the target would have to (h2c).
         alpn = "h2,http/1.1" if routes else "http/1.1"
@@ -271,4 +289,5 @@ def buildConfig(
         identityPath=identityPath or defaultIdentityPath(),
         json=json,
         poolSize=poolSize,
+        proxyProtocol=proxyProtocol,
     )

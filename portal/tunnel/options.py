@@ -50,7 +50,8 @@ class TunnelOptions(usage.Options):
             "proxy-protocol",
             None,
             None,
-            "Send a PROXY header v1|v2 to the target (not available yet).",
+            "Start each connection to the target with a PROXY protocol header (v1 or v2) "
+            "carrying the visitor's address (stream mode).",
         ],
         ["registry", None, None, "Relay registry URL or file (not available yet)."],
         ["acme", None, None, "ACME directory URL (not available yet)."],
@@ -134,7 +135,6 @@ class TunnelOptions(usage.Options):
             ("tcp", "raw TCP mode"),
             ("udp", "UDP mode"),
             ("udp-addr", "UDP mode"),
-            ("proxy-protocol", "PROXY protocol"),
             ("registry", "the relay registry"),
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
@@ -157,6 +157,7 @@ class TunnelOptions(usage.Options):
                 poolSize=self["pool-size"],
                 http=bool(self["http"]),
                 httpRoutes=self["http-routes"],
+                proxyProtocol=self["proxy-protocol"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

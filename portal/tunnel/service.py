@@ -239,7 +239,9 @@ class TunnelService(MultiService):
             def inner(header: StreamHeader) -> RoutedHTTP:
                 return RoutedHTTP(proxy, header)
 
-        self.streamHandler = StreamHandler(reactor, config.target, creator, inner)
+        self.streamHandler = StreamHandler(
+            reactor, config.target, creator, inner, config.proxyProtocol
+        )
         self.links = [RelayLink(self, relay) for relay in config.relays]
         for link in self.links:
             link.setServiceParent(self)

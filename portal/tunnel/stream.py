@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
@@ -18,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from portal.attach import StreamHeader
+from portal.proxyheader import proxyHeader
 from portal.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.tunnel.config import Target
 
@@ -66,10 +68,19 @@ class _VisitorSide(SpliceProtocol):
         Start forwarding both ways.
         """
         self._connecting = None
+        assert target.transport is not None
         if self._lost:
-            assert target.transport is not None
             target.transport.loseConnection()
             return
+        version = self._handler.proxyProtocol
+        if version is not None:
+            header = self._header
+            family = IPv6Address if ":" in header.peerHost else IPv4Address
+            visitor = family("TCP", header.peerHost, header.peerPort)
+            # The destination is the target's own address: the relay's public one is not known here.
+            local = target.transport.getPeer()
+            assert isinstance(local, (IPv4Address, IPv6Address))
+            target.transport.write(proxyHeader(version, visitor, local))
         splice(self, target)
 
     def _failed(self, failure: Failure) -> None:
@@ -111,6 +122,7 @@ class StreamHandler:
         target: Target | None,
         tlsCreator: IOpenSSLServerConnectionCreator,
         inner: Callable[[StreamHeader], IProtocol] | None = None,
+        proxyProtocol: str | None = None,
     ) -> None:
         """
         @param reactor: The reactor (TCP and time).
@@ -118,10 +130,13 @@ class StreamHandler:
         @param tlsCreator: Makes the TLS server connection visitors handshake with.
         @param inner: Builds the protocol inside TLS instead of the stream-mode splice to C{target}
             (routed HTTP mode passes L{portal.tunnel.httpproxy.HTTPProxy.protocolFor}).
+        @param proxyProtocol: C{"v1"} or C{"v2"}: start each target connection with a PROXY protocol
+            header carrying the visitor's address.
         """
         self.reactor = reactor
         self.target = target
         self._inner = inner
+        self.proxyProtocol = proxyProtocol
         self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
 
     def targetEndpoint(self) -> Any:
