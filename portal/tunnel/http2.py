@@ -36,7 +36,6 @@ from portal.tunnel.httpproxy import (
     HTTPProxy,
     UpstreamConnection,
     VisitorHTTP,
-    _chunk,
 )
 
 
@@ -201,12 +200,7 @@ class H2Visitor(ExchangeAnswers):
         exchange = self._exchange
         if exchange is None or self._lost or exchange.bodyDone:
             return
-        upstream = exchange.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.bodyProgress(len(data))
-            upstream.transport.write(_chunk(data) if exchange.chunkedUpstream else data)
-        else:
-            exchange.body.append(data)
+        if not exchange.forwardBody(data):
             self.transport.pauseProducing()
 
     def bodyComplete(self) -> None:
@@ -214,12 +208,8 @@ class H2Visitor(ExchangeAnswers):
         The request body ended (C{END_STREAM}).
         """
         exchange = self._exchange
-        if exchange is None or exchange.bodyDone:
-            return
-        exchange.bodyDone = True
-        upstream = exchange.upstream
-        if exchange.chunkedUpstream and upstream is not None and upstream.transport is not None:
-            upstream.transport.write(b"0\r\n\r\n")
+        if exchange is not None and not exchange.bodyDone:
+            exchange.endBody()
 
     def _gone(self, reason: Failure) -> None:
         """

@@ -190,6 +190,30 @@ class Exchange:
         self.sent = 0
         self.headBytes = 0
 
+    def forwardBody(self, data: bytes) -> bool:
+        """
+        Send a piece of the request body upstream (chunk-framed if need be), or hold it until the
+        upstream connection is made.
+
+        @return: Whether it went upstream.
+        """
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.bodyProgress(len(data))
+            upstream.transport.write(_chunk(data) if self.chunkedUpstream else data)
+            return True
+        self.body.append(data)
+        return False
+
+    def endBody(self) -> None:
+        """
+        The request body is complete: end the chunked framing upstream if it was sent that way.
+        """
+        self.bodyDone = True
+        upstream = self.upstream
+        if self.chunkedUpstream and upstream is not None and upstream.transport is not None:
+            upstream.transport.write(b"0\r\n\r\n")
+
 
 class HTTPProxy:
     """
@@ -489,12 +513,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         exchange = self._parsing
         assert exchange is not None
-        upstream = exchange.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.bodyProgress(len(body))
-            upstream.transport.write(_chunk(body) if exchange.chunkedUpstream else body)
-        else:
-            exchange.body.append(body)
+        exchange.forwardBody(body)
 
     def on_message_complete(self) -> None:
         """
@@ -502,10 +521,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         exchange = self._parsing
         assert exchange is not None
-        exchange.bodyDone = True
-        upstream = exchange.upstream
-        if exchange.chunkedUpstream and upstream is not None and upstream.transport is not None:
-            upstream.transport.write(b"0\r\n\r\n")
+        exchange.endBody()
 
     # Exchanges.
 
