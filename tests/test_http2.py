@@ -539,6 +539,16 @@ class StallTests(H2TestCase):
     A visitor that stops opening its window costs no CPU.
     """
 
+    def sendLoops(self) -> list[DelayedCall]:
+        """
+        @return: Runs of twisted.web's send loop scheduled on the proxy's clock.
+        """
+        return [
+            cast(DelayedCall, call)
+            for call in self.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_sendPrioritisedData"
+        ]
+
     def test_stalledStreamDoesNotSpin(self) -> None:
         """
         While a stream's window is used up with data still queued, the send loop is not rescheduled
@@ -553,16 +563,32 @@ class StallTests(H2TestCase):
         client.flush()
         response = client.responses[streamID]
         self.assertEqual(len(response.body), client.conn.local_settings.initial_window_size)
-        loops = [
-            call
-            for call in self.clock.getDelayedCalls()
-            if getattr(call.func, "__name__", "") == "_sendPrioritisedData"
-        ]
-        self.assertEqual(loops, [])
+        self.assertEqual(self.sendLoops(), [])
         for _ in range(5):
             client.acknowledge(streamID)
             client.flush()
         self.assertEqual(response.body, b"x" * size)
+        self.assertTrue(response.ended)
+
+
+    def test_moreDataKeepsStalledStreamParked(self) -> None:
+        """
+        Response bytes that arrive while the stream is stalled (twisted.web unblocks a stream it is
+        given data for) do not start the send loop spinning either.
+        """
+        client, streamID = self.get(b"/big")
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        upstream.dataReceived(b"x" * 70_000)
+        client.flush()
+        upstream.dataReceived(b"y" * 30_000)
+        client.flush()
+        self.assertEqual(self.sendLoops(), [])
+        response = client.responses[streamID]
+        for _ in range(5):
+            client.acknowledge(streamID)
+            client.flush()
+        self.assertEqual(response.body, b"x" * 70_000 + b"y" * 30_000)
         self.assertTrue(response.ended)
 
 

@@ -325,6 +325,11 @@ class _H2Channel(H2Connection):
     also closes connections with streams in flight: a slow upstream, a long poll, an event stream.)
     """
 
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        #: Streams L{_sendPrioritisedData} blocked for want of flow-control window.
+        self._parked: set[int] = set()
+
     def timeoutConnection(self) -> None:
         """
         Close the connection unless a request is in flight.
@@ -342,9 +347,12 @@ class _H2Channel(H2Connection):
         Such streams are blocked here; L{dataReceived} unblocks them when the window opens.
         """
         super()._sendPrioritisedData(*args)
+        parked = self._parked
         for streamID, queue in self._outboundStreamQueues.items():
+            # Blocked again even if parked: new response data unblocks a stream in twisted.web.
             if queue and self._window(streamID) <= 0:
                 self.priority.block(streamID)
+                parked.add(streamID)
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -353,9 +361,14 @@ class _H2Channel(H2Connection):
         send loop, which is woken if it was waiting.
         """
         super().dataReceived(data)
+        if not self._parked:
+            return
         opened = False
-        for streamID, queue in list(self._outboundStreamQueues.items()):
-            if queue and self._window(streamID) > 0:
+        for streamID in list(self._parked):
+            if streamID not in self._outboundStreamQueues:
+                self._parked.discard(streamID)  # Finished or reset meanwhile.
+            elif self._window(streamID) > 0:
+                self._parked.discard(streamID)
                 self.priority.unblock(streamID)
                 opened = True
         sending = self._sendingDeferred
