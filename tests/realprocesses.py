@@ -156,6 +156,17 @@ class WatchedProcess(ProcessProtocol):
         return code
 
 
+def rss(pid: int) -> int:
+    """
+    @return: The resident set size of process C{pid} in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def _twistd() -> str:
     """
     @return: The C{twistd} next to this Python, or the one on the PATH.

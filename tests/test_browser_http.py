@@ -11,7 +11,6 @@ received it only once a held request was released), which looked like a lost ech
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from typing import Any
 
@@ -27,7 +26,7 @@ from tests.realprocesses import (
     listenLocal,
     openBrowser,
     readDOM,
-    spawn,
+    startExpose,
     startRelay,
     trustCA,
     waitForLease,
@@ -141,27 +140,18 @@ class ChromiumRoutedHTTPTests(TestCase):
         _, _, controlPort = yield startRelay(self, os.path.join(root, "relay", "state"))
         home = os.path.join(root, "tunnel")
         os.makedirs(home)
-        tunnel = spawn(
+        tunnel = startExpose(
             self,
-            "portal expose --http-route",
+            home,
+            controlPort,
             [
-                sys.executable,
-                "-m",
-                "portal",
-                "expose",
                 "--http-route",
                 f"/={pagePort}",
                 "--http-route",
                 f"/api={apiPort},strip",
                 "--http-route",
                 f"/ws={wsPort},strip",
-                "--relay",
-                f"127.0.0.1:{controlPort}",
-                "--identity",
-                os.path.join(home, "identity.json"),
-                "--json",
             ],
-            home,
         )
         lease = yield waitForLease(tunnel)
         browserHome = os.path.join(root, "browser")

@@ -33,6 +33,7 @@ from tests.realprocesses import (
     browserTools,
     dumpDOM,
     listenLocal,
+    rss,
     spawn,
     startRelay,
     startTunnel,
@@ -115,7 +116,7 @@ def _slowRead(url: str, cafile: str, publicPort: int, relayPid: int) -> tuple[st
     host, port = _hostPort(url)
     expected = hashlib.sha256(random.Random(SOURCE_SEED).randbytes(SOURCE_BYTES)).hexdigest()
     context = ssl.create_default_context(cafile=cafile)
-    baseline = _rss(relayPid)
+    baseline = rss(relayPid)
     peak = 0
     digest = hashlib.sha256()
     received = 0
@@ -129,19 +130,10 @@ def _slowRead(url: str, cafile: str, publicPort: int, relayPid: int) -> tuple[st
                 received += len(data)
                 if received % (1 << 18) < len(data):
                     time.sleep(0.001)
-                    peak = max(peak, _rss(relayPid) - baseline)
+                    peak = max(peak, rss(relayPid) - baseline)
     return expected, digest.hexdigest(), received, peak
 
 
-def _rss(pid: int) -> int:
-    """
-    @return: The resident set size of process C{pid} in bytes.
-    """
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _abortMidTransfer(url: str, cafile: str) -> int:

@@ -33,6 +33,7 @@ from tests.realprocesses import (
     WAIT,
     WatchedProcess,
     listenLocal,
+    rss,
     spawn,
     startExpose,
     startRelay,
@@ -77,15 +78,6 @@ def _sha256(seed: int, total: int) -> str:
     return digest.hexdigest()
 
 
-def _rss(pid: int) -> int:
-    """
-    @return: The resident set size of process C{pid} in bytes.
-    """
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 def _hostPort(url: str) -> tuple[str, int]:
@@ -332,7 +324,7 @@ def _download(url: str, cafile: str, tunnelPid: int) -> tuple[int, int, str, int
     try:
         connection.request("GET", "/hello")
         connection.getresponse().read()
-        baseline = peak = _rss(tunnelPid)
+        baseline = peak = rss(tunnelPid)
         connection.request("GET", "/download")
         response = connection.getresponse()
         digest = hashlib.sha256()
@@ -341,7 +333,7 @@ def _download(url: str, cafile: str, tunnelPid: int) -> tuple[int, int, str, int
             digest.update(data)
             received += len(data)
             if received % (1 << 22) < len(data):
-                peak = max(peak, _rss(tunnelPid))
+                peak = max(peak, rss(tunnelPid))
                 threading.Event().wait(0.001)
         return response.status, received, digest.hexdigest(), peak - baseline
     finally:
@@ -358,13 +350,13 @@ def _upload(
     @return: The status, the response body, and the tunnel's largest RSS growth.
     """
     connection = _Connection(url, cafile)
-    baseline = _rss(tunnelPid)
+    baseline = rss(tunnelPid)
     peak = [baseline]
 
     def body() -> Iterator[bytes]:
         for index, piece in enumerate(_pieces(UPLOAD_SEED, total)):
             if index % 16 == 0:
-                peak[0] = max(peak[0], _rss(tunnelPid))
+                peak[0] = max(peak[0], rss(tunnelPid))
             yield piece
 
     try:
