@@ -1,0 +1,329 @@
+"""
+The relay's public UDP port for one lease in UDP mode: each visitor address is a flow.
+
+Each distinct visitor address, (host, port), that sends a datagram to the port gets a flow id: an
+integer from 1 up, never reused by one L{PublicUDP}, at most L{MAX_FLOW_ID} because the id travels
+as 4 bytes with each datagram between relay and tunnel (L{portal.udpseal}).  Replies from the
+tunnel name the flow and go to its visitor.  A flow with no datagram in either direction for
+C{idleTimeout} seconds is forgotten.
+
+Idle flows are found by one periodic sweep every C{idleTimeout / 4} seconds, not by a timer per
+flow.  A datagram only sets its flow's activity flag (no clock read, no allocation, no timer to
+reset); each sweep clears the flags and counts, for every flow, the sweep intervals since it was
+last active.  A flow is forgotten once four intervals in a row have passed with no datagram, that
+is between C{idleTimeout} and C{1.25 * idleTimeout} seconds after its last datagram, never sooner.
+The sweep runs only while there are flows, and costs time proportional to their number.
+
+This class does not listen; the caller does, and must pass C{maxPacketSize=MAX_PACKET_SIZE}::
+
+    reactor.listenUDP(port, PublicUDP(...), interface=interface, maxPacketSize=MAX_PACKET_SIZE)
+
+Twisted's default C{maxPacketSize} is 8192 bytes, the size of the buffer each datagram is read
+into: a larger datagram (9,000 bytes from a jumbo-frame network, or anything up to 65,507 bytes)
+would arrive truncated to 8192 bytes, without any error (on Linux).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from portal.udpseal import MAX_FLOW_ID
+
+#: The C{maxPacketSize} the caller must give C{listenUDP}, so that datagrams of any size arrive
+#: whole.
+MAX_PACKET_SIZE = 65535
+
+#: How many sweep intervals make up the idle timeout; a flow is forgotten after this many
+#: intervals in a row without a datagram.
+SWEEPS_PER_TIMEOUT = 4
+
+#: Seconds of clock time between two log events about refused new flows.
+FLOW_LIMIT_LOG_INTERVAL = 10.0
+
+#: The keys of L{PublicUDP.dropped}: why datagrams were dropped.
+DROP_REASONS = (
+    "too_many_flows",
+    "flow_ids_exhausted",
+    "unknown_flow",
+    "send_failed",
+    "stopped",
+)
+
+#: A visitor's address as flows are keyed: (host, port).
+Address = tuple[str, int]
+
+
+@attrs.define
+class _Flow:
+    """
+    One visitor's flow.
+
+    @ivar flowId: The flow's id.
+    @ivar key: The visitor's (host, port).
+    @ivar address: The address replies are written to, as the visitor's first datagram came from.
+    @ivar active: Whether a datagram went either way since the last sweep.
+    @ivar idleSweeps: How many sweep intervals in a row have passed without a datagram.
+    """
+
+    flowId: int
+    key: Address
+    address: tuple[Any, ...]
+    active: bool = True
+    idleSweeps: int = 0
+
+
+class PublicUDP(DatagramProtocol):
+    """
+    The public UDP port of one lease: visitors' datagrams go to the tunnel tagged with a flow id,
+    and the tunnel's replies go back to the flow's visitor.
+
+    @ivar name: The lease's name, for log events.
+    @ivar idleTimeout: Seconds without a datagram either way after which a flow is forgotten.
+    @ivar maxFlows: Most flows live at once; datagrams from new visitors beyond them are dropped.
+    @ivar received: How many visitor datagrams were passed to the tunnel.
+    @ivar sent: How many datagrams from the tunnel were written to visitors.
+    @ivar dropped: How many datagrams, either way, were dropped, by reason (L{DROP_REASONS}):
+        C{"too_many_flows"} and C{"flow_ids_exhausted"} for a new visitor's datagram when
+        L{maxFlows} flows are live or every flow id has been used, C{"unknown_flow"} for a reply
+        to a flow that is not live, C{"send_failed"} for a reply the socket refused, and
+        C{"stopped"} for anything after L{stop} or while not listening.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        toTunnel: Callable[[int, bytes], None],
+        *,
+        name: str,
+        idleTimeout: float = 60.0,
+        maxFlows: int = 1024,
+        onFlowClosed: Callable[[int], None] | None = None,
+    ) -> None:
+        """
+        @param clock: The source of time for idle expiry and log rate limiting.
+        @param toTunnel: Called with the flow id and the payload of every visitor datagram to
+            forward; a new flow's visitor address is available from L{flowAddress}.
+        @param name: The lease's name, for log events.
+        @param idleTimeout: Seconds without a datagram either way after which a flow is
+            forgotten.
+        @param maxFlows: Most flows live at once.
+        @param onFlowClosed: Called with the flow id of each flow forgotten for being idle, so
+            the caller can tell the tunnel; not called for L{closeFlow} or L{stop}.
+        @raise ValueError: If C{idleTimeout} is not a positive finite number or C{maxFlows} is
+            less than 1.
+        """
+        if not (math.isfinite(idleTimeout) and idleTimeout > 0):
+            raise ValueError(
+                f"idle timeout must be a positive number of seconds, not {idleTimeout}"
+            )
+        if maxFlows < 1:
+            raise ValueError(f"maxFlows must be at least 1, not {maxFlows}")
+        self.name = name
+        self.idleTimeout = idleTimeout
+        self.maxFlows = maxFlows
+        self.received = 0
+        self.sent = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._clock = clock
+        self._toTunnel = toTunnel
+        self._onFlowClosed = onFlowClosed
+        self._byKey: dict[Address, _Flow] = {}
+        self._byId: dict[int, _Flow] = {}
+        self._nextFlowId = 1
+        self._stopped = False
+        self._sweeper = LoopingCall.withCount(self._sweep)
+        self._sweeper.clock = clock
+        # When the last "too many flows" event was logged, and refusals since.
+        self._limitLoggedAt: float | None = None
+        self._limitRefused = 0
+
+    @property
+    def flows(self) -> int:
+        """
+        The number of live flows.
+        """
+        return len(self._byId)
+
+    def flowAddress(self, flowId: int) -> Address | None:
+        """
+        Find a flow's visitor.
+
+        @param flowId: A flow id.
+        @return: The (host, port) of the flow's visitor, or C{None} if the flow is not live.
+        """
+        flow = self._byId.get(flowId)
+        return None if flow is None else flow.key
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[Any, ...]) -> None:
+        """
+        Forward a visitor's datagram to the tunnel, opening a flow for a new visitor.
+
+        @param datagram: The payload; an empty one is forwarded too.
+        @param addr: The visitor's address, (host, port) or, for IPv6, possibly
+            (host, port, flowinfo, scopeid); flows are keyed on (host, port).
+        """
+        if self._stopped:
+            self.dropped["stopped"] += 1
+            return
+        key: Address = addr[:2]
+        flow = self._byKey.get(key)
+        if flow is None:
+            flow = self._openFlow(key, addr)
+            if flow is None:
+                return
+        else:
+            flow.active = True
+        self.received += 1
+        self._toTunnel(flow.flowId, datagram)
+
+    def _openFlow(self, key: Address, addr: tuple[Any, ...]) -> _Flow | None:
+        """
+        Open a flow for a new visitor, unless flow ids are used up or too many flows are live.
+
+        @param key: The visitor's (host, port).
+        @param addr: The visitor's address as received.
+        @return: The new flow, or C{None} if the datagram was dropped (and counted).
+        """
+        flowId = self._nextFlowId
+        if flowId > MAX_FLOW_ID:
+            self.dropped["flow_ids_exhausted"] += 1
+            if self.dropped["flow_ids_exhausted"] == 1:
+                self._log.error(
+                    "UDP port for {name} has used every flow id; refusing all new visitors",
+                    name=self.name,
+                )
+            return None
+        if len(self._byId) >= self.maxFlows:
+            self.dropped["too_many_flows"] += 1
+            self._flowLimitReached(key)
+            return None
+        self._nextFlowId = flowId + 1
+        flow = _Flow(flowId, key, addr)
+        self._byKey[key] = flow
+        self._byId[flowId] = flow
+        if not self._sweeper.running:
+            self._sweeper.start(self.idleTimeout / SWEEPS_PER_TIMEOUT, now=False)
+        return flow
+
+    def _flowLimitReached(self, key: Address) -> None:
+        """
+        Log that a new visitor was refused for want of a flow, at most once every
+        L{FLOW_LIMIT_LOG_INTERVAL} seconds; each event says how many were refused since the last.
+
+        @param key: The refused visitor's (host, port).
+        """
+        self._limitRefused += 1
+        now = self._clock.seconds()
+        last = self._limitLoggedAt
+        if last is not None and now - last < FLOW_LIMIT_LOG_INTERVAL:
+            return
+        self._log.warn(
+            "UDP port for {name} has {maxFlows} live flows, the most allowed; refused "
+            "{refused} new visitor datagram(s), the latest from {host} port {port}",
+            name=self.name,
+            maxFlows=self.maxFlows,
+            refused=self._limitRefused,
+            host=key[0],
+            port=key[1],
+        )
+        self._limitLoggedAt = now
+        self._limitRefused = 0
+
+    def fromTunnel(self, flowId: int, payload: bytes) -> bool:
+        """
+        Write the tunnel's datagram for a flow to the flow's visitor.
+
+        @param flowId: The flow the tunnel named.
+        @param payload: The payload; an empty one is written too.
+        @return: Whether the datagram was written; if not, the drop was counted in L{dropped}.
+        """
+        transport = self.transport
+        if self._stopped or transport is None:
+            self.dropped["stopped"] += 1
+            return False
+        flow = self._byId.get(flowId)
+        if flow is None:
+            self.dropped["unknown_flow"] += 1
+            return False
+        flow.active = True
+        try:
+            transport.write(payload, flow.address)
+        except (OSError, MessageLengthError):
+            self.dropped["send_failed"] += 1
+            return False
+        self.sent += 1
+        return True
+
+    def closeFlow(self, flowId: int) -> bool:
+        """
+        Forget a flow the tunnel has forgotten; C{onFlowClosed} is not called.
+
+        @param flowId: The flow id.
+        @return: Whether the flow was live.
+        """
+        flow = self._byId.pop(flowId, None)
+        if flow is None:
+            return False
+        del self._byKey[flow.key]
+        return True
+
+    def _sweep(self, intervals: int) -> None:
+        """
+        Forget flows idle for L{SWEEPS_PER_TIMEOUT} sweep intervals and tell C{onFlowClosed}.
+
+        @param intervals: How many sweep intervals passed since the last sweep: more than 1 when
+            the reactor was late.
+        """
+        expired = []
+        for flow in self._byId.values():
+            if flow.active:
+                flow.active = False
+                flow.idleSweeps = 0
+            else:
+                flow.idleSweeps += intervals
+                if flow.idleSweeps >= SWEEPS_PER_TIMEOUT:
+                    expired.append(flow)
+        for flow in expired:
+            del self._byId[flow.flowId]
+            del self._byKey[flow.key]
+        if self._onFlowClosed is not None:
+            for flow in expired:
+                try:
+                    self._onFlowClosed(flow.flowId)
+                except Exception:
+                    self._log.failure(
+                        "onFlowClosed failed for flow {flowId} of {name}",
+                        flowId=flow.flowId,
+                        name=self.name,
+                    )
+        # Only now: a callback may have opened a flow, or stopped us.
+        if not self._byId and self._sweeper.running:
+            self._sweeper.stop()
+
+    def stop(self) -> None:
+        """
+        Forget every flow without calling C{onFlowClosed}, stop the sweep, and drop every datagram
+        from now on.  The caller then stops listening.
+        """
+        self._stopped = True
+        self._byKey.clear()
+        self._byId.clear()
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def stopProtocol(self) -> None:
+        """
+        The port stopped listening: L{stop}.
+        """
+        self.stop()
