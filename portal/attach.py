@@ -69,19 +69,24 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
 
 
-def attachProof(key: bytes, nonce: bytes, sessionId: bytes) -> bytes:
+def attachProof(key: bytes, nonce: bytes, sessionId: bytes, binding: bytes = b"") -> bytes:
     """
     The tunnel's answer to the relay's attach nonce.
 
     @param key: The data key of the control session C{sessionId}.
     @param nonce: The relay's nonce for this connection.
     @param sessionId: The control session the data session belongs to.
+    @param binding: For a TLS data session, its own exporter value
+        (L{portal.control.EXPORTER_DATA_SESSION}), so that the proof is only good on this TLS session;
+        empty for a plain one.
     @return: C{sessionId} followed by its MAC, L{ATTACH_LENGTH} bytes.
     """
-    return sessionId + _mac(key, b"attach\0", nonce, sessionId)
+    return sessionId + _mac(key, b"attach\0", nonce, sessionId, binding)
 
 
-def checkAttachProof(key: bytes, nonce: bytes, sessionId: bytes, tag: bytes) -> bool:
+def checkAttachProof(
+    key: bytes, nonce: bytes, sessionId: bytes, tag: bytes, binding: bytes = b""
+) -> bool:
     """
     Verify an attach proof in constant time.
 
@@ -89,9 +94,10 @@ def checkAttachProof(key: bytes, nonce: bytes, sessionId: bytes, tag: bytes) -> 
     @param nonce: The nonce the relay sent on this connection.
     @param sessionId: The claimed control session.
     @param tag: The MAC the tunnel sent.
+    @param binding: The TLS data session's exporter value as the relay sees it, or empty.
     @return: Whether the proof is valid.
     """
-    return hmac.compare_digest(_mac(key, b"attach\0", nonce, sessionId), tag)
+    return hmac.compare_digest(_mac(key, b"attach\0", nonce, sessionId, binding), tag)
 
 
 def encodeStreamHeader(key: bytes, nonce: bytes, header: StreamHeader) -> bytes:

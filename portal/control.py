@@ -16,12 +16,19 @@ MIN_VERSION = 1
 MAX_VERSION = 1
 
 #: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
-CAPABILITIES = ("stream",)
+#: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, TLS data sessions, a public port per lease).
+CAPABILITIES = ("stream", "tcp")
+
+#: Modes a registration may ask for (L{Register}'s C{mode}).
+MODES = ("stream", "tcp")
 
 #: TLS exporter label whose value the relay signs in L{Hello}.
 EXPORTER_HELLO = b"EXPORTER-portal-relay-hello"
 #: TLS exporter label of the key that authenticates data sessions of this control session.
 EXPORTER_DATA_KEY = b"EXPORTER-portal-data-key"
+#: TLS exporter label of a TLS data session's own channel binding (raw TCP mode): the attach proof
+#: covers it, so a data session cannot be relayed by someone who terminates its TLS.
+EXPORTER_DATA_SESSION = b"EXPORTER-portal-data-session"
 #: Length of exported values.
 EXPORTER_LENGTH = 32
 #: Domain separation prefix of the relay's L{Hello} signature.
@@ -102,6 +109,10 @@ class Challenge(amp.Command):
 class Register(amp.Command):
     """
     Register leases on C{names} by signing the challenge with the identity whose key is C{publicKey}.
+
+    C{mode} is one of L{MODES}. In C{tcp} mode exactly one name is registered, its data sessions must be
+    TLS, and the relay answers with the public TCP port it opened for the lease (C{tcpPort}) and the
+    host visitors reach it at (C{publicHost}).
     """
 
     arguments = [
@@ -114,6 +125,8 @@ class Register(amp.Command):
     response = [
         (b"hostnames", amp.ListOf(amp.Unicode())),
         (b"expiresIn", amp.Float()),
+        (b"tcpPort", amp.Integer(optional=True)),
+        (b"publicHost", amp.Unicode(optional=True)),
     ]
     errors = {RegistrationRefused: b"REGISTRATION_REFUSED", TryAgain: b"TRY_AGAIN"}
 

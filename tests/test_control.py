@@ -95,10 +95,13 @@ class FakeLink:
         pinsPath: str,
         label: str = LABEL,
         expectedId: str | None = None,
+        mode: str = "stream",
     ) -> None:
         self.reactor = reactor
         self.identity = identity
         self.label = label
+        self.mode = mode
+        self.tcpAddresses: list[tuple[str, int] | None] = []
         self.reporter = Reporter(io.StringIO())
         self.pins = KnownRelays(pinsPath)
         self.relay = RelayAddress(RELAY_HOST, RELAY_PORT, expectedId)
@@ -107,11 +110,18 @@ class FakeLink:
         self.lost: list[TunnelControlProtocol] = []
         self.fatals: list[str] = []
 
-    def registered(self, protocol: TunnelControlProtocol, hostnames: list[str], port: int) -> None:
+    def registered(
+        self,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None = None,
+    ) -> None:
         """
-        Record a registration.
+        Record a registration, and the public TCP address of a raw TCP one.
         """
         self.registrations.append((protocol, hostnames, port))
+        self.tcpAddresses.append(tcp)
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
         """

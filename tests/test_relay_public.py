@@ -31,7 +31,7 @@ from portal.attach import (
 from portal.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME, alertRecord
 from portal.identity import Identity
 from portal.localca import LocalCA
-from portal.relay.control import ControlDispatch, ControlFactory, RelayControlProtocol
+from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
 from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory, VisitorProtocol
 from portal.relay.router import DataPool, RelayLimits, Router
@@ -890,14 +890,15 @@ class ControlDispatchTests(RelayHarness):
 
     def test_tls(self) -> None:
         """
-        A connection starting with a TLS handshake record goes to a TLS-wrapped control protocol, which
-        answers the ClientHello.
+        A connection starting with a TLS handshake record goes to TLS, which answers the ClientHello;
+        inside, a dispatcher tells control sessions from TLS data sessions (see
+        L{tests.test_rawtcp}).
         """
         dispatch, transport = self.controlConnection()
         dispatch.dataReceived(clientHello("localhost"))
         self.assertIsInstance(dispatch.chosen, TLSMemoryBIOProtocol)
         assert isinstance(dispatch.chosen, TLSMemoryBIOProtocol)
-        self.assertIsInstance(dispatch.chosen.wrappedProtocol, RelayControlProtocol)
+        self.assertIsInstance(dispatch.chosen.wrappedProtocol, _TLSDispatch)
         self.assertEqual(transport.value()[:1], b"\x16")
         self.assertFalse(transport.disconnecting)
         transport.loseConnection()

@@ -137,6 +137,28 @@ class RelayOptionsTests(SynchronousTestCase):
         """
         Port ranges for modes this version lacks are refused, not ignored.
         """
-        for flag in ("--tcp-ports", "--udp-ports"):
-            error = self.assertRaises(usage.UsageError, Options().parseOptions, [flag, "1-2"])
-            self.assertIn("not available", str(error))
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--udp-ports", "1-2"])
+        self.assertIn("not available", str(error))
+
+    def test_tcpPorts(self) -> None:
+        """
+        C{--tcp-ports LO-HI} turns raw TCP mode on with that range; without it the mode is off.
+        """
+        options = Options()
+        options.parseOptions(["--tcp-ports", "20000-20009", "--max-ports-per-identity", "3"])
+        config = options.config()
+        self.assertEqual((config.tcpPorts.low, config.tcpPorts.high), (20000, 20009))
+        self.assertEqual(config.maxPortsPerIdentity, 3)
+        options = Options()
+        options.parseOptions([])
+        self.assertIsNone(options.config().tcpPorts)
+
+    def test_badTCPPorts(self) -> None:
+        """
+        A malformed range is a usage error naming the option.
+        """
+        for text in ("20000", "9000-8000", "0-10", "1-70000", "a-b"):
+            error = self.assertRaises(
+                usage.UsageError, Options().parseOptions, ["--tcp-ports", text]
+            )
+            self.assertTrue(str(error).startswith(f"--tcp-ports {text}:"), str(error))

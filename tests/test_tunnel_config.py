@@ -344,12 +344,39 @@ class TunnelOptionsTests(SynchronousTestCase):
         )
         self.assertIn("https://", str(e))
 
+    def test_tcp(self) -> None:
+        """
+        C{--tcp} selects raw TCP mode (registration mode C{tcp}) with TARGET as HOST:PORT or PORT,
+        and works with C{--proxy-protocol}.
+        """
+        config = self.parse("localhost:25565", "--tcp", "--proxy-protocol", "v2").tunnelConfig
+        self.assertTrue(config.tcp)
+        self.assertEqual(config.mode, "tcp")
+        self.assertEqual((config.target.host, config.target.port), ("localhost", 25565))
+        self.assertEqual(config.proxyProtocol, "v2")
+        self.assertEqual(self.parse("6379", "--tcp").tunnelConfig.target.host, "127.0.0.1")
+        self.assertEqual(self.parse("8000").tunnelConfig.mode, "stream")
+
+    def test_tcpConflicts(self) -> None:
+        """
+        Options that make no sense without TLS termination, or with routed HTTP, are usage errors
+        that say why.
+        """
+        for arguments, text in [
+            (["http://127.0.0.1:3000", "--tcp"], "no scheme"),
+            (["3000", "--tcp", "--http"], "--http"),
+            (["--tcp", "--http-route", "/=3000"], "--http-route"),
+            (["3000", "--tcp", "--alpn", "h2"], "does not terminate TLS"),
+            (["3000", "--tcp", "--cert", "c.pem", "--key", "k.pem"], "does not terminate TLS"),
+        ]:
+            e = self.assertRaises(UsageError, self.parse, *arguments)
+            self.assertIn(text, str(e))
+
     def test_unavailableFeatures(self) -> None:
         """
         Features this version does not have are refused with a usage error naming the flag.
         """
         cases = [
-            (["--tcp"], "--tcp"),
             (["--udp"], "--udp"),
             (["--via", "h:1"], "--via"),
             (["--udp-addr", "h:1"], "--udp-addr"),

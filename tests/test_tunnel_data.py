@@ -96,6 +96,7 @@ class FakePool:
 
     def __init__(self) -> None:
         self.handler = RecordingHandler()
+        self.tls = False
         self.usedSessions: list[TunnelDataSession] = []
         self.lostSessions: list[TunnelDataSession] = []
 

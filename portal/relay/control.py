@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IProtocol
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -20,6 +22,7 @@ from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_HELLO,
+    MODES,
     Challenge,
     Hello,
     LeaseUnknown,
@@ -39,6 +42,7 @@ from portal.leases import LeaseError
 from portal.names import InvalidName, leaseHostname, validateLabel
 from portal.peek import PeekingProtocol, RefuseConnection
 from portal.relay.data import RelayDataSession
+from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
 
 TLS_HANDSHAKE = 0x16
@@ -51,10 +55,13 @@ class RelayControlProtocol(amp.AMP):
     @ivar pool: This session's data pool, once L{Hello} is done.
     @ivar owner: The identity id that registered on this session.
     @ivar names: Lease names registered on this session.
+    @ivar mode: The mode of this session's leases (L{portal.control.MODES}); C{"stream"} until a
+        registration says otherwise.
     """
 
     pool: DataPool | None = None
     owner: str | None = None
+    mode = "stream"
     _helloTimer: Any = None
     _log = Logger()
 
@@ -149,15 +156,22 @@ class RelayControlProtocol(amp.AMP):
     @Register.responder
     def register(
         self, publicKey: bytes, names: list[str], nonce: bytes, signature: bytes, mode: str
-    ) -> dict[str, object]:
+    ) -> dict[str, object] | Deferred[dict[str, object]]:
         """
-        Check the signed challenge and register the leases, all or none.
+        Check the signed challenge and register the leases, all or none; in raw TCP mode, open the
+        lease's public port too.
         """
         router = self._router
         if self.pool is None:
             raise RegistrationRefused("Hello must come first")
-        if mode != "stream":
+        if mode not in MODES:
             raise RegistrationRefused(f"{mode} mode is not supported by this relay")
+        if mode == "tcp" and router.tcp is None:
+            raise RegistrationRefused("tcp mode is disabled on this relay")
+        if self.names and mode != self.mode:
+            raise RegistrationRefused(f"this control session holds {self.mode} mode leases")
+        if mode == "tcp" and len(names) != 1:
+            raise RegistrationRefused("tcp mode registers exactly one name")
         names = self._checkNames(names)
         try:
             router.challenges.redeem(nonce, names, publicKey, signature)
@@ -196,14 +210,57 @@ class RelayControlProtocol(amp.AMP):
                 router.onLeasesChanged()
             raise RegistrationRefused(str(e))
         self.owner = owner
+        self.mode = mode
         self.names.update(names)
         router.onLeasesChanged()
         for name in names:
-            self._log.info("lease {name} registered by {identity}", name=name, identity=owner[:12])
-        return {
+            self._log.info(
+                "lease {name} registered by {identity} ({mode} mode)",
+                name=name,
+                identity=owner[:12],
+                mode=mode,
+            )
+        response: dict[str, object] = {
             "hostnames": [leaseHostname(n, router.tunnelDomain) for n in names],
             "expiresIn": router.leases.ttl,
         }
+        if mode == "stream":
+            return response
+        self.pool.tlsOnly = True
+        return Deferred.fromCoroutine(self._openPort(owner, names[0], response))
+
+    async def _openPort(
+        self, owner: str, name: str, response: dict[str, object]
+    ) -> dict[str, object]:
+        """
+        Open the public TCP port of a raw TCP lease; without one, the lease is given back.
+
+        @return: C{response} with the port and the host visitors reach it at.
+        @raise RegistrationRefused: When no port can be opened.
+        """
+        router = self._router
+        assert router.tcp is not None
+        try:
+            port = await router.tcp.open(
+                router, owner, name, leaseHostname(name, router.tunnelDomain), self
+            )
+        except (PortAllocationError, CannotListenError) as e:
+            reason = e.args[0] if isinstance(e, PortAllocationError) else f"cannot listen: {e}"
+            self._log.warn("no tcp port for lease {name}: {reason}", name=name, reason=reason)
+            self.names.discard(name)
+            router.leases.release(name, owner)
+            router.onLeasesChanged()
+            raise RegistrationRefused(f"no public TCP port: {reason}")
+        router.onLeasesChanged()
+        return {**response, "tcpPort": port, "publicHost": router.relayDomain}
+
+    def _closePort(self, name: str) -> None:
+        """
+        The lease on C{name} ended: close its public TCP port, if it has one.
+        """
+        if self.mode == "tcp" and self._router.tcp is not None and self.owner is not None:
+            self._router.tcp.close(self.owner, name, self)
+            self._router.onLeasesChanged()
 
     def _ownNames(self, names: list[str]) -> None:
         """
@@ -228,6 +285,7 @@ class RelayControlProtocol(amp.AMP):
                 self._router.leases.renew(name, self.owner, self)
             except LeaseError as e:
                 self.names.discard(name)
+                self._closePort(name)
                 raise LeaseUnknown(str(e))
         # Saved (coalesced) so that a crash does not shorten the owner's reservation.
         self._router.onLeasesChanged()
@@ -242,6 +300,7 @@ class RelayControlProtocol(amp.AMP):
         assert self.owner is not None
         for name in names:
             self.names.discard(name)
+            self._closePort(name)
             live = self._router.leases.route(name)
             if live is not None and live.holder is not self:
                 # Another session of this identity serves it now; this session's word is stale.
@@ -274,6 +333,8 @@ class RelayControlProtocol(amp.AMP):
             self.pool.close()
         for lease in router.leases.detach(self):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
+        for name in self.names:
+            self._closePort(name)
         super().connectionLost(reason)
 
 
@@ -309,9 +370,38 @@ class ControlDispatch(PeekingProtocol):
         raise RefuseConnection("neither TLS nor a Portal data session")
 
 
+class _TLSDispatch(PeekingProtocol):
+    """
+    Inside TLS: tells a control session (an AMP box, first byte 0) from a TLS data session (L{MAGIC},
+    raw TCP mode).
+    """
+
+    maxPeek = len(MAGIC)
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+        self.peekTimeout = router.limits.attachTimeout
+        # See ControlDispatch.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
+
+    def choose(self, data: bytes) -> IProtocol | None:
+        """
+        @param data: The first decrypted bytes.
+        @return: A L{RelayControlProtocol} or a TLS L{RelayDataSession}.
+        """
+        if data[:1] == b"\0":
+            return RelayControlProtocol(self._router)
+        if data.startswith(MAGIC):
+            return RelayDataSession(self._router, tls=True)
+        if MAGIC.startswith(data):
+            return None
+        raise RefuseConnection("neither a control session nor a Portal data session inside TLS")
+
+
 class _ControlSessionFactory(Factory):
     """
-    Builds L{RelayControlProtocol}s inside TLS.
+    Builds, inside TLS, the protocol that tells control sessions from TLS data sessions.
     """
 
     noisy = False
@@ -319,11 +409,11 @@ class _ControlSessionFactory(Factory):
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    def buildProtocol(self, addr: IAddress | None) -> RelayControlProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _TLSDispatch:
         """
-        @return: A new control protocol.
+        @return: A new dispatcher inside TLS.
         """
-        return RelayControlProtocol(self._router)
+        return _TLSDispatch(self._router)
 
 
 class ControlFactory(Factory):

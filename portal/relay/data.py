@@ -19,6 +19,7 @@ from portal.attach import (
     SESSION_ID_LENGTH,
     checkAttachProof,
 )
+from portal.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
 from portal.relay.router import DataPool, Router
 from portal.splice import SpliceProtocol, noDelay
 
@@ -29,15 +30,18 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
 
     @ivar nonce: The fresh nonce this session's attach and stream header are bound to.
     @ivar streamId: The stream it carries, once paired.
+    @ivar tls: Whether the session runs inside TLS (raw TCP mode); its attach proof is then bound to
+        the TLS session's exporter value.
     """
 
     _log = Logger()
     _pool: DataPool | None = None
     streamId: int | None = None
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, tls: bool = False) -> None:
         super().__init__()
         self._router = router
+        self.tls = tls
         # TimeoutMixin would use the global reactor; time comes from the router's clock.
         # Replacing callLater is TimeoutMixin's documented hook; mypy-zope wrongly keeps "self" in
         # the signature of a method read from an interface-typed object, hence "assignment".
@@ -79,7 +83,8 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         self._buffer = b""
         sessionId, tag = proof[:SESSION_ID_LENGTH], proof[SESSION_ID_LENGTH:]
         pool = self._router.sessions.get(sessionId)
-        if pool is None or not checkAttachProof(pool.key, self.nonce, sessionId, tag):
+        binding = exportKeyingMaterial(self.transport, EXPORTER_DATA_SESSION) if self.tls else b""
+        if pool is None or not checkAttachProof(pool.key, self.nonce, sessionId, tag, binding):
             self._fail("data session attach failed authentication")
             return
         self.setTimeout(None)

@@ -24,6 +24,7 @@ from portal.splice import pauseReading, splice
 if TYPE_CHECKING:
     from portal.relay.data import RelayDataSession
     from portal.relay.public import VisitorProtocol
+    from portal.relay.rawtcp import RawVisitor, TCPPorts
 
 
 class RequestsData(Protocol):
@@ -101,8 +102,10 @@ class DataPool:
         self.key = key
         self._limits = limits
         self._idle: dict[RelayDataSession, None] = {}
-        self._waiting: dict[VisitorProtocol, StreamHeader] = {}
+        self._waiting: dict[VisitorProtocol | RawVisitor, StreamHeader] = {}
         self._closed = False
+        #: Accept only data sessions that run inside TLS (raw TCP mode: the payload may be plaintext).
+        self.tlsOnly = False
 
     def __len__(self) -> int:
         """
@@ -127,6 +130,12 @@ class DataPool:
         if self._closed:
             session.transport.loseConnection()
             return
+        if self.tlsOnly and not session.tls:
+            self._log.warn(
+                "refused a plain data session: this tunnel's mode needs TLS data sessions"
+            )
+            session.transport.loseConnection()
+            return
         if self._waiting:
             visitor = next(iter(self._waiting))
             header = self._waiting.pop(visitor)
@@ -148,7 +157,7 @@ class DataPool:
         """
         self._idle.pop(session, None)
 
-    def route(self, visitor: VisitorProtocol, header: StreamHeader) -> bool:
+    def route(self, visitor: VisitorProtocol | RawVisitor, header: StreamHeader) -> bool:
         """
         Pair a visitor with an idle data session, or make it wait (paused) and ask the tunnel for more.
 
@@ -171,7 +180,7 @@ class DataPool:
         self._owner.requestData(len(self._waiting))
         return True
 
-    def abandon(self, visitor: VisitorProtocol) -> None:
+    def abandon(self, visitor: VisitorProtocol | RawVisitor) -> None:
         """
         A waiting visitor left or timed out.
 
@@ -180,7 +189,7 @@ class DataPool:
         self._waiting.pop(visitor, None)
 
     def _pair(
-        self, visitor: VisitorProtocol, session: RelayDataSession, header: StreamHeader
+        self, visitor: VisitorProtocol | RawVisitor, session: RelayDataSession, header: StreamHeader
     ) -> None:
         """
         Send the stream header on C{session} and splice it to C{visitor}.
@@ -254,6 +263,8 @@ class Router:
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.sessions: dict[bytes, DataPool] = {}
         self.publicPort = 0
+        #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
+        self.tcp: TCPPorts | None = None
         #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None
@@ -267,6 +278,7 @@ class Router:
             "kernel_spliced": 0,
             "python_spliced": 0,
             "waited": 0,
+            "tcp_visitors": 0,
         }
 
     def newSessionId(self) -> bytes:
@@ -296,4 +308,7 @@ class Router:
         if lease is None:
             return None
         holder = lease.holder
+        if getattr(holder, "mode", "stream") != "stream":
+            # A raw TCP lease's name does not route TLS visitors: its data sessions carry raw bytes.
+            return None
         return getattr(holder, "pool", None)

@@ -24,7 +24,9 @@ from portal.leases import LeaseTable
 from portal.localca import LocalCA
 from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
+from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
+from portal.relay.rawtcp import TCPPorts
 from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 
@@ -52,6 +54,8 @@ class RelayConfig:
     @ivar tunnelDomain: The domain lease names live under.
     @ivar limits: The relay's limits.
     @ivar kernelSplice: Move paired connections with C{os.splice} where the platform allows.
+    @ivar tcpPorts: The public ports of raw TCP leases, or L{None} to turn raw TCP mode off.
+    @ivar maxPortsPerIdentity: Most public ports one identity may hold at once.
     """
 
     public: str = "tcp:8443"
@@ -62,6 +66,8 @@ class RelayConfig:
     tunnelDomain: str = "localhost"
     limits: RelayLimits = attrs.field(factory=RelayLimits)
     kernelSplice: bool = True
+    tcpPorts: PortRange | None = None
+    maxPortsPerIdentity: int = 10
 
 
 class RelayService(Service):
@@ -147,10 +153,50 @@ class RelayService(Service):
                 )
         router.kernelSplice = config.kernelSplice
         router.onLeasesChanged = self._scheduleSave
+        if config.tcpPorts is not None:
+            # The interface is the public listener's, known once it listens (see _start).
+            router.tcp = TCPPorts(self._reactor, self._loadPorts(config.tcpPorts))
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
         return router, options
+
+    def _loadPorts(self, portRange: PortRange) -> PortAllocator:
+        """
+        The raw TCP port allocator, with the assignments saved before a restart coming back as
+        reservations (so reconnecting tunnels get their ports again).
+        """
+        config = self.config
+        path = os.path.join(config.stateDir, "ports.json")
+        reservation = config.limits.reservation
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    saved = json.load(f).get("tcp")
+                if saved is not None:
+                    allocator = PortAllocator.fromJSON(
+                        saved,
+                        portRange,
+                        self._reactor,
+                        reservation=reservation,
+                        maxPerIdentity=config.maxPortsPerIdentity,
+                    )
+                    self._log.info(
+                        "restored {count} tcp port assignments from {path}",
+                        count=allocator.reserved,
+                        path=path,
+                    )
+                    return allocator
+            except (OSError, ValueError, AttributeError, PortStateError) as e:
+                self._log.error(
+                    "ignoring unreadable port file {path}: {error}", path=path, error=str(e)
+                )
+        return PortAllocator(
+            portRange,
+            self._reactor,
+            reservation=reservation,
+            maxPerIdentity=config.maxPortsPerIdentity,
+        )
 
     def _scheduleSave(self) -> None:
         """
@@ -171,6 +217,13 @@ class RelayService(Service):
             writeFileAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
         except OSError as e:
             self._log.error("could not save leases to {path}: {error}", path=path, error=str(e))
+        if self.router.tcp is not None:
+            path = os.path.join(self.config.stateDir, "ports.json")
+            ports = {"tcp": self.router.tcp.allocator.toJSON()}
+            try:
+                writeFileAtomically(path, json.dumps(ports).encode("utf-8"))
+            except OSError as e:
+                self._log.error("could not save ports to {path}: {error}", path=path, error=str(e))
 
     def startService(self) -> None:
         """
@@ -193,6 +246,14 @@ class RelayService(Service):
         )
         self.ports["public"] = public
         router.publicPort = public.getHost().port
+        if router.tcp is not None:
+            # Lease ports are bound where the public listener is (all interfaces, or the one given).
+            router.tcp.interface = getattr(public.getHost(), "host", "")
+            self._log.info(
+                "raw TCP mode on: ports {range} on {interface}",
+                range=str(router.tcp.allocator.portRange),
+                interface=router.tcp.interface or "*",
+            )
         self._announce("public", public)
         control = yield serverFromString(self._reactor, config.control).listen(
             ControlFactory(router, tlsOptions)
@@ -228,9 +289,13 @@ class RelayService(Service):
 
     def _expire(self) -> None:
         """
-        Forget names whose reservation has run out.
+        Forget names whose reservation has run out; close the ports of lapsed raw TCP leases.
         """
-        if self.router is not None and self.router.leases.expire():
+        if self.router is None:
+            return
+        expired = bool(self.router.leases.expire())
+        swept = self.router.tcp is not None and self.router.tcp.sweep()
+        if expired or swept:
             self._scheduleSave()
 
     def _startFailed(self, failure: Any) -> None:
@@ -253,6 +318,8 @@ class RelayService(Service):
         super().stopService()
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
+        if self.router is not None and self.router.tcp is not None:
+            yield self.router.tcp.closeAll()
         for port in self.ports.values():
             yield port.stopListening()
         self.ports.clear()

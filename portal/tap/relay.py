@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from portal.relay.ports import PortRangeError, parsePortRange
 from portal.relay.router import RelayLimits
 from portal.relay.service import RelayConfig, RelayService, defaultStateDir
 
@@ -48,7 +49,12 @@ class Options(usage.Options):
         ["control", None, "tcp:4017", "Endpoint of the control listener tunnels connect to."],
         ["http", None, None, "Endpoint of the plain-HTTP listener (off unless given)."],
         ["state-dir", None, None, "Directory for the relay's identity, TLS key and leases."],
-        ["tcp-ports", None, None, "Port range LO-HI for raw TCP leases (not available yet)."],
+        [
+            "tcp-ports",
+            None,
+            None,
+            "Port range LO-HI for raw TCP leases (raw TCP mode is off without it).",
+        ],
         ["udp-ports", None, None, "Port range LO-HI for UDP leases (not available yet)."],
         ["lease-ttl", None, 60.0, "Seconds a lease lives without renewal.", _positive(float)],
         [
@@ -73,6 +79,13 @@ class Options(usage.Options):
             _positive(float),
         ],
         ["max-idle-data", None, 64, "Idle data sessions kept per tunnel.", _positive(int)],
+        [
+            "max-ports-per-identity",
+            None,
+            10,
+            "Public TCP/UDP ports one identity may hold at once.",
+            _positive(int),
+        ],
     ]
     optFlags: list[list[str | None]] = [
         [
@@ -96,12 +109,14 @@ class Options(usage.Options):
         """
         Refuse options whose features this relay does not have yet, rather than ignoring them.
         """
-        for name, what in (
-            ("tcp-ports", "raw TCP mode"),
-            ("udp-ports", "UDP mode"),
-        ):
-            if self[name] is not None:
-                raise usage.UsageError(f"--{name}: {what} is not available in this version yet")
+        if self["udp-ports"] is not None:
+            raise usage.UsageError("--udp-ports: UDP mode is not available in this version yet")
+        self["tcp-range"] = None
+        if self["tcp-ports"] is not None:
+            try:
+                self["tcp-range"] = parsePortRange(self["tcp-ports"], "--tcp-ports")
+            except PortRangeError as e:
+                raise usage.UsageError(str(e))
         for name in ("public", "control", "http"):
             if self[name] is None:
                 continue
@@ -129,6 +144,8 @@ class Options(usage.Options):
             domain=self["domain"],
             tunnelDomain=self["tunnel-domain"],
             kernelSplice=not self["no-kernel-splice"],
+            tcpPorts=self["tcp-range"],
+            maxPortsPerIdentity=self["max-ports-per-identity"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],

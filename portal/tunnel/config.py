@@ -170,7 +170,9 @@ class TunnelConfig:
     @ivar poolSize: Idle data sessions kept open per relay.
     @ivar routes: Routed HTTP mode's routes; empty in stream mode.
     @ivar proxyProtocol: C{"v1"} or C{"v2"} to start each target connection with a PROXY protocol
-        header (stream mode), or L{None}.
+        header (stream and raw TCP modes), or L{None}.
+    @ivar tcp: Raw TCP mode: the relay gives the lease a public TCP port and the tunnel forwards each
+        connection's bytes to the target as they are.
     """
 
     target: Target | None
@@ -184,6 +186,14 @@ class TunnelConfig:
     poolSize: int = 4
     routes: tuple[Route, ...] = ()
     proxyProtocol: str | None = None
+    tcp: bool = False
+
+    @property
+    def mode(self) -> str:
+        """
+        The registration mode asked of relays (L{portal.control.MODES}).
+        """
+        return "tcp" if self.tcp else "stream"
 
     def describeTarget(self) -> str:
         """
@@ -219,6 +229,7 @@ def buildConfig(
     http: bool = False,
     httpRoutes: Sequence[str] = (),
     proxyProtocol: str | None = None,
+    tcp: bool = False,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -263,6 +274,16 @@ def buildConfig(
             )
         if target is not None and target.startswith("https://"):
             raise ConfigError("--proxy-protocol: not available with an https:// target yet")
+    if tcp:
+        if http or httpRoutes:
+            raise ConfigError(
+                "--tcp forwards raw bytes: it cannot be combined with --http or --http-route"
+            )
+        if target is not None and "://" in target:
+            raise ConfigError(f"--tcp: TARGET {target!r} must be PORT or HOST:PORT (no scheme)")
+        for given, flag in ((alpn, "--alpn"), (certFile, "--cert")):
+            if given is not None:
+                raise ConfigError(f"{flag}: raw TCP mode does not terminate TLS; the service does")
     if alpn is None:
         # Routed mode speaks HTTP/2 itself; in stream mode the target would have to (h2c).
         alpn = "h2,http/1.1" if routes else "http/1.1"
@@ -290,4 +311,5 @@ def buildConfig(
         json=json,
         poolSize=poolSize,
         proxyProtocol=proxyProtocol,
+        tcp=tcp,
     )

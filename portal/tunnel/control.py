@@ -115,8 +115,9 @@ class TunnelControlProtocol(amp.AMP):
             raise RelayAuthenticationFailed(
                 "the relay's identity signature does not match this connection"
             )
-        if "stream" not in response["capabilities"]:
-            raise FatalRelayError("the relay does not offer stream mode")
+        mode = self._link.mode
+        if mode not in response["capabilities"]:
+            raise FatalRelayError(f"the relay does not offer {mode} mode")
         relayId = identityId(relayKey)
         link = self._link
         try:
@@ -152,7 +153,7 @@ class TunnelControlProtocol(amp.AMP):
             names=names,
             nonce=challenge["nonce"],
             signature=signature,
-            mode="stream",
+            mode=link.mode,
         )
         self._names = names
         self.hostnames = response["hostnames"]
@@ -162,7 +163,15 @@ class TunnelControlProtocol(amp.AMP):
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = link.reactor
         self._renewal.start(interval, now=False)
-        link.registered(self, self.hostnames, self._publicPort)
+        if link.mode == "tcp":
+            link.registered(
+                self,
+                self.hostnames,
+                self._publicPort,
+                tcp=(response["publicHost"], response["tcpPort"]),
+            )
+        else:
+            link.registered(self, self.hostnames, self._publicPort)
         link.pool.start(self._sessionId, self._dataKey)
 
     def _renew(self) -> Any:

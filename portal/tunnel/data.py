@@ -23,6 +23,7 @@ from portal.attach import (
     attachProof,
     decodeStreamHeader,
 )
+from portal.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
 from portal.splice import noDelay
 
 #: Seconds a data session may take to connect and attach.
@@ -76,7 +77,13 @@ class TunnelDataSession(Protocol):
             if len(self._buffer) < NONCE_LENGTH:
                 return
             self.nonce, self._buffer = self._buffer[:NONCE_LENGTH], self._buffer[NONCE_LENGTH:]
-            self.transport.write(attachProof(self._key, self.nonce, self._sessionId))
+            # A TLS data session binds its proof to its own TLS session (see portal.attach).
+            binding = (
+                exportKeyingMaterial(self.transport, EXPORTER_DATA_SESSION)
+                if self._pool.tls
+                else b""
+            )
+            self.transport.write(attachProof(self._key, self.nonce, self._sessionId, binding))
         if not self._idle:
             if not self._buffer:
                 return
@@ -131,6 +138,8 @@ class DataSessionPool:
     visitor uses, and opens more when the relay asks.
 
     @ivar handler: Builds the protocol serving a stream, from its header.
+    @ivar tls: Whether C{endpoint} connects with TLS (raw TCP mode): attach proofs are then bound to
+        each data session's TLS.
     """
 
     _log = Logger()
@@ -141,8 +150,10 @@ class DataSessionPool:
         endpoint: Callable[[], IStreamClientEndpoint],
         handler: Callable[[StreamHeader], IProtocol],
         size: int = 4,
+        tls: bool = False,
     ) -> None:
         self._reactor = reactor
+        self.tls = tls
         self._endpoint = endpoint
         self.handler = handler
         self.size = size

@@ -29,7 +29,7 @@ class TunnelOptions(usage.Options):
     optFlags = [
         ["json", None, "Print one JSON object per event instead of text."],
         ["http", None, "Routed HTTP mode with TARGET as the one route '/'."],
-        ["tcp", None, "Raw TCP mode (not available yet)."],
+        ["tcp", None, "Raw TCP mode: the relay gives a public TCP port (tcp://HOST:PORT)."],
         ["udp", None, "UDP mode (not available yet)."],
     ]
     optParameters = [
@@ -51,7 +51,7 @@ class TunnelOptions(usage.Options):
             None,
             None,
             "Start each connection to the target with a PROXY protocol header (v1 or v2) "
-            "carrying the visitor's address (stream mode).",
+            "carrying the visitor's address (stream and raw TCP modes).",
         ],
         ["registry", None, None, "Relay registry URL or file (not available yet)."],
         ["acme", None, None, "ACME directory URL (not available yet)."],
@@ -132,7 +132,6 @@ class TunnelOptions(usage.Options):
         Refuse what this version cannot do yet, then build the configuration.
         """
         unavailable = [
-            ("tcp", "raw TCP mode"),
             ("udp", "UDP mode"),
             ("udp-addr", "UDP mode"),
             ("registry", "the relay registry"),
@@ -158,6 +157,7 @@ class TunnelOptions(usage.Options):
                 http=bool(self["http"]),
                 httpRoutes=self["http-routes"],
                 proxyProtocol=self["proxy-protocol"],
+                tcp=bool(self["tcp"]),
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

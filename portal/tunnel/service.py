@@ -87,10 +87,16 @@ class RelayLink(Service):
         self.label = tunnel.label
         self.reporter = tunnel.reporter
         self.pins = tunnel.pins
+        self.mode = tunnel.config.mode
         self._wasLive = False
         self._reportedUnreachable = False
+        tls = tunnel.config.tcp
         self.pool = DataSessionPool(
-            self.reactor, self.dataEndpoint, tunnel.streamHandler, size=tunnel.config.poolSize
+            self.reactor,
+            self.tlsEndpoint if tls else self.dataEndpoint,
+            tunnel.streamHandler,
+            size=tunnel.config.poolSize,
+            tls=tls,
         )
 
     def dataEndpoint(self) -> IStreamClientEndpoint:
@@ -101,14 +107,22 @@ class RelayLink(Service):
             self.reactor, self.relay.host, self.relay.port, timeout=CONNECT_TIMEOUT
         )
 
-    def controlEndpoint(self) -> IStreamClientEndpoint:
+    def tlsEndpoint(self) -> IStreamClientEndpoint:
         """
-        @return: A TLS endpoint to the relay's control port. The certificate is not checked against a
-            CA: the relay proves its secp256k1 identity inside the session (see L{portal.control.Hello}).
+        @return: A TLS endpoint to the relay's control port, for the control session and raw TCP
+            mode's data sessions. The certificate is not checked against a CA: the relay proves its
+            secp256k1 identity inside the control session (see L{portal.control.Hello}), and data
+            sessions bind their attach to their own TLS session (see L{portal.attach.attachProof}).
         """
         # TLS 1.3: its exporter is a sound channel binding (RFC 9266) without further conditions.
         options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3)
-        return _ReportingEndpoint(wrapClientTLS(options, self.dataEndpoint()), self._unreachable)
+        return wrapClientTLS(options, self.dataEndpoint())
+
+    def controlEndpoint(self) -> IStreamClientEndpoint:
+        """
+        @return: The TLS endpoint of L{tlsEndpoint}, reporting failed attempts.
+        """
+        return _ReportingEndpoint(self.tlsEndpoint(), self._unreachable)
 
     def startService(self) -> None:
         """
@@ -148,9 +162,19 @@ class RelayLink(Service):
                 f"cannot reach the relay: {failure.getErrorMessage()}; retrying with backoff",
             )
 
-    def registered(self, protocol: TunnelControlProtocol, hostnames: list[str], port: int) -> None:
+    def registered(
+        self,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None = None,
+    ) -> None:
         """
         The relay accepted our leases: tell the user where the service is.
+
+        @param hostnames: The lease hostnames.
+        @param port: The relay's public TLS port.
+        @param tcp: In raw TCP mode, the host and port of the lease's public TCP port.
         """
         newSession = protocol is not self.protocol
         self.protocol = protocol
@@ -159,6 +183,16 @@ class RelayLink(Service):
         if self._wasLive and newSession:
             self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
         self._wasLive = True
+        if tcp is not None:
+            host, tcpPort = tcp
+            host = f"[{host}]" if ":" in host else host
+            self.reporter.lease(
+                f"tcp://{host}:{tcpPort}",
+                self.relay.address,
+                self.tunnel.config.describeTarget(),
+                None,
+            )
+            return
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
             self.reporter.lease(
@@ -223,6 +257,24 @@ class TunnelService(MultiService):
         self.caPath: str | None = None
         self._keyPair: tuple[PKey, list[X509]] | None = None
         self._ca: LocalCA | None = None
+        if config.tcp:
+            # Raw TCP mode terminates no TLS: the bytes go to the target as they came.
+            self.streamHandler = StreamHandler(
+                reactor, config.target, None, proxyProtocol=config.proxyProtocol
+            )
+        else:
+            self.streamHandler = self._tlsStreamHandler()
+        self.links = [RelayLink(self, relay) for relay in config.relays]
+        for link in self.links:
+            link.setServiceParent(self)
+        self.stopped: Deferred[None] = Deferred()
+
+    def _tlsStreamHandler(self) -> StreamHandler:
+        """
+        The stream handler of stream and routed HTTP modes: the visitor's TLS ends here, with the
+        user's certificate or one from the identity's local CA.
+        """
+        config = self.config
         if config.certFile and config.keyFile:
             self._keyPair = loadKeyPair(config.certFile, config.keyFile)
         else:
@@ -234,18 +286,14 @@ class TunnelService(MultiService):
         creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
         inner = None
         if config.routes:
-            proxy = self.httpProxy = HTTPProxy(reactor, RouteTable(config.routes), reporter)
+            proxy = self.httpProxy = HTTPProxy(
+                self.reactor, RouteTable(config.routes), self.reporter
+            )
 
             def inner(header: StreamHeader) -> RoutedHTTP:
                 return RoutedHTTP(proxy, header)
 
-        self.streamHandler = StreamHandler(
-            reactor, config.target, creator, inner, config.proxyProtocol
-        )
-        self.links = [RelayLink(self, relay) for relay in config.relays]
-        for link in self.links:
-            link.setServiceParent(self)
-        self.stopped: Deferred[None] = Deferred()
+        return StreamHandler(self.reactor, config.target, creator, inner, config.proxyProtocol)
 
     def _certificateFor(self, hostname: str | None) -> tuple[PKey, list[X509]]:
         """

@@ -110,7 +110,9 @@ class _VisitorSide(SpliceProtocol):
 
 class StreamHandler:
     """
-    Builds, for each stream header a data session receives, the protocol that serves it.
+    Builds, for each stream header a data session receives, the protocol that serves it: inside the
+    tenant's TLS (stream and routed HTTP modes) or, without C{tlsCreator}, on the data session's bytes
+    as they are (raw TCP mode, whose data sessions are TLS to the relay).
 
     @ivar target: The local target.
     @ivar reactor: The reactor (TCP and time).
@@ -120,14 +122,15 @@ class StreamHandler:
         self,
         reactor: Any,
         target: Target | None,
-        tlsCreator: IOpenSSLServerConnectionCreator,
+        tlsCreator: IOpenSSLServerConnectionCreator | None,
         inner: Callable[[StreamHeader], IProtocol] | None = None,
         proxyProtocol: str | None = None,
     ) -> None:
         """
         @param reactor: The reactor (TCP and time).
         @param target: The local target of stream mode.
-        @param tlsCreator: Makes the TLS server connection visitors handshake with.
+        @param tlsCreator: Makes the TLS server connection visitors handshake with; L{None} in raw TCP
+            mode.
         @param inner: Builds the protocol inside TLS instead of the stream-mode splice to C{target}
             (routed HTTP mode passes L{portal.tunnel.httpproxy.HTTPProxy.protocolFor}).
         @param proxyProtocol: C{"v1"} or C{"v2"}: start each target connection with a PROXY protocol
@@ -137,7 +140,11 @@ class StreamHandler:
         self.target = target
         self._inner = inner
         self.proxyProtocol = proxyProtocol
-        self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+        self._tlsFactory = (
+            None
+            if tlsCreator is None
+            else TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+        )
 
     def targetEndpoint(self) -> Any:
         """
@@ -156,8 +163,11 @@ class StreamHandler:
     def __call__(self, header: StreamHeader) -> IProtocol:
         """
         @param header: The visitor's stream header.
-        @return: A TLS server protocol around the visitor's stream.
+        @return: A TLS server protocol around the visitor's stream, or in raw TCP mode the splice to
+            the target itself.
         """
         factory = self._tlsFactory
         inner = self._inner(header) if self._inner is not None else _VisitorSide(self, header)
+        if factory is None:
+            return inner
         return factory.protocol(factory, inner)

@@ -1,0 +1,1 @@
+Raw TCP mode: `twistd portal-relay --tcp-ports LO-HI` gives each `portal expose HOST:PORT --tcp` lease a public TCP port (sticky per identity and name, kept across relay restarts), forwarded over TLS data sessions bound to their own TLS session; `--proxy-protocol v1|v2` passes the visitor address.

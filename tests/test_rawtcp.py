@@ -1,0 +1,532 @@
+"""
+Tests for raw TCP mode: TLS data sessions bound to their own TLS session, the relay's public TCP ports
+(L{portal.relay.rawtcp}) and raw TCP registrations on the control protocol.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+import portal.relay.data
+from portal.attach import MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
+from portal.control import EXPORTER_DATA_SESSION, Hello, exportKeyingMaterial
+from portal.identity import Identity
+from portal.localca import LocalCA
+from portal.relay.control import ControlFactory
+from portal.relay.data import RelayDataSession
+from portal.relay.ports import PortAllocator, PortRange
+from portal.relay.rawtcp import RawVisitor, TCPPorts
+from portal.relay.router import DataPool, Router
+from portal.tunnel.data import TunnelDataSession
+from tests.test_control import LABEL, ControlTestCase
+from tests.test_tunnel_data import FakePool, captureLogs
+
+_KEY = b"k" * 32
+_SESSION = b"s" * 16
+
+
+class RecordingPort:
+    """
+    A listening port that records whether it was stopped.
+
+    @ivar stopped: Whether L{stopListening} was called.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stopped = False
+
+    def stopListening(self) -> None:
+        """
+        Record the stop.
+        """
+        self.stopped = True
+
+    def getHost(self) -> IPv4Address:
+        """
+        @return: Where the port pretends to listen.
+        """
+        return IPv4Address("TCP", "127.0.0.1", self.port)
+
+
+class PortsReactor(MemoryReactorClock):
+    """
+    A memory reactor whose TCP listeners are L{RecordingPort}s, and that cannot listen on C{busy}
+    ports, as when another program holds them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy: set[int] = set()
+        self.listening: dict[int, tuple[Any, RecordingPort]] = {}
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        """
+        Record a listener, or fail for a busy port.
+        """
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError("Address already in use"))
+        listening = RecordingPort(port)
+        self.listening[port] = (factory, listening)
+        return listening
+
+
+class OwnerStub:
+    """
+    A control session as a L{DataPool} and a L{portal.relay.rawtcp.TCPLease} see it.
+
+    @ivar requested: Counts passed to L{requestData}.
+    """
+
+    mode = "tcp"
+
+    def __init__(self, router: Router) -> None:
+        self.requested: list[int] = []
+        self.pool = DataPool(self, _KEY, router.limits)
+        self.pool.tlsOnly = True
+
+    def requestData(self, count: int) -> None:
+        """
+        Record a request for data sessions.
+        """
+        self.requested.append(count)
+
+
+def relayOptions() -> CertificateOptions:
+    """
+    @return: TLS options for the relay's control port, from a fresh local CA.
+    """
+    key, chain = LocalCA.loadOrCreate(os.path.abspath("ca"), "test").issue(["localhost"])
+    return CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
+
+
+def tlsDataSession(
+    router: Router, clock: Any, tunnelPool: Any, sessionId: bytes = _SESSION
+) -> tuple[TunnelDataSession, IOPump]:
+    """
+    Connect a tunnel data session over in-memory TLS to the relay's control port.
+
+    @return: The tunnel's data session and the pump between the two ends.
+    """
+    server = ControlFactory(router, relayOptions())
+    session = TunnelDataSession(tunnelPool, sessionId, _KEY)
+    client = TLSMemoryBIOFactory(
+        CertificateOptions(verify=False), True, Factory.forProtocol(lambda: session), clock=clock
+    )
+    _, _, pump = connectedServerAndClient(
+        lambda: server.buildProtocol(None),
+        lambda: client.buildProtocol(None),
+        greet=False,
+        clock=clock,
+    )
+    pump.flush()
+    return session, pump
+
+
+class TLSDataSessionTests(SynchronousTestCase):
+    """
+    A data session inside TLS attaches only with a proof bound to that TLS session, and a pool for
+    raw TCP mode accepts only such sessions.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.router = Router(Identity.generate(), self.clock)
+        self.owner = OwnerStub(self.router)
+        self.router.sessions[_SESSION] = self.owner.pool
+        self.events = captureLogs(self)
+
+    def reasons(self) -> list[str]:
+        """
+        @return: The C{reason} of every log event so far.
+        """
+        return [str(e.get("reason", "")) for e in self.events]
+
+    def test_boundProofAttaches(self) -> None:
+        """
+        A tunnel data session that binds its proof to the TLS session attaches and waits in the pool
+        as a TLS session.
+        """
+        tunnelPool = FakePool()
+        tunnelPool.tls = True
+        session, _ = tlsDataSession(self.router, self.clock, tunnelPool)
+        self.assertTrue(session.attached.called)
+        self.assertEqual(len(self.owner.pool), 1)
+        (relaySession,) = self.owner.pool._idle
+        self.assertTrue(relaySession.tls)
+
+    def test_unboundProofRefused(self) -> None:
+        """
+        A proof without the TLS binding (as a man in the middle who terminates the data session's TLS
+        and forwards the attach would send on his own TLS session) fails authentication.
+        """
+        tunnelPool = FakePool()
+        session, pump = tlsDataSession(self.router, self.clock, tunnelPool)
+        self.assertEqual(len(self.owner.pool), 0)
+        self.assertFalse(session.attached.called and not session.attached.result)
+        self.assertIn("data session attach failed authentication", self.reasons())
+
+    def test_proofForAnotherTLSSession(self) -> None:
+        """
+        A proof bound to one TLS session does not attach another.
+        """
+        tunnelPool = FakePool()
+        tunnelPool.tls = True
+        first, _ = tlsDataSession(self.router, self.clock, tunnelPool)
+        binding = exportKeyingMaterial(first.transport, EXPORTER_DATA_SESSION)
+        dispatch = ControlFactory(self.router, relayOptions()).buildProtocol(None)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = dispatch
+        dispatch.makeConnection(transport)
+        dispatch.dataReceived(MAGIC)
+        relaySession = dispatch.chosen
+        assert isinstance(relaySession, RelayDataSession)
+        # Pretend this plain connection ran inside TLS: its binding differs from the first one's.
+        relaySession.tls = True
+        self.patch(
+            portal.relay.data,
+            "exportKeyingMaterial",
+            lambda transport, label: b"other session".ljust(32, b"\0"),
+        )
+        dispatch.dataReceived(attachProof(_KEY, relaySession.nonce, _SESSION, binding))
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(self.owner.pool), 1)
+
+    def test_plainSessionRefusedByTLSOnlyPool(self) -> None:
+        """
+        A plain (non-TLS) data session that authenticates is still refused by a raw TCP mode pool:
+        its payload may be plaintext.
+        """
+        dispatch = ControlFactory(self.router, relayOptions()).buildProtocol(None)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = dispatch
+        dispatch.makeConnection(transport)
+        dispatch.dataReceived(MAGIC)
+        relaySession = dispatch.chosen
+        assert isinstance(relaySession, RelayDataSession)
+        dispatch.dataReceived(attachProof(_KEY, relaySession.nonce, _SESSION))
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(self.owner.pool), 0)
+        self.assertTrue(
+            any("needs TLS data sessions" in str(e.get("log_format")) for e in self.events)
+        )
+
+    def test_controlSessionInsideTLS(self) -> None:
+        """
+        An AMP box inside TLS still reaches the relay's control protocol.
+        """
+        server = ControlFactory(self.router, relayOptions())
+        client = amp.AMP()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False),
+            True,
+            Factory.forProtocol(lambda: client),
+            clock=self.clock,
+        )
+        _, _, pump = connectedServerAndClient(
+            lambda: server.buildProtocol(None),
+            lambda: clientFactory.buildProtocol(None),
+            greet=False,
+            clock=self.clock,
+        )
+        d = client.callRemote(
+            Hello, minVersion=1, maxVersion=1, capabilities=["stream", "tcp"], software="test"
+        )
+        pump.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response["capabilities"], ["stream", "tcp"])
+        self.assertEqual(response["relayKey"], self.router.identity.publicKey)
+
+    def test_garbageInsideTLS(self) -> None:
+        """
+        Inside TLS, bytes that are neither an AMP box nor L{MAGIC} close the connection with a log.
+        """
+        server = ControlFactory(self.router, relayOptions())
+        client = Protocol()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False),
+            True,
+            Factory.forProtocol(lambda: client),
+            clock=self.clock,
+        )
+        _, tunnelTLS, pump = connectedServerAndClient(
+            lambda: server.buildProtocol(None),
+            lambda: clientFactory.buildProtocol(None),
+            greet=False,
+            clock=self.clock,
+        )
+        pump.flush()
+        assert client.transport is not None
+        client.transport.write(b"GET / HTTP/1.1\r\n")
+        pump.flush()
+        self.assertTrue(
+            any("neither a control session nor a Portal data session" in r for r in self.reasons()),
+            self.reasons(),
+        )
+
+
+class TCPPortsTests(SynchronousTestCase):
+    """
+    L{TCPPorts}: a public port per live raw TCP lease, visitors routed to the lease's data pool.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = PortsReactor()
+        self.router = Router(Identity.generate(), self.reactor)
+        self.allocator = PortAllocator(PortRange(20000, 20002), self.reactor, reservation=100.0)
+        self.ports = TCPPorts(self.reactor, self.allocator, "127.0.0.1")
+        self.owner = OwnerStub(self.router)
+        self.router.leases.register(LABEL, "id1", self.owner)
+        self.events = captureLogs(self)
+
+    def open(self, holder: Any = None, name: str = LABEL) -> int:
+        """
+        Open the port of C{name} for C{holder} (default the test's owner).
+        """
+        d = Deferred.fromCoroutine(
+            self.ports.open(self.router, "id1", name, f"{name}.localhost", holder or self.owner)
+        )
+        port: int = self.successResultOf(d)
+        return port
+
+    def visit(self, port: int) -> tuple[RawVisitor, StringTransportWithDisconnection]:
+        """
+        Connect a visitor to a public port.
+        """
+        factory, _ = self.reactor.listening[port]
+        visitor = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 5555))
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "198.51.100.7", 5555)
+        )
+        transport.protocol = visitor
+        visitor.makeConnection(transport)
+        return visitor, transport
+
+    def test_firstFreePortOnInterface(self) -> None:
+        """
+        The lease gets the first port of the range, listened on the configured interface.
+        """
+        self.assertEqual(self.open(), 20000)
+        self.assertEqual(list(self.reactor.listening), [20000])
+        self.assertEqual(self.allocator.owner(20000), ("id1", LABEL))
+
+    def test_visitorWaitsForDataSession(self) -> None:
+        """
+        A visitor with no idle data session is paused, waits, and the tunnel is asked for one.
+        """
+        port = self.open()
+        visitor, transport = self.visit(port)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.owner.requested, [1])
+        self.assertEqual(self.owner.pool.waiting, 1)
+        self.reactor.advance(self.router.limits.dataWaitTimeout)
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.owner.pool.waiting, 0)
+
+    def test_visitorPairedWithHeader(self) -> None:
+        """
+        A visitor is spliced to an idle TLS data session, which gets a stream header with the
+        visitor's address and the lease hostname; the visitor's bytes follow.
+        """
+        session = RelayDataSession(self.router, tls=True)
+        sessionTransport = StringTransportWithDisconnection()
+        sessionTransport.protocol = session
+        session.makeConnection(sessionTransport)
+        nonce = sessionTransport.value()[:NONCE_LENGTH]
+        sessionTransport.clear()
+        self.owner.pool.offer(session)
+        port = self.open()
+        visitor, transport = self.visit(port)
+        visitor.dataReceived(b"PING\r\n")
+        decoded = decodeStreamHeader(_KEY, nonce, sessionTransport.value())
+        assert decoded is not None
+        header, used = decoded
+        self.assertEqual(
+            (header.hostname, header.peerHost, header.peerPort),
+            (f"{LABEL}.localhost", "198.51.100.7", 5555),
+        )
+        self.assertEqual(sessionTransport.value()[used:], b"PING\r\n")
+        session.dataReceived(b"+PONG\r\n")
+        self.assertEqual(transport.value(), b"+PONG\r\n")
+        self.assertEqual(self.router.counters["tcp_visitors"], 1)
+
+    def test_notLiveRefused(self) -> None:
+        """
+        A visitor arriving after the lease lapsed (its session still connected) is closed, and the
+        sweep closes the port and keeps it reserved for the lease.
+        """
+        port = self.open()
+        self.router.leases.detach(self.owner)
+        _, transport = self.visit(port)
+        self.assertFalse(transport.connected)
+        self.assertTrue(self.ports.sweep())
+        self.assertTrue(self.reactor.listening[port][1].stopped)
+        self.assertEqual(self.allocator.portFor("id1", LABEL), port)
+        self.assertEqual(self.allocator.live, 0)
+
+    def test_closeClosesVisitors(self) -> None:
+        """
+        Closing a lease's port stops listening and closes its open visitors (their pending bytes
+        are flushed first: loseConnection, not abort).
+        """
+        port = self.open()
+        _, first = self.visit(port)
+        _, second = self.visit(port)
+        self.successResultOf(self.ports.close("id1", LABEL))
+        self.assertTrue(self.reactor.listening[port][1].stopped)
+        self.assertFalse(first.connected or second.connected)
+        self.assertNotIn(("id1", LABEL), self.ports.leases)
+
+    def test_sticky(self) -> None:
+        """
+        After its port closed, the lease gets the same port again, while another lease gets the
+        next one.
+        """
+        port = self.open()
+        self.ports.close("id1", LABEL)
+        other = OwnerStub(self.router)
+        self.router.leases.register("other", "id1", other)
+        self.assertEqual(self.open(other, "other"), 20001)
+        self.assertEqual(self.open(), port)
+
+    def test_sameHolderSamePort(self) -> None:
+        """
+        Opening again for the same session (a re-registration) keeps the listener.
+        """
+        port = self.open()
+        self.assertEqual(self.open(), port)
+        self.assertEqual(len(self.reactor.listening), 1)
+        self.assertFalse(self.reactor.listening[port][1].stopped)
+
+    def test_takeover(self) -> None:
+        """
+        Another session of the owner taking the lease over gets the same port; the old listener and
+        its visitors are closed first.
+        """
+        port = self.open()
+        _, old = self.visit(port)
+        newHolder = OwnerStub(self.router)
+        oldListener = self.reactor.listening[port][1]
+        self.assertEqual(self.open(newHolder), port)
+        self.assertTrue(oldListener.stopped)
+        self.assertFalse(old.connected)
+        self.assertIs(self.ports.leases[("id1", LABEL)].holder, newHolder)
+
+    def test_closeOtherHolderIgnored(self) -> None:
+        """
+        A stale session closing a port it no longer holds changes nothing.
+        """
+        port = self.open()
+        self.successResultOf(self.ports.close("id1", LABEL, holder=object()))
+        self.assertFalse(self.reactor.listening[port][1].stopped)
+
+    def test_busyPort(self) -> None:
+        """
+        A port another program holds fails with L{CannotListenError} and is not left live.
+        """
+        self.reactor.busy.add(20000)
+        d = Deferred.fromCoroutine(self.ports.open(self.router, "id1", LABEL, "h", self.owner))
+        self.failureResultOf(d, CannotListenError)
+        self.assertEqual(self.allocator.live, 0)
+
+    def test_closeAllKeepsAssignments(self) -> None:
+        """
+        At relay shutdown every port closes, and the assignments stay live for the saved state.
+        """
+        port = self.open()
+        self.successResultOf(self.ports.closeAll())
+        self.assertTrue(self.reactor.listening[port][1].stopped)
+        self.assertEqual(self.allocator.live, 1)
+
+
+class RawTCPRegistrationTests(ControlTestCase):
+    """
+    Raw TCP registrations over the control protocol.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reactor = PortsReactor()
+        self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, maxPerIdentity=1)
+        self.router.tcp = TCPPorts(self.reactor, self.allocator, "127.0.0.1")
+
+    def test_registersWithPort(self) -> None:
+        """
+        A tcp mode registration opens a public port; the tunnel learns the relay's host and port,
+        and the pool accepts only TLS data sessions.
+        """
+        link = self.makeLink(mode="tcp")
+        connection = self.connectTunnel(link)
+        self.assertEqual(link.fatals, [])
+        self.assertEqual(link.tcpAddresses, [("localhost", 20000)])
+        self.assertEqual(list(self.reactor.listening), [20000])
+        self.assertTrue(connection.relay.pool.tlsOnly)
+        self.assertEqual(connection.relay.mode, "tcp")
+
+    def test_noSNIRoute(self) -> None:
+        """
+        A raw TCP lease's hostname does not route TLS visitors to its raw data sessions.
+        """
+        self.connectTunnel(self.makeLink(mode="tcp"))
+        self.assertIsNotNone(self.router.leases.route(LABEL))
+        self.assertIsNone(self.router.poolFor(f"{LABEL}.localhost"))
+
+    def test_disabled(self) -> None:
+        """
+        A relay without C{--tcp-ports} refuses tcp mode with a clear, fatal error.
+        """
+        self.router.tcp = None
+        link = self.makeLink(mode="tcp")
+        self.connectTunnel(link)
+        self.assertEqual(len(link.fatals), 1)
+        self.assertIn("tcp mode is disabled on this relay", link.fatals[0])
+        self.assertIsNone(self.router.leases.route(LABEL))
+
+    def test_portLimit(self) -> None:
+        """
+        An identity over its port limit is refused, and the name it asked for is given back.
+        """
+        self.connectTunnel(self.makeLink(mode="tcp"))
+        link = self.makeLink(mode="tcp", label="second")
+        self.connectTunnel(link)
+        self.assertEqual(len(link.fatals), 1)
+        self.assertIn("no public TCP port", link.fatals[0])
+        self.assertIsNone(self.router.leases.route("second"))
+
+    def test_connectionLostClosesPort(self) -> None:
+        """
+        When the control session goes, the port closes and stays reserved; a new session of the
+        same identity gets it back.
+        """
+        connection = self.connectTunnel(self.makeLink(mode="tcp"))
+        listener = self.reactor.listening[20000][1]
+        connection.drop()
+        self.assertTrue(listener.stopped)
+        self.assertEqual(self.allocator.live, 0)
+        self.assertEqual(self.allocator.portFor(self.tunnelIdentity.id, LABEL), 20000)
+        self.clock.advance(self.limits.leaseTTL + 1)
+        link = self.makeLink(mode="tcp")
+        self.connectTunnel(link)
+        self.assertEqual(link.tcpAddresses, [("localhost", 20000)])
+
+    def test_unregisterClosesPort(self) -> None:
+        """
+        A clean stop closes the port at once.
+        """
+        connection = self.connectTunnel(self.makeLink(mode="tcp"))
+        d = connection.tunnel.unregister()
+        connection.flush()
+        self.successResultOf(d)
+        self.assertTrue(self.reactor.listening[20000][1].stopped)
