@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
@@ -27,7 +27,7 @@ from portal.localca import LocalCA
 from portal.relay.control import ControlFactory
 from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
-from portal.relay.rawtcp import RawVisitor, TCPPorts
+from portal.relay.rawtcp import RawVisitor, tcpPorts
 from portal.relay.router import DataPool, Router
 from portal.tunnel.data import TunnelDataSession
 from tests.test_control import LABEL, ControlTestCase
@@ -85,7 +85,7 @@ class PortsReactor(MemoryReactorClock):
 
 class OwnerStub:
     """
-    A control session as a L{DataPool} and a L{portal.relay.rawtcp.TCPLease} see it.
+    A control session as a L{DataPool} and a L{portal.relay.leaseports.PortLease} see it.
 
     @ivar requested: Counts passed to L{requestData}.
     """
@@ -175,7 +175,7 @@ class TLSDataSessionTests(SynchronousTestCase):
         tunnelPool = FakePool()
         session, pump = tlsDataSession(self.router, self.clock, tunnelPool)
         self.assertEqual(len(self.owner.pool), 0)
-        self.assertFalse(session.attached.called and not session.attached.result)
+        self.failureResultOf(session.attached, ConnectionDone)
         self.assertIn("data session attach failed authentication", self.reasons())
 
     def test_proofForAnotherTLSSession(self) -> None:
@@ -277,16 +277,16 @@ class TLSDataSessionTests(SynchronousTestCase):
         )
 
 
-class TCPPortsTests(SynchronousTestCase):
+class LeasePortsTests(SynchronousTestCase):
     """
-    L{TCPPorts}: a public port per live raw TCP lease, visitors routed to the lease's data pool.
+    L{portal.relay.leaseports.LeasePorts} of raw TCP mode: a public port per live raw TCP lease, visitors routed to the lease's data pool.
     """
 
     def setUp(self) -> None:
         self.reactor = PortsReactor()
         self.router = Router(Identity.generate(), self.reactor)
         self.allocator = PortAllocator(PortRange(20000, 20002), self.reactor, reservation=100.0)
-        self.ports = TCPPorts(self.reactor, self.allocator, "127.0.0.1")
+        self.ports = tcpPorts(self.reactor, self.allocator, "127.0.0.1")
         self.owner = OwnerStub(self.router)
         self.router.leases.register(LABEL, "id1", self.owner)
         self.events = captureLogs(self)
@@ -298,8 +298,7 @@ class TCPPortsTests(SynchronousTestCase):
         d = Deferred.fromCoroutine(
             self.ports.open(self.router, "id1", name, f"{name}.localhost", holder or self.owner)
         )
-        port: int = self.successResultOf(d)
-        return port
+        return self.successResultOf(d).port
 
     def visit(self, port: int) -> tuple[RawVisitor, StringTransportWithDisconnection]:
         """
@@ -460,7 +459,7 @@ class RawTCPRegistrationTests(ControlTestCase):
         super().setUp()
         self.reactor = PortsReactor()
         self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, maxPerIdentity=1)
-        self.router.tcp = TCPPorts(self.reactor, self.allocator, "127.0.0.1")
+        self.router.tcp = tcpPorts(self.reactor, self.allocator, "127.0.0.1")
 
     def test_registersWithPort(self) -> None:
         """

@@ -241,7 +241,7 @@ class RelayControlProtocol(amp.AMP):
         router = self._router
         assert router.tcp is not None
         try:
-            port = await router.tcp.open(
+            lease = await router.tcp.open(
                 router, owner, name, leaseHostname(name, router.tunnelDomain), self
             )
         except (PortAllocationError, CannotListenError) as e:
@@ -252,7 +252,7 @@ class RelayControlProtocol(amp.AMP):
             router.onLeasesChanged()
             raise RegistrationRefused(f"no public TCP port: {reason}")
         router.onLeasesChanged()
-        return {**response, "tcpPort": port, "publicHost": router.relayDomain}
+        return {**response, "tcpPort": lease.port, "publicHost": router.relayDomain}
 
     def _closePort(self, name: str) -> None:
         """

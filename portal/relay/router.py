@@ -23,8 +23,9 @@ from portal.splice import pauseReading, splice
 
 if TYPE_CHECKING:
     from portal.relay.data import RelayDataSession
+    from portal.relay.leaseports import LeasePorts
     from portal.relay.public import VisitorProtocol
-    from portal.relay.rawtcp import RawVisitor, TCPPorts
+    from portal.relay.rawtcp import RawVisitor
 
 
 class RequestsData(Protocol):
@@ -264,7 +265,7 @@ class Router:
         self.sessions: dict[bytes, DataPool] = {}
         self.publicPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
-        self.tcp: TCPPorts | None = None
+        self.tcp: LeasePorts | None = None
         #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None

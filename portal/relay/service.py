@@ -26,7 +26,7 @@ from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
-from portal.relay.rawtcp import TCPPorts
+from portal.relay.rawtcp import tcpPorts
 from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 
@@ -155,7 +155,7 @@ class RelayService(Service):
         router.onLeasesChanged = self._scheduleSave
         if config.tcpPorts is not None:
             # The interface is the public listener's, known once it listens (see _start).
-            router.tcp = TCPPorts(self._reactor, self._loadPorts(config.tcpPorts))
+            router.tcp = tcpPorts(self._reactor, self._loadPorts(config.tcpPorts))
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])

@@ -1,0 +1,188 @@
+"""
+Public ports of raw TCP and UDP leases: a port from the allocator and a listener for each live lease,
+closed when the lease ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from portal.relay.ports import PortAllocator
+
+if TYPE_CHECKING:
+    from portal.relay.router import DataPool, Router
+
+
+class PortLease:
+    """
+    The public port of one live lease.
+
+    @ivar router: The relay's router.
+    @ivar owner: The identity holding the lease.
+    @ivar name: The lease name.
+    @ivar hostname: The lease hostname, told to the tunnel with each stream.
+    @ivar holder: The control session holding the lease.
+    @ivar port: The public port number.
+    @ivar listening: The listener, while open.
+    @ivar visitors: Open visitor connections (raw TCP mode).
+    @ivar onClose: Called when the port closes (UDP mode stops its flows).
+    """
+
+    listening: IListeningPort | None = None
+    onClose: Callable[[], None] | None = None
+
+    def __init__(
+        self, router: Router, owner: str, name: str, hostname: str, holder: Any, port: int
+    ) -> None:
+        self.router = router
+        self.owner = owner
+        self.name = name
+        self.hostname = hostname
+        self.holder = holder
+        self.port = port
+        self.visitors: set[Any] = set()
+
+    def live(self) -> bool:
+        """
+        @return: Whether the lease is live and still held by L{holder}.
+        """
+        lease = self.router.leases.route(self.name)
+        return lease is not None and lease.holder is self.holder
+
+    def livePool(self) -> DataPool | None:
+        """
+        @return: The holder's data pool while the lease is live, else L{None}.
+        """
+        if not self.live():
+            return None
+        pool: DataPool | None = getattr(self.holder, "pool", None)
+        return pool
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop listening and close every visitor (their pending bytes are flushed first).
+
+        @return: A L{Deferred} that fires when the port is closed.
+        """
+        visitors, self.visitors = self.visitors, set()
+        for visitor in visitors:
+            visitor.transport.loseConnection()
+        if self.onClose is not None:
+            self.onClose()
+        listening, self.listening = self.listening, None
+        stopped = listening.stopListening() if listening is not None else None
+        return stopped if stopped is not None else succeed(None)
+
+
+class LeasePorts:
+    """
+    One kind of public lease port (raw TCP or UDP): a port from the allocator and a listener for
+    each live lease.
+
+    @ivar kind: C{"tcp"} or C{"udp"}, for logs.
+    @ivar allocator: Public port assignments (sticky per identity and lease name).
+    @ivar interface: The address the public ports are bound to.
+    @ivar leases: Open lease ports by (identity, name).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        kind: str,
+        allocator: PortAllocator,
+        listen: Callable[[PortLease, str], IListeningPort],
+        interface: str = "",
+    ) -> None:
+        """
+        @param kind: C{"tcp"} or C{"udp"}.
+        @param allocator: The port allocator.
+        @param listen: Listens on C{lease.port} at the given interface for a lease, and returns the
+            listener; raises L{twisted.internet.error.CannotListenError} when it cannot.
+        @param interface: The address to bind.
+        """
+        self.kind = kind
+        self.allocator = allocator
+        self.interface = interface
+        self._listen = listen
+        self.leases: dict[tuple[str, str], PortLease] = {}
+
+    async def open(
+        self, router: Router, owner: str, name: str, hostname: str, holder: Any
+    ) -> PortLease:
+        """
+        Give C{name} of C{owner} its public port and listen on it for C{holder}.
+
+        @return: The lease's port.
+        @raise portal.relay.ports.PortAllocationError: When no port can be given.
+        @raise twisted.internet.error.CannotListenError: When the port cannot be bound.
+        """
+        key = (owner, name)
+        current = self.leases.get(key)
+        if current is not None:
+            if current.holder is holder:
+                return current
+            # Another session of the owner took the lease over: its port moves with it.
+            del self.leases[key]
+            await current.close()
+        port = self.allocator.allocate(owner, name)
+        lease = PortLease(router, owner, name, hostname, holder, port)
+        try:
+            lease.listening = self._listen(lease, self.interface)
+        except Exception:
+            self.allocator.release(owner, name)
+            raise
+        self.leases[key] = lease
+        self._log.info(
+            "{kind} port {port} open for lease {name} of {identity}",
+            kind=self.kind,
+            port=port,
+            name=name,
+            identity=owner[:12],
+        )
+        return lease
+
+    def close(self, owner: str, name: str, holder: Any = None) -> Deferred[None]:
+        """
+        The lease of C{name} ended: close its port and visitors; the port stays reserved for it.
+
+        @param holder: Only close if this control session holds the port (L{None}: whoever does).
+        @return: A L{Deferred} that fires when the port is closed.
+        """
+        key = (owner, name)
+        lease = self.leases.get(key)
+        if lease is None or (holder is not None and lease.holder is not holder):
+            return succeed(None)
+        del self.leases[key]
+        self.allocator.release(owner, name)
+        self._log.info(
+            "{kind} port {port} closed: lease {name} ended ({visitors} visitors closed)",
+            kind=self.kind,
+            port=lease.port,
+            name=name,
+            visitors=len(lease.visitors),
+        )
+        return lease.close()
+
+    def sweep(self) -> bool:
+        """
+        Close the ports of leases that lapsed while their control session stayed connected.
+
+        @return: Whether any port was closed.
+        """
+        lapsed = [lease for lease in self.leases.values() if not lease.live()]
+        for lease in lapsed:
+            self.close(lease.owner, lease.name)
+        return bool(lapsed)
+
+    def closeAll(self) -> Deferred[Any]:
+        """
+        Close every port (relay shutdown); assignments stay for the next start.
+        """
+        leases, self.leases = list(self.leases.values()), {}
+        return gatherResults([lease.close() for lease in leases])
