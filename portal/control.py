@@ -17,10 +17,12 @@ MAX_VERSION = 1
 
 #: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
 #: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, TLS data sessions, a public port per lease).
-CAPABILITIES = ("stream", "tcp")
+#: C{udp}: UDP mode (modes with C{+udp}, sealed datagrams, L{Datagram}, L{FlowOpened}, L{FlowClosed}).
+CAPABILITIES = ("stream", "tcp", "udp")
 
-#: Modes a registration may ask for (L{Register}'s C{mode}).
-MODES = ("stream", "tcp")
+#: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
+#: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
+MODES = ("stream", "tcp", "udp", "stream+udp", "tcp+udp")
 
 #: TLS exporter label whose value the relay signs in L{Hello}.
 EXPORTER_HELLO = b"EXPORTER-portal-relay-hello"
@@ -29,6 +31,8 @@ EXPORTER_DATA_KEY = b"EXPORTER-portal-data-key"
 #: TLS exporter label of a TLS data session's own channel binding (raw TCP mode): the attach proof
 #: covers it, so a data session cannot be relayed by someone who terminates its TLS.
 EXPORTER_DATA_SESSION = b"EXPORTER-portal-data-session"
+#: TLS exporter label of the secret UDP mode's datagram keys are derived from (L{portal.udpseal}).
+EXPORTER_UDP_KEY = b"EXPORTER-portal-udp-key"
 #: Length of exported values.
 EXPORTER_LENGTH = 32
 #: Domain separation prefix of the relay's L{Hello} signature.
@@ -127,6 +131,8 @@ class Register(amp.Command):
         (b"expiresIn", amp.Float()),
         (b"tcpPort", amp.Integer(optional=True)),
         (b"publicHost", amp.Unicode(optional=True)),
+        (b"udpPort", amp.Integer(optional=True)),
+        (b"udpSession", amp.String(optional=True)),
     ]
     errors = {RegistrationRefused: b"REGISTRATION_REFUSED", TryAgain: b"TRY_AGAIN"}
 
@@ -157,6 +163,37 @@ class RequestData(amp.Command):
     """
 
     arguments = [(b"count", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class Datagram(amp.Command):
+    """
+    One datagram of flow C{flowId}, either way, over the control session: when UDP between tunnel and
+    relay does not get through, or the datagram is too large to seal into one.
+    """
+
+    arguments = [(b"flowId", amp.Integer()), (b"payload", amp.String())]
+    response = []
+    requiresAnswer = False
+
+
+class FlowOpened(amp.Command):
+    """
+    Sent by the relay: a new visitor address sends to the lease's UDP port as flow C{flowId}.
+    """
+
+    arguments = [(b"flowId", amp.Integer()), (b"host", amp.Unicode()), (b"port", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class FlowClosed(amp.Command):
+    """
+    Either way: the sender forgot flow C{flowId} (idle, or a limit).
+    """
+
+    arguments = [(b"flowId", amp.Integer())]
     response = []
     requiresAnswer = False
 

@@ -848,8 +848,20 @@ class RefusalTests(ControlTestCase):
         A registration for a mode this relay does not offer is refused.
         """
         self.hello()
-        result = self.register([LABEL], self.challenge([LABEL]), mode="udp")
-        self.assertRefusedWith(result, RegistrationRefused, "udp mode is not supported")
+        result = self.register([LABEL], self.challenge([LABEL]), mode="quic")
+        self.assertRefusedWith(result, RegistrationRefused, "quic mode is not supported")
+
+    def test_disabledMode(self) -> None:
+        """
+        A mode this relay knows but was not started with is refused with a message saying so.
+        """
+        self.hello()
+        for mode in ("udp", "tcp+udp", "stream+udp", "tcp"):
+            result = self.register([LABEL], self.challenge([LABEL]), mode=mode)
+            refused = "tcp" if "tcp" in mode else "udp"
+            self.assertRefusedWith(
+                result, RegistrationRefused, f"{refused} mode is disabled on this relay"
+            )
 
     def test_wrongSignature(self) -> None:
         """

@@ -595,7 +595,7 @@ class CommandLineTests(TestCase):
         for args, reason in [
             (("expose",), "missing TARGET"),
             (("expose", "99999"), "not a port number"),
-            (("expose", "3000", "--udp"), "--udp"),
+            (("expose", "3000", "--udp-addr", "53"), "--udp-addr needs --udp"),
             (("expose", "http://localhost:3000", "--tcp"), "no scheme"),
             (("expose", "3000", "--bogus"), "bogus"),
             (("expose", "3000", "--cert", "x.pem"), "--cert and --key"),

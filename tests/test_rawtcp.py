@@ -501,7 +501,7 @@ class RawTCPRegistrationTests(ControlTestCase):
         link = self.makeLink(mode="tcp", label="second")
         self.connectTunnel(link)
         self.assertEqual(len(link.fatals), 1)
-        self.assertIn("no public TCP port", link.fatals[0])
+        self.assertIn("no public port", link.fatals[0])
         self.assertIsNone(self.router.leases.route("second"))
 
     def test_connectionLostClosesPort(self) -> None:

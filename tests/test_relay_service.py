@@ -133,12 +133,17 @@ class RelayOptionsTests(SynchronousTestCase):
         )
         self.assertIn("--control", str(error))
 
-    def test_unavailableModes(self) -> None:
+    def test_udpPorts(self) -> None:
         """
-        Port ranges for modes this version lacks are refused, not ignored.
+        C{--udp-ports LO-HI} turns UDP mode on with that range; a bad range is a usage error.
         """
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--udp-ports", "1-2"])
-        self.assertIn("not available", str(error))
+        options = Options()
+        options.parseOptions(["--udp-ports", "30000-30003"])
+        config = options.config()
+        self.assertEqual((config.udpPorts.low, config.udpPorts.high), (30000, 30003))
+        self.assertIsNone(config.tcpPorts)
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--udp-ports", "9-1"])
+        self.assertTrue(str(error).startswith("--udp-ports 9-1:"), str(error))
 
     def test_tcpPorts(self) -> None:
         """

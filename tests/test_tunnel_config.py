@@ -333,8 +333,12 @@ class TunnelOptionsTests(SynchronousTestCase):
         mode and an C{https://} target are usage errors that say why.
         """
         self.assertIsNone(self.parse("8000").tunnelConfig.proxyProtocol)
-        self.assertEqual(self.parse("8000", "--proxy-protocol", "v1").tunnelConfig.proxyProtocol, "v1")
-        self.assertEqual(self.parse("8000", "--proxy-protocol", "2").tunnelConfig.proxyProtocol, "v2")
+        self.assertEqual(
+            self.parse("8000", "--proxy-protocol", "v1").tunnelConfig.proxyProtocol, "v1"
+        )
+        self.assertEqual(
+            self.parse("8000", "--proxy-protocol", "2").tunnelConfig.proxyProtocol, "v2"
+        )
         e = self.assertRaises(UsageError, self.parse, "8000", "--proxy-protocol", "v3")
         self.assertEqual(str(e), "--proxy-protocol v3: expected v1 or v2")
         e = self.assertRaises(UsageError, self.parse, "8000", "--http", "--proxy-protocol", "v1")
@@ -372,14 +376,50 @@ class TunnelOptionsTests(SynchronousTestCase):
             e = self.assertRaises(UsageError, self.parse, *arguments)
             self.assertIn(text, str(e))
 
+    def test_udp(self) -> None:
+        """
+        C{--udp}: TARGET is the UDP service (mode C{udp}); with C{--udp-addr} that is the UDP service
+        and TARGET is served over TCP too (C{stream+udp}, or C{tcp+udp} with C{--tcp}, where one
+        TARGET serves both); the idle timeout and flow limit are kept.
+        """
+        config = self.parse("19132", "--udp").tunnelConfig
+        self.assertEqual((config.mode, config.target), ("udp", None))
+        self.assertEqual(str(config.udpTarget), "127.0.0.1:19132")
+        self.assertEqual((config.udpIdleTimeout, config.udpMaxFlows), (60.0, 1024))
+        config = self.parse("8080", "--udp", "--udp-addr", "19132").tunnelConfig
+        self.assertEqual(config.mode, "stream+udp")
+        self.assertEqual(
+            (str(config.target), str(config.udpTarget)), ("127.0.0.1:8080", "127.0.0.1:19132")
+        )
+        config = self.parse("localhost:25565", "--tcp", "--udp").tunnelConfig
+        self.assertEqual(config.mode, "tcp+udp")
+        self.assertEqual(str(config.udpTarget), "localhost:25565")
+        config = self.parse(
+            "--udp", "--udp-addr", "53", "--udp-idle-timeout", "5", "--udp-max-flows", "3"
+        ).tunnelConfig
+        self.assertEqual((config.mode, config.udpIdleTimeout, config.udpMaxFlows), ("udp", 5.0, 3))
+
+    def test_udpErrors(self) -> None:
+        """
+        Inconsistent UDP options are usage errors that say why.
+        """
+        for arguments, text in [
+            (["53", "--udp-addr", "54"], "--udp-addr needs --udp"),
+            (["--udp"], "missing TARGET or --udp-addr"),
+            (["http://127.0.0.1:53", "--udp"], "no scheme"),
+            (["53", "--udp", "--udp-max-flows", "0"], "--udp-max-flows"),
+            (["53", "--udp", "--udp-idle-timeout", "-1"], "--udp-idle-timeout"),
+            (["53", "--udp", "--http"], "UDP service"),
+        ]:
+            e = self.assertRaises(UsageError, self.parse, *arguments)
+            self.assertIn(text, str(e))
+
     def test_unavailableFeatures(self) -> None:
         """
         Features this version does not have are refused with a usage error naming the flag.
         """
         cases = [
-            (["--udp"], "--udp"),
             (["--via", "h:1"], "--via"),
-            (["--udp-addr", "h:1"], "--udp-addr"),
             (["--registry", "https://r"], "--registry"),
             (["--acme", "https://a"], "--acme"),
             (["--app", "app.json"], "--app"),

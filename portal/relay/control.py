@@ -22,8 +22,11 @@ from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_HELLO,
+    EXPORTER_UDP_KEY,
     MODES,
     Challenge,
+    Datagram,
+    FlowClosed,
     Hello,
     LeaseUnknown,
     NotAuthenticated,
@@ -42,8 +45,10 @@ from portal.leases import LeaseError
 from portal.names import InvalidName, leaseHostname, validateLabel
 from portal.peek import PeekingProtocol, RefuseConnection
 from portal.relay.data import RelayDataSession
+from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
+from portal.relay.udpmode import UDPSession
 
 TLS_HANDSHAKE = 0x16
 
@@ -62,6 +67,7 @@ class RelayControlProtocol(amp.AMP):
     pool: DataPool | None = None
     owner: str | None = None
     mode = "stream"
+    udpSession: UDPSession | None = None
     _helloTimer: Any = None
     _log = Logger()
 
@@ -166,12 +172,14 @@ class RelayControlProtocol(amp.AMP):
             raise RegistrationRefused("Hello must come first")
         if mode not in MODES:
             raise RegistrationRefused(f"{mode} mode is not supported by this relay")
-        if mode == "tcp" and router.tcp is None:
-            raise RegistrationRefused("tcp mode is disabled on this relay")
+        modes = set(mode.split("+"))
+        for kind, offered in (("tcp", router.tcp), ("udp", router.udp)):
+            if kind in modes and offered is None:
+                raise RegistrationRefused(f"{kind} mode is disabled on this relay")
         if self.names and mode != self.mode:
             raise RegistrationRefused(f"this control session holds {self.mode} mode leases")
-        if mode == "tcp" and len(names) != 1:
-            raise RegistrationRefused("tcp mode registers exactly one name")
+        if modes != {"stream"} and len(names) != 1:
+            raise RegistrationRefused(f"{mode} mode registers exactly one name")
         names = self._checkNames(names)
         try:
             router.challenges.redeem(nonce, names, publicKey, signature)
@@ -226,41 +234,80 @@ class RelayControlProtocol(amp.AMP):
         }
         if mode == "stream":
             return response
-        self.pool.tlsOnly = True
-        return Deferred.fromCoroutine(self._openPort(owner, names[0], response))
+        if "tcp" in modes:
+            self.pool.tlsOnly = True
+        return Deferred.fromCoroutine(self._openPorts(owner, names[0], modes, response))
 
-    async def _openPort(
-        self, owner: str, name: str, response: dict[str, object]
+    async def _openPorts(
+        self, owner: str, name: str, modes: set[str], response: dict[str, object]
     ) -> dict[str, object]:
         """
-        Open the public TCP port of a raw TCP lease; without one, the lease is given back.
+        Open the public TCP and/or UDP port of a raw lease; without them, the lease is given back.
 
-        @return: C{response} with the port and the host visitors reach it at.
-        @raise RegistrationRefused: When no port can be opened.
+        @return: C{response} with the ports and the host visitors reach them at.
+        @raise RegistrationRefused: When a port cannot be opened.
         """
         router = self._router
-        assert router.tcp is not None
+        hostname = leaseHostname(name, router.tunnelDomain)
+        response = {**response, "publicHost": router.relayDomain}
+        opened: list[LeasePorts] = []
         try:
-            lease = await router.tcp.open(
-                router, owner, name, leaseHostname(name, router.tunnelDomain), self
-            )
+            if "tcp" in modes:
+                assert router.tcp is not None
+                lease = await router.tcp.open(router, owner, name, hostname, self)
+                opened.append(router.tcp)
+                response["tcpPort"] = lease.port
+            if "udp" in modes:
+                assert router.udp is not None
+                if self.udpSession is None:
+                    secret = exportKeyingMaterial(self.transport, EXPORTER_UDP_KEY)
+                    self.udpSession = router.udp.newSession(self, secret)
+                lease = await router.udp.ports.open(router, owner, name, hostname, self)
+                response["udpPort"] = lease.port
+                response["udpSession"] = self.udpSession.sessionId
         except (PortAllocationError, CannotListenError) as e:
             reason = e.args[0] if isinstance(e, PortAllocationError) else f"cannot listen: {e}"
-            self._log.warn("no tcp port for lease {name}: {reason}", name=name, reason=reason)
+            self._log.warn("no public port for lease {name}: {reason}", name=name, reason=reason)
+            for ports in opened:
+                ports.close(owner, name, self)
             self.names.discard(name)
             router.leases.release(name, owner)
             router.onLeasesChanged()
-            raise RegistrationRefused(f"no public TCP port: {reason}")
+            raise RegistrationRefused(f"no public port: {reason}")
         router.onLeasesChanged()
-        return {**response, "tcpPort": lease.port, "publicHost": router.relayDomain}
+        return response
 
     def _closePort(self, name: str) -> None:
         """
-        The lease on C{name} ended: close its public TCP port, if it has one.
+        The lease on C{name} ended: close its public TCP and UDP ports, if it has them.
         """
-        if self.mode == "tcp" and self._router.tcp is not None and self.owner is not None:
-            self._router.tcp.close(self.owner, name, self)
-            self._router.onLeasesChanged()
+        if self.owner is None:
+            return
+        router = self._router
+        modes = self.mode.split("+")
+        if "tcp" in modes and router.tcp is not None:
+            router.tcp.close(self.owner, name, self)
+        if "udp" in modes and router.udp is not None:
+            router.udp.ports.close(self.owner, name, self)
+        router.onLeasesChanged()
+
+    @Datagram.responder
+    def datagram(self, flowId: int, payload: bytes) -> dict[str, object]:
+        """
+        A datagram from the tunnel over the control session (UDP fallback).
+        """
+        if self.udpSession is not None and self._router.udp is not None:
+            self._router.udp.fromTunnel(self.udpSession, flowId, payload)
+        return {}
+
+    @FlowClosed.responder
+    def flowClosed(self, flowId: int) -> dict[str, object]:
+        """
+        The tunnel forgot a flow.
+        """
+        if self.udpSession is not None and self._router.udp is not None:
+            self._router.udp.closeFlow(self.udpSession, flowId)
+        return {}
 
     def _ownNames(self, names: list[str]) -> None:
         """
@@ -335,6 +382,8 @@ class RelayControlProtocol(amp.AMP):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
         for name in self.names:
             self._closePort(name)
+        if self.udpSession is not None and router.udp is not None:
+            router.udp.forget(self.udpSession)
         super().connectionLost(reason)
 
 

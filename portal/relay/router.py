@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from portal.relay.leaseports import LeasePorts
     from portal.relay.public import VisitorProtocol
     from portal.relay.rawtcp import RawVisitor
+    from portal.relay.udpmode import UDPMode
 
 
 class RequestsData(Protocol):
@@ -266,6 +267,8 @@ class Router:
         self.publicPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
         self.tcp: LeasePorts | None = None
+        #: UDP mode, when the relay offers it (C{--udp-ports}).
+        self.udp: UDPMode | None = None
         #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None
@@ -309,7 +312,7 @@ class Router:
         if lease is None:
             return None
         holder = lease.holder
-        if getattr(holder, "mode", "stream") != "stream":
+        if "stream" not in getattr(holder, "mode", "stream").split("+"):
             # A raw TCP lease's name does not route TLS visitors: its data sessions carry raw bytes.
             return None
         return getattr(holder, "pool", None)

@@ -24,11 +24,14 @@ from portal.leases import LeaseTable
 from portal.localca import LocalCA
 from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
+from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
 from portal.relay.rawtcp import tcpPorts
 from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
+from portal.relay.udp import MAX_PACKET_SIZE
+from portal.relay.udpmode import UDPMode
 
 
 def defaultStateDir() -> str:
@@ -55,7 +58,8 @@ class RelayConfig:
     @ivar limits: The relay's limits.
     @ivar kernelSplice: Move paired connections with C{os.splice} where the platform allows.
     @ivar tcpPorts: The public ports of raw TCP leases, or L{None} to turn raw TCP mode off.
-    @ivar maxPortsPerIdentity: Most public ports one identity may hold at once.
+    @ivar udpPorts: The public ports of UDP leases, or L{None} to turn UDP mode off.
+    @ivar maxPortsPerIdentity: Most public ports of each kind one identity may hold at once.
     """
 
     public: str = "tcp:8443"
@@ -67,6 +71,7 @@ class RelayConfig:
     limits: RelayLimits = attrs.field(factory=RelayLimits)
     kernelSplice: bool = True
     tcpPorts: PortRange | None = None
+    udpPorts: PortRange | None = None
     maxPortsPerIdentity: int = 10
 
 
@@ -155,15 +160,29 @@ class RelayService(Service):
         router.onLeasesChanged = self._scheduleSave
         if config.tcpPorts is not None:
             # The interface is the public listener's, known once it listens (see _start).
-            router.tcp = tcpPorts(self._reactor, self._loadPorts(config.tcpPorts))
+            router.tcp = tcpPorts(self._reactor, self._loadPorts("tcp", config.tcpPorts))
+        if config.udpPorts is not None:
+            router.udp = UDPMode(self._reactor, self._loadPorts("udp", config.udpPorts))
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
         return router, options
 
-    def _loadPorts(self, portRange: PortRange) -> PortAllocator:
+    def _leasePorts(self) -> dict[str, LeasePorts]:
         """
-        The raw TCP port allocator, with the assignments saved before a restart coming back as
+        @return: The relay's lease ports by kind, for the modes it offers.
+        """
+        router = self.router
+        found: dict[str, LeasePorts] = {}
+        if router is not None and router.tcp is not None:
+            found["tcp"] = router.tcp
+        if router is not None and router.udp is not None:
+            found["udp"] = router.udp.ports
+        return found
+
+    def _loadPorts(self, kind: str, portRange: PortRange) -> PortAllocator:
+        """
+        The port allocator of C{kind} (C{"tcp"} or C{"udp"}), with the assignments saved before a restart coming back as
         reservations (so reconnecting tunnels get their ports again).
         """
         config = self.config
@@ -172,7 +191,7 @@ class RelayService(Service):
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
-                    saved = json.load(f).get("tcp")
+                    saved = json.load(f).get(kind)
                 if saved is not None:
                     allocator = PortAllocator.fromJSON(
                         saved,
@@ -182,8 +201,9 @@ class RelayService(Service):
                         maxPerIdentity=config.maxPortsPerIdentity,
                     )
                     self._log.info(
-                        "restored {count} tcp port assignments from {path}",
+                        "restored {count} {kind} port assignments from {path}",
                         count=allocator.reserved,
+                        kind=kind,
                         path=path,
                     )
                     return allocator
@@ -217,9 +237,11 @@ class RelayService(Service):
             writeFileAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
         except OSError as e:
             self._log.error("could not save leases to {path}: {error}", path=path, error=str(e))
-        if self.router.tcp is not None:
+        ports = {
+            kind: leasePorts.allocator.toJSON() for kind, leasePorts in self._leasePorts().items()
+        }
+        if ports:
             path = os.path.join(self.config.stateDir, "ports.json")
-            ports = {"tcp": self.router.tcp.allocator.toJSON()}
             try:
                 writeFileAtomically(path, json.dumps(ports).encode("utf-8"))
             except OSError as e:
@@ -246,13 +268,14 @@ class RelayService(Service):
         )
         self.ports["public"] = public
         router.publicPort = public.getHost().port
-        if router.tcp is not None:
+        for kind, leasePorts in self._leasePorts().items():
             # Lease ports are bound where the public listener is (all interfaces, or the one given).
-            router.tcp.interface = getattr(public.getHost(), "host", "")
+            leasePorts.interface = getattr(public.getHost(), "host", "")
             self._log.info(
-                "raw TCP mode on: ports {range} on {interface}",
-                range=str(router.tcp.allocator.portRange),
-                interface=router.tcp.interface or "*",
+                "{kind} mode on: ports {range} on {interface}",
+                kind=kind,
+                range=str(leasePorts.allocator.portRange),
+                interface=leasePorts.interface or "*",
             )
         self._announce("public", public)
         control = yield serverFromString(self._reactor, config.control).listen(
@@ -260,6 +283,17 @@ class RelayService(Service):
         )
         self.ports["control"] = control
         self._announce("control", control)
+        if router.udp is not None:
+            # Tunnels' sealed datagrams arrive on the control port's number, over UDP.
+            address = control.getHost()
+            tunnelSide = self._reactor.listenUDP(
+                getattr(address, "port", 0),
+                router.udp.tunnelSide,
+                interface=getattr(address, "host", ""),
+                maxPacketSize=MAX_PACKET_SIZE,
+            )
+            self.ports["udp-tunnels"] = tunnelSide
+            self._announce("udp-tunnels", tunnelSide)
         if config.http:
             http = yield serverFromString(self._reactor, config.http).listen(httpSite(router))
             self.ports["http"] = http
@@ -294,8 +328,8 @@ class RelayService(Service):
         if self.router is None:
             return
         expired = bool(self.router.leases.expire())
-        swept = self.router.tcp is not None and self.router.tcp.sweep()
-        if expired or swept:
+        swept = [ports.sweep() for ports in self._leasePorts().values()]
+        if expired or any(swept):
             self._scheduleSave()
 
     def _startFailed(self, failure: Any) -> None:
@@ -318,8 +352,8 @@ class RelayService(Service):
         super().stopService()
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
-        if self.router is not None and self.router.tcp is not None:
-            yield self.router.tcp.closeAll()
+        for leasePorts in self._leasePorts().values():
+            yield leasePorts.closeAll()
         for port in self.ports.values():
             yield port.stopListening()
         self.ports.clear()

@@ -51,7 +51,10 @@ class Metrics(Resource):
             f"portal_relay_control_sessions {len(router.sessions)}",
             f"portal_relay_idle_data_sessions {sum(len(p) for p in router.sessions.values())}",
         ]
-        for name, value in sorted(router.counters.items()):
+        counters = dict(router.counters)
+        if router.udp is not None:
+            counters.update(router.udp.counters)
+        for name, value in sorted(counters.items()):
             lines.append(f"portal_relay_{name}_total {value}")
         request.setHeader(b"content-type", b"text/plain; version=0.0.4")
         return ("\n".join(lines) + "\n").encode("ascii")

@@ -55,7 +55,7 @@ class Options(usage.Options):
             None,
             "Port range LO-HI for raw TCP leases (raw TCP mode is off without it).",
         ],
-        ["udp-ports", None, None, "Port range LO-HI for UDP leases (not available yet)."],
+        ["udp-ports", None, None, "Port range LO-HI for UDP leases (UDP mode is off without it)."],
         ["lease-ttl", None, 60.0, "Seconds a lease lives without renewal.", _positive(float)],
         [
             "reservation",
@@ -109,14 +109,13 @@ class Options(usage.Options):
         """
         Refuse options whose features this relay does not have yet, rather than ignoring them.
         """
-        if self["udp-ports"] is not None:
-            raise usage.UsageError("--udp-ports: UDP mode is not available in this version yet")
-        self["tcp-range"] = None
-        if self["tcp-ports"] is not None:
-            try:
-                self["tcp-range"] = parsePortRange(self["tcp-ports"], "--tcp-ports")
-            except PortRangeError as e:
-                raise usage.UsageError(str(e))
+        for kind in ("tcp", "udp"):
+            self[f"{kind}-range"] = None
+            if self[f"{kind}-ports"] is not None:
+                try:
+                    self[f"{kind}-range"] = parsePortRange(self[f"{kind}-ports"], f"--{kind}-ports")
+                except PortRangeError as e:
+                    raise usage.UsageError(str(e))
         for name in ("public", "control", "http"):
             if self[name] is None:
                 continue
@@ -145,6 +144,7 @@ class Options(usage.Options):
             tunnelDomain=self["tunnel-domain"],
             kernelSplice=not self["no-kernel-splice"],
             tcpPorts=self["tcp-range"],
+            udpPorts=self["udp-range"],
             maxPortsPerIdentity=self["max-ports-per-identity"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],

@@ -173,6 +173,9 @@ class TunnelConfig:
         header (stream and raw TCP modes), or L{None}.
     @ivar tcp: Raw TCP mode: the relay gives the lease a public TCP port and the tunnel forwards each
         connection's bytes to the target as they are.
+    @ivar udpTarget: UDP mode's local UDP service, or L{None} without UDP mode.
+    @ivar udpIdleTimeout: Seconds a UDP flow may be idle before its local socket is closed.
+    @ivar udpMaxFlows: Most UDP flows (visitor addresses) at once.
     """
 
     target: Target | None
@@ -187,13 +190,24 @@ class TunnelConfig:
     routes: tuple[Route, ...] = ()
     proxyProtocol: str | None = None
     tcp: bool = False
+    udpTarget: Target | None = None
+    udpIdleTimeout: float = 60.0
+    udpMaxFlows: int = 1024
 
     @property
     def mode(self) -> str:
         """
-        The registration mode asked of relays (L{portal.control.MODES}).
+        The registration mode asked of relays (L{portal.control.MODES}): C{stream}, C{tcp}, C{udp},
+        or one of the first two with C{+udp}.
         """
-        return "tcp" if self.tcp else "stream"
+        parts = []
+        if self.tcp:
+            parts.append("tcp")
+        elif self.target is not None or self.routes:
+            parts.append("stream")
+        if self.udpTarget is not None:
+            parts.append("udp")
+        return "+".join(parts)
 
     def describeTarget(self) -> str:
         """
@@ -206,6 +220,8 @@ class TunnelConfig:
                 f"{',strip' if r.strip else ''}{',host' if r.rewriteHost else ''}"
                 for r in self.routes
             )
+        if self.target is None and self.udpTarget is not None:
+            return f"udp {self.udpTarget}"
         return str(self.target)
 
     @property
@@ -230,6 +246,10 @@ def buildConfig(
     httpRoutes: Sequence[str] = (),
     proxyProtocol: str | None = None,
     tcp: bool = False,
+    udp: bool = False,
+    udpAddr: str | None = None,
+    udpIdleTimeout: float = 60.0,
+    udpMaxFlows: int = 1024,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -274,6 +294,25 @@ def buildConfig(
             )
         if target is not None and target.startswith("https://"):
             raise ConfigError("--proxy-protocol: not available with an https:// target yet")
+    udpTarget = None
+    if udpAddr is not None and not udp:
+        raise ConfigError("--udp-addr needs --udp")
+    if udp:
+        if not 0 < udpIdleTimeout <= 86400:
+            raise ConfigError("--udp-idle-timeout must be between 0 and 86400 seconds")
+        if not 0 < udpMaxFlows <= 65536:
+            raise ConfigError("--udp-max-flows must be between 1 and 65536")
+        service = udpAddr if udpAddr is not None else target
+        if service is None:
+            raise ConfigError("--udp: missing TARGET or --udp-addr (the local UDP service)")
+        if "://" in service:
+            raise ConfigError(f"--udp: {service!r} must be PORT or HOST:PORT (no scheme)")
+        udpTarget = parseTarget(service)
+        if udpAddr is None and not tcp:
+            # TARGET is the UDP service; there is no TCP side.
+            target = None
+            if http or httpRoutes:
+                raise ConfigError("--udp without --udp-addr uses TARGET as the UDP service")
     if tcp:
         if http or httpRoutes:
             raise ConfigError(
@@ -292,7 +331,7 @@ def buildConfig(
             raise ConfigError(
                 "--alpn: routed HTTP mode speaks HTTP/1.1 and HTTP/2 to visitors (h2,http/1.1)"
             )
-    elif target is None:
+    elif target is None and udpTarget is None:
         raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
     elif http:
         raise ConfigError("--http needs a TARGET")
@@ -300,7 +339,7 @@ def buildConfig(
     if len({r.address for r in parsedRelays}) != len(parsedRelays):
         raise ConfigError("--relay: the same relay is given twice")
     return TunnelConfig(
-        target=None if routes else parseTarget(target or ""),
+        target=None if routes or target is None else parseTarget(target),
         routes=tuple(RouteTable(routes).routes) if routes else (),
         relays=parsedRelays,
         name=name,
@@ -312,4 +351,7 @@ def buildConfig(
         poolSize=poolSize,
         proxyProtocol=proxyProtocol,
         tcp=tcp,
+        udpTarget=udpTarget,
+        udpIdleTimeout=udpIdleTimeout,
+        udpMaxFlows=udpMaxFlows,
     )

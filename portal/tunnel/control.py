@@ -21,9 +21,13 @@ from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_HELLO,
+    EXPORTER_UDP_KEY,
     MAX_VERSION,
     MIN_VERSION,
     Challenge,
+    Datagram,
+    FlowClosed,
+    FlowOpened,
     Hello,
     LeaseUnknown,
     Register,
@@ -38,6 +42,7 @@ from portal.control import (
 )
 from portal.identity import identityId, verifySignature
 from portal.pinning import RelayIdentityChanged
+from portal.tunnel.udpmode import TunnelUDP
 
 if TYPE_CHECKING:
     from portal.tunnel.service import RelayLink
@@ -71,6 +76,7 @@ class TunnelControlProtocol(amp.AMP):
 
     _log = Logger()
     relayId: str | None = None
+    udp: TunnelUDP | None = None
     _renewal: LoopingCall | None = None
     _retry: Any = None
     _retryDelay = 1.0
@@ -115,9 +121,9 @@ class TunnelControlProtocol(amp.AMP):
             raise RelayAuthenticationFailed(
                 "the relay's identity signature does not match this connection"
             )
-        mode = self._link.mode
-        if mode not in response["capabilities"]:
-            raise FatalRelayError(f"the relay does not offer {mode} mode")
+        for mode in self._link.mode.split("+"):
+            if mode not in response["capabilities"]:
+                raise FatalRelayError(f"the relay does not offer {mode} mode")
         relayId = identityId(relayKey)
         link = self._link
         try:
@@ -163,16 +169,62 @@ class TunnelControlProtocol(amp.AMP):
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = link.reactor
         self._renewal.start(interval, now=False)
-        if link.mode == "tcp":
-            link.registered(
-                self,
-                self.hostnames,
-                self._publicPort,
-                tcp=(response["publicHost"], response["tcpPort"]),
-            )
-        else:
-            link.registered(self, self.hostnames, self._publicPort)
+        modes = link.mode.split("+")
+        extra: dict[str, tuple[str, int]] = {}
+        if "tcp" in modes:
+            extra["tcp"] = (response["publicHost"], response["tcpPort"])
+        if "udp" in modes:
+            extra["udp"] = (response["publicHost"], response["udpPort"])
+            if self.udp is None:
+                secret = exportKeyingMaterial(self.transport, EXPORTER_UDP_KEY)
+                await self._startUDP(response["udpSession"], secret)
+        link.registered(self, self.hostnames, self._publicPort, **extra)
         link.pool.start(self._sessionId, self._dataKey)
+
+    async def _startUDP(self, sessionId: bytes, secret: bytes) -> None:
+        """
+        Open the UDP socket to the relay for this session.
+        """
+        link = self._link
+        assert link.udpTarget is not None
+        host = await link.reactor.resolve(link.relay.host)
+        self.udp = TunnelUDP(
+            link.reactor,
+            self,
+            (host, link.relay.port),
+            sessionId,
+            secret,
+            link.udpTarget,
+            idleTimeout=link.tunnel.config.udpIdleTimeout,
+            maxFlows=link.tunnel.config.udpMaxFlows,
+        )
+        self.udp.start()
+
+    @Datagram.responder
+    def datagram(self, flowId: int, payload: bytes) -> dict[str, object]:
+        """
+        A visitor's datagram over the control session (UDP fallback, or too large to seal).
+        """
+        if self.udp is not None:
+            self.udp.flows.deliver(flowId, payload)
+        return {}
+
+    @FlowOpened.responder
+    def flowOpened(self, flowId: int, host: str, port: int) -> dict[str, object]:
+        """
+        A new visitor address on the lease's UDP port.
+        """
+        self._log.info("udp flow {flow} from {host}:{port}", flow=flowId, host=host, port=port)
+        return {}
+
+    @FlowClosed.responder
+    def flowClosed(self, flowId: int) -> dict[str, object]:
+        """
+        The relay forgot a flow: close its local socket.
+        """
+        if self.udp is not None:
+            self.udp.flows.close(flowId)
+        return {}
 
     def _renew(self) -> Any:
         """
@@ -257,5 +309,8 @@ class TunnelControlProtocol(amp.AMP):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self.udp is not None:
+            self.udp.stop()
+            self.udp = None
         self._link.controlLost(self)
         super().connectionLost(reason)

@@ -30,7 +30,12 @@ class TunnelOptions(usage.Options):
         ["json", None, "Print one JSON object per event instead of text."],
         ["http", None, "Routed HTTP mode with TARGET as the one route '/'."],
         ["tcp", None, "Raw TCP mode: the relay gives a public TCP port (tcp://HOST:PORT)."],
-        ["udp", None, "UDP mode (not available yet)."],
+        [
+            "udp",
+            None,
+            "UDP mode: the relay gives a public UDP port (udp://HOST:PORT) for the UDP service "
+            "TARGET, or --udp-addr.",
+        ],
     ]
     optParameters = [
         ["name", None, None, "Lease label to ask for (default: derived from identity and target)."],
@@ -45,7 +50,15 @@ class TunnelOptions(usage.Options):
         ["key", None, None, "Private key file (PEM) for --cert."],
         ["identity", None, None, "Identity file (default ~/.config/portal/identity.json)."],
         ["pool-size", None, 4, "Idle data sessions kept open per relay.", int],
-        ["udp-addr", None, None, "Local UDP service for --udp (not available yet)."],
+        [
+            "udp-addr",
+            None,
+            None,
+            "Local UDP service for --udp, PORT or HOST:PORT (default: TARGET); TARGET is then "
+            "also published over TCP.",
+        ],
+        ["udp-idle-timeout", None, 60.0, "Seconds a UDP flow may be idle (default 60).", float],
+        ["udp-max-flows", None, 1024, "Most UDP flows (visitor addresses) at once.", int],
         [
             "proxy-protocol",
             None,
@@ -132,8 +145,6 @@ class TunnelOptions(usage.Options):
         Refuse what this version cannot do yet, then build the configuration.
         """
         unavailable = [
-            ("udp", "UDP mode"),
-            ("udp-addr", "UDP mode"),
             ("registry", "the relay registry"),
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
@@ -158,6 +169,10 @@ class TunnelOptions(usage.Options):
                 httpRoutes=self["http-routes"],
                 proxyProtocol=self["proxy-protocol"],
                 tcp=bool(self["tcp"]),
+                udp=bool(self["udp"]),
+                udpAddr=self["udp-addr"],
+                udpIdleTimeout=self["udp-idle-timeout"],
+                udpMaxFlows=self["udp-max-flows"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

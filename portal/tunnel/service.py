@@ -6,6 +6,7 @@ The tunnel as a Twisted service: one L{RelayLink} per relay, each a reconnecting
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
 from portal.names import stableLabel
 from portal.pinning import KnownRelays
-from portal.tunnel.config import RelayAddress, TunnelConfig
+from portal.tunnel.config import ConfigError, RelayAddress, Target, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import DataSessionPool
 from portal.tunnel.http2 import RoutedHTTP
@@ -88,6 +89,7 @@ class RelayLink(Service):
         self.reporter = tunnel.reporter
         self.pins = tunnel.pins
         self.mode = tunnel.config.mode
+        self.udpTarget = tunnel.udpTarget
         self._wasLive = False
         self._reportedUnreachable = False
         tls = tunnel.config.tcp
@@ -168,6 +170,7 @@ class RelayLink(Service):
         hostnames: list[str],
         port: int,
         tcp: tuple[str, int] | None = None,
+        udp: tuple[str, int] | None = None,
     ) -> None:
         """
         The relay accepted our leases: tell the user where the service is.
@@ -175,6 +178,7 @@ class RelayLink(Service):
         @param hostnames: The lease hostnames.
         @param port: The relay's public TLS port.
         @param tcp: In raw TCP mode, the host and port of the lease's public TCP port.
+        @param udp: In UDP mode, the host and port of the lease's public UDP port.
         """
         newSession = protocol is not self.protocol
         self.protocol = protocol
@@ -183,15 +187,18 @@ class RelayLink(Service):
         if self._wasLive and newSession:
             self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
         self._wasLive = True
-        if tcp is not None:
-            host, tcpPort = tcp
-            host = f"[{host}]" if ":" in host else host
-            self.reporter.lease(
-                f"tcp://{host}:{tcpPort}",
-                self.relay.address,
-                self.tunnel.config.describeTarget(),
-                None,
-            )
+        config = self.tunnel.config
+        for scheme, address, target in (
+            ("tcp", tcp, config.describeTarget()),
+            ("udp", udp, str(config.udpTarget)),
+        ):
+            if address is not None:
+                host, publicPort = address
+                host = f"[{host}]" if ":" in host else host
+                self.reporter.lease(
+                    f"{scheme}://{host}:{publicPort}", self.relay.address, target, None
+                )
+        if tcp is not None or "stream" not in self.mode.split("+"):
             return
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
@@ -216,6 +223,20 @@ class RelayLink(Service):
         Something reconnecting cannot fix happened: stop the tunnel.
         """
         self.tunnel.fatal(message, self.relay.address)
+
+
+def resolveUDPTarget(target: Target) -> tuple[str, int]:
+    """
+    The local UDP service's address as an IP literal (a connected UDP socket needs one), IPv4 first.
+
+    @raise ConfigError: When the host name does not resolve.
+    """
+    try:
+        infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise ConfigError(f"--udp: cannot resolve {target.host!r}: {e}")
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0]), target.port
 
 
 class TunnelService(MultiService):
@@ -257,7 +278,8 @@ class TunnelService(MultiService):
         self.caPath: str | None = None
         self._keyPair: tuple[PKey, list[X509]] | None = None
         self._ca: LocalCA | None = None
-        if config.tcp:
+        self.udpTarget = resolveUDPTarget(config.udpTarget) if config.udpTarget else None
+        if config.tcp or config.target is None and not config.routes:
             # Raw TCP mode terminates no TLS: the bytes go to the target as they came.
             self.streamHandler = StreamHandler(
                 reactor, config.target, None, proxyProtocol=config.proxyProtocol
