@@ -14,21 +14,24 @@ from urllib.parse import urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks, succeed
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.threads import deferToThread
 from twisted.names import dns, server
 from twisted.names.common import ResolverBase
+from twisted.protocols.wire import Echo
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.realprocesses import (
     WAIT,
     freePortRange,
+    listenLocal,
     startExpose,
     startRelay,
     terminate,
     waitForLease,
 )
 from tests.test_e2e import _metrics
+from tests.test_e2e_tcp import _exchange
 
 
 class _Echo(DatagramProtocol):
@@ -209,3 +212,42 @@ class UDPEndToEndTests(TestCase):
         code = yield tunnel.ended
         self.assertEqual(code, 1)
         self.assertIn("udp mode is disabled on this relay", tunnel.output())
+
+
+class TCPAndUDPEndToEndTests(TestCase):
+    """
+    C{--tcp --udp}: one lease, one TARGET port number served over both, each with its own line.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_bothOnOnePort(self) -> Any:
+        """
+        A service with a TCP and a UDP echo on the same port number answers through the relay's
+        C{tcp://} and C{udp://} ports, which the tunnel printed as two lease events.
+        """
+        tcpPort = yield listenLocal(self, Factory.forProtocol(Echo))
+        udp = reactor.listenUDP(tcpPort, _Echo(), interface="127.0.0.1", maxPacketSize=65535)
+        self.addCleanup(udp.stopListening)
+        root = os.path.abspath(self.mktemp())
+        low, high = freePortRange(4)
+        _, _, controlPort = yield startRelay(
+            self,
+            os.path.join(root, "relay", "state"),
+            extra=["--tcp-ports", f"{low}-{high}", "--udp-ports", f"{low}-{high}"],
+        )
+        home = os.path.join(root, "tunnel")
+        os.makedirs(home)
+        tunnel = startExpose(self, home, controlPort, [f"127.0.0.1:{tcpPort}", "--tcp", "--udp"])
+        first = yield waitForLease(tunnel)
+        after = next(i for i, line in enumerate(tunnel.lines) if '"event": "lease"' in line)
+        second = yield waitForLease(tunnel, after=after + 1)
+        urls = {
+            urlsplit(event["url"]).scheme: urlsplit(event["url"]).port for event in (first, second)
+        }
+        self.assertEqual(set(urls), {"tcp", "udp"})
+        reply = yield deferToThread(_exchange, urls["tcp"], b"over tcp", 0, 8)
+        self.assertEqual(reply, b"over tcp")
+        reply = yield deferToThread(_roundTrip, urls["udp"], b"over udp")
+        self.assertEqual(reply, b"over udp")
