@@ -280,6 +280,30 @@ def waitForLease(tunnel: WatchedProcess, after: int = 0) -> Any:
     return json.loads(match.group(0))
 
 
+@inlineCallbacks
+def restartRelay(
+    testCase: TestCase,
+    relay: WatchedProcess,
+    stateDir: str,
+    controlPort: int,
+    extra: Sequence[str],
+    tunnel: WatchedProcess,
+) -> Any:
+    """
+    Stop a relay cleanly and start it again with the same state directory and control port, then wait
+    for C{tunnel} to report its lease again.
+
+    @return: A L{Deferred} firing with the tunnel's new lease event.
+    """
+    yield terminate(relay)
+    before = len(tunnel.lines)
+    yield startRelay(
+        testCase, stateDir, control=f"tcp:{controlPort}:interface=127.0.0.1", extra=extra
+    )
+    lease = yield waitForLease(tunnel, after=before)
+    return lease
+
+
 def terminate(watcher: WatchedProcess) -> Deferred[Any]:
     """
     Stop a process with SIGTERM (a clean stop).

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.wire import Echo
@@ -25,12 +25,14 @@ from tests.realprocesses import (
     WAIT,
     freePortRange,
     listenLocal,
+    restartRelay,
     spawn,
     startExpose,
     startRelay,
     terminate,
     waitForLease,
 )
+from tests.test_e2e import _PeerAddress
 
 #: Bytes sent each way in the large transfer test.
 LARGE = 64 * 1024 * 1024
@@ -97,21 +99,6 @@ def _echoRoundTrip(port: int, size: int) -> tuple[str, str, int]:
     return sent.hexdigest(), received.hexdigest(), count
 
 
-class _PeerAddress(Protocol):
-    """
-    Answers the first bytes with the client address it sees (C{HOST PORT}) and closes.
-    """
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Answer.
-        """
-        assert self.transport is not None
-        peer = self.transport.getPeer()
-        self.transport.write(f"{peer.host} {peer.port}".encode())
-        self.transport.loseConnection()
-
-
 class RawTCPEndToEndTests(TestCase):
     """
     C{portal expose HOST:PORT --tcp} through a relay started with C{--tcp-ports}.
@@ -130,7 +117,9 @@ class RawTCPEndToEndTests(TestCase):
         root = os.path.abspath(self.mktemp())
         low, high = freePortRange(count)
         state = os.path.join(root, "relay", "state")
-        relay, _, controlPort = yield startRelay(self, state, extra=["--tcp-ports", f"{low}-{high}"])
+        relay, _, controlPort = yield startRelay(
+            self, state, extra=["--tcp-ports", f"{low}-{high}"]
+        )
         home = os.path.join(root, "tunnel")
         os.makedirs(home)
         tunnel = startExpose(self, home, controlPort, [target, "--tcp", *extra])
@@ -246,15 +235,9 @@ class RawTCPEndToEndTests(TestCase):
         port = _address(lease["url"])[1]
         self.assertEqual(port, low + 1)
         yield terminate(other)
-        yield terminate(relay)
-        before = len(tunnel.lines)
-        yield startRelay(
-            self,
-            state,
-            control=f"tcp:{controlPort}:interface=127.0.0.1",
-            extra=["--tcp-ports", f"{low}-{high}"],
+        again = yield restartRelay(
+            self, relay, state, controlPort, ["--tcp-ports", f"{low}-{high}"], tunnel
         )
-        again = yield waitForLease(tunnel, after=before)
         self.assertEqual(again["url"], lease["url"])
         reply = yield deferToThread(_exchange, port, b"again\n", 0, 6)
         self.assertEqual(reply, b"again\n")

@@ -25,9 +25,9 @@ from tests.realprocesses import (
     WAIT,
     freePortRange,
     listenLocal,
+    restartRelay,
     startExpose,
     startRelay,
-    terminate,
     waitForLease,
 )
 from tests.test_e2e import _metrics
@@ -186,15 +186,9 @@ class UDPEndToEndTests(TestCase):
         """
         service = self.listenUDP(_Echo())
         relay, tunnel, lease, port, (low, high), controlPort, state = yield self.startPair(service)
-        yield terminate(relay)
-        before = len(tunnel.lines)
-        yield startRelay(
-            self,
-            state,
-            control=f"tcp:{controlPort}:interface=127.0.0.1",
-            extra=["--udp-ports", f"{low}-{high}"],
+        again = yield restartRelay(
+            self, relay, state, controlPort, ["--udp-ports", f"{low}-{high}"], tunnel
         )
-        again = yield waitForLease(tunnel, after=before)
         self.assertEqual(again["url"], lease["url"])
         reply = yield deferToThread(_roundTrip, port, b"again")
         self.assertEqual(reply, b"again")

@@ -112,18 +112,15 @@ def relayOptions() -> CertificateOptions:
     return CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
 
 
-def tlsDataSession(
-    router: Router, clock: Any, tunnelPool: Any, sessionId: bytes = _SESSION
-) -> tuple[TunnelDataSession, IOPump]:
+def connectOverTLS(router: Router, clock: Any, protocol: Protocol) -> IOPump:
     """
-    Connect a tunnel data session over in-memory TLS to the relay's control port.
+    Connect C{protocol}, inside in-memory TLS, to the relay's control port, and run until quiet.
 
-    @return: The tunnel's data session and the pump between the two ends.
+    @return: The pump between the two ends.
     """
     server = ControlFactory(router, relayOptions())
-    session = TunnelDataSession(tunnelPool, sessionId, _KEY)
     client = TLSMemoryBIOFactory(
-        CertificateOptions(verify=False), True, Factory.forProtocol(lambda: session), clock=clock
+        CertificateOptions(verify=False), True, Factory.forProtocol(lambda: protocol), clock=clock
     )
     _, _, pump = connectedServerAndClient(
         lambda: server.buildProtocol(None),
@@ -132,7 +129,19 @@ def tlsDataSession(
         clock=clock,
     )
     pump.flush()
-    return session, pump
+    return pump
+
+
+def tlsDataSession(
+    router: Router, clock: Any, tunnelPool: Any, sessionId: bytes = _SESSION
+) -> tuple[TunnelDataSession, IOPump]:
+    """
+    Connect a tunnel data session over in-memory TLS to the relay's control port.
+
+    @return: The tunnel's data session and the pump between the two ends.
+    """
+    session = TunnelDataSession(tunnelPool, sessionId, _KEY)
+    return session, connectOverTLS(router, clock, session)
 
 
 class TLSDataSessionTests(SynchronousTestCase):
@@ -227,20 +236,8 @@ class TLSDataSessionTests(SynchronousTestCase):
         """
         An AMP box inside TLS still reaches the relay's control protocol.
         """
-        server = ControlFactory(self.router, relayOptions())
         client = amp.AMP()
-        clientFactory = TLSMemoryBIOFactory(
-            CertificateOptions(verify=False),
-            True,
-            Factory.forProtocol(lambda: client),
-            clock=self.clock,
-        )
-        _, _, pump = connectedServerAndClient(
-            lambda: server.buildProtocol(None),
-            lambda: clientFactory.buildProtocol(None),
-            greet=False,
-            clock=self.clock,
-        )
+        pump = connectOverTLS(self.router, self.clock, client)
         d = client.callRemote(
             Hello, minVersion=1, maxVersion=1, capabilities=["stream", "tcp"], software="test"
         )
@@ -253,21 +250,8 @@ class TLSDataSessionTests(SynchronousTestCase):
         """
         Inside TLS, bytes that are neither an AMP box nor L{MAGIC} close the connection with a log.
         """
-        server = ControlFactory(self.router, relayOptions())
         client = Protocol()
-        clientFactory = TLSMemoryBIOFactory(
-            CertificateOptions(verify=False),
-            True,
-            Factory.forProtocol(lambda: client),
-            clock=self.clock,
-        )
-        _, tunnelTLS, pump = connectedServerAndClient(
-            lambda: server.buildProtocol(None),
-            lambda: clientFactory.buildProtocol(None),
-            greet=False,
-            clock=self.clock,
-        )
-        pump.flush()
+        pump = connectOverTLS(self.router, self.clock, client)
         assert client.transport is not None
         client.transport.write(b"GET / HTTP/1.1\r\n")
         pump.flush()
