@@ -21,7 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import portal.relay.data
 from portal.attach import MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
-from portal.control import EXPORTER_DATA_SESSION, Hello, exportKeyingMaterial
+from portal.challenge import signRegistration
+from portal.control import (
+    EXPORTER_DATA_SESSION,
+    Hello,
+    RegistrationRefused,
+    exportKeyingMaterial,
+)
 from portal.identity import Identity
 from portal.localca import LocalCA
 from portal.relay.control import ControlFactory
@@ -465,6 +471,29 @@ class RawTCPRegistrationTests(ControlTestCase):
         self.connectTunnel(self.makeLink(mode="tcp"))
         self.assertIsNotNone(self.router.leases.route(LABEL))
         self.assertIsNone(self.router.poolFor(f"{LABEL}.localhost"))
+
+    def test_oneNamePerSession(self) -> None:
+        """
+        A second raw lease on the same control session is refused: a session's public ports, flows
+        and flow ids belong to one lease.
+        """
+        link = self.makeLink(mode="tcp")
+        connection = self.connectTunnel(link)
+        self.assertEqual(link.fatals, [])
+        nonce = self.router.challenges.issue(["second"])
+        error = self.assertRaises(
+            RegistrationRefused,
+            connection.relay.register,
+            publicKey=self.tunnelIdentity.publicKey,
+            names=["second"],
+            nonce=nonce,
+            signature=signRegistration(
+                self.tunnelIdentity, self.relayIdentity.id, nonce, ["second"]
+            ),
+            mode="tcp",
+        )
+        self.assertIn("exactly one name per control session", str(error))
+        self.assertIsNone(self.router.leases.route("second"))
 
     def test_disabled(self) -> None:
         """

@@ -178,8 +178,9 @@ class RelayControlProtocol(amp.AMP):
                 raise RegistrationRefused(f"{kind} mode is disabled on this relay")
         if self.names and mode != self.mode:
             raise RegistrationRefused(f"this control session holds {self.mode} mode leases")
-        if modes != {"stream"} and len(names) != 1:
-            raise RegistrationRefused(f"{mode} mode registers exactly one name")
+        if modes != {"stream"} and (len(names) != 1 or self.names - set(names)):
+            # One public port set per session: flows and their ids belong to the session.
+            raise RegistrationRefused(f"{mode} mode registers exactly one name per control session")
         names = self._checkNames(names)
         try:
             router.challenges.redeem(nonce, names, publicKey, signature)

@@ -130,7 +130,17 @@ class UDPMode:
             lease.port, public, interface=interface, maxPacketSize=MAX_PACKET_SIZE
         )
         session.public = public
-        lease.onClose = public.stop
+
+        def closed() -> None:
+            # The tunnel must forget the flows too: a reopened port numbers its flows from 1 again.
+            public.stop()
+            if session.public is public:
+                session.public = None
+            for flowId in sorted(session.announced):
+                session.control.callRemote(FlowClosed, flowId=flowId)
+            session.announced.clear()
+
+        lease.onClose = closed
         return listening
 
     def toTunnel(self, session: UDPSession, flowId: int, data: bytes) -> None:
