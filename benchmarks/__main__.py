@@ -1,6 +1,7 @@
 """
 C{python -m benchmarks [--quick] [--only N,N] [--out DIR]}: run the benchmark scenarios on 127.0.0.1
-and write C{DIR/<date>.json} and C{DIR/<date>.md} (and a PNG chart when matplotlib is installed).
+and write C{DIR/<date>.json} and C{DIR/<date>.md} (and a PNG chart when matplotlib is installed); a
+run of some scenarios only writes C{DIR/<date>-only-N-N.*}.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from benchmarks.lab import Lab
 from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
+#: The scenarios built, in the order they run (scenario 6a is raw TCP; 6b, UDP, is not built).
+DEFAULT = ("1", "2", "3", "4", "5", "6a", "7")
+
 
 def _log(message: str) -> None:
     """
@@ -37,14 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,7", help="comma-separated scenario numbers (default all built)"
+        "--only",
+        default=",".join(DEFAULT),
+        help=f"comma-separated scenario numbers (default all built: {','.join(DEFAULT)})",
     )
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="results folder"
     )
     args = parser.parse_args(argv)
     settings = scenarios.QUICK if args.quick else scenarios.FULL
-    wanted = {int(n) for n in args.only.split(",") if n.strip()}
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = wanted - set(DEFAULT)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; built: {','.join(DEFAULT)}")
     limit = raiseFileLimit(1 << 20)
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -63,17 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             "connections": settings.connections,
             "concurrency": list(settings.concurrency),
             "leases": settings.leases,
+            "rawTCPBytes": settings.rawTCPBytes,
         },
         "scenarios": {},
         "notBuilt": scenarios.NOT_BUILT,
     }
-    plan: list[tuple[int, str, Callable[[Lab], dict[str, Any]]]] = [
-        (1, "relayHop", lambda lab: scenarios.relayHop(lab, settings, _log)),
-        (2, "fullPath", lambda lab: scenarios.fullPath(lab, settings, _log)),
-        (3, "connectionSetup", lambda lab: scenarios.connectionSetup(lab, settings, _log)),
-        (4, "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
-        (5, "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
-        (7, "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
+    plan: list[tuple[str, str, Callable[[Lab], dict[str, Any]]]] = [
+        ("1", "relayHop", lambda lab: scenarios.relayHop(lab, settings, _log)),
+        ("2", "fullPath", lambda lab: scenarios.fullPath(lab, settings, _log)),
+        ("3", "connectionSetup", lambda lab: scenarios.connectionSetup(lab, settings, _log)),
+        ("4", "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
+        ("5", "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
+        ("6a", "rawTCP", lambda lab: scenarios.rawTCP(lab, settings, _log)),
+        ("7", "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
     ]
     for number, name, run in plan:
         if number not in wanted:
@@ -89,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.monotonic() - started
     results["targets"] = evaluateTargets(results)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, results["date"][:10] + ("-quick" if args.quick else ""))
+    # A run of some scenarios is named after them, so that it does not replace the day's full run.
+    partial = "" if wanted == set(DEFAULT) else "-only-" + "-".join(sorted(wanted))
+    stem = os.path.join(args.out, results["date"][:10] + ("-quick" if args.quick else "") + partial)
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     table = markdown(results)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
 
-from benchmarks.procs import Child, freePort, python, tool, twistd
+from benchmarks.procs import Child, freePort, freePortRange, python, tool, twistd
 from portal.localca import LocalCA
 
 #: The SNI name the sinks and forwarders are reached by.
@@ -72,11 +73,12 @@ class Lab:
 
     def close(self) -> None:
         """
-        Stop every child.
+        Stop every child and remove the temporary directory.
         """
         for child in reversed(self._children):
             child.stop()
         self._children.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def sink(self, tls: bool) -> tuple[Child, int]:
         """
@@ -287,6 +289,27 @@ class Lab:
         @return: The child and the lease URL.
         """
         return self.tunnel(controlPort, targetPort, name, ("--http",))
+
+    def tcpRelay(self, ports: int = 4) -> tuple[Child, int, int]:
+        """
+        A real C{twistd -n portal-relay} with raw TCP mode on (C{--tcp-ports} over C{ports} free
+        loopback ports).
+
+        @return: The child, its public port and its control port.
+        """
+        low, high = freePortRange(ports)
+        return self.relay(["--tcp-ports", f"{low}-{high}"])
+
+    def tcpTunnel(self, controlPort: int, targetPort: int, name: str) -> tuple[Child, int]:
+        """
+        A real C{portal expose PORT --tcp}.
+
+        @return: The child and the lease's public TCP port (from its C{tcp://HOST:PORT} URL).
+        """
+        child, url = self.tunnel(controlPort, targetPort, name, ("--tcp",))
+        if not url.startswith("tcp://"):
+            raise RuntimeError(f"{child.name} leased {url!r}, not a tcp:// URL")
+        return child, int(url.rsplit(":", 1)[1])
 
     def wrk(self, url: str, seconds: float, connections: int = 16) -> dict[str, float]:
         """

@@ -129,6 +129,17 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def machineBusySeconds() -> float:
+    """
+    @return: CPU seconds all processes on the machine used so far, on all cores (from C{/proc/stat}:
+        everything but idle and I/O wait).
+    """
+    with open("/proc/stat") as f:
+        fields = [int(n) for n in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
 def rss(pid: int) -> int:
     """
     @return: The resident set size of process C{pid} in bytes.
@@ -148,6 +159,33 @@ def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def freePortRange(count: int, attempts: int = 50) -> tuple[int, int]:
+    """
+    C{count} consecutive loopback TCP ports, free a moment ago, starting at one the OS picks (for a
+    relay's C{--tcp-ports}).
+
+    @return: The first and last port.
+    @raise RuntimeError: When no such range turns up in C{attempts} tries.
+    """
+    for _ in range(attempts):
+        low = freePort()
+        if low + count - 1 > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(low, low + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return low, low + count - 1
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def raiseFileLimit(wanted: int) -> int:

@@ -85,6 +85,18 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"full path {direction[:-4]} throughput vs direct TLS", ratio, 0.6, True, "x"
                 )
             )
+    raw = results["scenarios"].get("rawTCP", {}).get("ratio", {})
+    for direction in ("upload", "download"):
+        if direction in raw:
+            targets.append(
+                _target(
+                    f"raw TCP {direction} throughput through relay + tunnel vs direct",
+                    raw[direction],
+                    0.5,
+                    True,
+                    "x",
+                )
+            )
     return targets
 
 
@@ -208,9 +220,55 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(data['ttfbP50usWith10'])} µs, with {data['leases']}: "
                 f"{_fmt(data['ttfbP50usWithMany'])} µs (ratio {data['routingCostRatio']:.2f}).",
             ]
+    data = scenarios.get("rawTCP")
+    if data:
+        out += ["", "## 6a. Raw TCP throughput", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += [
+                f"{data['bytes'] >> 20} MiB up then {data['bytes'] >> 20} MiB down per run, one plain "
+                "TCP connection each, to a plain sink: directly, and through the relay's public TCP "
+                "port and `portal expose --tcp`. CPU in seconds per GB moved (cores busy).",
+                "",
+                "| path | direction | MB/s | vs direct | relay CPU s/GB | tunnel CPU s/GB "
+                "| sink CPU s/GB |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for name, entry in data["paths"].items():
+                for direction in ("upload", "download"):
+                    d = direction.title()
+                    ratio = data["ratio"][direction] if name != "direct" else None
+                    cells = [
+                        _cpuCell(entry, f"{who}CpuSecondsPerGB{d}", f"{who}Cores{d}")
+                        for who in ("relay", "tunnel", "sink")
+                    ]
+                    out.append(
+                        f"| {name} | {direction} | {_fmt(_median(entry, f'{direction}MBps'))} "
+                        f"| {_fmt(ratio, 2)} | {' | '.join(cells)} |"
+                    )
+            other = {name: _median(entry, "otherCores") for name, entry in data["paths"].items()}
+            out.append(
+                "- other work on the machine during the runs (median cores): "
+                + ", ".join(f"{name} {value:.2f}" for name, value in other.items())
+            )
+            out.append(
+                f"- relay streams spliced in Python: {data['relayPythonSplicedStreams']:.0f}, "
+                f"by the kernel: {data['relayKernelSplicedStreams']:.0f}"
+            )
+            out += [f"- {note}" for note in data.get("notes", [])]
     out += ["", "## Not measured", ""]
     out += [f"- {name}: {why}" for name, why in results["notBuilt"].items()]
     return "\n".join(out) + "\n"
+
+
+def _cpuCell(entry: dict[str, Any], perGB: str, cores: str) -> str:
+    """
+    A table cell: median CPU seconds per GB, with the median share of one core in brackets.
+    """
+    if perGB not in entry:
+        return "-"
+    return f"{_median(entry, perGB):.2f} ({_median(entry, cores):.2f})"
 
 
 def writeChart(results: dict[str, Any], path: str) -> str | None:
@@ -228,7 +286,11 @@ def writeChart(results: dict[str, Any], path: str) -> str | None:
         return None
     panels = [
         (key, title)
-        for key, title in (("relayHop", "Relay hop"), ("fullPath", "Full path"))
+        for key, title in (
+            ("relayHop", "Relay hop"),
+            ("fullPath", "Full path"),
+            ("rawTCP", "Raw TCP"),
+        )
         if results["scenarios"].get(key, {}).get("paths")
     ]
     if not panels:
