@@ -169,6 +169,23 @@ class TLSDataSessionTests(SynchronousTestCase):
         """
         return [str(e.get("reason", "")) for e in self.events]
 
+    def plainDataSession(
+        self,
+    ) -> tuple[Any, StringTransportWithDisconnection, RelayDataSession]:
+        """
+        Open a plain data session to the relay's control port, up to the relay's nonce.
+
+        @return: The control port's dispatcher, its transport and the relay's data session.
+        """
+        dispatch = ControlFactory(self.router, relayOptions()).buildProtocol(None)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = dispatch
+        dispatch.makeConnection(transport)
+        dispatch.dataReceived(MAGIC)
+        relaySession = dispatch.chosen
+        assert isinstance(relaySession, RelayDataSession)
+        return dispatch, transport, relaySession
+
     def test_boundProofAttaches(self) -> None:
         """
         A tunnel data session that binds its proof to the TLS session attaches and waits in the pool
@@ -201,13 +218,7 @@ class TLSDataSessionTests(SynchronousTestCase):
         tunnelPool.tls = True
         first, _ = tlsDataSession(self.router, self.clock, tunnelPool)
         binding = exportKeyingMaterial(first.transport, EXPORTER_DATA_SESSION)
-        dispatch = ControlFactory(self.router, relayOptions()).buildProtocol(None)
-        transport = StringTransportWithDisconnection()
-        transport.protocol = dispatch
-        dispatch.makeConnection(transport)
-        dispatch.dataReceived(MAGIC)
-        relaySession = dispatch.chosen
-        assert isinstance(relaySession, RelayDataSession)
+        dispatch, transport, relaySession = self.plainDataSession()
         # Pretend this plain connection ran inside TLS: its binding differs from the first one's.
         relaySession.tls = True
         self.patch(
@@ -224,13 +235,7 @@ class TLSDataSessionTests(SynchronousTestCase):
         A plain (non-TLS) data session that authenticates is still refused by a raw TCP mode pool:
         its payload may be plaintext.
         """
-        dispatch = ControlFactory(self.router, relayOptions()).buildProtocol(None)
-        transport = StringTransportWithDisconnection()
-        transport.protocol = dispatch
-        dispatch.makeConnection(transport)
-        dispatch.dataReceived(MAGIC)
-        relaySession = dispatch.chosen
-        assert isinstance(relaySession, RelayDataSession)
+        dispatch, transport, relaySession = self.plainDataSession()
         dispatch.dataReceived(attachProof(_KEY, relaySession.nonce, _SESSION))
         self.assertFalse(transport.connected)
         self.assertEqual(len(self.owner.pool), 0)
