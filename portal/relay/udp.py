@@ -36,6 +36,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from portal.throttle import LogThrottle
 from portal.udpseal import MAX_FLOW_ID
 
 #: The C{maxPacketSize} the caller must give C{listenUDP}, so that datagrams of any size arrive
@@ -145,8 +146,7 @@ class PublicUDP(DatagramProtocol):
         self._sweeper = LoopingCall.withCount(self._sweep)
         self._sweeper.clock = clock
         # When the last "too many flows" event was logged, and refusals since.
-        self._limitLoggedAt: float | None = None
-        self._limitRefused = 0
+        self._limitLog = LogThrottle(clock, FLOW_LIMIT_LOG_INTERVAL)
 
     @property
     def flows(self) -> int:
@@ -223,22 +223,18 @@ class PublicUDP(DatagramProtocol):
 
         @param key: The refused visitor's (host, port).
         """
-        self._limitRefused += 1
-        now = self._clock.seconds()
-        last = self._limitLoggedAt
-        if last is not None and now - last < FLOW_LIMIT_LOG_INTERVAL:
+        held = self._limitLog.due()
+        if held is None:
             return
         self._log.warn(
             "UDP port for {name} has {maxFlows} live flows, the most allowed; refused "
             "{refused} new visitor datagram(s), the latest from {host} port {port}",
             name=self.name,
             maxFlows=self.maxFlows,
-            refused=self._limitRefused,
+            refused=held + 1,
             host=key[0],
             port=key[1],
         )
-        self._limitLoggedAt = now
-        self._limitRefused = 0
 
     def fromTunnel(self, flowId: int, payload: bytes) -> bool:
         """

@@ -24,6 +24,7 @@ from portal.control import Datagram, FlowClosed, FlowOpened
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
 from portal.relay.udp import MAX_PACKET_SIZE, PublicUDP
+from portal.throttle import LogThrottle
 from portal.udpseal import (
     HEADER_LENGTH,
     MAX_PAYLOAD,
@@ -94,8 +95,7 @@ class UDPMode:
             "udp_over_control": 0,
             "udp_dropped": 0,
         }
-        self._lastDropLog = float("-inf")
-        self._unlogged = 0
+        self._dropLog = LogThrottle(reactor, DROP_LOG_INTERVAL)
 
     def newSession(self, control: Any, secret: bytes) -> UDPSession:
         """
@@ -188,19 +188,16 @@ class UDPMode:
         Count a dropped tunnel-side datagram, and log it at most once per L{DROP_LOG_INTERVAL}.
         """
         self.counters["udp_dropped"] += 1
-        now = self._reactor.seconds()
-        if now - self._lastDropLog < DROP_LOG_INTERVAL:
-            self._unlogged += 1
+        unlogged = self._dropLog.due()
+        if unlogged is None:
             return
         self._log.warn(
             "dropped a UDP datagram from {address}: {reason} ({unlogged} more dropped since the "
             "last report)",
             address=address,
             reason=reason,
-            unlogged=self._unlogged,
+            unlogged=unlogged,
         )
-        self._lastDropLog = now
-        self._unlogged = 0
 
     def received(self, datagram: bytes, address: tuple[str, int]) -> None:
         """

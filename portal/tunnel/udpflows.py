@@ -31,6 +31,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from portal.throttle import LogThrottle
+
 #: The C{maxPacketSize} of every flow's socket: the largest UDP datagram, so no reply is truncated.
 MAX_PACKET_SIZE = 65535
 
@@ -174,9 +176,8 @@ class FlowTable:
         # While a sweep runs, the sweeper is neither stopped nor started (callbacks may close and
         # open flows); the sweep stops it at its end if no flow is left.
         self._sweeping = False
-        # Per drop reason: when its last event was logged, and how many drops went unlogged since.
-        self._lastLogged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        # Drop events, at most one per reason every logInterval seconds.
+        self._dropLog = LogThrottle(reactor, self.logInterval)
 
     @property
     def flows(self) -> int:
@@ -418,18 +419,15 @@ class FlowTable:
         @param fields: More fields for the event.
         """
         self.dropped[reason] += 1
-        now = self._reactor.seconds()
-        last = self._lastLogged.get(reason)
-        if last is not None and now - last < self.logInterval:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+        suppressed = self._dropLog.due(reason)
+        if suppressed is None:
             return
-        self._lastLogged[reason] = now
         if error is not None:
             fields["error"] = error
         self._log.warn(
             "UDP flow {flowId}: " + format + " ({suppressed} similar drops not logged)",
             flowId=flowId,
             reason=reason,
-            suppressed=self._suppressed.pop(reason, 0),
+            suppressed=suppressed,
             **fields,
         )
