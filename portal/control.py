@@ -198,6 +198,15 @@ class FlowClosed(amp.Command):
     requiresAnswer = False
 
 
+def modeParts(mode: str) -> frozenset[str]:
+    """
+    The parts of a registration mode: C{"tcp+udp"} is C{{"tcp", "udp"}}.
+
+    @param mode: One of L{MODES}.
+    """
+    return frozenset(mode.split("+"))
+
+
 def negotiateVersion(theirMin: int, theirMax: int) -> int:
     """
     Pick the highest protocol version both sides speak.

@@ -38,6 +38,7 @@ from portal.control import (
     Unregister,
     exportKeyingMaterial,
     helloSignatureMessage,
+    modeParts,
     negotiateVersion,
 )
 from portal.identity import identityId
@@ -172,7 +173,7 @@ class RelayControlProtocol(amp.AMP):
             raise RegistrationRefused("Hello must come first")
         if mode not in MODES:
             raise RegistrationRefused(f"{mode} mode is not supported by this relay")
-        modes = set(mode.split("+"))
+        modes = modeParts(mode)
         for kind, offered in (("tcp", router.tcp), ("udp", router.udp)):
             if kind in modes and offered is None:
                 raise RegistrationRefused(f"{kind} mode is disabled on this relay")
@@ -240,7 +241,7 @@ class RelayControlProtocol(amp.AMP):
         return Deferred.fromCoroutine(self._openPorts(owner, names[0], modes, response))
 
     async def _openPorts(
-        self, owner: str, name: str, modes: set[str], response: dict[str, object]
+        self, owner: str, name: str, modes: frozenset[str], response: dict[str, object]
     ) -> dict[str, object]:
         """
         Open the public TCP and/or UDP port of a raw lease; without them, the lease is given back.
@@ -285,7 +286,7 @@ class RelayControlProtocol(amp.AMP):
         if self.owner is None:
             return
         router = self._router
-        modes = self.mode.split("+")
+        modes = modeParts(self.mode)
         if "tcp" in modes and router.tcp is not None:
             router.tcp.close(self.owner, name, self)
         if "udp" in modes and router.udp is not None:

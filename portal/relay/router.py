@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from portal.attach import StreamHeader, encodeStreamHeader
 from portal.challenge import ChallengeIssuer
+from portal.control import modeParts
 from portal.identity import Identity
 from portal.kernelsplice import KernelSplice, canSplice
 from portal.leases import LeaseTable
@@ -312,7 +313,7 @@ class Router:
         if lease is None:
             return None
         holder = lease.holder
-        if "stream" not in getattr(holder, "mode", "stream").split("+"):
+        if "stream" not in modeParts(getattr(holder, "mode", "stream")):
             # A raw TCP lease's name does not route TLS visitors: its data sessions carry raw bytes.
             return None
         return getattr(holder, "pool", None)

@@ -39,6 +39,7 @@ from portal.control import (
     UnsupportedVersion,
     exportKeyingMaterial,
     helloSignatureMessage,
+    modeParts,
 )
 from portal.identity import identityId, verifySignature
 from portal.pinning import RelayIdentityChanged
@@ -121,7 +122,7 @@ class TunnelControlProtocol(amp.AMP):
             raise RelayAuthenticationFailed(
                 "the relay's identity signature does not match this connection"
             )
-        for mode in self._link.mode.split("+"):
+        for mode in sorted(modeParts(self._link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
         relayId = identityId(relayKey)
@@ -169,7 +170,7 @@ class TunnelControlProtocol(amp.AMP):
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = link.reactor
         self._renewal.start(interval, now=False)
-        modes = link.mode.split("+")
+        modes = modeParts(link.mode)
         extra: dict[str, tuple[str, int]] = {}
         if "tcp" in modes:
             extra["tcp"] = (response["publicHost"], response["tcpPort"])

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.attach import StreamHeader
+from portal.control import modeParts
 from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
@@ -198,7 +199,7 @@ class RelayLink(Service):
                 self.reporter.lease(
                     f"{scheme}://{host}:{publicPort}", self.relay.address, target, None
                 )
-        if tcp is not None or "stream" not in self.mode.split("+"):
+        if tcp is not None or "stream" not in modeParts(self.mode):
             return
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
