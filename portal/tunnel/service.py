@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL.crypto import X509, PKey
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -29,6 +29,7 @@ from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
 from portal.names import stableLabel
 from portal.pinning import KnownRelays
+from portal.tunnel.backoff import StableBackoff
 from portal.tunnel.config import ConfigError, RelayAddress, Target, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import DataSessionPool
@@ -93,6 +94,7 @@ class RelayLink(Service):
         self.udpTarget = tunnel.udpTarget
         self._wasLive = False
         self._reportedUnreachable = False
+        self.backoff = StableBackoff(self.reactor)
         tls = tunnel.config.tcp
         self.pool = DataSessionPool(
             self.reactor,
@@ -136,7 +138,7 @@ class RelayLink(Service):
         self._client = ClientService(
             self.controlEndpoint(),
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            retryPolicy=self.backoff,
             clock=self.reactor,
         )
         self._client.startService()
@@ -185,6 +187,8 @@ class RelayLink(Service):
         self.protocol = protocol
         self._reportedUnreachable = False
         self.tunnel.servedHostnames.update(hostnames)
+        if newSession:
+            self.backoff.up()
         if self._wasLive and newSession:
             self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
         self._wasLive = True
@@ -211,6 +215,7 @@ class RelayLink(Service):
         """
         The control session closed: stop the pool; the L{ClientService} reconnects.
         """
+        self.backoff.down()
         if protocol is self.protocol:
             self.protocol = None
             self.pool.stop()
