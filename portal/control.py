@@ -18,7 +18,9 @@ MAX_VERSION = 1
 #: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
 #: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, TLS data sessions, a public port per lease).
 #: C{udp}: UDP mode (modes with C{+udp}, sealed datagrams, L{Datagram}, L{FlowOpened}, L{FlowClosed}).
-CAPABILITIES = ("stream", "tcp", "udp")
+#: C{heartbeat}: the tunnel sends L{Heartbeat} and the relay answers it.
+#: C{goaway}: the relay sends L{GoingAway} before it shuts down.
+CAPABILITIES = ("stream", "tcp", "udp", "heartbeat", "goaway")
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -97,7 +99,7 @@ class Hello(amp.Command):
         (b"leaseTTL", amp.Float()),
         (b"software", amp.Unicode()),
     ]
-    errors = {UnsupportedVersion: b"UNSUPPORTED_VERSION"}
+    errors = {UnsupportedVersion: b"UNSUPPORTED_VERSION", TryAgain: b"TRY_AGAIN"}
 
 
 class Challenge(amp.Command):
@@ -194,6 +196,28 @@ class FlowClosed(amp.Command):
     """
 
     arguments = [(b"flowId", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """
+    Sent by the tunnel at a fixed interval: the relay answers at once, so each side knows that the
+    path between them still carries data (a dead path is torn down and redialled).
+    """
+
+    arguments = []
+    response = []
+
+
+class GoingAway(amp.Command):
+    """
+    Sent by the relay when it shuts down: it accepts no new visitors or sessions, lets open
+    connections finish for up to C{deadline} seconds, then closes them. The tunnel should expect this
+    control session to end and reconnect (or move) with backoff.
+    """
+
+    arguments = [(b"deadline", amp.Float())]
     response = []
     requiresAnswer = False
 

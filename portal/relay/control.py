@@ -4,14 +4,15 @@ The relay's control port: TLS + AMP control sessions and plain-TCP data sessions
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -27,6 +28,8 @@ from portal.control import (
     Challenge,
     Datagram,
     FlowClosed,
+    GoingAway,
+    Heartbeat,
     Hello,
     LeaseUnknown,
     NotAuthenticated,
@@ -54,9 +57,11 @@ from portal.relay.udpmode import UDPSession
 TLS_HANDSHAKE = 0x16
 
 
-class RelayControlProtocol(amp.AMP):
+class RelayControlProtocol(amp.AMP, TimeoutMixin):
     """
-    The relay's side of one control session.
+    The relay's side of one control session. A session silent for
+    L{RelayLimits.controlIdleTimeout<portal.relay.router.RelayLimits>} is closed: tunnels send
+    L{Heartbeat}s far more often, so silence means a dead path.
 
     @ivar pool: This session's data pool, once L{Hello} is done.
     @ivar owner: The identity id that registered on this session.
@@ -77,15 +82,41 @@ class RelayControlProtocol(amp.AMP):
         self._router = router
         self.names: set[str] = set()
         self.sessionId = b""
+        #: Capabilities negotiated in L{Hello}.
+        self.capabilities: frozenset[str] = frozenset()
+        # See ControlDispatch.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
 
     def connectionMade(self) -> None:
         """
-        Give the tunnel a bounded time to say L{Hello}.
+        Give the tunnel a bounded time to say L{Hello}, and start watching for silence.
         """
         super().connectionMade()
+        self._router.controls.add(self)
         self._helloTimer = self._router.clock.callLater(
             self._router.limits.helloTimeout, self._helloTimedOut
         )
+        self.setTimeout(self._router.limits.controlIdleTimeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Anything from the tunnel shows the path is alive.
+        """
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        """
+        Nothing from the tunnel for too long: the path is dead. Close the session; its leases are
+        detached but stay reserved for their owner, who gets them back on reconnecting.
+        """
+        self._log.info(
+            "control session of {identity} silent for {seconds:.0f} s; closing it",
+            identity=(self.owner or "an unregistered tunnel")[:12],
+            seconds=self._router.limits.controlIdleTimeout,
+        )
+        # Inside TLS: the transport is the TLS protocol, which can abort.
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _helloTimedOut(self) -> None:
         """
@@ -108,6 +139,9 @@ class RelayControlProtocol(amp.AMP):
             self._helloTimer = None
         version = negotiateVersion(minVersion, maxVersion)
         router = self._router
+        if router.closing:
+            raise TryAgain("the relay is shutting down")
+        self.capabilities = frozenset(c for c in CAPABILITIES if c in capabilities)
         if self.pool is None:
             self.sessionId = router.newSessionId()
             key = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
@@ -293,6 +327,22 @@ class RelayControlProtocol(amp.AMP):
             router.udp.ports.close(self.owner, name, self)
         router.onLeasesChanged()
 
+    @Heartbeat.responder
+    def heartbeat(self) -> dict[str, object]:
+        """
+        The tunnel checks the path: answer at once (receiving it already reset the silence timer).
+        """
+        return {}
+
+    def goingAway(self, deadline: float) -> None:
+        """
+        Tell the tunnel that this relay is shutting down, if it understands L{GoingAway}.
+
+        @param deadline: Seconds open connections get before they are closed.
+        """
+        if "goaway" in self.capabilities:
+            self.callRemote(GoingAway, deadline=deadline)
+
     @Datagram.responder
     def datagram(self, flowId: int, payload: bytes) -> dict[str, object]:
         """
@@ -376,7 +426,9 @@ class RelayControlProtocol(amp.AMP):
         if self._helloTimer is not None:
             self._helloTimer.cancel()
             self._helloTimer = None
+        self.setTimeout(None)
         router = self._router
+        router.controls.discard(self)
         if self.pool is not None:
             router.sessions.pop(self.sessionId, None)
             self.pool.close()

@@ -53,6 +53,8 @@ class RelayLimits:
     @ivar maxHelloReads: Reads a ClientHello may take. The parser re-reads the buffer on every read, so
         this bounds the work a client dripping bytes can cause (a real client needs one to a few).
     @ivar attachTimeout: Seconds a new data session has to authenticate.
+    @ivar controlIdleTimeout: Seconds a control session may stay silent (tunnels send heartbeats far
+        more often); a silent session is closed and its leases detached (they stay reserved).
     @ivar leaseTTL: Seconds a lease lives without renewal.
     @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
     @ivar maxLeasesPerIdentity: Names one identity may hold on this relay.
@@ -65,6 +67,7 @@ class RelayLimits:
     helloTimeout: float = 10.0
     maxHelloReads: int = 64
     attachTimeout: float = 10.0
+    controlIdleTimeout: float = 60.0
     leaseTTL: float = 60.0
     reservation: float = 3600.0
     maxLeasesPerIdentity: int = 100
@@ -239,6 +242,9 @@ class Router:
     @ivar leases: The lease table.
     @ivar challenges: Registration challenges.
     @ivar sessions: Live control sessions' data pools by session id.
+    @ivar controls: Live control sessions.
+    @ivar visitors: Open visitor connections (public TLS and raw TCP), which a graceful shutdown lets
+        finish.
     @ivar publicPort: The port visitors use, once the public listener is up.
     """
 
@@ -265,6 +271,10 @@ class Router:
         )
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.sessions: dict[bytes, DataPool] = {}
+        self.controls: set[Any] = set()
+        self.visitors: set[Any] = set()
+        #: The relay is shutting down: no new control sessions.
+        self.closing = False
         self.publicPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
         self.tcp: LeasePorts | None = None

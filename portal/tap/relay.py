@@ -80,6 +80,21 @@ class Options(usage.Options):
         ],
         ["max-idle-data", None, 64, "Idle data sessions kept per tunnel.", _positive(int)],
         [
+            "control-idle-timeout",
+            None,
+            60.0,
+            "Seconds a tunnel's control session may stay silent before it is closed (tunnels "
+            "send heartbeats every 10 s).",
+            _positive(float),
+        ],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "Seconds a stopping relay (SIGTERM) lets open connections finish.",
+            _positive(float),
+        ],
+        [
             "max-ports-per-identity",
             None,
             10,
@@ -146,12 +161,14 @@ class Options(usage.Options):
             tcpPorts=self["tcp-range"],
             udpPorts=self["udp-range"],
             maxPortsPerIdentity=self["max-ports-per-identity"],
+            shutdownGrace=self["shutdown-grace"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],
                 maxLeasesPerIdentity=self["max-leases-per-identity"],
                 dataWaitTimeout=self["data-wait-timeout"],
                 maxIdleData=self["max-idle-data"],
+                controlIdleTimeout=self["control-idle-timeout"],
             ),
         )
 

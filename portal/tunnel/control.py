@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -28,6 +30,8 @@ from portal.control import (
     Datagram,
     FlowClosed,
     FlowOpened,
+    GoingAway,
+    Heartbeat,
     Hello,
     LeaseUnknown,
     Register,
@@ -52,6 +56,10 @@ if TYPE_CHECKING:
 COMMAND_TIMEOUT = 30.0
 #: Longest wait between registration attempts the relay asked to retry.
 MAX_RETRY_DELAY = 30.0
+#: Seconds between heartbeats on a control session.
+HEARTBEAT_INTERVAL = 10.0
+#: Seconds a heartbeat may go unanswered before the path counts as dead and is redialled.
+HEARTBEAT_TIMEOUT = 10.0
 
 
 class RelayAuthenticationFailed(Exception):
@@ -79,6 +87,7 @@ class TunnelControlProtocol(amp.AMP):
     relayId: str | None = None
     udp: TunnelUDP | None = None
     _renewal: LoopingCall | None = None
+    _heartbeat: LoopingCall | None = None
     _retry: Any = None
     _retryDelay = 1.0
 
@@ -145,6 +154,46 @@ class TunnelControlProtocol(amp.AMP):
         self._tunnelDomain = response["tunnelDomain"]
         self._publicPort = response["publicPort"]
         self._leaseTTL = response["leaseTTL"]
+        if "heartbeat" in response["capabilities"]:
+            self._heartbeat = LoopingCall(self._beat)
+            self._heartbeat.clock = link.reactor
+            self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+
+    def _beat(self) -> None:
+        """
+        Send a heartbeat; no answer in L{HEARTBEAT_TIMEOUT} means the path is dead: abort the
+        session so that the link redials (the relay keeps the leases reserved meanwhile).
+        """
+        d = self.callRemote(Heartbeat)
+        d.addTimeout(HEARTBEAT_TIMEOUT, self._link.reactor)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(defer.TimeoutError):
+                return
+            link = self._link
+            link.reporter.state(
+                "dead-path",
+                link.relay.address,
+                f"no heartbeat answer from the relay in {HEARTBEAT_TIMEOUT:.0f} s; redialling",
+            )
+            # Inside TLS: the transport is the TLS protocol, which can abort.
+            cast(ITCPTransport, self.transport).abortConnection()
+
+        d.addErrback(failed)
+
+    @GoingAway.responder
+    def goingAway(self, deadline: float) -> dict[str, object]:
+        """
+        The relay is shutting down: say so; the link reconnects with backoff once it closes.
+        """
+        link = self._link
+        link.reporter.state(
+            "relay-leaving",
+            link.relay.address,
+            f"the relay is shutting down (open connections get {deadline:.0f} s); "
+            "reconnecting with backoff",
+        )
+        return {}
 
     async def _register(self) -> None:
         """
@@ -254,6 +303,13 @@ class TunnelControlProtocol(amp.AMP):
         # The control protocol runs inside TLS: its transport is the TLS protocol, which says
         # whether it is still connected (ITransport does not).
         transport = cast(TLSMemoryBIOProtocol, self.transport)
+        if failure.check(TryAgain) and self.relayId is None:
+            # Refused at Hello (the relay is shutting down): reconnect with backoff.
+            link.reporter.state(
+                "retrying", link.relay.address, f"the relay said: {failure.getErrorMessage()}"
+            )
+            transport.loseConnection()
+            return
         if failure.check(TryAgain) and transport.connected:
             delay = self._retryDelay
             self._retryDelay = min(MAX_RETRY_DELAY, delay * 2)
@@ -305,8 +361,9 @@ class TunnelControlProtocol(amp.AMP):
         """
         Stop renewing; the link reconnects.
         """
-        if self._renewal is not None and self._renewal.running:
-            self._renewal.stop()
+        for loop in (self._renewal, self._heartbeat):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
