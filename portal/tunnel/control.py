@@ -15,15 +15,10 @@ from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-import portal
 from portal.challenge import signRegistration
 from portal.control import (
-    CAPABILITIES,
     EXPORTER_DATA_KEY,
-    EXPORTER_HELLO,
     EXPORTER_UDP_KEY,
-    MAX_VERSION,
-    MIN_VERSION,
     Challenge,
     Datagram,
     FlowClosed,
@@ -38,11 +33,14 @@ from portal.control import (
     Unregister,
     UnsupportedVersion,
     exportKeyingMaterial,
-    helloSignatureMessage,
     modeParts,
 )
-from portal.identity import identityId, verifySignature
-from portal.pinning import RelayIdentityChanged
+from portal.tunnel.hello import (
+    FatalRelayError,
+    RelayAuthenticationFailed,
+    checkHello,
+    helloArguments,
+)
 from portal.tunnel.udpmode import TunnelUDP
 
 if TYPE_CHECKING:
@@ -52,19 +50,6 @@ if TYPE_CHECKING:
 COMMAND_TIMEOUT = 30.0
 #: Longest wait between registration attempts the relay asked to retry.
 MAX_RETRY_DELAY = 30.0
-
-
-class RelayAuthenticationFailed(Exception):
-    """
-    The relay's signature over this TLS session does not verify: someone is in the middle.
-    """
-
-
-class FatalRelayError(Exception):
-    """
-    An error reconnecting cannot fix (a changed relay identity, a name taken by another identity); the
-    tunnel stops with a message.
-    """
 
 
 class TunnelControlProtocol(amp.AMP):
@@ -101,13 +86,7 @@ class TunnelControlProtocol(amp.AMP):
         Start the handshake: Hello, relay identity check, challenge, register.
         """
         super().connectionMade()
-        d = self._call(
-            Hello,
-            minVersion=MIN_VERSION,
-            maxVersion=MAX_VERSION,
-            capabilities=list(CAPABILITIES),
-            software=f"portal/{portal.__version__}",
-        )
+        d = self._call(Hello, **helloArguments())
         d.addCallback(self._helloed)
         d.addCallback(lambda _: Deferred.fromCoroutine(self._register()))
         d.addErrback(self._failed)
@@ -116,29 +95,11 @@ class TunnelControlProtocol(amp.AMP):
         """
         Verify that the relay holds its identity key on this very TLS session, and pin it.
         """
-        exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
-        relayKey = response["relayKey"]
-        if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
-            raise RelayAuthenticationFailed(
-                "the relay's identity signature does not match this connection"
-            )
-        for mode in sorted(modeParts(self._link.mode)):
+        link = self._link
+        relayId = checkHello(self.transport, response, link.relay, link.pins, link.reporter)
+        for mode in sorted(modeParts(link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
-        relayId = identityId(relayKey)
-        link = self._link
-        try:
-            if link.pins.check(link.relay.address, relayId, link.relay.expectedId):
-                link.reporter.state(
-                    "pinned",
-                    link.relay.address,
-                    f"pinned relay identity {relayId} "
-                    f"({'as given with --relay' if link.relay.expectedId else 'first use'})",
-                    relayId=relayId,
-                )
-        except (RelayIdentityChanged, ValueError) as e:
-            # A changed identity, or a known relays file that cannot be read: reconnecting cannot help.
-            raise FatalRelayError(str(e))
         self.relayId = relayId
         self._sessionId = response["sessionId"]
         self._dataKey = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
