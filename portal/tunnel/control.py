@@ -149,7 +149,10 @@ class TunnelControlProtocol(amp.AMP):
         """
         link = self._link
         assert link.udpTarget is not None
-        host = await link.reactor.resolve(link.relay.host)
+        # Through a chain, UDP straight to the relay would show it the tunnel's address: datagrams
+        # go over this control session only.
+        overControl = bool(link.relay.via)
+        host = "" if overControl else await link.reactor.resolve(link.relay.host)
         self.udp = TunnelUDP(
             link.reactor,
             self,
@@ -159,6 +162,7 @@ class TunnelControlProtocol(amp.AMP):
             link.udpTarget,
             idleTimeout=link.tunnel.config.udpIdleTimeout,
             maxFlows=link.tunnel.config.udpMaxFlows,
+            overControl=overControl,
         )
         self.udp.start()
 
