@@ -20,7 +20,8 @@ MAX_VERSION = 1
 #: C{udp}: UDP mode (modes with C{+udp}, sealed datagrams, L{Datagram}, L{FlowOpened}, L{FlowClosed}).
 #: C{heartbeat}: the tunnel sends L{Heartbeat} and the relay answers it.
 #: C{goaway}: the relay sends L{GoingAway} before it shuts down.
-CAPABILITIES = ("stream", "tcp", "udp", "heartbeat", "goaway")
+#: C{hop}: multi-hop chains (L{Challenge} with purpose C{"hop"}, L{Hop}).
+CAPABILITIES = ("stream", "tcp", "udp", "heartbeat", "goaway", "hop")
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -74,6 +75,26 @@ class LeaseUnknown(Exception):
     """
 
 
+class HopRefused(Exception):
+    """
+    The relay will not forward this hop, now or later: it forwards no hops, the destination is not on
+    its allow list, or the signature is wrong. The message says which.
+    """
+
+
+class HopLimit(Exception):
+    """
+    The identity has as many hops open through this relay as it may; one may be opened once another
+    closes.
+    """
+
+
+class HopUnreachable(Exception):
+    """
+    The relay could not connect to the hop's destination (refused, unresolvable, or no answer in time).
+    """
+
+
 class Hello(amp.Command):
     """
     First command of a control session, sent by the tunnel.
@@ -104,10 +125,15 @@ class Hello(amp.Command):
 
 class Challenge(amp.Command):
     """
-    Ask for a single-use, short-lived registration challenge bound to the relay and to C{names}.
+    Ask for a single-use, short-lived challenge bound to the relay: for registering C{names}
+    (C{purpose} C{"register"}, the default), or for a L{Hop} (C{"hop"}, no names; capability C{hop}).
+    See L{portal.challenge}.
     """
 
-    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    arguments = [
+        (b"names", amp.ListOf(amp.Unicode())),
+        (b"purpose", amp.Unicode(optional=True)),
+    ]
     response = [(b"nonce", amp.String()), (b"expiresIn", amp.Float())]
     errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
 
@@ -220,6 +246,32 @@ class GoingAway(amp.Command):
     arguments = [(b"deadline", amp.Float())]
     response = []
     requiresAnswer = False
+
+
+class Hop(amp.ProtocolSwitchCommand):
+    """
+    Ask the relay to connect to C{host}:C{port} and to forward this connection there (capability
+    C{hop}).
+
+    The tunnel signs L{portal.challenge.hopMessage} over a L{Challenge} of purpose C{"hop"}. On
+    success the answer is the last AMP box of the connection: from then on its bytes (inside the
+    relay's TLS) are spliced to the outbound TCP connection, both ways.
+    """
+
+    arguments = [
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"publicKey", amp.String()),
+        (b"nonce", amp.String()),
+        (b"signature", amp.String()),
+    ]
+    response = []
+    errors = {
+        HopRefused: b"HOP_REFUSED",
+        HopLimit: b"HOP_LIMIT",
+        HopUnreachable: b"HOP_UNREACHABLE",
+        TryAgain: b"TRY_AGAIN",
+    }
 
 
 def modeParts(mode: str) -> frozenset[str]:

@@ -180,6 +180,47 @@ class RelayOptionsTests(SynchronousTestCase):
             )
             self.assertTrue(str(error).startswith(f"--tcp-ports {text}:"), str(error))
 
+    def test_allowHop(self) -> None:
+        """
+        C{--allow-hop HOST:PORT} (repeatable) lists the hop destinations, lowercased and without
+        duplicates; C{--max-hops-per-identity} sets the limit (256 by default); without
+        C{--allow-hop} the list is empty, so the relay forwards no hops.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--allow-hop",
+                "Relay-B.example:4017",
+                "--allow-hop",
+                "[::1]:4018",
+                "--allow-hop",
+                "relay-b.example:4017",
+                "--max-hops-per-identity",
+                "8",
+            ]
+        )
+        config = options.config()
+        self.assertEqual(config.allowHops, (("relay-b.example", 4017), ("::1", 4018)))
+        self.assertEqual(config.maxHopsPerIdentity, 8)
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(
+            (options.config().allowHops, options.config().maxHopsPerIdentity), ((), 256)
+        )
+
+    def test_badAllowHop(self) -> None:
+        """
+        A malformed C{--allow-hop} is a usage error naming the option.
+        """
+        for text in ("relay", "relay:0", "::1:4017"):
+            error = self.assertRaises(
+                usage.UsageError, Options().parseOptions, ["--allow-hop", text]
+            )
+            self.assertIn(f"--allow-hop {text!r}", str(error))
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--max-hops-per-identity", "0"]
+        )
+
 
 class FakeVisitor:
     """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 import portal
 from portal.attach import MAGIC
-from portal.challenge import ChallengeError, ExpiredChallenge, UnknownChallenge
+from portal.challenge import (
+    PURPOSE_HOP,
+    PURPOSE_REGISTER,
+    ChallengeError,
+    ExpiredChallenge,
+    UnknownChallenge,
+)
 from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
@@ -31,6 +37,8 @@ from portal.control import (
     GoingAway,
     Heartbeat,
     Hello,
+    Hop,
+    HopRefused,
     LeaseUnknown,
     NotAuthenticated,
     Register,
@@ -49,6 +57,7 @@ from portal.leases import LeaseError
 from portal.names import InvalidName, leaseHostname, validateLabel
 from portal.peek import PeekingProtocol, RefuseConnection
 from portal.relay.data import RelayDataSession
+from portal.relay.hop import HopInbound
 from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
@@ -75,6 +84,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     mode = "stream"
     udpSession: UDPSession | None = None
     _helloTimer: Any = None
+    _hopPending: Deferred[HopInbound] | None = None
+    _lost = False
     _log = Logger()
 
     def __init__(self, router: Router) -> None:
@@ -184,15 +195,79 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             raise RegistrationRefused(str(e))
 
     @Challenge.responder
-    def challenge(self, names: list[str]) -> dict[str, object]:
+    def challenge(self, names: list[str], purpose: str | None = None) -> dict[str, object]:
         """
-        Issue a registration challenge for C{names}.
+        Issue a registration challenge for C{names}, or a hop challenge (no names).
         """
+        # AMP passes an optional argument that was not sent as None.
+        purpose = purpose or PURPOSE_REGISTER
         if self.pool is None:
             raise RegistrationRefused("Hello must come first")
-        names = self._checkNames(names)
-        nonce = self._router.challenges.issue(names)
+        if purpose == PURPOSE_HOP:
+            if names:
+                raise RegistrationRefused("a hop challenge names no lease")
+        elif purpose == PURPOSE_REGISTER:
+            names = self._checkNames(names)
+        else:
+            raise RegistrationRefused(f"unknown challenge purpose {purpose!r}")
+        nonce = self._router.challenges.issue(names, purpose)
         return {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
+
+    @Hop.responder
+    def hop(
+        self, host: str, port: int, publicKey: bytes, nonce: bytes, signature: bytes
+    ) -> Deferred[HopInbound]:
+        """
+        Check a signed hop request and connect to its destination; once connected, this session
+        becomes a splice to it (see L{portal.relay.hop}).
+        """
+        if self.pool is None:
+            raise HopRefused("Hello must come first")
+        if self.names or self._hopPending is not None:
+            raise HopRefused("this control session is in use; open a new one for a hop")
+        router = self._router
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        try:
+            router.challenges.redeemHop(nonce, host, port, publicKey, signature)
+        except (UnknownChallenge, ExpiredChallenge) as e:
+            raise TryAgain(f"{e}; ask for a new challenge")
+        except ChallengeError as e:
+            self._log.warn(
+                "hop refused from {peer}: {reason}", peer=getattr(peer, "host", peer), reason=str(e)
+            )
+            raise HopRefused(str(e))
+        d = self._hopPending = router.hops.open(peer, identityId(publicKey), host, port)
+
+        def connected(inbound: HopInbound) -> HopInbound:
+            self._hopPending = None
+            if self._lost:
+                router.hops.abandon(inbound)
+                raise HopRefused("the control session closed")
+            # This session carries no leases and no data sessions from now on; nor AMP, so it
+            # gets no GoingAway, and its silence is the hop's business (an idle pooled data
+            # session may be silent for long).
+            self._closePool()
+            self.setTimeout(None)
+            router.controls.discard(self)
+            return inbound
+
+        def failed(failure: Failure) -> Failure:
+            self._hopPending = None
+            if failure.check(CancelledError):
+                # The control session closed while connecting: nobody is left to tell.
+                return Failure(HopRefused("the control session closed"))
+            return failure
+
+        return d.addCallbacks(connected, failed)
+
+    def _closePool(self) -> None:
+        """
+        Forget this session's data pool: no data session can attach to it any more.
+        """
+        if self.pool is not None:
+            self._router.sessions.pop(self.sessionId, None)
+            self.pool.close()
 
     @Register.responder
     def register(
@@ -427,11 +502,12 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             self._helloTimer.cancel()
             self._helloTimer = None
         self.setTimeout(None)
+        self._lost = True
+        if self._hopPending is not None:
+            self._hopPending.cancel()
         router = self._router
         router.controls.discard(self)
-        if self.pool is not None:
-            router.sessions.pop(self.sessionId, None)
-            self.pool.close()
+        self._closePool()
         for lease in router.leases.detach(self):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
         for name in self.names:

@@ -20,6 +20,7 @@ from portal.identity import Identity
 from portal.kernelsplice import KernelSplice, canSplice
 from portal.leases import LeaseTable
 from portal.names import leaseLabel, normaliseHostname
+from portal.relay.hop import HopForwarder
 from portal.splice import pauseReading, splice
 
 if TYPE_CHECKING:
@@ -280,6 +281,8 @@ class Router:
         self.tcp: LeasePorts | None = None
         #: UDP mode, when the relay offers it (C{--udp-ports}).
         self.udp: UDPMode | None = None
+        #: Multi-hop forwarding; with no allowed destination (no C{--allow-hop}) it refuses every hop.
+        self.hops = HopForwarder(clock, ())
         #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None

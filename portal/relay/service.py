@@ -24,6 +24,7 @@ from portal.leases import LeaseTable
 from portal.localca import LocalCA
 from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
+from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
@@ -64,6 +65,9 @@ class RelayConfig:
     @ivar udpPorts: The public ports of UDP leases, or L{None} to turn UDP mode off.
     @ivar maxPortsPerIdentity: Most public ports of each kind one identity may hold at once.
     @ivar shutdownGrace: Seconds a stopping relay lets open connections finish.
+    @ivar allowHops: Destinations tunnels may hop to through this relay, C{(host, port)} as written
+        (C{--allow-hop}); none means the relay forwards no hops.
+    @ivar maxHopsPerIdentity: Hops one identity may have open through this relay at once.
     """
 
     public: str = "tcp:8443"
@@ -78,6 +82,8 @@ class RelayConfig:
     udpPorts: PortRange | None = None
     maxPortsPerIdentity: int = 10
     shutdownGrace: float = 10.0
+    allowHops: tuple[tuple[str, int], ...] = ()
+    maxHopsPerIdentity: int = MAX_HOPS_PER_IDENTITY
 
 
 class RelayService(Service):
@@ -162,6 +168,13 @@ class RelayService(Service):
                     "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
                 )
         router.kernelSplice = config.kernelSplice
+        router.hops = HopForwarder(self._reactor, config.allowHops, config.maxHopsPerIdentity)
+        if config.allowHops:
+            self._log.info(
+                "forwarding hops to {destinations} (at most {limit} per identity)",
+                destinations=", ".join(formatDestination(*d) for d in config.allowHops),
+                limit=config.maxHopsPerIdentity,
+            )
         router.onLeasesChanged = self._scheduleSave
         if config.tcpPorts is not None:
             # The interface is the public listener's, known once it listens (see _start).

@@ -17,15 +17,10 @@ from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-import portal
 from portal.challenge import signRegistration
 from portal.control import (
-    CAPABILITIES,
     EXPORTER_DATA_KEY,
-    EXPORTER_HELLO,
     EXPORTER_UDP_KEY,
-    MAX_VERSION,
-    MIN_VERSION,
     Challenge,
     Datagram,
     FlowClosed,
@@ -42,11 +37,14 @@ from portal.control import (
     Unregister,
     UnsupportedVersion,
     exportKeyingMaterial,
-    helloSignatureMessage,
     modeParts,
 )
-from portal.identity import identityId, verifySignature
-from portal.pinning import RelayIdentityChanged
+from portal.tunnel.hello import (
+    FatalRelayError,
+    RelayAuthenticationFailed,
+    checkHello,
+    helloArguments,
+)
 from portal.tunnel.udpmode import TunnelUDP
 
 if TYPE_CHECKING:
@@ -60,19 +58,6 @@ MAX_RETRY_DELAY = 30.0
 HEARTBEAT_INTERVAL = 10.0
 #: Seconds a heartbeat may go unanswered before the path counts as dead and is redialled.
 HEARTBEAT_TIMEOUT = 10.0
-
-
-class RelayAuthenticationFailed(Exception):
-    """
-    The relay's signature over this TLS session does not verify: someone is in the middle.
-    """
-
-
-class FatalRelayError(Exception):
-    """
-    An error reconnecting cannot fix (a changed relay identity, a name taken by another identity); the
-    tunnel stops with a message.
-    """
 
 
 class TunnelControlProtocol(amp.AMP):
@@ -110,13 +95,7 @@ class TunnelControlProtocol(amp.AMP):
         Start the handshake: Hello, relay identity check, challenge, register.
         """
         super().connectionMade()
-        d = self._call(
-            Hello,
-            minVersion=MIN_VERSION,
-            maxVersion=MAX_VERSION,
-            capabilities=list(CAPABILITIES),
-            software=f"portal/{portal.__version__}",
-        )
+        d = self._call(Hello, **helloArguments())
         d.addCallback(self._helloed)
         d.addCallback(lambda _: Deferred.fromCoroutine(self._register()))
         d.addErrback(self._failed)
@@ -125,29 +104,11 @@ class TunnelControlProtocol(amp.AMP):
         """
         Verify that the relay holds its identity key on this very TLS session, and pin it.
         """
-        exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
-        relayKey = response["relayKey"]
-        if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
-            raise RelayAuthenticationFailed(
-                "the relay's identity signature does not match this connection"
-            )
-        for mode in sorted(modeParts(self._link.mode)):
+        link = self._link
+        relayId = checkHello(self.transport, response, link.relay, link.pins, link.reporter)
+        for mode in sorted(modeParts(link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
-        relayId = identityId(relayKey)
-        link = self._link
-        try:
-            if link.pins.check(link.relay.address, relayId, link.relay.expectedId):
-                link.reporter.state(
-                    "pinned",
-                    link.relay.address,
-                    f"pinned relay identity {relayId} "
-                    f"({'as given with --relay' if link.relay.expectedId else 'first use'})",
-                    relayId=relayId,
-                )
-        except (RelayIdentityChanged, ValueError) as e:
-            # A changed identity, or a known relays file that cannot be read: reconnecting cannot help.
-            raise FatalRelayError(str(e))
         self.relayId = relayId
         self._sessionId = response["sessionId"]
         self._dataKey = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
@@ -237,7 +198,10 @@ class TunnelControlProtocol(amp.AMP):
         """
         link = self._link
         assert link.udpTarget is not None
-        host = await link.reactor.resolve(link.relay.host)
+        # Through a chain, UDP straight to the relay would show it the tunnel's address: datagrams
+        # go over this control session only.
+        overControl = bool(link.relay.via)
+        host = "" if overControl else await link.reactor.resolve(link.relay.host)
         self.udp = TunnelUDP(
             link.reactor,
             self,
@@ -247,6 +211,7 @@ class TunnelControlProtocol(amp.AMP):
             link.udpTarget,
             idleTimeout=link.tunnel.config.udpIdleTimeout,
             maxFlows=link.tunnel.config.udpMaxFlows,
+            overControl=overControl,
         )
         self.udp.start()
 
