@@ -21,8 +21,8 @@ from benchmarks.lab import Lab
 from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
-#: The scenarios built, in the order they run (scenario 6a is raw TCP; 6b, UDP, is not built).
-DEFAULT = ("1", "2", "3", "4", "5", "6a", "7")
+#: The scenarios built, in the order they run (scenario 6a is raw TCP, 6b UDP).
+DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "7")
 
 
 def _log(message: str) -> None:
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": list(settings.concurrency),
             "leases": settings.leases,
             "rawTCPBytes": settings.rawTCPBytes,
+            "udpSeconds": settings.udpSeconds,
         },
         "scenarios": {},
         "notBuilt": scenarios.NOT_BUILT,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ("4", "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
         ("5", "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
         ("6a", "rawTCP", lambda lab: scenarios.rawTCP(lab, settings, _log)),
+        ("6b", "udp", lambda lab: scenarios.udp(lab, settings, _log)),
         ("7", "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
     ]
     for number, name, run in plan:

@@ -90,6 +90,17 @@ class Lab:
         child = self._start("sink", argv)
         return child, int(child.waitFor(r"^listening (\d+)").group(1))
 
+    def udpSink(self) -> tuple[Child, int, dict[str, int]]:
+        """
+        The counting UDP sink (L{benchmarks.udpworkload}).
+
+        @return: The child, its port, and the receive and send buffer sizes its socket got.
+        """
+        child = self._start("udp sink", [python(), "-m", "benchmarks.udpworkload"])
+        match = child.waitFor(r"^listening (\d+) (\d+) (\d+)")
+        granted = {"rcvbuf": int(match.group(2)), "sndbuf": int(match.group(3))}
+        return child, int(match.group(1)), granted
+
     def relay(self, extra: Sequence[str] = ()) -> tuple[Child, int, int]:
         """
         A real C{twistd -n portal-relay}.
@@ -309,6 +320,28 @@ class Lab:
         child, url = self.tunnel(controlPort, targetPort, name, ("--tcp",))
         if not url.startswith("tcp://"):
             raise RuntimeError(f"{child.name} leased {url!r}, not a tcp:// URL")
+        return child, int(url.rsplit(":", 1)[1])
+
+    def udpRelay(self, ports: int = 4) -> tuple[Child, int, int]:
+        """
+        A real C{twistd -n portal-relay} with UDP mode on (C{--udp-ports} over C{ports} free
+        loopback ports).
+
+        @return: The child, its public port and its control port (whose number is also the UDP
+            port tunnels send sealed datagrams to).
+        """
+        low, high = freePortRange(ports)
+        return self.relay(["--udp-ports", f"{low}-{high}"])
+
+    def udpTunnel(self, controlPort: int, targetPort: int, name: str) -> tuple[Child, int]:
+        """
+        A real C{portal expose PORT --udp}.
+
+        @return: The child and the lease's public UDP port (from its C{udp://HOST:PORT} URL).
+        """
+        child, url = self.tunnel(controlPort, targetPort, name, ("--udp",))
+        if not url.startswith("udp://"):
+            raise RuntimeError(f"{child.name} leased {url!r}, not a udp:// URL")
         return child, int(url.rsplit(":", 1)[1])
 
     def wrk(self, url: str, seconds: float, connections: int = 16) -> dict[str, float]:

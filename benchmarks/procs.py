@@ -129,6 +129,25 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def schedSeconds(pid: int) -> tuple[float, float]:
+    """
+    The scheduler's own accounts of process C{pid}'s live threads, to the nanosecond (from
+    C{/proc/PID/task/*/schedstat}); threads that ended are not counted.
+
+    @return: Seconds on a CPU so far, and seconds ready to run but waiting for one.
+    """
+    running = waiting = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        running += int(fields[0])
+        waiting += int(fields[1])
+    return running / 1e9, waiting / 1e9
+
+
 def machineBusySeconds() -> float:
     """
     @return: CPU seconds all processes on the machine used so far, on all cores (from C{/proc/stat}:
@@ -151,6 +170,50 @@ def rss(pid: int) -> int:
     return 0
 
 
+def udpSocketDrops(pid: int) -> dict[int, int]:
+    """
+    @return: For each IPv4 UDP socket process C{pid} holds (by inode), the datagrams the kernel
+        dropped on arriving at it, mostly because its receive buffer was full (the C{drops} column
+        of C{/proc/net/udp}).
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    drops = {}
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            inode = int(fields[9])
+            if inode in inodes:
+                drops[inode] = int(fields[12])
+    return drops
+
+
+def udpKernelDrops() -> dict[str, int]:
+    """
+    @return: The machine's UDP error counters (C{/proc/net/snmp}: C{RcvbufErrors}, C{SndbufErrors},
+        C{InErrors}) and the packets dropped because a CPU's input backlog was full
+        (C{backlogDrops}, the second column of C{/proc/net/softnet_stat}, summed).
+    """
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    counters = dict(zip(rows[0][1:], (int(n) for n in rows[1][1:]), strict=True))
+    with open("/proc/net/softnet_stat") as f:
+        backlog = sum(int(line.split()[1], 16) for line in f)
+    return {
+        "RcvbufErrors": counters["RcvbufErrors"],
+        "SndbufErrors": counters["SndbufErrors"],
+        "InErrors": counters["InErrors"],
+        "backlogDrops": backlog,
+    }
+
+
 def freePort() -> int:
     """
     A loopback port that was free a moment ago (for servers that cannot report a port they chose,
@@ -163,8 +226,8 @@ def freePort() -> int:
 
 def freePortRange(count: int, attempts: int = 50) -> tuple[int, int]:
     """
-    C{count} consecutive loopback TCP ports, free a moment ago, starting at one the OS picks (for a
-    relay's C{--tcp-ports}).
+    C{count} consecutive loopback ports, free for both TCP and UDP a moment ago, starting at one the
+    OS picks (for a relay's C{--tcp-ports} or C{--udp-ports}).
 
     @return: The first and last port.
     @raise RuntimeError: When no such range turns up in C{attempts} tries.
@@ -176,9 +239,10 @@ def freePortRange(count: int, attempts: int = 50) -> tuple[int, int]:
         held: list[socket.socket] = []
         try:
             for port in range(low, low + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    held.append(s)
+                    s.bind(("127.0.0.1", port))
             return low, low + count - 1
         except OSError:
             continue

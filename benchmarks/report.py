@@ -97,6 +97,19 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "x",
                 )
             )
+    udp = results["scenarios"].get("udp", {}).get("loads", {}).get("100 Mbit/s", {})
+    for direction, words in (("upload", "visitor to service"), ("download", "service to visitor")):
+        portal = udp.get(direction, {}).get("portal (relay + tunnel)")
+        if portal:
+            targets.append(
+                _target(
+                    f"UDP loss at 100 Mbit/s through relay + tunnel, {words}",
+                    _median(portal, "lossPercent"),
+                    1.0,
+                    False,
+                    "%",
+                )
+            )
     return targets
 
 
@@ -257,9 +270,156 @@ def markdown(results: dict[str, Any]) -> str:
                 f"by the kernel: {data['relayKernelSplicedStreams']:.0f}"
             )
             out += [f"- {note}" for note in data.get("notes", [])]
-    out += ["", "## Not measured", ""]
-    out += [f"- {name}: {why}" for name, why in results["notBuilt"].items()]
+    data = scenarios.get("udp")
+    if data:
+        out += ["", "## 6b. UDP throughput and loss", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += _udpSection(data)
+    if results["notBuilt"]:
+        out += ["", "## Not measured", ""]
+        out += [f"- {name}: {why}" for name, why in results["notBuilt"].items()]
     return "\n".join(out) + "\n"
+
+
+_DIRECTIONS = {"upload": "visitor to service", "download": "service to visitor"}
+
+
+def _udpSection(data: dict[str, Any]) -> list[str]:
+    """
+    Scenario 6b's Markdown: the loss verdict, the maximum rate, the figures per load, direction
+    and path, and where datagrams were lost.
+    """
+    portalName = "portal (relay + tunnel)"
+    buffers = data["buffers"]
+    out = [
+        f"{data['datagramBytes']:,}-byte datagrams for {data['seconds']:g} s per load and direction, "
+        "directly to the counting UDP sink on loopback, and through the relay's public UDP port "
+        "and `portal expose --udp`. Upload: the harness sends, the sink counts; download: the sink "
+        "sends, the harness counts. Socket buffers: the harness and the sink asked for "
+        f"{buffers['requested'] >> 20} MiB (the kernel reports SO_RCVBUF "
+        f"{buffers['sink']['rcvbuf']:,} for the sink, twice what it grants; net.core.rmem_max "
+        f"{_fmt(buffers['rmemMax'])}, wmem_max {_fmt(buffers['wmemMax'])}); the relay and the "
+        f"tunnel keep the default, net.core.rmem_default {_fmt(buffers['rmemDefault'])}, which "
+        f"holds {_fmt(buffers.get('defaultBufferDatagrams'))} of these datagrams on loopback.",
+        "",
+    ]
+    other = [
+        _median(entry, "otherCores") or 0.0
+        for byDirection in data["loads"].values()
+        for direction in _DIRECTIONS
+        for entry in byDirection[direction].values()
+    ]
+    busiest = max(other, default=0.0)
+    if busiest > 0.2:
+        out += [
+            f"**Other work shared the machine** (up to {busiest:.2f} cores, median per row, in "
+            "the last table): the figures through Portal are lower than on a quiet machine.",
+            "",
+        ]
+    hundred = data["loads"].get("100 Mbit/s", {})
+    for direction, words in _DIRECTIONS.items():
+        entry = hundred.get(direction, {}).get(portalName)
+        if entry:
+            loss = _median(entry, "lossPercent")
+            verdict = "met" if loss is not None and loss < 1.0 else "**not met**"
+            out.append(f"- loss < 1% at 100 Mbit/s, {words}: {verdict} ({_fmt(loss, 2)}%)")
+    top = data["loads"].get("max", {})
+    for direction, words in _DIRECTIONS.items():
+        entry = top.get(direction, {}).get(portalName)
+        direct = top.get(direction, {}).get("direct")
+        if entry and direct:
+            out.append(
+                f"- maximum rate through relay + tunnel, {words} (sender unpaced): "
+                f"{_fmt(_median(entry, 'receivedPps'))} datagrams/s received = "
+                f"{_fmt(_median(entry, 'receivedMbps'))} Mbit/s, loss "
+                f"{_fmt(_median(entry, 'lossPercent'), 1)}% of "
+                f"{_fmt(_median(entry, 'sentPps'))}/s sent; direct: "
+                f"{_fmt(_median(direct, 'receivedPps'))}/s = "
+                f"{_fmt(_median(direct, 'receivedMbps'))} Mbit/s"
+            )
+    out += [
+        "",
+        "Medians; datagrams per second of sending; CPU in µs per datagram sent.",
+        "",
+        "| load | direction | path | offered/s | sent/s | received/s | Mbit/s | loss % | vs direct "
+        "| relay µs | tunnel µs | sink µs | harness µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load, byDirection in data["loads"].items():
+        for direction in _DIRECTIONS:
+            for name, entry in byDirection[direction].items():
+                ratio = data["ratio"][load][direction] if name != "direct" else None
+                cells = [
+                    _fmt(_median(entry, f"{who}CpuUsPerDatagram"), 1)
+                    if name != "direct" or who in ("sink", "client")
+                    else "-"
+                    for who in ("relay", "tunnel", "sink", "client")
+                ]
+                out.append(
+                    f"| {load} | {direction} | {name} | {_fmt(byDirection['offeredPps'])} "
+                    f"| {_fmt(_median(entry, 'sentPps'))} | {_fmt(_median(entry, 'receivedPps'))} "
+                    f"| {_fmt(_median(entry, 'receivedMbps'))} "
+                    f"| {_fmt(_median(entry, 'lossPercent'), 2)} | {_fmt(ratio, 2)} "
+                    f"| {' | '.join(cells)} |"
+                )
+    out += [
+        "",
+        "Where datagrams were lost (medians, datagrams per run): kernel drops at each process's UDP "
+        "sockets (receive buffer full), at the machine's input backlog, and the rest; the relay's "
+        "own counters for the portal path.",
+        "",
+        "| load | direction | path | sent | received | relay | tunnel | sink | harness "
+        "| backlog | unaccounted | late | relay forwarded | relay over TCP | relay dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load, byDirection in data["loads"].items():
+        for direction in _DIRECTIONS:
+            forwarded = "udp_to_tunnel" if direction == "upload" else "udp_from_tunnel"
+            for name, entry in byDirection[direction].items():
+                cells = [
+                    _fmt(_median(entry, key))
+                    for key in (
+                        "sent",
+                        "received",
+                        "relayDrops",
+                        "tunnelDrops",
+                        "sinkDrops",
+                        "clientDrops",
+                        "backlogDrops",
+                        "unaccounted",
+                        "late",
+                        forwarded,
+                        "udp_over_control",
+                        "udp_dropped",
+                    )
+                ]
+                out.append(f"| {load} | {direction} | {name} | {' | '.join(cells)} |")
+    out += [
+        "",
+        "Cores busy, and in brackets cores ready to run but waiting for a CPU (run queue, from "
+        "/proc/PID/schedstat), while datagrams flowed (medians); other = the rest of the "
+        "machine's busy time.",
+        "",
+        "| load | direction | path | relay | tunnel | sink | harness | other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for load, byDirection in data["loads"].items():
+        for direction in _DIRECTIONS:
+            for name, entry in byDirection[direction].items():
+                cells = [
+                    f"{_median(entry, f'{who}Cores'):.2f} ({_median(entry, f'{who}WaitCores'):.2f})"
+                    if name != "direct" or who in ("sink", "client")
+                    else "-"
+                    for who in ("relay", "tunnel", "sink", "client")
+                ]
+                out.append(
+                    f"| {load} | {direction} | {name} | {' | '.join(cells)} "
+                    f"| {_fmt(_median(entry, 'otherCores'), 2)} |"
+                )
+    out += [f"- {note}" for note in data.get("notes", [])]
+    return out
 
 
 def _cpuCell(entry: dict[str, Any], perGB: str, cores: str) -> str:

@@ -5,6 +5,7 @@ L{Settings.runs} runs, taken interleaved with their baselines (A B A B ...).
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -13,9 +14,16 @@ from typing import Any
 
 import attrs
 
-from benchmarks import workload
+from benchmarks import udpworkload, workload
 from benchmarks.lab import SINK_NAME, Lab, metrics
-from benchmarks.procs import Child, cpuSeconds, machineBusySeconds
+from benchmarks.procs import (
+    Child,
+    cpuSeconds,
+    machineBusySeconds,
+    schedSeconds,
+    udpKernelDrops,
+    udpSocketDrops,
+)
 
 
 @attrs.frozen
@@ -31,6 +39,7 @@ class Settings:
     @ivar leases: Leases for the lease-scale scenario (7).
     @ivar wrkSeconds: Seconds per wrk run (scenario 5).
     @ivar rawTCPBytes: Bytes per direction per raw TCP throughput run (scenario 6a).
+    @ivar udpSeconds: Seconds each UDP sender sends for, per load and direction (scenario 6b).
     """
 
     runs: int = 5
@@ -41,6 +50,7 @@ class Settings:
     leases: int = 10000
     wrkSeconds: float = 5.0
     rawTCPBytes: int = 512 << 20
+    udpSeconds: float = 2.0
 
 
 FULL = Settings()
@@ -53,6 +63,7 @@ QUICK = Settings(
     leases=2000,
     wrkSeconds=2.0,
     rawTCPBytes=64 << 20,
+    udpSeconds=0.5,
 )
 
 
@@ -373,6 +384,249 @@ def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str
     }
 
 
+#: Scenario 6b's datagram size: UDP payload bytes.
+UDP_DATAGRAM = 1400
+#: Scenario 6b's offered loads in Mbit/s of UDP payload; 0 is as fast as the sender can.
+UDP_LOADS = (100, 500, 0)
+#: The relay's UDP counters (C{/metrics}) scenario 6b reads per run.
+UDP_COUNTERS = ("udp_to_tunnel", "udp_from_tunnel", "udp_over_control", "udp_dropped")
+
+
+def udpLoadName(mbps: int) -> str:
+    """
+    @return: A scenario 6b load's name: C{"100 Mbit/s"}, or C{"max"} for an unpaced sender.
+    """
+    return f"{mbps} Mbit/s" if mbps else "max"
+
+
+def _udpDrops(pids: dict[str, int]) -> dict[str, dict[int, int]]:
+    """
+    @return: Per process name, its UDP sockets' kernel drop counters by inode.
+    """
+    return {who: udpSocketDrops(pid) for who, pid in pids.items()}
+
+
+def _usage(pids: dict[str, int]) -> dict[str, float]:
+    """
+    @return: The CPU and run-queue wait seconds of each process so far, the machine's busy seconds
+        and the time.
+    """
+    usage = {"machine": machineBusySeconds(), "time": time.perf_counter()}
+    for who, pid in pids.items():
+        usage[f"{who}Cpu"], usage[f"{who}Wait"] = schedSeconds(pid)
+    return usage
+
+
+def _udpRun(
+    direction: str,
+    target: int,
+    sinkPort: int,
+    run: int,
+    rate: float,
+    seconds: float,
+    processes: dict[str, Child],
+    relayPublic: int | None,
+) -> dict[str, float]:
+    """
+    One scenario 6b measurement: the harness sends to the sink through C{target} (upload), or asks
+    the sink through C{target} to send to it (download), at C{rate} datagrams/s for C{seconds}.
+
+    @param relayPublic: The relay's public port, to read its UDP counters, or L{None} (direct).
+    @return: The run's figures: datagrams sent and received, rates, where datagrams were dropped
+        (by the kernel at each process's sockets), each process's CPU time per datagram, and the
+        cores each was busy and waiting for a CPU while datagrams flowed.
+    """
+    pids = {who: child.pid for who, child in processes.items()} | {"client": os.getpid()}
+    client = udpworkload.udpSocket()
+    try:
+        client.connect(("127.0.0.1", target))
+        counters = metrics(relayPublic) if relayPublic is not None else {}
+        drops, kernel = _udpDrops(pids), udpKernelDrops()
+        before = _usage(pids)
+        if direction == "upload":
+            sent, sendSeconds = udpworkload.send(client, None, run, UDP_DATAGRAM, rate, seconds)
+            after = _usage(pids)
+            figures = udpworkload.settled(sinkPort, run)
+            received, late, duplicates = (
+                figures["received"],
+                figures["late"],
+                figures["duplicates"],
+            )
+        else:
+            tally = udpworkload.Tally()
+            for _ in range(3):  # The request is a datagram too.
+                udpworkload.requestSend(client, run, seconds, rate, UDP_DATAGRAM)
+                udpworkload.receive(client, tally, run, 2.0, udpworkload.DRAIN)
+                if tally.received:
+                    break
+            after = _usage(pids)
+            after["time"] -= udpworkload.DRAIN  # The quiet time that ended the count.
+            figures = udpworkload.query(sinkPort, run)
+            sent, sendSeconds = figures["sent"], figures["sendSeconds"]
+            received, late, duplicates = tally.received, tally.late, tally.duplicates
+        dropsAfter, kernelAfter = _udpDrops(pids), udpKernelDrops()
+    finally:
+        client.close()
+    result = {
+        "sent": float(sent),
+        "received": float(received),
+        "sentPps": sent / sendSeconds,
+        "receivedPps": received / sendSeconds,
+        "receivedMbps": received * UDP_DATAGRAM * 8 / sendSeconds / 1e6,
+        "lossPercent": 100 * (1 - received / sent) if sent else 100.0,
+        "late": float(late),
+        "duplicates": float(duplicates),
+        "backlogDrops": float(kernelAfter["backlogDrops"] - kernel["backlogDrops"]),
+    }
+    wall = after["time"] - before["time"]
+    ours = 0.0
+    for who in pids:
+        used = after[f"{who}Cpu"] - before[f"{who}Cpu"]
+        ours += used
+        dropped = sum(n - drops[who].get(inode, 0) for inode, n in dropsAfter[who].items())
+        result[f"{who}Drops"] = float(dropped)
+        result[f"{who}CpuUsPerDatagram"] = used * 1e6 / sent if sent else 0.0
+        result[f"{who}Cores"] = used / wall
+        result[f"{who}WaitCores"] = (after[f"{who}Wait"] - before[f"{who}Wait"]) / wall
+    # Cores busy with work other than these four processes (another test run, say).
+    result["otherCores"] = max(0.0, after["machine"] - before["machine"] - ours) / wall
+    # Lost datagrams no socket counter explains (dropped inside a process, or before a socket).
+    result["unaccounted"] = result["sent"] - result["received"] - result["backlogDrops"]
+    for who in pids:
+        result["unaccounted"] -= result[f"{who}Drops"]
+    if relayPublic is not None:
+        now = metrics(relayPublic)
+        for name in UDP_COUNTERS:
+            key = f"portal_relay_{name}_total"
+            result[name] = now.get(key, 0) - counters.get(key, 0)
+    return result
+
+
+def udp(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 6b: 1,400-byte datagrams offered at 100 and 500 Mbit/s and as fast as the sender can,
+    for C{udpSeconds}, from visitor to service (upload: the harness sends, the counting sink
+    receives) and from service to visitor (download: the sink sends, the harness receives),
+    directly on loopback versus through the public UDP port of a relay with C{--udp-ports} and a
+    real C{portal expose PORT --udp}. Runs alternate (direct, portal, direct, ...) load by load.
+    """
+    sink, sinkPort, sinkBuffers = lab.udpSink()
+    relay, public, control = lab.udpRelay()
+    tunnel, port = lab.udpTunnel(control, sinkPort, "udp")
+    paths = {"direct": sinkPort, "portal (relay + tunnel)": port}
+    processes = {"relay": relay, "tunnel": tunnel, "sink": sink}
+    probe = udpworkload.udpSocket()
+    clientBuffers = udpworkload.buffers(probe)
+    probe.close()
+    runIds = itertools.count(1)
+    # Warm-up: the tunnel's UDP path to the relay (keepalive answered), flows, lazily built state.
+    for name, target in paths.items():
+        for direction in ("upload", "download"):
+            relayPublic = public if target == port else None
+            warm = _udpRun(
+                direction, target, sinkPort, next(runIds), 2000, 0.3, processes, relayPublic
+            )
+            if not warm["received"]:
+                raise RuntimeError(f"no datagram arrived on the {name} path ({direction})")
+    seconds = settings.udpSeconds
+    samples: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {
+        udpLoadName(mbps): {
+            direction: {name: {} for name in paths} for direction in ("upload", "download")
+        }
+        for mbps in UDP_LOADS
+    }
+    log(
+        f"scenario 6b: UDP, {UDP_DATAGRAM}-byte datagrams for {seconds:g} s per load and "
+        f"direction x {settings.runs} runs per path"
+    )
+    for run in range(settings.runs):
+        for mbps in UDP_LOADS:
+            load = udpLoadName(mbps)
+            rate = mbps * 1e6 / (UDP_DATAGRAM * 8)
+            for name, target in paths.items():
+                relayPublic = public if target == port else None
+                for direction in ("upload", "download"):
+                    figures = _udpRun(
+                        direction,
+                        target,
+                        sinkPort,
+                        next(runIds),
+                        rate,
+                        seconds,
+                        processes,
+                        relayPublic,
+                    )
+                    for key, value in figures.items():
+                        samples[load][direction][name].setdefault(key, []).append(value)
+                    log(
+                        f"  run {run + 1} {load} {name} {direction}: sent "
+                        f"{figures['sentPps']:,.0f}/s, received {figures['receivedPps']:,.0f}/s "
+                        f"({figures['receivedMbps']:,.0f} Mbit/s), loss "
+                        f"{figures['lossPercent']:.2f}%"
+                    )
+    loads: dict[str, Any] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    for mbps in UDP_LOADS:
+        load = udpLoadName(mbps)
+        loads[load] = {"offeredPps": mbps * 1e6 / (UDP_DATAGRAM * 8) if mbps else None}
+        ratios[load] = {}
+        for direction, byPath in samples[load].items():
+            loads[load][direction] = {
+                name: {key: _summary(values) for key, values in figures.items()}
+                for name, figures in byPath.items()
+            }
+            direct = _median(loads[load][direction]["direct"], "receivedPps")
+            portal = _median(loads[load][direction]["portal (relay + tunnel)"], "receivedPps")
+            ratios[load][direction] = portal / direct if direct else 0.0
+    return {
+        "datagramBytes": UDP_DATAGRAM,
+        "seconds": seconds,
+        "runs": settings.runs,
+        "loads": loads,
+        "ratio": ratios,
+        "buffers": {
+            "requested": udpworkload.BUFFER,
+            "client": clientBuffers,
+            "sink": sinkBuffers,
+            "rmemMax": _sysctl("net/core/rmem_max"),
+            "wmemMax": _sysctl("net/core/wmem_max"),
+            "rmemDefault": _sysctl("net/core/rmem_default"),
+            "defaultBufferDatagrams": udpworkload.defaultCapacity(UDP_DATAGRAM),
+            "netdevMaxBacklog": _sysctl("net/core/netdev_max_backlog"),
+        },
+        "notes": [
+            "client: this harness, one new connected socket per run, sending each datagram at its "
+            "due time (late sends go at once, so the offered load comes in short bursts); service: "
+            "the counting UDP sink (benchmarks/udpworkload.py) in its own process, the same on both "
+            "paths; download: the sink sends, paced the same way, and the harness counts",
+            "received = distinct sequence numbers that arrived (upload: counted until the sink's "
+            f"count stops growing; download: until {udpworkload.DRAIN:g} s pass without a "
+            "datagram); loss = 1 - received / sent; rates are per second of sending",
+            "drops are the kernel's per-socket drop counters (/proc/net/udp) of each process's UDP "
+            "sockets: datagrams that found the socket's receive buffer full; the relay and the "
+            "tunnel keep the default buffer (net.core.rmem_default), the harness and sink ask for "
+            f"{udpworkload.BUFFER >> 20} MiB",
+            "CPU is time on a CPU per datagram sent (received or not), from the scheduler's "
+            "accounts (/proc/PID/task/*/schedstat, to the nanosecond); cores = CPU seconds per "
+            "second while datagrams flowed (upload: while the harness sent; download: from the "
+            "request to the last datagram); waiting = seconds per second a process's threads were "
+            "ready to run but had no CPU; other = the machine's busy time (/proc/stat) beyond "
+            "these four processes",
+        ],
+    }
+
+
+def _sysctl(name: str) -> int | None:
+    """
+    @return: An integer from C{/proc/sys/NAME}, or L{None} if it cannot be read.
+    """
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
 def leaseScale(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """
     Scenario 7: register many leases on one relay (registration rate), and the relay's time to first
@@ -442,6 +696,4 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     }
 
 
-NOT_BUILT = {
-    "UDP (scenario 6b)": "the UDP packets/s and loss scenario is not written yet (issue 5)",
-}
+NOT_BUILT: dict[str, str] = {}
