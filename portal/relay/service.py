@@ -33,6 +33,7 @@ from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
+from portal.udpbuffers import enlargeBuffers
 
 #: Seconds between checks for open connections while a stopping relay drains.
 DRAIN_POLL = 0.1
@@ -310,6 +311,7 @@ class RelayService(Service):
                 interface=getattr(address, "host", ""),
                 maxPacketSize=MAX_PACKET_SIZE,
             )
+            enlargeBuffers(tunnelSide)
             self.ports["udp-tunnels"] = tunnelSide
             self._announce("udp-tunnels", tunnelSide)
         if config.http:

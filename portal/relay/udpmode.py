@@ -25,6 +25,7 @@ from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
 from portal.relay.udp import MAX_PACKET_SIZE, PublicUDP
 from portal.throttle import LogThrottle
+from portal.udpbuffers import enlargeBuffers
 from portal.udpseal import (
     HEADER_LENGTH,
     MAX_PAYLOAD,
@@ -129,6 +130,7 @@ class UDPMode:
         listening: IListeningPort = self._reactor.listenUDP(
             lease.port, public, interface=interface, maxPacketSize=MAX_PACKET_SIZE
         )
+        enlargeBuffers(listening)
         session.public = public
 
         def closed() -> None:

@@ -32,6 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from portal.throttle import LogThrottle
+from portal.udpbuffers import enlargeBuffers
 
 #: The C{maxPacketSize} of every flow's socket: the largest UDP datagram, so no reply is truncated.
 MAX_PACKET_SIZE = 65535
@@ -286,6 +287,7 @@ class FlowTable:
         except CannotListenError as e:
             self._drop("open_failed", flow.flowId, "could not open a UDP socket: {error}", e)
             return None
+        enlargeBuffers(port)
         try:
             port.connect(*self.target)
         except OSError as e:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from portal.control import Datagram, FlowClosed
 from portal.tunnel.udpflows import MAX_PACKET_SIZE, FlowTable
+from portal.udpbuffers import enlargeBuffers
 from portal.udpseal import MAX_PAYLOAD, Direction, Kind, Opener, Sealer, SealError, deriveKeys
 
 #: Seconds between keepalives (they also hold NAT mappings open; common UDP NAT timeouts are 30 s+).
@@ -93,7 +94,7 @@ class TunnelUDP(DatagramProtocol):
                 "the relay is reached through hops: carrying datagrams over the control session"
             )
             return
-        self._reactor.listenUDP(0, self, maxPacketSize=MAX_PACKET_SIZE)
+        enlargeBuffers(self._reactor.listenUDP(0, self, maxPacketSize=MAX_PACKET_SIZE))
 
     def startProtocol(self) -> None:
         """
