@@ -9,7 +9,12 @@ that introduces it was negotiated, so neighbouring versions interoperate.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols import amp
+
+from portal.identity import identityId, verifySignature
 
 #: Protocol versions this code speaks.
 MIN_VERSION = 1
@@ -37,6 +42,12 @@ EXPORTER_UDP_KEY = b"EXPORTER-portal-udp-key"
 EXPORTER_LENGTH = 32
 #: Domain separation prefix of the relay's L{Hello} signature.
 HELLO_SIGNATURE_PREFIX = b"portal-relay-hello-v1\0"
+
+
+class RelayAuthenticationFailed(Exception):
+    """
+    The relay's signature over this TLS session does not verify: someone is in the middle.
+    """
 
 
 class UnsupportedVersion(Exception):
@@ -245,3 +256,33 @@ def exportKeyingMaterial(transport: object, label: bytes) -> bytes:
     """
     connection = transport.getHandle()  # type: ignore[attr-defined]
     return bytes(connection.export_keying_material(label, EXPORTER_LENGTH))
+
+
+def verifyHello(transport: object, response: dict[str, Any]) -> str:
+    """
+    Check that the relay holds its identity key on this very TLS session: its L{Hello} signature must
+    verify, for the C{relayKey} it sent, over this session's exporter value.
+
+    @param transport: The client's L{twisted.protocols.tls.TLSMemoryBIOProtocol}, after the handshake.
+    @param response: The L{Hello} response.
+    @return: The relay's identity id, derived from C{relayKey}.
+    @raise RelayAuthenticationFailed: When the signature does not verify.
+    """
+    exporter = exportKeyingMaterial(transport, EXPORTER_HELLO)
+    relayKey = response["relayKey"]
+    if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
+        raise RelayAuthenticationFailed(
+            "the relay's identity signature does not match this connection"
+        )
+    return identityId(relayKey)
+
+
+def controlTLSOptions() -> CertificateOptions:
+    """
+    The TLS a tunnel speaks to a relay's control port: TLS 1.3, whose exporter is a sound channel
+    binding (RFC 9266) without further conditions, and no certificate check, since the relay proves its
+    secp256k1 identity inside the session (L{verifyHello}).
+
+    @return: Client TLS options.
+    """
+    return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3)

@@ -20,7 +20,6 @@ from portal.challenge import signRegistration
 from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
-    EXPORTER_HELLO,
     EXPORTER_UDP_KEY,
     MAX_VERSION,
     MIN_VERSION,
@@ -32,16 +31,16 @@ from portal.control import (
     LeaseUnknown,
     Register,
     RegistrationRefused,
+    RelayAuthenticationFailed,
     Renew,
     RequestData,
     TryAgain,
     Unregister,
     UnsupportedVersion,
     exportKeyingMaterial,
-    helloSignatureMessage,
     modeParts,
+    verifyHello,
 )
-from portal.identity import identityId, verifySignature
 from portal.pinning import RelayIdentityChanged
 from portal.tunnel.udpmode import TunnelUDP
 
@@ -52,12 +51,6 @@ if TYPE_CHECKING:
 COMMAND_TIMEOUT = 30.0
 #: Longest wait between registration attempts the relay asked to retry.
 MAX_RETRY_DELAY = 30.0
-
-
-class RelayAuthenticationFailed(Exception):
-    """
-    The relay's signature over this TLS session does not verify: someone is in the middle.
-    """
 
 
 class FatalRelayError(Exception):
@@ -116,16 +109,10 @@ class TunnelControlProtocol(amp.AMP):
         """
         Verify that the relay holds its identity key on this very TLS session, and pin it.
         """
-        exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
-        relayKey = response["relayKey"]
-        if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
-            raise RelayAuthenticationFailed(
-                "the relay's identity signature does not match this connection"
-            )
+        relayId = verifyHello(self.transport, response)
         for mode in sorted(modeParts(self._link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
-        relayId = identityId(relayKey)
         link = self._link
         try:
             if link.pins.check(link.relay.address, relayId, link.relay.expectedId):
