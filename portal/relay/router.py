@@ -266,6 +266,8 @@ class Router:
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.sessions: dict[bytes, DataPool] = {}
         self.publicPort = 0
+        #: The port the control listener is bound to, once it listens.
+        self.controlPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
         self.tcp: LeasePorts | None = None
         #: UDP mode, when the relay offers it (C{--udp-ports}).
