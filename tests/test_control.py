@@ -88,6 +88,8 @@ class FakeLink:
     @ivar fatals: Every message passed to L{fatal}.
     """
 
+    expectedIdOrigin = "as given with --relay"
+
     def __init__(
         self,
         reactor: Clock,

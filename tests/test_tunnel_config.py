@@ -420,7 +420,6 @@ class TunnelOptionsTests(SynchronousTestCase):
         """
         cases = [
             (["--via", "h:1"], "--via"),
-            (["--registry", "https://r"], "--registry"),
             (["--acme", "https://a"], "--acme"),
             (["--app", "app.json"], "--app"),
         ]

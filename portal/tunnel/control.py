@@ -120,7 +120,7 @@ class TunnelControlProtocol(amp.AMP):
                     "pinned",
                     link.relay.address,
                     f"pinned relay identity {relayId} "
-                    f"({'as given with --relay' if link.relay.expectedId else 'first use'})",
+                    f"({link.expectedIdOrigin if link.relay.expectedId else 'first use'})",
                     relayId=relayId,
                 )
         except (RelayIdentityChanged, ValueError) as e:

@@ -66,7 +66,20 @@ class TunnelOptions(usage.Options):
             "Start each connection to the target with a PROXY protocol header (v1 or v2) "
             "carrying the visitor's address (stream and raw TCP modes).",
         ],
-        ["registry", None, None, "Relay registry URL or file (not available yet)."],
+        [
+            "registry",
+            None,
+            None,
+            "Relay registry, an http(s) URL or a file: hold leases on --max-relays of its relays, "
+            "chosen by rendezvous hashing on the identity (added to any --relay).",
+        ],
+        [
+            "max-relays",
+            None,
+            None,
+            "How many registry relays to hold leases on (default 2).",
+            int,
+        ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
         ["app", None, None, "app.json of a gateway app (not available yet)."],
     ]
@@ -145,7 +158,6 @@ class TunnelOptions(usage.Options):
         Refuse what this version cannot do yet, then build the configuration.
         """
         unavailable = [
-            ("registry", "the relay registry"),
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
             ("via", "multi-hop chains"),
@@ -173,6 +185,8 @@ class TunnelOptions(usage.Options):
                 udpAddr=self["udp-addr"],
                 udpIdleTimeout=self["udp-idle-timeout"],
                 udpMaxFlows=self["udp-max-flows"],
+                registry=self["registry"],
+                maxRelays=self["max-relays"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))
