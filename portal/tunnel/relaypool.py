@@ -214,8 +214,8 @@ class RelayPool(Service):
                 self.tunnel.reporter.state(
                     "replaced",
                     old.relay.address,
-                    f"no live lease on {old.relay.address} for {REPLACE_AFTER:.0f} s; "
-                    f"replacing it with {entry.address}",
+                    f"no live lease for {REPLACE_AFTER:.0f} s; replacing this relay with "
+                    f"{entry.address}",
                     replacement=entry.address,
                 )
             self._hold(entry, health)
@@ -286,8 +286,8 @@ class RelayPool(Service):
         self.tunnel.reporter.state(
             "selected",
             entry.address,
-            f"holding a lease on registry relay {entry.address} "
-            f"(rank {position} of {len(self.candidates)}, health check {latency} ms)",
+            f"selected from the registry (rank {position} of {len(self.candidates)}, "
+            f"health check {latency} ms)",
             relayId=entry.id,
             rank=position,
             latencyMs=latency,
