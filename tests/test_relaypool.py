@@ -77,6 +77,8 @@ class RelayPoolTests(SynchronousTestCase):
         self.checks: list[tuple[str, list[str]]] = []
         self.fatals: list[str] = []
         self.registryError: RegistryError | None = None
+        #: Health checks of these relays wait until the test fires them.
+        self.slow: dict[str, list[Deferred[Health]]] = {}
 
     def load(self, reactor: Any, source: str) -> Deferred[Registry]:
         """
@@ -91,6 +93,10 @@ class RelayPoolTests(SynchronousTestCase):
         The fake health check: healthy unless set otherwise.
         """
         self.checks.append((entry.address, modes))
+        if entry.id in self.slow:
+            d: Deferred[Health] = Deferred()
+            self.slow[entry.id].append(d)
+            return d
         return succeed(self.health.get(entry.id, Health(True, "ok", 0.002, entry.id)))
 
     def down(self, entry: RegistryEntry) -> None:
@@ -322,6 +328,38 @@ class RelayPoolTests(SynchronousTestCase):
         self.assertEqual(self.fatals, [])
         self.reactor.advance(REPLACE_AFTER * 3)
         self.assertNotIn(self.ranked[1].address, [address for address, _ in self.checks[3:]])
+
+    def test_changesDuringSearch(self) -> None:
+        """
+        While a replacement is being health-checked, the stale relay may be dropped (or come back):
+        the replacement is then held in addition, and nothing is dropped twice.
+        """
+        self.slow[self.ranked[2].id] = []
+        pool = self.start()
+        first, second = pool.links
+        self.live(first)
+        self.reactor.advance(REPLACE_AFTER)
+        [pending] = self.slow[self.ranked[2].id]
+        second.fatal("the relay refused the lease: nope")
+        pending.callback(Health(True, "ok", 0.001, self.ranked[2].id))
+        self.assertEqual(self.held(pool), [self.ranked[0].address, self.ranked[2].address])
+        self.assertEqual(self.events("replaced"), [])
+        self.assertEqual(len(self.events("dropped")), 1)
+
+    def test_comesBackDuringSearch(self) -> None:
+        """
+        A stale relay whose lease comes back while its replacement is checked is kept; the healthy
+        candidate is not added beyond C{count}.
+        """
+        self.slow[self.ranked[2].id] = []
+        pool = self.start()
+        first, second = pool.links
+        self.live(first)
+        self.reactor.advance(REPLACE_AFTER)
+        [pending] = self.slow[self.ranked[2].id]
+        self.live(second)
+        pending.callback(Health(True, "ok", 0.001, self.ranked[2].id))
+        self.assertEqual(pool.links, [first, second])
 
     def test_allRefusedFatal(self) -> None:
         """

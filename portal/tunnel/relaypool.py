@@ -207,7 +207,10 @@ class RelayPool(Service):
         found = await self._search(wanted)
         if not self.running:
             return
-        for entry, health in found:
+        # During the search a stale relay may have come back, or been dropped.
+        stale = [link for link in stale if link in self.links and link.downSince is not None]
+        room = self.count - len(self.links) + len(stale)
+        for entry, health in found[:room]:
             if stale:
                 old = stale.pop(0)
                 self._drop(old)
