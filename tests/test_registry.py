@@ -490,7 +490,14 @@ class LoadRegistryTests(SynchronousTestCase):
         """
 
         class Refusing:
+            """
+            An HTTP client whose connections are refused.
+            """
+
             def get(self, url: str, **kw: Any) -> Any:
+                """
+                @return: A failed L{Deferred}.
+                """
                 return fail(ConnectionRefusedError("nobody home"))
 
         results: list[Any] = []
