@@ -4,6 +4,11 @@ Registration challenges: proof that a tunnel holds the key it registers names fo
 The relay issues a random, single-use, short-lived nonce for a set of names.  The tunnel signs
 L{registrationMessage}, which binds the nonce to the relay's identity, the names and the tunnel's
 public key, so a signature cannot be replayed, moved to another relay, or reused for other names.
+
+A hop through a relay is asked for the same way, with a challenge of purpose C{"hop"} and a signature
+over L{hopMessage}, which binds the nonce to the relay's identity, the destination and the tunnel's
+public key. The two messages start with different domain strings, so a signature made for one is never
+valid for the other.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ CHALLENGE_TTL: float = 30.0
 NONCE_LENGTH = 32
 
 _DOMAIN = b"portal-register-v1\0"
+_HOP_DOMAIN = b"portal-hop-v1\0"
+
+#: What a challenge may be redeemed for (see L{portal.control.Challenge}).
+PURPOSE_REGISTER = "register"
+PURPOSE_HOP = "hop"
 
 
 class ChallengeError(Exception):
@@ -121,6 +131,45 @@ def signRegistration(identity: Identity, relayId: str, nonce: bytes, names: Sequ
     return identity.sign(registrationMessage(relayId, nonce, names, identity.publicKey))
 
 
+def hopMessage(relayId: str, nonce: bytes, host: str, port: int, publicKey: bytes) -> bytes:
+    """
+    Encode what a tunnel signs to ask a relay for a hop to C{host}:C{port}.
+
+    The encoding is C{b"portal-hop-v1\\0"} followed by five length-prefixed fields (4-byte big-endian
+    length): the relay id (UTF-8), the nonce, the destination host (UTF-8, as sent in
+    L{portal.control.Hop}), the destination port (2 bytes, big-endian), and the public key.
+
+    @param relayId: The identity id of the relay asked to forward (it issued the challenge).
+    @param nonce: The challenge nonce.
+    @param host: The destination host.
+    @param port: The destination port.
+    @param publicKey: The tunnel's compressed public key.
+    @return: The message to sign.
+    """
+    return (
+        _HOP_DOMAIN
+        + _field(relayId.encode("utf-8"))
+        + _field(nonce)
+        + _field(host.encode("utf-8"))
+        + _field(struct.pack("!H", port))
+        + _field(publicKey)
+    )
+
+
+def signHop(identity: Identity, relayId: str, nonce: bytes, host: str, port: int) -> bytes:
+    """
+    Answer a hop challenge.
+
+    @param identity: The tunnel's identity.
+    @param relayId: The identity id of the relay asked to forward.
+    @param nonce: The challenge nonce.
+    @param host: The destination host.
+    @param port: The destination port.
+    @return: A signature over L{hopMessage} with C{identity}'s key.
+    """
+    return identity.sign(hopMessage(relayId, nonce, host, port, identity.publicKey))
+
+
 @attrs.frozen
 class _Outstanding:
     """
@@ -128,10 +177,12 @@ class _Outstanding:
 
     @ivar names: The sorted names it was issued for.
     @ivar expiresAt: The clock time after which it may no longer be redeemed.
+    @ivar purpose: L{PURPOSE_REGISTER} or L{PURPOSE_HOP}.
     """
 
     names: tuple[str, ...]
     expiresAt: float
+    purpose: str = PURPOSE_REGISTER
 
 
 class ChallengeIssuer:
@@ -183,11 +234,12 @@ class ChallengeIssuer:
                 break
             self._outstanding.popitem(last=False)
 
-    def issue(self, names: Sequence[str]) -> bytes:
+    def issue(self, names: Sequence[str], purpose: str = PURPOSE_REGISTER) -> bytes:
         """
-        Issue a challenge for registering C{names}.
+        Issue a challenge for registering C{names}, or for a hop.
 
-        @param names: The names the tunnel asks for.
+        @param names: The names the tunnel asks for (none for a hop).
+        @param purpose: L{PURPOSE_REGISTER} or L{PURPOSE_HOP}: what the challenge can be redeemed for.
         @return: A fresh 32-byte random nonce.
         """
         sortedNames = _checkNames(names)
@@ -196,8 +248,63 @@ class ChallengeIssuer:
         while len(self._outstanding) >= self.maxOutstanding:
             self._outstanding.popitem(last=False)
         nonce = secrets.token_bytes(NONCE_LENGTH)
-        self._outstanding[nonce] = _Outstanding(sortedNames, now + self.ttl)
+        self._outstanding[nonce] = _Outstanding(sortedNames, now + self.ttl, purpose)
         return nonce
+
+    def _take(self, nonce: bytes, purpose: str) -> _Outstanding:
+        """
+        Use up an outstanding challenge of C{purpose}.
+
+        @raise UnknownChallenge: If the nonce was never issued here, was already redeemed, or was
+            forgotten to make room for newer ones.
+        @raise ExpiredChallenge: If the challenge's lifetime has ended.
+        @raise ChallengeMismatch: If the challenge was issued for another purpose.
+        """
+        outstanding = self._outstanding.pop(nonce, None)
+        if outstanding is None:
+            raise UnknownChallenge(
+                "the challenge is unknown to this relay or was already used; "
+                "request a new challenge and sign that"
+            )
+        if self._clock.seconds() > outstanding.expiresAt:
+            raise ExpiredChallenge(
+                f"the challenge expired (challenges are valid for {self.ttl:g} "
+                f"seconds); request a new challenge and answer it promptly"
+            )
+        if outstanding.purpose != purpose:
+            raise ChallengeMismatch(
+                f"the challenge was issued for a {outstanding.purpose}, not a {purpose}; "
+                f"request a challenge for what you ask"
+            )
+        return outstanding
+
+    def redeemHop(
+        self, nonce: bytes, host: str, port: int, publicKey: bytes, signature: bytes
+    ) -> None:
+        """
+        Check a signed answer to a hop challenge (see L{hopMessage}).
+
+        The challenge is used up by this call whether or not the answer is accepted.
+
+        @param nonce: The nonce from L{issue} with purpose L{PURPOSE_HOP}.
+        @param host: The destination host, as the tunnel asked for it.
+        @param port: The destination port.
+        @param publicKey: The tunnel's compressed public key.
+        @param signature: The tunnel's signature, see L{signHop}.
+        @raise UnknownChallenge: If the nonce is unknown or already used.
+        @raise ExpiredChallenge: If the challenge's lifetime has ended.
+        @raise ChallengeMismatch: If the challenge was issued for a registration.
+        @raise BadSignature: If C{signature} is not C{publicKey}'s signature of this relay's hop
+            message for this destination.
+        """
+        self._take(nonce, PURPOSE_HOP)
+        if not verifySignature(
+            publicKey, signature, hopMessage(self.relayId, nonce, host, port, publicKey)
+        ):
+            raise BadSignature(
+                f"the hop signature is not valid for the presented public key, this relay "
+                f"(identity {self.relayId}), the challenge and the destination {host}:{port}"
+            )
 
     def redeem(
         self, nonce: bytes, names: Sequence[str], publicKey: bytes, signature: bytes
@@ -219,17 +326,7 @@ class ChallengeIssuer:
             registration message.
         """
         sortedNames = _checkNames(names)
-        outstanding = self._outstanding.pop(nonce, None)
-        if outstanding is None:
-            raise UnknownChallenge(
-                "the registration challenge is unknown to this relay or was already used; "
-                "request a new challenge and sign that"
-            )
-        if self._clock.seconds() > outstanding.expiresAt:
-            raise ExpiredChallenge(
-                f"the registration challenge expired (challenges are valid for {self.ttl:g} "
-                f"seconds); request a new challenge and answer it promptly"
-            )
+        outstanding = self._take(nonce, PURPOSE_REGISTER)
         if sortedNames != outstanding.names:
             raise ChallengeMismatch(
                 f"the registration challenge was issued for names {list(outstanding.names)} "

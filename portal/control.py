@@ -9,12 +9,7 @@ that introduces it was negotiated, so neighbouring versions interoperate.
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols import amp
-
-from portal.identity import identityId, verifySignature
 
 #: Protocol versions this code speaks.
 MIN_VERSION = 1
@@ -23,7 +18,10 @@ MAX_VERSION = 1
 #: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
 #: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, TLS data sessions, a public port per lease).
 #: C{udp}: UDP mode (modes with C{+udp}, sealed datagrams, L{Datagram}, L{FlowOpened}, L{FlowClosed}).
-CAPABILITIES = ("stream", "tcp", "udp")
+#: C{heartbeat}: the tunnel sends L{Heartbeat} and the relay answers it.
+#: C{goaway}: the relay sends L{GoingAway} before it shuts down.
+#: C{hop}: multi-hop chains (L{Challenge} with purpose C{"hop"}, L{Hop}).
+CAPABILITIES = ("stream", "tcp", "udp", "heartbeat", "goaway", "hop")
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -42,12 +40,6 @@ EXPORTER_UDP_KEY = b"EXPORTER-portal-udp-key"
 EXPORTER_LENGTH = 32
 #: Domain separation prefix of the relay's L{Hello} signature.
 HELLO_SIGNATURE_PREFIX = b"portal-relay-hello-v1\0"
-
-
-class RelayAuthenticationFailed(Exception):
-    """
-    The relay's signature over this TLS session does not verify: someone is in the middle.
-    """
 
 
 class UnsupportedVersion(Exception):
@@ -83,6 +75,26 @@ class LeaseUnknown(Exception):
     """
 
 
+class HopRefused(Exception):
+    """
+    The relay will not forward this hop, now or later: it forwards no hops, the destination is not on
+    its allow list, or the signature is wrong. The message says which.
+    """
+
+
+class HopLimit(Exception):
+    """
+    The identity has as many hops open through this relay as it may; one may be opened once another
+    closes.
+    """
+
+
+class HopUnreachable(Exception):
+    """
+    The relay could not connect to the hop's destination (refused, unresolvable, or no answer in time).
+    """
+
+
 class Hello(amp.Command):
     """
     First command of a control session, sent by the tunnel.
@@ -108,15 +120,20 @@ class Hello(amp.Command):
         (b"leaseTTL", amp.Float()),
         (b"software", amp.Unicode()),
     ]
-    errors = {UnsupportedVersion: b"UNSUPPORTED_VERSION"}
+    errors = {UnsupportedVersion: b"UNSUPPORTED_VERSION", TryAgain: b"TRY_AGAIN"}
 
 
 class Challenge(amp.Command):
     """
-    Ask for a single-use, short-lived registration challenge bound to the relay and to C{names}.
+    Ask for a single-use, short-lived challenge bound to the relay: for registering C{names}
+    (C{purpose} C{"register"}, the default), or for a L{Hop} (C{"hop"}, no names; capability C{hop}).
+    See L{portal.challenge}.
     """
 
-    arguments = [(b"names", amp.ListOf(amp.Unicode()))]
+    arguments = [
+        (b"names", amp.ListOf(amp.Unicode())),
+        (b"purpose", amp.Unicode(optional=True)),
+    ]
     response = [(b"nonce", amp.String()), (b"expiresIn", amp.Float())]
     errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
 
@@ -209,6 +226,54 @@ class FlowClosed(amp.Command):
     requiresAnswer = False
 
 
+class Heartbeat(amp.Command):
+    """
+    Sent by the tunnel at a fixed interval: the relay answers at once, so each side knows that the
+    path between them still carries data (a dead path is torn down and redialled).
+    """
+
+    arguments = []
+    response = []
+
+
+class GoingAway(amp.Command):
+    """
+    Sent by the relay when it shuts down: it accepts no new visitors or sessions, lets open
+    connections finish for up to C{deadline} seconds, then closes them. The tunnel should expect this
+    control session to end and reconnect (or move) with backoff.
+    """
+
+    arguments = [(b"deadline", amp.Float())]
+    response = []
+    requiresAnswer = False
+
+
+class Hop(amp.ProtocolSwitchCommand):
+    """
+    Ask the relay to connect to C{host}:C{port} and to forward this connection there (capability
+    C{hop}).
+
+    The tunnel signs L{portal.challenge.hopMessage} over a L{Challenge} of purpose C{"hop"}. On
+    success the answer is the last AMP box of the connection: from then on its bytes (inside the
+    relay's TLS) are spliced to the outbound TCP connection, both ways.
+    """
+
+    arguments = [
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"publicKey", amp.String()),
+        (b"nonce", amp.String()),
+        (b"signature", amp.String()),
+    ]
+    response = []
+    errors = {
+        HopRefused: b"HOP_REFUSED",
+        HopLimit: b"HOP_LIMIT",
+        HopUnreachable: b"HOP_UNREACHABLE",
+        TryAgain: b"TRY_AGAIN",
+    }
+
+
 def modeParts(mode: str) -> frozenset[str]:
     """
     The parts of a registration mode: C{"tcp+udp"} is C{{"tcp", "udp"}}.
@@ -256,33 +321,3 @@ def exportKeyingMaterial(transport: object, label: bytes) -> bytes:
     """
     connection = transport.getHandle()  # type: ignore[attr-defined]
     return bytes(connection.export_keying_material(label, EXPORTER_LENGTH))
-
-
-def verifyHello(transport: object, response: dict[str, Any]) -> str:
-    """
-    Check that the relay holds its identity key on this very TLS session: its L{Hello} signature must
-    verify, for the C{relayKey} it sent, over this session's exporter value.
-
-    @param transport: The client's L{twisted.protocols.tls.TLSMemoryBIOProtocol}, after the handshake.
-    @param response: The L{Hello} response.
-    @return: The relay's identity id, derived from C{relayKey}.
-    @raise RelayAuthenticationFailed: When the signature does not verify.
-    """
-    exporter = exportKeyingMaterial(transport, EXPORTER_HELLO)
-    relayKey = response["relayKey"]
-    if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
-        raise RelayAuthenticationFailed(
-            "the relay's identity signature does not match this connection"
-        )
-    return identityId(relayKey)
-
-
-def controlTLSOptions() -> CertificateOptions:
-    """
-    The TLS a tunnel speaks to a relay's control port: TLS 1.3, whose exporter is a sound channel
-    binding (RFC 9266) without further conditions, and no certificate check, since the relay proves its
-    secp256k1 identity inside the session (L{verifyHello}).
-
-    @return: Client TLS options.
-    """
-    return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3)

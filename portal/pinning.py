@@ -32,10 +32,16 @@ class RelayIdentityChanged(Exception):
     @ivar presentedId: The identity the relay presented.
     @ivar expectedId: The identity that was pinned or given on the command line.
     @ivar path: The known relays file, when the expected identity was pinned there.
+    @ivar flag: The option the relay is given with: C{--relay}, or C{--via} for a hop.
     """
 
     def __init__(
-        self, address: str, presentedId: str, expectedId: str, path: str | None = None
+        self,
+        address: str,
+        presentedId: str,
+        expectedId: str,
+        path: str | None = None,
+        flag: str = "--relay",
     ) -> None:
         """
         @param address: The relay's C{host:port}.
@@ -43,11 +49,13 @@ class RelayIdentityChanged(Exception):
         @param expectedId: The identity that was pinned or given on the command line.
         @param path: The known relays file holding C{expectedId}, or L{None} when
             C{expectedId} came from the command line.
+        @param flag: The option the relay is given with, for the advice in the message.
         """
         self.address = address
         self.presentedId = presentedId
         self.expectedId = expectedId
         self.path = path
+        self.flag = flag
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -59,7 +67,7 @@ class RelayIdentityChanged(Exception):
         if self.path is None:
             return (
                 f"relay {self.address} presented identity {self.presentedId} but "
-                f"--relay {self.address}#{self.expectedId} was given on the command line. "
+                f"{self.flag} {self.address}#{self.expectedId} was given on the command line. "
                 f"Check the identity you were given for this relay; if it is right, someone "
                 f"may be impersonating the relay."
             )
@@ -67,7 +75,7 @@ class RelayIdentityChanged(Exception):
             f"relay {self.address} presented identity {self.presentedId} but "
             f"{self.expectedId} is pinned for it in {self.path}. If the relay's key was "
             f"changed on purpose, remove its entry from that file or pass "
-            f"--relay {self.address}#{self.presentedId}; otherwise someone may be "
+            f"{self.flag} {self.address}#{self.presentedId}; otherwise someone may be "
             f"impersonating the relay."
         )
 
@@ -98,7 +106,13 @@ class KnownRelays:
         """
         return self._load().get(address.lower())
 
-    def check(self, address: str, presentedId: str, expectedId: str | None = None) -> bool:
+    def check(
+        self,
+        address: str,
+        presentedId: str,
+        expectedId: str | None = None,
+        flag: str = "--relay",
+    ) -> bool:
         """
         Accept or refuse the identity a relay presented, pinning it if it is new.
 
@@ -109,6 +123,8 @@ class KnownRelays:
         @param address: The relay's C{host:port}.
         @param presentedId: The identity the relay presented.
         @param expectedId: The identity given on the command line, if any.
+        @param flag: The option the relay is given with (C{--relay}, or C{--via} for a hop), for
+            the advice in L{RelayIdentityChanged}.
         @return: L{True} if the file was changed (a new or replaced pin), L{False} if the
             identity was already pinned.
         @raise RelayIdentityChanged: If the presented identity is not the expected one.
@@ -119,9 +135,9 @@ class KnownRelays:
         pinnedId = relays.get(key)
         if expectedId is not None:
             if presentedId != expectedId:
-                raise RelayIdentityChanged(address, presentedId, expectedId)
+                raise RelayIdentityChanged(address, presentedId, expectedId, flag=flag)
         elif pinnedId is not None and presentedId != pinnedId:
-            raise RelayIdentityChanged(address, presentedId, pinnedId, self.path)
+            raise RelayIdentityChanged(address, presentedId, pinnedId, self.path, flag)
         if pinnedId == presentedId:
             return False
         relays[key] = presentedId

@@ -1,6 +1,7 @@
 """
-Health checks of registry relays: connect to the relay's control port, run L{portal.control.Hello},
-and check that the relay proves the identity the registry lists for it, on this very TLS session.
+Health checks of registry relays: connect to the relay's control port, run L{portal.control.Hello}
+as a tunnel does (L{portal.tunnel.hello}), and check that the relay proves the identity the registry
+lists for it, on this very TLS session.
 """
 
 from __future__ import annotations
@@ -17,15 +18,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import portal
-from portal.control import (
-    CAPABILITIES,
-    MAX_VERSION,
-    MIN_VERSION,
-    Hello,
-    controlTLSOptions,
-    verifyHello,
-)
+from portal.control import Hello
 from portal.registry import RegistryEntry
+from portal.tunnel.hello import helloArguments, relayTLSOptions, verifyHello
 
 #: Seconds a health check may take: connection, TLS handshake and the Hello round trip.
 HEALTH_TIMEOUT = 10.0
@@ -69,9 +64,7 @@ def controlEndpoint(
     @param port: Its control port.
     @param timeout: Seconds to wait for the TCP connection.
     """
-    return wrapClientTLS(
-        controlTLSOptions(), HostnameEndpoint(reactor, host, port, timeout=timeout)
-    )
+    return wrapClientTLS(relayTLSOptions(), HostnameEndpoint(reactor, host, port, timeout=timeout))
 
 
 def checkRelay(
@@ -101,15 +94,10 @@ def checkRelay(
     async def probe() -> Health:
         protocol = cast(amp.AMP, await endpoint.connect(Factory.forProtocol(amp.AMP)))
         connected.append(protocol)
-        response = await protocol.callRemote(
-            Hello,
-            minVersion=MIN_VERSION,
-            maxVersion=MAX_VERSION,
-            capabilities=list(CAPABILITIES),
-            software=f"portal/{portal.__version__} health check",
-        )
+        arguments = {**helloArguments(), "software": f"portal/{portal.__version__} health check"}
+        response = await protocol.callRemote(Hello, **arguments)
         latency = reactor.seconds() - start
-        relayId = verifyHello(protocol.transport, response)
+        relayId = verifyHello(protocol.transport, response, entry.address)
         capabilities = tuple(response["capabilities"])
         software = response["software"]
         if relayId != entry.id:

@@ -15,7 +15,9 @@ from portal.challenge import (
     ChallengeMismatch,
     ExpiredChallenge,
     UnknownChallenge,
+    hopMessage,
     registrationMessage,
+    signHop,
     signRegistration,
 )
 from portal.identity import Identity
@@ -318,3 +320,138 @@ class ChallengeIssuerTests(SynchronousTestCase):
         An issuer must be allowed at least one outstanding challenge.
         """
         self.assertRaises(ValueError, ChallengeIssuer, self.relayId, self.clock, maxOutstanding=0)
+
+
+class HopChallengeTests(SynchronousTestCase):
+    """
+    Tests for hop challenges: L{hopMessage}, L{signHop} and L{ChallengeIssuer.redeemHop}.
+    """
+
+    def setUp(self) -> None:
+        """
+        Make a relay's issuer and a tunnel identity.
+        """
+        self.clock = Clock()
+        self.relay = Identity.generate()
+        self.issuer = ChallengeIssuer(self.relay.id, self.clock)
+        self.tunnel = Identity.generate()
+
+    def test_domainSeparated(self) -> None:
+        """
+        The hop message has its own domain string, so a registration signature over the same fields
+        never verifies as a hop signature.
+        """
+        message = hopMessage("relay", b"n", "b.example", 4017, self.tunnel.publicKey)
+        self.assertTrue(message.startswith(b"portal-hop-v1\0"))
+        nonce = self.issuer.issue([], "hop")
+        signature = signRegistration(self.tunnel, self.relay.id, nonce, [])
+        self.assertRaises(
+            BadSignature,
+            self.issuer.redeemHop,
+            nonce,
+            "b.example",
+            4017,
+            self.tunnel.publicKey,
+            signature,
+        )
+
+    def test_unambiguous(self) -> None:
+        """
+        Moving characters between the host and port fields changes the message.
+        """
+        key = self.tunnel.publicKey
+        self.assertNotEqual(
+            hopMessage("r", b"n", "b1", 23, key), hopMessage("r", b"n", "b", 123, key)
+        )
+
+    def test_success(self) -> None:
+        """
+        A hop challenge signed for this relay and destination is accepted once; a replay is unknown.
+        """
+        nonce = self.issuer.issue([], "hop")
+        signature = signHop(self.tunnel, self.relay.id, nonce, "b.example", 4017)
+        self.issuer.redeemHop(nonce, "b.example", 4017, self.tunnel.publicKey, signature)
+        self.assertRaises(
+            UnknownChallenge,
+            self.issuer.redeemHop,
+            nonce,
+            "b.example",
+            4017,
+            self.tunnel.publicKey,
+            signature,
+        )
+
+    def test_otherDestination(self) -> None:
+        """
+        A signature for another destination (host or port) is refused.
+        """
+        for host, port in [("c.example", 4017), ("b.example", 4018)]:
+            nonce = self.issuer.issue([], "hop")
+            signature = signHop(self.tunnel, self.relay.id, nonce, "b.example", 4017)
+            error = self.assertRaises(
+                BadSignature,
+                self.issuer.redeemHop,
+                nonce,
+                host,
+                port,
+                self.tunnel.publicKey,
+                signature,
+            )
+            self.assertIn(f"{host}:{port}", str(error))
+
+    def test_otherRelay(self) -> None:
+        """
+        A hop signed for another relay's id is refused.
+        """
+        nonce = self.issuer.issue([], "hop")
+        signature = signHop(self.tunnel, Identity.generate().id, nonce, "b.example", 4017)
+        self.assertRaises(
+            BadSignature,
+            self.issuer.redeemHop,
+            nonce,
+            "b.example",
+            4017,
+            self.tunnel.publicKey,
+            signature,
+        )
+
+    def test_purposesDoNotMix(self) -> None:
+        """
+        A registration challenge cannot be redeemed for a hop, nor a hop challenge for a
+        registration; the attempt uses the challenge up.
+        """
+        nonce = self.issuer.issue(["app"])
+        signature = signHop(self.tunnel, self.relay.id, nonce, "b.example", 4017)
+        error = self.assertRaises(
+            ChallengeMismatch,
+            self.issuer.redeemHop,
+            nonce,
+            "b.example",
+            4017,
+            self.tunnel.publicKey,
+            signature,
+        )
+        self.assertIn("not a hop", str(error))
+        self.assertEqual(len(self.issuer), 0)
+        nonce = self.issuer.issue([], "hop")
+        signature = signRegistration(self.tunnel, self.relay.id, nonce, [])
+        self.assertRaises(
+            ChallengeMismatch, self.issuer.redeem, nonce, [], self.tunnel.publicKey, signature
+        )
+
+    def test_expired(self) -> None:
+        """
+        A hop challenge redeemed after its lifetime is refused as expired.
+        """
+        nonce = self.issuer.issue([], "hop")
+        signature = signHop(self.tunnel, self.relay.id, nonce, "b.example", 4017)
+        self.clock.advance(CHALLENGE_TTL + 1)
+        self.assertRaises(
+            ExpiredChallenge,
+            self.issuer.redeemHop,
+            nonce,
+            "b.example",
+            4017,
+            self.tunnel.publicKey,
+            signature,
+        )

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -27,6 +27,8 @@ from portal.control import (
     MAX_VERSION,
     MIN_VERSION,
     Challenge,
+    GoingAway,
+    Heartbeat,
     Hello,
     LeaseUnknown,
     NotAuthenticated,
@@ -45,7 +47,12 @@ from portal.pinning import KnownRelays
 from portal.relay.control import RelayControlProtocol
 from portal.relay.router import RelayLimits, Router
 from portal.tunnel.config import RelayAddress
-from portal.tunnel.control import COMMAND_TIMEOUT, TunnelControlProtocol
+from portal.tunnel.control import (
+    COMMAND_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    TunnelControlProtocol,
+)
 from portal.tunnel.report import Reporter
 
 RELAY_HOST = "relay.example"
@@ -88,7 +95,7 @@ class FakeLink:
     @ivar fatals: Every message passed to L{fatal}.
     """
 
-    expectedIdOrigin = "as given with --relay"
+    flag = "--relay"
 
     def __init__(
         self,
@@ -689,9 +696,9 @@ class NameTakenTests(ControlTestCase):
         self.assertEqual(self.router.leases.ownerOf(LABEL), self.tunnelIdentity.id)
 
 
-class RefusalTests(ControlTestCase):
+class ClientTestCase(ControlTestCase):
     """
-    The relay's responders refuse bad registrations through the AMP layer with a clear message.
+    A bare AMP client connected to the relay over TLS, sending commands one at a time.
     """
 
     def setUp(self) -> None:
@@ -722,7 +729,7 @@ class RefusalTests(ControlTestCase):
         self.assertTrue(result.check(exception), result)
         self.assertIn(text, result.getErrorMessage())
 
-    def hello(self) -> None:
+    def hello(self, capabilities: tuple[str, ...] = ("stream",)) -> None:
         """
         Say Hello.
         """
@@ -730,7 +737,7 @@ class RefusalTests(ControlTestCase):
             Hello,
             minVersion=MIN_VERSION,
             maxVersion=MAX_VERSION,
-            capabilities=["stream"],
+            capabilities=list(capabilities),
             software="t",
         )
         self.assertNotIsInstance(result, Failure)
@@ -766,6 +773,12 @@ class RefusalTests(ControlTestCase):
             signature=signature,
             mode=mode,
         )
+
+
+class RefusalTests(ClientTestCase):
+    """
+    The relay's responders refuse bad registrations through the AMP layer with a clear message.
+    """
 
     def test_registers(self) -> None:
         """
@@ -962,7 +975,10 @@ class RefusalTests(ControlTestCase):
         self.hello()
         self.register([LABEL], self.challenge([LABEL]))
         old = self.connection
-        self.clock.advance(self.router.leases.ttl + 1)
+        self.clock.advance(self.router.leases.ttl / 2)
+        # The old session's path stays alive (a heartbeat), but its lease is not renewed.
+        self.assertEqual(self.call(Heartbeat), {})
+        self.clock.advance(self.router.leases.ttl / 2 + 1)
         self.connection = self.connect(amp.AMP)
         self.client = self.connection.tunnel
         self.hello()
@@ -1096,7 +1112,12 @@ class RenewalTests(ControlTestCase):
         self.assertEqual(len(link.registrations), 2)
         self.assertIsNotNone(self.router.leases.route(LABEL))
         self.assertEqual(link.fatals, [])
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        renewals = [
+            call
+            for call in self.clock.getDelayedCalls()
+            if isinstance(call.func, LoopingCall) and call.func.f == connection.tunnel._renew
+        ]
+        self.assertEqual(len(renewals), 1)
         connection.drop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -1137,3 +1158,138 @@ class HelloTimeoutTests(ControlTestCase):
         protocol.makeConnection(StringTransport())
         protocol.connectionLost(Failure(Exception("gone")))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LivenessTests(ControlTestCase):
+    """
+    Heartbeats: the tunnel checks the path every L{HEARTBEAT_INTERVAL} seconds and redials a dead one;
+    the relay closes a session that stays silent for C{controlIdleTimeout}.
+    """
+
+    def events(self, link: FakeLink) -> list[str]:
+        """
+        @return: The names of the events C{link}'s reporter printed.
+        """
+        return [event["event"] for event in link.reporter.events]
+
+    def test_heartbeatsKeepSessionAlive(self) -> None:
+        """
+        A tunnel that heartbeats keeps its control session well past the relay's idle timeout, and its
+        heartbeats are answered (no dead-path report).
+        """
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        self.assertRegistered(link, connection)
+        for _ in range(int(3 * self.limits.controlIdleTimeout / HEARTBEAT_INTERVAL)):
+            self.clock.advance(HEARTBEAT_INTERVAL)
+            connection.flush()
+        self.assertFalse(connection.relayTransport.disconnecting)
+        self.assertFalse(connection.tunnelTransport.disconnecting)
+        self.assertNotIn("dead-path", self.events(link))
+
+    def test_deadPathRedialled(self) -> None:
+        """
+        A heartbeat unanswered for L{HEARTBEAT_TIMEOUT} seconds aborts the control session (so the link
+        redials) and says so.
+        """
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        self.assertRegistered(link, connection)
+        # The path dies: nothing is pumped from here on.
+        self.clock.advance(HEARTBEAT_INTERVAL)
+        self.assertFalse(connection.tunnelTransport.disconnecting)
+        self.clock.advance(HEARTBEAT_TIMEOUT)
+        self.assertTrue(connection.tunnelTransport.disconnecting)
+        self.assertIn("dead-path", self.events(link))
+        self.assertEqual(link.fatals, [])
+
+    def test_noHeartbeatsWithoutCapability(self) -> None:
+        """
+        A relay that does not offer C{heartbeat} (an older version) is never sent L{Heartbeat}.
+        """
+        self.patch(portal.relay.control, "CAPABILITIES", ("stream", "tcp", "udp"))
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        self.assertRegistered(link, connection)
+        self.assertIsNone(connection.tunnel._heartbeat)
+        self.clock.advance(HEARTBEAT_INTERVAL + HEARTBEAT_TIMEOUT)
+        self.assertFalse(connection.tunnelTransport.disconnecting)
+
+
+class SilenceTests(ClientTestCase):
+    """
+    The relay closes a control session that stays silent for C{controlIdleTimeout} seconds.
+    """
+
+    def test_silentSessionClosed(self) -> None:
+        """
+        A control session that sends nothing for C{controlIdleTimeout} seconds is closed by the relay;
+        its lease is detached but stays reserved for its owner.
+        """
+        self.hello()
+        self.register([LABEL], self.challenge([LABEL]))
+        self.clock.advance(self.limits.controlIdleTimeout - 1)
+        self.assertFalse(self.connection.relayTransport.disconnecting)
+        self.clock.advance(1)
+        self.connection.flush()
+        self.assertTrue(self.connection.relayTransport.disconnected)
+        self.assertIsNone(self.router.leases.route(LABEL))
+        self.assertEqual(self.router.leases.ownerOf(LABEL), self.tunnelIdentity.id)
+        self.assertEqual(self.router.controls, set())
+
+    def test_anyTrafficResetsSilence(self) -> None:
+        """
+        Every command from the tunnel restarts the relay's silence timer.
+        """
+        self.hello()
+        self.clock.advance(self.limits.controlIdleTimeout - 1)
+        self.assertEqual(self.call(Heartbeat), {})
+        self.clock.advance(self.limits.controlIdleTimeout - 1)
+        self.assertFalse(self.connection.relayTransport.disconnecting)
+
+
+class GoingAwayTests(ControlTestCase):
+    """
+    A relay that shuts down tells its tunnels, and refuses new control sessions meanwhile.
+    """
+
+    def test_tunnelTold(self) -> None:
+        """
+        L{RelayControlProtocol.goingAway} reaches a tunnel that understands it, which reports it and
+        does not stop.
+        """
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        connection.relay.goingAway(7.0)
+        connection.flush()
+        [event] = [e for e in link.reporter.events if e["event"] == "relay-leaving"]
+        self.assertIn("open connections get 7 s", event["message"])
+        self.assertEqual(link.fatals, [])
+
+    def test_notSentWithoutCapability(self) -> None:
+        """
+        L{GoingAway} is sent only to a tunnel that listed C{goaway} in its L{Hello}.
+        """
+        relay = self.connect(amp.AMP).relay
+        sent: list[Any] = []
+        self.patch(relay, "callRemote", lambda *a, **kw: sent.append(a))
+        relay.hello(MIN_VERSION, MAX_VERSION, ["stream"], "t")
+        relay.goingAway(7.0)
+        self.assertEqual(sent, [])
+        relay.hello(MIN_VERSION, MAX_VERSION, ["stream", "goaway"], "t")
+        relay.goingAway(7.0)
+        self.assertEqual(sent, [(GoingAway,)])
+
+    def test_helloRefusedWhileClosing(self) -> None:
+        """
+        A new control session while the relay shuts down is told to try again, and the tunnel closes
+        it to redial with backoff rather than stopping.
+        """
+        self.router.closing = True
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        self.assertEqual(link.fatals, [])
+        self.assertEqual(link.registrations, [])
+        self.assertTrue(connection.tunnelTransport.disconnected)
+        [event] = [e for e in link.reporter.events if e["event"] == "retrying"]
+        self.assertIn("shutting down", event["message"])

@@ -243,6 +243,20 @@ class TLSDataSessionTests(SynchronousTestCase):
             any("needs TLS data sessions" in str(e.get("log_format")) for e in self.events)
         )
 
+    def test_streamPoolAcceptsBoth(self) -> None:
+        """
+        A stream mode pool (as the last relay of a chain has) accepts TLS data sessions as well as
+        plain ones: inside a chain every data session is TLS to the last relay.
+        """
+        self.owner.pool.tlsOnly = False
+        tunnelPool = FakePool()
+        tunnelPool.tls = True
+        tlsDataSession(self.router, self.clock, tunnelPool)
+        dispatch, transport, relaySession = self.plainDataSession()
+        dispatch.dataReceived(attachProof(_KEY, relaySession.nonce, _SESSION))
+        self.assertTrue(transport.connected)
+        self.assertEqual(sorted(s.tls for s in self.owner.pool._idle), [False, True])
+
     def test_controlSessionInsideTLS(self) -> None:
         """
         An AMP box inside TLS still reaches the relay's control protocol.

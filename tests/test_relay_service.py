@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.relay.service import RelayConfig, RelayService
+from portal.relay.service import DRAIN_POLL, RelayConfig, RelayService
 from portal.tap.relay import Options
 
 
@@ -124,6 +124,18 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual(options.config().limits.maxIdleData, 8)
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--lease-ttl", "0"])
 
+    def test_livenessOptions(self) -> None:
+        """
+        C{--control-idle-timeout} and C{--shutdown-grace} reach the configuration; both must be
+        positive.
+        """
+        options = Options()
+        options.parseOptions(["--control-idle-timeout", "90", "--shutdown-grace", "3"])
+        self.assertEqual(options.config().limits.controlIdleTimeout, 90.0)
+        self.assertEqual(options.config().shutdownGrace, 3.0)
+        for flag in ("--control-idle-timeout", "--shutdown-grace"):
+            self.assertRaises(usage.UsageError, Options().parseOptions, [flag, "0"])
+
     def test_badEndpoint(self) -> None:
         """
         A malformed endpoint description is a usage error naming the option.
@@ -167,3 +179,147 @@ class RelayOptionsTests(SynchronousTestCase):
                 usage.UsageError, Options().parseOptions, ["--tcp-ports", text]
             )
             self.assertTrue(str(error).startswith(f"--tcp-ports {text}:"), str(error))
+
+    def test_allowHop(self) -> None:
+        """
+        C{--allow-hop HOST:PORT} (repeatable) lists the hop destinations, lowercased and without
+        duplicates; C{--max-hops-per-identity} sets the limit (256 by default); without
+        C{--allow-hop} the list is empty, so the relay forwards no hops.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--allow-hop",
+                "Relay-B.example:4017",
+                "--allow-hop",
+                "[::1]:4018",
+                "--allow-hop",
+                "relay-b.example:4017",
+                "--max-hops-per-identity",
+                "8",
+            ]
+        )
+        config = options.config()
+        self.assertEqual(config.allowHops, (("relay-b.example", 4017), ("::1", 4018)))
+        self.assertEqual(config.maxHopsPerIdentity, 8)
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(
+            (options.config().allowHops, options.config().maxHopsPerIdentity), ((), 256)
+        )
+
+    def test_badAllowHop(self) -> None:
+        """
+        A malformed C{--allow-hop} is a usage error naming the option.
+        """
+        for text in ("relay", "relay:0", "::1:4017"):
+            error = self.assertRaises(
+                usage.UsageError, Options().parseOptions, ["--allow-hop", text]
+            )
+            self.assertIn(f"--allow-hop {text!r}", str(error))
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--max-hops-per-identity", "0"]
+        )
+
+
+class FakeVisitor:
+    """
+    An open visitor connection, as the router tracks it.
+    """
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+
+
+class FakeControl:
+    """
+    A control session that records L{goingAway}.
+    """
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.told: list[float] = []
+
+    def goingAway(self, deadline: float) -> None:
+        """
+        Record the deadline.
+        """
+        self.told.append(deadline)
+
+
+class GracefulShutdownTests(SynchronousTestCase):
+    """
+    Stopping the relay (SIGTERM under twistd) stops accepting, tells the tunnels, lets open
+    connections finish up to a deadline, then closes the rest.
+    """
+
+    def setUp(self) -> None:
+        """
+        Start a relay on a memory reactor, with one tunnel and one visitor connected.
+        """
+        self.reactor = MemoryReactorClock()
+        config = RelayConfig(
+            stateDir=os.path.abspath(self.mktemp()), http="tcp:0", shutdownGrace=5.0
+        )
+        self.service = RelayService(config, self.reactor)
+        self.service.startService()
+        self.successResultOf(self.service.whenListening())
+        router = self.service.router
+        assert router is not None
+        self.router = router
+        self.control = FakeControl()
+        self.visitor = FakeVisitor()
+        router.controls.add(self.control)
+        router.visitors.add(self.visitor)
+        #: Listeners stopped, in order.
+        self.stopped: list[str] = []
+        for name, port in self.service.ports.items():
+            self.patch(port, "stopListening", lambda name=name: self.stopped.append(name))
+
+    def test_stopsAcceptingAndTellsTunnels(self) -> None:
+        """
+        At once: the public and HTTP listeners stop and every tunnel is told the deadline; the
+        control listener stays up (visitors already in still need data sessions) but new control
+        sessions are refused.
+        """
+        stopping = self.service.stopService()
+        self.assertNoResult(stopping)
+        self.assertEqual(sorted(self.stopped), ["http", "public"])
+        self.assertTrue(self.router.closing)
+        self.assertEqual(self.control.told, [5.0])
+        self.assertFalse(self.visitor.transport.disconnecting)
+
+    def test_finishesWhenConnectionsClose(self) -> None:
+        """
+        When the last open connection closes within the grace period, the relay finishes stopping:
+        control listener closed, control sessions closed, nothing aborted.
+        """
+        stopping = self.service.stopService()
+        self.reactor.advance(2.0)
+        self.assertNoResult(stopping)
+        self.router.visitors.discard(self.visitor)
+        self.reactor.advance(DRAIN_POLL)
+        self.successResultOf(stopping)
+        self.assertIn("control", self.stopped)
+        self.assertTrue(self.control.transport.disconnecting)
+        self.assertFalse(self.visitor.transport.disconnecting)
+
+    def test_deadline(self) -> None:
+        """
+        Connections still open at the deadline are closed, and the relay finishes stopping.
+        """
+        stopping = self.service.stopService()
+        self.reactor.advance(5.0 - DRAIN_POLL)
+        self.assertNoResult(stopping)
+        self.assertFalse(self.visitor.transport.disconnecting)
+        self.reactor.advance(DRAIN_POLL)
+        self.successResultOf(stopping)
+        self.assertTrue(self.visitor.transport.disconnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_noConnectionsNoWait(self) -> None:
+        """
+        With no open connection the relay stops at once.
+        """
+        self.router.visitors.clear()
+        self.successResultOf(self.service.stopService())

@@ -18,13 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import portal.relay.control
-from portal.control import controlTLSOptions, helloSignatureMessage
+from portal.control import helloSignatureMessage
 from portal.identity import Identity
 from portal.localca import LocalCA
 from portal.registry import RegistryEntry
 from portal.relay.control import RelayControlProtocol
 from portal.relay.router import Router
 from portal.relayhealth import HEALTH_TIMEOUT, Health, checkRelay
+from portal.tunnel.hello import relayTLSOptions
 from tests.test_control import ForeignSignature
 
 PORT = 4017
@@ -48,7 +49,7 @@ class MemoryTLSEndpoint:
 
         @return: A L{Deferred} firing with C{factory}'s protocol.
         """
-        tls = TLSMemoryBIOFactory(controlTLSOptions(), True, factory, clock=self._reactor)
+        tls = TLSMemoryBIOFactory(relayTLSOptions(), True, factory, clock=self._reactor)
         return self._endpoint.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
 
 
@@ -167,7 +168,7 @@ class CheckRelayTests(SynchronousTestCase):
         self.connect().flush()
         [health] = results
         self.assertFalse(health.ok)
-        self.assertIn("signature does not match this connection", health.reason)
+        self.assertIn("signature of relay 127.0.0.1:4017 does not match this connection", health.reason)
         self.assertIsNone(health.relayId)
 
     def test_missingMode(self) -> None:

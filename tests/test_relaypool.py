@@ -372,12 +372,12 @@ class RelayPoolTests(SynchronousTestCase):
         self.reactor.advance(CHECK_INTERVAL)
         self.assertEqual(self.fatals, [f"no relay in the registry {SOURCE} can serve this tunnel"])
 
-    def test_pinnedAsListed(self) -> None:
+    def test_flag(self) -> None:
         """
-        A registry relay's identity is pinned as listed in the registry.
+        Messages about a registry relay's identity name C{--registry} as where it came from.
         """
         pool = self.start()
-        self.assertEqual(pool.links[0].expectedIdOrigin, "as listed in the registry")
+        self.assertEqual(pool.links[0].flag, "--registry")
 
     def test_tunnelServiceMakesPool(self) -> None:
         """

@@ -15,6 +15,7 @@ from portal.tunnel.config import (
     RelayAddress,
     Target,
     buildConfig,
+    parseChain,
     parseRelay,
     parseTarget,
 )
@@ -419,7 +420,6 @@ class TunnelOptionsTests(SynchronousTestCase):
         Features this version does not have are refused with a usage error naming the flag.
         """
         cases = [
-            (["--via", "h:1"], "--via"),
             (["--acme", "https://a"], "--acme"),
             (["--app", "app.json"], "--app"),
         ]
@@ -437,6 +437,87 @@ class TunnelOptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, self.parse, "ftp://h:1")
         self.assertIn("only http:// and https://", str(e))
         self.assertRaises(UsageError, self.parse, "8000", "--cert", "c.pem")
+
+
+class ViaTests(SynchronousTestCase):
+    """
+    C{--via HOST:PORT[#RELAYID]}: the C{--via} options before a C{--relay} are its path.
+    """
+
+    def parse(self, *arguments: str) -> TunnelOptions:
+        """
+        Parse a command line.
+        """
+        options = TunnelOptions()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_chain(self) -> None:
+        """
+        C{--via A --via B#ID --relay C}: one relay, C, reached through A then B; each hop is parsed
+        like a relay (default port 4017, lowercased, an optional identity).
+        """
+        config = self.parse(
+            "8000", "--via", "A.example", "--via", f"b.example:4018#{RELAY_ID}", "--relay", "c:1"
+        ).tunnelConfig
+        [relay] = config.relays
+        self.assertEqual((relay.host, relay.port), ("c", 1))
+        self.assertEqual(
+            relay.via,
+            (RelayAddress("a.example", 4017), RelayAddress("b.example", 4018, RELAY_ID)),
+        )
+        self.assertEqual(relay.path, "a.example:4017 -> b.example:4018 -> c:1")
+
+    def test_pool(self) -> None:
+        """
+        C{--relay X --via A --relay B}: X direct, B through A; the order of the other options and
+        of TARGET does not matter.
+        """
+        config = self.parse(
+            "--relay", "x:1", "--json", "--via", "a:2", "8000", "--relay", "b:3"
+        ).tunnelConfig
+        x, b = config.relays
+        self.assertEqual((x, b.via), (RelayAddress("x", 1), (RelayAddress("a", 2),)))
+        self.assertEqual(b.address, "b:3")
+
+    def test_viaWithoutRelay(self) -> None:
+        """
+        A C{--via} with no C{--relay} after it is a usage error with a one-line reason.
+        """
+        for arguments in (["--via", "a:1"], ["--relay", "x:1", "--via", "a:1"]):
+            e = self.assertRaises(UsageError, self.parse, "8000", *arguments)
+            self.assertTrue(str(e).startswith("--via a:1: a --via must be followed by"), str(e))
+            self.assertNotIn("\n", str(e))
+
+    def test_malformedVia(self) -> None:
+        """
+        A malformed hop is a usage error naming C{--via}.
+        """
+        for text in ("", "a:0", "a:b", f"a:1#{'0' * 52}"):
+            e = self.assertRaises(UsageError, self.parse, "8000", "--via", text, "--relay", "c")
+            self.assertTrue(str(e).startswith("--via"), str(e))
+
+    def test_relayTwiceOnAPath(self) -> None:
+        """
+        A relay may occur once on a path: a hop repeated, or the relay as its own hop, is refused.
+        """
+        self.assertRaises(ConfigError, parseChain, "c:1", ["a:1", "a:1"])
+        error = self.assertRaises(ConfigError, parseChain, "c:1", ["c:1"])
+        self.assertIn("only once on the path to c:1", str(error))
+
+    def test_hopMayBeAPoolRelay(self) -> None:
+        """
+        A relay of the pool may also be a hop on another relay's path.
+        """
+        config = buildConfig("8000", relays=["a:1", "b:1"], via=[(), ["a:1"]])
+        self.assertEqual(config.relays[1].via, (RelayAddress("a", 1),))
+
+    def test_udpThroughChain(self) -> None:
+        """
+        UDP mode through a chain is accepted (its datagrams go over the control session).
+        """
+        config = self.parse("53", "--udp", "--via", "a:1", "--relay", "c:1").tunnelConfig
+        self.assertEqual((config.mode, len(config.relays[0].via)), ("udp", 1))
 
 
 class AddressEdgeTests(SynchronousTestCase):

@@ -1182,3 +1182,28 @@ class TunnelUDPTests(SynchronousTestCase):
         self.reactor.wait(PATH_CHECK + KEEPALIVE_INTERVAL)
         self.assertEqual(self.logged(LogLevel.warn), [])
         self.assertEqual(self.socket.written, [])
+
+
+class TunnelUDPOverControlTests(SynchronousTestCase):
+    """
+    L{TunnelUDP} with C{overControl} (a relay reached through hops): no UDP to the relay at all.
+    """
+
+    def test_noSocketDatagramsOverControl(self) -> None:
+        """
+        Starting opens no UDP socket and schedules no keepalive; replies from the local service go
+        to the relay as L{Datagram} over the control session; stopping leaves nothing behind.
+        """
+        reactor = UDPReactor()
+        control = FakeControl()
+        udp = TunnelUDP(
+            reactor, control, ("", 4017), _SESSION_ID, _SECRET, _TARGET, overControl=True
+        )
+        udp.start()
+        self.assertEqual(reactor.ports, [])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertFalse(udp.pathUp)
+        udp.toRelay(3, b"answer")
+        self.assertEqual(control.take(), [(Datagram, {"flowId": 3, "payload": b"answer"})])
+        udp.stop()
+        self.assertEqual(reactor.getDelayedCalls(), [])

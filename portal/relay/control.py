@@ -4,20 +4,27 @@ The relay's control port: TLS + AMP control sessions and plain-TCP data sessions
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 import portal
 from portal.attach import MAGIC
-from portal.challenge import ChallengeError, ExpiredChallenge, UnknownChallenge
+from portal.challenge import (
+    PURPOSE_HOP,
+    PURPOSE_REGISTER,
+    ChallengeError,
+    ExpiredChallenge,
+    UnknownChallenge,
+)
 from portal.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
@@ -27,7 +34,11 @@ from portal.control import (
     Challenge,
     Datagram,
     FlowClosed,
+    GoingAway,
+    Heartbeat,
     Hello,
+    Hop,
+    HopRefused,
     LeaseUnknown,
     NotAuthenticated,
     Register,
@@ -46,6 +57,7 @@ from portal.leases import LeaseError
 from portal.names import InvalidName, leaseHostname, validateLabel
 from portal.peek import PeekingProtocol, RefuseConnection
 from portal.relay.data import RelayDataSession
+from portal.relay.hop import HopInbound
 from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
@@ -54,9 +66,11 @@ from portal.relay.udpmode import UDPSession
 TLS_HANDSHAKE = 0x16
 
 
-class RelayControlProtocol(amp.AMP):
+class RelayControlProtocol(amp.AMP, TimeoutMixin):
     """
-    The relay's side of one control session.
+    The relay's side of one control session. A session silent for
+    L{RelayLimits.controlIdleTimeout<portal.relay.router.RelayLimits>} is closed: tunnels send
+    L{Heartbeat}s far more often, so silence means a dead path.
 
     @ivar pool: This session's data pool, once L{Hello} is done.
     @ivar owner: The identity id that registered on this session.
@@ -70,6 +84,8 @@ class RelayControlProtocol(amp.AMP):
     mode = "stream"
     udpSession: UDPSession | None = None
     _helloTimer: Any = None
+    _hopPending: Deferred[HopInbound] | None = None
+    _lost = False
     _log = Logger()
 
     def __init__(self, router: Router) -> None:
@@ -77,15 +93,41 @@ class RelayControlProtocol(amp.AMP):
         self._router = router
         self.names: set[str] = set()
         self.sessionId = b""
+        #: Capabilities negotiated in L{Hello}.
+        self.capabilities: frozenset[str] = frozenset()
+        # See ControlDispatch.
+        self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
 
     def connectionMade(self) -> None:
         """
-        Give the tunnel a bounded time to say L{Hello}.
+        Give the tunnel a bounded time to say L{Hello}, and start watching for silence.
         """
         super().connectionMade()
+        self._router.controls.add(self)
         self._helloTimer = self._router.clock.callLater(
             self._router.limits.helloTimeout, self._helloTimedOut
         )
+        self.setTimeout(self._router.limits.controlIdleTimeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Anything from the tunnel shows the path is alive.
+        """
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        """
+        Nothing from the tunnel for too long: the path is dead. Close the session; its leases are
+        detached but stay reserved for their owner, who gets them back on reconnecting.
+        """
+        self._log.info(
+            "control session of {identity} silent for {seconds:.0f} s; closing it",
+            identity=(self.owner or "an unregistered tunnel")[:12],
+            seconds=self._router.limits.controlIdleTimeout,
+        )
+        # Inside TLS: the transport is the TLS protocol, which can abort.
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _helloTimedOut(self) -> None:
         """
@@ -108,6 +150,9 @@ class RelayControlProtocol(amp.AMP):
             self._helloTimer = None
         version = negotiateVersion(minVersion, maxVersion)
         router = self._router
+        if router.closing:
+            raise TryAgain("the relay is shutting down")
+        self.capabilities = frozenset(c for c in CAPABILITIES if c in capabilities)
         if self.pool is None:
             self.sessionId = router.newSessionId()
             key = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
@@ -150,15 +195,79 @@ class RelayControlProtocol(amp.AMP):
             raise RegistrationRefused(str(e))
 
     @Challenge.responder
-    def challenge(self, names: list[str]) -> dict[str, object]:
+    def challenge(self, names: list[str], purpose: str | None = None) -> dict[str, object]:
         """
-        Issue a registration challenge for C{names}.
+        Issue a registration challenge for C{names}, or a hop challenge (no names).
         """
+        # AMP passes an optional argument that was not sent as None.
+        purpose = purpose or PURPOSE_REGISTER
         if self.pool is None:
             raise RegistrationRefused("Hello must come first")
-        names = self._checkNames(names)
-        nonce = self._router.challenges.issue(names)
+        if purpose == PURPOSE_HOP:
+            if names:
+                raise RegistrationRefused("a hop challenge names no lease")
+        elif purpose == PURPOSE_REGISTER:
+            names = self._checkNames(names)
+        else:
+            raise RegistrationRefused(f"unknown challenge purpose {purpose!r}")
+        nonce = self._router.challenges.issue(names, purpose)
         return {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
+
+    @Hop.responder
+    def hop(
+        self, host: str, port: int, publicKey: bytes, nonce: bytes, signature: bytes
+    ) -> Deferred[HopInbound]:
+        """
+        Check a signed hop request and connect to its destination; once connected, this session
+        becomes a splice to it (see L{portal.relay.hop}).
+        """
+        if self.pool is None:
+            raise HopRefused("Hello must come first")
+        if self.names or self._hopPending is not None:
+            raise HopRefused("this control session is in use; open a new one for a hop")
+        router = self._router
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        try:
+            router.challenges.redeemHop(nonce, host, port, publicKey, signature)
+        except (UnknownChallenge, ExpiredChallenge) as e:
+            raise TryAgain(f"{e}; ask for a new challenge")
+        except ChallengeError as e:
+            self._log.warn(
+                "hop refused from {peer}: {reason}", peer=getattr(peer, "host", peer), reason=str(e)
+            )
+            raise HopRefused(str(e))
+        d = self._hopPending = router.hops.open(peer, identityId(publicKey), host, port)
+
+        def connected(inbound: HopInbound) -> HopInbound:
+            self._hopPending = None
+            if self._lost:
+                router.hops.abandon(inbound)
+                raise HopRefused("the control session closed")
+            # This session carries no leases and no data sessions from now on; nor AMP, so it
+            # gets no GoingAway, and its silence is the hop's business (an idle pooled data
+            # session may be silent for long).
+            self._closePool()
+            self.setTimeout(None)
+            router.controls.discard(self)
+            return inbound
+
+        def failed(failure: Failure) -> Failure:
+            self._hopPending = None
+            if failure.check(CancelledError):
+                # The control session closed while connecting: nobody is left to tell.
+                return Failure(HopRefused("the control session closed"))
+            return failure
+
+        return d.addCallbacks(connected, failed)
+
+    def _closePool(self) -> None:
+        """
+        Forget this session's data pool: no data session can attach to it any more.
+        """
+        if self.pool is not None:
+            self._router.sessions.pop(self.sessionId, None)
+            self.pool.close()
 
     @Register.responder
     def register(
@@ -293,6 +402,22 @@ class RelayControlProtocol(amp.AMP):
             router.udp.ports.close(self.owner, name, self)
         router.onLeasesChanged()
 
+    @Heartbeat.responder
+    def heartbeat(self) -> dict[str, object]:
+        """
+        The tunnel checks the path: answer at once (receiving it already reset the silence timer).
+        """
+        return {}
+
+    def goingAway(self, deadline: float) -> None:
+        """
+        Tell the tunnel that this relay is shutting down, if it understands L{GoingAway}.
+
+        @param deadline: Seconds open connections get before they are closed.
+        """
+        if "goaway" in self.capabilities:
+            self.callRemote(GoingAway, deadline=deadline)
+
     @Datagram.responder
     def datagram(self, flowId: int, payload: bytes) -> dict[str, object]:
         """
@@ -376,10 +501,13 @@ class RelayControlProtocol(amp.AMP):
         if self._helloTimer is not None:
             self._helloTimer.cancel()
             self._helloTimer = None
+        self.setTimeout(None)
+        self._lost = True
+        if self._hopPending is not None:
+            self._hopPending.cancel()
         router = self._router
-        if self.pool is not None:
-            router.sessions.pop(self.sessionId, None)
-            self.pool.close()
+        router.controls.discard(self)
+        self._closePool()
         for lease in router.leases.detach(self):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
         for name in self.names:

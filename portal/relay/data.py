@@ -91,6 +91,12 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         self._attached = True
         self._pool = pool
         assert self.transport is not None
+        peer = self.transport.getPeer()
+        self._log.debug(
+            "data session attached from {peer} ({kind})",
+            peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+            kind="TLS" if self.tls else "plain",
+        )
         self.transport.write(ACK)
         pool.offer(self)
 

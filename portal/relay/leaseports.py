@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -179,6 +179,20 @@ class LeasePorts:
         for lease in lapsed:
             self.close(lease.owner, lease.name)
         return bool(lapsed)
+
+    def stopAccepting(self) -> Deferred[Any]:
+        """
+        Stop listening on every raw TCP port but leave its open visitors be (a graceful shutdown
+        lets them finish). UDP ports keep carrying datagrams until L{closeAll}: a flow has no end
+        to wait for.
+        """
+        stops = []
+        if self.kind == "tcp":
+            for lease in self.leases.values():
+                listening, lease.listening = lease.listening, None
+                if listening is not None:
+                    stops.append(maybeDeferred(listening.stopListening))
+        return gatherResults(stops)
 
     def closeAll(self) -> Deferred[Any]:
         """

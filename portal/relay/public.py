@@ -50,6 +50,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         Start the ClientHello timer.
         """
         self._router.counters["visitors"] += 1
+        self._router.visitors.add(self)
         noDelay(self.transport)
         self.setTimeout(self._router.limits.helloTimeout)
 
@@ -187,6 +188,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         @param reason: Why.
         """
         self.setTimeout(None)
+        self._router.visitors.discard(self)
         if self.pool is not None:
             self.pool.abandon(self)
             self.pool = None

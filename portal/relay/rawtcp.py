@@ -47,6 +47,7 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         lease = self._lease
         router = lease.router
         router.counters["tcp_visitors"] += 1
+        router.visitors.add(self)
         assert self.transport is not None
         noDelay(self.transport)
         peer = self.transport.getPeer()
@@ -102,6 +103,7 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         """
         self.setTimeout(None)
         self._lease.visitors.discard(self)
+        self._lease.router.visitors.discard(self)
         if self.pool is not None:
             self.pool.abandon(self)
             self.pool = None

@@ -20,6 +20,7 @@ from portal.identity import Identity
 from portal.kernelsplice import KernelSplice, canSplice
 from portal.leases import LeaseTable
 from portal.names import leaseLabel, normaliseHostname
+from portal.relay.hop import HopForwarder
 from portal.splice import pauseReading, splice
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class RelayLimits:
     @ivar maxHelloReads: Reads a ClientHello may take. The parser re-reads the buffer on every read, so
         this bounds the work a client dripping bytes can cause (a real client needs one to a few).
     @ivar attachTimeout: Seconds a new data session has to authenticate.
+    @ivar controlIdleTimeout: Seconds a control session may stay silent (tunnels send heartbeats far
+        more often); a silent session is closed and its leases detached (they stay reserved).
     @ivar leaseTTL: Seconds a lease lives without renewal.
     @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
     @ivar maxLeasesPerIdentity: Names one identity may hold on this relay.
@@ -65,6 +68,7 @@ class RelayLimits:
     helloTimeout: float = 10.0
     maxHelloReads: int = 64
     attachTimeout: float = 10.0
+    controlIdleTimeout: float = 60.0
     leaseTTL: float = 60.0
     reservation: float = 3600.0
     maxLeasesPerIdentity: int = 100
@@ -239,6 +243,9 @@ class Router:
     @ivar leases: The lease table.
     @ivar challenges: Registration challenges.
     @ivar sessions: Live control sessions' data pools by session id.
+    @ivar controls: Live control sessions.
+    @ivar visitors: Open visitor connections (public TLS and raw TCP), which a graceful shutdown lets
+        finish.
     @ivar publicPort: The port visitors use, once the public listener is up.
     """
 
@@ -265,6 +272,10 @@ class Router:
         )
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.sessions: dict[bytes, DataPool] = {}
+        self.controls: set[Any] = set()
+        self.visitors: set[Any] = set()
+        #: The relay is shutting down: no new control sessions.
+        self.closing = False
         self.publicPort = 0
         #: The port the control listener is bound to, once it listens.
         self.controlPort = 0
@@ -272,6 +283,8 @@ class Router:
         self.tcp: LeasePorts | None = None
         #: UDP mode, when the relay offers it (C{--udp-ports}).
         self.udp: UDPMode | None = None
+        #: Multi-hop forwarding; with no allowed destination (no C{--allow-hop}) it refuses every hop.
+        self.hops = HopForwarder(clock, ())
         #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None

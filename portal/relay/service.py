@@ -24,6 +24,7 @@ from portal.leases import LeaseTable
 from portal.localca import LocalCA
 from portal.privatefiles import writeFileAtomically
 from portal.relay.control import ControlFactory
+from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.leaseports import LeasePorts
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
@@ -32,6 +33,9 @@ from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
+
+#: Seconds between checks for open connections while a stopping relay drains.
+DRAIN_POLL = 0.1
 
 
 def defaultStateDir() -> str:
@@ -60,6 +64,10 @@ class RelayConfig:
     @ivar tcpPorts: The public ports of raw TCP leases, or L{None} to turn raw TCP mode off.
     @ivar udpPorts: The public ports of UDP leases, or L{None} to turn UDP mode off.
     @ivar maxPortsPerIdentity: Most public ports of each kind one identity may hold at once.
+    @ivar shutdownGrace: Seconds a stopping relay lets open connections finish.
+    @ivar allowHops: Destinations tunnels may hop to through this relay, C{(host, port)} as written
+        (C{--allow-hop}); none means the relay forwards no hops.
+    @ivar maxHopsPerIdentity: Hops one identity may have open through this relay at once.
     """
 
     public: str = "tcp:8443"
@@ -73,6 +81,9 @@ class RelayConfig:
     tcpPorts: PortRange | None = None
     udpPorts: PortRange | None = None
     maxPortsPerIdentity: int = 10
+    shutdownGrace: float = 10.0
+    allowHops: tuple[tuple[str, int], ...] = ()
+    maxHopsPerIdentity: int = MAX_HOPS_PER_IDENTITY
 
 
 class RelayService(Service):
@@ -157,6 +168,13 @@ class RelayService(Service):
                     "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
                 )
         router.kernelSplice = config.kernelSplice
+        router.hops = HopForwarder(self._reactor, config.allowHops, config.maxHopsPerIdentity)
+        if config.allowHops:
+            self._log.info(
+                "forwarding hops to {destinations} (at most {limit} per identity)",
+                destinations=", ".join(formatDestination(*d) for d in config.allowHops),
+                limit=config.maxHopsPerIdentity,
+            )
         router.onLeasesChanged = self._scheduleSave
         if config.tcpPorts is not None:
             # The interface is the public listener's, known once it listens (see _start).
@@ -348,16 +366,71 @@ class RelayService(Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         """
-        Stop listening and save the leases.
+        Shut down gracefully: stop accepting visitors and new tunnels, tell the tunnels (L{GoingAway}),
+        let open connections finish for up to L{RelayConfig.shutdownGrace} seconds, close what is
+        left, and save the leases.
         """
         super().stopService()
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
+        router = self.router
+        if router is not None:
+            # The control port stays open while draining, for the data sessions of visitors who
+            # are already in; new control sessions are refused (see RelayControlProtocol.hello).
+            router.closing = True
+        for name in ("public", "http"):
+            port = self.ports.pop(name, None)
+            if port is not None:
+                yield port.stopListening()
+        for leasePorts in self._leasePorts().values():
+            yield leasePorts.stopAccepting()
+        if router is not None:
+            yield self._drain(router, self.config.shutdownGrace)
         for leasePorts in self._leasePorts().values():
             yield leasePorts.closeAll()
         for port in self.ports.values():
             yield port.stopListening()
         self.ports.clear()
+        if router is not None:
+            for protocol in list(router.controls):
+                protocol.transport.loseConnection()
         if self._saveCall is not None:
             self._saveCall.cancel()
         self._save()
+
+    def _drain(self, router: Router, grace: float) -> Deferred[None]:
+        """
+        Tell every tunnel that this relay is going away, then wait until no visitor connection is
+        open, or C{grace} seconds, whichever comes first; close the visitors left then.
+
+        @return: A L{Deferred} that fires when the relay may close the rest.
+        """
+        self._log.info(
+            "portal-relay shutting down: accepting nothing new; {visitors} open connections get "
+            "up to {grace:.0f} s to finish",
+            visitors=len(router.visitors),
+            grace=grace,
+        )
+        for protocol in list(router.controls):
+            protocol.goingAway(grace)
+        drained: Deferred[None] = Deferred()
+        deadline = self._reactor.seconds() + grace
+
+        def check() -> None:
+            if router.visitors and self._reactor.seconds() < deadline:
+                return
+            if router.visitors:
+                self._log.info(
+                    "closing {visitors} connections still open after {grace:.0f} s",
+                    visitors=len(router.visitors),
+                    grace=grace,
+                )
+                for visitor in list(router.visitors):
+                    visitor.transport.abortConnection()
+            poll.stop()
+            drained.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self._reactor
+        poll.start(DRAIN_POLL, now=True)
+        return drained

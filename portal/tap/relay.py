@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopDestinationError, parseDestination
 from portal.relay.ports import PortRangeError, parsePortRange
 from portal.relay.router import RelayLimits
 from portal.relay.service import RelayConfig, RelayService, defaultStateDir
@@ -80,10 +81,32 @@ class Options(usage.Options):
         ],
         ["max-idle-data", None, 64, "Idle data sessions kept per tunnel.", _positive(int)],
         [
+            "control-idle-timeout",
+            None,
+            60.0,
+            "Seconds a tunnel's control session may stay silent before it is closed (tunnels "
+            "send heartbeats every 10 s).",
+            _positive(float),
+        ],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "Seconds a stopping relay (SIGTERM) lets open connections finish.",
+            _positive(float),
+        ],
+        [
             "max-ports-per-identity",
             None,
             10,
             "Public TCP/UDP ports one identity may hold at once.",
+            _positive(int),
+        ],
+        [
+            "max-hops-per-identity",
+            None,
+            MAX_HOPS_PER_IDENTITY,
+            "Hops one identity may have open through this relay at once.",
             _positive(int),
         ],
     ]
@@ -101,13 +124,17 @@ class Options(usage.Options):
 
     def opt_allow_hop(self, destination: str) -> None:
         """
-        Allow multi-hop connections to DESTINATION (not available yet).
+        Forward tunnels' hops to DESTINATION, HOST:PORT as tunnels write it (usually another relay's
+        control port; repeatable). Without it the relay forwards no hops.
         """
-        self["allow-hop"].append(destination)
+        try:
+            self["allow-hop"].append(parseDestination(destination))
+        except HopDestinationError as e:
+            raise usage.UsageError(str(e))
 
     def postOptions(self) -> None:
         """
-        Refuse options whose features this relay does not have yet, rather than ignoring them.
+        Check the port ranges and endpoint descriptions.
         """
         for kind in ("tcp", "udp"):
             self[f"{kind}-range"] = None
@@ -126,10 +153,6 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name} {self[name]!r} is not an endpoint description: {e}"
                 )
-        if self["allow-hop"]:
-            raise usage.UsageError(
-                "--allow-hop: multi-hop chains are not available in this version yet"
-            )
 
     def config(self) -> RelayConfig:
         """
@@ -146,12 +169,16 @@ class Options(usage.Options):
             tcpPorts=self["tcp-range"],
             udpPorts=self["udp-range"],
             maxPortsPerIdentity=self["max-ports-per-identity"],
+            shutdownGrace=self["shutdown-grace"],
+            allowHops=tuple(dict.fromkeys(self["allow-hop"])),
+            maxHopsPerIdentity=self["max-hops-per-identity"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],
                 maxLeasesPerIdentity=self["max-leases-per-identity"],
                 dataWaitTimeout=self["data-wait-timeout"],
                 maxIdleData=self["max-idle-data"],
+                controlIdleTimeout=self["control-idle-timeout"],
             ),
         )
 

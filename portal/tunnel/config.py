@@ -108,16 +108,20 @@ def parseTarget(text: str) -> Target:
 @attrs.frozen
 class RelayAddress:
     """
-    A relay's control address, and the identity the user expects it to have.
+    A relay's control address, the identity the user expects it to have, and the relays the tunnel
+    reaches it through.
 
     @ivar host: Host name or address.
     @ivar port: Control port.
     @ivar expectedId: The relay identity given as C{HOST:PORT#RELAYID}, if any.
+    @ivar via: The hop relays on the path to this relay, first hop first (C{--via}); empty for a
+        direct connection. Each is checked and pinned like a relay.
     """
 
     host: str
     port: int
     expectedId: str | None = None
+    via: tuple[RelayAddress, ...] = ()
 
     @property
     def address(self) -> str:
@@ -126,25 +130,54 @@ class RelayAddress:
         """
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def path(self) -> str:
+        """
+        The chain for humans: C{A:4017 -> B:4017 -> C:4017}, or just the address when direct.
+        """
+        return " -> ".join([*(hop.address for hop in self.via), self.address])
 
-def parseRelay(text: str) -> RelayAddress:
+
+def parseRelay(text: str, flag: str = "--relay") -> RelayAddress:
     """
     Parse C{HOST:PORT[#RELAYID]}; the port defaults to 4017.
 
     @param text: The relay as given.
+    @param flag: The option it was given with (C{--relay} or C{--via}), for messages.
     @return: The parsed address.
     @raise ConfigError: When malformed.
     """
     spec, _, relayId = text.partition("#")
     if spec.isdigit() or not spec:
-        raise ConfigError(f"--relay {text!r}: expected HOST:PORT[#RELAYID]")
+        raise ConfigError(f"{flag} {text!r}: expected HOST:PORT[#RELAYID]")
     if ":" not in spec or (spec.startswith("[") and spec.endswith("]")):
         spec = f"{spec}:4017"
-    host, port = _hostPort(spec, "--relay")
+    host, port = _hostPort(spec, flag)
     relayId = relayId.lower()
     if relayId and (len(relayId) != 52 or not set(relayId) <= _BASE32):
-        raise ConfigError(f"--relay {text!r}: RELAYID must be the relay's 52-character identity id")
+        raise ConfigError(f"{flag} {text!r}: RELAYID must be the relay's 52-character identity id")
     return RelayAddress(host.lower(), port, relayId or None)
+
+
+def parseChain(relay: str, via: Sequence[str] = ()) -> RelayAddress:
+    """
+    Parse a relay and the hops on the path to it.
+
+    @param relay: The relay, C{HOST:PORT[#RELAYID]}.
+    @param via: The hop relays, first hop first, each C{HOST:PORT[#RELAYID]}.
+    @return: The relay's address with its path.
+    @raise ConfigError: When an address is malformed, or a relay occurs twice on the path.
+    """
+    target = parseRelay(relay)
+    hops = tuple(parseRelay(hop, "--via") for hop in via)
+    seen = {target.address}
+    for hop in hops:
+        if hop.address in seen:
+            raise ConfigError(
+                f"--via {hop.address}: a relay may occur only once on the path to {target.address}"
+            )
+        seen.add(hop.address)
+    return attrs.evolve(target, via=hops)
 
 
 def _alpn(value: str) -> tuple[bytes, ...]:
@@ -259,12 +292,15 @@ def buildConfig(
     udpAddr: str | None = None,
     udpIdleTimeout: float = 60.0,
     udpMaxFlows: int = 1024,
+    via: Sequence[Sequence[str]] = (),
     registry: str | None = None,
     maxRelays: int | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
 
+    @param via: For each of C{relays}, in order, the hop relays on the path to it (C{--via}, first
+        hop first); missing entries mean direct connections.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -350,8 +386,11 @@ def buildConfig(
         raise ConfigError("--max-relays needs --registry")
     if maxRelays is not None and not 0 < maxRelays <= MAX_MAX_RELAYS:
         raise ConfigError(f"--max-relays must be between 1 and {MAX_MAX_RELAYS}")
+    if len(via) > len(relays):
+        raise ConfigError("--via: each --via must come before the --relay it leads to")
+    paths = [*via, *([()] * (len(relays) - len(via)))]
     # With a registry, only the relays given explicitly are added to those it picks.
-    parsedRelays = tuple(parseRelay(r) for r in relays) or (
+    parsedRelays = tuple(parseChain(r, hops) for r, hops in zip(relays, paths, strict=True)) or (
         () if registry else (parseRelay(DEFAULT_RELAY),)
     )
     if len({r.address for r in parsedRelays}) != len(parsedRelays):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -15,23 +17,20 @@ from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-import portal
 from portal.challenge import signRegistration
 from portal.control import (
-    CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_UDP_KEY,
-    MAX_VERSION,
-    MIN_VERSION,
     Challenge,
     Datagram,
     FlowClosed,
     FlowOpened,
+    GoingAway,
+    Heartbeat,
     Hello,
     LeaseUnknown,
     Register,
     RegistrationRefused,
-    RelayAuthenticationFailed,
     Renew,
     RequestData,
     TryAgain,
@@ -39,9 +38,13 @@ from portal.control import (
     UnsupportedVersion,
     exportKeyingMaterial,
     modeParts,
-    verifyHello,
 )
-from portal.pinning import RelayIdentityChanged
+from portal.tunnel.hello import (
+    FatalRelayError,
+    RelayAuthenticationFailed,
+    checkHello,
+    helloArguments,
+)
 from portal.tunnel.udpmode import TunnelUDP
 
 if TYPE_CHECKING:
@@ -51,13 +54,10 @@ if TYPE_CHECKING:
 COMMAND_TIMEOUT = 30.0
 #: Longest wait between registration attempts the relay asked to retry.
 MAX_RETRY_DELAY = 30.0
-
-
-class FatalRelayError(Exception):
-    """
-    An error reconnecting cannot fix (a changed relay identity, a name taken by another identity); the
-    tunnel stops with a message.
-    """
+#: Seconds between heartbeats on a control session.
+HEARTBEAT_INTERVAL = 10.0
+#: Seconds a heartbeat may go unanswered before the path counts as dead and is redialled.
+HEARTBEAT_TIMEOUT = 10.0
 
 
 class TunnelControlProtocol(amp.AMP):
@@ -72,6 +72,7 @@ class TunnelControlProtocol(amp.AMP):
     relayId: str | None = None
     udp: TunnelUDP | None = None
     _renewal: LoopingCall | None = None
+    _heartbeat: LoopingCall | None = None
     _retry: Any = None
     _retryDelay = 1.0
 
@@ -94,13 +95,7 @@ class TunnelControlProtocol(amp.AMP):
         Start the handshake: Hello, relay identity check, challenge, register.
         """
         super().connectionMade()
-        d = self._call(
-            Hello,
-            minVersion=MIN_VERSION,
-            maxVersion=MAX_VERSION,
-            capabilities=list(CAPABILITIES),
-            software=f"portal/{portal.__version__}",
-        )
+        d = self._call(Hello, **helloArguments())
         d.addCallback(self._helloed)
         d.addCallback(lambda _: Deferred.fromCoroutine(self._register()))
         d.addErrback(self._failed)
@@ -109,29 +104,59 @@ class TunnelControlProtocol(amp.AMP):
         """
         Verify that the relay holds its identity key on this very TLS session, and pin it.
         """
-        relayId = verifyHello(self.transport, response)
-        for mode in sorted(modeParts(self._link.mode)):
+        link = self._link
+        relayId = checkHello(
+            self.transport, response, link.relay, link.pins, link.reporter, flag=link.flag
+        )
+        for mode in sorted(modeParts(link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
-        link = self._link
-        try:
-            if link.pins.check(link.relay.address, relayId, link.relay.expectedId):
-                link.reporter.state(
-                    "pinned",
-                    link.relay.address,
-                    f"pinned relay identity {relayId} "
-                    f"({link.expectedIdOrigin if link.relay.expectedId else 'first use'})",
-                    relayId=relayId,
-                )
-        except (RelayIdentityChanged, ValueError) as e:
-            # A changed identity, or a known relays file that cannot be read: reconnecting cannot help.
-            raise FatalRelayError(str(e))
         self.relayId = relayId
         self._sessionId = response["sessionId"]
         self._dataKey = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
         self._tunnelDomain = response["tunnelDomain"]
         self._publicPort = response["publicPort"]
         self._leaseTTL = response["leaseTTL"]
+        if "heartbeat" in response["capabilities"]:
+            self._heartbeat = LoopingCall(self._beat)
+            self._heartbeat.clock = link.reactor
+            self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+
+    def _beat(self) -> None:
+        """
+        Send a heartbeat; no answer in L{HEARTBEAT_TIMEOUT} means the path is dead: abort the
+        session so that the link redials (the relay keeps the leases reserved meanwhile).
+        """
+        d = self.callRemote(Heartbeat)
+        d.addTimeout(HEARTBEAT_TIMEOUT, self._link.reactor)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(defer.TimeoutError):
+                return
+            link = self._link
+            link.reporter.state(
+                "dead-path",
+                link.relay.address,
+                f"no heartbeat answer from the relay in {HEARTBEAT_TIMEOUT:.0f} s; redialling",
+            )
+            # Inside TLS: the transport is the TLS protocol, which can abort.
+            cast(ITCPTransport, self.transport).abortConnection()
+
+        d.addErrback(failed)
+
+    @GoingAway.responder
+    def goingAway(self, deadline: float) -> dict[str, object]:
+        """
+        The relay is shutting down: say so; the link reconnects with backoff once it closes.
+        """
+        link = self._link
+        link.reporter.state(
+            "relay-leaving",
+            link.relay.address,
+            f"the relay is shutting down (open connections get {deadline:.0f} s); "
+            "reconnecting with backoff",
+        )
+        return {}
 
     async def _register(self) -> None:
         """
@@ -175,7 +200,10 @@ class TunnelControlProtocol(amp.AMP):
         """
         link = self._link
         assert link.udpTarget is not None
-        host = await link.reactor.resolve(link.relay.host)
+        # Through a chain, UDP straight to the relay would show it the tunnel's address: datagrams
+        # go over this control session only.
+        overControl = bool(link.relay.via)
+        host = "" if overControl else await link.reactor.resolve(link.relay.host)
         self.udp = TunnelUDP(
             link.reactor,
             self,
@@ -185,6 +213,7 @@ class TunnelControlProtocol(amp.AMP):
             link.udpTarget,
             idleTimeout=link.tunnel.config.udpIdleTimeout,
             maxFlows=link.tunnel.config.udpMaxFlows,
+            overControl=overControl,
         )
         self.udp.start()
 
@@ -241,6 +270,13 @@ class TunnelControlProtocol(amp.AMP):
         # The control protocol runs inside TLS: its transport is the TLS protocol, which says
         # whether it is still connected (ITransport does not).
         transport = cast(TLSMemoryBIOProtocol, self.transport)
+        if failure.check(TryAgain) and self.relayId is None:
+            # Refused at Hello (the relay is shutting down): reconnect with backoff.
+            link.reporter.state(
+                "retrying", link.relay.address, f"the relay said: {failure.getErrorMessage()}"
+            )
+            transport.loseConnection()
+            return
         if failure.check(TryAgain) and transport.connected:
             delay = self._retryDelay
             self._retryDelay = min(MAX_RETRY_DELAY, delay * 2)
@@ -292,8 +328,9 @@ class TunnelControlProtocol(amp.AMP):
         """
         Stop renewing; the link reconnects.
         """
-        if self._renewal is not None and self._renewal.running:
-            self._renewal.stop()
+        for loop in (self._renewal, self._heartbeat):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None

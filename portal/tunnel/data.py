@@ -151,9 +151,20 @@ class DataSessionPool:
         handler: Callable[[StreamHeader], IProtocol],
         size: int = 4,
         tls: bool = False,
+        timeout: float = ATTACH_TIMEOUT,
     ) -> None:
+        """
+        @param reactor: Time, for timeouts and retries.
+        @param endpoint: Makes the endpoint of each new data session.
+        @param handler: Builds the protocol serving a stream, from its header.
+        @param size: Idle data sessions to keep.
+        @param tls: Whether C{endpoint} connects with TLS.
+        @param timeout: Seconds a data session may take to connect and attach (longer through a
+            chain of hops).
+        """
         self._reactor = reactor
         self.tls = tls
+        self._timeout = timeout
         self._endpoint = endpoint
         self.handler = handler
         self.size = size
@@ -238,7 +249,7 @@ class DataSessionPool:
         protocol = TunnelDataSession(self, sessionId, key)
         d = connectProtocol(self._endpoint(), protocol)
         d.addCallback(lambda p: p.attached)
-        d.addTimeout(ATTACH_TIMEOUT, self._reactor)
+        d.addTimeout(self._timeout, self._reactor)
 
         def current() -> bool:
             return self._session is not None and self._session[0] == sessionId

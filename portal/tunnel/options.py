@@ -14,8 +14,10 @@ from portal.tunnel.config import ConfigError, TunnelConfig, buildConfig
 
 class TunnelOptions(usage.Options):
     """
-    C{TARGET [--relay HOST:PORT[#RELAYID]]... [--name LABEL] [--alpn LIST] [--cert F --key F]
-    [--identity PATH] [--json]}.
+    C{TARGET [[--via HOST:PORT[#RELAYID]]... --relay HOST:PORT[#RELAYID]]... [--name LABEL]
+    [--alpn LIST] [--cert F --key F] [--identity PATH] [--json]}.
+
+    The C{--via} options given before a C{--relay} are that relay's path, first hop first.
 
     @ivar tunnelConfig: The parsed configuration, after L{postOptions}.
     """
@@ -24,7 +26,8 @@ class TunnelOptions(usage.Options):
     longdesc = (
         "Publish a local service through Portal relays. TARGET is PORT, HOST:PORT or "
         "http(s)://HOST:PORT; a bare port means 127.0.0.1. Without --relay the relay on this "
-        "machine (localhost:4017) is used."
+        "machine (localhost:4017) is used. The --via options before a --relay are the relays "
+        "the tunnel reaches that relay through, first hop first."
     )
     optFlags = [
         ["json", None, "Print one JSON object per event instead of text."],
@@ -90,6 +93,7 @@ class TunnelOptions(usage.Options):
         super().__init__()
         self["relays"] = []
         self["via"] = []
+        self["pending-via"] = []
         self["http-routes"] = []
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -134,12 +138,14 @@ class TunnelOptions(usage.Options):
         A relay to hold a lease on, HOST:PORT[#RELAYID] (repeatable; default localhost:4017).
         """
         self["relays"].append(relay)
+        self["via"].append(tuple(self["pending-via"]))
+        self["pending-via"] = []
 
     def opt_via(self, relay: str) -> None:
         """
-        Reach the relay through this relay first (not available yet).
+        Reach the next --relay through this relay, HOST:PORT[#RELAYID] (repeatable: first hop first).
         """
-        self["via"].append(relay)
+        self["pending-via"].append(relay)
 
     def opt_http_route(self, route: str) -> None:
         """
@@ -160,12 +166,16 @@ class TunnelOptions(usage.Options):
         unavailable = [
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
-            ("via", "multi-hop chains"),
         ]
         for option, feature in unavailable:
             if self[option]:
                 flag = "--http-route" if option == "http-routes" else f"--{option}"
                 raise usage.UsageError(f"{flag}: {feature} is not available in this version yet")
+        if self["pending-via"]:
+            raise usage.UsageError(
+                f"--via {self['pending-via'][-1]}: a --via must be followed by the --relay it "
+                f"leads to (--via HOP --relay RELAY)"
+            )
         try:
             self.tunnelConfig = buildConfig(
                 self["target"],
@@ -185,6 +195,7 @@ class TunnelOptions(usage.Options):
                 udpAddr=self["udp-addr"],
                 udpIdleTimeout=self["udp-idle-timeout"],
                 udpMaxFlows=self["udp-max-flows"],
+                via=self["via"],
                 registry=self["registry"],
                 maxRelays=self["max-relays"],
             )

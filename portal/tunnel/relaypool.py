@@ -43,7 +43,7 @@ class PoolLink(RelayLink):
         session), or L{None} while its lease is live.
     """
 
-    expectedIdOrigin = "as listed in the registry"
+    flag = "--registry"
     downSince: float | None = None
 
     def __init__(self, tunnel: TunnelService, entry: RegistryEntry, pool: RelayPool) -> None:

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL.crypto import X509, PKey
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,16 +28,16 @@ from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
 from portal.names import stableLabel
 from portal.pinning import KnownRelays
+from portal.tunnel.backoff import StableBackoff
 from portal.tunnel.config import ConfigError, RelayAddress, Target, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
-from portal.tunnel.data import DataSessionPool
+from portal.tunnel.data import ATTACH_TIMEOUT, DataSessionPool
+from portal.tunnel.hello import FatalRelayError, RelayAuthenticationFailed, relayTLSOptions
+from portal.tunnel.hop import HOP_TIMEOUT, chainEndpoint
 from portal.tunnel.http2 import RoutedHTTP
 from portal.tunnel.httpproxy import HTTPProxy
 from portal.tunnel.report import Reporter
 from portal.tunnel.stream import StreamHandler
-
-#: Seconds to wait for a TCP connection to a relay.
-CONNECT_TIMEOUT = 10.0
 
 
 @implementer(IStreamClientEndpoint)
@@ -80,8 +79,8 @@ class RelayLink(Service):
     _log = Logger()
     protocol: TunnelControlProtocol | None = None
     _client: ClientService | None = None
-    #: Where the relay's expected identity came from, for the message when it is pinned.
-    expectedIdOrigin = "as given with --relay"
+    #: The option the relay was given with, for messages about its identity.
+    flag = "--relay"
 
     def __init__(self, tunnel: TunnelService, relay: RelayAddress) -> None:
         self.tunnel = tunnel
@@ -95,33 +94,33 @@ class RelayLink(Service):
         self.udpTarget = tunnel.udpTarget
         self._wasLive = False
         self._reportedUnreachable = False
-        tls = tunnel.config.tcp
+        self.backoff = StableBackoff(self.reactor)
+        # Raw TCP mode's payload may be plaintext; inside a chain, the hop relays must see only
+        # ciphertext and the last relay must not tell data sessions by their TCP peer: TLS.
+        tls = tunnel.config.tcp or bool(relay.via)
         self.pool = DataSessionPool(
             self.reactor,
             self.tlsEndpoint if tls else self.dataEndpoint,
             tunnel.streamHandler,
             size=tunnel.config.poolSize,
             tls=tls,
+            timeout=ATTACH_TIMEOUT + HOP_TIMEOUT * len(relay.via),
         )
 
     def dataEndpoint(self) -> IStreamClientEndpoint:
         """
-        @return: A plain TCP endpoint to the relay's control port, for data sessions.
+        @return: A plain stream to the relay's control port, for data sessions: TCP, or through the
+            relay's C{--via} hops (L{portal.tunnel.hop.chainEndpoint}).
         """
-        return HostnameEndpoint(
-            self.reactor, self.relay.host, self.relay.port, timeout=CONNECT_TIMEOUT
-        )
+        return chainEndpoint(self.reactor, self.relay, self.identity, self.pins, self.reporter)
 
     def tlsEndpoint(self) -> IStreamClientEndpoint:
         """
-        @return: A TLS endpoint to the relay's control port, for the control session and raw TCP
-            mode's data sessions. The certificate is not checked against a CA: the relay proves its
-            secp256k1 identity inside the control session (see L{portal.control.Hello}), and data
-            sessions bind their attach to their own TLS session (see L{portal.attach.attachProof}).
+        @return: A TLS endpoint to the relay's control port (L{relayTLSOptions}), over
+            L{dataEndpoint}: for the control session, and for raw TCP mode's and a chain's data
+            sessions. Inside a chain this TLS runs end to end through the hop relays.
         """
-        # TLS 1.3: its exporter is a sound channel binding (RFC 9266) without further conditions.
-        options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3)
-        return wrapClientTLS(options, self.dataEndpoint())
+        return wrapClientTLS(relayTLSOptions(), self.dataEndpoint())
 
     def controlEndpoint(self) -> IStreamClientEndpoint:
         """
@@ -138,7 +137,7 @@ class RelayLink(Service):
         self._client = ClientService(
             self.controlEndpoint(),
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            retryPolicy=self.backoff,
             clock=self.reactor,
         )
         self._client.startService()
@@ -157,8 +156,12 @@ class RelayLink(Service):
 
     def _unreachable(self, failure: Failure) -> None:
         """
-        A connection attempt failed: say so once per outage (L{ClientService} keeps retrying).
+        A connection attempt failed: say so once per outage (L{ClientService} keeps retrying), or
+        stop the tunnel when a hop relay said it will never forward it or has the wrong identity.
         """
+        if failure.check(FatalRelayError, RelayAuthenticationFailed) and self.running:
+            self.fatal(failure.getErrorMessage())
+            return
         if not self._reportedUnreachable and self.running:
             self._reportedUnreachable = True
             self.reporter.state(
@@ -187,6 +190,8 @@ class RelayLink(Service):
         self.protocol = protocol
         self._reportedUnreachable = False
         self.tunnel.servedHostnames.update(hostnames)
+        if newSession:
+            self.backoff.up()
         if self._wasLive and newSession:
             self.reporter.state("reconnected", self.relay.address, "reconnected to the relay")
         self._wasLive = True
@@ -213,6 +218,7 @@ class RelayLink(Service):
         """
         The control session closed: stop the pool; the L{ClientService} reconnects.
         """
+        self.backoff.down()
         if protocol is self.protocol:
             self.protocol = None
             self.pool.stop()

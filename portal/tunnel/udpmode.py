@@ -53,6 +53,7 @@ class TunnelUDP(DatagramProtocol):
         target: tuple[str, int],
         idleTimeout: float = 60.0,
         maxFlows: int = 1024,
+        overControl: bool = False,
     ) -> None:
         """
         @param reactor: UDP and time.
@@ -61,7 +62,10 @@ class TunnelUDP(DatagramProtocol):
         @param sessionId: The UDP session id the relay gave at registration.
         @param secret: Exported from the control session (L{portal.control.EXPORTER_UDP_KEY}).
         @param target: The local UDP service (IP literal, port).
+        @param overControl: Never send UDP to the relay; carry every datagram over the control
+            session (a relay reached through hops must not learn the tunnel's address).
         """
+        self._overControl = overControl
         self._reactor = reactor
         self._control = control
         self._relay = relay
@@ -82,8 +86,13 @@ class TunnelUDP(DatagramProtocol):
 
     def start(self) -> None:
         """
-        Open the socket and start the keepalives.
+        Open the socket and start the keepalives; over the control session only, open nothing.
         """
+        if self._overControl:
+            self._log.info(
+                "the relay is reached through hops: carrying datagrams over the control session"
+            )
+            return
         self._reactor.listenUDP(0, self, maxPacketSize=MAX_PACKET_SIZE)
 
     def startProtocol(self) -> None:
