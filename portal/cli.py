@@ -1,5 +1,5 @@
 """
-The C{portal} command: C{expose}, C{identity show|new} and C{demo}.
+The C{portal} command: C{expose}, C{identity show|new}, C{relays} and C{demo}.
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
 """
@@ -83,15 +83,37 @@ class DemoOptions(usage.Options):
     optFlags = [["json", None, "Print JSON event lines."]]
 
 
+class RelaysOptions(usage.Options):
+    """
+    C{portal relays --registry URL|FILE [--json]}.
+    """
+
+    synopsis = "--registry URL|FILE [--json]"
+    longdesc = (
+        "Check every relay of a registry: a health check of its control port (its identity proof "
+        "and latency) and, when the registry gives its URL, its signed descriptor."
+    )
+    optParameters = [["registry", None, None, "Relay registry: an http(s) URL or a file."]]
+    optFlags = [["json", None, "Print one JSON object per relay instead of a table."]]
+
+    def postOptions(self) -> None:
+        """
+        A registry is required.
+        """
+        if not self["registry"]:
+            raise usage.UsageError("portal relays needs --registry URL|FILE")
+
+
 class PortalOptions(usage.Options):
     """
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|identity|demo|version ..."
+    synopsis = "portal expose|identity|relays|demo|version ..."
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
         ["identity", None, IdentityOptions, "Show or create this machine's identity."],
+        ["relays", None, RelaysOptions, "List a registry's relays with their health."],
         ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
         ["version", None, usage.Options, "Print the version."],
     ]
@@ -101,7 +123,7 @@ class PortalOptions(usage.Options):
         A subcommand is required.
         """
         if self.subCommand is None:
-            raise usage.UsageError("expected a command: expose, identity, demo or version")
+            raise usage.UsageError("expected a command: expose, identity, relays, demo or version")
 
 
 def _startLogging(err: TextIO, level: LogLevel) -> None:
@@ -205,6 +227,49 @@ def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
     return exit[0]
 
 
+def relaysCommand(options: RelaysOptions, out: TextIO, err: TextIO) -> int:
+    """
+    Run C{portal relays}: load the registry, check every relay, print the result.
+
+    @return: The exit code: 0 when the registry loaded (whatever the relays' health), 1 when it
+        could not be loaded.
+    """
+    from twisted.internet import reactor
+
+    from portal.registry import RegistryError, loadRegistry
+    from portal.relaylist import formatJSON, formatTable, surveyRegistry
+
+    _startLogging(err, LogLevel.warn)
+    exit = [FAILURE]
+
+    async def run() -> int:
+        try:
+            registry = await loadRegistry(reactor, options["registry"])
+        except RegistryError as e:
+            err.write(f"portal: cannot load the registry {e}\n")
+            return FAILURE
+        statuses = await surveyRegistry(reactor, registry)
+        out.write(formatJSON(statuses) if options["json"] else formatTable(registry, statuses))
+        out.flush()
+        return 0
+
+    def started() -> None:
+        d = ensureDeferred(run())
+
+        def done(code: int) -> None:
+            exit[0] = code
+
+        def failed(failure: Any) -> None:
+            err.write(f"portal: relays failed: {failure.getErrorMessage()}\n")
+
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(started)
+    reactor.run()
+    return exit[0]
+
+
 def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
     """
     Run a relay, a tunnel and a sample site in one process on loopback until interrupted.
@@ -296,6 +361,8 @@ def main(
             code = identityCommand(sub, out)
         elif command == "expose":
             code = exposeCommand(sub, out, err)
+        elif command == "relays":
+            code = relaysCommand(sub, out, err)
         else:
             code = demoCommand(sub, out, err)
     except (IdentityError, CertificateError, ValueError) as e:

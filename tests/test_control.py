@@ -95,6 +95,8 @@ class FakeLink:
     @ivar fatals: Every message passed to L{fatal}.
     """
 
+    flag = "--relay"
+
     def __init__(
         self,
         reactor: Clock,

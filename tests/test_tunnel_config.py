@@ -420,7 +420,6 @@ class TunnelOptionsTests(SynchronousTestCase):
         Features this version does not have are refused with a usage error naming the flag.
         """
         cases = [
-            (["--registry", "https://r"], "--registry"),
             (["--acme", "https://a"], "--acme"),
             (["--app", "app.json"], "--app"),
         ]

@@ -277,6 +277,8 @@ class Router:
         #: The relay is shutting down: no new control sessions.
         self.closing = False
         self.publicPort = 0
+        #: The port the control listener is bound to, once it listens.
+        self.controlPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
         self.tcp: LeasePorts | None = None
         #: UDP mode, when the relay offers it (C{--udp-ports}).

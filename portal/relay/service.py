@@ -301,6 +301,7 @@ class RelayService(Service):
             ControlFactory(router, tlsOptions)
         )
         self.ports["control"] = control
+        router.controlPort = getattr(control.getHost(), "port", 0)
         self._announce("control", control)
         if router.udp is not None:
             # Tunnels' sealed datagrams arrive on the control port's number, over UDP.

@@ -1,6 +1,7 @@
 """
-The relay's own web pages: a status page, C{/healthz} and C{/metrics}, served over TLS on the relay's own
-hostname and, on the optional plain-HTTP listener, next to a redirect to https.
+The relay's own web pages: a status page, C{/healthz}, C{/metrics} and the signed descriptor
+C{/.well-known/portal-relay.json}, served over TLS on the relay's own hostname and, on the optional
+plain-HTTP listener, next to a redirect to https.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twisted.web.server import Request, Site
 from twisted.web.util import Redirect
 
 import portal
+from portal.descriptor import RelayDescriptor, signDescriptor
 from portal.relay.router import Router
 
 
@@ -28,6 +30,65 @@ class Health(Resource):
         """
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"ok\n"
+
+
+def describeRelay(router: Router) -> RelayDescriptor:
+    """
+    What the relay says about itself in its descriptor, issued now.
+
+    @param router: The relay's state.
+    """
+    modes = ["stream"]
+    tcpPorts = udpPorts = None
+    if router.tcp is not None:
+        modes.append("tcp")
+        tcpPorts = str(router.tcp.allocator.portRange)
+    if router.udp is not None:
+        modes.append("udp")
+        udpPorts = str(router.udp.ports.allocator.portRange)
+    return RelayDescriptor(
+        id=router.identity.id,
+        publicKey=router.identity.publicKey,
+        domain=router.relayDomain,
+        tunnelDomain=router.tunnelDomain,
+        publicPort=router.publicPort,
+        controlPort=router.controlPort,
+        modes=tuple(modes),
+        tcpPorts=tcpPorts,
+        udpPorts=udpPorts,
+        software=f"portal-relay/{portal.__version__}",
+        issued=int(router.clock.seconds()),
+    )
+
+
+class Descriptor(Resource):
+    """
+    C{/.well-known/portal-relay.json}: the relay's descriptor, signed afresh for each request.
+    """
+
+    isLeaf = True
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._router = router
+
+    def render_GET(self, request: Request) -> bytes:
+        """
+        @return: The signed descriptor document.
+        """
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        return signDescriptor(self._router.identity, describeRelay(self._router))
+
+
+def wellKnown(router: Router) -> Resource:
+    """
+    @return: The C{/.well-known/} resource, holding the descriptor.
+    """
+    resource = Resource()
+    resource.putChild(b"portal-relay.json", Descriptor(router))
+    return resource
 
 
 class Metrics(Resource):
@@ -104,12 +165,13 @@ def relaySite(router: Router) -> Site:
     root = Status(router)
     root.putChild(b"healthz", Health())
     root.putChild(b"metrics", Metrics(router))
+    root.putChild(b".well-known", wellKnown(router))
     return Site(root)
 
 
 class _HTTPRoot(Resource):
     """
-    The plain-HTTP root: health and metrics, everything else redirected to https.
+    The plain-HTTP root: health, metrics and the descriptor, everything else redirected to https.
     """
 
     def __init__(self, router: Router) -> None:
@@ -117,6 +179,7 @@ class _HTTPRoot(Resource):
         self._router = router
         self.putChild(b"healthz", Health())
         self.putChild(b"metrics", Metrics(router))
+        self.putChild(b".well-known", wellKnown(router))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         """

@@ -18,6 +18,11 @@ _BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
 
+#: Relays a tunnel holds leases on from a registry, unless C{--max-relays} says otherwise.
+DEFAULT_MAX_RELAYS = 2
+#: Most relays C{--max-relays} may ask for.
+MAX_MAX_RELAYS = 16
+
 
 class ConfigError(ValueError):
     """
@@ -209,6 +214,8 @@ class TunnelConfig:
     @ivar udpTarget: UDP mode's local UDP service, or L{None} without UDP mode.
     @ivar udpIdleTimeout: Seconds a UDP flow may be idle before its local socket is closed.
     @ivar udpMaxFlows: Most UDP flows (visitor addresses) at once.
+    @ivar registry: The relay registry (a file or an http(s) URL) to pick relays from, or L{None}.
+    @ivar maxRelays: How many registry relays to hold leases on (besides L{relays}).
     """
 
     target: Target | None
@@ -226,6 +233,8 @@ class TunnelConfig:
     udpTarget: Target | None = None
     udpIdleTimeout: float = 60.0
     udpMaxFlows: int = 1024
+    registry: str | None = None
+    maxRelays: int = DEFAULT_MAX_RELAYS
 
     @property
     def mode(self) -> str:
@@ -284,6 +293,8 @@ def buildConfig(
     udpIdleTimeout: float = 60.0,
     udpMaxFlows: int = 1024,
     via: Sequence[Sequence[str]] = (),
+    registry: str | None = None,
+    maxRelays: int | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -371,11 +382,16 @@ def buildConfig(
         raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
     elif http:
         raise ConfigError("--http needs a TARGET")
+    if maxRelays is not None and registry is None:
+        raise ConfigError("--max-relays needs --registry")
+    if maxRelays is not None and not 0 < maxRelays <= MAX_MAX_RELAYS:
+        raise ConfigError(f"--max-relays must be between 1 and {MAX_MAX_RELAYS}")
     if len(via) > len(relays):
         raise ConfigError("--via: each --via must come before the --relay it leads to")
     paths = [*via, *([()] * (len(relays) - len(via)))]
+    # With a registry, only the relays given explicitly are added to those it picks.
     parsedRelays = tuple(parseChain(r, hops) for r, hops in zip(relays, paths, strict=True)) or (
-        parseRelay(DEFAULT_RELAY),
+        () if registry else (parseRelay(DEFAULT_RELAY),)
     )
     if len({r.address for r in parsedRelays}) != len(parsedRelays):
         raise ConfigError("--relay: the same relay is given twice")
@@ -395,4 +411,6 @@ def buildConfig(
         udpTarget=udpTarget,
         udpIdleTimeout=udpIdleTimeout,
         udpMaxFlows=udpMaxFlows,
+        registry=registry or None,
+        maxRelays=DEFAULT_MAX_RELAYS if maxRelays is None else maxRelays,
     )

@@ -105,7 +105,9 @@ class TunnelControlProtocol(amp.AMP):
         Verify that the relay holds its identity key on this very TLS session, and pin it.
         """
         link = self._link
-        relayId = checkHello(self.transport, response, link.relay, link.pins, link.reporter)
+        relayId = checkHello(
+            self.transport, response, link.relay, link.pins, link.reporter, flag=link.flag
+        )
         for mode in sorted(modeParts(link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")

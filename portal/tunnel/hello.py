@@ -73,6 +73,27 @@ def helloArguments() -> dict[str, Any]:
     }
 
 
+def verifyHello(transport: object, response: dict[str, Any], address: str) -> str:
+    """
+    Verify that the relay holds its identity key on this very TLS session: its L{portal.control.Hello}
+    signature must verify, for the key it sent, over this session's exporter value. Nothing is
+    pinned (L{checkHello} does that; registry health checks compare the id themselves).
+
+    @param transport: The TLS transport the answer came over.
+    @param response: The answer.
+    @param address: The relay's C{host:port}, for the message.
+    @return: The relay's identity id, derived from the key it sent.
+    @raise RelayAuthenticationFailed: When the signature does not verify.
+    """
+    exporter = exportKeyingMaterial(transport, EXPORTER_HELLO)
+    relayKey = response["relayKey"]
+    if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
+        raise RelayAuthenticationFailed(
+            f"the identity signature of relay {address} does not match this connection"
+        )
+    return identityId(relayKey)
+
+
 def checkHello(
     transport: object,
     response: dict[str, Any],
@@ -95,13 +116,7 @@ def checkHello(
     @raise FatalRelayError: When the relay presents another identity than the one pinned or given,
         or the known relays file cannot be read.
     """
-    exporter = exportKeyingMaterial(transport, EXPORTER_HELLO)
-    relayKey = response["relayKey"]
-    if not verifySignature(relayKey, response["signature"], helloSignatureMessage(exporter)):
-        raise RelayAuthenticationFailed(
-            f"the identity signature of relay {relay.address} does not match this connection"
-        )
-    relayId = identityId(relayKey)
+    relayId = verifyHello(transport, response, relay.address)
     try:
         if pins.check(relay.address, relayId, relay.expectedId, flag=flag):
             reporter.state(

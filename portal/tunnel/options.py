@@ -69,7 +69,20 @@ class TunnelOptions(usage.Options):
             "Start each connection to the target with a PROXY protocol header (v1 or v2) "
             "carrying the visitor's address (stream and raw TCP modes).",
         ],
-        ["registry", None, None, "Relay registry URL or file (not available yet)."],
+        [
+            "registry",
+            None,
+            None,
+            "Relay registry, an http(s) URL or a file: hold leases on --max-relays of its relays, "
+            "chosen by rendezvous hashing on the identity (added to any --relay).",
+        ],
+        [
+            "max-relays",
+            None,
+            None,
+            "How many registry relays to hold leases on (default 2).",
+            int,
+        ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
         ["app", None, None, "app.json of a gateway app (not available yet)."],
     ]
@@ -151,7 +164,6 @@ class TunnelOptions(usage.Options):
         Refuse what this version cannot do yet, then build the configuration.
         """
         unavailable = [
-            ("registry", "the relay registry"),
             ("acme", "ACME certificates"),
             ("app", "the app gateway"),
         ]
@@ -184,6 +196,8 @@ class TunnelOptions(usage.Options):
                 udpIdleTimeout=self["udp-idle-timeout"],
                 udpMaxFlows=self["udp-max-flows"],
                 via=self["via"],
+                registry=self["registry"],
+                maxRelays=self["max-relays"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

@@ -20,7 +20,9 @@ class Reporter:
     """
 
     #: Events that go to the error stream in text mode.
-    ERRORS = frozenset({"fatal", "error", "unreachable", "retrying"})
+    ERRORS = frozenset(
+        {"fatal", "error", "unreachable", "retrying", "skipped", "dropped", "degraded"}
+    )
 
     def __init__(
         self, out: TextIO, asJSON: bool = False, err: TextIO | None = None, clock: Any = None

@@ -79,6 +79,8 @@ class RelayLink(Service):
     _log = Logger()
     protocol: TunnelControlProtocol | None = None
     _client: ClientService | None = None
+    #: The option the relay was given with, for messages about its identity.
+    flag = "--relay"
 
     def __init__(self, tunnel: TunnelService, relay: RelayAddress) -> None:
         self.tunnel = tunnel
@@ -296,6 +298,11 @@ class TunnelService(MultiService):
         self.links = [RelayLink(self, relay) for relay in config.relays]
         for link in self.links:
             link.setServiceParent(self)
+        if config.registry is not None:
+            # Adds a link per registry relay it picks (a circular import at module level).
+            from portal.tunnel.relaypool import RelayPool
+
+            RelayPool(self, config.registry, config.maxRelays).setServiceParent(self)
         self.stopped: Deferred[None] = Deferred()
 
     def _tlsStreamHandler(self) -> StreamHandler:
