@@ -152,7 +152,8 @@ class ValidationTests(SynchronousTestCase):
         """
         The top level must be an object.
         """
-        for data in ([], "x", None, 3):
+        values: list[Any] = [[], "x", None, 3]
+        for data in values:
             self.assertInvalid(
                 data,
                 'the top level must be an object: {"name": ..., "routes": ..., "paths": ...}',
