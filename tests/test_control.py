@@ -109,6 +109,7 @@ class FakeLink:
         self.reactor = reactor
         self.identity = identity
         self.label = label
+        self.labels = [label]
         self.mode = mode
         self.tcpAddresses: list[tuple[str, int] | None] = []
         self.reporter = Reporter(io.StringIO())
