@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -757,3 +758,28 @@ class TemplateTests(SynchronousTestCase):
                 "the value of {{ auth.client_name }} in header X-Ptl-T contains a control "
                 "character",
             )
+
+
+class DocumentationTests(SynchronousTestCase):
+    """
+    The examples of the documentation are valid apps.
+    """
+
+    def test_examples(self) -> None:
+        """
+        Every complete C{app.json} in a C{json} block of C{docs/app-json.md} and
+        C{docs/user-guide.md} loads; the first one of C{app-json.md} is L{EXAMPLE}.
+        """
+        docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+        apps = []
+        for name in ("app-json.md", "user-guide.md"):
+            with open(os.path.join(docs, name)) as f:
+                text = f.read()
+            for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL):
+                if '"paths"' in block:
+                    apps.append((name, parseApp(json.loads(block))))
+        self.assertEqual(
+            [(name, app.name) for name, app in apps],
+            [("app-json.md", "myapp"), ("user-guide.md", "notes")],
+        )
+        self.assertEqual(apps[0][1], parseApp(EXAMPLE))
