@@ -6,11 +6,12 @@ pages.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.gateway.access import (
+    DECISION_TIMEOUT,
     MAX_BODY,
     Admitted,
     Gateway,
@@ -338,6 +339,32 @@ class AuthenticatorTests(GatewayTestCase):
         decision = self.successResultOf(d)
         assert isinstance(decision, Admitted)
         self.assertEqual(decision.caller, TERMINAL)
+
+    def test_timeout(self) -> None:
+        """
+        An authenticator that has not answered after L{DECISION_TIMEOUT} seconds is cancelled, and
+        the request gets 504.
+        """
+        clock = MemoryReactorClock()
+        self.gateway.clock = clock
+        d = self.gateway.decide(request(b"/", ((b"x-fake-terminal", b"wait"),)), SNI)
+        clock.advance(DECISION_TIMEOUT - 1)
+        self.assertNoResult(d)
+        clock.advance(1)
+        response = self.successResultOf(d)
+        assert isinstance(response, GatewayResponse)
+        self.assertEqual(response.status, 504)
+        self.assertTrue(self.terminals.pending[0].called)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_noTimeoutOnceDecided(self) -> None:
+        """
+        A decision in time leaves no timer behind.
+        """
+        clock = MemoryReactorClock()
+        self.gateway.clock = clock
+        self.successResultOf(self.gateway.decide(request(b"/public/"), SNI))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_unexpectedError(self) -> None:
         """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from portal.gateway.access import MAX_BODY, Gateway
+from portal.gateway.access import DECISION_TIMEOUT, MAX_BODY, Gateway
 from portal.gateway.appjson import parseApp
 from portal.gateway.caller import AuthenticationFailed, Caller
 from portal.httproutes import Upstream
@@ -209,6 +209,18 @@ class HTTP11Tests(GatewayProxyMixin, ProxyTestCase):
         [response] = parseResponses(transport.value())
         self.assertEqual(response.status, 401)
         self.assertIn(b"revoked", response.body)
+        self.assertEqual(self.pool.gets, [])
+
+    def test_decisionTimeout(self) -> None:
+        """
+        An authenticator that never answers does not hold the request forever: 504 after
+        L{DECISION_TIMEOUT} seconds, and nothing reaches an upstream.
+        """
+        self.gateway.clock = self.clock
+        _, transport = self.visit(self.get(b"/", b"X-Fake-Terminal: wait"))
+        self.clock.advance(DECISION_TIMEOUT)
+        [response] = parseResponses(transport.value())
+        self.assertEqual(response.status, 504)
         self.assertEqual(self.pool.gets, [])
 
     def test_visitorGoneWhileDeciding(self) -> None:

@@ -72,6 +72,7 @@ class AppServiceTests(SynchronousTestCase):
         assert gateway is not None
         self.assertEqual(sorted(gateway.apps), ["alpha", "beta"])
         self.assertEqual(gateway.identityId, tunnel.identity.id)
+        self.assertIs(gateway.clock, tunnel.reactor)
         self.assertEqual(gateway.authenticators, [])
         self.assertIsNone(gateway.pages)
         self.assertIs(tunnel.httpProxy.gateway, gateway)

@@ -28,7 +28,8 @@ import html
 from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from portal.gateway.appjson import (
@@ -57,6 +58,9 @@ from portal.names import normaliseHostname
 #: of its own; a larger one gets 413.
 MAX_BODY = 1024 * 1024
 
+#: Seconds the authenticators and pages may take to answer; then the request gets 504.
+DECISION_TIMEOUT = 30.0
+
 #: Where a device pairs, under the app's own hostname.
 PAIR_PATH = LOCAL_PREFIX.decode("ascii") + "pair"
 
@@ -68,6 +72,7 @@ _TITLES = {
     413: "Content Too Large",
     421: "Misdirected Request",
     500: "Internal Server Error",
+    504: "Gateway Timeout",
 }
 
 
@@ -276,6 +281,7 @@ class Gateway:
         any time (the tunnel service fills it, see L{portal.tunnel.service.TunnelService}).
     @ivar pages: The pages under L{LOCAL_PREFIX}, or L{None} (every such path is 404).
     @ivar identityId: The tunnel identity's full id (C{{{ portal.id }}}).
+    @ivar clock: Times out decisions after L{DECISION_TIMEOUT} seconds, or L{None} for no timeout.
     """
 
     _log = Logger()
@@ -286,11 +292,13 @@ class Gateway:
         identityId: str,
         authenticators: Sequence[Authenticator] = (),
         pages: GatewayPages | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.apps = {app.name: app for app in apps}
         self.identityId = identityId
         self.authenticators = list(authenticators)
         self.pages = pages
+        self.clock = clock
 
     def site(self, request: GatewayRequest, sni: str) -> Site | None:
         """
@@ -345,9 +353,13 @@ class Gateway:
         @param request: The request; with its body when L{wantsBody} said so.
         @param sni: The SNI of the visitor's connection.
         @return: A L{Deferred} firing with the gateway's answer, or with L{Admitted}; it does not
-            fail (an unexpected error is logged and answered with 500).
+            fail (an unexpected error is logged and answered with 500, an authenticator or page that
+            has not answered after L{DECISION_TIMEOUT} seconds is cancelled and the answer is 504).
         """
-        return Deferred.fromCoroutine(self._decide(request, sni))
+        d = Deferred.fromCoroutine(self._decide(request, sni))
+        if self.clock is not None:
+            d.addTimeout(DECISION_TIMEOUT, self.clock)
+        return d
 
     async def _decide(self, request: GatewayRequest, sni: str) -> Admitted | GatewayResponse:
         """
@@ -355,6 +367,14 @@ class Gateway:
         """
         try:
             return await self._decideOrRaise(request, sni)
+        except CancelledError:
+            self._log.warn(
+                "app gateway: no decision on {method} {path} in {timeout} s",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                timeout=DECISION_TIMEOUT,
+            )
+            return page(504, "The app gateway could not decide on this request in time.")
         except Exception:
             self._log.failure(
                 "app gateway: error deciding {method} {path}",

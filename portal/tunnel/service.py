@@ -299,7 +299,9 @@ class TunnelService(MultiService):
         ]
         self.label = self.labels[0]
         if config.apps:
-            self.gateway = Gateway(config.apps, self.identity.id, authenticators, gatewayPages)
+            self.gateway = Gateway(
+                config.apps, self.identity.id, authenticators, gatewayPages, clock=reactor
+            )
         self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
         self.servedHostnames: set[str] = set()
         self.caPath: str | None = None
