@@ -301,8 +301,9 @@ def _udpSection(data: dict[str, Any]) -> list[str]:
         f"{buffers['requested'] >> 20} MiB (the kernel reports SO_RCVBUF "
         f"{buffers['sink']['rcvbuf']:,} for the sink, twice what it grants; net.core.rmem_max "
         f"{_fmt(buffers['rmemMax'])}, wmem_max {_fmt(buffers['wmemMax'])}); the relay and the "
-        f"tunnel keep the default, net.core.rmem_default {_fmt(buffers['rmemDefault'])}, which "
-        f"holds {_fmt(buffers.get('defaultBufferDatagrams'))} of these datagrams on loopback.",
+        "tunnel ask for 4 MiB too (portal.udpbuffers), where the default, net.core.rmem_default "
+        f"{_fmt(buffers['rmemDefault'])}, holds {_fmt(buffers.get('defaultBufferDatagrams'))} of "
+        "these datagrams on loopback.",
         "",
     ]
     other = [

@@ -603,8 +603,8 @@ def udp(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, A
             f"count stops growing; download: until {udpworkload.DRAIN:g} s pass without a "
             "datagram); loss = 1 - received / sent; rates are per second of sending",
             "drops are the kernel's per-socket drop counters (/proc/net/udp) of each process's UDP "
-            "sockets: datagrams that found the socket's receive buffer full; the relay and the "
-            "tunnel keep the default buffer (net.core.rmem_default), the harness and sink ask for "
+            "sockets: datagrams that found the socket's receive buffer full; the relay, the "
+            "tunnel (portal.udpbuffers), the harness and the sink ask for "
             f"{udpworkload.BUFFER >> 20} MiB",
             "CPU is time on a CPU per datagram sent (received or not), from the scheduler's "
             "accounts (/proc/PID/task/*/schedstat, to the nanosecond); cores = CPU seconds per "

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -155,6 +156,35 @@ class WatchedProcess(ProcessProtocol):
         if killer.active():
             killer.cancel()
         return code
+
+
+def homeDir(testCase: TestCase, name: str) -> str:
+    """
+    A fresh home directory for one process of a test.
+
+    @param name: The directory's name (also what the process is, for someone reading the files).
+    @return: Its absolute path.
+    """
+    path = os.path.join(os.path.abspath(testCase.mktemp()), name)
+    os.makedirs(path)
+    return path
+
+
+def tlsRequest(port: int, hostname: str, request: bytes, cafile: str) -> tuple[bytes, Any]:
+    """
+    Send C{request} over TLS to 127.0.0.1:C{port} with SNI C{hostname}, verifying the chain against
+    C{cafile}, and read until the server closes.
+
+    @return: The response and the peer certificate.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname=hostname) as tls:
+            tls.sendall(request)
+            chunks = []
+            while data := tls.recv(65536):
+                chunks.append(data)
+            return b"".join(chunks), tls.getpeercert()
 
 
 def rss(pid: int) -> int:

@@ -32,11 +32,13 @@ from twisted.web.server import Site
 from tests.realprocesses import (
     browserTools,
     dumpDOM,
+    homeDir,
     listenLocal,
     rss,
     spawn,
     startRelay,
     startTunnel,
+    tlsRequest,
     trustCA,
     waitForLease,
 )
@@ -175,17 +177,9 @@ def _fetch(url: str, cafile: str) -> tuple[bytes, dict[str, Any]]:
     @return: The response and the peer certificate.
     """
     host, port = _hostPort(url)
-    context = ssl.create_default_context(cafile=cafile)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            chunks = []
-            while True:
-                data = tls.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks), tls.getpeercert()
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    response, certificate = tlsRequest(port, host, request, cafile)
+    return response, certificate
 
 
 def _echoRoundTrip(url: str, cafile: str, total: int) -> tuple[str, str, int]:
@@ -297,14 +291,6 @@ class StreamModeEndToEndMixin:
     relayExtra: list[str] = []
     splicedCounter = ""
 
-    def _home(self, name: str) -> str:
-        """
-        A fresh home directory for one process.
-        """
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(path, name))
-        return os.path.join(path, name)
-
     def _service(self, factory: Any) -> Any:
         """
         Listen with C{factory} on a loopback port the OS picks.
@@ -320,11 +306,11 @@ class StreamModeEndToEndMixin:
 
         @return: C{(relay, publicPort, controlPort, tunnel, lease, relayState, tunnelHome)}.
         """
-        relayState = os.path.join(self._home("relay"), "state")
+        relayState = os.path.join(homeDir(self, "relay"), "state")
         self._relayCA = os.path.join(relayState, "tls", "ca.pem")
         relay, publicPort, controlPort = yield startRelay(self, relayState, extra=self.relayExtra)
         servicePort = yield self._service(factory or Site(_Page()))
-        home = self._home("tunnel")
+        home = homeDir(self, "tunnel")
         tunnel = startTunnel(
             self, home, controlPort, str(servicePort), ["--name", name] if name else []
         )
@@ -381,11 +367,11 @@ class StreamModeEndToEndMixin:
         C{--alpn h2,http/1.1} makes the tunnel (not the relay) negotiate h2 with clients that offer it and
         http/1.1 with those that offer only that.
         """
-        relayState = os.path.join(self._home("relay"), "state")
+        relayState = os.path.join(homeDir(self, "relay"), "state")
         _, _, controlPort = yield startRelay(self, relayState)
         servicePort = yield self._service(Site(_Page()))
         tunnel = startTunnel(
-            self, self._home("tunnel"), controlPort, str(servicePort), ["--alpn", "h2,http/1.1"]
+            self, homeDir(self, "tunnel"), controlPort, str(servicePort), ["--alpn", "h2,http/1.1"]
         )
         lease = yield waitForLease(tunnel)
         both = yield deferToThread(_negotiated, lease["url"], lease["ca"], ["h2", "http/1.1"])
@@ -451,7 +437,7 @@ class StreamModeEndToEndMixin:
         """
         _, _, controlPort, _, lease, _, _ = yield self._world(name="shared")
         self.assertTrue(lease["url"].startswith("https://shared.localhost:"))
-        otherHome = self._home("other")
+        otherHome = homeDir(self, "other")
         other = startTunnel(self, otherHome, controlPort, "9", ["--name", "shared"])
         code = yield other.ended
         self.assertEqual(code, 1, other.output())
@@ -489,7 +475,7 @@ class StreamModeEndToEndMixin:
         """
         relay, publicPort, controlPort, tunnel, _, relayState, home = yield self._world()
         yield relay.stop()
-        impostorState = os.path.join(self._home("impostor"), "state")
+        impostorState = os.path.join(homeDir(self, "impostor"), "state")
         yield startRelay(
             self,
             impostorState,

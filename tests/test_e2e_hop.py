@@ -14,7 +14,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from tests.realprocesses import listenLocal, spawn, startRelay, waitForLease
+from tests.realprocesses import (
+    homeDir,
+    listenLocal,
+    spawn,
+    startRelay,
+    waitForLease,
+)
 from tests.test_e2e import PAGE, _fetch, _hostPort, _Page
 
 #: A hop relay's log line for an opened hop: its outbound connection's local port.
@@ -34,21 +40,13 @@ class ChainEndToEndTests(TestCase):
 
     timeout = 120
 
-    def _home(self, name: str) -> str:
-        """
-        A fresh home directory for one process.
-        """
-        path = os.path.join(os.path.abspath(self.mktemp()), name)
-        os.makedirs(path)
-        return path
-
     def _expose(self, target: str, relays: list[str]) -> Any:
         """
         Start C{portal expose TARGET RELAYS...} with its own identity, printing JSON events.
         """
         import sys
 
-        home = self._home("tunnel")
+        home = homeDir(self, "tunnel")
         argv = [
             sys.executable,
             "-m",
@@ -69,9 +67,9 @@ class ChainEndToEndTests(TestCase):
 
         @return: C{(a, aControl, b, bPublic, bControl)}.
         """
-        b, bPublic, bControl = yield startRelay(self, os.path.join(self._home("b"), "state"))
+        b, bPublic, bControl = yield startRelay(self, os.path.join(homeDir(self, "b"), "state"))
         extra = ["--allow-hop", f"127.0.0.1:{bControl}"] if hopExtra is None else hopExtra
-        a, _, aControl = yield startRelay(self, os.path.join(self._home("a"), "state"), extra=extra)
+        a, _, aControl = yield startRelay(self, os.path.join(homeDir(self, "a"), "state"), extra=extra)
         return a, aControl, b, bPublic, bControl
 
     @inlineCallbacks

@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from tests.realprocesses import (
     WAIT,
     WatchedProcess,
+    homeDir,
     listenLocal,
     rss,
     spawn,
@@ -467,14 +468,6 @@ class RoutedHTTPEndToEndTests(TestCase):
 
     timeout = 120
 
-    def _home(self, name: str) -> str:
-        """
-        A fresh home directory for one process.
-        """
-        path = os.path.join(os.path.abspath(self.mktemp()), name)
-        os.makedirs(path)
-        return path
-
     def _service(self, factory: Any) -> Any:
         """
         Listen with C{factory} on a loopback port the OS picks.
@@ -500,7 +493,7 @@ class RoutedHTTPEndToEndTests(TestCase):
 
         @return: Its control port.
         """
-        _, _, controlPort = yield startRelay(self, os.path.join(self._home("relay"), "state"))
+        _, _, controlPort = yield startRelay(self, os.path.join(homeDir(self, "relay"), "state"))
         self._controlPort = controlPort
         return controlPort
 
@@ -512,7 +505,7 @@ class RoutedHTTPEndToEndTests(TestCase):
         @return: The watcher.
         """
         return startExpose(
-            self, self._home("tunnel"), controlPort, arguments, "portal expose (routed)"
+            self, homeDir(self, "tunnel"), controlPort, arguments, "portal expose (routed)"
         )
 
     @inlineCallbacks

@@ -19,7 +19,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from tests.realprocesses import WatchedProcess, listenLocal, startExpose, startRelay
+from tests.realprocesses import (
+    WatchedProcess,
+    homeDir,
+    listenLocal,
+    startExpose,
+    startRelay,
+)
 from tests.test_e2e import PAGE, _fetch, _hostPort, _metrics, _Page
 
 
@@ -122,14 +128,6 @@ class PoolEndToEndTests(TestCase):
 
     timeout = 180
 
-    def _home(self, name: str) -> str:
-        """
-        A fresh home directory for one process.
-        """
-        path = os.path.join(os.path.abspath(self.mktemp()), name)
-        os.makedirs(path)
-        return path
-
     @inlineCallbacks
     def _relay(self, name: str, public: int = 0, control: int = 0, extra: tuple[str, ...] = ()) -> Any:
         """
@@ -139,7 +137,7 @@ class PoolEndToEndTests(TestCase):
         """
         if not hasattr(self, "_states"):
             self._states: dict[str, str] = {}
-        state = self._states.setdefault(name, os.path.join(self._home(name), "state"))
+        state = self._states.setdefault(name, os.path.join(homeDir(self, name), "state"))
         result = yield startRelay(
             self,
             state,
@@ -163,7 +161,7 @@ class PoolEndToEndTests(TestCase):
         servicePort = yield listenLocal(self, Site(_Page()))
         tunnel = startExpose(
             self,
-            self._home("tunnel"),
+            homeDir(self, "tunnel"),
             controlA,
             [str(servicePort), "--relay", f"127.0.0.1:{controlB}"],
         )
@@ -209,7 +207,7 @@ class PoolEndToEndTests(TestCase):
         """
         relay, publicPort, controlPort = yield self._relay("a", extra=("--shutdown-grace", "60"))
         servicePort = yield listenLocal(self, Site(_Page()))
-        tunnel = startExpose(self, self._home("tunnel"), controlPort, [str(servicePort)])
+        tunnel = startExpose(self, homeDir(self, "tunnel"), controlPort, [str(servicePort)])
         lease = yield _leaseOn(tunnel, controlPort)
         openRequest = yield deferToThread(_openRequest, lease["url"], lease["ca"])
         self.addCleanup(openRequest.close)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import ssl
 import sys
 import time
 from typing import Any
@@ -24,7 +23,13 @@ from twisted.web.server import Site
 from portal.descriptor import DESCRIPTOR_PATH, DescriptorError, verifyDescriptor
 from portal.identity import Identity, saveIdentity
 from portal.registry import RegistryEntry, fetch, rank
-from tests.realprocesses import listenLocal, spawn, startRelay, waitForLease
+from tests.realprocesses import (
+    listenLocal,
+    spawn,
+    startRelay,
+    tlsRequest,
+    waitForLease,
+)
 from tests.test_e2e import PAGE, _fetch, _Page
 
 
@@ -43,19 +48,8 @@ def _getOverTLS(port: int, hostname: str, path: str, cafile: str) -> bytes:
 
     @return: The response body.
     """
-    context = ssl.create_default_context(cafile=cafile)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-        with context.wrap_socket(raw, server_hostname=hostname) as tls:
-            tls.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {hostname}\r\nConnection: close\r\n\r\n".encode()
-            )
-            chunks = []
-            while True:
-                data = tls.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-    response = b"".join(chunks)
+    request = f"GET {path} HTTP/1.1\r\nHost: {hostname}\r\nConnection: close\r\n\r\n"
+    response, _ = tlsRequest(port, hostname, request.encode(), cafile)
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return body

@@ -16,6 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from portal.challenge import signHop
 from portal.control import (
@@ -29,6 +30,7 @@ from portal.control import (
 )
 from portal.identity import Identity
 from portal.relay.hop import HopForwarder, HopOutbound, parseDestination
+from portal.relay.site import Metrics
 from portal.tunnel.hello import helloArguments
 from tests.test_control import ControlTestCase
 
@@ -293,6 +295,20 @@ class HopAllowedTests(HopTestCase):
         connection.flush()
         self.assertNotIsInstance(self.result(d), Failure)
         self.assertNotIn(relay.sessionId, self.router.sessions)
+
+    def test_metrics(self) -> None:
+        """
+        C{/metrics} shows the hops open and the hop counters.
+        """
+        connection, client = self.client()
+        d, _, _ = self.askHop(connection, client)
+        self.outbound.succeed()
+        connection.flush()
+        self.assertNotIsInstance(self.result(d), Failure)
+        lines = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode().splitlines()
+        self.assertIn("portal_relay_hops_open 1", lines)
+        self.assertIn("portal_relay_hops_opened_total 1", lines)
+        self.assertIn("portal_relay_hops_refused_total 0", lines)
 
     def test_silentHopKept(self) -> None:
         """

@@ -4,6 +4,7 @@ Tests for L{portal.relay.service}: the relay's state directory and lease persist
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.internet.task import Clock
@@ -11,6 +12,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from portal.identity import Identity
+from portal.registry import RegistryError
 from portal.relay.service import DRAIN_POLL, RelayConfig, RelayService
 from portal.tap.relay import Options
 
@@ -323,3 +326,61 @@ class GracefulShutdownTests(SynchronousTestCase):
         """
         self.router.visitors.clear()
         self.successResultOf(self.service.stopService())
+
+
+class HopRegistryTests(SynchronousTestCase):
+    """
+    C{--allow-hop-registry}: the relays of a registry are allowed hop destinations too.
+    """
+
+    def _start(self, registry: bytes, allowHops: tuple[tuple[str, int], ...] = ()) -> RelayService:
+        """
+        Start a relay on a memory reactor with a registry file holding C{registry}.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(registry)
+        config = RelayConfig(
+            stateDir=os.path.abspath(self.mktemp()), allowHops=allowHops, allowHopRegistry=path
+        )
+        service = RelayService(config, MemoryReactorClock())
+        service.startService()
+        return service
+
+    def test_registryRelaysAllowed(self) -> None:
+        """
+        Every registry relay's control address is allowed, besides the C{--allow-hop} ones.
+        """
+        relays = [
+            {"address": "relay-b.example:4017", "id": Identity.generate().id, "modes": ["stream"]},
+            {"address": "[2001:db8::7]:4018", "id": Identity.generate().id, "modes": ["tcp"]},
+        ]
+        registry = json.dumps({"version": 1, "relays": relays}).encode()
+        service = self._start(registry, allowHops=(("relay-c.example", 4017),))
+        self.successResultOf(service.whenListening())
+        assert service.router is not None
+        self.assertEqual(
+            service.router.hops.allowed,
+            {("relay-b.example", 4017), ("2001:db8::7", 4018), ("relay-c.example", 4017)},
+        )
+
+    def test_badRegistryStopsStart(self) -> None:
+        """
+        A registry that cannot be read stops the relay with the registry's error, rather than
+        starting with a different allow list than the operator asked for.
+        """
+        service = self._start(b"{not json")
+        failure = self.failureResultOf(service.whenListening(), RegistryError)
+        self.assertIn("not valid JSON", failure.getErrorMessage())
+        self.assertTrue(self.flushLoggedErrors(RegistryError))
+
+    def test_option(self) -> None:
+        """
+        C{--allow-hop-registry} reaches the configuration; without it there is none.
+        """
+        options = Options()
+        options.parseOptions(["--allow-hop-registry", "relays.json"])
+        self.assertEqual(options.config().allowHopRegistry, "relays.json")
+        options = Options()
+        options.parseOptions([])
+        self.assertIsNone(options.config().allowHopRegistry)

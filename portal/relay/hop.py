@@ -356,6 +356,13 @@ class HopForwarder:
         else:
             self._perIdentity.pop(record.identity, None)
 
+    @property
+    def openCount(self) -> int:
+        """
+        The hops open or opening through this relay, all identities together.
+        """
+        return sum(self._perIdentity.values())
+
     def openFor(self, identity: str) -> int:
         """
         @return: The hops C{identity} has open or opening through this relay.

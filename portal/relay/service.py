@@ -23,6 +23,7 @@ from portal.identity import loadOrCreateIdentity
 from portal.leases import LeaseTable
 from portal.localca import LocalCA
 from portal.privatefiles import writeFileAtomically
+from portal.registry import loadRegistry
 from portal.relay.control import ControlFactory
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.leaseports import LeasePorts
@@ -68,6 +69,8 @@ class RelayConfig:
     @ivar shutdownGrace: Seconds a stopping relay lets open connections finish.
     @ivar allowHops: Destinations tunnels may hop to through this relay, C{(host, port)} as written
         (C{--allow-hop}); none means the relay forwards no hops.
+    @ivar allowHopRegistry: A registry (path or URL, L{portal.registry}) whose relays' control
+        addresses are allowed hop destinations too (C{--allow-hop-registry}), read at start.
     @ivar maxHopsPerIdentity: Hops one identity may have open through this relay at once.
     """
 
@@ -84,6 +87,7 @@ class RelayConfig:
     maxPortsPerIdentity: int = 10
     shutdownGrace: float = 10.0
     allowHops: tuple[tuple[str, int], ...] = ()
+    allowHopRegistry: str | None = None
     maxHopsPerIdentity: int = MAX_HOPS_PER_IDENTITY
 
 
@@ -281,6 +285,15 @@ class RelayService(Service):
         router, tlsOptions = self._buildRouter()
         self.router = router
         config = self.config
+        if config.allowHopRegistry is not None:
+            registry = yield loadRegistry(self._reactor, config.allowHopRegistry)
+            added = {(entry.host, entry.port) for entry in registry.relays}
+            router.hops.allowed = router.hops.allowed | added
+            self._log.info(
+                "forwarding hops to the {count} relays of {source} too",
+                count=len(added),
+                source=registry.source,
+            )
         site = TLSMemoryBIOFactory(tlsOptions, False, relaySite(router), clock=self._reactor)
         public = yield serverFromString(self._reactor, config.public).listen(
             PublicFactory(router, site)

@@ -111,8 +111,10 @@ class Metrics(Resource):
             f"portal_relay_leases {len(router.leases)}",
             f"portal_relay_control_sessions {len(router.sessions)}",
             f"portal_relay_idle_data_sessions {sum(len(p) for p in router.sessions.values())}",
+            f"portal_relay_hops_open {router.hops.openCount}",
         ]
         counters = dict(router.counters)
+        counters.update({f"hops_{name}": n for name, n in router.hops.counters.items()})
         if router.udp is not None:
             counters.update(router.udp.counters)
         for name, value in sorted(counters.items()):

@@ -109,6 +109,13 @@ class Options(usage.Options):
             "Hops one identity may have open through this relay at once.",
             _positive(int),
         ],
+        [
+            "allow-hop-registry",
+            None,
+            None,
+            "Also forward hops to every relay of this registry (a path or http(s) URL, read at "
+            "start).",
+        ],
     ]
     optFlags: list[list[str | None]] = [
         [
@@ -171,6 +178,7 @@ class Options(usage.Options):
             maxPortsPerIdentity=self["max-ports-per-identity"],
             shutdownGrace=self["shutdown-grace"],
             allowHops=tuple(dict.fromkeys(self["allow-hop"])),
+            allowHopRegistry=self["allow-hop-registry"],
             maxHopsPerIdentity=self["max-hops-per-identity"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
