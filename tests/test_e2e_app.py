@@ -18,7 +18,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.realprocesses import WatchedProcess, listenLocal, startExpose, startRelay
+from tests.realprocesses import WatchedProcess, homeDir, listenLocal, startExpose, startRelay
 
 
 class _RecordingApp(Resource):
@@ -80,14 +80,6 @@ class AppGatewayEndToEndTests(TestCase):
 
     timeout = 120
 
-    def _home(self, name: str) -> str:
-        """
-        A fresh directory for one process or file.
-        """
-        path = os.path.join(os.path.abspath(self.mktemp()), name)
-        os.makedirs(path)
-        return path
-
     def _curlPath(self) -> str:
         """
         @return: The curl program.
@@ -136,7 +128,7 @@ class AppGatewayEndToEndTests(TestCase):
         """
         app = _RecordingApp(name)
         port = yield listenLocal(self, Site(app))
-        path = os.path.join(self._home(f"{name}-json"), "app.json")
+        path = os.path.join(homeDir(self, f"{name}-json"), "app.json")
         with open(path, "w") as f:
             json.dump(_appJSON(name, port), f)
         return app, path
@@ -148,10 +140,10 @@ class AppGatewayEndToEndTests(TestCase):
 
         @return: C{(tunnel, leases by app name)}.
         """
-        _, _, controlPort = yield startRelay(self, os.path.join(self._home("relay"), "state"))
+        _, _, controlPort = yield startRelay(self, os.path.join(homeDir(self, "relay"), "state"))
         arguments = [argument for path in apps for argument in ("--app", path)]
         tunnel = startExpose(
-            self, self._home("tunnel"), controlPort, arguments, "portal expose --app"
+            self, homeDir(self, "tunnel"), controlPort, arguments, "portal expose --app"
         )
         leases = {}
         for path in apps:
@@ -251,12 +243,14 @@ class AppGatewayEndToEndTests(TestCase):
         An invalid app.json stops C{portal expose} with exit status 2 and a message naming the file,
         the field and the problem.
         """
-        path = os.path.join(self._home("bad"), "app.json")
+        path = os.path.join(homeDir(self, "bad"), "app.json")
         with open(path, "w") as f:
             json.dump(
                 {"name": "x", "routes": {"/": "3000"}, "paths": {"/a/": {"access": "all"}}}, f
             )
-        tunnel = startExpose(self, self._home("tunnel"), 1, ["--app", path], "portal expose --app")
+        tunnel = startExpose(
+            self, homeDir(self, "tunnel"), 1, ["--app", path], "portal expose --app"
+        )
         code = yield tunnel.ended
         self.assertEqual(code, 2)
         self.assertIn(f"portal: error: --app {path}: paths: the entry", tunnel.output())
