@@ -175,17 +175,18 @@ def normalisePath(path: str) -> str:
     return _removeDotSegments(_decodeEscapes(path))
 
 
-def _checkPath(path: str, what: str, text: str) -> None:
+def checkPath(path: str, what: str, where: str) -> None:
     """
     Check that a prefix or base path is written as a request path would be.
 
     @param path: The path to check.
     @param what: What the path is, for the error message.
-    @param text: The whole route, for the error message.
+    @param where: Where the path was given, for the error message (such as
+        C{--http-route '/api=3001'}).
     @raise RouteError: If C{path} has a query, a fragment, a malformed escape or a character that
         must be percent-encoded.
     """
-    where = f"--http-route {text!r}: {what} {path!r}"
+    where = f"{where}: {what} {path!r}"
     if "?" in path or "#" in path:
         raise RouteError(f"{where} may not contain a query or fragment ('?' or '#')")
     for index, char in enumerate(path):
@@ -207,30 +208,29 @@ def _trimPath(path: str) -> str:
     return normalisePath(path).rstrip("/")
 
 
-def _port(port: str, text: str) -> int:
+def _port(port: str, where: str) -> int:
     """
     Parse a TCP port number.
 
     @param port: The port as written.
-    @param text: The whole route, for the error message.
+    @param where: Where the route was given, for the error message.
     @return: The port.
     @raise RouteError: If C{port} is not a number from 1 to 65535.
     """
     if _PORT.fullmatch(port) is None or not 0 < int(port) < 65536:
-        raise RouteError(f"--http-route {text!r}: {port!r} is not a port number (1-65535)")
+        raise RouteError(f"{where}: {port!r} is not a port number (1-65535)")
     return int(port)
 
 
-def _hostPort(hostport: str, text: str) -> tuple[str, int]:
+def _hostPort(hostport: str, where: str) -> tuple[str, int]:
     """
     Split C{HOST:PORT}, or C{[IPV6]:PORT}.
 
     @param hostport: The host and port as written.
-    @param text: The whole route, for the error message.
+    @param where: Where the route was given, for the error message.
     @return: The host (lowercase, IPv6 without brackets) and the port.
     @raise RouteError: If either part is missing or malformed.
     """
-    where = f"--http-route {text!r}"
     if "@" in hostport:
         raise RouteError(f"{where}: user names and passwords in a target are not supported")
     if hostport.startswith("["):
@@ -241,7 +241,7 @@ def _hostPort(hostport: str, text: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise RouteError(f"{where}: {host!r} is not an IPv6 address")
-        return host.lower(), _port(rest[1:], text)
+        return host.lower(), _port(rest[1:], where)
     host, sep, port = hostport.rpartition(":")
     if not sep:
         raise RouteError(f"{where}: target {hostport!r} has no port; expected HOST:PORT")
@@ -251,34 +251,33 @@ def _hostPort(hostport: str, text: str) -> tuple[str, int]:
         raise RouteError(f"{where}: write an IPv6 address in brackets, [{host}]:{port}")
     if _HOSTNAME.fullmatch(host) is None:
         raise RouteError(f"{where}: {host!r} is not a host name or address")
-    return host.lower(), _port(port, text)
+    return host.lower(), _port(port, where)
 
 
-def _parseUpstream(target: str, text: str) -> Upstream:
+def _parseUpstream(target: str, where: str) -> Upstream:
     """
     Parse a route's TARGET: C{PORT}, C{HOST:PORT}, C{[IPV6]:PORT} or C{http(s)://HOST:PORT[/BASE]}.
 
     @param target: The target as written.
-    @param text: The whole route, for error messages.
+    @param where: Where the route was given, for error messages.
     @return: The upstream; a bare port means C{127.0.0.1}.
     @raise RouteError: If the target is malformed or uses a scheme other than http and https.
     """
-    where = f"--http-route {text!r}"
     if not target:
         raise RouteError(f"{where}: TARGET is empty; {_SYNTAX}")
     scheme, sep, rest = target.partition("://")
     if not sep:
         if target.isascii() and target.isdigit():
-            return Upstream("127.0.0.1", _port(target, text), False, "")
-        return Upstream(*_hostPort(target, text), False, "")
+            return Upstream("127.0.0.1", _port(target, where), False, "")
+        return Upstream(*_hostPort(target, where), False, "")
     if scheme.lower() not in ("http", "https"):
         raise RouteError(f"{where}: scheme {scheme!r}: only http:// and https:// are supported")
     if "?" in rest or "#" in rest:
         raise RouteError(f"{where}: target {target!r} may not contain a query or fragment")
     hostport, slash, base = rest.partition("/")
-    host, port = _hostPort(hostport, text)
+    host, port = _hostPort(hostport, where)
     basePath = slash + base
-    _checkPath(basePath, "base path", text)
+    checkPath(basePath, "base path", where)
     return Upstream(host, port, scheme.lower() == "https", _trimPath(basePath) if basePath else "")
 
 
@@ -300,12 +299,27 @@ def parseRoute(text: str) -> Route:
     prefix, sep, rest = text.partition("=")
     if not sep:
         raise RouteError(f"{where}: no '='; {_SYNTAX}")
+    return makeRoute(prefix, rest, where)
+
+
+def makeRoute(prefix: str, target: str, where: str) -> Route:
+    """
+    Parse a route given as its PREFIX and its C{TARGET[,strip][,host]} (the two sides of
+    L{parseRoute}'s C{=}), for route tables written elsewhere than on the command line (an
+    C{app.json}).
+
+    @param prefix: The prefix, a path starting with C{/}.
+    @param target: The target and its options.
+    @param where: Where the route was given, for error messages.
+    @return: The parsed route.
+    @raise RouteError: If any part is missing or malformed, or an option is unknown.
+    """
     if not prefix:
         raise RouteError(f"{where}: PREFIX is empty; use / to match every path")
     if not prefix.startswith("/"):
         raise RouteError(f"{where}: PREFIX {prefix!r} must start with '/'")
-    _checkPath(prefix, "PREFIX", text)
-    target, *options = rest.split(",")
+    checkPath(prefix, "PREFIX", where)
+    spec, *options = target.split(",")
     strip = rewriteHost = False
     for option in options:
         if option == "strip":
@@ -316,8 +330,28 @@ def parseRoute(text: str) -> Route:
             raise RouteError(
                 f"{where}: unknown option {option!r}; the options are 'strip' and 'host'"
             )
-    upstream = _parseUpstream(target, text)
+    upstream = _parseUpstream(spec, where)
     return Route(_trimPath(prefix) or "/", upstream, strip, rewriteHost)
+
+
+def originForm(target: str) -> str | None:
+    """
+    Put a request-target in origin form.
+
+    @param target: The request-target as sent: origin form (C{/path?query}) or absolute form
+        (C{http://host/path?query}).
+    @return: C{/path?query}, without any fragment; L{None} if C{target} is in neither form (such as
+        C{*} or C{host:port}).
+    """
+    target = target.partition("#")[0]
+    if not target.startswith("/"):
+        authority = _ABSOLUTE_FORM.match(target)
+        if authority is None:
+            return None
+        target = target[authority.end() :]
+        if not target.startswith("/"):
+            target = "/" + target
+    return target
 
 
 def _prefixMatches(prefix: str, path: str) -> bool:
@@ -375,14 +409,10 @@ class RouteTable:
         @return: The match, or L{None} if no route matches or C{target} is in neither form (such
             as C{*} or C{host:port}).
         """
-        target = target.partition("#")[0]
-        if not target.startswith("/"):
-            authority = _ABSOLUTE_FORM.match(target)
-            if authority is None:
-                return None
-            target = target[authority.end() :]
-            if not target.startswith("/"):
-                target = "/" + target
+        origin = originForm(target)
+        if origin is None:
+            return None
+        target = origin
         rawPath, sep, query = target.partition("?")
         path = normalisePath(rawPath)
         for route in self.routes:

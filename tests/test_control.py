@@ -109,6 +109,7 @@ class FakeLink:
         self.reactor = reactor
         self.identity = identity
         self.label = label
+        self.labels = [label]
         self.mode = mode
         self.tcpAddresses: list[tuple[str, int] | None] = []
         self.reporter = Reporter(io.StringIO())
@@ -369,6 +370,24 @@ class HandshakeTests(ControlTestCase):
         self.assertEqual(connection.tunnel.relayId, self.relayIdentity.id)
         self.assertEqual(connection.relay.owner, self.tunnelIdentity.id)
         self.assertEqual(connection.relay.names, {LABEL})
+
+    def test_severalNames(self) -> None:
+        """
+        A link with several labels (one per C{--app}) registers them all in one registration, and
+        the relay routes each to this control session.
+        """
+        link = self.makeLink()
+        link.labels = ["alpha", "beta"]
+        connection = self.connectTunnel(link)
+        self.assertEqual(link.fatals, [])
+        self.assertEqual(
+            [h for (_, h, _) in link.registrations], [["alpha.localhost", "beta.localhost"]]
+        )
+        for name in ("alpha", "beta"):
+            lease = self.router.leases.route(name)
+            assert lease is not None
+            self.assertIs(lease.holder, connection.relay)
+        self.assertEqual(connection.relay.names, {"alpha", "beta"})
 
     def test_publicPort(self) -> None:
         """

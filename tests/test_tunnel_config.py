@@ -4,7 +4,9 @@ Tests for L{portal.tunnel.config} and L{portal.tunnel.options}: how a tunnel's c
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,6 +22,7 @@ from portal.tunnel.config import (
     parseTarget,
 )
 from portal.tunnel.options import TunnelOptions
+from tests.test_appjson import EXAMPLE
 
 RELAY_ID = "a" * 52
 
@@ -421,7 +424,6 @@ class TunnelOptionsTests(SynchronousTestCase):
         """
         cases = [
             (["--acme", "https://a"], "--acme"),
-            (["--app", "app.json"], "--app"),
         ]
         for arguments, flag in cases:
             e = self.assertRaises(UsageError, self.parse, "8000", *arguments)
@@ -630,3 +632,106 @@ class RoutedHTTPConfigTests(SynchronousTestCase):
         """
         error = self.assertRaises(UsageError, self.parse)
         self.assertIn("missing TARGET", str(error))
+
+
+class AppOptionTests(SynchronousTestCase):
+    """
+    C{--app app.json}: each file is an app of the gateway, under its own lease name.
+    """
+
+    def parse(self, *arguments: str) -> TunnelOptions:
+        """
+        Parse C{portal expose} arguments.
+        """
+        options = TunnelOptions()
+        options.parseOptions(list(arguments))
+        return options
+
+    def appFile(self, **changes: Any) -> str:
+        """
+        @param changes: Top-level keys of L{EXAMPLE} to replace.
+        @return: A file holding the app.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump(dict(EXAMPLE, **changes), f)
+        return path
+
+    def test_oneApp(self) -> None:
+        """
+        One C{--app} gives routed HTTP mode (stream leases, HTTP/2 offered) with the app and no
+        other routes.
+        """
+        path = self.appFile()
+        config = self.parse("--app", path).tunnelConfig
+        [app] = config.apps
+        self.assertEqual((app.name, app.source), ("myapp", path))
+        self.assertEqual(config.mode, "stream")
+        self.assertEqual(config.routes, ())
+        self.assertIsNone(config.target)
+        self.assertEqual(config.alpn, (b"h2", b"http/1.1"))
+        self.assertEqual(
+            config.describeTarget("myapp"), "app myapp: /=127.0.0.1:3000 /api=127.0.0.1:3001"
+        )
+
+    def test_severalApps(self) -> None:
+        """
+        C{--app} may be repeated; the apps keep their order.
+        """
+        config = self.parse(
+            "--app", self.appFile(), "--app", self.appFile(name="second")
+        ).tunnelConfig
+        self.assertEqual([app.name for app in config.apps], ["myapp", "second"])
+        self.assertIn("app second:", config.describeTarget())
+        self.assertEqual(config.describeTarget("second"), config.apps[1].describe())
+
+    def test_sameName(self) -> None:
+        """
+        Two apps with one name are refused, naming both files.
+        """
+        first, second = self.appFile(), self.appFile()
+        e = self.assertRaises(UsageError, self.parse, "--app", first, "--app", second)
+        self.assertEqual(
+            str(e),
+            f"--app {second}: the name 'myapp' is already the name of --app {first}; each app "
+            "needs its own",
+        )
+
+    def test_invalidApp(self) -> None:
+        """
+        An invalid app.json is a usage error naming the file, the field and the problem.
+        """
+        path = self.appFile(paths={"/x/": {"access": "public"}})
+        e = self.assertRaises(UsageError, self.parse, "--app", path)
+        self.assertTrue(str(e).startswith(f'--app {path}: paths: the entry "" '), str(e))
+        missing = os.path.join(self.mktemp(), "app.json")
+        e = self.assertRaises(UsageError, self.parse, "--app", missing)
+        self.assertEqual(
+            str(e), f"--app {missing}: cannot read the file: No such file or directory"
+        )
+
+    def test_conflicts(self) -> None:
+        """
+        What else would say what to publish, or a mode without HTTP, cannot be combined with
+        C{--app}.
+        """
+        path = self.appFile()
+        for arguments, text in [
+            (["8000"], "--app: TARGET '8000' cannot be combined with --app"),
+            (["--http-route", "/=3000"], "--app: cannot be combined with --http or --http-route"),
+            (["--name", "x"], "--name: with --app each app's name"),
+            (["--tcp"], "--app: the app gateway is routed HTTP mode"),
+            (["--udp", "--udp-addr", "53"], "--app: the app gateway is routed HTTP mode"),
+            (["--proxy-protocol", "v1"], "--proxy-protocol: routed HTTP mode"),
+            (["--alpn", "h3"], "--alpn: routed HTTP mode speaks HTTP/1.1 and HTTP/2"),
+        ]:
+            e = self.assertRaises(UsageError, self.parse, "--app", path, *arguments)
+            self.assertTrue(str(e).startswith(text), (arguments, str(e)))
+
+    def test_buildConfig(self) -> None:
+        """
+        L{buildConfig} takes the files as C{apps}.
+        """
+        config = buildConfig(None, apps=[self.appFile()])
+        self.assertEqual([app.name for app in config.apps], ["myapp"])
+        self.assertRaises(ConfigError, buildConfig, None, apps=[self.mktemp()])

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from portal.gateway.appjson import App, AppError, loadApp
 from portal.httproutes import Route, RouteError, RouteTable, parseRoute
 from portal.identity import defaultIdentityPath
 
@@ -216,6 +217,8 @@ class TunnelConfig:
     @ivar udpMaxFlows: Most UDP flows (visitor addresses) at once.
     @ivar registry: The relay registry (a file or an http(s) URL) to pick relays from, or L{None}.
     @ivar maxRelays: How many registry relays to hold leases on (besides L{relays}).
+    @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
+        without C{--app}.
     """
 
     target: Target | None
@@ -235,6 +238,7 @@ class TunnelConfig:
     udpMaxFlows: int = 1024
     registry: str | None = None
     maxRelays: int = DEFAULT_MAX_RELAYS
+    apps: tuple[App, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -245,17 +249,21 @@ class TunnelConfig:
         parts = []
         if self.tcp:
             parts.append("tcp")
-        elif self.target is not None or self.routes:
+        elif self.target is not None or self.routes or self.apps:
             parts.append("stream")
         if self.udpTarget is not None:
             parts.append("udp")
         return "+".join(parts)
 
-    def describeTarget(self) -> str:
+    def describeTarget(self, label: str | None = None) -> str:
         """
         What the tunnel forwards to, for humans and for the stable label: the target in stream mode,
-        C{PREFIX=TARGET} for each route in routed HTTP mode.
+        C{PREFIX=TARGET} for each route in routed HTTP mode, the app and its routes with C{--app}.
+
+        @param label: With C{--app}, the lease label whose app to describe (default: every app).
         """
+        if self.apps:
+            return ", ".join(app.describe() for app in self.apps if label in (None, app.name))
         if self.routes:
             return " ".join(
                 f"{r.prefix}={r.upstream.authority}{r.upstream.basePath}"
@@ -295,12 +303,14 @@ def buildConfig(
     via: Sequence[Sequence[str]] = (),
     registry: str | None = None,
     maxRelays: int | None = None,
+    apps: Sequence[str] = (),
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
 
     @param via: For each of C{relays}, in order, the hop relays on the path to it (C{--via}, first
         hop first); missing entries mean direct connections.
+    @param apps: The C{app.json} files of C{--app}; they are read and checked here.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -314,6 +324,7 @@ def buildConfig(
             name = validateLabel(name)
         except InvalidName as e:
             raise ConfigError(f"--name: {e}")
+    loadedApps = _loadApps(apps, target, name, http, httpRoutes, tcp, udp, proxyProtocol)
     routes: list[Route] = []
     try:
         routes = [parseRoute(r) for r in httpRoutes]
@@ -372,14 +383,14 @@ def buildConfig(
                 raise ConfigError(f"{flag}: raw TCP mode does not terminate TLS; the service does")
     if alpn is None:
         # Routed mode speaks HTTP/2 itself; in stream mode the target would have to (h2c).
-        alpn = "h2,http/1.1" if routes else "http/1.1"
-    if routes:
+        alpn = "h2,http/1.1" if routes or loadedApps else "http/1.1"
+    if routes or loadedApps:
         if any(p not in (b"h2", b"http/1.1") for p in _alpn(alpn)):
             raise ConfigError(
                 "--alpn: routed HTTP mode speaks HTTP/1.1 and HTTP/2 to visitors (h2,http/1.1)"
             )
-    elif target is None and udpTarget is None:
-        raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT)")
+    elif target is None and udpTarget is None and not loadedApps:
+        raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT) or --app")
     elif http:
         raise ConfigError("--http needs a TARGET")
     if maxRelays is not None and registry is None:
@@ -413,4 +424,63 @@ def buildConfig(
         udpMaxFlows=udpMaxFlows,
         registry=registry or None,
         maxRelays=DEFAULT_MAX_RELAYS if maxRelays is None else maxRelays,
+        apps=loadedApps,
     )
+
+
+def _loadApps(
+    apps: Sequence[str],
+    target: str | None,
+    name: str | None,
+    http: bool,
+    httpRoutes: Sequence[str],
+    tcp: bool,
+    udp: bool,
+    proxyProtocol: str | None,
+) -> tuple[App, ...]:
+    """
+    Read the C{app.json} files of C{--app}, and check that nothing else says what to publish.
+
+    @param apps: The files, in the order given.
+    @return: The apps.
+    @raise ConfigError: If a file is not a valid app, two apps have the same name, or C{--app} is
+        combined with TARGET, C{--http}, C{--http-route}, C{--name}, C{--tcp}, C{--udp} or
+        C{--proxy-protocol}.
+    """
+    if not apps:
+        return ()
+    if target is not None:
+        raise ConfigError(
+            f"--app: TARGET {target!r} cannot be combined with --app (the routes come from the "
+            "app.json)"
+        )
+    if http or httpRoutes:
+        raise ConfigError(
+            "--app: cannot be combined with --http or --http-route (the routes come from the "
+            "app.json)"
+        )
+    if name is not None:
+        raise ConfigError("--name: with --app each app's name, in its app.json, is its lease label")
+    if tcp or udp:
+        raise ConfigError(
+            "--app: the app gateway is routed HTTP mode; --tcp and --udp do not apply"
+        )
+    if proxyProtocol is not None:
+        raise ConfigError(
+            "--proxy-protocol: routed HTTP mode passes the visitor's address in "
+            "X-Forwarded-For and Forwarded instead"
+        )
+    loaded: list[App] = []
+    for path in apps:
+        try:
+            app = loadApp(path)
+        except AppError as e:
+            raise ConfigError(f"--app {path}: {e}")
+        for other in loaded:
+            if other.name == app.name:
+                raise ConfigError(
+                    f"--app {path}: the name {app.name!r} is already the name of --app "
+                    f"{other.source}; each app needs its own"
+                )
+        loaded.append(app)
+    return tuple(loaded)

@@ -163,7 +163,7 @@ class TunnelControlProtocol(amp.AMP):
         Sign a fresh challenge and register the lease names.
         """
         link = self._link
-        names = [link.label]
+        names = list(link.labels)
         challenge = await self._call(Challenge, names=names)
         signature = signRegistration(link.identity, self.relayId or "", challenge["nonce"], names)
         response = await self._call(

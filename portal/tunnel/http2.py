@@ -9,6 +9,10 @@ control as backpressure. Request bodies stream too: L{StreamingRequest} takes ov
 C{Request} as soon as the request's headers are in (twisted.web would collect the whole body and only
 then render), forwards each DATA frame upstream as it arrives, and holds the stream's flow-control
 window closed while the upstream cannot take more.
+
+With C{--app} each request is first put to the app gateway, as on the HTTP/1.1 path
+(L{portal.tunnel.httpproxy}): meanwhile its body is held with the stream's window closed, or read
+whole (up to L{portal.gateway.access.MAX_BODY}) when the gateway needs it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, cast
 
+import attrs
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from twisted.internet.defer import CancelledError
@@ -28,6 +33,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from portal.attach import StreamHeader
+from portal.gateway.access import MAX_BODY, Admitted
+from portal.gateway.caller import GatewayResponse
 from portal.splice import IForwardingTransport
 from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
@@ -36,6 +43,8 @@ from portal.tunnel.httpproxy import (
     HTTPProxy,
     UpstreamConnection,
     VisitorHTTP,
+    gatewayRequest,
+    tooLarge,
 )
 
 
@@ -153,9 +162,53 @@ class H2Visitor(ExchangeAnswers):
             exchange.chunkedUpstream = True
         exchange.headComplete = True
         exchange.version = "2"
-        match = self._proxy.table.match(exchange.url.decode("latin-1"))
+        if self._proxy.gateway is not None:
+            self._admit(exchange)
+            return
+        self._route(exchange)
+
+    def _admit(self, exchange: Exchange) -> None:
+        """
+        Ask the app gateway about the request; its body is held meanwhile (the stream's window
+        closes once L{bodyChunk} holds some), or read whole first when the gateway needs it.
+        """
+        gateway = self._proxy.gateway
+        assert gateway is not None
+        request = gatewayRequest(exchange, self._header)
+        if not exchange.buffering and gateway.wantsBody(request):
+            if (self.length or 0) > MAX_BODY or exchange.held > MAX_BODY:
+                self._respondWith(exchange, tooLarge())
+                return
+            exchange.buffering = True
+            # Body frames that came before this may have closed the window.
+            self.transport.resumeProducing()
+            if not exchange.bodyDone:
+                exchange.awaitingBody = True
+                return
+        if exchange.buffering:
+            request = attrs.evolve(request, body=b"".join(exchange.body))
+        gateway.decide(request, self._header.hostname).addCallback(self._decided, exchange)
+
+    def _decided(self, decision: Admitted | GatewayResponse, exchange: Exchange) -> None:
+        """
+        The gateway decided: answer as it said, or forward the request as it edited it.
+        """
+        if self._lost or exchange.status or self._request.finished:
+            return
+        if isinstance(decision, GatewayResponse):
+            self._respondWith(exchange, decision)
+            return
+        self._proxy.admit(exchange, decision)
+        self._route(exchange)
+
+    def _route(self, exchange: Exchange) -> None:
+        """
+        Route the request and forward it.
+        """
+        table = self._proxy.tableFor(exchange)
+        match = table.match(exchange.url.decode("latin-1"))
         if match is None:
-            prefixes = ", ".join(self._proxy.table.prefixes())
+            prefixes = ", ".join(table.prefixes())
             self._respondLocally(exchange, 404, f"No route for this path. Routes: {prefixes}")
             return
         exchange.match = match
@@ -198,18 +251,28 @@ class H2Visitor(ExchangeAnswers):
         until the upstream is connected.
         """
         exchange = self._exchange
-        if exchange is None or self._lost or exchange.bodyDone:
+        if exchange is None or self._lost or exchange.bodyDone or exchange.status:
+            return
+        if exchange.buffering:
+            # Read whole for the gateway, within its limit.
+            exchange.body.append(data)
+            exchange.held += len(data)
+            if exchange.held > MAX_BODY:
+                self._respondWith(exchange, tooLarge())
             return
         if not exchange.forwardBody(data):
             self.transport.pauseProducing()
 
     def bodyComplete(self) -> None:
         """
-        The request body ended (C{END_STREAM}).
+        The request body ended (C{END_STREAM}): the gateway may decide now if it waited for it.
         """
         exchange = self._exchange
         if exchange is not None and not exchange.bodyDone:
             exchange.endBody()
+            if exchange.awaitingBody and not exchange.status:
+                exchange.awaitingBody = False
+                self._admit(exchange)
 
     def _gone(self, reason: Failure) -> None:
         """

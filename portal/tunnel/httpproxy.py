@@ -6,6 +6,13 @@ whose prefix is the longest match of its normalised path (L{portal.httproutes}).
 persistent and pooled per target. Bodies stream both ways with backpressure (each side's transport is the
 other's producer while an exchange runs); C{Connection: Upgrade} answered with C{101} becomes a raw
 two-way splice (WebSocket). Pipelined requests are answered in order.
+
+With C{--app}, each request first goes through the app gateway (L{portal.gateway.access.Gateway}):
+it picks the app by host, and either answers itself (401, 403, the gateway's own pages, ...; nothing
+reaches the app, no upstream connection is opened) or admits the request with its headers edited
+(visitors' C{X-Ptl-*} headers and credentials removed, the app's identity headers added). The body is
+held in the socket while the gateway decides, or read whole first (up to
+L{portal.gateway.access.MAX_BODY}) when the gateway needs it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import typing
 from collections import deque
 from typing import Any, cast
 
+import attrs
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
@@ -27,6 +35,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from portal.attach import StreamHeader
+from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
+from portal.gateway.caller import GatewayRequest, GatewayResponse
 from portal.httproutes import Match, RouteTable, Upstream
 from portal.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
 from portal.tunnel.report import Reporter
@@ -65,7 +75,12 @@ _STATUS = {
     204: b"No Content",
     304: b"Not Modified",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
+    413: b"Content Too Large",
+    421: b"Misdirected Request",
+    500: b"Internal Server Error",
     502: b"Bad Gateway",
     504: b"Gateway Timeout",
 }
@@ -108,6 +123,34 @@ def _forwardedValue(value: bytes) -> bytes:
     if _TOKEN.fullmatch(value):
         return value
     return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
+def gatewayRequest(exchange: Exchange, header: StreamHeader) -> GatewayRequest:
+    """
+    @param exchange: A request whose head is complete.
+    @param header: The stream header of the visitor's connection.
+    @return: What the app gateway sees of it (without its body): the C{Host} header (HTTP/2's
+        C{:authority} arrives as one) is the authority.
+    """
+    return GatewayRequest(
+        method=exchange.method,
+        authority=_header(exchange.headers, b"host") or b"",
+        path=exchange.url,
+        headers=tuple((name.lower(), value) for name, value in exchange.headers),
+        peer=(header.peerHost, header.peerPort),
+    )
+
+
+def tooLarge() -> GatewayResponse:
+    """
+    @return: The gateway's answer to a body it should hold whole and that is over
+        L{MAX_BODY}.
+    """
+    return page(
+        413,
+        f"The request body is larger than the {MAX_BODY // 1024} KiB the gateway reads before "
+        "deciding whether it may reach the app.",
+    )
 
 
 def _chunk(data: bytes) -> bytes:
@@ -182,6 +225,8 @@ class Exchange:
         self.headComplete = False
         self.match: Match | None = None
         self.body: list[bytes] = []
+        #: Bytes in L{body}.
+        self.held = 0
         self.bodyDone = False
         self.chunkedUpstream = False
         self.upstream: UpstreamConnection | None = None
@@ -189,6 +234,16 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.headBytes = 0
+        #: The app's routes, once the gateway admitted the request (C{--app}).
+        self.table: RouteTable | None = None
+        #: Whether the gateway admitted the request.
+        self.admitted = False
+        #: Headers the gateway adds, sent after the proxy's own filtering.
+        self.gatewayHeaders: list[tuple[bytes, bytes]] = []
+        #: Whether the whole body is read before the gateway decides.
+        self.buffering = False
+        #: Whether the gateway's decision waits for the end of the body.
+        self.awaitingBody = False
 
     def forwardBody(self, data: bytes) -> bool:
         """
@@ -203,6 +258,7 @@ class Exchange:
             upstream.transport.write(_chunk(data) if self.chunkedUpstream else data)
             return True
         self.body.append(data)
+        self.held += len(data)
         return False
 
     def endBody(self) -> None:
@@ -218,14 +274,48 @@ class Exchange:
 class HTTPProxy:
     """
     What every visitor connection of one routed-HTTP tunnel shares: the routes, the upstream pool, the
-    reporter.
+    reporter, and with C{--app} the app gateway.
+
+    @ivar table: The routes of C{--http-route} (L{None} with C{--app}: each app has its own).
+    @ivar gateway: The app gateway, or L{None} without C{--app}.
+    @ivar tables: Each app's routes, by app name.
     """
 
-    def __init__(self, reactor: Any, table: RouteTable, reporter: Reporter | None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        table: RouteTable | None,
+        reporter: Reporter | None,
+        gateway: Gateway | None = None,
+    ) -> None:
         self.reactor = reactor
         self.table = table
         self.reporter = reporter
         self.pool = UpstreamPool(reactor)
+        self.gateway = gateway
+        self.tables = (
+            {}
+            if gateway is None
+            else {name: RouteTable(app.routes) for name, app in gateway.apps.items()}
+        )
+
+    def tableFor(self, exchange: Exchange) -> RouteTable:
+        """
+        @return: The routes for C{exchange}: its app's, or the tunnel's.
+        """
+        table = exchange.table or self.table
+        assert table is not None, "with --app a request is routed only once admitted"
+        return table
+
+    def admit(self, exchange: Exchange, admitted: Admitted) -> None:
+        """
+        Apply the gateway's decision to a request it admitted: its app's routes, and its headers
+        edited.
+        """
+        exchange.admitted = True
+        exchange.table = self.tables[admitted.app.name]
+        exchange.headers = admitted.edits.stripped(exchange.headers)
+        exchange.gatewayHeaders = list(admitted.edits.add)
 
     def protocolFor(self, header: StreamHeader) -> VisitorHTTP:
         """
@@ -317,6 +407,8 @@ class ExchangeAnswers:
         headers.append((b"Forwarded", b"for=%s;%sproto=https" % (forNode, hostParam)))
         if match.strippedPrefix is not None:
             headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
+        # After the filtering above, so that a visitor's Connection header cannot remove them.
+        headers += exchange.gatewayHeaders
         if exchange.chunkedUpstream:
             headers.append((b"Transfer-Encoding", b"chunked"))
         lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
@@ -328,6 +420,7 @@ class ExchangeAnswers:
         Body bytes held while the upstream connection was being made, framed for upstream.
         """
         held, exchange.body = exchange.body, []
+        exchange.held = 0
         data = b"".join(_chunk(b) for b in held) if exchange.chunkedUpstream else b"".join(held)
         if exchange.bodyDone and exchange.chunkedUpstream:
             data += b"0\r\n\r\n"
@@ -343,19 +436,27 @@ class ExchangeAnswers:
             f"<h1>{status} {reason.decode()}</h1><p>{html.escape(message)}</p>"
             "<p><small>portal tunnel</small></p>\n"
         ).encode()
-        if not exchange.bodyDone:
-            # The request body was not read: the connection cannot be reused.
-            self._closeAfter = True
-        self.writeHead(
+        self._respondWith(
             exchange,
-            status,
-            reason,
-            [
-                (b"Content-Type", b"text/html; charset=utf-8"),
-                (b"Content-Length", b"%d" % len(body)),
-            ],
+            GatewayResponse(status, ((b"Content-Type", b"text/html; charset=utf-8"),), body),
         )
-        self.writeBody(exchange, body if exchange.method != b"HEAD" else b"")
+
+    def _respondWith(self, exchange: Exchange, response: GatewayResponse) -> None:
+        """
+        Answer with a response of the tunnel's own (a page, or the app gateway's answer).
+        """
+        if not exchange.bodyDone or exchange.upgrade:
+            # The request body was not read, or the parser stopped at an upgrade: the connection
+            # cannot be reused.
+            self._closeAfter = True
+        headers = [
+            (name, value)
+            for name, value in response.headers
+            if name.lower() not in (b"content-length", b"connection", b"transfer-encoding")
+        ]
+        headers.append((b"Content-Length", b"%d" % len(response.body)))
+        self.writeHead(exchange, response.status, _STATUS.get(response.status, b"Error"), headers)
+        self.writeBody(exchange, response.body if exchange.method != b"HEAD" else b"")
         self.finished(exchange)
 
 
@@ -513,25 +614,41 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         exchange = self._parsing
         assert exchange is not None
+        if exchange.buffering:
+            # Read whole for the gateway, within its limit.
+            exchange.body.append(body)
+            exchange.held += len(body)
+            if exchange.held > MAX_BODY and not exchange.status:
+                self._refused = True
+                self._respondWith(exchange, tooLarge())
+            return
         exchange.forwardBody(body)
 
     def on_message_complete(self) -> None:
         """
-        The request body is complete.
+        The request body is complete: the gateway may decide now if it waited for it.
         """
         exchange = self._parsing
         assert exchange is not None
         exchange.endBody()
+        if exchange.awaitingBody and not exchange.status:
+            exchange.awaitingBody = False
+            self._admit(exchange)
 
     # Exchanges.
 
     def _start(self, exchange: Exchange) -> None:
         """
-        Route the request and get an upstream connection for it.
+        Route the request and get an upstream connection for it; with C{--app}, ask the gateway
+        first.
         """
-        match = self._proxy.table.match(exchange.url.decode("latin-1"))
+        if self._proxy.gateway is not None and not exchange.admitted:
+            self._admit(exchange)
+            return
+        table = self._proxy.tableFor(exchange)
+        match = table.match(exchange.url.decode("latin-1"))
         if match is None:
-            prefixes = ", ".join(html.escape(p) for p in self._proxy.table.prefixes())
+            prefixes = ", ".join(html.escape(p) for p in table.prefixes())
             self._respondLocally(exchange, 404, f"No route for this path. Routes: {prefixes}")
             return
         exchange.match = match
@@ -576,6 +693,52 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
                 )
 
         d.addCallbacks(connected, failed)
+
+    def _admit(self, exchange: Exchange) -> None:
+        """
+        Ask the app gateway about a request, holding its body meanwhile: in the socket, or read
+        whole first when the gateway needs it (L{Gateway.wantsBody}).
+        """
+        gateway = self._proxy.gateway
+        assert gateway is not None and self.transport is not None
+        request = gatewayRequest(exchange, self._header)
+        if not exchange.buffering and gateway.wantsBody(request):
+            length = _header(exchange.headers, b"content-length")
+            if (length is not None and int(length) > MAX_BODY) or exchange.held > MAX_BODY:
+                self._refused = True
+                self._respondWith(exchange, tooLarge())
+                return
+            exchange.buffering = True
+            if not exchange.bodyDone:
+                exchange.awaitingBody = True
+                expect = _header(exchange.headers, b"expect") or b""
+                if expect.lower() == b"100-continue" and exchange.version == "1.1":
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                return
+        if exchange.buffering:
+            request = attrs.evolve(request, body=b"".join(exchange.body))
+        else:
+            # Hold the request body in the socket, not in memory, until the gateway decided.
+            pauseReading(self.transport)
+            self._connecting = True
+        gateway.decide(request, self._header.hostname).addCallback(self._decided, exchange)
+
+    def _decided(self, decision: Admitted | GatewayResponse, exchange: Exchange) -> None:
+        """
+        The gateway decided: answer as it said, or forward the request as it edited it.
+        """
+        transport = self.transport
+        assert transport is not None
+        self._connecting = False
+        if self._lost or exchange.status:
+            return
+        if isinstance(decision, GatewayResponse):
+            self._respondWith(exchange, decision)
+            return
+        self._proxy.admit(exchange, decision)
+        self._start(exchange)
+        if not self._connecting and not self._queue and not self._lost:
+            resumeReading(transport)
 
     def writeHead(
         self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]

@@ -22,12 +22,13 @@ class TunnelOptions(usage.Options):
     @ivar tunnelConfig: The parsed configuration, after L{postOptions}.
     """
 
-    synopsis = "TARGET [options]"
+    synopsis = "TARGET [options] | --app app.json [--app app.json]... [options]"
     longdesc = (
         "Publish a local service through Portal relays. TARGET is PORT, HOST:PORT or "
         "http(s)://HOST:PORT; a bare port means 127.0.0.1. Without --relay the relay on this "
         "machine (localhost:4017) is used. The --via options before a --relay are the relays "
-        "the tunnel reaches that relay through, first hop first."
+        "the tunnel reaches that relay through, first hop first. Instead of TARGET, each --app "
+        "publishes an app of the app gateway under its own name (see docs/app-json.md)."
     )
     optFlags = [
         ["json", None, "Print one JSON object per event instead of text."],
@@ -84,7 +85,6 @@ class TunnelOptions(usage.Options):
             int,
         ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
-        ["app", None, None, "app.json of a gateway app (not available yet)."],
     ]
 
     tunnelConfig: TunnelConfig
@@ -95,6 +95,7 @@ class TunnelOptions(usage.Options):
         self["via"] = []
         self["pending-via"] = []
         self["http-routes"] = []
+        self["apps"] = []
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
@@ -153,6 +154,13 @@ class TunnelOptions(usage.Options):
         """
         self["http-routes"].append(route)
 
+    def opt_app(self, path: str) -> None:
+        """
+        app.json of an app gateway app, published under its own lease name (repeatable: one lease
+        and one URL per app).
+        """
+        self["apps"].append(path)
+
     def parseArgs(self, target: str | None = None) -> None:
         """
         @param target: The local service to publish.
@@ -165,7 +173,6 @@ class TunnelOptions(usage.Options):
         """
         unavailable = [
             ("acme", "ACME certificates"),
-            ("app", "the app gateway"),
         ]
         for option, feature in unavailable:
             if self[option]:
@@ -198,6 +205,7 @@ class TunnelOptions(usage.Options):
                 via=self["via"],
                 registry=self["registry"],
                 maxRelays=self["max-relays"],
+                apps=self["apps"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

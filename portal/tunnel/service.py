@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL.crypto import X509, PKey
@@ -23,6 +23,8 @@ from zope.interface import implementer
 
 from portal.attach import StreamHeader
 from portal.control import modeParts
+from portal.gateway.access import Gateway
+from portal.gateway.caller import Authenticator, GatewayPages
 from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
@@ -88,6 +90,7 @@ class RelayLink(Service):
         self.reactor = tunnel.reactor
         self.identity = tunnel.identity
         self.label = tunnel.label
+        self.labels = tunnel.labels
         self.reporter = tunnel.reporter
         self.pins = tunnel.pins
         self.mode = tunnel.config.mode
@@ -210,9 +213,8 @@ class RelayLink(Service):
             return
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
-            self.reporter.lease(
-                url, self.relay.address, self.tunnel.config.describeTarget(), self.tunnel.caPath
-            )
+            target = config.describeTarget(hostname.partition(".")[0] if config.apps else None)
+            self.reporter.lease(url, self.relay.address, target, self.tunnel.caPath)
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
         """
@@ -252,12 +254,16 @@ class TunnelService(MultiService):
     """
     A tunnel: the identity, the certificates, and a L{RelayLink} per relay.
 
-    @ivar label: The lease label asked for on every relay.
+    @ivar label: The (first) lease label asked for on every relay.
+    @ivar labels: Every lease label asked for on every relay: one per C{--app}, else L{label}.
     @ivar caPath: The local CA certificate file, when the local CA issues the certificates.
     @ivar servedHostnames: Lease hostnames relays gave us.
+    @ivar gateway: With C{--app}, the app gateway; else L{None}. Its C{authenticators} list and
+        C{pages} may be set after construction too (they are read for every request).
     """
 
     _log = Logger()
+    gateway: Gateway | None = None
 
     def __init__(
         self,
@@ -265,10 +271,17 @@ class TunnelService(MultiService):
         reactor: Any,
         reporter: Reporter,
         onFatal: Callable[[str], None],
+        authenticators: Sequence[Authenticator] = (),
+        gatewayPages: GatewayPages | None = None,
     ) -> None:
         """
         Load (or create) the identity and the certificates; raises L{portal.identity.IdentityError} or
         L{portal.localca.CertificateError} with a message for the user.
+
+        @param authenticators: With C{--app}, what says who is calling (paired terminals, peers),
+            asked in this order; without any, private and peer paths always answer 401.
+        @param gatewayPages: With C{--app}, the gateway's own pages under C{/.portal/} (pairing);
+            without them such paths answer 404.
         """
         super().__init__()
         self.config = config
@@ -281,14 +294,21 @@ class TunnelService(MultiService):
             self._log.info(
                 "created identity {id} in {path}", id=self.identity.id, path=config.identityPath
             )
-        self.label = config.name or stableLabel(self.identity.id, config.describeTarget())
+        self.labels = [app.name for app in config.apps] or [
+            config.name or stableLabel(self.identity.id, config.describeTarget())
+        ]
+        self.label = self.labels[0]
+        if config.apps:
+            self.gateway = Gateway(
+                config.apps, self.identity.id, authenticators, gatewayPages, clock=reactor
+            )
         self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
         self.servedHostnames: set[str] = set()
         self.caPath: str | None = None
         self._keyPair: tuple[PKey, list[X509]] | None = None
         self._ca: LocalCA | None = None
         self.udpTarget = resolveUDPTarget(config.udpTarget) if config.udpTarget else None
-        if config.tcp or config.target is None and not config.routes:
+        if config.tcp or config.target is None and not (config.routes or config.apps):
             # Raw TCP mode terminates no TLS: the bytes go to the target as they came.
             self.streamHandler = StreamHandler(
                 reactor, config.target, None, proxyProtocol=config.proxyProtocol
@@ -321,10 +341,9 @@ class TunnelService(MultiService):
             self.caPath = self._ca.certPath
         creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
         inner = None
-        if config.routes:
-            proxy = self.httpProxy = HTTPProxy(
-                self.reactor, RouteTable(config.routes), self.reporter
-            )
+        if config.routes or config.apps:
+            table = RouteTable(config.routes) if config.routes else None
+            proxy = self.httpProxy = HTTPProxy(self.reactor, table, self.reporter, self.gateway)
 
             def inner(header: StreamHeader) -> RoutedHTTP:
                 return RoutedHTTP(proxy, header)

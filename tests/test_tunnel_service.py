@@ -1,0 +1,123 @@
+"""
+Tests for L{portal.tunnel.service.TunnelService} with C{--app}: the lease names, the gateway and how
+authenticators and pages are plugged in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from portal.tunnel.config import buildConfig
+from portal.tunnel.report import Reporter
+from portal.tunnel.service import TunnelService
+from tests.test_access import FakeAuthenticator, FakePages
+from tests.test_appjson import EXAMPLE
+
+
+class AppServiceTests(SynchronousTestCase):
+    """
+    A tunnel service configured with two apps.
+    """
+
+    def setUp(self) -> None:
+        """
+        Write two app files and an identity path.
+        """
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.apps = [self.appFile("alpha", "3000"), self.appFile("beta", "4000")]
+        self.fatals: list[str] = []
+        self.reporter = Reporter(io.StringIO(), asJSON=True)
+
+    def appFile(self, name: str, port: str) -> str:
+        """
+        @return: The path of an app.json for app C{name} on C{port}.
+        """
+        path = os.path.join(self.directory, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(dict(EXAMPLE, name=name, routes={"/": port}), f)
+        return path
+
+    def service(self, **kw: Any) -> TunnelService:
+        """
+        @return: A tunnel service for the two apps.
+        """
+        config = buildConfig(
+            None, apps=self.apps, identityPath=os.path.join(self.directory, "identity.json")
+        )
+        return TunnelService(config, MemoryReactorClock(), self.reporter, self.fatals.append, **kw)
+
+    def test_labels(self) -> None:
+        """
+        Each app's name is a lease label, asked for on every relay.
+        """
+        tunnel = self.service()
+        self.assertEqual(tunnel.labels, ["alpha", "beta"])
+        self.assertEqual(tunnel.label, "alpha")
+        self.assertEqual([link.labels for link in tunnel.links], [["alpha", "beta"]])
+
+    def test_gateway(self) -> None:
+        """
+        The routed HTTP proxy gets the gateway, with both apps and the tunnel identity; without
+        authenticators or pages given, it has none.
+        """
+        tunnel = self.service()
+        gateway = tunnel.gateway
+        assert gateway is not None
+        self.assertEqual(sorted(gateway.apps), ["alpha", "beta"])
+        self.assertEqual(gateway.identityId, tunnel.identity.id)
+        self.assertIs(gateway.clock, tunnel.reactor)
+        self.assertEqual(gateway.authenticators, [])
+        self.assertIsNone(gateway.pages)
+        self.assertIs(tunnel.httpProxy.gateway, gateway)
+        self.assertIsNone(tunnel.httpProxy.table)
+        self.assertEqual(sorted(tunnel.httpProxy.tables), ["alpha", "beta"])
+
+    def test_plugIn(self) -> None:
+        """
+        Authenticators and pages given to the service are the gateway's, in order; more can be
+        added later.
+        """
+        first, second = FakeAuthenticator("a", {}), FakeAuthenticator("b", {})
+        pages = FakePages()
+        tunnel = self.service(authenticators=[first, second], gatewayPages=pages)
+        gateway = tunnel.gateway
+        assert gateway is not None
+        self.assertEqual(gateway.authenticators, [first, second])
+        self.assertIs(gateway.pages, pages)
+        third = FakeAuthenticator("c", {})
+        gateway.authenticators.append(third)
+        self.assertEqual(gateway.authenticators, [first, second, third])
+
+    def test_leaseLines(self) -> None:
+        """
+        Each hostname's lease line names its own app as the target.
+        """
+        tunnel = self.service()
+        [link] = tunnel.links
+        link.registered(object(), ["alpha.localhost", "beta.localhost"], 8443)  # type: ignore[arg-type]
+        leases = [e for e in self.reporter.events if e["event"] == "lease"]
+        self.assertEqual(
+            [(e["url"], e["target"]) for e in leases],
+            [
+                ("https://alpha.localhost:8443", "app alpha: /=127.0.0.1:3000"),
+                ("https://beta.localhost:8443", "app beta: /=127.0.0.1:4000"),
+            ],
+        )
+
+    def test_noApps(self) -> None:
+        """
+        Without C{--app} there is no gateway.
+        """
+        config = buildConfig(
+            "3000", http=True, identityPath=os.path.join(self.directory, "identity.json")
+        )
+        tunnel = TunnelService(config, MemoryReactorClock(), self.reporter, self.fatals.append)
+        self.assertIsNone(tunnel.gateway)
+        self.assertIsNone(tunnel.httpProxy.gateway)
