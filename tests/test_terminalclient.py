@@ -12,8 +12,12 @@ import stat
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import StubTreq
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
 from portal.gateway.proof import PURPOSE_SESSION, proofMessage, verifyProof
 from portal.gateway.sessions import SESSION_TTL
@@ -25,8 +29,10 @@ from portal.gateway.terminalclient import (
     Session,
     TerminalClientError,
     TerminalKey,
+    _AppEndpoints,
     defaultKeyPath,
     httpClient,
+    isLocalhost,
     join,
     openSession,
     parseAppURL,
@@ -164,6 +170,45 @@ class TerminalKeyTests(SynchronousTestCase):
         self.assertRaises(TerminalClientError, httpClient, Clock(), self.path)
 
 
+class AppEndpointsTests(SynchronousTestCase):
+    """
+    Tests for where the command-line terminal connects.
+    """
+
+    def test_isLocalhost(self) -> None:
+        """
+        C{localhost} and names under it are loopback names; others are not.
+        """
+        for host in ["localhost", "app.localhost", "A.B.LOCALHOST", "app.localhost."]:
+            self.assertTrue(isLocalhost(host), host)
+        for host in ["localhost.example", "applocalhost", "example.com", "127.0.0.1"]:
+            self.assertFalse(isLocalhost(host), host)
+
+    def test_localhostLoopback(self) -> None:
+        """
+        An app under C{.localhost} (Portal's default tunnel domain) is reached on 127.0.0.1,
+        whatever the system resolver says, with TLS for the app's own name.
+        """
+        reactor = MemoryReactor()
+        endpoint = _AppEndpoints(reactor, BrowserLikePolicyForHTTPS()).endpointForURI(
+            URI.fromBytes(b"https://app.localhost:8443/.portal/pair")
+        )
+        endpoint.connect(Factory.forProtocol(Protocol))
+        ((host, port, *_),) = reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8443))
+
+    def test_otherNames(self) -> None:
+        """
+        Other apps are reached at the addresses their names resolve to.
+        """
+        endpoint = _AppEndpoints(MemoryReactor(), BrowserLikePolicyForHTTPS()).endpointForURI(
+            URI.fromBytes(b"https://app.example/")
+        )
+        inner = endpoint._wrappedEndpoint  # type: ignore[attr-defined]
+        self.assertIsInstance(inner, HostnameEndpoint)
+        self.assertEqual((inner._hostBytes, inner._port), (b"app.example", 443))
+
+
 class JoinTests(SynchronousTestCase):
     """
     Tests for L{join} and L{openSession} against the pages in memory.
@@ -278,6 +323,26 @@ class JoinTests(SynchronousTestCase):
             join(self.clock, http, self.app, self.key, "x"), TerminalClientError
         )
         self.assertIn("404", failure.getErrorMessage())
+
+    def test_unreachable(self) -> None:
+        """
+        A failure to connect is reported with its reason; a certificate the client does not
+        trust, with the hint to give the tunnel's local CA.
+        """
+        from twisted.internet.defer import fail
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        class Broken:
+            def post(self, *a: object, **k: object) -> object:
+                error = Exception("[('SSL routines', '', 'certificate verify failed')]")
+                return fail(ResponseNeverReceived([Failure(error)]))
+
+        failure = self.failureResultOf(
+            join(self.clock, Broken(), self.app, self.key, "x"), TerminalClientError
+        )
+        self.assertIn(f"cannot reach {APP}: [('SSL routines'", failure.getErrorMessage())
+        self.assertIn("--cacert", failure.getErrorMessage())
 
     def test_timeout(self) -> None:
         """

@@ -20,8 +20,12 @@ import treq
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from portal.gateway.proof import (
     PURPOSE_PAIR,
@@ -55,7 +59,14 @@ MAX_ANSWER = 65536
 class TerminalClientError(Exception):
     """
     Pairing or a session renewal failed; the message says why, for the user.
+
+    @ivar reason: The app's short code for a refusal (C{"revoked"}, C{"wrong-code"}...), or
+        L{None}.
     """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @attrs.frozen
@@ -218,6 +229,40 @@ class TerminalKey:
             return key, True
 
 
+def isLocalhost(host: str) -> bool:
+    """
+    @return: Whether C{host} is C{localhost} or a name under it, which RFC 6761 reserves for
+        loopback (browsers and curl resolve them so; system resolvers often do not).
+    """
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
+@implementer(IAgentEndpointFactory)
+class _AppEndpoints:
+    """
+    Endpoints for the app's C{https://} URLs: TLS for the URL's host, to the address its name
+    resolves to, or to 127.0.0.1 for C{*.localhost} names (Portal's default tunnel domain).
+    """
+
+    def __init__(self, reactor: Any, policy: BrowserLikePolicyForHTTPS) -> None:
+        self._reactor = reactor
+        self._policy = policy
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        """
+        @param uri: The request's L{twisted.web.client.URI}.
+        @return: A TLS endpoint for it.
+        """
+        host = uri.host.decode("ascii")
+        inner: IStreamClientEndpoint
+        if isLocalhost(host):
+            inner = TCP4ClientEndpoint(self._reactor, "127.0.0.1", uri.port, timeout=10)
+        else:
+            inner = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=10)
+        return wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), inner)
+
+
 def httpClient(reactor: Any, caCertificate: str | None = None) -> treq.client.HTTPClient:
     """
     An HTTP client for talking to an app.
@@ -232,13 +277,15 @@ def httpClient(reactor: Any, caCertificate: str | None = None) -> treq.client.HT
         try:
             with open(caCertificate, "rb") as f:
                 certificate = Certificate.loadPEM(f.read())
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise TerminalClientError(f"cannot read the CA certificate {caCertificate}: {e}")
         except Exception as e:
             # pyOpenSSL raises its own error type for a file that is not a certificate.
             raise TerminalClientError(f"{caCertificate} is not a PEM certificate: {e}")
         policy = BrowserLikePolicyForHTTPS(trustRootFromCertificates([certificate]))
-    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+    return treq.client.HTTPClient(
+        Agent.usingEndpointFactory(reactor, _AppEndpoints(reactor, policy))
+    )
 
 
 async def _post(http: Any, app: AppURL, path: bytes, document: dict[str, Any]) -> Any:
@@ -257,7 +304,12 @@ async def _post(http: Any, app: AppURL, path: bytes, document: dict[str, Any]) -
         )
         body = await treq.content(response)
     except Exception as e:
-        raise TerminalClientError(f"cannot reach {app.origin}: {e}")
+        # Agent's errors (ResponseNeverReceived, ...) wrap the failures that say why.
+        reasons = getattr(e, "reasons", None)
+        message = reasons[0].getErrorMessage() if reasons else str(e)
+        if "certificate verify failed" in message:
+            message += " (give the tunnel's local CA with --cacert, or use a trusted certificate)"
+        raise TerminalClientError(f"cannot reach {app.origin}: {message}")
     try:
         answer = json.loads(body[:MAX_ANSWER])
     except (ValueError, UnicodeDecodeError):
@@ -268,7 +320,11 @@ async def _post(http: Any, app: AppURL, path: bytes, document: dict[str, Any]) -
             f"(is it a Portal app?)"
         )
     if response.code != 200:
-        raise TerminalClientError(str(answer.get("error") or f"HTTP {response.code}"))
+        reason = answer.get("reason")
+        raise TerminalClientError(
+            str(answer.get("error") or f"HTTP {response.code}"),
+            reason if isinstance(reason, str) else None,
+        )
     return answer, response
 
 
