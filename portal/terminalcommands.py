@@ -17,6 +17,7 @@ from __future__ import annotations
 import getopt
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -37,7 +38,7 @@ from portal.gateway.terminalclient import (
     openSession,
     parseAppURL,
 )
-from portal.gateway.terminals import SHORT_ID_LENGTH, TerminalError, TerminalStore
+from portal.gateway.terminals import SHORT_ID_LENGTH, TerminalError, TerminalStore, validateName
 from portal.identity import defaultIdentityPath
 from portal.tunnel.localcontrol import (
     CreatePairingCode,
@@ -50,6 +51,9 @@ from portal.tunnel.localcontrol import (
 )
 
 FAILURE = 1
+
+#: Seconds the running tunnel has to answer a command on its control socket.
+CALL_TIMEOUT = 10.0
 
 #: How a command reaches the running tunnel: C{(reactor, socket path) -> Deferred[AMP]}.
 Connect = Callable[[Any, str], "Deferred[amp.AMP]"]
@@ -196,11 +200,38 @@ class TerminalsOptions(_InterspersedOptions):
         self["arguments"] = args
 
 
+def _call(reactor: Any, control: amp.AMP, command: type[amp.Command], **arguments: Any) -> Any:
+    """
+    Call a command of the running tunnel, within L{CALL_TIMEOUT} seconds.
+
+    @return: A L{Deferred} firing with the answer, or failing with the command's error, or with
+        L{TerminalError} when the tunnel does not answer in time.
+    """
+
+    def timedOut(result: object, timeout: float) -> None:
+        raise TerminalError(f"the running tunnel did not answer within {timeout:g} s")
+
+    return control.callRemote(command, **arguments).addTimeout(
+        CALL_TIMEOUT, reactor, onTimeoutCancel=timedOut
+    )
+
+
 def _stateDir(options: usage.Options) -> str:
     """
     @return: The tunnel's state directory (the identity file's directory).
     """
     return os.path.dirname(os.path.abspath(options["identity"] or defaultIdentityPath()))
+
+
+def _machineName() -> str | None:
+    """
+    @return: The name a command-line terminal proposes for itself when given none: this machine's
+        host name, if it is an acceptable terminal name.
+    """
+    try:
+        return validateName(socket.gethostname())
+    except TerminalError:
+        return None
 
 
 def _when(seconds: float | None) -> str:
@@ -264,7 +295,7 @@ async def pairCommand(
         err.write(f"portal: {e}; start the tunnel (portal expose ...) and try again\n")
         return FAILURE
     try:
-        answer = await control.callRemote(CreatePairingCode, name=options["name"])
+        answer = await _call(reactor, control, CreatePairingCode, name=options["name"])
     except TerminalError as e:
         err.write(f"portal: {e}\n")
         return FAILURE
@@ -311,7 +342,8 @@ async def _terminalSide(
             http = httpClient(reactor, options["cacert"])
         if options["join"] is not None:
             key, created = TerminalKey.loadOrCreate(keyPath)
-            session = await join(reactor, http, app, key, options["code"], options["name"])
+            name = options["name"] or _machineName()
+            session = await join(reactor, http, app, key, options["code"], name)
         else:
             try:
                 key = TerminalKey.load(keyPath)
@@ -381,7 +413,7 @@ async def terminalsCommand(
     try:
         if control is not None:
             try:
-                terminals = await _remote(control, action, arguments)
+                terminals = await _remote(reactor, control, action, arguments)
             finally:
                 control.transport.loseConnection()  # type: ignore[union-attr]
         else:
@@ -391,7 +423,7 @@ async def terminalsCommand(
                 if action != "list":
                     raise TerminalError(f"no terminal is paired yet (no store at {path})")
             else:
-                terminals = _local(path, action, arguments)
+                terminals = _local(path, action, arguments, reactor.seconds())
     except TerminalError as e:
         err.write(f"portal: {e}\n")
         return FAILURE
@@ -400,7 +432,7 @@ async def terminalsCommand(
 
 
 async def _remote(
-    control: amp.AMP, action: str, arguments: tuple[str, ...]
+    reactor: Any, control: amp.AMP, action: str, arguments: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """
     Carry out a C{portal terminals} action through the running tunnel.
@@ -408,16 +440,18 @@ async def _remote(
     @return: The terminals concerned, as the control socket describes them.
     """
     if action == "list":
-        answer = await control.callRemote(ListTerminals)
+        answer = await _call(reactor, control, ListTerminals)
         return list(answer["terminals"])
     if action == "rename":
-        return [await control.callRemote(RenameTerminal, id=arguments[0], name=arguments[1])]
-    return [await control.callRemote(RevokeTerminal, id=arguments[0])]
+        return [await _call(reactor, control, RenameTerminal, id=arguments[0], name=arguments[1])]
+    return [await _call(reactor, control, RevokeTerminal, id=arguments[0])]
 
 
-def _local(path: str, action: str, arguments: tuple[str, ...]) -> list[dict[str, Any]]:
+def _local(path: str, action: str, arguments: tuple[str, ...], now: float) -> list[dict[str, Any]]:
     """
     Carry out a C{portal terminals} action on the store directly.
+
+    @param now: The current time (a revocation's time).
 
     @return: The terminals concerned, described like the control socket does.
     """
@@ -428,7 +462,7 @@ def _local(path: str, action: str, arguments: tuple[str, ...]) -> list[dict[str,
         elif action == "rename":
             terminals = [store.rename(arguments[0], arguments[1])]
         else:
-            terminals = [store.revoke(arguments[0], time.time())]
+            terminals = [store.revoke(arguments[0], now)]
     finally:
         store.close()
     return [

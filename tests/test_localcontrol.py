@@ -242,6 +242,22 @@ class ListenTests(SynchronousTestCase):
         self.assertIn("portal pair", events[0]["log_format"])
         self.assertIsNone(service.stopService())
 
+    def test_serviceCannotCreate(self) -> None:
+        """
+        When the socket's directory cannot be made, the service logs a warning and the tunnel
+        runs on without a control socket.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        path = socketPath(os.path.join(blocker, "state"))
+        service = LocalControlService(MemoryReactor(), path, self.access, list)
+        service.startService()
+        self.assertIsNone(service.port)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["path"], path)
+
 
 class ConnectTests(SynchronousTestCase):
     """

@@ -24,6 +24,7 @@ from portal.gateway.sessions import SESSION_TTL
 from portal.gateway.terminalaccess import TerminalAccess
 from portal.gateway.terminalclient import (
     KEYS_DIRNAME,
+    MAX_ANSWER,
     REQUEST_TIMEOUT,
     AppURL,
     Session,
@@ -323,6 +324,23 @@ class JoinTests(SynchronousTestCase):
             join(self.clock, http, self.app, self.key, "x"), TerminalClientError
         )
         self.assertIn("404", failure.getErrorMessage())
+
+    def test_answerTooLarge(self) -> None:
+        """
+        An answer larger than the terminal endpoints ever give is refused, not read whole.
+        """
+        from twisted.web.resource import Resource
+
+        class Huge(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: object) -> bytes:
+                return b"x" * (MAX_ANSWER + 1)
+
+        failure = self.failureResultOf(
+            join(self.clock, StubTreq(Huge()), self.app, self.key, "x"), TerminalClientError
+        )
+        self.assertIn(f"more than {MAX_ANSWER} bytes", failure.getErrorMessage())
 
     def test_unreachable(self) -> None:
         """

@@ -26,6 +26,7 @@ from portal.gateway.terminalaccess import TerminalAccess, storePath
 from portal.gateway.terminalclient import TerminalKey
 from portal.gateway.terminals import TerminalStore
 from portal.terminalcommands import (
+    CALL_TIMEOUT,
     PairOptions,
     TerminalsOptions,
     pairCommand,
@@ -236,6 +237,24 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.pair(), 1)
         self.assertIn(f"no running tunnel at {socketPath(self.stateDir)}", self.err.getvalue())
 
+    def test_tunnelSilent(self) -> None:
+        """
+        A tunnel that accepts the connection but does not answer within 10 seconds is an error.
+        """
+
+        def connect(reactor: Any, path: str) -> Deferred[amp.AMP]:
+            client, _, _ = connectedServerAndClient(amp.AMP, amp.AMP)
+            return succeed(client)
+
+        options = parse(PairOptions(), "--identity", self.identity)
+        d = Deferred.fromCoroutine(
+            pairCommand(self.clock, options, self.out, self.err, connect=connect)
+        )
+        self.assertNoResult(d)
+        self.clock.advance(CALL_TIMEOUT)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertIn("did not answer within 10 s", self.err.getvalue())
+
     def test_list(self) -> None:
         """
         C{portal terminals list} shows each terminal's short id, name, times and status.
@@ -367,6 +386,18 @@ class TerminalSideTests(SynchronousTestCase):
         self.assertIn(f"Paired with {APP} as terminal {key.id[:12]} (box)", output)
         self.assertIn(f"key: {self.keyPath} (new)", output)
         self.assertIn(f'curl -b "$(portal pair --session {APP})"', output)
+
+    def test_joinNamedAfterMachine(self) -> None:
+        """
+        Without C{--name}, the terminal proposes this machine's host name; a name the owner gave
+        with the code wins.
+        """
+        import socket
+
+        self.pair("--join", APP, self.access.issueCode().code)
+        self.assertEqual(self.access.list()[0].name, socket.gethostname())
+        self.pair("--join", APP, self.access.issueCode("owner's name").code, "--name", "mine")
+        self.assertEqual(self.access.list()[0].name, "owner's name")
 
     def test_joinAgainKeepsKey(self) -> None:
         """

@@ -302,7 +302,18 @@ async def _post(http: Any, app: AppURL, path: bytes, document: dict[str, Any]) -
             data=json.dumps(document).encode("utf-8"),
             headers={b"content-type": [b"application/json"]},
         )
-        body = await treq.content(response)
+        chunks: list[bytes] = []
+
+        def collect(data: bytes) -> None:
+            chunks.append(data)
+            if sum(map(len, chunks)) > MAX_ANSWER:
+                # Raising here makes treq close the connection.
+                raise TerminalClientError(f"{app.origin} answered more than {MAX_ANSWER} bytes")
+
+        await treq.collect(response, collect)
+        body = b"".join(chunks)
+    except TerminalClientError:
+        raise
     except Exception as e:
         # Agent's errors (ResponseNeverReceived, ...) wrap the failures that say why.
         reasons = getattr(e, "reasons", None)
@@ -311,7 +322,7 @@ async def _post(http: Any, app: AppURL, path: bytes, document: dict[str, Any]) -
             message += " (give the tunnel's local CA with --cacert, or use a trusted certificate)"
         raise TerminalClientError(f"cannot reach {app.origin}: {message}")
     try:
-        answer = json.loads(body[:MAX_ANSWER])
+        answer = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         answer = None
     if not isinstance(answer, dict):

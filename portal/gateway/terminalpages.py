@@ -15,6 +15,7 @@ not the app's own, so another site cannot drive them from a visitor's browser.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -123,6 +124,12 @@ class TerminalPages:
         self._codes = codes
         self._nonces = nonces
         self._tokens = tokens
+        self._routes: dict[bytes, dict[bytes, Callable[[GatewayRequest], GatewayResponse]]] = {
+            PAIR_PATH: {b"GET": self._page, b"HEAD": self._page, b"POST": self._pair},
+            SCRIPT_PATH: {b"GET": self._script, b"HEAD": self._script},
+            CHALLENGE_PATH: {b"GET": self._challenge, b"POST": self._challenge},
+            SESSION_PATH: {b"POST": self._session},
+        }
 
     def render(self, request: GatewayRequest) -> Deferred[GatewayResponse]:
         """
@@ -131,13 +138,7 @@ class TerminalPages:
         @return: A L{Deferred} firing with the answer; 404 for other paths.
         """
         path = request.path.partition(b"?")[0]
-        routes = {
-            PAIR_PATH: {b"GET": self._page, b"HEAD": self._page, b"POST": self._pair},
-            SCRIPT_PATH: {b"GET": self._script, b"HEAD": self._script},
-            CHALLENGE_PATH: {b"GET": self._challenge, b"POST": self._challenge},
-            SESSION_PATH: {b"POST": self._session},
-        }
-        methods = routes.get(path)
+        methods = self._routes.get(path)
         if methods is None:
             return succeed(_json(404, {"error": "no such page", "reason": "not-found"}))
         handler = methods.get(request.method)

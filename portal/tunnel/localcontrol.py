@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
@@ -258,7 +258,9 @@ class LocalControlService(Service):
                 reason=failure.getErrorMessage(),
             )
 
-        d = startControlSocket(self._reactor, self.path, self._access, self._pairingURLs)
+        d = maybeDeferred(
+            startControlSocket, self._reactor, self.path, self._access, self._pairingURLs
+        )
         d.addCallbacks(listening, failed)
 
     def stopService(self) -> Deferred[None] | None:
