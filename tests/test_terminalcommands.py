@@ -9,16 +9,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import stat
+import sys
+import tempfile
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols import amp
 from twisted.python import usage
 from twisted.test.iosim import connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from portal.cli import PortalOptions, main
 from portal.gateway.sessions import SESSION_COOKIE
@@ -32,7 +36,12 @@ from portal.terminalcommands import (
     pairCommand,
     terminalsCommand,
 )
-from portal.tunnel.localcontrol import NoRunningTunnel, controlFactory, socketPath
+from portal.tunnel.localcontrol import (
+    NoRunningTunnel,
+    controlFactory,
+    socketPath,
+    startControlSocket,
+)
 from tests.gatewaystub import GatewayStub
 
 APP = "https://app.localhost:8443"
@@ -488,3 +497,75 @@ class StoreOnDiskTests(SynchronousTestCase):
         access.close()
         TerminalStore.open(storePath(stateDir)).close()
         self.assertEqual(sorted(os.listdir(stateDir)), ["terminals.sqlite3"])
+
+
+class ProcessTests(TestCase):
+    """
+    The real C{portal} command in a child process: against the store with no tunnel, and against
+    a control socket this test listens on (the tunnel's side, in this process).
+    """
+
+    def portal(self, home: str, *arguments: str) -> Any:
+        """
+        Run C{python -m portal ARGUMENTS} with HOME C{home} to completion.
+
+        @return: A L{Deferred} firing with C{(stdout, stderr, exit code)}.
+        """
+        env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"))
+        d = getProcessOutputAndValue(sys.executable, ["-m", "portal", *arguments], env=env)
+        return d.addCallback(lambda result: (result[0].decode(), result[1].decode(), result[2]))
+
+    @inlineCallbacks
+    def test_withoutTunnel(self) -> Any:
+        """
+        Without a tunnel, C{portal terminals} lists and revokes in the store of the default state
+        directory, C{portal pair} says no tunnel runs (1), and usage errors exit 2.
+        """
+        home = os.path.abspath(self.mktemp())
+        stateDir = os.path.join(home, ".config", "portal")
+        store = TerminalStore.open(storePath(stateDir))
+        terminal = store.add(TerminalKey.generate().publicKey, "laptop", 1_700_000_000.0)
+        store.close()
+        out, err, code = yield self.portal(home, "terminals", "revoke", terminal.id[:8])
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Revoked terminal {terminal.shortId} (laptop)", out)
+        out, err, code = yield self.portal(home, "terminals", "list", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertIsNotNone(json.loads(out)["revoked"])
+        out, err, code = yield self.portal(home, "pair")
+        self.assertEqual(code, 1)
+        self.assertIn(f"no running tunnel at {socketPath(stateDir)}", err)
+        out, err, code = yield self.portal(home, "terminals")
+        self.assertEqual(code, 2)
+        self.assertIn("portal: error: expected 'portal terminals list'", err)
+
+    @inlineCallbacks
+    def test_pairThroughSocket(self) -> Any:
+        """
+        C{portal pair} gets a code from the tunnel's control socket and prints it; the code is
+        then good in the tunnel; C{portal terminals rename} goes through the socket too.
+        """
+        from twisted.internet import reactor
+
+        # Short, for the 108-byte limit of socket paths.
+        stateDir = tempfile.mkdtemp(prefix="portal-test-")
+        self.addCleanup(shutil.rmtree, stateDir)
+        access = TerminalAccess.open(reactor, stateDir)
+        self.addCleanup(access.close)
+        terminal = access.store.add(TerminalKey.generate().publicKey, "laptop", 1.0)
+        port = yield startControlSocket(
+            reactor, socketPath(stateDir), access, lambda: ["https://app.localhost:8443"]
+        )
+        self.addCleanup(port.stopListening)
+        identity = os.path.join(stateDir, "identity.json")
+        home = os.path.abspath(self.mktemp())
+        out, err, code = yield self.portal(home, "pair", "--name", "phone", "--identity", identity)
+        self.assertEqual(code, 0, err)
+        code = out.splitlines()[0].removeprefix("Pairing code: ")
+        self.assertIn("https://app.localhost:8443/.portal/pair", out)
+        self.assertEqual(access.codes.redeem(code, "h").name, "phone")
+        out, err, code = yield self.portal(
+            home, "terminals", "rename", terminal.shortId, "desk", "--identity", identity
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(access.store.get(terminal.id).name, "desk")  # type: ignore[union-attr]
