@@ -6,6 +6,7 @@ request (expiry, forgery, other hosts, revocation).
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -284,3 +285,14 @@ class TerminalAuthenticatorTests(SynchronousTestCase):
         self.clock.advance(SESSION_TTL)
         error = self.refusal(request(self.cookie, stale))
         self.assertIn("expired", error.message)
+
+    def test_storeUnreadable(self) -> None:
+        """
+        When the store cannot be read, the request is refused with 503 and the error logged.
+        """
+        self.store.close()
+        failure = self.failureResultOf(
+            self.authenticator.authenticate(request(self.cookie)), AuthenticationFailed
+        )
+        self.assertEqual(failure.value.status, 503)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.Error)), 1)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -564,3 +565,12 @@ class TerminalPagesTests(SynchronousTestCase):
         elsewhere = Visitor(self, host=b"other.example:8443")
         elsewhere.cookie = self.visitor.cookie
         elsewhere.refused()
+
+    def test_storeUnusable(self) -> None:
+        """
+        When the store cannot be used, pairing is answered with 503 and the error logged.
+        """
+        code = self.access.issueCode().code
+        self.access.store.close()
+        self.answer(self.visitor.pair(code), 503, "store")
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.Error)), 1)

@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sqlite3
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from portal.gateway.caller import AuthenticationFailed, Caller, GatewayRequest
 from portal.gateway.proof import decode, encode, normalizeAuthority
@@ -165,6 +168,7 @@ class TerminalAuthenticator:
     @ivar needsBody: C{False}: a session is checked without the body.
     """
 
+    _log = Logger()
     credentialHeaders: frozenset[bytes] = frozenset()
     credentialCookies: frozenset[bytes] = frozenset({SESSION_COOKIE})
     needsBody: bool = False
@@ -182,7 +186,8 @@ class TerminalAuthenticator:
         """
         @return: A L{Deferred} firing with the terminal of a valid session; with L{None} when the
             request has no session cookie; failing with L{AuthenticationFailed} (401) when the
-            session is expired, invalid, or its terminal unknown or revoked.
+            session is expired, invalid, or its terminal unknown or revoked (503 when the store
+            cannot be read, which is logged).
         """
         values = requestCookies(request, SESSION_COOKIE)
         if not values:
@@ -191,6 +196,9 @@ class TerminalAuthenticator:
             caller = self._check(values, request.authority)
         except AuthenticationFailed as e:
             return fail(e)
+        except sqlite3.Error as e:
+            self._log.failure("cannot read the terminal store", Failure(e))
+            return fail(AuthenticationFailed(503, "the terminal store cannot be read; try again"))
         return succeed(caller)
 
     def _check(self, values: list[bytes], authority: bytes) -> Caller:

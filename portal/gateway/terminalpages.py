@@ -15,6 +15,7 @@ not the app's own, so another site cannot drive them from a visitor's browser.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -155,6 +156,11 @@ class TerminalPages:
             response = handler(request)
         except _Refusal as e:
             response = _json(e.status, {"error": e.message, "reason": e.reason}, e.headers)
+        except sqlite3.Error:
+            self._log.failure("cannot use the terminal store")
+            response = _json(
+                503, {"error": "the terminal store cannot be used; try again", "reason": "store"}
+            )
         if request.method == b"HEAD":
             response = GatewayResponse(response.status, response.headers, b"")
         return succeed(response)
