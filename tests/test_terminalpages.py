@@ -553,6 +553,7 @@ class TerminalPagesTests(SynchronousTestCase):
         self.visitor.pair(self.access.issueCode().code, "laptop")
         self.access.close()
         self.access = TerminalAccess.open(self.clock, self.stateDir)
+        self.addCleanup(self.access.close)
         self.assertIn("not valid", self.visitor.refused().message)
         self.answer(self.visitor.renew(), 200)
         self.assertEqual(self.visitor.caller(), Caller("terminal", self.visitor.key.id, "laptop"))
