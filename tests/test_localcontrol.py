@@ -26,6 +26,7 @@ from portal.gateway.terminalaccess import TerminalAccess
 from portal.gateway.terminalclient import TerminalKey
 from portal.gateway.terminals import AmbiguousTerminal, InvalidTerminalName, UnknownTerminal
 from portal.tunnel.localcontrol import (
+    MAX_SOCKET_PATH,
     SOCKET_FILENAME,
     CreatePairingCode,
     ListTerminals,
@@ -36,6 +37,7 @@ from portal.tunnel.localcontrol import (
     connectControl,
     controlFactory,
     socketPath,
+    socketPathProblem,
     startControlSocket,
 )
 
@@ -258,6 +260,22 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual(len(events), 1)
         self.assertEqual(events[0]["path"], path)
 
+    def test_pathTooLong(self) -> None:
+        """
+        A socket path longer than a UNIX socket's may be is not listened on: the service logs
+        why, and the tunnel runs on without a control socket.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        reactor = MemoryReactor()
+        path = "/" + "d" * MAX_SOCKET_PATH + "/control.sock"
+        service = LocalControlService(reactor, path, self.access, list)
+        service.startService()
+        self.assertIsNone(service.port)
+        self.assertEqual(reactor.unixServers, [])
+        self.assertIn(f"at most {MAX_SOCKET_PATH} bytes", events[0]["reason"])
+        self.assertIsNone(socketPathProblem("/" + "d" * (MAX_SOCKET_PATH - 1)))
+        self.assertIsNotNone(socketPathProblem("/" + "d" * MAX_SOCKET_PATH))
+
 
 class ConnectTests(SynchronousTestCase):
     """
@@ -278,6 +296,16 @@ class ConnectTests(SynchronousTestCase):
             NoRunningTunnel,
         )
         self.assertEqual(failure.getErrorMessage(), "no running tunnel at /s/control.sock")
+
+    def test_pathTooLong(self) -> None:
+        """
+        A socket path too long for a UNIX socket is reported as no running tunnel, saying why,
+        without trying to connect.
+        """
+        path = "/" + "d" * MAX_SOCKET_PATH + "/control.sock"
+        failure = self.failureResultOf(connectControl(MemoryReactor(), path), NoRunningTunnel)
+        self.assertIn(f"at most {MAX_SOCKET_PATH} bytes", failure.getErrorMessage())
+        self.assertIn("shorter path", failure.getErrorMessage())
 
 
 class RealSocketTests(TestCase):

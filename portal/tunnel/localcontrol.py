@@ -11,13 +11,14 @@ second tunnel on the same state directory from taking it over while the first ru
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectError
+from twisted.internet.error import CannotListenError, ConnectError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -36,6 +37,10 @@ from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
 
 #: The socket's file name in the tunnel's state directory.
 SOCKET_FILENAME = "control.sock"
+
+#: Longest UNIX socket path in bytes: C{sun_path} holds 108 bytes on Linux and 104 on the BSDs and
+#: macOS, the terminating NUL included.
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
 #: Seconds a command-line client waits to connect.
 CONNECT_TIMEOUT = 5.0
@@ -112,6 +117,22 @@ def socketPath(stateDir: str) -> str:
     @return: Where its control socket is.
     """
     return os.path.join(stateDir, SOCKET_FILENAME)
+
+
+def socketPathProblem(path: str) -> str | None:
+    """
+    Say why a path cannot be a UNIX socket's, if it cannot.
+
+    @param path: The socket's path.
+    @return: L{None} when it can be used; else why not, for the user.
+    """
+    length = len(os.fsencode(path))
+    if length <= MAX_SOCKET_PATH:
+        return None
+    return (
+        f"a UNIX socket path may have at most {MAX_SOCKET_PATH} bytes and this one has {length}; "
+        f"use a state directory with a shorter path (the directory of --identity)"
+    )
 
 
 def _describe(terminal: Terminal) -> dict[str, Any]:
@@ -208,8 +229,12 @@ def startControlSocket(
     @param access: The tunnel's terminals.
     @param pairingURLs: Gives the tunnel's public base URLs.
     @return: A L{Deferred} firing with the listening port, or failing with
-        L{twisted.internet.error.CannotListenError} when another live tunnel holds the socket.
+        L{twisted.internet.error.CannotListenError} when another live tunnel holds the socket
+        or the path is too long for a UNIX socket.
     """
+    problem = socketPathProblem(path)
+    if problem is not None:
+        return fail(CannotListenError(None, path, problem))
     makePrivateDirectories(os.path.dirname(os.path.abspath(path)))
     endpoint = UNIXServerEndpoint(reactor, path, mode=PRIVATE_FILE_MODE, wantPID=True)
     return endpoint.listen(controlFactory(access, pairingURLs))
@@ -285,6 +310,10 @@ def connectControl(
     @param endpoint: The endpoint to connect with (by default a UNIX endpoint for C{path}).
     @return: A L{Deferred} firing with the connected client, or failing with L{NoRunningTunnel}.
     """
+    problem = socketPathProblem(path)
+    if problem is not None:
+        # No tunnel can listen there either.
+        return fail(NoRunningTunnel(f"no running tunnel at {path} ({problem})"))
     if endpoint is None:
         endpoint = UNIXClientEndpoint(reactor, path, timeout=CONNECT_TIMEOUT)
     d = connectProtocol(endpoint, amp.AMP())
