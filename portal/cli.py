@@ -1,5 +1,6 @@
 """
-The C{portal} command: C{expose}, C{identity show|new}, C{relays} and C{demo}.
+The C{portal} command: C{expose}, C{identity show|new}, C{relays}, C{demo}, and C{pair} and
+C{terminals} (L{portal.terminalcommands}).
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
 """
@@ -32,6 +33,13 @@ from portal.identity import (
     saveIdentity,
 )
 from portal.localca import CertificateError
+from portal.terminalcommands import (
+    PairOptions,
+    TerminalsOptions,
+    pairCommand,
+    runCommand,
+    terminalsCommand,
+)
 from portal.tunnel.options import TunnelOptions
 from portal.tunnel.report import Reporter
 
@@ -109,12 +117,14 @@ class PortalOptions(usage.Options):
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|identity|relays|demo|version ..."
+    synopsis = "portal expose|identity|relays|demo|pair|terminals|version ..."
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
         ["identity", None, IdentityOptions, "Show or create this machine's identity."],
         ["relays", None, RelaysOptions, "List a registry's relays with their health."],
         ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
+        ["pair", None, PairOptions, "Pair a device with your tunnel, or pair this machine."],
+        ["terminals", None, TerminalsOptions, "List, rename or revoke paired terminals."],
         ["version", None, usage.Options, "Print the version."],
     ]
 
@@ -123,7 +133,9 @@ class PortalOptions(usage.Options):
         A subcommand is required.
         """
         if self.subCommand is None:
-            raise usage.UsageError("expected a command: expose, identity, relays, demo or version")
+            raise usage.UsageError(
+                "expected a command: expose, identity, relays, demo, pair, terminals or version"
+            )
 
 
 def _startLogging(err: TextIO, level: LogLevel) -> None:
@@ -363,6 +375,12 @@ def main(
             code = exposeCommand(sub, out, err)
         elif command == "relays":
             code = relaysCommand(sub, out, err)
+        elif command == "pair":
+            _startLogging(err, LogLevel.warn)
+            code = runCommand(lambda reactor: pairCommand(reactor, sub, out, err), err)
+        elif command == "terminals":
+            _startLogging(err, LogLevel.warn)
+            code = runCommand(lambda reactor: terminalsCommand(reactor, sub, out, err), err)
         else:
             code = demoCommand(sub, out, err)
     except (IdentityError, CertificateError, ValueError) as e:

@@ -210,7 +210,10 @@ class AppGatewayEndToEndTests(TestCase):
             self.assertEqual((len(shortId), domain), (12, "localhost"))
         self.assertEqual([uri for uri, _ in app.seen], ["/public/hello?x=1"] * 2)
 
+        # The gateway's own pairing page answers; the app never sees /.portal/ requests.
         code, status, _, _, err = yield self._curl(lease, "/.portal/pair", "--http1.1")
+        self.assertEqual((code, status), (0, 200), err)
+        code, status, _, _, err = yield self._curl(lease, "/.portal/nothing-here", "--http1.1")
         self.assertEqual((code, status), (0, 404), err)
         self.assertEqual(len(app.seen), 2)
 

@@ -65,7 +65,8 @@ class AppServiceTests(SynchronousTestCase):
     def test_gateway(self) -> None:
         """
         The routed HTTP proxy gets the gateway, with both apps and the tunnel identity; without
-        authenticators or pages given, it has none.
+        authenticators or pages given, it has the paired terminals' (from the terminal store in the
+        state directory) and their control socket runs with the tunnel.
         """
         tunnel = self.service()
         gateway = tunnel.gateway
@@ -73,27 +74,34 @@ class AppServiceTests(SynchronousTestCase):
         self.assertEqual(sorted(gateway.apps), ["alpha", "beta"])
         self.assertEqual(gateway.identityId, tunnel.identity.id)
         self.assertIs(gateway.clock, tunnel.reactor)
-        self.assertEqual(gateway.authenticators, [])
-        self.assertIsNone(gateway.pages)
+        assert tunnel.terminals is not None
+        self.assertEqual(gateway.authenticators, [tunnel.terminals.authenticator])
+        self.assertIs(gateway.pages, tunnel.terminals.pages)
+        self.assertEqual(
+            sorted(type(service).__name__ for service in tunnel),
+            ["LocalControlService", "RelayLink"],
+        )
         self.assertIs(tunnel.httpProxy.gateway, gateway)
         self.assertIsNone(tunnel.httpProxy.table)
         self.assertEqual(sorted(tunnel.httpProxy.tables), ["alpha", "beta"])
 
     def test_plugIn(self) -> None:
         """
-        Authenticators and pages given to the service are the gateway's, in order; more can be
-        added later.
+        Authenticators given to the service are asked after the terminals', in order, and pages
+        given replace the terminals'; more authenticators can be added later.
         """
         first, second = FakeAuthenticator("a", {}), FakeAuthenticator("b", {})
         pages = FakePages()
         tunnel = self.service(authenticators=[first, second], gatewayPages=pages)
         gateway = tunnel.gateway
         assert gateway is not None
-        self.assertEqual(gateway.authenticators, [first, second])
+        assert tunnel.terminals is not None
+        terminals = tunnel.terminals.authenticator
+        self.assertEqual(gateway.authenticators, [terminals, first, second])
         self.assertIs(gateway.pages, pages)
         third = FakeAuthenticator("c", {})
         gateway.authenticators.append(third)
-        self.assertEqual(gateway.authenticators, [first, second, third])
+        self.assertEqual(gateway.authenticators, [terminals, first, second, third])
 
     def test_leaseLines(self) -> None:
         """

@@ -25,6 +25,7 @@ from portal.attach import StreamHeader
 from portal.control import modeParts
 from portal.gateway.access import Gateway
 from portal.gateway.caller import Authenticator, GatewayPages
+from portal.gateway.terminalaccess import TerminalAccess
 from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
 from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
@@ -38,6 +39,7 @@ from portal.tunnel.hello import FatalRelayError, RelayAuthenticationFailed, rela
 from portal.tunnel.hop import HOP_TIMEOUT, chainEndpoint
 from portal.tunnel.http2 import RoutedHTTP
 from portal.tunnel.httpproxy import HTTPProxy
+from portal.tunnel.localcontrol import LocalControlService, socketPath
 from portal.tunnel.report import Reporter
 from portal.tunnel.stream import StreamHandler
 
@@ -214,6 +216,7 @@ class RelayLink(Service):
         for hostname in hostnames:
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
             target = config.describeTarget(hostname.partition(".")[0] if config.apps else None)
+            self.tunnel.publicURLs.add(url)
             self.reporter.lease(url, self.relay.address, target, self.tunnel.caPath)
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
@@ -298,10 +301,26 @@ class TunnelService(MultiService):
             config.name or stableLabel(self.identity.id, config.describeTarget())
         ]
         self.label = self.labels[0]
+        #: The https URLs of the live leases, for pairing instructions.
+        self.publicURLs: set[str] = set()
+        self.terminals: TerminalAccess | None = None
         if config.apps:
+            # Paired terminals: the store in the state directory, their authenticator and pages,
+            # and the local control socket `portal pair` and `portal terminals` talk to.
+            self.terminals = TerminalAccess.open(reactor, config.configDir)
             self.gateway = Gateway(
-                config.apps, self.identity.id, authenticators, gatewayPages, clock=reactor
+                config.apps,
+                self.identity.id,
+                [self.terminals.authenticator, *authenticators],
+                gatewayPages or self.terminals.pages,
+                clock=reactor,
             )
+            LocalControlService(
+                reactor,
+                socketPath(config.configDir),
+                self.terminals,
+                lambda: sorted(self.publicURLs),
+            ).setServiceParent(self)
         self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
         self.servedHostnames: set[str] = set()
         self.caPath: str | None = None
@@ -324,6 +343,21 @@ class TunnelService(MultiService):
 
             RelayPool(self, config.registry, config.maxRelays).setServiceParent(self)
         self.stopped: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the relay links and the control socket, then close the terminal store.
+        """
+        stopped: Deferred[None] = Deferred.fromCoroutine(self._stop())
+        return stopped
+
+    async def _stop(self) -> None:
+        """
+        See L{stopService}.
+        """
+        await super().stopService()
+        if self.terminals is not None:
+            self.terminals.close()
 
     def _tlsStreamHandler(self) -> StreamHandler:
         """
