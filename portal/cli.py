@@ -1,5 +1,5 @@
 """
-The C{portal} command: C{expose}, C{identity show|new}, C{relays} and C{demo}.
+The C{portal} command: C{expose}, C{identity show|new}, C{peers}, C{relays} and C{demo}.
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
 """
@@ -23,6 +23,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 import portal
+from portal.gateway.peerscli import PeersOptions, peersCommand
 from portal.identity import (
     Identity,
     IdentityError,
@@ -109,10 +110,11 @@ class PortalOptions(usage.Options):
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|identity|relays|demo|version ..."
+    synopsis = "portal expose|identity|peers|relays|demo|version ..."
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
         ["identity", None, IdentityOptions, "Show or create this machine's identity."],
+        ["peers", None, PeersOptions, "Add, list or remove the peers who may call your apps."],
         ["relays", None, RelaysOptions, "List a registry's relays with their health."],
         ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
         ["version", None, usage.Options, "Print the version."],
@@ -123,7 +125,9 @@ class PortalOptions(usage.Options):
         A subcommand is required.
         """
         if self.subCommand is None:
-            raise usage.UsageError("expected a command: expose, identity, relays, demo or version")
+            raise usage.UsageError(
+                "expected a command: expose, identity, peers, relays, demo or version"
+            )
 
 
 def _startLogging(err: TextIO, level: LogLevel) -> None:
@@ -363,6 +367,8 @@ def main(
             code = exposeCommand(sub, out, err)
         elif command == "relays":
             code = relaysCommand(sub, out, err)
+        elif command == "peers":
+            code = peersCommand(sub, out, err)
         else:
             code = demoCommand(sub, out, err)
     except (IdentityError, CertificateError, ValueError) as e:
