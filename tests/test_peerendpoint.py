@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.test.requesthelper import DummyRequest
 
 from portal.gateway.caller import AuthenticationFailed, Caller, GatewayRequest
 from portal.gateway.contacts import Contact, ContactList
@@ -302,6 +303,24 @@ class PeerEndpointTests(SynchronousTestCase):
         status, _, body = self.call("/other")
         self.assertEqual(status, 404)
         self.assertIn(b"/peer/<identity-id>/<path>", body)
+        self.assertEqual(self.peer.received, [])
+
+    def test_notASCII(self) -> None:
+        """
+        A path or method that cannot be sent as they are (not ASCII, a fragment) is a 400; nothing
+        is sent.
+        """
+        for method, uri in (
+            (b"GET", f"/peer/{self.bob.id}/caf\xc3\xa9".encode("latin-1")),
+            (b"GET", f"/peer/{self.bob.id}/a#b".encode()),
+            (b"G\xc3T", f"/peer/{self.bob.id}/a".encode()),
+        ):
+            request = DummyRequest([])
+            request.method, request.uri = method, uri
+            request.client = IPv4Address("TCP", "127.0.0.1", 40000)
+            body = self.endpoint.render(request)
+            self.assertEqual(request.responseCode, 400, uri)
+            self.assertIn(b"ASCII", body)
         self.assertEqual(self.peer.received, [])
 
     def test_noURL(self) -> None:

@@ -91,6 +91,11 @@ PREFIX = b"/peer/"
 
 _CALL = re.compile(rb"\A/peer/([^/?]*)(.*)\Z", re.DOTALL)
 
+#: An HTTP method (RFC 9110 token), and a request target in origin form: printable ASCII without
+#: a fragment.
+_TOKEN = re.compile(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_TARGET = re.compile(rb"\A/[\x21\x22\x24-\x7e]*\Z")
+
 #: Hop-by-hop header fields (RFC 9110 section 7.6.1), never forwarded either way.
 _HOP_BY_HOP = frozenset(
     {
@@ -405,6 +410,10 @@ class PeerEndpointResource(Resource):
             return self._error(request, 404, "not found: call a peer at /peer/<identity-id>/<path>")
         rawId, rest = match.groups()
         target = rest if rest.startswith(b"/") else b"/" + rest
+        if not _TOKEN.match(request.method) or not _TARGET.match(target):
+            return self._error(
+                request, 400, "the method and path must be ASCII (percent-encode the path)"
+            )
         try:
             identityId = validateIdentityId(rawId.decode("ascii"))
         except (InvalidContact, UnicodeDecodeError) as e:
@@ -448,7 +457,13 @@ class PeerEndpointResource(Resource):
             if name.lower() not in _NOT_FORWARDED and name.lower() not in connectionTokens
             for value in values
         ]
-        ensureDeferred(self._forward(request, contact, method, target, headers, body))
+        forwarding = ensureDeferred(self._forward(request, contact, method, target, headers, body))
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("calling peer {peer}", failure, peer=contact.id)
+            self._finishWithError(request, 500, f"calling {contact.label} failed")
+
+        forwarding.addErrback(failed)
         return NOT_DONE_YET
 
     def _browserRefusal(self, request: Request) -> str | None:

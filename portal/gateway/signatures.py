@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from portal.gateway.caller import AuthenticationFailed, Caller
+from portal.gateway.caller import AuthenticationFailed, Caller, GatewayRequest
 from portal.gateway.contacts import Contact, ContactsError
 from portal.identity import PUBLIC_KEY_LENGTH, Identity, identityId, verifySignature
 
@@ -495,7 +495,7 @@ class PeerAuthenticator:
         self.window = window
         self.replayCache = replayCache if replayCache is not None else ReplayCache(window)
 
-    def authenticate(self, request: Any) -> Deferred[Caller | None]:
+    def authenticate(self, request: GatewayRequest) -> Deferred[Caller | None]:
         """
         @param request: The L{GatewayRequest <portal.gateway.caller.GatewayRequest>}, with the
             whole body when it carries a Portal signature.
@@ -514,7 +514,7 @@ class PeerAuthenticator:
             return fail(e)
         return succeed(caller)
 
-    def verify(self, request: Any) -> Caller | None:
+    def verify(self, request: GatewayRequest) -> Caller | None:
         """
         Check a request's Portal signature synchronously; see L{authenticate}.
 
