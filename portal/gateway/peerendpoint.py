@@ -568,9 +568,10 @@ class PeerEndpointResource(Resource):
                         f"local CA, give its ca.pem with `portal peers add {contact.id} --replace "
                         f"--ca FILE`"
                     )
+                    self._log.warn("{message}", message=message)
                 else:
                     message = f"calling {contact.label} at {url} failed: {failure.value!r}"
-                self._log.failure("calling peer {peer}", failure, peer=contact.id)
+                    self._log.failure("calling peer {peer}", failure, peer=contact.id)
                 self._finishWithError(request, 502, message)
                 return
             await self._relay(request, response)
