@@ -192,6 +192,20 @@ class ContactListTests(SynchronousTestCase):
         self.assertTrue(self.contacts.add(Contact.create(identity.id, "Robert"), replace=True))
         self.assertEqual(self.contacts.get(identity.id), Contact.create(identity.id, "Robert"))
 
+    def test_update(self) -> None:
+        """
+        L{ContactList.update} changes the fields given and keeps the others; it fails for an
+        identity that is not a contact.
+        """
+        identity = Identity.generate()
+        self.contacts.add(Contact.create(identity.id, "Bob", ["https://b.example"]))
+        changed = self.contacts.update(identity.id, urls=("https://c.example",))
+        self.assertEqual(changed, Contact.create(identity.id, "Bob", ["https://c.example"]))
+        changed = self.contacts.update(identity.id, name="Robert")
+        self.assertEqual(changed.urls, ("https://c.example",))
+        self.assertEqual(ContactList(self.path).get(identity.id), changed)
+        self.assertRaises(ContactsError, self.contacts.update, Identity.generate().id, name="X")
+
     def test_removeUnknown(self) -> None:
         """
         Removing an identity that is not a contact fails with a message naming it.

@@ -98,15 +98,31 @@ class PeersCommandTests(SynchronousTestCase):
 
     def test_addTwice(self) -> None:
         """
-        Adding a contact again fails (1) unless C{--replace} is given.
+        Adding a contact again fails (1) unless C{--replace} is given, which changes the fields
+        given and keeps the others.
         """
-        self.assertEqual(self.portal("peers", "add", self.peer.id)[0], 0)
+        code, out, err = self.portal("peers", "add", self.peer.id, "--url", "https://b.example")
+        self.assertEqual(code, 0, err)
         code, out, err = self.portal("peers", "add", self.peer.id, "--name", "B")
         self.assertEqual(code, 1)
         self.assertIn("--replace", err)
         code, out, err = self.portal("peers", "add", self.peer.id, "--name", "B", "--replace")
         self.assertEqual(code, 0, err)
-        self.assertIn("replaced peer B", out)
+        self.assertIn("changed peer B", out)
+        ca = LocalCA.loadOrCreate(os.path.join(self.directory, "bob-ca"), "Bob")
+        code, out, err = self.portal("peers", "add", self.peer.id, "--replace", "--ca", ca.certPath)
+        self.assertEqual(code, 0, err)
+        contact = ContactList(os.path.join(self.directory, "peers.json")).get(self.peer.id)
+        assert contact is not None
+        self.assertEqual((contact.name, contact.urls), ("B", ("https://b.example",)))
+        self.assertIsNotNone(contact.ca)
+        code, out, err = self.portal(
+            "peers", "add", self.peer.id, "--replace", "--url", "https://c.example"
+        )
+        contact = ContactList(os.path.join(self.directory, "peers.json")).get(self.peer.id)
+        assert contact is not None
+        self.assertEqual((contact.name, contact.urls), ("B", ("https://c.example",)))
+        self.assertIsNotNone(contact.ca)
 
     def test_removeUnknown(self) -> None:
         """

@@ -307,7 +307,7 @@ class ContactList:
 
     def add(self, contact: Contact, replace: bool = False) -> bool:
         """
-        Add a contact, or replace the contact with the same id.
+        Add a contact, or replace the contact with the same id (all its fields).
 
         @param contact: The contact.
         @param replace: Whether a contact with the same id may be replaced.
@@ -321,11 +321,44 @@ class ContactList:
             if existing is not None and not replace:
                 raise ContactsError(
                     f"{contact.id} is a contact already ({existing.label}); give --replace to "
-                    f"replace its name, URLs and CA"
+                    f"change its name, URLs or CA"
                 )
             contacts[contact.id] = contact
             self._write(contacts)
         return existing is not None
+
+    def update(
+        self,
+        identityId: str,
+        name: str | None = None,
+        urls: tuple[str, ...] | None = None,
+        ca: str | None = None,
+    ) -> Contact:
+        """
+        Change some fields of a contact, keeping the others.
+
+        @param identityId: The contact's full identity id.
+        @param name: The new name (checked), or L{None} to keep it.
+        @param urls: The new URLs (checked, replacing all the old ones), or L{None} to keep them.
+        @param ca: The new CA (checked), or L{None} to keep it.
+        @return: The contact as changed.
+        @raise ContactsError: If that identity is not a contact, or the file cannot be read or
+            written.
+        """
+        with self._locked():
+            contacts = self._read()
+            contact = contacts.get(identityId)
+            if contact is None:
+                raise ContactsError(f"{identityId} is not a contact (see `portal peers list`)")
+            contact = attrs.evolve(
+                contact,
+                name=contact.name if name is None else name,
+                urls=contact.urls if urls is None else urls,
+                ca=contact.ca if ca is None else ca,
+            )
+            contacts[identityId] = contact
+            self._write(contacts)
+        return contact
 
     def remove(self, identityId: str) -> Contact:
         """

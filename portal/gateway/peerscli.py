@@ -97,11 +97,18 @@ class PeersAddOptions(_FlagsAnywhere):
         "certificates come from their local CA, that CA's ca.pem."
     )
     optParameters = [
-        ["name", None, "", "A name for this peer."],
+        ["name", None, None, "A name for this peer."],
         ["ca", None, None, "The peer's CA certificate (PEM), to verify TLS to its URLs."],
         _IDENTITY,
     ]
-    optFlags = [["replace", None, "Replace the name, URLs and CA of an existing contact."]]
+    optFlags = [
+        [
+            "replace",
+            None,
+            "Change an existing contact: the --name, --url (all of them) and --ca given replace "
+            "the old ones; the others are kept.",
+        ]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,7 +133,7 @@ class PeersAddOptions(_FlagsAnywhere):
         Check the name and URLs.
         """
         try:
-            self["contact"] = Contact.create(self["id"], self["name"], self["urls"])
+            self["contact"] = Contact.create(self["id"], self["name"] or "", self["urls"])
         except InvalidContact as e:
             raise usage.UsageError(str(e))
 
@@ -212,8 +219,17 @@ def _add(options: PeersAddOptions, contacts: ContactList, out: TextIO) -> None:
         except (OSError, UnicodeDecodeError, InvalidContact) as e:
             reason = e.strerror if isinstance(e, OSError) else e
             raise ContactsError(f"--ca {options['ca']}: {reason}")
-    replaced = contacts.add(contact, replace=bool(options["replace"]))
-    out.write(f"{'replaced' if replaced else 'added'} peer {contact.label}\n{_describe(contact)}")
+    if options["replace"] and contacts.get(contact.id) is not None:
+        contact = contacts.update(
+            contact.id,
+            name=None if options["name"] is None else contact.name,
+            urls=contact.urls if options["urls"] else None,
+            ca=contact.ca,
+        )
+        out.write(f"changed peer {contact.label}\n{_describe(contact)}")
+        return
+    contacts.add(contact)
+    out.write(f"added peer {contact.label}\n{_describe(contact)}")
 
 
 def _list(options: PeersListOptions, contacts: ContactList, out: TextIO) -> None:
