@@ -83,8 +83,9 @@ RESPONSE_TIMEOUT = 30.0
 #: Seconds to establish a TCP connection to one of a peer's URLs before trying the next.
 CONNECT_TIMEOUT = 10.0
 
-#: Largest request body an app may send to a peer (it is held in memory to be digested).
-MAX_BODY = 16 * 1024 * 1024
+#: Largest request body an app may send to a peer: what a peer's gateway holds whole to check its
+#: digest (C{portal.gateway.access.MAX_BODY}); a larger one would be refused there with 413.
+MAX_BODY = 1024 * 1024
 
 #: The path prefix of calls to peers.
 PREFIX = b"/peer/"
