@@ -1,5 +1,5 @@
 """
-The C{portal} command: C{expose}, C{identity show|new}, C{relays}, C{demo}, and C{pair} and
+The C{portal} command: C{expose}, C{identity show|new}, C{peers}, C{relays}, C{demo}, and C{pair} and
 C{terminals} (L{portal.terminalcommands}).
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
@@ -24,6 +24,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 import portal
+from portal.gateway.peerscli import PeersOptions, peersCommand
 from portal.identity import (
     Identity,
     IdentityError,
@@ -117,10 +118,11 @@ class PortalOptions(usage.Options):
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|identity|relays|demo|pair|terminals|version ..."
+    synopsis = "portal expose|identity|peers|relays|demo|pair|terminals|version ..."
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
         ["identity", None, IdentityOptions, "Show or create this machine's identity."],
+        ["peers", None, PeersOptions, "Add, list or remove the peers who may call your apps."],
         ["relays", None, RelaysOptions, "List a registry's relays with their health."],
         ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
         ["pair", None, PairOptions, "Pair a device with your tunnel, or pair this machine."],
@@ -134,7 +136,7 @@ class PortalOptions(usage.Options):
         """
         if self.subCommand is None:
             raise usage.UsageError(
-                "expected a command: expose, identity, relays, demo, pair, terminals or version"
+                "expected a command: expose, identity, peers, relays, demo, pair, terminals or version"
             )
 
 
@@ -381,6 +383,8 @@ def main(
         elif command == "terminals":
             _startLogging(err, LogLevel.warn)
             code = runCommand(lambda reactor: terminalsCommand(reactor, sub, out, err), err)
+        elif command == "peers":
+            code = peersCommand(sub, out, err)
         else:
             code = demoCommand(sub, out, err)
     except (IdentityError, CertificateError, ValueError) as e:

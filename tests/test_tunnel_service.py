@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from portal.gateway.signatures import PeerAuthenticator
 from portal.tunnel.config import buildConfig
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
@@ -66,7 +67,8 @@ class AppServiceTests(SynchronousTestCase):
         """
         The routed HTTP proxy gets the gateway, with both apps and the tunnel identity; without
         authenticators or pages given, it has the paired terminals' (from the terminal store in the
-        state directory) and their control socket runs with the tunnel.
+        state directory) and then the peers' (the contact list); the terminals' control socket and
+        the local peer endpoint run with the tunnel.
         """
         tunnel = self.service()
         gateway = tunnel.gateway
@@ -75,11 +77,13 @@ class AppServiceTests(SynchronousTestCase):
         self.assertEqual(gateway.identityId, tunnel.identity.id)
         self.assertIs(gateway.clock, tunnel.reactor)
         assert tunnel.terminals is not None
-        self.assertEqual(gateway.authenticators, [tunnel.terminals.authenticator])
+        terminals, peers = gateway.authenticators
+        self.assertIs(terminals, tunnel.terminals.authenticator)
+        self.assertIsInstance(peers, PeerAuthenticator)
         self.assertIs(gateway.pages, tunnel.terminals.pages)
         self.assertEqual(
             sorted(type(service).__name__ for service in tunnel),
-            ["LocalControlService", "RelayLink"],
+            ["LocalControlService", "PeerEndpointService", "RelayLink"],
         )
         self.assertIs(tunnel.httpProxy.gateway, gateway)
         self.assertIsNone(tunnel.httpProxy.table)
@@ -87,7 +91,7 @@ class AppServiceTests(SynchronousTestCase):
 
     def test_plugIn(self) -> None:
         """
-        Authenticators given to the service are asked after the terminals', in order, and pages
+        Authenticators given to the service are asked after the terminals' and the peers', in order, and pages
         given replace the terminals'; more authenticators can be added later.
         """
         first, second = FakeAuthenticator("a", {}), FakeAuthenticator("b", {})
@@ -96,12 +100,12 @@ class AppServiceTests(SynchronousTestCase):
         gateway = tunnel.gateway
         assert gateway is not None
         assert tunnel.terminals is not None
-        terminals = tunnel.terminals.authenticator
-        self.assertEqual(gateway.authenticators, [terminals, first, second])
+        terminals, peers = gateway.authenticators[:2]
+        self.assertEqual(gateway.authenticators, [terminals, peers, first, second])
         self.assertIs(gateway.pages, pages)
         third = FakeAuthenticator("c", {})
         gateway.authenticators.append(third)
-        self.assertEqual(gateway.authenticators, [terminals, first, second, third])
+        self.assertEqual(gateway.authenticators, [terminals, peers, first, second, third])
 
     def test_leaseLines(self) -> None:
         """

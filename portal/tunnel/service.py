@@ -25,6 +25,9 @@ from portal.attach import StreamHeader
 from portal.control import modeParts
 from portal.gateway.access import Gateway
 from portal.gateway.caller import Authenticator, GatewayPages
+from portal.gateway.contacts import ContactList, contactsPath
+from portal.gateway.peerendpoint import DEFAULT_ADDRESS, PeerEndpointService
+from portal.gateway.signatures import PeerAuthenticator
 from portal.gateway.terminalaccess import TerminalAccess
 from portal.httproutes import RouteTable
 from portal.identity import Identity, loadOrCreateIdentity
@@ -337,6 +340,16 @@ class TunnelService(MultiService):
         self.links = [RelayLink(self, relay) for relay in config.relays]
         for link in self.links:
             link.setServiceParent(self)
+        if self.gateway is not None:
+            # Peers: the contact list next to the identity, their signatures checked after the
+            # terminals' sessions, and the loopback endpoint apps call peers through.
+            contacts = ContactList(contactsPath(config.configDir))
+            self.gateway.authenticators.insert(
+                1, PeerAuthenticator(contacts, reactor, self.servedHostnames)
+            )
+            PeerEndpointService(
+                reactor, self.identity, contacts, DEFAULT_ADDRESS, reporter
+            ).setServiceParent(self)
         if config.registry is not None:
             # Adds a link per registry relay it picks (a circular import at module level).
             from portal.tunnel.relaypool import RelayPool
