@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from typing import TextIO
 
 from twisted.python import usage
 
+from portal.flagsanywhere import FlagsAnywhere
 from portal.gateway.contacts import (
     Contact,
     ContactList,
@@ -42,49 +42,7 @@ def _identityId(text: str) -> str:
         raise usage.UsageError(str(e))
 
 
-class _FlagsAnywhere(usage.Options):
-    """
-    Options that may come before or after the positional arguments (C{portal peers add ID
-    --name N}), like C{portal expose}'s; Twisted's parser alone stops at the first positional
-    argument.
-    """
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Move the flags (and their values) before the positional arguments, then parse.
-
-        @param options: The arguments.
-        """
-        flags: list[str] = []
-        positional: list[str] = []
-        arguments = iter(options or ())
-        for argument in arguments:
-            if argument == "--":
-                positional.extend(arguments)
-                break
-            if argument.startswith("-") and argument != "-":
-                flags.append(argument)
-                if "=" not in argument and self._takesValue(argument):
-                    value = next(arguments, None)
-                    if value is not None:
-                        flags.append(value)
-            else:
-                positional.append(argument)
-        super().parseOptions(flags + ["--"] + positional)
-
-    def _takesValue(self, flag: str) -> bool:
-        """
-        @return: Whether C{flag} (possibly an unambiguous abbreviation) needs a value.
-        """
-        if flag.startswith("--"):
-            matches = [o for o in self.longOpt if o.rstrip("=") == flag[2:]] or [
-                o for o in self.longOpt if o.startswith(flag[2:])
-            ]
-            return len(matches) == 1 and matches[0].endswith("=")
-        return len(flag) == 2 and f"{flag[1]}:" in self.shortOpt
-
-
-class PeersAddOptions(_FlagsAnywhere):
+class PeersAddOptions(FlagsAnywhere):
     """
     C{portal peers add IDENTITY-ID [--name NAME] [--url URL]... [--ca FILE] [--replace]}.
     """
@@ -138,7 +96,7 @@ class PeersAddOptions(_FlagsAnywhere):
             raise usage.UsageError(str(e))
 
 
-class PeersListOptions(_FlagsAnywhere):
+class PeersListOptions(FlagsAnywhere):
     """
     C{portal peers list [--json]}.
     """
@@ -148,7 +106,7 @@ class PeersListOptions(_FlagsAnywhere):
     optFlags = [["json", None, "Print one JSON object per peer."]]
 
 
-class PeersRemoveOptions(_FlagsAnywhere):
+class PeersRemoveOptions(FlagsAnywhere):
     """
     C{portal peers remove IDENTITY-ID}.
     """

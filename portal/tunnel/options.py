@@ -4,15 +4,13 @@ Command-line options shared by C{portal expose} and C{twistd portal-tunnel}.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
-
 from twisted.python import usage
 
+from portal.flagsanywhere import FlagsAnywhere
 from portal.tunnel.config import ConfigError, TunnelConfig, buildConfig
 
 
-class TunnelOptions(usage.Options):
+class TunnelOptions(FlagsAnywhere):
     """
     C{TARGET [[--via HOST:PORT[#RELAYID]]... --relay HOST:PORT[#RELAYID]]... [--name LABEL]
     [--alpn LIST] [--cert F --key F] [--identity PATH] [--json]}.
@@ -96,43 +94,6 @@ class TunnelOptions(usage.Options):
         self["pending-via"] = []
         self["http-routes"] = []
         self["apps"] = []
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Accept options before and after TARGET (C{portal expose 3000 --relay R}), as users of other
-        tunnel tools expect; Twisted's parser alone stops at the first positional argument.
-
-        @param options: The arguments (default C{sys.argv[1:]}).
-        """
-        if options is None:
-            options = sys.argv[1:]
-        flags: list[str] = []
-        positional: list[str] = []
-        arguments = iter(options)
-        for argument in arguments:
-            if argument == "--":
-                positional.extend(arguments)
-                break
-            if argument.startswith("-") and argument != "-":
-                flags.append(argument)
-                if "=" not in argument and self._takesValue(argument):
-                    value = next(arguments, None)
-                    if value is not None:
-                        flags.append(value)
-            else:
-                positional.append(argument)
-        super().parseOptions(flags + ["--"] + positional)
-
-    def _takesValue(self, flag: str) -> bool:
-        """
-        @return: Whether C{flag} (possibly an unambiguous abbreviation) needs a value.
-        """
-        if flag.startswith("--"):
-            matches = [o for o in self.longOpt if o.rstrip("=") == flag[2:]] or [
-                o for o in self.longOpt if o.startswith(flag[2:])
-            ]
-            return len(matches) == 1 and matches[0].endswith("=")
-        return len(flag) == 2 and f"{flag[1]}:" in self.shortOpt
 
     def opt_relay(self, relay: str) -> None:
         """
