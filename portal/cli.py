@@ -248,15 +248,12 @@ def relaysCommand(options: RelaysOptions, out: TextIO, err: TextIO) -> int:
     @return: The exit code: 0 when the registry loaded (whatever the relays' health), 1 when it
         could not be loaded.
     """
-    from twisted.internet import reactor
-
     from portal.registry import RegistryError, loadRegistry
     from portal.relaylist import formatJSON, formatTable, surveyRegistry
 
     _startLogging(err, LogLevel.warn)
-    exit = [FAILURE]
 
-    async def run() -> int:
+    async def run(reactor: Any) -> int:
         try:
             registry = await loadRegistry(reactor, options["registry"])
         except RegistryError as e:
@@ -267,21 +264,7 @@ def relaysCommand(options: RelaysOptions, out: TextIO, err: TextIO) -> int:
         out.flush()
         return 0
 
-    def started() -> None:
-        d = ensureDeferred(run())
-
-        def done(code: int) -> None:
-            exit[0] = code
-
-        def failed(failure: Any) -> None:
-            err.write(f"portal: relays failed: {failure.getErrorMessage()}\n")
-
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(started)
-    reactor.run()
-    return exit[0]
+    return runCommand(run, err)
 
 
 def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
