@@ -70,6 +70,7 @@ from zope.interface import implementer
 from portal.gateway.contacts import Contact, ContactsError, InvalidContact, validateIdentityId
 from portal.gateway.signatures import CREDENTIAL_HEADERS, ContactLookup, signRequest
 from portal.identity import Identity
+from portal.tunnel.httpproxy import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from portal.tunnel.report import Reporter
@@ -97,24 +98,9 @@ _CALL = re.compile(rb"\A/peer/([^/?]*)(.*)\Z", re.DOTALL)
 _TOKEN = re.compile(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _TARGET = re.compile(rb"\A/[\x21\x22\x24-\x7e]*\Z")
 
-#: Hop-by-hop header fields (RFC 9110 section 7.6.1), never forwarded either way.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 #: Request header fields not copied from the app's request: the hop-by-hop ones, those the
 #: agent sets (C{Host}, C{Content-Length}) and those the signature sets.
-_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"content-digest"} | CREDENTIAL_HEADERS
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"content-digest"} | CREDENTIAL_HEADERS
 
 
 class EndpointAddressError(ValueError):
@@ -589,7 +575,7 @@ class PeerEndpointResource(Resource):
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = Headers()
         for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in _HOP_BY_HOP:
+            if name.lower() not in HOP_BY_HOP:
                 request.responseHeaders.setRawHeaders(name, values)
         request.defaultContentType = None
         relay = _BodyRelay(request)
