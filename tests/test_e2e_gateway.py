@@ -27,11 +27,16 @@ from portal.gateway.signatures import signRequest
 from portal.identity import Identity, loadIdentity, saveIdentity
 from tests.realprocesses import (
     RecordingApp,
+    browserTools,
     curl,
+    evaluate,
     homeDir,
     listenLocal,
+    openBrowser,
+    pollUntil,
     startExpose,
     startRelay,
+    trustCA,
 )
 
 #: The identity headers every path of the test apps passes to the app.
@@ -250,6 +255,56 @@ class TerminalEndToEndTests(_Tunnels):
             code, status, body, _, err = yield curl(lease, "/private/diary", option, "-b", cookie)
             self.assertEqual((code, status), (0, 401), (err, body))
         self.assertEqual(len(app.seen), 2)
+
+    @inlineCallbacks
+    def test_browserTerminal(self) -> Any:
+        """
+        Headless Chromium, trusting the tunnel's local CA as a user would, opens the pairing page
+        with a code from C{portal pair} in its fragment and C{?next=/private/page}; it pairs (a
+        WebCrypto key kept in the browser), is sent on to the private page, and the app sees
+        C{terminal} with the id of the terminal the owner's C{portal terminals list} shows, named as
+        the page asked. Skipped only when Chromium or certutil is missing.
+        """
+        chromium, certutil = browserTools()
+        app, _, lease, identity, _ = yield self._exposeApp("notes")
+        url = lease["url"]
+        browserHome = homeDir(self, "browser")
+        yield trustCA(self, certutil, browserHome, lease["ca"])
+        pairing = json.loads((yield self._portal("pair", "--json", "--identity", identity)))
+
+        devtools = yield openBrowser(
+            self, chromium, browserHome, f"{url}/.portal/pair?next=/private/page#{pairing['code']}"
+        )
+        status = 'document.getElementById("portal-status")?.textContent || ""'
+        yield pollUntil(
+            lambda: evaluate(devtools, url, status).addCallback(
+                lambda text: "not paired yet" in text
+            ),
+            "the pairing page never said the browser is not paired yet",
+        )
+        yield evaluate(
+            devtools,
+            url + "/.portal/pair",
+            'document.getElementById("portal-name").value = "chromium";'
+            ' document.getElementById("portal-form").requestSubmit(); true',
+        )
+
+        def privatePage() -> Any:
+            return evaluate(
+                devtools,
+                url + "/private/page",
+                'document.readyState === "complete" ? document.body.innerText : ""',
+            )
+
+        text = yield pollUntil(privatePage, "the browser never reached /private/page after pairing")
+        answer = json.loads(text)
+        listed = yield self._portal("terminals", "list", "--json", "--identity", identity)
+        (terminal,) = [json.loads(line) for line in listed.splitlines()]
+        self.assertEqual(terminal["name"], "chromium")
+        for headers in (answer["headers"], self._seenBy(app, "/private/page")):
+            self.assertEqual(headers["x-ptl-client-type"], ["terminal"])
+            self.assertEqual(headers["x-ptl-client-id"], [terminal["id"]])
+            self.assertEqual(headers["x-ptl-client-name"], ["chromium"])
 
 
 class PeerEndToEndTests(_Tunnels):
