@@ -41,6 +41,7 @@ class WatchedProcess(ProcessProtocol):
     Collects a child process's output line by line and lets tests wait for a line.
 
     @ivar lines: Output lines so far (stdout and stderr interleaved).
+    @ivar stdout: Everything printed on stdout alone, as bytes.
     @ivar exitCode: The exit code once ended.
     @ivar ended: Fires with the exit code when the process ends.
     """
@@ -51,6 +52,7 @@ class WatchedProcess(ProcessProtocol):
         self.name = name
         self.lines: list[str] = []
         self._partial = {1: b"", 2: b""}
+        self.stdout = b""
         self._waiters: list[tuple[re.Pattern[str], Deferred[re.Match[str]]]] = []
         self.ended: Deferred[int | None] = Deferred()
 
@@ -58,6 +60,8 @@ class WatchedProcess(ProcessProtocol):
         """
         Split output into lines and wake waiters whose pattern matches.
         """
+        if childFD == 1:
+            self.stdout += data
         buffered = self._partial.get(childFD, b"") + data
         *complete, self._partial[childFD] = buffered.split(b"\n")
         for raw in complete:

@@ -17,15 +17,16 @@ import tempfile
 import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from portal.gateway.signatures import signRequest
 from portal.identity import Identity, loadIdentity, saveIdentity
 from tests.realprocesses import (
+    WAIT,
     RecordingApp,
     browserTools,
     curl,
@@ -34,6 +35,7 @@ from tests.realprocesses import (
     listenLocal,
     openBrowser,
     pollUntil,
+    spawn,
     startExpose,
     startRelay,
     trustCA,
@@ -168,19 +170,18 @@ class _Tunnels(TestCase):
         """
         if home is None:
             home = homeDir(self, f"cli-{arguments[0]}-{time.monotonic_ns()}")
-        env = dict(
-            os.environ,
-            HOME=home,
-            XDG_CONFIG_HOME=os.path.join(home, ".config"),
-            XDG_STATE_HOME=os.path.join(home, ".local", "state"),
+        command = spawn(
+            self, f"portal {arguments[0]}", [sys.executable, "-m", "portal", *arguments], home
         )
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, ["-m", "portal", *arguments], env=env
-        )
+        killer = reactor.callLater(WAIT, command.signal, "KILL")
+        code = yield command.ended
+        if not killer.active():
+            self.fail(f"portal {' '.join(arguments)} did not end in {WAIT}s:\n{command.output()}")
+        killer.cancel()
         self.assertEqual(
-            code, 0, f"portal {' '.join(arguments)} failed ({code}):\n{out!r}\n{err.decode()}"
+            code, 0, f"portal {' '.join(arguments)} failed ({code}):\n{command.output()}"
         )
-        return out.decode().strip()
+        return command.stdout.decode().strip()
 
     def _seenBy(self, app: RecordingApp, uri: str) -> dict[str, list[str]]:
         """
