@@ -12,7 +12,8 @@ import shutil
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
 
 #: Seconds a process may take to print what a test waits for.
 WAIT = 30.0
@@ -39,6 +41,7 @@ class WatchedProcess(ProcessProtocol):
     Collects a child process's output line by line and lets tests wait for a line.
 
     @ivar lines: Output lines so far (stdout and stderr interleaved).
+    @ivar stdout: Everything printed on stdout alone, as bytes.
     @ivar exitCode: The exit code once ended.
     @ivar ended: Fires with the exit code when the process ends.
     """
@@ -49,6 +52,7 @@ class WatchedProcess(ProcessProtocol):
         self.name = name
         self.lines: list[str] = []
         self._partial = {1: b"", 2: b""}
+        self.stdout = b""
         self._waiters: list[tuple[re.Pattern[str], Deferred[re.Match[str]]]] = []
         self.ended: Deferred[int | None] = Deferred()
 
@@ -56,6 +60,8 @@ class WatchedProcess(ProcessProtocol):
         """
         Split output into lines and wake waiters whose pattern matches.
         """
+        if childFD == 1:
+            self.stdout += data
         buffered = self._partial.get(childFD, b"") + data
         *complete, self._partial[childFD] = buffered.split(b"\n")
         for raw in complete:
@@ -156,6 +162,115 @@ class WatchedProcess(ProcessProtocol):
         if killer.active():
             killer.cancel()
         return code
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    """
+    @return: A L{Deferred} firing after C{seconds}.
+    """
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@inlineCallbacks
+def pollUntil(
+    check: Callable[[], Any], message: str, timeout: float = WAIT, interval: float = 0.2
+) -> Any:
+    """
+    Call C{check} (which may return a L{Deferred}) every C{interval} seconds until it gives a true
+    value, for at most C{timeout} seconds.
+
+    @param message: What was awaited, for the failure.
+    @return: A L{Deferred} firing with the true value.
+    @raise AssertionError: When C{timeout} passes first; the message ends with the last value
+        C{check} gave (or the exception it raised).
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = yield check()
+        except Exception as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message}: not within {timeout}s; last: {last!r}"[:4000])
+        yield sleep(interval)
+
+
+class RecordingApp(Resource):
+    """
+    An app that answers every request with JSON of what it received, and keeps a record of it.
+
+    @ivar seen: C{(uri, headers)} of every request, headers lowercase with all their values.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.seen: list[tuple[str, dict[str, list[str]]]] = []
+
+    def render(self, request: Any) -> bytes:
+        """
+        @return: C{{"app", "uri", "headers"}} as JSON.
+        """
+        headers = {
+            name.decode().lower(): [v.decode("utf-8") for v in values]
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        self.seen.append((request.uri.decode(), headers))
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(
+            {"app": self.name, "uri": request.uri.decode(), "headers": headers}
+        ).encode()
+
+
+def curlProgram() -> str:
+    """
+    @return: The curl program.
+    @raise SkipTest: Without curl.
+    """
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SkipTest("curl is not installed (.ci/run installs it)")
+    return curl
+
+
+@inlineCallbacks
+def curl(lease: dict[str, Any], path: str, *options: str) -> Any:
+    """
+    Fetch C{path} at a lease's URL with curl, trusting the lease's CA and resolving its host to
+    127.0.0.1.
+
+    @param lease: A C{lease} event (its C{url} and C{ca}).
+    @return: A L{Deferred} firing with C{(exit code, status, body, HTTP version, stderr)}.
+    """
+    host, _, port = lease["url"].removeprefix("https://").partition(":")
+    out, err, code = yield getProcessOutputAndValue(
+        curlProgram(),
+        [
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            lease["ca"],
+            "--resolve",
+            f"{host}:{port}:127.0.0.1",
+            "-w",
+            "\n%{http_code} %{http_version}",
+            *options,
+            lease["url"] + path,
+        ],
+        env=os.environ,
+    )
+    body, _, trailer = out.rpartition(b"\n")
+    status, _, version = trailer.decode().partition(" ")
+    return code, int(status or 0), body, version, err.decode()
 
 
 def homeDir(testCase: TestCase, name: str) -> str:
@@ -466,7 +581,7 @@ def openBrowser(testCase: TestCase, chromium: str, browserHome: str, url: str) -
 def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float) -> Any:
     """
     Evaluate C{expression} in the page whose URL starts with C{urlPrefix} over the DevTools protocol
-    (blocking; run it on a thread).
+    (blocking; run it on a thread). A promise is awaited.
     """
     from urllib.request import urlopen
 
@@ -480,14 +595,30 @@ def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float
     request = {
         "id": 1,
         "method": "Runtime.evaluate",
-        "params": {"expression": expression, "returnByValue": True},
+        "params": {"expression": expression, "returnByValue": True, "awaitPromise": True},
     }
     with connect(pages[0]["webSocketDebuggerUrl"], open_timeout=timeout) as session:
         session.send(json.dumps(request))
         while True:
             answer = json.loads(session.recv(timeout=timeout))
             if answer.get("id") == 1:
-                return answer["result"]["result"]["value"]
+                result = answer["result"]
+                if "exceptionDetails" in result:
+                    raise AssertionError(f"{expression!r} threw: {result['exceptionDetails']}")
+                return result["result"].get("value")
+
+
+def evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float = WAIT) -> Any:
+    """
+    Evaluate a JavaScript C{expression} (a promise is awaited) in the page at C{urlPrefix} in a
+    browser from L{openBrowser}.
+
+    @return: A L{Deferred} firing with the value (JSON-like), or failing with L{AssertionError} if
+        there is no such page or the expression threw.
+    """
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(_evaluate, devtoolsPort, urlPrefix, expression, timeout)
 
 
 def readDOM(devtoolsPort: int, urlPrefix: str, timeout: float = WAIT) -> Any:
@@ -496,8 +627,4 @@ def readDOM(devtoolsPort: int, urlPrefix: str, timeout: float = WAIT) -> Any:
 
     @return: A L{Deferred} firing with the HTML text.
     """
-    from twisted.internet.threads import deferToThread
-
-    return deferToThread(
-        _evaluate, devtoolsPort, urlPrefix, "document.documentElement.outerHTML", timeout
-    )
+    return evaluate(devtoolsPort, urlPrefix, "document.documentElement.outerHTML", timeout)

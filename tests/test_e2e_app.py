@@ -9,45 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.resource import Resource
+from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from tests.realprocesses import WatchedProcess, homeDir, listenLocal, startExpose, startRelay
-
-
-class _RecordingApp(Resource):
-    """
-    An app that answers every request with JSON of what it received, and keeps a record of it.
-
-    @ivar seen: C{(uri, headers)} of every request, headers lowercase with all their values.
-    """
-
-    isLeaf = True
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.seen: list[tuple[str, dict[str, list[str]]]] = []
-
-    def render(self, request: Any) -> bytes:
-        """
-        @return: C{{"app", "uri", "headers"}} as JSON.
-        """
-        headers = {
-            name.decode().lower(): [v.decode("utf-8") for v in values]
-            for name, values in request.requestHeaders.getAllRawHeaders()
-        }
-        self.seen.append((request.uri.decode(), headers))
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {"app": self.name, "uri": request.uri.decode(), "headers": headers}
-        ).encode()
+from tests.realprocesses import (
+    RecordingApp,
+    WatchedProcess,
+    curl,
+    homeDir,
+    listenLocal,
+    startExpose,
+    startRelay,
+)
 
 
 def _appJSON(name: str, port: int) -> dict[str, Any]:
@@ -80,45 +56,6 @@ class AppGatewayEndToEndTests(TestCase):
 
     timeout = 120
 
-    def _curlPath(self) -> str:
-        """
-        @return: The curl program.
-        @raise SkipTest: Without curl.
-        """
-        curl = shutil.which("curl")
-        if curl is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
-        return curl
-
-    @inlineCallbacks
-    def _curl(self, lease: dict[str, Any], path: str, *options: str) -> Any:
-        """
-        Fetch C{path} at the lease's URL with curl, trusting its CA.
-
-        @return: C{(exit code, status, body, HTTP version, stderr)}.
-        """
-        host, _, port = lease["url"].removeprefix("https://").partition(":")
-        out, err, code = yield getProcessOutputAndValue(
-            self._curlPath(),
-            [
-                "-sS",
-                "--max-time",
-                "20",
-                "--cacert",
-                lease["ca"],
-                "--resolve",
-                f"{host}:{port}:127.0.0.1",
-                "-w",
-                "\n%{http_code} %{http_version}",
-                *options,
-                lease["url"] + path,
-            ],
-            env=os.environ,
-        )
-        body, _, trailer = out.rpartition(b"\n")
-        status, _, version = trailer.decode().partition(" ")
-        return code, int(status or 0), body, version, err.decode()
-
     @inlineCallbacks
     def _app(self, name: str) -> Any:
         """
@@ -126,7 +63,7 @@ class AppGatewayEndToEndTests(TestCase):
 
         @return: C{(app, path of its app.json)}.
         """
-        app = _RecordingApp(name)
+        app = RecordingApp(name)
         port = yield listenLocal(self, Site(app))
         path = os.path.join(homeDir(self, f"{name}-json"), "app.json")
         with open(path, "w") as f:
@@ -180,14 +117,14 @@ class AppGatewayEndToEndTests(TestCase):
         self.assertRegex(lease["target"], r"^app notes: /=127\.0\.0\.1:\d+$")
 
         for version, option in (("1.1", "--http1.1"), ("2", "--http2")):
-            code, status, body, got, err = yield self._curl(lease, "/private/diary", option)
+            code, status, body, got, err = yield curl(lease, "/private/diary", option)
             self.assertEqual((code, status, got), (0, 401, version), err)
             self.assertIn(b"portal pair", body)
             self.assertIn(lease["url"].encode() + b"/.portal/pair", body)
         self.assertEqual(app.seen, [])
 
         for version, option in (("1.1", "--http1.1"), ("2", "--http2")):
-            code, status, body, got, err = yield self._curl(
+            code, status, body, got, err = yield curl(
                 lease,
                 "/public/hello?x=1",
                 option,
@@ -211,9 +148,9 @@ class AppGatewayEndToEndTests(TestCase):
         self.assertEqual([uri for uri, _ in app.seen], ["/public/hello?x=1"] * 2)
 
         # The gateway's own pairing page answers; the app never sees /.portal/ requests.
-        code, status, _, _, err = yield self._curl(lease, "/.portal/pair", "--http1.1")
+        code, status, _, _, err = yield curl(lease, "/.portal/pair", "--http1.1")
         self.assertEqual((code, status), (0, 200), err)
-        code, status, _, _, err = yield self._curl(lease, "/.portal/nothing-here", "--http1.1")
+        code, status, _, _, err = yield curl(lease, "/.portal/nothing-here", "--http1.1")
         self.assertEqual((code, status), (0, 404), err)
         self.assertEqual(len(app.seen), 2)
 
@@ -232,11 +169,11 @@ class AppGatewayEndToEndTests(TestCase):
         _, leases = yield self._expose(alphaPath, betaPath)
         self.assertNotEqual(leases["alpha"]["url"], leases["beta"]["url"])
         for name, app in (("alpha", alpha), ("beta", beta)):
-            code, status, body, _, err = yield self._curl(leases[name], "/public/", "--http2")
+            code, status, body, _, err = yield curl(leases[name], "/public/", "--http2")
             self.assertEqual((code, status), (0, 200), err)
             self.assertEqual(json.loads(body)["app"], name)
             self.assertEqual(len(app.seen), 1)
-            code, status, _, _, err = yield self._curl(leases[name], "/", "--http1.1")
+            code, status, _, _, err = yield curl(leases[name], "/", "--http1.1")
             self.assertEqual((code, status), (0, 401), err)
             self.assertEqual(len(app.seen), 1)
 
