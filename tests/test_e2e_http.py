@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import socket
 import ssl
 import threading
@@ -23,7 +22,6 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
@@ -32,6 +30,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from tests.realprocesses import (
     WAIT,
     WatchedProcess,
+    curl,
+    curlProgram,
     homeDir,
     listenLocal,
     rss,
@@ -520,45 +520,6 @@ class RoutedHTTPEndToEndTests(TestCase):
         lease = yield waitForLease(tunnel)
         return tunnel, lease
 
-    def _curlPath(self) -> str:
-        """
-        @return: The curl program.
-        @raise SkipTest: Without curl.
-        """
-        curl = shutil.which("curl")
-        if curl is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
-        return curl
-
-    @inlineCallbacks
-    def _curl(self, lease: dict[str, Any], path: str, *options: str) -> Any:
-        """
-        Fetch C{path} at the lease's URL with curl, trusting its CA.
-
-        @return: C{(exit code, status, body, HTTP version, stderr)}.
-        """
-        host, port = _hostPort(lease["url"])
-        out, err, code = yield getProcessOutputAndValue(
-            self._curlPath(),
-            [
-                "-sS",
-                "--max-time",
-                "20",
-                "--cacert",
-                lease["ca"],
-                "--resolve",
-                f"{host}:{port}:127.0.0.1",
-                "-w",
-                "\n%{http_code} %{http_version}",
-                *options,
-                lease["url"] + path,
-            ],
-            env=os.environ,
-        )
-        body, _, trailer = out.rpartition(b"\n")
-        status, _, version = trailer.decode().partition(" ")
-        return code, int(status or 0), body, version, err.decode()
-
     def _requestEvents(self, tunnel: WatchedProcess) -> list[dict[str, Any]]:
         """
         @return: The C{request} events the tunnel printed so far.
@@ -584,7 +545,7 @@ class RoutedHTTPEndToEndTests(TestCase):
         tunnel, lease = yield self._routed(
             "--http-route", f"/api={apiPort},strip", "--http-route", f"/={sitePort}"
         )
-        code, status, body, version, err = yield self._curl(
+        code, status, body, version, err = yield curl(
             lease, "/api/users/7?full=1", "--http1.1", "-H", "Keep-Alive: timeout=5"
         )
         self.assertEqual((code, status, version), (0, 200, "1.1"), err)
@@ -606,7 +567,7 @@ class RoutedHTTPEndToEndTests(TestCase):
             ("/", "site", "/"),
             ("/docs/index.html", "site", "/docs/index.html"),
         ]:
-            code, status, body, _, err = yield self._curl(lease, path, "--http1.1")
+            code, status, body, _, err = yield curl(lease, path, "--http1.1")
             self.assertEqual((code, status), (0, 200), err)
             answer = json.loads(body)
             self.assertEqual((answer["service"], answer["uri"]), (service, uri), path)
@@ -621,11 +582,11 @@ class RoutedHTTPEndToEndTests(TestCase):
         # Without a '/' route some paths match nothing.
         onlyApi = self._expose(self._controlPort, "--http-route", f"/api={apiPort}")
         onlyLease = yield waitForLease(onlyApi)
-        code, status, body, _, err = yield self._curl(onlyLease, "/elsewhere", "--http1.1")
+        code, status, body, _, err = yield curl(onlyLease, "/elsewhere", "--http1.1")
         self.assertEqual((code, status), (0, 404), err)
         self.assertIn(b"/api", body)
         self.assertIn(b"No route", body)
-        code, status, body, _, err = yield self._curl(onlyLease, "/api/x", "--http1.1")
+        code, status, body, _, err = yield curl(onlyLease, "/api/x", "--http1.1")
         self.assertEqual((code, status, json.loads(body)["uri"]), (0, 200, "/api/x"), err)
 
     @inlineCallbacks
@@ -790,7 +751,7 @@ class RoutedHTTPEndToEndTests(TestCase):
             self,
             "curl",
             [
-                self._curlPath(),
+                curlProgram(),
                 "-sS",
                 "--http2",
                 "--max-time",
@@ -829,15 +790,15 @@ class RoutedHTTPEndToEndTests(TestCase):
         """
         port = yield self._service(Site(_Echo("single")))
         tunnel, lease = yield self._routed(str(port), "--http")
-        code, status, body, version, err = yield self._curl(lease, "/one", "--http1.1")
+        code, status, body, version, err = yield curl(lease, "/one", "--http1.1")
         self.assertEqual((code, status, version), (0, 200, "1.1"), err)
         self.assertEqual(json.loads(body)["uri"], "/one")
-        code, status, body, version, err = yield self._curl(lease, "/three?q=1", "--http2")
+        code, status, body, version, err = yield curl(lease, "/three?q=1", "--http2")
         self.assertEqual((code, status, version), (0, 200, "2"), err)
         self.assertEqual(json.loads(body)["uri"], "/three?q=1")
 
         _, h1lease = yield self._routed(str(port), "--http", "--alpn", "http/1.1")
-        code, status, body, version, err = yield self._curl(h1lease, "/two", "--http2")
+        code, status, body, version, err = yield curl(h1lease, "/two", "--http2")
         self.assertEqual((code, status, version), (0, 200, "1.1"), err)
         self.assertEqual(json.loads(body)["uri"], "/two")
 
