@@ -43,6 +43,10 @@ KEY_TYPE = "secp256k1"
 
 #: Number of characters of an identity id shown to humans.
 SHORT_ID_LENGTH = 12
+#: Number of characters of a full identity id (L{identityId}).
+ID_LENGTH = 52
+#: The characters of an identity id: the lowercase RFC 4648 base32 alphabet.
+ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
 class IdentityError(Exception):
@@ -61,6 +65,15 @@ def identityId(publicKey: bytes) -> str:
     """
     digest = hashlib.sha256(publicKey).digest()
     return base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+
+
+def looksLikeIdentityId(text: str) -> bool:
+    """
+    @param text: Some text.
+    @return: Whether C{text} has the form of a full identity id: L{ID_LENGTH} characters of
+        L{ID_ALPHABET}.
+    """
+    return len(text) == ID_LENGTH and set(text) <= ID_ALPHABET
 
 
 def shortId(fullId: str) -> str:

@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from portal.identity import shortId
-from portal.tunnel.config import _BASE32, ConfigError, _hostPort
+from portal.identity import looksLikeIdentityId, shortId
+from portal.tunnel.config import ConfigError, _hostPort
 
 #: The registry format version this code reads.
 REGISTRY_VERSION = 1
@@ -154,7 +154,7 @@ def _parseEntry(index: int, raw: object) -> RegistryEntry:
     relayId = raw["id"]
     if not isinstance(relayId, str):
         raise RegistryError(f'{where}: "id" must be a string, got {_jsonType(relayId)}')
-    if len(relayId) != 52 or not set(relayId) <= _BASE32:
+    if not looksLikeIdentityId(relayId):
         raise RegistryError(
             f'{where}: "id": {relayId!r} is not a relay identity id (52 characters a-z, 2-7)'
         )

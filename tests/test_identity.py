@@ -18,6 +18,7 @@ from portal.identity import (
     identityId,
     loadIdentity,
     loadOrCreateIdentity,
+    looksLikeIdentityId,
     saveIdentity,
     shortId,
     verifySignature,
@@ -111,6 +112,17 @@ class IdentityTests(SynchronousTestCase):
         uncompressed = identity.privateKey.public_key.format(compressed=False)
         for key in [b"", b"\x02" + b"\x00" * 32, b"\x05" * 33, b"short", uncompressed]:
             self.assertFalse(verifySignature(key, signature, b"hello"))
+
+
+    def test_looksLikeIdentityId(self) -> None:
+        """
+        A real id has the form of one; a short id, upper case, a character outside base32 or one
+        too many does not.
+        """
+        fullId = Identity.generate().id
+        self.assertTrue(looksLikeIdentityId(fullId))
+        for text in [shortId(fullId), fullId.upper(), fullId[:-1] + "1", fullId + "a", ""]:
+            self.assertFalse(looksLikeIdentityId(text), text)
 
 
 class IdentityFileTests(SynchronousTestCase):

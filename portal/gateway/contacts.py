@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 
-from portal.identity import SHORT_ID_LENGTH
+from portal.identity import ID_ALPHABET, ID_LENGTH, SHORT_ID_LENGTH, looksLikeIdentityId
 from portal.privatefiles import (
     PRIVATE_FILE_MODE,
     NotRegularFileError,
@@ -43,12 +43,6 @@ CONTACTS_FILE = "peers.json"
 
 #: Version of the contact list format written by L{ContactList}.
 FILE_VERSION = 1
-
-#: Characters in an identity id: the lowercase RFC 4648 base32 alphabet.
-_BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
-
-#: Length of a full identity id (L{portal.identity.identityId}).
-ID_LENGTH = 52
 
 #: Longest contact name.
 MAX_NAME_LENGTH = 64
@@ -80,13 +74,13 @@ def validateIdentityId(text: str) -> str:
         not an identity id at all.
     """
     candidate = text.strip().lower()
-    if candidate and set(candidate) <= _BASE32 and len(candidate) < ID_LENGTH:
+    if candidate and set(candidate) <= ID_ALPHABET and len(candidate) < ID_LENGTH:
         raise InvalidContact(
             f"{text!r} is a short id ({len(candidate)} characters); a peer is identified by its "
             f"full {ID_LENGTH}-character identity id, which `portal identity show` prints on "
             f"the peer's machine"
         )
-    if len(candidate) != ID_LENGTH or not set(candidate) <= _BASE32:
+    if not looksLikeIdentityId(candidate):
         raise InvalidContact(
             f"{text!r} is not an identity id ({ID_LENGTH} characters from a-z and 2-7)"
         )
@@ -102,7 +96,7 @@ def isShortId(text: str) -> bool:
     @param text: Some text.
     @return: Whether C{text} looks like the short form of an identity id that humans are shown.
     """
-    return len(text) == SHORT_ID_LENGTH and set(text) <= _BASE32
+    return len(text) == SHORT_ID_LENGTH and set(text) <= ID_ALPHABET
 
 
 def validateName(text: str) -> str:

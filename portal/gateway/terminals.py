@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 
+from portal.identity import ID_ALPHABET
 from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
 
 #: The file name of the store in the tunnel's state directory.
@@ -44,9 +45,6 @@ SHORT_ID_LENGTH = 12
 
 #: Shortest id prefix accepted where a terminal is named by the owner (C{revoke ID}).
 MIN_PREFIX_LENGTH = 4
-
-#: Characters of a terminal id (RFC 4648 base32, lowercase).
-_BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS terminals (
@@ -339,7 +337,7 @@ class TerminalStore:
         @raise AmbiguousTerminal: If several do.
         """
         prefix = prefix.strip().lower()
-        if len(prefix) < MIN_PREFIX_LENGTH or not set(prefix) <= _BASE32:
+        if len(prefix) < MIN_PREFIX_LENGTH or not set(prefix) <= ID_ALPHABET:
             raise UnknownTerminal(
                 f"{prefix!r} is not a terminal id (give at least {MIN_PREFIX_LENGTH} of its "
                 f"characters, as 'portal terminals list' shows them)"

@@ -11,10 +11,9 @@ import attrs
 
 from portal.gateway.appjson import App, AppError, loadApp
 from portal.httproutes import Route, RouteError, RouteTable, parseRoute
-from portal.identity import defaultIdentityPath
+from portal.identity import defaultIdentityPath, looksLikeIdentityId
 
 #: Characters of an identity id (RFC 4648 base32, lowercase).
-_BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
@@ -155,7 +154,7 @@ def parseRelay(text: str, flag: str = "--relay") -> RelayAddress:
         spec = f"{spec}:4017"
     host, port = _hostPort(spec, flag)
     relayId = relayId.lower()
-    if relayId and (len(relayId) != 52 or not set(relayId) <= _BASE32):
+    if relayId and not looksLikeIdentityId(relayId):
         raise ConfigError(f"{flag} {text!r}: RELAYID must be the relay's 52-character identity id")
     return RelayAddress(host.lower(), port, relayId or None)
 
