@@ -302,6 +302,19 @@ def tlsRequest(port: int, hostname: str, request: bytes, cafile: str) -> tuple[b
             return b"".join(chunks), tls.getpeercert()
 
 
+def requestEvents(process: WatchedProcess) -> list[dict[str, Any]]:
+    """
+    @return: The C{request} events a C{--json} tunnel printed so far.
+    """
+    events = []
+    for line in process.lines:
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "request":
+                events.append(event)
+    return events
+
+
 def rss(pid: int) -> int:
     """
     @return: The resident set size of process C{pid} in bytes.

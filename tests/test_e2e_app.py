@@ -17,10 +17,10 @@ from twisted.web.server import Site
 
 from tests.realprocesses import (
     RecordingApp,
-    WatchedProcess,
     curl,
     homeDir,
     listenLocal,
+    requestEvents,
     startExpose,
     startRelay,
 )
@@ -90,18 +90,6 @@ class AppGatewayEndToEndTests(TestCase):
             leases[name] = json.loads(match.group(0))
         return tunnel, leases
 
-    def _requestEvents(self, tunnel: WatchedProcess) -> list[dict[str, Any]]:
-        """
-        @return: The C{request} events the tunnel printed so far.
-        """
-        events = []
-        for line in tunnel.lines:
-            if line.startswith("{"):
-                event = json.loads(line)
-                if event.get("event") == "request":
-                    events.append(event)
-        return events
-
     @inlineCallbacks
     def test_privatePublicAndForgedHeaders(self) -> Any:
         """
@@ -155,7 +143,7 @@ class AppGatewayEndToEndTests(TestCase):
         self.assertEqual(len(app.seen), 2)
 
         yield tunnel.waitFor(r'"path": "/\.portal/pair"')
-        statuses = [(e["path"], e["status"]) for e in self._requestEvents(tunnel)]
+        statuses = [(e["path"], e["status"]) for e in requestEvents(tunnel)]
         self.assertIn(("/private/diary", 401), statuses)
         self.assertIn(("/public/hello?x=1", 200), statuses)
 

@@ -34,6 +34,7 @@ from tests.realprocesses import (
     curlProgram,
     homeDir,
     listenLocal,
+    requestEvents,
     rss,
     spawn,
     startExpose,
@@ -520,18 +521,6 @@ class RoutedHTTPEndToEndTests(TestCase):
         lease = yield waitForLease(tunnel)
         return tunnel, lease
 
-    def _requestEvents(self, tunnel: WatchedProcess) -> list[dict[str, Any]]:
-        """
-        @return: The C{request} events the tunnel printed so far.
-        """
-        events = []
-        for line in tunnel.lines:
-            if line.startswith("{"):
-                event = json.loads(line)
-                if event.get("event") == "request":
-                    events.append(event)
-        return events
-
     @inlineCallbacks
     def test_longestPrefixRoutingAndForwardingHeaders(self) -> Any:
         """
@@ -575,7 +564,7 @@ class RoutedHTTPEndToEndTests(TestCase):
                 self.assertNotIn("x-forwarded-prefix", answer["headers"])
         # The tunnel reports a request once its response is written: wait for the last one.
         yield tunnel.waitFor(r'"path": "/docs/index\.html"')
-        routes = [(e["path"], e["route"], e["status"]) for e in self._requestEvents(tunnel)]
+        routes = [(e["path"], e["route"], e["status"]) for e in requestEvents(tunnel)]
         self.assertIn(("/api/users/7?full=1", "/api", 200), routes)
         self.assertIn(("/docs/index.html", "/", 200), routes)
 
