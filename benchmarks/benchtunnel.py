@@ -20,10 +20,10 @@ from twisted.internet import reactor
 from twisted.python import usage
 
 from benchmarks.workload import recvExact, serve, serverContext
-from portal.attach import MAC_LENGTH, MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
 from portal.tunnel.config import buildConfig
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
+from portal.wire.attach import MAC_LENGTH, MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
 
 
 class BlockingDataPool:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import serialization
 
 from benchmarks.procs import Child, freePort, freePortRange, python, tool, twistd
-from portal.localca import LocalCA
+from portal.trust.localca import LocalCA
 
 #: The SNI name the sinks and forwarders are reached by.
 SINK_NAME = "bench.localhost"

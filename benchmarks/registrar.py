@@ -17,9 +17,9 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols import amp
 
-from portal.challenge import signRegistration
-from portal.control import MAX_VERSION, MIN_VERSION, Challenge, Hello, Register
-from portal.identity import Identity, identityId
+from portal.trust.challenge import signRegistration
+from portal.trust.identity import Identity, identityId
+from portal.wire.control import MAX_VERSION, MIN_VERSION, Challenge, Hello, Register
 
 #: Names per Register (the relay's default limit).
 BATCH = 16

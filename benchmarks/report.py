@@ -301,7 +301,7 @@ def _udpSection(data: dict[str, Any]) -> list[str]:
         f"{buffers['requested'] >> 20} MiB (the kernel reports SO_RCVBUF "
         f"{buffers['sink']['rcvbuf']:,} for the sink, twice what it grants; net.core.rmem_max "
         f"{_fmt(buffers['rmemMax'])}, wmem_max {_fmt(buffers['wmemMax'])}); the relay and the "
-        "tunnel ask for 4 MiB too (portal.udpbuffers), where the default, net.core.rmem_default "
+        "tunnel ask for 4 MiB too (portal.forwarding.udpbuffers), where the default, net.core.rmem_default "
         f"{_fmt(buffers['rmemDefault'])}, holds {_fmt(buffers.get('defaultBufferDatagrams'))} of "
         "these datagrams on loopback.",
         "",

@@ -604,7 +604,7 @@ def udp(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, A
             "datagram); loss = 1 - received / sent; rates are per second of sending",
             "drops are the kernel's per-socket drop counters (/proc/net/udp) of each process's UDP "
             "sockets: datagrams that found the socket's receive buffer full; the relay, the "
-            "tunnel (portal.udpbuffers), the harness and the sink ask for "
+            "tunnel (portal.forwarding.udpbuffers), the harness and the sink ask for "
             f"{udpworkload.BUFFER >> 20} MiB",
             "CPU is time on a CPU per datagram sent (received or not), from the scheduler's "
             "accounts (/proc/PID/task/*/schedstat, to the nanosecond); cores = CPU seconds per "

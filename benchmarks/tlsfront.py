@@ -15,10 +15,10 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 
-from portal.attach import StreamHeader
-from portal.localca import SNIServerConnectionCreator, loadKeyPair
+from portal.trust.localca import SNIServerConnectionCreator, loadKeyPair
 from portal.tunnel.config import Target
 from portal.tunnel.stream import StreamHandler
+from portal.wire.attach import StreamHeader
 
 
 class _Front(Factory):

@@ -2,6 +2,6 @@
 C{python -m portal}: the same as the C{portal} command.
 """
 
-from portal.cli import main
+from portal.cli.main import main
 
 main()

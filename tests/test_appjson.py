@@ -24,7 +24,7 @@ from portal.gateway.appjson import (
     parseApp,
     requestPaths,
 )
-from portal.httproutes import Upstream
+from portal.gateway.routes import Upstream
 
 #: The example of the issue and of C{docs/app-json.md}.
 EXAMPLE: dict[str, Any] = {
@@ -183,7 +183,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_nameNotLabel(self) -> None:
         """
-        C{name} must be a DNS label, with L{portal.names}' reason.
+        C{name} must be a DNS label, with L{portal.trust.names}' reason.
         """
         self.assertInvalid(
             example(name="my app"),

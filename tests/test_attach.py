@@ -1,5 +1,5 @@
 """
-Tests for L{portal.attach}.
+Tests for L{portal.wire.attach}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.attach import (
+from portal.wire.attach import (
     ATTACH_LENGTH,
     MAC_LENGTH,
     MAX_HEADER_LENGTH,

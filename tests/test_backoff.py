@@ -19,7 +19,12 @@ class StableBackoffTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.backoff = StableBackoff(
-            self.clock, initialDelay=1.0, maxDelay=8.0, factor=2.0, stableAfter=60.0, jitter=lambda: 0
+            self.clock,
+            initialDelay=1.0,
+            maxDelay=8.0,
+            factor=2.0,
+            stableAfter=60.0,
+            jitter=lambda: 0,
         )
 
     def test_exponentialWithCap(self) -> None:

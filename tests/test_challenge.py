@@ -1,5 +1,5 @@
 """
-Tests for L{portal.challenge}.
+Tests for L{portal.trust.challenge}.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.challenge import (
+from portal.trust.challenge import (
     CHALLENGE_TTL,
     BadSignature,
     ChallengeError,
@@ -20,7 +20,7 @@ from portal.challenge import (
     signHop,
     signRegistration,
 )
-from portal.identity import Identity
+from portal.trust.identity import Identity
 
 
 class RegistrationMessageTests(SynchronousTestCase):

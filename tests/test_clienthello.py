@@ -1,5 +1,5 @@
 """
-Tests for L{portal.clienthello}.
+Tests for L{portal.wire.clienthello}.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.clienthello import (
+from portal.wire.clienthello import (
     HANDSHAKE_FAILURE,
     INTERNAL_ERROR,
     MAX_CLIENT_HELLO_BYTES,

@@ -21,8 +21,8 @@ from portal.gateway.contacts import (
     validateIdentityId,
     validateName,
 )
-from portal.identity import Identity
-from portal.localca import LocalCA
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
 
 
 class IdentityIdTests(SynchronousTestCase):

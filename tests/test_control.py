@@ -1,5 +1,5 @@
 """
-Tests for the control protocol: L{portal.control}, the relay's L{portal.relay.control} and the tunnel's
+Tests for the control protocol: L{portal.wire.control}, the relay's L{portal.relay.control} and the tunnel's
 L{portal.tunnel.control}, run over real TLS in memory.
 """
 
@@ -21,8 +21,21 @@ from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 import portal.relay.control
-from portal.challenge import signRegistration
-from portal.control import (
+from portal.relay.control import RelayControlProtocol
+from portal.relay.router import RelayLimits, Router
+from portal.trust.challenge import signRegistration
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
+from portal.trust.pinning import KnownRelays
+from portal.tunnel.config import RelayAddress
+from portal.tunnel.control import (
+    COMMAND_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    TunnelControlProtocol,
+)
+from portal.tunnel.report import Reporter
+from portal.wire.control import (
     EXPORTER_LENGTH,
     MAX_VERSION,
     MIN_VERSION,
@@ -41,19 +54,6 @@ from portal.control import (
     helloSignatureMessage,
     negotiateVersion,
 )
-from portal.identity import Identity
-from portal.localca import LocalCA
-from portal.pinning import KnownRelays
-from portal.relay.control import RelayControlProtocol
-from portal.relay.router import RelayLimits, Router
-from portal.tunnel.config import RelayAddress
-from portal.tunnel.control import (
-    COMMAND_TIMEOUT,
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_TIMEOUT,
-    TunnelControlProtocol,
-)
-from portal.tunnel.report import Reporter
 
 RELAY_HOST = "relay.example"
 RELAY_PORT = 4017

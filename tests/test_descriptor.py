@@ -1,5 +1,5 @@
 """
-Tests for L{portal.descriptor} (signing and verifying relay descriptors) and the relay's
+Tests for L{portal.registry.descriptor} (signing and verifying relay descriptors) and the relay's
 C{/.well-known/portal-relay.json} page in L{portal.relay.site}.
 """
 
@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.descriptor import (
+from portal.registry.descriptor import (
     DESCRIPTOR_PATH,
     DESCRIPTOR_PURPOSE,
     MAX_AGE,
@@ -24,12 +24,12 @@ from portal.descriptor import (
     signedMessage,
     verifyDescriptor,
 )
-from portal.identity import Identity, verifySignature
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import tcpPorts
 from portal.relay.router import Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.udpmode import UDPMode
+from portal.trust.identity import Identity, verifySignature
 
 ISSUED = 1_800_000_000
 

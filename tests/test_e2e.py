@@ -136,8 +136,6 @@ def _slowRead(url: str, cafile: str, publicPort: int, relayPid: int) -> tuple[st
     return expected, digest.hexdigest(), received, peak
 
 
-
-
 def _abortMidTransfer(url: str, cafile: str) -> int:
     """
     Start a large upload to the echo service and reset the connection (RST) half way.
@@ -751,7 +749,9 @@ class ProxyProtocolEndToEndTests(TestCase):
         for version in ("v1", "v2"):
             home = os.path.join(root, f"tunnel-{version}")
             os.makedirs(home)
-            tunnel = startTunnel(self, home, controlPort, str(proxied), ["--proxy-protocol", version])
+            tunnel = startTunnel(
+                self, home, controlPort, str(proxied), ["--proxy-protocol", version]
+            )
             lease = yield waitForLease(tunnel)
             source, seen = yield deferToThread(_readFromSourcePort, lease["url"], lease["ca"])
             self.assertEqual(seen.decode(), f"127.0.0.1 {source}", version)

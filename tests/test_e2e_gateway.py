@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from portal.gateway.signatures import signRequest
-from portal.identity import Identity, loadIdentity, saveIdentity
+from portal.trust.identity import Identity, loadIdentity, saveIdentity
 from tests.realprocesses import (
     WAIT,
     RecordingApp,

@@ -69,7 +69,9 @@ class ChainEndToEndTests(TestCase):
         """
         b, bPublic, bControl = yield startRelay(self, os.path.join(homeDir(self, "b"), "state"))
         extra = ["--allow-hop", f"127.0.0.1:{bControl}"] if hopExtra is None else hopExtra
-        a, _, aControl = yield startRelay(self, os.path.join(homeDir(self, "a"), "state"), extra=extra)
+        a, _, aControl = yield startRelay(
+            self, os.path.join(homeDir(self, "a"), "state"), extra=extra
+        )
         return a, aControl, b, bPublic, bControl
 
     @inlineCallbacks

@@ -80,8 +80,6 @@ def _sha256(seed: int, total: int) -> str:
     return digest.hexdigest()
 
 
-
-
 def _hostPort(url: str) -> tuple[str, int]:
     """
     Split C{https://host:port}.

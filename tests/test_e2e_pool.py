@@ -129,7 +129,9 @@ class PoolEndToEndTests(TestCase):
     timeout = 180
 
     @inlineCallbacks
-    def _relay(self, name: str, public: int = 0, control: int = 0, extra: tuple[str, ...] = ()) -> Any:
+    def _relay(
+        self, name: str, public: int = 0, control: int = 0, extra: tuple[str, ...] = ()
+    ) -> Any:
         """
         Start a relay with its own state directory (kept for a restart under the same C{name}).
 
@@ -182,9 +184,13 @@ class PoolEndToEndTests(TestCase):
             seen = len(tunnel.lines)
             a.signal("KILL")
             yield a.ended
-            yield tunnel.waitFor(rf'"event": "disconnected".*"relay": "127\.0\.0\.1:{controlA}"', after=seen)
+            yield tunnel.waitFor(
+                rf'"event": "disconnected".*"relay": "127\.0\.0\.1:{controlA}"', after=seen
+            )
             fetchedWhileDown = loop.fetched
-            yield tunnel.waitFor(rf'"event": "unreachable".*"relay": "127\.0\.0\.1:{controlA}"', after=seen)
+            yield tunnel.waitFor(
+                rf'"event": "unreachable".*"relay": "127\.0\.0\.1:{controlA}"', after=seen
+            )
             seen = len(tunnel.lines)
             yield self._relay("a", publicA, controlA)
             again = yield _leaseOn(tunnel, controlA, after=seen)

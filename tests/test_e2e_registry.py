@@ -20,9 +20,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from portal.descriptor import DESCRIPTOR_PATH, DescriptorError, verifyDescriptor
-from portal.identity import Identity, saveIdentity
-from portal.registry import RegistryEntry, fetch, rank
+from portal.registry.descriptor import DESCRIPTOR_PATH, DescriptorError, verifyDescriptor
+from portal.registry.document import RegistryEntry, fetch, rank
+from portal.trust.identity import Identity, saveIdentity
 from tests.realprocesses import (
     listenLocal,
     spawn,

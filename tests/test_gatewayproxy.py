@@ -16,7 +16,7 @@ from typing import Any
 from portal.gateway.access import DECISION_TIMEOUT, MAX_BODY, Gateway
 from portal.gateway.appjson import parseApp
 from portal.gateway.caller import AuthenticationFailed, Caller
-from portal.httproutes import Upstream
+from portal.gateway.routes import Upstream
 from portal.tunnel import http2, httpproxy
 from portal.tunnel.httpproxy import HTTPProxy
 from portal.tunnel.report import Reporter

@@ -570,7 +570,6 @@ class StallTests(H2TestCase):
         self.assertEqual(response.body, b"x" * size)
         self.assertTrue(response.ended)
 
-
     def test_moreDataKeepsStalledStreamParked(self) -> None:
         """
         Response bytes that arrive while the stream is stalled (twisted.web unblocks a stream it is

@@ -21,8 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.attach import StreamHeader
-from portal.httproutes import RouteTable, Upstream, parseRoute
+from portal.gateway.routes import RouteTable, Upstream, parseRoute
 from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     LINK_THRESHOLD,
@@ -34,6 +33,7 @@ from portal.tunnel.httpproxy import (
     VisitorHTTP,
 )
 from portal.tunnel.report import Reporter
+from portal.wire.attach import StreamHeader
 
 HEADER = StreamHeader(1, "app.localhost", "203.0.113.9", 5555)
 API = Upstream("127.0.0.1", 3001, False, "")

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.httproutes}.
+Tests for L{portal.gateway.routes}.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.httproutes import (
+from portal.gateway.routes import (
     Match,
     Route,
     RouteError,

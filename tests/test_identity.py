@@ -1,5 +1,5 @@
 """
-Tests for L{portal.identity}.
+Tests for L{portal.trust.identity}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.identity import (
+from portal.trust.identity import (
     Identity,
     IdentityError,
     defaultIdentityPath,
@@ -112,7 +112,6 @@ class IdentityTests(SynchronousTestCase):
         uncompressed = identity.privateKey.public_key.format(compressed=False)
         for key in [b"", b"\x02" + b"\x00" * 32, b"\x05" * 33, b"short", uncompressed]:
             self.assertFalse(verifySignature(key, signature, b"hello"))
-
 
     def test_looksLikeIdentityId(self) -> None:
         """

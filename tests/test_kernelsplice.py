@@ -1,5 +1,5 @@
 """
-Tests for L{portal.kernelsplice}.
+Tests for L{portal.forwarding.kernelsplice}.
 
 The kernel path moves bytes between real sockets, so these tests use the real reactor, with no network:
 each connection is a C{socketpair(AF_UNIX, SOCK_STREAM)} (C{os.splice} works on unix stream sockets, and
@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from portal import kernelsplice
-from portal.kernelsplice import CHUNK, KernelSplice, canSplice
+from portal.forwarding import kernelsplice
+from portal.forwarding.kernelsplice import CHUNK, KernelSplice, canSplice
 
 #: The real reactor (typed loosely: it provides IReactorSocket, IReactorFDSet and IReactorTime).
 reactor: Any = _globalReactor

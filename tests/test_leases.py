@@ -1,5 +1,5 @@
 """
-Tests for L{portal.leases}.
+Tests for L{portal.relay.leases}.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.leases import Lease, LeaseError, LeaseTable, NameTaken, TooManyLeases
+from portal.relay.leases import Lease, LeaseError, LeaseTable, NameTaken, TooManyLeases
 
 ALICE = "a" * 52
 BOB = "b" * 52

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.localca}.
+Tests for L{portal.trust.localca}.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from portal.localca import (
+from portal.trust.localca import (
     CertificateError,
     LocalCA,
     SNIServerConnectionCreator,

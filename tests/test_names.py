@@ -1,5 +1,5 @@
 """
-Tests for L{portal.names}.
+Tests for L{portal.trust.names}.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.names import (
+from portal.trust.names import (
     InvalidName,
     leaseHostname,
     leaseLabel,

@@ -41,8 +41,8 @@ from portal.gateway.peerendpoint import (
     parseEndpointAddress,
 )
 from portal.gateway.signatures import PeerAuthenticator
-from portal.identity import Identity
-from portal.localca import LocalCA
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
 from portal.tunnel.report import Reporter
 from tests.test_localca import HandshakeRecorder
 from tests.test_signatures import NOW, FakeContacts

@@ -1,5 +1,5 @@
 """
-Tests for C{portal peers add|list|remove} (L{portal.gateway.peerscli}), in this process through
+Tests for C{portal peers add|list|remove} (L{portal.cli.peers}), in this process through
 L{portal.cli.main}, and once as a real process.
 """
 
@@ -15,10 +15,10 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from portal.cli import main
+from portal.cli.main import main
 from portal.gateway.contacts import ContactList
-from portal.identity import Identity
-from portal.localca import LocalCA
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
 
 
 class PeersCommandTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.pinning}.
+Tests for L{portal.trust.pinning}.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.pinning import KnownRelays, RelayIdentityChanged
+from portal.trust.pinning import KnownRelays, RelayIdentityChanged
 
 ADDRESS = "127.0.0.1:4017"
 RELAY_ID = "relay-id-one"

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.privatefiles}.
+Tests for L{portal.trust.privatefiles}.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.privatefiles import (
+from portal.trust.privatefiles import (
     NotRegularFileError,
     PermissionsTooOpenError,
     makePrivateDirectories,

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.proxyheader}.
+Tests for L{portal.wire.proxyheader}.
 
 Every header built here is read back with Twisted's own PROXY protocol parsers, through C{feed}
 with trailing payload so that the header's end (its CRLF, or version 2's length field) is checked
@@ -21,7 +21,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.proxyheader import V2_SIGNATURE, localHeader, parseVersion, proxyHeader
+from portal.wire.proxyheader import V2_SIGNATURE, localHeader, parseVersion, proxyHeader
 
 _PAYLOAD = b"GET / HTTP/1.1\r\n\r\n"
 

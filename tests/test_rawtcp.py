@@ -20,22 +20,22 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 import portal.relay.data
-from portal.attach import MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
-from portal.challenge import signRegistration
-from portal.control import (
-    EXPORTER_DATA_SESSION,
-    Hello,
-    RegistrationRefused,
-    exportKeyingMaterial,
-)
-from portal.identity import Identity
-from portal.localca import LocalCA
 from portal.relay.control import ControlFactory
 from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, tcpPorts
 from portal.relay.router import DataPool, Router
+from portal.trust.challenge import signRegistration
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
 from portal.tunnel.data import TunnelDataSession
+from portal.wire.attach import MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
+from portal.wire.control import (
+    EXPORTER_DATA_SESSION,
+    Hello,
+    RegistrationRefused,
+    exportKeyingMaterial,
+)
 from tests.test_control import LABEL, ControlTestCase
 from tests.test_tunnel_data import FakePool, captureLogs
 

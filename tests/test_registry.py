@@ -1,5 +1,5 @@
 """
-Tests for L{portal.registry}: the registry format, loading from a file or over http(s) (with
+Tests for L{portal.registry.document}: the registry format, loading from a file or over http(s) (with
 L{treq.testing.StubTreq} and a fake clock), and rendezvous selection.
 """
 
@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portal.registry import (
+from portal.registry.document import (
     FETCH_TIMEOUT,
     MAX_REGISTRY_BYTES,
     RENDEZVOUS_PURPOSE,

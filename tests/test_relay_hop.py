@@ -18,8 +18,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from portal.challenge import signHop
-from portal.control import (
+from portal.relay.hop import HopForwarder, HopOutbound, parseDestination
+from portal.relay.site import Metrics
+from portal.trust.challenge import signHop
+from portal.trust.identity import Identity
+from portal.trust.relayhello import helloArguments
+from portal.wire.control import (
     Challenge,
     Hello,
     Hop,
@@ -28,10 +32,6 @@ from portal.control import (
     HopUnreachable,
     TryAgain,
 )
-from portal.identity import Identity
-from portal.relay.hop import HopForwarder, HopOutbound, parseDestination
-from portal.relay.site import Metrics
-from portal.tunnel.hello import helloArguments
 from tests.test_control import ControlTestCase
 
 DESTINATION = ("relay-b.example", 4017)
@@ -510,8 +510,8 @@ class HopConnectTests(HopTestCase):
         """
         A control session holding leases cannot become a hop.
         """
-        from portal.challenge import signRegistration
-        from portal.control import Register
+        from portal.trust.challenge import signRegistration
+        from portal.wire.control import Register
 
         connection, client = self.client()
         nonce = self.call(connection, client, Challenge, names=["app"])["nonce"]

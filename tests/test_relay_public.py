@@ -20,7 +20,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from portal.attach import (
+from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
+from portal.relay.data import RelayDataSession
+from portal.relay.public import PublicFactory, VisitorProtocol
+from portal.relay.router import DataPool, RelayLimits, Router
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
+from portal.wire.attach import (
     ACK,
     MAGIC,
     NONCE_LENGTH,
@@ -28,13 +34,7 @@ from portal.attach import (
     attachProof,
     decodeStreamHeader,
 )
-from portal.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME, alertRecord
-from portal.identity import Identity
-from portal.localca import LocalCA
-from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
-from portal.relay.data import RelayDataSession
-from portal.relay.public import PublicFactory, VisitorProtocol
-from portal.relay.router import DataPool, RelayLimits, Router
+from portal.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME, alertRecord
 
 _VISITOR_ADDRESS = IPv4Address("TCP", "203.0.113.5", 40000)
 _TUNNEL_ADDRESS = IPv4Address("TCP", "198.51.100.7", 50000)

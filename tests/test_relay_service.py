@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.identity import Identity
-from portal.registry import RegistryError
+from portal.registry.document import RegistryError
 from portal.relay.service import DRAIN_POLL, RelayConfig, RelayService
 from portal.tap.relay import Options
+from portal.trust.identity import Identity
 
 
 class RelayStateTests(SynchronousTestCase):

@@ -24,7 +24,7 @@ from portal.relay.udp import (
     MAX_PACKET_SIZE,
     PublicUDP,
 )
-from portal.udpseal import MAX_DATAGRAM
+from portal.wire.udpseal import MAX_DATAGRAM
 
 ALICE = ("192.0.2.1", 40001)
 BOB = ("192.0.2.2", 40002)
@@ -626,7 +626,7 @@ class PublicUDPTests(SynchronousTestCase):
 
     def test_largestFlowId(self) -> None:
         """
-        Flow ids go up to 2**32 - 1, the largest that fits the 4 bytes L{portal.udpseal} carries.
+        Flow ids go up to 2**32 - 1, the largest that fits the 4 bytes L{portal.wire.udpseal} carries.
         """
         self.assertEqual(udp.MAX_FLOW_ID, 2**32 - 1)
 

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.relayhealth}: health checks against a relay control protocol over TLS in memory
+Tests for L{portal.registry.health}: health checks against a relay control protocol over TLS in memory
 (a memory reactor's connections completed with L{twisted.test.iosim}).
 """
 
@@ -18,14 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import portal.relay.control
-from portal.control import helloSignatureMessage
-from portal.identity import Identity
-from portal.localca import LocalCA
-from portal.registry import RegistryEntry
+from portal.registry.document import RegistryEntry
+from portal.registry.health import HEALTH_TIMEOUT, Health, checkRelay
 from portal.relay.control import RelayControlProtocol
 from portal.relay.router import Router
-from portal.relayhealth import HEALTH_TIMEOUT, Health, checkRelay
-from portal.tunnel.hello import relayTLSOptions
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
+from portal.trust.relayhello import relayTLSOptions
+from portal.wire.control import helloSignatureMessage
 from tests.test_control import ForeignSignature
 
 PORT = 4017
@@ -34,7 +34,7 @@ PORT = 4017
 @implementer(IStreamClientEndpoint)
 class MemoryTLSEndpoint:
     """
-    What L{portal.relayhealth.controlEndpoint} builds (the same TLS options over a
+    What L{portal.registry.health.controlEndpoint} builds (the same TLS options over a
     L{HostnameEndpoint}), with the TLS layer on the test's clock: L{wrapClientTLS} would use the
     global reactor to flush small writes.
     """
@@ -168,7 +168,9 @@ class CheckRelayTests(SynchronousTestCase):
         self.connect().flush()
         [health] = results
         self.assertFalse(health.ok)
-        self.assertIn("signature of relay 127.0.0.1:4017 does not match this connection", health.reason)
+        self.assertIn(
+            "signature of relay 127.0.0.1:4017 does not match this connection", health.reason
+        )
         self.assertIsNone(health.relayId)
 
     def test_missingMode(self) -> None:

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.relaylist}: what C{portal relays} checks and prints, with fake health checks and
+Tests for L{portal.cli.relays}: what C{portal relays} checks and prints, with fake health checks and
 descriptors served by L{treq.testing.StubTreq}.
 """
 
@@ -14,11 +14,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from portal.descriptor import signDescriptor
-from portal.identity import Identity
-from portal.registry import Registry, RegistryEntry
-from portal.relayhealth import Health
-from portal.relaylist import RelayStatus, formatJSON, formatTable, surveyRegistry
+from portal.cli.relays import RelayStatus, formatJSON, formatTable, surveyRegistry
+from portal.registry.descriptor import signDescriptor
+from portal.registry.document import Registry, RegistryEntry
+from portal.registry.health import Health
+from portal.trust.identity import Identity
 from tests.test_descriptor import ISSUED, describe
 from tests.test_registry import Static
 

@@ -17,11 +17,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.identity import Identity, saveIdentity
-from portal.registry import Registry, RegistryEntry, RegistryError, rank
-from portal.relayhealth import Health
+from portal.cli.exposeoptions import TunnelOptions
+from portal.registry.document import Registry, RegistryEntry, RegistryError, rank
+from portal.registry.health import Health
+from portal.trust.identity import Identity, saveIdentity
 from portal.tunnel.config import DEFAULT_MAX_RELAYS, RelayAddress, TunnelConfig, buildConfig
-from portal.tunnel.options import TunnelOptions
 from portal.tunnel.relaypool import (
     CHECK_INTERVAL,
     REPLACE_AFTER,

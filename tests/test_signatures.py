@@ -29,7 +29,7 @@ from portal.gateway.signatures import (
     signRequest,
     splitTarget,
 )
-from portal.identity import Identity
+from portal.trust.identity import Identity
 
 #: The verifier's clock in these tests.
 NOW = 1_700_000_000

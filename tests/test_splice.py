@@ -1,5 +1,5 @@
 """
-Tests for L{portal.splice}.
+Tests for L{portal.forwarding.splice}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
 from zope.interface.verify import verifyObject
 
-from portal.splice import (
+from portal.forwarding.splice import (
     SpliceProtocol,
     closeWriteSide,
     pauseReading,

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.terminalcommands}: C{portal pair} and C{portal terminals}, their arguments, and
+Tests for L{portal.cli.terminals}: C{portal pair} and C{portal terminals}, their arguments, and
 their runs against a tunnel's control socket in memory, the store directly, or an app served by
 L{treq.testing.StubTreq}.
 """
@@ -24,18 +24,18 @@ from twisted.python import usage
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from portal.cli import PortalOptions, main
-from portal.gateway.sessions import SESSION_COOKIE
-from portal.gateway.terminalaccess import TerminalAccess, storePath
-from portal.gateway.terminalclient import TerminalKey
-from portal.gateway.terminals import TerminalStore
-from portal.terminalcommands import (
+from portal.cli.main import PortalOptions, main
+from portal.cli.terminals import (
     CALL_TIMEOUT,
     PairOptions,
     TerminalsOptions,
     pairCommand,
     terminalsCommand,
 )
+from portal.gateway.sessions import SESSION_COOKIE
+from portal.gateway.terminalaccess import TerminalAccess, storePath
+from portal.gateway.terminalclient import TerminalKey
+from portal.gateway.terminals import TerminalStore
 from portal.tunnel.localcontrol import (
     NoRunningTunnel,
     controlFactory,

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.throttle}.
+Tests for L{portal.forwarding.logthrottle}.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.throttle import LogThrottle
+from portal.forwarding.logthrottle import LogThrottle
 
 
 class LogThrottleTests(SynchronousTestCase):

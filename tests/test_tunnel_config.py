@@ -1,5 +1,5 @@
 """
-Tests for L{portal.tunnel.config} and L{portal.tunnel.options}: how a tunnel's command line is read.
+Tests for L{portal.tunnel.config} and L{portal.cli.exposeoptions}: how a tunnel's command line is read.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from portal.cli.exposeoptions import TunnelOptions
 from portal.tunnel.config import (
     DEFAULT_RELAY,
     ConfigError,
@@ -21,7 +22,6 @@ from portal.tunnel.config import (
     parseRelay,
     parseTarget,
 )
-from portal.tunnel.options import TunnelOptions
 from tests.test_appjson import EXAMPLE
 
 RELAY_ID = "a" * 52

@@ -17,7 +17,14 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.attach import (
+from portal.tunnel.data import (
+    ATTACH_TIMEOUT,
+    MAX_EXTRA,
+    RETRY_DELAY,
+    DataSessionPool,
+    TunnelDataSession,
+)
+from portal.wire.attach import (
     ACK,
     MAGIC,
     MAX_HEADER_LENGTH,
@@ -25,13 +32,6 @@ from portal.attach import (
     StreamHeader,
     attachProof,
     encodeStreamHeader,
-)
-from portal.tunnel.data import (
-    ATTACH_TIMEOUT,
-    MAX_EXTRA,
-    RETRY_DELAY,
-    DataSessionPool,
-    TunnelDataSession,
 )
 
 KEY = b"k" * 32

@@ -25,18 +25,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from portal.control import Hello
-from portal.identity import Identity
-from portal.localca import LocalCA
-from portal.pinning import KnownRelays
 from portal.relay.control import ControlFactory, RelayControlProtocol
 from portal.relay.hop import HopForwarder
 from portal.relay.router import Router
+from portal.trust.identity import Identity
+from portal.trust.localca import LocalCA
+from portal.trust.pinning import KnownRelays
+from portal.trust.relayhello import FatalRelayError, helloArguments, relayTLSOptions
 from portal.tunnel.config import RelayAddress, parseChain
 from portal.tunnel.control import TunnelControlProtocol
-from portal.tunnel.hello import FatalRelayError, helloArguments, relayTLSOptions
 from portal.tunnel.hop import HOP_TIMEOUT, HopEndpoint, HopFailed, chainEndpoint
 from portal.tunnel.report import Reporter
+from portal.wire.control import Hello
 from tests.test_control import FakeLink
 
 A = RelayAddress("relay-a.example", 4017)

@@ -1,5 +1,5 @@
 """
-Tests for L{portal.udpbuffers}.
+Tests for L{portal.forwarding.udpbuffers}.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.udpbuffers import enlargeBuffers
+from portal.forwarding.udpbuffers import enlargeBuffers
 
 
 class _Port:

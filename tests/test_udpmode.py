@@ -19,8 +19,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from portal.control import Datagram, FlowClosed, FlowOpened
-from portal.identity import Identity
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.router import Router
 from portal.relay.udp import MAX_PACKET_SIZE, PublicUDP
@@ -31,9 +29,11 @@ from portal.relay.udpmode import (
     UDPMode,
     UDPSession,
 )
+from portal.trust.identity import Identity
 from portal.tunnel import udpmode as tunnelmode
 from portal.tunnel.udpmode import KEEPALIVE_INTERVAL, PATH_CHECK, TunnelUDP
-from portal.udpseal import (
+from portal.wire.control import Datagram, FlowClosed, FlowOpened
+from portal.wire.udpseal import (
     HEADER_LENGTH,
     MAX_PAYLOAD,
     SESSION_ID_LENGTH,
@@ -806,7 +806,6 @@ class UDPModeTests(SynchronousTestCase):
         self.successResultOf(closed)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertNotIn((_OWNER, _LABEL), self.mode.ports.leases)
-
 
     def test_reopenedPortAnnouncesFlows(self) -> None:
         """

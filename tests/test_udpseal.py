@@ -1,5 +1,5 @@
 """
-Tests for L{portal.udpseal}.
+Tests for L{portal.wire.udpseal}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.udpseal import (
+from portal.wire.udpseal import (
     HEADER_LENGTH,
     KEY_LENGTH,
     MAX_COUNTER,
@@ -95,7 +95,7 @@ def _hkdfSha256(secret: bytes, info: bytes) -> bytes:
 
 class LayoutTests(SynchronousTestCase):
     """
-    Sizes and the wire layout documented in L{portal.udpseal}.
+    Sizes and the wire layout documented in L{portal.wire.udpseal}.
     """
 
     def test_sizes(self) -> None:

@@ -51,8 +51,8 @@ from portal.gateway.caller import (
     GatewayRequest,
     GatewayResponse,
 )
-from portal.identity import shortId
-from portal.names import normaliseHostname
+from portal.trust.identity import shortId
+from portal.trust.names import normaliseHostname
 
 #: The largest request body the gateway holds whole, for an authenticator that needs it or a page
 #: of its own; a larger one gets 413.

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from portal.httproutes import (
+from portal.gateway.routes import (
     Route,
     RouteError,
     checkPath,
@@ -27,7 +27,7 @@ from portal.httproutes import (
     normalisePath,
     originForm,
 )
-from portal.names import InvalidName, validateLabel
+from portal.trust.names import InvalidName, validateLabel
 
 #: The values of a path's C{access}: anyone, the owner's paired terminals, the owner's peers.
 ACCESS_LEVELS = ("public", "private", "peer")

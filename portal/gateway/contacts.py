@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 
-from portal.identity import ID_ALPHABET, ID_LENGTH, SHORT_ID_LENGTH, looksLikeIdentityId
-from portal.privatefiles import (
+from portal.trust.identity import ID_ALPHABET, ID_LENGTH, SHORT_ID_LENGTH, looksLikeIdentityId
+from portal.trust.privatefiles import (
     PRIVATE_FILE_MODE,
     NotRegularFileError,
     PermissionsTooOpenError,

@@ -18,7 +18,8 @@ import ipaddress
 import re
 from collections.abc import Callable
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
+from typing import Protocol as Interface
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -69,11 +70,20 @@ from zope.interface import implementer
 
 from portal.gateway.contacts import Contact, ContactsError, InvalidContact, validateIdentityId
 from portal.gateway.signatures import CREDENTIAL_HEADERS, ContactLookup, signRequest
-from portal.identity import Identity
-from portal.tunnel.httpproxy import HOP_BY_HOP
+from portal.trust.identity import Identity
+from portal.wire.httpheaders import HOP_BY_HOP
 
-if TYPE_CHECKING:
-    from portal.tunnel.report import Reporter
+
+class Reporter(Interface):
+    """
+    Where the endpoint reports its state (the tunnel's event reporter implements it).
+    """
+
+    def state(self, event: str, relay: str, message: str, **fields: Any) -> None:
+        """
+        A change of state, as in the tunnel's reporter.
+        """
+
 
 #: Where the endpoint listens unless told otherwise: loopback, a port the OS chooses.
 DEFAULT_ADDRESS = "127.0.0.1:0"

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 
 from portal.gateway.caller import AuthenticationFailed, Caller, GatewayRequest
 from portal.gateway.contacts import Contact, ContactsError
-from portal.identity import PUBLIC_KEY_LENGTH, Identity, identityId, verifySignature
+from portal.trust.identity import PUBLIC_KEY_LENGTH, Identity, identityId, verifySignature
 
 #: The signature algorithm's name (not in RFC 9421's registry; see the module docstring).
 ALGORITHM = "ecdsa-secp256k1-sha256"

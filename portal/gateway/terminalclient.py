@@ -37,7 +37,7 @@ from portal.gateway.proof import (
 from portal.gateway.sessions import SESSION_COOKIE
 from portal.gateway.terminalpages import CHALLENGE_PATH, PAIR_PATH, SESSION_PATH
 from portal.gateway.terminals import terminalId
-from portal.privatefiles import (
+from portal.trust.privatefiles import (
     PRIVATE_FILE_MODE,
     NotRegularFileError,
     PermissionsTooOpenError,

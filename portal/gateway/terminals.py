@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 
-from portal.identity import ID_ALPHABET
-from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
+from portal.trust.identity import ID_ALPHABET
+from portal.trust.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
 
 #: The file name of the store in the tunnel's state directory.
 STORE_FILENAME = "terminals.sqlite3"

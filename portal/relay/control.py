@@ -17,15 +17,24 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 import portal
-from portal.attach import MAGIC
-from portal.challenge import (
+from portal.relay.data import RelayDataSession
+from portal.relay.hop import HopInbound
+from portal.relay.leaseports import LeasePorts
+from portal.relay.leases import LeaseError
+from portal.relay.ports import PortAllocationError
+from portal.relay.router import DataPool, Router
+from portal.relay.udpmode import UDPSession
+from portal.trust.challenge import (
     PURPOSE_HOP,
     PURPOSE_REGISTER,
     ChallengeError,
     ExpiredChallenge,
     UnknownChallenge,
 )
-from portal.control import (
+from portal.trust.identity import identityId
+from portal.trust.names import InvalidName, leaseHostname, validateLabel
+from portal.wire.attach import MAGIC
+from portal.wire.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_HELLO,
@@ -52,16 +61,7 @@ from portal.control import (
     modeParts,
     negotiateVersion,
 )
-from portal.identity import identityId
-from portal.leases import LeaseError
-from portal.names import InvalidName, leaseHostname, validateLabel
-from portal.peek import PeekingProtocol, RefuseConnection
-from portal.relay.data import RelayDataSession
-from portal.relay.hop import HopInbound
-from portal.relay.leaseports import LeasePorts
-from portal.relay.ports import PortAllocationError
-from portal.relay.router import DataPool, Router
-from portal.relay.udpmode import UDPSession
+from portal.wire.peek import PeekingProtocol, RefuseConnection
 
 TLS_HANDSHAKE = 0x16
 
@@ -75,7 +75,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     @ivar pool: This session's data pool, once L{Hello} is done.
     @ivar owner: The identity id that registered on this session.
     @ivar names: Lease names registered on this session.
-    @ivar mode: The mode of this session's leases (L{portal.control.MODES}); C{"stream"} until a
+    @ivar mode: The mode of this session's leases (L{portal.wire.control.MODES}); C{"stream"} until a
         registration says otherwise.
     """
 

@@ -11,7 +11,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from portal.attach import (
+from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.router import DataPool, Router
+from portal.wire.attach import (
     ACK,
     ATTACH_LENGTH,
     MAGIC,
@@ -19,9 +21,7 @@ from portal.attach import (
     SESSION_ID_LENGTH,
     checkAttachProof,
 )
-from portal.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
-from portal.relay.router import DataPool, Router
-from portal.splice import SpliceProtocol, noDelay
+from portal.wire.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
 
 
 class RelayDataSession(SpliceProtocol, TimeoutMixin):

@@ -1,5 +1,5 @@
 """
-The relay's side of multi-hop chains: after a L{portal.control.Hop} command, the control session's
+The relay's side of multi-hop chains: after a L{portal.wire.control.Hop} command, the control session's
 connection (inside this relay's TLS) is spliced to a TCP connection the relay opened to an allowed
 destination, usually the next relay's control port.
 
@@ -21,8 +21,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portal.control import HopLimit, HopRefused, HopUnreachable
-from portal.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.wire.control import HopLimit, HopRefused, HopUnreachable
 
 #: Seconds the relay waits for a hop's outbound TCP connection.
 HOP_CONNECT_TIMEOUT = 10.0

@@ -10,16 +10,16 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from portal.attach import StreamHeader
-from portal.clienthello import (
+from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.router import DataPool, Router
+from portal.wire.attach import StreamHeader
+from portal.wire.clienthello import (
     INTERNAL_ERROR,
     UNRECOGNIZED_NAME,
     MalformedClientHello,
     alertRecord,
     parseClientHello,
 )
-from portal.relay.router import DataPool, Router
-from portal.splice import SpliceProtocol, noDelay
 
 
 class VisitorProtocol(SpliceProtocol, TimeoutMixin):

@@ -13,10 +13,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from portal.attach import StreamHeader
+from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
-from portal.splice import SpliceProtocol, noDelay
+from portal.wire.attach import StreamHeader
 
 if TYPE_CHECKING:
     from portal.relay.router import DataPool

@@ -13,15 +13,15 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from portal.attach import StreamHeader, encodeStreamHeader
-from portal.challenge import ChallengeIssuer
-from portal.control import modeParts
-from portal.identity import Identity
-from portal.kernelsplice import KernelSplice, canSplice
-from portal.leases import LeaseTable
-from portal.names import leaseLabel, normaliseHostname
+from portal.forwarding.kernelsplice import KernelSplice, canSplice
+from portal.forwarding.splice import pauseReading, splice
 from portal.relay.hop import HopForwarder
-from portal.splice import pauseReading, splice
+from portal.relay.leases import LeaseTable
+from portal.trust.challenge import ChallengeIssuer
+from portal.trust.identity import Identity
+from portal.trust.names import leaseLabel, normaliseHostname
+from portal.wire.attach import StreamHeader, encodeStreamHeader
+from portal.wire.control import modeParts
 
 if TYPE_CHECKING:
     from portal.relay.data import RelayDataSession
@@ -97,7 +97,7 @@ class DataPool:
         @param key: The data key exported from the control session's TLS.
         @param limits: The relay's limits.
         @param reactor: The reactor, to move paired plain-TCP connections in the kernel
-            (L{portal.kernelsplice}); L{None} keeps every splice in Python.
+            (L{portal.forwarding.kernelsplice}); L{None} keeps every splice in Python.
         @param counters: Where to count pairings by path (the router's metrics).
         """
         self._owner = owner
@@ -285,7 +285,7 @@ class Router:
         self.udp: UDPMode | None = None
         #: Multi-hop forwarding; with no allowed destination (no C{--allow-hop}) it refuses every hop.
         self.hops = HopForwarder(clock, ())
-        #: Move paired connections with os.splice where possible (see L{portal.kernelsplice}).
+        #: Move paired connections with os.splice where possible (see L{portal.forwarding.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None
         self._nextStream = 0

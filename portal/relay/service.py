@@ -19,14 +19,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from portal.identity import loadOrCreateIdentity
-from portal.leases import LeaseTable
-from portal.localca import LocalCA
-from portal.privatefiles import writeFileAtomically
-from portal.registry import loadRegistry
+from portal.forwarding.udpbuffers import enlargeBuffers
+from portal.registry.document import loadRegistry
 from portal.relay.control import ControlFactory
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.leaseports import LeasePorts
+from portal.relay.leases import LeaseTable
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
 from portal.relay.rawtcp import tcpPorts
@@ -34,7 +32,9 @@ from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
-from portal.udpbuffers import enlargeBuffers
+from portal.trust.identity import loadOrCreateIdentity
+from portal.trust.localca import LocalCA
+from portal.trust.privatefiles import writeFileAtomically
 
 #: Seconds between checks for open connections while a stopping relay drains.
 DRAIN_POLL = 0.1
@@ -69,7 +69,7 @@ class RelayConfig:
     @ivar shutdownGrace: Seconds a stopping relay lets open connections finish.
     @ivar allowHops: Destinations tunnels may hop to through this relay, C{(host, port)} as written
         (C{--allow-hop}); none means the relay forwards no hops.
-    @ivar allowHopRegistry: A registry (path or URL, L{portal.registry}) whose relays' control
+    @ivar allowHopRegistry: A registry (path or URL, L{portal.registry.document}) whose relays' control
         addresses are allowed hop destinations too (C{--allow-hop-registry}), read at start.
     @ivar maxHopsPerIdentity: Hops one identity may have open through this relay at once.
     """

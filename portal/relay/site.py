@@ -13,7 +13,7 @@ from twisted.web.server import Request, Site
 from twisted.web.util import Redirect
 
 import portal
-from portal.descriptor import RelayDescriptor, signDescriptor
+from portal.registry.descriptor import RelayDescriptor, signDescriptor
 from portal.relay.router import Router
 
 

@@ -3,7 +3,7 @@ The relay's public UDP port for one lease in UDP mode: each visitor address is a
 
 Each distinct visitor address, (host, port), that sends a datagram to the port gets a flow id: an
 integer from 1 up, never reused by one L{PublicUDP}, at most L{MAX_FLOW_ID} because the id travels
-as 4 bytes with each datagram between relay and tunnel (L{portal.udpseal}).  Replies from the
+as 4 bytes with each datagram between relay and tunnel (L{portal.wire.udpseal}).  Replies from the
 tunnel name the flow and go to its visitor.  A flow with no datagram in either direction for
 C{idleTimeout} seconds is forgotten.
 
@@ -36,8 +36,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from portal.throttle import LogThrottle
-from portal.udpseal import MAX_FLOW_ID
+from portal.forwarding.logthrottle import LogThrottle
+from portal.wire.udpseal import MAX_FLOW_ID
 
 #: The C{maxPacketSize} the caller must give C{listenUDP}, so that datagrams of any size arrive
 #: whole.

@@ -1,6 +1,6 @@
 """
 UDP mode on the relay: a public UDP port per live lease, and one UDP socket (on the control port's
-number) where tunnels send and receive sealed datagrams (L{portal.udpseal}).
+number) where tunnels send and receive sealed datagrams (L{portal.wire.udpseal}).
 
 Each visitor address on a lease's public port is a flow (L{portal.relay.udp.PublicUDP}). The relay
 tells the tunnel about a new flow over the control session (L{FlowOpened}, with the visitor's address),
@@ -20,13 +20,13 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from portal.control import Datagram, FlowClosed, FlowOpened
+from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
 from portal.relay.udp import MAX_PACKET_SIZE, PublicUDP
-from portal.throttle import LogThrottle
-from portal.udpbuffers import enlargeBuffers
-from portal.udpseal import (
+from portal.wire.control import Datagram, FlowClosed, FlowOpened
+from portal.wire.udpseal import (
     HEADER_LENGTH,
     MAX_PAYLOAD,
     SESSION_ID_LENGTH,
@@ -102,7 +102,7 @@ class UDPMode:
         """
         Start the UDP side of a control session.
 
-        @param secret: Exported from the control session's TLS (L{portal.control.EXPORTER_UDP_KEY}).
+        @param secret: Exported from the control session's TLS (L{portal.wire.control.EXPORTER_UDP_KEY}).
         """
         sessionId = os.urandom(SESSION_ID_LENGTH)
         session = self.sessions[sessionId] = UDPSession(control, sessionId, secret)

@@ -8,7 +8,7 @@ import sys
 
 from twisted.logger import Logger
 
-from portal.tunnel.options import TunnelOptions
+from portal.cli.exposeoptions import TunnelOptions
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
 

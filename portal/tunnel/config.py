@@ -10,10 +10,16 @@ from collections.abc import Sequence
 import attrs
 
 from portal.gateway.appjson import App, AppError, loadApp
-from portal.httproutes import Route, RouteError, RouteTable, parseRoute
-from portal.identity import defaultIdentityPath, looksLikeIdentityId
-
-#: Characters of an identity id (RFC 4648 base32, lowercase).
+from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
+from portal.trust.identity import defaultIdentityPath
+from portal.trust.relayaddress import (
+    ConfigError,
+    RelayAddress,
+    parseChain,
+    parseHostPort,
+    parsePort,
+    parseRelay,
+)
 
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
@@ -22,12 +28,6 @@ DEFAULT_RELAY = "localhost:4017"
 DEFAULT_MAX_RELAYS = 2
 #: Most relays C{--max-relays} may ask for.
 MAX_MAX_RELAYS = 16
-
-
-class ConfigError(ValueError):
-    """
-    A tunnel option is malformed; the message says which and why.
-    """
 
 
 @attrs.frozen
@@ -52,36 +52,6 @@ class Target:
         return f"https://{hostport}" if self.tls else hostport
 
 
-def _port(text: str, what: str) -> int:
-    """
-    Parse a TCP port number.
-
-    @raise ConfigError: When it is not one.
-    """
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError(f"{what}: {text!r} is not a port number (1-65535)")
-    return int(text)
-
-
-def _hostPort(text: str, what: str) -> tuple[str, int]:
-    """
-    Split C{HOST:PORT} (C{[v6]:PORT} for IPv6).
-
-    @raise ConfigError: When malformed.
-    """
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host or ":" not in host or not rest.startswith(":"):
-            raise ConfigError(f"{what}: {text!r} is not [IPV6]:PORT")
-        return host, _port(rest[1:], what)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{what}: {text!r} is not HOST:PORT")
-    if ":" in host:
-        raise ConfigError(f"{what}: {text!r}: write an IPv6 address in brackets, [{host}]:{port}")
-    return host, _port(port, what)
-
-
 def parseTarget(text: str) -> Target:
     """
     Parse a TARGET: C{PORT}, C{HOST:PORT}, or C{http(s)://HOST:PORT}; a bare port means 127.0.0.1.
@@ -100,84 +70,9 @@ def parseTarget(text: str) -> Target:
         if "://" in text:
             raise ConfigError(f"target {text!r}: only http:// and https:// schemes are supported")
     if rest.isdigit():
-        return Target("127.0.0.1", _port(rest, "target"), tls)
-    host, port = _hostPort(rest, "target")
+        return Target("127.0.0.1", parsePort(rest, "target"), tls)
+    host, port = parseHostPort(rest, "target")
     return Target(host, port, tls)
-
-
-@attrs.frozen
-class RelayAddress:
-    """
-    A relay's control address, the identity the user expects it to have, and the relays the tunnel
-    reaches it through.
-
-    @ivar host: Host name or address.
-    @ivar port: Control port.
-    @ivar expectedId: The relay identity given as C{HOST:PORT#RELAYID}, if any.
-    @ivar via: The hop relays on the path to this relay, first hop first (C{--via}); empty for a
-        direct connection. Each is checked and pinned like a relay.
-    """
-
-    host: str
-    port: int
-    expectedId: str | None = None
-    via: tuple[RelayAddress, ...] = ()
-
-    @property
-    def address(self) -> str:
-        """
-        C{HOST:PORT}, the key relays are pinned under.
-        """
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def path(self) -> str:
-        """
-        The chain for humans: C{A:4017 -> B:4017 -> C:4017}, or just the address when direct.
-        """
-        return " -> ".join([*(hop.address for hop in self.via), self.address])
-
-
-def parseRelay(text: str, flag: str = "--relay") -> RelayAddress:
-    """
-    Parse C{HOST:PORT[#RELAYID]}; the port defaults to 4017.
-
-    @param text: The relay as given.
-    @param flag: The option it was given with (C{--relay} or C{--via}), for messages.
-    @return: The parsed address.
-    @raise ConfigError: When malformed.
-    """
-    spec, _, relayId = text.partition("#")
-    if spec.isdigit() or not spec:
-        raise ConfigError(f"{flag} {text!r}: expected HOST:PORT[#RELAYID]")
-    if ":" not in spec or (spec.startswith("[") and spec.endswith("]")):
-        spec = f"{spec}:4017"
-    host, port = _hostPort(spec, flag)
-    relayId = relayId.lower()
-    if relayId and not looksLikeIdentityId(relayId):
-        raise ConfigError(f"{flag} {text!r}: RELAYID must be the relay's 52-character identity id")
-    return RelayAddress(host.lower(), port, relayId or None)
-
-
-def parseChain(relay: str, via: Sequence[str] = ()) -> RelayAddress:
-    """
-    Parse a relay and the hops on the path to it.
-
-    @param relay: The relay, C{HOST:PORT[#RELAYID]}.
-    @param via: The hop relays, first hop first, each C{HOST:PORT[#RELAYID]}.
-    @return: The relay's address with its path.
-    @raise ConfigError: When an address is malformed, or a relay occurs twice on the path.
-    """
-    target = parseRelay(relay)
-    hops = tuple(parseRelay(hop, "--via") for hop in via)
-    seen = {target.address}
-    for hop in hops:
-        if hop.address in seen:
-            raise ConfigError(
-                f"--via {hop.address}: a relay may occur only once on the path to {target.address}"
-            )
-        seen.add(hop.address)
-    return attrs.evolve(target, via=hops)
 
 
 def _alpn(value: str) -> tuple[bytes, ...]:
@@ -242,7 +137,7 @@ class TunnelConfig:
     @property
     def mode(self) -> str:
         """
-        The registration mode asked of relays (L{portal.control.MODES}): C{stream}, C{tcp}, C{udp},
+        The registration mode asked of relays (L{portal.wire.control.MODES}): C{stream}, C{tcp}, C{udp},
         or one of the first two with C{+udp}.
         """
         parts = []
@@ -317,7 +212,7 @@ def buildConfig(
     if not 0 < poolSize <= 64:
         raise ConfigError("--pool-size must be between 1 and 64")
     if name is not None:
-        from portal.names import InvalidName, validateLabel
+        from portal.trust.names import InvalidName, validateLabel
 
         try:
             name = validateLabel(name)
@@ -338,7 +233,7 @@ def buildConfig(
     except RouteError as e:
         raise ConfigError(f"--http-route: {e}")
     if proxyProtocol is not None:
-        from portal.proxyheader import parseVersion
+        from portal.wire.proxyheader import parseVersion
 
         try:
             proxyProtocol = parseVersion(proxyProtocol)

@@ -17,8 +17,15 @@ from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from portal.challenge import signRegistration
-from portal.control import (
+from portal.trust.challenge import signRegistration
+from portal.trust.relayhello import (
+    FatalRelayError,
+    RelayAuthenticationFailed,
+    checkHello,
+    helloArguments,
+)
+from portal.tunnel.udpmode import TunnelUDP
+from portal.wire.control import (
     EXPORTER_DATA_KEY,
     EXPORTER_UDP_KEY,
     Challenge,
@@ -39,13 +46,6 @@ from portal.control import (
     exportKeyingMaterial,
     modeParts,
 )
-from portal.tunnel.hello import (
-    FatalRelayError,
-    RelayAuthenticationFailed,
-    checkHello,
-    helloArguments,
-)
-from portal.tunnel.udpmode import TunnelUDP
 
 if TYPE_CHECKING:
     from portal.tunnel.service import RelayLink

@@ -14,7 +14,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portal.attach import (
+from portal.forwarding.splice import noDelay
+from portal.wire.attach import (
     ACK,
     MAGIC,
     NONCE_LENGTH,
@@ -23,8 +24,7 @@ from portal.attach import (
     attachProof,
     decodeStreamHeader,
 )
-from portal.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
-from portal.splice import noDelay
+from portal.wire.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
 
 #: Seconds a data session may take to connect and attach.
 ATTACH_TIMEOUT = 10.0
@@ -77,7 +77,7 @@ class TunnelDataSession(Protocol):
             if len(self._buffer) < NONCE_LENGTH:
                 return
             self.nonce, self._buffer = self._buffer[:NONCE_LENGTH], self._buffer[NONCE_LENGTH:]
-            # A TLS data session binds its proof to its own TLS session (see portal.attach).
+            # A TLS data session binds its proof to its own TLS session (see portal.wire.attach).
             binding = (
                 exportKeyingMaterial(self.transport, EXPORTER_DATA_SESSION)
                 if self._pool.tls

@@ -2,8 +2,8 @@
 Multi-hop chains in the tunnel: L{HopEndpoint}, an endpoint that reaches a destination through a relay.
 
 To hop through relay A to B the tunnel opens TLS 1.3 to A over the previous endpoint (TCP to A, or
-another hop), checks and pins A's identity with L{portal.control.Hello} exactly as for a relay it
-registers with, asks for a hop challenge and sends the signed L{portal.control.Hop}. Once A has
+another hop), checks and pins A's identity with L{portal.wire.control.Hello} exactly as for a relay it
+registers with, asks for a hop challenge and sends the signed L{portal.wire.control.Hop}. Once A has
 connected to B it answers, and the connection becomes a byte stream to B's control port, carried
 inside the TLS to A: the endpoint's protocol is connected to it through AMP's own protocol switch.
 
@@ -31,8 +31,19 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portal.challenge import PURPOSE_HOP, signHop
-from portal.control import (
+from portal.trust.challenge import PURPOSE_HOP, signHop
+from portal.trust.identity import Identity
+from portal.trust.pinning import KnownRelays
+from portal.trust.relayhello import (
+    FatalRelayError,
+    RelayAuthenticationFailed,
+    ReportsState,
+    checkHello,
+    helloArguments,
+    relayTLSOptions,
+)
+from portal.tunnel.config import RelayAddress
+from portal.wire.control import (
     Challenge,
     Hello,
     Hop,
@@ -41,17 +52,6 @@ from portal.control import (
     HopUnreachable,
     TryAgain,
     UnsupportedVersion,
-)
-from portal.identity import Identity
-from portal.pinning import KnownRelays
-from portal.tunnel.config import RelayAddress
-from portal.tunnel.hello import (
-    FatalRelayError,
-    RelayAuthenticationFailed,
-    ReportsState,
-    checkHello,
-    helloArguments,
-    relayTLSOptions,
 )
 
 #: Seconds one hop may take: TLS to the hop relay, Hello, Challenge, and Hop (the relay's own

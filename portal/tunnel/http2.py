@@ -32,10 +32,9 @@ from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from portal.attach import StreamHeader
+from portal.forwarding.splice import IForwardingTransport
 from portal.gateway.access import MAX_BODY, Admitted
 from portal.gateway.caller import GatewayResponse
-from portal.splice import IForwardingTransport
 from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     Exchange,
@@ -46,6 +45,7 @@ from portal.tunnel.httpproxy import (
     gatewayRequest,
     tooLarge,
 )
+from portal.wire.attach import StreamHeader
 
 
 class _RequestSink:

@@ -2,7 +2,7 @@
 Routed HTTP mode: an HTTP/1.1 reverse proxy inside the tunnel's TLS.
 
 Each visitor connection is parsed with C{httptools} (llhttp, in C); every request goes to the route
-whose prefix is the longest match of its normalised path (L{portal.httproutes}). Upstream connections are
+whose prefix is the longest match of its normalised path (L{portal.gateway.routes}). Upstream connections are
 persistent and pooled per target. Bodies stream both ways with backpressure (each side's transport is the
 other's producer while an exchange runs); C{Connection: Upgrade} answered with C{101} becomes a raw
 two-way splice (WebSocket). Pipelined requests are answered in order.
@@ -34,27 +34,14 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from portal.attach import StreamHeader
+from portal.forwarding.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
 from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
 from portal.gateway.caller import GatewayRequest, GatewayResponse
-from portal.httproutes import Match, RouteTable, Upstream
-from portal.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
+from portal.gateway.routes import Match, RouteTable, Upstream
 from portal.tunnel.report import Reporter
+from portal.wire.attach import StreamHeader
+from portal.wire.httpheaders import HOP_BY_HOP
 
-#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 #: Seconds to connect to an upstream.
 CONNECT_TIMEOUT = 10.0
 #: Seconds an upstream may take to start its response.

@@ -33,7 +33,7 @@ from portal.gateway.terminals import (
     Terminal,
     UnknownTerminal,
 )
-from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
+from portal.trust.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories
 
 #: The socket's file name in the tunnel's state directory.
 SOCKET_FILENAME = "control.sock"

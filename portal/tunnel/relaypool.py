@@ -15,11 +15,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portal.control import modeParts
-from portal.registry import RegistryEntry, RegistryError, loadRegistry, rank
-from portal.relayhealth import Health, checkRelay
+from portal.registry.document import RegistryEntry, RegistryError, loadRegistry, rank
+from portal.registry.health import Health, checkRelay
 from portal.tunnel.config import RelayAddress
 from portal.tunnel.service import RelayLink
+from portal.wire.control import modeParts
 
 if TYPE_CHECKING:
     from portal.tunnel.service import TunnelService

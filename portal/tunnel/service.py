@@ -21,30 +21,30 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portal.attach import StreamHeader
-from portal.control import modeParts
 from portal.gateway.access import Gateway
 from portal.gateway.caller import Authenticator, GatewayPages
 from portal.gateway.contacts import ContactList, contactsPath
 from portal.gateway.peerendpoint import DEFAULT_ADDRESS, PeerEndpointService
+from portal.gateway.routes import RouteTable
 from portal.gateway.signatures import PeerAuthenticator
 from portal.gateway.terminalaccess import TerminalAccess
-from portal.httproutes import RouteTable
-from portal.identity import Identity, loadOrCreateIdentity
-from portal.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
-from portal.names import stableLabel
-from portal.pinning import KnownRelays
+from portal.trust.identity import Identity, loadOrCreateIdentity
+from portal.trust.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
+from portal.trust.names import stableLabel
+from portal.trust.pinning import KnownRelays
+from portal.trust.relayhello import FatalRelayError, RelayAuthenticationFailed, relayTLSOptions
 from portal.tunnel.backoff import StableBackoff
 from portal.tunnel.config import ConfigError, RelayAddress, Target, TunnelConfig
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import ATTACH_TIMEOUT, DataSessionPool
-from portal.tunnel.hello import FatalRelayError, RelayAuthenticationFailed, relayTLSOptions
 from portal.tunnel.hop import HOP_TIMEOUT, chainEndpoint
 from portal.tunnel.http2 import RoutedHTTP
 from portal.tunnel.httpproxy import HTTPProxy
 from portal.tunnel.localcontrol import LocalControlService, socketPath
 from portal.tunnel.report import Reporter
 from portal.tunnel.stream import StreamHandler
+from portal.wire.attach import StreamHeader
+from portal.wire.control import modeParts
 
 
 @implementer(IStreamClientEndpoint)
@@ -281,8 +281,8 @@ class TunnelService(MultiService):
         gatewayPages: GatewayPages | None = None,
     ) -> None:
         """
-        Load (or create) the identity and the certificates; raises L{portal.identity.IdentityError} or
-        L{portal.localca.CertificateError} with a message for the user.
+        Load (or create) the identity and the certificates; raises L{portal.trust.identity.IdentityError} or
+        L{portal.trust.localca.CertificateError} with a message for the user.
 
         @param authenticators: With C{--app}, what says who is calling (paired terminals, peers),
             asked in this order; without any, private and peer paths always answer 401.

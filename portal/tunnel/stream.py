@@ -18,10 +18,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from portal.attach import StreamHeader
-from portal.proxyheader import proxyHeader
-from portal.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.tunnel.config import Target
+from portal.wire.attach import StreamHeader
+from portal.wire.proxyheader import proxyHeader
 
 #: Seconds to wait for the local target to accept a connection.
 TARGET_CONNECT_TIMEOUT = 10.0

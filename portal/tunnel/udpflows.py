@@ -31,8 +31,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from portal.throttle import LogThrottle
-from portal.udpbuffers import enlargeBuffers
+from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.udpbuffers import enlargeBuffers
 
 #: The C{maxPacketSize} of every flow's socket: the largest UDP datagram, so no reply is truncated.
 MAX_PACKET_SIZE = 65535

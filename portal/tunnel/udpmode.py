@@ -1,5 +1,5 @@
 """
-UDP mode in the tunnel: sealed datagrams to and from the relay (L{portal.udpseal}), one local socket
+UDP mode in the tunnel: sealed datagrams to and from the relay (L{portal.wire.udpseal}), one local socket
 per visitor flow (L{portal.tunnel.udpflows.FlowTable}), and the fallback over the control session.
 
 The tunnel sends a keepalive to the relay's UDP socket (the control port's number) at once and every
@@ -16,10 +16,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from portal.control import Datagram, FlowClosed
+from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.tunnel.udpflows import MAX_PACKET_SIZE, FlowTable
-from portal.udpbuffers import enlargeBuffers
-from portal.udpseal import MAX_PAYLOAD, Direction, Kind, Opener, Sealer, SealError, deriveKeys
+from portal.wire.control import Datagram, FlowClosed
+from portal.wire.udpseal import MAX_PAYLOAD, Direction, Kind, Opener, Sealer, SealError, deriveKeys
 
 #: Seconds between keepalives (they also hold NAT mappings open; common UDP NAT timeouts are 30 s+).
 KEEPALIVE_INTERVAL = 10.0
@@ -61,7 +61,7 @@ class TunnelUDP(DatagramProtocol):
         @param control: The control session (L{Datagram}, L{FlowClosed}).
         @param relay: The relay's UDP address (IP literal, control port).
         @param sessionId: The UDP session id the relay gave at registration.
-        @param secret: Exported from the control session (L{portal.control.EXPORTER_UDP_KEY}).
+        @param secret: Exported from the control session (L{portal.wire.control.EXPORTER_UDP_KEY}).
         @param target: The local UDP service (IP literal, port).
         @param overControl: Never send UDP to the relay; carry every datagram over the control
             session (a relay reached through hops must not learn the tunnel's address).

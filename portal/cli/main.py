@@ -1,6 +1,6 @@
 """
 The C{portal} command: C{expose}, C{identity show|new}, C{peers}, C{relays}, C{demo}, and C{pair} and
-C{terminals} (L{portal.terminalcommands}).
+C{terminals} (L{portal.cli.terminals}).
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
 """
@@ -24,8 +24,16 @@ from twisted.logger import (
 from twisted.python import usage
 
 import portal
-from portal.gateway.peerscli import PeersOptions, peersCommand
-from portal.identity import (
+from portal.cli.exposeoptions import TunnelOptions
+from portal.cli.peers import PeersOptions, peersCommand
+from portal.cli.terminals import (
+    PairOptions,
+    TerminalsOptions,
+    pairCommand,
+    runCommand,
+    terminalsCommand,
+)
+from portal.trust.identity import (
     Identity,
     IdentityError,
     defaultIdentityPath,
@@ -33,15 +41,7 @@ from portal.identity import (
     loadOrCreateIdentity,
     saveIdentity,
 )
-from portal.localca import CertificateError
-from portal.terminalcommands import (
-    PairOptions,
-    TerminalsOptions,
-    pairCommand,
-    runCommand,
-    terminalsCommand,
-)
-from portal.tunnel.options import TunnelOptions
+from portal.trust.localca import CertificateError
 from portal.tunnel.report import Reporter
 
 USAGE_ERROR = 2
@@ -248,8 +248,8 @@ def relaysCommand(options: RelaysOptions, out: TextIO, err: TextIO) -> int:
     @return: The exit code: 0 when the registry loaded (whatever the relays' health), 1 when it
         could not be loaded.
     """
-    from portal.registry import RegistryError, loadRegistry
-    from portal.relaylist import formatJSON, formatTable, surveyRegistry
+    from portal.cli.relays import formatJSON, formatTable, surveyRegistry
+    from portal.registry.document import RegistryError, loadRegistry
 
     _startLogging(err, LogLevel.warn)
 
@@ -278,9 +278,9 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
     from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
-    from portal.demo import SampleSite
-    from portal.names import stableLabel
+    from portal.cli.demo import SampleSite
     from portal.relay.service import RelayConfig, RelayService, defaultStateDir
+    from portal.trust.names import stableLabel
     from portal.tunnel.config import buildConfig
     from portal.tunnel.service import TunnelService
 

@@ -12,9 +12,9 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
 
-from portal.descriptor import MAX_DESCRIPTOR_BYTES, DescriptorError, verifyDescriptor
-from portal.registry import REGISTRY_MODES, FetchError, Registry, RegistryEntry, fetch
-from portal.relayhealth import Health, checkRelay
+from portal.registry.descriptor import MAX_DESCRIPTOR_BYTES, DescriptorError, verifyDescriptor
+from portal.registry.document import REGISTRY_MODES, FetchError, Registry, RegistryEntry, fetch
+from portal.registry.health import Health, checkRelay
 
 
 @attrs.frozen
@@ -65,7 +65,7 @@ async def checkDescriptor(reactor: Any, entry: RegistryEntry, http: Any = None) 
 
     @param reactor: The reactor (fetching, and the current time).
     @param entry: A registry entry with a descriptor URL.
-    @param http: See L{portal.registry.fetch}.
+    @param http: See L{portal.registry.document.fetch}.
     @return: C{"ok"}, or why the descriptor does not check out.
     """
     assert entry.descriptor is not None
@@ -92,7 +92,7 @@ def surveyRegistry(
     @param reactor: The reactor.
     @param registry: The registry.
     @param check: The health check (L{checkRelay}), called with the reactor, an entry and its modes.
-    @param http: See L{portal.registry.fetch}, for descriptors.
+    @param http: See L{portal.registry.document.fetch}, for descriptors.
     @return: A L{Deferred} firing with a status per relay, in the registry's order.
     """
 

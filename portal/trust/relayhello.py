@@ -1,5 +1,5 @@
 """
-The tunnel's half of L{portal.control.Hello}, shared by control sessions and hops: what the tunnel
+The tunnel's half of L{portal.wire.control.Hello}, shared by control sessions and hops: what the tunnel
 sends, and the check of the relay's answer (its identity signature over this TLS session, then the
 pin of its id for the address the user gave).
 """
@@ -11,7 +11,10 @@ from typing import Any, Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 import portal
-from portal.control import (
+from portal.trust.identity import identityId, verifySignature
+from portal.trust.pinning import KnownRelays, RelayIdentityChanged
+from portal.trust.relayaddress import RelayAddress
+from portal.wire.control import (
     CAPABILITIES,
     EXPORTER_HELLO,
     MAX_VERSION,
@@ -19,9 +22,6 @@ from portal.control import (
     exportKeyingMaterial,
     helloSignatureMessage,
 )
-from portal.identity import identityId, verifySignature
-from portal.pinning import KnownRelays, RelayIdentityChanged
-from portal.tunnel.config import RelayAddress
 
 
 class RelayAuthenticationFailed(Exception):
@@ -53,7 +53,7 @@ def relayTLSOptions() -> CertificateOptions:
     The TLS options of every connection from the tunnel to a relay's control port (control sessions,
     TLS data sessions, hops). The certificate is not checked against a CA: the relay proves its
     secp256k1 identity inside the session (L{checkHello}), and TLS data sessions bind their attach
-    to their own TLS session (L{portal.attach.attachProof}).
+    to their own TLS session (L{portal.wire.attach.attachProof}).
 
     @return: Options requiring TLS 1.3, whose exporter is a sound channel binding (RFC 9266)
         without further conditions.
@@ -63,7 +63,7 @@ def relayTLSOptions() -> CertificateOptions:
 
 def helloArguments() -> dict[str, Any]:
     """
-    @return: The arguments of the tunnel's L{portal.control.Hello}.
+    @return: The arguments of the tunnel's L{portal.wire.control.Hello}.
     """
     return {
         "minVersion": MIN_VERSION,
@@ -75,7 +75,7 @@ def helloArguments() -> dict[str, Any]:
 
 def verifyHello(transport: object, response: dict[str, Any], address: str) -> str:
     """
-    Verify that the relay holds its identity key on this very TLS session: its L{portal.control.Hello}
+    Verify that the relay holds its identity key on this very TLS session: its L{portal.wire.control.Hello}
     signature must verify, for the key it sent, over this session's exporter value. Nothing is
     pinned (L{checkHello} does that; registry health checks compare the id themselves).
 
@@ -105,7 +105,7 @@ def checkHello(
     """
     Verify that the relay holds its identity key on this very TLS session, and check or pin its id.
 
-    @param transport: The TLS transport the L{portal.control.Hello} answer came over.
+    @param transport: The TLS transport the L{portal.wire.control.Hello} answer came over.
     @param response: The answer.
     @param relay: The address the user gave for this relay, and the id it must have, if given.
     @param pins: The known relays.

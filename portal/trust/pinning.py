@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
+from portal.trust.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
 
 FILE_VERSION = 1
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from portal.flagsanywhere import FlagsAnywhere
+from portal.cli.flagsanywhere import FlagsAnywhere
 from portal.tunnel.config import ConfigError, TunnelConfig, buildConfig
 
 

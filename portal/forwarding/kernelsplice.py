@@ -9,7 +9,7 @@ C{socket -> pipe -> socket}; the pipe is the only buffer, so a slow reader stops
 (half-close), and any error aborts both connections. When both directions have ended, both transports
 are closed through Twisted, so protocols see C{connectionLost} as usual.
 
-Linux only; L{canSplice} says when it applies, and the caller falls back to L{portal.splice}.
+Linux only; L{canSplice} says when it applies, and the caller falls back to L{portal.forwarding.splice}.
 """
 
 from __future__ import annotations

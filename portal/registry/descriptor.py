@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from portal.identity import PUBLIC_KEY_LENGTH, Identity, identityId, verifySignature
+from portal.trust.identity import PUBLIC_KEY_LENGTH, Identity, identityId, verifySignature
 
 #: Where a relay serves its descriptor.
 DESCRIPTOR_PATH = "/.well-known/portal-relay.json"

@@ -39,7 +39,7 @@ from portal.gateway.terminalclient import (
     parseAppURL,
 )
 from portal.gateway.terminals import SHORT_ID_LENGTH, TerminalError, TerminalStore, validateName
-from portal.identity import defaultIdentityPath
+from portal.trust.identity import defaultIdentityPath
 from portal.tunnel.localcontrol import (
     CreatePairingCode,
     ListTerminals,

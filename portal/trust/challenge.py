@@ -21,7 +21,7 @@ from typing import Sequence
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from portal.identity import Identity, verifySignature
+from portal.trust.identity import Identity, verifySignature
 
 #: Seconds a challenge stays redeemable after it is issued.
 CHALLENGE_TTL: float = 30.0
@@ -32,7 +32,7 @@ NONCE_LENGTH = 32
 _DOMAIN = b"portal-register-v1\0"
 _HOP_DOMAIN = b"portal-hop-v1\0"
 
-#: What a challenge may be redeemed for (see L{portal.control.Challenge}).
+#: What a challenge may be redeemed for (see L{portal.wire.control.Challenge}).
 PURPOSE_REGISTER = "register"
 PURPOSE_HOP = "hop"
 
@@ -137,7 +137,7 @@ def hopMessage(relayId: str, nonce: bytes, host: str, port: int, publicKey: byte
 
     The encoding is C{b"portal-hop-v1\\0"} followed by five length-prefixed fields (4-byte big-endian
     length): the relay id (UTF-8), the nonce, the destination host (UTF-8, as sent in
-    L{portal.control.Hop}), the destination port (2 bytes, big-endian), and the public key.
+    L{portal.wire.control.Hop}), the destination port (2 bytes, big-endian), and the public key.
 
     @param relayId: The identity id of the relay asked to forward (it issued the challenge).
     @param nonce: The challenge nonce.

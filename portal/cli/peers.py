@@ -13,7 +13,7 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from portal.flagsanywhere import FlagsAnywhere
+from portal.cli.flagsanywhere import FlagsAnywhere
 from portal.gateway.contacts import (
     Contact,
     ContactList,
@@ -22,7 +22,7 @@ from portal.gateway.contacts import (
     contactsPath,
     validateIdentityId,
 )
-from portal.identity import defaultIdentityPath
+from portal.trust.identity import defaultIdentityPath
 
 #: Exit status for anything but a usage error.
 FAILURE = 1

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import coincurve
 
-from portal.privatefiles import (
+from portal.trust.privatefiles import (
     PRIVATE_FILE_MODE,
     NotRegularFileError,
     PermissionsTooOpenError,

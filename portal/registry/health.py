@@ -1,6 +1,6 @@
 """
-Health checks of registry relays: connect to the relay's control port, run L{portal.control.Hello}
-as a tunnel does (L{portal.tunnel.hello}), and check that the relay proves the identity the registry
+Health checks of registry relays: connect to the relay's control port, run L{portal.wire.control.Hello}
+as a tunnel does (L{portal.trust.relayhello}), and check that the relay proves the identity the registry
 lists for it, on this very TLS session.
 """
 
@@ -18,9 +18,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import portal
-from portal.control import Hello
-from portal.registry import RegistryEntry
-from portal.tunnel.hello import helloArguments, relayTLSOptions, verifyHello
+from portal.registry.document import RegistryEntry
+from portal.trust.relayhello import helloArguments, relayTLSOptions, verifyHello
+from portal.wire.control import Hello
 
 #: Seconds a health check may take: connection, TLS handshake and the Hello round trip.
 HEALTH_TIMEOUT = 10.0

@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from portal.identity import looksLikeIdentityId, shortId
-from portal.tunnel.config import ConfigError, _hostPort
+from portal.trust.identity import looksLikeIdentityId, shortId
+from portal.trust.relayaddress import ConfigError, parseHostPort
 
 #: The registry format version this code reads.
 REGISTRY_VERSION = 1
@@ -34,7 +34,7 @@ MAX_REGISTRY_BYTES = 1024 * 1024
 MAX_ENTRIES = 4096
 #: Seconds a registry (or a relay descriptor) fetch may take, from the request to the last body byte.
 FETCH_TIMEOUT = 10.0
-#: Modes a registry entry may say a relay offers (the parts of L{portal.control.MODES}).
+#: Modes a registry entry may say a relay offers (the parts of L{portal.wire.control.MODES}).
 REGISTRY_MODES = ("stream", "tcp", "udp")
 #: Longest region name.
 MAX_REGION_LENGTH = 64
@@ -76,7 +76,7 @@ class RegistryEntry:
 
     @ivar host: The relay's control host (lowercased), without brackets for IPv6.
     @ivar port: The relay's control port.
-    @ivar id: The relay's 52-character identity id, which it must prove in L{portal.control.Hello}.
+    @ivar id: The relay's 52-character identity id, which it must prove in L{portal.wire.control.Hello}.
     @ivar modes: The modes the relay offers (a subset of L{REGISTRY_MODES}).
     @ivar region: A free-form region name, if the registry gives one.
     @ivar descriptor: The URL of the relay's signed descriptor, if the registry gives one.
@@ -144,7 +144,7 @@ def _parseEntry(index: int, raw: object) -> RegistryEntry:
             f'{where}: "address" must be a string HOST:PORT, got {_jsonType(address)}'
         )
     try:
-        host, port = _hostPort(address, f'{where}: "address"')
+        host, port = parseHostPort(address, f'{where}: "address"')
     except ConfigError as e:
         raise RegistryError(str(e))
     if not _HOST.fullmatch(host):

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from portal.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
+from portal.trust.privatefiles import PRIVATE_FILE_MODE, makePrivateDirectories, writeFileAtomically
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols

@@ -34,7 +34,7 @@ EXPORTER_DATA_KEY = b"EXPORTER-portal-data-key"
 #: TLS exporter label of a TLS data session's own channel binding (raw TCP mode): the attach proof
 #: covers it, so a data session cannot be relayed by someone who terminates its TLS.
 EXPORTER_DATA_SESSION = b"EXPORTER-portal-data-session"
-#: TLS exporter label of the secret UDP mode's datagram keys are derived from (L{portal.udpseal}).
+#: TLS exporter label of the secret UDP mode's datagram keys are derived from (L{portal.wire.udpseal}).
 EXPORTER_UDP_KEY = b"EXPORTER-portal-udp-key"
 #: Length of exported values.
 EXPORTER_LENGTH = 32
@@ -127,7 +127,7 @@ class Challenge(amp.Command):
     """
     Ask for a single-use, short-lived challenge bound to the relay: for registering C{names}
     (C{purpose} C{"register"}, the default), or for a L{Hop} (C{"hop"}, no names; capability C{hop}).
-    See L{portal.challenge}.
+    See L{portal.trust.challenge}.
     """
 
     arguments = [
@@ -253,7 +253,7 @@ class Hop(amp.ProtocolSwitchCommand):
     Ask the relay to connect to C{host}:C{port} and to forward this connection there (capability
     C{hop}).
 
-    The tunnel signs L{portal.challenge.hopMessage} over a L{Challenge} of purpose C{"hop"}. On
+    The tunnel signs L{portal.trust.challenge.hopMessage} over a L{Challenge} of purpose C{"hop"}. On
     success the answer is the last AMP box of the connection: from then on its bytes (inside the
     relay's TLS) are spliced to the outbound TCP connection, both ways.
     """

@@ -28,7 +28,7 @@ receiver (L{Opener}) keeps a sliding window of recently seen counters (as IPsec 
 datagrams older than the window are dropped. Every drop is counted by reason.
 
 The keys come from a secret exported from the TLS control session (a channel binding, as for stream
-data sessions in L{portal.attach}); it never crosses a link. This module is pure: no I/O, no clock.
+data sessions in L{portal.wire.attach}); it never crosses a link. This module is pure: no I/O, no clock.
 """
 
 from __future__ import annotations

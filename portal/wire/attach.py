@@ -11,7 +11,7 @@ A data session is a TCP connection from the tunnel to the relay's control port::
     relay  -> tunnel  length + header + HMAC(key, "stream" nonce header)   (when a visitor is paired)
     both ways         the visitor's bytes (TLS the tunnel terminates)
 
-C{key} is exported from the TLS control session (L{portal.control.EXPORTER_DATA_KEY}); it never crosses a
+C{key} is exported from the TLS control session (L{portal.wire.control.EXPORTER_DATA_KEY}); it never crosses a
 link. The nonce makes every proof single-use, so a captured attach or header cannot be replayed.
 """
 
@@ -77,7 +77,7 @@ def attachProof(key: bytes, nonce: bytes, sessionId: bytes, binding: bytes = b""
     @param nonce: The relay's nonce for this connection.
     @param sessionId: The control session the data session belongs to.
     @param binding: For a TLS data session, its own exporter value
-        (L{portal.control.EXPORTER_DATA_SESSION}), so that the proof is only good on this TLS session;
+        (L{portal.wire.control.EXPORTER_DATA_SESSION}), so that the proof is only good on this TLS session;
         empty for a plain one.
     @return: C{sessionId} followed by its MAC, L{ATTACH_LENGTH} bytes.
     """
