@@ -24,7 +24,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cli": frozenset(
         {"wire", "trust", "forwarding", "registry", "gateway", "relay", "tunnel", "cli"}
     ),
-    "tap": frozenset({"wire", "trust", "forwarding", "registry", "gateway", "relay", "tunnel", "cli"}),
+    "tap": frozenset(
+        {"wire", "trust", "forwarding", "registry", "gateway", "relay", "tunnel", "cli"}
+    ),
 }
 
 #: Modules directly in C{portal/}: the version, and C{python -m portal}.
@@ -84,7 +86,9 @@ def violations() -> list[str]:
         own = packageOf(name)
         if own is None:
             if name.split(".")[-1] not in TOP_LEVEL:
-                problems.append(f"{name}: modules belong in a layer package, not directly in portal/")
+                problems.append(
+                    f"{name}: modules belong in a layer package, not directly in portal/"
+                )
             continue
         for imported in sorted(importedModules(path.read_text(), name)):
             target = packageOf(imported)
