@@ -1,0 +1,277 @@
+"""
+A relay cluster's shared directory in etcd: which members exist and which member holds each live
+lease (docs/cluster.md).
+
+Each member keeps one etcd lease with a short TTL alive; its member record and the names it holds
+live are keys attached to that lease, so a member that dies loses its routes within the TTL, with no
+other member having to notice. Every member watches the cluster's prefix and keeps a local copy of
+the directory, so routing a visitor never waits on etcd, and routes keep working while etcd is away.
+
+Keys, under C{portal/<tunnel-domain>/}::
+
+    members/<member-id>   {"key": HEX, "address": "HOST:PORT", "name": NODE}   (member's etcd lease)
+    live/<lease-name>     <member-id>                                           (member's etcd lease)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
+
+#: Seconds a member's etcd lease lives without a keep-alive.
+DEFAULT_TTL = 10
+
+#: Seconds before a broken watch or a failed keep-alive is tried again.
+RETRY_DELAY = 1.0
+
+
+@attrs.frozen
+class Member:
+    """
+    A member of the cluster as its record says.
+
+    @ivar id: Its relay identity id.
+    @ivar publicKey: Its compressed secp256k1 public key.
+    @ivar address: Where other members reach its control port, C{HOST:PORT}.
+    @ivar nodeName: Its C{--node-name}, for humans.
+    """
+
+    id: str
+    publicKey: bytes
+    address: str
+    nodeName: str
+
+
+def memberRecord(member: Member) -> bytes:
+    """
+    @return: The value of a member's record.
+    """
+    return json.dumps(
+        {"key": member.publicKey.hex(), "address": member.address, "name": member.nodeName},
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def parseMemberRecord(memberId: str, value: bytes) -> Member | None:
+    """
+    @return: The member a record describes, or L{None} when the record is malformed.
+    """
+    try:
+        fields = json.loads(value)
+        return Member(memberId, bytes.fromhex(fields["key"]), fields["address"], fields["name"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class ClusterDirectory:
+    """
+    This member's view of the cluster, kept from etcd, and its own entries in it.
+
+    @ivar available: Whether etcd answered the last keep-alive; while not, the copy of the
+        directory still routes, and the relay refuses new registrations.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        clock: IReactorTime,
+        tunnelDomain: str,
+        me: Member,
+        ttl: int = DEFAULT_TTL,
+    ) -> None:
+        """
+        @param client: The etcd client.
+        @param clock: For keep-alives and retries.
+        @param tunnelDomain: The domain the cluster serves (its keys' prefix).
+        @param me: This member.
+        @param ttl: Seconds this member's entries outlive it.
+        """
+        self._client = client
+        self._clock = clock
+        self.me = me
+        self._ttl = ttl
+        self._prefix = f"portal/{tunnelDomain}/".encode()
+        self._members: dict[str, Member] = {}
+        self._live: dict[str, str] = {}
+        self._mine: set[str] = set()
+        self._lease = 0
+        self._watch: Watch | None = None
+        self._revision = 0
+        self._timer: IDelayedCall | None = None
+        self._stopped = False
+        self.available = False
+
+    def _key(self, kind: str, name: str) -> bytes:
+        return self._prefix + f"{kind}/{name}".encode()
+
+    def holderOf(self, name: str) -> Member | None:
+        """
+        @return: The member that holds lease C{name} live (possibly this one), or L{None}.
+        """
+        holder = self._live.get(name)
+        return None if holder is None else self._members.get(holder)
+
+    def member(self, memberId: str) -> Member | None:
+        """
+        @return: The member with this identity id, or L{None} when it is not in the cluster.
+        """
+        return self._members.get(memberId)
+
+    def members(self) -> list[Member]:
+        """
+        @return: Every member the directory knows, this one included.
+        """
+        return list(self._members.values())
+
+    def start(self) -> Deferred[None]:
+        """
+        Join: grant this member's etcd lease, write its record, read the directory and watch it.
+
+        @return: A L{Deferred} that fires once joined; it fails with L{EtcdUnavailable} when etcd
+            cannot be reached (the relay then refuses to start: a member that cannot join serves
+            nobody).
+        """
+        return ensureDeferred(self._join())
+
+    async def _join(self) -> None:
+        self._lease = await self._client.grant(self._ttl)
+        await self._client.put(self._key("members", self.me.id), memberRecord(self.me), self._lease)
+        for name in sorted(self._mine):
+            await self._client.put(self._key("live", name), self.me.id.encode(), self._lease)
+        await self._resync()
+        self.available = True
+        self._schedule(self._ttl / 3)
+
+    async def _resync(self) -> None:
+        kvs, revision = await self._client.getPrefix(self._prefix)
+        self._members.clear()
+        self._live.clear()
+        for kv in kvs:
+            self._apply(WatchEvent("put", kv.key, kv.value, kv.modRevision))
+        self._revision = revision
+        self._startWatch()
+
+    def _startWatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        watch = self._client.watchPrefix(self._prefix, self._revision + 1, self._apply)
+        self._watch = watch
+
+        def ended(_: object) -> None:
+            if self._watch is watch and not self._stopped:
+                self._log.warn("cluster watch ended; reading the directory again")
+                self._watch = None
+                self._schedule(RETRY_DELAY)
+
+        watch.done.addBoth(ended)
+
+    def _apply(self, event: WatchEvent) -> None:
+        """
+        Apply one change to the local copy.
+        """
+        self._revision = max(self._revision, event.modRevision)
+        relative = event.key[len(self._prefix) :].decode("utf-8", "replace")
+        kind, _, name = relative.partition("/")
+        if kind == "members":
+            if event.kind == "delete":
+                self._members.pop(name, None)
+            else:
+                member = parseMemberRecord(name, event.value)
+                if member is not None:
+                    self._members[name] = member
+        elif kind == "live":
+            if event.kind == "delete":
+                self._live.pop(name, None)
+            else:
+                self._live[name] = event.value.decode("ascii", "replace")
+
+    def _schedule(self, delay: float) -> None:
+        if self._stopped:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> Deferred[None]:
+        return ensureDeferred(self._keepAlive())
+
+    async def _keepAlive(self) -> None:
+        """
+        Renew this member's etcd lease; rejoin when it lapsed, restart a broken watch.
+        """
+        try:
+            ttl = await self._client.keepAlive(self._lease)
+            if ttl == 0:
+                self._log.warn("cluster lease lapsed; joining again")
+                await self._join()
+                return
+            if self._watch is None:
+                await self._resync()
+        except (EtcdUnavailable, EtcdError) as e:
+            if self.available:
+                self._log.error("cluster store unavailable: {error}", error=str(e))
+            self.available = False
+            self._schedule(RETRY_DELAY)
+            return
+        if not self.available:
+            self._log.info("cluster store available again")
+        self.available = True
+        self._schedule(self._ttl / 3)
+
+    def announce(self, name: str) -> Deferred[None]:
+        """
+        Tell the cluster that this member holds lease C{name} live.
+
+        @return: A L{Deferred} that fails with L{EtcdUnavailable} when etcd is away.
+        """
+        self._mine.add(name)
+        self._live[name] = self.me.id
+        return ensureDeferred(
+            self._client.put(self._key("live", name), self.me.id.encode(), self._lease)
+        ).addCallback(lambda _: None)
+
+    def withdraw(self, name: str) -> Deferred[None]:
+        """
+        Tell the cluster that this member no longer holds lease C{name}.
+        """
+        self._mine.discard(name)
+        if self._live.get(name) == self.me.id:
+            del self._live[name]
+        return ensureDeferred(self._client.delete(self._key("live", name)))
+
+    def mine(self) -> Iterable[str]:
+        """
+        @return: The names this member announced.
+        """
+        return set(self._mine)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Leave: stop renewing and watching, and revoke this member's etcd lease so that its routes go
+        at once.
+        """
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        lease, self._lease = self._lease, 0
+        if not lease:
+            return succeed(None)
+
+        def unreachable(failure: Failure) -> None:
+            failure.trap(EtcdUnavailable, EtcdError)
+            self._log.warn("could not revoke the cluster lease: {error}", error=failure.value)
+
+        return ensureDeferred(self._client.revoke(lease)).addErrback(unreachable)
