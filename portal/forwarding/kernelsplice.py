@@ -18,13 +18,15 @@ import errno
 import fcntl
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from portal.forwarding.splice import SpliceProtocol, splice
 
 #: Bytes moved per splice call, and the pipe size asked for.
 CHUNK = 1 << 20
@@ -403,3 +405,29 @@ class KernelSplice:
         self._release()
         for end in (self._a, self._b):
             end.transport.abortConnection()
+
+
+def joinEnds(reactor: Any, a: SpliceProtocol, b: SpliceProtocol, toB: bytes = b"") -> bool:
+    """
+    Join two connected splice ends: in the kernel when both are plain TCP connections and a reactor
+    is given, otherwise with L{portal.forwarding.splice.splice}.
+
+    Bytes C{a} buffered before the join are written to C{b} after C{toB}.
+
+    @param reactor: The reactor of both transports, or L{None} to keep the splice in Python.
+    @param a: One end (the visitor).
+    @param b: The other end.
+    @param toB: Bytes to write to C{b} first.
+    @return: Whether the kernel moves the bytes.
+    """
+    if reactor is not None and canSplice(a.transport, b.transport):
+        # Each side closes the other if Twisted reports it lost.
+        a.peer, b.peer = b, a
+        first = toB + a.takePending()
+        # canSplice accepted both transports, so they are plain TCP connections.
+        KernelSplice(
+            reactor, cast(tcp.Connection, a.transport), cast(tcp.Connection, b.transport), toB=first
+        ).start()
+        return True
+    splice(a, b, bFirst=toB)
+    return False

@@ -11,18 +11,21 @@ Keys, under C{portal/<tunnel-domain>/}::
 
     members/<member-id>   {"key": HEX, "address": "HOST:PORT", "name": NODE}   (member's etcd lease)
     live/<lease-name>     <member-id>                                           (member's etcd lease)
+    owners/<lease-name>   {"owner": ID, "until": UNIX-TIME}                      (no etcd lease)
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
 
@@ -50,6 +53,28 @@ class Member:
     nodeName: str
 
 
+def _ownerOf(value: bytes) -> str | None:
+    """
+    @return: The owner in an C{owners/} record, or L{None} when malformed.
+    """
+    try:
+        owner = json.loads(value)["owner"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def _untilOf(value: bytes) -> float:
+    """
+    @return: Until when an C{owners/} record reserves its name (0 when malformed).
+    """
+    try:
+        until = json.loads(value)["until"]
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+    return float(until) if isinstance(until, int | float) else 0.0
+
+
 def memberRecord(member: Member) -> bytes:
     """
     @return: The value of a member's record.
@@ -69,6 +94,42 @@ def parseMemberRecord(memberId: str, value: bytes) -> Member | None:
         return Member(memberId, bytes.fromhex(fields["key"]), fields["address"], fields["name"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+class ICluster(Interface):
+    """
+    What the relay's public listener asks of the cluster: where a lease this member does not hold
+    lives, and to forward a visitor there (implemented by L{portal.relay.memberlink.MemberLinks}).
+    """
+
+    def holderElsewhere(hostname: str) -> Member | None:
+        """
+        @return: The other member holding the lease of C{hostname} live, or L{None}.
+        """
+
+    def forward(visitor: Any, member: Member, header: Any) -> None:
+        """
+        Forward C{visitor} (a paused public connection with its ClientHello buffered) to C{member}
+        over a member link; on failure the visitor is refused with a TLS alert.
+        """
+
+    def mayRegister() -> str | None:
+        """
+        @return: L{None} when the cluster store is reachable, else why registrations are refused.
+        """
+
+    def claim(names: list[str], owner: str) -> Deferred[str | None]:
+        """
+        Claim lease names for C{owner} in the cluster store, one compare-and-set per name.
+
+        @return: A L{Deferred} firing with L{None} when every name is C{owner}'s, or with the first
+            name another identity holds; it fails with L{EtcdUnavailable} when the store is away.
+        """
+
+    def sync() -> None:
+        """
+        Publish this member's live leases (announce new ones, withdraw ended ones).
+        """
 
 
 class ClusterDirectory:
@@ -227,6 +288,48 @@ class ClusterDirectory:
             self._log.info("cluster store available again")
         self.available = True
         self._schedule(self._ttl / 3)
+
+    async def claimOwnership(self, name: str, owner: str, hold: float) -> str | None:
+        """
+        Make C{owner} the owner of lease name C{name} in etcd, unless another identity holds it:
+        live on some member, or reserved until a time not yet reached.
+
+        @param hold: Seconds from now the ownership is reserved at least (refreshed when the lease
+            ends on this member, see L{release}).
+        @return: L{None} when C{owner} owns the name, else the other owner's id.
+        """
+        key = self._key("owners", name)
+        now = self._clock.seconds()
+        value = json.dumps({"owner": owner, "until": now + hold}).encode("utf-8")
+        for _ in range(3):
+            created, current = await self._client.create(key, value)
+            if created:
+                return None
+            if current is None:
+                continue
+            other = _ownerOf(current.value)
+            if other != owner:
+                holder = self.holderOf(name)
+                if holder is not None and holder.id != self.me.id:
+                    return other or "unknown"
+                if other is not None and _untilOf(current.value) > now:
+                    return other
+            replaced, latest = await self._client.replace(key, current.modRevision, value)
+            if replaced:
+                return None
+        return "unknown"
+
+    async def release(self, name: str, owner: str, hold: float) -> None:
+        """
+        The lease C{name} ended on this member: withdraw its route and keep it reserved for
+        C{owner} for C{hold} seconds from now.
+        """
+        await self.withdraw(name)
+        key = self._key("owners", name)
+        current = await self._client.get(key)
+        if current is not None and _ownerOf(current.value) == owner:
+            value = json.dumps({"owner": owner, "until": self._clock.seconds() + hold})
+            await self._client.replace(key, current.modRevision, value.encode("utf-8"))
 
     def announce(self, name: str) -> Deferred[None]:
         """

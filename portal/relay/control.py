@@ -18,9 +18,11 @@ from twisted.python.failure import Failure
 
 import portal
 from portal.relay.data import RelayDataSession
+from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.hop import HopInbound
 from portal.relay.leaseports import LeasePorts
 from portal.relay.leases import LeaseError
+from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
 from portal.relay.udpmode import UDPSession
@@ -61,6 +63,7 @@ from portal.wire.control import (
     modeParts,
     negotiateVersion,
 )
+from portal.wire.memberlink import MAGIC as MEMBER_MAGIC
 from portal.wire.peek import PeekingProtocol, RefuseConnection
 
 TLS_HANDSHAKE = 0x16
@@ -292,6 +295,10 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             # One public port set per session: flows and their ids belong to the session.
             raise RegistrationRefused(f"{mode} mode registers exactly one name per control session")
         names = self._checkNames(names)
+        unavailable = router.cluster.mayRegister() if router.cluster is not None else None
+        if unavailable is not None:
+            self._log.warn("registration deferred: {reason}", reason=unavailable)
+            raise TryAgain(unavailable)
         try:
             router.challenges.redeem(nonce, names, publicKey, signature)
         except (UnknownChallenge, ExpiredChallenge) as e:
@@ -343,11 +350,61 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             "hostnames": [leaseHostname(n, router.tunnelDomain) for n in names],
             "expiresIn": router.leases.ttl,
         }
+        if router.cluster is not None:
+            return Deferred.fromCoroutine(self._claimInCluster(owner, names, mode, response))
+        return self._registered(owner, names, mode, response)
+
+    def _registered(
+        self, owner: str, names: list[str], mode: str, response: dict[str, object]
+    ) -> dict[str, object] | Deferred[dict[str, object]]:
+        """
+        The names are registered: in raw modes, open their public ports.
+        """
         if mode == "stream":
             return response
-        if "tcp" in modes:
+        assert self.pool is not None
+        if "tcp" in modeParts(mode):
             self.pool.tlsOnly = True
-        return Deferred.fromCoroutine(self._openPorts(owner, names[0], modes, response))
+        return Deferred.fromCoroutine(self._openPorts(owner, names[0], modeParts(mode), response))
+
+    async def _claimInCluster(
+        self, owner: str, names: list[str], mode: str, response: dict[str, object]
+    ) -> dict[str, object]:
+        """
+        In a relay cluster, claim the names in etcd (one compare-and-set each) before they count
+        as registered; give them back here when another identity holds one on another member, or
+        when etcd is away.
+        """
+        router = self._router
+        assert router.cluster is not None
+        try:
+            taken = await router.cluster.claim(names, owner)
+        except (EtcdUnavailable, EtcdError) as e:
+            self._giveBack(owner, names)
+            self._log.warn("registration deferred: cluster store unavailable: {error}", error=e)
+            raise TryAgain("cluster store unavailable") from None
+        if taken is not None:
+            self._giveBack(owner, names)
+            self._log.info(
+                "refused name {name} to {identity}: taken in the cluster",
+                name=taken,
+                identity=owner[:12],
+            )
+            raise RegistrationRefused(f"name {taken!r} is taken by another identity")
+        router.cluster.sync()
+        result = self._registered(owner, names, mode, response)
+        if isinstance(result, Deferred):
+            return await result
+        return result
+
+    def _giveBack(self, owner: str, names: list[str]) -> None:
+        """
+        Release names registered here whose cluster claim failed.
+        """
+        for name in names:
+            self.names.discard(name)
+            self._router.leases.release(name, owner)
+        self._router.onLeasesChanged()
 
     async def _openPorts(
         self, owner: str, name: str, modes: frozenset[str], response: dict[str, object]
@@ -510,6 +567,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         self._closePool()
         for lease in router.leases.detach(self):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
+        if router.cluster is not None:
+            router.cluster.sync()
         for name in self.names:
             self._closePort(name)
         if self.udpSession is not None and router.udp is not None:
@@ -544,7 +603,10 @@ class ControlDispatch(PeekingProtocol):
             return self._tlsFactory.buildProtocol(self.transport.getPeer())
         if data.startswith(MAGIC):
             return RelayDataSession(self._router)
-        if MAGIC.startswith(data):
+        cluster = self._router.cluster
+        if isinstance(cluster, MemberLinks) and data.startswith(MEMBER_MAGIC):
+            return MemberVisitor(self._router, cluster)
+        if MAGIC.startswith(data) or MEMBER_MAGIC.startswith(data):
             return None
         raise RefuseConnection("neither TLS nor a Portal data session")
 

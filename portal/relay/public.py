@@ -31,6 +31,9 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
     """
 
     pool: DataPool | None = None
+    #: Whether a visitor for a lease another cluster member holds is forwarded to it (a visitor that
+    #: came over a member link is not forwarded again).
+    mayForward = True
     _site: IProtocol | None = None
     _decided = False
     _reads = 0
@@ -99,18 +102,25 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             self._serveSite()
             return
         pool = router.poolFor(serverName)
-        if pool is None:
-            router.counters["unknown"] += 1
-            self._refuse(f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
-            return
-        assert self.transport is not None
-        peer = self.transport.getPeer()
+        peerHost, peerPort = self.visitorAddress()
         header = StreamHeader(
             streamId=router.nextStreamId(),
             hostname=serverName,
-            peerHost=str(getattr(peer, "host", "")),
-            peerPort=int(getattr(peer, "port", 0)),
+            peerHost=peerHost,
+            peerPort=peerPort,
         )
+        if pool is None:
+            cluster = router.cluster
+            holder = cluster.holderElsewhere(serverName) if cluster is not None else None
+            if holder is not None and self.mayForward:
+                assert cluster is not None
+                self.setTimeout(router.limits.dataWaitTimeout)
+                router.counters["forwarded"] = router.counters.get("forwarded", 0) + 1
+                cluster.forward(self, holder, header)
+                return
+            router.counters["unknown"] += 1
+            self._refuse(f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
+            return
         self.setTimeout(None)
         self.pool = pool
         if not pool.route(self, header):
@@ -119,6 +129,14 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             self._refuse(f"too many visitors waiting for {serverName!r}", INTERNAL_ERROR)
             return
         router.counters["routed"] += 1
+
+    def visitorAddress(self) -> tuple[str, int]:
+        """
+        @return: The visitor's address and port, as the tunnel is told them.
+        """
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", "")), int(getattr(peer, "port", 0))
 
     def _serveSite(self) -> None:
         """
@@ -133,6 +151,15 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         self._site = site
         site.makeConnection(self.transport)
         site.dataReceived(self.takePending())
+
+    def refuse(self, reason: str, alert: int = INTERNAL_ERROR) -> None:
+        """
+        Log the reason, send a fatal TLS alert and close (for the cluster's forwarding).
+
+        @param reason: Why, for the log.
+        @param alert: The TLS alert description to send.
+        """
+        self._refuse(reason, alert)
 
     def _refuse(self, reason: str, alert: int) -> None:
         """

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from portal.forwarding.kernelsplice import KernelSplice, canSplice
-from portal.forwarding.splice import pauseReading, splice
+from portal.forwarding.kernelsplice import joinEnds
+from portal.forwarding.splice import pauseReading
+from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
 from portal.relay.leases import LeaseTable
 from portal.trust.challenge import ChallengeIssuer
@@ -205,17 +205,9 @@ class DataPool:
         visitor.pool = None
         session.streamId = header.streamId
         prefix = encodeStreamHeader(self.key, session.nonce, header)
-        if self._reactor is not None and canSplice(visitor.transport, session.transport):
-            # Each side closes the other if Twisted reports it lost.
-            visitor.peer, session.peer = session, visitor
-            first = prefix + visitor.takePending()
-            # canSplice accepted both transports, so they are plain TCP connections.
-            visitorTCP = cast(tcp.Connection, visitor.transport)
-            sessionTCP = cast(tcp.Connection, session.transport)
-            KernelSplice(self._reactor, visitorTCP, sessionTCP, toB=first).start()
+        if joinEnds(self._reactor, visitor, session, toB=prefix):
             self.counters["kernel_spliced"] += 1
         else:
-            splice(visitor, session, bFirst=prefix)
             self.counters["python_spliced"] += 1
 
     def close(self) -> None:
@@ -288,6 +280,8 @@ class Router:
         #: Move paired connections with os.splice where possible (see L{portal.forwarding.kernelsplice}).
         self.kernelSplice = True
         self.onLeasesChanged: Callable[[], None] = lambda: None
+        #: The relay cluster this relay is a member of (C{--cluster}), or L{None}.
+        self.cluster: ICluster | None = None
         self._nextStream = 0
         self.counters = {
             "visitors": 0,

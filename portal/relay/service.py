@@ -21,10 +21,13 @@ from twisted.python.failure import Failure
 
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import loadRegistry
+from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.control import ControlFactory
+from portal.relay.etcd import EtcdClient, parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.leaseports import LeasePorts
 from portal.relay.leases import LeaseTable
+from portal.relay.memberlink import MemberLinks
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
 from portal.relay.public import PublicFactory
 from portal.relay.rawtcp import tcpPorts
@@ -72,6 +75,13 @@ class RelayConfig:
     @ivar allowHopRegistry: A registry (path or URL, L{portal.registry.document}) whose relays' control
         addresses are allowed hop destinations too (C{--allow-hop-registry}), read at start.
     @ivar maxHopsPerIdentity: Hops one identity may have open through this relay at once.
+    @ivar cluster: C{etcd://HOST:PORT[,...]}: join the relay cluster these etcd endpoints hold
+        (C{--cluster}, docs/cluster.md), or L{None} for a relay of its own.
+    @ivar nodeName: This member's name in the cluster (C{--node-name}; the short identity id by
+        default).
+    @ivar nodeAddress: Where other members reach this member's control port, C{HOST:PORT}
+        (C{--node-address}; the control listener's address by default).
+    @ivar clusterTTL: Seconds this member's routes outlive it in etcd.
     """
 
     public: str = "tcp:8443"
@@ -89,6 +99,10 @@ class RelayConfig:
     allowHops: tuple[tuple[str, int], ...] = ()
     allowHopRegistry: str | None = None
     maxHopsPerIdentity: int = MAX_HOPS_PER_IDENTITY
+    cluster: str | None = None
+    nodeName: str | None = None
+    nodeAddress: str | None = None
+    clusterTTL: int = DEFAULT_TTL
 
 
 class RelayService(Service):
@@ -111,6 +125,9 @@ class RelayService(Service):
         self._expiry: LoopingCall | None = None
         self._listening: Failure | bool = False
         self._listeningWaiters: list[Deferred[None]] = []
+        self._directory: ClusterDirectory | None = None
+        self._etcd: EtcdClient | None = None
+        self._clusterSync: LoopingCall | None = None
 
     def whenListening(self) -> Deferred[None]:
         """
@@ -328,6 +345,8 @@ class RelayService(Service):
             enlargeBuffers(tunnelSide)
             self.ports["udp-tunnels"] = tunnelSide
             self._announce("udp-tunnels", tunnelSide)
+        if config.cluster is not None:
+            yield self._joinCluster(router, control)
         if config.http:
             http = yield serverFromString(self._reactor, config.http).listen(httpSite(router))
             self.ports["http"] = http
@@ -342,6 +361,50 @@ class RelayService(Service):
             tunnelDomain=router.tunnelDomain,
         )
         self._listened(True)
+
+    @inlineCallbacks
+    def _joinCluster(self, router: Router, control: IListeningPort) -> Any:
+        """
+        Join the relay cluster: publish this member in etcd, follow the directory, and forward
+        visitors of leases other members hold.
+        """
+        config = self.config
+        assert config.cluster is not None
+        address = control.getHost()
+        nodeAddress = config.nodeAddress or (
+            f"{getattr(address, 'host', '127.0.0.1')}:{getattr(address, 'port', 0)}"
+        )
+        identity = router.identity
+        me = Member(
+            identity.id, identity.publicKey, nodeAddress, config.nodeName or identity.shortId
+        )
+        client = EtcdClient(parseClusterURL(config.cluster), self._reactor)
+        directory = ClusterDirectory(
+            client, self._reactor, router.tunnelDomain, me, ttl=config.clusterTTL
+        )
+        yield directory.start()
+        self._directory = directory
+        self._etcd = client
+        links = MemberLinks(router, directory, identity, self._reactor)
+        router.cluster = links
+        saveLeases = router.onLeasesChanged
+
+        def changed() -> None:
+            saveLeases()
+            links.sync()
+
+        router.onLeasesChanged = changed
+        # Leases also end by lapsing; a sync now and then publishes that.
+        self._clusterSync = LoopingCall(links.sync)
+        self._clusterSync.clock = self._reactor
+        self._clusterSync.start(1.0, now=False)
+        self._log.info(
+            "joined relay cluster {cluster} as {node} ({address}); {count} members",
+            cluster=config.cluster,
+            node=me.nodeName,
+            address=nodeAddress,
+            count=len(directory.members()),
+        )
 
     def _announce(self, name: str, port: IListeningPort) -> None:
         """
@@ -412,6 +475,12 @@ class RelayService(Service):
         if self._saveCall is not None:
             self._saveCall.cancel()
         self._save()
+        if self._clusterSync is not None and self._clusterSync.running:
+            self._clusterSync.stop()
+        if self._directory is not None:
+            yield self._directory.stop()
+        if self._etcd is not None:
+            yield self._etcd.close()
 
     def _drain(self, router: Router, grace: float) -> Deferred[None]:
         """

@@ -9,10 +9,12 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from portal.relay.etcd import parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopDestinationError, parseDestination
 from portal.relay.ports import PortRangeError, parsePortRange
 from portal.relay.router import RelayLimits
 from portal.relay.service import RelayConfig, RelayService, defaultStateDir
+from portal.trust.relayaddress import ConfigError, parseHostPort
 
 
 def _positive(kind: type) -> Any:
@@ -57,6 +59,24 @@ class Options(usage.Options):
             "Port range LO-HI for raw TCP leases (raw TCP mode is off without it).",
         ],
         ["udp-ports", None, None, "Port range LO-HI for UDP leases (UDP mode is off without it)."],
+        [
+            "cluster",
+            None,
+            None,
+            "Join a relay cluster: etcd://HOST:PORT[,HOST:PORT...] (docs/cluster.md).",
+        ],
+        [
+            "node-name",
+            None,
+            None,
+            "This member's name in the cluster (default: the short relay id).",
+        ],
+        [
+            "node-address",
+            None,
+            None,
+            "HOST:PORT where other members reach this member's control port (default: the control listener's address).",
+        ],
         ["lease-ttl", None, 60.0, "Seconds a lease lives without renewal.", _positive(float)],
         [
             "reservation",
@@ -150,6 +170,16 @@ class Options(usage.Options):
                     self[f"{kind}-range"] = parsePortRange(self[f"{kind}-ports"], f"--{kind}-ports")
                 except PortRangeError as e:
                     raise usage.UsageError(str(e))
+        if self["cluster"] is not None:
+            try:
+                parseClusterURL(self["cluster"])
+            except ValueError as e:
+                raise usage.UsageError(str(e))
+        if self["node-address"] is not None:
+            try:
+                parseHostPort(self["node-address"], "--node-address")
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
         for name in ("public", "control", "http"):
             if self[name] is None:
                 continue
@@ -180,6 +210,9 @@ class Options(usage.Options):
             allowHops=tuple(dict.fromkeys(self["allow-hop"])),
             allowHopRegistry=self["allow-hop-registry"],
             maxHopsPerIdentity=self["max-hops-per-identity"],
+            cluster=self["cluster"],
+            nodeName=self["node-name"],
+            nodeAddress=self["node-address"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],

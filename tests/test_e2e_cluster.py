@@ -1,0 +1,162 @@
+"""
+End to end: a relay cluster on a real etcd (docs/cluster.md). Three real C{twistd portal-relay}
+members serve one tunnel domain; real C{portal expose} tunnels register on one member; visitors arrive
+at the others and are forwarded, still encrypted, over member links.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from tests.etcdprocess import startEtcd
+from tests.realprocesses import (
+    WatchedProcess,
+    homeDir,
+    listenLocal,
+    pollUntil,
+    startExpose,
+    startRelay,
+    tlsRequest,
+    waitForLease,
+)
+from tests.test_e2e import PAGE, _hostPort, _Page
+
+
+def fetchAt(port: int, url: str, cafile: str) -> bytes:
+    """
+    GET / for C{url}'s hostname from the relay member whose public port is C{port}.
+
+    @return: The raw response.
+    """
+    host, _ = _hostPort(url)
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    response, _ = tlsRequest(port, host, request, cafile)
+    return response
+
+
+class ClusterTests(TestCase):
+    """
+    Three relay members on one etcd.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        """
+        Start etcd, three members with the same tunnel domain, and a local page.
+        """
+        nodes = yield startEtcd(self)
+        self.etcd = nodes[0]
+        self.cluster = f"etcd://127.0.0.1:{self.etcd.clientPort}"
+        self.members: list[tuple[WatchedProcess, int, int]] = []
+        for name in ("a", "b", "c"):
+            state = os.path.join(homeDir(self, f"relay-{name}"), "state")
+            member = yield startRelay(
+                self,
+                state,
+                extra=[
+                    "--tunnel-domain",
+                    "cluster.localhost",
+                    "--cluster",
+                    self.cluster,
+                    "--node-name",
+                    name,
+                ],
+            )
+            yield member[0].waitFor(r"joined relay cluster")
+            self.members.append(member)
+        port = yield listenLocal(self, Site(_Page()))
+        self.target = str(port)
+
+    @inlineCallbacks
+    def expose(self, member: int, home: str, *extra: str) -> Any:
+        """
+        Start a tunnel on one member and wait for its lease.
+
+        @return: A L{Deferred} firing with (tunnel, lease event).
+        """
+        tunnel = startExpose(self, home, self.members[member][2], [self.target, *extra])
+        lease = yield waitForLease(tunnel)
+        return tunnel, lease
+
+    @inlineCallbacks
+    def test_visitorsAtEveryMember(self) -> Any:
+        """
+        A tunnel on member A serves visitors who arrive at B and C; the members' logs hold no page
+        content (they forward ciphertext).
+        """
+        _, lease = yield self.expose(0, homeDir(self, "alice"), "--name", "blog")
+        self.assertIn("blog.cluster.localhost", lease["url"])
+        for _, public, _ in self.members:
+            response = yield pollUntil(
+                lambda public=public: deferToThread(
+                    fetchAt, public, lease["url"], lease["ca"]
+                ).addErrback(lambda f: None),
+                f"the page through the member on port {public}",
+                timeout=20,
+            )
+            self.assertTrue(response.endswith(PAGE), response[-200:])
+        for relay, _, _ in self.members:
+            self.assertNotIn(PAGE.decode().strip(), relay.output())
+        forwardedLogs = self.members[1][0].output() + self.members[2][0].output()
+        self.assertNotIn("GET /", forwardedLogs)
+
+    @inlineCallbacks
+    def test_nameRaceOnTwoMembers(self) -> Any:
+        """
+        Two identities asking two members for one name: exactly one owns it.
+        """
+        alice = startExpose(
+            self, homeDir(self, "alice"), self.members[0][2], [self.target, "--name", "race"]
+        )
+        bob = startExpose(
+            self, homeDir(self, "bob"), self.members[1][2], [self.target, "--name", "race"]
+        )
+
+        def outcome(tunnel: WatchedProcess) -> str | None:
+            text = tunnel.output()
+            if '"event": "lease"' in text:
+                return "lease"
+            if "taken by another identity" in text:
+                return "taken"
+            return None
+
+        yield pollUntil(lambda: outcome(alice) and outcome(bob), "both tunnels decided", timeout=30)
+        self.assertEqual(sorted([outcome(alice), outcome(bob)]), ["lease", "taken"])
+
+    @inlineCallbacks
+    def test_etcdAway(self) -> Any:
+        """
+        With etcd stopped, existing routes keep working across members and new registrations get
+        "cluster store unavailable"; when etcd returns, registrations work again.
+        """
+        _, lease = yield self.expose(0, homeDir(self, "alice"), "--name", "steady")
+        public = self.members[1][1]
+        yield pollUntil(
+            lambda: deferToThread(fetchAt, public, lease["url"], lease["ca"]).addErrback(
+                lambda f: None
+            ),
+            "the page through member b",
+            timeout=20,
+        )
+        assert self.etcd.process is not None
+        yield self.etcd.process.stop()
+        yield self.members[1][0].waitFor(r"cluster store unavailable", timeout=30)
+        response = yield deferToThread(fetchAt, public, lease["url"], lease["ca"])
+        self.assertTrue(response.endswith(PAGE))
+        late = startExpose(
+            self, homeDir(self, "carol"), self.members[2][2], [self.target, "--name", "late"]
+        )
+        yield late.waitFor(r"cluster store unavailable", timeout=30)
+        from tests.etcdprocess import startNode
+
+        yield startNode(self, self.etcd, f"{self.etcd.name}={self.etcd.peerURL}")
+        lateLease = yield waitForLease(late)
+        self.assertIn("late.cluster.localhost", lateLease["url"])
