@@ -68,6 +68,8 @@ class ClusterTests(TestCase):
                     self.cluster,
                     "--node-name",
                     name,
+                    "--cluster-ttl",
+                    "3",
                 ],
             )
             yield member[0].waitFor(r"joined relay cluster")
@@ -160,3 +162,37 @@ class ClusterTests(TestCase):
         yield startNode(self, self.etcd, f"{self.etcd.name}={self.etcd.peerURL}")
         lateLease = yield waitForLease(late)
         self.assertIn("late.cluster.localhost", lateLease["url"])
+
+    @inlineCallbacks
+    def test_memberDies(self) -> Any:
+        """
+        A tunnel on members A and B (a pool): when A dies (SIGKILL), visitors at C reach the tunnel
+        through B within the cluster TTL, and a tenant on B alone is served throughout.
+        """
+        home = homeDir(self, "alice")
+        tunnel = startExpose(
+            self,
+            home,
+            self.members[0][2],
+            [self.target, "--name", "shared", "--relay", f"127.0.0.1:{self.members[1][2]}"],
+        )
+        lease = yield waitForLease(tunnel)
+        yield pollUntil(
+            lambda: sum('"event": "lease"' in line for line in tunnel.lines) >= 2,
+            "leases on members a and b",
+        )
+        _, other = yield self.expose(1, homeDir(self, "bob"), "--name", "other")
+        atC = self.members[2][1]
+
+        def fetched(url: str, ca: str) -> Any:
+            return deferToThread(fetchAt, atC, url, ca).addErrback(lambda f: None)
+
+        yield pollUntil(lambda: fetched(lease["url"], lease["ca"]), "shared via C", timeout=20)
+        self.members[0][0].signal("KILL")
+        yield self.members[0][0].ended
+        response = yield pollUntil(
+            lambda: fetched(lease["url"], lease["ca"]), "shared via C after A died", timeout=20
+        )
+        self.assertTrue(response.endswith(PAGE))
+        response = yield deferToThread(fetchAt, self.members[1][1], other["url"], other["ca"])
+        self.assertTrue(response.endswith(PAGE))

@@ -334,6 +334,11 @@ class MemberLinks:
         Announce the leases that became live here and release those that ended.
         """
         live = self.liveHere()
+        for name in list(self._announced):
+            # Another member that held the route too has gone (its key went with its etcd lease):
+            # publish again that this member holds it.
+            if name in live and self.directory.holderOf(name) is None:
+                del self._announced[name]
         for name in sorted(set(live) - self._announced.keys()):
             self._announced[name] = live[name]
             self.directory.announce(name).addErrback(self._syncFailed, name)

@@ -66,6 +66,13 @@ class Options(usage.Options):
             "Join a relay cluster: etcd://HOST:PORT[,HOST:PORT...] (docs/cluster.md).",
         ],
         [
+            "cluster-ttl",
+            None,
+            10,
+            "Seconds a dead member's routes outlive it in the cluster.",
+            _positive(int),
+        ],
+        [
             "node-name",
             None,
             None,
@@ -213,6 +220,7 @@ class Options(usage.Options):
             cluster=self["cluster"],
             nodeName=self["node-name"],
             nodeAddress=self["node-address"],
+            clusterTTL=self["cluster-ttl"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],
