@@ -196,3 +196,51 @@ class ClusterTests(TestCase):
         self.assertTrue(response.endswith(PAGE))
         response = yield deferToThread(fetchAt, self.members[1][1], other["url"], other["ca"])
         self.assertTrue(response.endswith(PAGE))
+
+
+class ThreeNodeEtcdTests(TestCase):
+    """
+    Members on a three-node etcd cluster.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_oneEtcdNodeDown(self) -> Any:
+        """
+        With one etcd node of three stopped, routes still work across members and a new tunnel
+        registers.
+        """
+        nodes = yield startEtcd(self, members=3)
+        cluster = "etcd://" + ",".join(f"127.0.0.1:{n.clientPort}" for n in nodes)
+        members = []
+        for name in ("a", "b"):
+            state = os.path.join(homeDir(self, f"relay-{name}"), "state")
+            member = yield startRelay(
+                self,
+                state,
+                extra=["--tunnel-domain", "cluster.localhost", "--cluster", cluster],
+            )
+            yield member[0].waitFor(r"joined relay cluster")
+            members.append(member)
+        port = yield listenLocal(self, Site(_Page()))
+        first = startExpose(
+            self, homeDir(self, "alice"), members[0][2], [str(port), "--name", "one"]
+        )
+        lease = yield waitForLease(first)
+        # The first endpoint is the one the members talk to: stop it.
+        assert nodes[0].process is not None
+        yield nodes[0].process.stop()
+        second = startExpose(
+            self, homeDir(self, "bob"), members[0][2], [str(port), "--name", "two"]
+        )
+        other = yield waitForLease(second)
+        for event in (lease, other):
+            response = yield pollUntil(
+                lambda event=event: deferToThread(
+                    fetchAt, members[1][1], event["url"], event["ca"]
+                ).addErrback(lambda f: None),
+                f"{event['url']} through member b",
+                timeout=30,
+            )
+            self.assertTrue(response.endswith(PAGE))
