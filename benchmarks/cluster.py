@@ -1,0 +1,287 @@
+"""
+C{python -m benchmarks.cluster [--quick] [--out DIR]}: the relay cluster (docs/cluster.md) on
+127.0.0.1, measured on the path a user runs.
+
+- Added time to first byte when a visitor arrives at a member that does not hold the tunnel: real
+  etcd, two real C{twistd portal-relay} members, a real C{portal expose} on member A; new TLS
+  connections (connect + TLS 1.3 + C{GET /}) to A's public port and to B's, interleaved, same run.
+  CPU per connection of each member from C{/proc}.
+- Registration cost against etcd: the ownership claim and live route a registration adds, as
+  claims/s through the relay's own etcd client, and whether 10,000 owned names make a claim slower
+  than the first 100.
+
+Writes C{DIR/<date>-cluster.json} and C{.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from benchmarks.procs import Child, cpuSeconds, freePort, python, twistd
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _startEtcd(base: str) -> tuple[Child, str]:
+    client, peer = freePort(), freePort()
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        raise SystemExit("etcd is needed (apt-get install etcd-server)")
+    child = Child(
+        "etcd",
+        [
+            etcd,
+            "--data-dir",
+            os.path.join(base, "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{peer}",
+        ],
+    )
+    child.waitFor(r"ready to serve client requests|serving insecure client requests")
+    return child, f"127.0.0.1:{client}"
+
+
+def _startMember(base: str, name: str, etcd: str) -> tuple[Child, int, int]:
+    home = os.path.join(base, name)
+    os.makedirs(home)
+    child = Child(
+        f"relay-{name}",
+        [
+            twistd(),
+            "-n",
+            "--pidfile=",
+            "portal-relay",
+            "--state-dir",
+            os.path.join(home, "state"),
+            "--public",
+            "tcp:0:interface=127.0.0.1",
+            "--control",
+            "tcp:0:interface=127.0.0.1",
+            "--tunnel-domain",
+            "cluster.localhost",
+            "--cluster",
+            f"etcd://{etcd}",
+            "--node-name",
+            name,
+        ],
+        env={"HOME": home},
+    )
+    public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
+    control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
+    child.waitFor(r"joined relay cluster")
+    return child, public, control
+
+
+def _ttfb(port: int, hostname: str, context: ssl.SSLContext) -> float:
+    request = f"GET / HTTP/1.1\r\nHost: {hostname}\r\nConnection: close\r\n\r\n".encode()
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=hostname) as tls:
+            tls.sendall(request)
+            first = tls.recv(65536)
+            elapsed = time.perf_counter() - start
+            if not first.startswith(b"HTTP/1."):
+                raise RuntimeError(f"unexpected answer {first[:80]!r}")
+            while tls.recv(65536):
+                pass
+    return elapsed
+
+
+def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
+    """
+    Time to first byte at the holding member and at another member, interleaved.
+    """
+    a = _startMember(base, "a", etcd)
+    b = _startMember(base, "b", etcd)
+    page = Child("page", [python(), "-m", "http.server", "0", "--bind", "127.0.0.1"])
+    pagePort = int(page.waitFor(r"port (\d+)").group(1))
+    home = os.path.join(base, "tunnel")
+    tunnel = Child(
+        "portal expose",
+        [
+            python(),
+            "-m",
+            "portal",
+            "expose",
+            str(pagePort),
+            "--name",
+            "bench",
+            "--relay",
+            f"127.0.0.1:{a[2]}",
+            "--identity",
+            os.path.join(home, "identity.json"),
+            "--json",
+        ],
+        env={"HOME": home},
+    )
+    try:
+        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
+        hostname = lease["url"].removeprefix("https://").rpartition(":")[0]
+        context = ssl.create_default_context(cafile=lease["ca"])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _ttfb(b[1], hostname, context)
+                break
+            except (OSError, ssl.SSLError, RuntimeError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        times: dict[str, list[float]] = {"holder": [], "forwarded": []}
+        cpu = {"a": cpuSeconds(a[0].pid), "b": cpuSeconds(b[0].pid)}
+        for _ in range(connections):
+            times["holder"].append(_ttfb(a[1], hostname, context))
+            times["forwarded"].append(_ttfb(b[1], hostname, context))
+        cpuA = cpuSeconds(a[0].pid) - cpu["a"]
+        cpuB = cpuSeconds(b[0].pid) - cpu["b"]
+    finally:
+        for child in (tunnel, page, b[0], a[0]):
+            child.stop()
+    result = {
+        "connections": connections,
+        "holderTTFBp50ms": statistics.median(times["holder"]) * 1e3,
+        "holderTTFBp99ms": _percentile(times["holder"], 0.99) * 1e3,
+        "forwardedTTFBp50ms": statistics.median(times["forwarded"]) * 1e3,
+        "forwardedTTFBp99ms": _percentile(times["forwarded"], 0.99) * 1e3,
+        # A serves every connection (both paths end there); B forwards half of them.
+        "holderCPUPerConnectionMs": cpuA / (2 * connections) * 1e3,
+        "forwarderCPUPerForwardedConnectionMs": cpuB / connections * 1e3,
+    }
+    result["addedByHopP50ms"] = result["forwardedTTFBp50ms"] - result["holderTTFBp50ms"]
+    return result
+
+
+def registrationCost(etcd: str, names: int) -> dict[str, Any]:
+    """
+    Claims per second through the relay's etcd client, and the cost of the last 100 of C{names}
+    claims against the first 100.
+    """
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import ensureDeferred
+
+    from portal.relay.cluster import ClusterDirectory, Member
+    from portal.relay.etcd import EtcdClient
+    from portal.trust.identity import Identity
+
+    identity = Identity.generate()
+    me = Member(identity.id, identity.publicKey, "127.0.0.1:1", "bench")
+    result: dict[str, Any] = {}
+
+    async def run() -> None:
+        client = EtcdClient([f"http://{etcd}"], reactor)
+        directory = ClusterDirectory(client, reactor, "bench.localhost", me)
+        await directory.start()
+        durations = []
+        start = time.perf_counter()
+        for i in range(names):
+            began = time.perf_counter()
+            other = await directory.claimOwnership(f"n{i}", "owner", 3600)
+            await directory.announce(f"n{i}")
+            durations.append(time.perf_counter() - began)
+            assert other is None
+        total = time.perf_counter() - start
+        await directory.stop()
+        await client.close()
+        result.update(
+            names=names,
+            registrationsPerSecond=names / total,
+            first100p50ms=statistics.median(durations[:100]) * 1e3,
+            last100p50ms=statistics.median(durations[-100:]) * 1e3,
+        )
+        result["lastOverFirst"] = result["last100p50ms"] / result["first100p50ms"]
+        print("RESULT", json.dumps(result), flush=True)
+
+    task.react(lambda _: ensureDeferred(run()))  # type: ignore[no-untyped-call]
+    return result
+
+
+def main() -> None:
+    """
+    Run both measurements and write the results.
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="portal-cluster-bench-")
+    etcd, address = _startEtcd(base)
+    try:
+        hop = forwardedVisitor(base, address, 100 if args.quick else 500)
+        print(json.dumps(hop), flush=True)
+    finally:
+        etcd.stop()
+    # The claims run in a child so that task.react's reactor is fresh.
+    base2 = tempfile.mkdtemp(prefix="portal-cluster-bench-")
+    etcd, address = _startEtcd(base2)
+    try:
+        child = Child(
+            "claims",
+            [
+                python(),
+                "-c",
+                "from benchmarks.cluster import registrationCost; "
+                f"registrationCost({address!r}, {1000 if args.quick else 10000})",
+            ],
+        )
+        line = child.waitFor(r"^RESULT ", timeout=900).string
+        claims = json.loads(line.removeprefix("RESULT "))
+    finally:
+        etcd.stop()
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "forwardedVisitor": hop,
+        "registration": claims,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{results['date']}-cluster")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    table = [
+        "# Relay cluster benchmark",
+        "",
+        f"Run {results['date']} on this machine (2 cores, loopback), `python -m benchmarks.cluster`"
+        + (" --quick" if args.quick else "")
+        + ".",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| new connections, each path | {hop['connections']} |",
+        f"| TTFB p50 at the holding member | {hop['holderTTFBp50ms']:.2f} ms |",
+        f"| TTFB p50 at another member (one member hop) | {hop['forwardedTTFBp50ms']:.2f} ms |",
+        f"| added by the member hop, p50 | {hop['addedByHopP50ms']:.2f} ms |",
+        f"| TTFB p99 holder / forwarded | {hop['holderTTFBp99ms']:.2f} / {hop['forwardedTTFBp99ms']:.2f} ms |",
+        f"| holding member CPU per connection | {hop['holderCPUPerConnectionMs']:.3f} ms |",
+        f"| forwarding member CPU per forwarded connection | {hop['forwarderCPUPerForwardedConnectionMs']:.3f} ms |",
+        f"| etcd claims + live routes per second (sequential) | {claims['registrationsPerSecond']:.0f} |",
+        f"| claim p50, first 100 / last 100 of {claims['names']} | {claims['first100p50ms']:.2f} / {claims['last100p50ms']:.2f} ms (x{claims['lastOverFirst']:.2f}) |",
+        "",
+    ]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
