@@ -244,3 +244,45 @@ class ThreeNodeEtcdTests(TestCase):
                 timeout=30,
             )
             self.assertTrue(response.endswith(PAGE))
+
+
+class WorkersTests(TestCase):
+    """
+    C{--workers 2}: two member processes of one relay sharing its ports.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_twoWorkersServeOneURL(self) -> Any:
+        """
+        Both workers serve the tunnel's URL: every visitor gets the page, whichever worker the
+        kernel hands it to, and the worker without the tunnel forwards to the one with it; the
+        workers share the relay's identity.
+        """
+        nodes = yield startEtcd(self)
+        state = os.path.join(homeDir(self, "relay"), "state")
+        relay, public, control = yield startRelay(
+            self,
+            state,
+            extra=[
+                "--tunnel-domain",
+                "cluster.localhost",
+                "--cluster",
+                f"etcd://127.0.0.1:{nodes[0].clientPort}",
+                "--workers",
+                "2",
+            ],
+        )
+        yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ")
+        port = yield listenLocal(self, Site(_Page()))
+        tunnel = startExpose(self, homeDir(self, "alice"), control, [str(port), "--name", "w"])
+        lease = yield waitForLease(tunnel)
+        for _ in range(30):
+            response = yield deferToThread(fetchAt, public, lease["url"], lease["ca"])
+            self.assertTrue(response.endswith(PAGE))
+        self.assertIn("forwarded a visitor for w.cluster.localhost", relay.output())
+        self.assertEqual(relay.output().count("created relay identity"), 1)
+        yield relay.stop()
+        # The first worker stops the others before it exits.
+        self.assertIn("worker 1 ended", relay.output())

@@ -36,6 +36,12 @@ class FakeDirectory:
         """
         return self._members.get(memberId)
 
+    def members(self) -> list[Member]:
+        """
+        @return: Every member.
+        """
+        return list(self._members.values())
+
     def holderOf(self, name: str) -> Member | None:
         """
         @return: The member holding C{name}.

@@ -41,8 +41,9 @@ class Member:
     """
     A member of the cluster as its record says.
 
-    @ivar id: Its relay identity id.
-    @ivar publicKey: Its compressed secp256k1 public key.
+    @ivar id: Its key in the cluster: its relay identity id, followed by C{-wN} for worker N of a
+        relay started with C{--workers} (the workers of one relay share its identity).
+    @ivar publicKey: Its relay identity's compressed secp256k1 public key.
     @ivar address: Where other members reach its control port, C{HOST:PORT}.
     @ivar nodeName: Its C{--node-name}, for humans.
     """

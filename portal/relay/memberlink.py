@@ -273,13 +273,12 @@ class MemberLinks:
 
         @raise MemberLinkError: When any check fails.
         """
-        member = self.directory.member(header.fromId)
-        if member is None:
-            raise MemberLinkError(f"{header.fromId[:12]} is not a member of the cluster")
-        if member.publicKey != header.fromKey or identityId(header.fromKey) != header.fromId:
+        if identityId(header.fromKey) != header.fromId:
             raise MemberLinkError(f"{header.fromId[:12]} sent a key that is not its own")
+        if not any(m.publicKey == header.fromKey for m in self.directory.members()):
+            raise MemberLinkError(f"{header.fromId[:12]} is not a member of the cluster")
         key = self.keyFor(header.fromKey)
-        if not checkMemberHeader(key, self._identity.id, nonce, body, tag):
+        if not checkMemberHeader(key, self.directory.me.id, nonce, body, tag):
             raise MemberLinkError(f"{header.fromId[:12]}: the link's proof does not check")
 
     def holderElsewhere(self, hostname: str) -> Member | None:
@@ -290,7 +289,7 @@ class MemberLinks:
         if name is None:
             return None
         holder = self.directory.holderOf(name)
-        return holder if holder is not None and holder.id != self._identity.id else None
+        return holder if holder is not None and holder.id != self.directory.me.id else None
 
     def mayRegister(self) -> str | None:
         """
@@ -400,6 +399,11 @@ class MemberLinks:
                 client.transport.loseConnection()
                 return
             visitor.setTimeout(None)
+            self._log.debug(
+                "forwarded a visitor for {hostname} to member {member}",
+                hostname=header.hostname,
+                member=member.nodeName,
+            )
             if joinEnds(self._reactor, visitor, client):
                 self.router.counters["kernel_spliced"] = (
                     self.router.counters.get("kernel_spliced", 0) + 1

@@ -6,19 +6,30 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import (
+    Deferred,
+    fail,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
@@ -82,6 +93,11 @@ class RelayConfig:
     @ivar nodeAddress: Where other members reach this member's control port, C{HOST:PORT}
         (C{--node-address}; the control listener's address by default).
     @ivar clusterTTL: Seconds this member's routes outlive it in etcd.
+    @ivar workers: Member processes on this machine sharing the public and control ports
+        (C{--workers}); more than one needs C{cluster}.
+    @ivar workerIndex: Which worker this process is (C{--worker-index}, set by the first worker when
+        it starts the others), or L{None} for the first.
+    @ivar workerArgs: The C{portal-relay} command line, for the first worker to start the others.
     """
 
     public: str = "tcp:8443"
@@ -103,6 +119,9 @@ class RelayConfig:
     nodeName: str | None = None
     nodeAddress: str | None = None
     clusterTTL: int = DEFAULT_TTL
+    workers: int = 1
+    workerIndex: int | None = None
+    workerArgs: tuple[str, ...] = ()
 
 
 class RelayService(Service):
@@ -128,6 +147,7 @@ class RelayService(Service):
         self._directory: ClusterDirectory | None = None
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
+        self._workers: list[_WorkerProcess] = []
 
     def whenListening(self) -> Deferred[None]:
         """
@@ -159,7 +179,12 @@ class RelayService(Service):
         """
         config = self.config
         os.makedirs(config.stateDir, mode=0o700, exist_ok=True)
-        identity, created = loadOrCreateIdentity(os.path.join(config.stateDir, "identity.json"))
+        # The workers of one relay (--workers) are one relay to tunnels: they share the first
+        # worker's identity, each with a state directory of its own under the first one's.
+        identityDir = (
+            config.stateDir if config.workerIndex is None else os.path.dirname(config.stateDir)
+        )
+        identity, created = loadOrCreateIdentity(os.path.join(identityDir, "identity.json"))
         if created:
             self._log.info("created relay identity {id}", id=identity.id)
         router = Router(
@@ -312,9 +337,7 @@ class RelayService(Service):
                 source=registry.source,
             )
         site = TLSMemoryBIOFactory(tlsOptions, False, relaySite(router), clock=self._reactor)
-        public = yield serverFromString(self._reactor, config.public).listen(
-            PublicFactory(router, site)
-        )
+        public = yield self._listen(config.public, PublicFactory(router, site))
         self.ports["public"] = public
         router.publicPort = public.getHost().port
         for kind, leasePorts in self._leasePorts().items():
@@ -327,9 +350,7 @@ class RelayService(Service):
                 interface=leasePorts.interface or "*",
             )
         self._announce("public", public)
-        control = yield serverFromString(self._reactor, config.control).listen(
-            ControlFactory(router, tlsOptions)
-        )
+        control = yield self._listen(config.control, ControlFactory(router, tlsOptions), steer=True)
         self.ports["control"] = control
         router.controlPort = getattr(control.getHost(), "port", 0)
         self._announce("control", control)
@@ -345,8 +366,20 @@ class RelayService(Service):
             enlargeBuffers(tunnelSide)
             self.ports["udp-tunnels"] = tunnelSide
             self._announce("udp-tunnels", tunnelSide)
+        memberPort = control
+        if config.workers > 1:
+            # Other members must reach this very process: the shared control port would steer
+            # their links to whichever worker their address picks.
+            host = getattr(control.getHost(), "host", "") or "127.0.0.1"
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1"
+            memberPort = yield serverFromString(self._reactor, f"tcp:0:interface={host}").listen(
+                ControlFactory(router, tlsOptions)
+            )
+            self.ports["member"] = memberPort
+            self._announce("member", memberPort)
         if config.cluster is not None:
-            yield self._joinCluster(router, control)
+            yield self._joinCluster(router, memberPort)
         if config.http:
             http = yield serverFromString(self._reactor, config.http).listen(httpSite(router))
             self.ports["http"] = http
@@ -360,7 +393,47 @@ class RelayService(Service):
             domain=router.relayDomain,
             tunnelDomain=router.tunnelDomain,
         )
+        if config.workers > 1 and config.workerIndex is None:
+            self._startWorkers(public, control)
         self._listened(True)
+
+    def _listen(self, description: str, factory: Any, steer: bool = False) -> Deferred[Any]:
+        """
+        Listen on an endpoint description; with C{--workers}, on a port the workers share
+        (connections to the control port steered by source address, so that a tunnel's control
+        and data sessions reach the same worker).
+        """
+        workers = self.config.workers
+        if workers > 1:
+            return maybeDeferred(
+                listenReusePort,
+                self._reactor,
+                description,
+                factory,
+                workers if steer else None,
+            )
+        return serverFromString(self._reactor, description).listen(factory)
+
+    def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
+        """
+        Start the other workers: the same command line, on the ports this worker bound, each with
+        a state directory of its own under this one's.
+        """
+        config = self.config
+        for index in range(1, config.workers):
+            argv = workerCommand(
+                config.workerArgs,
+                index,
+                public=_sameAddress(config.public, public),
+                control=_sameAddress(config.control, control),
+                stateDir=os.path.join(config.stateDir, f"worker-{index}"),
+            )
+            protocol = _WorkerProcess(index)
+            self._workers.append(protocol)
+            self._reactor.spawnProcess(
+                protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2}
+            )
+            self._log.info("started worker {index} (pid {pid})", index=index, pid=protocol.pid)
 
     @inlineCallbacks
     def _joinCluster(self, router: Router, control: IListeningPort) -> Any:
@@ -371,13 +444,17 @@ class RelayService(Service):
         config = self.config
         assert config.cluster is not None
         address = control.getHost()
-        nodeAddress = config.nodeAddress or (
+        nodeAddress = (config.nodeAddress if config.workers == 1 else None) or (
             f"{getattr(address, 'host', '127.0.0.1')}:{getattr(address, 'port', 0)}"
         )
         identity = router.identity
-        me = Member(
-            identity.id, identity.publicKey, nodeAddress, config.nodeName or identity.shortId
-        )
+        nodeName = config.nodeName or identity.shortId
+        if config.workers > 1:
+            nodeName = f"{nodeName}-w{config.workerIndex or 0}"
+        memberId = identity.id
+        if config.workers > 1:
+            memberId = f"{identity.id}-w{config.workerIndex or 0}"
+        me = Member(memberId, identity.publicKey, nodeAddress, nodeName)
         client = EtcdClient(parseClusterURL(config.cluster), self._reactor)
         directory = ClusterDirectory(
             client, self._reactor, router.tunnelDomain, me, ttl=config.clusterTTL
@@ -475,6 +552,10 @@ class RelayService(Service):
         if self._saveCall is not None:
             self._saveCall.cancel()
         self._save()
+        for worker in self._workers:
+            worker.stop()
+        if self._workers:
+            yield gatherResults([worker.ended for worker in self._workers])
         if self._clusterSync is not None and self._clusterSync.running:
             self._clusterSync.stop()
         if self._directory is not None:
@@ -518,3 +599,88 @@ class RelayService(Service):
         poll.clock = self._reactor
         poll.start(DRAIN_POLL, now=True)
         return drained
+
+
+def _sameAddress(description: str, port: IListeningPort) -> str:
+    """
+    @return: C{description} with the port number the listener got (for C{tcp:0}).
+    """
+    parts = description.split(":")
+    parts[1] = str(getattr(port.getHost(), "port", parts[1]))
+    return ":".join(parts)
+
+
+def workerCommand(
+    args: tuple[str, ...], index: int, public: str, control: str, stateDir: str
+) -> list[str]:
+    """
+    The command line of worker C{index}: C{twistd -n portal-relay} with the first worker's
+    options, its listeners' actual ports, its own state directory and C{--worker-index}.
+
+    @param args: The first worker's C{portal-relay} options.
+    @return: The argv.
+    """
+    replaced = {"--public": public, "--control": control, "--state-dir": stateDir}
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name in replaced or name == "--worker-index":
+            if not eq and i + 1 < len(args):
+                skip = True
+            continue
+        out.append(arg)
+    for name, value in replaced.items():
+        out += [name, value]
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "portal-relay",
+        *out,
+        "--worker-index",
+        str(index),
+    ]
+
+
+class _WorkerProcess(ProcessProtocol):
+    """
+    A worker started by the first one; its output goes to the first worker's.
+
+    @ivar ended: Fires when the worker exits.
+    """
+
+    _log = Logger()
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The worker's process id.
+        """
+        return getattr(self.transport, "pid", None)
+
+    def stop(self) -> None:
+        """
+        Ask the worker to stop (SIGTERM: it drains like any relay).
+        """
+        if self.transport is not None and not self.ended.called:
+            try:
+                self.transport.signalProcess("TERM")
+            except ProcessExitedAlready:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        """
+        Log how the worker ended.
+        """
+        self._log.info("worker {index} ended: {reason}", index=self.index, reason=reason.value)
+        self.ended.callback(None)

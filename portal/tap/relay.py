@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from portal.forwarding.reuseport import ReusePortError, parseTCPDescription
 from portal.relay.etcd import parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopDestinationError, parseDestination
 from portal.relay.ports import PortRangeError, parsePortRange
@@ -65,6 +66,15 @@ class Options(usage.Options):
             None,
             "Join a relay cluster: etcd://HOST:PORT[,HOST:PORT...] (docs/cluster.md).",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Member processes sharing the public and control ports (SO_REUSEPORT); more than one "
+            "needs --cluster.",
+            _positive(int),
+        ],
+        ["worker-index", None, None, "Set by the first worker on the others; not for users.", int],
         [
             "cluster-ttl",
             None,
@@ -166,10 +176,33 @@ class Options(usage.Options):
         except HopDestinationError as e:
             raise usage.UsageError(str(e))
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Keep the command line, for the first worker to start the others with it.
+        """
+        import sys
+
+        self.rawArgs = tuple(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
         """
         Check the port ranges and endpoint descriptions.
         """
+        if self["workers"] > 1:
+            if self["cluster"] is None:
+                raise usage.UsageError(
+                    "--workers needs --cluster etcd://HOST:PORT: the workers coordinate through etcd"
+                )
+            if self["tcp-ports"] is not None or self["udp-ports"] is not None:
+                raise usage.UsageError(
+                    "--workers does not support raw TCP or UDP leases yet (--tcp-ports, --udp-ports)"
+                )
+            for name in ("public", "control"):
+                try:
+                    parseTCPDescription(self[name])
+                except ReusePortError as e:
+                    raise usage.UsageError(f"--{name} {e}")
         for kind in ("tcp", "udp"):
             self[f"{kind}-range"] = None
             if self[f"{kind}-ports"] is not None:
@@ -221,6 +254,9 @@ class Options(usage.Options):
             nodeName=self["node-name"],
             nodeAddress=self["node-address"],
             clusterTTL=self["cluster-ttl"],
+            workers=self["workers"],
+            workerIndex=self["worker-index"],
+            workerArgs=getattr(self, "rawArgs", ()),
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],

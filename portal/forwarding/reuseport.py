@@ -1,0 +1,134 @@
+"""
+Listeners shared by several processes with C{SO_REUSEPORT}, for a relay's C{--workers N}.
+
+The kernel spreads new connections over the processes listening on the same address. For the
+control port that is not enough: a tunnel's data sessions must reach the process that holds its
+control session, so the control listeners also carry a classic BPF program
+(C{SO_ATTACH_REUSEPORT_CBPF}) that picks the process by the connection's source address alone: every
+connection from one tunnel host reaches the same worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from typing import Any
+
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+
+#: C{SO_ATTACH_REUSEPORT_CBPF} from Linux's C{asm-generic/socket.h}.
+SO_ATTACH_REUSEPORT_CBPF = 51
+
+#: Classic BPF's offset of the network header (C{SKF_NET_OFF}).
+_NET = -0x100000
+
+_LD_B_ABS = 0x30
+_LD_W_ABS = 0x20
+_RSH_K = 0x74
+_JEQ_K = 0x15
+_JA = 0x05
+_MOD_K = 0x94
+_RET_A = 0x16
+
+
+class ReusePortError(ValueError):
+    """
+    An endpoint description this module cannot share between processes.
+    """
+
+
+def _instruction(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+def sourceSteeringProgram(workers: int) -> bytes:
+    """
+    A classic BPF program for a reuseport group: the index of the socket is the connection's source
+    address (IPv4, or the last 32 bits of IPv6) modulo C{workers}.
+
+    @param workers: The number of sockets in the group.
+    @return: The instructions, 8 bytes each.
+    """
+    if workers < 1:
+        raise ValueError("at least one worker")
+    return b"".join(
+        [
+            _instruction(_LD_B_ABS, 0, 0, _NET),  # A = first byte of the IP header
+            _instruction(_RSH_K, 0, 0, 4),  # A = IP version
+            _instruction(_JEQ_K, 2, 0, 6),  # IPv6: skip to the IPv6 load
+            _instruction(_LD_W_ABS, 0, 0, _NET + 12),  # IPv4 source address
+            _instruction(_JA, 0, 0, 1),
+            _instruction(_LD_W_ABS, 0, 0, _NET + 20),  # last 32 bits of the IPv6 source
+            _instruction(_MOD_K, 0, 0, workers),
+            _instruction(_RET_A, 0, 0, 0),
+        ]
+    )
+
+
+def attachSteering(sock: socket.socket, workers: int) -> None:
+    """
+    Attach L{sourceSteeringProgram} to C{sock}'s reuseport group.
+
+    @raise OSError: When the kernel refuses it.
+    """
+    program = sourceSteeringProgram(workers)
+    buffer = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def parseTCPDescription(description: str) -> tuple[int, str, int]:
+    """
+    Parse the C{tcp:PORT[:interface=HOST][:backlog=N]} endpoint descriptions a worker can share.
+
+    @return: Port, interface (C{""} for all) and backlog.
+    @raise ReusePortError: For anything else.
+    """
+    parts = description.split(":")
+    if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
+        raise ReusePortError(
+            f"{description!r}: with --workers, listeners must be tcp:PORT[:interface=HOST]"
+        )
+    options = {}
+    for part in parts[2:]:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("interface", "backlog"):
+            raise ReusePortError(f"{description!r}: {part!r} is not supported with --workers")
+        options[key] = value
+    backlog = options.get("backlog", "50")
+    if not backlog.isdigit():
+        raise ReusePortError(f"{description!r}: backlog must be a number")
+    return int(parts[1]), options.get("interface", ""), int(backlog)
+
+
+def listenReusePort(
+    reactor: Any, description: str, factory: IProtocolFactory, steerWorkers: int | None = None
+) -> IListeningPort:
+    """
+    Listen on a TCP address that other processes share.
+
+    @param reactor: An C{IReactorSocket}.
+    @param description: C{tcp:PORT[:interface=HOST][:backlog=N]}.
+    @param factory: The protocol factory.
+    @param steerWorkers: Steer connections by source address over this many workers, or L{None}
+        to let the kernel spread them.
+    @return: The listening port.
+    @raise ReusePortError: For a description that cannot be shared.
+    @raise OSError: When binding fails.
+    """
+    port, interface, backlog = parseTCPDescription(description)
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.listen(backlog)
+        if steerWorkers is not None:
+            attachSteering(sock, steerWorkers)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    finally:
+        # The reactor holds its own duplicate of the descriptor.
+        sock.close()
