@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -109,6 +110,13 @@ def _ttfb(port: int, hostname: str, context: ssl.SSLContext) -> float:
     return elapsed
 
 
+def _ttfbNumbered(port: int, hostname: str, context: ssl.SSLContext, index: int) -> float:
+    """
+    L{_ttfb}, for a thread pool's C{map} over connection numbers.
+    """
+    return _ttfb(port, hostname, context)
+
+
 def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     """
     Time to first byte at the holding member and at another member, interleaved.
@@ -173,6 +181,122 @@ def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     return result
 
 
+def _startRelay(base: str, name: str, etcd: str, workers: int) -> tuple[Child, int, int]:
+    home = os.path.join(base, name)
+    os.makedirs(home)
+    child = Child(
+        name,
+        [
+            twistd(),
+            "-n",
+            "--pidfile=",
+            "portal-relay",
+            "--state-dir",
+            os.path.join(home, "state"),
+            "--public",
+            "tcp:0:interface=127.0.0.1",
+            "--control",
+            "tcp:0:interface=127.0.0.1",
+            "--tunnel-domain",
+            "cluster.localhost",
+            "--cluster",
+            f"etcd://{etcd}",
+            "--workers",
+            str(workers),
+        ],
+        env={"HOME": home},
+    )
+    public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
+    control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
+    suffix = rf"-w{workers - 1}" if workers > 1 else ""
+    child.waitFor(rf"joined relay cluster .* as \S+{suffix} ")
+    return child, public, control
+
+
+def _workerPids(parent: int) -> list[int]:
+    """
+    @return: The parent and its worker children's pids.
+    """
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                children.append(int(entry))
+    return [parent, *children]
+
+
+def workersScaling(base: str, etcd: str, connections: int, threads: int) -> dict[str, Any]:
+    """
+    New connections per second through a relay with one worker and with two, same tunnel type,
+    C{threads} clients at once; each worker process's CPU per connection.
+    """
+    import concurrent.futures
+
+    page = Child("page", [python(), "-m", "http.server", "0", "--bind", "127.0.0.1"])
+    pagePort = int(page.waitFor(r"port (\d+)").group(1))
+    out: dict[str, Any] = {"connections": connections, "clientThreads": threads}
+    try:
+        for workers in (1, 2):
+            relay, public, control = _startRelay(base, f"relay-{workers}w", etcd, workers)
+            home = os.path.join(base, f"tunnel-{workers}w")
+            tunnel = Child(
+                "portal expose",
+                [
+                    python(),
+                    "-m",
+                    "portal",
+                    "expose",
+                    str(pagePort),
+                    "--name",
+                    f"scale{workers}",
+                    "--relay",
+                    f"127.0.0.1:{control}",
+                    "--identity",
+                    os.path.join(home, "identity.json"),
+                    "--json",
+                ],
+                env={"HOME": home},
+            )
+            try:
+                lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
+                hostname = lease["url"].removeprefix("https://").rpartition(":")[0]
+                context = ssl.create_default_context(cafile=lease["ca"])
+                _ttfb(public, hostname, context)
+                pids = _workerPids(relay.pid)
+                before = {pid: cpuSeconds(pid) for pid in pids}
+                tunnelBefore = cpuSeconds(tunnel.pid)
+                start = time.perf_counter()
+                target = functools.partial(_ttfbNumbered, public, hostname, context)
+                with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(target, range(connections)))
+                elapsed = time.perf_counter() - start
+                cpu = {pid: cpuSeconds(pid) - before[pid] for pid in pids}
+                out[f"workers{workers}"] = {
+                    "connectionsPerSecond": connections / elapsed,
+                    "relayCPUPerConnectionMs": sum(cpu.values()) / connections * 1e3,
+                    "perWorkerCPUSeconds": sorted(cpu.values(), reverse=True),
+                    "tunnelCPUPerConnectionMs": (cpuSeconds(tunnel.pid) - tunnelBefore)
+                    / connections
+                    * 1e3,
+                }
+            finally:
+                tunnel.stop()
+                relay.stop()
+    finally:
+        page.stop()
+    one, two = out["workers1"], out["workers2"]
+    out["rateRatio"] = two["connectionsPerSecond"] / one["connectionsPerSecond"]
+    out["relayCPUPerConnectionRatio"] = (
+        two["relayCPUPerConnectionMs"] / one["relayCPUPerConnectionMs"]
+    )
+    return out
+
+
 def registrationCost(etcd: str, names: int) -> dict[str, Any]:
     """
     Claims per second through the relay's etcd client, and the cost of the last 100 of C{names}
@@ -230,6 +354,8 @@ def main() -> None:
     try:
         hop = forwardedVisitor(base, address, 100 if args.quick else 500)
         print(json.dumps(hop), flush=True)
+        scaling = workersScaling(base, address, 200 if args.quick else 1000, 4)
+        print(json.dumps(scaling), flush=True)
     finally:
         etcd.stop()
     # The claims run in a child so that task.react's reactor is fresh.
@@ -274,6 +400,14 @@ def main() -> None:
         f"| TTFB p99 holder / forwarded | {hop['holderTTFBp99ms']:.2f} / {hop['forwardedTTFBp99ms']:.2f} ms |",
         f"| holding member CPU per connection | {hop['holderCPUPerConnectionMs']:.3f} ms |",
         f"| forwarding member CPU per forwarded connection | {hop['forwarderCPUPerForwardedConnectionMs']:.3f} ms |",
+        f"| new connections/s, --workers 1 / --workers 2 ({scaling['clientThreads']} clients) | "
+        f"{scaling['workers1']['connectionsPerSecond']:.0f} / {scaling['workers2']['connectionsPerSecond']:.0f} "
+        f"(x{scaling['rateRatio']:.2f}) |",
+        f"| relay CPU per connection, 1 worker / 2 workers | "
+        f"{scaling['workers1']['relayCPUPerConnectionMs']:.3f} / {scaling['workers2']['relayCPUPerConnectionMs']:.3f} ms "
+        f"(x{scaling['relayCPUPerConnectionRatio']:.2f}) |",
+        f"| tunnel CPU per connection, 1 worker / 2 workers | "
+        f"{scaling['workers1']['tunnelCPUPerConnectionMs']:.3f} / {scaling['workers2']['tunnelCPUPerConnectionMs']:.3f} ms |",
         f"| etcd claims + live routes per second (sequential) | {claims['registrationsPerSecond']:.0f} |",
         f"| claim p50, first 100 / last 100 of {claims['names']} | {claims['first100p50ms']:.2f} / {claims['last100p50ms']:.2f} ms (x{claims['lastOverFirst']:.2f}) |",
         "",
