@@ -103,7 +103,8 @@ class SealTests(SynchronousTestCase):
         """
         sessionId = b"s" * udpseal.SESSION_ID_LENGTH
         self.assertEqual(
-            udpseal.deriveKeys(_SECRET, sessionId), seal.deriveKeys(_SECRET, b"portal-udp-v1", sessionId)
+            udpseal.deriveKeys(_SECRET, sessionId),
+            seal.deriveKeys(_SECRET, b"portal-udp-v1", sessionId),
         )
 
     def test_shortSecretRefused(self) -> None:
