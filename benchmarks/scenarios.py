@@ -192,6 +192,27 @@ def fullPath(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[s
     }
 
 
+def _connectionFigures(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """
+    Connection rate and time to first byte per path, and the time each path adds to C{"direct"}.
+
+    @param samples: Seconds to first byte of each connection, per path.
+    """
+    result: dict[str, Any] = {}
+    for name, values in samples.items():
+        result[name] = {
+            "connectionsPerSecond": len(values) / sum(values),  # back to back, no think time
+            "ttfbP50us": _percentile(values, 50) * 1e6,
+            "ttfbP99us": _percentile(values, 99) * 1e6,
+        }
+    direct = result["direct"]
+    for name in samples:
+        if name != "direct":
+            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
+            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
+    return result
+
+
 def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """
     Scenario 3: sequential new TLS connections with a 1-byte exchange: connections per second and time
@@ -217,19 +238,7 @@ def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) ->
         for name, (port, serverName) in paths.items():
             samples[name].append(workload.firstByte(port, serverName, context))
     waited = metrics(public).get("portal_relay_waited_total", 0) - waitedBefore
-    result: dict[str, Any] = {}
-    for name in paths:
-        values = samples[name]
-        result[name] = {
-            "connectionsPerSecond": len(values) / sum(values),  # back to back, no think time
-            "ttfbP50us": _percentile(values, 50) * 1e6,
-            "ttfbP99us": _percentile(values, 99) * 1e6,
-        }
-    direct = result["direct"]
-    for name in paths:
-        if name != "direct":
-            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
-            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
+    result = _connectionFigures(samples)
     return {
         "connectionsPerPath": block,
         "paths": result,
@@ -471,21 +480,11 @@ def rawTCPConnections(lab: Lab, settings: Settings, log: Callable[[str], None]) 
                 samples[name].append(workload.firstByte(port, None, None))
             for who, read in counted.items():
                 cpu[name][who] += read() - before[who]
-    result: dict[str, Any] = {}
+    result = _connectionFigures(samples)
     for name, values in samples.items():
-        result[name] = {
-            "connectionsPerSecond": len(values) / sum(values),
-            "ttfbP50us": _percentile(values, 50) * 1e6,
-            "ttfbP99us": _percentile(values, 99) * 1e6,
-            "cpuUsPerConnection": {
-                who: used / len(values) * 1e6 for who, used in cpu[name].items()
-            },
+        result[name]["cpuUsPerConnection"] = {
+            who: used / len(values) * 1e6 for who, used in cpu[name].items()
         }
-    direct = result["direct"]
-    for name in paths:
-        if name != "direct":
-            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
-            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
     return {
         "connectionsPerPath": count,
         "paths": result,

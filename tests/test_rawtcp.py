@@ -335,11 +335,11 @@ class LeasePortsTests(SynchronousTestCase):
         self.assertFalse(transport.connected)
         self.assertEqual(self.owner.pool.waiting, 0)
 
-    def test_visitorPairedWithHeader(self) -> None:
+    def idleSession(self) -> tuple[RelayDataSession, StringTransportWithDisconnection, bytes]:
         """
-        A visitor is spliced to an idle data session, which gets a stream header with the visitor's
-        address and the lease hostname; the visitor's bytes follow sealed under the stream's
-        relay-to-tunnel key, and the tunnel's sealed reply reaches the visitor opened.
+        Offer an attached plain data session to the lease's pool.
+
+        @return: The session, its transport (cleared after the nonce) and its attach nonce.
         """
         session = RelayDataSession(self.router)
         sessionTransport = StringTransportWithDisconnection()
@@ -348,6 +348,15 @@ class LeasePortsTests(SynchronousTestCase):
         nonce = sessionTransport.value()[:NONCE_LENGTH]
         sessionTransport.clear()
         self.owner.pool.offer(session)
+        return session, sessionTransport, nonce
+
+    def test_visitorPairedWithHeader(self) -> None:
+        """
+        A visitor is spliced to an idle data session, which gets a stream header with the visitor's
+        address and the lease hostname; the visitor's bytes follow sealed under the stream's
+        relay-to-tunnel key, and the tunnel's sealed reply reaches the visitor opened.
+        """
+        session, sessionTransport, nonce = self.idleSession()
         port = self.open()
         visitor, transport = self.visit(port)
         visitor.dataReceived(b"PING\r\n")
@@ -375,13 +384,7 @@ class LeasePortsTests(SynchronousTestCase):
         reaches the visitor; once the tunnel ends its side too, the visitor is half-closed and the data
         session closed.
         """
-        session = RelayDataSession(self.router)
-        sessionTransport = StringTransportWithDisconnection()
-        sessionTransport.protocol = session
-        session.makeConnection(sessionTransport)
-        nonce = sessionTransport.value()[:NONCE_LENGTH]
-        sessionTransport.clear()
-        self.owner.pool.offer(session)
+        session, sessionTransport, nonce = self.idleSession()
         visitor, transport = self.visit(self.open())
         visitor.dataReceived(b"request")
         visitor.readConnectionLost()

@@ -115,14 +115,10 @@ def streamKeys(secret: bytes, attachNonce: bytes) -> tuple[bytes, bytes]:
     return seal.deriveKeys(secret, _PROTOCOL, attachNonce)
 
 
-class StreamSealer:
+class _OneDirection:
     """
-    Seals what one end sends in one direction of one stream.
-
-    @ivar ended: Whether the end frame has been made; nothing can be sealed after it.
+    The state both ends keep for one direction of one stream: its key and its frame counter.
     """
-
-    ended = False
 
     def __init__(self, key: bytes, direction: Direction) -> None:
         """
@@ -132,6 +128,16 @@ class StreamSealer:
         self._aead = AESGCM(key)
         self._direction = Direction(direction)
         self._counter = NonceCounter()
+
+
+class StreamSealer(_OneDirection):
+    """
+    Seals what one end sends in one direction of one stream.
+
+    @ivar ended: Whether the end frame has been made; nothing can be sealed after it.
+    """
+
+    ended = False
 
     def _frame(self, kind: Kind, payload: bytes | memoryview) -> bytes:
         """
@@ -177,7 +183,7 @@ class StreamSealer:
         return self._frame(Kind.END, b"")
 
 
-class StreamOpener:
+class StreamOpener(_OneDirection):
     """
     Authenticates and opens what one end receives in one direction of one stream, frame by frame,
     refusing anything but the exact sequence the sender sealed.
@@ -186,15 +192,6 @@ class StreamOpener:
     """
 
     ended = False
-
-    def __init__(self, key: bytes, direction: Direction) -> None:
-        """
-        @param key: The direction's key, from L{streamKeys}.
-        @param direction: Which way the frames travel.
-        """
-        self._aead = AESGCM(key)
-        self._direction = Direction(direction)
-        self._counter = NonceCounter()
 
     def openFrame(self, data: bytes | bytearray) -> tuple[bytes, int] | None:
         """
