@@ -21,8 +21,9 @@ from benchmarks.lab import Lab
 from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
-#: The scenarios built, in the order they run (scenario 6a is raw TCP, 6b UDP).
-DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "7")
+#: The scenarios built, in the order they run (scenario 6a is raw TCP throughput, 6b UDP, 6c raw TCP
+#: new connections).
+DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7")
 
 
 def _log(message: str) -> None:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ("5", "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
         ("6a", "rawTCP", lambda lab: scenarios.rawTCP(lab, settings, _log)),
         ("6b", "udp", lambda lab: scenarios.udp(lab, settings, _log)),
+        ("6c", "rawTCPConnections", lambda lab: scenarios.rawTCPConnections(lab, settings, _log)),
         ("7", "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
     ]
     for number, name, run in plan:

@@ -40,9 +40,10 @@ class BlockingDataPool:
         self._generation = 0
         threading.stack_size(256 * 1024)
 
-    def start(self, sessionId: bytes, key: bytes) -> None:
+    def start(self, sessionId: bytes, key: bytes, sealSecret: bytes | None = None) -> None:
         """
-        A control session is up: open the pool's data sessions.
+        A control session is up: open the pool's data sessions (stream mode only, so C{sealSecret},
+        raw TCP mode's secret, is always L{None}).
         """
         self._session = (sessionId, key)
         self._generation += 1

@@ -4,6 +4,7 @@ The benchmark lab: everything a scenario needs, started on 127.0.0.1 on demand a
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -261,6 +262,72 @@ class Lab:
         child = self._start("nginx", [binary, "-p", prefix, "-c", config, "-e", "stderr"])
         _waitListening(port, child)
         return child, port
+
+    def sshForward(self, targetPort: int) -> tuple[Child, Child, int] | None:
+        """
+        OpenSSH as a raw TCP tunnel: an C{sshd} on loopback with its own configuration, host key and
+        authorized key in the lab's directory, and C{ssh -N -R 127.0.0.1:0:127.0.0.1:PORT} with key
+        authentication and the default cipher; L{None} when OpenSSH is not installed.
+
+        @return: The sshd child (its connection processes are its descendants), the ssh child and
+            the port sshd forwards to C{targetPort}.
+        """
+        sshd, ssh, keygen = tool("sshd"), tool("ssh"), tool("ssh-keygen")
+        if sshd is None or ssh is None or keygen is None:
+            return None
+        home = tempfile.mkdtemp(dir=self.root, prefix="ssh-")
+        hostKey, clientKey = os.path.join(home, "host_key"), os.path.join(home, "client_key")
+        for key in (hostKey, clientKey):
+            subprocess.run(
+                [keygen, "-q", "-t", "ed25519", "-N", "", "-f", key],
+                check=True,
+                capture_output=True,
+            )
+        authorized = os.path.join(home, "authorized_keys")
+        shutil.copy(clientKey + ".pub", authorized)
+        # sshd refuses to start without its privilege separation directory (Debian's service makes it).
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        port = freePort()
+        config = os.path.join(home, "sshd_config")
+        with open(config, "w") as f:
+            f.write(
+                f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {hostKey}\n"
+                f"AuthorizedKeysFile {authorized}\nPidFile {home}/sshd.pid\n"
+                "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                "AllowTcpForwarding remote\nGatewayPorts no\nPrintMotd no\nLogLevel INFO\n"
+            )
+        server = self._start("sshd", [sshd, "-D", "-e", "-f", config])
+        _waitListening(port, server)
+        client = self._start(
+            "ssh -R",
+            [
+                ssh,
+                "-N",
+                "-T",
+                "-i",
+                clientKey,
+                "-F",
+                "/dev/null",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-p",
+                str(port),
+                "-R",
+                f"127.0.0.1:0:127.0.0.1:{targetPort}",
+                f"{getpass.getuser()}@127.0.0.1",
+            ],
+        )
+        forwarded = int(client.waitFor(r"Allocated port (\d+) for remote forward").group(1))
+        return server, client, forwarded
 
     def httpService(self) -> tuple[Child, int, int] | None:
         """

@@ -129,6 +129,35 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def treeCpuSeconds(pid: int) -> float:
+    """
+    @return: User plus system CPU seconds of process C{pid} and of its live descendants (sshd serves
+        each connection in child processes).
+    """
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, itsParent in parents.items():
+            if itsParent == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0.0
+    for member in tree:
+        try:
+            total += cpuSeconds(member)
+        except OSError:
+            continue
+    return total
+
+
 def schedSeconds(pid: int) -> tuple[float, float]:
     """
     The scheduler's own accounts of process C{pid}'s live threads, to the nanosecond (from

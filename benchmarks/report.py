@@ -97,6 +97,27 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "x",
                 )
             )
+    versus = results["scenarios"].get("rawTCP", {}).get("versusSSH", {})
+    for direction in ("upload", "download"):
+        if f"{direction}Throughput" in versus:
+            targets.append(
+                _target(
+                    f"raw TCP {direction} throughput vs ssh -R",
+                    versus[f"{direction}Throughput"],
+                    2.0,
+                    True,
+                    "x",
+                )
+            )
+            targets.append(
+                _target(
+                    f"raw TCP {direction} relay + tunnel CPU per GB vs sshd + ssh",
+                    versus[f"{direction}Cpu"],
+                    0.5,
+                    False,
+                    "x",
+                )
+            )
     udp = results["scenarios"].get("udp", {}).get("loads", {}).get("100 Mbit/s", {})
     for direction, words in (("upload", "visitor to service"), ("download", "service to visitor")):
         portal = udp.get(direction, {}).get("portal (relay + tunnel)")
@@ -239,36 +260,28 @@ def markdown(results: dict[str, Any]) -> str:
         if "error" in data:
             out.append(f"Failed: {data['error']}")
         else:
+            out += _rawTCPSection(data)
+    data = scenarios.get("rawTCPConnections")
+    if data:
+        out += ["", "## 6c. Raw TCP new connections", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
             out += [
-                f"{data['bytes'] >> 20} MiB up then {data['bytes'] >> 20} MiB down per run, one plain "
-                "TCP connection each, to a plain sink: directly, and through the relay's public TCP "
-                "port and `portal expose --tcp`. CPU in seconds per GB moved (cores busy).",
+                f"{data['connectionsPerPath']:,} sequential new plain TCP connections per path, "
+                "each with a 1-byte exchange, paths alternating in blocks of 50.",
                 "",
-                "| path | direction | MB/s | vs direct | relay CPU s/GB | tunnel CPU s/GB "
-                "| sink CPU s/GB |",
-                "|---|---|---|---|---|---|---|",
+                "| path | conn/s | TTFB p50 µs | TTFB p99 µs | added p50 µs | CPU µs per connection |",
+                "|---|---|---|---|---|---|",
             ]
-            for name, entry in data["paths"].items():
-                for direction in ("upload", "download"):
-                    d = direction.title()
-                    ratio = data["ratio"][direction] if name != "direct" else None
-                    cells = [
-                        _cpuCell(entry, f"{who}CpuSecondsPerGB{d}", f"{who}Cores{d}")
-                        for who in ("relay", "tunnel", "sink")
-                    ]
-                    out.append(
-                        f"| {name} | {direction} | {_fmt(_median(entry, f'{direction}MBps'))} "
-                        f"| {_fmt(ratio, 2)} | {' | '.join(cells)} |"
-                    )
-            other = {name: _median(entry, "otherCores") for name, entry in data["paths"].items()}
-            out.append(
-                "- other work on the machine during the runs (median cores): "
-                + ", ".join(f"{name} {value:.2f}" for name, value in other.items())
-            )
-            out.append(
-                f"- relay streams spliced in Python: {data['relayPythonSplicedStreams']:.0f}, "
-                f"by the kernel: {data['relayKernelSplicedStreams']:.0f}"
-            )
+            for name, e in data["paths"].items():
+                cpu = ", ".join(
+                    f"{who} {_fmt(value)}" for who, value in e["cpuUsPerConnection"].items()
+                )
+                out.append(
+                    f"| {name} | {_fmt(e['connectionsPerSecond'])} | {_fmt(e['ttfbP50us'])} | "
+                    f"{_fmt(e['ttfbP99us'])} | {_fmt(e.get('addedP50us'))} | {cpu} |"
+                )
             out += [f"- {note}" for note in data.get("notes", [])]
     data = scenarios.get("udp")
     if data:
@@ -284,6 +297,63 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 _DIRECTIONS = {"upload": "visitor to service", "download": "service to visitor"}
+
+
+def _rawTCPSection(data: dict[str, Any]) -> list[str]:
+    """
+    Scenario 6a's Markdown: throughput and CPU per GB of every process on each path.
+    """
+    out = [
+        f"{data['bytes'] >> 20} MiB up then {data['bytes'] >> 20} MiB down per run, one plain TCP "
+        "connection each, to a plain sink: directly, through the relay's public TCP port and "
+        "`portal expose --tcp`, and through `ssh -R` where OpenSSH is installed. CPU in seconds per "
+        "GB moved (share of one core busy in brackets); forwarders = every process but the sink.",
+        "",
+        "| path | direction | MB/s | vs direct | forwarders CPU s/GB | per process CPU s/GB | "
+        "sink CPU s/GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    direct = data["paths"]["direct"]
+    for name, entry in data["paths"].items():
+        processes = sorted(
+            {key.split("CpuSecondsPerGB")[0] for key in entry if "CpuSecondsPerGB" in key}
+            - {"sink"}
+        )
+        for direction in ("upload", "download"):
+            d = direction.title()
+            rate = _median(entry, f"{direction}MBps")
+            base = _median(direct, f"{direction}MBps")
+            ratio = rate / base if name != "direct" and rate and base else None
+            total = sum(_median(entry, f"{who}CpuSecondsPerGB{d}") or 0.0 for who in processes)
+            each = ", ".join(
+                f"{who} {_cpuCell(entry, f'{who}CpuSecondsPerGB{d}', f'{who}Cores{d}')}"
+                for who in processes
+            )
+            out.append(
+                f"| {name} | {direction} | {_fmt(rate)} | {_fmt(ratio, 2)} | "
+                f"{_fmt(total, 2) if processes else '-'} | {each or '-'} | "
+                f"{_cpuCell(entry, f'sinkCpuSecondsPerGB{d}', f'sinkCores{d}')} |"
+            )
+    other = {name: _median(entry, "otherCores") for name, entry in data["paths"].items()}
+    out.append(
+        "- other work on the machine during the runs (median cores): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in other.items())
+    )
+    out.append(
+        f"- relay streams sealed: {data.get('relaySealedStreams', 0):.0f}, spliced in Python: "
+        f"{data['relayPythonSplicedStreams']:.0f}, by the kernel: "
+        f"{data['relayKernelSplicedStreams']:.0f}"
+    )
+    versus = data.get("versusSSH", {})
+    if versus:
+        out.append(
+            "- Portal against `ssh -R`: throughput "
+            + ", ".join(f"{d} {versus[f'{d}Throughput']:.2f}x" for d in ("upload", "download"))
+            + "; relay + tunnel CPU per GB against sshd + ssh "
+            + ", ".join(f"{d} {versus[f'{d}Cpu']:.2f}x" for d in ("upload", "download"))
+        )
+    out += [f"- {note}" for note in data.get("notes", [])]
+    return out
 
 
 def _udpSection(data: dict[str, Any]) -> list[str]:

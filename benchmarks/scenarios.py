@@ -21,6 +21,7 @@ from benchmarks.procs import (
     cpuSeconds,
     machineBusySeconds,
     schedSeconds,
+    treeCpuSeconds,
     udpKernelDrops,
     udpSocketDrops,
 )
@@ -191,6 +192,27 @@ def fullPath(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[s
     }
 
 
+def _connectionFigures(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """
+    Connection rate and time to first byte per path, and the time each path adds to C{"direct"}.
+
+    @param samples: Seconds to first byte of each connection, per path.
+    """
+    result: dict[str, Any] = {}
+    for name, values in samples.items():
+        result[name] = {
+            "connectionsPerSecond": len(values) / sum(values),  # back to back, no think time
+            "ttfbP50us": _percentile(values, 50) * 1e6,
+            "ttfbP99us": _percentile(values, 99) * 1e6,
+        }
+    direct = result["direct"]
+    for name in samples:
+        if name != "direct":
+            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
+            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
+    return result
+
+
 def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """
     Scenario 3: sequential new TLS connections with a 1-byte exchange: connections per second and time
@@ -216,19 +238,7 @@ def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) ->
         for name, (port, serverName) in paths.items():
             samples[name].append(workload.firstByte(port, serverName, context))
     waited = metrics(public).get("portal_relay_waited_total", 0) - waitedBefore
-    result: dict[str, Any] = {}
-    for name in paths:
-        values = samples[name]
-        result[name] = {
-            "connectionsPerSecond": len(values) / sum(values),  # back to back, no think time
-            "ttfbP50us": _percentile(values, 50) * 1e6,
-            "ttfbP99us": _percentile(values, 99) * 1e6,
-        }
-    direct = result["direct"]
-    for name in paths:
-        if name != "direct":
-            result[name]["addedP50us"] = result[name]["ttfbP50us"] - direct["ttfbP50us"]
-            result[name]["addedP99us"] = result[name]["ttfbP99us"] - direct["ttfbP99us"]
+    result = _connectionFigures(samples)
     return {
         "connectionsPerPath": block,
         "paths": result,
@@ -291,30 +301,78 @@ def _median(entry: dict[str, Any], key: str) -> float:
     return float(entry[key]["median"])
 
 
-def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+#: Scenario 6a's and 6c's name of the Portal path.
+RAW_PORTAL = "portal (relay + tunnel)"
+#: Scenario 6a's and 6c's name of the OpenSSH path.
+RAW_SSH = "ssh -R"
+
+
+def _rawPaths(
+    lab: Lab, log: Callable[[str], None]
+) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[str, Any]]:
     """
-    Scenario 6a: one plain TCP connection uploading C{rawTCPBytes} to the plain sink, then one
-    downloading as much from it, directly on loopback versus through the public TCP port of a relay
-    with C{--tcp-ports} and a real C{portal expose PORT --tcp} (the relay and the tunnel both run the
-    TLS data session between them). Runs alternate (direct, portal, direct, ...); the relay's, the
-    tunnel's and the sink's CPU time is counted per direction.
+    The paths of the raw TCP scenarios to one plain sink: direct, Portal's raw TCP mode (a relay with
+    C{--tcp-ports} and a real C{portal expose PORT --tcp}) and, when OpenSSH is installed,
+    C{ssh -R} through an C{sshd} on loopback.
+
+    @return: Port per path; per path, the processes whose CPU is counted (name to a function
+        returning CPU seconds so far); and facts about the set-up (the relay's public port, notes).
     """
     sink, sinkPort = lab.sink(tls=False)
     relay, public, control = lab.tcpRelay()
     tunnel, port = lab.tcpTunnel(control, sinkPort, "rawtcp")
-    paths = {"direct": sinkPort, "portal (relay + tunnel)": port}
+    ports = {"direct": sinkPort, RAW_PORTAL: port}
+    processes: dict[str, dict[str, Any]] = {
+        "direct": {"sink": sink.cpuSeconds},
+        RAW_PORTAL: {
+            "relay": relay.cpuSeconds,
+            "tunnel": tunnel.cpuSeconds,
+            "sink": sink.cpuSeconds,
+        },
+    }
+    setup: dict[str, Any] = {"public": public, "notes": []}
+    ssh = lab.sshForward(sinkPort)
+    if ssh is None:
+        setup["notes"].append("ssh -R not measured: OpenSSH (sshd, ssh) is not installed")
+    else:
+        sshd, client, forwarded = ssh
+        ports[RAW_SSH] = forwarded
+        processes[RAW_SSH] = {
+            "sshd": lambda: treeCpuSeconds(sshd.pid),
+            "ssh": client.cpuSeconds,
+            "sink": sink.cpuSeconds,
+        }
+        setup["notes"].append(
+            "ssh -R: OpenSSH's own sshd on 127.0.0.1 (its own config and ed25519 host key, key "
+            "authentication, default cipher) and `ssh -N -R`; sshd CPU includes its per-connection "
+            "processes"
+        )
+    log("raw TCP paths: " + ", ".join(f"{name} :{port}" for name, port in ports.items()))
+    return ports, processes, setup
+
+
+def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 6a: one plain TCP connection uploading C{rawTCPBytes} to the plain sink, then one
+    downloading as much from it, directly on loopback versus through Portal's raw TCP mode (relay and
+    tunnel seal the stream between them) and C{ssh -R}. Runs alternate (direct, portal, ssh,
+    direct, ...); each path's processes' CPU time is counted per direction.
+    """
+    paths, processes, setup = _rawPaths(lab, log)
     for target in paths.values():  # Warm-up: data session pool, lazily built state.
         workload.upload(target, None, 1 << 20, tls=False)
         workload.download(target, None, 1 << 20, tls=False)
     size = settings.rawTCPBytes
-    processes = {"relay": relay, "tunnel": tunnel, "sink": sink}
-    keys = (
-        "MBps",
-        "otherCores",
-        *(f"{who}{kind}" for who in processes for kind in ("Cpu", "Cores")),
-    )
     samples: dict[str, dict[str, list[float]]] = {
-        name: {f"{direction}{key}": [] for direction in ("upload", "download") for key in keys}
+        name: {
+            f"{direction}{key}": []
+            for direction in ("upload", "download")
+            for key in (
+                "MBps",
+                "otherCores",
+                *(f"{who}{kind}" for who in processes[name] for kind in ("Cpu", "Cores")),
+            )
+        }
         for name in paths
     }
     log(
@@ -323,14 +381,15 @@ def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str
     for run in range(settings.runs):
         for name, target in paths.items():
             figures = samples[name]
+            counted = processes[name]
             for direction, move in (("upload", workload.upload), ("download", workload.download)):
-                before = {who: child.cpuSeconds() for who, child in processes.items()}
+                before = {who: cpu() for who, cpu in counted.items()}
                 ours, machine = cpuSeconds(os.getpid()), machineBusySeconds()
                 seconds = move(target, None, size, tls=False)
                 figures[f"{direction}MBps"].append(size / seconds / 1e6)
                 ours = cpuSeconds(os.getpid()) - ours
-                for who, child in processes.items():
-                    used = child.cpuSeconds() - before[who]
+                for who, cpu in counted.items():
+                    used = cpu() - before[who]
                     ours += used
                     figures[f"{direction}{who}Cpu"].append(used / (size / 1e9))
                     figures[f"{direction}{who}Cores"].append(used / seconds)
@@ -348,9 +407,7 @@ def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str
             "downloadMBps": _summary(figures["downloadMBps"]),
             "otherCores": _summary(figures["uploadotherCores"] + figures["downloadotherCores"]),
         }
-        for who in processes:
-            if name == "direct" and who != "sink":
-                continue
+        for who in processes[name]:
             for direction in ("upload", "download"):
                 entry[f"{who}CpuSecondsPerGB{direction.title()}"] = _summary(
                     figures[f"{direction}{who}Cpu"]
@@ -359,27 +416,83 @@ def rawTCP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str
                     figures[f"{direction}{who}Cores"]
                 )
         result[name] = entry
-    direct, portal = result["direct"], result["portal (relay + tunnel)"]
+    direct = result["direct"]
     ratios = {
-        direction: _median(portal, f"{direction}MBps") / _median(direct, f"{direction}MBps")
+        direction: _median(result[RAW_PORTAL], f"{direction}MBps")
+        / _median(direct, f"{direction}MBps")
         for direction in ("upload", "download")
     }
-    splices = metrics(public)
+    versusSSH: dict[str, float] = {}
+    if RAW_SSH in result:
+        ssh, portal = result[RAW_SSH], result[RAW_PORTAL]
+        for direction in ("upload", "download"):
+            d = direction.title()
+            versusSSH[f"{direction}Throughput"] = _median(portal, f"{direction}MBps") / _median(
+                ssh, f"{direction}MBps"
+            )
+            versusSSH[f"{direction}Cpu"] = sum(
+                _median(portal, f"{who}CpuSecondsPerGB{d}") for who in ("relay", "tunnel")
+            ) / sum(_median(ssh, f"{who}CpuSecondsPerGB{d}") for who in ("sshd", "ssh"))
+    splices = metrics(setup["public"])
     return {
         "bytes": size,
         "runs": settings.runs,
         "paths": result,
         "ratio": ratios,
+        "versusSSH": versusSSH,
         "relayPythonSplicedStreams": splices.get("portal_relay_python_spliced_total", 0),
         "relayKernelSplicedStreams": splices.get("portal_relay_kernel_spliced_total", 0),
+        "relaySealedStreams": splices.get("portal_relay_sealed_spliced_total", 0),
         "notes": [
             "client: this harness (blocking sockets, 1 MiB sendall/recv_into); service: the plain "
-            "benchmark sink (benchmarks/workload.py), the same on both paths",
+            "benchmark sink (benchmarks/workload.py), the same on every path",
             "upload time runs until the sink acknowledges the last byte; download until the client "
             "has the last byte",
             "CPU is user+system time from /proc per GB moved; cores = the share of one core busy "
             "during the transfer; other cores = the rest of the machine's busy time meanwhile "
             "(work that is not this measurement; near 0 on a quiet machine)",
+            *setup["notes"],
+        ],
+    }
+
+
+def rawTCPConnections(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 6c: sequential new plain TCP connections with a 1-byte exchange, directly versus through
+    Portal's raw TCP mode and C{ssh -R}: time to first byte (p50/p99), the time each path adds, and
+    each process's CPU per connection.
+    """
+    paths, processes, _ = _rawPaths(lab, log)
+    for port in paths.values():
+        for _ in range(20):
+            workload.firstByte(port, None, None)
+    count = settings.connections
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(processes[name], 0.0) for name in paths}
+    log(f"scenario 6c: raw TCP new connections, {count} per path, paths alternating")
+    # In blocks of 50 per path, so that reading /proc does not land inside a measured connection.
+    block = 50
+    for start in range(0, count, block):
+        for name, port in paths.items():
+            counted = processes[name]
+            before = {who: read() for who, read in counted.items()}
+            for _ in range(min(block, count - start)):
+                samples[name].append(workload.firstByte(port, None, None))
+            for who, read in counted.items():
+                cpu[name][who] += read() - before[who]
+    result = _connectionFigures(samples)
+    for name, values in samples.items():
+        result[name]["cpuUsPerConnection"] = {
+            who: used / len(values) * 1e6 for who, used in cpu[name].items()
+        }
+    return {
+        "connectionsPerPath": count,
+        "paths": result,
+        "notes": [
+            "each connection: TCP connect, a 5-byte request, the sink's 1-byte answer (no TLS on any "
+            "path: the payload is plain)",
+            "CPU per connection: user+system time from /proc of each path's processes over its "
+            "connections (ticks of 10 ms, summed over blocks of 50 connections)",
         ],
     }
 

@@ -182,9 +182,9 @@ def download(port: int, serverName: str | None, size: int, tls: bool = True) -> 
         stream.close()
 
 
-def firstByte(port: int, serverName: str | None, context: ssl.SSLContext) -> float:
+def firstByte(port: int, serverName: str | None, context: ssl.SSLContext | None) -> float:
     """
-    One new TLS connection with a 1-byte exchange.
+    One new connection (TLS with C{context}, else plain TCP) with a 1-byte exchange.
 
     @return: Seconds from starting the TCP connection to receiving the first byte.
     """

@@ -66,18 +66,21 @@ class FakePool:
     Records what a tunnel control session asks of its data session pool.
 
     @ivar started: C{(sessionId, key)} of every L{start} call.
+    @ivar sealSecrets: The raw TCP secret of every L{start} call (L{None} outside raw TCP mode).
     @ivar wanted: The count of every L{want} call.
     """
 
     def __init__(self) -> None:
         self.started: list[tuple[bytes, bytes]] = []
+        self.sealSecrets: list[bytes | None] = []
         self.wanted: list[int] = []
 
-    def start(self, sessionId: bytes, key: bytes) -> None:
+    def start(self, sessionId: bytes, key: bytes, sealSecret: bytes | None = None) -> None:
         """
         Record a pool start.
         """
         self.started.append((sessionId, key))
+        self.sealSecrets.append(sealSecret)
 
     def want(self, count: int) -> None:
         """

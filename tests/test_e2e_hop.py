@@ -10,11 +10,13 @@ import re
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from tests.realprocesses import (
+    freePortRange,
     homeDir,
     listenLocal,
     spawn,
@@ -22,6 +24,7 @@ from tests.realprocesses import (
     waitForLease,
 )
 from tests.test_e2e import PAGE, _fetch, _hostPort, _Page
+from tests.test_e2e_tcp import REPLY, _address, _DigestAfterEOF, _halfCloseExchange, _pattern
 
 #: A hop relay's log line for an opened hop: its outbound connection's local port.
 _OPENED = re.compile(r"hop \d+ opened: \S+ \(\w+\) -> (\S+) from 127\.0\.0\.1:(\d+)")
@@ -61,13 +64,15 @@ class ChainEndToEndTests(TestCase):
         return spawn(self, "portal expose", argv, home)
 
     @inlineCallbacks
-    def _relays(self, hopExtra: list[str] | None = None) -> Any:
+    def _relays(self, hopExtra: list[str] | None = None, bExtra: tuple[str, ...] = ()) -> Any:
         """
-        Start relay B, then relay A allowed to hop to B's control port.
+        Start relay B (with C{bExtra} options), then relay A allowed to hop to B's control port.
 
         @return: C{(a, aControl, b, bPublic, bControl)}.
         """
-        b, bPublic, bControl = yield startRelay(self, os.path.join(homeDir(self, "b"), "state"))
+        b, bPublic, bControl = yield startRelay(
+            self, os.path.join(homeDir(self, "b"), "state"), extra=list(bExtra)
+        )
         extra = ["--allow-hop", f"127.0.0.1:{bControl}"] if hopExtra is None else hopExtra
         a, _, aControl = yield startRelay(
             self, os.path.join(homeDir(self, "a"), "state"), extra=extra
@@ -110,6 +115,29 @@ class ChainEndToEndTests(TestCase):
         for secret in (host, label, PAGE.decode().strip(), "GET /", "portal end-to-end"):
             self.assertNotIn(secret, aLog)
         self.assertIn(label, b.output())
+
+    @inlineCallbacks
+    def test_rawTCPThroughA(self) -> Any:
+        """
+        C{--tcp --via A --relay B}: raw TCP mode's sealed streams run inside TLS data sessions to B,
+        and a client that half-closes still reads the whole reply through the chain.
+        """
+        low, high = freePortRange(2)
+        a, aControl, b, bPublic, bControl = yield self._relays(
+            bExtra=("--tcp-ports", f"{low}-{high}")
+        )
+        service = yield listenLocal(self, Factory.forProtocol(_DigestAfterEOF))
+        tunnel = self._expose(
+            f"127.0.0.1:{service}",
+            ["--tcp", "--via", f"127.0.0.1:{aControl}", "--relay", f"127.0.0.1:{bControl}"],
+        )
+        lease = yield waitForLease(tunnel)
+        port = _address(lease["url"])[1]
+        sent, line, rest = yield deferToThread(_halfCloseExchange, port)
+        self.assertEqual(line.decode(), sent)
+        self.assertEqual(rest, _pattern(REPLY))
+        self.assertTrue([m for m in map(_DATA_PEER.search, b.lines) if m], b.output())
+        self.assertNotIn(" (plain)", b.output())
 
     @inlineCallbacks
     def test_hopNotAllowed(self) -> Any:

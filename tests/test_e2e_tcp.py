@@ -9,22 +9,27 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.wire import Echo
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
 
 from tests.realprocesses import (
     WAIT,
     freePortRange,
     listenLocal,
+    pollUntil,
     restartRelay,
     spawn,
     startExpose,
@@ -50,8 +55,6 @@ def _address(url: str) -> tuple[str, int]:
 def _exchange(port: int, data: bytes, source: int = 0, expect: int | None = None) -> bytes:
     """
     Connect to the public port, send C{data} and read C{expect} bytes, or until the far end closes.
-
-    The visitor does not half-close: raw TCP mode carries no half-close (see docs/user-guide.md).
     """
     with socket.socket() as s:
         s.settimeout(WAIT)
@@ -97,6 +100,124 @@ def _echoRoundTrip(port: int, size: int) -> tuple[str, str, int]:
             count += len(chunk)
         sender.join()
     return sent.hexdigest(), received.hexdigest(), count
+
+
+#: Bytes the half-close test sends before shutting down its writing direction.
+REQUEST = 3 * 1024 * 1024
+#: Bytes of the reply the half-close test's service sends once it has read everything.
+REPLY = 5 * 1024 * 1024
+
+
+@implementer(IHalfCloseableProtocol)
+class _DigestAfterEOF(Protocol):
+    """
+    Reads until the client half-closes, then answers with the sha256 of everything it read followed by
+    L{REPLY} bytes (a pattern), and closes: a service that needs half-close to answer at all.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Start hashing.
+        """
+        self._digest = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Hash what arrives.
+        """
+        self._digest.update(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client is done: answer, then close.
+        """
+        assert self.transport is not None
+        self.transport.write(self._digest.hexdigest().encode() + b"\n")
+        self.transport.write(_pattern(REPLY))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Nothing to do: the answer was the last thing written.
+        """
+
+
+def _pattern(size: int) -> bytes:
+    """
+    @return: C{size} bytes of a known pattern.
+    """
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+def _halfCloseExchange(port: int) -> tuple[str, bytes, bytes]:
+    """
+    Send L{REQUEST} random bytes, shut down the writing direction, and read the reply until EOF.
+
+    @return: The sha256 of what was sent, the digest line the service sent back, and the rest of the
+        reply.
+    """
+    data = os.urandom(REQUEST)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    line, _, rest = bytes(received).partition(b"\n")
+    return hashlib.sha256(data).hexdigest(), line, rest
+
+
+class _Sink(Protocol):
+    """
+    Counts the bytes it reads and records the end of its connection in its factory.
+    """
+
+    def __init__(self, factory: _SinkFactory) -> None:
+        self._factory = factory
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Count.
+        """
+        self._factory.received += len(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Record the end.
+        """
+        self._factory.closed += 1
+
+
+class _SinkFactory(Factory):
+    """
+    Builds L{_Sink}s and keeps their counts.
+
+    @ivar received: Bytes read by all sinks.
+    @ivar closed: Sink connections that ended.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.closed = 0
+
+    def buildProtocol(self, addr: Any) -> _Sink:
+        """
+        @return: A sink counting into this factory.
+        """
+        return _Sink(self)
+
+
+def _sendThenReset(port: int, size: int) -> None:
+    """
+    Send C{size} bytes, then close with a TCP reset (C{SO_LINGER} 0) instead of a FIN.
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    s.sendall(os.urandom(size))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
 
 
 class RawTCPEndToEndTests(TestCase):
@@ -145,6 +266,40 @@ class RawTCPEndToEndTests(TestCase):
         sent, received, count = yield deferToThread(_echoRoundTrip, port, LARGE)
         self.assertEqual(count, LARGE)
         self.assertEqual(received, sent)
+
+    @inlineCallbacks
+    def test_halfClose(self) -> Any:
+        """
+        A client that sends a request and half-closes still reads the whole reply: the service sees
+        the end of the request (it answers only then), its digest of the request matches what was
+        sent, and the 5 MiB reply arrives whole before EOF.
+        """
+        service = yield listenLocal(self, Factory.forProtocol(_DigestAfterEOF))
+        _, _, _, port, *_ = yield self.startPair(f"127.0.0.1:{service}")
+        sent, line, rest = yield deferToThread(_halfCloseExchange, port)
+        self.assertEqual(line.decode(), sent)
+        self.assertEqual(len(rest), REPLY)
+        self.assertEqual(rest, _pattern(REPLY))
+
+    @inlineCallbacks
+    def test_resetMidStream(self) -> Any:
+        """
+        A client that resets its connection in the middle of an 8 MiB transfer gets the service's
+        connection closed; relay and tunnel log no traceback and keep serving: the next visitor's
+        bytes reach the service whole.
+        """
+        sink = _SinkFactory()
+        sinkPort = yield listenLocal(self, sink)
+        relay, tunnel, _, port, *_ = yield self.startPair(f"127.0.0.1:{sinkPort}")
+        yield deferToThread(_sendThenReset, port, 8 * 1024 * 1024)
+        yield pollUntil(lambda: sink.closed == 1, "the service's connection closed")
+        before = sink.received
+        self.assertLessEqual(before, 8 * 1024 * 1024)
+        yield deferToThread(_exchange, port, b"after the reset\n", 0, 0)
+        yield pollUntil(lambda: sink.closed == 2, "the next visitor's connection closed")
+        self.assertEqual(sink.received - before, len(b"after the reset\n"))
+        for process in (relay, tunnel):
+            self.assertNotIn("Traceback", process.output())
 
     @inlineCallbacks
     def test_proxyProtocolV2(self) -> Any:

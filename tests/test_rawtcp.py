@@ -1,6 +1,7 @@
 """
-Tests for raw TCP mode: TLS data sessions bound to their own TLS session, the relay's public TCP ports
-(L{portal.relay.rawtcp}) and raw TCP registrations on the control protocol.
+Tests for raw TCP mode: sealed streams on the relay's data sessions, TLS data sessions (through a chain
+of hops) bound to their own TLS session, the relay's public TCP ports (L{portal.relay.rawtcp}) and raw
+TCP registrations on the control protocol.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+import portal.relay.control
 import portal.relay.data
-from portal.relay.control import ControlFactory
+from portal.relay.control import ControlFactory, RelayControlProtocol
 from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, tcpPorts
@@ -32,14 +34,18 @@ from portal.tunnel.data import TunnelDataSession
 from portal.wire.attach import MAGIC, NONCE_LENGTH, attachProof, decodeStreamHeader
 from portal.wire.control import (
     EXPORTER_DATA_SESSION,
+    EXPORTER_LENGTH,
     Hello,
     RegistrationRefused,
     exportKeyingMaterial,
 )
+from portal.wire.seal import Direction
+from portal.wire.streamseal import StreamOpener, StreamSealer, streamKeys
 from tests.test_control import LABEL, ControlTestCase
 from tests.test_tunnel_data import FakePool, captureLogs
 
 _KEY = b"k" * 32
+_SECRET = b"t" * 32
 _SESSION = b"s" * 16
 
 
@@ -101,7 +107,7 @@ class OwnerStub:
     def __init__(self, router: Router) -> None:
         self.requested: list[int] = []
         self.pool = DataPool(self, _KEY, router.limits)
-        self.pool.tlsOnly = True
+        self.pool.sealSecret = _SECRET
 
     def requestData(self, count: int) -> None:
         """
@@ -152,8 +158,8 @@ def tlsDataSession(
 
 class TLSDataSessionTests(SynchronousTestCase):
     """
-    A data session inside TLS attaches only with a proof bound to that TLS session, and a pool for
-    raw TCP mode accepts only such sessions.
+    A data session inside TLS (through a chain of hops) attaches only with a proof bound to that TLS
+    session.
     """
 
     def setUp(self) -> None:
@@ -230,25 +236,11 @@ class TLSDataSessionTests(SynchronousTestCase):
         self.assertFalse(transport.connected)
         self.assertEqual(len(self.owner.pool), 1)
 
-    def test_plainSessionRefusedByTLSOnlyPool(self) -> None:
+    def test_poolAcceptsBoth(self) -> None:
         """
-        A plain (non-TLS) data session that authenticates is still refused by a raw TCP mode pool:
-        its payload may be plaintext.
+        A pool accepts TLS data sessions (inside a chain every data session is TLS to the last relay)
+        as well as plain ones, in raw TCP mode too: the stream is sealed either way.
         """
-        dispatch, transport, relaySession = self.plainDataSession()
-        dispatch.dataReceived(attachProof(_KEY, relaySession.nonce, _SESSION))
-        self.assertFalse(transport.connected)
-        self.assertEqual(len(self.owner.pool), 0)
-        self.assertTrue(
-            any("needs TLS data sessions" in str(e.get("log_format")) for e in self.events)
-        )
-
-    def test_streamPoolAcceptsBoth(self) -> None:
-        """
-        A stream mode pool (as the last relay of a chain has) accepts TLS data sessions as well as
-        plain ones: inside a chain every data session is TLS to the last relay.
-        """
-        self.owner.pool.tlsOnly = False
         tunnelPool = FakePool()
         tunnelPool.tls = True
         tlsDataSession(self.router, self.clock, tunnelPool)
@@ -343,18 +335,28 @@ class LeasePortsTests(SynchronousTestCase):
         self.assertFalse(transport.connected)
         self.assertEqual(self.owner.pool.waiting, 0)
 
-    def test_visitorPairedWithHeader(self) -> None:
+    def idleSession(self) -> tuple[RelayDataSession, StringTransportWithDisconnection, bytes]:
         """
-        A visitor is spliced to an idle TLS data session, which gets a stream header with the
-        visitor's address and the lease hostname; the visitor's bytes follow.
+        Offer an attached plain data session to the lease's pool.
+
+        @return: The session, its transport (cleared after the nonce) and its attach nonce.
         """
-        session = RelayDataSession(self.router, tls=True)
+        session = RelayDataSession(self.router)
         sessionTransport = StringTransportWithDisconnection()
         sessionTransport.protocol = session
         session.makeConnection(sessionTransport)
         nonce = sessionTransport.value()[:NONCE_LENGTH]
         sessionTransport.clear()
         self.owner.pool.offer(session)
+        return session, sessionTransport, nonce
+
+    def test_visitorPairedWithHeader(self) -> None:
+        """
+        A visitor is spliced to an idle data session, which gets a stream header with the visitor's
+        address and the lease hostname; the visitor's bytes follow sealed under the stream's
+        relay-to-tunnel key, and the tunnel's sealed reply reaches the visitor opened.
+        """
+        session, sessionTransport, nonce = self.idleSession()
         port = self.open()
         visitor, transport = self.visit(port)
         visitor.dataReceived(b"PING\r\n")
@@ -365,10 +367,49 @@ class LeasePortsTests(SynchronousTestCase):
             (header.hostname, header.peerHost, header.peerPort),
             (f"{LABEL}.localhost", "198.51.100.7", 5555),
         )
-        self.assertEqual(sessionTransport.value()[used:], b"PING\r\n")
-        session.dataReceived(b"+PONG\r\n")
+        relayToTunnel, tunnelToRelay = streamKeys(_SECRET, nonce)
+        opener = StreamOpener(relayToTunnel, Direction.RELAY_TO_TUNNEL)
+        sealed = sessionTransport.value()[used:]
+        self.assertNotIn(b"PING", sealed)
+        self.assertEqual(opener.openFrame(sealed), (b"PING\r\n", len(sealed)))
+        sealer = StreamSealer(tunnelToRelay, Direction.TUNNEL_TO_RELAY)
+        session.dataReceived(sealer.seal(b"+PONG\r\n"))
         self.assertEqual(transport.value(), b"+PONG\r\n")
         self.assertEqual(self.router.counters["tcp_visitors"], 1)
+        self.assertEqual(self.owner.pool.counters["sealed_spliced"], 1)
+
+    def test_visitorHalfClosePassedOn(self) -> None:
+        """
+        A visitor's half-close reaches the tunnel as the stream's end frame, and the reply still
+        reaches the visitor; once the tunnel ends its side too, the visitor is half-closed and the data
+        session closed.
+        """
+        session, sessionTransport, nonce = self.idleSession()
+        visitor, transport = self.visit(self.open())
+        visitor.dataReceived(b"request")
+        visitor.readConnectionLost()
+        relayToTunnel, tunnelToRelay = streamKeys(_SECRET, nonce)
+        buffer = bytearray(sessionTransport.value()[self.headerLength(sessionTransport, nonce) :])
+        opener = StreamOpener(relayToTunnel, Direction.RELAY_TO_TUNNEL)
+        payloads = []
+        while (opened := opener.openFrame(buffer)) is not None:
+            payloads.append(opened[0])
+            del buffer[: opened[1]]
+        self.assertEqual(payloads, [b"request", b""])
+        self.assertTrue(opener.ended)
+        self.assertTrue(sessionTransport.connected)
+        sealer = StreamSealer(tunnelToRelay, Direction.TUNNEL_TO_RELAY)
+        session.dataReceived(sealer.seal(b"reply") + sealer.end())
+        self.assertEqual(transport.value(), b"reply")
+        self.assertFalse(sessionTransport.connected)
+
+    def headerLength(self, transport: StringTransportWithDisconnection, nonce: bytes) -> int:
+        """
+        @return: The length of the stream header at the start of what C{transport} holds.
+        """
+        decoded = decodeStreamHeader(_KEY, nonce, transport.value())
+        assert decoded is not None
+        return decoded[1]
 
     def test_notLiveRefused(self) -> None:
         """
@@ -473,14 +514,18 @@ class RawTCPRegistrationTests(ControlTestCase):
     def test_registersWithPort(self) -> None:
         """
         A tcp mode registration opens a public port; the tunnel learns the relay's host and port,
-        and the pool accepts only TLS data sessions.
+        and both ends seal the streams under the same secret, exported from the control session.
         """
         link = self.makeLink(mode="tcp")
         connection = self.connectTunnel(link)
         self.assertEqual(link.fatals, [])
         self.assertEqual(link.tcpAddresses, [("localhost", 20000)])
         self.assertEqual(list(self.reactor.listening), [20000])
-        self.assertTrue(connection.relay.pool.tlsOnly)
+        secret = connection.relay.pool.sealSecret
+        self.assertEqual(link.pool.sealSecrets, [secret])
+        assert secret is not None
+        self.assertEqual(len(secret), EXPORTER_LENGTH)
+        self.assertNotEqual(secret, connection.relay.pool.key)
         self.assertEqual(connection.relay.mode, "tcp")
 
     def test_noSNIRoute(self) -> None:
@@ -524,6 +569,39 @@ class RawTCPRegistrationTests(ControlTestCase):
         self.assertEqual(len(link.fatals), 1)
         self.assertIn("tcp mode is disabled on this relay", link.fatals[0])
         self.assertIsNone(self.router.leases.route(LABEL))
+
+    def test_relayWithoutSealing(self) -> None:
+        """
+        A relay that offers raw TCP mode but not sealed data sessions (an older version, whose raw
+        TCP data sessions are TLS) is a fatal error naming the missing capability; nothing is
+        registered.
+        """
+        self.patch(portal.relay.control, "CAPABILITIES", ("stream", "tcp", "udp"))
+        link = self.makeLink(mode="tcp")
+        self.connectTunnel(link)
+        self.assertEqual(len(link.fatals), 1)
+        self.assertIn("capability sealed-tcp", link.fatals[0])
+        self.assertIsNone(self.router.leases.ownerOf(LABEL))
+
+    def test_tunnelWithoutSealing(self) -> None:
+        """
+        A control session whose tunnel did not say it seals raw TCP data sessions (an older version)
+        is refused raw TCP mode with a reason, before any challenge is spent or port opened.
+        """
+        relay = RelayControlProtocol(self.router)
+        relay.pool = OwnerStub(self.router).pool
+        relay.capabilities = frozenset({"stream", "tcp"})
+        error = self.assertRaises(
+            RegistrationRefused,
+            relay.register,
+            publicKey=self.tunnelIdentity.publicKey,
+            names=[LABEL],
+            nonce=b"n" * 16,
+            signature=b"",
+            mode="tcp",
+        )
+        self.assertIn("needs a tunnel that seals its data sessions", str(error))
+        self.assertEqual(list(self.reactor.listening), [])
 
     def test_portLimit(self) -> None:
         """

@@ -17,6 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from portal.forwarding.sealedstream import SealedConnection
 from portal.tunnel.data import (
     ATTACH_TIMEOUT,
     MAX_EXTRA,
@@ -33,8 +34,11 @@ from portal.wire.attach import (
     attachProof,
     encodeStreamHeader,
 )
+from portal.wire.seal import Direction
+from portal.wire.streamseal import StreamOpener, StreamSealer, streamKeys
 
 KEY = b"k" * 32
+SECRET = b"t" * 32
 SESSION_ID = b"s" * 16
 HEADER = StreamHeader(streamId=7, hostname="app.localhost", peerHost="192.0.2.1", peerPort=54321)
 
@@ -203,6 +207,33 @@ class TunnelDataSessionTests(SynchronousTestCase):
         self.assertIs(protocol.transport, self.transport)
         self.session.dataReceived(b"second")
         self.assertEqual(protocol.received, [b"first", b"second"])
+
+    def test_sealedStream(self) -> None:
+        """
+        In raw TCP mode the stream after the header is sealed: the stream's protocol gets the opened
+        bytes, a sealed transport in front of the data session, and its writes go out sealed under
+        the stream's tunnel-to-relay key.
+        """
+        self.session = TunnelDataSession(self.pool, SESSION_ID, KEY, SECRET)  # type: ignore[arg-type]
+        self.transport = StringTransport()
+        self.session.makeConnection(self.transport)
+        self.attach()
+        relayToTunnel, tunnelToRelay = streamKeys(SECRET, self.nonce)
+        sealer = StreamSealer(relayToTunnel, Direction.RELAY_TO_TUNNEL)
+        self.session.dataReceived(
+            encodeStreamHeader(KEY, self.nonce, HEADER) + sealer.seal(b"first")
+        )
+        [protocol] = self.pool.handler.protocols
+        self.assertIsInstance(protocol.transport, SealedConnection)
+        self.assertEqual(protocol.received, [b"first"])
+        self.transport.clear()
+        assert protocol.transport is not None
+        protocol.transport.write(b"reply")
+        sealed = self.transport.value()
+        self.assertEqual(
+            StreamOpener(tunnelToRelay, Direction.TUNNEL_TO_RELAY).openFrame(sealed),
+            (b"reply", len(sealed)),
+        )
 
     def test_headerWithoutPayload(self) -> None:
         """

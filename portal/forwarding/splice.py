@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 
 class IForwardingTransport(ITransport, IConsumer, IPushProducer):
@@ -31,6 +31,26 @@ class IForwardingTransport(ITransport, IConsumer, IPushProducer):
     What a splice needs of each transport: TCP, TLS and iosim transports are also consumers and
     push producers, which L{ITransport} does not say.  Only used to type L{SpliceProtocol}'s
     transport.
+    """
+
+
+class IHalfCloseableTransport(Interface):
+    """
+    A transport other than a TCP connection that can end its writing direction while reading on (TCP
+    says so with L{IHalfCloseableDescriptor}).
+    """
+
+    def loseWriteConnection() -> None:
+        """
+        End the writing direction; the far end sees a half-close.
+        """
+
+
+class BrokenStream(Exception):
+    """
+    The reason a splice end lost its connection when what it received may be cut short or forged (a
+    sealed stream that failed to open, L{portal.forwarding.sealedstream}): the other side is aborted,
+    not closed cleanly, so that its client does not take a cut stream for a whole one.
     """
 
 
@@ -93,7 +113,10 @@ def closeWriteSide(transport: Any) -> None:
     # Only a real descriptor can half-close: a TLS wrapper forwards unknown attributes (such as
     # loseWriteConnection, even zope.interface's __provides__) to the socket under it, which would end
     # the stream without close_notify: ask the class, not the instance.
-    if IHalfCloseableDescriptor.implementedBy(type(transport)):
+    transportType = type(transport)
+    if IHalfCloseableDescriptor.implementedBy(
+        transportType
+    ) or IHalfCloseableTransport.implementedBy(transportType):
         transport.loseWriteConnection()
     else:
         transport.loseConnection()
@@ -177,7 +200,8 @@ class SpliceProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
-        Close the peer once its pending writes are flushed, and drop the producer links.
+        Close the peer once its pending writes are flushed (abort it when this side's stream was
+        broken, L{BrokenStream}), and drop the producer links.
 
         @param reason: Why this side closed.
         """
@@ -186,7 +210,11 @@ class SpliceProtocol(Protocol):
         if peer is not None and not peer._lost:
             peerTransport = _transportOf(peer)
             peerTransport.unregisterProducer()
-            peerTransport.loseConnection()
+            abort = getattr(peerTransport, "abortConnection", None)
+            if reason.check(BrokenStream) and abort is not None:
+                abort()
+            else:
+                peerTransport.loseConnection()
 
 
 def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: bytes = b"") -> None:

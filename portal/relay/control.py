@@ -40,6 +40,7 @@ from portal.wire.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
     EXPORTER_HELLO,
+    EXPORTER_TCP_KEY,
     EXPORTER_UDP_KEY,
     MODES,
     Challenge,
@@ -289,6 +290,11 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         for kind, offered in (("tcp", router.tcp), ("udp", router.udp)):
             if kind in modes and offered is None:
                 raise RegistrationRefused(f"{kind} mode is disabled on this relay")
+        if "tcp" in modes and "sealed-tcp" not in self.capabilities:
+            raise RegistrationRefused(
+                "raw TCP mode needs a tunnel that seals its data sessions (capability sealed-tcp): "
+                "upgrade the tunnel"
+            )
         if self.names and mode != self.mode:
             raise RegistrationRefused(f"this control session holds {self.mode} mode leases")
         if modes != {"stream"} and (len(names) != 1 or self.names - set(names)):
@@ -364,7 +370,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             return response
         assert self.pool is not None
         if "tcp" in modeParts(mode):
-            self.pool.tlsOnly = True
+            self.pool.sealSecret = exportKeyingMaterial(self.transport, EXPORTER_TCP_KEY)
         return Deferred.fromCoroutine(self._openPorts(owner, names[0], modeParts(mode), response))
 
     async def _claimInCluster(
@@ -613,8 +619,8 @@ class ControlDispatch(PeekingProtocol):
 
 class _TLSDispatch(PeekingProtocol):
     """
-    Inside TLS: tells a control session (an AMP box, first byte 0) from a TLS data session (L{MAGIC},
-    raw TCP mode).
+    Inside TLS: tells a control session (an AMP box, first byte 0) from a TLS data session (L{MAGIC}: a
+    data session through a chain of hops, TLS end to end to this relay).
     """
 
     maxPeek = len(MAGIC)

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from portal.forwarding.sealedstream import SealedConnection, sealedStream
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.router import DataPool, Router
 from portal.wire.attach import (
@@ -22,6 +23,7 @@ from portal.wire.attach import (
     checkAttachProof,
 )
 from portal.wire.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
+from portal.wire.seal import Direction
 
 
 class RelayDataSession(SpliceProtocol, TimeoutMixin):
@@ -30,12 +32,13 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
 
     @ivar nonce: The fresh nonce this session's attach and stream header are bound to.
     @ivar streamId: The stream it carries, once paired.
-    @ivar tls: Whether the session runs inside TLS (raw TCP mode); its attach proof is then bound to
-        the TLS session's exporter value.
+    @ivar tls: Whether the session runs inside TLS (through a chain of hops); its attach proof is then
+        bound to the TLS session's exporter value.
     """
 
     _log = Logger()
     _pool: DataPool | None = None
+    _sealed: SealedConnection | None = None
     streamId: int | None = None
 
     def __init__(self, router: Router, tls: bool = False) -> None:
@@ -58,6 +61,41 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         noDelay(self.transport)
         self.transport.write(self.nonce)
         self.setTimeout(self._router.limits.attachTimeout)
+
+    def seal(self, secret: bytes) -> SpliceProtocol:
+        """
+        Carry the rest of this session sealed (raw TCP mode), once the stream header is written.
+
+        @param secret: The control session's raw TCP secret.
+        @return: The splice end that stands for the tunnel's side of the stream, to splice with the
+            visitor.
+        """
+        end = SpliceProtocol()
+        self._sealed = sealedStream(
+            end, secret, self.nonce, Direction.RELAY_TO_TUNNEL, self.streamId
+        )
+        self._sealed.makeConnection(self.transport)
+        return end
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Open sealed frames in raw TCP mode; otherwise as any splice end.
+
+        @param data: Bytes from the tunnel.
+        """
+        if self._sealed is not None:
+            self._sealed.dataReceived(data)
+        else:
+            super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The tunnel closed its side: the sealed stream decides whether it ended or was cut.
+        """
+        if self._sealed is not None:
+            self._sealed.readConnectionLost()
+        else:
+            super().readConnectionLost()
 
     def unsplicedDataReceived(self, data: bytes) -> None:
         """
@@ -129,6 +167,9 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         @param reason: Why.
         """
         self.setTimeout(None)
+        if self._sealed is not None:
+            self._sealed.connectionLost(reason)
+            return
         if self._pool is not None and self.peer is None:
             self._pool.forget(self)
         super().connectionLost(reason)

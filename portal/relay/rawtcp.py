@@ -1,6 +1,6 @@
 """
 Raw TCP mode on the relay: a public TCP port per live lease, each visitor spliced to one of the lease
-tunnel's TLS data sessions.
+tunnel's data sessions, its stream sealed (L{portal.forwarding.sealedstream}).
 """
 
 from __future__ import annotations

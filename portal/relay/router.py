@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from portal.forwarding.kernelsplice import joinEnds
-from portal.forwarding.splice import pauseReading
+from portal.forwarding.splice import pauseReading, splice
 from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
 from portal.relay.leases import LeaseTable
@@ -106,13 +106,15 @@ class DataPool:
         self.counters: dict[str, int] = counters if counters is not None else {}
         self.counters.setdefault("kernel_spliced", 0)
         self.counters.setdefault("python_spliced", 0)
+        self.counters.setdefault("sealed_spliced", 0)
         self.key = key
         self._limits = limits
         self._idle: dict[RelayDataSession, None] = {}
         self._waiting: dict[VisitorProtocol | RawVisitor, StreamHeader] = {}
         self._closed = False
-        #: Accept only data sessions that run inside TLS (raw TCP mode: the payload may be plaintext).
-        self.tlsOnly = False
+        #: Raw TCP mode: the secret its streams are sealed under (L{portal.wire.streamseal}), exported
+        #: from the control session; L{None} in stream mode, whose payload is the visitor's TLS.
+        self.sealSecret: bytes | None = None
 
     def __len__(self) -> int:
         """
@@ -135,12 +137,6 @@ class DataPool:
         """
         assert session.transport is not None
         if self._closed:
-            session.transport.loseConnection()
-            return
-        if self.tlsOnly and not session.tls:
-            self._log.warn(
-                "refused a plain data session: this tunnel's mode needs TLS data sessions"
-            )
             session.transport.loseConnection()
             return
         if self._waiting:
@@ -205,7 +201,13 @@ class DataPool:
         visitor.pool = None
         session.streamId = header.streamId
         prefix = encodeStreamHeader(self.key, session.nonce, header)
-        if joinEnds(self._reactor, visitor, session, toB=prefix):
+        if self.sealSecret is not None:
+            # Raw TCP mode: the header goes as it is, the visitor's bytes sealed after it.
+            assert session.transport is not None
+            session.transport.write(prefix)
+            splice(visitor, session.seal(self.sealSecret))
+            self.counters["sealed_spliced"] += 1
+        elif joinEnds(self._reactor, visitor, session, toB=prefix):
             self.counters["kernel_spliced"] += 1
         else:
             self.counters["python_spliced"] += 1
@@ -291,6 +293,7 @@ class Router:
             "timeouts": 0,
             "kernel_spliced": 0,
             "python_spliced": 0,
+            "sealed_spliced": 0,
             "waited": 0,
             "tcp_visitors": 0,
         }

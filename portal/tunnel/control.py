@@ -27,6 +27,7 @@ from portal.trust.relayhello import (
 from portal.tunnel.udpmode import TunnelUDP
 from portal.wire.control import (
     EXPORTER_DATA_KEY,
+    EXPORTER_TCP_KEY,
     EXPORTER_UDP_KEY,
     Challenge,
     Datagram,
@@ -111,6 +112,11 @@ class TunnelControlProtocol(amp.AMP):
         for mode in sorted(modeParts(link.mode)):
             if mode not in response["capabilities"]:
                 raise FatalRelayError(f"the relay does not offer {mode} mode")
+        if "tcp" in modeParts(link.mode) and "sealed-tcp" not in response["capabilities"]:
+            raise FatalRelayError(
+                "the relay runs raw TCP mode over TLS data sessions (an older version); this tunnel "
+                "seals them instead (capability sealed-tcp): upgrade the relay"
+            )
         self.relayId = relayId
         self._sessionId = response["sessionId"]
         self._dataKey = exportKeyingMaterial(self.transport, EXPORTER_DATA_KEY)
@@ -192,7 +198,10 @@ class TunnelControlProtocol(amp.AMP):
                 secret = exportKeyingMaterial(self.transport, EXPORTER_UDP_KEY)
                 await self._startUDP(response["udpSession"], secret)
         link.registered(self, self.hostnames, self._publicPort, **extra)
-        link.pool.start(self._sessionId, self._dataKey)
+        sealSecret = (
+            exportKeyingMaterial(self.transport, EXPORTER_TCP_KEY) if "tcp" in modes else None
+        )
+        link.pool.start(self._sessionId, self._dataKey, sealSecret)
 
     async def _startUDP(self, sessionId: bytes, secret: bytes) -> None:
         """

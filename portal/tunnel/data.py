@@ -14,6 +14,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from portal.forwarding.sealedstream import sealedStream
 from portal.forwarding.splice import noDelay
 from portal.wire.attach import (
     ACK,
@@ -25,6 +26,7 @@ from portal.wire.attach import (
     decodeStreamHeader,
 )
 from portal.wire.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
+from portal.wire.seal import Direction
 
 #: Seconds a data session may take to connect and attach.
 ATTACH_TIMEOUT = 10.0
@@ -47,10 +49,20 @@ class TunnelDataSession(Protocol):
     _delegate: IProtocol | None = None
     _idle = False
 
-    def __init__(self, pool: DataSessionPool, sessionId: bytes, key: bytes) -> None:
+    def __init__(
+        self, pool: DataSessionPool, sessionId: bytes, key: bytes, sealSecret: bytes | None = None
+    ) -> None:
+        """
+        @param pool: The pool this session belongs to.
+        @param sessionId: The control session it attaches to.
+        @param key: That control session's data key.
+        @param sealSecret: In raw TCP mode, the control session's secret the stream is sealed under
+            (L{portal.wire.streamseal}); L{None} in stream mode.
+        """
         self._pool = pool
         self._sessionId = sessionId
         self._key = key
+        self._sealSecret = sealSecret
         self._buffer = b""
         self.attached: Deferred[TunnelDataSession] = Deferred()
 
@@ -105,7 +117,12 @@ class TunnelDataSession(Protocol):
         header, used = decoded
         rest, self._buffer = self._buffer[used:], b""
         self._pool.used(self)
-        self._delegate = delegate = self._pool.handler(header)
+        delegate = self._pool.handler(header)
+        if self._sealSecret is not None:
+            delegate = sealedStream(
+                delegate, self._sealSecret, self.nonce, Direction.TUNNEL_TO_RELAY, header.streamId
+            )
+        self._delegate = delegate
         delegate.makeConnection(self.transport)
         if rest:
             delegate.dataReceived(rest)
@@ -138,8 +155,8 @@ class DataSessionPool:
     visitor uses, and opens more when the relay asks.
 
     @ivar handler: Builds the protocol serving a stream, from its header.
-    @ivar tls: Whether C{endpoint} connects with TLS (raw TCP mode): attach proofs are then bound to
-        each data session's TLS.
+    @ivar tls: Whether C{endpoint} connects with TLS (through a chain of hops): attach proofs are then
+        bound to each data session's TLS.
     """
 
     _log = Logger()
@@ -168,7 +185,7 @@ class DataSessionPool:
         self._endpoint = endpoint
         self.handler = handler
         self.size = size
-        self._session: tuple[bytes, bytes] | None = None
+        self._session: tuple[bytes, bytes, bytes | None] | None = None
         self._idle: set[TunnelDataSession] = set()
         self._opening = 0
         self._extra = 0
@@ -181,14 +198,15 @@ class DataSessionPool:
         """
         return len(self._idle)
 
-    def start(self, sessionId: bytes, key: bytes) -> None:
+    def start(self, sessionId: bytes, key: bytes, sealSecret: bytes | None = None) -> None:
         """
         A control session is up: fill the pool with data sessions bound to it.
 
         @param sessionId: The control session id.
         @param key: Its data key.
+        @param sealSecret: In raw TCP mode, its secret the streams are sealed under.
         """
-        self._session = (sessionId, key)
+        self._session = (sessionId, key, sealSecret)
         self._fill()
 
     def stop(self) -> None:
@@ -241,12 +259,12 @@ class DataSessionPool:
         while len(self._idle) + self._opening < self.size + self._extra:
             self._open(*self._session)
 
-    def _open(self, sessionId: bytes, key: bytes) -> None:
+    def _open(self, sessionId: bytes, key: bytes, sealSecret: bytes | None) -> None:
         """
         Connect and attach one data session.
         """
         self._opening += 1
-        protocol = TunnelDataSession(self, sessionId, key)
+        protocol = TunnelDataSession(self, sessionId, key, sealSecret)
         d = connectProtocol(self._endpoint(), protocol)
         d.addCallback(lambda p: p.attached)
         d.addTimeout(self._timeout, self._reactor)

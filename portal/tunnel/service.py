@@ -103,9 +103,9 @@ class RelayLink(Service):
         self._wasLive = False
         self._reportedUnreachable = False
         self.backoff = StableBackoff(self.reactor)
-        # Raw TCP mode's payload may be plaintext; inside a chain, the hop relays must see only
-        # ciphertext and the last relay must not tell data sessions by their TCP peer: TLS.
-        tls = tunnel.config.tcp or bool(relay.via)
+        # Inside a chain, the hop relays must see only ciphertext and the last relay must not tell
+        # data sessions by their TCP peer: TLS. (Raw TCP mode seals its streams in any case.)
+        tls = bool(relay.via)
         self.pool = DataSessionPool(
             self.reactor,
             self.tlsEndpoint if tls else self.dataEndpoint,
@@ -125,8 +125,7 @@ class RelayLink(Service):
     def tlsEndpoint(self) -> IStreamClientEndpoint:
         """
         @return: A TLS endpoint to the relay's control port (L{relayTLSOptions}), over
-            L{dataEndpoint}: for the control session, and for raw TCP mode's and a chain's data
-            sessions. Inside a chain this TLS runs end to end through the hop relays.
+            L{dataEndpoint}: for the control session, and for a chain's data sessions. Inside a chain this TLS runs end to end through the hop relays.
         """
         return wrapClientTLS(relayTLSOptions(), self.dataEndpoint())
 

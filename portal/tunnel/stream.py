@@ -111,8 +111,9 @@ class _VisitorSide(SpliceProtocol):
 class StreamHandler:
     """
     Builds, for each stream header a data session receives, the protocol that serves it: inside the
-    tenant's TLS (stream and routed HTTP modes) or, without C{tlsCreator}, on the data session's bytes
-    as they are (raw TCP mode, whose data sessions are TLS to the relay).
+    tenant's TLS (stream and routed HTTP modes) or, without C{tlsCreator}, on the stream's bytes as
+    they are (raw TCP mode, whose data sessions open the sealed stream first,
+    L{portal.forwarding.sealedstream}).
 
     @ivar target: The local target.
     @ivar reactor: The reactor (TCP and time).

@@ -16,12 +16,14 @@ MIN_VERSION = 1
 MAX_VERSION = 1
 
 #: Capabilities this code knows. C{stream}: the default HTTPS stream mode with plain-TCP data sessions.
-#: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, TLS data sessions, a public port per lease).
+#: C{tcp}: raw TCP mode (L{Register} with mode C{"tcp"}, a public port per lease).
+#: C{sealed-tcp}: raw TCP mode's data sessions are plain TCP with their stream sealed
+#: (L{portal.wire.streamseal}, keys from L{EXPORTER_TCP_KEY}); both sides need it for raw TCP mode.
 #: C{udp}: UDP mode (modes with C{+udp}, sealed datagrams, L{Datagram}, L{FlowOpened}, L{FlowClosed}).
 #: C{heartbeat}: the tunnel sends L{Heartbeat} and the relay answers it.
 #: C{goaway}: the relay sends L{GoingAway} before it shuts down.
 #: C{hop}: multi-hop chains (L{Challenge} with purpose C{"hop"}, L{Hop}).
-CAPABILITIES = ("stream", "tcp", "udp", "heartbeat", "goaway", "hop")
+CAPABILITIES = ("stream", "tcp", "sealed-tcp", "udp", "heartbeat", "goaway", "hop")
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -31,9 +33,11 @@ MODES = ("stream", "tcp", "udp", "stream+udp", "tcp+udp")
 EXPORTER_HELLO = b"EXPORTER-portal-relay-hello"
 #: TLS exporter label of the key that authenticates data sessions of this control session.
 EXPORTER_DATA_KEY = b"EXPORTER-portal-data-key"
-#: TLS exporter label of a TLS data session's own channel binding (raw TCP mode): the attach proof
-#: covers it, so a data session cannot be relayed by someone who terminates its TLS.
+#: TLS exporter label of a TLS data session's own channel binding (data sessions inside a chain of hops):
+#: the attach proof covers it, so a data session cannot be relayed by someone who terminates its TLS.
 EXPORTER_DATA_SESSION = b"EXPORTER-portal-data-session"
+#: TLS exporter label of the secret raw TCP mode's stream keys are derived from (L{portal.wire.streamseal}).
+EXPORTER_TCP_KEY = b"EXPORTER-portal-tcp-key"
 #: TLS exporter label of the secret UDP mode's datagram keys are derived from (L{portal.wire.udpseal}).
 EXPORTER_UDP_KEY = b"EXPORTER-portal-udp-key"
 #: Length of exported values.

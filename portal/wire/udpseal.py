@@ -17,18 +17,14 @@ L{OVERHEAD} is 37 bytes, so a payload of up to L{MAX_PAYLOAD} (65,470) bytes fit
 payload over IPv4, L{MAX_DATAGRAM} (65,507) bytes. Nothing caps datagrams at a path MTU; larger ones
 are fragmented by IP.
 
-The 12-byte AEAD nonce is never sent; both ends build it from the direction and the counter::
-
-    direction (1 byte, L{Direction}) || 3 zero bytes || counter (8 bytes, big-endian)
-
-Each direction has its own key (L{deriveKeys}) and the direction is in the nonce as well, so a nonce is
-never used twice under one key, and a datagram reflected back to its sender does not open. The
+The AEAD nonce is never sent: both ends build it from the direction and the counter, and each direction
+has its own key (the construction shared with raw TCP mode, L{portal.wire.seal}). The
 receiver (L{Opener}) keeps a sliding window of recently seen counters (as IPsec does, RFC 4303 section
 3.4.3 and RFC 6479), so datagrams reordered within the window are accepted once each, and duplicates or
 datagrams older than the window are dropped. Every drop is counted by reason.
 
-The keys come from a secret exported from the TLS control session (a channel binding, as for stream
-data sessions in L{portal.wire.attach}); it never crosses a link. This module is pure: no I/O, no clock.
+The keys come from a secret exported from the TLS control session (L{deriveKeys}); it never crosses a
+link. This module is pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -39,28 +35,38 @@ from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from portal.wire import seal
+from portal.wire.seal import (
+    KEY_LENGTH,
+    MAX_COUNTER,
+    TAG_LENGTH,
+    CounterExhausted,
+    Direction,
+    NonceCounter,
+)
+
+__all__ = [
+    "KEY_LENGTH",
+    "MAX_COUNTER",
+    "TAG_LENGTH",
+    "CounterExhausted",
+    "Direction",
+    "deriveKeys",
+]
 
 #: Format version, the high 4 bits of the type byte.
 VERSION = 1
 #: Length of a session id on the wire.
 SESSION_ID_LENGTH = 8
-#: Length of a ChaCha20-Poly1305 key, and the least length of the secret given to L{deriveKeys}.
-KEY_LENGTH = 32
-#: Length of the Poly1305 tag.
-TAG_LENGTH = 16
 #: Largest UDP payload over IPv4: 65,535 - 20 (IP header) - 8 (UDP header).
 MAX_DATAGRAM = 65507
 #: Largest flow id.
 MAX_FLOW_ID = 2**32 - 1
-#: Largest packet counter; a L{Sealer} refuses to seal after using it.
-MAX_COUNTER = 2**64 - 1
 #: Default size of the receiver's replay window, in packets.
 REPLAY_WINDOW = 1024
 
 _HEADER = struct.Struct("!B8sIQ")
-_NONCE = struct.Struct("!B3xQ")
 
 #: Length of the clear header.
 HEADER_LENGTH = _HEADER.size
@@ -69,8 +75,8 @@ OVERHEAD = HEADER_LENGTH + TAG_LENGTH
 #: Largest payload whose sealed datagram fits in L{MAX_DATAGRAM} bytes.
 MAX_PAYLOAD = MAX_DATAGRAM - OVERHEAD
 
-_RELAY_TO_TUNNEL_LABEL = b"portal-udp-v1 relay->tunnel key\0"
-_TUNNEL_TO_RELAY_LABEL = b"portal-udp-v1 tunnel->relay key\0"
+#: Names the protocol in the keys' labels (L{portal.wire.seal.deriveKeys}).
+_PROTOCOL = b"portal-udp-v1"
 
 
 class Kind(enum.IntEnum):
@@ -86,15 +92,6 @@ class Kind(enum.IntEnum):
     DATA = 1
     KEEPALIVE = 2
     CLOSE = 3
-
-
-class Direction(enum.IntEnum):
-    """
-    Which way a datagram travels; part of the nonce, so each direction has its own nonce space.
-    """
-
-    RELAY_TO_TUNNEL = 1
-    TUNNEL_TO_RELAY = 2
 
 
 #: Type byte on the wire -> kind.
@@ -160,12 +157,6 @@ class PayloadTooLarge(ValueError):
     """
 
 
-class CounterExhausted(Exception):
-    """
-    A L{Sealer} has used every packet counter; sealing more under its key would reuse a nonce.
-    """
-
-
 def deriveKeys(secret: bytes, sessionId: bytes) -> tuple[bytes, bytes]:
     """
     Derive the two directions' keys of a session with HKDF-SHA256.
@@ -177,16 +168,8 @@ def deriveKeys(secret: bytes, sessionId: bytes) -> tuple[bytes, bytes]:
     @return: The relay-to-tunnel key and the tunnel-to-relay key, L{KEY_LENGTH} bytes each.
     @raise ValueError: When C{secret} is too short or C{sessionId} has the wrong length.
     """
-    if len(secret) < KEY_LENGTH:
-        raise ValueError(f"secret must be at least {KEY_LENGTH} bytes, not {len(secret)}")
     _checkSessionId(sessionId)
-
-    def expand(label: bytes) -> bytes:
-        return HKDF(
-            algorithm=SHA256(), length=KEY_LENGTH, salt=None, info=label + sessionId
-        ).derive(secret)
-
-    return expand(_RELAY_TO_TUNNEL_LABEL), expand(_TUNNEL_TO_RELAY_LABEL)
+    return seal.deriveKeys(secret, _PROTOCOL, sessionId)
 
 
 def _checkSessionId(sessionId: bytes) -> None:
@@ -220,7 +203,7 @@ class Sealer:
         self._aead = ChaCha20Poly1305(key)
         self.sessionId = sessionId
         self.direction = Direction(direction)
-        self._counter = counter
+        self._counter = NonceCounter(counter)
 
     @property
     def counter(self) -> int:
@@ -228,7 +211,7 @@ class Sealer:
         The packet counter the next datagram will carry, which is the number sealed so far when the
         sealer started at 0.
         """
-        return self._counter
+        return self._counter.value
 
     def seal(self, kind: Kind, flowId: int, payload: bytes) -> bytes:
         """
@@ -247,18 +230,13 @@ class Sealer:
                 f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD} bytes, the most a "
                 f"{MAX_DATAGRAM}-byte UDP datagram can carry after {OVERHEAD} bytes of overhead"
             )
-        counter = self._counter
-        if counter > MAX_COUNTER:
-            raise CounterExhausted("every packet counter of this key has been used")
         if kind not in _KIND_VALUES:
             raise ValueError(f"unknown datagram kind {kind!r}")
-        try:
-            header = _HEADER.pack((VERSION << 4) | kind, self.sessionId, flowId, counter)
-        except struct.error:
+        if not 0 <= flowId <= MAX_FLOW_ID:
             raise ValueError(f"flow id {flowId!r} is not between 0 and {MAX_FLOW_ID}")
-        # Consume the counter before encrypting: whatever happens next, it is never used again.
-        self._counter = counter + 1
-        return header + self._aead.encrypt(_NONCE.pack(self.direction, counter), payload, header)
+        counter = self._counter.take()
+        header = _HEADER.pack((VERSION << 4) | kind, self.sessionId, flowId, counter)
+        return header + self._aead.encrypt(seal.nonce(self.direction, counter), payload, header)
 
 
 class Opener:
@@ -355,7 +333,7 @@ class Opener:
         view = memoryview(datagram)
         try:
             payload = self._aead.decrypt(
-                _NONCE.pack(self.direction, counter), view[HEADER_LENGTH:], view[:HEADER_LENGTH]
+                seal.nonce(self.direction, counter), view[HEADER_LENGTH:], view[:HEADER_LENGTH]
             )
         except InvalidTag:
             raise ForgedDatagram(f"counter {counter} failed authentication")
