@@ -1,0 +1,67 @@
+"""
+Refusals: every connection, datagram or request a limit turns away is counted by reason (for
+C{/metrics}) and logged, with the log lines of a flood rate-limited per reason by L{LogThrottle}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from portal.forwarding.logthrottle import LogThrottle
+
+#: Least seconds between two log events for one refusal reason.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class Refusals:
+    """
+    Counts refusals by reason and logs them, at most one event per reason every C{interval} seconds
+    (each event says how many were not logged since the last).
+
+    @ivar counts: Refusals by reason, since start.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        """
+        @param clock: The source of time for the log rate limit.
+        @param interval: Least seconds between two log events for one reason.
+        """
+        self.counts: dict[str, int] = {}
+        self._throttle = LogThrottle(clock, interval)
+
+    def refuse(self, reason: str, format: str, **fields: Any) -> None:
+        """
+        Count a refusal and log it unless an event for C{reason} was logged less than the interval
+        ago.
+
+        @param reason: A short label (C{"connections_per_source"}), the metric's C{reason}.
+        @param format: The event's format string; it may use C{{reason}} and the C{fields}. The
+            event also gets C{unlogged}: refusals for this reason held back since the last event.
+        @param fields: The event's fields.
+        """
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        unlogged = self._throttle.due(reason)
+        if unlogged is None:
+            return
+        self._log.warn(
+            format + " ({unlogged} more refused for this reason and not logged)",
+            reason=reason,
+            unlogged=unlogged,
+            **fields,
+        )
+
+    def metricLines(self, name: str = "portal_refusals_total") -> list[str]:
+        """
+        The counts in the Prometheus text format, one line per reason.
+
+        @param name: The metric's name.
+        @return: Lines like C{portal_refusals_total{reason="connections_total"} 3}, sorted.
+        """
+        return [
+            f'{name}{{reason="{reason}"}} {count}' for reason, count in sorted(self.counts.items())
+        ]
