@@ -210,7 +210,7 @@ class RefusalsTests(SynchronousTestCase):
         self.assertEqual(refusals.counts, {"connections_total": 1001, "udp_flows_per_source": 1})
         mine = [e for e in events if e.get("log_namespace", "").endswith("Refusals")]
         self.assertEqual([e["unlogged"] for e in mine], [0, 0, 999])
-        self.assertEqual(mine[0]["reason"], "connections_total")
+        self.assertEqual(mine[0]["refusal"], "connections_total")
         self.assertEqual(
             refusals.metricLines(),
             [

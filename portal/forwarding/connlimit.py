@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import resource
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocol, ITransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -225,7 +231,9 @@ class LimitedFactory(Factory):
 
     noisy = False
 
-    def __init__(self, wrapped: Factory, limiter: ConnectionLimiter, reply: bytes = b"") -> None:
+    def __init__(
+        self, wrapped: IProtocolFactory, limiter: ConnectionLimiter, reply: bytes = b""
+    ) -> None:
         """
         @param wrapped: The factory that serves admitted connections.
         @param limiter: The caps.
@@ -254,9 +262,10 @@ class LimitedFactory(Factory):
         """
         Admit the connection and build its protocol, or refuse it.
 
-        @param addr: The peer's address.
+        @param addr: The peer's address (listening ports always give one).
         @return: L{_Admitted} around the wrapped factory's protocol, or L{_Refused}.
         """
+        assert addr is not None
         source = peerSource(addr)
         if not self.limiter.admit(source):
             return _Refused(self._reply)

@@ -34,23 +34,25 @@ class Refusals:
         self.counts: dict[str, int] = {}
         self._throttle = LogThrottle(clock, interval)
 
-    def refuse(self, reason: str, format: str, **fields: Any) -> None:
+    def refuse(self, label: str, format: str, /, **fields: Any) -> None:
         """
-        Count a refusal and log it unless an event for C{reason} was logged less than the interval
+        Count a refusal and log it unless an event for C{label} was logged less than the interval
         ago.
 
-        @param reason: A short label (C{"connections_per_source"}), the metric's C{reason}.
-        @param format: The event's format string; it may use C{{reason}} and the C{fields}. The
-            event also gets C{unlogged}: refusals for this reason held back since the last event.
+        @param label: The refusal's reason as a short label (C{"connections_per_source"}): the
+            metric's C{reason} and the event's C{refusal}.
+        @param format: The event's format string, using the C{fields}. The event also gets
+            C{refusal} (the reason's label) and C{unlogged} (refusals for this reason held back
+            since the last event).
         @param fields: The event's fields.
         """
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        unlogged = self._throttle.due(reason)
+        self.counts[label] = self.counts.get(label, 0) + 1
+        unlogged = self._throttle.due(label)
         if unlogged is None:
             return
         self._log.warn(
             format + " ({unlogged} more refused for this reason and not logged)",
-            reason=reason,
+            refusal=label,
             unlogged=unlogged,
             **fields,
         )

@@ -616,6 +616,25 @@ class ControlDispatch(PeekingProtocol):
             return None
         raise RefuseConnection("neither TLS nor a Portal data session")
 
+    def refuse(self, reason: str, reply: bytes = b"") -> None:
+        """
+        Count and log the refusal in the relay's refusals (rate-limited), then close.
+
+        @param reason: Why.
+        @param reply: Bytes to send first.
+        """
+        self.setTimeout(None)
+        assert self.transport is not None
+        self._router.refusals.refuse(
+            "control_unrecognised",
+            "refused connection from {peer}: {reason}",
+            peer=getattr(self.transport.getPeer(), "host", ""),
+            reason=reason,
+        )
+        if reply:
+            self.transport.write(reply)
+        self.transport.loseConnection()
+
 
 class _TLSDispatch(PeekingProtocol):
     """

@@ -146,7 +146,8 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         """
         assert self.transport is not None
         peer = self.transport.getPeer()
-        self._log.warn(
+        self._router.refusals.refuse(
+            "data_session",
             "refused data session from {peer}: {reason}",
             peer=getattr(peer, "host", str(peer)),
             reason=reason,

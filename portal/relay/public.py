@@ -73,7 +73,9 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         self._reads += 1
         if self._reads > self._router.limits.maxHelloReads:
             self._refuse(
-                f"ClientHello still incomplete after {self._reads - 1} reads", INTERNAL_ERROR
+                "client_hello_reads",
+                f"ClientHello still incomplete after {self._reads - 1} reads",
+                INTERNAL_ERROR,
             )
             return
         buffered = b"".join(self._pending)
@@ -81,7 +83,9 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         try:
             hello = parseClientHello(buffered)
         except MalformedClientHello as e:
-            self._refuse(f"malformed ClientHello: {e.reason}", INTERNAL_ERROR)
+            self._refuse(
+                "malformed_client_hello", f"malformed ClientHello: {e.reason}", INTERNAL_ERROR
+            )
             return
         if hello is None:
             return
@@ -96,7 +100,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         """
         router = self._router
         if serverName is None:
-            self._refuse("ClientHello has no server name (SNI)", UNRECOGNIZED_NAME)
+            self._refuse("no_sni", "ClientHello has no server name (SNI)", UNRECOGNIZED_NAME)
             return
         if serverName == router.relayDomain:
             self._serveSite()
@@ -119,14 +123,16 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
                 cluster.forward(self, holder, header)
                 return
             router.counters["unknown"] += 1
-            self._refuse(f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
+            self._refuse("unknown_name", f"no live lease for {serverName!r}", UNRECOGNIZED_NAME)
             return
         self.setTimeout(None)
         self.pool = pool
         if not pool.route(self, header):
             self.pool = None
             router.counters["refused"] += 1
-            self._refuse(f"too many visitors waiting for {serverName!r}", INTERNAL_ERROR)
+            self._refuse(
+                "visitors_waiting", f"too many visitors waiting for {serverName!r}", INTERNAL_ERROR
+            )
             return
         router.counters["routed"] += 1
 
@@ -154,25 +160,29 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
 
     def refuse(self, reason: str, alert: int = INTERNAL_ERROR) -> None:
         """
-        Log the reason, send a fatal TLS alert and close (for the cluster's forwarding).
+        Count and log the refusal, send a fatal TLS alert and close (for the cluster's forwarding).
 
         @param reason: Why, for the log.
         @param alert: The TLS alert description to send.
         """
-        self._refuse(reason, alert)
+        self._refuse("cluster_forward", reason, alert)
 
-    def _refuse(self, reason: str, alert: int) -> None:
+    def _refuse(self, label: str, why: str, alert: int) -> None:
         """
-        Log the reason, send a fatal TLS alert and close.
+        Count and log the refusal (L{Router.refusals}), send a fatal TLS alert and close.
 
-        @param reason: Why, for the log.
+        @param label: The refusal's reason in the metrics.
+        @param why: Why, for the log.
         @param alert: The TLS alert description to send.
         """
         self.setTimeout(None)
         assert self.transport is not None
         peer = self.transport.getPeer()
-        self._log.info(
-            "refused visitor {peer}: {reason}", peer=getattr(peer, "host", str(peer)), reason=reason
+        self._router.refusals.refuse(
+            label,
+            "refused visitor {peer}: {reason}",
+            peer=getattr(peer, "host", str(peer)),
+            reason=why,
         )
         self._pending = []
         self.transport.write(alertRecord(alert))
@@ -194,6 +204,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             self.transport.loseConnection()
             return
         self._refuse(
+            "client_hello_timeout",
             f"no complete ClientHello within {self._router.limits.helloTimeout} seconds",
             INTERNAL_ERROR,
         )

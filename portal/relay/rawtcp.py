@@ -54,7 +54,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         peerHost = str(getattr(peer, "host", ""))
         pool = lease.livePool()
         if pool is None:
-            self._log.info(
+            router.refusals.refuse(
+                "lease_not_live",
                 "refused TCP visitor {peer} on port {port}: lease {name} is not live",
                 peer=peerHost,
                 port=lease.port,
@@ -73,7 +74,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         if not pool.route(self, header):
             self.pool = None
             router.counters["refused"] += 1
-            self._log.info(
+            router.refusals.refuse(
+                "visitors_waiting",
                 "refused TCP visitor {peer} on port {port}: too many visitors waiting",
                 peer=peerHost,
                 port=lease.port,
@@ -137,9 +139,8 @@ def tcpPorts(reactor: Any, allocator: PortAllocator, interface: str = "") -> Lea
     """
 
     def listen(lease: PortLease, interface: str) -> IListeningPort:
-        listening: IListeningPort = reactor.listenTCP(
-            lease.port, _RawVisitorFactory(lease), interface=interface
-        )
+        factory = lease.router.limited("tcp", _RawVisitorFactory(lease))
+        listening: IListeningPort = reactor.listenTCP(lease.port, factory, interface=interface)
         return listening
 
     return LeasePorts("tcp", allocator, listen, interface)

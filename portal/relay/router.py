@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 
+from portal.forwarding.connlimit import ConnectionLimiter, LimitedFactory, OpenConnections
 from portal.forwarding.kernelsplice import joinEnds
+from portal.forwarding.refusals import Refusals
 from portal.forwarding.splice import pauseReading, splice
 from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
@@ -60,6 +62,24 @@ class RelayLimits:
     @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
     @ivar maxLeasesPerIdentity: Names one identity may hold on this relay.
     @ivar maxNamesPerRegister: Names one registration may ask for.
+    @ivar maxConnections: Connections open at once on all the relay's listeners together (public,
+        control, HTTP, raw TCP ports); lowered at start to fit the descriptor limit.
+    @ivar maxConnectionsPerSource: Connections open at once from one source address (IPv4 /32, IPv6
+        /64) on each visitor listener: public, HTTP, and each kind of raw TCP port together.
+    @ivar maxControlConnectionsPerSource: Connections open at once from one source address on the
+        control port, where each tunnel holds its control session, its pool of data sessions and
+        one data session per open stream.
+    @ivar siteHeaderTimeout: Seconds a connection to the relay's own pages (its hostname on the
+        public port, and the HTTP listener) has to send complete request headers, from its start
+        (the TLS handshake included) and again after each response.
+    @ivar siteIdleTimeout: Seconds a connection to the relay's own pages may stay silent.
+    @ivar maxUDPFlowsPerSource: UDP flows one source address may have on each lease's UDP port.
+    @ivar bandwidthPerLease: Bytes per second all streams of one lease name may move together (both
+        directions); 0 for no cap.
+    @ivar bandwidthPerIdentity: Bytes per second all streams of one identity's leases may move
+        together; 0 for no cap.
+    @ivar bandwidthPerSource: Bytes per second all streams of one visitor source address may move
+        together; 0 for no cap.
     """
 
     maxIdleData: int = 64
@@ -73,6 +93,15 @@ class RelayLimits:
     reservation: float = 3600.0
     maxLeasesPerIdentity: int = 100
     maxNamesPerRegister: int = 16
+    maxConnections: int = 16384
+    maxConnectionsPerSource: int = 256
+    maxControlConnectionsPerSource: int = 1024
+    siteHeaderTimeout: float = 10.0
+    siteIdleTimeout: float = 30.0
+    maxUDPFlowsPerSource: int = 64
+    bandwidthPerLease: float = 0.0
+    bandwidthPerIdentity: float = 0.0
+    bandwidthPerSource: float = 0.0
 
 
 class DataPool:
@@ -241,6 +270,10 @@ class Router:
     @ivar visitors: Open visitor connections (public TLS and raw TCP), which a graceful shutdown lets
         finish.
     @ivar publicPort: The port visitors use, once the public listener is up.
+    @ivar refusals: Everything a limit refused, counted by reason (C{/metrics}) and logged.
+    @ivar connections: Connections open on all listeners, and their cap.
+    @ivar limiters: The connection caps of each listener: C{"public"}, C{"control"}, C{"http"} and
+        C{"tcp"} (all raw TCP lease ports together).
     """
 
     _log = Logger()
@@ -265,6 +298,18 @@ class Router:
             maxPerOwner=self.limits.maxLeasesPerIdentity,
         )
         self.challenges = ChallengeIssuer(identity.id, clock)
+        self.refusals = Refusals(clock)
+        self.connections = OpenConnections(self.limits.maxConnections)
+        perSource = self.limits.maxConnectionsPerSource
+        self.limiters = {
+            name: ConnectionLimiter(name, maximum, self.connections, self.refusals)
+            for name, maximum in (
+                ("public", perSource),
+                ("control", self.limits.maxControlConnectionsPerSource),
+                ("http", perSource),
+                ("tcp", perSource),
+            )
+        }
         self.sessions: dict[bytes, DataPool] = {}
         self.controls: set[Any] = set()
         self.visitors: set[Any] = set()
@@ -297,6 +342,19 @@ class Router:
             "waited": 0,
             "tcp_visitors": 0,
         }
+
+    def limited(
+        self, listener: str, factory: IProtocolFactory, reply: bytes = b""
+    ) -> LimitedFactory:
+        """
+        Put a listener's factory under its connection caps.
+
+        @param listener: A key of L{limiters}.
+        @param factory: The listener's factory.
+        @param reply: Bytes sent to a refused connection before it is closed.
+        @return: The factory to listen with.
+        """
+        return LimitedFactory(factory, self.limiters[listener], reply)
 
     def newSessionId(self) -> bytes:
         """

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import loadRegistry
@@ -49,6 +50,7 @@ from portal.relay.udpmode import UDPMode
 from portal.trust.identity import loadOrCreateIdentity
 from portal.trust.localca import LocalCA
 from portal.trust.privatefiles import writeFileAtomically
+from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
 
 #: Seconds between checks for open connections while a stopping relay drains.
 DRAIN_POLL = 0.1
@@ -187,12 +189,22 @@ class RelayService(Service):
         identity, created = loadOrCreateIdentity(os.path.join(identityDir, "identity.json"))
         if created:
             self._log.info("created relay identity {id}", id=identity.id)
+        limits = config.limits
+        fitted = fitToDescriptors(limits.maxConnections)
+        if fitted < limits.maxConnections:
+            self._log.warn(
+                "at most {fitted} connections open at once, not {asked}: the descriptor limit "
+                "(ulimit -n) is too low for more",
+                fitted=fitted,
+                asked=limits.maxConnections,
+            )
+            limits = attrs.evolve(limits, maxConnections=fitted)
         router = Router(
             identity,
             self._reactor,
             relayDomain=config.domain,
             tunnelDomain=config.tunnelDomain,
-            limits=config.limits,
+            limits=limits,
         )
         leasesPath = os.path.join(config.stateDir, "leases.json")
         if os.path.exists(leasesPath):
@@ -337,7 +349,10 @@ class RelayService(Service):
                 source=registry.source,
             )
         site = TLSMemoryBIOFactory(tlsOptions, False, relaySite(router), clock=self._reactor)
-        public = yield self._listen(config.public, PublicFactory(router, site))
+        public = yield self._listen(
+            config.public,
+            router.limited("public", PublicFactory(router, site), alertRecord(INTERNAL_ERROR)),
+        )
         self.ports["public"] = public
         router.publicPort = public.getHost().port
         for kind, leasePorts in self._leasePorts().items():
@@ -350,7 +365,11 @@ class RelayService(Service):
                 interface=leasePorts.interface or "*",
             )
         self._announce("public", public)
-        control = yield self._listen(config.control, ControlFactory(router, tlsOptions), steer=True)
+        control = yield self._listen(
+            config.control,
+            router.limited("control", ControlFactory(router, tlsOptions)),
+            steer=True,
+        )
         self.ports["control"] = control
         router.controlPort = getattr(control.getHost(), "port", 0)
         self._announce("control", control)
@@ -374,14 +393,16 @@ class RelayService(Service):
             if host in ("0.0.0.0", "::"):
                 host = "127.0.0.1"
             memberPort = yield serverFromString(self._reactor, f"tcp:0:interface={host}").listen(
-                ControlFactory(router, tlsOptions)
+                router.limited("control", ControlFactory(router, tlsOptions))
             )
             self.ports["member"] = memberPort
             self._announce("member", memberPort)
         if config.cluster is not None:
             yield self._joinCluster(router, memberPort)
         if config.http:
-            http = yield serverFromString(self._reactor, config.http).listen(httpSite(router))
+            http = yield serverFromString(self._reactor, config.http).listen(
+                router.limited("http", httpSite(router))
+            )
             self.ports["http"] = http
             self._announce("http", http)
         self._expiry = LoopingCall(self._expire)

@@ -7,7 +7,12 @@ plain-HTTP listener, next to a redirect to https.
 from __future__ import annotations
 
 import html
+from typing import Any, cast
 
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.util import Redirect
@@ -119,6 +124,12 @@ class Metrics(Resource):
             counters.update(router.udp.counters)
         for name, value in sorted(counters.items()):
             lines.append(f"portal_relay_{name}_total {value}")
+        lines.append(f"portal_relay_connections_open {router.connections.count}")
+        for listener, limiter in sorted(router.limiters.items()):
+            lines.append(
+                f'portal_relay_listener_connections_open{{listener="{listener}"}} {limiter.open}'
+            )
+        lines.extend(router.refusals.metricLines())
         request.setHeader(b"content-type", b"text/plain; version=0.0.4")
         return ("\n".join(lines) + "\n").encode("ascii")
 
@@ -157,6 +168,113 @@ class Status(Resource):
         return body.encode("utf-8")
 
 
+class DeadlineChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that must receive each request's headers within its site's
+    C{headerTimeout}: counted from the connection's start (a TLS handshake included, since TLS
+    connects its protocol at once) and again from the end of each response. The idle timeout
+    (C{timeOut}) alone is reset by every byte, so a client sending one byte a minute would hold
+    the connection for ever.
+    """
+
+    site: RelaySite
+    _headerCall: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Start the header deadline.
+        """
+        super().connectionMade()
+        self._armHeaderDeadline()
+
+    def _armHeaderDeadline(self) -> None:
+        """
+        Start waiting for a request's headers, unless already waiting.
+        """
+        if self._headerCall is None:
+            self._headerCall = self.callLater(self.site.headerTimeout, self._headersTooSlow)
+
+    def _disarmHeaderDeadline(self) -> None:
+        """
+        Stop waiting for headers.
+        """
+        if self._headerCall is not None:
+            if self._headerCall.active():
+                self._headerCall.cancel()
+            self._headerCall = None
+
+    def allHeadersReceived(self) -> None:
+        """
+        A request's headers are complete: the deadline is met.
+        """
+        self._disarmHeaderDeadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        """
+        A response is finished: the next request's headers have a deadline again.
+        """
+        super().requestDone(request)
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self._armHeaderDeadline()
+
+    def _headersTooSlow(self) -> None:
+        """
+        No complete headers in time: count, log and abort.
+        """
+        self._headerCall = None
+        assert self.transport is not None
+        self.site.refusals.refuse(
+            "http_header_timeout",
+            "closed a connection from {peer} to the relay's pages: no complete request headers "
+            "within {timeout} s",
+            peer=getattr(self.transport.getPeer(), "host", ""),
+            timeout=self.site.headerTimeout,
+        )
+        cast(ITCPTransport, self.transport).abortConnection()
+
+    def timeoutConnection(self) -> None:
+        """
+        Silent for the idle timeout: count and log, then close as L{HTTPChannel} does.
+        """
+        assert self.transport is not None
+        self.site.refusals.refuse(
+            "http_idle_timeout",
+            "closing a connection from {peer} to the relay's pages: silent for {timeout} s",
+            peer=getattr(self.transport.getPeer(), "host", ""),
+            timeout=self.timeOut,
+        )
+        super().timeoutConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Stop the header deadline.
+        """
+        self._disarmHeaderDeadline()
+        super().connectionLost(reason)
+
+
+class RelaySite(Site):
+    """
+    The relay's own pages, served by L{DeadlineChannel}s on the router's clock, with its header
+    and idle timeouts (L{RelayLimits.siteHeaderTimeout}, L{RelayLimits.siteIdleTimeout}).
+
+    @ivar headerTimeout: Seconds a connection has to send a request's headers.
+    @ivar refusals: Where timeouts are counted and logged.
+    """
+
+    protocol = DeadlineChannel  # type: ignore[assignment]
+
+    def __init__(self, root: Resource, router: Router) -> None:
+        """
+        @param root: The root resource.
+        @param router: The relay's state: clock, limits and refusal counts.
+        """
+        super().__init__(root, timeout=router.limits.siteIdleTimeout, reactor=router.clock)
+        self.headerTimeout = router.limits.siteHeaderTimeout
+        self.refusals = router.refusals
+
+
 def relaySite(router: Router) -> Site:
     """
     The site served over TLS on the relay's own hostname.
@@ -168,7 +286,7 @@ def relaySite(router: Router) -> Site:
     root.putChild(b"healthz", Health())
     root.putChild(b"metrics", Metrics(router))
     root.putChild(b".well-known", wellKnown(router))
-    return Site(root)
+    return RelaySite(root, router)
 
 
 class _HTTPRoot(Resource):
@@ -201,4 +319,4 @@ def httpSite(router: Router) -> Site:
     @param router: The relay's state.
     @return: A L{Site}.
     """
-    return Site(_HTTPRoot(router))
+    return RelaySite(_HTTPRoot(router), router)

@@ -36,6 +36,33 @@ def _positive(kind: type) -> Any:
     return coerce
 
 
+_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _bandwidth(value: str) -> float:
+    """
+    Parse a bandwidth: bytes per second, with an optional K, M or G suffix (powers of 1024, like
+    frp's C{bandwidthLimit}), C{B} and C{/s} allowed after it; 0 means no cap.
+
+    @param value: The option's text, such as C{1M}, C{512KB/s} or C{250000}.
+    @return: Bytes per second.
+    @raise usage.UsageError: If it is not a non-negative number with a known suffix.
+    """
+    text = value.strip().upper().removesuffix("/S").removesuffix("B")
+    suffix = text[-1:] if text[-1:] in _SUFFIXES else ""
+    number = text[: len(text) - len(suffix)]
+    try:
+        rate = float(number) * _SUFFIXES[suffix]
+    except ValueError:
+        raise usage.UsageError(f"{value!r} is not a bandwidth (bytes per second, like 1M)")
+    if not rate >= 0 or rate == float("inf"):
+        raise usage.UsageError(f"{value!r} must be a finite bandwidth of 0 or more")
+    return rate
+
+
+_bandwidth.coerceDoc = "Bytes per second, K/M/G suffixes allowed; 0 for no cap."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     """
     Options of C{twistd portal-relay}.
@@ -145,6 +172,74 @@ class Options(usage.Options):
             MAX_HOPS_PER_IDENTITY,
             "Hops one identity may have open through this relay at once.",
             _positive(int),
+        ],
+        [
+            "max-connections",
+            None,
+            16384,
+            "Connections open at once on all listeners together (lowered to fit the descriptor "
+            "limit).",
+            _positive(int),
+        ],
+        [
+            "max-connections-per-source",
+            None,
+            256,
+            "Connections open at once from one source address (IPv4, or IPv6 /64) on each visitor "
+            "listener (public, HTTP, raw TCP ports).",
+            _positive(int),
+        ],
+        [
+            "max-control-connections-per-source",
+            None,
+            1024,
+            "Connections open at once from one source address on the control port (a tunnel's "
+            "control session, data session pool and one data session per open stream).",
+            _positive(int),
+        ],
+        [
+            "site-header-timeout",
+            None,
+            10.0,
+            "Seconds a connection to the relay's own pages has to send complete request headers "
+            "(TLS handshake included).",
+            _positive(float),
+        ],
+        [
+            "site-idle-timeout",
+            None,
+            30.0,
+            "Seconds a connection to the relay's own pages may stay silent.",
+            _positive(float),
+        ],
+        [
+            "max-udp-flows-per-source",
+            None,
+            64,
+            "UDP flows (visitor ports) one source address may have on a lease's UDP port.",
+            _positive(int),
+        ],
+        [
+            "bandwidth-per-lease",
+            None,
+            0.0,
+            "Bytes per second one lease name's streams may move, both directions together "
+            "(K, M, G suffixes: powers of 1024; 0: no cap).",
+            _bandwidth,
+        ],
+        [
+            "bandwidth-per-identity",
+            None,
+            0.0,
+            "Bytes per second all streams of one identity's leases may move (0: no cap).",
+            _bandwidth,
+        ],
+        [
+            "bandwidth-per-source",
+            None,
+            0.0,
+            "Bytes per second all streams of one visitor source address may move (0: no cap).",
+            _bandwidth,
         ],
         [
             "allow-hop-registry",
@@ -264,6 +359,15 @@ class Options(usage.Options):
                 dataWaitTimeout=self["data-wait-timeout"],
                 maxIdleData=self["max-idle-data"],
                 controlIdleTimeout=self["control-idle-timeout"],
+                maxConnections=self["max-connections"],
+                maxConnectionsPerSource=self["max-connections-per-source"],
+                maxControlConnectionsPerSource=self["max-control-connections-per-source"],
+                siteHeaderTimeout=self["site-header-timeout"],
+                siteIdleTimeout=self["site-idle-timeout"],
+                maxUDPFlowsPerSource=self["max-udp-flows-per-source"],
+                bandwidthPerLease=self["bandwidth-per-lease"],
+                bandwidthPerIdentity=self["bandwidth-per-identity"],
+                bandwidthPerSource=self["bandwidth-per-source"],
             ),
         )
 
