@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from portal.forwarding.refusals import Refusals
 from portal.relay import udp
 from portal.relay.udp import (
     DROP_REASONS,
@@ -186,6 +187,7 @@ class PublicUDPTests(SynchronousTestCase):
             self.port.dropped,
             {
                 "too_many_flows": 0,
+                "too_many_flows_per_source": 0,
                 "flow_ids_exhausted": 0,
                 "unknown_flow": 0,
                 "send_failed": 0,
@@ -197,6 +199,41 @@ class PublicUDPTests(SynchronousTestCase):
         self.assertEqual(self.port.name, "game")
         self.assertEqual(self.port.idleTimeout, IDLE)
         self.assertEqual(self.port.maxFlows, 3)
+
+    def test_perSourceLimit(self) -> None:
+        """
+        A source sending from many ports gets at most C{maxFlowsPerSource} flows; its other
+        datagrams are dropped and counted (in L{Refusals} when given); another source still opens
+        a flow, and a forgotten flow frees a place.
+        """
+        refusals = Refusals(self.clock)
+        port = self.makePort(maxFlows=100, maxFlowsPerSource=2, refusals=refusals)
+        port.makeConnection(RecordingUDPTransport(port))
+        for sourcePort in range(1000, 1050):
+            port.datagramReceived(b"x", ("192.0.2.1", sourcePort))
+        self.assertEqual(port.flows, 2)
+        self.assertEqual(port.dropped["too_many_flows_per_source"], 48)
+        self.assertEqual(refusals.counts, {"udp_flows_per_source": 48})
+        port.datagramReceived(b"y", ("192.0.2.2", 1000))
+        self.assertEqual(port.flows, 3)
+        self.assertEqual(self.forwarded[-1], (3, b"y"))
+        port.closeFlow(1)
+        port.datagramReceived(b"z", ("192.0.2.1", 2000))
+        self.assertEqual(self.forwarded[-1], (4, b"z"))
+
+    def test_perSourceIPv6(self) -> None:
+        """
+        IPv6 visitors in one /64 are one source; without L{Refusals} the refusal is logged here.
+        """
+        port = self.makePort(maxFlows=100, maxFlowsPerSource=1)
+        port.makeConnection(RecordingUDPTransport(port))
+        port.datagramReceived(b"x", ("2001:db8::1", 1, 0, 0))
+        port.datagramReceived(b"x", ("2001:db8::2", 1, 0, 0))
+        port.datagramReceived(b"x", ("2001:db8:0:1::2", 1, 0, 0))
+        self.assertEqual(port.flows, 2)
+        self.assertEqual(port.dropped["too_many_flows_per_source"], 1)
+        [event] = [e for e in self.events if e.get("source") == "2001:db8::/64"]
+        self.assertEqual(event["maximum"], 1)
 
     def test_defaults(self) -> None:
         """

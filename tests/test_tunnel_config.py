@@ -402,6 +402,9 @@ class TunnelOptionsTests(SynchronousTestCase):
             "--udp", "--udp-addr", "53", "--udp-idle-timeout", "5", "--udp-max-flows", "3"
         ).tunnelConfig
         self.assertEqual((config.mode, config.udpIdleTimeout, config.udpMaxFlows), ("udp", 5.0, 3))
+        self.assertEqual(config.udpMaxFlowsPerSource, 64)
+        config = self.parse("53", "--udp", "--udp-max-flows-per-source", "2").tunnelConfig
+        self.assertEqual(config.udpMaxFlowsPerSource, 2)
 
     def test_udpErrors(self) -> None:
         """
@@ -412,6 +415,7 @@ class TunnelOptionsTests(SynchronousTestCase):
             (["--udp"], "missing TARGET or --udp-addr"),
             (["http://127.0.0.1:53", "--udp"], "no scheme"),
             (["53", "--udp", "--udp-max-flows", "0"], "--udp-max-flows"),
+            (["53", "--udp", "--udp-max-flows-per-source", "0"], "--udp-max-flows-per-source"),
             (["53", "--udp", "--udp-idle-timeout", "-1"], "--udp-idle-timeout"),
             (["53", "--udp", "--http"], "UDP service"),
         ]:

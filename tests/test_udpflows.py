@@ -312,12 +312,20 @@ class FlowTableTests(SynchronousTestCase):
         self.assertEqual(self.table.dropped, dict.fromkeys(DROP_REASONS, 0))
         self.assertEqual(
             set(DROP_REASONS),
-            {"too_many_flows", "refused", "stopped", "open_failed", "write_failed"},
+            {
+                "too_many_flows",
+                "too_many_flows_per_source",
+                "refused",
+                "stopped",
+                "open_failed",
+                "write_failed",
+            },
         )
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.table.target, _TARGET)
         self.assertEqual(self.table.interface, "127.0.0.1")
         self.assertEqual((self.table.idleTimeout, self.table.maxFlows), (60.0, 3))
+        self.assertEqual(self.table.maxFlowsPerSource, 64)
         self.assertIsNone(self.table.socketFor(1))
 
     def test_defaults(self) -> None:
@@ -563,6 +571,55 @@ class FlowTableTests(SynchronousTestCase):
         self.assertEqual(self.port(4).written, [b"d"])
         self.assertEqual(self.table.flows, 3)
         self.assertEqual(self.table.dropped, dict.fromkeys(DROP_REASONS, 0) | {"too_many_flows": 1})
+
+    def test_perSourceAfterDatagram(self) -> None:
+        """
+        When the relay names a flow's source after its first datagram, a flow beyond
+        C{maxFlowsPerSource} for that source is closed (its socket too), counted, logged and
+        reported to the relay; another source's flow stays, and a closed flow frees a place.
+        """
+        table = self.makeTable(maxFlows=10, maxFlowsPerSource=2)
+        for flowId in [1, 2, 3, 4]:
+            table.deliver(flowId, b"a")
+        table.noteSource(1, "192.0.2.1")
+        table.noteSource(2, "192.0.2.1")
+        port3 = self.port(3, table)
+        table.noteSource(3, "192.0.2.1")
+        table.noteSource(4, "192.0.2.2")
+        self.assertEqual(table.flows, 3)
+        self.assertIsNone(table.socketFor(3))
+        self.assertFalse(port3.listening)
+        self.assertEqual([flowId for flowId, _ in self.closed], [3])
+        self.assertEqual(table.dropped["too_many_flows_per_source"], 1)
+        [event] = self.warnings("too_many_flows_per_source")
+        self.assertEqual(event["source"], "192.0.2.1")
+        table.close(1)
+        table.deliver(5, b"b")
+        table.noteSource(5, "192.0.2.1")
+        self.assertEqual(self.port(5, table).written, [b"b"])
+
+    def test_perSourceBeforeDatagram(self) -> None:
+        """
+        A source named before the flow's first datagram is checked when the datagram comes: over
+        the limit, the datagram is dropped and no socket is opened. IPv6 sources count by /64.
+        """
+        table = self.makeTable(maxFlows=10, maxFlowsPerSource=1)
+        table.noteSource(1, "2001:db8::1")
+        table.noteSource(2, "2001:db8::2")
+        table.deliver(1, b"a")
+        table.deliver(2, b"b")
+        self.assertEqual(table.flows, 1)
+        self.assertIsNone(table.socketFor(2))
+        self.assertEqual(table.dropped["too_many_flows_per_source"], 1)
+
+    def test_earlySourcesBounded(self) -> None:
+        """
+        Sources named for flows that never send are kept for at most C{maxFlows} flows.
+        """
+        table = self.makeTable(maxFlows=3)
+        for flowId in range(100):
+            table.noteSource(flowId, "192.0.2.1")
+        self.assertEqual(len(table._earlySources), 3)
 
     def test_dropLogRateLimited(self) -> None:
         """

@@ -62,6 +62,13 @@ class TunnelOptions(FlagsAnywhere):
         ["udp-idle-timeout", None, 60.0, "Seconds a UDP flow may be idle (default 60).", float],
         ["udp-max-flows", None, 1024, "Most UDP flows (visitor addresses) at once.", int],
         [
+            "udp-max-flows-per-source",
+            None,
+            64,
+            "Most UDP flows at once from one visitor source address (IPv4, or IPv6 /64).",
+            int,
+        ],
+        [
             "proxy-protocol",
             None,
             None,
@@ -163,6 +170,7 @@ class TunnelOptions(FlagsAnywhere):
                 udpAddr=self["udp-addr"],
                 udpIdleTimeout=self["udp-idle-timeout"],
                 udpMaxFlows=self["udp-max-flows"],
+                udpMaxFlowsPerSource=self["udp-max-flows-per-source"],
                 via=self["via"],
                 registry=self["registry"],
                 maxRelays=self["max-relays"],

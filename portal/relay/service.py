@@ -239,7 +239,12 @@ class RelayService(Service):
             # The interface is the public listener's, known once it listens (see _start).
             router.tcp = tcpPorts(self._reactor, self._loadPorts("tcp", config.tcpPorts))
         if config.udpPorts is not None:
-            router.udp = UDPMode(self._reactor, self._loadPorts("udp", config.udpPorts))
+            router.udp = UDPMode(
+                self._reactor,
+                self._loadPorts("udp", config.udpPorts),
+                maxFlowsPerSource=limits.maxUDPFlowsPerSource,
+                refusals=router.refusals,
+            )
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])

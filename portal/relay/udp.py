@@ -37,6 +37,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.refusals import Refusals
+from portal.forwarding.sources import sourceKey
 from portal.wire.udpseal import MAX_FLOW_ID
 
 #: The C{maxPacketSize} the caller must give C{listenUDP}, so that datagrams of any size arrive
@@ -53,6 +55,7 @@ FLOW_LIMIT_LOG_INTERVAL = 10.0
 #: The keys of L{PublicUDP.dropped}: why datagrams were dropped.
 DROP_REASONS = (
     "too_many_flows",
+    "too_many_flows_per_source",
     "flow_ids_exhausted",
     "unknown_flow",
     "send_failed",
@@ -70,6 +73,7 @@ class _Flow:
 
     @ivar flowId: The flow's id.
     @ivar key: The visitor's (host, port).
+    @ivar source: The visitor's source address as per-source limits count it (L{sourceKey}).
     @ivar address: The address replies are written to, as the visitor's first datagram came from.
     @ivar active: Whether a datagram went either way since the last sweep.
     @ivar idleSweeps: How many sweep intervals in a row have passed without a datagram.
@@ -77,6 +81,7 @@ class _Flow:
 
     flowId: int
     key: Address
+    source: str
     address: tuple[Any, ...]
     active: bool = True
     idleSweeps: int = 0
@@ -90,11 +95,14 @@ class PublicUDP(DatagramProtocol):
     @ivar name: The lease's name, for log events.
     @ivar idleTimeout: Seconds without a datagram either way after which a flow is forgotten.
     @ivar maxFlows: Most flows live at once; datagrams from new visitors beyond them are dropped.
+    @ivar maxFlowsPerSource: Most flows live at once from one source address (IPv4 /32, IPv6 /64),
+        so that one source sending from many ports cannot take every flow.
     @ivar received: How many visitor datagrams were passed to the tunnel.
     @ivar sent: How many datagrams from the tunnel were written to visitors.
     @ivar dropped: How many datagrams, either way, were dropped, by reason (L{DROP_REASONS}):
         C{"too_many_flows"} and C{"flow_ids_exhausted"} for a new visitor's datagram when
-        L{maxFlows} flows are live or every flow id has been used, C{"unknown_flow"} for a reply
+        L{maxFlows} flows are live or every flow id has been used, C{"too_many_flows_per_source"}
+        when its source address has L{maxFlowsPerSource} flows, C{"unknown_flow"} for a reply
         to a flow that is not live, C{"send_failed"} for a reply the socket refused, and
         C{"stopped"} for anything after L{stop} or while not listening.
     """
@@ -109,7 +117,9 @@ class PublicUDP(DatagramProtocol):
         name: str,
         idleTimeout: float = 60.0,
         maxFlows: int = 1024,
+        maxFlowsPerSource: int = 64,
         onFlowClosed: Callable[[int], None] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         """
         @param clock: The source of time for idle expiry and log rate limiting.
@@ -119,6 +129,9 @@ class PublicUDP(DatagramProtocol):
         @param idleTimeout: Seconds without a datagram either way after which a flow is
             forgotten.
         @param maxFlows: Most flows live at once.
+        @param maxFlowsPerSource: Most flows live at once from one source address.
+        @param refusals: Where a new flow refused for its source is counted by reason (as
+            C{udp_flows_per_source}) and logged; without it, it is logged here, rate-limited.
         @param onFlowClosed: Called with the flow id of each flow forgotten for being idle, so
             the caller can tell the tunnel; not called for L{closeFlow} or L{stop}.
         @raise ValueError: If C{idleTimeout} is not a positive finite number or C{maxFlows} is
@@ -130,7 +143,12 @@ class PublicUDP(DatagramProtocol):
             )
         if maxFlows < 1:
             raise ValueError(f"maxFlows must be at least 1, not {maxFlows}")
+        if maxFlowsPerSource < 1:
+            raise ValueError(f"maxFlowsPerSource must be at least 1, not {maxFlowsPerSource}")
         self.name = name
+        self.maxFlowsPerSource = maxFlowsPerSource
+        self._refusals = refusals
+        self._bySource: dict[str, int] = {}
         self.idleTimeout = idleTimeout
         self.maxFlows = maxFlows
         self.received = 0
@@ -208,8 +226,15 @@ class PublicUDP(DatagramProtocol):
             self.dropped["too_many_flows"] += 1
             self._flowLimitReached(key)
             return None
+        source = sourceKey(key[0])
+        held = self._bySource.get(source, 0)
+        if held >= self.maxFlowsPerSource:
+            self.dropped["too_many_flows_per_source"] += 1
+            self._sourceLimitReached(source)
+            return None
+        self._bySource[source] = held + 1
         self._nextFlowId = flowId + 1
-        flow = _Flow(flowId, key, addr)
+        flow = _Flow(flowId, key, source, addr)
         self._byKey[key] = flow
         self._byId[flowId] = flow
         if not self._sweeper.running:
@@ -235,6 +260,38 @@ class PublicUDP(DatagramProtocol):
             host=key[0],
             port=key[1],
         )
+
+    def _sourceLimitReached(self, source: str) -> None:
+        """
+        Count and log (rate-limited) a new flow refused because its source has too many.
+
+        @param source: The source address.
+        """
+        format = (
+            "UDP port for {name}: refused a new flow from {source}, which has {maximum} flows, "
+            "the most allowed per source address"
+        )
+        fields = {"name": self.name, "source": source, "maximum": self.maxFlowsPerSource}
+        if self._refusals is not None:
+            self._refusals.refuse("udp_flows_per_source", format, **fields)
+            return
+        held = self._limitLog.due("per_source")
+        if held is not None:
+            self._log.warn(format + " ({unlogged} more not logged)", unlogged=held, **fields)
+
+    def _forget(self, flow: _Flow) -> None:
+        """
+        Remove a flow from the tables and its source's count.
+
+        @param flow: A live flow.
+        """
+        del self._byId[flow.flowId]
+        del self._byKey[flow.key]
+        held = self._bySource.get(flow.source, 0) - 1
+        if held > 0:
+            self._bySource[flow.source] = held
+        else:
+            self._bySource.pop(flow.source, None)
 
     def fromTunnel(self, flowId: int, payload: bytes) -> bool:
         """
@@ -268,10 +325,10 @@ class PublicUDP(DatagramProtocol):
         @param flowId: The flow id.
         @return: Whether the flow was live.
         """
-        flow = self._byId.pop(flowId, None)
+        flow = self._byId.get(flowId)
         if flow is None:
             return False
-        del self._byKey[flow.key]
+        self._forget(flow)
         return True
 
     def _sweep(self, intervals: int) -> None:
@@ -291,8 +348,7 @@ class PublicUDP(DatagramProtocol):
                 if flow.idleSweeps >= SWEEPS_PER_TIMEOUT:
                     expired.append(flow)
         for flow in expired:
-            del self._byId[flow.flowId]
-            del self._byKey[flow.key]
+            self._forget(flow)
         if self._onFlowClosed is not None:
             for flow in expired:
                 try:
@@ -315,6 +371,7 @@ class PublicUDP(DatagramProtocol):
         self._stopped = True
         self._byKey.clear()
         self._byId.clear()
+        self._bySource.clear()
         if self._sweeper.running:
             self._sweeper.stop()
 

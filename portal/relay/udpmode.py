@@ -21,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.refusals import Refusals
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
@@ -85,8 +86,24 @@ class UDPMode:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, allocator: PortAllocator, interface: str = "") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        allocator: PortAllocator,
+        interface: str = "",
+        maxFlowsPerSource: int = 64,
+        refusals: Refusals | None = None,
+    ) -> None:
+        """
+        @param reactor: UDP and time.
+        @param allocator: The UDP lease ports' allocator.
+        @param interface: The address lease ports bind.
+        @param maxFlowsPerSource: Most flows one source address may have on a lease's port.
+        @param refusals: Where flows refused for their source are counted and logged.
+        """
         self._reactor = reactor
+        self.maxFlowsPerSource = maxFlowsPerSource
+        self._refusals = refusals
         self.ports = LeasePorts("udp", allocator, self._listen, interface)
         self.sessions: dict[bytes, UDPSession] = {}
         self.tunnelSide = TunnelSide(self)
@@ -125,6 +142,8 @@ class UDPMode:
             name=lease.name,
             idleTimeout=RELAY_FLOW_IDLE,
             maxFlows=RELAY_MAX_FLOWS,
+            maxFlowsPerSource=self.maxFlowsPerSource,
+            refusals=self._refusals,
             onFlowClosed=lambda flowId: self._flowClosed(session, flowId),
         )
         listening: IListeningPort = self._reactor.listenUDP(

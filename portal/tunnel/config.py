@@ -109,6 +109,8 @@ class TunnelConfig:
     @ivar udpTarget: UDP mode's local UDP service, or L{None} without UDP mode.
     @ivar udpIdleTimeout: Seconds a UDP flow may be idle before its local socket is closed.
     @ivar udpMaxFlows: Most UDP flows (visitor addresses) at once.
+    @ivar udpMaxFlowsPerSource: Most UDP flows at once from one visitor source address (IPv4 /32,
+        IPv6 /64).
     @ivar registry: The relay registry (a file or an http(s) URL) to pick relays from, or L{None}.
     @ivar maxRelays: How many registry relays to hold leases on (besides L{relays}).
     @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
@@ -130,6 +132,7 @@ class TunnelConfig:
     udpTarget: Target | None = None
     udpIdleTimeout: float = 60.0
     udpMaxFlows: int = 1024
+    udpMaxFlowsPerSource: int = 64
     registry: str | None = None
     maxRelays: int = DEFAULT_MAX_RELAYS
     apps: tuple[App, ...] = ()
@@ -194,6 +197,7 @@ def buildConfig(
     udpAddr: str | None = None,
     udpIdleTimeout: float = 60.0,
     udpMaxFlows: int = 1024,
+    udpMaxFlowsPerSource: int = 64,
     via: Sequence[Sequence[str]] = (),
     registry: str | None = None,
     maxRelays: int | None = None,
@@ -254,6 +258,8 @@ def buildConfig(
             raise ConfigError("--udp-idle-timeout must be between 0 and 86400 seconds")
         if not 0 < udpMaxFlows <= 65536:
             raise ConfigError("--udp-max-flows must be between 1 and 65536")
+        if not 0 < udpMaxFlowsPerSource <= 65536:
+            raise ConfigError("--udp-max-flows-per-source must be between 1 and 65536")
         service = udpAddr if udpAddr is not None else target
         if service is None:
             raise ConfigError("--udp: missing TARGET or --udp-addr (the local UDP service)")
@@ -316,6 +322,7 @@ def buildConfig(
         udpTarget=udpTarget,
         udpIdleTimeout=udpIdleTimeout,
         udpMaxFlows=udpMaxFlows,
+        udpMaxFlowsPerSource=udpMaxFlowsPerSource,
         registry=registry or None,
         maxRelays=DEFAULT_MAX_RELAYS if maxRelays is None else maxRelays,
         apps=loadedApps,

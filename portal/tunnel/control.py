@@ -222,6 +222,7 @@ class TunnelControlProtocol(amp.AMP):
             link.udpTarget,
             idleTimeout=link.tunnel.config.udpIdleTimeout,
             maxFlows=link.tunnel.config.udpMaxFlows,
+            maxFlowsPerSource=link.tunnel.config.udpMaxFlowsPerSource,
             overControl=overControl,
         )
         self.udp.start()
@@ -241,6 +242,8 @@ class TunnelControlProtocol(amp.AMP):
         A new visitor address on the lease's UDP port.
         """
         self._log.info("udp flow {flow} from {host}:{port}", flow=flowId, host=host, port=port)
+        if self.udp is not None:
+            self.udp.flows.noteSource(flowId, host)
         return {}
 
     @FlowClosed.responder

@@ -32,6 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.sources import sourceKey
 from portal.forwarding.udpbuffers import enlargeBuffers
 
 #: The C{maxPacketSize} of every flow's socket: the largest UDP datagram, so no reply is truncated.
@@ -41,7 +42,14 @@ MAX_PACKET_SIZE = 65535
 SWEEPS_PER_TIMEOUT = 4
 
 #: Every reason L{FlowTable.dropped} counts.
-DROP_REASONS = ("too_many_flows", "refused", "stopped", "open_failed", "write_failed")
+DROP_REASONS = (
+    "too_many_flows",
+    "too_many_flows_per_source",
+    "refused",
+    "stopped",
+    "open_failed",
+    "write_failed",
+)
 
 
 def localInterface(host: str) -> str:
@@ -71,9 +79,11 @@ class _Flow(DatagramProtocol):
         it is opened, and after the reactor lost it.
     @ivar silentSweeps: How many idle sweeps have passed since the flow's last datagram.
     @ivar closed: Whether the flow has been closed; a closed flow ignores its socket.
+    @ivar source: The visitor's source address (L{sourceKey}), once the relay has said it.
     """
 
     port: IUDPTransport | None = None
+    source: str | None = None
 
     def __init__(self, table: FlowTable, flowId: int) -> None:
         """
@@ -118,10 +128,13 @@ class FlowTable:
     @ivar interface: The interface every flow's socket binds to, from L{localInterface}.
     @ivar idleTimeout: Seconds of silence, either way, after which a flow is closed.
     @ivar maxFlows: The most flows open at once; datagrams of new flows beyond it are dropped.
+    @ivar maxFlowsPerSource: The most flows open at once from one visitor source address (IPv4
+        /32, IPv6 /64), as the relay reports it in L{noteSource}; a flow beyond it is closed.
     @ivar received: How many datagrams from visitors were given to L{deliver}, dropped or not.
     @ivar sent: How many replies from the local service were passed to C{send}.
     @ivar dropped: How many datagrams were dropped, by reason: C{"too_many_flows"} (a new flow while
-        L{maxFlows} are open), C{"refused"} (the service's port refused a datagram, or the
+        L{maxFlows} are open), C{"too_many_flows_per_source"} (a flow whose source already has
+        L{maxFlowsPerSource}), C{"refused"} (the service's port refused a datagram, or the
         reactor closed the flow's socket; the flow is kept), C{"stopped"} (after L{stop}), C{"open_failed"} (the flow's socket could not be opened
         or connected) and C{"write_failed"} (the socket refused a datagram, such as one too long).
     @cvar logInterval: Least seconds between two log events for the same drop reason; the drops in
@@ -139,6 +152,7 @@ class FlowTable:
         *,
         idleTimeout: float = 60.0,
         maxFlows: int = 1024,
+        maxFlowsPerSource: int = 64,
         onFlowClosed: Callable[[int], None] | None = None,
     ) -> None:
         """
@@ -148,8 +162,9 @@ class FlowTable:
         @param send: Called with a flow id and a reply to send it back to the flow's visitor.
         @param idleTimeout: Seconds of silence, either way, after which a flow is closed.
         @param maxFlows: The most flows open at once.
-        @param onFlowClosed: Called with a flow id when the flow is closed for being idle, so the
-            relay can forget it; not called for L{close} or L{stop}.
+        @param maxFlowsPerSource: The most flows open at once from one source address.
+        @param onFlowClosed: Called with a flow id when the flow is closed for being idle or for
+            its source's limit, so the relay can forget it; not called for L{close} or L{stop}.
         @raise ValueError: If the target's host is not an IP address literal, its port is not
             1-65535, C{idleTimeout} is not positive or C{maxFlows} is less than 1.
         """
@@ -161,6 +176,13 @@ class FlowTable:
             raise ValueError(f"idle timeout must be positive, not {idleTimeout}")
         if maxFlows < 1:
             raise ValueError(f"maxFlows must be at least 1, not {maxFlows}")
+        if maxFlowsPerSource < 1:
+            raise ValueError(f"maxFlowsPerSource must be at least 1, not {maxFlowsPerSource}")
+        self.maxFlowsPerSource = maxFlowsPerSource
+        self._bySource: dict[str, int] = {}
+        # Sources the relay named for flows whose first datagram has not come yet (the source
+        # travels over the control session, the datagram usually over UDP), oldest first.
+        self._earlySources: dict[int, str] = {}
         self.target = (host, port)
         self.idleTimeout = idleTimeout
         self.maxFlows = maxFlows
@@ -223,6 +245,53 @@ class FlowTable:
         except (MessageLengthError, OSError) as e:
             self._drop("write_failed", flowId, "could not send to the local service: {error}", e)
 
+    def noteSource(self, flowId: int, host: str) -> None:
+        """
+        The relay says which visitor address a flow comes from: count it against its source, and
+        close the flow (telling C{onFlowClosed}) if the source already has L{maxFlowsPerSource}.
+
+        @param flowId: The flow's id; it may not be open yet (its first datagram may come later).
+        @param host: The visitor's address literal.
+        """
+        source = sourceKey(host)
+        flow = self._flows.get(flowId)
+        if flow is None:
+            if not self._stopped:
+                self._earlySources[flowId] = source
+                while len(self._earlySources) > self.maxFlows:
+                    del self._earlySources[next(iter(self._earlySources))]
+            return
+        if flow.source is not None:
+            return
+        if not self._admitSource(flowId, source):
+            del self._flows[flowId]
+            self._closeFlow(flow)
+            if self._onFlowClosed is not None:
+                self._onFlowClosed(flowId)
+            return
+        flow.source = source
+
+    def _admitSource(self, flowId: int, source: str) -> bool:
+        """
+        Count a flow against its source, unless the source has L{maxFlowsPerSource} (the drop is
+        then counted and logged).
+
+        @return: Whether the flow may stay.
+        """
+        held = self._bySource.get(source, 0)
+        if held >= self.maxFlowsPerSource:
+            self._drop(
+                "too_many_flows_per_source",
+                flowId,
+                "new UDP flow from {source} refused: it has {maxFlows} flows open, the most "
+                "allowed per source address",
+                source=source,
+                maxFlows=self.maxFlowsPerSource,
+            )
+            return False
+        self._bySource[source] = held + 1
+        return True
+
     def close(self, flowId: int) -> None:
         """
         Close a flow the relay has forgotten, without calling C{onFlowClosed}.
@@ -239,6 +308,7 @@ class FlowTable:
         datagram is dropped.
         """
         self._stopped = True
+        self._earlySources.clear()
         flows = list(self._flows.values())
         self._flows.clear()
         for flow in flows:
@@ -263,8 +333,13 @@ class FlowTable:
                 maxFlows=self.maxFlows,
             )
             return None
+        source = self._earlySources.pop(flowId, None)
+        if source is not None and not self._admitSource(flowId, source):
+            return None
         flow = _Flow(self, flowId)
+        flow.source = source
         if self._listen(flow) is None:
+            self._forgetSource(flow)
             return None
         self._flows[flowId] = flow
         if not self._sweeper.running:
@@ -308,10 +383,26 @@ class FlowTable:
         @param flow: The flow.
         """
         flow.closed = True
+        self._forgetSource(flow)
         if flow.port is not None:
             flow.port.stopListening()
         if not self._flows and self._sweeper.running and not self._sweeping:
             self._sweeper.stop()
+
+    def _forgetSource(self, flow: _Flow) -> None:
+        """
+        Stop counting a flow against its source.
+
+        @param flow: A flow leaving the table.
+        """
+        source, flow.source = flow.source, None
+        if source is None:
+            return
+        held = self._bySource.get(source, 0) - 1
+        if held > 0:
+            self._bySource[source] = held
+        else:
+            self._bySource.pop(source, None)
 
     def _reply(self, flow: _Flow, datagram: bytes) -> None:
         """

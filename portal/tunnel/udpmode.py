@@ -55,6 +55,7 @@ class TunnelUDP(DatagramProtocol):
         idleTimeout: float = 60.0,
         maxFlows: int = 1024,
         overControl: bool = False,
+        maxFlowsPerSource: int = 64,
     ) -> None:
         """
         @param reactor: UDP and time.
@@ -65,6 +66,7 @@ class TunnelUDP(DatagramProtocol):
         @param target: The local UDP service (IP literal, port).
         @param overControl: Never send UDP to the relay; carry every datagram over the control
             session (a relay reached through hops must not learn the tunnel's address).
+        @param maxFlowsPerSource: Most flows at once from one visitor source address.
         """
         self._overControl = overControl
         self._reactor = reactor
@@ -79,6 +81,7 @@ class TunnelUDP(DatagramProtocol):
             self.toRelay,
             idleTimeout=idleTimeout,
             maxFlows=maxFlows,
+            maxFlowsPerSource=maxFlowsPerSource,
             onFlowClosed=self._flowClosed,
         )
         self.dropped: dict[str, int] = {}
