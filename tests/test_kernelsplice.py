@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from portal.forwarding import kernelsplice
 from portal.forwarding.kernelsplice import CHUNK, KernelSplice, canSplice
+from portal.forwarding.pacing import BandwidthCaps, Pacer, burstFor
 
 #: The real reactor (typed loosely: it provides IReactorSocket, IReactorFDSet and IReactorTime).
 reactor: Any = _globalReactor
@@ -255,6 +256,7 @@ class KernelSpliceTestCase(TestCase):
         start: bool = True,
         early: bytes = b"",
         unsent: tuple[bytes, bytes] = (b"", b""),
+        pacer: Pacer | None = None,
     ) -> Rig:
         """
         Make the two socket pairs, adopt all four ends, and join the inner ends.
@@ -264,6 +266,7 @@ class KernelSpliceTestCase(TestCase):
         @param early: Bytes the visitor sends before the relay's end is adopted (they wait in the socket).
         @param unsent: Bytes the relay's protocols write to the visitor and to the data session just
             before the splice is made (they wait in Twisted's write buffers).
+        @param pacer: The splice's bandwidth pacer, if any.
         @return: The rig; everything in it is closed when the test ends.
         """
         visitorOuterSock, visitorInnerSock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,7 +283,9 @@ class KernelSpliceTestCase(TestCase):
         visitorOuter, visitorInner, dataOuter, dataInner = protocols
         visitorInner.tcpTransport.write(unsent[0])
         dataInner.tcpTransport.write(unsent[1])
-        splice = KernelSplice(reactor, visitorInner.tcpTransport, dataInner.tcpTransport, toB=toB)
+        splice = KernelSplice(
+            reactor, visitorInner.tcpTransport, dataInner.tcpTransport, toB=toB, pacer=pacer
+        )
         rig = Rig(visitorOuter, visitorInner, dataOuter, dataInner, splice)
         self.addCleanup(self.tearDownRig, rig)
         if start:
@@ -415,6 +420,40 @@ class KernelSpliceTests(KernelSpliceTestCase):
         """
         self.patch(kernelsplice, "MAX_ROUNDS", 1)
         return self.bulk(4 << 20)
+
+    @inlineCallbacks
+    def test_paced(self) -> _Gen:
+        """
+        Under a bandwidth cap both directions together move at the cap's rate (after the burst),
+        in bounded chunks, intact; when the splice ends the caps are let go.
+        """
+        rate = 4 << 20
+        caps = BandwidthCaps(reactor, perLease=rate)
+        size = 1 << 20
+        toData, toVisitor = os.urandom(size), os.urandom(size)
+        rig = self.rig(pacer=caps.pacer("app", None, "127.0.0.1"))
+        started = reactor.seconds()
+        rig.visitorOuter.tcpTransport.write(toData)
+        rig.dataOuter.tcpTransport.write(toVisitor)
+        yield gatherResults(
+            [
+                rig.dataOuter.whenReceived(len(HEADER) + size),
+                rig.visitorOuter.whenReceived(size),
+            ]
+        )
+        elapsed = reactor.seconds() - started
+        expected = (2 * size - burstFor(rate)) / rate
+        self.assertGreater(elapsed, expected * 0.9)
+        self.assertLess(elapsed, expected * 1.5 + 0.2)
+        self.assertEqual(
+            rig.dataOuter.digest.hexdigest(), hashlib.sha256(HEADER + toData).hexdigest()
+        )
+        self.assertEqual(rig.visitorOuter.digest.hexdigest(), hashlib.sha256(toVisitor).hexdigest())
+        rig.visitorOuter.tcpTransport.loseConnection()
+        rig.dataOuter.tcpTransport.loseConnection()
+        yield gatherResults([rig.visitorInner.whenLost(), rig.dataInner.whenLost()])
+        self.assertTrue(rig.splice.finished)
+        self.assertEqual(caps._kinds["lease"]._holders, {})
 
     @inlineCallbacks
     def bulk(self, size: int) -> _Gen:

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.forwarding.pacing import Pacer
 from portal.forwarding.splice import SpliceProtocol, splice
 
 #: Bytes moved per splice call, and the pipe size asked for.
@@ -135,11 +136,22 @@ class _Direction:
     @ivar done: End of stream passed on and the pipe drained.
     """
 
-    def __init__(self, source: _End, destination: _End, prefix: bytes, pool: PipePool) -> None:
+    #: While paced: the call that reads again once the buckets allow it.
+    wake: Any = None
+
+    def __init__(
+        self,
+        source: _End,
+        destination: _End,
+        prefix: bytes,
+        pool: PipePool,
+        pacer: Pacer | None = None,
+    ) -> None:
         self.source = source
         self.destination = destination
         self.prefix = prefix
         self._pool = pool
+        self.pacer = pacer
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         self.eof = False
@@ -203,9 +215,17 @@ class _Direction:
                     destination.shutdownWrite()
                     source.pauseRead(self)
                 return False
+            limit = CHUNK
+            if self.pacer is not None:
+                limit = min(CHUNK, self.pacer.allowance())
+                if not limit:
+                    # Over the bandwidth cap: read again when the buckets hold a quantum.
+                    source.pauseRead(self)
+                    source.paceLater(self, self.pacer.delay())
+                    return False
             self.pipe = self._pool.take()
             try:
-                moved = os.splice(source.fd, self.pipe[1], CHUNK, flags=_FLAGS)
+                moved = os.splice(source.fd, self.pipe[1], limit, flags=_FLAGS)
             except BlockingIOError:
                 # Nothing to read: the pipe goes back, so idle connections hold none.
                 self._release()
@@ -216,6 +236,8 @@ class _Direction:
                 self._release()
             else:
                 self.pending += moved
+                if self.pacer is not None:
+                    self.pacer.spend(moved)
         if self.pending or self.eof:
             # Out of rounds with bytes in the pipe (or an EOF to pass on): come back when the
             # destination is writable, not only if the source happens to send more.
@@ -301,6 +323,14 @@ class _End:
             self._writing = False
             self._owner.reactor.removeWriter(self)
 
+    def paceLater(self, direction: _Direction, delay: float) -> None:
+        """
+        Pump C{direction} again after C{delay} seconds (it waits for its bandwidth caps), unless
+        already scheduled.
+        """
+        if direction.wake is None:
+            direction.wake = self._owner.reactor.callLater(delay, self._owner.wake, direction)
+
     def shutdownWrite(self) -> None:
         """
         Pass an end of stream on.
@@ -336,6 +366,7 @@ class KernelSplice:
         b: tcp.Connection,
         toB: bytes = b"",
         pool: PipePool = pipes,
+        pacer: Pacer | None = None,
     ) -> None:
         """
         @param reactor: The reactor both transports belong to.
@@ -343,14 +374,17 @@ class KernelSplice:
         @param b: The other (the data session).
         @param toB: Bytes to write to C{b} before anything read from C{a}.
         @param pool: Where pipes are borrowed from.
+        @param pacer: Paces the bytes of both directions by bandwidth caps, in chunks of at most
+            what its buckets allow (L{portal.forwarding.pacing}); L{None} for no cap.
         """
         self.reactor = reactor
+        self._pacer = pacer
         self._a = _End(self, a)
         self._b = _End(self, b)
         toA = takeUnsent(a)
         toB = takeUnsent(b) + toB
-        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB, pool)
-        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA, pool)
+        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB, pool, pacer)
+        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA, pool, pacer)
 
     def start(self) -> None:
         """
@@ -376,14 +410,29 @@ class KernelSplice:
         if self._a.outgoing.done and self._b.outgoing.done:
             self._finish()
 
+    def wake(self, direction: _Direction) -> None:
+        """
+        A paced direction may read again.
+        """
+        direction.wake = None
+        if self.finished:
+            return
+        direction.source.resumeRead(direction)
+        self.run(direction)
+
     def _release(self) -> None:
         """
-        Leave the reactor and close the pipes.
+        Leave the reactor, close the pipes and let go of the bandwidth caps.
         """
         self.finished = True
         for end in (self._a, self._b):
             end.unregister()
             end.outgoing.close()
+            wake, end.outgoing.wake = end.outgoing.wake, None
+            if wake is not None and wake.active():
+                wake.cancel()
+        if self._pacer is not None:
+            self._pacer.close()
 
     def _finish(self) -> None:
         """
@@ -407,7 +456,13 @@ class KernelSplice:
             end.transport.abortConnection()
 
 
-def joinEnds(reactor: Any, a: SpliceProtocol, b: SpliceProtocol, toB: bytes = b"") -> bool:
+def joinEnds(
+    reactor: Any,
+    a: SpliceProtocol,
+    b: SpliceProtocol,
+    toB: bytes = b"",
+    pacer: Pacer | None = None,
+) -> bool:
     """
     Join two connected splice ends: in the kernel when both are plain TCP connections and a reactor
     is given, otherwise with L{portal.forwarding.splice.splice}.
@@ -418,6 +473,8 @@ def joinEnds(reactor: Any, a: SpliceProtocol, b: SpliceProtocol, toB: bytes = b"
     @param a: One end (the visitor).
     @param b: The other end.
     @param toB: Bytes to write to C{b} first.
+    @param pacer: Paces both directions by bandwidth caps (L{portal.forwarding.pacing}), or
+        L{None}.
     @return: Whether the kernel moves the bytes.
     """
     if reactor is not None and canSplice(a.transport, b.transport):
@@ -426,8 +483,12 @@ def joinEnds(reactor: Any, a: SpliceProtocol, b: SpliceProtocol, toB: bytes = b"
         first = toB + a.takePending()
         # canSplice accepted both transports, so they are plain TCP connections.
         KernelSplice(
-            reactor, cast(tcp.Connection, a.transport), cast(tcp.Connection, b.transport), toB=first
+            reactor,
+            cast(tcp.Connection, a.transport),
+            cast(tcp.Connection, b.transport),
+            toB=first,
+            pacer=pacer,
         ).start()
         return True
-    splice(a, b, bFirst=toB)
+    splice(a, b, bFirst=toB, pacer=pacer)
     return False

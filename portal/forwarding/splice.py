@@ -25,6 +25,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from portal.forwarding.pacing import PacedProducer, Pacer
+
 
 class IForwardingTransport(ITransport, IConsumer, IPushProducer):
     """
@@ -134,6 +136,8 @@ class SpliceProtocol(Protocol):
     """
 
     peer: SpliceProtocol | None = None
+    #: Paces this side's reading by bandwidth caps, when the splice has a pacer.
+    paced: PacedProducer | None = None
     _readClosed = False
     _writeClosed = False
     _lost = False
@@ -150,6 +154,8 @@ class SpliceProtocol(Protocol):
         peer = self.peer
         if peer is not None:
             _transportOf(peer).write(data)
+            if self.paced is not None:
+                self.paced.spent(len(data))
         else:
             self.unsplicedDataReceived(data)
 
@@ -206,6 +212,8 @@ class SpliceProtocol(Protocol):
         @param reason: Why this side closed.
         """
         self._lost = True
+        if self.paced is not None:
+            self.paced.close()
         peer = self.peer
         if peer is not None and not peer._lost:
             peerTransport = _transportOf(peer)
@@ -217,7 +225,13 @@ class SpliceProtocol(Protocol):
                 peerTransport.loseConnection()
 
 
-def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: bytes = b"") -> None:
+def splice(
+    a: SpliceProtocol,
+    b: SpliceProtocol,
+    aFirst: bytes = b"",
+    bFirst: bytes = b"",
+    pacer: Pacer | None = None,
+) -> None:
     """
     Pair two connected splice ends and start forwarding in both directions.
 
@@ -229,6 +243,8 @@ def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: by
     @param b: The other connected end.
     @param aFirst: Bytes to write to C{a} before anything C{b} buffered.
     @param bFirst: Bytes to write to C{b} before anything C{a} buffered.
+    @param pacer: Paces the bytes of both directions by bandwidth caps (L{portal.forwarding.pacing}),
+        or L{None}.
     """
     a.peer = b
     b.peer = a
@@ -241,8 +257,13 @@ def splice(a: SpliceProtocol, b: SpliceProtocol, aFirst: bytes = b"", bFirst: by
         aTransport.write(toA)
     # Each transport produces the bytes the other consumes: a full write buffer on one pauses reads on
     # the other.
-    aTransport.registerProducer(bTransport, True)
-    bTransport.registerProducer(aTransport, True)
+    aProducer: Any = aTransport
+    bProducer: Any = bTransport
+    if pacer is not None:
+        a.paced = aProducer = PacedProducer(aTransport, pacer)
+        b.paced = bProducer = PacedProducer(bTransport, pacer)
+    aTransport.registerProducer(bProducer, True)
+    bTransport.registerProducer(aProducer, True)
     for this, other in ((a, b), (b, a)):
         if this._lost:
             _transportOf(other).unregisterProducer()

@@ -166,6 +166,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 router.limits,
                 router.clock if router.kernelSplice else None,
                 router.counters,
+                router.bandwidth,
             )
             router.sessions[self.sessionId] = self.pool
         exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)

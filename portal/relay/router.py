@@ -14,7 +14,9 @@ from twisted.logger import Logger
 
 from portal.forwarding.connlimit import ConnectionLimiter, LimitedFactory, OpenConnections
 from portal.forwarding.kernelsplice import joinEnds
+from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
+from portal.forwarding.sources import sourceKey
 from portal.forwarding.splice import pauseReading, splice
 from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
@@ -120,6 +122,7 @@ class DataPool:
         limits: RelayLimits,
         reactor: Any = None,
         counters: dict[str, int] | None = None,
+        bandwidth: BandwidthCaps | None = None,
     ) -> None:
         """
         @param owner: The control session, asked for more data sessions when they run out.
@@ -128,7 +131,9 @@ class DataPool:
         @param reactor: The reactor, to move paired plain-TCP connections in the kernel
             (L{portal.forwarding.kernelsplice}); L{None} keeps every splice in Python.
         @param counters: Where to count pairings by path (the router's metrics).
+        @param bandwidth: The relay's bandwidth caps, which pace every stream paired here.
         """
+        self._bandwidth = bandwidth
         self._owner = owner
         self._reactor = reactor
         #: Pairings by path, shared with the router's counters when it passes them.
@@ -230,13 +235,18 @@ class DataPool:
         visitor.pool = None
         session.streamId = header.streamId
         prefix = encodeStreamHeader(self.key, session.nonce, header)
+        pacer = None
+        if self._bandwidth is not None:
+            pacer = self._bandwidth.pacer(
+                header.hostname, getattr(self._owner, "owner", None), sourceKey(header.peerHost)
+            )
         if self.sealSecret is not None:
             # Raw TCP mode: the header goes as it is, the visitor's bytes sealed after it.
             assert session.transport is not None
             session.transport.write(prefix)
-            splice(visitor, session.seal(self.sealSecret))
+            splice(visitor, session.seal(self.sealSecret), pacer=pacer)
             self.counters["sealed_spliced"] += 1
-        elif joinEnds(self._reactor, visitor, session, toB=prefix):
+        elif joinEnds(self._reactor, visitor, session, toB=prefix, pacer=pacer):
             self.counters["kernel_spliced"] += 1
         else:
             self.counters["python_spliced"] += 1
@@ -274,6 +284,8 @@ class Router:
     @ivar connections: Connections open on all listeners, and their cap.
     @ivar limiters: The connection caps of each listener: C{"public"}, C{"control"}, C{"http"} and
         C{"tcp"} (all raw TCP lease ports together).
+    @ivar bandwidth: Bandwidth caps per lease, identity and source address, or L{None} when the
+        limits set none.
     """
 
     _log = Logger()
@@ -299,6 +311,15 @@ class Router:
         )
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.refusals = Refusals(clock)
+        self.bandwidth: BandwidthCaps | None = None
+        limits = self.limits
+        if limits.bandwidthPerLease or limits.bandwidthPerIdentity or limits.bandwidthPerSource:
+            self.bandwidth = BandwidthCaps(
+                clock,
+                perLease=limits.bandwidthPerLease,
+                perIdentity=limits.bandwidthPerIdentity,
+                perSource=limits.bandwidthPerSource,
+            )
         self.connections = OpenConnections(self.limits.maxConnections)
         perSource = self.limits.maxConnectionsPerSource
         self.limiters = {
