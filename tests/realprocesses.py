@@ -285,15 +285,19 @@ def homeDir(testCase: TestCase, name: str) -> str:
     return path
 
 
-def tlsRequest(port: int, hostname: str, request: bytes, cafile: str) -> tuple[bytes, Any]:
+def tlsRequest(
+    port: int, hostname: str, request: bytes, cafile: str, source: str | None = None
+) -> tuple[bytes, Any]:
     """
     Send C{request} over TLS to 127.0.0.1:C{port} with SNI C{hostname}, verifying the chain against
     C{cafile}, and read until the server closes.
 
+    @param source: The loopback address to connect from (C{127.0.0.3}, say), or the default.
     @return: The response and the peer certificate.
     """
     context = ssl.create_default_context(cafile=cafile)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+    bind = (source, 0) if source is not None else None
+    with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=bind) as raw:
         with context.wrap_socket(raw, server_hostname=hostname) as tls:
             tls.sendall(request)
             chunks = []
