@@ -430,25 +430,12 @@ class KernelSpliceTests(KernelSpliceTestCase):
         rate = 4 << 20
         caps = BandwidthCaps(reactor, perLease=rate)
         size = 1 << 20
-        toData, toVisitor = os.urandom(size), os.urandom(size)
-        rig = self.rig(pacer=caps.pacer("app", None, "127.0.0.1"))
         started = reactor.seconds()
-        rig.visitorOuter.tcpTransport.write(toData)
-        rig.dataOuter.tcpTransport.write(toVisitor)
-        yield gatherResults(
-            [
-                rig.dataOuter.whenReceived(len(HEADER) + size),
-                rig.visitorOuter.whenReceived(size),
-            ]
-        )
+        rig = yield self.bulk(size, caps.pacer("app", None, "127.0.0.1"))
         elapsed = reactor.seconds() - started
         expected = (2 * size - burstFor(rate)) / rate
         self.assertGreater(elapsed, expected * 0.9)
         self.assertLess(elapsed, expected * 1.5 + 0.2)
-        self.assertEqual(
-            rig.dataOuter.digest.hexdigest(), hashlib.sha256(HEADER + toData).hexdigest()
-        )
-        self.assertEqual(rig.visitorOuter.digest.hexdigest(), hashlib.sha256(toVisitor).hexdigest())
         rig.visitorOuter.tcpTransport.loseConnection()
         rig.dataOuter.tcpTransport.loseConnection()
         yield gatherResults([rig.visitorInner.whenLost(), rig.dataInner.whenLost()])
@@ -456,15 +443,16 @@ class KernelSpliceTests(KernelSpliceTestCase):
         self.assertEqual(caps._kinds["lease"]._holders, {})
 
     @inlineCallbacks
-    def bulk(self, size: int) -> _Gen:
+    def bulk(self, size: int, pacer: Pacer | None = None) -> _Gen:
         """
         Send C{size} random bytes each way at once and check both arrive intact.
 
         @param size: Bytes per direction.
-        @return: A Deferred that fires when both directions were checked.
+        @param pacer: The splice's bandwidth pacer, if any.
+        @return: A Deferred that fires with the rig when both directions were checked.
         """
         toData, toVisitor = os.urandom(size), os.urandom(size)
-        rig = self.rig()
+        rig = self.rig(pacer=pacer)
         rig.visitorOuter.tcpTransport.write(toData)
         rig.dataOuter.tcpTransport.write(toVisitor)
         yield gatherResults(
@@ -479,6 +467,7 @@ class KernelSpliceTests(KernelSpliceTestCase):
             rig.dataOuter.digest.hexdigest(), hashlib.sha256(HEADER + toData).hexdigest()
         )
         self.assertEqual(rig.visitorOuter.digest.hexdigest(), hashlib.sha256(toVisitor).hexdigest())
+        return rig
 
     @inlineCallbacks
     def test_halfClose(self) -> _Gen:

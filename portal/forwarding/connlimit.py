@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import peerSource
+from portal.wire.peek import passReadConnectionLost, passWriteConnectionLost
 
 #: Descriptors kept for everything that is not an accepted connection (listeners, pipes of the
 #: kernel splice, UDP sockets, files) when the total cap is fitted to the descriptor limit.
@@ -191,20 +192,13 @@ class _Admitted(Protocol):
         """
         Pass a half-close on, or close when the inner protocol cannot half-close.
         """
-        halfCloseable = IHalfCloseableProtocol(self.inner, None)
-        if halfCloseable is not None:
-            halfCloseable.readConnectionLost()
-        else:
-            assert self.transport is not None
-            self.transport.loseConnection()
+        passReadConnectionLost(self.inner, self.transport)
 
     def writeConnectionLost(self) -> None:
         """
         Pass the end of the writing direction on.
         """
-        halfCloseable = IHalfCloseableProtocol(self.inner, None)
-        if halfCloseable is not None:
-            halfCloseable.writeConnectionLost()
+        passWriteConnectionLost(self.inner)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """

@@ -8,7 +8,7 @@ protocol and forwards every later event to the chosen one.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -26,6 +26,34 @@ class RefuseConnection(Exception):
     def __init__(self, reason: str, reply: bytes = b"") -> None:
         super().__init__(reason)
         self.reply = reply
+
+
+def passReadConnectionLost(protocol: IProtocol | None, transport: ITransport | None) -> None:
+    """
+    Pass a half-close on to the protocol a wrapper serves with, or close the transport when that
+    protocol cannot half-close.
+
+    @param protocol: The protocol the connection is handed to.
+    @param transport: The connection's transport.
+    """
+    halfCloseable = IHalfCloseableProtocol(protocol, None)
+    if halfCloseable is not None:
+        halfCloseable.readConnectionLost()
+    else:
+        assert transport is not None
+        transport.loseConnection()
+
+
+def passWriteConnectionLost(protocol: IProtocol | None) -> None:
+    """
+    Pass the end of the writing direction on to the protocol a wrapper serves with, if it can
+    half-close.
+
+    @param protocol: The protocol the connection is handed to.
+    """
+    halfCloseable = IHalfCloseableProtocol(protocol, None)
+    if halfCloseable is not None:
+        halfCloseable.writeConnectionLost()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -119,20 +147,13 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         """
         Pass a half-close on, or close when the chosen protocol cannot half-close.
         """
-        halfCloseable = IHalfCloseableProtocol(self.chosen, None)
-        if halfCloseable is not None:
-            halfCloseable.readConnectionLost()
-        else:
-            assert self.transport is not None
-            self.transport.loseConnection()
+        passReadConnectionLost(self.chosen, self.transport)
 
     def writeConnectionLost(self) -> None:
         """
         Pass the end of our writing direction on to the chosen protocol.
         """
-        halfCloseable = IHalfCloseableProtocol(self.chosen, None)
-        if halfCloseable is not None:
-            halfCloseable.writeConnectionLost()
+        passWriteConnectionLost(self.chosen)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
