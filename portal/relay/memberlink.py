@@ -215,12 +215,17 @@ class MemberVisitor(VisitorProtocol):
         assert self._header is not None
         if serverName != self._header.hostname:
             self._refuse(
+                "member_link",
                 f"member link for {self._header.hostname!r} carried {serverName!r}",
                 UNRECOGNIZED_NAME,
             )
             return
         if serverName == self._router.relayDomain:
-            self._refuse("the relay's own site is not served over member links", INTERNAL_ERROR)
+            self._refuse(
+                "member_link",
+                "the relay's own site is not served over member links",
+                INTERNAL_ERROR,
+            )
             return
         super()._dispatch(serverName)
 
