@@ -21,6 +21,7 @@ from portal.forwarding.connlimit import (
     LimitedFactory,
     OpenConnections,
     fitToDescriptors,
+    vouchFor,
 )
 from portal.forwarding.refusals import Refusals
 
@@ -140,6 +141,35 @@ class LimitedFactoryTests(SynchronousTestCase):
         _, again = self.connect(v4("10.0.0.1"))
         self.assertFalse(again.disconnecting)
         self.assertEqual(self.limiter.bySource, {"10.0.0.1": 2, "10.0.0.2": 1})
+
+    def test_vouch(self) -> None:
+        """
+        A connection vouched for (found through its transport, or a TLS transport over it) frees
+        its place in the per-source count but still counts in the total until it closes.
+        """
+        wrapper, transport = self.connect(v4("10.0.0.1"))
+        self.connect(v4("10.0.0.1"))
+        transport.protocol = wrapper
+        inner = wrapper.inner  # type: ignore[attr-defined]
+
+        class TLS:
+            """
+            A transport wrapping the TCP one, as TLS does.
+            """
+
+            def __init__(self) -> None:
+                self.transport = transport
+
+        self.assertTrue(vouchFor(TLS()))
+        self.assertTrue(vouchFor(inner.transport))
+        self.assertEqual(self.limiter.bySource, {"10.0.0.1": 1})
+        self.assertEqual((self.limiter.vouched, self.limiter.open, self.total.count), (1, 2, 2))
+        _, third = self.connect(v4("10.0.0.1"))
+        self.assertFalse(third.disconnecting)
+        wrapper.connectionLost(Failure(Exception()))
+        self.assertEqual((self.limiter.vouched, self.total.count), (0, 2))
+        self.assertEqual(self.limiter.bySource, {"10.0.0.1": 2})
+        self.assertFalse(vouchFor(StringTransport()))
 
     def test_ipv6Slash64(self) -> None:
         """

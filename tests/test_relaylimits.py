@@ -22,7 +22,10 @@ from portal.relay.service import RelayConfig, RelayService
 from portal.relay.site import httpSite
 from portal.tap.relay import Options
 from portal.trust.identity import Identity
+from portal.wire.attach import MAGIC, attachProof
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
+from tests.test_relay_public import _KEY, _TUNNEL_ADDRESS, RelayHarness
+from tests.test_relay_public import connect as connectTransport
 
 
 def address(host: str, port: int = 40000) -> IPv4Address:
@@ -123,6 +126,44 @@ class ListenerCapsTests(SynchronousTestCase):
         self.assertIn('portal_refusals_total{reason="connections_per_source"} 1', body)
         self.assertIn('portal_relay_listener_connections_open{listener="public"} 2', body)
         self.assertIn("portal_relay_connections_open 3", body)
+
+
+class VouchTests(RelayHarness):
+    """
+    Connections on the control port that prove who they are stop counting against their source.
+    """
+
+    def test_attachedDataSession(self) -> None:
+        """
+        A data session counts against its address until its attach checks, then only in the
+        total, until it closes.
+        """
+        limiter = self.router.limiters["control"]
+        wrapper = self.router.limited("control", self.controlFactory).buildProtocol(_TUNNEL_ADDRESS)
+        assert wrapper is not None
+        transport = connectTransport(wrapper, _TUNNEL_ADDRESS)
+        self.assertEqual(limiter.bySource, {"198.51.100.7": 1})
+        wrapper.dataReceived(MAGIC)
+        session = wrapper.inner.chosen  # type: ignore[attr-defined]
+        wrapper.dataReceived(attachProof(_KEY, session.nonce, self.sessionId))
+        self.assertEqual(limiter.bySource, {})
+        self.assertEqual((limiter.vouched, limiter.open, self.router.connections.count), (1, 1, 1))
+        transport.loseConnection()
+        self.assertEqual((limiter.vouched, self.router.connections.count), (0, 0))
+
+    def test_failedAttach(self) -> None:
+        """
+        A data session whose attach fails keeps counting against its address until it closes.
+        """
+        limiter = self.router.limiters["control"]
+        wrapper = self.router.limited("control", self.controlFactory).buildProtocol(_TUNNEL_ADDRESS)
+        assert wrapper is not None
+        connectTransport(wrapper, _TUNNEL_ADDRESS)
+        wrapper.dataReceived(MAGIC)
+        session = wrapper.inner.chosen  # type: ignore[attr-defined]
+        wrapper.dataReceived(attachProof(b"x" * 32, session.nonce, self.sessionId))
+        self.assertEqual((limiter.vouched, self.router.connections.count), (0, 0))
+        self.assertEqual(self.router.refusals.counts, {"data_session": 1})
 
 
 class SiteTimeoutTests(SynchronousTestCase):

@@ -9,6 +9,11 @@ connection is served by the wrapped factory's protocol with the I{real} transpor
 protocol events pass through L{_Admitted}), so the kernel splice and producers see the TCP
 transport itself; the wrapper counts the connection until it is lost.
 
+A connection that proves who it is (a tunnel's data session after its attach, another relay's
+member link after its proof) is vouched for (L{vouchFor}): it stops counting against its source,
+so that a busy tunnel's data sessions are not capped like an anonymous client's connections, but
+it still counts in the total.
+
 Twisted's L{twisted.protocols.policies.LimitConnectionsByPeer} counts per host only (no /64, no
 total, no reply, no count of refusals) and L{twisted.protocols.policies.WrappingFactory} would put
 a wrapper between the protocol and its transport, which the kernel splice cannot take over.
@@ -64,7 +69,7 @@ class ConnectionLimiter:
     @ivar listener: The listener's name, for logs (C{"public"}, C{"control"}, C{"http"}, C{"tcp"}).
     @ivar maxPerSource: Most connections open at once from one source on this listener.
     @ivar total: The process-wide count and cap.
-    @ivar bySource: Open connections per source on this listener.
+    @ivar bySource: Open connections per source on this listener, except those vouched for.
     """
 
     def __init__(
@@ -86,13 +91,15 @@ class ConnectionLimiter:
         self.total = total
         self.refusals = refusals
         self.bySource: dict[str, int] = {}
+        #: Connections open that were vouched for (they count in no source).
+        self.vouched = 0
 
     @property
     def open(self) -> int:
         """
-        Connections open on this listener.
+        Connections open on this listener, vouched for or not.
         """
-        return sum(self.bySource.values())
+        return sum(self.bySource.values()) + self.vouched
 
     def admit(self, source: str) -> bool:
         """
@@ -134,14 +141,40 @@ class ConnectionLimiter:
 
         @param source: The connection's L{sourceKey}.
         """
+        if self._uncount(source):
+            self.total.count -= 1
+
+    def vouch(self, source: str) -> None:
+        """
+        A connection admitted by L{admit} proved who it is: it no longer counts against its source
+        (it still counts in the total until L{released}).
+
+        @param source: The connection's L{sourceKey}.
+        """
+        self._uncount(source)
+        self.vouched += 1
+
+    def released(self) -> None:
+        """
+        A connection vouched for closed.
+        """
+        self.vouched -= 1
+        self.total.count -= 1
+
+    def _uncount(self, source: str) -> bool:
+        """
+        Stop counting one connection against C{source}.
+
+        @return: Whether one was counted.
+        """
         held = self.bySource.get(source, 0)
         if held <= 0:
-            return
+            return False
         if held == 1:
             del self.bySource[source]
         else:
             self.bySource[source] = held - 1
-        self.total.count -= 1
+        return True
 
 
 class _Refused(Protocol):
@@ -169,10 +202,20 @@ class _Admitted(Protocol):
     which is connected to the real transport.
     """
 
+    _vouched = False
+
     def __init__(self, inner: IProtocol, limiter: ConnectionLimiter, source: str) -> None:
         self.inner = inner
         self._limiter = limiter
         self._source = source
+
+    def vouch(self) -> None:
+        """
+        The connection proved who it is: stop counting it against its source.
+        """
+        if not self._vouched and self.connected:
+            self._vouched = True
+            self._limiter.vouch(self._source)
 
     def makeConnection(self, transport: ITransport) -> None:
         """
@@ -205,7 +248,10 @@ class _Admitted(Protocol):
         Stop counting the connection and tell the inner protocol.
         """
         self.connected = 0
-        self._limiter.release(self._source)
+        if self._vouched:
+            self._limiter.released()
+        else:
+            self._limiter.release(self._source)
         self.inner.connectionLost(reason)
 
     def logPrefix(self) -> str:
@@ -268,6 +314,26 @@ class LimitedFactory(Factory):
             self.limiter.release(source)
             return None
         return _Admitted(inner, self.limiter, source)
+
+
+def vouchFor(transport: object) -> bool:
+    """
+    Vouch for the connection under C{transport}: it proved who it is, so it stops counting against
+    its source address (see L{ConnectionLimiter.vouch}).
+
+    @param transport: The transport of a protocol served by a L{LimitedFactory}: the TCP transport
+        itself, or a TLS transport wrapping it.
+    @return: Whether a limited connection was found (and vouched for).
+    """
+    for _ in range(4):
+        protocol = getattr(transport, "protocol", None)
+        if isinstance(protocol, _Admitted):
+            protocol.vouch()
+            return True
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+    return False
 
 
 def fitToDescriptors(maximum: int, reserved: int = RESERVED_DESCRIPTORS) -> int:

@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 import portal
+from portal.forwarding.connlimit import vouchFor
 from portal.relay.data import RelayDataSession
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.hop import HopInbound
@@ -345,6 +346,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         self.owner = owner
         self.mode = mode
         self.names.update(names)
+        # A tunnel that proved its key no longer counts against its address's connection cap.
+        vouchFor(self.transport)
         router.onLeasesChanged()
         for name in names:
             self._log.info(

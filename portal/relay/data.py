@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.sealedstream import SealedConnection, sealedStream
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.router import DataPool, Router
@@ -128,6 +129,8 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         self.setTimeout(None)
         self._attached = True
         self._pool = pool
+        # An authenticated data session no longer counts against its address's connection cap.
+        vouchFor(self.transport)
         assert self.transport is not None
         peer = self.transport.getPeer()
         self._log.debug(

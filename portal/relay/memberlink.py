@@ -23,6 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.kernelsplice import joinEnds
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
 from portal.relay.cluster import ClusterDirectory, ICluster, Member
@@ -183,6 +184,8 @@ class MemberVisitor(VisitorProtocol):
         self._linkBuffer = b""
         self._header = header
         assert self.transport is not None
+        # Another member's authenticated link no longer counts against its address's cap.
+        vouchFor(self.transport)
         self.transport.write(ACK)
         if rest:
             super().unsplicedDataReceived(rest)

@@ -69,8 +69,8 @@ class RelayLimits:
     @ivar maxConnectionsPerSource: Connections open at once from one source address (IPv4 /32, IPv6
         /64) on each visitor listener: public, HTTP, and each kind of raw TCP port together.
     @ivar maxControlConnectionsPerSource: Connections open at once from one source address on the
-        control port, where each tunnel holds its control session, its pool of data sessions and
-        one data session per open stream.
+        control port that have not proved who they are: a data session stops counting once
+        attached, a member link once its proof checks, a control session once it registered.
     @ivar siteHeaderTimeout: Seconds a connection to the relay's own pages (its hostname on the
         public port, and the HTTP listener) has to send complete request headers, from its start
         (the TLS handshake included) and again after each response.
@@ -97,7 +97,7 @@ class RelayLimits:
     maxNamesPerRegister: int = 16
     maxConnections: int = 16384
     maxConnectionsPerSource: int = 256
-    maxControlConnectionsPerSource: int = 1024
+    maxControlConnectionsPerSource: int = 256
     siteHeaderTimeout: float = 10.0
     siteIdleTimeout: float = 30.0
     maxUDPFlowsPerSource: int = 64

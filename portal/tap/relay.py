@@ -192,9 +192,9 @@ class Options(usage.Options):
         [
             "max-control-connections-per-source",
             None,
-            1024,
-            "Connections open at once from one source address on the control port (a tunnel's "
-            "control session, data session pool and one data session per open stream).",
+            256,
+            "Connections open at once from one source address on the control port that have not "
+            "proved who they are (attached data sessions and registered tunnels do not count).",
             _positive(int),
         ],
         [
