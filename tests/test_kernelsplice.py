@@ -30,6 +30,7 @@ from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from portal.forwarding import kernelsplice
+from portal.forwarding.idlewatch import IdlePolicy
 from portal.forwarding.kernelsplice import CHUNK, KernelSplice, canSplice
 from portal.forwarding.pacing import BandwidthCaps, Pacer, burstFor
 
@@ -257,6 +258,7 @@ class KernelSpliceTestCase(TestCase):
         early: bytes = b"",
         unsent: tuple[bytes, bytes] = (b"", b""),
         pacer: Pacer | None = None,
+        idle: IdlePolicy | None = None,
     ) -> Rig:
         """
         Make the two socket pairs, adopt all four ends, and join the inner ends.
@@ -267,6 +269,7 @@ class KernelSpliceTestCase(TestCase):
         @param unsent: Bytes the relay's protocols write to the visitor and to the data session just
             before the splice is made (they wait in Twisted's write buffers).
         @param pacer: The splice's bandwidth pacer, if any.
+        @param idle: The splice's idle policy, if any.
         @return: The rig; everything in it is closed when the test ends.
         """
         visitorOuterSock, visitorInnerSock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -284,7 +287,12 @@ class KernelSpliceTestCase(TestCase):
         visitorInner.tcpTransport.write(unsent[0])
         dataInner.tcpTransport.write(unsent[1])
         splice = KernelSplice(
-            reactor, visitorInner.tcpTransport, dataInner.tcpTransport, toB=toB, pacer=pacer
+            reactor,
+            visitorInner.tcpTransport,
+            dataInner.tcpTransport,
+            toB=toB,
+            pacer=pacer,
+            idle=idle,
         )
         rig = Rig(visitorOuter, visitorInner, dataOuter, dataInner, splice)
         self.addCleanup(self.tearDownRig, rig)
@@ -441,6 +449,30 @@ class KernelSpliceTests(KernelSpliceTestCase):
         yield gatherResults([rig.visitorInner.whenLost(), rig.dataInner.whenLost()])
         self.assertTrue(rig.splice.finished)
         self.assertEqual(caps._kinds["lease"]._holders, {})
+
+    @inlineCallbacks
+    def test_idle(self) -> _Gen:
+        """
+        With an idle policy, a splice that moved bytes and then fell silent is aborted (both
+        connections) after between one and two timeouts, once, telling the policy first.
+        """
+        told: list[float] = []
+        rig = self.rig(idle=IdlePolicy(reactor, 0.2, lambda: told.append(reactor.seconds())))
+        started = reactor.seconds()
+        rig.visitorOuter.tcpTransport.write(b"hello")
+        yield rig.dataOuter.whenReceived(len(HEADER) + 5)
+        # Unix stream sockets: the outer ends see the relay's ends close as an end of stream.
+        yield gatherResults(
+            [
+                rig.visitorInner.whenLost(),
+                rig.dataInner.whenLost(),
+                rig.visitorOuter.whenReadLost(),
+                rig.dataOuter.whenReadLost(),
+            ]
+        )
+        self.assertEqual(len(told), 1)
+        self.assertGreaterEqual(told[0] - started, 0.2)
+        self.assertTrue(rig.splice.finished)
 
     @inlineCallbacks
     def bulk(self, size: int, pacer: Pacer | None = None) -> _Gen:

@@ -17,14 +17,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.connlimit import LimitedFactory
 from portal.relay.public import PublicFactory
-from portal.relay.router import RelayLimits, Router
+from portal.relay.router import DataPool, RelayLimits, Router
 from portal.relay.service import RelayConfig, RelayService
 from portal.relay.site import httpSite
 from portal.tap.relay import Options
 from portal.trust.identity import Identity
 from portal.wire.attach import MAGIC, attachProof
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
-from tests.test_relay_public import _KEY, _TUNNEL_ADDRESS, RelayHarness
+from tests.test_relay_public import _KEY, _TUNNEL_ADDRESS, LeaseHolder, RelayHarness, clientHello
 from tests.test_relay_public import connect as connectTransport
 
 
@@ -166,6 +166,37 @@ class VouchTests(RelayHarness):
         self.assertEqual(self.router.refusals.counts, {"data_session": 1})
 
 
+class StreamIdleTests(RelayHarness):
+    """
+    Streams paired by a data pool with a clock are closed when idle, and counted.
+    """
+
+    def test_idleStreamClosedAndCounted(self) -> None:
+        """
+        A paired stream silent for two readings of L{RelayLimits.streamIdleTimeout} is closed on
+        both sides and counted as C{stream_idle_timeout}; bytes keep it open before that.
+        """
+        limits = RelayLimits(streamIdleTimeout=30.0)
+        self.pool = DataPool(
+            self.owner, _KEY, limits, clock=self.clock, refusals=self.router.refusals
+        )
+        self.router.sessions[self.sessionId] = self.pool
+        self.router.leases.register("app", "owner-id", LeaseHolder(self.pool))
+        visitor, visitorTransport = self.visitor()
+        visitor.dataReceived(clientHello("app.localhost"))
+        session, _, sessionTransport = self.attached()
+        self.assertIs(visitor.peer, session)
+        for _ in range(5):
+            visitor.dataReceived(b"x")
+            self.clock.advance(30)
+        # The last byte came at 120 s; the readings at 150 s and 180 s see none after it.
+        self.clock.advance(29)
+        self.assertFalse(visitorTransport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(visitorTransport.disconnecting and sessionTransport.disconnecting)
+        self.assertEqual(self.router.refusals.counts, {"stream_idle_timeout": 1})
+
+
 class SiteTimeoutTests(SynchronousTestCase):
     """
     The relay's own pages give each request's headers a deadline and close silent connections.
@@ -253,6 +284,7 @@ class LimitOptionsTests(SynchronousTestCase):
                 "--site-header-timeout=3",
                 "--site-idle-timeout=4",
                 "--max-udp-flows-per-source=5",
+                "--stream-idle-timeout=600",
                 "--bandwidth-per-lease=1M",
                 "--bandwidth-per-identity=512KB/s",
                 "--bandwidth-per-source=1000",
@@ -267,11 +299,12 @@ class LimitOptionsTests(SynchronousTestCase):
                 limits.siteHeaderTimeout,
                 limits.siteIdleTimeout,
                 limits.maxUDPFlowsPerSource,
+                limits.streamIdleTimeout,
                 limits.bandwidthPerLease,
                 limits.bandwidthPerIdentity,
                 limits.bandwidthPerSource,
             ),
-            (100, 7, 9, 3.0, 4.0, 5, 1024.0**2, 512.0 * 1024, 1000.0),
+            (100, 7, 9, 3.0, 4.0, 5, 600.0, 1024.0**2, 512.0 * 1024, 1000.0),
         )
 
     def test_badValues(self) -> None:

@@ -21,11 +21,13 @@ import socket
 from typing import Any, cast
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.forwarding.idlewatch import IdlePolicy, IdleWatch
 from portal.forwarding.pacing import Pacer
 from portal.forwarding.splice import SpliceProtocol, splice
 
@@ -152,6 +154,8 @@ class _Direction:
         self.prefix = prefix
         self._pool = pool
         self.pacer = pacer
+        #: Bytes moved from the source, for the idle watch.
+        self.moved = 0
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         self.eof = False
@@ -236,6 +240,7 @@ class _Direction:
                 self._release()
             else:
                 self.pending += moved
+                self.moved += moved
                 if self.pacer is not None:
                     self.pacer.spend(moved)
         if self.pending or self.eof:
@@ -367,6 +372,7 @@ class KernelSplice:
         toB: bytes = b"",
         pool: PipePool = pipes,
         pacer: Pacer | None = None,
+        idle: IdlePolicy | None = None,
     ) -> None:
         """
         @param reactor: The reactor both transports belong to.
@@ -376,9 +382,13 @@ class KernelSplice:
         @param pool: Where pipes are borrowed from.
         @param pacer: Paces the bytes of both directions by bandwidth caps, in chunks of at most
             what its buckets allow (L{portal.forwarding.pacing}); L{None} for no cap.
+        @param idle: Aborts both connections when no byte moves either way for its timeout; L{None}
+            for no idle timeout.
         """
         self.reactor = reactor
         self._pacer = pacer
+        self._idlePolicy = idle
+        self._watch: IdleWatch | None = None
         self._a = _End(self, a)
         self._b = _End(self, b)
         toA = takeUnsent(a)
@@ -393,6 +403,11 @@ class KernelSplice:
         for end in (self._a, self._b):
             end.transport.stopReading()
             end.transport.stopWriting()
+        if self._idlePolicy is not None:
+            self._watch = self._idlePolicy.watch(
+                lambda: self._a.outgoing.moved + self._b.outgoing.moved,
+                lambda: self.abort(Failure(ConnectionDone("idle stream"))),
+            )
         self.run(self._a.outgoing)
         self.run(self._b.outgoing)
 
@@ -433,6 +448,8 @@ class KernelSplice:
                 wake.cancel()
         if self._pacer is not None:
             self._pacer.close()
+        if self._watch is not None:
+            self._watch.stop()
 
     def _finish(self) -> None:
         """
@@ -462,6 +479,7 @@ def joinEnds(
     b: SpliceProtocol,
     toB: bytes = b"",
     pacer: Pacer | None = None,
+    idle: IdlePolicy | None = None,
 ) -> bool:
     """
     Join two connected splice ends: in the kernel when both are plain TCP connections and a reactor
@@ -475,6 +493,7 @@ def joinEnds(
     @param toB: Bytes to write to C{b} first.
     @param pacer: Paces both directions by bandwidth caps (L{portal.forwarding.pacing}), or
         L{None}.
+    @param idle: Closes both ends when no byte moves either way for its timeout, or L{None}.
     @return: Whether the kernel moves the bytes.
     """
     if reactor is not None and canSplice(a.transport, b.transport):
@@ -488,7 +507,8 @@ def joinEnds(
             cast(tcp.Connection, b.transport),
             toB=first,
             pacer=pacer,
+            idle=idle,
         ).start()
         return True
-    splice(a, b, bFirst=toB, pacer=pacer)
+    splice(a, b, bFirst=toB, pacer=pacer, idle=idle)
     return False

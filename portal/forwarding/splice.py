@@ -25,6 +25,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from portal.forwarding.idlewatch import IdlePolicy, IdleWatch
 from portal.forwarding.pacing import PacedProducer, Pacer
 
 
@@ -138,6 +139,10 @@ class SpliceProtocol(Protocol):
     peer: SpliceProtocol | None = None
     #: Paces this side's reading by bandwidth caps, when the splice has a pacer.
     paced: PacedProducer | None = None
+    #: Closes the splice when it stays silent, when it has an idle policy (shared by both ends).
+    idle: IdleWatch | None = None
+    #: Bytes read from this side and forwarded to the peer.
+    forwarded = 0
     _readClosed = False
     _writeClosed = False
     _lost = False
@@ -154,6 +159,7 @@ class SpliceProtocol(Protocol):
         peer = self.peer
         if peer is not None:
             _transportOf(peer).write(data)
+            self.forwarded += len(data)
             if self.paced is not None:
                 self.paced.spent(len(data))
         else:
@@ -214,6 +220,8 @@ class SpliceProtocol(Protocol):
         self._lost = True
         if self.paced is not None:
             self.paced.close()
+        if self.idle is not None:
+            self.idle.stop()
         peer = self.peer
         if peer is not None and not peer._lost:
             peerTransport = _transportOf(peer)
@@ -231,6 +239,7 @@ def splice(
     aFirst: bytes = b"",
     bFirst: bytes = b"",
     pacer: Pacer | None = None,
+    idle: IdlePolicy | None = None,
 ) -> None:
     """
     Pair two connected splice ends and start forwarding in both directions.
@@ -245,6 +254,8 @@ def splice(
     @param bFirst: Bytes to write to C{b} before anything C{a} buffered.
     @param pacer: Paces the bytes of both directions by bandwidth caps (L{portal.forwarding.pacing}),
         or L{None}.
+    @param idle: Closes both ends when no byte moves either way for its timeout
+        (L{portal.forwarding.idlewatch}), or L{None}.
     """
     a.peer = b
     b.peer = a
@@ -264,6 +275,14 @@ def splice(
         b.paced = bProducer = PacedProducer(bTransport, pacer)
     aTransport.registerProducer(bProducer, True)
     bTransport.registerProducer(aProducer, True)
+    if idle is not None and not (a._lost or b._lost):
+
+        def close() -> None:
+            for side in (a, b):
+                if not side._lost:
+                    _transportOf(side).loseConnection()
+
+        a.idle = b.idle = idle.watch(lambda: a.forwarded + b.forwarded, close)
     for this, other in ((a, b), (b, a)):
         if this._lost:
             _transportOf(other).unregisterProducer()

@@ -168,6 +168,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 router.clock if router.kernelSplice else None,
                 router.counters,
                 router.bandwidth,
+                router.clock,
+                router.refusals,
             )
             router.sessions[self.sessionId] = self.pool
         exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)

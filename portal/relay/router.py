@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 
 from portal.forwarding.connlimit import ConnectionLimiter, LimitedFactory, OpenConnections
+from portal.forwarding.idlewatch import IdlePolicy
 from portal.forwarding.kernelsplice import joinEnds
 from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
@@ -76,6 +77,8 @@ class RelayLimits:
         (the TLS handshake included) and again after each response.
     @ivar siteIdleTimeout: Seconds a connection to the relay's own pages may stay silent.
     @ivar maxUDPFlowsPerSource: UDP flows one source address may have on each lease's UDP port.
+    @ivar streamIdleTimeout: Seconds a spliced stream (visitor and data session) may move no byte
+        either way before both are closed (it is closed after between one and two of them).
     @ivar bandwidthPerLease: Bytes per second all streams of one lease name may move together (both
         directions); 0 for no cap.
     @ivar bandwidthPerIdentity: Bytes per second all streams of one identity's leases may move
@@ -101,6 +104,7 @@ class RelayLimits:
     siteHeaderTimeout: float = 10.0
     siteIdleTimeout: float = 30.0
     maxUDPFlowsPerSource: int = 64
+    streamIdleTimeout: float = 3600.0
     bandwidthPerLease: float = 0.0
     bandwidthPerIdentity: float = 0.0
     bandwidthPerSource: float = 0.0
@@ -123,6 +127,8 @@ class DataPool:
         reactor: Any = None,
         counters: dict[str, int] | None = None,
         bandwidth: BandwidthCaps | None = None,
+        clock: IReactorTime | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         """
         @param owner: The control session, asked for more data sessions when they run out.
@@ -132,7 +138,14 @@ class DataPool:
             (L{portal.forwarding.kernelsplice}); L{None} keeps every splice in Python.
         @param counters: Where to count pairings by path (the router's metrics).
         @param bandwidth: The relay's bandwidth caps, which pace every stream paired here.
+        @param clock: Times the idle timeout of every stream paired here
+            (L{RelayLimits.streamIdleTimeout}); L{None} for no idle timeout.
+        @param refusals: Where streams closed for being idle are counted and logged.
         """
+        self._idlePolicy: IdlePolicy | None = None
+        if clock is not None:
+            self._idlePolicy = IdlePolicy(clock, limits.streamIdleTimeout, self._streamIdle)
+        self._refusals = refusals
         self._bandwidth = bandwidth
         self._owner = owner
         self._reactor = reactor
@@ -244,12 +257,25 @@ class DataPool:
             # Raw TCP mode: the header goes as it is, the visitor's bytes sealed after it.
             assert session.transport is not None
             session.transport.write(prefix)
-            splice(visitor, session.seal(self.sealSecret), pacer=pacer)
+            splice(visitor, session.seal(self.sealSecret), pacer=pacer, idle=self._idlePolicy)
             self.counters["sealed_spliced"] += 1
-        elif joinEnds(self._reactor, visitor, session, toB=prefix, pacer=pacer):
+        elif joinEnds(
+            self._reactor, visitor, session, toB=prefix, pacer=pacer, idle=self._idlePolicy
+        ):
             self.counters["kernel_spliced"] += 1
         else:
             self.counters["python_spliced"] += 1
+
+    def _streamIdle(self) -> None:
+        """
+        A stream moved nothing for the idle timeout and is being closed: count and log it.
+        """
+        if self._refusals is not None:
+            self._refusals.refuse(
+                "stream_idle_timeout",
+                "closing a stream that moved no byte for {timeout} s",
+                timeout=self._limits.streamIdleTimeout,
+            )
 
     def close(self) -> None:
         """

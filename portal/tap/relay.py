@@ -220,6 +220,13 @@ class Options(usage.Options):
             _positive(int),
         ],
         [
+            "stream-idle-timeout",
+            None,
+            3600.0,
+            "Seconds a spliced stream may move no byte either way before it is closed.",
+            _positive(float),
+        ],
+        [
             "bandwidth-per-lease",
             None,
             0.0,
@@ -365,6 +372,7 @@ class Options(usage.Options):
                 siteHeaderTimeout=self["site-header-timeout"],
                 siteIdleTimeout=self["site-idle-timeout"],
                 maxUDPFlowsPerSource=self["max-udp-flows-per-source"],
+                streamIdleTimeout=self["stream-idle-timeout"],
                 bandwidthPerLease=self["bandwidth-per-lease"],
                 bandwidthPerIdentity=self["bandwidth-per-identity"],
                 bandwidthPerSource=self["bandwidth-per-source"],
