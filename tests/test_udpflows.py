@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.udpflows import (
     DROP_REASONS,
     MAX_PACKET_SIZE,
@@ -992,3 +993,38 @@ class FlowTableTests(SynchronousTestCase):
         self.assertEqual(len(self.closed), 1)
         self.assertEqual([port.listening for port in self.reactor.ports], [False, False])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class FlowOpenedTests(SynchronousTestCase):
+    """
+    The tunnel's C{FlowOpened} responder tells its flow table the flow's source.
+    """
+
+    def test_noteSource(self) -> None:
+        """
+        C{FlowOpened} for two flows of one source, over a per-source limit of 1, closes the
+        second flow in the table.
+        """
+        closed: list[int] = []
+        table = FlowTable(
+            FakeUDPReactor(),
+            _TARGET,
+            lambda flowId, data: None,
+            maxFlowsPerSource=1,
+            onFlowClosed=closed.append,
+        )
+
+        class UDP:
+            """
+            What the responder uses of the tunnel's UDP side.
+            """
+
+            flows = table
+
+        protocol = TunnelControlProtocol(None)  # type: ignore[arg-type]
+        protocol.udp = UDP()  # type: ignore[assignment]
+        table.deliver(1, b"a")
+        table.deliver(2, b"b")
+        protocol.flowOpened(1, "192.0.2.1", 1000)
+        protocol.flowOpened(2, "192.0.2.1", 1001)
+        self.assertEqual((table.flows, closed), (1, [2]))
