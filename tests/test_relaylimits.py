@@ -238,6 +238,19 @@ class SiteTimeoutTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
 
+    def test_pipelined(self) -> None:
+        """
+        Two pipelined requests are both answered, and the deadline then runs for a third.
+        """
+        transport = connect(self.site, "127.0.0.2")
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        transport.protocol.dataReceived(request + request)
+        self.assertEqual(transport.value().count(b"ok\n"), 2)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
     def test_idleTimeout(self) -> None:
         """
         With headers in time and a longer header deadline, a connection silent for the idle

@@ -212,10 +212,13 @@ class DeadlineChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         """
-        A response is finished: the next request's headers have a deadline again.
+        A response is finished: the next request's headers have a deadline again, unless a
+        pipelined request already sent them and is being handled.
         """
         super().requestDone(request)
-        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+        if self._handlingRequest or self.transport is None:
+            return
+        if not getattr(self.transport, "disconnecting", False):
             self._armHeaderDeadline()
 
     def _headersTooSlow(self) -> None:
