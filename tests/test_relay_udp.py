@@ -221,6 +221,18 @@ class PublicUDPTests(SynchronousTestCase):
         port.datagramReceived(b"z", ("192.0.2.1", 2000))
         self.assertEqual(self.forwarded[-1], (4, b"z"))
 
+    def test_totalLimitCounted(self) -> None:
+        """
+        New flows over C{maxFlows} are counted in L{Refusals} as C{udp_flows} (and logged here).
+        """
+        refusals = Refusals(self.clock)
+        port = self.makePort(maxFlows=2, refusals=refusals)
+        port.makeConnection(RecordingUDPTransport(port))
+        for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"):
+            port.datagramReceived(b"x", (host, 1000))
+        self.assertEqual(refusals.counts, {"udp_flows": 2})
+        self.assertEqual(port.dropped["too_many_flows"], 2)
+
     def test_perSourceIPv6(self) -> None:
         """
         IPv6 visitors in one /64 are one source; without L{Refusals} the refusal is logged here.

@@ -46,7 +46,7 @@ class Refusals:
             since the last event).
         @param fields: The event's fields.
         """
-        self.counts[label] = self.counts.get(label, 0) + 1
+        self.count(label)
         unlogged = self._throttle.due(label)
         if unlogged is None:
             return
@@ -56,6 +56,14 @@ class Refusals:
             unlogged=unlogged,
             **fields,
         )
+
+    def count(self, label: str) -> None:
+        """
+        Count a refusal that its refuser logs itself (in its own words, rate-limited).
+
+        @param label: The refusal's reason as a short label.
+        """
+        self.counts[label] = self.counts.get(label, 0) + 1
 
     def metricLines(self, name: str = "portal_refusals_total") -> list[str]:
         """

@@ -130,8 +130,9 @@ class PublicUDP(DatagramProtocol):
             forgotten.
         @param maxFlows: Most flows live at once.
         @param maxFlowsPerSource: Most flows live at once from one source address.
-        @param refusals: Where a new flow refused for its source is counted by reason (as
-            C{udp_flows_per_source}) and logged; without it, it is logged here, rate-limited.
+        @param refusals: Where new flows refused are counted by reason (C{udp_flows} over
+            C{maxFlows}, C{udp_flows_per_source} over C{maxFlowsPerSource}); refusals for the
+            source are logged there, the others here (both rate-limited).
         @param onFlowClosed: Called with the flow id of each flow forgotten for being idle, so
             the caller can tell the tunnel; not called for L{closeFlow} or L{stop}.
         @raise ValueError: If C{idleTimeout} is not a positive finite number or C{maxFlows} is
@@ -248,6 +249,8 @@ class PublicUDP(DatagramProtocol):
 
         @param key: The refused visitor's (host, port).
         """
+        if self._refusals is not None:
+            self._refusals.count("udp_flows")
         held = self._limitLog.due()
         if held is None:
             return
