@@ -395,7 +395,7 @@ class UDPFloodTests(TestCase):
 class BandwidthTests(TestCase):
     """
     A bandwidth cap per lease, measured on the kernel splice (stream mode) and on the userspace
-    splice (raw TCP mode's TLS data sessions).
+    splice (raw TCP mode's sealed stream, which the relay opens in Python).
     """
 
     timeout = 120
