@@ -1,6 +1,6 @@
 """
 Tests for the layering of C{portal/} (docs/architecture.md): no module imports a package above its
-own, and no package imports a sibling it must not know.
+own, no package imports a sibling it must not know, and no modules import each other in a circle.
 """
 
 from __future__ import annotations
@@ -99,6 +99,70 @@ def violations() -> list[str]:
     return problems
 
 
+def importGraph() -> dict[str, set[str]]:
+    """
+    @return: For every module of C{portal/} (a package by its own name, not C{__init__}), the other
+        modules of C{portal/} it imports, wherever the import stands.
+    """
+    found = modules()
+    names = {name.removesuffix(".__init__") for name, _ in found}
+    graph: dict[str, set[str]] = {}
+    for name, path in found:
+        own = name.removesuffix(".__init__")
+        imported = importedModules(path.read_text(), name)
+        graph[own] = {m for m in imported if m in names and m != own}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """
+    The import circles of a graph: its strongly connected components of more than one module
+    (Tarjan's algorithm, iterative).
+
+    @param graph: Imports by module.
+    @return: Each circle's modules, sorted; the circles sorted by their first module.
+    """
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    onStack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, list[str]]] = [(root, sorted(graph[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        onStack.add(root)
+        while work:
+            node, pending = work[-1]
+            if pending:
+                child = pending.pop()
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    onStack.add(child)
+                    work.append((child, sorted(graph.get(child, ()))))
+                elif child in onStack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    onStack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
 class LayerTests(SynchronousTestCase):
     """
     The packages of C{portal/} stand in layers.
@@ -137,3 +201,34 @@ class LayerTests(SynchronousTestCase):
         self.assertIn("portal.relay.leases", found)
         self.assertEqual(packageOf("portal.tunnel.service"), "tunnel")
         self.assertIsNone(packageOf("portal"))
+
+    def test_noImportCircles(self) -> None:
+        """
+        No modules of C{portal/} import each other in a circle, counting imports in functions and
+        C{TYPE_CHECKING} blocks: where a lower module must call a higher one, it holds an interface.
+        """
+        self.assertEqual(cycles(importGraph()), [])
+
+    def test_detectsCircles(self) -> None:
+        """
+        The circle check finds a direct circle and a longer one, and leaves a chain alone.
+        """
+        graph = {
+            "a": {"b"},
+            "b": {"a"},
+            "c": {"d"},
+            "d": {"e"},
+            "e": {"c", "f"},
+            "f": set(),
+        }
+        self.assertEqual(cycles(graph), [["a", "b"], ["c", "d", "e"]])
+        self.assertEqual(cycles({"x": {"y"}, "y": {"z"}, "z": set()}), [])
+
+    def test_graphSeesModuleImports(self) -> None:
+        """
+        The import graph has an edge for a module imported by name inside a package, as the relay's
+        router imports its interfaces.
+        """
+        graph = importGraph()
+        self.assertIn("portal.relay.interfaces", graph["portal.relay.router"])
+        self.assertNotIn("portal.relay.router", graph["portal.relay.interfaces"])

@@ -21,7 +21,7 @@ from portal.forwarding.connlimit import vouchFor
 from portal.relay.data import RelayDataSession
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.hop import HopInbound
-from portal.relay.leaseports import LeasePorts
+from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseError
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
@@ -430,7 +430,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         router = self._router
         hostname = leaseHostname(name, router.tunnelDomain)
         response = {**response, "publicHost": router.relayDomain}
-        opened: list[LeasePorts] = []
+        opened: list[ILeasePorts] = []
         try:
             if "tcp" in modes:
                 assert router.tcp is not None

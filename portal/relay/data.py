@@ -10,10 +10,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.sealedstream import SealedConnection, sealedStream
 from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.interfaces import IDataSession
 from portal.relay.router import DataPool, Router
 from portal.wire.attach import (
     ACK,
@@ -27,6 +29,7 @@ from portal.wire.control import EXPORTER_DATA_SESSION, exportKeyingMaterial
 from portal.wire.seal import Direction
 
 
+@implementer(IDataSession)
 class RelayDataSession(SpliceProtocol, TimeoutMixin):
     """
     A data session the tunnel opened to the control port, after the L{MAGIC} prefix was seen.

@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from portal.relay.interfaces import ILeasePorts, IPortLease
 from portal.relay.ports import PortAllocator
 
 if TYPE_CHECKING:
     from portal.relay.router import DataPool, Router
 
 
+@implementer(IPortLease)
 class PortLease:
     """
     The public port of one live lease.
@@ -79,6 +82,7 @@ class PortLease:
         return stopped if stopped is not None else succeed(None)
 
 
+@implementer(ILeasePorts)
 class LeasePorts:
     """
     One kind of public lease port (raw TCP or UDP): a port from the allocator and a listener for

@@ -9,8 +9,10 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.router import DataPool, Router
 from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import (
@@ -22,6 +24,7 @@ from portal.wire.clienthello import (
 )
 
 
+@implementer(IWaitingVisitor)
 class VisitorProtocol(SpliceProtocol, TimeoutMixin):
     """
     One public connection: buffered until its ClientHello is complete, then spliced to a tunnel's data

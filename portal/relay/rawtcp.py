@@ -12,8 +12,10 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
 from portal.wire.attach import StreamHeader
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from portal.relay.router import DataPool
 
 
+@implementer(IWaitingVisitor)
 class RawVisitor(SpliceProtocol, TimeoutMixin):
     """
     One connection to a lease's public TCP port: routed at once to the lease's data pool, where it waits

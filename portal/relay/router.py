@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
@@ -18,22 +18,16 @@ from portal.forwarding.kernelsplice import joinEnds
 from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import sourceKey
-from portal.forwarding.splice import pauseReading, splice
+from portal.forwarding.splice import SpliceProtocol, pauseReading, splice
 from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
+from portal.relay.interfaces import IDataSession, ILeasePorts, IUDPMode, IWaitingVisitor
 from portal.relay.leases import LeaseTable
 from portal.trust.challenge import ChallengeIssuer
 from portal.trust.identity import Identity
 from portal.trust.names import leaseLabel, normaliseHostname
 from portal.wire.attach import StreamHeader, encodeStreamHeader
 from portal.wire.control import modeParts
-
-if TYPE_CHECKING:
-    from portal.relay.data import RelayDataSession
-    from portal.relay.leaseports import LeasePorts
-    from portal.relay.public import VisitorProtocol
-    from portal.relay.rawtcp import RawVisitor
-    from portal.relay.udpmode import UDPMode
 
 
 class RequestsData(Protocol):
@@ -156,8 +150,8 @@ class DataPool:
         self.counters.setdefault("sealed_spliced", 0)
         self.key = key
         self._limits = limits
-        self._idle: dict[RelayDataSession, None] = {}
-        self._waiting: dict[VisitorProtocol | RawVisitor, StreamHeader] = {}
+        self._idle: dict[IDataSession, None] = {}
+        self._waiting: dict[IWaitingVisitor, StreamHeader] = {}
         self._closed = False
         #: Raw TCP mode: the secret its streams are sealed under (L{portal.wire.streamseal}), exported
         #: from the control session; L{None} in stream mode, whose payload is the visitor's TLS.
@@ -176,7 +170,7 @@ class DataPool:
         """
         return len(self._waiting)
 
-    def offer(self, session: RelayDataSession) -> None:
+    def offer(self, session: IDataSession) -> None:
         """
         A data session finished its attach: pair it with a waiting visitor, or keep it idle.
 
@@ -199,7 +193,7 @@ class DataPool:
             return
         self._idle[session] = None
 
-    def forget(self, session: RelayDataSession) -> None:
+    def forget(self, session: IDataSession) -> None:
         """
         An idle data session closed.
 
@@ -207,7 +201,7 @@ class DataPool:
         """
         self._idle.pop(session, None)
 
-    def route(self, visitor: VisitorProtocol | RawVisitor, header: StreamHeader) -> bool:
+    def route(self, visitor: IWaitingVisitor, header: StreamHeader) -> bool:
         """
         Pair a visitor with an idle data session, or make it wait (paused) and ask the tunnel for more.
 
@@ -230,7 +224,7 @@ class DataPool:
         self._owner.requestData(len(self._waiting))
         return True
 
-    def abandon(self, visitor: VisitorProtocol | RawVisitor) -> None:
+    def abandon(self, visitor: IWaitingVisitor) -> None:
         """
         A waiting visitor left or timed out.
 
@@ -238,9 +232,7 @@ class DataPool:
         """
         self._waiting.pop(visitor, None)
 
-    def _pair(
-        self, visitor: VisitorProtocol | RawVisitor, session: RelayDataSession, header: StreamHeader
-    ) -> None:
+    def _pair(self, visitor: IWaitingVisitor, session: IDataSession, header: StreamHeader) -> None:
         """
         Send the stream header on C{session} and splice it to C{visitor}.
         """
@@ -253,14 +245,21 @@ class DataPool:
             pacer = self._bandwidth.pacer(
                 header.hostname, getattr(self._owner, "owner", None), sourceKey(header.peerHost)
             )
+        # Both ends are splice protocols (what IWaitingVisitor and IDataSession describe).
+        visitorEnd = cast(SpliceProtocol, visitor)
         if self.sealSecret is not None:
             # Raw TCP mode: the header goes as it is, the visitor's bytes sealed after it.
             assert session.transport is not None
             session.transport.write(prefix)
-            splice(visitor, session.seal(self.sealSecret), pacer=pacer, idle=self._idlePolicy)
+            splice(visitorEnd, session.seal(self.sealSecret), pacer=pacer, idle=self._idlePolicy)
             self.counters["sealed_spliced"] += 1
         elif joinEnds(
-            self._reactor, visitor, session, toB=prefix, pacer=pacer, idle=self._idlePolicy
+            self._reactor,
+            visitorEnd,
+            cast(SpliceProtocol, session),
+            toB=prefix,
+            pacer=pacer,
+            idle=self._idlePolicy,
         ):
             self.counters["kernel_spliced"] += 1
         else:
@@ -366,9 +365,9 @@ class Router:
         #: The port the control listener is bound to, once it listens.
         self.controlPort = 0
         #: Raw TCP mode's public ports, when the relay offers the mode (C{--tcp-ports}).
-        self.tcp: LeasePorts | None = None
+        self.tcp: ILeasePorts | None = None
         #: UDP mode, when the relay offers it (C{--udp-ports}).
-        self.udp: UDPMode | None = None
+        self.udp: IUDPMode | None = None
         #: Multi-hop forwarding; with no allowed destination (no C{--allow-hop}) it refuses every hop.
         self.hops = HopForwarder(clock, ())
         #: Move paired connections with os.splice where possible (see L{portal.forwarding.kernelsplice}).

@@ -37,7 +37,7 @@ from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.control import ControlFactory
 from portal.relay.etcd import EtcdClient, parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
-from portal.relay.leaseports import LeasePorts
+from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
 from portal.relay.ports import PortAllocator, PortRange, PortStateError
@@ -250,12 +250,12 @@ class RelayService(Service):
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
         return router, options
 
-    def _leasePorts(self) -> dict[str, LeasePorts]:
+    def _leasePorts(self) -> dict[str, ILeasePorts]:
         """
         @return: The relay's lease ports by kind, for the modes it offers.
         """
         router = self.router
-        found: dict[str, LeasePorts] = {}
+        found: dict[str, ILeasePorts] = {}
         if router is not None and router.tcp is not None:
             found["tcp"] = router.tcp
         if router is not None and router.udp is not None:

@@ -19,24 +19,23 @@ from typing import Any
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.udpbuffers import enlargeBuffers
+from portal.relay.interfaces import IUDPMode
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
 from portal.relay.udp import MAX_PACKET_SIZE, PublicUDP
+from portal.relay.udpsession import UDPSession
 from portal.wire.control import Datagram, FlowClosed, FlowOpened
 from portal.wire.udpseal import (
     HEADER_LENGTH,
     MAX_PAYLOAD,
     SESSION_ID_LENGTH,
-    Direction,
     Kind,
-    Opener,
-    Sealer,
     SealError,
-    deriveKeys,
 )
 
 #: Seconds after the tunnel's last authenticated datagram that its UDP address is still used.
@@ -50,30 +49,7 @@ RELAY_MAX_FLOWS = 4096
 DROP_LOG_INTERVAL = 10.0
 
 
-class UDPSession:
-    """
-    The UDP side of one control session in UDP mode.
-
-    @ivar sessionId: The 8-byte id in every sealed datagram's header.
-    @ivar control: The control session (for L{Datagram}, L{FlowOpened}, L{FlowClosed}).
-    @ivar address: Where the tunnel's last authenticated datagram came from.
-    @ivar heard: When it came.
-    @ivar public: The lease's public port, while open.
-    """
-
-    address: tuple[str, int] | None = None
-    heard = float("-inf")
-    public: PublicUDP | None = None
-
-    def __init__(self, control: Any, sessionId: bytes, secret: bytes) -> None:
-        self.control = control
-        self.sessionId = sessionId
-        toTunnel, toRelay = deriveKeys(secret, sessionId)
-        self.sealer = Sealer(toTunnel, sessionId, Direction.RELAY_TO_TUNNEL)
-        self.opener = Opener(toRelay, sessionId, Direction.TUNNEL_TO_RELAY)
-        self.announced: set[int] = set()
-
-
+@implementer(IUDPMode)
 class UDPMode:
     """
     The relay's UDP mode: sessions, lease ports and the tunnel-facing socket.

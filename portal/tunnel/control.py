@@ -5,7 +5,7 @@ open data sessions when the relay asks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from portal.trust.relayhello import (
     checkHello,
     helloArguments,
 )
+from portal.tunnel.interfaces import IRelayLink
 from portal.tunnel.udpmode import TunnelUDP
 from portal.wire.control import (
     EXPORTER_DATA_KEY,
@@ -47,9 +48,6 @@ from portal.wire.control import (
     exportKeyingMaterial,
     modeParts,
 )
-
-if TYPE_CHECKING:
-    from portal.tunnel.service import RelayLink
 
 #: Seconds any control command may take.
 COMMAND_TIMEOUT = 30.0
@@ -77,7 +75,7 @@ class TunnelControlProtocol(amp.AMP):
     _retry: Any = None
     _retryDelay = 1.0
 
-    def __init__(self, link: RelayLink) -> None:
+    def __init__(self, link: IRelayLink) -> None:
         super().__init__()
         self._link = link
         self.hostnames: list[str] = []

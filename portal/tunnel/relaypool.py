@@ -7,7 +7,7 @@ seconds is replaced by the next healthy relay in rank order.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -18,11 +18,9 @@ from twisted.python.failure import Failure
 from portal.registry.document import RegistryEntry, RegistryError, loadRegistry, rank
 from portal.registry.health import Health, checkRelay
 from portal.tunnel.config import RelayAddress
-from portal.tunnel.service import RelayLink
+from portal.tunnel.interfaces import ITunnel
+from portal.tunnel.link import RelayLink
 from portal.wire.control import modeParts
-
-if TYPE_CHECKING:
-    from portal.tunnel.service import TunnelService
 
 #: Seconds a registry relay the tunnel holds may stay without a live lease (unreachable, or not
 #: registering) before it is replaced by the next healthy relay in rank order.
@@ -46,7 +44,7 @@ class PoolLink(RelayLink):
     flag = "--registry"
     downSince: float | None = None
 
-    def __init__(self, tunnel: TunnelService, entry: RegistryEntry, pool: RelayPool) -> None:
+    def __init__(self, tunnel: ITunnel, entry: RegistryEntry, pool: RelayPool) -> None:
         super().__init__(tunnel, RelayAddress(entry.host, entry.port, entry.id))
         self.entry = entry
         self._pool = pool
@@ -98,7 +96,7 @@ class RelayPool(Service):
 
     def __init__(
         self,
-        tunnel: TunnelService,
+        tunnel: ITunnel,
         source: str,
         count: int,
         load: Any = loadRegistry,
