@@ -30,7 +30,7 @@ class IDataSession(Interface):
 
     transport = Attribute("The session's transport.")
     nonce = Attribute("The fresh nonce (bytes) its attach and stream header are bound to.")
-    tls = Attribute("Whether the session runs inside TLS (raw TCP mode).")
+    tls = Attribute("Whether the session runs inside TLS (through a chain of hops).")
     streamId = Attribute("The stream it carries once paired (int), else None.")
     peer = Attribute("The visitor it is spliced to, once paired.")
 
@@ -40,6 +40,12 @@ class IDataSession(Interface):
 
         @param secret: The control session's raw TCP secret.
         @return: The splice end that stands for the tunnel's side of the stream.
+        """
+
+    def paired(streamId: int) -> None:
+        """
+        The pool paired the session with a visitor: it carries stream C{streamId} from now on (the
+        stream header and the visitor's bytes follow).
         """
 
 

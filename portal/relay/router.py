@@ -238,7 +238,7 @@ class DataPool:
         """
         visitor.setTimeout(None)
         visitor.pool = None
-        session.streamId = header.streamId
+        session.paired(header.streamId)
         prefix = encodeStreamHeader(self.key, session.nonce, header)
         pacer = None
         if self._bandwidth is not None:

@@ -5,6 +5,7 @@ open data sessions when the relay asks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -80,6 +81,10 @@ class TunnelControlProtocol(amp.AMP):
         self._link = link
         self.hostnames: list[str] = []
         self._names: list[str] = []
+        #: Called once the relay's L{Hello} checked out (the link's lifecycle moves on).
+        self.onHello: Callable[[], None] = lambda: None
+        #: Called with the deadline when the relay says it is going away.
+        self.onGoingAway: Callable[[float], None] = lambda deadline: None
 
     def _call(self, command: type[amp.Command], **kw: Any) -> Any:
         """
@@ -125,6 +130,7 @@ class TunnelControlProtocol(amp.AMP):
             self._heartbeat = LoopingCall(self._beat)
             self._heartbeat.clock = link.reactor
             self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+        self.onHello()
 
     def _beat(self) -> None:
         """
@@ -160,6 +166,7 @@ class TunnelControlProtocol(amp.AMP):
             f"the relay is shutting down (open connections get {deadline:.0f} s); "
             "reconnecting with backoff",
         )
+        self.onGoingAway(deadline)
         return {}
 
     async def _register(self) -> None:

@@ -1,13 +1,20 @@
 """
 One relay's link: a reconnecting control session (L{ClientService}) with its pool of data sessions,
 and the user-facing reports of its state.
+
+Its lifecycle is an automat machine (L{linkMachine}; table in C{docs/lifecycles.md}): C{stopped} ->
+C{connecting} -> C{hello} (connected; TLS and L{Hello} under way) -> C{registering} (the relay proved
+its identity) -> C{live} (leases granted) -> C{draining} (the relay said it is going away) ->
+C{backingOff} (the session ended or an attempt failed; L{ClientService} redials after the
+L{StableBackoff} delay) -> C{connecting} again, until C{stopped}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+from automat import TypeMachine, TypeMachineBuilder
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
@@ -35,15 +42,20 @@ class _ReportingEndpoint:
     """
 
     def __init__(
-        self, endpoint: IStreamClientEndpoint, onFailure: Callable[[Failure], None]
+        self,
+        endpoint: IStreamClientEndpoint,
+        onFailure: Callable[[Failure], None],
+        onAttempt: Callable[[], None] = lambda: None,
     ) -> None:
         self._endpoint = endpoint
         self._onFailure = onFailure
+        self._onAttempt = onAttempt
 
     def connect(self, factory: Any) -> Any:
         """
-        Connect through the wrapped endpoint, reporting a failure.
+        Connect through the wrapped endpoint, reporting the attempt and a failure.
         """
+        self._onAttempt()
         d = self._endpoint.connect(factory)
 
         def failed(failure: Failure) -> Failure:
@@ -85,6 +97,7 @@ class RelayLink(Service):
         self._wasLive = False
         self._reportedUnreachable = False
         self.backoff = StableBackoff(self.reactor)
+        self._machine = linkMachine(self)
         # Inside a chain, the hop relays must see only ciphertext and the last relay must not tell
         # data sessions by their TCP peer: TLS. (Raw TCP mode seals its streams in any case.)
         tls = bool(relay.via)
@@ -116,14 +129,28 @@ class RelayLink(Service):
         """
         @return: The TLS endpoint of L{tlsEndpoint}, reporting failed attempts.
         """
-        return _ReportingEndpoint(self.tlsEndpoint(), self._unreachable)
+        return _ReportingEndpoint(self.tlsEndpoint(), self._unreachable, self._machine.dialling)
 
     def startService(self) -> None:
         """
         Connect, and keep reconnecting with backoff.
         """
         super().startService()
-        factory = Factory.forProtocol(lambda: TunnelControlProtocol(self))
+        self._machine.start()
+
+    @property
+    def state(self) -> str:
+        """
+        The lifecycle state: C{stopped}, C{connecting}, C{hello}, C{registering}, C{live},
+        C{draining} or C{backingOff}.
+        """
+        return self._machine.state()
+
+    def _startClient(self) -> None:
+        """
+        Start the L{ClientService} that dials the relay and redials it with backoff.
+        """
+        factory = Factory.forProtocol(self._newSession)
         self._client = ClientService(
             self.controlEndpoint(),
             factory,
@@ -132,13 +159,26 @@ class RelayLink(Service):
         )
         self._client.startService()
 
+    def _newSession(self) -> TunnelControlProtocol:
+        """
+        A connection to the relay was made: a control session starts on it.
+
+        @return: Its protocol, which tells the lifecycle when the relay's L{Hello} checked out and
+            when the relay is going away.
+        """
+        protocol = TunnelControlProtocol(self)
+        protocol.onHello = self._machine.helloed
+        protocol.onGoingAway = self._machine.goingAway
+        self._machine.connected()
+        return protocol
+
     @inlineCallbacks
     def stopService(self) -> Any:
         """
         End the leases cleanly and disconnect.
         """
         super().stopService()
-        self.pool.stop()
+        self._machine.stop()
         if self.protocol is not None:
             yield self.protocol.unregister()
         if self._client is not None:
@@ -146,13 +186,19 @@ class RelayLink(Service):
 
     def _unreachable(self, failure: Failure) -> None:
         """
-        A connection attempt failed: say so once per outage (L{ClientService} keeps retrying), or
-        stop the tunnel when a hop relay said it will never forward it or has the wrong identity.
+        A connection attempt failed.
         """
-        if failure.check(FatalRelayError, RelayAuthenticationFailed) and self.running:
+        self._machine.attemptFailed(failure)
+
+    def _reportUnreachable(self, failure: Failure) -> None:
+        """
+        Say that an attempt failed, once per outage (L{ClientService} keeps retrying), or stop the
+        tunnel when a hop relay said it will never forward it or has the wrong identity.
+        """
+        if failure.check(FatalRelayError, RelayAuthenticationFailed):
             self.fatal(failure.getErrorMessage())
             return
-        if not self._reportedUnreachable and self.running:
+        if not self._reportedUnreachable:
             self._reportedUnreachable = True
             self.reporter.state(
                 "unreachable",
@@ -169,7 +215,26 @@ class RelayLink(Service):
         udp: tuple[str, int] | None = None,
     ) -> None:
         """
-        The relay accepted our leases: tell the user where the service is.
+        The relay accepted our leases.
+
+        @param protocol: The control session.
+        @param hostnames: The lease hostnames.
+        @param port: The relay's public TLS port.
+        @param tcp: In raw TCP mode, the host and port of the lease's public TCP port.
+        @param udp: In UDP mode, the host and port of the lease's public UDP port.
+        """
+        self._machine.registered(protocol, hostnames, port, tcp, udp)
+
+    def _announce(
+        self,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None,
+        udp: tuple[str, int] | None,
+    ) -> None:
+        """
+        The relay accepted our leases: tell the user where the service is (see L{registered}).
 
         @param hostnames: The lease hostnames.
         @param port: The relay's public TLS port.
@@ -206,13 +271,24 @@ class RelayLink(Service):
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
         """
-        The control session closed: stop the pool; the L{ClientService} reconnects.
+        The control session closed.
+
+        @param protocol: Its protocol.
+        """
+        self._machine.lost(protocol)
+
+    def _dropSession(self, protocol: TunnelControlProtocol, report: bool) -> None:
+        """
+        The control session closed: count it for the backoff and stop the pool; the
+        L{ClientService} reconnects.
+
+        @param report: Whether to tell the user (not once the link is stopping).
         """
         self.backoff.down()
         if protocol is self.protocol:
             self.protocol = None
             self.pool.stop()
-            if self.running:
+            if report:
                 self.reporter.state(
                     "disconnected", self.relay.address, "lost the relay; reconnecting"
                 )
@@ -222,3 +298,193 @@ class RelayLink(Service):
         Something reconnecting cannot fix happened: stop the tunnel.
         """
         self.tunnel.fatal(message, self.relay.address)
+
+
+class LinkInputs(Protocol):
+    """
+    The inputs of a relay link's lifecycle (L{linkMachine}).
+    """
+
+    def start(self) -> None:
+        """
+        The link's service started.
+        """
+
+    def dialling(self) -> None:
+        """
+        The L{ClientService} started a connection attempt.
+        """
+
+    def attemptFailed(self, failure: Failure) -> None:
+        """
+        A connection attempt failed (TCP, a hop, or TLS).
+        """
+
+    def connected(self) -> None:
+        """
+        A connection was made: a control session starts on it.
+        """
+
+    def helloed(self) -> None:
+        """
+        The relay's L{Hello} checked out (identity proven, pinned): registration starts.
+        """
+
+    def registered(
+        self,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None,
+        udp: tuple[str, int] | None,
+    ) -> None:
+        """
+        The relay granted the leases.
+        """
+
+    def goingAway(self, deadline: float) -> None:
+        """
+        The relay said it is shutting down.
+        """
+
+    def lost(self, protocol: TunnelControlProtocol) -> None:
+        """
+        A control session closed.
+        """
+
+    def stop(self) -> None:
+        """
+        The link's service stopped.
+        """
+
+    def state(self) -> str:
+        """
+        @return: The name of the current state.
+        """
+
+
+def _buildLinkMachine() -> TypeMachine[LinkInputs, RelayLink]:
+    """
+    Describe the relay link lifecycle; see the module docstring.
+    """
+    builder = TypeMachineBuilder(LinkInputs, RelayLink)
+    stopped = builder.state("stopped")
+    connecting = builder.state("connecting")
+    hello = builder.state("hello")
+    registering = builder.state("registering")
+    live = builder.state("live")
+    draining = builder.state("draining")
+    backingOff = builder.state("backingOff")
+    states = {
+        "stopped": stopped,
+        "connecting": connecting,
+        "hello": hello,
+        "registering": registering,
+        "live": live,
+        "draining": draining,
+        "backingOff": backingOff,
+    }
+    running = [connecting, hello, registering, live, draining, backingOff]
+    sessions = [hello, registering, live, draining]
+    names = {id(state): name for name, state in states.items()}
+    #: (state, input) pairs given a transition below; the rest are ignored (see the end).
+    handled: set[tuple[str, str]] = set()
+
+    def on(state: object, input: str) -> None:
+        handled.add((names[id(state)], input))
+
+    @stopped.upon(LinkInputs.start).to(connecting)
+    def startClient(inputs: LinkInputs, link: RelayLink) -> None:
+        link._startClient()
+
+    on(stopped, "start")
+    backingOff.upon(LinkInputs.dialling).to(connecting).returns(None)
+    on(backingOff, "dialling")
+
+    @connecting.upon(LinkInputs.attemptFailed).to(backingOff)
+    @backingOff.upon(LinkInputs.attemptFailed).loop()
+    def unreachable(inputs: LinkInputs, link: RelayLink, failure: Failure) -> None:
+        link._reportUnreachable(failure)
+
+    on(connecting, "attemptFailed")
+    on(backingOff, "attemptFailed")
+    for state in (connecting, backingOff):
+        state.upon(LinkInputs.connected).to(hello).returns(None)
+        on(state, "connected")
+    hello.upon(LinkInputs.helloed).to(registering).returns(None)
+    on(hello, "helloed")
+
+    def announce(
+        inputs: LinkInputs,
+        link: RelayLink,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None,
+        udp: tuple[str, int] | None,
+    ) -> None:
+        link._announce(protocol, hostnames, port, tcp, udp)
+
+    for state in (connecting, backingOff, hello, registering, live):
+        state.upon(LinkInputs.registered).to(live)(announce)
+        on(state, "registered")
+    # A registration that completes after the relay said it is leaving, or after the link
+    # stopped, is reported; it changes nothing.
+    for state in (draining, stopped):
+        state.upon(LinkInputs.registered).loop()(announce)
+        on(state, "registered")
+
+    for state in sessions:
+        state.upon(LinkInputs.goingAway).to(draining).returns(None)
+        on(state, "goingAway")
+
+    @hello.upon(LinkInputs.lost).to(backingOff)
+    @registering.upon(LinkInputs.lost).to(backingOff)
+    @live.upon(LinkInputs.lost).to(backingOff)
+    @draining.upon(LinkInputs.lost).to(backingOff)
+    @connecting.upon(LinkInputs.lost).to(backingOff)
+    @backingOff.upon(LinkInputs.lost).loop()
+    def dropSession(inputs: LinkInputs, link: RelayLink, protocol: TunnelControlProtocol) -> None:
+        link._dropSession(protocol, report=True)
+
+    for state in running:
+        on(state, "lost")
+
+    @stopped.upon(LinkInputs.lost).loop()
+    def dropQuietly(inputs: LinkInputs, link: RelayLink, protocol: TunnelControlProtocol) -> None:
+        link._dropSession(protocol, report=False)
+
+    on(stopped, "lost")
+
+    @connecting.upon(LinkInputs.stop).to(stopped)
+    @hello.upon(LinkInputs.stop).to(stopped)
+    @registering.upon(LinkInputs.stop).to(stopped)
+    @live.upon(LinkInputs.stop).to(stopped)
+    @draining.upon(LinkInputs.stop).to(stopped)
+    @backingOff.upon(LinkInputs.stop).to(stopped)
+    def stopPool(inputs: LinkInputs, link: RelayLink) -> None:
+        link.pool.stop()
+
+    for state in running:
+        on(state, "stop")
+
+    # Everything else is late or repeated news: it changes nothing.
+    for name, state in states.items():
+        state.upon(LinkInputs.state).loop().returns(name)
+        for input in (
+            LinkInputs.start,
+            LinkInputs.dialling,
+            LinkInputs.attemptFailed,
+            LinkInputs.connected,
+            LinkInputs.helloed,
+            LinkInputs.goingAway,
+            LinkInputs.lost,
+            LinkInputs.stop,
+        ):
+            if (name, input.__name__) not in handled:
+                state.upon(input).loop().returns(None)
+    return builder.build()
+
+
+#: The relay link lifecycle, built once; each link runs its own instance.
+linkMachine = _buildLinkMachine()

@@ -1,0 +1,288 @@
+"""
+Tests for the lifecycles written as automat machines: the relay's data session
+(L{portal.relay.data.sessionMachine}) and the tunnel's relay link (L{portal.tunnel.link.linkMachine}),
+driven on a clock; and their state tables in C{docs/lifecycles.md}, which must match the machines.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from portal.relay.data import RelayDataSession, sessionMachine
+from portal.trust.relayhello import FatalRelayError
+from portal.tunnel.backoff import STABLE_AFTER
+from portal.tunnel.config import buildConfig
+from portal.tunnel.control import TunnelControlProtocol
+from portal.tunnel.link import linkMachine
+from portal.tunnel.report import Reporter
+from portal.tunnel.service import TunnelService
+from portal.wire.attach import attachProof
+from tests.test_relay_public import _KEY, RelayHarness, clientHello
+
+#: The machines documented in docs/lifecycles.md, with their states in reading order.
+MACHINES: dict[str, tuple[Any, list[str]]] = {
+    "data session": (sessionMachine, ["attaching", "idle", "paired", "closed"]),
+    "relay link": (
+        linkMachine,
+        ["stopped", "connecting", "hello", "registering", "live", "draining", "backingOff"],
+    ),
+}
+
+DOCS = Path(__file__).parent.parent / "docs" / "lifecycles.md"
+
+
+def stateTable(machine: Any, order: list[str]) -> str:
+    """
+    A Markdown table of a machine's transitions: every input that changes the state or has an
+    output, by state in C{order}; inputs a state ignores and the C{state} query are left out.
+
+    @param machine: A built L{automat.TypeMachine}.
+    @param order: The state names in reading order.
+    @return: The table's lines.
+    """
+    rows = []
+    for old, input, new, outputs in machine.__automat_automaton__.allTransitions():
+        names = [o.name for o in outputs if not o.name.startswith("returns(")]
+        if input == "state" or (old is new and not names):
+            continue
+        rows.append((order.index(old.name), input, new.name, ", ".join(names) or "-"))
+    lines = ["| State | Input | Next state | Outputs |", "|---|---|---|---|"]
+    for index, input, new, outputs in sorted(rows):
+        lines.append(f"| `{order[index]}` | `{input}` | `{new}` | {outputs} |")
+    return "\n".join(lines)
+
+
+class DocumentedTests(SynchronousTestCase):
+    """
+    C{docs/lifecycles.md} shows each machine as it is built.
+    """
+
+    def test_tablesMatch(self) -> None:
+        """
+        Each machine's state table appears verbatim in C{docs/lifecycles.md}, and names every state.
+        """
+        text = DOCS.read_text()
+        for name, (machine, order) in MACHINES.items():
+            table = stateTable(machine, order)
+            self.assertIn(table, text, f"{name}: docs/lifecycles.md should hold\n{table}")
+            states = {state.name for state in machine.__automat_automaton__.states()}
+            self.assertEqual(states, set(order))
+
+
+class DataSessionLifecycleTests(RelayHarness):
+    """
+    A relay data session goes C{attaching} -> C{idle} -> C{paired} -> C{closed}.
+    """
+
+    def test_attachIdlePairedClosed(self) -> None:
+        """
+        A session attaches (idle in the pool), is paired with a visitor (with its stream id), and
+        is closed when its connection ends.
+        """
+        dispatch, transport = self.dataConnection()
+        session = dispatch.chosen
+        assert isinstance(session, RelayDataSession)
+        self.assertEqual(session.state, "attaching")
+        dispatch.dataReceived(attachProof(_KEY, session.nonce, self.sessionId))
+        self.assertEqual(session.state, "idle")
+        self.assertEqual(len(self.pool), 1)
+        visitor, _ = self.visitor()
+        visitor.dataReceived(clientHello("app.localhost"))
+        self.assertEqual(session.state, "paired")
+        self.assertEqual(session.streamId, 1)
+        transport.loseConnection()
+        self.assertEqual(session.state, "closed")
+
+    def test_attachTimeout(self) -> None:
+        """
+        A session that does not attach within C{attachTimeout} on the clock is closed, and a timer
+        firing late changes nothing.
+        """
+        dispatch, transport = self.dataConnection()
+        session = dispatch.chosen
+        assert isinstance(session, RelayDataSession)
+        self.clock.advance(self.limits.attachTimeout - 0.1)
+        self.assertEqual(session.state, "attaching")
+        self.clock.advance(0.1)
+        self.assertEqual(session.state, "closed")
+        self.assertTrue(transport.disconnecting)
+        session.timeoutConnection()
+        self.assertEqual(session.state, "closed")
+
+    def test_attachedHasNoTimer(self) -> None:
+        """
+        An idle session is not closed by the attach timer, however long it waits.
+        """
+        session, _, transport = self.attached()
+        self.clock.advance(self.limits.attachTimeout * 10)
+        self.assertEqual(session.state, "idle")
+        self.assertFalse(transport.disconnecting)
+
+    def test_dataWhileIdle(self) -> None:
+        """
+        An idle session that talks is closed and leaves the pool.
+        """
+        session, dispatch, _ = self.attached()
+        dispatch.dataReceived(b"x")
+        self.assertEqual(session.state, "closed")
+        self.assertEqual(len(self.pool), 0)
+
+    def test_badAttach(self) -> None:
+        """
+        A wrong attach proof closes the session from C{attaching}.
+        """
+        dispatch, transport = self.dataConnection()
+        session = dispatch.chosen
+        assert isinstance(session, RelayDataSession)
+        dispatch.dataReceived(attachProof(b"w" * 32, session.nonce, self.sessionId))
+        self.assertEqual(session.state, "closed")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.pool), 0)
+
+
+class FakeProtocol:
+    """
+    Stands in for a registered control session that the link unregisters when it stops.
+
+    @ivar unregistered: How many times the link asked it to unregister.
+    """
+
+    unregistered = 0
+
+    def unregister(self) -> Deferred[None]:
+        """
+        End the leases: done at once.
+        """
+        self.unregistered += 1
+        return succeed(None)
+
+
+class RelayLinkLifecycleTests(SynchronousTestCase):
+    """
+    A tunnel's relay link goes C{stopped} -> C{connecting} -> C{hello} -> C{registering} -> C{live}
+    -> C{draining} -> C{backingOff} -> ... -> C{stopped}, on a memory reactor's clock.
+    """
+
+    def setUp(self) -> None:
+        """
+        A stream-mode tunnel on a memory reactor, with one relay link.
+        """
+        self.reactor = MemoryReactorClock()
+        self.output = io.StringIO()
+        self.fatals: list[str] = []
+        directory = os.path.abspath(self.mktemp())
+        config = buildConfig("8000", identityPath=os.path.join(directory, "identity.json"))
+        self.tunnel = TunnelService(
+            config, self.reactor, Reporter(self.output, asJSON=True), self.fatals.append
+        )
+        [self.link] = self.tunnel.links
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """
+        @return: The reported events called C{name}.
+        """
+        return [e for e in self.link.reporter.events if e["event"] == name]
+
+    def session(self) -> TunnelControlProtocol:
+        """
+        Start the link and make a connection, as the L{ClientService} would.
+
+        @return: The new control session's protocol.
+        """
+        self.link.startService()
+        self.addCleanup(self.link.stopService)
+        return self.link._newSession()
+
+    def test_fullCycle(self) -> None:
+        """
+        Each step of a session moves the link on: a connection starts C{hello}, the relay's Hello
+        C{registering}, the registration C{live} (reported), the relay's goodbye C{draining}, and
+        the end of the session C{backingOff} (reported); stopping ends in C{stopped}.
+        """
+        self.assertEqual(self.link.state, "stopped")
+        self.link.startService()
+        self.assertEqual(self.link.state, "connecting")
+        protocol = self.link._newSession()
+        self.assertEqual(self.link.state, "hello")
+        protocol.onHello()
+        self.assertEqual(self.link.state, "registering")
+        self.link.registered(protocol, ["app.localhost"], 8443)
+        self.assertEqual(self.link.state, "live")
+        self.assertEqual([e["url"] for e in self.events("lease")], ["https://app.localhost:8443"])
+        protocol.onGoingAway(30.0)
+        self.assertEqual(self.link.state, "draining")
+        self.link.controlLost(protocol)
+        self.assertEqual(self.link.state, "backingOff")
+        self.assertEqual(len(self.events("disconnected")), 1)
+        self.assertIsNone(self.link.protocol)
+        self.link.stopService()
+        self.assertEqual(self.link.state, "stopped")
+
+    def test_unreachableOncePerOutage(self) -> None:
+        """
+        Failed attempts move the link to C{backingOff} and are reported once until a session is
+        live again; the next attempt is C{connecting}.
+        """
+        self.link.startService()
+        self.addCleanup(self.link.stopService)
+        for _ in range(3):
+            self.link._unreachable(Failure(ConnectionRefusedError()))
+            self.assertEqual(self.link.state, "backingOff")
+        self.assertEqual(len(self.events("unreachable")), 1)
+        self.link.controlEndpoint().connect(None)
+        self.assertEqual(self.link.state, "connecting")
+        protocol = self.link._newSession()
+        self.link.registered(protocol, ["app.localhost"], 8443)
+        self.link.controlLost(protocol)
+        self.link._unreachable(Failure(ConnectionRefusedError()))
+        self.assertEqual(len(self.events("unreachable")), 2)
+
+    def test_fatalAttempt(self) -> None:
+        """
+        An attempt that fails for good (a relay that is not who it should be) stops the tunnel.
+        """
+        self.link.startService()
+        self.addCleanup(self.link.stopService)
+        self.link._unreachable(Failure(FatalRelayError("the hop refuses")))
+        self.assertEqual(len(self.fatals), 1)
+        self.assertIn("the hop refuses", self.fatals[0])
+
+    def test_stableSessionResetsBackoff(self) -> None:
+        """
+        A session that stays live for L{STABLE_AFTER} seconds on the clock resets the backoff; one
+        that ends sooner counts as a failure.
+        """
+        protocol = self.session()
+        self.link.registered(protocol, ["app.localhost"], 8443)
+        self.reactor.advance(STABLE_AFTER / 2)
+        self.link.controlLost(protocol)
+        self.assertEqual(self.link.backoff.unstable, 1)
+        protocol = self.link._newSession()
+        self.link.registered(protocol, ["app.localhost"], 8443)
+        self.assertEqual(len(self.events("reconnected")), 1)
+        self.reactor.advance(STABLE_AFTER)
+        self.link.controlLost(protocol)
+        self.assertEqual(self.link.backoff.unstable, 0)
+
+    def test_lostAfterStopIsQuiet(self) -> None:
+        """
+        A control session that closes after the link stopped is not reported as a lost relay, and
+        the link stays C{stopped}.
+        """
+        self.session()
+        protocol = FakeProtocol()
+        self.link.registered(protocol, ["app.localhost"], 8443)  # type: ignore[arg-type]
+        self.link.stopService()
+        self.assertEqual(protocol.unregistered, 1)
+        self.link.controlLost(protocol)  # type: ignore[arg-type]
+        self.assertEqual(self.link.state, "stopped")
+        self.assertEqual(self.events("disconnected"), [])
