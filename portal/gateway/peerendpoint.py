@@ -342,12 +342,14 @@ def _tlsFailure(failure: Failure) -> BaseException | None:
     """
     @return: The TLS error behind a failed request, if that is why it failed.
     """
+    error: BaseException | None = failure.value
     if failure.check(SSL.Error):
-        return failure.value
-    if isinstance(failure.value, ResponseFailed):
-        for reason in failure.value.reasons:
+        return error
+    if isinstance(error, ResponseFailed):
+        for reason in error.reasons:
             if reason.check(SSL.Error):
-                return reason.value
+                cause: BaseException = reason.value
+                return cause
     return None
 
 

@@ -26,7 +26,7 @@ from portal.relay.leases import LeaseError
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
-from portal.relay.udpmode import UDPSession
+from portal.relay.udpsession import UDPSession
 from portal.trust.challenge import (
     PURPOSE_HOP,
     PURPOSE_REGISTER,

@@ -246,7 +246,8 @@ class EtcdClient:
         """
         if self._pool is None:
             return succeed(None)
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """

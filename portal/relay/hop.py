@@ -277,7 +277,8 @@ class HopForwarder:
             )
             return Failure(HopUnreachable(reason))
 
-        return d.addCallbacks(connected, failed)
+        opened: Deferred[HopInbound] = d.addCallbacks(connected, failed)
+        return opened
 
     def _refused(self, peer: IAddress | None, shortId: str, destination: str, reason: str) -> None:
         """

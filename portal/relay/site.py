@@ -149,7 +149,8 @@ class Status(Resource):
         """
         if path == b"":
             return self
-        return Resource.getChild(self, path, request)
+        child: Resource = Resource.getChild(self, path, request)
+        return child
 
     def render_GET(self, request: Request) -> bytes:
         """

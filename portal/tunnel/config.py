@@ -13,8 +13,8 @@ from portal.gateway.appjson import App, AppError, loadApp
 from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
 from portal.trust.identity import defaultIdentityPath
 from portal.trust.relayaddress import (
-    ConfigError,
-    RelayAddress,
+    ConfigError as ConfigError,
+    RelayAddress as RelayAddress,
     parseChain,
     parseHostPort,
     parsePort,

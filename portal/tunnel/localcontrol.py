@@ -237,7 +237,8 @@ def startControlSocket(
         return fail(CannotListenError(None, path, problem))
     makePrivateDirectories(os.path.dirname(os.path.abspath(path)))
     endpoint = UNIXServerEndpoint(reactor, path, mode=PRIVATE_FILE_MODE, wantPID=True)
-    return endpoint.listen(controlFactory(access, pairingURLs))
+    listening: Deferred[IListeningPort] = endpoint.listen(controlFactory(access, pairingURLs))
+    return listening
 
 
 class LocalControlService(Service):
@@ -322,4 +323,5 @@ def connectControl(
         failure.trap(ConnectError)
         raise NoRunningTunnel(f"no running tunnel at {path}")
 
-    return d.addErrback(failed)
+    connected: Deferred[amp.AMP] = d.addErrback(failed)
+    return connected

@@ -356,7 +356,7 @@ class FlowTable:
             datagram is dropped and counted).
         """
         try:
-            port = self._reactor.listenUDP(
+            port: IUDPTransport = self._reactor.listenUDP(
                 0, flow, interface=self.interface, maxPacketSize=MAX_PACKET_SIZE
             )
         except CannotListenError as e:
