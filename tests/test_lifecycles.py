@@ -1,7 +1,8 @@
 """
-Tests for the lifecycles written as automat machines: the relay's data session
-(L{portal.relay.data.sessionMachine}) and the tunnel's relay link (L{portal.tunnel.link.linkMachine}),
-driven on a clock; and their state tables in C{docs/lifecycles.md}, which must match the machines.
+Tests for the lifecycles written as automat machines: the relay's control session
+(L{portal.relay.control.controlMachine}) and data session (L{portal.relay.data.sessionMachine}), and
+the tunnel's relay link (L{portal.tunnel.link.linkMachine}), driven on a clock; and their state tables
+in C{docs/lifecycles.md}, which must match the machines.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from portal.relay.control import RelayControlProtocol, controlMachine
 from portal.relay.data import RelayDataSession, sessionMachine
-from portal.trust.relayhello import FatalRelayError
+from portal.trust.relayhello import FatalRelayError, helloArguments
 from portal.tunnel.backoff import STABLE_AFTER
 from portal.tunnel.config import buildConfig
 from portal.tunnel.control import TunnelControlProtocol
@@ -26,10 +29,13 @@ from portal.tunnel.link import linkMachine
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
 from portal.wire.attach import attachProof
+from portal.wire.control import Hello, HopUnreachable
+from tests.test_relay_hop import HopTestCase
 from tests.test_relay_public import _KEY, RelayHarness, clientHello
 
 #: The machines documented in docs/lifecycles.md, with their states in reading order.
 MACHINES: dict[str, tuple[Any, list[str]]] = {
+    "control session": (controlMachine, ["greeting", "open", "hopping", "hopped", "closed"]),
     "data session": (sessionMachine, ["attaching", "idle", "paired", "closed"]),
     "relay link": (
         linkMachine,
@@ -78,6 +84,78 @@ class DocumentedTests(SynchronousTestCase):
             self.assertEqual(states, set(order))
 
 
+class ControlSessionLifecycleTests(HopTestCase):
+    """
+    A relay control session goes C{greeting} -> C{open} -> C{closed}, or through C{hopping} and
+    C{hopped} when it carries a hop.
+    """
+
+    def test_helloThenClosed(self) -> None:
+        """
+        A session is C{greeting} until L{Hello}, C{open} after it, and C{closed} once its
+        connection is lost; the hello timer no longer fires after Hello.
+        """
+        connection = self.connect(amp.AMP)
+        relay: RelayControlProtocol = connection.relay
+        self.assertEqual(relay.lifecycle, "greeting")
+        self.call(connection, connection.tunnel, Hello, **helloArguments())
+        self.assertEqual(relay.lifecycle, "open")
+        self.clock.advance(self.router.limits.helloTimeout)
+        self.assertFalse(connection.relayTransport.disconnecting)
+        connection.drop()
+        self.assertEqual(relay.lifecycle, "closed")
+
+    def test_helloTimeout(self) -> None:
+        """
+        A session that says nothing for C{helloTimeout} on the clock is closed.
+        """
+        connection = self.connect(amp.AMP)
+        relay: RelayControlProtocol = connection.relay
+        self.clock.advance(self.router.limits.helloTimeout - 0.1)
+        self.assertEqual(relay.lifecycle, "greeting")
+        self.clock.advance(0.1)
+        connection.flush()
+        self.assertEqual(relay.lifecycle, "closed")
+
+    def test_hopped(self) -> None:
+        """
+        A hop request makes the session C{hopping}; the destination accepting makes it C{hopped},
+        and its pool is gone.
+        """
+        connection, client = self.client()
+        relay: RelayControlProtocol = connection.relay
+        self.askHop(connection, client)
+        self.assertEqual(relay.lifecycle, "hopping")
+        self.outbound.succeed()
+        connection.flush()
+        self.assertEqual(relay.lifecycle, "hopped")
+        self.assertNotIn(relay.sessionId, self.router.sessions)
+
+    def test_hopFailedReopens(self) -> None:
+        """
+        A hop whose destination refuses leaves the session C{open}, as it was.
+        """
+        connection, client = self.client()
+        relay: RelayControlProtocol = connection.relay
+        d, _, _ = self.askHop(connection, client)
+        self.outbound.attempts[0][3].errback(ConnectionRefusedError("refused"))
+        connection.flush()
+        self.assertFailed(d, HopUnreachable, "cannot connect")
+        self.assertEqual(relay.lifecycle, "open")
+
+    def test_lostWhileHopping(self) -> None:
+        """
+        A session lost while its hop connects is C{closed} and the attempt is cancelled.
+        """
+        connection, client = self.client()
+        relay: RelayControlProtocol = connection.relay
+        self.askHop(connection, client)
+        connection.drop()
+        self.assertEqual(relay.lifecycle, "closed")
+        self.assertEqual(len(self.outbound.cancelled), 1)
+        self.flushLoggedErrors()
+
+
 class DataSessionLifecycleTests(RelayHarness):
     """
     A relay data session goes C{attaching} -> C{idle} -> C{paired} -> C{closed}.
@@ -91,16 +169,16 @@ class DataSessionLifecycleTests(RelayHarness):
         dispatch, transport = self.dataConnection()
         session = dispatch.chosen
         assert isinstance(session, RelayDataSession)
-        self.assertEqual(session.state, "attaching")
+        self.assertEqual(session.lifecycle, "attaching")
         dispatch.dataReceived(attachProof(_KEY, session.nonce, self.sessionId))
-        self.assertEqual(session.state, "idle")
+        self.assertEqual(session.lifecycle, "idle")
         self.assertEqual(len(self.pool), 1)
         visitor, _ = self.visitor()
         visitor.dataReceived(clientHello("app.localhost"))
-        self.assertEqual(session.state, "paired")
+        self.assertEqual(session.lifecycle, "paired")
         self.assertEqual(session.streamId, 1)
         transport.loseConnection()
-        self.assertEqual(session.state, "closed")
+        self.assertEqual(session.lifecycle, "closed")
 
     def test_attachTimeout(self) -> None:
         """
@@ -111,12 +189,12 @@ class DataSessionLifecycleTests(RelayHarness):
         session = dispatch.chosen
         assert isinstance(session, RelayDataSession)
         self.clock.advance(self.limits.attachTimeout - 0.1)
-        self.assertEqual(session.state, "attaching")
+        self.assertEqual(session.lifecycle, "attaching")
         self.clock.advance(0.1)
-        self.assertEqual(session.state, "closed")
+        self.assertEqual(session.lifecycle, "closed")
         self.assertTrue(transport.disconnecting)
         session.timeoutConnection()
-        self.assertEqual(session.state, "closed")
+        self.assertEqual(session.lifecycle, "closed")
 
     def test_attachedHasNoTimer(self) -> None:
         """
@@ -124,7 +202,7 @@ class DataSessionLifecycleTests(RelayHarness):
         """
         session, _, transport = self.attached()
         self.clock.advance(self.limits.attachTimeout * 10)
-        self.assertEqual(session.state, "idle")
+        self.assertEqual(session.lifecycle, "idle")
         self.assertFalse(transport.disconnecting)
 
     def test_dataWhileIdle(self) -> None:
@@ -133,7 +211,7 @@ class DataSessionLifecycleTests(RelayHarness):
         """
         session, dispatch, _ = self.attached()
         dispatch.dataReceived(b"x")
-        self.assertEqual(session.state, "closed")
+        self.assertEqual(session.lifecycle, "closed")
         self.assertEqual(len(self.pool), 0)
 
     def test_badAttach(self) -> None:
@@ -144,7 +222,7 @@ class DataSessionLifecycleTests(RelayHarness):
         session = dispatch.chosen
         assert isinstance(session, RelayDataSession)
         dispatch.dataReceived(attachProof(b"w" * 32, session.nonce, self.sessionId))
-        self.assertEqual(session.state, "closed")
+        self.assertEqual(session.lifecycle, "closed")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(len(self.pool), 0)
 
@@ -208,24 +286,24 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         C{registering}, the registration C{live} (reported), the relay's goodbye C{draining}, and
         the end of the session C{backingOff} (reported); stopping ends in C{stopped}.
         """
-        self.assertEqual(self.link.state, "stopped")
+        self.assertEqual(self.link.lifecycle, "stopped")
         self.link.startService()
-        self.assertEqual(self.link.state, "connecting")
+        self.assertEqual(self.link.lifecycle, "connecting")
         protocol = self.link._newSession()
-        self.assertEqual(self.link.state, "hello")
+        self.assertEqual(self.link.lifecycle, "hello")
         protocol.onHello()
-        self.assertEqual(self.link.state, "registering")
+        self.assertEqual(self.link.lifecycle, "registering")
         self.link.registered(protocol, ["app.localhost"], 8443)
-        self.assertEqual(self.link.state, "live")
+        self.assertEqual(self.link.lifecycle, "live")
         self.assertEqual([e["url"] for e in self.events("lease")], ["https://app.localhost:8443"])
         protocol.onGoingAway(30.0)
-        self.assertEqual(self.link.state, "draining")
+        self.assertEqual(self.link.lifecycle, "draining")
         self.link.controlLost(protocol)
-        self.assertEqual(self.link.state, "backingOff")
+        self.assertEqual(self.link.lifecycle, "backingOff")
         self.assertEqual(len(self.events("disconnected")), 1)
         self.assertIsNone(self.link.protocol)
         self.link.stopService()
-        self.assertEqual(self.link.state, "stopped")
+        self.assertEqual(self.link.lifecycle, "stopped")
 
     def test_unreachableOncePerOutage(self) -> None:
         """
@@ -236,10 +314,10 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         self.addCleanup(self.link.stopService)
         for _ in range(3):
             self.link._unreachable(Failure(ConnectionRefusedError()))
-            self.assertEqual(self.link.state, "backingOff")
+            self.assertEqual(self.link.lifecycle, "backingOff")
         self.assertEqual(len(self.events("unreachable")), 1)
         self.link.controlEndpoint().connect(None)
-        self.assertEqual(self.link.state, "connecting")
+        self.assertEqual(self.link.lifecycle, "connecting")
         protocol = self.link._newSession()
         self.link.registered(protocol, ["app.localhost"], 8443)
         self.link.controlLost(protocol)
@@ -284,5 +362,5 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         self.link.stopService()
         self.assertEqual(protocol.unregistered, 1)
         self.link.controlLost(protocol)  # type: ignore[arg-type]
-        self.assertEqual(self.link.state, "stopped")
+        self.assertEqual(self.link.lifecycle, "stopped")
         self.assertEqual(self.events("disconnected"), [])

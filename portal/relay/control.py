@@ -1,11 +1,18 @@
 """
 The relay's control port: TLS + AMP control sessions and plain-TCP data sessions on one listener.
+
+A control session's lifecycle is an automat machine (L{controlMachine}; table in
+C{docs/lifecycles.md}): C{greeting} (waiting for L{Hello}, at most C{helloTimeout}) -> C{open}
+(data pool and session id; leases are registered, renewed and released here) -> C{closed}; or, for
+a hop, C{open} -> C{hopping} (connecting to the destination) -> C{hopped} (the connection is a
+splice now, no AMP) -> C{closed}.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+from automat import TypeMachine, TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
@@ -90,7 +97,6 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     udpSession: UDPSession | None = None
     _helloTimer: Any = None
     _hopPending: Deferred[HopInbound] | None = None
-    _lost = False
     _log = Logger()
 
     def __init__(self, router: Router) -> None:
@@ -102,6 +108,14 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         self.capabilities: frozenset[str] = frozenset()
         # See ControlDispatch.
         self.callLater = router.clock.callLater  # type: ignore[method-assign, assignment]
+        self._machine = controlMachine(self)
+
+    @property
+    def lifecycle(self) -> str:
+        """
+        The lifecycle state: C{greeting}, C{open}, C{hopping}, C{hopped} or C{closed}.
+        """
+        return self._machine.state()
 
     def connectionMade(self) -> None:
         """
@@ -110,7 +124,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         super().connectionMade()
         self._router.controls.add(self)
         self._helloTimer = self._router.clock.callLater(
-            self._router.limits.helloTimeout, self._helloTimedOut
+            self._router.limits.helloTimeout, self._machine.helloTimedOut
         )
         self.setTimeout(self._router.limits.controlIdleTimeout)
 
@@ -134,7 +148,15 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         # Inside TLS: the transport is the TLS protocol, which can abort.
         cast(ITCPTransport, self.transport).abortConnection()
 
-    def _helloTimedOut(self) -> None:
+    def _cancelHelloTimer(self) -> None:
+        """
+        Stop waiting for L{Hello}.
+        """
+        if self._helloTimer is not None:
+            self._helloTimer.cancel()
+            self._helloTimer = None
+
+    def _dropSilent(self) -> None:
         """
         No L{Hello} in time: drop the connection.
         """
@@ -150,9 +172,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         Negotiate, prove the relay's identity on this TLS session, and open the data pool.
         """
-        if self._helloTimer is not None:
-            self._helloTimer.cancel()
-            self._helloTimer = None
+        self._machine.helloed()
         version = negotiateVersion(minVersion, maxVersion)
         router = self._router
         if router.closing:
@@ -246,28 +266,34 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             )
             raise HopRefused(str(e))
         d = self._hopPending = router.hops.open(peer, identityId(publicKey), host, port)
+        self._machine.hopStarted()
 
         def connected(inbound: HopInbound) -> HopInbound:
             self._hopPending = None
-            if self._lost:
-                router.hops.abandon(inbound)
-                raise HopRefused("the control session closed")
-            # This session carries no leases and no data sessions from now on; nor AMP, so it
-            # gets no GoingAway, and its silence is the hop's business (an idle pooled data
-            # session may be silent for long).
-            self._closePool()
-            self.setTimeout(None)
-            router.controls.discard(self)
-            return inbound
+            return self._machine.hopConnected(inbound)
 
         def failed(failure: Failure) -> Failure:
             self._hopPending = None
+            self._machine.hopFailed()
             if failure.check(CancelledError):
                 # The control session closed while connecting: nobody is left to tell.
                 return Failure(HopRefused("the control session closed"))
             return failure
 
         return d.addCallbacks(connected, failed)
+
+    def _becomeHop(self, inbound: HopInbound) -> HopInbound:
+        """
+        The hop's destination accepted: this session carries no leases and no data sessions from
+        now on; nor AMP, so it gets no GoingAway, and its silence is the hop's business (an idle
+        pooled data session may be silent for long).
+
+        @return: C{inbound}, the protocol AMP hands the connection to.
+        """
+        self._closePool()
+        self.setTimeout(None)
+        self._router.controls.discard(self)
+        return inbound
 
     def _closePool(self) -> None:
         """
@@ -567,13 +593,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
 
         @param reason: Why.
         """
-        if self._helloTimer is not None:
-            self._helloTimer.cancel()
-            self._helloTimer = None
         self.setTimeout(None)
-        self._lost = True
-        if self._hopPending is not None:
-            self._hopPending.cancel()
+        self._machine.lost()
         router = self._router
         router.controls.discard(self)
         self._closePool()
@@ -586,6 +607,125 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         if self.udpSession is not None and router.udp is not None:
             router.udp.forget(self.udpSession)
         super().connectionLost(reason)
+
+
+class ControlInputs(Protocol):
+    """
+    The inputs of a relay control session's lifecycle (L{controlMachine}).
+    """
+
+    def helloed(self) -> None:
+        """
+        The tunnel said L{Hello}.
+        """
+
+    def helloTimedOut(self) -> None:
+        """
+        No L{Hello} came within C{helloTimeout}.
+        """
+
+    def hopStarted(self) -> None:
+        """
+        A checked hop request: the relay is connecting to its destination.
+        """
+
+    def hopConnected(self, inbound: HopInbound) -> HopInbound:
+        """
+        The hop's destination accepted.
+
+        @return: C{inbound}, to which AMP hands the connection.
+        @raise HopRefused: When the session closed meanwhile (the hop is abandoned).
+        """
+
+    def hopFailed(self) -> None:
+        """
+        The hop's destination could not be reached (or the wait was cancelled).
+        """
+
+    def lost(self) -> None:
+        """
+        The connection closed.
+        """
+
+    def state(self) -> str:
+        """
+        @return: The name of the current state.
+        """
+
+
+def _buildControlMachine() -> TypeMachine[ControlInputs, RelayControlProtocol]:
+    """
+    Describe the control session lifecycle; see the module docstring.
+    """
+    builder = TypeMachineBuilder(ControlInputs, RelayControlProtocol)
+    greeting = builder.state("greeting")
+    opened = builder.state("open")
+    hopping = builder.state("hopping")
+    hopped = builder.state("hopped")
+    closed = builder.state("closed")
+    states = {
+        "greeting": greeting,
+        "open": opened,
+        "hopping": hopping,
+        "hopped": hopped,
+        "closed": closed,
+    }
+
+    @greeting.upon(ControlInputs.helloed).to(opened)
+    @greeting.upon(ControlInputs.lost).to(closed)
+    def stopWaiting(inputs: ControlInputs, session: RelayControlProtocol) -> None:
+        session._cancelHelloTimer()
+
+    @greeting.upon(ControlInputs.helloTimedOut).to(closed)
+    def dropSilent(inputs: ControlInputs, session: RelayControlProtocol) -> None:
+        session._dropSilent()
+
+    opened.upon(ControlInputs.hopStarted).to(hopping).returns(None)
+    opened.upon(ControlInputs.lost).to(closed).returns(None)
+
+    @hopping.upon(ControlInputs.hopConnected).to(hopped)
+    def becomeHop(
+        inputs: ControlInputs, session: RelayControlProtocol, inbound: HopInbound
+    ) -> HopInbound:
+        return session._becomeHop(inbound)
+
+    hopping.upon(ControlInputs.hopFailed).to(opened).returns(None)
+
+    @hopping.upon(ControlInputs.lost).to(closed)
+    def cancelHop(inputs: ControlInputs, session: RelayControlProtocol) -> None:
+        if session._hopPending is not None:
+            session._hopPending.cancel()
+
+    hopped.upon(ControlInputs.lost).to(closed).returns(None)
+
+    @greeting.upon(ControlInputs.hopConnected).loop()
+    @opened.upon(ControlInputs.hopConnected).loop()
+    @hopped.upon(ControlInputs.hopConnected).loop()
+    @closed.upon(ControlInputs.hopConnected).loop()
+    def abandonHop(
+        inputs: ControlInputs, session: RelayControlProtocol, inbound: HopInbound
+    ) -> HopInbound:
+        session._router.hops.abandon(inbound)
+        raise HopRefused("the control session closed")
+
+    # Everything else is late or repeated news (a second Hello, a timer or a hop result after the
+    # session moved on): it changes nothing.
+    ignored = {
+        "greeting": ["hopStarted", "hopFailed"],
+        "open": ["helloed", "helloTimedOut", "hopFailed"],
+        "hopping": ["helloed", "helloTimedOut", "hopStarted"],
+        "hopped": ["helloed", "helloTimedOut", "hopStarted", "hopFailed"],
+        "closed": ["helloed", "helloTimedOut", "hopStarted", "hopFailed", "lost"],
+    }
+    for name, state in states.items():
+        state.upon(ControlInputs.state).loop().returns(name)
+        for input in ignored[name]:
+            state.upon(getattr(ControlInputs, input)).loop().returns(None)
+    return builder.build()
+
+
+#: The control session lifecycle, built once; each session runs its own instance.
+controlMachine = _buildControlMachine()
 
 
 class ControlDispatch(PeekingProtocol):

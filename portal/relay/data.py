@@ -106,7 +106,7 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         self._machine = sessionMachine(self)
 
     @property
-    def state(self) -> str:
+    def lifecycle(self) -> str:
         """
         The lifecycle state: C{attaching}, C{idle}, C{paired} or C{closed}.
         """

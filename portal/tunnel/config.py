@@ -14,7 +14,11 @@ from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
 from portal.trust.identity import defaultIdentityPath
 from portal.trust.relayaddress import (
     ConfigError as ConfigError,
+)
+from portal.trust.relayaddress import (
     RelayAddress as RelayAddress,
+)
+from portal.trust.relayaddress import (
     parseChain,
     parseHostPort,
     parsePort,

@@ -139,7 +139,7 @@ class RelayLink(Service):
         self._machine.start()
 
     @property
-    def state(self) -> str:
+    def lifecycle(self) -> str:
         """
         The lifecycle state: C{stopped}, C{connecting}, C{hello}, C{registering}, C{live},
         C{draining} or C{backingOff}.
