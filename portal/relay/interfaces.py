@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.protocols import amp
 from zope.interface import Attribute, Interface
 
 from portal.forwarding.splice import SpliceProtocol
@@ -148,7 +149,7 @@ class IUDPMode(Interface):
     tunnelSide = Attribute("The protocol of the tunnel-facing UDP socket.")
     counters = Attribute("Datagrams by path and drops (dict of str to int), for /metrics.")
 
-    def newSession(control: Any, secret: bytes) -> UDPSession:
+    def newSession(control: amp.AMP, secret: bytes) -> UDPSession:
         """
         Start the UDP side of a control session.
 

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.protocols import amp
 from zope.interface import implementer
 
 from portal.forwarding.logthrottle import LogThrottle
@@ -91,7 +92,7 @@ class UDPMode:
         }
         self._dropLog = LogThrottle(reactor, DROP_LOG_INTERVAL)
 
-    def newSession(self, control: Any, secret: bytes) -> UDPSession:
+    def newSession(self, control: amp.AMP, secret: bytes) -> UDPSession:
         """
         Start the UDP side of a control session.
 

@@ -5,7 +5,7 @@ where the tunnel's datagrams last came from (L{portal.relay.udpmode} uses it).
 
 from __future__ import annotations
 
-from typing import Any
+from twisted.protocols import amp
 
 from portal.relay.udp import PublicUDP
 from portal.wire.udpseal import Direction, Opener, Sealer, deriveKeys
@@ -26,7 +26,7 @@ class UDPSession:
     heard = float("-inf")
     public: PublicUDP | None = None
 
-    def __init__(self, control: Any, sessionId: bytes, secret: bytes) -> None:
+    def __init__(self, control: amp.AMP, sessionId: bytes, secret: bytes) -> None:
         self.control = control
         self.sessionId = sessionId
         toTunnel, toRelay = deriveKeys(secret, sessionId)

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from automat import TypeMachine, TypeMachineBuilder
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,7 +51,7 @@ class _ReportingEndpoint:
         self._onFailure = onFailure
         self._onAttempt = onAttempt
 
-    def connect(self, factory: Any) -> Any:
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """
         Connect through the wrapped endpoint, reporting the attempt and a failure.
         """
@@ -63,7 +63,8 @@ class _ReportingEndpoint:
             return failure
 
         d.addErrback(failed)
-        return d
+        connecting: Deferred[IProtocol] = d
+        return connecting
 
 
 @implementer(IRelayLink)

@@ -7,6 +7,7 @@ seconds is replaced by the next healthy relay in rank order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -15,9 +16,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portal.registry.document import RegistryEntry, RegistryError, loadRegistry, rank
+from portal.registry.document import (
+    Registry,
+    RegistryEntry,
+    RegistryError,
+    loadRegistry,
+    rank,
+)
 from portal.registry.health import Health, checkRelay
 from portal.tunnel.config import RelayAddress
+from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.interfaces import ITunnel
 from portal.tunnel.link import RelayLink
 from portal.wire.control import modeParts
@@ -56,14 +64,21 @@ class PoolLink(RelayLink):
         self.downSince = self.reactor.seconds()
         super().startService()
 
-    def registered(self, *args: Any, **kw: Any) -> None:
+    def registered(
+        self,
+        protocol: TunnelControlProtocol,
+        hostnames: list[str],
+        port: int,
+        tcp: tuple[str, int] | None = None,
+        udp: tuple[str, int] | None = None,
+    ) -> None:
         """
         The lease is live.
         """
         self.downSince = None
-        super().registered(*args, **kw)
+        super().registered(protocol, hostnames, port, tcp, udp)
 
-    def controlLost(self, protocol: Any) -> None:
+    def controlLost(self, protocol: TunnelControlProtocol) -> None:
         """
         The control session closed: the lease is down from now.
         """
@@ -99,8 +114,8 @@ class RelayPool(Service):
         tunnel: ITunnel,
         source: str,
         count: int,
-        load: Any = loadRegistry,
-        check: Any = checkRelay,
+        load: Callable[[Any, str], Deferred[Registry]] = loadRegistry,
+        check: Callable[[Any, RegistryEntry, list[str]], Deferred[Health]] = checkRelay,
     ) -> None:
         """
         @param tunnel: The tunnel.
