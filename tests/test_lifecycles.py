@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +46,84 @@ MACHINES: dict[str, tuple[Any, list[str]]] = {
 }
 
 DOCS = Path(__file__).parent.parent / "docs" / "lifecycles.md"
+#: Where the machines' Graphviz sources (and the pictures drawn from them) are kept.
+DIAGRAMS = Path(__file__).parent.parent / "docs" / "lifecycles"
 
 
-def stateTable(machine: Any, order: list[str]) -> str:
+def transitions(machine: Any, order: list[str]) -> list[tuple[str, str, str, str]]:
     """
-    A Markdown table of a machine's transitions: every input that changes the state or has an
-    output, by state in C{order}; inputs a state ignores and the C{state} query are left out.
+    A machine's transitions that matter to a reader: every input that changes the state or has an
+    output; inputs a state ignores and the C{state} query are left out.
 
     @param machine: A built L{automat.TypeMachine}.
     @param order: The state names in reading order.
-    @return: The table's lines.
+    @return: (state, input, next state, outputs) by state in C{order}, then by input.
     """
     rows = []
     for old, input, new, outputs in machine.__automat_automaton__.allTransitions():
         names = [o.name for o in outputs if not o.name.startswith("returns(")]
         if input == "state" or (old is new and not names):
             continue
-        rows.append((order.index(old.name), input, new.name, ", ".join(names) or "-"))
+        rows.append((order.index(old.name), input, new.name, ", ".join(names)))
+    return [(order[index], input, new, outputs) for index, input, new, outputs in sorted(rows)]
+
+
+def stateTable(machine: Any, order: list[str]) -> str:
+    """
+    A Markdown table of L{transitions}.
+
+    @return: The table's lines.
+    """
     lines = ["| State | Input | Next state | Outputs |", "|---|---|---|---|"]
-    for index, input, new, outputs in sorted(rows):
-        lines.append(f"| `{order[index]}` | `{input}` | `{new}` | {outputs} |")
+    for old, input, new, outputs in transitions(machine, order):
+        lines.append(f"| `{old}` | `{input}` | `{new}` | {outputs or '-'} |")
     return "\n".join(lines)
+
+
+def stateGraph(machine: Any, order: list[str], title: str) -> str:
+    """
+    A Graphviz picture of L{transitions}: states as ellipses (the first one bold), one arrow per
+    transition labelled with its input and outputs.
+
+    @param title: The machine's name, for the graph's label.
+    @return: The graph's C{dot} source.
+    """
+    lines = [
+        f'digraph "{title}" {{',
+        f'  label="{title}"; labelloc=t; rankdir=LR; fontname=Helvetica;',
+        "  node [shape=ellipse, fontname=Helvetica];",
+        "  edge [fontname=Helvetica, fontsize=10];",
+    ]
+    for index, state in enumerate(order):
+        style = ", style=bold" if index == 0 else ""
+        lines.append(f'  "{state}" [label="{state}"{style}];')
+    for old, input, new, outputs in transitions(machine, order):
+        label = f"{input}\\n({outputs})" if outputs else input
+        lines.append(f'  "{old}" -> "{new}" [label="{label}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def diagramPath(name: str) -> Path:
+    """
+    @return: Where the C{dot} source of the machine called C{name} is kept.
+    """
+    return DIAGRAMS / (name.replace(" ", "-") + ".dot")
+
+
+def writeDiagrams() -> None:
+    """
+    Write each machine's C{dot} source to C{docs/lifecycles/}, and draw it as SVG when Graphviz's
+    C{dot} is installed (C{python -m tests.test_lifecycles}).
+    """
+    DIAGRAMS.mkdir(exist_ok=True)
+    for name, (machine, order) in MACHINES.items():
+        path = diagramPath(name)
+        path.write_text(stateGraph(machine, order, name))
+        if shutil.which("dot"):
+            subprocess.run(
+                ["dot", "-Tsvg", "-o", str(path.with_suffix(".svg")), str(path)], check=True
+            )
 
 
 class DocumentedTests(SynchronousTestCase):
@@ -82,6 +141,17 @@ class DocumentedTests(SynchronousTestCase):
             self.assertIn(table, text, f"{name}: docs/lifecycles.md should hold\n{table}")
             states = {state.name for state in machine.__automat_automaton__.states()}
             self.assertEqual(states, set(order))
+
+    def test_diagramsMatch(self) -> None:
+        """
+        Each machine's Graphviz source in C{docs/lifecycles/} is the one drawn from the machine as
+        it is built, and has its picture beside it (regenerate both with
+        C{python -m tests.test_lifecycles}).
+        """
+        for name, (machine, order) in MACHINES.items():
+            path = diagramPath(name)
+            self.assertEqual(path.read_text(), stateGraph(machine, order, name), name)
+            self.assertTrue(path.with_suffix(".svg").exists(), name)
 
 
 class ControlSessionLifecycleTests(HopTestCase):
@@ -364,3 +434,7 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         self.link.controlLost(protocol)  # type: ignore[arg-type]
         self.assertEqual(self.link.lifecycle, "stopped")
         self.assertEqual(self.events("disconnected"), [])
+
+
+if __name__ == "__main__":
+    writeDiagrams()
