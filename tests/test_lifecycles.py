@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -386,7 +387,7 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
             self.link._unreachable(Failure(ConnectionRefusedError()))
             self.assertEqual(self.link.lifecycle, "backingOff")
         self.assertEqual(len(self.events("unreachable")), 1)
-        self.link.controlEndpoint().connect(None)
+        self.link.controlEndpoint().connect(Factory.forProtocol(Protocol))
         self.assertEqual(self.link.lifecycle, "connecting")
         protocol = self.link._newSession()
         self.link.registered(protocol, ["app.localhost"], 8443)
