@@ -15,7 +15,7 @@ from typing import Any, Protocol, cast
 from automat import TypeMachine, TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -95,7 +95,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     owner: str | None = None
     mode = "stream"
     udpSession: UDPSession | None = None
-    _helloTimer: Any = None
+    _helloTimer: IDelayedCall | None = None
     _hopPending: Deferred[HopInbound] | None = None
     _log = Logger()
 

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -73,7 +73,7 @@ class TunnelControlProtocol(amp.AMP):
     udp: TunnelUDP | None = None
     _renewal: LoopingCall | None = None
     _heartbeat: LoopingCall | None = None
-    _retry: Any = None
+    _retry: IDelayedCall | None = None
     _retryDelay = 1.0
 
     def __init__(self, link: IRelayLink) -> None:

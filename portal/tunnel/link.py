@@ -12,12 +12,12 @@ L{StableBackoff} delay) -> C{connecting} again, until C{stopped}.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from automat import TypeMachine, TypeMachineBuilder
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -173,17 +173,26 @@ class RelayLink(Service):
         self._machine.connected()
         return protocol
 
-    @inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         """
         End the leases cleanly and disconnect.
+
+        @return: A L{Deferred} that fires once the relay answered L{Unregister} (or did not in
+            time) and the connection is closed.
         """
         super().stopService()
         self._machine.stop()
+        stopped: Deferred[None] = Deferred.fromCoroutine(self._disconnect())
+        return stopped
+
+    async def _disconnect(self) -> None:
+        """
+        See L{stopService}.
+        """
         if self.protocol is not None:
-            yield self.protocol.unregister()
+            await self.protocol.unregister()
         if self._client is not None:
-            yield self._client.stopService()
+            await self._client.stopService()
 
     def _unreachable(self, failure: Failure) -> None:
         """
