@@ -128,7 +128,8 @@ def listenReusePort(
         if steerWorkers is not None:
             attachSteering(sock, steerWorkers)
         sock.setblocking(False)
-        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+        adopted: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
+        return adopted
     finally:
         # The reactor holds its own duplicate of the descriptor.
         sock.close()

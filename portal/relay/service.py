@@ -438,7 +438,8 @@ class RelayService(Service):
                 factory,
                 workers if steer else None,
             )
-        return serverFromString(self._reactor, description).listen(factory)
+        listening: Deferred[Any] = serverFromString(self._reactor, description).listen(factory)
+        return listening
 
     def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
         """
