@@ -251,6 +251,26 @@ class DataSessionLifecycleTests(RelayHarness):
         transport.loseConnection()
         self.assertEqual(session.lifecycle, "closed")
 
+    def test_attachWhileVisitorWaits(self) -> None:
+        """
+        A session that attaches while a visitor waits goes through C{idle} straight to C{paired},
+        and carries the visitor's stream id at once: in raw TCP mode the pool seals the stream under
+        it right away, before the machine has finished the attach.
+        """
+        self.pool.sealSecret = b"r" * 32
+        visitor, _ = self.visitor()
+        visitor.dataReceived(clientHello("app.localhost"))
+        self.assertEqual(self.pool.waiting, 1)
+        dispatch, _ = self.dataConnection()
+        session = dispatch.chosen
+        assert isinstance(session, RelayDataSession)
+        dispatch.dataReceived(attachProof(_KEY, session.nonce, self.sessionId))
+        self.assertEqual(session.lifecycle, "paired")
+        self.assertEqual(session.streamId, 1)
+        assert session._sealed is not None
+        self.assertEqual(session._sealed.streamId, 1)
+        self.assertEqual(self.pool.waiting, 0)
+
     def test_attachTimeout(self) -> None:
         """
         A session that does not attach within C{attachTimeout} on the clock is closed, and a timer
