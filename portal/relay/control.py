@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 import portal
 from portal.forwarding.connlimit import vouchFor
+from portal.forwarding.sources import peerSource
 from portal.relay.data import RelayDataSession
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.hop import HopInbound
@@ -37,9 +38,13 @@ from portal.relay.udpsession import UDPSession
 from portal.trust.challenge import (
     PURPOSE_HOP,
     PURPOSE_REGISTER,
+    BadSignature,
     ChallengeError,
+    ChallengeMismatch,
     ExpiredChallenge,
     UnknownChallenge,
+    WorkInsufficient,
+    WorkRequired,
 )
 from portal.trust.identity import identityId
 from portal.trust.names import InvalidName, leaseHostname, validateLabel
@@ -77,6 +82,16 @@ from portal.wire.peek import PeekingProtocol, RefuseConnection
 
 TLS_HANDSHAKE = 0x16
 
+#: Refusal reasons (metric labels) of challenge errors at registration.
+_CHALLENGE_REASONS: dict[type[ChallengeError], str] = {
+    UnknownChallenge: "challenge_unknown",
+    ExpiredChallenge: "challenge_expired",
+    ChallengeMismatch: "challenge_mismatch",
+    BadSignature: "bad_signature",
+    WorkRequired: "work_required",
+    WorkInsufficient: "work_insufficient",
+}
+
 
 class RelayControlProtocol(amp.AMP, TimeoutMixin):
     """
@@ -89,11 +104,13 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     @ivar names: Lease names registered on this session.
     @ivar mode: The mode of this session's leases (L{portal.wire.control.MODES}); C{"stream"} until a
         registration says otherwise.
+    @ivar source: The tunnel's source address as limits count it (IPv4 /32, IPv6 /64).
     """
 
     pool: DataPool | None = None
     owner: str | None = None
     mode = "stream"
+    source = ""
     udpSession: UDPSession | None = None
     _helloTimer: IDelayedCall | None = None
     _hopPending: Deferred[HopInbound] | None = None
@@ -122,6 +139,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         Give the tunnel a bounded time to say L{Hello}, and start watching for silence.
         """
         super().connectionMade()
+        assert self.transport is not None
+        self.source = peerSource(self.transport.getPeer())
         self._router.controls.add(self)
         self._helloTimer = self._router.clock.callLater(
             self._router.limits.helloTimeout, self._machine.helloTimedOut
@@ -165,6 +184,21 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         assert self.transport is not None
         self.transport.loseConnection()
 
+    def _refused(
+        self, reason: str, exception: type[Exception], message: str, **fields: Any
+    ) -> Exception:
+        """
+        Count and log a refusal of this session's request (see L{portal.relay.admission}).
+
+        @param reason: The metric's reason label.
+        @param exception: The AMP error to answer with.
+        @param message: What the tunnel is told.
+        @param fields: More log fields.
+        @return: The exception to raise.
+        """
+        self._router.admission.refuse(reason, self.source, message, **fields)
+        return exception(message)
+
     @Hello.responder
     def hello(
         self, minVersion: int, maxVersion: int, capabilities: list[str], software: str
@@ -172,9 +206,11 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         Negotiate, prove the relay's identity on this TLS session, and open the data pool.
         """
+        router = self._router
+        # Before the lifecycle moves on: a refused Hello leaves the Hello timer running.
+        router.admission.rate("hello", self.source)
         self._machine.helloed()
         version = negotiateVersion(minVersion, maxVersion)
-        router = self._router
         if router.closing:
             raise TryAgain("the relay is shutting down")
         self.capabilities = frozenset(c for c in CAPABILITIES if c in capabilities)
@@ -212,15 +248,17 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         @raise RegistrationRefused: When a name is invalid or too many are asked for.
         """
         if not names:
-            raise RegistrationRefused("no lease name given")
+            raise self._refused("invalid_names", RegistrationRefused, "no lease name given")
         if len(names) > self._router.limits.maxNamesPerRegister:
-            raise RegistrationRefused(
-                f"at most {self._router.limits.maxNamesPerRegister} names per registration"
+            raise self._refused(
+                "invalid_names",
+                RegistrationRefused,
+                f"at most {self._router.limits.maxNamesPerRegister} names per registration",
             )
         try:
             return [validateLabel(n) for n in names]
         except InvalidName as e:
-            raise RegistrationRefused(str(e))
+            raise self._refused("invalid_names", RegistrationRefused, str(e))
 
     @Challenge.responder
     def challenge(self, names: list[str], purpose: str | None = None) -> dict[str, object]:
@@ -231,15 +269,22 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         purpose = purpose or PURPOSE_REGISTER
         if self.pool is None:
             raise RegistrationRefused("Hello must come first")
+        admission = self._router.admission
+        admission.rate("challenge", self.source)
+        work = 0
         if purpose == PURPOSE_HOP:
             if names:
                 raise RegistrationRefused("a hop challenge names no lease")
         elif purpose == PURPOSE_REGISTER:
             names = self._checkNames(names)
+            work = admission.challengeWork()
         else:
             raise RegistrationRefused(f"unknown challenge purpose {purpose!r}")
-        nonce = self._router.challenges.issue(names, purpose)
-        return {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
+        nonce = self._router.challenges.issue(names, purpose, work)
+        response: dict[str, object] = {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
+        if "pow" in self.capabilities:
+            response["work"] = work
+        return response
 
     @Hop.responder
     def hop(
@@ -305,59 +350,103 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
 
     @Register.responder
     def register(
-        self, publicKey: bytes, names: list[str], nonce: bytes, signature: bytes, mode: str
+        self,
+        publicKey: bytes,
+        names: list[str],
+        nonce: bytes,
+        signature: bytes,
+        mode: str,
+        proof: bytes | None = None,
     ) -> dict[str, object] | Deferred[dict[str, object]]:
         """
-        Check the signed challenge and register the leases, all or none; in raw TCP mode, open the
-        lease's public port too.
+        Check the rate limits, the identity lists, the quotas of the tunnel's address, the proof of
+        work and the signed challenge, cheapest first, and register the leases, all or none; in raw
+        TCP mode, open the lease's public port too.
         """
         router = self._router
         if self.pool is None:
             raise RegistrationRefused("Hello must come first")
+        admission = router.admission
+        admission.rate("register", self.source)
         if mode not in MODES:
-            raise RegistrationRefused(f"{mode} mode is not supported by this relay")
+            raise self._refused(
+                "invalid_mode", RegistrationRefused, f"{mode} mode is not supported by this relay"
+            )
         modes = modeParts(mode)
         for kind, offered in (("tcp", router.tcp), ("udp", router.udp)):
             if kind in modes and offered is None:
-                raise RegistrationRefused(f"{kind} mode is disabled on this relay")
+                raise self._refused(
+                    "invalid_mode", RegistrationRefused, f"{kind} mode is disabled on this relay"
+                )
         if "tcp" in modes and "sealed-tcp" not in self.capabilities:
-            raise RegistrationRefused(
+            raise self._refused(
+                "invalid_mode",
+                RegistrationRefused,
                 "raw TCP mode needs a tunnel that seals its data sessions (capability sealed-tcp): "
-                "upgrade the tunnel"
+                "upgrade the tunnel",
             )
         if self.names and mode != self.mode:
-            raise RegistrationRefused(f"this control session holds {self.mode} mode leases")
+            raise self._refused(
+                "invalid_mode",
+                RegistrationRefused,
+                f"this control session holds {self.mode} mode leases",
+            )
         if modes != {"stream"} and (len(names) != 1 or self.names - set(names)):
             # One public port set per session: flows and their ids belong to the session.
-            raise RegistrationRefused(f"{mode} mode registers exactly one name per control session")
+            raise self._refused(
+                "invalid_mode",
+                RegistrationRefused,
+                f"{mode} mode registers exactly one name per control session",
+            )
         names = self._checkNames(names)
         unavailable = router.cluster.mayRegister() if router.cluster is not None else None
         if unavailable is not None:
-            self._log.warn("registration deferred: {reason}", reason=unavailable)
-            raise TryAgain(unavailable)
-        try:
-            router.challenges.redeem(nonce, names, publicKey, signature)
-        except (UnknownChallenge, ExpiredChallenge) as e:
-            self._log.info("registration deferred: {reason}", reason=str(e))
-            raise TryAgain(f"{e}; ask for a new challenge")
-        except ChallengeError as e:
-            self._log.warn("registration refused: {reason}", reason=str(e))
-            raise RegistrationRefused(str(e))
+            raise self._refused("cluster_unavailable", TryAgain, unavailable)
         owner = identityId(publicKey)
+        admission.checkIdentity(self.source, owner)
+        admission.checkQuota(self.source, owner, names, modes & {"tcp", "udp"})
+        try:
+            router.challenges.redeem(nonce, names, publicKey, signature, proof)
+        except (UnknownChallenge, ExpiredChallenge) as e:
+            raise self._refused(
+                _CHALLENGE_REASONS[type(e)], TryAgain, f"{e}; ask for a new challenge"
+            )
+        except WorkRequired as e:
+            if "pow" in self.capabilities:
+                raise self._refused("work_required", RegistrationRefused, str(e))
+            # An older tunnel: it cannot do the work, but can retry once the relay is quiet.
+            raise self._refused(
+                "work_required",
+                TryAgain,
+                f"{e}, which this tunnel's version cannot do; retry later, or upgrade the "
+                f"tunnel to one that speaks the 'pow' capability",
+            )
+        except ChallengeError as e:
+            raise self._refused(
+                _CHALLENGE_REASONS.get(type(e), "bad_challenge"), RegistrationRefused, str(e)
+            )
         if self.owner is not None and self.owner != owner:
-            raise RegistrationRefused("this control session belongs to another identity")
+            raise self._refused(
+                "session_identity",
+                RegistrationRefused,
+                "this control session belongs to another identity",
+            )
         for name in names:
             current = router.leases.ownerOf(name)
             if current is not None and current != owner:
-                self._log.info(
-                    "refused name {name} to {identity}: taken", name=name, identity=owner[:12]
+                raise self._refused(
+                    "name_taken",
+                    RegistrationRefused,
+                    f"name {name!r} is taken by another identity",
+                    identity=owner[:12],
                 )
-                raise RegistrationRefused(f"name {name!r} is taken by another identity")
             live = router.leases.route(name)
             if live is not None and live.holder is not self:
-                raise TryAgain(
+                raise self._refused(
+                    "name_live_elsewhere",
+                    TryAgain,
                     f"name {name!r} is served by another tunnel of this identity; it can be taken "
-                    f"over when that tunnel stops or its lease lapses (within {router.leases.ttl:.0f} s)"
+                    f"over when that tunnel stops or its lease lapses (within {router.leases.ttl:.0f} s)",
                 )
         registered: list[str] = []
         try:
@@ -370,7 +459,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 router.leases.release(name, owner)
             if registered:
                 router.onLeasesChanged()
-            raise RegistrationRefused(str(e))
+            raise self._refused("names_per_identity", RegistrationRefused, str(e))
+        admission.names.add(self.source, [(owner, name) for name in names])
         self.owner = owner
         self.mode = mode
         self.names.update(names)
@@ -473,13 +563,17 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 response["udpSession"] = self.udpSession.sessionId
         except (PortAllocationError, CannotListenError) as e:
             reason = e.args[0] if isinstance(e, PortAllocationError) else f"cannot listen: {e}"
-            self._log.warn("no public port for lease {name}: {reason}", name=name, reason=reason)
             for ports in opened:
                 ports.close(owner, name, self)
             self.names.discard(name)
             router.leases.release(name, owner)
             router.onLeasesChanged()
-            raise RegistrationRefused(f"no public port: {reason}")
+            raise self._refused(
+                "no_port", RegistrationRefused, f"no public port for {name!r}: {reason}"
+            )
+        router.admission.ports.add(
+            self.source, [(kind, owner, name) for kind in sorted(modes & {"tcp", "udp"})]
+        )
         router.onLeasesChanged()
         return response
 

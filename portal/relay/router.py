@@ -19,6 +19,7 @@ from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import sourceKey
 from portal.forwarding.splice import SpliceProtocol, pauseReading, splice
+from portal.relay.admission import Admission, AdmissionLimits
 from portal.relay.cluster import ICluster
 from portal.relay.hop import HopForwarder
 from portal.relay.interfaces import IDataSession, ILeasePorts, IUDPMode, IWaitingVisitor
@@ -79,6 +80,7 @@ class RelayLimits:
         together; 0 for no cap.
     @ivar bandwidthPerSource: Bytes per second all streams of one visitor source address may move
         together; 0 for no cap.
+    @ivar admission: Rate limits, quotas per source address and proof of work on registrations.
     """
 
     maxIdleData: int = 64
@@ -102,6 +104,7 @@ class RelayLimits:
     bandwidthPerLease: float = 0.0
     bandwidthPerIdentity: float = 0.0
     bandwidthPerSource: float = 0.0
+    admission: AdmissionLimits = attrs.field(factory=AdmissionLimits)
 
 
 class DataPool:
@@ -356,6 +359,10 @@ class Router:
                 ("tcp", perSource),
             )
         }
+        #: The registration gate.
+        self.admission = Admission(
+            clock, self.limits.admission, self.refusals, self._nameHeld, self._portHeld
+        )
         self.sessions: dict[bytes, DataPool] = {}
         self.controls: set[Any] = set()
         self.visitors: set[Any] = set()
@@ -401,6 +408,23 @@ class Router:
         @return: The factory to listen with.
         """
         return LimitedFactory(factory, self.limiters[listener], reply)
+
+    def _nameHeld(self, key: tuple[str, str]) -> bool:
+        """
+        @param key: C{(identity, name)}.
+        @return: Whether the identity still owns the name (live or reserved).
+        """
+        identity, name = key
+        return self.leases.ownerOf(name) == identity
+
+    def _portHeld(self, key: tuple[str, str, str]) -> bool:
+        """
+        @param key: C{(kind, identity, name)}, kind C{"tcp"} or C{"udp"}.
+        @return: Whether the lease still has a public port of that kind (live or reserved).
+        """
+        kind, identity, name = key
+        ports = self.tcp if kind == "tcp" else (self.udp.ports if self.udp is not None else None)
+        return ports is not None and ports.allocator.portFor(identity, name) is not None
 
     def newSessionId(self) -> bytes:
         """

@@ -22,6 +22,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from portal.trust.identity import Identity, verifySignature
+from portal.trust.proofofwork import MAX_BITS, solutionBits
 
 #: Seconds a challenge stays redeemable after it is issued.
 CHALLENGE_TTL: float = 30.0
@@ -52,6 +53,26 @@ class UnknownChallenge(ChallengeError):
 class ExpiredChallenge(ChallengeError):
     """
     The challenge was redeemed after its lifetime ended.
+    """
+
+
+class WorkRequired(ChallengeError):
+    """
+    The challenge asked for a proof of work (L{portal.trust.proofofwork}) and the registration came
+    without one.
+
+    @ivar bits: The difficulty the challenge asked for.
+    """
+
+    def __init__(self, message: str, bits: int) -> None:
+        super().__init__(message)
+        self.bits = bits
+
+
+class WorkInsufficient(ChallengeError):
+    """
+    The registration's proof of work does not meet the challenge's difficulty: it is malformed,
+    was found for another nonce, or for a lower difficulty.
     """
 
 
@@ -178,11 +199,13 @@ class _Outstanding:
     @ivar names: The sorted names it was issued for.
     @ivar expiresAt: The clock time after which it may no longer be redeemed.
     @ivar purpose: L{PURPOSE_REGISTER} or L{PURPOSE_HOP}.
+    @ivar work: The proof-of-work difficulty in bits its registration must meet (0: none).
     """
 
     names: tuple[str, ...]
     expiresAt: float
     purpose: str = PURPOSE_REGISTER
+    work: int = 0
 
 
 class ChallengeIssuer:
@@ -234,21 +257,25 @@ class ChallengeIssuer:
                 break
             self._outstanding.popitem(last=False)
 
-    def issue(self, names: Sequence[str], purpose: str = PURPOSE_REGISTER) -> bytes:
+    def issue(self, names: Sequence[str], purpose: str = PURPOSE_REGISTER, work: int = 0) -> bytes:
         """
         Issue a challenge for registering C{names}, or for a hop.
 
         @param names: The names the tunnel asks for (none for a hop).
         @param purpose: L{PURPOSE_REGISTER} or L{PURPOSE_HOP}: what the challenge can be redeemed for.
+        @param work: The proof-of-work difficulty in bits the registration must meet (0: none).
         @return: A fresh 32-byte random nonce.
+        @raise ValueError: If C{work} is outside 0 to L{MAX_BITS}.
         """
+        if not 0 <= work <= MAX_BITS:
+            raise ValueError(f"proof-of-work difficulty must be 0 to {MAX_BITS} bits, not {work}")
         sortedNames = _checkNames(names)
         now = self._clock.seconds()
         self._prune(now)
         while len(self._outstanding) >= self.maxOutstanding:
             self._outstanding.popitem(last=False)
         nonce = secrets.token_bytes(NONCE_LENGTH)
-        self._outstanding[nonce] = _Outstanding(sortedNames, now + self.ttl, purpose)
+        self._outstanding[nonce] = _Outstanding(sortedNames, now + self.ttl, purpose, work)
         return nonce
 
     def _take(self, nonce: bytes, purpose: str) -> _Outstanding:
@@ -307,21 +334,31 @@ class ChallengeIssuer:
             )
 
     def redeem(
-        self, nonce: bytes, names: Sequence[str], publicKey: bytes, signature: bytes
+        self,
+        nonce: bytes,
+        names: Sequence[str],
+        publicKey: bytes,
+        signature: bytes,
+        solution: bytes | None = None,
     ) -> None:
         """
-        Check a signed answer to a challenge.
+        Check a signed answer to a challenge, and its proof of work if the challenge asked for one.
 
-        The challenge is used up by this call whether or not the answer is accepted.
+        The challenge is used up by this call whether or not the answer is accepted. The proof of
+        work (one hash) is checked before the signature (far slower), so a flood of registrations
+        without the work costs the relay little.
 
         @param nonce: The nonce from L{issue}.
         @param names: The names being registered.
         @param publicKey: The compressed public key the tunnel registers with.
         @param signature: The tunnel's signature, see L{signRegistration}.
+        @param solution: The proof of work (L{portal.trust.proofofwork.solve}), or L{None}.
         @raise UnknownChallenge: If the nonce was never issued here, was already redeemed, or was
             forgotten to make room for newer ones.
         @raise ExpiredChallenge: If the challenge's lifetime has ended.
         @raise ChallengeMismatch: If C{names} are not the names the challenge was issued for.
+        @raise WorkRequired: If the challenge asked for a proof of work and none came.
+        @raise WorkInsufficient: If the proof of work does not meet the challenge's difficulty.
         @raise BadSignature: If C{signature} is not C{publicKey}'s signature of this relay's
             registration message.
         """
@@ -333,6 +370,21 @@ class ChallengeIssuer:
                 f"but the registration asks for {list(sortedNames)}; request a challenge for "
                 f"the names you register"
             )
+        if outstanding.work:
+            if solution is None:
+                raise WorkRequired(
+                    f"this relay is busy and asks for a proof of work of {outstanding.work} bits "
+                    f"with each registration",
+                    outstanding.work,
+                )
+            proved = solutionBits(nonce, solution)
+            if proved < outstanding.work:
+                raise WorkInsufficient(
+                    f"the proof of work proves {max(proved, 0)} bits for this challenge where "
+                    f"{outstanding.work} are asked for; solve the challenge this relay issued"
+                    if proved >= 0
+                    else "the proof of work is malformed (it must be 8 bytes)"
+                )
         message = registrationMessage(self.relayId, nonce, sortedNames, publicKey)
         if not verifySignature(publicKey, signature, message):
             raise BadSignature(

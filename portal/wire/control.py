@@ -23,7 +23,8 @@ MAX_VERSION = 1
 #: C{heartbeat}: the tunnel sends L{Heartbeat} and the relay answers it.
 #: C{goaway}: the relay sends L{GoingAway} before it shuts down.
 #: C{hop}: multi-hop chains (L{Challenge} with purpose C{"hop"}, L{Hop}).
-CAPABILITIES = ("stream", "tcp", "sealed-tcp", "udp", "heartbeat", "goaway", "hop")
+#: C{pow}: proof of work on registration (L{Challenge}'s C{work}, L{Register}'s C{proof}).
+CAPABILITIES = ("stream", "tcp", "sealed-tcp", "udp", "heartbeat", "goaway", "hop", "pow")
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -132,14 +133,21 @@ class Challenge(amp.Command):
     Ask for a single-use, short-lived challenge bound to the relay: for registering C{names}
     (C{purpose} C{"register"}, the default), or for a L{Hop} (C{"hop"}, no names; capability C{hop}).
     See L{portal.trust.challenge}.
+
+    With capability C{pow}, C{work} is the proof-of-work difficulty in bits the registration must
+    meet (L{portal.trust.proofofwork}; 0 or absent: none). C{TRY_AGAIN} when a rate limit is hit.
     """
 
     arguments = [
         (b"names", amp.ListOf(amp.Unicode())),
         (b"purpose", amp.Unicode(optional=True)),
     ]
-    response = [(b"nonce", amp.String()), (b"expiresIn", amp.Float())]
-    errors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
+    response = [
+        (b"nonce", amp.String()),
+        (b"expiresIn", amp.Float()),
+        (b"work", amp.Integer(optional=True)),
+    ]
+    errors = {RegistrationRefused: b"REGISTRATION_REFUSED", TryAgain: b"TRY_AGAIN"}
 
 
 class Register(amp.Command):
@@ -149,6 +157,9 @@ class Register(amp.Command):
     C{mode} is one of L{MODES}. In C{tcp} mode exactly one name is registered, its data sessions must be
     TLS, and the relay answers with the public TCP port it opened for the lease (C{tcpPort}) and the
     host visitors reach it at (C{publicHost}).
+
+    With capability C{pow}, C{proof} is the solution to the challenge's proof of work, when it asked
+    for one.
     """
 
     arguments = [
@@ -157,6 +168,7 @@ class Register(amp.Command):
         (b"nonce", amp.String()),
         (b"signature", amp.String()),
         (b"mode", amp.Unicode()),
+        (b"proof", amp.String(optional=True)),
     ]
     response = [
         (b"hostnames", amp.ListOf(amp.Unicode())),

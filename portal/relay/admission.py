@@ -1,0 +1,254 @@
+"""
+The relay's registration gate: what a control session's C{Hello}, C{Challenge} and C{Register} must
+pass before the relay spends work on them.
+
+- Token-bucket rate limits on each of the three commands, per source address (IPv4 /32, IPv6 /64)
+  and in total (L{portal.forwarding.tokenbucket}). Over a limit the answer is C{TRY_AGAIN} with the
+  time to wait: a user's tunnel retries with backoff, a flood gets nothing.
+- Quotas per source address on lease names and public ports held, live or reserved
+  (L{portal.relay.sourcequota}): free identities do not buy more names.
+- The adaptive proof of work (L{portal.relay.difficulty}, L{portal.trust.proofofwork}).
+- The deny and invite lists (L{portal.relay.identitylists}), replaced on SIGHUP.
+
+Every refusal goes through L{Refusals}: one log event (a flood's rate-limited per reason) and one
+count per reason for C{/metrics}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from portal.forwarding.refusals import Refusals
+from portal.forwarding.tokenbucket import KeyedBuckets, TokenBucket
+from portal.relay.difficulty import AdaptiveDifficulty, DifficultyPolicy
+from portal.relay.identitylists import IdentityLists
+from portal.relay.sourcequota import OverQuota, SourceQuota
+from portal.wire.control import RegistrationRefused, TryAgain
+
+#: The commands that are rate-limited.
+COMMANDS = ("hello", "challenge", "register")
+
+
+class RateError(ValueError):
+    """
+    A rate written on the command line is malformed; C{str()} says how to write it.
+    """
+
+
+@attrs.frozen
+class Rate:
+    """
+    A token-bucket rate.
+
+    @ivar perSecond: Requests a second, sustained.
+    @ivar burst: Requests allowed at once after a quiet time.
+    """
+
+    perSecond: float
+    burst: float
+
+    def __str__(self) -> str:
+        """
+        @return: The rate as L{parseRate} reads it.
+        """
+        return f"{self.perSecond:g}/{self.burst:g}"
+
+
+def parseRate(text: str, option: str = "rate") -> Rate:
+    """
+    Read a rate written C{PER_SECOND/BURST} (C{"2/20"}), or C{PER_SECOND} alone for a burst of as
+    many.
+
+    @param text: The rate as written.
+    @param option: What to name in error messages.
+    @raise RateError: If it is not one or two positive numbers.
+    """
+    parts = text.split("/")
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(math.isfinite(n) and n > 0 for n in numbers):
+        raise RateError(
+            f"{option} {text[:40]!r}: expected PER_SECOND/BURST, two positive numbers such as 2/20"
+        )
+    return Rate(numbers[0], numbers[-1] if len(numbers) == 2 else max(1.0, numbers[0]))
+
+
+@attrs.frozen
+class AdmissionLimits:
+    """
+    The registration gate's limits. Defaults let a household or office of tunnels (re)connect in a
+    burst and hold the names and ports a person uses, and make a flood from one address stall after
+    a few seconds.
+
+    @ivar perSource: Rate limits per source address by command (C{"hello"}, C{"challenge"},
+        C{"register"}).
+    @ivar total: Rate limits over all sources by command.
+    @ivar maxNamesPerSource: Lease names (live or reserved) one source address may hold.
+    @ivar maxPortsPerSource: Public TCP and UDP ports (live or reserved) one source address may hold.
+    @ivar difficulty: The proof-of-work policy.
+    """
+
+    perSource: dict[str, Rate] = attrs.field(
+        factory=lambda: {
+            "hello": Rate(2.0, 20.0),
+            "challenge": Rate(2.0, 20.0),
+            "register": Rate(1.0, 10.0),
+        }
+    )
+    total: dict[str, Rate] = attrs.field(
+        factory=lambda: {
+            "hello": Rate(200.0, 1000.0),
+            "challenge": Rate(200.0, 1000.0),
+            "register": Rate(100.0, 500.0),
+        }
+    )
+    maxNamesPerSource: int = 256
+    maxPortsPerSource: int = 20
+    difficulty: DifficultyPolicy = attrs.field(factory=DifficultyPolicy)
+
+
+class Admission:
+    """
+    The registration gate of one relay.
+
+    @ivar limits: Its limits.
+    @ivar refusals: Where refusals are counted and logged.
+    @ivar difficulty: The current proof-of-work difficulty.
+    @ivar lists: The deny and invite lists in force.
+    @ivar names: Lease names held per source, keyed C{(identity, name)}.
+    @ivar ports: Public ports held per source, keyed C{(kind, identity, name)}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limits: AdmissionLimits,
+        refusals: Refusals,
+        nameHeld: Callable[[tuple[str, str]], bool],
+        portHeld: Callable[[tuple[str, str, str]], bool],
+    ) -> None:
+        """
+        @param clock: The source of the current time.
+        @param limits: The limits.
+        @param refusals: Where refusals are counted and logged.
+        @param nameHeld: Tells whether C{(identity, name)} is still owned (live or reserved).
+        @param portHeld: Tells whether C{(kind, identity, name)} still has a port (live or
+            reserved).
+        """
+        self.limits = limits
+        self.refusals = refusals
+        self._perSource = {
+            c: KeyedBuckets(clock, r.perSecond, r.burst) for c, r in limits.perSource.items()
+        }
+        self._total = {c: TokenBucket(clock, r.perSecond, r.burst) for c, r in limits.total.items()}
+        self.difficulty = AdaptiveDifficulty(clock, limits.difficulty)
+        self.lists = IdentityLists()
+        self.names: SourceQuota[tuple[str, str]] = SourceQuota(
+            limits.maxNamesPerSource, nameHeld, "lease names"
+        )
+        self.ports: SourceQuota[tuple[str, str, str]] = SourceQuota(
+            limits.maxPortsPerSource, portHeld, "public ports"
+        )
+
+    def refuse(self, reason: str, source: str, message: str, **fields: Any) -> None:
+        """
+        Count and log one refusal.
+
+        @param reason: The metric's reason label.
+        @param source: The source address refused.
+        @param message: The reason as the tunnel is told it.
+        @param fields: More log fields.
+        """
+        self.refusals.refuse(
+            reason, "refused {source}: {message}", source=source, message=message, **fields
+        )
+
+    def rate(self, command: str, source: str) -> None:
+        """
+        Take a token for C{command} from C{source}'s bucket and the total one.
+
+        @param command: One of L{COMMANDS}.
+        @param source: The source address (L{portal.forwarding.sources.peerSource}).
+        @raise TryAgain: Over either limit, with the time to wait.
+        """
+        total = self._total[command]
+        perSource = self._perSource[command]
+        if not perSource.take(source):
+            rate = self.limits.perSource[command]
+            message = (
+                f"too many {command} requests from your address (at most {rate.perSecond:g} a "
+                f"second); retry in {1 / rate.perSecond:.0f} s"
+            )
+            self.refuse(f"{command}_rate_source", source, message)
+            raise TryAgain(message)
+        if not total.take():
+            message = (
+                f"this relay is receiving too many {command} requests; retry in "
+                f"{max(1.0, total.delay(1.0)):.0f} s"
+            )
+            self.refuse(f"{command}_rate_total", source, message)
+            raise TryAgain(message)
+
+    def challengeWork(self) -> int:
+        """
+        Count a registration challenge and say what work it asks for.
+
+        @return: The proof-of-work difficulty in bits.
+        """
+        self.difficulty.note()
+        return self.difficulty.current()
+
+    def checkIdentity(self, source: str, identity: str) -> None:
+        """
+        Check the deny and invite lists.
+
+        @param source: The source address.
+        @param identity: The registering identity's id.
+        @raise RegistrationRefused: If the identity may not register.
+        """
+        refusal = self.lists.refusal(identity)
+        if refusal is not None:
+            reason, message = refusal
+            self.refuse(reason, source, message, identity=identity[:12])
+            raise RegistrationRefused(message)
+
+    def checkQuota(
+        self, source: str, identity: str, names: list[str], portKinds: frozenset[str]
+    ) -> None:
+        """
+        Check that C{source} may hold C{names} of C{identity}, and their ports of C{portKinds}.
+
+        @param source: The source address.
+        @param identity: The registering identity's id.
+        @param names: The names registered.
+        @param portKinds: C{"tcp"} and/or C{"udp"} for a raw lease; empty otherwise.
+        @raise RegistrationRefused: Over a quota.
+        """
+        checks: list[tuple[str, SourceQuota[Any], list[Any]]] = [
+            ("names_per_source", self.names, [(identity, name) for name in names]),
+            (
+                "ports_per_source",
+                self.ports,
+                [(kind, identity, name) for kind in sorted(portKinds) for name in names],
+            ),
+        ]
+        for reason, quota, things in checks:
+            try:
+                quota.check(source, things)
+            except OverQuota as e:
+                self.refuse(reason, source, str(e), identity=identity[:12])
+                raise RegistrationRefused(str(e))
+
+    def sweep(self) -> None:
+        """
+        Forget the names and ports no longer held (for sources that do not come back).
+        """
+        self.names.sweep()
+        self.ports.sweep()
