@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -37,6 +39,7 @@ from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.control import ControlFactory
 from portal.relay.etcd import EtcdClient, parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
+from portal.relay.identitylists import IdentityListError, IdentityLists
 from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
@@ -54,6 +57,24 @@ from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
 
 #: Seconds between checks for open connections while a stopping relay drains.
 DRAIN_POLL = 0.1
+
+#: Installs a handler for a signal: C{installSignal(signal.SIGHUP, handler)}; the handler runs in
+#: the reactor thread.
+SignalInstaller = Callable[[int, Callable[[], None]], None]
+
+
+def signalInstaller(reactor: Any) -> SignalInstaller:
+    """
+    The real signal hook for a relay process.
+
+    @param reactor: The reactor handlers are run in.
+    @return: A L{SignalInstaller} that installs a process signal handler.
+    """
+
+    def install(signum: int, handler: Callable[[], None]) -> None:
+        signal.signal(signum, lambda *_: reactor.callFromThread(handler))
+
+    return install
 
 
 def defaultStateDir() -> str:
@@ -100,6 +121,8 @@ class RelayConfig:
     @ivar workerIndex: Which worker this process is (C{--worker-index}, set by the first worker when
         it starts the others), or L{None} for the first.
     @ivar workerArgs: The C{portal-relay} command line, for the first worker to start the others.
+    @ivar inviteOnly: Only identities listed in the state directory's C{invited-identities} file may
+        register (L{portal.relay.identitylists}).
     """
 
     public: str = "tcp:8443"
@@ -124,6 +147,7 @@ class RelayConfig:
     workers: int = 1
     workerIndex: int | None = None
     workerArgs: tuple[str, ...] = ()
+    inviteOnly: bool = False
 
 
 class RelayService(Service):
@@ -138,9 +162,18 @@ class RelayService(Service):
     _log = Logger()
     router: Router | None = None
 
-    def __init__(self, config: RelayConfig, reactor: Any) -> None:
+    def __init__(
+        self, config: RelayConfig, reactor: Any, installSignal: SignalInstaller | None = None
+    ) -> None:
+        """
+        @param config: The relay's configuration.
+        @param reactor: The reactor.
+        @param installSignal: Installs the SIGHUP handler that reloads the identity lists
+            (L{signalInstaller} in a relay process); L{None} installs none.
+        """
         self.config = config
         self._reactor = reactor
+        self._installSignal = installSignal
         self.ports: dict[str, IListeningPort] = {}
         self._saveCall: Any = None
         self._expiry: LoopingCall | None = None
@@ -226,6 +259,8 @@ class RelayService(Service):
                 self._log.error(
                     "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
                 )
+        router.admission.lists = IdentityLists.load(config.stateDir, config.inviteOnly)
+        self._logLists(router.admission.lists)
         router.kernelSplice = config.kernelSplice
         router.hops = HopForwarder(self._reactor, config.allowHops, config.maxHopsPerIdentity)
         if config.allowHops:
@@ -249,6 +284,45 @@ class RelayService(Service):
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
         options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
         return router, options
+
+    def _logLists(self, lists: IdentityLists) -> None:
+        """
+        Say which identity lists are in force.
+        """
+        self._log.info(
+            "identity lists: {denied} denied; {mode}",
+            denied=len(lists.denied),
+            mode=f"invite only, {len(lists.invited)} invited" if lists.inviteOnly else "open",
+        )
+
+    def reloadLists(self) -> None:
+        """
+        Read the deny and invite lists again (on SIGHUP) and close the control sessions of
+        identities they now refuse; a list that cannot be read leaves the previous ones in force.
+        """
+        router = self.router
+        if router is None:
+            return
+        try:
+            lists = IdentityLists.load(self.config.stateDir, self.config.inviteOnly)
+        except IdentityListError as e:
+            self._log.error(
+                "identity lists not reloaded, the previous ones stay in force: {error}",
+                error=str(e),
+            )
+            return
+        router.admission.lists = lists
+        self._logLists(lists)
+        for protocol in list(router.controls):
+            owner: str | None = getattr(protocol, "owner", None)
+            refusal = lists.refusal(owner) if owner is not None else None
+            if owner is not None and refusal is not None:
+                self._log.info(
+                    "closing the control session of {identity}: {reason}",
+                    identity=owner[:12],
+                    reason=refusal[0],
+                )
+                protocol.transport.abortConnection()
 
     def _leasePorts(self) -> dict[str, ILeasePorts]:
         """
@@ -343,6 +417,8 @@ class RelayService(Service):
         """
         router, tlsOptions = self._buildRouter()
         self.router = router
+        if self._installSignal is not None:
+            self._installSignal(signal.SIGHUP, self.reloadLists)
         config = self.config
         if config.allowHopRegistry is not None:
             registry = yield loadRegistry(self._reactor, config.allowHopRegistry)
@@ -530,6 +606,7 @@ class RelayService(Service):
             return
         expired = bool(self.router.leases.expire())
         swept = [ports.sweep() for ports in self._leasePorts().values()]
+        self.router.admission.sweep()
         if expired or any(swept):
             self._scheduleSave()
 

@@ -129,6 +129,7 @@ class Metrics(Resource):
             lines.append(
                 f'portal_relay_listener_connections_open{{listener="{listener}"}} {limiter.open}'
             )
+        lines.append(f"portal_relay_pow_difficulty_bits {router.admission.difficulty.current()}")
         lines.extend(router.refusals.metricLines())
         request.setHeader(b"content-type", b"text/plain; version=0.0.4")
         return ("\n".join(lines) + "\n").encode("ascii")

@@ -10,12 +10,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from portal.forwarding.reuseport import ReusePortError, parseTCPDescription
+from portal.relay.admission import COMMANDS, AdmissionLimits, RateError, parseRate
+from portal.relay.difficulty import DifficultyPolicy
 from portal.relay.etcd import parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopDestinationError, parseDestination
 from portal.relay.ports import PortRangeError, parsePortRange
 from portal.relay.router import RelayLimits
-from portal.relay.service import RelayConfig, RelayService, defaultStateDir
+from portal.relay.service import RelayConfig, RelayService, defaultStateDir, signalInstaller
 from portal.trust.relayaddress import ConfigError, parseHostPort
+from portal.tunnel.control import MAX_WORK
+
+_ADMISSION = AdmissionLimits()
+_DIFFICULTY = DifficultyPolicy()
 
 
 def _positive(kind: type) -> Any:
@@ -255,13 +261,61 @@ class Options(usage.Options):
             "Also forward hops to every relay of this registry (a path or http(s) URL, read at "
             "start).",
         ],
+        *[
+            [
+                f"{command}-rate{suffix}",
+                None,
+                str(rates[command]),
+                f"{command.capitalize()} requests {scope}, PER_SECOND/BURST (token bucket).",
+            ]
+            for suffix, scope, rates in (
+                ("", "per source address (IPv4 /32, IPv6 /64)", _ADMISSION.perSource),
+                ("-total", "over all sources", _ADMISSION.total),
+            )
+            for command in COMMANDS
+        ],
+        [
+            "max-names-per-source",
+            None,
+            _ADMISSION.maxNamesPerSource,
+            "Lease names (live or reserved) one source address may hold.",
+            _positive(int),
+        ],
+        [
+            "max-ports-per-source",
+            None,
+            _ADMISSION.maxPortsPerSource,
+            "Public TCP/UDP ports (live or reserved) one source address may hold.",
+            _positive(int),
+        ],
+        [
+            "pow-quiet-rate",
+            None,
+            _DIFFICULTY.quietRate,
+            "Registrations a second (whole relay) below which no proof of work is asked.",
+            _positive(float),
+        ],
+        [
+            "pow-max-bits",
+            None,
+            _DIFFICULTY.maxBits,
+            f"Most proof-of-work bits a registration is asked for under load (0 turns it off; at "
+            f"most {MAX_WORK}).",
+            int,
+        ],
     ]
     optFlags: list[list[str | None]] = [
         [
             "no-kernel-splice",
             None,
             "Forward in Python (producer/consumer) instead of with os.splice.",
-        ]
+        ],
+        [
+            "invite-only",
+            None,
+            "Only identities listed in STATE_DIR/invited-identities may register (reread on "
+            "SIGHUP, like STATE_DIR/denied-identities).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -289,7 +343,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """
-        Check the port ranges and endpoint descriptions.
+        Check the port ranges, rates and endpoint descriptions.
         """
         if self["workers"] > 1:
             if self["cluster"] is None:
@@ -305,6 +359,18 @@ class Options(usage.Options):
                     parseTCPDescription(self[name])
                 except ReusePortError as e:
                     raise usage.UsageError(f"--{name} {e}")
+        for scope in ("", "-total"):
+            for command in COMMANDS:
+                option = f"{command}-rate{scope}"
+                try:
+                    self[f"{option}-parsed"] = parseRate(self[option], f"--{option}")
+                except RateError as e:
+                    raise usage.UsageError(str(e))
+        if not 0 <= self["pow-max-bits"] <= MAX_WORK:
+            raise usage.UsageError(
+                f"--pow-max-bits {self['pow-max-bits']}: must be 0 to {MAX_WORK} (tunnels spend "
+                f"at most {MAX_WORK} bits)"
+            )
         for kind in ("tcp", "udp"):
             self[f"{kind}-range"] = None
             if self[f"{kind}-ports"] is not None:
@@ -376,7 +442,19 @@ class Options(usage.Options):
                 bandwidthPerLease=self["bandwidth-per-lease"],
                 bandwidthPerIdentity=self["bandwidth-per-identity"],
                 bandwidthPerSource=self["bandwidth-per-source"],
+                admission=AdmissionLimits(
+                    perSource={c: self[f"{c}-rate-parsed"] for c in COMMANDS},
+                    total={c: self[f"{c}-rate-total-parsed"] for c in COMMANDS},
+                    maxNamesPerSource=self["max-names-per-source"],
+                    maxPortsPerSource=self["max-ports-per-source"],
+                    difficulty=DifficultyPolicy(
+                        quietRate=self["pow-quiet-rate"],
+                        baseBits=min(_DIFFICULTY.baseBits, self["pow-max-bits"]),
+                        maxBits=self["pow-max-bits"],
+                    ),
+                ),
             ),
+            inviteOnly=self["invite-only"],
         )
 
 
@@ -389,4 +467,4 @@ def makeService(options: Options) -> RelayService:
     """
     from twisted.internet import reactor
 
-    return RelayService(options.config(), reactor)
+    return RelayService(options.config(), reactor, signalInstaller(reactor))

@@ -13,12 +13,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from portal.trust.challenge import signRegistration
+from portal.trust.proofofwork import solve
 from portal.trust.relayhello import (
     FatalRelayError,
     RelayAuthenticationFailed,
@@ -58,6 +60,12 @@ MAX_RETRY_DELAY = 30.0
 HEARTBEAT_INTERVAL = 10.0
 #: Seconds a heartbeat may go unanswered before the path counts as dead and is redialled.
 HEARTBEAT_TIMEOUT = 10.0
+#: The most proof-of-work bits this tunnel spends on a registration (about 10 s of one core); a relay
+#: asking for more is retried later, as it is under heavy load.
+MAX_WORK = 24
+#: Proofs of work up to this many bits (tens of milliseconds) are solved in the reactor's thread;
+#: harder ones in the reactor's thread pool.
+INLINE_WORK = 16
 
 
 class TunnelControlProtocol(amp.AMP):
@@ -177,6 +185,10 @@ class TunnelControlProtocol(amp.AMP):
         names = list(link.labels)
         challenge = await self._call(Challenge, names=names)
         signature = signRegistration(link.identity, self.relayId or "", challenge["nonce"], names)
+        extra: dict[str, Any] = {}
+        work = challenge.get("work") or 0
+        if work:
+            extra["proof"] = await self._solve(challenge["nonce"], work)
         response = await self._call(
             Register,
             publicKey=link.identity.publicKey,
@@ -184,6 +196,7 @@ class TunnelControlProtocol(amp.AMP):
             nonce=challenge["nonce"],
             signature=signature,
             mode=link.mode,
+            **extra,
         )
         self._names = names
         self.hostnames = response["hostnames"]
@@ -194,19 +207,42 @@ class TunnelControlProtocol(amp.AMP):
         self._renewal.clock = link.reactor
         self._renewal.start(interval, now=False)
         modes = modeParts(link.mode)
-        extra: dict[str, tuple[str, int]] = {}
+        addresses: dict[str, tuple[str, int]] = {}
         if "tcp" in modes:
-            extra["tcp"] = (response["publicHost"], response["tcpPort"])
+            addresses["tcp"] = (response["publicHost"], response["tcpPort"])
         if "udp" in modes:
-            extra["udp"] = (response["publicHost"], response["udpPort"])
+            addresses["udp"] = (response["publicHost"], response["udpPort"])
             if self.udp is None:
                 secret = exportKeyingMaterial(self.transport, EXPORTER_UDP_KEY)
                 await self._startUDP(response["udpSession"], secret)
-        link.registered(self, self.hostnames, self._publicPort, **extra)
+        link.registered(self, self.hostnames, self._publicPort, **addresses)
         sealSecret = (
             exportKeyingMaterial(self.transport, EXPORTER_TCP_KEY) if "tcp" in modes else None
         )
         link.pool.start(self._sessionId, self._dataKey, sealSecret)
+
+    async def _solve(self, nonce: bytes, work: int) -> bytes:
+        """
+        Solve the proof of work a busy relay asked for with a registration challenge.
+
+        @param nonce: The challenge nonce.
+        @param work: The difficulty in bits.
+        @return: The solution.
+        @raise TryAgain: When the relay asks for more than L{MAX_WORK} bits.
+        """
+        if work > MAX_WORK:
+            raise TryAgain(
+                f"the relay is under heavy load and asks for a proof of work of {work} bits, more "
+                f"than this tunnel spends ({MAX_WORK})"
+            )
+        self._log.info("the relay asks for a proof of work of {bits} bits; solving", bits=work)
+        if work <= INLINE_WORK:
+            return solve(nonce, work)
+        reactor = self._link.reactor
+        solution: bytes = await deferToThreadPool(
+            reactor, reactor.getThreadPool(), solve, nonce, work
+        )
+        return solution
 
     async def _startUDP(self, sessionId: bytes, secret: bytes) -> None:
         """
