@@ -5,7 +5,11 @@ Tests for L{portal.relay.identitylists}.
 from __future__ import annotations
 
 import os
+import signal
+from typing import Any
 
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.identitylists import (
@@ -15,6 +19,7 @@ from portal.relay.identitylists import (
     IdentityLists,
     readIdentityList,
 )
+from portal.relay.service import RelayConfig, RelayService
 from portal.trust.identity import Identity
 
 
@@ -93,3 +98,82 @@ class IdentityListsTests(SynchronousTestCase):
         )
         self.assertIn("line 2", str(error))
         self.assertIn(DENY_FILE, str(error))
+
+
+class FakeSession:
+    """
+    A control session the reload may close.
+
+    @ivar owner: The identity that registered on it.
+    @ivar transport: Records an abort.
+    """
+
+    def __init__(self, owner: str | None) -> None:
+        self.owner = owner
+        self.transport = StringTransport()
+
+
+class ReloadTests(SynchronousTestCase):
+    """
+    The relay service reads the lists at start and again on SIGHUP, through an injected signal hook.
+    """
+
+    def setUp(self) -> None:
+        """
+        Start a relay on a memory reactor, recording the signal handlers it installs.
+        """
+        self.stateDir = os.path.abspath(self.mktemp())
+        os.makedirs(self.stateDir)
+        self.handlers: dict[int, Any] = {}
+        self.service = RelayService(
+            RelayConfig(stateDir=self.stateDir, inviteOnly=True),
+            MemoryReactorClock(),
+            lambda signum, handler: self.handlers.__setitem__(signum, handler),
+        )
+        self.alice = Identity.generate().id
+        self.bob = Identity.generate().id
+        with open(os.path.join(self.stateDir, INVITE_FILE), "w") as f:
+            f.write(f"{self.alice}\n{self.bob}\n")
+        self.service.startService()
+        self.successResultOf(self.service.whenListening())
+        assert self.service.router is not None
+        self.router = self.service.router
+
+    def tearDown(self) -> None:
+        """
+        Stop the relay.
+        """
+        self.service.stopService()
+
+    def test_readAtStart(self) -> None:
+        """
+        The invite list is in force once the relay listens.
+        """
+        lists = self.router.admission.lists
+        self.assertEqual(lists.invited, frozenset({self.alice, self.bob}))
+        self.assertTrue(lists.inviteOnly)
+
+    def test_sighupReloads(self) -> None:
+        """
+        On SIGHUP the files are read again: a newly denied identity's control session is closed,
+        others stay; sessions that registered nothing are left alone.
+        """
+        sessions = [FakeSession(self.alice), FakeSession(self.bob), FakeSession(None)]
+        self.router.controls.update(sessions)
+        with open(os.path.join(self.stateDir, DENY_FILE), "w") as f:
+            f.write(f"{self.bob}\n")
+        self.handlers[signal.SIGHUP]()
+        self.assertEqual(self.router.admission.lists.denied, frozenset({self.bob}))
+        self.assertEqual([s.transport.disconnecting for s in sessions], [False, True, False])
+
+    def test_badFileKeepsLists(self) -> None:
+        """
+        A list that cannot be read on SIGHUP leaves the previous lists in force, and says so.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        before = self.router.admission.lists
+        with open(os.path.join(self.stateDir, INVITE_FILE), "a") as f:
+            f.write("garbage\n")
+        self.handlers[signal.SIGHUP]()
+        self.assertIs(self.router.admission.lists, before)
+        self.assertTrue(any("not reloaded" in e["log_format"] for e in events))

@@ -1,0 +1,365 @@
+"""
+Tests for the registration gate in control sessions (L{portal.relay.admission} as
+L{portal.relay.control.RelayControlProtocol} uses it, and the tunnel's proof of work in
+L{portal.tunnel.control}), over TLS in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
+
+from portal.relay.admission import AdmissionLimits, Rate
+from portal.relay.identitylists import IdentityLists
+from portal.relay.router import RelayLimits
+from portal.relay.site import Metrics
+from portal.trust.challenge import signRegistration
+from portal.trust.identity import Identity
+from portal.trust.proofofwork import solutionBits, solve
+from portal.tunnel.control import MAX_WORK
+from portal.wire.control import (
+    MAX_VERSION,
+    MIN_VERSION,
+    Challenge,
+    Hello,
+    Register,
+    RegistrationRefused,
+    TryAgain,
+)
+from tests.test_control import LABEL, ClientTestCase, ControlTestCase
+
+
+class GateClientTestCase(ClientTestCase):
+    """
+    A bare AMP client whose session the relay counts as coming from C{10.0.0.2}.
+    """
+
+    source = "10.0.0.2"
+
+    def setUp(self) -> None:
+        """
+        Connect, and set the source address the relay counts the session under.
+        """
+        super().setUp()
+        self.connection.relay.source = self.source
+
+    def reconnect(self, source: str) -> None:
+        """
+        Replace the client by a new connection from C{source}.
+        """
+        self.connection = self.connect(amp.AMP)
+        self.client = self.connection.tunnel
+        self.connection.relay.source = source
+
+    def hello(self, capabilities: tuple[str, ...] = ("stream", "pow")) -> None:
+        """
+        Say Hello, with the C{pow} capability unless told otherwise.
+        """
+        super().hello(capabilities)
+
+    def workChallenge(self, names: list[str]) -> tuple[bytes, int]:
+        """
+        Ask for a challenge and return its nonce and the work it asks for.
+        """
+        result = self.call(Challenge, names=names)
+        self.assertNotIsInstance(result, Failure)
+        return result["nonce"], result.get("work") or 0
+
+    def busy(self, bits: int) -> None:
+        """
+        Make the relay ask for C{bits} of work with every registration challenge.
+        """
+        self.patch(self.router.admission.difficulty, "current", lambda: bits)
+
+
+class RateLimitTests(GateClientTestCase):
+    """
+    Hello, Challenge and Register are rate-limited per source address.
+    """
+
+    limits = RelayLimits(
+        admission=AdmissionLimits(
+            perSource={c: Rate(1.0, 2.0) for c in ("hello", "challenge", "register")}
+        )
+    )
+
+    def test_helloPerSource(self) -> None:
+        """
+        A source that said Hello as often as its burst allows is told to try again; a session from
+        another source is not affected. The refusal is counted by reason.
+        """
+        self.hello()
+        self.reconnect(self.source)
+        self.hello()
+        self.reconnect(self.source)
+        result = self.call(
+            Hello,
+            minVersion=MIN_VERSION,
+            maxVersion=MAX_VERSION,
+            capabilities=["stream"],
+            software="t",
+        )
+        self.assertRefusedWith(result, TryAgain, "too many hello requests from your address")
+        self.reconnect("10.0.0.3")
+        self.hello()
+        self.assertEqual(self.router.refusals.counts, {"hello_rate_source": 1})
+
+    def test_challengeFloodBounded(self) -> None:
+        """
+        A flood of challenges from one session gets its burst and then C{TRY_AGAIN}: the relay
+        keeps only the burst's challenges, and counts every refusal.
+        """
+        self.hello()
+        results = [self.call(Challenge, names=[LABEL]) for _ in range(50)]
+        issued = [r for r in results if not isinstance(r, Failure)]
+        self.assertEqual(len(issued), 2)
+        self.assertEqual(len(self.router.challenges), 2)
+        self.assertRefusedWith(results[-1], TryAgain, "too many challenge requests")
+        self.assertEqual(self.router.refusals.counts, {"challenge_rate_source": 48})
+
+    def test_registerPerSource(self) -> None:
+        """
+        Registrations are limited too, before their signature is checked.
+        """
+        self.hello()
+        for _ in range(2):
+            self.register([LABEL], self.challenge([LABEL]))
+        self.clock.advance(1)
+        nonce = self.challenge([LABEL])
+        self.register([LABEL], nonce)
+        result = self.register([LABEL], nonce, signature=b"not checked")
+        self.assertRefusedWith(result, TryAgain, "too many register requests")
+
+
+class NameQuotaTests(GateClientTestCase):
+    """
+    A source address holds at most its quota of lease names, whatever the identities.
+    """
+
+    limits = RelayLimits(admission=AdmissionLimits(maxNamesPerSource=3))
+
+    def registerAs(self, identity: Identity, names: list[str]) -> Any:
+        """
+        Register C{names} for C{identity} on a new session from the current source.
+        """
+        self.reconnect(self.source)
+        self.hello()
+        return self.register(names, self.challenge(names), identity=identity)
+
+    def test_freshIdentitiesBounded(self) -> None:
+        """
+        Fresh identities from one address get the quota's names and no more, with a message saying
+        why; an identity from another address registers at once.
+        """
+        self.registerAs(Identity.generate(), ["a1", "a2"])
+        self.registerAs(Identity.generate(), ["b1"])
+        result = self.registerAs(Identity.generate(), ["c1"])
+        self.assertRefusedWith(
+            result, RegistrationRefused, "your address already holds 3 lease names"
+        )
+        self.assertIsNone(self.router.leases.ownerOf("c1"))
+        self.assertEqual(self.router.refusals.counts, {"names_per_source": 1})
+        self.source = "10.0.0.3"
+        result = self.registerAs(Identity.generate(), ["d1"])
+        self.assertEqual(result["hostnames"], ["d1.localhost"])
+
+    def test_heldNamesRegisterAgain(self) -> None:
+        """
+        An identity at its address's quota registers its own names again (a reconnect).
+        """
+        owner = Identity.generate()
+        self.registerAs(owner, ["a1", "a2", "a3"])
+        self.connection.drop()
+        result = self.registerAs(owner, ["a1", "a2", "a3"])
+        self.assertNotIsInstance(result, Failure)
+
+    def test_freedWhenReservationEnds(self) -> None:
+        """
+        Once names are no longer owned (their reservation ended), they stop counting.
+        """
+        self.registerAs(Identity.generate(), ["a1", "a2", "a3"])
+        self.connection.drop()
+        self.clock.advance(self.router.limits.leaseTTL + self.router.limits.reservation + 1)
+        result = self.registerAs(Identity.generate(), ["c1"])
+        self.assertNotIsInstance(result, Failure)
+
+
+class ProofOfWorkTests(GateClientTestCase):
+    """
+    While the relay is busy, registration challenges ask for a proof of work, checked before the
+    signature.
+    """
+
+    def test_quietNoWork(self) -> None:
+        """
+        A quiet relay asks for no work (and says so to a tunnel that speaks C{pow}).
+        """
+        self.hello()
+        self.assertEqual(self.workChallenge([LABEL])[1], 0)
+
+    def test_solved(self) -> None:
+        """
+        A registration with a solution meeting the announced difficulty succeeds.
+        """
+        self.busy(10)
+        self.hello()
+        nonce, work = self.workChallenge([LABEL])
+        self.assertEqual(work, 10)
+        result = self.registerWithProof([LABEL], nonce, solve(nonce, work))
+        self.assertEqual(result["hostnames"], [f"{LABEL}.localhost"])
+
+    def test_missing(self) -> None:
+        """
+        A tunnel that speaks C{pow} and sends no solution is refused, saying how much work.
+        """
+        self.busy(10)
+        self.hello()
+        nonce, _ = self.workChallenge([LABEL])
+        result = self.register([LABEL], nonce)
+        self.assertRefusedWith(result, RegistrationRefused, "proof of work of 10 bits")
+        self.assertEqual(self.router.refusals.counts, {"work_required": 1})
+
+    def test_tooEasy(self) -> None:
+        """
+        A solution below the announced difficulty is refused and nothing is registered.
+        """
+        self.busy(16)
+        self.hello()
+        nonce, _ = self.workChallenge([LABEL])
+        solution = solve(nonce, 4)
+        while solutionBits(nonce, solution) >= 16:
+            solution = solve(nonce, 4, start=int.from_bytes(solution, "big") + 1)
+        result = self.registerWithProof([LABEL], nonce, solution)
+        self.assertRefusedWith(result, RegistrationRefused, "16 are asked for")
+        self.assertIsNone(self.router.leases.ownerOf(LABEL))
+        self.assertEqual(self.router.refusals.counts, {"work_insufficient": 1})
+
+    def test_replayed(self) -> None:
+        """
+        A solved registration replayed is refused: the challenge was used up.
+        """
+        self.busy(8)
+        self.hello()
+        nonce, work = self.workChallenge([LABEL])
+        proof = solve(nonce, work)
+        self.assertNotIsInstance(self.registerWithProof([LABEL], nonce, proof), Failure)
+        self.assertRefusedWith(
+            self.registerWithProof([LABEL], nonce, proof), TryAgain, "already used"
+        )
+
+    def test_olderTunnel(self) -> None:
+        """
+        A tunnel without the C{pow} capability registers while the relay is quiet; while it is
+        busy it is told to try again later or upgrade.
+        """
+        self.hello(capabilities=("stream",))
+        self.assertNotIsInstance(self.register([LABEL], self.challenge([LABEL])), Failure)
+        self.busy(8)
+        result = self.call(Challenge, names=[LABEL])
+        self.assertIsNone(result["work"])
+        result = self.register([LABEL], result["nonce"])
+        self.assertRefusedWith(result, TryAgain, "upgrade the tunnel")
+
+    def registerWithProof(self, names: list[str], nonce: bytes, proof: bytes) -> Any:
+        """
+        Send a correctly signed registration with the proof of work C{proof}.
+        """
+        return self.call(
+            Register,
+            publicKey=self.tunnelIdentity.publicKey,
+            names=names,
+            nonce=nonce,
+            signature=signRegistration(self.tunnelIdentity, self.relayIdentity.id, nonce, names),
+            mode="stream",
+            proof=proof,
+        )
+
+
+class IdentityListTests(GateClientTestCase):
+    """
+    Denied identities, and uninvited ones on a private relay, are refused before their signature
+    is checked.
+    """
+
+    def test_denied(self) -> None:
+        """
+        A denied identity is refused, and counted.
+        """
+        self.router.admission.lists = IdentityLists(denied=frozenset({self.tunnelIdentity.id}))
+        self.hello()
+        result = self.register([LABEL], self.challenge([LABEL]))
+        self.assertRefusedWith(result, RegistrationRefused, "not allowed to register")
+        self.assertEqual(self.router.refusals.counts, {"identity_denied": 1})
+
+    def test_inviteOnly(self) -> None:
+        """
+        On a private relay an invited identity registers and another is refused.
+        """
+        self.router.admission.lists = IdentityLists(
+            invited=frozenset({self.tunnelIdentity.id}), inviteOnly=True
+        )
+        self.hello()
+        self.assertNotIsInstance(self.register([LABEL], self.challenge([LABEL])), Failure)
+        result = self.register(["other"], self.challenge(["other"]), identity=Identity.generate())
+        self.assertRefusedWith(result, RegistrationRefused, "this relay is private")
+
+
+class TunnelWorkTests(ControlTestCase):
+    """
+    The tunnel solves the proof of work a busy relay asks for.
+    """
+
+    def test_tunnelSolves(self) -> None:
+        """
+        A tunnel registers with a busy relay, sending a solution that meets the difficulty.
+        """
+        self.patch(self.router.admission.difficulty, "current", lambda: 12)
+        proofs: list[bytes | None] = []
+        redeem = self.router.challenges.redeem
+
+        def recording(
+            nonce: bytes, names: Any, key: bytes, signature: bytes, proof: Any = None
+        ) -> None:
+            proofs.append(proof)
+            self.assertGreaterEqual(solutionBits(nonce, proof), 12)
+            redeem(nonce, names, key, signature, proof)
+
+        self.patch(self.router.challenges, "redeem", recording)
+        link = self.makeLink()
+        connection = self.connectTunnel(link)
+        self.assertRegistered(link, connection)
+        self.assertEqual(len(proofs), 1)
+
+    def test_tooMuchWork(self) -> None:
+        """
+        A relay asking for more than the tunnel spends is retried later, not solved.
+        """
+        self.patch(self.router.admission.difficulty, "current", lambda: MAX_WORK + 1)
+        link = self.makeLink()
+        self.connectTunnel(link)
+        self.assertEqual(link.registrations, [])
+        self.assertEqual(link.fatals, [])
+        retrying = [e for e in link.reporter.events if e["event"] == "retrying"]
+        self.assertEqual(len(retrying), 1)
+        self.assertIn("more than this tunnel spends", retrying[0]["message"])
+
+
+class MetricsTests(GateClientTestCase):
+    """
+    C{/metrics} shows refusals by reason and the current difficulty.
+    """
+
+    def test_refusalsAndDifficulty(self) -> None:
+        """
+        A refusal appears as C{portal_refusals_total} with its reason.
+        """
+        self.router.admission.lists = IdentityLists(denied=frozenset({self.tunnelIdentity.id}))
+        self.hello()
+        self.register([LABEL], self.challenge([LABEL]))
+        self.busy(14)
+        lines = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode().splitlines()
+        self.assertIn('portal_refusals_total{reason="identity_denied"} 1', lines)
+        self.assertIn("portal_relay_pow_difficulty_bits 14", lines)
