@@ -8,10 +8,13 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.refusals import Refusals
 from portal.relay.admission import Admission, AdmissionLimits, Rate, RateError, parseRate
+from portal.tap.relay import Options
+from portal.tunnel.control import MAX_WORK
 from portal.wire.control import TryAgain
 
 
@@ -112,3 +115,67 @@ class AdmissionRateTests(SynchronousTestCase):
         self.assertRaises(TryAgain, self.admission.rate, "challenge", "10.0.0.9")
         refused = [e for e in self.events if e.get("reason") == "challenge_rate_source"]
         self.assertEqual([e["unlogged"] for e in refused], [0, 999])
+
+
+class RelayOptionsTests(SynchronousTestCase):
+    """
+    C{twistd portal-relay}'s options for the registration gate.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Without options the relay runs with the default limits, open to every identity.
+        """
+        options = Options()
+        options.parseOptions([])
+        config = options.config()
+        self.assertEqual(config.limits.admission, AdmissionLimits())
+        self.assertFalse(config.inviteOnly)
+
+    def test_set(self) -> None:
+        """
+        Every rate, quota and proof-of-work option reaches the relay's limits.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--hello-rate",
+                "5/50",
+                "--challenge-rate",
+                "3",
+                "--register-rate-total",
+                "10/20",
+                "--max-names-per-source",
+                "7",
+                "--max-ports-per-source",
+                "2",
+                "--pow-quiet-rate",
+                "0.5",
+                "--pow-max-bits",
+                "8",
+                "--invite-only",
+            ]
+        )
+        config = options.config()
+        admission = config.limits.admission
+        self.assertEqual(admission.perSource["hello"], Rate(5.0, 50.0))
+        self.assertEqual(admission.perSource["challenge"], Rate(3.0, 3.0))
+        self.assertEqual(admission.total["register"], Rate(10.0, 20.0))
+        self.assertEqual((admission.maxNamesPerSource, admission.maxPortsPerSource), (7, 2))
+        self.assertEqual(admission.difficulty.quietRate, 0.5)
+        self.assertEqual((admission.difficulty.baseBits, admission.difficulty.maxBits), (8, 8))
+        self.assertTrue(config.inviteOnly)
+
+    def test_refused(self) -> None:
+        """
+        A malformed rate, a quota below 1 and a difficulty above what tunnels spend are usage
+        errors.
+        """
+        for argv in (
+            ["--hello-rate", "fast"],
+            ["--register-rate-total", "0/1"],
+            ["--max-names-per-source", "0"],
+            ["--pow-max-bits", str(MAX_WORK + 1)],
+            ["--pow-max-bits", "-1"],
+        ):
+            self.assertRaises(usage.UsageError, Options().parseOptions, argv)

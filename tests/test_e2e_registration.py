@@ -1,0 +1,221 @@
+"""
+End-to-end tests of the relay's registration gate (issue 14): a real C{twistd -n portal-relay} on
+127.0.0.1, registration floods sent with the tunnel's control protocol from a client bound to
+127.0.0.2 (fresh identities, one connection each), and legitimate registrations from 127.0.0.3 and
+from a real C{portal expose} (127.0.0.1): loopback addresses are separate sources to the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.protocols import amp
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from portal.trust.challenge import signRegistration
+from portal.trust.identity import Identity, identityId
+from portal.trust.proofofwork import solve
+from portal.trust.relayhello import helloArguments, relayTLSOptions
+from portal.wire.control import Challenge, Hello, Register
+from tests.realprocesses import (
+    freePortRange,
+    homeDir,
+    listenLocal,
+    startRelay,
+    startTunnel,
+    waitForLease,
+)
+
+#: Rates high enough that the floods below meet the quotas, not the rate limits.
+FAST = [
+    "--hello-rate",
+    "1000/1000",
+    "--challenge-rate",
+    "1000/1000",
+    "--register-rate",
+    "1000/1000",
+]
+#: Fresh identities in the name flood, and the name quota per address.
+FLOOD = 200
+NAME_QUOTA = 20
+#: The proof of work is on, capped low so the flood's client solves it quickly.
+WORK = ["--pow-quiet-rate", "1", "--pow-max-bits", "8"]
+
+
+async def register(
+    controlPort: int, source: str, identity: Identity, name: str, mode: str = "stream"
+) -> dict[str, Any]:
+    """
+    Register C{name} for C{identity} as a tunnel would (Hello, Challenge, the proof of work if
+    asked, Register) on a new control session from C{source}, then close the session (the name
+    stays reserved).
+
+    @return: The relay's answer to L{Register}; fails with the relay's refusal.
+    """
+    endpoint = wrapClientTLS(
+        relayTLSOptions(),
+        TCP4ClientEndpoint(reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=(source, 0)),
+    )
+    protocol = await connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+    try:
+        hello = await protocol.callRemote(Hello, **helloArguments()).addTimeout(10, reactor)
+        challenge = await protocol.callRemote(Challenge, names=[name]).addTimeout(10, reactor)
+        nonce = challenge["nonce"]
+        extra = {"proof": solve(nonce, challenge["work"])} if challenge["work"] else {}
+        answer: dict[str, Any] = await protocol.callRemote(
+            Register,
+            publicKey=identity.publicKey,
+            names=[name],
+            nonce=nonce,
+            signature=signRegistration(identity, identityId(hello["relayKey"]), nonce, [name]),
+            mode=mode,
+            **extra,
+        ).addTimeout(10, reactor)
+        return answer
+    finally:
+        assert protocol.transport is not None
+        protocol.transport.loseConnection()
+
+
+async def flood(controlPort: int, count: int, prefix: str, mode: str = "stream") -> list[Any]:
+    """
+    Register C{count} names from 127.0.0.2, each with a fresh identity, 20 at a time.
+
+    @return: Each registration's answer, or the exception it failed with.
+    """
+    semaphore = DeferredSemaphore(20)
+
+    async def one(index: int) -> Any:
+        try:
+            return await register(
+                controlPort, "127.0.0.2", Identity.generate(), f"{prefix}{index}", mode
+            )
+        except Exception as e:
+            return e
+
+    return list(
+        await gatherResults(
+            [semaphore.run(lambda i=i: Deferred.fromCoroutine(one(i))) for i in range(count)]
+        )
+    )
+
+
+@inlineCallbacks
+def metrics(httpPort: int) -> Any:
+    """
+    Read the relay's C{/metrics} from its plain-HTTP listener.
+
+    @return: A L{Deferred} firing with the metric values by name (labels included).
+    """
+    response = yield treq.get(f"http://127.0.0.1:{httpPort}/metrics", persistent=False).addTimeout(
+        10, reactor
+    )
+    body = yield treq.text_content(response)
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in body.splitlines()}
+
+
+class RegistrationFloodTests(TestCase):
+    """
+    Fresh identities from one address hold no more than the address's quota, while others register.
+    """
+
+    timeout = 180
+
+    @inlineCallbacks
+    def test_nameFlood(self) -> Any:
+        """
+        200 fresh identities from 127.0.0.2 hold exactly the quota of 20 names, the rest told why;
+        a registration from 127.0.0.3 sent in the middle of the flood succeeds within seconds, and
+        so does a real tunnel's afterwards (solving the proof of work the flood raised). Refusals
+        are counted by reason on C{/metrics}.
+        """
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        relay, publicPort, controlPort = yield startRelay(
+            self,
+            stateDir,
+            extra=[
+                *FAST,
+                *WORK,
+                "--max-names-per-source",
+                str(NAME_QUOTA),
+                "--http",
+                "tcp:0:interface=127.0.0.1",
+            ],
+        )
+        httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
+        flooding = Deferred.fromCoroutine(flood(controlPort, FLOOD, "squat"))
+        started = time.monotonic()
+        legit = yield Deferred.fromCoroutine(
+            register(controlPort, "127.0.0.3", Identity.generate(), "legit")
+        )
+        legitSeconds = time.monotonic() - started
+        results = yield flooding
+        self.assertEqual(legit["hostnames"], ["legit.localhost"])
+        self.assertLess(legitSeconds, 5.0)
+        held = [r for r in results if isinstance(r, dict)]
+        refused = [r for r in results if not isinstance(r, dict)]
+        self.assertEqual(len(held), NAME_QUOTA)
+        self.assertEqual(
+            {str(e).split(" on this relay")[0] for e in refused},
+            {f"your address already holds {NAME_QUOTA} lease names"},
+        )
+        values = yield metrics(int(httpMatch.group(1)))
+        self.assertEqual(
+            values['portal_refusals_total{reason="names_per_source"}'], FLOOD - NAME_QUOTA
+        )
+        self.assertGreater(values["portal_relay_pow_difficulty_bits"], 0)
+        root = Resource()
+        root.putChild(b"", _Hello())
+        targetPort = yield listenLocal(self, Site(root))
+        tunnel = startTunnel(self, homeDir(self, "tunnel"), controlPort, str(targetPort))
+        lease = yield waitForLease(tunnel)
+        self.assertIn(".localhost", lease["url"])
+        self.assertIn(f":{publicPort}", lease["url"])
+        yield relay.waitFor(r"refused 127\.0\.0\.2: your address already holds 20 lease names")
+
+    @inlineCallbacks
+    def test_portSquatters(self) -> Any:
+        """
+        Ten throwaway identities from 127.0.0.2 take only their address's quota of raw TCP ports;
+        a tunnel from 127.0.0.3 still gets one of the range's ports.
+        """
+        low, high = freePortRange(6)
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        _, _, controlPort = yield startRelay(
+            self,
+            stateDir,
+            extra=[*FAST, "--tcp-ports", f"{low}-{high}", "--max-ports-per-source", "2"],
+        )
+        results = yield Deferred.fromCoroutine(flood(controlPort, 10, "port", mode="tcp"))
+        ports = [r["tcpPort"] for r in results if isinstance(r, dict)]
+        self.assertEqual(len(ports), 2)
+        refused = [str(r) for r in results if not isinstance(r, dict)]
+        self.assertEqual(len(refused), 8)
+        self.assertTrue(all("already holds 2 public ports" in r for r in refused), refused)
+        legit = yield Deferred.fromCoroutine(
+            register(controlPort, "127.0.0.3", Identity.generate(), "legit", mode="tcp")
+        )
+        self.assertIn(legit["tcpPort"], range(low, high + 1))
+        self.assertNotIn(legit["tcpPort"], ports)
+
+
+class _Hello(Resource):
+    """
+    The tunnel's local target: a page saying hello.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        """
+        @return: C{hello}.
+        """
+        return b"hello"
