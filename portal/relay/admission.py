@@ -85,7 +85,9 @@ class AdmissionLimits:
     """
     The registration gate's limits. Defaults let a household or office of tunnels (re)connect in a
     burst and hold the names and ports a person uses, and make a flood from one address stall after
-    a few seconds.
+    a few seconds. C{Hello} and C{Challenge} are allowed far more often than C{Register}: a tunnel
+    chained through this relay opens one control-port connection (C{Hello}, a hop C{Challenge},
+    C{Hop}) per visitor connection.
 
     @ivar perSource: Rate limits per source address by command (C{"hello"}, C{"challenge"},
         C{"register"}).
@@ -97,15 +99,15 @@ class AdmissionLimits:
 
     perSource: dict[str, Rate] = attrs.field(
         factory=lambda: {
-            "hello": Rate(2.0, 20.0),
-            "challenge": Rate(2.0, 20.0),
-            "register": Rate(1.0, 10.0),
+            "hello": Rate(20.0, 200.0),
+            "challenge": Rate(20.0, 200.0),
+            "register": Rate(2.0, 20.0),
         }
     )
     total: dict[str, Rate] = attrs.field(
         factory=lambda: {
-            "hello": Rate(200.0, 1000.0),
-            "challenge": Rate(200.0, 1000.0),
+            "hello": Rate(1000.0, 5000.0),
+            "challenge": Rate(1000.0, 5000.0),
             "register": Rate(100.0, 500.0),
         }
     )
