@@ -182,6 +182,54 @@ class RegistrationFloodTests(TestCase):
         yield relay.waitFor(r"refused 127\.0\.0\.2: your address already holds 20 lease names")
 
     @inlineCallbacks
+    def test_challengeFlood(self) -> Any:
+        """
+        A flood of 1,000 challenges on one session from 127.0.0.2, with the default limits, gets
+        the per-address burst (200, plus what refills meanwhile) and C{TRY_AGAIN} for the rest;
+        the refusals are counted on C{/metrics} and logged, not once per challenge; a registration
+        from 127.0.0.3 goes through meanwhile (solving the proof of work the flood raised).
+        """
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        relay, _, controlPort = yield startRelay(
+            self, stateDir, extra=["--http", "tcp:0:interface=127.0.0.1"]
+        )
+        httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
+        endpoint = wrapClientTLS(
+            relayTLSOptions(),
+            TCP4ClientEndpoint(
+                reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=("127.0.0.2", 0)
+            ),
+        )
+        protocol = yield connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+        self.addCleanup(lambda: protocol.transport.loseConnection())
+        yield protocol.callRemote(Hello, **helloArguments()).addTimeout(10, reactor)
+        started = time.monotonic()
+        answers = yield gatherResults(
+            [
+                protocol.callRemote(Challenge, names=["flood"])
+                .addTimeout(10, reactor)
+                .addErrback(lambda f: f.value)
+                for _ in range(1000)
+            ]
+        )
+        seconds = time.monotonic() - started
+        issued = [a for a in answers if isinstance(a, dict)]
+        refused = [a for a in answers if not isinstance(a, dict)]
+        self.assertGreaterEqual(len(issued), 200)
+        self.assertLessEqual(len(issued), 200 + 20 * seconds + 1)
+        self.assertTrue(all("too many challenge requests" in str(e) for e in refused), refused[:3])
+        legit = yield Deferred.fromCoroutine(
+            register(controlPort, "127.0.0.3", Identity.generate(), "legit")
+        )
+        self.assertEqual(legit["hostnames"], ["legit.localhost"])
+        values = yield metrics(int(httpMatch.group(1)))
+        self.assertEqual(
+            values['portal_refusals_total{reason="challenge_rate_source"}'], len(refused)
+        )
+        logged = [line for line in relay.lines if "too many challenge requests" in line]
+        self.assertEqual(len(logged), 1)
+
+    @inlineCallbacks
     def test_portSquatters(self) -> Any:
         """
         Ten throwaway identities from 127.0.0.2 take only their address's quota of raw TCP ports;

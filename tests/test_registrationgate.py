@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from portal.relay.admission import AdmissionLimits, Rate
 from portal.relay.identitylists import IdentityLists
+from portal.relay.ports import PortAllocator, PortRange
+from portal.relay.rawtcp import tcpPorts
 from portal.relay.router import RelayLimits
 from portal.relay.site import Metrics
 from portal.trust.challenge import signRegistration
@@ -30,6 +34,7 @@ from portal.wire.control import (
     TryAgain,
 )
 from tests.test_control import LABEL, ClientTestCase, ControlTestCase
+from tests.test_rawtcp import PortsReactor
 
 
 class GateClientTestCase(ClientTestCase):
@@ -187,11 +192,64 @@ class NameQuotaTests(GateClientTestCase):
         self.assertNotIsInstance(result, Failure)
 
 
+class PortQuotaTests(GateClientTestCase):
+    """
+    A source address holds at most its quota of public ports, whatever the identities, so
+    throwaway identities cannot empty a port range.
+    """
+
+    limits = RelayLimits(admission=AdmissionLimits(maxPortsPerSource=2))
+
+    def setUp(self) -> None:
+        """
+        Offer raw TCP mode on five ports.
+        """
+        super().setUp()
+        self.allocator = PortAllocator(PortRange(20000, 20004), self.clock)
+        self.router.tcp = tcpPorts(PortsReactor(), self.allocator, "127.0.0.1")
+
+    def registerPort(self, source: str, name: str) -> Any:
+        """
+        Register C{name} in raw TCP mode for a fresh identity on a new session from C{source}.
+        """
+        self.reconnect(source)
+        self.hello()
+        return self.register(
+            [name], self.challenge([name]), identity=Identity.generate(), mode="tcp"
+        )
+
+    def test_squattersBounded(self) -> None:
+        """
+        Fresh identities from one address get two ports, live or reserved after their sessions
+        end; the third is refused, and another address still gets a port.
+        """
+        self.assertEqual(self.registerPort("10.0.0.2", "s1")["tcpPort"], 20000)
+        self.connection.drop()
+        self.assertEqual(self.registerPort("10.0.0.2", "s2")["tcpPort"], 20001)
+        result = self.registerPort("10.0.0.2", "s3")
+        self.assertRefusedWith(result, RegistrationRefused, "already holds 2 public ports")
+        self.assertEqual(self.allocator.live + self.allocator.reserved, 2)
+        self.assertEqual(self.registerPort("10.0.0.3", "legit")["tcpPort"], 20002)
+        self.assertEqual(self.router.refusals.counts, {"ports_per_source": 1})
+
+
 class ProofOfWorkTests(GateClientTestCase):
     """
     While the relay is busy, registration challenges ask for a proof of work, checked before the
     signature.
     """
+
+    def test_changesLogged(self) -> None:
+        """
+        A change of difficulty is logged with the rate that caused it.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.hello()
+        for _ in range(30):
+            self.workChallenge([LABEL])
+        logged = [e for e in events if "proof of work now" in e["log_format"]]
+        self.assertEqual([e["bits"] for e in logged], [12])
+        self.assertGreater(logged[0]["rate"], 2.0)
 
     def test_quietNoWork(self) -> None:
         """

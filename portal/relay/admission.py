@@ -22,7 +22,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
+from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.tokenbucket import KeyedBuckets, TokenBucket
 from portal.relay.difficulty import AdaptiveDifficulty, DifficultyPolicy
@@ -32,6 +34,8 @@ from portal.wire.control import RegistrationRefused, TryAgain
 
 #: The commands that are rate-limited.
 COMMANDS = ("hello", "challenge", "register")
+#: Least seconds between two log events saying that the proof-of-work difficulty changed.
+DIFFICULTY_LOG_INTERVAL = 10.0
 
 
 class RateError(ValueError):
@@ -128,6 +132,8 @@ class Admission:
     @ivar ports: Public ports held per source, keyed C{(kind, identity, name)}.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -151,6 +157,8 @@ class Admission:
         }
         self._total = {c: TokenBucket(clock, r.perSecond, r.burst) for c, r in limits.total.items()}
         self.difficulty = AdaptiveDifficulty(clock, limits.difficulty)
+        self._announcedWork = 0
+        self._difficultyLog = LogThrottle(clock, DIFFICULTY_LOG_INTERVAL)
         self.lists = IdentityLists()
         self.names: SourceQuota[tuple[str, str]] = SourceQuota(
             limits.maxNamesPerSource, nameHeld, "lease names"
@@ -186,7 +194,7 @@ class Admission:
             rate = self.limits.perSource[command]
             message = (
                 f"too many {command} requests from your address (at most {rate.perSecond:g} a "
-                f"second); retry in {1 / rate.perSecond:.0f} s"
+                f"second); retry in {max(1, math.ceil(1 / rate.perSecond))} s"
             )
             self.refuse(f"{command}_rate_source", source, message)
             raise TryAgain(message)
@@ -205,7 +213,15 @@ class Admission:
         @return: The proof-of-work difficulty in bits.
         """
         self.difficulty.note()
-        return self.difficulty.current()
+        work = self.difficulty.current()
+        if work != self._announcedWork and self._difficultyLog.due() is not None:
+            self._announcedWork = work
+            self._log.info(
+                "registration proof of work now {bits} bits ({rate:.1f} registrations a second)",
+                bits=work,
+                rate=self.difficulty.rate,
+            )
+        return work
 
     def checkIdentity(self, source: str, identity: str) -> None:
         """
