@@ -135,15 +135,10 @@ class ReloadTests(SynchronousTestCase):
         with open(os.path.join(self.stateDir, INVITE_FILE), "w") as f:
             f.write(f"{self.alice}\n{self.bob}\n")
         self.service.startService()
+        self.addCleanup(self.service.stopService)
         self.successResultOf(self.service.whenListening())
         assert self.service.router is not None
         self.router = self.service.router
-
-    def tearDown(self) -> None:
-        """
-        Stop the relay.
-        """
-        self.service.stopService()
 
     def test_readAtStart(self) -> None:
         """
@@ -160,6 +155,7 @@ class ReloadTests(SynchronousTestCase):
         """
         sessions = [FakeSession(self.alice), FakeSession(self.bob), FakeSession(None)]
         self.router.controls.update(sessions)
+        self.addCleanup(self.router.controls.difference_update, sessions)
         with open(os.path.join(self.stateDir, DENY_FILE), "w") as f:
             f.write(f"{self.bob}\n")
         self.handlers[signal.SIGHUP]()
