@@ -18,6 +18,7 @@ in L{portal.trust.challenge}.
 from __future__ import annotations
 
 import hashlib
+import struct
 
 #: Domain separation prefix of the hashed input.
 POW_DOMAIN = b"portal-pow-v1\0"
@@ -65,14 +66,16 @@ def solve(nonce: bytes, bits: int, start: int = 0) -> bytes:
     """
     if not 0 <= bits <= MAX_BITS:
         raise ValueError(f"proof-of-work difficulty must be 0 to {MAX_BITS} bits, not {bits}")
-    prefix = hashlib.sha256(POW_DOMAIN + nonce)
-    # A digest meets the difficulty when its first 8 bytes, as a number, are below this bound.
-    bound = 1 << (64 - bits)
+    pack = struct.Struct(">Q").pack
+    if bits == 0:
+        return pack(start)
+    copy = hashlib.sha256(POW_DOMAIN + nonce).copy
+    # A digest meets the difficulty when it is below this bound; 32-byte strings compare as numbers.
+    bound = (1 << (256 - bits)).to_bytes(32, "big")
     counter = start
     while True:
-        solution = counter.to_bytes(SOLUTION_LENGTH, "big")
-        candidate = prefix.copy()
-        candidate.update(solution)
-        if int.from_bytes(candidate.digest()[:8], "big") < bound:
-            return solution
+        candidate = copy()
+        candidate.update(pack(counter))
+        if candidate.digest() < bound:
+            return pack(counter)
         counter += 1
