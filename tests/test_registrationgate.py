@@ -410,6 +410,21 @@ class MetricsTests(GateClientTestCase):
     C{/metrics} shows refusals by reason and the current difficulty.
     """
 
+    def test_otherRefusalsCounted(self) -> None:
+        """
+        Refusals that are not limits are counted by reason too: a command before C{Hello}, no
+        common version.
+        """
+        self.call(Challenge, names=[LABEL])
+        self.call(
+            Hello,
+            minVersion=MAX_VERSION + 1,
+            maxVersion=MAX_VERSION + 1,
+            capabilities=[],
+            software="t",
+        )
+        self.assertEqual(self.router.refusals.counts, {"hello_first": 1, "unsupported_version": 1})
+
     def test_refusalsAndDifficulty(self) -> None:
         """
         A refusal appears as C{portal_refusals_total} with its reason.

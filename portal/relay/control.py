@@ -72,6 +72,7 @@ from portal.wire.control import (
     RequestData,
     TryAgain,
     Unregister,
+    UnsupportedVersion,
     exportKeyingMaterial,
     helloSignatureMessage,
     modeParts,
@@ -210,9 +211,12 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         # Before the lifecycle moves on: a refused Hello leaves the Hello timer running.
         router.admission.rate("hello", self.source)
         self._machine.helloed()
-        version = negotiateVersion(minVersion, maxVersion)
+        try:
+            version = negotiateVersion(minVersion, maxVersion)
+        except UnsupportedVersion as e:
+            raise self._refused("unsupported_version", UnsupportedVersion, str(e))
         if router.closing:
-            raise TryAgain("the relay is shutting down")
+            raise self._refused("shutting_down", TryAgain, "the relay is shutting down")
         self.capabilities = frozenset(c for c in CAPABILITIES if c in capabilities)
         if self.pool is None:
             self.sessionId = router.newSessionId()
@@ -268,18 +272,24 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         # AMP passes an optional argument that was not sent as None.
         purpose = purpose or PURPOSE_REGISTER
         if self.pool is None:
-            raise RegistrationRefused("Hello must come first")
+            raise self._refused("hello_first", RegistrationRefused, "Hello must come first")
         admission = self._router.admission
         admission.rate("challenge", self.source)
         work = 0
         if purpose == PURPOSE_HOP:
             if names:
-                raise RegistrationRefused("a hop challenge names no lease")
+                raise self._refused(
+                    "invalid_names", RegistrationRefused, "a hop challenge names no lease"
+                )
         elif purpose == PURPOSE_REGISTER:
             names = self._checkNames(names)
             work = admission.challengeWork()
         else:
-            raise RegistrationRefused(f"unknown challenge purpose {purpose!r}")
+            raise self._refused(
+                "invalid_purpose",
+                RegistrationRefused,
+                f"unknown challenge purpose {purpose[:40]!r}",
+            )
         nonce = self._router.challenges.issue(names, purpose, work)
         response: dict[str, object] = {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
         if "pow" in self.capabilities:
@@ -365,7 +375,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         router = self._router
         if self.pool is None:
-            raise RegistrationRefused("Hello must come first")
+            raise self._refused("hello_first", RegistrationRefused, "Hello must come first")
         admission = router.admission
         admission.rate("register", self.source)
         if mode not in MODES:
