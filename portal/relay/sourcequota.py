@@ -25,6 +25,11 @@ class OverQuota(Exception):
     """
 
     def __init__(self, message: str, held: int, limit: int) -> None:
+        """
+        @param message: What the tunnel is told.
+        @param held: What the source holds now.
+        @param limit: What it may hold.
+        """
         super().__init__(message)
         self.held = held
         self.limit = limit

@@ -65,6 +65,10 @@ class WorkRequired(ChallengeError):
     """
 
     def __init__(self, message: str, bits: int) -> None:
+        """
+        @param message: What the tunnel is told.
+        @param bits: The difficulty the challenge asked for.
+        """
         super().__init__(message)
         self.bits = bits
 
