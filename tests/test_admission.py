@@ -12,7 +12,14 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.refusals import Refusals
-from portal.relay.admission import Admission, AdmissionLimits, Rate, RateError, parseRate
+from portal.relay.admission import (
+    Admission,
+    AdmissionLimits,
+    CommandRates,
+    Rate,
+    RateError,
+    parseRate,
+)
 from portal.tap.relay import Options
 from portal.tunnel.control import MAX_WORK
 from portal.wire.control import TryAgain
@@ -53,8 +60,8 @@ class AdmissionRateTests(SynchronousTestCase):
         """
         self.clock = Clock()
         limits = AdmissionLimits(
-            perSource={c: Rate(1.0, 3.0) for c in ("hello", "challenge", "register")},
-            total={c: Rate(10.0, 5.0) for c in ("hello", "challenge", "register")},
+            perSource=CommandRates(Rate(1.0, 3.0), Rate(1.0, 3.0), Rate(1.0, 3.0)),
+            total=CommandRates(Rate(10.0, 5.0), Rate(10.0, 5.0), Rate(10.0, 5.0)),
         )
         self.refusals = Refusals(self.clock)
         self.admission = Admission(
@@ -134,7 +141,8 @@ class RelayOptionsTests(SynchronousTestCase):
 
     def test_set(self) -> None:
         """
-        Every rate, quota and proof-of-work option reaches the relay's limits.
+        Every rate, quota and proof-of-work option reaches the relay's limits, and the
+        configuration stays a hashable value.
         """
         options = Options()
         options.parseOptions(
@@ -158,9 +166,11 @@ class RelayOptionsTests(SynchronousTestCase):
         )
         config = options.config()
         admission = config.limits.admission
-        self.assertEqual(admission.perSource["hello"], Rate(5.0, 50.0))
-        self.assertEqual(admission.perSource["challenge"], Rate(3.0, 3.0))
-        self.assertEqual(admission.total["register"], Rate(10.0, 20.0))
+        self.assertEqual(admission.perSource.hello, Rate(5.0, 50.0))
+        self.assertEqual(admission.perSource.challenge, Rate(3.0, 3.0))
+        self.assertEqual(admission.total.register, Rate(10.0, 20.0))
+        self.assertEqual(admission.total.hello, AdmissionLimits().total.hello)
+        hash(config)
         self.assertEqual((admission.maxNamesPerSource, admission.maxPortsPerSource), (7, 2))
         self.assertEqual(admission.difficulty.quietRate, 0.5)
         self.assertEqual((admission.difficulty.baseBits, admission.difficulty.maxBits), (8, 8))

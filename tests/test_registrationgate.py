@@ -14,7 +14,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from portal.relay.admission import AdmissionLimits, Rate
+from portal.relay.admission import AdmissionLimits, CommandRates, Rate
 from portal.relay.identitylists import IdentityLists
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import tcpPorts
@@ -87,7 +87,7 @@ class RateLimitTests(GateClientTestCase):
 
     limits = RelayLimits(
         admission=AdmissionLimits(
-            perSource={c: Rate(1.0, 2.0) for c in ("hello", "challenge", "register")}
+            perSource=CommandRates(Rate(1.0, 2.0), Rate(1.0, 2.0), Rate(1.0, 2.0))
         )
     )
 

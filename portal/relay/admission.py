@@ -85,6 +85,29 @@ def parseRate(text: str, option: str = "rate") -> Rate:
 
 
 @attrs.frozen
+class CommandRates:
+    """
+    One rate for each rate-limited command.
+
+    @ivar hello: For C{Hello}.
+    @ivar challenge: For C{Challenge}.
+    @ivar register: For C{Register}.
+    """
+
+    hello: Rate
+    challenge: Rate
+    register: Rate
+
+    def of(self, command: str) -> Rate:
+        """
+        @param command: One of L{COMMANDS}.
+        @return: Its rate.
+        """
+        rate: Rate = getattr(self, command)
+        return rate
+
+
+@attrs.frozen
 class AdmissionLimits:
     """
     The registration gate's limits. Defaults let a household or office of tunnels (re)connect in a
@@ -93,27 +116,18 @@ class AdmissionLimits:
     chained through this relay opens one control-port connection (C{Hello}, a hop C{Challenge},
     C{Hop}) per visitor connection.
 
-    @ivar perSource: Rate limits per source address by command (C{"hello"}, C{"challenge"},
-        C{"register"}).
+    @ivar perSource: Rate limits per source address by command.
     @ivar total: Rate limits over all sources by command.
     @ivar maxNamesPerSource: Lease names (live or reserved) one source address may hold.
     @ivar maxPortsPerSource: Public TCP and UDP ports (live or reserved) one source address may hold.
     @ivar difficulty: The proof-of-work policy.
     """
 
-    perSource: dict[str, Rate] = attrs.field(
-        factory=lambda: {
-            "hello": Rate(20.0, 200.0),
-            "challenge": Rate(20.0, 200.0),
-            "register": Rate(2.0, 20.0),
-        }
+    perSource: CommandRates = CommandRates(
+        hello=Rate(20.0, 200.0), challenge=Rate(20.0, 200.0), register=Rate(2.0, 20.0)
     )
-    total: dict[str, Rate] = attrs.field(
-        factory=lambda: {
-            "hello": Rate(1000.0, 5000.0),
-            "challenge": Rate(1000.0, 5000.0),
-            "register": Rate(100.0, 500.0),
-        }
+    total: CommandRates = CommandRates(
+        hello=Rate(1000.0, 5000.0), challenge=Rate(1000.0, 5000.0), register=Rate(100.0, 500.0)
     )
     maxNamesPerSource: int = 256
     maxPortsPerSource: int = 20
@@ -152,10 +166,13 @@ class Admission:
         """
         self.limits = limits
         self.refusals = refusals
-        self._perSource = {
-            c: KeyedBuckets(clock, r.perSecond, r.burst) for c, r in limits.perSource.items()
-        }
-        self._total = {c: TokenBucket(clock, r.perSecond, r.burst) for c, r in limits.total.items()}
+        self._perSource: dict[str, KeyedBuckets] = {}
+        self._total: dict[str, TokenBucket] = {}
+        for command in COMMANDS:
+            rate = limits.perSource.of(command)
+            self._perSource[command] = KeyedBuckets(clock, rate.perSecond, rate.burst)
+            rate = limits.total.of(command)
+            self._total[command] = TokenBucket(clock, rate.perSecond, rate.burst)
         self.difficulty = AdaptiveDifficulty(clock, limits.difficulty)
         self._announcedWork = 0
         self._difficultyLog = LogThrottle(clock, DIFFICULTY_LOG_INTERVAL)
@@ -191,7 +208,7 @@ class Admission:
         total = self._total[command]
         perSource = self._perSource[command]
         if not perSource.take(source):
-            rate = self.limits.perSource[command]
+            rate = self.limits.perSource.of(command)
             message = (
                 f"too many {command} requests from your address (at most {rate.perSecond:g} a "
                 f"second); retry in {max(1, math.ceil(1 / rate.perSecond))} s"

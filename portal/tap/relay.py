@@ -10,7 +10,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from portal.forwarding.reuseport import ReusePortError, parseTCPDescription
-from portal.relay.admission import COMMANDS, AdmissionLimits, RateError, parseRate
+from portal.relay.admission import (
+    COMMANDS,
+    AdmissionLimits,
+    CommandRates,
+    RateError,
+    parseRate,
+)
 from portal.relay.difficulty import DifficultyPolicy
 from portal.relay.etcd import parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopDestinationError, parseDestination
@@ -265,7 +271,7 @@ class Options(usage.Options):
             [
                 f"{command}-rate{suffix}",
                 None,
-                str(rates[command]),
+                str(rates.of(command)),
                 f"{command.capitalize()} requests {scope}, PER_SECOND/BURST (token bucket).",
             ]
             for suffix, scope, rates in (
@@ -443,8 +449,8 @@ class Options(usage.Options):
                 bandwidthPerIdentity=self["bandwidth-per-identity"],
                 bandwidthPerSource=self["bandwidth-per-source"],
                 admission=AdmissionLimits(
-                    perSource={c: self[f"{c}-rate-parsed"] for c in COMMANDS},
-                    total={c: self[f"{c}-rate-total-parsed"] for c in COMMANDS},
+                    perSource=CommandRates(*(self[f"{c}-rate-parsed"] for c in COMMANDS)),
+                    total=CommandRates(*(self[f"{c}-rate-total-parsed"] for c in COMMANDS)),
                     maxNamesPerSource=self["max-names-per-source"],
                     maxPortsPerSource=self["max-ports-per-source"],
                     difficulty=DifficultyPolicy(
