@@ -745,7 +745,27 @@ def leaseScale(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     Scenario 7: register many leases on one relay (registration rate), and the relay's time to first
     byte with 10 leases versus with many.
     """
-    _, public, control = lab.relay(["--max-leases-per-identity", str(settings.leases + 100)])
+    # Every registration comes from one address and one identity: the registration gate's limits
+    # per source (issue 14) are lifted, and its proof of work turned off, to measure the lease table.
+    unlimited = "1000000/1000000"
+    _, public, control = lab.relay(
+        [
+            "--max-leases-per-identity",
+            str(settings.leases + 100),
+            "--max-names-per-source",
+            str(settings.leases + 100),
+            "--challenge-rate",
+            unlimited,
+            "--register-rate",
+            unlimited,
+            "--challenge-rate-total",
+            unlimited,
+            "--register-rate-total",
+            unlimited,
+            "--pow-max-bits",
+            "0",
+        ]
+    )
     _, url = lab.benchTunnel(control)
     context = workload.clientContext()
     name = _host(url)
