@@ -19,7 +19,7 @@ from portal.relay.identitylists import (
     IdentityLists,
     readIdentityList,
 )
-from portal.relay.service import RelayConfig, RelayService
+from portal.relay.service import RelayConfig, RelayService, _WorkerProcess
 from portal.trust.identity import Identity
 
 
@@ -173,3 +173,70 @@ class ReloadTests(SynchronousTestCase):
         self.handlers[signal.SIGHUP]()
         self.assertIs(self.router.admission.lists, before)
         self.assertTrue(any("not reloaded" in e["log_format"] for e in events))
+
+
+class RecordingProcess:
+    """
+    A worker process transport that records signals.
+
+    @ivar signals: The signals sent, by name.
+    """
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        """
+        Record a signal.
+        """
+        self.signals.append(name)
+
+
+class WorkerListsTests(SynchronousTestCase):
+    """
+    With several workers (C{--workers}), every worker reads the operator's lists (next to the
+    relay's identity, not in its own state directory), and the first passes SIGHUP on.
+    """
+
+    def test_workerReadsOperatorLists(self) -> None:
+        """
+        A worker whose state directory is under the first one's reads the lists of the first.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        os.makedirs(stateDir)
+        denied = Identity.generate().id
+        with open(os.path.join(stateDir, DENY_FILE), "w") as f:
+            f.write(f"{denied}\n")
+        service = RelayService(
+            RelayConfig(stateDir=os.path.join(stateDir, "worker-1"), workerIndex=1),
+            MemoryReactorClock(),
+        )
+        service.router, _ = service._buildRouter()
+        self.assertEqual(service.router.admission.lists.denied, frozenset({denied}))
+
+    def test_sighupPassedOn(self) -> None:
+        """
+        The first worker sends SIGHUP on to the workers it started, and reloads its own lists.
+        """
+        handlers: dict[int, Any] = {}
+        stateDir = os.path.abspath(self.mktemp())
+        service = RelayService(
+            RelayConfig(stateDir=stateDir),
+            MemoryReactorClock(),
+            lambda signum, handler: handlers.__setitem__(signum, handler),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        worker = _WorkerProcess(1)
+        worker.transport = RecordingProcess()  # type: ignore[assignment]
+        service._workers.append(worker)
+        self.addCleanup(service._workers.remove, worker)
+        denied = Identity.generate().id
+        with open(os.path.join(stateDir, DENY_FILE), "w") as f:
+            f.write(f"{denied}\n")
+        handlers[signal.SIGHUP]()
+        self.assertEqual(worker.transport.signals, ["HUP"])  # type: ignore[attr-defined]
+        assert service.router is not None
+        self.assertEqual(service.router.admission.lists.denied, frozenset({denied}))

@@ -183,6 +183,7 @@ class RelayService(Service):
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
         self._workers: list[_WorkerProcess] = []
+        self._listsDir = config.stateDir
 
     def whenListening(self) -> Deferred[None]:
         """
@@ -259,7 +260,9 @@ class RelayService(Service):
                 self._log.error(
                     "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
                 )
-        router.admission.lists = IdentityLists.load(config.stateDir, config.inviteOnly)
+        # Every worker (--workers) reads the operator's lists, next to the relay's identity.
+        self._listsDir = identityDir
+        router.admission.lists = IdentityLists.load(identityDir, config.inviteOnly)
         self._logLists(router.admission.lists)
         router.kernelSplice = config.kernelSplice
         router.hops = HopForwarder(self._reactor, config.allowHops, config.maxHopsPerIdentity)
@@ -299,12 +302,15 @@ class RelayService(Service):
         """
         Read the deny and invite lists again (on SIGHUP) and close the control sessions of
         identities they now refuse; a list that cannot be read leaves the previous ones in force.
+        The first of several workers (C{--workers}) passes the signal on to the others.
         """
+        for worker in self._workers:
+            worker.signal("HUP")
         router = self.router
         if router is None:
             return
         try:
-            lists = IdentityLists.load(self.config.stateDir, self.config.inviteOnly)
+            lists = IdentityLists.load(self._listsDir, self.config.inviteOnly)
         except IdentityListError as e:
             self._log.error(
                 "identity lists not reloaded, the previous ones stay in force: {error}",
@@ -776,9 +782,17 @@ class _WorkerProcess(ProcessProtocol):
         """
         Ask the worker to stop (SIGTERM: it drains like any relay).
         """
+        self.signal("TERM")
+
+    def signal(self, name: str) -> None:
+        """
+        Send the worker a signal, unless it has ended.
+
+        @param name: The signal's name, C{"TERM"} or C{"HUP"}.
+        """
         if self.transport is not None and not self.ended.called:
             try:
-                self.transport.signalProcess("TERM")
+                self.transport.signalProcess(name)
             except ProcessExitedAlready:
                 pass
 
