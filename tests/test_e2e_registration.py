@@ -230,6 +230,30 @@ class RegistrationFloodTests(TestCase):
         self.assertEqual(len(logged), 1)
 
     @inlineCallbacks
+    def test_denyListOnSighup(self) -> Any:
+        """
+        An identity added to the state directory's deny list is refused once the relay got SIGHUP,
+        without a restart; the identity registered before that, and others still register.
+        """
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        relay, _, controlPort = yield startRelay(self, stateDir)
+        abuser = Identity.generate()
+        yield Deferred.fromCoroutine(register(controlPort, "127.0.0.3", abuser, "before"))
+        with open(os.path.join(stateDir, "denied-identities"), "w") as f:
+            f.write(f"# flooded\n{abuser.id}\n")
+        before = len(relay.lines)
+        relay.signal("HUP")
+        yield relay.waitFor(r"identity lists: 1 denied; open", after=before)
+        refused = yield Deferred.fromCoroutine(
+            register(controlPort, "127.0.0.3", abuser, "after")
+        ).addErrback(lambda f: f.value)
+        self.assertIn("this identity is not allowed to register on this relay", str(refused))
+        other = yield Deferred.fromCoroutine(
+            register(controlPort, "127.0.0.3", Identity.generate(), "other")
+        )
+        self.assertEqual(other["hostnames"], ["other.localhost"])
+
+    @inlineCallbacks
     def test_portSquatters(self) -> Any:
         """
         Ten throwaway identities from 127.0.0.2 take only their address's quota of raw TCP ports;
