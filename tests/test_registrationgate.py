@@ -213,7 +213,7 @@ class PortQuotaTests(GateClientTestCase):
         Register C{name} in raw TCP mode for a fresh identity on a new session from C{source}.
         """
         self.reconnect(source)
-        self.hello()
+        self.hello(capabilities=("stream", "tcp", "sealed-tcp", "pow"))
         return self.register(
             [name], self.challenge([name]), identity=Identity.generate(), mode="tcp"
         )
