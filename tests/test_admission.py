@@ -113,14 +113,14 @@ class AdmissionRateTests(SynchronousTestCase):
             except TryAgain:
                 pass
         self.assertEqual(self.refusals.counts, {"challenge_rate_source": 1000})
-        refused = [e for e in self.events if e.get("reason") == "challenge_rate_source"]
+        refused = [e for e in self.events if e.get("refusal") == "challenge_rate_source"]
         self.assertEqual(len(refused), 1)
         self.assertEqual(refused[0]["source"], "10.0.0.2")
         self.clock.advance(60)
         for _ in range(3):
             self.admission.rate("challenge", "10.0.0.9")
         self.assertRaises(TryAgain, self.admission.rate, "challenge", "10.0.0.9")
-        refused = [e for e in self.events if e.get("reason") == "challenge_rate_source"]
+        refused = [e for e in self.events if e.get("refusal") == "challenge_rate_source"]
         self.assertEqual([e["unlogged"] for e in refused], [0, 999])
 
 
