@@ -112,6 +112,28 @@ class RateLimitTests(GateClientTestCase):
         self.hello()
         self.assertEqual(self.router.refusals.counts, {"hello_rate_source": 1})
 
+    def test_refusedHelloStillTimed(self) -> None:
+        """
+        A session whose Hello was refused stays in C{greeting}: the Hello deadline still closes
+        it if the client does not go away.
+        """
+        for _ in range(2):
+            self.reconnect(self.source)
+            self.hello()
+        self.reconnect(self.source)
+        result = self.call(
+            Hello,
+            minVersion=MIN_VERSION,
+            maxVersion=MAX_VERSION,
+            capabilities=["stream"],
+            software="t",
+        )
+        self.assertIsInstance(result, Failure)
+        self.assertEqual(self.connection.relay.lifecycle, "greeting")
+        self.clock.advance(self.router.limits.helloTimeout)
+        self.connection.flush()
+        self.assertEqual(self.connection.relay.lifecycle, "closed")
+
     def test_challengeFloodBounded(self) -> None:
         """
         A flood of challenges from one session gets its burst and then C{TRY_AGAIN}: the relay
