@@ -91,22 +91,30 @@ class RateLimitTests(GateClientTestCase):
         )
     )
 
-    def test_helloPerSource(self) -> None:
+    def helloOverBurst(self) -> Any:
         """
-        A source that said Hello as often as its burst allows is told to try again; a session from
-        another source is not affected. The refusal is counted by reason.
+        Say Hello on two sessions from the test's source (its burst), then on a third.
+
+        @return: The third Hello's answer.
         """
         self.hello()
         self.reconnect(self.source)
         self.hello()
         self.reconnect(self.source)
-        result = self.call(
+        return self.call(
             Hello,
             minVersion=MIN_VERSION,
             maxVersion=MAX_VERSION,
             capabilities=["stream"],
             software="t",
         )
+
+    def test_helloPerSource(self) -> None:
+        """
+        A source that said Hello as often as its burst allows is told to try again; a session from
+        another source is not affected. The refusal is counted by reason.
+        """
+        result = self.helloOverBurst()
         self.assertRefusedWith(result, TryAgain, "too many hello requests from your address")
         self.reconnect("10.0.0.3")
         self.hello()
@@ -117,18 +125,7 @@ class RateLimitTests(GateClientTestCase):
         A session whose Hello was refused stays in C{greeting}: the Hello deadline still closes
         it if the client does not go away.
         """
-        for _ in range(2):
-            self.reconnect(self.source)
-            self.hello()
-        self.reconnect(self.source)
-        result = self.call(
-            Hello,
-            minVersion=MIN_VERSION,
-            maxVersion=MAX_VERSION,
-            capabilities=["stream"],
-            software="t",
-        )
-        self.assertIsInstance(result, Failure)
+        self.assertIsInstance(self.helloOverBurst(), Failure)
         self.assertEqual(self.connection.relay.lifecycle, "greeting")
         self.clock.advance(self.router.limits.helloTimeout)
         self.connection.flush()
