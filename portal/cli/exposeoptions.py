@@ -135,6 +135,16 @@ class TunnelOptions(FlagsAnywhere):
         """
         self["target"] = target
 
+    def refuseDanglingVia(self) -> None:
+        """
+        @raise usage.UsageError: When the last C{--via} is not followed by the C{--relay} it leads to.
+        """
+        if self["pending-via"]:
+            raise usage.UsageError(
+                f"--via {self['pending-via'][-1]}: a --via must be followed by the --relay it "
+                f"leads to (--via HOP --relay RELAY)"
+            )
+
     def postOptions(self) -> None:
         """
         Refuse what this version cannot do yet, then build the configuration.
@@ -146,11 +156,7 @@ class TunnelOptions(FlagsAnywhere):
             if self[option]:
                 flag = "--http-route" if option == "http-routes" else f"--{option}"
                 raise usage.UsageError(f"{flag}: {feature} is not available in this version yet")
-        if self["pending-via"]:
-            raise usage.UsageError(
-                f"--via {self['pending-via'][-1]}: a --via must be followed by the --relay it "
-                f"leads to (--via HOP --relay RELAY)"
-            )
+        self.refuseDanglingVia()
         try:
             self.tunnelConfig = buildConfig(
                 self["target"],

@@ -1,5 +1,5 @@
 """
-The C{portal} command: C{expose}, C{identity show|new}, C{peers}, C{relays}, C{demo}, and C{pair} and
+The C{portal} command: C{expose}, C{start} (tunnels from C{portal.toml}), C{identity show|new}, C{peers}, C{relays}, C{demo}, and C{pair} and
 C{terminals} (L{portal.cli.terminals}).
 
 Exit codes: 0 after a clean stop, 2 for usage errors (with a one-line reason), 1 for anything else.
@@ -26,6 +26,7 @@ from twisted.python import usage
 import portal
 from portal.cli.exposeoptions import TunnelOptions
 from portal.cli.peers import PeersOptions, peersCommand
+from portal.cli.startoptions import StartOptions
 from portal.cli.terminals import (
     PairOptions,
     TerminalsOptions,
@@ -42,6 +43,7 @@ from portal.trust.identity import (
     saveIdentity,
 )
 from portal.trust.localca import CertificateError
+from portal.tunnel.config import TunnelConfig
 from portal.tunnel.report import Reporter
 
 USAGE_ERROR = 2
@@ -118,9 +120,10 @@ class PortalOptions(usage.Options):
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|identity|peers|relays|demo|pair|terminals|version ..."
+    synopsis = "portal expose|start|identity|peers|relays|demo|pair|terminals|version ..."
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
+        ["start", None, StartOptions, "Start the tunnels of a portal.toml configuration file."],
         ["identity", None, IdentityOptions, "Show or create this machine's identity."],
         ["peers", None, PeersOptions, "Add, list or remove the peers who may call your apps."],
         ["relays", None, RelaysOptions, "List a registry's relays with their health."],
@@ -136,7 +139,8 @@ class PortalOptions(usage.Options):
         """
         if self.subCommand is None:
             raise usage.UsageError(
-                "expected a command: expose, identity, peers, relays, demo, pair, terminals or version"
+                "expected a command: expose, start, identity, peers, relays, demo, pair, terminals "
+                "or version"
             )
 
 
@@ -227,16 +231,36 @@ def exposeCommand(options: TunnelOptions, out: TextIO, err: TextIO) -> int:
 
     @return: The exit code.
     """
+    return runTunnels([options.tunnelConfig], out, err)
+
+
+def startCommand(options: StartOptions, out: TextIO, err: TextIO) -> int:
+    """
+    Run C{portal start}: the chosen tunnels of the configuration file, in this process, until
+    interrupted; a fatal error in any of them stops them all.
+
+    @return: The exit code.
+    """
+    return runTunnels(list(options.tunnelConfigs.values()), out, err)
+
+
+def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int:
+    """
+    Run one tunnel per configuration until interrupted, or until one of them fails.
+
+    @return: The exit code.
+    """
     from twisted.internet import reactor
 
     from portal.tunnel.service import TunnelService
 
-    config = options.tunnelConfig
     _startLogging(err, LogLevel.warn)
     exit, fatal = _stopOnFatal(reactor)
-
-    tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
-    reactor.callWhenRunning(runUntilStopped, reactor, [tunnel])
+    tunnels = [
+        TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
+        for config in configs
+    ]
+    reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
     reactor.run()
     return exit[0]
 
@@ -358,6 +382,8 @@ def main(
             code = identityCommand(sub, out)
         elif command == "expose":
             code = exposeCommand(sub, out, err)
+        elif command == "start":
+            code = startCommand(sub, out, err)
         elif command == "relays":
             code = relaysCommand(sub, out, err)
         elif command == "pair":

@@ -1,32 +1,42 @@
 """
-C{twistd portal-tunnel}: the tunnel under twistd, with the same options as C{portal expose}.
+C{twistd portal-tunnel}: the tunnel under twistd, with the same options as C{portal expose}, or the
+tunnels of a C{portal.toml} with C{--config PATH [NAME...] | --all} as C{portal start}.
 """
 
 from __future__ import annotations
 
 import sys
 
+from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 
-from portal.cli.exposeoptions import TunnelOptions
+from portal.cli.startoptions import StartOptions
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
 
 _log = Logger()
 
 
-class Options(TunnelOptions):
+class Options(StartOptions):
     """
-    Options of C{twistd portal-tunnel}: those of C{portal expose}.
+    Options of C{twistd portal-tunnel}: C{TARGET} and those of C{portal expose}, or C{--config PATH
+    [NAME...] | --all} and those of C{portal start}.
     """
 
+    synopsis = (
+        "TARGET [options of portal expose] | --config PATH [NAME...] | --all [options of portal "
+        "expose, overriding the file]"
+    )
+    targetWithoutConfig = True
 
-def makeService(options: Options) -> TunnelService:
+
+def makeService(options: Options) -> IService:
     """
-    Build the tunnel service for C{twistd}; an unrecoverable error stops the reactor.
+    Build the tunnel service (a L{TunnelService}, or a L{MultiService} of them for several tunnels
+    of a configuration file) for C{twistd}; an unrecoverable error stops the reactor.
 
     @param options: Parsed options.
-    @return: The tunnel service.
+    @return: The service.
     """
     from twisted.internet import reactor
 
@@ -35,5 +45,13 @@ def makeService(options: Options) -> TunnelService:
         if reactor.running:
             reactor.stop()
 
-    config = options.tunnelConfig
-    return TunnelService(config, reactor, Reporter(sys.stdout, config.json, clock=reactor), fatal)
+    tunnels = [
+        TunnelService(config, reactor, Reporter(sys.stdout, config.json, clock=reactor), fatal)
+        for config in options.tunnelConfigs.values()
+    ]
+    if len(tunnels) == 1:
+        return tunnels[0]
+    parent = MultiService()
+    for tunnel in tunnels:
+        tunnel.setServiceParent(parent)
+    return parent
