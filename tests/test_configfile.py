@@ -470,3 +470,30 @@ class TapOptionsTests(SynchronousTestCase):
             [type(s) for s in service],  # type: ignore[attr-defined]
             [TunnelService, TunnelService],
         )
+
+
+class DocumentedExampleTests(SynchronousTestCase):
+    """
+    The example of C{docs/config-file.md} is a valid file.
+    """
+
+    def test_example(self) -> None:
+        """
+        The first TOML block of the document loads, and its tunnels that need no other file build.
+        """
+        document = os.path.join(os.path.dirname(__file__), "..", "docs", "config-file.md")
+        with open(document) as f:
+            text = f.read()
+        example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+        path = os.path.join(os.path.abspath(self.mktemp()), "portal.toml")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(example)
+        self.assertEqual(loadConfig(path).names, ("web", "ssh", "notes", "game"))
+        options = StartOptions()
+        options.parseOptions(["--config", path, "web", "ssh", "game"])
+        configs = options.tunnelConfigs
+        self.assertEqual(configs["web"].name, "myapp")
+        self.assertEqual(len(configs["web"].routes), 2)
+        self.assertEqual(configs["ssh"].relays[0].via, (RelayAddress("relay-a.example", 4017),))
+        self.assertIsNotNone(configs["game"].udpTarget)
