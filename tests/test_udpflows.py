@@ -18,9 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from portal.tunnel.addressrules import AddressRules
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.udpflows import (
     DROP_REASONS,
+    MAX_HELD_DATAGRAMS,
     MAX_PACKET_SIZE,
     FlowTable,
     localInterface,
@@ -320,6 +322,8 @@ class FlowTableTests(SynchronousTestCase):
                 "stopped",
                 "open_failed",
                 "write_failed",
+                "address_refused",
+                "unannounced",
             },
         )
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -1028,3 +1032,105 @@ class FlowOpenedTests(SynchronousTestCase):
         protocol.flowOpened(1, "192.0.2.1", 1000)
         protocol.flowOpened(2, "192.0.2.1", 1001)
         self.assertEqual((table.flows, closed), (1, [2]))
+
+
+class ScreenedFlowTests(SynchronousTestCase):
+    """
+    Tests for L{FlowTable} with address rules (C{screen}): no datagram reaches the service before
+    the relay's C{FlowOpened} has said who sent it and the rules have admitted that visitor.
+    """
+
+    def setUp(self) -> None:
+        """
+        Make a table that refuses visitors from 203.0.113.0/24.
+        """
+        self.reactor = FakeUDPReactor()
+        self.sent: list[tuple[int, bytes]] = []
+        rules = AddressRules.parse(deny=["203.0.113.0/24"])
+        self.table = FlowTable(
+            self.reactor,
+            _TARGET,
+            lambda flowId, data: self.sent.append((flowId, data)),
+            maxFlows=2,
+            screen=rules.refusal,
+        )
+
+    def written(self, flowId: int) -> list[bytes]:
+        """
+        @return: What flow C{flowId}'s socket sent to the service (nothing without a socket).
+        """
+        port = self.table.socketFor(flowId)
+        return [] if port is None else port.written  # type: ignore[attr-defined]
+
+    def test_heldUntilAdmitted(self) -> None:
+        """
+        Datagrams of a flow not announced yet are held, with no socket opened, and go to the
+        service in order once its visitor is admitted.
+        """
+        self.table.deliver(1, b"a")
+        self.table.deliver(1, b"b")
+        self.assertIsNone(self.table.socketFor(1))
+        self.assertEqual(self.reactor.ports, [])
+        self.table.announce(1, "198.51.100.7")
+        self.assertEqual(self.written(1), [b"a", b"b"])
+        self.table.deliver(1, b"c")
+        self.assertEqual(self.written(1), [b"a", b"b", b"c"])
+
+    def test_refused(self) -> None:
+        """
+        A refused visitor's held and later datagrams are dropped and counted; no socket is opened.
+        """
+        self.table.deliver(2, b"a")
+        self.table.announce(2, "203.0.113.9")
+        self.table.deliver(2, b"b")
+        self.assertIsNone(self.table.socketFor(2))
+        self.assertEqual(self.table.dropped["address_refused"], 2)
+        self.assertEqual(self.table.flows, 0)
+
+    def test_mappedAddress(self) -> None:
+        """
+        An IPv4-mapped IPv6 visitor address is judged as its IPv4 address.
+        """
+        self.table.announce(3, "::ffff:203.0.113.9")
+        self.table.deliver(3, b"a")
+        self.assertIsNone(self.table.socketFor(3))
+        self.assertEqual(self.table.dropped["address_refused"], 1)
+
+    def test_holdLimits(self) -> None:
+        """
+        At most L{MAX_HELD_DATAGRAMS} datagrams per flow and C{maxFlows} flows are held; the rest
+        are dropped as C{unannounced} and never delivered.
+        """
+        for i in range(MAX_HELD_DATAGRAMS + 2):
+            self.table.deliver(1, b"%d" % i)
+        self.assertEqual(self.table.dropped["unannounced"], 2)
+        self.table.deliver(2, b"x")
+        self.table.deliver(3, b"y")  # Pushes out flow 1's held datagrams.
+        self.assertEqual(self.table.dropped["unannounced"], 2 + MAX_HELD_DATAGRAMS)
+        self.table.announce(1, "198.51.100.7")
+        self.assertIsNone(self.table.socketFor(1))
+        self.table.announce(3, "198.51.100.8")
+        self.assertEqual(self.written(3), [b"y"])
+
+    def test_closeForgets(self) -> None:
+        """
+        A flow the relay closed must be announced again (its id may come back for a new visitor).
+        """
+        self.table.announce(1, "198.51.100.7")
+        self.table.deliver(1, b"a")
+        self.table.close(1)
+        self.table.deliver(1, b"b")
+        self.assertIsNone(self.table.socketFor(1))
+        self.table.announce(1, "203.0.113.1")
+        self.assertEqual(self.table.dropped["address_refused"], 1)
+
+    def test_withoutRules(self) -> None:
+        """
+        Without C{screen}, datagrams go to the service at once and announcements change nothing.
+        """
+        table = FlowTable(self.reactor, _TARGET, lambda flowId, data: None)
+        table.deliver(1, b"a")
+        table.announce(1, "203.0.113.9")
+        table.deliver(1, b"b")
+        port = table.socketFor(1)
+        self.assertEqual(port.written, [b"a", b"b"])  # type: ignore[union-attr]

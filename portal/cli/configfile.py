@@ -3,8 +3,8 @@ C{portal.toml}: named tunnels in a TOML file, for C{portal start} and C{twistd p
 
 A file holds a C{[defaults]} table and any number of C{[tunnels.NAME]} tables. Their keys are the long
 options of C{portal expose} without the dashes (C{pool-size = 8}, C{http = true}), plus C{target};
-C{relay}, C{http-route} and C{app} take a list, and a C{relay} entry may be C{{relay = "C:4017", via =
-["A:4017"]}} for a chain. A tunnel's keys override the defaults'. Paths (C{cert}, C{key}, C{identity},
+the repeatable options (L{REPEATED}) take a list, and a C{relay} entry may be C{{relay = "C:4017",
+via = ["A:4017"]}} for a chain. A tunnel's keys override the defaults'. Paths (C{cert}, C{key}, C{identity},
 C{app}, a C{registry} file) are relative to the file's directory.
 
 This module reads and checks the file (every error names the key and its line) and turns each tunnel
@@ -32,8 +32,15 @@ CONFIG_NAME = "portal.toml"
 #: Environment variable naming the configuration file.
 CONFIG_ENV = "PORTAL_CONFIG"
 
-#: Keys that take a list (a single string is one entry), with the option name they repeat.
-REPEATED = {"relay": "relay", "http-route": "http-route", "app": "app"}
+#: Keys that take a list (a single string is one entry): the repeatable options of C{portal expose},
+#: each with the L{TunnelOptions} key collecting it.
+REPEATED = {
+    "relay": "relays",
+    "http-route": "http-routes",
+    "app": "apps",
+    "allow-ip": "allow-ips",
+    "deny-ip": "deny-ips",
+}
 
 #: Keys holding a file path, read relative to the configuration file.
 PATH_KEYS = frozenset({"cert", "key", "identity", "app"})
@@ -350,7 +357,7 @@ def tunnelArguments(values: Mapping[str, Any]) -> list[str]:
                     entry = entry["relay"]
                 arguments.append(f"--relay={entry}")
         elif kind == "list":
-            arguments.extend(f"--{REPEATED[key]}={v}" for v in value)
+            arguments.extend(f"--{key}={v}" for v in value)
         else:
             arguments.append(f"--{key}={value}")
     if values.get("target") is not None:

@@ -101,6 +101,8 @@ class TunnelOptions(FlagsAnywhere):
         self["pending-via"] = []
         self["http-routes"] = []
         self["apps"] = []
+        self["allow-ips"] = []
+        self["deny-ips"] = []
 
     def opt_relay(self, relay: str) -> None:
         """
@@ -128,6 +130,20 @@ class TunnelOptions(FlagsAnywhere):
         and one URL per app).
         """
         self["apps"].append(path)
+
+    def opt_allow_ip(self, network: str) -> None:
+        """
+        Serve only visitors from this network, CIDR or one address (repeatable; the address the
+        relay reports, in every mode).
+        """
+        self["allow-ips"].append(network)
+
+    def opt_deny_ip(self, network: str) -> None:
+        """
+        Refuse visitors from this network, CIDR or one address (repeatable; checked before
+        --allow-ip).
+        """
+        self["deny-ips"].append(network)
 
     def parseArgs(self, target: str | None = None) -> None:
         """
@@ -181,6 +197,8 @@ class TunnelOptions(FlagsAnywhere):
                 registry=self["registry"],
                 maxRelays=self["max-relays"],
                 apps=self["apps"],
+                allowIPs=self["allow-ips"],
+                denyIPs=self["deny-ips"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

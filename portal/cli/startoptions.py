@@ -12,6 +12,7 @@ from typing import Any
 from twisted.python import usage
 
 from portal.cli.configfile import (
+    REPEATED,
     ConfigFileError,
     TunnelEntry,
     findConfig,
@@ -82,8 +83,8 @@ class StartOptions(TunnelOptions):
                 {"relay": relay, "via": list(via)}
                 for relay, via in zip(self["relays"], self["via"], strict=True)
             ]
-        for key, option in (("http-route", "http-routes"), ("app", "apps")):
-            if self[option]:
+        for key, option in REPEATED.items():
+            if key != "relay" and self[option]:
                 values[key] = list(self[option])
         return values
 

@@ -24,6 +24,7 @@ from portal.trust.relayaddress import (
     parsePort,
     parseRelay,
 )
+from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
@@ -119,6 +120,7 @@ class TunnelConfig:
     @ivar maxRelays: How many registry relays to hold leases on (besides L{relays}).
     @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
         without C{--app}.
+    @ivar addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
     """
 
     target: Target | None
@@ -140,6 +142,7 @@ class TunnelConfig:
     registry: str | None = None
     maxRelays: int = DEFAULT_MAX_RELAYS
     apps: tuple[App, ...] = ()
+    addressRules: AddressRules = SERVE_ALL
 
     @property
     def mode(self) -> str:
@@ -206,6 +209,8 @@ def buildConfig(
     registry: str | None = None,
     maxRelays: int | None = None,
     apps: Sequence[str] = (),
+    allowIPs: Sequence[str] = (),
+    denyIPs: Sequence[str] = (),
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -213,6 +218,8 @@ def buildConfig(
     @param via: For each of C{relays}, in order, the hop relays on the path to it (C{--via}, first
         hop first); missing entries mean direct connections.
     @param apps: The C{app.json} files of C{--app}; they are read and checked here.
+    @param allowIPs: The networks of C{--allow-ip}.
+    @param denyIPs: The networks of C{--deny-ip}.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -330,6 +337,7 @@ def buildConfig(
         registry=registry or None,
         maxRelays=DEFAULT_MAX_RELAYS if maxRelays is None else maxRelays,
         apps=loadedApps,
+        addressRules=AddressRules.parse(allowIPs, denyIPs),
     )
 
 

@@ -265,6 +265,9 @@ class TunnelControlProtocol(amp.AMP):
             maxFlows=link.tunnel.config.udpMaxFlows,
             maxFlowsPerSource=link.tunnel.config.udpMaxFlowsPerSource,
             overControl=overControl,
+            screen=link.tunnel.config.addressRules.refusal
+            if link.tunnel.config.addressRules
+            else None,
         )
         self.udp.start()
 
@@ -280,11 +283,14 @@ class TunnelControlProtocol(amp.AMP):
     @FlowOpened.responder
     def flowOpened(self, flowId: int, host: str, port: int) -> dict[str, object]:
         """
-        A new visitor address on the lease's UDP port.
+        A new visitor address on the lease's UDP port: the address rules decide whether its
+        datagrams reach the service.
         """
         self._log.info("udp flow {flow} from {host}:{port}", flow=flowId, host=host, port=port)
         if self.udp is not None:
+            # The source first: a flow the rules admit opens at once, and is counted against it.
             self.udp.flows.noteSource(flowId, host)
+            self.udp.flows.announce(flowId, host)
         return {}
 
     @FlowClosed.responder

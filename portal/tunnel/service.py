@@ -131,7 +131,11 @@ class TunnelService(MultiService):
         if config.tcp or config.target is None and not (config.routes or config.apps):
             # Raw TCP mode terminates no TLS: the bytes go to the target as they came.
             self.streamHandler = StreamHandler(
-                reactor, config.target, None, proxyProtocol=config.proxyProtocol
+                reactor,
+                config.target,
+                None,
+                proxyProtocol=config.proxyProtocol,
+                addressRules=config.addressRules,
             )
         else:
             self.streamHandler = self._tlsStreamHandler()
@@ -191,7 +195,9 @@ class TunnelService(MultiService):
             def inner(header: StreamHeader) -> RoutedHTTP:
                 return RoutedHTTP(proxy, header)
 
-        return StreamHandler(self.reactor, config.target, creator, inner, config.proxyProtocol)
+        return StreamHandler(
+            self.reactor, config.target, creator, inner, config.proxyProtocol, config.addressRules
+        )
 
     def _certificateFor(self, hostname: str | None) -> tuple[PKey, list[X509]]:
         """

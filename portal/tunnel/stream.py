@@ -12,19 +12,23 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
 from portal.wire.attach import StreamHeader
 from portal.wire.proxyheader import proxyHeader
 
 #: Seconds to wait for the local target to accept a connection.
 TARGET_CONNECT_TIMEOUT = 10.0
+#: Least seconds between two log events about refused visitors (the others are counted).
+REFUSED_LOG_INTERVAL = 10.0
 
 
 class _TargetSide(SpliceProtocol):
@@ -108,6 +112,25 @@ class _VisitorSide(SpliceProtocol):
             self._connecting.cancel()
 
 
+class _Refused(Protocol):
+    """
+    A visitor the address rules refuse: its data session is closed before any byte is read, so
+    nothing of it reaches TLS or the target.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Close at once.
+        """
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Ignore what arrives while closing.
+        """
+
+
 class StreamHandler:
     """
     Builds, for each stream header a data session receives, the protocol that serves it: inside the
@@ -117,7 +140,10 @@ class StreamHandler:
 
     @ivar target: The local target.
     @ivar reactor: The reactor (TCP and time).
+    @ivar refused: How many visitors the address rules refused.
     """
+
+    _log = Logger()
 
     def __init__(
         self,
@@ -126,6 +152,7 @@ class StreamHandler:
         tlsCreator: IOpenSSLServerConnectionCreator | None,
         inner: Callable[[StreamHeader], IProtocol] | None = None,
         proxyProtocol: str | None = None,
+        addressRules: AddressRules = SERVE_ALL,
     ) -> None:
         """
         @param reactor: The reactor (TCP and time).
@@ -136,8 +163,12 @@ class StreamHandler:
             (routed HTTP mode passes L{portal.tunnel.httpproxy.HTTPProxy.protocolFor}).
         @param proxyProtocol: C{"v1"} or C{"v2"}: start each target connection with a PROXY protocol
             header carrying the visitor's address.
+        @param addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
         """
         self.reactor = reactor
+        self.addressRules = addressRules
+        self.refused = 0
+        self._refusedLog = LogThrottle(reactor, REFUSED_LOG_INTERVAL)
         self.target = target
         self._inner = inner
         self.proxyProtocol = proxyProtocol
@@ -165,8 +196,22 @@ class StreamHandler:
         """
         @param header: The visitor's stream header.
         @return: A TLS server protocol around the visitor's stream, or in raw TCP mode the splice to
-            the target itself.
+            the target itself; for a visitor the address rules refuse, a protocol that closes.
         """
+        reason = self.addressRules.refusal(header.peerHost)
+        if reason is not None:
+            self.refused += 1
+            held = self._refusedLog.due()
+            if held is not None:
+                self._log.warn(
+                    "refused visitor {peer} (stream {stream}): {reason}"
+                    + (" ({held} more refused since the last message)" if held else ""),
+                    peer=header.peerHost,
+                    stream=header.streamId,
+                    reason=reason,
+                    held=held,
+                )
+            return _Refused()
         factory = self._tlsFactory
         inner = self._inner(header) if self._inner is not None else _VisitorSide(self, header)
         if factory is None:

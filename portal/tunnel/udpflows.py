@@ -22,6 +22,7 @@ between C{idleTimeout} and C{1.25 * idleTimeout} seconds of silence.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,11 @@ DROP_REASONS = (
     "stopped",
     "open_failed",
     "write_failed",
+    "address_refused",
+    "unannounced",
 )
+#: With address rules, datagrams held per flow until the relay's C{FlowOpened} says who sent them.
+MAX_HELD_DATAGRAMS = 8
 
 
 def localInterface(host: str) -> str:
@@ -136,7 +141,10 @@ class FlowTable:
         L{maxFlows} are open), C{"too_many_flows_per_source"} (a flow whose source already has
         L{maxFlowsPerSource}), C{"refused"} (the service's port refused a datagram, or the
         reactor closed the flow's socket; the flow is kept), C{"stopped"} (after L{stop}), C{"open_failed"} (the flow's socket could not be opened
-        or connected) and C{"write_failed"} (the socket refused a datagram, such as one too long).
+        or connected), C{"write_failed"} (the socket refused a datagram, such as one too long),
+        and with address rules C{"address_refused"} (a flow whose visitor they refuse) and
+        C{"unannounced"} (held for a flow the relay had not announced, beyond L{MAX_HELD_DATAGRAMS}
+        or the L{maxFlows} flows held).
     @cvar logInterval: Least seconds between two log events for the same drop reason; the drops in
         between are counted in the next event's C{suppressed} field.
     """
@@ -154,6 +162,7 @@ class FlowTable:
         maxFlows: int = 1024,
         maxFlowsPerSource: int = 64,
         onFlowClosed: Callable[[int], None] | None = None,
+        screen: Callable[[str], str | None] | None = None,
     ) -> None:
         """
         @param reactor: The reactor (UDP and time) the flows' sockets and the idle sweep use.
@@ -165,6 +174,10 @@ class FlowTable:
         @param maxFlowsPerSource: The most flows open at once from one source address.
         @param onFlowClosed: Called with a flow id when the flow is closed for being idle or for
             its source's limit, so the relay can forget it; not called for L{close} or L{stop}.
+        @param screen: The address rules' judgement of a visitor address (L{None} to serve it, else
+            why not). With it, a flow's datagrams reach the service only once L{announce} has
+            admitted the flow's visitor; before that they are held (a few), after a refusal
+            dropped.
         @raise ValueError: If the target's host is not an IP address literal, its port is not
             1-65535, C{idleTimeout} is not positive or C{maxFlows} is less than 1.
         """
@@ -201,6 +214,10 @@ class FlowTable:
         self._sweeping = False
         # Drop events, at most one per reason every logInterval seconds.
         self._dropLog = LogThrottle(reactor, self.logInterval)
+        self._screen = screen
+        self._admitted: set[int] = set()
+        self._refusedFlows: OrderedDict[int, None] = OrderedDict()
+        self._held: OrderedDict[int, list[bytes]] = OrderedDict()
 
     @property
     def flows(self) -> int:
@@ -229,6 +246,15 @@ class FlowTable:
         @param payload: The datagram; may be empty.
         """
         self.received += 1
+        if self._screen is not None and flowId not in self._admitted:
+            self._hold(flowId, payload)
+            return
+        self._deliver(flowId, payload)
+
+    def _deliver(self, flowId: int, payload: bytes) -> None:
+        """
+        Send a datagram of a flow that may reach the service; see L{deliver}.
+        """
         flow = self._flows.get(flowId)
         if flow is None:
             flow = self._open(flowId)
@@ -265,6 +291,7 @@ class FlowTable:
             return
         if not self._admitSource(flowId, source):
             del self._flows[flowId]
+            self._forget(flowId)
             self._closeFlow(flow)
             if self._onFlowClosed is not None:
                 self._onFlowClosed(flowId)
@@ -292,12 +319,75 @@ class FlowTable:
         self._bySource[source] = held + 1
         return True
 
+    def announce(self, flowId: int, host: str) -> None:
+        """
+        The relay says who flow C{flowId} is: with address rules, serve the flow (its held
+        datagrams go to the service now) or refuse it (they, and all later ones, are dropped).
+
+        @param flowId: The flow's id.
+        @param host: The visitor's IP address.
+        """
+        if self._screen is None:
+            return
+        held = self._held.pop(flowId, [])
+        reason = self._screen(host)
+        if reason is None:
+            self._admitted.add(flowId)
+            for payload in held:
+                self._deliver(flowId, payload)
+            return
+        self._refusedFlows[flowId] = None
+        while len(self._refusedFlows) > self.maxFlows:
+            # A forgotten refusal makes its flow unannounced again: still never delivered.
+            self._refusedFlows.popitem(last=False)
+        self.dropped["address_refused"] += len(held)
+        suppressed = self._dropLog.due("refused visitor")
+        if suppressed is not None:
+            self._log.warn(
+                "UDP flow {flowId}: refused visitor {host}: {why} ({suppressed} similar refusals "
+                "not logged)",
+                flowId=flowId,
+                host=host,
+                why=reason,
+                suppressed=suppressed,
+            )
+
+    def _hold(self, flowId: int, payload: bytes) -> None:
+        """
+        Keep a datagram of a flow not admitted yet, or drop it if the flow was refused or too much
+        is held.
+        """
+        if flowId in self._refusedFlows:
+            self.dropped["address_refused"] += 1
+            return
+        queue = self._held.get(flowId)
+        if queue is None:
+            if len(self._held) >= self.maxFlows:
+                _, oldest = self._held.popitem(last=False)
+                self.dropped["unannounced"] += len(oldest)
+            queue = self._held[flowId] = []
+        if len(queue) >= MAX_HELD_DATAGRAMS:
+            self._drop(
+                "unannounced", flowId, "datagram dropped: the relay has not said who sent it"
+            )
+            return
+        queue.append(payload)
+
+    def _forget(self, flowId: int) -> None:
+        """
+        Forget what the address rules decided about a flow that has ended.
+        """
+        self._admitted.discard(flowId)
+        self._refusedFlows.pop(flowId, None)
+        self._held.pop(flowId, None)
+
     def close(self, flowId: int) -> None:
         """
         Close a flow the relay has forgotten, without calling C{onFlowClosed}.
 
         @param flowId: The flow's id; closing a flow that is not open does nothing.
         """
+        self._forget(flowId)
         flow = self._flows.pop(flowId, None)
         if flow is not None:
             self._closeFlow(flow)
@@ -309,6 +399,9 @@ class FlowTable:
         """
         self._stopped = True
         self._earlySources.clear()
+        self._admitted.clear()
+        self._refusedFlows.clear()
+        self._held.clear()
         flows = list(self._flows.values())
         self._flows.clear()
         for flow in flows:
@@ -483,6 +576,7 @@ class FlowTable:
         @param flow: The flow, still in the table.
         """
         del self._flows[flow.flowId]
+        self._forget(flow.flowId)
         self._closeFlow(flow)
         self._log.debug("UDP flow {flowId} closed after being idle", flowId=flow.flowId)
         if self._onFlowClosed is not None:

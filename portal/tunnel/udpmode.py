@@ -10,6 +10,7 @@ they go over the control session (L{Datagram}) instead, and the log says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol
@@ -56,6 +57,7 @@ class TunnelUDP(DatagramProtocol):
         maxFlows: int = 1024,
         overControl: bool = False,
         maxFlowsPerSource: int = 64,
+        screen: Callable[[str], str | None] | None = None,
     ) -> None:
         """
         @param reactor: UDP and time.
@@ -67,6 +69,8 @@ class TunnelUDP(DatagramProtocol):
         @param overControl: Never send UDP to the relay; carry every datagram over the control
             session (a relay reached through hops must not learn the tunnel's address).
         @param maxFlowsPerSource: Most flows at once from one visitor source address.
+        @param screen: The address rules' judgement of visitor addresses (L{FlowTable}'s
+            C{screen}), or L{None} to serve every visitor.
         """
         self._overControl = overControl
         self._reactor = reactor
@@ -83,6 +87,7 @@ class TunnelUDP(DatagramProtocol):
             maxFlows=maxFlows,
             maxFlowsPerSource=maxFlowsPerSource,
             onFlowClosed=self._flowClosed,
+            screen=screen,
         )
         self.dropped: dict[str, int] = {}
         self._keepalive = LoopingCall(self._sendKeepalive)

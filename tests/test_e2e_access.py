@@ -1,0 +1,146 @@
+"""
+End to end: C{--allow-ip} and C{--deny-ip} through a real relay and a real C{portal expose}, in
+stream, routed HTTP and UDP modes. The visitors are on 127.0.0.1, which is the address the relay
+reports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from tests.realprocesses import (
+    RecordingApp,
+    curl,
+    freePortRange,
+    homeDir,
+    listenLocal,
+    sleep,
+    startRelay,
+    startTunnel,
+    waitForLease,
+)
+
+
+class _Counter(DatagramProtocol):
+    """
+    A UDP service that counts what it receives and answers each datagram.
+
+    @ivar received: The datagrams received.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        Count and echo.
+        """
+        self.received.append(datagram)
+        assert self.transport is not None
+        self.transport.write(datagram, addr)
+
+
+def _send(port: int, payload: bytes) -> None:
+    """
+    Send one datagram to 127.0.0.1:C{port} from a fresh socket.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(payload, ("127.0.0.1", port))
+
+
+class AccessEndToEndTests(TestCase):
+    """
+    Visitors refused by address never reach the service; visitors allowed do.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def _tunnel(self, extra: list[str], relayExtra: tuple[str, ...] = ()) -> Any:
+        """
+        A relay, a recording web app and a tunnel to it with C{extra} options.
+
+        @return: C{(tunnel, lease, app)}.
+        """
+        relayState = os.path.join(homeDir(self, "relay"), "state")
+        _, _, controlPort = yield startRelay(self, relayState, extra=relayExtra)
+        app = RecordingApp("app")
+        port = yield listenLocal(self, Site(app))
+        tunnel = startTunnel(self, homeDir(self, "tunnel"), controlPort, str(port), extra)
+        lease = yield waitForLease(tunnel)
+        return tunnel, lease, app
+
+    @inlineCallbacks
+    def assertRefused(self, extra: list[str]) -> Any:
+        """
+        With C{extra}, a visitor from 127.0.0.1 gets no answer, the app sees nothing, and the
+        tunnel says why.
+        """
+        tunnel, lease, app = yield self._tunnel(extra)
+        code, status, _, _, err = yield curl(lease, "/secret")
+        self.assertNotEqual(code, 0)
+        self.assertEqual(status, 0, err)
+        yield tunnel.waitFor(r"refused visitor 127\.0\.0\.1 .*: (in --deny-ip|not in any)")
+        self.assertEqual(app.seen, [])
+
+    def test_denyStream(self) -> Any:
+        """
+        Stream mode: a visitor in a C{--deny-ip} network is closed before TLS.
+        """
+        return self.assertRefused(["--deny-ip", "127.0.0.0/8"])
+
+    def test_notAllowedHTTP(self) -> Any:
+        """
+        Routed HTTP mode: a visitor outside every C{--allow-ip} network is closed before TLS.
+        """
+        return self.assertRefused(["--http", "--allow-ip", "192.0.2.0/24"])
+
+    @inlineCallbacks
+    def test_allowed(self) -> Any:
+        """
+        A visitor in an C{--allow-ip} network and in no C{--deny-ip} one is served.
+        """
+        _, lease, app = yield self._tunnel(
+            ["--http", "--allow-ip", "127.0.0.1", "--deny-ip", "10.0.0.0/8"]
+        )
+        code, status, _, _, err = yield curl(lease, "/open")
+        self.assertEqual((code, status), (0, 200), err)
+        self.assertEqual([uri for uri, _ in app.seen], ["/open"])
+
+    @inlineCallbacks
+    def test_denyUDP(self) -> Any:
+        """
+        UDP mode: datagrams from a denied visitor never reach the UDP service.
+        """
+        low, high = freePortRange(4)
+        relayState = os.path.join(homeDir(self, "relay"), "state")
+        _, _, controlPort = yield startRelay(
+            self, relayState, extra=["--udp-ports", f"{low}-{high}"]
+        )
+        service = _Counter()
+        listening = reactor.listenUDP(0, service, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        tunnel = startTunnel(
+            self,
+            homeDir(self, "tunnel"),
+            controlPort,
+            str(listening.getHost().port),
+            ["--udp", "--deny-ip", "127.0.0.1"],
+        )
+        lease = yield waitForLease(tunnel)
+        port = int(lease["url"].rsplit(":", 1)[1])
+        yield deferToThread(_send, port, b"first")
+        yield tunnel.waitFor(r"refused visitor 127\.0\.0\.1: in --deny-ip 127\.0\.0\.1/32")
+        yield deferToThread(_send, port, b"second")
+        # Nothing can signal that a datagram was not delivered: give it time to arrive.
+        yield sleep(1.0)
+        self.assertEqual(service.received, [])
