@@ -144,3 +144,24 @@ class AccessEndToEndTests(TestCase):
         # Nothing can signal that a datagram was not delivered: give it time to arrive.
         yield sleep(1.0)
         self.assertEqual(service.received, [])
+
+    @inlineCallbacks
+    def test_basicAuth(self) -> Any:
+        """
+        Routed HTTP mode with C{--basic-auth}: without or with wrong credentials a visitor gets 401
+        and a Basic challenge and the app sees nothing; with the right ones, over HTTP/1.1 and
+        HTTP/2, the request reaches the app without the C{Authorization} header.
+        """
+        _, lease, app = yield self._tunnel(["--http", "--basic-auth", "alice:wonder:land"])
+        code, status, body, _, err = yield curl(lease, "/none", "-D", "-")
+        self.assertEqual((code, status), (0, 401), err)
+        self.assertIn(b'www-authenticate: basic realm="portal"', body.lower())
+        code, status, _, _, err = yield curl(lease, "/wrong", "-u", "alice:wonder")
+        self.assertEqual((code, status), (0, 401), err)
+        self.assertEqual(app.seen, [])
+        for option, version in (("--http1.1", "1.1"), ("--http2", "2")):
+            code, status, _, seen, err = yield curl(lease, "/in", option, "-u", "alice:wonder:land")
+            self.assertEqual((code, status, seen), (0, 200, version), err)
+        self.assertEqual([uri for uri, _ in app.seen], ["/in", "/in"])
+        for _, headers in app.seen:
+            self.assertNotIn("authorization", headers)

@@ -40,10 +40,12 @@ REPEATED = {
     "app": "apps",
     "allow-ip": "allow-ips",
     "deny-ip": "deny-ips",
+    "basic-auth": "basic-auths",
+    "basic-auth-file": "basic-auth-files",
 }
 
 #: Keys holding a file path, read relative to the configuration file.
-PATH_KEYS = frozenset({"cert", "key", "identity", "app"})
+PATH_KEYS = frozenset({"cert", "key", "identity", "app", "basic-auth-file"})
 
 
 class ConfigFileError(Exception):

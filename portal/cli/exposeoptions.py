@@ -103,6 +103,8 @@ class TunnelOptions(FlagsAnywhere):
         self["apps"] = []
         self["allow-ips"] = []
         self["deny-ips"] = []
+        self["basic-auths"] = []
+        self["basic-auth-files"] = []
 
     def opt_relay(self, relay: str) -> None:
         """
@@ -144,6 +146,20 @@ class TunnelOptions(FlagsAnywhere):
         --allow-ip).
         """
         self["deny-ips"].append(network)
+
+    def opt_basic_auth(self, credential: str) -> None:
+        """
+        USER:PASS a visitor must give (HTTP Basic authentication, routed HTTP mode; repeatable).
+        Visible to other local users in the process list: prefer --basic-auth-file.
+        """
+        self["basic-auths"].append(credential)
+
+    def opt_basic_auth_file(self, path: str) -> None:
+        """
+        File of USER:BCRYPT-HASH lines (htpasswd -nB USER) for HTTP Basic authentication
+        (repeatable).
+        """
+        self["basic-auth-files"].append(path)
 
     def parseArgs(self, target: str | None = None) -> None:
         """
@@ -199,6 +215,8 @@ class TunnelOptions(FlagsAnywhere):
                 apps=self["apps"],
                 allowIPs=self["allow-ips"],
                 denyIPs=self["deny-ips"],
+                basicAuth=self["basic-auths"],
+                basicAuthFiles=self["basic-auth-files"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

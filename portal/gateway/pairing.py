@@ -135,14 +135,17 @@ class AttemptLimiter:
         perAddress: int = ATTEMPTS_PER_ADDRESS,
         total: int = ATTEMPTS_TOTAL,
         window: float = ATTEMPT_WINDOW,
+        noun: str = "pairing codes",
     ) -> None:
         """
         @param clock: The source of the current time.
         @param perAddress: Wrong attempts allowed per address in C{window}.
         @param total: Wrong attempts allowed from everyone in C{window}.
         @param window: Seconds over which attempts are counted.
+        @param noun: What is attempted, for the refusal's message (C{"pairing codes"}).
         """
         self._clock = clock
+        self._noun = noun
         self.perAddress = perAddress
         self.total = total
         self.window = window
@@ -173,12 +176,12 @@ class AttemptLimiter:
         times = self._byAddress.get(addressKey(host))
         if times is not None and len(times) >= self.perAddress:
             raise TooManyAttempts(
-                "too many wrong pairing codes from your address; wait a minute and try again",
+                f"too many wrong {self._noun} from your address; wait a minute and try again",
                 self._retryAfter(times[-self.perAddress], now),
             )
         if len(self._all) >= self.total:
             raise TooManyAttempts(
-                "too many wrong pairing codes were tried recently; wait a minute and try again",
+                f"too many wrong {self._noun} were tried recently; wait a minute and try again",
                 self._retryAfter(self._all[-self.total][0], now),
             )
 

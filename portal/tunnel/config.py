@@ -10,6 +10,12 @@ from collections.abc import Sequence
 import attrs
 
 from portal.gateway.appjson import App, AppError, loadApp
+from portal.gateway.basicauth import (
+    Credential,
+    CredentialError,
+    loadCredentialsFile,
+    parseCredential,
+)
 from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
 from portal.trust.identity import defaultIdentityPath
 from portal.trust.relayaddress import (
@@ -121,6 +127,8 @@ class TunnelConfig:
     @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
         without C{--app}.
     @ivar addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
+    @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
+        no HTTP Basic authentication.
     """
 
     target: Target | None
@@ -143,6 +151,7 @@ class TunnelConfig:
     maxRelays: int = DEFAULT_MAX_RELAYS
     apps: tuple[App, ...] = ()
     addressRules: AddressRules = SERVE_ALL
+    basicAuth: tuple[Credential, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -211,6 +220,8 @@ def buildConfig(
     apps: Sequence[str] = (),
     allowIPs: Sequence[str] = (),
     denyIPs: Sequence[str] = (),
+    basicAuth: Sequence[str] = (),
+    basicAuthFiles: Sequence[str] = (),
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -220,6 +231,8 @@ def buildConfig(
     @param apps: The C{app.json} files of C{--app}; they are read and checked here.
     @param allowIPs: The networks of C{--allow-ip}.
     @param denyIPs: The networks of C{--deny-ip}.
+    @param basicAuth: The C{USER:PASS} of C{--basic-auth}.
+    @param basicAuthFiles: The files of C{--basic-auth-file}; they are read and checked here.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -304,6 +317,7 @@ def buildConfig(
         raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT) or --app")
     elif http:
         raise ConfigError("--http needs a TARGET")
+    credentials = _credentials(basicAuth, basicAuthFiles, bool(routes), bool(loadedApps))
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
     if maxRelays is not None and not 0 < maxRelays <= MAX_MAX_RELAYS:
@@ -338,7 +352,39 @@ def buildConfig(
         maxRelays=DEFAULT_MAX_RELAYS if maxRelays is None else maxRelays,
         apps=loadedApps,
         addressRules=AddressRules.parse(allowIPs, denyIPs),
+        basicAuth=credentials,
     )
+
+
+def _credentials(
+    basicAuth: Sequence[str], files: Sequence[str], routed: bool, apps: bool
+) -> tuple[Credential, ...]:
+    """
+    Read the users of C{--basic-auth} and C{--basic-auth-file}.
+
+    @param routed: Whether the tunnel is in routed HTTP mode (C{--http}, C{--http-route}).
+    @param apps: Whether it publishes C{--app} apps.
+    @raise ConfigError: For a malformed credential or file, or outside routed HTTP mode.
+    """
+    if not basicAuth and not files:
+        return ()
+    if apps:
+        raise ConfigError(
+            "--basic-auth: the app gateway decides access itself (public, private and peer paths "
+            "in app.json)"
+        )
+    if not routed:
+        raise ConfigError(
+            "--basic-auth needs routed HTTP mode (--http or --http-route): in stream mode the "
+            "tunnel does not read HTTP"
+        )
+    try:
+        credentials = [parseCredential(c) for c in basicAuth]
+        for path in files:
+            credentials.extend(loadCredentialsFile(path))
+    except CredentialError as e:
+        raise ConfigError(str(e))
+    return tuple(credentials)
 
 
 def _loadApps(

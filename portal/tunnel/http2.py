@@ -162,6 +162,10 @@ class H2Visitor(ExchangeAnswers):
             exchange.chunkedUpstream = True
         exchange.headComplete = True
         exchange.version = "2"
+        refusal = self._proxy.authorize(exchange, self._header)
+        if refusal is not None:
+            self._respondWith(exchange, refusal)
+            return
         if self._proxy.gateway is not None:
             self._admit(exchange)
             return

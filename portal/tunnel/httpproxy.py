@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from portal.forwarding.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
 from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
+from portal.gateway.basicauth import BasicAuth
 from portal.gateway.caller import GatewayRequest, GatewayResponse
 from portal.gateway.routes import Match, RouteTable, Upstream
 from portal.tunnel.report import Reporter
@@ -266,6 +267,7 @@ class HTTPProxy:
     @ivar table: The routes of C{--http-route} (L{None} with C{--app}: each app has its own).
     @ivar gateway: The app gateway, or L{None} without C{--app}.
     @ivar tables: Each app's routes, by app name.
+    @ivar basicAuth: The HTTP Basic authentication every request must pass, or L{None}.
     """
 
     def __init__(
@@ -274,8 +276,10 @@ class HTTPProxy:
         table: RouteTable | None,
         reporter: Reporter | None,
         gateway: Gateway | None = None,
+        basicAuth: BasicAuth | None = None,
     ) -> None:
         self.reactor = reactor
+        self.basicAuth = basicAuth
         self.table = table
         self.reporter = reporter
         self.pool = UpstreamPool(reactor)
@@ -303,6 +307,20 @@ class HTTPProxy:
         exchange.table = self.tables[admitted.app.name]
         exchange.headers = admitted.edits.stripped(exchange.headers)
         exchange.gatewayHeaders = list(admitted.edits.add)
+
+    def authorize(self, exchange: Exchange, header: StreamHeader) -> GatewayResponse | None:
+        """
+        Check a request's credentials (C{--basic-auth}) before it is routed; the C{Authorization}
+        header that passed is not forwarded.
+
+        @return: L{None} to route the request, else the answer to send instead.
+        """
+        if self.basicAuth is None:
+            return None
+        refusal = self.basicAuth.check(exchange.headers, header.peerHost)
+        if refusal is None:
+            exchange.headers = [h for h in exchange.headers if h[0].lower() != b"authorization"]
+        return refusal
 
     def protocolFor(self, header: StreamHeader) -> VisitorHTTP:
         """
@@ -629,6 +647,10 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         Route the request and get an upstream connection for it; with C{--app}, ask the gateway
         first.
         """
+        refusal = None if exchange.admitted else self._proxy.authorize(exchange, self._header)
+        if refusal is not None:
+            self._respondWith(exchange, refusal)
+            return
         if self._proxy.gateway is not None and not exchange.admitted:
             self._admit(exchange)
             return

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from portal.gateway.access import Gateway
+from portal.gateway.basicauth import BasicAuth
 from portal.gateway.caller import Authenticator, GatewayPages
 from portal.gateway.contacts import ContactList, contactsPath
 from portal.gateway.peerendpoint import DEFAULT_ADDRESS, PeerEndpointService
@@ -190,7 +191,10 @@ class TunnelService(MultiService):
         inner = None
         if config.routes or config.apps:
             table = RouteTable(config.routes) if config.routes else None
-            proxy = self.httpProxy = HTTPProxy(self.reactor, table, self.reporter, self.gateway)
+            basicAuth = BasicAuth(config.basicAuth, self.reactor) if config.basicAuth else None
+            proxy = self.httpProxy = HTTPProxy(
+                self.reactor, table, self.reporter, self.gateway, basicAuth
+            )
 
             def inner(header: StreamHeader) -> RoutedHTTP:
                 return RoutedHTTP(proxy, header)

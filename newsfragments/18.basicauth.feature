@@ -1,0 +1,1 @@
+HTTP Basic authentication in routed HTTP mode: `--basic-auth USER:PASS` (kept as a SHA-256 digest, compared in constant time) and `--basic-auth-file FILE` (bcrypt entries as written by `htpasswd -nB`), over HTTP/1.1 and HTTP/2; 401 with a challenge otherwise, 429 after 10 wrong credentials a minute from one address (100 in all); the `Authorization` header is not forwarded.
