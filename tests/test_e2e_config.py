@@ -91,9 +91,13 @@ class ConfigFileEndToEndTests(TestCase):
     @inlineCallbacks
     def test_twistdTunnel(self) -> Any:
         """
-        C{twistd -n portal-tunnel --config FILE NAME...} takes the same file.
+        C{twistd -n portal-tunnel --config FILE NAME...} takes the same file, logs no factory
+        noise for the connections it opens, and exits 0 on SIGTERM.
         """
         home, path = yield self._world()
         argv = [_twistd(), "-n", "--pidfile=", "portal-tunnel", "--config", path, "web", "api"]
         tunnel = spawn(self, "twistd portal-tunnel", argv, home)
         yield self.assertServes(tunnel)
+        code = yield tunnel.stop()
+        self.assertEqual(code, 0, tunnel.output())
+        self.assertNotIn("OneShotFactory", tunnel.output())

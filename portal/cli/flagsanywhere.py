@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from twisted.python import usage
+from portal.cli.helptext import TidyHelp
 
 
-class FlagsAnywhere(usage.Options):
+class FlagsAnywhere(TidyHelp):
     """
-    L{usage.Options} that move the flags (and their values) before the positional arguments, then
+    Options (with tidy help, L{TidyHelp}) that move the flags (and their values) before the positional arguments, then
     parse as usual. C{--} still ends the flags.
     """
 

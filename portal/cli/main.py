@@ -25,6 +25,7 @@ from twisted.python import usage
 
 import portal
 from portal.cli.exposeoptions import TunnelOptions
+from portal.cli.helptext import TidyHelp
 from portal.cli.peers import PeersOptions, peersCommand
 from portal.cli.startoptions import StartOptions
 from portal.cli.terminals import (
@@ -50,7 +51,7 @@ USAGE_ERROR = 2
 FAILURE = 1
 
 
-class IdentityOptions(usage.Options):
+class IdentityOptions(TidyHelp):
     """
     C{portal identity show|new [--identity PATH] [--force]}.
     """
@@ -70,7 +71,7 @@ class IdentityOptions(usage.Options):
         self["action"] = action
 
 
-class DemoOptions(usage.Options):
+class DemoOptions(TidyHelp):
     """
     C{portal demo}: a relay, a tunnel and a sample site, all in this process on loopback.
     """
@@ -94,7 +95,7 @@ class DemoOptions(usage.Options):
     optFlags = [["json", None, "Print JSON event lines."]]
 
 
-class RelaysOptions(usage.Options):
+class RelaysOptions(TidyHelp):
     """
     C{portal relays --registry URL|FILE [--json]}.
     """
@@ -115,12 +116,15 @@ class RelaysOptions(usage.Options):
             raise usage.UsageError("portal relays needs --registry URL|FILE")
 
 
-class PortalOptions(usage.Options):
+class PortalOptions(TidyHelp):
     """
     The C{portal} command line.
     """
 
-    synopsis = "portal expose|start|identity|peers|relays|demo|pair|terminals|version ..."
+    longdesc = (
+        "Publish local services through Portal relays. 'portal COMMAND --help' describes a "
+        "command; the documentation is in docs/user-guide.md."
+    )
     subCommands = [
         ["expose", None, TunnelOptions, "Publish a local service through relays."],
         ["start", None, StartOptions, "Start the tunnels of a portal.toml configuration file."],
@@ -130,18 +134,47 @@ class PortalOptions(usage.Options):
         ["demo", None, DemoOptions, "Run a relay, a tunnel and a sample site on loopback."],
         ["pair", None, PairOptions, "Pair a device with your tunnel, or pair this machine."],
         ["terminals", None, TerminalsOptions, "List, rename or revoke paired terminals."],
-        ["version", None, usage.Options, "Print the version."],
+        ["version", None, TidyHelp, "Print the version."],
     ]
+
+    def commands(self) -> str:
+        """
+        @return: The commands, for messages.
+        """
+        names = [str(command[0]) for command in cast(Any, self.subCommands)]
+        return ", ".join(names[:-1]) + " or " + names[-1]
+
+    def getSynopsis(self) -> str:
+        """
+        @return: C{Usage: portal COMMAND [options]}, or C{Usage: portal} as the start of a
+            command's own synopsis.
+        """
+        return "Usage: portal" if self.subCommand else "Usage: portal COMMAND [options]"
+
+    def opt_version(self) -> None:
+        """
+        Print Portal's version and exit.
+        """
+        print(f"portal {portal.__version__}")
+        sys.exit(0)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse, naming the commands when the one given is unknown.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if str(e).startswith("Unknown command"):
+                raise usage.UsageError(f"{e}; the commands are {self.commands()}")
+            raise
 
     def postOptions(self) -> None:
         """
         A subcommand is required.
         """
         if self.subCommand is None:
-            raise usage.UsageError(
-                "expected a command: expose, start, identity, peers, relays, demo, pair, terminals "
-                "or version"
-            )
+            raise usage.UsageError(f"expected a command: {self.commands()}")
 
 
 def _startLogging(err: TextIO, level: LogLevel) -> None:
@@ -339,9 +372,19 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
         )
         out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
         tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
-        runUntilStopped(reactor, [tunnel])
-        reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
-        reactor.addSystemEventTrigger("before", "shutdown", site.stopListening)
+        tunnel.startService()
+
+        async def stop() -> None:
+            # The tunnel first: stopping the relay under a live tunnel would tell it the relay is
+            # leaving, and it would say it reconnects.
+            await _maybeDeferred(tunnel.stopService)
+            await _maybeDeferred(relay.stopService)
+            await _maybeDeferred(site.stopListening)
+            if not config.json:
+                out.write("Stopped.\n")
+                out.flush()
+
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(stop()))
 
     def started() -> None:
         d = ensureDeferred(start())

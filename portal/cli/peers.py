@@ -14,6 +14,7 @@ from typing import TextIO
 from twisted.python import usage
 
 from portal.cli.flagsanywhere import FlagsAnywhere
+from portal.cli.helptext import TidyHelp
 from portal.gateway.contacts import (
     Contact,
     ContactList,
@@ -123,7 +124,7 @@ class PeersRemoveOptions(FlagsAnywhere):
         self["id"] = _identityId(identityId)
 
 
-class PeersOptions(usage.Options):
+class PeersOptions(TidyHelp):
     """
     C{portal peers add|list|remove}.
     """

@@ -28,6 +28,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from portal.cli.helptext import TidyHelp
 from portal.gateway.terminalaccess import storePath
 from portal.gateway.terminalclient import (
     TerminalClientError,
@@ -59,7 +60,7 @@ CALL_TIMEOUT = 10.0
 Connect = Callable[[Any, str], "Deferred[amp.AMP]"]
 
 
-class _InterspersedOptions(usage.Options):
+class _InterspersedOptions(TidyHelp):
     """
     Options that may come before or after the positional arguments
     (C{portal terminals list --json}), like C{portal expose}'s; Twisted's parser alone stops at the

@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.wire.control import HopLimit, HopRefused, HopUnreachable
 
@@ -252,7 +253,7 @@ class HopForwarder:
             self._next, _describe(peer), identity, destination, self._clock.seconds()
         )
         outbound = HopOutbound(self)
-        d = connectProtocol(self._endpointFor(host, port), outbound)
+        d = connectQuietly(self._endpointFor(host, port), outbound)
         d.addTimeout(self.connectTimeout, self._clock)
 
         def connected(_: object) -> HopInbound:

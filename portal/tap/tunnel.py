@@ -5,7 +5,9 @@ tunnels of a C{portal.toml} with C{--config PATH [NAME...] | --all} as C{portal 
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -49,9 +51,28 @@ def makeService(options: Options) -> IService:
         TunnelService(config, reactor, Reporter(sys.stdout, config.json, clock=reactor), fatal)
         for config in options.tunnelConfigs.values()
     ]
+    reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
     if len(tunnels) == 1:
         return tunnels[0]
     parent = MultiService()
     for tunnel in tunnels:
         tunnel.setServiceParent(parent)
     return parent
+
+
+def stopCleanlyOnSignals(reactor: Any) -> None:
+    """
+    Make SIGTERM and SIGINT a clean stop with exit status 0, as for C{portal expose}: twistd would
+    otherwise kill itself with the same signal once stopped (exit status 143 or 130), which a
+    supervisor reads as a failure. Called once the reactor runs, after it installed its own
+    handlers.
+
+    @param reactor: The running reactor.
+    """
+
+    def stop(number: int, frame: Any) -> None:
+        _log.info("portal-tunnel stopping on signal {number}", number=number)
+        reactor.callFromThread(reactor.stop)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stop)

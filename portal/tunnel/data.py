@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.sealedstream import sealedStream
 from portal.forwarding.splice import noDelay
 from portal.wire.attach import (
@@ -265,7 +265,7 @@ class DataSessionPool:
         """
         self._opening += 1
         protocol = TunnelDataSession(self, sessionId, key, sealSecret)
-        d = connectProtocol(self._endpoint(), protocol)
+        d = connectQuietly(self._endpoint(), protocol)
         d.addCallback(lambda p: p.attached)
         d.addTimeout(self._timeout, self._reactor)
 

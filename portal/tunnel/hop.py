@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -31,6 +31,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.forwarding.quietconnect import connectQuietly
 from portal.trust.challenge import PURPOSE_HOP, signHop
 from portal.trust.identity import Identity
 from portal.trust.pinning import KnownRelays
@@ -258,7 +259,7 @@ class HopEndpoint:
 
         result: Deferred[IProtocol] = Deferred(cancel)
         client = _HopClient(self, protocolFactory, result)
-        connecting = connectProtocol(wrapClientTLS(relayTLSOptions(), self._previous), client)
+        connecting = connectQuietly(wrapClientTLS(relayTLSOptions(), self._previous), client)
 
         def notConnected(failure: Failure) -> None:
             if not result.called:

@@ -26,7 +26,7 @@ from typing import Any, cast
 import attrs
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
 from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
 from portal.gateway.basicauth import BasicAuth
@@ -1153,7 +1154,7 @@ class UpstreamPool:
         if upstream.tls:
             endpoint = wrapClientTLS(CertificateOptions(verify=False), endpoint)
         self.opened += 1
-        d: Deferred[UpstreamConnection] = connectProtocol(
+        d: Deferred[UpstreamConnection] = connectQuietly(
             endpoint, UpstreamConnection(self, upstream)
         )
         d.addTimeout(CONNECT_TIMEOUT, self.reactor)

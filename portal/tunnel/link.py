@@ -213,7 +213,8 @@ class RelayLink(Service):
             self.reporter.state(
                 "unreachable",
                 self.relay.address,
-                f"cannot reach the relay: {failure.getErrorMessage()}; retrying with backoff",
+                f"cannot reach the relay: {failure.getErrorMessage().rstrip('.')}; retrying "
+                "with backoff",
             )
 
     def registered(

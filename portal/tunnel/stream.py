@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
@@ -19,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from portal.forwarding.logthrottle import LogThrottle
+from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
@@ -62,7 +63,7 @@ class _VisitorSide(SpliceProtocol):
         """
         assert self.transport is not None
         pauseReading(self.transport)
-        d = connectProtocol(self._handler.targetEndpoint(), _TargetSide())
+        d = connectQuietly(self._handler.targetEndpoint(), _TargetSide())
         d.addTimeout(TARGET_CONNECT_TIMEOUT, self._handler.reactor)
         self._connecting = d
         d.addCallbacks(self._connected, self._failed)
