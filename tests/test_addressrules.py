@@ -5,14 +5,20 @@ handler, which refuses a visitor before any of its bytes reach TLS or the target
 
 from __future__ import annotations
 
+import io
+import json
+
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.cli.exposeoptions import TunnelOptions
 from portal.tunnel.addressrules import MAX_NETWORKS, SERVE_ALL, AddressRules, parseNetwork
 from portal.tunnel.config import ConfigError, Target, buildConfig
+from portal.tunnel.report import Reporter
 from portal.tunnel.stream import REFUSED_LOG_INTERVAL, StreamHandler
 from portal.wire.attach import StreamHeader
 
@@ -196,3 +202,40 @@ class StreamHandlerRulesTests(SynchronousTestCase):
         self.assertEqual(len(events), 2)
         self.assertEqual(events[1]["held"], 2)
         self.assertEqual(self.handler.refused, 4)
+
+
+class ConnectionReportTests(SynchronousTestCase):
+    """
+    The stream handler reports each spliced connection when it ends (stream and raw TCP modes).
+    """
+
+    def test_oneLinePerConnection(self) -> None:
+        """
+        A connection that reached the target is reported with the visitor's address, the bytes
+        each way and its duration.
+        """
+        reactor = MemoryReactorClock()
+        out = io.StringIO()
+        reporter = Reporter(out, asJSON=True)
+        handler = StreamHandler(reactor, Target("127.0.0.1", 9), None, reporter=reporter)
+        visitor = handler(_header("198.51.100.5"))
+        visitor.makeConnection(StringTransport())
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        target = factory.buildProtocol(None)
+        target.makeConnection(StringTransport())
+        reactor.advance(2.5)
+        visitor.dataReceived(b"hello")
+        target.dataReceived(b"world!")
+        visitor.connectionLost(Failure(ConnectionDone()))
+        [event] = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(
+            event,
+            {
+                "event": "connection",
+                "client": "198.51.100.5",
+                "target": "127.0.0.1:9",
+                "in": 5,
+                "out": 6,
+                "seconds": 2.5,
+            },
+        )

@@ -497,3 +497,32 @@ class DocumentedExampleTests(SynchronousTestCase):
         self.assertEqual(len(configs["web"].routes), 2)
         self.assertEqual(configs["ssh"].relays[0].via, (RelayAddress("relay-a.example", 4017),))
         self.assertIsNotNone(configs["game"].udpTarget)
+
+
+class LogLevelTests(SynchronousTestCase):
+    """
+    C{--log-level}: checked, kept in the configuration, refused under twistd.
+    """
+
+    def test_levels(self) -> None:
+        """
+        The five levels are accepted (any case); anything else is a usage error naming them.
+        """
+        for level in ("debug", "INFO", "warn", "error", "critical"):
+            options = TunnelOptions()
+            options.parseOptions(["8000", "--log-level", level])
+            self.assertEqual(options.tunnelConfig.logLevel, level.lower())
+        options = TunnelOptions()
+        options.parseOptions(["8000"])
+        self.assertEqual(options.tunnelConfig.logLevel, "warn")
+        with self.assertRaises(UsageError) as raised:
+            TunnelOptions().parseOptions(["8000", "--log-level", "loud"])
+        self.assertIn("expected one of debug, info, warn, error, critical", str(raised.exception))
+
+    def test_refusedUnderTwistd(self) -> None:
+        """
+        C{twistd portal-tunnel} refuses C{--log-level}: twistd's own options set up logging.
+        """
+        with self.assertRaises(UsageError) as raised:
+            TapOptions().parseOptions(["8000", "--log-level", "debug"])
+        self.assertIn("under twistd", str(raised.exception))

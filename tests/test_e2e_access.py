@@ -6,6 +6,7 @@ reports.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -57,9 +58,9 @@ def _send(port: int, payload: bytes) -> None:
         s.sendto(payload, ("127.0.0.1", port))
 
 
-class AccessEndToEndTests(TestCase):
+class _TunnelWorld(TestCase):
     """
-    Visitors refused by address never reach the service; visitors allowed do.
+    A relay, a recording app and a tunnel to it, for the tests below.
     """
 
     timeout = 120
@@ -78,6 +79,12 @@ class AccessEndToEndTests(TestCase):
         tunnel = startTunnel(self, homeDir(self, "tunnel"), controlPort, str(port), extra)
         lease = yield waitForLease(tunnel)
         return tunnel, lease, app
+
+
+class AccessEndToEndTests(_TunnelWorld):
+    """
+    Visitors refused by address never reach the service; visitors allowed do.
+    """
 
     @inlineCallbacks
     def assertRefused(self, extra: list[str]) -> Any:
@@ -165,3 +172,39 @@ class AccessEndToEndTests(TestCase):
         self.assertEqual([uri for uri, _ in app.seen], ["/in", "/in"])
         for _, headers in app.seen:
             self.assertNotIn("authorization", headers)
+
+
+class EventsEndToEndTests(_TunnelWorld):
+    """
+    What C{--json} reports of each visitor: a C{connection} event in stream mode, a C{request}
+    event in routed HTTP mode, both with the visitor's address and the time.
+    """
+
+    @inlineCallbacks
+    def test_connectionEvent(self) -> Any:
+        """
+        Stream mode reports each ended connection with the client, bytes each way and duration.
+        """
+        tunnel, lease, _ = yield self._tunnel([])
+        code, status, _, _, err = yield curl(lease, "/", "--http1.1")
+        self.assertEqual((code, status), (0, 200), err)
+        match = yield tunnel.waitFor(r'^\{.*"event": "connection".*\}$')
+        event = json.loads(match.group(0))
+        self.assertEqual(event["client"], "127.0.0.1")
+        self.assertGreater(event["in"], 0)
+        self.assertGreater(event["out"], 0)
+        self.assertGreaterEqual(event["seconds"], 0)
+        self.assertRegex(event["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+
+    @inlineCallbacks
+    def test_requestEvent(self) -> Any:
+        """
+        Routed HTTP mode's request events carry the client and the time.
+        """
+        tunnel, lease, _ = yield self._tunnel(["--http"])
+        code, status, _, _, err = yield curl(lease, "/x")
+        self.assertEqual((code, status), (0, 200), err)
+        match = yield tunnel.waitFor(r'^\{.*"event": "request".*\}$')
+        event = json.loads(match.group(0))
+        self.assertEqual((event["client"], event["path"]), ("127.0.0.1", "/x"))
+        self.assertIn("time", event)

@@ -33,11 +33,12 @@ class ConfigFileEndToEndTests(TestCase):
     timeout = 120
 
     @inlineCallbacks
-    def _world(self) -> Any:
+    def _world(self, defaults: str = "") -> Any:
         """
         A relay, two local apps and a C{portal.toml} naming a routed HTTP tunnel to the first and a
         stream tunnel to the second.
 
+        @param defaults: More lines for the C{[defaults]} table.
         @return: C{(home, path of the file)}.
         """
         relayState = os.path.join(homeDir(self, "relay"), "state")
@@ -52,6 +53,7 @@ class ConfigFileEndToEndTests(TestCase):
                 f'relay = ["127.0.0.1:{controlPort}"]\n'
                 'identity = "identity.json"\n'
                 "json = true\n"
+                f"{defaults}"
                 "\n[tunnels.web]\n"
                 f"target = {webPort}\n"
                 "http = true\n"
@@ -77,9 +79,10 @@ class ConfigFileEndToEndTests(TestCase):
     @inlineCallbacks
     def test_portalStart(self) -> Any:
         """
-        C{portal start --all --config FILE} runs every tunnel of the file in one process.
+        C{portal start --all --config FILE} runs every tunnel of the file in one process, logging
+        at the file's C{log-level}.
         """
-        home, path = yield self._world()
+        home, path = yield self._world('log-level = "info"\n')
         tunnel = spawn(
             self,
             "portal start",
@@ -87,6 +90,7 @@ class ConfigFileEndToEndTests(TestCase):
             home,
         )
         yield self.assertServes(tunnel)
+        yield tunnel.waitFor(r"#info\] created identity")
 
     @inlineCallbacks
     def test_twistdTunnel(self) -> Any:

@@ -47,7 +47,7 @@ class DemoEndToEndTests(TestCase):
             ],
             home,
         )
-        match = yield demo.waitFor(r"^Forwarding (https://\S+) -> ")
+        match = yield demo.waitFor(r"^\d\d:\d\d:\d\d Forwarding (https://\S+) -> ")
         ca = yield demo.waitFor(r"curl --cacert (\S+) ")
         lease = {"url": match.group(1), "ca": ca.group(1)}
         code, status, body, _, err = yield curl(lease, "/")

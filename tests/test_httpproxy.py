@@ -1399,7 +1399,7 @@ class RequestLogTests(ProxyTestCase):
     def test_fields(self) -> None:
         """
         The event has the method, the path as sent, the status, the body bytes, the duration, the
-        route prefix and its target.
+        route prefix and its target, and the visitor's address the relay reported.
         """
         self.visit(b"GET /api/users?x=1 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         self.clock.advance(0.25)
@@ -1409,6 +1409,7 @@ class RequestLogTests(ProxyTestCase):
             event,
             {
                 "event": "request",
+                "client": "203.0.113.9",
                 "method": "GET",
                 "path": "/api/users?x=1",
                 "status": 200,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -85,3 +86,28 @@ class ReporterTests(SynchronousTestCase):
         self.assertEqual(lines[3], "[r:1] reconnected to the relay")
         clock.advance(0)
         self.assertEqual(len(out.getvalue().splitlines()), 4)
+
+    def test_timeAndClient(self) -> None:
+        """
+        With a clock, every JSON event has its time (UTC, milliseconds), and request events the
+        visitor's address; with timestamps, text lines start with the local time.
+        """
+        out = io.StringIO()
+        clock = Clock()
+        clock.advance(1_700_000_000.25)
+        reporter = Reporter(out, asJSON=True, clock=clock)
+        reporter.request("GET", "/", 200, 1, 1.0, "/", "127.0.0.1:1", client="203.0.113.9")
+        reporter.state("reconnected", "r:1", "reconnected to the relay")
+        clock.advance(0)
+        events = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([e["time"] for e in events], ["2023-11-14T22:13:20.250+00:00"] * 2)
+        self.assertEqual(events[0]["client"], "203.0.113.9")
+        text = io.StringIO()
+        reporter = Reporter(text, clock=clock, timestamps=True)
+        reporter.request("GET", "/", 200, 1, 1.0, "/", "127.0.0.1:1", client="203.0.113.9")
+        reporter.lease("https://a.localhost:8443", "r:4017", "127.0.0.1:8000", "/ca.pem")
+        lines = text.getvalue().splitlines()
+        stamp = time.strftime("%H:%M:%S", time.localtime(clock.seconds()))
+        self.assertEqual(lines[0], f"{stamp} 203.0.113.9 GET / 200 1 B 1.0 ms [/ -> 127.0.0.1:1]")
+        self.assertEqual(lines[1], f"{stamp} Forwarding https://a.localhost:8443 -> 127.0.0.1:8000")
+        self.assertTrue(lines[2].startswith("  (certificate"))

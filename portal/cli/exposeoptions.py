@@ -89,6 +89,13 @@ class TunnelOptions(FlagsAnywhere):
             "How many registry relays to hold leases on (default 2).",
             int,
         ],
+        [
+            "log-level",
+            None,
+            None,
+            "Print log events at this level and above on standard error: debug, info, warn, "
+            "error or critical (default warn).",
+        ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
     ]
 
@@ -217,6 +224,7 @@ class TunnelOptions(FlagsAnywhere):
                 denyIPs=self["deny-ips"],
                 basicAuth=self["basic-auths"],
                 basicAuthFiles=self["basic-auth-files"],
+                logLevel=self["log-level"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

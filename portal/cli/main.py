@@ -285,12 +285,17 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     """
     from twisted.internet import reactor
 
+    from portal.tunnel.config import LOG_LEVELS
     from portal.tunnel.service import TunnelService
 
-    _startLogging(err, LogLevel.warn)
+    # One log for the process: the most verbose level any of the tunnels asks for.
+    level = min((config.logLevel for config in configs), key=LOG_LEVELS.index)
+    _startLogging(err, LogLevel.levelWithName(level))
     exit, fatal = _stopOnFatal(reactor)
     tunnels = [
-        TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
+        TunnelService(
+            config, reactor, Reporter(out, config.json, err, reactor, timestamps=True), fatal
+        )
         for config in configs
     ]
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
@@ -371,7 +376,8 @@ def demoCommand(options: DemoOptions, out: TextIO, err: TextIO) -> int:
             json=bool(options["json"]),
         )
         out.write(f"Sample site on http://127.0.0.1:{site.getHost().port}/ (Ctrl-C to stop)\n")
-        tunnel = TunnelService(config, reactor, Reporter(out, config.json, err, reactor), fatal)
+        reporter = Reporter(out, config.json, err, reactor, timestamps=True)
+        tunnel = TunnelService(config, reactor, reporter, fatal)
         tunnel.startService()
 
         async def stop() -> None:

@@ -11,8 +11,10 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
+from twisted.python import usage
 
 from portal.cli.startoptions import StartOptions
+from portal.tunnel.config import DEFAULT_LOG_LEVEL
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
 
@@ -31,6 +33,17 @@ class Options(StartOptions):
     )
     targetWithoutConfig = True
 
+    def postOptions(self) -> None:
+        """
+        Build the configurations; refuse C{--log-level}, as twistd sets up logging itself.
+        """
+        super().postOptions()
+        if any(c.logLevel != DEFAULT_LOG_LEVEL for c in self.tunnelConfigs.values()):
+            raise usage.UsageError(
+                "--log-level is for portal expose and portal start; under twistd, its own "
+                "logging options (--logger, --logfile) apply"
+            )
+
 
 def makeService(options: Options) -> IService:
     """
@@ -48,7 +61,12 @@ def makeService(options: Options) -> IService:
             reactor.stop()
 
     tunnels = [
-        TunnelService(config, reactor, Reporter(sys.stdout, config.json, clock=reactor), fatal)
+        TunnelService(
+            config,
+            reactor,
+            Reporter(sys.stdout, config.json, clock=reactor, timestamps=True),
+            fatal,
+        )
         for config in options.tunnelConfigs.values()
     ]
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)

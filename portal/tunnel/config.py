@@ -35,6 +35,11 @@ from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 #: The relay a tunnel uses when given none: one on this machine.
 DEFAULT_RELAY = "localhost:4017"
 
+#: Levels of C{--log-level}, most verbose first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+#: The level of log events a tunnel prints without C{--log-level}.
+DEFAULT_LOG_LEVEL = "warn"
+
 #: Relays a tunnel holds leases on from a registry, unless C{--max-relays} says otherwise.
 DEFAULT_MAX_RELAYS = 2
 #: Most relays C{--max-relays} may ask for.
@@ -127,6 +132,7 @@ class TunnelConfig:
     @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
         without C{--app}.
     @ivar addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
+    @ivar logLevel: The least level of log events printed (one of L{LOG_LEVELS}).
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
     """
@@ -152,6 +158,7 @@ class TunnelConfig:
     apps: tuple[App, ...] = ()
     addressRules: AddressRules = SERVE_ALL
     basicAuth: tuple[Credential, ...] = ()
+    logLevel: str = DEFAULT_LOG_LEVEL
 
     @property
     def mode(self) -> str:
@@ -222,6 +229,7 @@ def buildConfig(
     denyIPs: Sequence[str] = (),
     basicAuth: Sequence[str] = (),
     basicAuthFiles: Sequence[str] = (),
+    logLevel: str | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -233,6 +241,7 @@ def buildConfig(
     @param denyIPs: The networks of C{--deny-ip}.
     @param basicAuth: The C{USER:PASS} of C{--basic-auth}.
     @param basicAuthFiles: The files of C{--basic-auth-file}; they are read and checked here.
+    @param logLevel: The level of C{--log-level}, or L{None} for L{DEFAULT_LOG_LEVEL}.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -317,6 +326,8 @@ def buildConfig(
         raise ConfigError("missing TARGET (a port, HOST:PORT or http(s)://HOST:PORT) or --app")
     elif http:
         raise ConfigError("--http needs a TARGET")
+    if logLevel is not None and logLevel.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {logLevel!r}: expected one of {', '.join(LOG_LEVELS)}")
     credentials = _credentials(basicAuth, basicAuthFiles, bool(routes), bool(loadedApps))
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
@@ -353,6 +364,7 @@ def buildConfig(
         apps=loadedApps,
         addressRules=AddressRules.parse(allowIPs, denyIPs),
         basicAuth=credentials,
+        logLevel=DEFAULT_LOG_LEVEL if logLevel is None else logLevel.lower(),
     )
 
 

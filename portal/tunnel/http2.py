@@ -128,7 +128,7 @@ class H2Visitor(ExchangeAnswers):
         self.transport = _RequestSink(request)
         self._lost = False
         self._done = False
-        self._exchange: Exchange | None = Exchange()
+        self._exchange: Exchange | None = Exchange(header.peerHost)
         #: The request's C{content-length}, if it gave one.
         self.length: int | None = None
         request.notifyFinish().addErrback(self._gone)

@@ -204,7 +204,11 @@ class Exchange:
     One request and its response.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, client: str = "") -> None:
+        """
+        @param client: The visitor's address, as the relay reported it.
+        """
+        self.client = client
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b""
@@ -345,6 +349,7 @@ class HTTPProxy:
             ms=(self.reactor.seconds() - exchange.started) * 1000,
             route=route.prefix if route else None,
             upstream=route.upstream.authority if route else None,
+            client=exchange.client or None,
         )
 
 
@@ -558,7 +563,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         A new request: answer it now, or after those before it (pipelining).
         """
-        exchange = Exchange()
+        exchange = Exchange(self._header.peerHost)
         exchange.started = self._proxy.reactor.seconds()
         self._parsing = exchange
         self._headBytes = 0
@@ -823,7 +828,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
             # The bad request waits behind one still being answered: finish that one, then close.
             self._queue.clear()
             return
-        exchange = current or Exchange()
+        exchange = current or Exchange(self._header.peerHost)
         if exchange.status:
             assert self.transport is not None
             self.transport.loseConnection()

@@ -5,7 +5,9 @@ What the tunnel tells its user: C{Forwarding} lines, or one JSON object per even
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 #: Events kept in L{Reporter.events}.
@@ -25,15 +27,23 @@ class Reporter:
     )
 
     def __init__(
-        self, out: TextIO, asJSON: bool = False, err: TextIO | None = None, clock: Any = None
+        self,
+        out: TextIO,
+        asJSON: bool = False,
+        err: TextIO | None = None,
+        clock: Any = None,
+        timestamps: bool = False,
     ) -> None:
         """
         @param out: Where events go.
         @param asJSON: One JSON object per line instead of text.
         @param err: Where errors go in text mode (default C{out}).
         @param clock: With a clock, output is flushed once per reactor turn rather than per line (a
-            busy routed-HTTP tunnel logs every request).
+            busy routed-HTTP tunnel logs every request), and every JSON event has its C{time}
+            (ISO 8601, UTC, milliseconds).
+        @param timestamps: With a clock, start every text line with the local time (C{HH:MM:SS}).
         """
+        self._timestamps = timestamps and clock is not None
         self._out = out
         self._err = err or out
         self._json = asJSON
@@ -46,14 +56,20 @@ class Reporter:
         """
         Record an event and print it.
         """
+        if self._clock is not None:
+            now = self._clock.seconds()
+            event["time"] = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+            if self._timestamps:
+                text = time.strftime("%H:%M:%S ", time.localtime(now)) + text
         self.events.append(event)
         if self._json:
             stream, line = self._out, json.dumps(event, sort_keys=True)
         else:
             stream = self._err if event["event"] in self.ERRORS else self._out
             line = text
-        if self._clock is not None and event["event"] == "request":
-            # A busy routed-HTTP tunnel logs every request: one write per reactor turn, not per line.
+        if self._clock is not None and event["event"] in ("request", "connection"):
+            # A busy tunnel logs every request or connection: one write per reactor turn, not per
+            # line.
             self._pendingLines.append(line + "\n")
             if self._flushing is None:
                 self._flushing = self._clock.callLater(0, self._flush)
@@ -107,6 +123,7 @@ class Reporter:
         ms: float,
         route: str | None,
         upstream: str | None,
+        client: str | None = None,
     ) -> None:
         """
         One proxied request finished (routed HTTP mode), like ngrok's console.
@@ -118,11 +135,13 @@ class Reporter:
         @param ms: Milliseconds from the request's first byte to its last response byte.
         @param route: The route prefix, or L{None} when no route matched.
         @param upstream: The route's target.
+        @param client: The visitor's address, as the relay reported it.
         """
         where = f"{route} -> {upstream}" if route else "no route"
         self._emit(
             {
                 "event": "request",
+                "client": client,
                 "method": method,
                 "path": path,
                 "status": status,
@@ -131,7 +150,32 @@ class Reporter:
                 "route": route,
                 "upstream": upstream,
             },
-            f"{method} {path} {status} {bytes} B {ms:.1f} ms [{where}]",
+            f"{client + ' ' if client else ''}{method} {path} {status} {bytes} B {ms:.1f} ms "
+            f"[{where}]",
+        )
+
+    def connection(
+        self, client: str, target: str, bytesIn: int, bytesOut: int, seconds: float
+    ) -> None:
+        """
+        One visitor connection ended (stream and raw TCP modes).
+
+        @param client: The visitor's address, as the relay reported it.
+        @param target: The local target.
+        @param bytesIn: Bytes from the visitor to the target (after TLS).
+        @param bytesOut: Bytes from the target to the visitor.
+        @param seconds: How long the connection lasted.
+        """
+        self._emit(
+            {
+                "event": "connection",
+                "client": client,
+                "target": target,
+                "in": bytesIn,
+                "out": bytesOut,
+                "seconds": round(seconds, 3),
+            },
+            f"{client} connection {bytesIn} B in, {bytesOut} B out, {seconds:.1f} s [-> {target}]",
         )
 
     def state(self, event: str, relay: str, message: str, **fields: Any) -> None:

@@ -137,6 +137,7 @@ class TunnelService(MultiService):
                 None,
                 proxyProtocol=config.proxyProtocol,
                 addressRules=config.addressRules,
+                reporter=reporter,
             )
         else:
             self.streamHandler = self._tlsStreamHandler()
@@ -200,7 +201,13 @@ class TunnelService(MultiService):
                 return RoutedHTTP(proxy, header)
 
         return StreamHandler(
-            self.reactor, config.target, creator, inner, config.proxyProtocol, config.addressRules
+            self.reactor,
+            config.target,
+            creator,
+            inner,
+            config.proxyProtocol,
+            config.addressRules,
+            self.reporter,
         )
 
     def _certificateFor(self, hostname: str | None) -> tuple[PKey, list[X509]]:

@@ -23,6 +23,7 @@ from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
+from portal.tunnel.report import Reporter
 from portal.wire.attach import StreamHeader
 from portal.wire.proxyheader import proxyHeader
 
@@ -56,12 +57,14 @@ class _VisitorSide(SpliceProtocol):
         self._handler = handler
         self._header = header
         self._connecting: Deferred[Any] | None = None
+        self._started = 0.0
 
     def connectionMade(self) -> None:
         """
         Hold the visitor until the target is connected, then splice.
         """
         assert self.transport is not None
+        self._started = self._handler.reactor.seconds()
         pauseReading(self.transport)
         d = connectQuietly(self._handler.targetEndpoint(), _TargetSide())
         d.addTimeout(TARGET_CONNECT_TIMEOUT, self._handler.reactor)
@@ -106,11 +109,21 @@ class _VisitorSide(SpliceProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
-        Stop connecting to the target if that is still under way.
+        Stop connecting to the target if that is still under way; report a spliced connection.
         """
         super().connectionLost(reason)
         if self._connecting is not None:
             self._connecting.cancel()
+        target = self.peer
+        reporter = self._handler.reporter
+        if target is not None and reporter is not None:
+            reporter.connection(
+                self._header.peerHost,
+                str(self._handler.target),
+                self.forwarded,
+                target.forwarded,
+                self._handler.reactor.seconds() - self._started,
+            )
 
 
 class _Refused(Protocol):
@@ -142,6 +155,7 @@ class StreamHandler:
     @ivar target: The local target.
     @ivar reactor: The reactor (TCP and time).
     @ivar refused: How many visitors the address rules refused.
+    @ivar reporter: Where each ended connection is reported, or L{None}.
     """
 
     _log = Logger()
@@ -154,6 +168,7 @@ class StreamHandler:
         inner: Callable[[StreamHeader], IProtocol] | None = None,
         proxyProtocol: str | None = None,
         addressRules: AddressRules = SERVE_ALL,
+        reporter: Reporter | None = None,
     ) -> None:
         """
         @param reactor: The reactor (TCP and time).
@@ -165,7 +180,10 @@ class StreamHandler:
         @param proxyProtocol: C{"v1"} or C{"v2"}: start each target connection with a PROXY protocol
             header carrying the visitor's address.
         @param addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
+        @param reporter: Where each ended connection is reported (stream and raw TCP modes: one
+            line per connection), or L{None}.
         """
+        self.reporter = reporter
         self.reactor = reactor
         self.addressRules = addressRules
         self.refused = 0
