@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import portal
 from portal.cli.main import PortalOptions, main
+from portal.cli.relays import HTTPSWithCA
 from portal.forwarding.quietconnect import connectQuietly
 from portal.tap.tunnel import stopCleanlyOnSignals
 
@@ -161,3 +162,47 @@ class SignalTests(SynchronousTestCase):
             assert callable(handler)
             handler(number, None)
         self.assertEqual(reactor.calls, [reactor.stop, reactor.stop])
+
+
+class _Client:
+    """
+    A fake of C{treq}'s C{get} that records the URLs it was asked for.
+    """
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def get(self, url: str, **kwargs: Any) -> None:
+        """
+        Record C{url}.
+        """
+        self.urls.append(url)
+
+
+class RelaysCACertTests(SynchronousTestCase):
+    """
+    C{portal relays --cacert}.
+    """
+
+    def test_bySchemeDispatch(self) -> None:
+        """
+        L{HTTPSWithCA} sends https URLs to the client trusting the CA, the others to the plain one.
+        """
+        https, plain = _Client(), _Client()
+        client = HTTPSWithCA(https, plain)
+        client.get("https://relay.example/r.json", unbuffered=True)
+        client.get("http://127.0.0.1:8080/d.json")
+        self.assertEqual(
+            (https.urls, plain.urls),
+            (["https://relay.example/r.json"], ["http://127.0.0.1:8080/d.json"]),
+        )
+
+    def test_plainRegistry(self) -> None:
+        """
+        C{--cacert} with an C{http://} registry is a usage error.
+        """
+        code, _, err = run(
+            "relays", "--registry", "http://relay.example/r.json", "--cacert", "c.pem"
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("plain http://", err)

@@ -149,6 +149,7 @@ class CommandTests(SynchronousTestCase):
         self.key = TerminalKey.generate()
         self.terminal = self.access.store.add(self.key.publicKey, "laptop", 1_699_000_000.0)
         self.urls = ["https://app.localhost:8443"]
+        self.ca: str | None = None
         self.running = True
         self.connectedTo: list[str] = []
         self.pumps: list[Any] = []
@@ -162,7 +163,7 @@ class CommandTests(SynchronousTestCase):
         self.connectedTo.append(path)
         if not self.running:
             return fail(NoRunningTunnel(f"no running tunnel at {path}"))
-        factory = controlFactory(self.access, lambda: self.urls)
+        factory = controlFactory(self.access, lambda: self.urls, lambda: self.ca)
         client, _, pump = connectedServerAndClient(lambda: factory.buildProtocol(None), amp.AMP)
         self.pumps.append(pump)
         return succeed(client)
@@ -211,6 +212,20 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("  https://app.localhost:8443/.portal/pair\n", output)
         self.assertIn(f"portal pair --join https://app.localhost:8443 {code}\n", output)
         self.assertEqual(self.err.getvalue(), "")
+
+    def test_pairCodeWithCA(self) -> None:
+        """
+        When the tunnel's certificates come from its local CA, the command for command-line
+        terminals carries C{--cacert} with that CA's file, so that it works when pasted.
+        """
+        self.ca = "/home/me/.config/portal/ca/x y/ca.pem"
+        self.assertEqual(self.pair(), 0)
+        code = self.out.getvalue().splitlines()[0].split(": ")[1]
+        self.assertIn(
+            f"portal pair --join https://app.localhost:8443 {code} "
+            "--cacert '/home/me/.config/portal/ca/x y/ca.pem'\n",
+            self.out.getvalue(),
+        )
 
     def test_pairCodeJSON(self) -> None:
         """
@@ -395,6 +410,18 @@ class TerminalSideTests(SynchronousTestCase):
         self.assertIn(f"Paired with {APP} as terminal {key.id[:12]} (box)", output)
         self.assertIn(f"key: {self.keyPath} (new)", output)
         self.assertIn(f'curl -b "$(portal pair --session {APP})"', output)
+
+    def test_joinHintWithCA(self) -> None:
+        """
+        After C{--join} with C{--cacert}, the session hint gives the CA to curl and to C{portal
+        pair --session}, so that it works when pasted.
+        """
+        code = self.access.issueCode().code
+        self.assertEqual(self.pair("--join", APP, code, "--cacert", "/ca.pem"), 0)
+        self.assertIn(
+            f'curl --cacert /ca.pem -b "$(portal pair --session {APP} --cacert /ca.pem)" {APP}/',
+            self.out.getvalue(),
+        )
 
     def test_joinNamedAfterMachine(self) -> None:
         """

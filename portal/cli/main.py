@@ -100,12 +100,21 @@ class RelaysOptions(TidyHelp):
     C{portal relays --registry URL|FILE [--json]}.
     """
 
-    synopsis = "--registry URL|FILE [--json]"
+    synopsis = "--registry URL|FILE [--cacert FILE] [--json]"
     longdesc = (
         "Check every relay of a registry: a health check of its control port (its identity proof "
         "and latency) and, when the registry gives its URL, its signed descriptor."
     )
-    optParameters = [["registry", None, None, "Relay registry: an http(s) URL or a file."]]
+    optParameters = [
+        ["registry", None, None, "Relay registry: an http(s) URL or a file."],
+        [
+            "cacert",
+            None,
+            None,
+            "CA certificate (PEM) to trust for the https:// registry and descriptors, such as a "
+            "relay's own CA (STATE_DIR/tls/ca.pem); default: the system's CAs.",
+        ],
+    ]
     optFlags = [["json", None, "Print one JSON object per relay instead of a table."]]
 
     def postOptions(self) -> None:
@@ -114,6 +123,8 @@ class RelaysOptions(TidyHelp):
         """
         if not self["registry"]:
             raise usage.UsageError("portal relays needs --registry URL|FILE")
+        if self["cacert"] and self["registry"].lower().startswith("http://"):
+            raise usage.UsageError("--cacert: the registry is fetched over plain http://")
 
 
 class PortalOptions(TidyHelp):
@@ -150,13 +161,6 @@ class PortalOptions(TidyHelp):
             command's own synopsis.
         """
         return "Usage: portal" if self.subCommand else "Usage: portal COMMAND [options]"
-
-    def opt_version(self) -> None:
-        """
-        Print Portal's version and exit.
-        """
-        print(f"portal {portal.__version__}")
-        sys.exit(0)
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
@@ -310,18 +314,33 @@ def relaysCommand(options: RelaysOptions, out: TextIO, err: TextIO) -> int:
     @return: The exit code: 0 when the registry loaded (whatever the relays' health), 1 when it
         could not be loaded.
     """
-    from portal.cli.relays import formatJSON, formatTable, surveyRegistry
+    import treq
+    from twisted.web.client import Agent
+
+    from portal.cli.relays import HTTPSWithCA, formatJSON, formatTable, surveyRegistry
+    from portal.gateway.terminalclient import TerminalClientError, httpClient
     from portal.registry.document import RegistryError, loadRegistry
 
     _startLogging(err, LogLevel.warn)
 
     async def run(reactor: Any) -> int:
+        http = None
+        if options["cacert"]:
+            # The same verifying client as a command-line terminal's: TLS checked against the CA,
+            # *.localhost names on 127.0.0.1.
+            try:
+                http = HTTPSWithCA(
+                    httpClient(reactor, options["cacert"]), treq.client.HTTPClient(Agent(reactor))
+                )
+            except TerminalClientError as e:
+                err.write(f"portal: --cacert: {e}\n")
+                return FAILURE
         try:
-            registry = await loadRegistry(reactor, options["registry"])
+            registry = await loadRegistry(reactor, options["registry"], http)
         except RegistryError as e:
             err.write(f"portal: cannot load the registry {e}\n")
             return FAILURE
-        statuses = await surveyRegistry(reactor, registry)
+        statuses = await surveyRegistry(reactor, registry, http=http)
         out.write(formatJSON(statuses) if options["json"] else formatTable(registry, statuses))
         out.flush()
         return 0

@@ -17,6 +17,28 @@ from portal.registry.document import REGISTRY_MODES, FetchError, Registry, Regis
 from portal.registry.health import Health, checkRelay
 
 
+class HTTPSWithCA:
+    """
+    What C{portal relays --cacert} fetches with: C{https://} URLs with a client that trusts the
+    given CA, plain C{http://} ones (descriptors may be served so) with an ordinary client.
+    """
+
+    def __init__(self, https: Any, plain: Any) -> None:
+        """
+        @param https: The client for C{https://} URLs (C{treq}'s C{get}).
+        @param plain: The client for the others.
+        """
+        self._https = https
+        self._plain = plain
+
+    def get(self, url: str, *args: Any, **kwargs: Any) -> Any:
+        """
+        GET C{url} with the client for its scheme.
+        """
+        client = self._https if url.lower().startswith("https://") else self._plain
+        return client.get(url, *args, **kwargs)
+
+
 @attrs.frozen
 class RelayStatus:
     """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import getopt
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -322,9 +323,14 @@ async def pairCommand(
     for url in answer["urls"]:
         out.write(f"  {url}\n")
     base = answer["urls"][0].removesuffix("/.portal/pair")
+    ca = answer.get("ca")
     out.write(
-        f"A command-line terminal pairs with:\n  portal pair --join {base} {answer['code']}\n"
+        f"A command-line terminal pairs with:\n  portal pair --join {base} {answer['code']}"
+        + (f" --cacert {shlex.quote(ca)}" if ca else "")
+        + "\n"
     )
+    if ca:
+        out.write(f"  (on another machine, copy {ca} there first: the tunnel's local CA)\n")
     return 0
 
 
@@ -386,9 +392,20 @@ async def _terminalSide(
         f"  terminal id: {session.terminal}\n"
         f"  key: {keyPath}{' (new)' if created else ''}\n"
         f"Sessions last minutes; get one for a request with:\n"
-        f'  curl -b "$(portal pair --session {app.origin})" {app.origin}/\n'
+        f"  {_sessionHint(app.origin, options['cacert'])}\n"
     )
     return 0
+
+
+def _sessionHint(origin: str, cacert: str | None) -> str:
+    """
+    @return: The curl command that makes a request with a fresh session, ready to paste: with
+        C{--cacert} for curl and for C{portal pair --session} when pairing needed one.
+    """
+    if not cacert:
+        return f'curl -b "$(portal pair --session {origin})" {origin}/'
+    ca = shlex.quote(cacert)
+    return f'curl --cacert {ca} -b "$(portal pair --session {origin} --cacert {ca})" {origin}/'
 
 
 async def terminalsCommand(

@@ -69,7 +69,8 @@ class NoRunningTunnel(Exception):
 class CreatePairingCode(amp.Command):
     """
     Issue a pairing code.  The answer holds the code, when it expires (seconds since the epoch),
-    its lifetime, and the pairing page's URL on each of the tunnel's public hostnames.
+    its lifetime, the pairing page's URL on each of the tunnel's public hostnames, and the local
+    CA's certificate file when the tunnel's certificates come from it.
     """
 
     arguments = [(b"name", amp.Unicode(optional=True))]
@@ -78,6 +79,7 @@ class CreatePairingCode(amp.Command):
         (b"expires", amp.Float()),
         (b"ttl", amp.Float()),
         (b"urls", amp.ListOf(amp.Unicode())),
+        (b"ca", amp.Unicode(optional=True)),
     ]
     errors = _TERMINAL_ERRORS
 
@@ -157,15 +159,22 @@ class LocalControl(amp.CommandLocator):
 
     _log = Logger()
 
-    def __init__(self, access: TerminalAccess, pairingURLs: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        access: TerminalAccess,
+        pairingURLs: Callable[[], Sequence[str]],
+        caPath: Callable[[], str | None] = lambda: None,
+    ) -> None:
         """
         @param access: The tunnel's terminals.
         @param pairingURLs: Gives the tunnel's public base URLs (C{https://host:port}) at the
             moment it is called.
+        @param caPath: Gives the local CA's certificate file, or L{None} with C{--cert}.
         """
         super().__init__()
         self._access = access
         self._pairingURLs = pairingURLs
+        self._caPath = caPath
 
     @CreatePairingCode.responder
     def createPairingCode(self, name: str | None = None) -> dict[str, Any]:
@@ -180,6 +189,7 @@ class LocalControl(amp.CommandLocator):
             "expires": issued.expiresAt,
             "ttl": self._access.codes.ttl,
             "urls": urls,
+            "ca": self._caPath(),
         }
 
     @ListTerminals.responder
@@ -208,11 +218,15 @@ class LocalControl(amp.CommandLocator):
         return _describe(terminal)
 
 
-def controlFactory(access: TerminalAccess, pairingURLs: Callable[[], Sequence[str]]) -> Factory:
+def controlFactory(
+    access: TerminalAccess,
+    pairingURLs: Callable[[], Sequence[str]],
+    caPath: Callable[[], str | None] = lambda: None,
+) -> Factory:
     """
     @return: The control socket's protocol factory (see L{LocalControl}).
     """
-    return Factory.forProtocol(lambda: amp.AMP(locator=LocalControl(access, pairingURLs)))
+    return Factory.forProtocol(lambda: amp.AMP(locator=LocalControl(access, pairingURLs, caPath)))
 
 
 def startControlSocket(
@@ -220,6 +234,7 @@ def startControlSocket(
     path: str,
     access: TerminalAccess,
     pairingURLs: Callable[[], Sequence[str]],
+    caPath: Callable[[], str | None] = lambda: None,
 ) -> Deferred[IListeningPort]:
     """
     Listen on the control socket.
@@ -228,6 +243,7 @@ def startControlSocket(
     @param path: The socket's path, see L{socketPath}.
     @param access: The tunnel's terminals.
     @param pairingURLs: Gives the tunnel's public base URLs.
+    @param caPath: Gives the local CA's certificate file, or L{None} with C{--cert}.
     @return: A L{Deferred} firing with the listening port, or failing with
         L{twisted.internet.error.CannotListenError} when another live tunnel holds the socket
         or the path is too long for a UNIX socket.
@@ -237,7 +253,9 @@ def startControlSocket(
         return fail(CannotListenError(None, path, problem))
     makePrivateDirectories(os.path.dirname(os.path.abspath(path)))
     endpoint = UNIXServerEndpoint(reactor, path, mode=PRIVATE_FILE_MODE, wantPID=True)
-    listening: Deferred[IListeningPort] = endpoint.listen(controlFactory(access, pairingURLs))
+    listening: Deferred[IListeningPort] = endpoint.listen(
+        controlFactory(access, pairingURLs, caPath)
+    )
     return listening
 
 
@@ -258,6 +276,7 @@ class LocalControlService(Service):
         path: str,
         access: TerminalAccess,
         pairingURLs: Callable[[], Sequence[str]],
+        caPath: Callable[[], str | None] = lambda: None,
     ) -> None:
         """
         See L{startControlSocket} for the parameters.
@@ -267,6 +286,7 @@ class LocalControlService(Service):
         self.path = path
         self._access = access
         self._pairingURLs = pairingURLs
+        self._caPath = caPath
 
     def startService(self) -> None:
         """
@@ -285,7 +305,12 @@ class LocalControlService(Service):
             )
 
         d = maybeDeferred(
-            startControlSocket, self._reactor, self.path, self._access, self._pairingURLs
+            startControlSocket,
+            self._reactor,
+            self.path,
+            self._access,
+            self._pairingURLs,
+            self._caPath,
         )
         d.addCallbacks(listening, failed)
 

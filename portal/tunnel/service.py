@@ -122,6 +122,7 @@ class TunnelService(MultiService):
                 socketPath(config.configDir),
                 self.terminals,
                 lambda: sorted(self.publicURLs),
+                lambda: self.caPath,
             ).setServiceParent(self)
         self.pins = KnownRelays(os.path.join(config.configDir, "known_relays.json"))
         self.servedHostnames: set[str] = set()
