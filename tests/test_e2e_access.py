@@ -13,7 +13,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
@@ -208,3 +209,19 @@ class EventsEndToEndTests(_TunnelWorld):
         event = json.loads(match.group(0))
         self.assertEqual((event["client"], event["path"]), ("127.0.0.1", "/x"))
         self.assertIn("time", event)
+
+    @inlineCallbacks
+    def test_targetDown(self) -> Any:
+        """
+        A tunnel whose local service does not listen says so when it starts, and keeps running.
+        """
+        relayState = os.path.join(homeDir(self, "relay"), "state")
+        _, _, controlPort = yield startRelay(self, relayState)
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
+        closed = listening.getHost().port
+        yield listening.stopListening()
+        tunnel = startTunnel(self, homeDir(self, "tunnel"), controlPort, str(closed))
+        match = yield tunnel.waitFor(r'^\{.*"event": "target-down".*\}$')
+        self.assertIn(f"127.0.0.1:{closed} does not accept connections", match.group(0))
+        yield waitForLease(tunnel)
+        self.assertIsNone(tunnel.exitCode)

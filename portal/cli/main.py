@@ -291,6 +291,7 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
 
     from portal.tunnel.config import LOG_LEVELS
     from portal.tunnel.service import TunnelService
+    from portal.tunnel.targetcheck import reportTargets
 
     # One log for the process: the most verbose level any of the tunnels asks for.
     level = min((config.logLevel for config in configs), key=LOG_LEVELS.index)
@@ -303,6 +304,8 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
         for config in configs
     ]
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
+    for tunnel in tunnels:
+        reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
     reactor.run()
     return exit[0]
 

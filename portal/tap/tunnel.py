@@ -17,6 +17,7 @@ from portal.cli.startoptions import StartOptions
 from portal.tunnel.config import DEFAULT_LOG_LEVEL
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
+from portal.tunnel.targetcheck import reportTargets
 
 _log = Logger()
 
@@ -70,6 +71,8 @@ def makeService(options: Options) -> IService:
         for config in options.tunnelConfigs.values()
     ]
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
+    for tunnel in tunnels:
+        reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
     if len(tunnels) == 1:
         return tunnels[0]
     parent = MultiService()

@@ -23,7 +23,16 @@ class Reporter:
 
     #: Events that go to the error stream in text mode.
     ERRORS = frozenset(
-        {"fatal", "error", "unreachable", "retrying", "skipped", "dropped", "degraded"}
+        {
+            "fatal",
+            "error",
+            "unreachable",
+            "retrying",
+            "skipped",
+            "dropped",
+            "degraded",
+            "target-down",
+        }
     )
 
     def __init__(

@@ -1,0 +1,1 @@
+At start, `portal expose`, `portal start` and `twistd portal-tunnel` try a connection to each local TCP service (the target, every route's upstream) and warn (`target-down`) about one that does not accept, instead of letting visitors find out; the tunnel starts anyway.
