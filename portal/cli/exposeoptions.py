@@ -96,6 +96,14 @@ class TunnelOptions(FlagsAnywhere):
             "Print log events at this level and above on standard error: debug, info, warn, "
             "error or critical (default warn).",
         ],
+        [
+            "give-up-after",
+            None,
+            60.0,
+            "Stop (exit status 1) if none of the --relay relays was reached in this many seconds; "
+            "0 keeps trying. A relay reached once is retried for as long as the tunnel runs.",
+            float,
+        ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
     ]
 
@@ -225,6 +233,7 @@ class TunnelOptions(FlagsAnywhere):
                 basicAuth=self["basic-auths"],
                 basicAuthFiles=self["basic-auth-files"],
                 logLevel=self["log-level"],
+                giveUpAfter=self["give-up-after"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

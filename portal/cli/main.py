@@ -290,6 +290,7 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     from twisted.internet import reactor
 
     from portal.tunnel.config import LOG_LEVELS
+    from portal.tunnel.giveup import giveUpUnlessReached
     from portal.tunnel.service import TunnelService
     from portal.tunnel.targetcheck import reportTargets
 
@@ -306,6 +307,7 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
     for tunnel in tunnels:
         reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
+        reactor.callWhenRunning(giveUpUnlessReached, reactor, tunnel)
     reactor.run()
     return exit[0]
 

@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from portal.cli.startoptions import StartOptions
 from portal.tunnel.config import DEFAULT_LOG_LEVEL
+from portal.tunnel.giveup import giveUpUnlessReached
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
 from portal.tunnel.targetcheck import reportTargets
@@ -73,6 +74,7 @@ def makeService(options: Options) -> IService:
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
     for tunnel in tunnels:
         reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
+        reactor.callWhenRunning(giveUpUnlessReached, reactor, tunnel)
     if len(tunnels) == 1:
         return tunnels[0]
     parent = MultiService()

@@ -40,6 +40,9 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 #: The level of log events a tunnel prints without C{--log-level}.
 DEFAULT_LOG_LEVEL = "warn"
 
+#: Seconds after which a tunnel none of whose relays was ever reached stops (C{--give-up-after}).
+DEFAULT_GIVE_UP_AFTER = 60.0
+
 #: Relays a tunnel holds leases on from a registry, unless C{--max-relays} says otherwise.
 DEFAULT_MAX_RELAYS = 2
 #: Most relays C{--max-relays} may ask for.
@@ -132,6 +135,8 @@ class TunnelConfig:
     @ivar apps: The gateway apps of C{--app} (routed HTTP mode, one lease name per app); empty
         without C{--app}.
     @ivar addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
+    @ivar giveUpAfter: Seconds after which the tunnel stops if none of its C{--relay}s was ever
+        reached; 0 to keep trying.
     @ivar logLevel: The least level of log events printed (one of L{LOG_LEVELS}).
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
@@ -159,6 +164,7 @@ class TunnelConfig:
     addressRules: AddressRules = SERVE_ALL
     basicAuth: tuple[Credential, ...] = ()
     logLevel: str = DEFAULT_LOG_LEVEL
+    giveUpAfter: float = DEFAULT_GIVE_UP_AFTER
 
     @property
     def mode(self) -> str:
@@ -230,6 +236,7 @@ def buildConfig(
     basicAuth: Sequence[str] = (),
     basicAuthFiles: Sequence[str] = (),
     logLevel: str | None = None,
+    giveUpAfter: float = DEFAULT_GIVE_UP_AFTER,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -242,6 +249,7 @@ def buildConfig(
     @param basicAuth: The C{USER:PASS} of C{--basic-auth}.
     @param basicAuthFiles: The files of C{--basic-auth-file}; they are read and checked here.
     @param logLevel: The level of C{--log-level}, or L{None} for L{DEFAULT_LOG_LEVEL}.
+    @param giveUpAfter: The seconds of C{--give-up-after} (0: never give up).
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -328,6 +336,8 @@ def buildConfig(
         raise ConfigError("--http needs a TARGET")
     if logLevel is not None and logLevel.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level {logLevel!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if not 0 <= giveUpAfter <= 86400:
+        raise ConfigError("--give-up-after must be between 0 (never) and 86400 seconds")
     credentials = _credentials(basicAuth, basicAuthFiles, bool(routes), bool(loadedApps))
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
@@ -365,6 +375,7 @@ def buildConfig(
         addressRules=AddressRules.parse(allowIPs, denyIPs),
         basicAuth=credentials,
         logLevel=DEFAULT_LOG_LEVEL if logLevel is None else logLevel.lower(),
+        giveUpAfter=giveUpAfter,
     )
 
 

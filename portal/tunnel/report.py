@@ -19,6 +19,7 @@ class Reporter:
     Writes user-facing events to a text stream.
 
     @ivar events: The last L{MAX_EVENTS} events reported, newest last (for tests and status).
+    @ivar leasedRelays: The relays that have given a lease at least once.
     """
 
     #: Events that go to the error stream in text mode.
@@ -32,6 +33,7 @@ class Reporter:
             "dropped",
             "degraded",
             "target-down",
+            "unreached",
         }
     )
 
@@ -60,6 +62,7 @@ class Reporter:
         self._flushing: Any = None
         self._pendingLines: list[str] = []
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.leasedRelays: set[str] = set()
 
     def _emit(self, event: dict[str, Any], text: str) -> None:
         """
@@ -114,6 +117,7 @@ class Reporter:
         @param target: The local target.
         @param caPath: The local CA file visitors can trust, when the local CA is used.
         """
+        self.leasedRelays.add(relay)
         text = f"Forwarding {url} -> {target}"
         if caPath:
             text += (

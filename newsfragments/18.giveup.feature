@@ -1,0 +1,1 @@
+`--give-up-after SECONDS` (default 60; 0 keeps trying): a tunnel none of whose `--relay` relays was ever reached stops with exit status 1 and says so, instead of retrying a mistyped or dead address forever; a relay reached once is retried for as long as the tunnel runs.
