@@ -23,11 +23,12 @@ from twisted.trial.unittest import SynchronousTestCase
 import portal.relay.control
 from portal.relay.control import RelayControlProtocol
 from portal.relay.router import RelayLimits, Router
+from portal.trust import relayhello
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
 from portal.trust.pinning import KnownRelays
-from portal.tunnel.config import RelayAddress
+from portal.tunnel.config import RelayAddress, buildConfig
 from portal.tunnel.control import (
     COMMAND_TIMEOUT,
     HEARTBEAT_INTERVAL,
@@ -36,6 +37,7 @@ from portal.tunnel.control import (
 )
 from portal.tunnel.report import Reporter
 from portal.wire.control import (
+    CAPABILITIES,
     EXPORTER_LENGTH,
     MAX_VERSION,
     MIN_VERSION,
@@ -89,6 +91,17 @@ class FakePool:
         self.wanted.append(count)
 
 
+class FakeTunnel:
+    """
+    What the control protocol reads of L{portal.tunnel.service.TunnelService}: its configuration.
+
+    @ivar config: A stream-mode configuration; tests may replace it.
+    """
+
+    def __init__(self) -> None:
+        self.config = buildConfig("8000")
+
+
 class FakeLink:
     """
     A stand-in for L{portal.tunnel.service.RelayLink} that records what the control protocol tells it.
@@ -119,6 +132,7 @@ class FakeLink:
         self.pins = KnownRelays(pinsPath)
         self.relay = RelayAddress(RELAY_HOST, RELAY_PORT, expectedId)
         self.pool = FakePool()
+        self.tunnel = FakeTunnel()
         self.registrations: list[tuple[TunnelControlProtocol, list[str], int]] = []
         self.lost: list[TunnelControlProtocol] = []
         self.fatals: list[str] = []
@@ -654,11 +668,19 @@ class RetryTests(ControlTestCase):
     Refusals the relay marks as temporary are retried on the same session with backoff.
     """
 
+    def withoutTakeover(self) -> None:
+        """
+        Make the tunnels of this test offer no C{takeover} capability, as older versions do.
+        """
+        self.patch(relayhello, "CAPABILITIES", tuple(c for c in CAPABILITIES if c != "takeover"))
+
     def test_retriesUntilOtherSessionGone(self) -> None:
         """
-        A tunnel whose name is live on another session of its identity reports C{retrying} (not a fatal
-        error), and registers once that session is gone.
+        A tunnel without the C{takeover} capability (an older version) whose name is live on another
+        session of its identity reports C{retrying} (not a fatal error), and registers once that
+        session is gone.
         """
+        self.withoutTakeover()
         first = self.makeLink()
         firstConnection = self.connectTunnel(first)
         second = self.makeLink()
@@ -675,6 +697,7 @@ class RetryTests(ControlTestCase):
         """
         A scheduled registration retry is cancelled when the control session closes.
         """
+        self.withoutTakeover()
         self.connectTunnel(self.makeLink())
         second = self.makeLink()
         secondConnection = self.connectTunnel(second)
@@ -683,6 +706,46 @@ class RetryTests(ControlTestCase):
         secondConnection.drop()
         self.assertFalse(retry.active())
         self.assertIsNone(secondConnection.tunnel._retry)
+
+
+class TakeoverTests(ControlTestCase):
+    """
+    A second tunnel of the same identity on the same name (capability C{takeover}).
+    """
+
+    def test_alreadyRunning(self) -> None:
+        """
+        Without C{--takeover} the second tunnel stops with a message saying one already runs and
+        how to replace it; the first keeps its lease.
+        """
+        first = self.makeLink()
+        firstConnection = self.connectTunnel(first)
+        second = self.makeLink()
+        self.connectTunnel(second)
+        self.assertEqual(second.registrations, [])
+        [message] = second.fatals
+        self.assertIn("already running: name 'app' is served by another tunnel", message)
+        self.assertIn("--takeover", message)
+        self.assertRegistered(first, firstConnection)
+
+    def test_takeover(self) -> None:
+        """
+        With C{--takeover} the second tunnel gets the lease at once; the first, on its next renewal,
+        finds the lease gone and stops as already running elsewhere.
+        """
+        first = self.makeLink()
+        firstConnection = self.connectTunnel(first)
+        second = self.makeLink()
+        second.tunnel.config = buildConfig("8000", takeover=True)
+        secondConnection = self.connectTunnel(second)
+        self.assertRegistered(second, secondConnection)
+        self.clock.advance(self.router.leases.ttl / 3)
+        firstConnection.flush()
+        self.assertEqual(len(first.fatals), 1)
+        self.assertIn("already running", first.fatals[0])
+        lease = self.router.leases.route(second.label)
+        assert lease is not None
+        self.assertIs(lease.holder, secondConnection.relay)
 
 
 class NameTakenTests(ControlTestCase):

@@ -33,6 +33,12 @@ class TunnelOptions(FlagsAnywhere):
         ["http", None, "Routed HTTP mode with TARGET as the one route '/'."],
         ["tcp", None, "Raw TCP mode: the relay gives a public TCP port (tcp://HOST:PORT)."],
         [
+            "takeover",
+            None,
+            "Move the lease names from another running tunnel of the same identity to this one "
+            "(that tunnel then stops) instead of stopping with 'already running'.",
+        ],
+        [
             "udp",
             None,
             "UDP mode: the relay gives a public UDP port (udp://HOST:PORT) for the UDP service "
@@ -234,6 +240,7 @@ class TunnelOptions(FlagsAnywhere):
                 basicAuthFiles=self["basic-auth-files"],
                 logLevel=self["log-level"],
                 giveUpAfter=self["give-up-after"],
+                takeover=bool(self["takeover"]),
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

@@ -65,6 +65,7 @@ from portal.wire.control import (
     Hop,
     HopRefused,
     LeaseUnknown,
+    NameInUse,
     NotAuthenticated,
     Register,
     RegistrationRefused,
@@ -367,11 +368,14 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         signature: bytes,
         mode: str,
         proof: bytes | None = None,
+        takeover: bool | None = None,
     ) -> dict[str, object] | Deferred[dict[str, object]]:
         """
         Check the rate limits, the identity lists, the quotas of the tunnel's address, the proof of
         work and the signed challenge, cheapest first, and register the leases, all or none; in raw
-        TCP mode, open the lease's public port too.
+        TCP mode, open the lease's public port too. A name live on another session of the same
+        identity is moved here with C{takeover}, refused with L{NameInUse} without it (capability
+        C{takeover}), or answered L{TryAgain} for a tunnel without the capability.
         """
         router = self._router
         if self.pool is None:
@@ -452,11 +456,24 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 )
             live = router.leases.route(name)
             if live is not None and live.holder is not self:
-                raise self._refused(
-                    "name_live_elsewhere",
-                    TryAgain,
-                    f"name {name!r} is served by another tunnel of this identity; it can be taken "
-                    f"over when that tunnel stops or its lease lapses (within {router.leases.ttl:.0f} s)",
+                if "takeover" not in self.capabilities:
+                    raise self._refused(
+                        "name_live_elsewhere",
+                        TryAgain,
+                        f"name {name!r} is served by another tunnel of this identity; it can be "
+                        f"taken over when that tunnel stops or its lease lapses (within "
+                        f"{router.leases.ttl:.0f} s)",
+                    )
+                if not takeover:
+                    raise self._refused(
+                        "name_live_elsewhere",
+                        NameInUse,
+                        f"name {name!r} is served by another tunnel of this identity",
+                    )
+                self._log.info(
+                    "lease {name} taken over by another session of {identity}",
+                    name=name,
+                    identity=owner[:12],
                 )
         registered: list[str] = []
         try:

@@ -137,6 +137,8 @@ class TunnelConfig:
     @ivar addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
     @ivar giveUpAfter: Seconds after which the tunnel stops if none of its C{--relay}s was ever
         reached; 0 to keep trying.
+    @ivar takeover: Move the leases from another running tunnel of the same identity
+        (C{--takeover}) instead of stopping.
     @ivar logLevel: The least level of log events printed (one of L{LOG_LEVELS}).
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
@@ -165,6 +167,7 @@ class TunnelConfig:
     basicAuth: tuple[Credential, ...] = ()
     logLevel: str = DEFAULT_LOG_LEVEL
     giveUpAfter: float = DEFAULT_GIVE_UP_AFTER
+    takeover: bool = False
 
     @property
     def mode(self) -> str:
@@ -237,6 +240,7 @@ def buildConfig(
     basicAuthFiles: Sequence[str] = (),
     logLevel: str | None = None,
     giveUpAfter: float = DEFAULT_GIVE_UP_AFTER,
+    takeover: bool = False,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -250,6 +254,7 @@ def buildConfig(
     @param basicAuthFiles: The files of C{--basic-auth-file}; they are read and checked here.
     @param logLevel: The level of C{--log-level}, or L{None} for L{DEFAULT_LOG_LEVEL}.
     @param giveUpAfter: The seconds of C{--give-up-after} (0: never give up).
+    @param takeover: C{--takeover}.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -376,6 +381,7 @@ def buildConfig(
         basicAuth=credentials,
         logLevel=DEFAULT_LOG_LEVEL if logLevel is None else logLevel.lower(),
         giveUpAfter=giveUpAfter,
+        takeover=takeover,
     )
 
 

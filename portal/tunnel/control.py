@@ -41,6 +41,7 @@ from portal.wire.control import (
     Heartbeat,
     Hello,
     LeaseUnknown,
+    NameInUse,
     Register,
     RegistrationRefused,
     Renew,
@@ -79,6 +80,7 @@ class TunnelControlProtocol(amp.AMP):
     _log = Logger()
     relayId: str | None = None
     udp: TunnelUDP | None = None
+    _capabilities: frozenset[str] = frozenset()
     _renewal: LoopingCall | None = None
     _heartbeat: LoopingCall | None = None
     _retry: IDelayedCall | None = None
@@ -134,6 +136,7 @@ class TunnelControlProtocol(amp.AMP):
         self._tunnelDomain = response["tunnelDomain"]
         self._publicPort = response["publicPort"]
         self._leaseTTL = response["leaseTTL"]
+        self._capabilities = frozenset(response["capabilities"])
         if "heartbeat" in response["capabilities"]:
             self._heartbeat = LoopingCall(self._beat)
             self._heartbeat.clock = link.reactor
@@ -189,6 +192,8 @@ class TunnelControlProtocol(amp.AMP):
         work = challenge.get("work") or 0
         if work:
             extra["proof"] = await self._solve(challenge["nonce"], work)
+        if "takeover" in self._capabilities:
+            extra["takeover"] = link.tunnel.config.takeover
         response = await self._call(
             Register,
             publicKey=link.identity.publicKey,
@@ -351,6 +356,11 @@ class TunnelControlProtocol(amp.AMP):
             link.fatal(failure.getErrorMessage())
         elif failure.check(RegistrationRefused):
             link.fatal(f"the relay refused the lease: {failure.getErrorMessage()}")
+        elif failure.check(NameInUse):
+            link.fatal(
+                f"already running: {failure.getErrorMessage()} on this relay; stop that tunnel, "
+                "or start this one with --takeover to move the lease here"
+            )
         else:
             link.reporter.state(
                 "error", link.relay.address, f"control session failed: {failure.getErrorMessage()}"

@@ -24,7 +24,18 @@ MAX_VERSION = 1
 #: C{goaway}: the relay sends L{GoingAway} before it shuts down.
 #: C{hop}: multi-hop chains (L{Challenge} with purpose C{"hop"}, L{Hop}).
 #: C{pow}: proof of work on registration (L{Challenge}'s C{work}, L{Register}'s C{proof}).
-CAPABILITIES = ("stream", "tcp", "sealed-tcp", "udp", "heartbeat", "goaway", "hop", "pow")
+#: C{takeover}: L{Register}'s C{takeover} argument and its L{NameInUse} error.
+CAPABILITIES = (
+    "stream",
+    "tcp",
+    "sealed-tcp",
+    "udp",
+    "heartbeat",
+    "goaway",
+    "hop",
+    "pow",
+    "takeover",
+)
 
 #: Modes a registration may ask for (L{Register}'s C{mode}): C{stream} (HTTPS stream and routed
 #: HTTP), C{tcp}, C{udp}, and a TCP mode together with UDP on the same lease.
@@ -71,6 +82,14 @@ class TryAgain(Exception):
     A refusal that may succeed later: the challenge was unknown or expired (challenges are bounded and
     short-lived), or the name is live on another control session of the same identity. The tunnel
     retries with backoff instead of stopping.
+    """
+
+
+class NameInUse(Exception):
+    """
+    With the C{takeover} capability: a name is live on another control session of the same identity
+    (another tunnel, or this one started twice). The tunnel stops and says so, or registers again
+    with C{takeover} to move the lease to itself.
     """
 
 
@@ -169,6 +188,7 @@ class Register(amp.Command):
         (b"signature", amp.String()),
         (b"mode", amp.Unicode()),
         (b"proof", amp.String(optional=True)),
+        (b"takeover", amp.Boolean(optional=True)),
     ]
     response = [
         (b"hostnames", amp.ListOf(amp.Unicode())),
@@ -178,7 +198,11 @@ class Register(amp.Command):
         (b"udpPort", amp.Integer(optional=True)),
         (b"udpSession", amp.String(optional=True)),
     ]
-    errors = {RegistrationRefused: b"REGISTRATION_REFUSED", TryAgain: b"TRY_AGAIN"}
+    errors = {
+        RegistrationRefused: b"REGISTRATION_REFUSED",
+        TryAgain: b"TRY_AGAIN",
+        NameInUse: b"NAME_IN_USE",
+    }
 
 
 class Renew(amp.Command):

@@ -1,0 +1,1 @@
+A second tunnel of the same identity on the same name now stops with `already running: ...` (exit 1) instead of retrying forever; `--takeover` moves the lease to the new tunnel, and the old one stops at its next renewal. Protocol: capability `takeover`, `Register`'s optional `takeover` argument and its `NAME_IN_USE` error; tunnels without the capability still get `TRY_AGAIN`.
