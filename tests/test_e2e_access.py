@@ -26,6 +26,7 @@ from tests.realprocesses import (
     homeDir,
     listenLocal,
     sleep,
+    startExpose,
     startRelay,
     startTunnel,
     waitForLease,
@@ -225,3 +226,25 @@ class EventsEndToEndTests(_TunnelWorld):
         self.assertIn(f"127.0.0.1:{closed} does not accept connections", match.group(0))
         yield waitForLease(tunnel)
         self.assertIsNone(tunnel.exitCode)
+
+    @inlineCallbacks
+    def test_deadHopBlamed(self) -> Any:
+        """
+        In a chain whose first hop is down, the tunnel blames that hop, not the relay at the end.
+        """
+        relayState = os.path.join(homeDir(self, "relay"), "state")
+        _, _, controlPort = yield startRelay(self, relayState)
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
+        closed = listening.getHost().port
+        yield listening.stopListening()
+        tunnel = startExpose(
+            self, homeDir(self, "tunnel"), controlPort, ["8000", "--via", f"127.0.0.1:{closed}"]
+        )
+        match = yield tunnel.waitFor(r'^\{.*"event": "unreachable".*\}$')
+        event = json.loads(match.group(0))
+        self.assertEqual(event["relay"], f"127.0.0.1:{controlPort}")
+        self.assertIn(
+            f"cannot reach relay 127.0.0.1:{closed} (--via, on the way to 127.0.0.1:{controlPort})",
+            event["message"],
+        )
+        self.assertNotIn("cannot reach the relay:", event["message"])

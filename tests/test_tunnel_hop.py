@@ -323,6 +323,19 @@ class HopEndpointTests(ChainTestCase):
         failure = self.failureResultOf(d, HopFailed)
         self.assertIn("cannot connect to nowhere.example:4017", failure.getErrorMessage())
 
+    def test_deadHopBlamed(self) -> None:
+        """
+        When the hop relay itself cannot be reached, the retryable L{HopFailed} names it, not the
+        relay at the end of the chain.
+        """
+        d, _ = self.greet(self.hop(_RefusingEndpoint(), A, B))
+        failure = self.failureResultOf(d, HopFailed)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            f"cannot reach relay {A.address} (--via, on the way to {B.address}): "
+            "Connection was refused by other side: 111: Connection refused",
+        )
+
     def test_hopIdentityChecked(self) -> None:
         """
         A hop relay presenting another identity than the one given with C{--via A#ID} is fatal,
@@ -417,3 +430,15 @@ class ChainTests(ChainTestCase):
             self.clock, parseChain("relay.example"), self.identity, self.pins, self.reporter
         )
         self.assertIsInstance(direct, HostnameEndpoint)
+
+
+class _RefusingEndpoint:
+    """
+    A client endpoint whose every connection attempt is refused.
+    """
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        """
+        @return: A failed L{Deferred}.
+        """
+        return fail(ConnectionRefusedError(111, "Connection refused"))

@@ -261,12 +261,22 @@ class HopEndpoint:
         client = _HopClient(self, protocolFactory, result)
         connecting = connectQuietly(wrapClientTLS(relayTLSOptions(), self._previous), client)
 
+        hop, destination, timeout = self.hop.address, self.destination.address, self._timeout
+
         def notConnected(failure: Failure) -> None:
-            if not result.called:
-                result.errback(failure)
+            if result.called:
+                return
+            if not failure.check(HopFailed, FatalRelayError, RelayAuthenticationFailed):
+                # The hop relay itself is not there: blame it, not the relay at the end.
+                failure = Failure(
+                    HopFailed(
+                        f"cannot reach relay {hop} (--via, on the way to {destination}): "
+                        f"{failure.getErrorMessage().rstrip('.')}"
+                    )
+                )
+            result.errback(failure)
 
         connecting.addErrback(notConnected)
-        hop, destination, timeout = self.hop.address, self.destination.address, self._timeout
 
         def timedOut(outcome: Any, timeout: float) -> Any:
             if isinstance(outcome, Failure):

@@ -30,7 +30,7 @@ from portal.trust.relayhello import FatalRelayError, RelayAuthenticationFailed, 
 from portal.tunnel.backoff import StableBackoff
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import ATTACH_TIMEOUT, DataSessionPool
-from portal.tunnel.hop import HOP_TIMEOUT, chainEndpoint
+from portal.tunnel.hop import HOP_TIMEOUT, HopFailed, chainEndpoint
 from portal.tunnel.interfaces import IRelayLink, ITunnel
 from portal.wire.control import modeParts
 
@@ -210,12 +210,10 @@ class RelayLink(Service):
             return
         if not self._reportedUnreachable:
             self._reportedUnreachable = True
-            self.reporter.state(
-                "unreachable",
-                self.relay.address,
-                f"cannot reach the relay: {failure.getErrorMessage().rstrip('.')}; retrying "
-                "with backoff",
-            )
+            message = failure.getErrorMessage().rstrip(".")
+            # A hop's failure names the hop relay at fault; this relay may be fine.
+            what = message if failure.check(HopFailed) else f"cannot reach the relay: {message}"
+            self.reporter.state("unreachable", self.relay.address, f"{what}; retrying with backoff")
 
     def registered(
         self,
