@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -451,7 +452,7 @@ class TapOptionsTests(SynchronousTestCase):
         options.parseOptions(["8000", "--name", "x"])
         self.assertEqual(options.tunnelConfig.target, Target("127.0.0.1", 8000))
         self.assertEqual(options.tunnelConfig.poolSize, 4)
-        self.assertIsInstance(makeService(options), TunnelService)
+        self.assertIsInstance(makeService(options, MemoryReactorClock()), TunnelService)
         with self.assertRaises(UsageError):
             TapOptions().parseOptions(["8000", "9000"])
 
@@ -464,7 +465,7 @@ class TapOptionsTests(SynchronousTestCase):
             f.write(EXAMPLE)
         options = TapOptions()
         options.parseOptions(["--config", path, "--all"])
-        service = makeService(options)
+        service = makeService(options, MemoryReactorClock())
         self.assertIsInstance(service, MultiService)
         self.assertEqual(
             [type(s) for s in service],  # type: ignore[attr-defined]

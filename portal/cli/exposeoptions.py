@@ -33,6 +33,11 @@ class TunnelOptions(FlagsAnywhere):
         ["http", None, "Routed HTTP mode with TARGET as the one route '/'."],
         ["tcp", None, "Raw TCP mode: the relay gives a public TCP port (tcp://HOST:PORT)."],
         [
+            "no-inspect",
+            None,
+            "Routed HTTP mode: do not start the request inspector.",
+        ],
+        [
             "takeover",
             None,
             "Move the lease names from another running tunnel of the same identity to this one "
@@ -109,6 +114,13 @@ class TunnelOptions(FlagsAnywhere):
             "Stop (exit status 1) if none of the --relay relays was reached in this many seconds; "
             "0 keeps trying. A relay reached once is retried for as long as the tunnel runs.",
             float,
+        ],
+        [
+            "inspect",
+            None,
+            None,
+            "Routed HTTP mode: serve the request inspector on PORT or HOST:PORT (default "
+            "127.0.0.1:4040, or the next free port).",
         ],
         ["acme", None, None, "ACME directory URL (not available yet)."],
     ]
@@ -241,6 +253,8 @@ class TunnelOptions(FlagsAnywhere):
                 logLevel=self["log-level"],
                 giveUpAfter=self["give-up-after"],
                 takeover=bool(self["takeover"]),
+                inspect=self["inspect"],
+                noInspect=bool(self["no-inspect"]),
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

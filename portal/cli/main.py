@@ -289,10 +289,9 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     """
     from twisted.internet import reactor
 
+    from portal.tunnel.companions import startCompanions
     from portal.tunnel.config import LOG_LEVELS
-    from portal.tunnel.giveup import giveUpUnlessReached
     from portal.tunnel.service import TunnelService
-    from portal.tunnel.targetcheck import reportTargets
 
     # One log for the process: the most verbose level any of the tunnels asks for.
     level = min((config.logLevel for config in configs), key=LOG_LEVELS.index)
@@ -306,8 +305,7 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     ]
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
     for tunnel in tunnels:
-        reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
-        reactor.callWhenRunning(giveUpUnlessReached, reactor, tunnel)
+        startCompanions(reactor, tunnel)
     reactor.run()
     return exit[0]
 

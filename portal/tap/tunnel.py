@@ -14,11 +14,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from portal.cli.startoptions import StartOptions
+from portal.tunnel.companions import startCompanions
 from portal.tunnel.config import DEFAULT_LOG_LEVEL
-from portal.tunnel.giveup import giveUpUnlessReached
 from portal.tunnel.report import Reporter
 from portal.tunnel.service import TunnelService
-from portal.tunnel.targetcheck import reportTargets
 
 _log = Logger()
 
@@ -47,15 +46,17 @@ class Options(StartOptions):
             )
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the tunnel service (a L{TunnelService}, or a L{MultiService} of them for several tunnels
     of a configuration file) for C{twistd}; an unrecoverable error stops the reactor.
 
     @param options: Parsed options.
+    @param reactor: The reactor (default the global one, as under twistd).
     @return: The service.
     """
-    from twisted.internet import reactor
+    if reactor is None:
+        from twisted.internet import reactor
 
     def fatal(message: str) -> None:
         _log.critical("portal-tunnel stopping: {message}", message=message)
@@ -73,8 +74,7 @@ def makeService(options: Options) -> IService:
     ]
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
     for tunnel in tunnels:
-        reactor.callWhenRunning(reportTargets, reactor, tunnel.config, tunnel.reporter)
-        reactor.callWhenRunning(giveUpUnlessReached, reactor, tunnel)
+        startCompanions(reactor, tunnel)
     if len(tunnels) == 1:
         return tunnels[0]
     parent = MultiService()

@@ -43,6 +43,9 @@ DEFAULT_LOG_LEVEL = "warn"
 #: Seconds after which a tunnel none of whose relays was ever reached stops (C{--give-up-after}).
 DEFAULT_GIVE_UP_AFTER = 60.0
 
+#: Where the request inspector listens by default (the next ports are tried when it is taken).
+DEFAULT_INSPECT = ("127.0.0.1", 4040)
+
 #: Relays a tunnel holds leases on from a registry, unless C{--max-relays} says otherwise.
 DEFAULT_MAX_RELAYS = 2
 #: Most relays C{--max-relays} may ask for.
@@ -139,6 +142,8 @@ class TunnelConfig:
         reached; 0 to keep trying.
     @ivar takeover: Move the leases from another running tunnel of the same identity
         (C{--takeover}) instead of stopping.
+    @ivar inspect: Where the request inspector listens (routed HTTP mode), or L{None} for none.
+    @ivar inspectFixed: Whether L{inspect} was given (C{--inspect}): then only that port is tried.
     @ivar logLevel: The least level of log events printed (one of L{LOG_LEVELS}).
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
@@ -168,6 +173,8 @@ class TunnelConfig:
     logLevel: str = DEFAULT_LOG_LEVEL
     giveUpAfter: float = DEFAULT_GIVE_UP_AFTER
     takeover: bool = False
+    inspect: tuple[str, int] | None = None
+    inspectFixed: bool = False
 
     @property
     def mode(self) -> str:
@@ -241,6 +248,8 @@ def buildConfig(
     logLevel: str | None = None,
     giveUpAfter: float = DEFAULT_GIVE_UP_AFTER,
     takeover: bool = False,
+    inspect: str | None = None,
+    noInspect: bool = False,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -255,6 +264,8 @@ def buildConfig(
     @param logLevel: The level of C{--log-level}, or L{None} for L{DEFAULT_LOG_LEVEL}.
     @param giveUpAfter: The seconds of C{--give-up-after} (0: never give up).
     @param takeover: C{--takeover}.
+    @param inspect: C{--inspect ADDR}: PORT or HOST:PORT of the request inspector.
+    @param noInspect: C{--no-inspect}.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -343,6 +354,22 @@ def buildConfig(
         raise ConfigError(f"--log-level {logLevel!r}: expected one of {', '.join(LOG_LEVELS)}")
     if not 0 <= giveUpAfter <= 86400:
         raise ConfigError("--give-up-after must be between 0 (never) and 86400 seconds")
+    inspectAt: tuple[str, int] | None = None
+    if inspect is not None and noInspect:
+        raise ConfigError("--inspect and --no-inspect contradict each other")
+    if inspect is not None and not (routes or loadedApps):
+        raise ConfigError("--inspect: the request inspector is for routed HTTP mode (--http)")
+    if inspect is not None:
+        host, _, port = inspect.rpartition(":")
+        if port == "0":
+            # An OS-chosen port (tests, several tunnels): the inspector line says which.
+            inspectAt = (host.strip("[]") or "127.0.0.1", 0)
+        elif inspect.isdigit():
+            inspectAt = ("127.0.0.1", parsePort(inspect, "--inspect"))
+        else:
+            inspectAt = parseHostPort(inspect, "--inspect")
+    elif (routes or loadedApps) and not noInspect:
+        inspectAt = DEFAULT_INSPECT
     credentials = _credentials(basicAuth, basicAuthFiles, bool(routes), bool(loadedApps))
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
@@ -382,6 +409,8 @@ def buildConfig(
         logLevel=DEFAULT_LOG_LEVEL if logLevel is None else logLevel.lower(),
         giveUpAfter=giveUpAfter,
         takeover=takeover,
+        inspect=inspectAt,
+        inspectFixed=inspect is not None,
     )
 
 

@@ -128,7 +128,7 @@ class H2Visitor(ExchangeAnswers):
         self.transport = _RequestSink(request)
         self._lost = False
         self._done = False
-        self._exchange: Exchange | None = Exchange(header.peerHost)
+        self._exchange: Exchange | None = Exchange(header.peerHost, proxy.newCapture())
         #: The request's C{content-length}, if it gave one.
         self.length: int | None = None
         request.notifyFinish().addErrback(self._gone)
@@ -257,6 +257,8 @@ class H2Visitor(ExchangeAnswers):
         exchange = self._exchange
         if exchange is None or self._lost or exchange.bodyDone or exchange.status:
             return
+        if exchange.capture is not None:
+            exchange.capture.request(data)
         if exchange.buffering:
             # Read whole for the gateway, within its limit.
             exchange.body.append(data)

@@ -40,6 +40,7 @@ from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
 from portal.gateway.basicauth import BasicAuth
 from portal.gateway.caller import GatewayRequest, GatewayResponse
 from portal.gateway.routes import Match, RouteTable, Upstream
+from portal.tunnel.inspector import Capture, Inspector
 from portal.tunnel.report import Reporter
 from portal.wire.attach import StreamHeader
 from portal.wire.httpheaders import HOP_BY_HOP
@@ -204,11 +205,13 @@ class Exchange:
     One request and its response.
     """
 
-    def __init__(self, client: str = "") -> None:
+    def __init__(self, client: str = "", capture: Capture | None = None) -> None:
         """
         @param client: The visitor's address, as the relay reported it.
+        @param capture: Where the request inspector collects this exchange, when it runs.
         """
         self.client = client
+        self.capture = capture
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b""
@@ -273,7 +276,11 @@ class HTTPProxy:
     @ivar gateway: The app gateway, or L{None} without C{--app}.
     @ivar tables: Each app's routes, by app name.
     @ivar basicAuth: The HTTP Basic authentication every request must pass, or L{None}.
+    @ivar inspector: The request inspector every finished exchange goes to, or L{None}; it may be
+        set after construction.
     """
+
+    inspector: Inspector | None = None
 
     def __init__(
         self,
@@ -313,6 +320,12 @@ class HTTPProxy:
         exchange.headers = admitted.edits.stripped(exchange.headers)
         exchange.gatewayHeaders = list(admitted.edits.add)
 
+    def newCapture(self) -> Capture | None:
+        """
+        @return: A capture for a new exchange while the inspector runs, else L{None}.
+        """
+        return None if self.inspector is None else Capture()
+
     def authorize(self, exchange: Exchange, header: StreamHeader) -> GatewayResponse | None:
         """
         Check a request's credentials (C{--basic-auth}) before it is routed; the C{Authorization}
@@ -351,6 +364,21 @@ class HTTPProxy:
             upstream=route.upstream.authority if route else None,
             client=exchange.client or None,
         )
+        if self.inspector is not None and exchange.capture is not None:
+            upstream = route.upstream if route else None
+            self.inspector.add(
+                client=exchange.client,
+                method=exchange.method,
+                path=exchange.url,
+                version=exchange.version,
+                requestHeaders=exchange.headers,
+                status=exchange.status,
+                ms=(self.reactor.seconds() - exchange.started) * 1000,
+                route=route.prefix if route else None,
+                upstream=None if upstream is None else (upstream.host, upstream.port, upstream.tls),
+                upstreamPath=exchange.match.upstreamPath if exchange.match else None,
+                capture=exchange.capture,
+            )
 
 
 class ExchangeAnswers:
@@ -466,6 +494,9 @@ class ExchangeAnswers:
             if name.lower() not in (b"content-length", b"connection", b"transfer-encoding")
         ]
         headers.append((b"Content-Length", b"%d" % len(response.body)))
+        if exchange.capture is not None:
+            exchange.capture.head(headers)
+            exchange.capture.response(response.body)
         self.writeHead(exchange, response.status, _STATUS.get(response.status, b"Error"), headers)
         self.writeBody(exchange, response.body if exchange.method != b"HEAD" else b"")
         self.finished(exchange)
@@ -563,7 +594,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         A new request: answer it now, or after those before it (pipelining).
         """
-        exchange = Exchange(self._header.peerHost)
+        exchange = Exchange(self._header.peerHost, self._proxy.newCapture())
         exchange.started = self._proxy.reactor.seconds()
         self._parsing = exchange
         self._headBytes = 0
@@ -625,6 +656,8 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         """
         exchange = self._parsing
         assert exchange is not None
+        if exchange.capture is not None:
+            exchange.capture.request(body)
         if exchange.buffering:
             # Read whole for the gateway, within its limit.
             exchange.body.append(body)
@@ -828,7 +861,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
             # The bad request waits behind one still being answered: finish that one, then close.
             self._queue.clear()
             return
-        exchange = current or Exchange(self._header.peerHost)
+        exchange = current or Exchange(self._header.peerHost, self._proxy.newCapture())
         if exchange.status:
             assert self.transport is not None
             self.transport.loseConnection()
@@ -1043,6 +1076,8 @@ class UpstreamConnection(Protocol):
                 headers.append((b"Transfer-Encoding", b"chunked"))
             else:
                 visitor._closeAfter = True
+        if exchange.capture is not None:
+            exchange.capture.head(headers)
         visitor.writeHead(exchange, status, reason, headers)
         if exchange.method == b"HEAD":
             self._complete()
@@ -1055,6 +1090,8 @@ class UpstreamConnection(Protocol):
         if exchange is None or visitor is None:
             return
         self.bodyProgress(len(body))
+        if exchange.capture is not None:
+            exchange.capture.response(body)
         visitor.writeBody(exchange, _chunk(body) if self._chunked else body, len(body))
 
     def on_message_complete(self) -> None:

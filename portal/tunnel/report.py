@@ -34,6 +34,7 @@ class Reporter:
             "degraded",
             "target-down",
             "unreached",
+            "warning",
         }
     )
 
