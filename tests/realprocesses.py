@@ -420,6 +420,17 @@ def startExpose(
     return spawn(testCase, name, argv, home)
 
 
+def startDemo(testCase: TestCase, home: str, extra: Sequence[str] = ()) -> WatchedProcess:
+    """
+    Start C{portal demo} with its relay's listeners on ports the OS picks, and C{extra} options.
+
+    @return: The watcher.
+    """
+    argv = [sys.executable, "-m", "portal", "demo", *extra]
+    argv += ["--public", "tcp:0:interface=127.0.0.1", "--control", "tcp:0:interface=127.0.0.1"]
+    return spawn(testCase, "portal demo", argv, home)
+
+
 def startTunnel(
     testCase: TestCase, home: str, controlPort: int, target: str, extra: Sequence[str] = ()
 ) -> WatchedProcess:

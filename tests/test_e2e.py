@@ -36,6 +36,7 @@ from tests.realprocesses import (
     listenLocal,
     rss,
     spawn,
+    startDemo,
     startRelay,
     startTunnel,
     tlsRequest,
@@ -633,22 +634,7 @@ class CommandLineTests(TestCase):
         """
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
-        demo = spawn(
-            self,
-            "portal demo",
-            [
-                sys.executable,
-                "-m",
-                "portal",
-                "demo",
-                "--json",
-                "--public",
-                "tcp:0:interface=127.0.0.1",
-                "--control",
-                "tcp:0:interface=127.0.0.1",
-            ],
-            home,
-        )
+        demo = startDemo(self, home, ["--json"])
         lease = yield waitForLease(demo)
         response, _ = yield deferToThread(_fetch, lease["url"], lease["ca"])
         self.assertIn(b"Hello from Portal", response)

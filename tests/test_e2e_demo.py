@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.realprocesses import curl, spawn
+from tests.realprocesses import curl, startDemo
 
 
 class DemoEndToEndTests(TestCase):
@@ -30,23 +29,7 @@ class DemoEndToEndTests(TestCase):
         """
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
-        demo = spawn(
-            self,
-            "portal demo",
-            [
-                sys.executable,
-                "-m",
-                "portal",
-                "demo",
-                "--public",
-                "tcp:0:interface=127.0.0.1",
-                "--control",
-                "tcp:0:interface=127.0.0.1",
-                "--state-dir",
-                os.path.join(home, "relay-state"),
-            ],
-            home,
-        )
+        demo = startDemo(self, home, ["--state-dir", os.path.join(home, "relay-state")])
         match = yield demo.waitFor(r"^\d\d:\d\d:\d\d Forwarding (https://\S+) -> ")
         ca = yield demo.waitFor(r"curl --cacert (\S+) ")
         lease = {"url": match.group(1), "ca": ca.group(1)}

@@ -291,12 +291,14 @@ class RawTCPEndToEndTests(TestCase):
         sink = _SinkFactory()
         sinkPort = yield listenLocal(self, sink)
         relay, tunnel, _, port, *_ = yield self.startPair(f"127.0.0.1:{sinkPort}")
+        # The tunnel's startup check of its target opens (and closes) one connection first.
+        yield pollUntil(lambda: sink.closed == 1, "the startup check's connection closed")
         yield deferToThread(_sendThenReset, port, 8 * 1024 * 1024)
-        yield pollUntil(lambda: sink.closed == 1, "the service's connection closed")
+        yield pollUntil(lambda: sink.closed == 2, "the service's connection closed")
         before = sink.received
         self.assertLessEqual(before, 8 * 1024 * 1024)
         yield deferToThread(_exchange, port, b"after the reset\n", 0, 0)
-        yield pollUntil(lambda: sink.closed == 2, "the next visitor's connection closed")
+        yield pollUntil(lambda: sink.closed == 3, "the next visitor's connection closed")
         self.assertEqual(sink.received - before, len(b"after the reset\n"))
         for process in (relay, tunnel):
             self.assertNotIn("Traceback", process.output())

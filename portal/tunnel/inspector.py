@@ -71,9 +71,7 @@ class Capture:
         Keep request body bytes, up to the cap.
         """
         self.requestSize += len(data)
-        room = BODY_CAP - len(self.requestBody)
-        if room > 0:
-            self.requestBody += data[:room]
+        _keep(self.requestBody, data)
 
     def head(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """
@@ -86,9 +84,16 @@ class Capture:
         Keep response body bytes, up to the cap.
         """
         self.responseSize += len(data)
-        room = BODY_CAP - len(self.responseBody)
-        if room > 0:
-            self.responseBody += data[:room]
+        _keep(self.responseBody, data)
+
+
+def _keep(kept: bytearray, data: bytes) -> None:
+    """
+    Append to C{kept} what of C{data} fits under L{BODY_CAP}.
+    """
+    room = BODY_CAP - len(kept)
+    if room > 0:
+        kept += data[:room]
 
 
 def _headers(headers: Sequence[tuple[bytes, bytes]]) -> list[list[str]]:
