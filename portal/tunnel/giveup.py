@@ -49,7 +49,8 @@ def giveUpUnlessReached(reactor: Any, tunnel: TunnelService) -> IDelayedCall | N
                 "retried",
             )
 
-    return reactor.callLater(seconds, check)
+    pending: IDelayedCall = reactor.callLater(seconds, check)
+    return pending
 
 
 def _listed(relays: list[str]) -> str:

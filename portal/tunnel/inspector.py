@@ -416,11 +416,11 @@ async def listenInspector(
         site = Site(page)
         site.noisy = False
         try:
-            listening = await endpoint.listen(site)
+            listening: IListeningPort = await endpoint.listen(site)
         except CannotListenError as e:
             last = e
             continue
-        bound = listening.getHost().port
+        bound = cast(IPv4Address | IPv6Address, listening.getHost()).port
         page._hosts = frozenset(
             {f"{hostForHeader}:{bound}", f"localhost:{bound}"}
             if host in ("127.0.0.1", "::1")
