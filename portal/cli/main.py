@@ -278,13 +278,20 @@ def startCommand(options: StartOptions, out: TextIO, err: TextIO) -> int:
 
     @return: The exit code.
     """
-    return runTunnels(list(options.tunnelConfigs.values()), out, err)
+    return runTunnels(list(options.tunnelConfigs.values()), out, err, list(options.tunnelConfigs))
 
 
-def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int:
+def runTunnels(
+    configs: Sequence[TunnelConfig],
+    out: TextIO,
+    err: TextIO,
+    names: Sequence[str] = (),
+) -> int:
     """
-    Run one tunnel per configuration until interrupted, or until one of them fails.
+    Run one tunnel per configuration until interrupted, or until one of them fails. On a terminal,
+    and without C{--json}, a live status is drawn below the lines (L{portal.cli.livestatus}).
 
+    @param names: The tunnels' names (C{portal start}), for the live status.
     @return: The exit code.
     """
     from twisted.internet import reactor
@@ -293,16 +300,27 @@ def runTunnels(configs: Sequence[TunnelConfig], out: TextIO, err: TextIO) -> int
     from portal.tunnel.config import LOG_LEVELS
     from portal.tunnel.service import TunnelService
 
+    status = None
+    if out.isatty() and not any(config.json for config in configs):
+        from rich.console import Console
+
+        from portal.cli.livestatus import LiveStatus
+
+        status = LiveStatus(reactor, Console(file=out))
+        # Lines (and log events) are printed above the status, not across it.
+        out = err = status.lineWriter()
+        reactor.callWhenRunning(status.start)
+        reactor.addSystemEventTrigger("after", "shutdown", status.stop)
     # One log for the process: the most verbose level any of the tunnels asks for.
     level = min((config.logLevel for config in configs), key=LOG_LEVELS.index)
     _startLogging(err, LogLevel.levelWithName(level))
     exit, fatal = _stopOnFatal(reactor)
-    tunnels = [
-        TunnelService(
-            config, reactor, Reporter(out, config.json, err, reactor, timestamps=True), fatal
-        )
-        for config in configs
-    ]
+    tunnels = []
+    for index, config in enumerate(configs):
+        reporter = Reporter(out, config.json, err, reactor, timestamps=True)
+        if status is not None:
+            reporter.listeners.append(status.listenerFor(names[index] if names else ""))
+        tunnels.append(TunnelService(config, reactor, reporter, fatal))
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
     for tunnel in tunnels:
         startCompanions(reactor, tunnel)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -20,6 +21,7 @@ class Reporter:
 
     @ivar events: The last L{MAX_EVENTS} events reported, newest last (for tests and status).
     @ivar leasedRelays: The relays that have given a lease at least once.
+    @ivar listeners: Called with every event as it is reported (the live status on a terminal).
     """
 
     #: Events that go to the error stream in text mode.
@@ -64,6 +66,7 @@ class Reporter:
         self._pendingLines: list[str] = []
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.leasedRelays: set[str] = set()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def _emit(self, event: dict[str, Any], text: str) -> None:
         """
@@ -75,6 +78,8 @@ class Reporter:
             if self._timestamps:
                 text = time.strftime("%H:%M:%S ", time.localtime(now)) + text
         self.events.append(event)
+        for listener in self.listeners:
+            listener(event)
         if self._json:
             stream, line = self._out, json.dumps(event, sort_keys=True)
         else:

@@ -1,0 +1,1 @@
+Live status: on a terminal, `portal expose` and `portal start` draw a table (with `rich`) below their lines, redrawn twice a second: per relay its URL and state, and the requests, request rate, connections and errors; plain lines only when output is not a terminal or with `--json`.
