@@ -13,7 +13,8 @@ from typing import Any
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, LoopingCall
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -22,7 +23,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import portal.relay.control
 from portal.relay.control import RelayControlProtocol
+from portal.relay.leases import LeaseTable
 from portal.relay.router import RelayLimits, Router
+from portal.relay.store import MemoryLeaseStore, NameRecord, StoreError
 from portal.trust import relayhello
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
@@ -239,7 +242,9 @@ class ControlTestCase(SynchronousTestCase):
     A relay router on a fake clock and a way to connect control sessions to it over in-memory TLS.
     """
 
-    limits = RelayLimits()
+    #: Names are reserved from their first second: these tests are about the protocol (the rule
+    #: that a name must be held for a while first is tested in test_leases and below).
+    limits = RelayLimits(reserveAfter=0.0)
 
     def setUp(self) -> None:
         """
@@ -1077,15 +1082,52 @@ class RefusalTests(ClientTestCase):
 
     def test_renewalSaved(self) -> None:
         """
-        A renewal asks for the lease table to be saved, so a crash does not shorten the reservation.
+        A renewal is written to the lease store at once, so a crash does not shorten the
+        reservation.
         """
-        saves: list[None] = []
-        self.router.onLeasesChanged = lambda: saves.append(None)
+        store = MemoryLeaseStore()
+        self.router.leases = LeaseTable(self.clock, ttl=self.limits.leaseTTL, store=store)
         self.hello()
         self.register([LABEL], self.challenge([LABEL]))
-        before = len(saves)
+        self.clock.advance(10)
         self.assertNotIsInstance(self.call(Renew, names=[LABEL]), Failure)
-        self.assertEqual(len(saves), before + 1)
+        [record] = store.names()
+        self.assertEqual(record.expiresAt, self.clock.seconds() + self.limits.leaseTTL)
+
+    def test_storeFailureRetried(self) -> None:
+        """
+        When the lease store cannot be written, the registration is refused as one to try again,
+        nothing is registered, and the error is logged for the operator.
+        """
+
+        class Broken(MemoryLeaseStore):
+            def claimName(self, record: NameRecord, now: float) -> NameRecord:
+                raise StoreError("lease store /state/leases.sqlite3: disk I/O error")
+
+        self.router.leases = LeaseTable(self.clock, store=Broken())
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.hello()
+        failure = self.register([LABEL], self.challenge([LABEL]))
+        self.assertIsInstance(failure, Failure)
+        failure.trap(TryAgain)
+        self.assertEqual(failure.getErrorMessage(), "the relay cannot record leases at the moment")
+        self.assertIsNone(self.router.leases.ownerOf(LABEL))
+        self.assertIn(
+            "registration failed: lease store /state/leases.sqlite3: disk I/O error",
+            [formatEvent(event) for event in events],
+        )
+
+    def test_droppedAtOnceNotReserved(self) -> None:
+        """
+        With the relay's default rule, a name registered and released at once is free for another
+        identity straight away.
+        """
+        self.router.leases = LeaseTable(self.clock, reserveAfter=RelayLimits().reserveAfter)
+        self.hello()
+        self.register([LABEL], self.challenge([LABEL]))
+        self.assertNotIsInstance(self.call(Unregister, names=[LABEL]), Failure)
+        self.assertIsNone(self.router.leases.ownerOf(LABEL))
+        self.router.leases.register(LABEL, Identity.generate().id, object())
 
     def test_sessionBelongsToOneIdentity(self) -> None:
         """
@@ -1121,7 +1163,7 @@ class RenewalTests(ControlTestCase):
     The tunnel renews its lease while connected; the lease outlives a lost connection as a reservation.
     """
 
-    limits = RelayLimits(leaseTTL=30.0)
+    limits = RelayLimits(leaseTTL=30.0, reserveAfter=0.0)
 
     def test_renewals(self) -> None:
         """

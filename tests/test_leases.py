@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.leases import Lease, LeaseError, LeaseTable, NameTaken, TooManyLeases
+from portal.relay.store import MemoryLeaseStore, NameRecord, StoreError
 
 ALICE = "a" * 52
 BOB = "b" * 52
@@ -42,7 +43,7 @@ class LeaseTableTests(SynchronousTestCase):
         A registered name routes to its lease, live for C{ttl} seconds, held by the session.
         """
         lease = self.table.register("web", ALICE, self.session)
-        self.assertEqual(lease, Lease("web", ALICE, 1060.0, self.session))
+        self.assertEqual(lease, Lease("web", ALICE, 1060.0, self.session, since=1000.0))
         self.assertIs(self.table.route("web"), lease)
         self.assertEqual(self.table.ownerOf("web"), ALICE)
         self.assertEqual(len(self.table), 1)
@@ -254,55 +255,234 @@ class LeaseTableTests(SynchronousTestCase):
         self.assertRaises(TooManyLeases, table.register, "d", ALICE, self.session)
         self.clock.advance(60)
         table.register("d", ALICE, self.session)
-        self.assertEqual(sorted(table.toJSON()["leases"]), ["c", "d"])
+        self.assertEqual(sorted(lease.name for lease in table), ["c", "d"])
 
-    def test_jsonRoundTrip(self) -> None:
+    def test_importJSON(self) -> None:
         """
-        Ownership and expiry survive a JSON round trip; restored leases are detached.
+        The names of an earlier relay's C{leases.json} are taken over detached, keep their expiry,
+        count as having earned their reservation, and go to the store.
         """
-        self.table.register("web", ALICE, self.session)
-        self.table.register("api", BOB, _Session())
-        data = json.loads(json.dumps(self.table.toJSON()))
-        restored = LeaseTable.fromJSON(data, self.clock, ttl=60, reservation=3600)
-        self.assertEqual(len(restored), 2)
-        self.assertEqual(restored.ownerOf("web"), ALICE)
-        self.assertEqual(restored.ownerOf("api"), BOB)
-        self.assertIsNone(restored.route("web"))
-        self.assertRaises(NameTaken, restored.register, "web", BOB, _Session())
-        newSession = _Session()
-        lease = restored.register("web", ALICE, newSession)
-        self.assertIs(restored.route("web"), lease)
+        store = MemoryLeaseStore()
+        table = LeaseTable(self.clock, ttl=60, reservation=3600, reserveAfter=600, store=store)
+        data = {
+            "version": 1,
+            "leases": {
+                "web": {"owner": ALICE, "expiresAt": 1030},
+                "api": {"owner": BOB, "expiresAt": 990.5},
+                "gone": {"owner": BOB, "expiresAt": 1000 - 3600},
+            },
+        }
+        self.assertEqual(table.importJSON(json.loads(json.dumps(data))), 2)
+        self.assertEqual(
+            sorted((r.name, r.owner, r.expiresAt) for r in store.names()),
+            [("api", BOB, 990.5), ("web", ALICE, 1030.0)],
+        )
+        self.assertEqual((table.ownerOf("web"), table.ownerOf("api")), (ALICE, BOB))
+        self.assertIsNone(table.ownerOf("gone"))
+        self.assertIsNone(table.route("web"))
+        self.assertRaises(NameTaken, table.register, "web", BOB, _Session())
+        self.clock.advance(3600 + 29)
+        self.assertEqual(table.ownerOf("web"), ALICE)
+        self.clock.advance(1)
+        self.assertIsNone(table.ownerOf("web"))
 
-    def test_jsonReservationContinues(self) -> None:
+    def test_importJSONKeepsCurrentOwners(self) -> None:
         """
-        A restored lease keeps its original expiry, so its reservation ends when it would have.
+        A name the table already holds keeps its owner when an old file names another.
         """
-        self.table.register("web", ALICE, self.session)
-        data = self.table.toJSON()
-        self.clock.advance(60 + 3600)
-        restored = LeaseTable.fromJSON(data, self.clock, reservation=3600)
-        self.assertEqual(len(restored), 0)
-        self.assertIsNone(restored.ownerOf("web"))
+        self.table.register("web", BOB, self.session)
+        data = {"version": 1, "leases": {"web": {"owner": ALICE, "expiresAt": 1050}}}
+        self.assertEqual(self.table.importJSON(data), 0)
+        self.assertEqual(self.table.ownerOf("web"), BOB)
 
-    def test_jsonLeavesOutFreeNames(self) -> None:
+    def test_importJSONInvalid(self) -> None:
         """
-        Names past their reservation are not saved.
-        """
-        self.table.register("web", ALICE, self.session)
-        self.clock.advance(60 + 3600)
-        self.assertEqual(self.table.toJSON(), {"version": 1, "leases": {}})
-
-    def test_fromJSONInvalid(self) -> None:
-        """
-        State in another format is refused with L{ValueError}.
+        A file in another format is refused with L{ValueError}, and nothing of it is imported.
         """
         for data in [
             [],
             {"version": 2, "leases": {}},
             {"version": 1},
-            {"version": 1, "leases": {"web": "x"}},
+            {"version": 1, "leases": {"ok": {"owner": ALICE, "expiresAt": 2000}, "web": "x"}},
             {"version": 1, "leases": {"web": {"owner": ALICE}}},
             {"version": 1, "leases": {"web": {"owner": 5, "expiresAt": 1.0}}},
             {"version": 1, "leases": {"web": {"owner": ALICE, "expiresAt": True}}},
         ]:
-            self.assertRaises(ValueError, LeaseTable.fromJSON, data, self.clock)
+            self.assertRaises(ValueError, self.table.importJSON, data)
+            self.assertEqual(len(self.table), 0)
+
+
+class ReservationRuleTests(SynchronousTestCase):
+    """
+    A name is reserved for its owner after it lapses only if it was held for C{reserveAfter}
+    seconds.
+    """
+
+    def setUp(self) -> None:
+        """
+        A table with a 60 second lease, an hour's reservation earned after 600 seconds.
+        """
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.table = LeaseTable(self.clock, ttl=60, reservation=3600, reserveAfter=600)
+        self.session = _Session()
+
+    def test_droppedAtOnceIsFree(self) -> None:
+        """
+        A name registered and released at once is free for anyone straight away.
+        """
+        self.table.register("web", ALICE, self.session)
+        self.table.release("web", ALICE)
+        self.assertIsNone(self.table.ownerOf("web"))
+        self.table.register("web", BOB, _Session())
+        self.assertEqual(self.table.ownerOf("web"), BOB)
+
+    def test_shortLeaseLapsesFree(self) -> None:
+        """
+        A name whose control session went away early stays its owner's only until its lease
+        lapses (so a quick reconnect gets it back), then is free.
+        """
+        self.table.register("web", ALICE, self.session)
+        self.table.detach(self.session)
+        self.clock.advance(59)
+        self.assertRaises(NameTaken, self.table.register, "web", BOB, _Session())
+        self.clock.advance(1)
+        self.assertIsNone(self.table.ownerOf("web"))
+
+    def test_heldLongEnoughIsReserved(self) -> None:
+        """
+        A name held (renewed) for C{reserveAfter} seconds stays its owner's for the whole
+        reservation after it is released.
+        """
+        self.table.register("web", ALICE, self.session)
+        for _ in range(20):
+            self.clock.advance(30)
+            self.table.renew("web", ALICE, self.session)
+        self.table.release("web", ALICE)
+        self.assertEqual(self.clock.seconds() - 1000, 600)
+        self.clock.advance(3599)
+        self.assertRaises(NameTaken, self.table.register, "web", BOB, _Session())
+        self.clock.advance(1)
+        self.assertIsNone(self.table.ownerOf("web"))
+
+    def test_justShortOfIt(self) -> None:
+        """
+        A name released one second before it earns its reservation is free at once.
+        """
+        self.table.register("web", ALICE, self.session)
+        for _ in range(19):
+            self.clock.advance(31)
+            self.table.renew("web", ALICE, self.session)
+        self.clock.advance(599 - 19 * 31)
+        self.table.release("web", ALICE)
+        self.assertIsNone(self.table.ownerOf("web"))
+
+    def test_reconnectKeepsSince(self) -> None:
+        """
+        Registering again from a new session continues the owner's ownership: the time already
+        held counts towards the reservation.
+        """
+        self.table.register("web", ALICE, self.session)
+        self.clock.advance(50)
+        self.table.detach(self.session)
+        session = _Session()
+        lease = self.table.register("web", ALICE, session)
+        self.assertEqual(lease.since, 1000)
+        for _ in range(11):
+            self.clock.advance(50)
+            self.table.renew("web", ALICE, session)
+        self.table.release("web", ALICE)
+        self.assertEqual(self.table.ownerOf("web"), ALICE)
+
+
+class StoreTests(SynchronousTestCase):
+    """
+    L{LeaseTable} writes every ownership change through to its store and starts from it.
+    """
+
+    def setUp(self) -> None:
+        """
+        A table on a L{MemoryLeaseStore}.
+        """
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = MemoryLeaseStore()
+        self.table = LeaseTable(self.clock, ttl=60, reservation=3600, store=self.store)
+
+    def records(self) -> dict[str, NameRecord]:
+        """
+        @return: The store's records by name.
+        """
+        return {record.name: record for record in self.store.names()}
+
+    def test_registerRenewRelease(self) -> None:
+        """
+        Registration, renewal and release each leave the store with the lease's owner, start,
+        expiry and the end of its ownership.
+        """
+        self.table.register("web", ALICE, _Session())
+        self.assertEqual(self.records(), {"web": NameRecord("web", ALICE, 1000, 1060, 4660)})
+        session = _Session()
+        self.table.register("web", ALICE, session)
+        self.clock.advance(20)
+        self.table.renew("web", ALICE, session)
+        self.assertEqual(self.records(), {"web": NameRecord("web", ALICE, 1000, 1080, 4680)})
+        self.clock.advance(5)
+        self.table.release("web", ALICE)
+        self.assertEqual(self.records(), {"web": NameRecord("web", ALICE, 1000, 1025, 4625)})
+
+    def test_expiryDropsRecord(self) -> None:
+        """
+        A name whose ownership ended is dropped from the store by L{LeaseTable.expire}, or by a
+        lookup.
+        """
+        self.table.register("web", ALICE, _Session())
+        self.table.register("api", ALICE, _Session())
+        self.clock.advance(60 + 3600)
+        self.assertEqual(self.table.ownerOf("web"), None)
+        self.assertEqual(list(self.records()), ["api"])
+        self.assertEqual(self.table.expire(), ["api"])
+        self.assertEqual(self.records(), {})
+
+    def test_restart(self) -> None:
+        """
+        A table built on a store holds its owned names, detached; records whose ownership ended
+        are dropped from the store.
+        """
+        self.table.register("web", ALICE, _Session())
+        self.table.register("old", BOB, _Session())
+        self.table.release("old", BOB)
+        self.clock.advance(3600)
+        again = LeaseTable(self.clock, ttl=60, reservation=3600, store=self.store)
+        self.assertEqual(again.ownerOf("web"), ALICE)
+        self.assertIsNone(again.route("web"))
+        self.assertEqual(len(again), 1)
+        self.assertEqual(list(self.records()), ["web"])
+        self.assertRaises(NameTaken, again.register, "web", BOB, _Session())
+
+    def test_storeRefusesClaim(self) -> None:
+        """
+        When the store holds a name for another identity (another relay of a cluster won it), the
+        registration is refused and the table is unchanged.
+        """
+        self.store.claimName(NameRecord("web", BOB, 990, 1050, 5000), 1000)
+        table = LeaseTable(self.clock, store=MemoryLeaseStore())
+        table._store = self.store
+        self.assertRaises(NameTaken, table.register, "web", ALICE, _Session())
+        self.assertEqual(len(table), 0)
+        self.assertEqual(self.records()["web"].owner, BOB)
+
+    def test_storeFailureChangesNothing(self) -> None:
+        """
+        A store that cannot be written fails the registration with its error, and the table does
+        not change.
+        """
+
+        class Broken(MemoryLeaseStore):
+            def claimName(self, record: NameRecord, now: float) -> NameRecord:
+                raise StoreError("disk full")
+
+        table = LeaseTable(self.clock, store=Broken())
+        self.assertRaises(StoreError, table.register, "web", ALICE, _Session())
+        self.assertIsNone(table.ownerOf("web"))
+        self.assertEqual(len(table), 0)

@@ -11,6 +11,7 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.ports import (
@@ -24,6 +25,7 @@ from portal.relay.ports import (
     PortStateError,
     parsePortRange,
 )
+from portal.relay.store import MemoryLeaseStore, PortRecord
 
 ALICE = "a" * 52
 BOB = "b" * 52
@@ -324,7 +326,10 @@ class PortAllocatorTests(SynchronousTestCase):
             [ports.allocate(ALICE, str(i)) for i in range(10)], list(range(9000, 9010))
         )
         error = self.assertRaises(PortsExhausted, ports.allocate, BOB, "ssh")
-        self.assertEqual(str(error), "no free port in 9000-9009")
+        self.assertEqual(
+            str(error),
+            "no free port in 9000-9009: all 10 are live; one frees when a tunnel using one stops",
+        )
         self.assertIsInstance(error, PortAllocationError)
         self.assertEqual(ports.allocate(ALICE, "3"), 9003)
 
@@ -338,10 +343,14 @@ class PortAllocatorTests(SynchronousTestCase):
         ports.allocate(ALICE, "b")
         ports.release(ALICE, "a")
         ports.release(ALICE, "b")
+        self.clock.advance(100)
         error = self.assertRaises(PortsExhausted, ports.allocate, BOB, "ssh")
-        self.assertEqual(str(error), "no free port in 9000-9001")
+        self.assertEqual(
+            str(error),
+            "no free port in 9000-9001: 0 live, 2 reserved; the next port frees in 3500 s",
+        )
         self.assertEqual(ports.allocate(ALICE, "b"), 9001)
-        self.clock.advance(3600)
+        self.clock.advance(3500)
         self.assertEqual(ports.allocate(BOB, "ssh"), 9000)
 
     def test_limit(self) -> None:
@@ -501,19 +510,25 @@ def _roundTrip(data: dict[str, Any]) -> Any:
     return json.loads(json.dumps(data))
 
 
+#: The range most persistence tests use.
+TEN_PORTS = PortRange(9000, 9009)
+
+
 class PersistenceTests(SynchronousTestCase):
     """
-    Tests for L{PortAllocator.toJSON} and L{PortAllocator.fromJSON}.
+    L{PortAllocator} writes every assignment through to its store and starts from it, as after a
+    relay restart.
     """
 
     def setUp(self) -> None:
         """
-        Make an allocator for ports 9000-9009 holding two live ports, one reserved and one whose
-        reservation has passed.
+        Make an allocator for ports 9000-9009 on a store, holding two live ports, one reserved
+        and one whose reservation has passed.
         """
         self.clock = Clock()
         self.clock.advance(1000)
-        self.ports = PortAllocator(PortRange(9000, 9009), self.clock, reservation=3600)
+        self.store = MemoryLeaseStore()
+        self.ports = self.restart()
         self.ports.allocate(ALICE, "old")
         self.ports.allocate(ALICE, "ssh")
         self.ports.allocate(BOB, "game")
@@ -523,31 +538,35 @@ class PersistenceTests(SynchronousTestCase):
         self.ports.release(BOB, "game")
         self.clock.advance(600)
 
-    def test_toJSON(self) -> None:
+    def restart(self, portRange: PortRange = TEN_PORTS, **kw: Any) -> PortAllocator:
         """
-        The saved state lists live and reserved assignments by port, and not ended reservations.
+        @return: A new allocator of C{portRange} on the test's store.
         """
+        kw.setdefault("reservation", 3600)
+        return PortAllocator(portRange, self.clock, store=self.store, kind="udp", **kw)
+
+    def test_records(self) -> None:
+        """
+        The store holds a record per live or reserved port, of the allocator's kind, and none for
+        an ended reservation.
+        """
+        self.assertEqual(self.ports.reserved, 1)
         self.assertEqual(
-            self.ports.toJSON(),
-            {
-                "version": STATE_VERSION,
-                "ports": [
-                    {"port": 9001, "identity": ALICE, "name": "ssh"},
-                    {"port": 9002, "identity": BOB, "name": "game"},
-                    {"port": 9003, "identity": BOB, "name": "ssh"},
-                ],
-            },
+            sorted(self.store.ports("udp"), key=lambda record: record.port),
+            [
+                PortRecord("udp", 9001, ALICE, "ssh", 1000),
+                PortRecord("udp", 9002, BOB, "game", 1000, 4000, 7600),
+                PortRecord("udp", 9003, BOB, "ssh", 1000),
+            ],
         )
+        self.assertEqual(list(self.store.ports("tcp")), [])
 
     def test_restoredAsReserved(self) -> None:
         """
         After a restart every saved assignment is reserved, not live: others cannot take the
         ports, and each key gets its own port back when it allocates again.
         """
-        data = _roundTrip(self.ports.toJSON())
-        clock = Clock()
-        clock.advance(100000)
-        restored = PortAllocator.fromJSON(data, PortRange(9000, 9009), clock)
+        restored = self.restart()
         self.assertEqual((restored.live, restored.reserved), (0, 3))
         for port in [9001, 9002, 9003]:
             self.assertIsNone(restored.owner(port))
@@ -558,80 +577,125 @@ class PersistenceTests(SynchronousTestCase):
         self.assertEqual(restored.allocate(ALICE, "ssh"), 9001)
         self.assertEqual(restored.owner(9001), (ALICE, "ssh"))
 
-    def test_roundTripPortFor(self) -> None:
+    def test_reservationsAfterRestart(self) -> None:
         """
-        A round trip keeps every key's port, and saving the restored allocator gives the same
-        state again.
+        Ports live when the relay stopped are reserved from the restart; reserved ones keep the
+        end they had.
         """
-        keys = [(ALICE, "old"), (ALICE, "ssh"), (BOB, "game"), (BOB, "ssh")]
-        before = _assignments(self.ports, keys)
-        restored = PortAllocator.fromJSON(
-            _roundTrip(self.ports.toJSON()), PortRange(9000, 9009), self.clock
-        )
-        self.assertEqual(_assignments(restored, keys), before)
-        self.assertEqual(restored.toJSON(), self.ports.toJSON())
-
-    def test_reservationFromRestart(self) -> None:
-        """
-        Restored reservations last the reservation period counted from the restart, whatever
-        was left of them before.
-        """
-        data = _roundTrip(self.ports.toJSON())
-        restored = PortAllocator.fromJSON(data, PortRange(9000, 9009), self.clock, reservation=60)
-        self.assertEqual(restored.reservation, 60)
-        self.clock.advance(59)
-        self.assertEqual(restored.reserved, 3)
+        self.clock.advance(2999)
+        restored = self.restart()
         self.assertEqual(restored.portFor(BOB, "game"), 9002)
         self.clock.advance(1)
-        self.assertEqual(restored.reserved, 0)
         self.assertIsNone(restored.portFor(BOB, "game"))
-        self.assertEqual(restored.allocate(CAROL, "a"), 9000)
-        self.assertEqual(restored.allocate(CAROL, "b"), 9001)
+        self.clock.advance(3598)
+        self.assertEqual(restored.reserved, 2)
+        self.clock.advance(1)
+        self.assertEqual(restored.reserved, 0)
+        self.assertEqual(list(self.store.ports("udp")), [])
+
+    def test_longDowntime(self) -> None:
+        """
+        Reservations that ended while the relay was down are dropped at start, from the store too.
+        """
+        self.clock.advance(100000)
+        restored = self.restart()
+        self.assertEqual((restored.live, restored.reserved), (0, 2))
+        self.assertIsNone(restored.portFor(BOB, "game"))
+        self.assertEqual(sorted(record.port for record in self.store.ports("udp")), [9001, 9003])
 
     def test_limitRestored(self) -> None:
         """
         C{maxPerIdentity} is passed on, and restored reservations do not count against it.
         """
-        restored = PortAllocator.fromJSON(
-            _roundTrip(self.ports.toJSON()), PortRange(9000, 9009), self.clock, maxPerIdentity=1
-        )
+        restored = self.restart(maxPerIdentity=1)
         self.assertEqual(restored.maxPerIdentity, 1)
         self.assertEqual(restored.allocate(BOB, "ssh"), 9003)
         self.assertRaises(PortLimitReached, restored.allocate, BOB, "game")
 
     def test_rangeChanged(self) -> None:
         """
-        Assignments outside a changed range are dropped; those inside stay reserved and the rest
-        of the new range is free.
+        Assignments outside a changed range are dropped, from the store too; those inside stay
+        reserved and the rest of the new range is free.
         """
-        restored = PortAllocator.fromJSON(
-            _roundTrip(self.ports.toJSON()), PortRange(9002, 9005), self.clock
-        )
+        restored = self.restart(PortRange(9002, 9005))
         self.assertEqual(restored.reserved, 2)
         self.assertIsNone(restored.portFor(ALICE, "ssh"))
         self.assertEqual(restored.portFor(BOB, "game"), 9002)
         self.assertEqual(restored.allocate(ALICE, "ssh"), 9004)
         self.assertEqual(restored.allocate(CAROL, "x"), 9005)
         self.assertRaises(PortsExhausted, restored.allocate, CAROL, "y")
+        self.assertEqual(
+            sorted(record.port for record in self.store.ports("udp")), [9002, 9003, 9004, 9005]
+        )
 
-    def test_empty(self) -> None:
+    def test_storeRefusesClaim(self) -> None:
         """
-        An empty allocator saves and restores as empty.
+        A port the store holds for another key (another relay sharing the store took it) is
+        refused, and the allocator is unchanged.
         """
-        ports = PortAllocator(PortRange(9000, 9009), self.clock)
-        self.assertEqual(ports.toJSON(), {"version": STATE_VERSION, "ports": []})
-        restored = PortAllocator.fromJSON(ports.toJSON(), PortRange(9000, 9009), self.clock)
-        self.assertEqual((restored.live, restored.reserved), (0, 0))
-        self.assertEqual(restored.allocate(ALICE, "ssh"), 9000)
+        ports = PortAllocator(PortRange(9000, 9000), self.clock, store=self.store, kind="tcp")
+        self.store.claimPort(PortRecord("tcp", 9000, CAROL, "x", 1000), self.clock.seconds())
+        error = self.assertRaises(PortAllocationError, ports.allocate, ALICE, "ssh")
+        self.assertEqual(str(error), "port 9000 is held by another relay sharing the store")
+        self.assertEqual((ports.live, ports.portFor(ALICE, "ssh")), (0, None))
+
+
+class ImportJSONTests(SynchronousTestCase):
+    """
+    Tests for L{PortAllocator.importJSON}: the C{ports.json} of earlier relays.
+    """
+
+    def setUp(self) -> None:
+        """
+        An allocator for ports 9000-9009 on a store, with one live port.
+        """
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = MemoryLeaseStore()
+        self.ports = PortAllocator(PortRange(9000, 9009), self.clock, store=self.store)
+        self.ports.allocate(CAROL, "x")
+
+    def test_imported(self) -> None:
+        """
+        Assignments come back reserved for the reservation period, in the store too; ports outside
+        the range and ports or keys already held are left out.
+        """
+        data = {
+            "version": STATE_VERSION,
+            "ports": [
+                {"port": 9003, "identity": ALICE, "name": "ssh"},
+                {"port": 9001, "identity": BOB, "name": "game"},
+                {"port": 9000, "identity": BOB, "name": "web"},
+                {"port": 9005, "identity": CAROL, "name": "x"},
+                {"port": 8000, "identity": CAROL, "name": "y"},
+            ],
+        }
+        self.assertEqual(self.ports.importJSON(_roundTrip(data)), 2)
+        self.assertEqual((self.ports.live, self.ports.reserved), (1, 2))
+        self.assertEqual(self.ports.allocate(BOB, "new"), 9002)
+        self.assertEqual(self.ports.allocate(BOB, "another"), 9004)
+        self.assertEqual(self.ports.allocate(ALICE, "ssh"), 9003)
+        self.assertEqual(
+            sorted((r.port, r.identity, r.name) for r in self.store.ports("tcp")),
+            [
+                (9000, CAROL, "x"),
+                (9001, BOB, "game"),
+                (9002, BOB, "new"),
+                (9003, ALICE, "ssh"),
+                (9004, BOB, "another"),
+            ],
+        )
+        self.clock.advance(3600)
+        self.assertIsNone(self.ports.portFor(BOB, "game"))
 
     def test_malformed(self) -> None:
         """
-        State not in the format L{PortAllocator.toJSON} writes is refused with a message saying
-        what is wrong.
+        A file not in the format earlier relays wrote is refused with a message saying what is
+        wrong, and nothing of it is imported.
         """
 
         def entry(**kw: Any) -> dict[str, Any]:
-            return {"port": 9000, "identity": ALICE, "name": "ssh"} | kw
+            return {"port": 9001, "identity": ALICE, "name": "ssh"} | kw
 
         def state(*entries: Any) -> dict[str, Any]:
             return {"version": STATE_VERSION, "ports": list(entries)}
@@ -654,18 +718,130 @@ class PersistenceTests(SynchronousTestCase):
                 state({"port": 9000, "identity": ALICE}),
                 "port state entry 0 lacks a valid port, identity or name",
             ),
-            (state(entry(), entry(name="web")), "port state assigns port 9000 twice"),
+            (state(entry(), entry(name="web")), "port state assigns port 9001 twice"),
             (
-                state(entry(), entry(port=9001)),
+                state(entry(), entry(port=9002)),
                 "port state assigns two ports to name 'ssh' of one identity",
             ),
         ]
         for data, message in cases:
-            error = self.assertRaises(
-                PortStateError, PortAllocator.fromJSON, data, PortRange(9000, 9009), self.clock
-            )
+            error = self.assertRaises(PortStateError, self.ports.importJSON, data)
             self.assertEqual(str(error), message)
             self.assertIsInstance(error, ValueError)
+            self.assertEqual(self.ports.reserved, 0)
+
+
+class PressureTests(SynchronousTestCase):
+    """
+    Reservations cannot empty a range: short-lived ports earn only the grace period, and with no
+    port free the oldest reservation past its grace period goes to the newcomer.
+    """
+
+    def setUp(self) -> None:
+        """
+        Ports 9000-9002, an hour's reservation earned after 600 seconds, a 60 second grace period.
+        """
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = MemoryLeaseStore()
+        self.ports = PortAllocator(
+            PortRange(9000, 9002),
+            self.clock,
+            reservation=3600,
+            maxPerIdentity=10,
+            reserveAfter=600,
+            grace=60,
+            store=self.store,
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_shortLivedGetsGraceOnly(self) -> None:
+        """
+        A port released before C{reserveAfter} stays its key's for the grace period only.
+        """
+        self.ports.allocate(ALICE, "a")
+        self.clock.advance(599)
+        self.ports.release(ALICE, "a")
+        self.clock.advance(59)
+        self.assertEqual(self.ports.portFor(ALICE, "a"), 9000)
+        self.clock.advance(1)
+        self.assertIsNone(self.ports.portFor(ALICE, "a"))
+        self.assertEqual(list(self.store.ports("tcp")), [])
+
+    def test_longLivedGetsReservation(self) -> None:
+        """
+        A port held for C{reserveAfter} seconds stays its key's for the whole reservation while
+        ports are free.
+        """
+        self.ports.allocate(ALICE, "a")
+        self.clock.advance(600)
+        self.ports.release(ALICE, "a")
+        self.clock.advance(3599)
+        self.assertEqual(self.ports.portFor(ALICE, "a"), 9000)
+
+    def test_oldestGivenUpFirst(self) -> None:
+        """
+        With no port free, the oldest reservation past its grace period goes to a new key, and
+        the event is logged; younger ones stay.
+        """
+        for name in "abc":
+            self.ports.allocate(ALICE, name)
+        self.clock.advance(600)
+        self.ports.release(ALICE, "b")
+        self.clock.advance(10)
+        self.ports.release(ALICE, "a")
+        self.clock.advance(10)
+        self.ports.release(ALICE, "c")
+        self.clock.advance(60)
+        self.assertEqual(self.ports.allocate(BOB, "x"), 9001)
+        self.assertIsNone(self.ports.portFor(ALICE, "b"))
+        self.assertEqual(self.ports.portFor(ALICE, "a"), 9000)
+        self.assertEqual(self.ports.allocate(BOB, "y"), 9000)
+        self.assertEqual(self.ports.portFor(ALICE, "c"), 9002)
+        self.assertEqual(
+            sorted((r.port, r.identity, r.name) for r in self.store.ports("tcp")),
+            [(9000, BOB, "y"), (9001, BOB, "x"), (9002, ALICE, "c")],
+        )
+        given = [e for e in self.events if "given up" in e.get("log_format", "")]
+        self.assertEqual(
+            [(e["port"], e["name"], e["age"]) for e in given], [(9001, "b", 80), (9000, "a", 70)]
+        )
+
+    def test_graceProtects(self) -> None:
+        """
+        Reservations younger than the grace period are kept; the refusal says when the next port
+        frees.
+        """
+        for name in "abc":
+            self.ports.allocate(ALICE, name)
+        self.clock.advance(600)
+        for name in "abc":
+            self.ports.release(ALICE, name)
+        self.clock.advance(45)
+        error = self.assertRaises(PortsExhausted, self.ports.allocate, BOB, "x")
+        self.assertEqual(
+            str(error), "no free port in 9000-9002: 0 live, 3 reserved; the next port frees in 15 s"
+        )
+        self.clock.advance(15)
+        self.assertEqual(self.ports.allocate(BOB, "x"), 9000)
+
+    def test_squattersCannotEmptyRange(self) -> None:
+        """
+        Keys that take ports and drop them at once, over and over, leave the range usable: a new
+        key gets a port within the grace period.
+        """
+        for round in range(5):
+            for i in range(3):
+                try:
+                    self.ports.allocate(CAROL, f"{round}-{i}")
+                except PortsExhausted:
+                    continue
+                self.ports.release(CAROL, f"{round}-{i}")
+            self.clock.advance(1)
+        self.clock.advance(60)
+        self.assertIn(self.ports.allocate(ALICE, "real"), self.ports.portRange)
 
 
 #: Identities and names used by the property tests: few, so that keys collide often.
@@ -872,28 +1048,28 @@ class PortAllocatorPropertyTests(SynchronousTestCase):
         self, size: int, newSize: int, operations: list[tuple[str, Any]], downtime: int
     ) -> None:
         """
-        After any history and a restart, possibly with a smaller or larger range, every key keeps
-        the port it had, if that is still in range, as a reservation, and new keys get the lowest
-        other ports.
+        After any history and a restart on the same store, possibly with a smaller or larger
+        range and after any downtime, every key keeps the port it had, if that is still in range
+        and its reservation has not ended (live ports are reserved from the restart), and new keys
+        get the lowest other ports.
         """
         clock = Clock()
-        ports = PortAllocator(PortRange(9000, 9000 + size - 1), clock, reservation=100)
+        store = MemoryLeaseStore()
+        ports = PortAllocator(PortRange(9000, 9000 + size - 1), clock, reservation=100, store=store)
         model = _Model(9000, 9000 + size - 1, 100, 10)
         _run(self, ports, model, clock, operations)
-        before = _assignments(ports, _KEYS)
-        data = _roundTrip(ports.toJSON())
         clock.advance(downtime)
+        restart = clock.seconds()
         newRange = PortRange(9000, 9000 + newSize - 1)
-        restored = PortAllocator.fromJSON(data, newRange, clock, reservation=100)
-        kept = {key: port for key, port in before.items() if port in newRange}
-        self.assertEqual(_assignments(restored, _KEYS), kept)
-        self.assertEqual((restored.live, restored.reserved), (0, len(kept)))
-        model = _Model(
-            9000,
-            9000 + newSize - 1,
-            100,
-            10,
-            now=clock.seconds(),
-            entries={key: (port, clock.seconds() + 100) for key, port in kept.items()},
+        restored = PortAllocator(newRange, clock, reservation=100, store=store)
+        kept = {
+            key: (port, restart + 100 if until is None else until)
+            for key, (port, until) in model.entries.items()
+            if port in newRange and (until is None or restart < until)
+        }
+        self.assertEqual(
+            _assignments(restored, _KEYS), {key: port for key, (port, _) in kept.items()}
         )
+        self.assertEqual((restored.live, restored.reserved), (0, len(kept)))
+        model = _Model(9000, 9000 + newSize - 1, 100, 10, now=restart, entries=kept)
         _run(self, restored, model, clock, operations)

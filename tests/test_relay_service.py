@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.registry.document import RegistryError
+from portal.relay.ports import PortRange
+from portal.relay.router import RelayLimits
 from portal.relay.service import DRAIN_POLL, RelayConfig, RelayService
-from portal.tap.relay import Options
+from portal.relay.sqlitestore import STORE_FILE
+from portal.relay.statelock import StateDirectoryLocked
+from portal.relay.store import StoreDamaged
+from portal.tap.relay import Options, exitIfStartFailed
 from portal.trust.identity import Identity
 
 
@@ -25,10 +33,12 @@ class RelayStateTests(SynchronousTestCase):
 
     def _service(self, stateDir: str, clock: Clock) -> RelayService:
         """
-        A relay service on C{stateDir} whose router is built but which listens nowhere.
+        A relay service on C{stateDir} whose router is built but which listens nowhere; it is
+        stopped (store closed, directory unlocked) when the test ends, unless stopped before.
         """
         service = RelayService(RelayConfig(stateDir=stateDir), clock)
         service.router, _ = service._buildRouter()
+        self.addCleanup(service.stopService)
         return service
 
     def test_identityAndCertificateKept(self) -> None:
@@ -38,66 +48,214 @@ class RelayStateTests(SynchronousTestCase):
         stateDir = os.path.abspath(self.mktemp())
         clock = Clock()
         first = self._service(stateDir, clock)
+        first.stopService()
         second = self._service(stateDir, clock)
         assert first.router is not None and second.router is not None
         self.assertEqual(first.router.identity.id, second.router.identity.id)
-        for name in ("identity.json", os.path.join("tls", "ca-key.pem")):
+        for name in ("identity.json", os.path.join("tls", "ca-key.pem"), STORE_FILE):
             self.assertEqual(os.stat(os.path.join(stateDir, name)).st_mode & 0o777, 0o600)
         self.assertEqual(os.stat(stateDir).st_mode & 0o777, 0o700)
 
     def test_leaseOwnershipSurvivesRestart(self) -> None:
         """
-        Registrations are saved (coalesced, one second later); after a restart the name still belongs
-        to its owner, detached until the owner's tunnel registers again.
+        A registration is in the store at once; after a restart the name still belongs to its
+        owner, detached until the owner's tunnel registers again.
         """
         stateDir = os.path.abspath(self.mktemp())
         clock = Clock()
         clock.advance(1000)
         first = self._service(stateDir, clock)
         assert first.router is not None
-        holder = object()
-        first.router.leases.register("app", "owner-a", holder)
-        first.router.onLeasesChanged()
-        first.router.onLeasesChanged()
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
-        clock.advance(1.0)
-        self.assertTrue(os.path.exists(os.path.join(stateDir, "leases.json")))
+        first.router.leases.register("app", "owner-a", object())
+        self.assertEqual(clock.getDelayedCalls(), [])
+        first.stopService()
         second = self._service(stateDir, clock)
         assert second.router is not None
         self.assertEqual(second.router.leases.ownerOf("app"), "owner-a")
         self.assertIsNone(second.router.leases.route("app"))
 
-    def test_unreadableLeaseFileIgnored(self) -> None:
+    def test_reservationRules(self) -> None:
         """
-        A corrupt lease file is logged and ignored rather than stopping the relay.
+        The relay's lease table and port allocators get the reservation rules of its limits: a
+        name (or port) held less than C{reserveAfter} is not reserved, and port reservations have
+        the lease lifetime as their grace period.
+        """
+        config = RelayConfig(
+            stateDir=os.path.abspath(self.mktemp()),
+            tcpPorts=PortRange(9000, 9001),
+            limits=RelayLimits(leaseTTL=30.0, reservation=100.0, reserveAfter=50.0),
+        )
+        service = RelayService(config, Clock())
+        router, _ = service._buildRouter()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            (router.leases.ttl, router.leases.reservation, router.leases.reserveAfter),
+            (30.0, 100.0, 50.0),
+        )
+        assert router.tcp is not None
+        allocator = router.tcp.allocator
+        self.assertEqual(
+            (allocator.reservation, allocator.reserveAfter, allocator.grace, allocator.kind),
+            (100.0, 50.0, 30.0, "tcp"),
+        )
+
+    def test_portsSurviveRestart(self) -> None:
+        """
+        A raw TCP lease's port is in the store at once, and reserved for its key after a restart.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        config = RelayConfig(stateDir=stateDir, tcpPorts=PortRange(9000, 9009))
+        first = RelayService(config, Clock())
+        router, _ = first._buildRouter()
+        assert router.tcp is not None
+        self.assertEqual(router.tcp.allocator.allocate("owner-a", "ssh"), 9000)
+        first.stopService()
+        second = RelayService(config, Clock())
+        router, _ = second._buildRouter()
+        self.addCleanup(second.stopService)
+        assert router.tcp is not None
+        self.assertEqual(router.tcp.allocator.portFor("owner-a", "ssh"), 9000)
+        self.assertIsNone(router.tcp.allocator.owner(9000))
+
+    def test_leasesJSONMigrated(self) -> None:
+        """
+        An earlier relay's C{leases.json} is imported into the store at start and renamed, so
+        that its names keep their owners.
         """
         stateDir = os.path.abspath(self.mktemp())
         os.makedirs(stateDir)
+        clock = Clock()
+        clock.advance(1000)
         with open(os.path.join(stateDir, "leases.json"), "w") as f:
-            f.write("{not json")
-        service = self._service(stateDir, Clock())
+            json.dump({"version": 1, "leases": {"app": {"owner": "a" * 52, "expiresAt": 990}}}, f)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = self._service(stateDir, clock)
         assert service.router is not None
-        self.assertEqual(len(service.router.leases), 0)
-        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.assertEqual(service.router.leases.ownerOf("app"), "a" * 52)
+        self.assertFalse(os.path.exists(os.path.join(stateDir, "leases.json")))
+        self.assertTrue(os.path.exists(os.path.join(stateDir, "leases.json.migrated")))
+        self.assertIn(
+            f"imported 1 lease names from {stateDir}/leases.json into the lease store (renamed "
+            f"to {stateDir}/leases.json.migrated)",
+            [formatEvent(event) for event in events],
+        )
 
 
 class RelayStartTests(SynchronousTestCase):
     """
-    A relay whose listeners cannot start does not keep running.
+    A relay that cannot start says why in one line, is marked failed and does not keep running.
     """
+
+    def start(self, config: RelayConfig, reactor: Any = None) -> RelayService:
+        """
+        Start a relay service on a memory reactor; it is stopped when the test ends.
+        """
+        service = RelayService(config, reactor or MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def assertOneLine(self, service: RelayService, events: list[Any], reason: str) -> None:
+        """
+        The service failed to start, logging C{reason} in one critical event and no traceback,
+        and stops the reactor as soon as it runs.
+        """
+        self.assertIsNotNone(service.startFailure)
+        critical = [event for event in events if event["log_level"] == LogLevel.critical]
+        self.assertEqual(
+            [formatEvent(event) for event in critical], [f"portal-relay cannot start: {reason}"]
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+        reactor = service._reactor
+        self.assertIn(reactor.stop, [hook for hook, _, _ in reactor.whenRunningHooks])
 
     def test_listenFailureStopsReactor(self) -> None:
         """
-        When a listener fails before the reactor runs (as under twistd), the failure is logged and the
-        reactor is stopped as soon as it runs.
+        When a listener fails before the reactor runs (as under twistd) for a reason that looks
+        like a bug, the failure is logged with its traceback and the reactor is stopped as soon as
+        it runs.
         """
         reactor = MemoryReactorClock()
         config = RelayConfig(stateDir=os.path.abspath(self.mktemp()), public="tcp:notaport")
-        service = RelayService(config, reactor)
-        service.startService()
+        service = self.start(config, reactor)
         self.failureResultOf(service.whenListening(), ValueError)
         self.assertIn(reactor.stop, [hook for hook, _, _ in reactor.whenRunningHooks])
         self.assertTrue(self.flushLoggedErrors())
+        self.assertIsNotNone(service.startFailure)
+
+    def test_busyPort(self) -> None:
+        """
+        A port that cannot be bound stops the relay with one line naming it, without a traceback.
+        """
+        reactor = MemoryReactorClock()
+
+        def busy(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        self.patch(reactor, "listenTCP", busy)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        config = RelayConfig(
+            stateDir=os.path.abspath(self.mktemp()), public="tcp:8443:interface=127.0.0.1"
+        )
+        service = self.start(config, reactor)
+        self.failureResultOf(service.whenListening(), CannotListenError)
+        self.assertOneLine(
+            service,
+            list(events),
+            "Couldn't listen on 127.0.0.1:8443: [Errno 98] Address already in use.",
+        )
+
+    def test_damagedStore(self) -> None:
+        """
+        A damaged lease store stops the relay with one line naming the file and how to recover;
+        the file is left as it was.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        os.makedirs(stateDir)
+        path = os.path.join(stateDir, STORE_FILE)
+        with open(path, "wb") as f:
+            f.write(b"garbage" * 1000)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = self.start(RelayConfig(stateDir=stateDir))
+        failure = self.failureResultOf(service.whenListening(), StoreDamaged)
+        self.assertOneLine(service, list(events), failure.getErrorMessage())
+        self.assertIn(path, failure.getErrorMessage())
+        self.assertIsNone(service.router)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"garbage" * 1000)
+
+    def test_lockedStateDirectory(self) -> None:
+        """
+        A second relay on a state directory in use stops with one line naming the process that
+        holds it, and leaves the first one's state alone.
+        """
+        config = RelayConfig(stateDir=os.path.abspath(self.mktemp()))
+        first = self.start(config)
+        self.successResultOf(first.whenListening())
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        second = self.start(config)
+        failure = self.failureResultOf(second.whenListening(), StateDirectoryLocked)
+        self.assertIn(f"(process {os.getpid()})", failure.getErrorMessage())
+        self.assertOneLine(second, list(events), failure.getErrorMessage())
+        assert first.router is not None
+        first.router.leases.register("app", "owner-a", object())
+        self.assertEqual(first.router.leases.ownerOf("app"), "owner-a")
+
+    def test_exitIfStartFailed(self) -> None:
+        """
+        Under twistd, a relay that could not start ends the process with exit code 1 once the
+        reactor has shut down; one that started is left to exit as twistd does.
+        """
+        exits: list[int] = []
+        self.patch(os, "_exit", exits.append)
+        config = RelayConfig(stateDir=os.path.abspath(self.mktemp()))
+        started = self.start(config)
+        exitIfStartFailed(started)
+        self.assertEqual(exits, [])
+        failed = self.start(config)
+        self.flushLoggedErrors()
+        exitIfStartFailed(failed)
+        self.assertEqual(exits, [1])
 
 
 class RelayOptionsTests(SynchronousTestCase):
@@ -126,6 +284,17 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual(options.config().limits.leaseTTL, 30.0)
         self.assertEqual(options.config().limits.maxIdleData, 8)
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--lease-ttl", "0"])
+
+    def test_reserveAfter(self) -> None:
+        """
+        C{--reserve-after} reaches the limits (ten minutes by default) and must be positive.
+        """
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.config().limits.reserveAfter, 600.0)
+        options.parseOptions(["--reserve-after", "90"])
+        self.assertEqual(options.config().limits.reserveAfter, 90.0)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--reserve-after", "0"])
 
     def test_livenessOptions(self) -> None:
         """
@@ -366,13 +535,17 @@ class HopRegistryTests(SynchronousTestCase):
 
     def test_badRegistryStopsStart(self) -> None:
         """
-        A registry that cannot be read stops the relay with the registry's error, rather than
-        starting with a different allow list than the operator asked for.
+        A registry that cannot be read stops the relay with the registry's error in one line,
+        rather than starting with a different allow list than the operator asked for.
         """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         service = self._start(b"{not json")
         failure = self.failureResultOf(service.whenListening(), RegistryError)
         self.assertIn("not valid JSON", failure.getErrorMessage())
-        self.assertTrue(self.flushLoggedErrors(RegistryError))
+        self.assertIn(
+            f"portal-relay cannot start: {failure.getErrorMessage()}",
+            [formatEvent(event) for event in events],
+        )
 
     def test_option(self) -> None:
         """

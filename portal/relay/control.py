@@ -34,6 +34,7 @@ from portal.relay.leases import LeaseError
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
+from portal.relay.store import StoreError
 from portal.relay.udpsession import UDPSession
 from portal.trust.challenge import (
     PURPOSE_HOP,
@@ -480,12 +481,17 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             for name in names:
                 router.leases.register(name, owner, self)
                 registered.append(name)
-        except LeaseError as e:
+        except (LeaseError, StoreError) as e:
             # All or none: give back what this call took (the names stay reserved for the owner).
             for name in registered:
                 router.leases.release(name, owner)
             if registered:
                 router.onLeasesChanged()
+            if isinstance(e, StoreError):
+                self._log.error("registration failed: {error}", error=str(e))
+                raise self._refused(
+                    "lease_store", TryAgain, "the relay cannot record leases at the moment"
+                )
             raise self._refused("names_per_identity", RegistrationRefused, str(e))
         admission.names.add(self.source, [(owner, name) for name in names])
         self.owner = owner
@@ -616,7 +622,6 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             router.tcp.close(self.owner, name, self)
         if "udp" in modes and router.udp is not None:
             router.udp.ports.close(self.owner, name, self)
-        router.onLeasesChanged()
 
     @Heartbeat.responder
     def heartbeat(self) -> dict[str, object]:
@@ -677,8 +682,6 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 self.names.discard(name)
                 self._closePort(name)
                 raise LeaseUnknown(str(e))
-        # Saved (coalesced) so that a crash does not shorten the owner's reservation.
-        self._router.onLeasesChanged()
         return {"expiresIn": self._router.leases.ttl}
 
     @Unregister.responder
@@ -697,7 +700,6 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 continue
             self._router.leases.release(name, self.owner)
             self._log.info("lease {name} released", name=name)
-        self._router.onLeasesChanged()
         return {}
 
     def requestData(self, count: int) -> None:

@@ -1,10 +1,15 @@
 """
 The relay's lease table: which identity owns which name, and which control session serves it.
 
-A lease name belongs to the identity that first registered it for as long as the lease is renewed,
-plus a reservation period after it lapses, so that a tunnel that reconnects (or a relay that
-restarts) gets its name back and nobody else can take it in between.  A name is routable only while
-its lease is live and a control session holds it.
+A lease name belongs to the identity that first registered it for as long as the lease is renewed.
+Once it has been live for C{reserveAfter} seconds it also stays reserved for its owner for a
+reservation period after it lapses, so that a tunnel that reconnects (or a relay that restarts) gets
+its name back and nobody else can take it in between; a name registered and dropped at once is
+free again as soon as its lease ends.  A name is routable only while its lease is live and a
+control session holds it.
+
+The table keeps everything in memory and writes every ownership change through to an
+L{ILeaseStore}, one record per name; it loads the store's records when it is built.
 
 Times are C{clock.seconds()} values.  The relay uses the reactor's clock, which is wall-clock time,
 so persisted expiry times stay meaningful across restarts.
@@ -12,12 +17,15 @@ so persisted expiry times stay meaningful across restarts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-#: Version of the format written by L{LeaseTable.toJSON}.
+from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, NameRecord
+
+#: Version of the C{leases.json} format of earlier relays, read by L{LeaseTable.importJSON}.
 STATE_VERSION = 1
 
 
@@ -49,22 +57,27 @@ class Lease:
     @ivar name: The lease name (a DNS label).
     @ivar owner: The identity id of the owner.
     @ivar expiresAt: The clock time the lease stops being live unless renewed; ownership lasts until
-        the table's reservation period after it.
+        the table's reservation period after it, if the name has earned a reservation.
     @ivar holder: The control session serving the name, or C{None} when detached.
+    @ivar since: When the owner's continuous ownership of the name began.
     """
 
     name: str
     owner: str
     expiresAt: float
     holder: object | None
+    since: float = 0.0
 
 
 class LeaseTable:
     """
-    All of a relay's leases, indexed by name, owner and holder so that lookups take constant time.
+    All of a relay's leases, indexed by name, owner and holder so that lookups take constant time,
+    with every ownership change written through to a store.
 
     @ivar ttl: Seconds a registration or renewal keeps a lease live.
-    @ivar reservation: Seconds a lapsed lease stays owned by its owner.
+    @ivar reservation: Seconds a lapsed lease stays owned by its owner, once earned.
+    @ivar reserveAfter: Seconds a name must have been owned (from its first registration to the end
+        of its lease) to earn the reservation; a name that lapses sooner is free when its lease ends.
     @ivar maxPerOwner: Most names (live or reserved) one owner may hold.
     """
 
@@ -74,22 +87,39 @@ class LeaseTable:
         ttl: float = 60.0,
         reservation: float = 3600.0,
         maxPerOwner: int = 100,
+        reserveAfter: float = 0.0,
+        store: ILeaseStore | None = None,
     ) -> None:
         """
+        Build the table from the records in C{store}, every lease detached; records whose
+        ownership has ended are dropped from the store.
+
         @param clock: The source of the current time.
         @param ttl: Seconds a registration or renewal keeps a lease live.
-        @param reservation: Seconds a lapsed lease stays owned by its owner.
+        @param reservation: Seconds a lapsed lease stays owned by its owner, once earned.
         @param maxPerOwner: Most names (live or reserved) one owner may hold.
+        @param reserveAfter: Seconds a name must have been owned to earn the reservation.
+        @param store: Where ownership is kept; a new L{MemoryLeaseStore} if not given.
+        @raise portal.relay.store.StoreError: If the store cannot be read.
         """
         self.ttl = ttl
         self.reservation = reservation
+        self.reserveAfter = reserveAfter
         self.maxPerOwner = maxPerOwner
         self._clock = clock
+        self._store: ILeaseStore = store if store is not None else MemoryLeaseStore()
         self._leases: dict[str, Lease] = {}
         self._byOwner: dict[str, set[str]] = {}
         # Keyed by id(holder): holders need not be hashable.  Each entry's lease keeps its holder
         # alive, so the id cannot be reused while it is in this index.
         self._byHolder: dict[int, set[str]] = {}
+        now = clock.seconds()
+        for record in self._store.names():
+            lease = Lease(record.name, record.owner, record.expiresAt, None, record.since)
+            if self._owned(lease, now):
+                self._add(lease)
+            else:
+                self._store.dropName(record.name, record.owner)
 
     def __len__(self) -> int:
         """
@@ -100,15 +130,55 @@ class LeaseTable:
         """
         return len(self._leases)
 
+    def __iter__(self) -> Iterator[Lease]:
+        """
+        @return: The table's leases, in no particular order (do not change the table meanwhile).
+        """
+        return iter(self._leases.values())
+
+    def ownedUntil(self, lease: Lease) -> float:
+        """
+        Tell when a lease stops belonging to its owner.
+
+        @param lease: The lease.
+        @return: Its expiry, plus the reservation period if the name was owned for at least
+            L{reserveAfter} seconds by then.
+        """
+        earned = lease.expiresAt - lease.since >= self.reserveAfter
+        return lease.expiresAt + (self.reservation if earned else 0.0)
+
     def _owned(self, lease: Lease, now: float) -> bool:
         """
         Tell whether a lease still belongs to its owner.
 
         @param lease: The lease.
         @param now: The current time.
-        @return: Whether C{now} is before the end of the lease's reservation period.
+        @return: Whether C{now} is before L{ownedUntil}.
         """
-        return now < lease.expiresAt + self.reservation
+        return now < self.ownedUntil(lease)
+
+    def _save(self, name: str, owner: str, since: float, expiresAt: float, now: float) -> None:
+        """
+        Claim a name's record in the store for its owner, before the table changes.
+
+        @raise NameTaken: If the store holds the name for another identity (another relay sharing
+            the store won it first).
+        @raise portal.relay.store.StoreError: If the store cannot be written.
+        """
+        lease = Lease(name, owner, expiresAt, None, since)
+        record = NameRecord(name, owner, since, expiresAt, self.ownedUntil(lease))
+        saved = self._store.claimName(record, now)
+        if saved.owner != owner:
+            raise NameTaken(f"name {name!r} is taken by another identity")
+
+    def _add(self, lease: Lease) -> None:
+        """
+        Put a lease in the table and the owner index.
+
+        @param lease: A lease on a name not in the table.
+        """
+        self._leases[lease.name] = lease
+        self._byOwner.setdefault(lease.owner, set()).add(lease.name)
 
     def _setHolder(self, lease: Lease, holder: object | None) -> None:
         """
@@ -130,10 +200,11 @@ class LeaseTable:
 
     def _remove(self, lease: Lease) -> None:
         """
-        Drop a lease from the table and every index.
+        Drop a lease from the table, every index and the store.
 
         @param lease: The lease to drop.
         """
+        self._store.dropName(lease.name, lease.owner)
         self._setHolder(lease, None)
         del self._leases[lease.name]
         names = self._byOwner[lease.owner]
@@ -188,20 +259,22 @@ class LeaseTable:
         @return: The lease, live for L{ttl} seconds from now.
         @raise NameTaken: If another identity owns the name or still has it reserved.
         @raise TooManyLeases: If C{owner} already holds C{maxPerOwner} other names.
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         now = self._clock.seconds()
         lease = self._lookup(name, now)
         if lease is not None and lease.owner != owner:
             raise NameTaken(f"name {name!r} is taken by another identity")
+        if lease is None and self._ownedCount(owner, now) >= self.maxPerOwner:
+            raise TooManyLeases(
+                f"identity already holds {self.maxPerOwner} names on this relay, the most "
+                f"allowed; release one before registering {name!r}"
+            )
+        since = now if lease is None else lease.since
+        self._save(name, owner, since, now + self.ttl, now)
         if lease is None:
-            if self._ownedCount(owner, now) >= self.maxPerOwner:
-                raise TooManyLeases(
-                    f"identity already holds {self.maxPerOwner} names on this relay, the most "
-                    f"allowed; release one before registering {name!r}"
-                )
-            lease = Lease(name=name, owner=owner, expiresAt=now + self.ttl, holder=None)
-            self._leases[name] = lease
-            self._byOwner.setdefault(owner, set()).add(name)
+            lease = Lease(name=name, owner=owner, expiresAt=now + self.ttl, holder=None, since=now)
+            self._add(lease)
         lease.expiresAt = now + self.ttl
         if lease.holder is not holder:
             self._setHolder(lease, holder)
@@ -217,6 +290,7 @@ class LeaseTable:
         @return: The renewed lease.
         @raise LeaseError: If C{owner} does not own the name or C{holder} does not hold it (a
             detached lease must be registered again).
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         now = self._clock.seconds()
         lease = self._lookup(name, now)
@@ -226,6 +300,7 @@ class LeaseTable:
             raise LeaseError(
                 f"name {name!r} is not held by this connection; register it again to move it here"
             )
+        self._save(name, owner, lease.since, now + self.ttl, now)
         lease.expiresAt = now + self.ttl
         return lease
 
@@ -234,25 +309,29 @@ class LeaseTable:
         End a lease now at its owner's request.
 
         The name stops being routable at once; the owner keeps it for the reservation period
-        counted from now (or from its earlier expiry, if the lease had already lapsed).
+        counted from now (or from its earlier expiry, if the lease had already lapsed), if the name
+        has earned one.
 
         @param name: The lease name.
         @param owner: The releasing identity's id.
         @raise LeaseError: If C{owner} does not own the name.
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         now = self._clock.seconds()
         lease = self._lookup(name, now)
         if lease is None or lease.owner != owner:
             raise LeaseError(f"name {name!r} is not leased to this identity")
-        lease.expiresAt = min(lease.expiresAt, now)
+        expiresAt = min(lease.expiresAt, now)
+        self._save(name, owner, lease.since, expiresAt, now)
+        lease.expiresAt = expiresAt
         self._setHolder(lease, None)
 
     def detach(self, holder: object) -> list[Lease]:
         """
         Note that a control session has gone away.
 
-        Its leases stop being routable; their owners keep them until their expiry plus the
-        reservation period, and can take them back by registering again.
+        Its leases stop being routable; their owners keep them until their expiry (plus the
+        reservation period, if earned), and can take them back by registering again.
 
         @param holder: The control session that ended.
         @return: The leases it held, now detached.
@@ -291,7 +370,7 @@ class LeaseTable:
 
     def expire(self) -> list[str]:
         """
-        Drop every name whose reservation period has ended.
+        Drop every name whose ownership has ended, from the table and the store.
 
         This walks the whole table; call it now and then (every L{ttl} seconds, say).
 
@@ -303,57 +382,47 @@ class LeaseTable:
             self._remove(lease)
         return [lease.name for lease in expired]
 
-    def toJSON(self) -> dict[str, Any]:
+    def importJSON(self, data: Any) -> int:
         """
-        Describe the table's ownership for persistence.
+        Take over the names of a C{leases.json} written by an earlier relay, every lease detached.
 
-        Holders are not included: after a restart every lease is detached until its owner
-        registers again.
+        Imported names count as owned long enough to earn their reservation.  A name already in
+        the table keeps its owner.
 
-        @return: A JSON-serialisable C{dict} for L{fromJSON}.
-        """
-        now = self._clock.seconds()
-        return {
-            "version": STATE_VERSION,
-            "leases": {
-                lease.name: {"owner": lease.owner, "expiresAt": lease.expiresAt}
-                for lease in self._leases.values()
-                if self._owned(lease, now)
-            },
-        }
-
-    @classmethod
-    def fromJSON(cls, data: Any, clock: IReactorTime, **kw: Any) -> LeaseTable:
-        """
-        Rebuild a table saved by L{toJSON}, with every lease detached.
-
-        @param data: The result of L{toJSON}, after a JSON round trip.
-        @param clock: The source of the current time.
-        @param kw: Further arguments for L{LeaseTable.__init__}.
-        @return: The table; names whose reservation has already ended are left out.
-        @raise ValueError: If C{data} is not in the format L{toJSON} writes.
+        @param data: The parsed JSON (C{{"version": 1, "leases": {name: {"owner", "expiresAt"}}}}).
+        @return: The number of names taken over; names whose reservation has already ended are
+            left out.
+        @raise ValueError: If C{data} is not in that format (nothing is imported then).
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ValueError(f"lease state is not a version {STATE_VERSION} lease table")
         leases = data.get("leases")
         if not isinstance(leases, dict):
             raise ValueError("lease state has no 'leases' object")
-        table = cls(clock, **kw)
-        now = clock.seconds()
+        entries = []
         for name, entry in leases.items():
             if not isinstance(entry, dict):
                 raise ValueError(f"lease state for {name!r} is not an object")
             owner = entry.get("owner")
             expiresAt = entry.get("expiresAt")
             if (
-                not isinstance(owner, str)
+                not isinstance(name, str)
+                or not isinstance(owner, str)
                 or isinstance(expiresAt, bool)
                 or not isinstance(expiresAt, (int, float))
             ):
                 raise ValueError(f"lease state for {name!r} lacks a valid owner or expiresAt")
-            lease = Lease(name=name, owner=owner, expiresAt=float(expiresAt), holder=None)
-            if not table._owned(lease, now):
+            entries.append(Lease(name, owner, float(expiresAt), None, IMPORTED_SINCE))
+        now = self._clock.seconds()
+        imported = 0
+        for lease in entries:
+            if not self._owned(lease, now) or self._lookup(lease.name, now) is not None:
                 continue
-            table._leases[name] = lease
-            table._byOwner.setdefault(owner, set()).add(name)
-        return table
+            try:
+                self._save(lease.name, lease.owner, lease.since, lease.expiresAt, now)
+            except NameTaken:
+                continue
+            self._add(lease)
+            imported += 1
+        return imported

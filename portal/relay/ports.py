@@ -4,10 +4,13 @@ Public ports for the relay's raw TCP and UDP modes: which (identity, name) gets 
 A port is sticky: once an identity's tunnel name has a port, it keeps it while its lease is live,
 and for a reservation period after the lease lapses, so that a tunnel that reconnects (or a relay
 that restarts) gets the same port back and nobody else can take it in between.  Otherwise a new
-name gets the lowest port in the range that is neither live nor reserved.
+name gets the lowest port in the range that is neither live nor reserved.  Reservations are not a
+way to empty a range: a port live for less than C{reserveAfter} seconds is reserved for the short
+C{grace} period only, and when no port is free the oldest reservation past its grace period is
+given up (and logged) for the newcomer.
 
-This module does no I/O: the relay listens on the ports it hands out and persists L{toJSON}.
-Times are C{clock.seconds()} values.
+The allocator listens nowhere (the relay listens on the ports it hands out); it writes every
+assignment through to an L{ILeaseStore}.  Times are C{clock.seconds()} values.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-#: Version of the format written by L{PortAllocator.toJSON}.
+from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, PortRecord
+
+#: Version of the C{ports.json} format of earlier relays, read by L{PortAllocator.importJSON}.
 STATE_VERSION = 1
 
 #: The lowest and highest port numbers a range may include.
@@ -56,7 +62,7 @@ class PortLimitReached(PortAllocationError):
 
 class PortStateError(ValueError):
     """
-    Saved allocator state is not in the format L{PortAllocator.toJSON} writes.
+    A C{ports.json} of an earlier relay is not in the format L{PortAllocator.importJSON} reads.
     """
 
 
@@ -166,19 +172,44 @@ def parsePortRange(text: str, option: str | None = None) -> PortRange:
 Key = tuple[str, str]
 
 
+@attrs.frozen
+class _Reservation:
+    """
+    A port reserved for a key that is not live.
+
+    @ivar port: The port.
+    @ivar since: When the key's assignment of the port began.
+    @ivar reservedAt: When the port stopped being live.
+    @ivar until: When the reservation ends.
+    """
+
+    port: int
+    since: float
+    reservedAt: float
+    until: float
+
+
 class PortAllocator:
     """
     The public ports of one range, each live for one (identity, name), reserved for it after its
     lease lapses, or free.
 
-    Building or restoring an allocator takes time proportional to the range.  After that, every
-    operation takes constant time, apart from taking a new port from the free pool and dropping
-    ended reservations, which take logarithmic time per port.
+    Building an allocator takes time proportional to the range and the saved records.  After that,
+    every operation takes constant time, apart from taking a new port from the free pool and
+    dropping ended reservations, which take logarithmic time per port.
 
     @ivar portRange: The ports handed out.
-    @ivar reservation: Seconds a released port stays reserved for its (identity, name).
+    @ivar reservation: Seconds a released port stays reserved for its (identity, name), once earned.
     @ivar maxPerIdentity: Most live ports one identity may hold; reserved ports do not count.
+    @ivar reserveAfter: Seconds a port must have been assigned to its key, when it is released, to
+        earn the full reservation; sooner, it is reserved for C{grace} seconds only.
+    @ivar grace: Seconds every reservation is kept whatever the range's pressure; after that, when
+        no port is free, the oldest reservation is given to the newcomer.  L{None}: reservations
+        are never given up early, and a port released before C{reserveAfter} is free at once.
+    @ivar kind: C{"tcp"} or C{"udp"}: which of the store's port records are this allocator's.
     """
+
+    _log = Logger()
 
     def __init__(
         self,
@@ -186,95 +217,207 @@ class PortAllocator:
         clock: IReactorTime,
         reservation: float = 3600.0,
         maxPerIdentity: int = 10,
+        reserveAfter: float = 0.0,
+        grace: float | None = None,
+        store: ILeaseStore | None = None,
+        kind: str = "tcp",
     ) -> None:
         """
+        Build the allocator from C{store}'s records of C{kind}: live assignments saved before a
+        restart come back reserved for L{reservation} seconds from now (a tunnel must allocate its
+        port again to make it live); records outside C{portRange} (which may have changed since)
+        and ended reservations are dropped from the store.
+
         @param portRange: The ports to hand out.
         @param clock: The source of the current time.
         @param reservation: Seconds a released port stays reserved for its (identity, name).
         @param maxPerIdentity: Most live ports one identity may hold.
+        @param reserveAfter: Seconds a port must have been assigned to earn the full reservation.
+        @param grace: Seconds every reservation is safe from being given up; L{None} for never.
+        @param store: Where assignments are kept; a new L{MemoryLeaseStore} if not given.
+        @param kind: C{"tcp"} or C{"udp"}.
+        @raise portal.relay.store.StoreError: If the store cannot be read or written.
         """
         self.portRange = portRange
         self.reservation = reservation
         self.maxPerIdentity = maxPerIdentity
+        self.reserveAfter = reserveAfter
+        self.grace = grace
+        self.kind = kind
         self._clock = clock
-        # Live assignments, both ways, and the number of live ports per identity.
+        self._store: ILeaseStore = store if store is not None else MemoryLeaseStore()
+        # Live assignments, both ways, when each began, and the number of live ports per identity.
         self._live: dict[Key, int] = {}
         self._liveOwners: dict[int, Key] = {}
+        self._liveSince: dict[Key, float] = {}
         self._liveCounts: dict[str, int] = {}
-        # Reservations: key -> (port, reserved until), and port -> key.
-        self._reserved: dict[Key, tuple[int, float]] = {}
+        # Reservations by key, oldest first (reservations are made at the current time, so
+        # insertion order is age order), and port -> key.
+        self._reserved: dict[Key, _Reservation] = {}
         self._reservedFor: dict[int, Key] = {}
         # Reservation ends, soonest first.  An entry is stale unless it matches _reserved.
         self._ends: list[tuple[float, int, Key]] = []
+        now = clock.seconds()
+        restored = []
+        for record in self._store.ports(kind):
+            if record.port not in portRange or not record.heldAt(now):
+                self._store.dropPort(kind, record.port, record.identity, record.name)
+                continue
+            if record.reservedAt is None or record.reservedUntil is None:
+                # Live when the relay stopped: reserved from now, as if released at start.
+                record = attrs.evolve(record, reservedAt=now, reservedUntil=now + reservation)
+                self._store.claimPort(record, now)
+            restored.append(record)
+        restored.sort(key=lambda record: (record.reservedAt, record.port))
+        for record in restored:
+            assert record.reservedAt is not None and record.reservedUntil is not None
+            if record.key in self._reserved:
+                self._store.dropPort(kind, record.port, record.identity, record.name)
+                continue
+            self._remember(
+                record.key,
+                _Reservation(record.port, record.since, record.reservedAt, record.reservedUntil),
+            )
         # Every port that is neither live nor reserved, as a heap; a sorted list is a heap.
-        self._free: list[int] = list(portRange)
+        self._free: list[int] = [port for port in portRange if port not in self._reservedFor]
 
     def _purge(self, now: float) -> None:
         """
-        Free every port whose reservation ended at or before C{now}.
+        Free every port whose reservation ended at or before C{now}, in memory and in the store.
 
         @param now: The current time.
         """
         ends = self._ends
         while ends and ends[0][0] <= now:
-            until, port, key = heapq.heappop(ends)
-            if self._reserved.get(key) == (port, until):
-                del self._reserved[key]
-                del self._reservedFor[port]
-                heapq.heappush(self._free, port)
+            entry = heapq.heappop(ends)
+            reservation = self._reservedAt(entry)
+            if reservation is not None:
+                self._forget(entry[2], reservation)
         if len(ends) > 2 * len(self._reserved) + 64:
             # Keys that were reserved, live again and released again left stale entries behind.
-            self._ends = [(until, port, key) for key, (port, until) in self._reserved.items()]
+            self._ends = [(r.until, r.port, key) for key, r in self._reserved.items()]
             heapq.heapify(self._ends)
 
-    def _reserve(self, key: Key, port: int, until: float) -> None:
+    def _forget(self, key: Key, reservation: _Reservation) -> None:
         """
-        Reserve a port that is not live for a key.
+        End a reservation: its port is free.
 
-        @param key: The (identity, name) to reserve it for.
-        @param port: The port.
-        @param until: When the reservation ends.
+        @param key: The (identity, name) it was reserved for.
+        @param reservation: The reservation.
         """
-        self._reserved[key] = (port, until)
-        self._reservedFor[port] = key
-        heapq.heappush(self._ends, (until, port, key))
+        del self._reserved[key]
+        del self._reservedFor[reservation.port]
+        self._store.dropPort(self.kind, reservation.port, *key)
+        heapq.heappush(self._free, reservation.port)
+
+    def _remember(self, key: Key, reservation: _Reservation) -> None:
+        """
+        Record a reservation in memory (the store already has it).
+
+        @param key: The (identity, name) the port is reserved for.
+        @param reservation: The reservation.
+        """
+        self._reserved[key] = reservation
+        self._reservedFor[reservation.port] = key
+        heapq.heappush(self._ends, (reservation.until, reservation.port, key))
+
+    def _reservedAt(self, entry: tuple[float, int, Key]) -> _Reservation | None:
+        """
+        @param entry: An entry of the queue of reservation ends.
+        @return: The reservation it stands for, or L{None} if it is stale.
+        """
+        until, port, key = entry
+        reservation = self._reserved.get(key)
+        if reservation is None or (reservation.port, reservation.until) != (port, until):
+            return None
+        return reservation
+
+    def _reclaim(self, now: float) -> None:
+        """
+        No port is free: give up the oldest reservation past its grace period, or explain when a
+        port will free.
+
+        @param now: The current time, after L{_purge}.
+        @raise PortsExhausted: If no reservation can be given up; the message says when the next
+            port frees, if that is known.
+        """
+        if self._reserved:
+            key, oldest = next(iter(self._reserved.items()))
+            if self.grace is not None and now - oldest.reservedAt >= self.grace:
+                self._forget(key, oldest)
+                self._log.info(
+                    "{kind} port {port} reserved for {name} of {identity} given up after "
+                    "{age:.0f} s: no free port in {range}, oldest reservation first",
+                    kind=self.kind,
+                    port=oldest.port,
+                    name=key[1],
+                    identity=key[0][:12],
+                    age=now - oldest.reservedAt,
+                    range=str(self.portRange),
+                )
+                return
+            ends = self._ends
+            while ends and self._reservedAt(ends[0]) is None:
+                heapq.heappop(ends)  # A stale entry: its key was live again since.
+            frees = ends[0][0]
+            if self.grace is not None:
+                frees = min(frees, oldest.reservedAt + self.grace)
+            raise PortsExhausted(
+                f"no free port in {self.portRange}: {len(self._live)} live, "
+                f"{len(self._reserved)} reserved; the next port frees in "
+                f"{max(frees - now, 0.0):.0f} s"
+            )
+        raise PortsExhausted(
+            f"no free port in {self.portRange}: all {len(self._live)} are live; one frees when "
+            f"a tunnel using one stops"
+        )
 
     def allocate(self, identity: str, name: str) -> int:
         """
         Make a port live for C{name} of C{identity}.
 
         The port is the one the key already holds, live or reserved, if any; otherwise the lowest
-        free port in the range.
+        free port in the range; otherwise the port of the oldest reservation past its grace period.
 
         @param identity: The identity's id, already authenticated.
         @param name: The tunnel's name.
         @return: The port, live until L{release}.
         @raise PortLimitReached: If the key is not live and C{identity} already holds
             L{maxPerIdentity} live ports.
-        @raise PortsExhausted: If the key holds no port and every port in the range is live or
-            reserved.
+        @raise PortsExhausted: If the key holds no port and no port can be given.
+        @raise PortAllocationError: If the store holds the port for another key.
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         key = (identity, name)
         port = self._live.get(key)
         if port is not None:
             return port
-        self._purge(self._clock.seconds())
+        now = self._clock.seconds()
+        self._purge(now)
         held = self._liveCounts.get(identity, 0)
         if held >= self.maxPerIdentity:
             raise PortLimitReached(
                 f"identity already holds {held} live ports on this relay, the most allowed; "
                 f"close a tunnel before opening {name!r}"
             )
-        reserved = self._reserved.pop(key, None)
+        reserved = self._reserved.get(key)
         if reserved is not None:
-            port = reserved[0]
-            del self._reservedFor[port]
-        elif self._free:
-            port = heapq.heappop(self._free)
+            port, since = reserved.port, reserved.since
         else:
-            raise PortsExhausted(f"no free port in {self.portRange}")
+            if not self._free:
+                self._reclaim(now)
+            port, since = self._free[0], now
+        record = PortRecord(self.kind, port, identity, name, since)
+        if self._store.claimPort(record, now) != record:
+            raise PortAllocationError(f"port {port} is held by another relay sharing the store")
+        if reserved is not None:
+            del self._reserved[key]
+            del self._reservedFor[port]
+        else:
+            heapq.heappop(self._free)
         self._live[key] = port
         self._liveOwners[port] = key
+        self._liveSince[key] = since
         self._liveCounts[identity] = held + 1
         return port
 
@@ -282,25 +425,39 @@ class PortAllocator:
         """
         Note that the lease of C{name} of C{identity} lapsed.
 
-        Its port stops being live and stays reserved for it for L{reservation} seconds from now.
-        Releasing a key that is not live changes nothing (a reservation is not extended).
+        Its port stops being live and stays reserved for it for L{reservation} seconds from now,
+        if it was assigned for at least L{reserveAfter} seconds; else for L{grace} seconds (free
+        at once without a grace period).  Releasing a key that is not live changes nothing (a
+        reservation is not extended).
 
         @param identity: The identity's id.
         @param name: The tunnel's name.
         @return: The port that stopped being live, or C{None} if the key was not live.
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         key = (identity, name)
         port = self._live.pop(key, None)
         if port is None:
             return None
         del self._liveOwners[port]
+        since = self._liveSince.pop(key)
         count = self._liveCounts[identity] - 1
         if count:
             self._liveCounts[identity] = count
         else:
             del self._liveCounts[identity]
         now = self._clock.seconds()
-        self._reserve(key, port, now + self.reservation)
+        length = self.reservation
+        if now - since < self.reserveAfter:
+            length = min(self.reservation, self.grace or 0.0)
+        if length > 0:
+            self._store.claimPort(
+                PortRecord(self.kind, port, identity, name, since, now, now + length), now
+            )
+            self._remember(key, _Reservation(port, since, now, now + length))
+        else:
+            self._store.dropPort(self.kind, port, identity, name)
+            heapq.heappush(self._free, port)
         self._purge(now)
         return port
 
@@ -318,7 +475,7 @@ class PortAllocator:
             return port
         self._purge(self._clock.seconds())
         reserved = self._reserved.get(key)
-        return None if reserved is None else reserved[0]
+        return None if reserved is None else reserved.port
 
     def owner(self, port: int) -> tuple[str, str] | None:
         """
@@ -345,55 +502,25 @@ class PortAllocator:
         self._purge(self._clock.seconds())
         return len(self._reserved)
 
-    def toJSON(self) -> dict[str, Any]:
+    def importJSON(self, data: Any) -> int:
         """
-        Describe every live and reserved assignment for persistence.
+        Take over the assignments of this allocator's kind from a C{ports.json} of an earlier relay.
 
-        @return: A JSON-serialisable C{dict} for L{fromJSON}, listing assignments by port.
-        """
-        self._purge(self._clock.seconds())
-        assignments = list(self._live.items()) + [
-            (key, port) for key, (port, _) in self._reserved.items()
-        ]
-        return {
-            "version": STATE_VERSION,
-            "ports": [
-                {"port": port, "identity": identity, "name": name}
-                for (identity, name), port in sorted(assignments, key=lambda item: item[1])
-            ],
-        }
+        Every assignment comes back reserved for L{reservation} seconds from now, counted as
+        assigned long enough to earn it; assignments outside the range, or of a port or key the
+        allocator already holds, are left out.
 
-    @classmethod
-    def fromJSON(
-        cls,
-        data: Any,
-        portRange: PortRange,
-        clock: IReactorTime,
-        reservation: float = 3600.0,
-        maxPerIdentity: int = 10,
-    ) -> PortAllocator:
-        """
-        Rebuild an allocator saved by L{toJSON}, as after a relay restart.
-
-        Every saved assignment, live or reserved, comes back reserved for L{reservation} seconds
-        from now: a tunnel must allocate its port again to make it live.  Assignments outside
-        C{portRange} (which may have changed since) are dropped.
-
-        @param data: The result of L{toJSON}, after a JSON round trip.
-        @param portRange: The ports to hand out.
-        @param clock: The source of the current time.
-        @param reservation: Seconds a released or restored port stays reserved.
-        @param maxPerIdentity: Most live ports one identity may hold.
-        @return: The allocator.
-        @raise PortStateError: If C{data} is not in the format L{toJSON} writes.
+        @param data: The parsed JSON of one kind (C{{"version": 1, "ports": [{"port", "identity",
+            "name"}]}}).
+        @return: The number of assignments taken over.
+        @raise PortStateError: If C{data} is not in that format (nothing is imported then).
+        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise PortStateError(f"port state is not a version {STATE_VERSION} port table")
         entries = data.get("ports")
         if not isinstance(entries, list):
             raise PortStateError("port state has no 'ports' list")
-        allocator = cls(portRange, clock, reservation=reservation, maxPerIdentity=maxPerIdentity)
-        until = clock.seconds() + reservation
         seenPorts: set[int] = set()
         seenKeys: set[Key] = set()
         for index, entry in enumerate(entries):
@@ -411,16 +538,33 @@ class PortAllocator:
                 raise PortStateError(
                     f"port state entry {index} lacks a valid port, identity or name"
                 )
-            key = (identity, name)
             if port in seenPorts:
                 raise PortStateError(f"port state assigns port {port} twice")
-            if key in seenKeys:
+            if (identity, name) in seenKeys:
                 raise PortStateError(
                     f"port state assigns two ports to name {name!r} of one identity"
                 )
             seenPorts.add(port)
-            seenKeys.add(key)
-            if port in portRange:
-                allocator._reserve(key, port, until)
-        allocator._free = [port for port in portRange if port not in allocator._reservedFor]
-        return allocator
+            seenKeys.add((identity, name))
+        now = self._clock.seconds()
+        self._purge(now)
+        imported = 0
+        for entry in entries:
+            port, key = entry["port"], (entry["identity"], entry["name"])
+            if (
+                port not in self.portRange
+                or port in self._reservedFor
+                or port in self._liveOwners
+                or key in self._reserved
+                or key in self._live
+            ):
+                continue
+            reservation = _Reservation(port, IMPORTED_SINCE, now, now + self.reservation)
+            record = PortRecord(self.kind, port, *key, IMPORTED_SINCE, now, reservation.until)
+            if self._store.claimPort(record, now) != record:
+                continue
+            self._remember(key, reservation)
+            self._free.remove(port)
+            imported += 1
+        heapq.heapify(self._free)
+        return imported

@@ -57,7 +57,9 @@ class RelayLimits:
     @ivar controlIdleTimeout: Seconds a control session may stay silent (tunnels send heartbeats far
         more often); a silent session is closed and its leases detached (they stay reserved).
     @ivar leaseTTL: Seconds a lease lives without renewal.
-    @ivar reservation: Seconds a lapsed lease's name stays reserved for its owner.
+    @ivar reservation: Seconds a lapsed lease's name (or public port) stays reserved for its owner.
+    @ivar reserveAfter: Seconds a name (or public port) must have been held before it earns that
+        reservation; one registered and dropped sooner is free when its lease ends.
     @ivar maxLeasesPerIdentity: Names one identity may hold on this relay.
     @ivar maxNamesPerRegister: Names one registration may ask for.
     @ivar maxConnections: Connections open at once on all the relay's listeners together (public,
@@ -92,6 +94,7 @@ class RelayLimits:
     controlIdleTimeout: float = 60.0
     leaseTTL: float = 60.0
     reservation: float = 3600.0
+    reserveAfter: float = 600.0
     maxLeasesPerIdentity: int = 100
     maxNamesPerRegister: int = 16
     maxConnections: int = 16384
@@ -336,6 +339,7 @@ class Router:
             ttl=self.limits.leaseTTL,
             reservation=self.limits.reservation,
             maxPerOwner=self.limits.maxLeasesPerIdentity,
+            reserveAfter=self.limits.reserveAfter,
         )
         self.challenges = ChallengeIssuer(identity.id, clock)
         self.refusals = Refusals(clock)

@@ -1,10 +1,10 @@
 """
-The relay as a Twisted service: its state directory, its listeners, and lease persistence.
+The relay as a Twisted service: its state directory (locked, with the lease store), its listeners,
+and a clean stop; a relay that cannot start says why in one line and is marked failed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,7 +22,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import CertificateOptions
@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
-from portal.registry.document import loadRegistry
+from portal.registry.document import RegistryError, loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.control import ControlFactory
 from portal.relay.etcd import EtcdClient, parseClusterURL
@@ -43,16 +43,19 @@ from portal.relay.identitylists import IdentityListError, IdentityLists
 from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
-from portal.relay.ports import PortAllocator, PortRange, PortStateError
+from portal.relay.migration import importJSONState
+from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.public import PublicFactory
 from portal.relay.rawtcp import tcpPorts
 from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
+from portal.relay.sqlitestore import STORE_FILE, SQLiteLeaseStore
+from portal.relay.statelock import StateDirectoryLocked, StateLock, lockStateDirectory
+from portal.relay.store import ILeaseStore, StoreError
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
 from portal.trust.identity import loadOrCreateIdentity
 from portal.trust.localca import LocalCA
-from portal.trust.privatefiles import writeFileAtomically
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
 
 #: Seconds between checks for open connections while a stopping relay drains.
@@ -75,6 +78,10 @@ def signalInstaller(reactor: Any) -> SignalInstaller:
         signal.signal(signum, lambda *_: reactor.callFromThread(handler))
 
     return install
+
+
+#: Failures that stop a relay at start with their message alone: the operator's to fix, not bugs.
+START_ERRORS = (CannotListenError, StoreError, StateDirectoryLocked, RegistryError, OSError)
 
 
 def defaultStateDir() -> str:
@@ -175,7 +182,10 @@ class RelayService(Service):
         self._reactor = reactor
         self._installSignal = installSignal
         self.ports: dict[str, IListeningPort] = {}
-        self._saveCall: Any = None
+        #: Why the relay could not start, once it failed to (twistd exits 1 then).
+        self.startFailure: Failure | None = None
+        self._lock: StateLock | None = None
+        self._store: ILeaseStore | None = None
         self._expiry: LoopingCall | None = None
         self._listening: Failure | bool = False
         self._listeningWaiters: list[Deferred[None]] = []
@@ -211,10 +221,15 @@ class RelayService(Service):
 
     def _buildRouter(self) -> tuple[Router, CertificateOptions]:
         """
-        Load or create the relay's identity, TLS certificate and leases from the state directory.
+        Lock the state directory, then load or create the relay's identity, lease store (importing
+        the JSON files of an earlier relay once) and TLS certificate from it.
+
+        @raise StateDirectoryLocked: If another relay holds the state directory.
+        @raise StoreError: If the lease store (or a JSON file to import) is damaged or unreadable.
         """
         config = self.config
         os.makedirs(config.stateDir, mode=0o700, exist_ok=True)
+        self._lock = lockStateDirectory(config.stateDir)
         # The workers of one relay (--workers) are one relay to tunnels: they share the first
         # worker's identity, each with a state directory of its own under the first one's.
         identityDir = (
@@ -240,26 +255,19 @@ class RelayService(Service):
             tunnelDomain=config.tunnelDomain,
             limits=limits,
         )
-        leasesPath = os.path.join(config.stateDir, "leases.json")
-        if os.path.exists(leasesPath):
-            try:
-                with open(leasesPath, "rb") as f:
-                    router.leases = LeaseTable.fromJSON(
-                        json.load(f),
-                        self._reactor,
-                        ttl=config.limits.leaseTTL,
-                        reservation=config.limits.reservation,
-                        maxPerOwner=config.limits.maxLeasesPerIdentity,
-                    )
-                self._log.info(
-                    "restored {count} lease names from {path}",
-                    count=len(router.leases),
-                    path=leasesPath,
-                )
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                self._log.error(
-                    "ignoring unreadable lease file {path}: {error}", path=leasesPath, error=str(e)
-                )
+        storePath = os.path.join(config.stateDir, STORE_FILE)
+        store = self._store = SQLiteLeaseStore.open(storePath)
+        router.leases = LeaseTable(
+            self._reactor,
+            ttl=limits.leaseTTL,
+            reservation=limits.reservation,
+            maxPerOwner=limits.maxLeasesPerIdentity,
+            reserveAfter=limits.reserveAfter,
+            store=store,
+        )
+        self._log.info(
+            "lease store {path}: {count} lease names", path=storePath, count=len(router.leases)
+        )
         # Every worker (--workers) reads the operator's lists, next to the relay's identity.
         self._listsDir = identityDir
         router.admission.lists = IdentityLists.load(identityDir, config.inviteOnly)
@@ -272,16 +280,26 @@ class RelayService(Service):
                 destinations=", ".join(formatDestination(*d) for d in config.allowHops),
                 limit=config.maxHopsPerIdentity,
             )
-        router.onLeasesChanged = self._scheduleSave
+        allocators = {}
         if config.tcpPorts is not None:
+            allocators["tcp"] = self._allocator("tcp", config.tcpPorts, store)
             # The interface is the public listener's, known once it listens (see _start).
-            router.tcp = tcpPorts(self._reactor, self._loadPorts("tcp", config.tcpPorts))
+            router.tcp = tcpPorts(self._reactor, allocators["tcp"])
         if config.udpPorts is not None:
+            allocators["udp"] = self._allocator("udp", config.udpPorts, store)
             router.udp = UDPMode(
                 self._reactor,
-                self._loadPorts("udp", config.udpPorts),
+                allocators["udp"],
                 maxFlowsPerSource=limits.maxUDPFlowsPerSource,
                 refusals=router.refusals,
+            )
+        for migrated in importJSONState(config.stateDir, router.leases, allocators):
+            self._log.info(
+                "imported {count} {what} from {path} into the lease store (renamed to "
+                "{path}.migrated)",
+                count=migrated.count,
+                what=migrated.what,
+                path=migrated.path,
             )
         ca = LocalCA.loadOrCreate(os.path.join(config.stateDir, "tls"), "Portal relay")
         key, chain = ca.issue(sorted({config.domain, "localhost"}))
@@ -342,72 +360,31 @@ class RelayService(Service):
             found["udp"] = router.udp.ports
         return found
 
-    def _loadPorts(self, kind: str, portRange: PortRange) -> PortAllocator:
+    def _allocator(self, kind: str, portRange: PortRange, store: ILeaseStore) -> PortAllocator:
         """
-        The port allocator of C{kind} (C{"tcp"} or C{"udp"}), with the assignments saved before a restart coming back as
-        reservations (so reconnecting tunnels get their ports again).
+        The port allocator of C{kind} (C{"tcp"} or C{"udp"}) on the store, with the assignments
+        saved before a restart coming back as reservations (so reconnecting tunnels get their
+        ports again).
         """
-        config = self.config
-        path = os.path.join(config.stateDir, "ports.json")
-        reservation = config.limits.reservation
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    saved = json.load(f).get(kind)
-                if saved is not None:
-                    allocator = PortAllocator.fromJSON(
-                        saved,
-                        portRange,
-                        self._reactor,
-                        reservation=reservation,
-                        maxPerIdentity=config.maxPortsPerIdentity,
-                    )
-                    self._log.info(
-                        "restored {count} {kind} port assignments from {path}",
-                        count=allocator.reserved,
-                        kind=kind,
-                        path=path,
-                    )
-                    return allocator
-            except (OSError, ValueError, AttributeError, PortStateError) as e:
-                self._log.error(
-                    "ignoring unreadable port file {path}: {error}", path=path, error=str(e)
-                )
-        return PortAllocator(
+        limits = self.config.limits
+        allocator = PortAllocator(
             portRange,
             self._reactor,
-            reservation=reservation,
-            maxPerIdentity=config.maxPortsPerIdentity,
+            reservation=limits.reservation,
+            maxPerIdentity=self.config.maxPortsPerIdentity,
+            reserveAfter=limits.reserveAfter,
+            # A tunnel that reconnects within a lease's lifetime always gets its port back.
+            grace=limits.leaseTTL,
+            store=store,
+            kind=kind,
         )
-
-    def _scheduleSave(self) -> None:
-        """
-        Write the lease table soon, coalescing bursts of registrations into one write.
-        """
-        if self._saveCall is None:
-            self._saveCall = self._reactor.callLater(1.0, self._save)
-
-    def _save(self) -> None:
-        """
-        Write the lease table to the state directory.
-        """
-        self._saveCall = None
-        if self.router is None:
-            return
-        path = os.path.join(self.config.stateDir, "leases.json")
-        try:
-            writeFileAtomically(path, json.dumps(self.router.leases.toJSON()).encode("utf-8"))
-        except OSError as e:
-            self._log.error("could not save leases to {path}: {error}", path=path, error=str(e))
-        ports = {
-            kind: leasePorts.allocator.toJSON() for kind, leasePorts in self._leasePorts().items()
-        }
-        if ports:
-            path = os.path.join(self.config.stateDir, "ports.json")
-            try:
-                writeFileAtomically(path, json.dumps(ports).encode("utf-8"))
-            except OSError as e:
-                self._log.error("could not save ports to {path}: {error}", path=path, error=str(e))
+        self._log.info(
+            "{kind} ports {range}: {count} reserved from the lease store",
+            kind=kind,
+            range=str(portRange),
+            count=allocator.reserved,
+        )
+        return allocator
 
     def startService(self) -> None:
         """
@@ -573,10 +550,10 @@ class RelayService(Service):
         self._etcd = client
         links = MemberLinks(router, directory, identity, self._reactor)
         router.cluster = links
-        saveLeases = router.onLeasesChanged
+        notifyBefore = router.onLeasesChanged
 
         def changed() -> None:
-            saveLeases()
+            notifyBefore()
             links.sync()
 
         router.onLeasesChanged = changed
@@ -610,17 +587,22 @@ class RelayService(Service):
         """
         if self.router is None:
             return
-        expired = bool(self.router.leases.expire())
-        swept = [ports.sweep() for ports in self._leasePorts().values()]
+        self.router.leases.expire()
+        for ports in self._leasePorts().values():
+            ports.sweep()
         self.router.admission.sweep()
-        if expired or any(swept):
-            self._scheduleSave()
 
-    def _startFailed(self, failure: Any) -> None:
+    def _startFailed(self, failure: Failure) -> None:
         """
-        A listener could not start: log it and stop, since a relay without its listeners is useless.
+        The relay could not start: say why in one line (a traceback only for what looks like a
+        bug), mark the service failed and stop, since a relay without its listeners or its state
+        is useless.
         """
-        self._log.failure("portal-relay could not start", failure)
+        if failure.check(*START_ERRORS):
+            self._log.critical("portal-relay cannot start: {reason}", reason=str(failure.value))
+        else:
+            self._log.failure("portal-relay could not start", failure)
+        self.startFailure = failure
         self._listened(failure)
         # twistd starts services before the reactor runs: stop as soon as it does.
         if self._reactor.running:
@@ -633,7 +615,8 @@ class RelayService(Service):
         """
         Shut down gracefully: stop accepting visitors and new tunnels, tell the tunnels (L{GoingAway}),
         let open connections finish for up to L{RelayConfig.shutdownGrace} seconds, close what is
-        left, and save the leases.
+        left, then close the lease store (every change is in it already) and unlock the state
+        directory.
         """
         super().stopService()
         if self._expiry is not None and self._expiry.running:
@@ -649,7 +632,7 @@ class RelayService(Service):
                 yield port.stopListening()
         for leasePorts in self._leasePorts().values():
             yield leasePorts.stopAccepting()
-        if router is not None:
+        if router is not None and self.startFailure is None:
             yield self._drain(router, self.config.shutdownGrace)
         for leasePorts in self._leasePorts().values():
             yield leasePorts.closeAll()
@@ -659,9 +642,6 @@ class RelayService(Service):
         if router is not None:
             for protocol in list(router.controls):
                 protocol.transport.loseConnection()
-        if self._saveCall is not None:
-            self._saveCall.cancel()
-        self._save()
         for worker in self._workers:
             worker.stop()
         if self._workers:
@@ -672,6 +652,12 @@ class RelayService(Service):
             yield self._directory.stop()
         if self._etcd is not None:
             yield self._etcd.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _drain(self, router: Router, grace: float) -> Deferred[None]:
         """

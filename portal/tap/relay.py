@@ -4,6 +4,8 @@ C{twistd portal-relay}: command-line options and service construction for the re
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
@@ -139,6 +141,14 @@ class Options(usage.Options):
             None,
             3600.0,
             "Seconds a lapsed lease name stays reserved for its owner.",
+            _positive(float),
+        ],
+        [
+            "reserve-after",
+            None,
+            600.0,
+            "Seconds a lease name (or public port) must be held before it is reserved for its "
+            "owner after it lapses; one dropped sooner is free at once.",
             _positive(float),
         ],
         [
@@ -434,6 +444,7 @@ class Options(usage.Options):
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],
+                reserveAfter=self["reserve-after"],
                 maxLeasesPerIdentity=self["max-leases-per-identity"],
                 dataWaitTimeout=self["data-wait-timeout"],
                 maxIdleData=self["max-idle-data"],
@@ -464,13 +475,31 @@ class Options(usage.Options):
         )
 
 
+def exitIfStartFailed(service: RelayService) -> None:
+    """
+    End the process with exit code 1 if the relay could not start (twistd itself exits 0 whatever
+    happened); the reason is already logged, in one line.
+
+    Run after the reactor has shut down, when nothing is left to clean up.
+
+    @param service: The relay service.
+    """
+    if service.startFailure is not None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os._exit(1)
+
+
 def makeService(options: Options) -> RelayService:
     """
-    Build the relay service for C{twistd}.
+    Build the relay service for C{twistd}; if it cannot start, the process exits 1.
 
     @param options: Parsed options.
     @return: The relay service.
     """
     from twisted.internet import reactor
 
-    return RelayService(options.config(), reactor, signalInstaller(reactor))
+    service = RelayService(options.config(), reactor, signalInstaller(reactor))
+    reactor.addSystemEventTrigger("after", "shutdown", exitIfStartFailed, service)
+    return service
