@@ -361,18 +361,18 @@ def spawn(testCase: TestCase, name: str, argv: Sequence[str], home: str) -> Watc
     return watcher
 
 
-@inlineCallbacks
-def startRelay(
+def spawnRelay(
     testCase: TestCase,
     stateDir: str,
     public: str = "tcp:0:interface=127.0.0.1",
     control: str = "tcp:0:interface=127.0.0.1",
     extra: Sequence[str] = (),
-) -> Any:
+) -> WatchedProcess:
     """
-    Start C{twistd -n portal-relay} and wait until it listens.
+    Start C{twistd -n portal-relay} on C{stateDir} without waiting for anything (the parent of
+    C{stateDir} is its home).
 
-    @return: A L{Deferred} firing with C{(watcher, publicPort, controlPort)}.
+    @return: The watcher.
     """
     argv = [
         _twistd(),
@@ -387,7 +387,23 @@ def startRelay(
         control,
         *extra,
     ]
-    relay = spawn(testCase, "portal-relay", argv, os.path.dirname(stateDir))
+    return spawn(testCase, "portal-relay", argv, os.path.dirname(stateDir))
+
+
+@inlineCallbacks
+def startRelay(
+    testCase: TestCase,
+    stateDir: str,
+    public: str = "tcp:0:interface=127.0.0.1",
+    control: str = "tcp:0:interface=127.0.0.1",
+    extra: Sequence[str] = (),
+) -> Any:
+    """
+    Start C{twistd -n portal-relay} and wait until it listens.
+
+    @return: A L{Deferred} firing with C{(watcher, publicPort, controlPort)}.
+    """
+    relay = spawnRelay(testCase, stateDir, public, control, extra)
     publicMatch = yield relay.waitFor(r"public listening on 127\.0\.0\.1:(\d+)")
     controlMatch = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
     return relay, int(publicMatch.group(1)), int(controlMatch.group(1))
