@@ -22,8 +22,8 @@ from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
 #: The scenarios built, in the order they run (scenario 6a is raw TCP throughput, 6b UDP, 6c raw TCP
-#: new connections).
-DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7")
+#: new connections, 8 the lease store).
+DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7", "8")
 
 
 def _log(message: str) -> None:
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "leases": settings.leases,
             "rawTCPBytes": settings.rawTCPBytes,
             "udpSeconds": settings.udpSeconds,
+            "storeRecords": settings.storeRecords,
         },
         "scenarios": {},
         "notBuilt": scenarios.NOT_BUILT,
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         ("6b", "udp", lambda lab: scenarios.udp(lab, settings, _log)),
         ("6c", "rawTCPConnections", lambda lab: scenarios.rawTCPConnections(lab, settings, _log)),
         ("7", "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
+        ("8", "storeScale", lambda lab: scenarios.storeScale(lab, settings, _log)),
     ]
     for number, name, run in plan:
         if number not in wanted:

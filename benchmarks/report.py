@@ -131,6 +131,18 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "%",
                 )
             )
+    store = results["scenarios"].get("storeScale", {})
+    if "costRatio" in store:
+        targets.append(
+            _target(
+                f"lease store: registration p50, last 100 of {store['records']} names vs the "
+                f"first 100 (limit: 1.0 plus the 10% runs vary by on a shared machine)",
+                store["costRatio"],
+                1.1,
+                False,
+                "x",
+            )
+        )
     return targets
 
 
@@ -253,6 +265,23 @@ def markdown(results: dict[str, Any]) -> str:
                 f"({_fmt(data['registrationsPerSecond'])}/s). Relay TTFB p50 with 10 leases "
                 f"{_fmt(data['ttfbP50usWith10'])} µs, with {data['leases']}: "
                 f"{_fmt(data['ttfbP50usWithMany'])} µs (ratio {data['routingCostRatio']:.2f}).",
+            ]
+    data = scenarios.get("storeScale")
+    if data:
+        out += ["", "## 8. Lease store scale", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += [
+                f"{data['records']} names registered in the SQLite lease store through the relay's "
+                f"lease table ({_fmt(data['registrationsPerSecond'])}/s). Registration p50: "
+                f"{data['registerP50usFirst100']:.1f} µs for the first 100, "
+                f"{data['registerP50usLast100']:.1f} µs for the last 100 (ratio "
+                f"{data['costRatio']:.2f}, runs: {', '.join(map(str, data['costRatios']))}); p99 "
+                f"over all {data['registerP99usAll']:.1f} µs. "
+                f"Renewal p50: {data['renewP50usFirst100']:.1f} µs first 100, "
+                f"{data['renewP50usLast100']:.1f} µs last 100. Store size "
+                f"{data['storeBytes'] / 1e6:.1f} MB.",
             ]
     data = scenarios.get("rawTCP")
     if data:

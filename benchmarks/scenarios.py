@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet.task import Clock
 
 from benchmarks import udpworkload, workload
 from benchmarks.lab import SINK_NAME, Lab, metrics
@@ -25,6 +28,8 @@ from benchmarks.procs import (
     udpKernelDrops,
     udpSocketDrops,
 )
+from portal.relay.leases import LeaseTable
+from portal.relay.sqlitestore import STORE_FILE, SQLiteLeaseStore
 
 
 @attrs.frozen
@@ -41,6 +46,7 @@ class Settings:
     @ivar wrkSeconds: Seconds per wrk run (scenario 5).
     @ivar rawTCPBytes: Bytes per direction per raw TCP throughput run (scenario 6a).
     @ivar udpSeconds: Seconds each UDP sender sends for, per load and direction (scenario 6b).
+    @ivar storeRecords: Names registered in the lease store (scenario 8).
     """
 
     runs: int = 5
@@ -52,6 +58,7 @@ class Settings:
     wrkSeconds: float = 5.0
     rawTCPBytes: int = 512 << 20
     udpSeconds: float = 2.0
+    storeRecords: int = 10000
 
 
 FULL = Settings()
@@ -827,6 +834,69 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
             ),
         ],
     }
+
+
+def _storeRun(count: int, log: Callable[[str], None]) -> dict[str, float]:
+    """
+    Register C{count} names (one identity each) in a new SQLite lease store through the relay's
+    lease table, then renew each once, timing every call.
+
+    @return: Median costs in µs of the first and last 100 registrations and renewals, the overall
+        registration rate, p99, and the store's size.
+    """
+    directory = tempfile.mkdtemp(prefix="portal-store-bench-")
+    try:
+        path = os.path.join(directory, STORE_FILE)
+        store = SQLiteLeaseStore.open(path)
+        clock = Clock()
+        clock.advance(time.time())
+        table = LeaseTable(clock, store=store)
+        holder = object()
+        log(f"scenario 8: registering {count} names in {path}")
+        registrations = []
+        for i in range(count):
+            started = time.perf_counter()
+            table.register(f"name-{i}", f"{i:052d}", holder)
+            registrations.append(time.perf_counter() - started)
+        clock.advance(20)
+        renewals = []
+        for i in range(count):
+            started = time.perf_counter()
+            table.renew(f"name-{i}", f"{i:052d}", holder)
+            renewals.append(time.perf_counter() - started)
+        store.close()
+        storeBytes = sum(
+            os.path.getsize(path + suffix)
+            for suffix in ("", "-wal")
+            if os.path.exists(path + suffix)
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    first = _percentile(registrations[:100], 50) * 1e6
+    last = _percentile(registrations[-100:], 50) * 1e6
+    return {
+        "registerP50usFirst100": first,
+        "registerP50usLast100": last,
+        "registerP99usAll": _percentile(registrations, 99) * 1e6,
+        "registrationsPerSecond": count / sum(registrations),
+        "renewP50usFirst100": _percentile(renewals[:100], 50) * 1e6,
+        "renewP50usLast100": _percentile(renewals[-100:], 50) * 1e6,
+        "costRatio": last / first,
+        "storeBytes": storeBytes,
+    }
+
+
+def storeScale(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 8: the relay's lease store (SQLite, WAL) under the relay's own lease table: the time
+    one registration (and one renewal) takes with the first 100 names in the store versus the last
+    100 of C{storeRecords}; in-process, on a temporary directory, median of C{runs} fresh stores.
+    """
+    runs = [_storeRun(settings.storeRecords, log) for _ in range(settings.runs)]
+    result: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    result["records"] = settings.storeRecords
+    result["costRatios"] = [round(run["costRatio"], 3) for run in runs]
+    return result
 
 
 NOT_BUILT: dict[str, str] = {}
