@@ -14,7 +14,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import IOPump, connectedServerAndClient
@@ -27,6 +32,7 @@ from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, tcpPorts
 from portal.relay.router import DataPool, Router
+from portal.relay.store import MemoryLeaseStore, PortRecord, StoreError
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
@@ -613,6 +619,31 @@ class RawTCPRegistrationTests(ControlTestCase):
         self.assertEqual(len(link.fatals), 1)
         self.assertIn("no public port", link.fatals[0])
         self.assertIsNone(self.router.leases.route("second"))
+
+    def test_storeFailureGivesLeaseBack(self) -> None:
+        """
+        When the lease store cannot record the port, the registration is refused with a reason
+        that does not reveal the relay's files, the error is logged, and the name is given back.
+        """
+
+        class Broken(MemoryLeaseStore):
+            def claimPort(self, record: PortRecord, now: float) -> PortRecord:
+                raise StoreError("lease store /state/leases.sqlite3: disk I/O error")
+
+        self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, store=Broken())
+        self.router.tcp = tcpPorts(self.reactor, self.allocator, "127.0.0.1")
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        link = self.makeLink(mode="tcp")
+        self.connectTunnel(link)
+        self.assertEqual(len(link.fatals), 1)
+        self.assertIn("no public port: the relay cannot record ports at the moment", link.fatals[0])
+        self.assertNotIn("/state", link.fatals[0])
+        self.assertIsNone(self.router.leases.route(LABEL))
+        self.assertEqual(self.reactor.listening, {})
+        self.assertIn(
+            "registration failed: lease store /state/leases.sqlite3: disk I/O error",
+            [formatEvent(event) for event in events],
+        )
 
     def test_connectionLostClosesPort(self) -> None:
         """

@@ -594,8 +594,14 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 lease = await router.udp.ports.open(router, owner, name, hostname, self)
                 response["udpPort"] = lease.port
                 response["udpSession"] = self.udpSession.sessionId
-        except (PortAllocationError, CannotListenError) as e:
-            reason = e.args[0] if isinstance(e, PortAllocationError) else f"cannot listen: {e}"
+        except (PortAllocationError, CannotListenError, StoreError) as e:
+            if isinstance(e, PortAllocationError):
+                reason = e.args[0]
+            elif isinstance(e, StoreError):
+                self._log.error("registration failed: {error}", error=str(e))
+                reason = "the relay cannot record ports at the moment"
+            else:
+                reason = f"cannot listen: {e}"
             for ports in opened:
                 ports.close(owner, name, self)
             self.names.discard(name)
