@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.leases import Lease, LeaseError, LeaseTable, NameTaken, TooManyLeases
@@ -486,3 +488,41 @@ class StoreTests(SynchronousTestCase):
         self.assertRaises(StoreError, table.register, "web", ALICE, _Session())
         self.assertIsNone(table.ownerOf("web"))
         self.assertEqual(len(table), 0)
+
+    def test_givingUpNeverFails(self) -> None:
+        """
+        A release or an expiry the store cannot record still happens in the table, and is logged;
+        the store keeps the owner's longer claim.
+        """
+
+        class Failing(MemoryLeaseStore):
+            broken = False
+
+            def claimName(self, record: NameRecord, now: float) -> NameRecord:
+                if self.broken:
+                    raise StoreError("disk full")
+                return super().claimName(record, now)
+
+            def dropName(self, name: str, owner: str) -> None:
+                if self.broken:
+                    raise StoreError("disk full")
+                super().dropName(name, owner)
+
+        store = Failing()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        table = LeaseTable(self.clock, ttl=60, reservation=3600, store=store)
+        table.register("web", ALICE, _Session())
+        store.broken = True
+        table.release("web", ALICE)
+        self.assertIsNone(table.route("web"))
+        self.clock.advance(3600)
+        self.assertEqual(table.expire(), ["web"])
+        self.assertEqual(len(table), 0)
+        self.assertEqual([record.expiresAt for record in store.names()], [1060.0])
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            [
+                "lease store did not record the end of web: disk full",
+                "lease store did not drop web: disk full",
+            ],
+        )

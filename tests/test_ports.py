@@ -11,7 +11,8 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.ports import (
@@ -25,7 +26,7 @@ from portal.relay.ports import (
     PortStateError,
     parsePortRange,
 )
-from portal.relay.store import MemoryLeaseStore, PortRecord
+from portal.relay.store import MemoryLeaseStore, PortRecord, StoreError
 
 ALICE = "a" * 52
 BOB = "b" * 52
@@ -630,14 +631,76 @@ class PersistenceTests(SynchronousTestCase):
 
     def test_storeRefusesClaim(self) -> None:
         """
-        A port the store holds for another key (another relay sharing the store took it) is
-        refused, and the allocator is unchanged.
+        A free port the store holds for another lease (another relay sharing the store took it)
+        is skipped for the next one; a reserved port the store holds for another lease is refused,
+        and the allocator is unchanged.
         """
-        ports = PortAllocator(PortRange(9000, 9000), self.clock, store=self.store, kind="tcp")
-        self.store.claimPort(PortRecord("tcp", 9000, CAROL, "x", 1000), self.clock.seconds())
+        ports = PortAllocator(PortRange(9000, 9001), self.clock, store=self.store, kind="tcp")
+        now = self.clock.seconds()
+        self.store.claimPort(PortRecord("tcp", 9000, CAROL, "x", now), now)
+        self.assertEqual(ports.allocate(ALICE, "ssh"), 9001)
+        ports.release(ALICE, "ssh")
+        self.store.dropPort("tcp", 9001, ALICE, "ssh")
+        self.store.claimPort(PortRecord("tcp", 9001, CAROL, "y", now), now)
         error = self.assertRaises(PortAllocationError, ports.allocate, ALICE, "ssh")
-        self.assertEqual(str(error), "port 9000 is held by another relay sharing the store")
-        self.assertEqual((ports.live, ports.portFor(ALICE, "ssh")), (0, None))
+        self.assertEqual(str(error), "port 9001 is held by another relay sharing the store")
+        self.assertEqual((ports.live, ports.portFor(ALICE, "ssh")), (0, 9001))
+
+
+class GivingUpTests(SynchronousTestCase):
+    """
+    Releasing a port never fails because of the store.
+    """
+
+    def test_releaseAndExpiryLogged(self) -> None:
+        """
+        A release and a reservation's end that the store cannot record still happen in the
+        allocator, and are logged; the store's stale claim keeps the port from others (never
+        handing it to two leases) until a restart reads it back as a reservation.
+        """
+
+        class Failing(MemoryLeaseStore):
+            broken = False
+
+            def claimPort(self, record: PortRecord, now: float) -> PortRecord:
+                if self.broken:
+                    raise StoreError("disk full")
+                return super().claimPort(record, now)
+
+            def dropPort(self, kind: str, port: int, identity: str, name: str) -> None:
+                if self.broken:
+                    raise StoreError("disk full")
+                super().dropPort(kind, port, identity, name)
+
+        clock = Clock()
+        store = Failing()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        ports = PortAllocator(PortRange(9000, 9000), clock, reservation=10, store=store)
+        ports.allocate(ALICE, "ssh")
+        store.broken = True
+        self.assertEqual(ports.release(ALICE, "ssh"), 9000)
+        self.assertEqual(ports.portFor(ALICE, "ssh"), 9000)
+        clock.advance(10)
+        self.assertEqual(ports.reserved, 0)
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            ["lease store did not record a tcp port given up: disk full"] * 2,
+        )
+        store.broken = False
+        error = self.assertRaises(PortsExhausted, ports.allocate, BOB, "x")
+        self.assertEqual(
+            str(error),
+            "no free port in 9000-9000: 0 are live and 1 held in the lease store for other "
+            "leases; one frees when a tunnel using one stops",
+        )
+        self.assertIn(
+            "tcp port 9000 is held in the lease store for another lease; it is not handed out "
+            "until the relay restarts",
+            [formatEvent(event) for event in events],
+        )
+        restarted = PortAllocator(PortRange(9000, 9001), clock, reservation=10, store=store)
+        self.assertEqual(restarted.portFor(ALICE, "ssh"), 9000)
+        self.assertEqual(restarted.allocate(BOB, "x"), 9001)
 
 
 class ImportJSONTests(SynchronousTestCase):

@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, NameRecord
+from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, NameRecord, StoreError
 
 #: Version of the C{leases.json} format of earlier relays, read by L{LeaseTable.importJSON}.
 STATE_VERSION = 1
@@ -80,6 +81,8 @@ class LeaseTable:
         of its lease) to earn the reservation; a name that lapses sooner is free when its lease ends.
     @ivar maxPerOwner: Most names (live or reserved) one owner may hold.
     """
+
+    _log = Logger()
 
     def __init__(
         self,
@@ -171,6 +174,24 @@ class LeaseTable:
         if saved.owner != owner:
             raise NameTaken(f"name {name!r} is taken by another identity")
 
+    def _saveGivingUp(self, lease: Lease, now: float) -> None:
+        """
+        Record in the store a change that gives something up (an earlier end), after the table
+        made it: a store that cannot record it is logged, not raised, and keeps the owner's
+        longer claim, which never hands a name to someone else.
+
+        @param lease: The changed lease.
+        @param now: The current time.
+        """
+        try:
+            self._save(lease.name, lease.owner, lease.since, lease.expiresAt, now)
+        except (StoreError, NameTaken) as e:
+            self._log.error(
+                "lease store did not record the end of {name}: {error}",
+                name=lease.name,
+                error=str(e),
+            )
+
     def _add(self, lease: Lease) -> None:
         """
         Put a lease in the table and the owner index.
@@ -202,15 +223,23 @@ class LeaseTable:
         """
         Drop a lease from the table, every index and the store.
 
+        A store that cannot drop the record is logged: the record's ownership has ended anyway, so
+        it is claimed over or dropped at the next start.
+
         @param lease: The lease to drop.
         """
-        self._store.dropName(lease.name, lease.owner)
         self._setHolder(lease, None)
         del self._leases[lease.name]
         names = self._byOwner[lease.owner]
         names.discard(lease.name)
         if not names:
             del self._byOwner[lease.owner]
+        try:
+            self._store.dropName(lease.name, lease.owner)
+        except StoreError as e:
+            self._log.error(
+                "lease store did not drop {name}: {error}", name=lease.name, error=str(e)
+            )
 
     def _lookup(self, name: str, now: float) -> Lease | None:
         """
@@ -315,16 +344,14 @@ class LeaseTable:
         @param name: The lease name.
         @param owner: The releasing identity's id.
         @raise LeaseError: If C{owner} does not own the name.
-        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         now = self._clock.seconds()
         lease = self._lookup(name, now)
         if lease is None or lease.owner != owner:
             raise LeaseError(f"name {name!r} is not leased to this identity")
-        expiresAt = min(lease.expiresAt, now)
-        self._save(name, owner, lease.since, expiresAt, now)
-        lease.expiresAt = expiresAt
+        lease.expiresAt = min(lease.expiresAt, now)
         self._setHolder(lease, None)
+        self._saveGivingUp(lease, now)
 
     def detach(self, holder: object) -> list[Lease]:
         """

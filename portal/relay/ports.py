@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, PortRecord
+from portal.relay.store import (
+    IMPORTED_SINCE,
+    ILeaseStore,
+    MemoryLeaseStore,
+    PortRecord,
+    StoreError,
+)
 
 #: Version of the C{ports.json} format of earlier relays, read by L{PortAllocator.importJSON}.
 STATE_VERSION = 1
@@ -257,6 +263,8 @@ class PortAllocator:
         self._reservedFor: dict[int, Key] = {}
         # Reservation ends, soonest first.  An entry is stale unless it matches _reserved.
         self._ends: list[tuple[float, int, Key]] = []
+        # Ports free here that the store holds for a lease this allocator does not know.
+        self._elsewhere: set[int] = set()
         now = clock.seconds()
         restored = []
         for record in self._store.ports(kind):
@@ -307,8 +315,26 @@ class PortAllocator:
         """
         del self._reserved[key]
         del self._reservedFor[reservation.port]
-        self._store.dropPort(self.kind, reservation.port, *key)
         heapq.heappush(self._free, reservation.port)
+        self._record(self._store.dropPort, self.kind, reservation.port, *key)
+
+    def _record(self, operation: Callable[..., object], *arguments: object) -> None:
+        """
+        Record in the store a change that gives a port up, after the allocator made it: a store
+        that cannot record it is logged, not raised (its record stays a claim on the port, which
+        never hands it to someone else, until the port is claimed over or the relay restarts).
+
+        @param operation: The store's method.
+        @param arguments: Its arguments.
+        """
+        try:
+            operation(*arguments)
+        except StoreError as e:
+            self._log.error(
+                "lease store did not record a {kind} port given up: {error}",
+                kind=self.kind,
+                error=str(e),
+            )
 
     def _remember(self, key: Key, reservation: _Reservation) -> None:
         """
@@ -367,9 +393,14 @@ class PortAllocator:
                 f"{len(self._reserved)} reserved; the next port frees in "
                 f"{max(frees - now, 0.0):.0f} s"
             )
+        held = f"all {len(self._live)} are live"
+        if self._elsewhere:
+            held = (
+                f"{len(self._live)} are live and {len(self._elsewhere)} held in the lease store "
+                f"for other leases"
+            )
         raise PortsExhausted(
-            f"no free port in {self.portRange}: all {len(self._live)} are live; one frees when "
-            f"a tunnel using one stops"
+            f"no free port in {self.portRange}: {held}; one frees when a tunnel using one stops"
         )
 
     def allocate(self, identity: str, name: str) -> int:
@@ -385,7 +416,7 @@ class PortAllocator:
         @raise PortLimitReached: If the key is not live and C{identity} already holds
             L{maxPerIdentity} live ports.
         @raise PortsExhausted: If the key holds no port and no port can be given.
-        @raise PortAllocationError: If the store holds the port for another key.
+        @raise PortAllocationError: If the store holds the key's reserved port for another key.
         @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         key = (identity, name)
@@ -401,15 +432,28 @@ class PortAllocator:
                 f"close a tunnel before opening {name!r}"
             )
         reserved = self._reserved.get(key)
-        if reserved is not None:
-            port, since = reserved.port, reserved.since
-        else:
-            if not self._free:
-                self._reclaim(now)
-            port, since = self._free[0], now
-        record = PortRecord(self.kind, port, identity, name, since)
-        if self._store.claimPort(record, now) != record:
-            raise PortAllocationError(f"port {port} is held by another relay sharing the store")
+        while True:
+            if reserved is not None:
+                port, since = reserved.port, reserved.since
+            else:
+                if not self._free:
+                    self._reclaim(now)
+                port, since = self._free[0], now
+            record = PortRecord(self.kind, port, identity, name, since)
+            if self._store.claimPort(record, now) == record:
+                break
+            if reserved is not None:
+                raise PortAllocationError(f"port {port} is held by another relay sharing the store")
+            # A free port here that the store holds for another lease (another relay's, or a
+            # release the store failed to record): leave it out and take the next one.
+            heapq.heappop(self._free)
+            self._elsewhere.add(port)
+            self._log.warn(
+                "{kind} port {port} is held in the lease store for another lease; it is not "
+                "handed out until the relay restarts",
+                kind=self.kind,
+                port=port,
+            )
         if reserved is not None:
             del self._reserved[key]
             del self._reservedFor[port]
@@ -433,7 +477,6 @@ class PortAllocator:
         @param identity: The identity's id.
         @param name: The tunnel's name.
         @return: The port that stopped being live, or C{None} if the key was not live.
-        @raise portal.relay.store.StoreError: If the store cannot be written.
         """
         key = (identity, name)
         port = self._live.pop(key, None)
@@ -451,13 +494,12 @@ class PortAllocator:
         if now - since < self.reserveAfter:
             length = min(self.reservation, self.grace or 0.0)
         if length > 0:
-            self._store.claimPort(
-                PortRecord(self.kind, port, identity, name, since, now, now + length), now
-            )
             self._remember(key, _Reservation(port, since, now, now + length))
+            record = PortRecord(self.kind, port, identity, name, since, now, now + length)
+            self._record(self._store.claimPort, record, now)
         else:
-            self._store.dropPort(self.kind, port, identity, name)
             heapq.heappush(self._free, port)
+            self._record(self._store.dropPort, self.kind, port, identity, name)
         self._purge(now)
         return port
 

@@ -108,7 +108,7 @@ class SQLiteLeaseStore:
                 # Created here so that it is private from the start; SQLite gives its -wal and
                 # -shm files the same mode.
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(path, isolation_level=None)
         except (sqlite3.Error, OSError) as e:
             raise StoreDamaged(
                 f"lease store {path} cannot be opened ({e}); {recoveryAdvice(path)}"

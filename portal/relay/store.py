@@ -8,6 +8,11 @@ record per name or port.  Ownership changes are compare-and-set operations (L{IL
 L{ILeaseStore.claimPort}): a store shared by several relays (etcd) can refuse a claim that another
 member won first, and the relay treats the refusal like a name taken.
 
+A write that claims something (a registration, a renewal, a new port) fails its operation when the
+store cannot make it.  A write that gives something up (a release, an expiry, a port released) is
+made in memory first; if the store cannot record it, the error is logged and the store keeps the
+longer claim, which never hands a name or port to someone else.
+
 L{MemoryLeaseStore} keeps the records in dictionaries, for tests and for a relay without a state
 directory; L{portal.relay.sqlitestore} keeps them in SQLite.  Nothing but the relay service knows
 which one runs.
