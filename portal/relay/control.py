@@ -628,6 +628,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             router.tcp.close(self.owner, name, self)
         if "udp" in modes and router.udp is not None:
             router.udp.ports.close(self.owner, name, self)
+        router.onLeasesChanged()
 
     @Heartbeat.responder
     def heartbeat(self) -> dict[str, object]:
@@ -688,6 +689,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 self.names.discard(name)
                 self._closePort(name)
                 raise LeaseUnknown(str(e))
+        self._router.onLeasesChanged()
         return {"expiresIn": self._router.leases.ttl}
 
     @Unregister.responder
@@ -706,6 +708,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 continue
             self._router.leases.release(name, self.owner)
             self._log.info("lease {name} released", name=name)
+        self._router.onLeasesChanged()
         return {}
 
     def requestData(self, count: int) -> None:

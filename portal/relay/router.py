@@ -383,6 +383,7 @@ class Router:
         self.hops = HopForwarder(clock, ())
         #: Move paired connections with os.splice where possible (see L{portal.forwarding.kernelsplice}).
         self.kernelSplice = True
+        #: Called after a control session changed leases (a relay cluster publishes routes on it).
         self.onLeasesChanged: Callable[[], None] = lambda: None
         #: The relay cluster this relay is a member of (C{--cluster}), or L{None}.
         self.cluster: ICluster | None = None
