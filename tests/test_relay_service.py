@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from twisted.internet.defer import fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -16,6 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.registry.document import RegistryError
+from portal.relay.etcd import EtcdUnavailable
 from portal.relay.ports import PortRange
 from portal.relay.router import RelayLimits
 from portal.relay.service import DRAIN_POLL, RelayConfig, RelayService
@@ -240,6 +242,18 @@ class RelayStartTests(SynchronousTestCase):
         assert first.router is not None
         first.router.leases.register("app", "owner-a", object())
         self.assertEqual(first.router.leases.ownerOf("app"), "owner-a")
+
+    def test_etcdUnavailable(self) -> None:
+        """
+        A cluster member that cannot reach etcd at start stops with one line saying so.
+        """
+        unavailable = EtcdUnavailable("etcd unavailable (connection refused)")
+        self.patch(RelayService, "_joinCluster", lambda self, router, control: fail(unavailable))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        config = RelayConfig(stateDir=os.path.abspath(self.mktemp()), cluster="etcd://127.0.0.1:1")
+        service = self.start(config)
+        self.failureResultOf(service.whenListening(), EtcdUnavailable)
+        self.assertOneLine(service, list(events), "etcd unavailable (connection refused)")
 
     def test_exitIfStartFailed(self) -> None:
         """

@@ -37,7 +37,7 @@ from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import RegistryError, loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.control import ControlFactory
-from portal.relay.etcd import EtcdClient, parseClusterURL
+from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.identitylists import IdentityListError, IdentityLists
 from portal.relay.interfaces import ILeasePorts
@@ -81,7 +81,15 @@ def signalInstaller(reactor: Any) -> SignalInstaller:
 
 
 #: Failures that stop a relay at start with their message alone: the operator's to fix, not bugs.
-START_ERRORS = (CannotListenError, StoreError, StateDirectoryLocked, RegistryError, OSError)
+START_ERRORS = (
+    CannotListenError,
+    StoreError,
+    StateDirectoryLocked,
+    RegistryError,
+    EtcdError,
+    EtcdUnavailable,
+    OSError,
+)
 
 
 def defaultStateDir() -> str:
