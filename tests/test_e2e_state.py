@@ -1,14 +1,15 @@
 """
 End to end: the relay's state directory with real C{twistd portal-relay} and C{portal expose}
 processes on 127.0.0.1: a damaged lease store stops the relay and no name changes owner, a second
-relay on a state directory in use and a relay on a busy port exit 1 with one line, and an earlier
-relay's C{leases.json} is migrated.
+relay on a state directory in use and a relay on a busy port exit 1 with one line, an earlier
+relay's C{leases.json} is migrated, and port reservations cannot empty a range.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -22,7 +23,9 @@ from portal.relay.sqlitestore import STORE_FILE
 from portal.trust.identity import loadOrCreateIdentity
 from tests.realprocesses import (
     WatchedProcess,
+    freePortRange,
     homeDir,
+    sleep,
     spawnRelay,
     startRelay,
     startTunnel,
@@ -180,3 +183,64 @@ class StateDirectoryTests(TestCase):
         tunnel = startTunnel(self, ownerHome, controlPort, "9", ["--name", "mine"])
         lease = yield waitForLease(tunnel)
         self.assertTrue(lease["url"].startswith("https://mine.localhost:"))
+
+
+class PortPressureTests(TestCase):
+    """
+    Raw TCP port reservations with real processes: squatters that took a whole range and left
+    cannot keep it from the next tunnel for the reservation period.
+    """
+
+    timeout = 180
+
+    @inlineCallbacks
+    def test_oldestReservationGivenUp(self) -> Any:
+        """
+        Two identities hold both ports of a range long enough to earn reservations, then leave.
+        A new tunnel is refused while the reservations are in their grace period (one lease
+        lifetime), told when a port frees; after it, it gets the port of the oldest reservation,
+        and the relay logs that it gave it up.
+        """
+        low, high = freePortRange(2)
+        ttl = 8
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        relay, _, controlPort = yield startRelay(
+            self,
+            stateDir,
+            extra=[
+                "--tcp-ports",
+                f"{low}-{high}",
+                "--lease-ttl",
+                str(ttl),
+                "--reserve-after",
+                "1",
+            ],
+        )
+        squatters = []
+        for name in ("first", "second"):
+            squatter = startTunnel(
+                self, homeDir(self, name), controlPort, "9", ["--tcp", "--name", name]
+            )
+            yield waitForLease(squatter)
+            squatters.append(squatter)
+        yield sleep(1.5)
+        for name, squatter in zip(("first", "second"), squatters, strict=True):
+            yield terminate(squatter)
+            yield relay.waitFor(rf"tcp port \d+ closed: lease {name} ended")
+        released = time.monotonic()
+        newcomer = homeDir(self, "newcomer")
+        early = startTunnel(self, newcomer, controlPort, "9", ["--tcp", "--name", "web"])
+        code = yield early.ended
+        self.assertLess(time.monotonic() - released, ttl, "the first try came too late to test")
+        self.assertEqual(code, 1, early.output())
+        self.assertRegex(
+            early.output(),
+            rf"no free port in {low}-{high}: 0 live, 2 reserved; the next port frees in \d+ s",
+        )
+        yield sleep(max(0.0, ttl + 1 - (time.monotonic() - released)))
+        late = startTunnel(self, newcomer, controlPort, "9", ["--tcp", "--name", "web"])
+        lease = yield waitForLease(late)
+        opened = re.search(r"tcp port (\d+) open for lease first ", relay.output())
+        assert opened is not None
+        self.assertTrue(lease["url"].endswith(f":{opened.group(1)}"), lease["url"])
+        yield relay.waitFor(r"reserved for first of \w+ given up after \d+ s: no free port")
