@@ -25,7 +25,7 @@ import portal.relay.control
 from portal.relay.control import RelayControlProtocol
 from portal.relay.leases import LeaseTable
 from portal.relay.router import RelayLimits, Router
-from portal.relay.store import MemoryLeaseStore, NameRecord, StoreError
+from portal.relay.store import MemoryLeaseStore
 from portal.trust import relayhello
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
@@ -59,6 +59,7 @@ from portal.wire.control import (
     helloSignatureMessage,
     negotiateVersion,
 )
+from tests.test_store import FailingStore
 
 RELAY_HOST = "relay.example"
 RELAY_PORT = 4017
@@ -1099,12 +1100,8 @@ class RefusalTests(ClientTestCase):
         When the lease store cannot be written, the registration is refused as one to try again,
         nothing is registered, and the error is logged for the operator.
         """
-
-        class Broken(MemoryLeaseStore):
-            def claimName(self, record: NameRecord, now: float) -> NameRecord:
-                raise StoreError("lease store /state/leases.sqlite3: disk I/O error")
-
-        self.router.leases = LeaseTable(self.clock, store=Broken())
+        broken = FailingStore(message="lease store /state/leases.sqlite3: disk I/O error")
+        self.router.leases = LeaseTable(self.clock, store=broken)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.hello()
         failure = self.register([LABEL], self.challenge([LABEL]))

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.leases import Lease, LeaseError, LeaseTable, NameTaken, TooManyLeases
 from portal.relay.store import MemoryLeaseStore, NameRecord, StoreError
+from tests.test_store import FailingStore
 
 ALICE = "a" * 52
 BOB = "b" * 52
@@ -479,12 +480,7 @@ class StoreTests(SynchronousTestCase):
         A store that cannot be written fails the registration with its error, and the table does
         not change.
         """
-
-        class Broken(MemoryLeaseStore):
-            def claimName(self, record: NameRecord, now: float) -> NameRecord:
-                raise StoreError("disk full")
-
-        table = LeaseTable(self.clock, store=Broken())
+        table = LeaseTable(self.clock, store=FailingStore())
         self.assertRaises(StoreError, table.register, "web", ALICE, _Session())
         self.assertIsNone(table.ownerOf("web"))
         self.assertEqual(len(table), 0)
@@ -494,21 +490,7 @@ class StoreTests(SynchronousTestCase):
         A release or an expiry the store cannot record still happens in the table, and is logged;
         the store keeps the owner's longer claim.
         """
-
-        class Failing(MemoryLeaseStore):
-            broken = False
-
-            def claimName(self, record: NameRecord, now: float) -> NameRecord:
-                if self.broken:
-                    raise StoreError("disk full")
-                return super().claimName(record, now)
-
-            def dropName(self, name: str, owner: str) -> None:
-                if self.broken:
-                    raise StoreError("disk full")
-                super().dropName(name, owner)
-
-        store = Failing()
+        store = FailingStore(broken=False)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         table = LeaseTable(self.clock, ttl=60, reservation=3600, store=store)
         table.register("web", ALICE, _Session())

@@ -26,7 +26,8 @@ from portal.relay.ports import (
     PortStateError,
     parsePortRange,
 )
-from portal.relay.store import MemoryLeaseStore, PortRecord, StoreError
+from portal.relay.store import MemoryLeaseStore, PortRecord
+from tests.test_store import FailingStore
 
 ALICE = "a" * 52
 BOB = "b" * 52
@@ -658,22 +659,8 @@ class GivingUpTests(SynchronousTestCase):
         allocator, and are logged; the store's stale claim keeps the port from others (never
         handing it to two leases) until a restart reads it back as a reservation.
         """
-
-        class Failing(MemoryLeaseStore):
-            broken = False
-
-            def claimPort(self, record: PortRecord, now: float) -> PortRecord:
-                if self.broken:
-                    raise StoreError("disk full")
-                return super().claimPort(record, now)
-
-            def dropPort(self, kind: str, port: int, identity: str, name: str) -> None:
-                if self.broken:
-                    raise StoreError("disk full")
-                super().dropPort(kind, port, identity, name)
-
         clock = Clock()
-        store = Failing()
+        store = FailingStore(broken=False)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         ports = PortAllocator(PortRange(9000, 9000), clock, reservation=10, store=store)
         ports.allocate(ALICE, "ssh")
@@ -758,9 +745,15 @@ class ImportJSONTests(SynchronousTestCase):
         """
 
         def entry(**kw: Any) -> dict[str, Any]:
+            """
+            @return: A valid entry, with C{kw} changed.
+            """
             return {"port": 9001, "identity": ALICE, "name": "ssh"} | kw
 
         def state(*entries: Any) -> dict[str, Any]:
+            """
+            @return: A file's content with C{entries}.
+            """
             return {"version": STATE_VERSION, "ports": list(entries)}
 
         cases: list[tuple[Any, str]] = [

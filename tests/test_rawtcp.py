@@ -32,7 +32,6 @@ from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, tcpPorts
 from portal.relay.router import DataPool, Router
-from portal.relay.store import MemoryLeaseStore, PortRecord, StoreError
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
@@ -48,6 +47,7 @@ from portal.wire.control import (
 from portal.wire.seal import Direction
 from portal.wire.streamseal import StreamOpener, StreamSealer, streamKeys
 from tests.test_control import LABEL, ControlTestCase
+from tests.test_store import FailingStore
 from tests.test_tunnel_data import FakePool, captureLogs
 
 _KEY = b"k" * 32
@@ -625,12 +625,8 @@ class RawTCPRegistrationTests(ControlTestCase):
         When the lease store cannot record the port, the registration is refused with a reason
         that does not reveal the relay's files, the error is logged, and the name is given back.
         """
-
-        class Broken(MemoryLeaseStore):
-            def claimPort(self, record: PortRecord, now: float) -> PortRecord:
-                raise StoreError("lease store /state/leases.sqlite3: disk I/O error")
-
-        self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, store=Broken())
+        broken = FailingStore(message="lease store /state/leases.sqlite3: disk I/O error")
+        self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, store=broken)
         self.router.tcp = tcpPorts(self.reactor, self.allocator, "127.0.0.1")
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         link = self.makeLink(mode="tcp")

@@ -192,6 +192,9 @@ class RelayStartTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
 
         def busy(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            """
+            Fail as a port another program holds does.
+            """
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
         self.patch(reactor, "listenTCP", busy)

@@ -25,6 +25,60 @@ ALICE = "a" * 52
 BOB = "b" * 52
 
 
+class FailingStore(MemoryLeaseStore):
+    """
+    A L{MemoryLeaseStore} whose writes raise L{StoreError} while C{broken} is set, as a store on
+    a full or failing disk does.
+
+    @ivar broken: Whether writes fail.
+    @ivar message: The error's message.
+    """
+
+    def __init__(self, broken: bool = True, message: str = "disk full") -> None:
+        """
+        @param broken: Whether writes fail from the start.
+        @param message: The error's message.
+        """
+        super().__init__()
+        self.broken = broken
+        self.message = message
+
+    def _check(self) -> None:
+        """
+        @raise StoreError: While broken.
+        """
+        if self.broken:
+            raise StoreError(self.message)
+
+    def claimName(self, record: NameRecord, now: float) -> NameRecord:
+        """
+        Claim a name, unless broken.
+        """
+        self._check()
+        return super().claimName(record, now)
+
+    def dropName(self, name: str, owner: str) -> None:
+        """
+        Drop a name, unless broken.
+        """
+        self._check()
+        super().dropName(name, owner)
+
+    def claimPort(self, record: PortRecord, now: float) -> PortRecord:
+        """
+        Claim a port, unless broken.
+        """
+        self._check()
+        return super().claimPort(record, now)
+
+    def dropPort(self, kind: str, port: int, identity: str, name: str) -> None:
+        """
+        Drop a port, unless broken.
+        """
+        self._check()
+        super().dropPort(kind, port, identity, name)
+
+
 class StoreContractMixin:
     """
     What every L{ILeaseStore} does; a test case mixes this in with a C{makeStore} method.
