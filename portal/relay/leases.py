@@ -17,7 +17,6 @@ so persisted expiry times stay meaningful across restarts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -132,12 +131,6 @@ class LeaseTable:
             count until L{expire} or a lookup removes them.
         """
         return len(self._leases)
-
-    def __iter__(self) -> Iterator[Lease]:
-        """
-        @return: The table's leases, in no particular order (do not change the table meanwhile).
-        """
-        return iter(self._leases.values())
 
     def ownedUntil(self, lease: Lease) -> float:
         """
