@@ -622,8 +622,9 @@ class RawTCPRegistrationTests(ControlTestCase):
 
     def test_storeFailureGivesLeaseBack(self) -> None:
         """
-        When the lease store cannot record the port, the registration is refused with a reason
-        that does not reveal the relay's files, the error is logged, and the name is given back.
+        When the lease store cannot record the port, the registration is refused as one to try
+        again (not a fatal error), counted and logged as a C{lease_store} refusal, the store's
+        error is logged for the operator, and the name is given back.
         """
         broken = FailingStore(message="lease store /state/leases.sqlite3: disk I/O error")
         self.allocator = PortAllocator(PortRange(20000, 20001), self.clock, store=broken)
@@ -631,15 +632,15 @@ class RawTCPRegistrationTests(ControlTestCase):
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         link = self.makeLink(mode="tcp")
         self.connectTunnel(link)
-        self.assertEqual(len(link.fatals), 1)
-        self.assertIn("no public port: the relay cannot record ports at the moment", link.fatals[0])
-        self.assertNotIn("/state", link.fatals[0])
+        self.assertEqual(link.fatals, [])
         self.assertIsNone(self.router.leases.route(LABEL))
         self.assertEqual(self.reactor.listening, {})
+        self.assertEqual(self.router.refusals.counts.get("lease_store"), 1)
         self.assertIn(
             "registration failed: lease store /state/leases.sqlite3: disk I/O error",
             [formatEvent(event) for event in events],
         )
+        self.assertEqual([e["refusal"] for e in events if "refusal" in e], ["lease_store"])
 
     def test_connectionLostClosesPort(self) -> None:
         """

@@ -595,21 +595,20 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 response["udpPort"] = lease.port
                 response["udpSession"] = self.udpSession.sessionId
         except (PortAllocationError, CannotListenError, StoreError) as e:
-            if isinstance(e, PortAllocationError):
-                reason = e.args[0]
-            elif isinstance(e, StoreError):
-                self._log.error("registration failed: {error}", error=str(e))
-                reason = "the relay cannot record ports at the moment"
-            else:
-                reason = f"cannot listen: {e}"
             for ports in opened:
                 ports.close(owner, name, self)
             self.names.discard(name)
             router.leases.release(name, owner)
             router.onLeasesChanged()
+            if isinstance(e, StoreError):
+                self._log.error("registration failed: {error}", error=str(e))
+                raise self._refused(
+                    "lease_store", TryAgain, "the relay cannot record ports at the moment"
+                ) from None
+            reason = e.args[0] if isinstance(e, PortAllocationError) else f"cannot listen: {e}"
             raise self._refused(
                 "no_port", RegistrationRefused, f"no public port for {name!r}: {reason}"
-            )
+            ) from None
         router.admission.ports.add(
             self.source, [(kind, owner, name) for kind in sorted(modes & {"tcp", "udp"})]
         )
