@@ -567,7 +567,7 @@ class PeerEndpointResource(Resource):
                         f"local CA, give its ca.pem with `portal peers add {contact.id} --replace "
                         f"--ca FILE`"
                     )
-                    self._log.warn("{message}", message=message)
+                    self._log.warn("{detail}", detail=message)
                 else:
                     message = f"calling {contact.label} at {url} failed: {failure.value!r}"
                     self._log.failure("calling peer {peer}", failure, peer=contact.id)
@@ -681,7 +681,7 @@ class PeerEndpointService(Service):
         """
         self._listening = None
         message = f"the peer endpoint cannot listen on {self.host}: {failure.getErrorMessage()}"
-        self._log.error("{message}", message=message)
+        self._log.error("{detail}", detail=message)
         if self.reporter is not None:
             self.reporter.state("error", "", message)
         waiting, self._waiting = self._waiting, []

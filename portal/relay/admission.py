@@ -194,7 +194,7 @@ class Admission:
         @param fields: More log fields.
         """
         self.refusals.refuse(
-            reason, "refused {source}: {message}", source=source, message=message, **fields
+            reason, "refused {source}: {detail}", source=source, detail=message, **fields
         )
 
     def rate(self, command: str, source: str) -> None:
