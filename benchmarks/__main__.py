@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import scenarios
+from benchmarks import scenarios, underattack
 from benchmarks.lab import Lab
 from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
 #: The scenarios built, in the order they run (scenario 6a is raw TCP throughput, 6b UDP, 6c raw TCP
-#: new connections, 8 the lease store).
-DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7", "8")
+#: new connections, 8 the lease store, 9 the service under attack).
+DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7", "8", "9")
 
 
 def _log(message: str) -> None:
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             "rawTCPBytes": settings.rawTCPBytes,
             "udpSeconds": settings.udpSeconds,
             "storeRecords": settings.storeRecords,
+            "attackSeconds": settings.attackSeconds,
         },
         "scenarios": {},
         "notBuilt": scenarios.NOT_BUILT,
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         ("6c", "rawTCPConnections", lambda lab: scenarios.rawTCPConnections(lab, settings, _log)),
         ("7", "leaseScale", lambda lab: scenarios.leaseScale(lab, settings, _log)),
         ("8", "storeScale", lambda lab: scenarios.storeScale(lab, settings, _log)),
+        (
+            "9",
+            "underAttack",
+            lambda lab: underattack.underAttack(lab, settings.attackSeconds, _log),
+        ),
     ]
     for number, name, run in plan:
         if number not in wanted:

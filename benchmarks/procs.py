@@ -5,6 +5,7 @@ Child processes of the benchmark harness: start, wait for a line of output, meas
 from __future__ import annotations
 
 import os
+import random
 import re
 import resource
 import shutil
@@ -253,16 +254,23 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
-def freePortRange(count: int, attempts: int = 50) -> tuple[int, int]:
+def freePortRange(count: int, attempts: int = 50, belowEphemeral: bool = False) -> tuple[int, int]:
     """
     C{count} consecutive loopback ports, free for both TCP and UDP a moment ago, starting at one the
-    OS picks (for a relay's C{--tcp-ports} or C{--udp-ports}).
+    OS picks (for a relay's C{--tcp-ports} or C{--udp-ports}); after half the attempts, at a
+    random port below the ephemeral range (on a busy machine, outgoing connections and their
+    TIME_WAIT leave few free runs in it).
 
+    @param belowEphemeral: Only look below the ephemeral range, where no outgoing connection takes
+        a port the relay wants to listen on later.
     @return: The first and last port.
     @raise RuntimeError: When no such range turns up in C{attempts} tries.
     """
-    for _ in range(attempts):
-        low = freePort()
+    for attempt in range(attempts):
+        if belowEphemeral or attempt >= attempts // 2:
+            low = random.randrange(10000, 32768 - count)
+        else:
+            low = freePort()
         if low + count - 1 > 65535:
             continue
         held: list[socket.socket] = []

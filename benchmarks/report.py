@@ -143,6 +143,31 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "x",
             )
         )
+    attack = results["scenarios"].get("underAttack", {})
+    for name, figures in attack.get("comparison", {}).items():
+        targets.append(
+            _target(
+                f"under attack: {name}, visits that succeeded",
+                figures["successPercentAttacked"],
+                100.0,
+                True,
+                "%",
+            )
+        )
+        targets.append(
+            _target(
+                f"under attack: {name}, TTFB p99 vs the quiet relay",
+                figures["p99Ratio"],
+                2.0,
+                False,
+                "x",
+            )
+        )
+    if "quotas" in attack:
+        over = sum(1 for row in attack["quotas"] if not row["within"])
+        targets.append(
+            _target("under attack: attackers' holdings over their limits", over, 0, False, "rows")
+        )
     return targets
 
 
@@ -319,6 +344,13 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"Failed: {data['error']}")
         else:
             out += _udpSection(data)
+    data = scenarios.get("underAttack")
+    if data:
+        out += ["", "## 8. Service under attack", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += _attackSection(data)
     if results["notBuilt"]:
         out += ["", "## Not measured", ""]
         out += [f"- {name}: {why}" for name, why in results["notBuilt"].items()]
@@ -518,6 +550,103 @@ def _udpSection(data: dict[str, Any]) -> list[str]:
                     f"| {load} | {direction} | {name} | {' | '.join(cells)} "
                     f"| {_fmt(_median(entry, 'otherCores'), 2)} |"
                 )
+    out += [f"- {note}" for note in data.get("notes", [])]
+    return out
+
+
+_PHASES = (("quiet", "quiet"), ("attacked", "under attack"), ("quietAfter", "quiet again"))
+
+
+def _attackSection(data: dict[str, Any]) -> list[str]:
+    """
+    Scenario 8's Markdown: the visitors in each phase, what the attackers got against the limits,
+    the relay's refusals, and the load on the machine.
+    """
+    out = [
+        f"Visitors from {data['visitorSource']} for {data['seconds']:g} s per phase: quiet, "
+        "under attack, quiet again, on the same relay.",
+        "",
+        "| visitor | phase | visits | succeeded | TTFB p50 µs | TTFB p99 µs | max µs | failures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in data["quiet"]["visitors"]:
+        for key, phase in _PHASES:
+            v = data[key]["visitors"][name]
+            failures = "; ".join(f"{n} x {why}" for why, n in v["failures"].items()) or "-"
+            out.append(
+                f"| {name} | {phase} | {v['visits']} | {_fmt(v['successPercent'], 1)}% | "
+                f"{_fmt(v['ttfbP50us'])} | {_fmt(v['ttfbP99us'])} | {_fmt(v['ttfbMaxUs'])} | "
+                f"{failures} |"
+            )
+    out += [
+        "",
+        "| visitor | p50 under attack / quiet | p99 under attack / quiet | p99 under attack / "
+        "quiet again |",
+        "|---|---|---|---|",
+    ]
+    for name, c in data["comparison"].items():
+        after = data["comparisonQuietAfter"][name]
+        out.append(
+            f"| {name} | {_fmt(c['p50Ratio'], 2)} | {_fmt(c['p99Ratio'], 2)} | "
+            f"{_fmt(after['p99Ratio'], 2)} |"
+        )
+    out += [
+        "",
+        "| phase | machine busy cores | load average | relay CPU s | relay waiting for a CPU s "
+        "| attacker CPU s | new tunnel's lease s | relay log lines |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, phase in _PHASES:
+        p = data[key]
+        out.append(
+            f"| {phase} | {_fmt(p['machineBusyCores'], 2)} | {_fmt(p['loadAverage1m'], 1)} | "
+            f"{_fmt(p['cpuSeconds']['relay'], 2)} | {_fmt(p['waitSeconds']['relay'], 2)} | "
+            f"{_fmt(p['cpuSeconds'].get('attacker'), 2)} | "
+            f"{_fmt(p.get('newTunnelLeaseSeconds'), 2)} | {p['relayLogLines']} |"
+        )
+    out += [
+        "",
+        "What the attackers held, against the limit that bounds it:",
+        "",
+        "| attack | limit | held | relay's gauge peak | within |",
+        "|---|---|---|---|---|",
+    ]
+    for row in data["quotas"]:
+        out.append(
+            f"| {row['what']} | {row['limit']} | {row['held']} | "
+            f"{_fmt(row.get('relayGaugePeak'))} | {'yes' if row['within'] else '**no**'} |"
+        )
+    attack = data["attack"]
+    out += ["", "| attack | figures |", "|---|---|"]
+    for name, flood in attack["idle"].items():
+        out.append(
+            f"| idle connections to {name} | {flood['attempts']} tried, {flood['refusedAtOnce']} "
+            f"closed at once, {flood['closedAfterHolding']} closed after "
+            f"{_fmt(flood['closedAfterSecondsMedian'], 1)} s (median), {flood['heldAtEnd']} "
+            "held at the end |"
+        )
+    for key, what in (("names", "name squatters"), ("ports", "port squatters")):
+        if key in attack:
+            refused = "; ".join(f"{n} x {why}" for why, n in attack[key]["refused"].items())
+            out.append(
+                f"| {what} | {attack[key]['tried']} tried, {attack[key]['held']} held; "
+                f"{refused or 'none refused'} |"
+            )
+    challenges = attack["challenges"]
+    out.append(
+        f"| challenge flood | {challenges['asked']} asked on {challenges['sessions']} "
+        f"session(s), {challenges['issued']} issued |"
+    )
+    if "udp" in attack:
+        out.append(
+            f"| UDP flood | {attack['udp']['sent']} datagrams from {attack['udp']['ports']} ports; "
+            f"the relay forwarded {_fmt(data['udpCounters']['udp_to_tunnel'])} datagrams to "
+            "tunnels in all |"
+        )
+    refusals = ", ".join(
+        f"{reason} {_fmt(n)}" for reason, n in sorted(data["refusalsDuringAttack"].items())
+    )
+    out += ["", f"Relay refusals during the attack (`portal_refusals_total`): {refusals}.", ""]
     out += [f"- {note}" for note in data.get("notes", [])]
     return out
 

@@ -47,6 +47,7 @@ class Settings:
     @ivar rawTCPBytes: Bytes per direction per raw TCP throughput run (scenario 6a).
     @ivar udpSeconds: Seconds each UDP sender sends for, per load and direction (scenario 6b).
     @ivar storeRecords: Names registered in the lease store (scenario 8).
+    @ivar attackSeconds: Seconds of each phase, quiet and under attack (scenario 9).
     """
 
     runs: int = 5
@@ -59,6 +60,7 @@ class Settings:
     rawTCPBytes: int = 512 << 20
     udpSeconds: float = 2.0
     storeRecords: int = 10000
+    attackSeconds: float = 30.0
 
 
 FULL = Settings()
@@ -72,6 +74,7 @@ QUICK = Settings(
     wrkSeconds=2.0,
     rawTCPBytes=64 << 20,
     udpSeconds=0.5,
+    attackSeconds=10.0,
 )
 
 

@@ -265,6 +265,28 @@ def requestSend(sock: socket.socket, run: int, seconds: float, rate: float, size
     sock.send(_HEADER.pack(b"s", run, 0) + _SEND.pack(seconds, rate, size))
 
 
+def answerTime(sock: socket.socket, run: int, timeout: float) -> float:
+    """
+    Ask the sink, through whatever C{sock} is connected to, for one data datagram of C{run}, and
+    wait for it (datagrams of other runs, late answers to earlier requests, are skipped).
+
+    @return: Seconds from the request to the answer.
+    @raise TimeoutError: When no answer comes within C{timeout} seconds.
+    """
+    start = time.perf_counter()
+    deadline = start + timeout
+    requestSend(sock, run, 0.01, 100.0, _HEADER.size)
+    buffer = bytearray(65536)
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError(f"no answer to UDP request {run} in {timeout:g} s")
+        sock.settimeout(left)
+        n = sock.recv_into(buffer)
+        if n >= _HEADER.size and _HEADER.unpack_from(buffer)[:2] == (b"d", run):
+            return time.perf_counter() - start
+
+
 def main() -> None:
     """
     C{python -m benchmarks.udpworkload}: run the sink on a free loopback UDP port and print

@@ -127,11 +127,23 @@ def serveForever(listener: socket.socket, context: ssl.SSLContext | None) -> Non
         threading.Thread(target=serve, args=(sock, context), daemon=True).start()
 
 
-def _connect(port: int, serverName: str | None, context: ssl.SSLContext | None):  # type: ignore[no-untyped-def]
+def _connect(  # type: ignore[no-untyped-def]
+    port: int,
+    serverName: str | None,
+    context: ssl.SSLContext | None,
+    source: str | None = None,
+    timeout: float = 120,
+):
     """
     Connect to 127.0.0.1:C{port}, with TLS when C{context} is given.
+
+    @param source: The loopback address to connect from (another source address to the relay), or
+        L{None} for the system's choice.
+    @param timeout: Seconds any one socket operation may take.
     """
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+    )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if context is None:
         return sock
@@ -182,19 +194,56 @@ def download(port: int, serverName: str | None, size: int, tls: bool = True) -> 
         stream.close()
 
 
-def firstByte(port: int, serverName: str | None, context: ssl.SSLContext | None) -> float:
+def firstByte(
+    port: int,
+    serverName: str | None,
+    context: ssl.SSLContext | None,
+    source: str | None = None,
+    timeout: float = 120,
+) -> float:
     """
     One new connection (TLS with C{context}, else plain TCP) with a 1-byte exchange.
 
+    @param source: The address to connect from (see L{_connect}).
+    @param timeout: Seconds any one socket operation may take.
     @return: Seconds from starting the TCP connection to receiving the first byte.
     """
     start = time.perf_counter()
-    stream = _connect(port, serverName, context)
+    stream = _connect(port, serverName, context, source, timeout)
     try:
         stream.sendall(_COMMAND.pack(b"P", 0))
         if recvExact(stream, 1) != b"P":
             raise ConnectionError("bad answer")
         return time.perf_counter() - start
+    finally:
+        stream.close()
+
+
+def httpFirstByte(
+    port: int, serverName: str, context: ssl.SSLContext, source: str | None, timeout: float
+) -> float:
+    """
+    One new TLS connection with one HTTP/1.1 C{GET /} for C{serverName}, read to the end of the
+    response (C{Connection: close}).
+
+    @param source: The address to connect from (see L{_connect}).
+    @param timeout: Seconds any one socket operation may take.
+    @return: Seconds from starting the TCP connection to the response's first byte.
+    @raise ConnectionError: When the response is not a 200.
+    """
+    start = time.perf_counter()
+    stream = _connect(port, serverName, context, source, timeout)
+    try:
+        stream.sendall(
+            f"GET / HTTP/1.1\r\nHost: {serverName}\r\nConnection: close\r\n\r\n".encode()
+        )
+        head = stream.recv(65536)
+        seconds = time.perf_counter() - start
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(f"answered {head[:40]!r}")
+        while stream.recv(65536):
+            pass
+        return seconds
     finally:
         stream.close()
 
