@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import ssl
 import statistics
 import sys
@@ -29,6 +28,7 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks import workload
 from benchmarks.procs import Child, cpuSeconds, freePort, python, twistd
 
 
@@ -96,18 +96,10 @@ def _startMember(base: str, name: str, etcd: str) -> tuple[Child, int, int]:
 
 
 def _ttfb(port: int, hostname: str, context: ssl.SSLContext) -> float:
-    request = f"GET / HTTP/1.1\r\nHost: {hostname}\r\nConnection: close\r\n\r\n".encode()
-    start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname=hostname) as tls:
-            tls.sendall(request)
-            first = tls.recv(65536)
-            elapsed = time.perf_counter() - start
-            if not first.startswith(b"HTTP/1."):
-                raise RuntimeError(f"unexpected answer {first[:80]!r}")
-            while tls.recv(65536):
-                pass
-    return elapsed
+    """
+    One routed request's time to first byte (L{workload.httpFirstByte}, 10 s per socket step).
+    """
+    return workload.httpFirstByte(port, hostname, context, None, 10)
 
 
 def _ttfbNumbered(port: int, hostname: str, context: ssl.SSLContext, index: int) -> float:

@@ -206,14 +206,7 @@ def udpSocketDrops(pid: int) -> dict[int, int]:
         dropped on arriving at it, mostly because its receive buffer was full (the C{drops} column
         of C{/proc/net/udp}).
     """
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
+    inodes = _socketInodes(pid)
     drops = {}
     with open("/proc/net/udp") as f:
         next(f)
@@ -223,6 +216,44 @@ def udpSocketDrops(pid: int) -> dict[int, int]:
             if inode in inodes:
                 drops[inode] = int(fields[12])
     return drops
+
+
+def _socketInodes(pid: int) -> set[int]:
+    """
+    @return: The inodes of the sockets process C{pid} holds.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def tcpConnectionsFrom(pid: int, source: str, ports: set[int]) -> dict[int, set[int]]:
+    """
+    The established IPv4 TCP connections process C{pid} holds from address C{source} on each of
+    its local C{ports} (from C{/proc/net/tcp}): the connections it accepted and has not closed yet,
+    whatever the peer knows of them.
+
+    @return: Per local port (ports with none left out), the connections' socket inodes (the same
+        connection has the same inode in a later call).
+    """
+    inodes = _socketInodes(pid)
+    remote = socket.inet_aton(source)[::-1].hex().upper()
+    found: dict[int, set[int]] = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, peer, state, inode = fields[1], fields[2], fields[3], int(fields[9])
+            port = int(local.split(":")[1], 16)
+            if state == "01" and port in ports and peer.split(":")[0] == remote and inode in inodes:
+                found.setdefault(port, set()).add(inode)
+    return found
 
 
 def udpKernelDrops() -> dict[str, int]:

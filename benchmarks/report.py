@@ -554,88 +554,95 @@ def _udpSection(data: dict[str, Any]) -> list[str]:
     return out
 
 
-_PHASES = (("quiet", "quiet"), ("attacked", "under attack"), ("quietAfter", "quiet again"))
-
-
 def _attackSection(data: dict[str, Any]) -> list[str]:
     """
-    Scenario 8's Markdown: the visitors in each phase, what the attackers got against the limits,
-    the relay's refusals, and the load on the machine.
+    Scenario 8's Markdown: the visitors quiet and under attack, each phase's p99, what the
+    attackers got against the limits, the relay's refusals, and the load on the machine.
     """
+    quiet, attacked = data["quiet"], data["attacked"]
     out = [
-        f"Visitors from {data['visitorSource']} for {data['seconds']:g} s per phase: quiet, "
-        "under attack, quiet again, on the same relay.",
+        f"Visitors from {data['visitorSource']} throughout; the attack ran {data['seconds']:g} s "
+        f"in {attacked['phases']} block(s) of {data['blockSeconds']:g} s, each between two quiet "
+        f"phases as long, on the same relay. The harness, relay, tunnels and services ran at nice "
+        f"{data.get('nice', 0)}.",
         "",
-        "| visitor | phase | visits | succeeded | TTFB p50 µs | TTFB p99 µs | max µs | failures |",
+        "| visitor | phases | visits | succeeded | TTFB p50 µs | TTFB p99 µs | max µs | failures |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in data["quiet"]["visitors"]:
-        for key, phase in _PHASES:
-            v = data[key]["visitors"][name]
+    for name in quiet["visitors"]:
+        for phases, figures in (("quiet", quiet), ("under attack", attacked)):
+            v = figures["visitors"][name]
             failures = "; ".join(f"{n} x {why}" for why, n in v["failures"].items()) or "-"
             out.append(
-                f"| {name} | {phase} | {v['visits']} | {_fmt(v['successPercent'], 1)}% | "
+                f"| {name} | {phases} | {v['visits']} | {_fmt(v['successPercent'], 1)}% | "
                 f"{_fmt(v['ttfbP50us'])} | {_fmt(v['ttfbP99us'])} | {_fmt(v['ttfbMaxUs'])} | "
                 f"{failures} |"
             )
     out += [
         "",
-        "| visitor | p50 under attack / quiet | p99 under attack / quiet | p99 under attack / "
-        "quiet again |",
-        "|---|---|---|---|",
+        "| visitor | p50 under attack / quiet | p99 under attack / quiet |",
+        "|---|---|---|",
     ]
     for name, c in data["comparison"].items():
-        after = data["comparisonQuietAfter"][name]
-        out.append(
-            f"| {name} | {_fmt(c['p50Ratio'], 2)} | {_fmt(c['p99Ratio'], 2)} | "
-            f"{_fmt(after['p99Ratio'], 2)} |"
-        )
+        out.append(f"| {name} | {_fmt(c['p50Ratio'], 2)} | {_fmt(c['p99Ratio'], 2)} |")
+    names = list(quiet["visitors"])
     out += [
         "",
-        "| phase | machine busy cores | load average | relay CPU s | relay waiting for a CPU s "
-        "| attacker CPU s | new tunnel's lease s | relay log lines |",
-        "|---|---|---|---|---|---|---|---|",
+        "Each phase in order (TTFB p99 µs):",
+        "",
+        "| phase | " + " | ".join(names) + " | machine busy cores | load average |",
+        "|---|" + "---|" * (len(names) + 2),
     ]
-    for key, phase in _PHASES:
-        p = data[key]
+    for phase in data["phases"]:
+        cells = " | ".join(_fmt(phase["ttfbP99us"][name]) for name in names)
         out.append(
-            f"| {phase} | {_fmt(p['machineBusyCores'], 2)} | {_fmt(p['loadAverage1m'], 1)} | "
-            f"{_fmt(p['cpuSeconds']['relay'], 2)} | {_fmt(p['waitSeconds']['relay'], 2)} | "
-            f"{_fmt(p['cpuSeconds'].get('attacker'), 2)} | "
-            f"{_fmt(p.get('newTunnelLeaseSeconds'), 2)} | {p['relayLogLines']} |"
+            f"| {'under attack' if phase['attacked'] else 'quiet'} | {cells} | "
+            f"{_fmt(phase['machineBusyCores'], 2)} | {_fmt(phase['loadAverage1m'], 1)} |"
         )
     out += [
         "",
-        "What the attackers held, against the limit that bounds it:",
+        "| phases | machine busy cores | relay CPU s | relay waiting for a CPU s | attacker CPU s "
+        "| new tunnel's lease s | relay log lines |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phases, p in (("quiet", quiet), ("under attack", attacked)):
+        leases = ", ".join(_fmt(x, 1) for x in p["newTunnelLeaseSeconds"])
+        out.append(
+            f"| {phases} ({_fmt(p['seconds'])} s) | {_fmt(p['machineBusyCores'], 2)} | "
+            f"{_fmt(p['cpuSeconds']['relay'], 2)} | {_fmt(p['waitSeconds']['relay'], 2)} | "
+            f"{_fmt(p['cpuSeconds'].get('attacker'), 2)} | {leases} | {p['relayLogLines']} |"
+        )
+    out += [
         "",
-        "| attack | limit | held | relay's gauge peak | within |",
-        "|---|---|---|---|---|",
+        "What the attackers held at once, against the limit that bounds it:",
+        "",
+        "| attack | limit | held | the attacker saw | relay's gauge peak (all addresses) | within |",
+        "|---|---|---|---|---|---|",
     ]
     for row in data["quotas"]:
         out.append(
-            f"| {row['what']} | {row['limit']} | {row['held']} | "
-            f"{_fmt(row.get('relayGaugePeak'))} | {'yes' if row['within'] else '**no**'} |"
+            f"| {row['what']} | {row['limit']} | {row['held']} | {_fmt(row.get('attackerSaw'))} "
+            f"| {_fmt(row.get('relayGaugePeak'))} | {'yes' if row['within'] else '**no**'} |"
         )
     attack = data["attack"]
-    out += ["", "| attack | figures |", "|---|---|"]
+    out += ["", "| attack (all blocks) | figures |", "|---|---|"]
     for name, flood in attack["idle"].items():
         out.append(
             f"| idle connections to {name} | {flood['attempts']} tried, {flood['refusedAtOnce']} "
-            f"closed at once, {flood['closedAfterHolding']} closed after "
-            f"{_fmt(flood['closedAfterSecondsMedian'], 1)} s (median), {flood['heldAtEnd']} "
-            "held at the end |"
+            f"closed within a second, {flood['closedAfterHolding']} closed later (median "
+            f"{_fmt(flood['closedAfterSecondsMedian'], 1)} s) |"
         )
     for key, what in (("names", "name squatters"), ("ports", "port squatters")):
         if key in attack:
             refused = "; ".join(f"{n} x {why}" for why, n in attack[key]["refused"].items())
             out.append(
-                f"| {what} | {attack[key]['tried']} tried, {attack[key]['held']} held; "
+                f"| {what} | {attack[key]['tried']} tried, {attack[key]['heldInAll']} held; "
                 f"{refused or 'none refused'} |"
             )
     challenges = attack["challenges"]
     out.append(
         f"| challenge flood | {challenges['asked']} asked on {challenges['sessions']} "
-        f"session(s), {challenges['issued']} issued |"
+        f"session(s), {challenges['issuedInAll']} issued |"
     )
     if "udp" in attack:
         out.append(
@@ -646,7 +653,12 @@ def _attackSection(data: dict[str, Any]) -> list[str]:
     refusals = ", ".join(
         f"{reason} {_fmt(n)}" for reason, n in sorted(data["refusalsDuringAttack"].items())
     )
-    out += ["", f"Relay refusals during the attack (`portal_refusals_total`): {refusals}.", ""]
+    out += [
+        "",
+        f"Relay refusals from the first attack block to the end (`portal_refusals_total`): "
+        f"{refusals}.",
+        "",
+    ]
     out += [f"- {note}" for note in data.get("notes", [])]
     return out
 

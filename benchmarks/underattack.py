@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import threading
 import time
 from collections import Counter
@@ -23,9 +24,16 @@ from typing import Any
 import attrs
 
 from benchmarks import udpworkload, workload
-from benchmarks.attacker import AttackPlan
+from benchmarks.attacker import NICE, AttackPlan
 from benchmarks.lab import Lab, metrics
-from benchmarks.procs import Child, freePortRange, machineBusySeconds, python, schedSeconds
+from benchmarks.procs import (
+    Child,
+    freePortRange,
+    machineBusySeconds,
+    python,
+    schedSeconds,
+    tcpConnectionsFrom,
+)
 
 #: The legitimate visitors' source address.
 VISITOR = "127.0.0.3"
@@ -35,10 +43,14 @@ VISIT_INTERVAL = 0.05
 VISIT_TIMEOUT = 10.0
 #: Seconds between reads of the relay's C{/metrics} during a phase.
 SAMPLE_INTERVAL = 2.0
+#: Seconds between counts of the connections the relay holds from the attacker's address.
+HELD_INTERVAL = 0.5
+#: Seconds of one attack block: the attack runs in blocks, each between two quiet phases.
+ATTACK_BLOCK = 10.0
 
 #: The relay's limits in this scenario, as options: the defaults, given explicitly so that the
 #: results can quote them.
-LIMITS = {
+LIMITS: dict[str, Any] = {
     "max-connections-per-source": 256,
     "max-control-connections-per-source": 256,
     "max-names-per-source": 256,
@@ -49,8 +61,6 @@ LIMITS = {
     "hello-rate": "20/200",
     "site-header-timeout": 10.0,
 }
-#: The attacker's scheduling priority (C{nice}): the lowest.
-ATTACKER_NICE = 19
 #: Raw TCP ports the relay offers (the port squatters' target).
 TCP_PORTS = 40
 
@@ -133,39 +143,82 @@ def _visitLoop(
             due = time.monotonic()
 
 
-def _sampleGauges(publicPort: int, stop: threading.Event, peaks: dict[str, float]) -> None:
+class _Sampler:
     """
-    Read the relay's gauges every L{SAMPLE_INTERVAL} until C{stop}, keeping each one's peak.
+    Reads, on a thread, the relay's gauges every L{SAMPLE_INTERVAL} and the connections it holds
+    from the idle flood's address on each listener (from C{/proc}) every L{HELD_INTERVAL}, keeping
+    each one's peak; a connection counts as held when it was open at two counts in a row.
+
+    @ivar gauges: The peak of each gauge of C{/metrics}.
+    @ivar held: The peak of the connections the relay held from the flood's address, by listener.
     """
-    while not stop.wait(SAMPLE_INTERVAL):
-        try:
-            values = metrics(publicPort)
-        except OSError:
-            peaks["unreadable"] = peaks.get("unreadable", 0) + 1
-            continue
-        for name, value in values.items():
-            if "_open" in name or name in (
-                "portal_relay_leases",
-                "portal_relay_pow_difficulty_bits",
-            ):
-                peaks[name] = max(peaks.get(name, 0.0), value)
+
+    def __init__(
+        self, publicPort: int, relayPid: int, listeners: dict[str, int], source: str
+    ) -> None:
+        self._publicPort, self._pid, self._listeners = publicPort, relayPid, listeners
+        self._source = source
+        self._stop = threading.Event()
+        self.gauges: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        """
+        Start sampling.
+        """
+        self._thread.start()
+
+    def stop(self) -> None:
+        """
+        Stop sampling.
+        """
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        """
+        Sample until stopped.
+        """
+        ticks = 0
+        every = round(SAMPLE_INTERVAL / HELD_INTERVAL)
+        previous: dict[int, set[int]] = {}
+        while not self._stop.wait(HELD_INTERVAL):
+            ticks += 1
+            byPort = tcpConnectionsFrom(self._pid, self._source, set(self._listeners.values()))
+            for name, port in self._listeners.items():
+                # Held: open at this count and at the one before (a refused connection is
+                # open for a moment, until the relay has written its alert and closed it).
+                held = len(byPort.get(port, set()) & previous.get(port, set()))
+                self.held[name] = max(self.held.get(name, 0), held)
+            previous = byPort
+            if ticks % every:
+                continue
+            try:
+                values = metrics(self._publicPort)
+            except OSError:
+                self.gauges["unreadable"] = self.gauges.get("unreadable", 0) + 1
+                continue
+            for name, value in values.items():
+                if "_open" in name or name == "portal_relay_pow_difficulty_bits":
+                    self.gauges[name] = max(self.gauges.get(name, 0.0), value)
 
 
 def _phase(
     visitors: list[Visitor],
     seconds: float,
-    publicPort: int,
+    sampler: _Sampler,
     processes: dict[str, Child],
-    during: Callable[[], dict[str, Any]] | None = None,
+    during: Callable[[], float],
 ) -> dict[str, Any]:
     """
-    Run every visitor for C{seconds} at once, with C{during} (if given) called on another thread
-    half way through.
+    Run every visitor for C{seconds} at once, with C{during} called on another thread half way
+    through.
 
-    @return: Per visitor: visits, successes, the success rate and time to first byte p50/p99
-        (microseconds), the failures by reason; the relay's gauges' peaks; each process's seconds
-        on a CPU and waiting for one (its live threads, from the scheduler) and the machine's
-        load.
+    @return: The phase's raw figures: each visitor's times to first byte and failures by reason,
+        the sampler's peaks, each process's seconds on a CPU and waiting for one (its live
+        threads, from the scheduler), the machine's busy CPU seconds, the load average and what
+        C{during} returned.
     """
     ttfbs: dict[str, list[float]] = {v.name: [] for v in visitors}
     failures: dict[str, Counter[str]] = {v.name: Counter() for v in visitors}
@@ -175,49 +228,139 @@ def _phase(
         )
         for v in visitors
     ]
-    peaks: dict[str, float] = {}
-    stop = threading.Event()
-    sampler = threading.Thread(target=_sampleGauges, args=(publicPort, stop, peaks), daemon=True)
-    extra: dict[str, Any] = {}
+    extra: list[float] = []
 
     def halfway() -> None:
         time.sleep(seconds / 2)
-        assert during is not None
-        extra.update(during())
+        extra.append(during())
 
-    helper = threading.Thread(target=halfway, daemon=True) if during else None
+    helper = threading.Thread(target=halfway, daemon=True)
     sched = {name: schedSeconds(child.pid) for name, child in processes.items()}
     busy, started = machineBusySeconds(), time.monotonic()
-    for thread in [*threads, sampler, *([helper] if helper else [])]:
+    sampler.start()
+    for thread in [*threads, helper]:
         thread.start()
     for thread in threads:
         thread.join(seconds + 2 * VISIT_TIMEOUT + 10)
-    if helper is not None:
-        helper.join(60)
-    stop.set()
-    sampler.join(30)
-    wall = time.monotonic() - started
-    result: dict[str, Any] = {"seconds": wall, "visitors": {}}
-    for v in visitors:
-        ok, failed = len(ttfbs[v.name]), sum(failures[v.name].values())
-        p50, p99 = _percentile(ttfbs[v.name], 50), _percentile(ttfbs[v.name], 99)
-        result["visitors"][v.name] = {
-            "visits": ok + failed,
-            "succeeded": ok,
-            "successPercent": 100.0 * ok / (ok + failed) if ok + failed else 0.0,
-            "ttfbP50us": p50 * 1e6 if p50 is not None else None,
-            "ttfbP99us": p99 * 1e6 if p99 is not None else None,
-            "ttfbMaxUs": max(ttfbs[v.name]) * 1e6 if ttfbs[v.name] else None,
-            "failures": dict(failures[v.name].most_common(10)),
-        }
-    result["gaugePeaks"] = peaks
+    helper.join(60)
+    sampler.stop()
     now = {name: schedSeconds(child.pid) for name, child in processes.items()}
-    result["cpuSeconds"] = {name: now[name][0] - sched[name][0] for name in processes}
-    result["waitSeconds"] = {name: now[name][1] - sched[name][1] for name in processes}
-    result["machineBusyCores"] = (machineBusySeconds() - busy) / wall
-    result["loadAverage1m"] = os.getloadavg()[0]
-    result.update(extra)
+    return {
+        "seconds": time.monotonic() - started,
+        "ttfbs": ttfbs,
+        "failures": failures,
+        "gauges": sampler.gauges,
+        "held": sampler.held,
+        "cpuSeconds": {name: now[name][0] - sched[name][0] for name in processes},
+        "waitSeconds": {name: now[name][1] - sched[name][1] for name in processes},
+        "busySeconds": machineBusySeconds() - busy,
+        "loadAverage1m": os.getloadavg()[0],
+        "newTunnelLeaseSeconds": extra[0] if extra else None,
+    }
+
+
+def _visitorFigures(ttfbs: list[float], failures: Counter[str]) -> dict[str, Any]:
+    """
+    @return: Visits, successes, the success rate, time to first byte p50/p99/max (microseconds)
+        and the failures by reason.
+    """
+    ok, failed = len(ttfbs), sum(failures.values())
+    p50, p99 = _percentile(ttfbs, 50), _percentile(ttfbs, 99)
+    return {
+        "visits": ok + failed,
+        "succeeded": ok,
+        "successPercent": 100.0 * ok / (ok + failed) if ok + failed else 0.0,
+        "ttfbP50us": p50 * 1e6 if p50 is not None else None,
+        "ttfbP99us": p99 * 1e6 if p99 is not None else None,
+        "ttfbMaxUs": max(ttfbs) * 1e6 if ttfbs else None,
+        "failures": dict(failures.most_common(10)),
+    }
+
+
+def _pool(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The figures of several phases of one kind (quiet, or under attack) taken together.
+
+    @return: Per visitor the figures of all its visits (L{_visitorFigures}); the gauges' and
+        holdings' peaks; CPU and wait seconds summed; the machine's busy cores over the phases'
+        time; the load averages and new tunnels' lease times of each phase.
+    """
+    names = list(phases[0]["ttfbs"])
+    result: dict[str, Any] = {
+        "phases": len(phases),
+        "seconds": sum(p["seconds"] for p in phases),
+        "visitors": {
+            name: _visitorFigures(
+                [t for p in phases for t in p["ttfbs"][name]],
+                sum((p["failures"][name] for p in phases), Counter()),
+            )
+            for name in names
+        },
+        "gaugePeaks": {},
+        "heldPeaks": {},
+        "cpuSeconds": {},
+        "waitSeconds": {},
+    }
+    for p in phases:
+        for key in ("gaugePeaks", "heldPeaks"):
+            source = p["gauges"] if key == "gaugePeaks" else p["held"]
+            for name, value in source.items():
+                result[key][name] = max(result[key].get(name, 0), value)
+        for key in ("cpuSeconds", "waitSeconds"):
+            for name, value in p[key].items():
+                result[key][name] = result[key].get(name, 0.0) + value
+    result["machineBusyCores"] = sum(p["busySeconds"] for p in phases) / result["seconds"]
+    result["loadAverage1m"] = [p["loadAverage1m"] for p in phases]
+    result["newTunnelLeaseSeconds"] = [p["newTunnelLeaseSeconds"] for p in phases]
     return result
+
+
+def _mergeAttacks(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The attacker's results of several blocks taken together: counts summed, holdings (what one
+    block held at once, judged against one block's limits) the largest of any block.
+    """
+    merged: dict[str, Any] = {"seconds": blocks[0]["seconds"], "blocks": len(blocks), "idle": {}}
+    for name in blocks[0]["idle"]:
+        floods = [b["idle"][name] for b in blocks]
+        medians = [f["closedAfterSecondsMedian"] for f in floods if f["closedAfterSecondsMedian"]]
+        merged["idle"][name] = {
+            **{
+                key: sum(f[key] for f in floods)
+                for key in ("attempts", "failed", "refusedAtOnce", "closedAfterHolding")
+            },
+            "maxHeld": max(f["maxHeld"] for f in floods),
+            "heldAtEnd": max(f["heldAtEnd"] for f in floods),
+            "closedAfterSecondsMedian": statistics.median(medians) if medians else None,
+        }
+    merged["heldPeakByListener"] = {
+        name: max(b["heldPeakByListener"][name] for b in blocks)
+        for name in blocks[0]["heldPeakByListener"]
+    }
+    for kind in ("names", "ports"):
+        if kind in blocks[0]:
+            refused: Counter[str] = Counter()
+            for b in blocks:
+                refused.update(b[kind]["refused"])
+            merged[kind] = {
+                "tried": sum(b[kind]["tried"] for b in blocks),
+                "held": max(b[kind]["held"] for b in blocks),
+                "heldInAll": sum(b[kind]["held"] for b in blocks),
+                "refused": dict(refused.most_common()),
+            }
+    merged["challenges"] = {
+        "asked": sum(b["challenges"]["asked"] for b in blocks),
+        "issued": max(b["challenges"]["issued"] for b in blocks),
+        "issuedInAll": sum(b["challenges"]["issued"] for b in blocks),
+        "sessions": sum(b["challenges"]["sessions"] for b in blocks),
+    }
+    if "udp" in blocks[0]:
+        merged["udp"] = {
+            "ports": blocks[0]["udp"]["ports"],
+            "sent": sum(b["udp"]["sent"] for b in blocks),
+            "failed": sum(b["udp"]["failed"] for b in blocks),
+        }
+    return merged
 
 
 def _refusals(values: dict[str, float]) -> dict[str, float]:
@@ -238,19 +381,24 @@ def _rate(option: str) -> tuple[float, float]:
     return float(perSecond), float(burst)
 
 
-def _quotas(attack: dict[str, Any], peaks: dict[str, float]) -> list[dict[str, Any]]:
+def _quotas(
+    attack: dict[str, Any], relayHeld: dict[str, int], gauges: dict[str, float]
+) -> list[dict[str, Any]]:
     """
-    What the attackers held against the limits that bound it.
+    What the attackers held at once (in any one attack block) against the limits that bound it.
 
-    @return: One row per bounded resource: the limit, what the attackers held (by their own
-        count: connections open for a second or more, names and ports registered; and, for
-        connections, the peak of the relay's gauge of the listener, which also counts the
-        legitimate visitors' and this harness's connections) and whether it stayed within.
+    @param relayHeld: The peak of the connections the relay held from the idle flood's address,
+        by listener (from C{/proc}): the figure judged.
+    @param gauges: The peaks of the relay's gauges, quoted beside it (they count every address).
+    @return: One row per bounded resource: the limit, what the attackers held (connections: as
+        the relay held them, and as the attacker saw them, which counts a connection the relay
+        closed until the attacker reads the close; names, ports and challenges: what they got)
+        and whether it stayed within.
     """
     rows = []
     cap = int(LIMITS["max-connections-per-source"])
     gauge = 'portal_relay_listener_connections_open{{listener="{}"}}'
-    groups = (
+    for listener, what, limit in (
         ("public", "public TLS port (idle, and stalled ClientHello for the relay's own name)", cap),
         ("http", "--http port", cap),
         ("tcp", "raw TCP lease port", cap),
@@ -259,18 +407,17 @@ def _quotas(attack: dict[str, Any], peaks: dict[str, float]) -> list[dict[str, A
             "control port (not yet proved who they are)",
             int(LIMITS["max-control-connections-per-source"]),
         ),
-    )
-    for listener, what, limit in groups:
-        held = attack["heldPeakByListener"].get(listener)
-        if held is None:
+    ):
+        if listener not in relayHeld:
             continue
         rows.append(
             {
                 "what": f"idle connections from one address held on the {what}",
                 "limit": limit,
-                "held": held,
-                "relayGaugePeak": peaks.get(gauge.format(listener)),
-                "within": held <= limit,
+                "held": relayHeld[listener],
+                "attackerSaw": attack["heldPeakByListener"].get(listener),
+                "relayGaugePeak": gauges.get(gauge.format(listener)),
+                "within": relayHeld[listener] <= limit,
             }
         )
     seconds = float(attack["seconds"])
@@ -328,9 +475,10 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
     """
     Scenario 8: a relay with every mode on (C{--http}, raw TCP and UDP ports) and the limits of
     L{LIMITS}; a stream tunnel to a plain sink, a routed HTTP tunnel to nginx, a raw TCP tunnel
-    and a UDP tunnel to the counting UDP sink; visitors from L{VISITOR} for C{seconds} on the quiet
-    relay, for C{seconds} while the attacker runs, and for C{seconds} on the quiet relay again; a
-    real tunnel registers half way through each phase.
+    and a UDP tunnel to the counting UDP sink; visitors from L{VISITOR} throughout, while the
+    attacker runs for C{seconds} in all, in blocks of about L{ATTACK_BLOCK} seconds each between
+    two quiet phases as long (quiet, attack, quiet, attack, ..., quiet), so that the machine's
+    other load falls on both alike; a real tunnel registers half way through each phase.
     """
     service = lab.httpService()
     if service is None:
@@ -381,58 +529,61 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
         "routed tunnel": routed,
         "udp tunnel": udpTunnel,
     }
+    listeners = {"public": public, "http": httpPort, "tcp": tcpPort, "control": control}
     registrations = itertools.count()
 
-    def registerTunnel() -> dict[str, Any]:
+    def registerTunnel() -> float:
         started = time.monotonic()
         child, _ = lab.tunnel(control, sinkPort, f"late{next(registrations)}", ())
         took = time.monotonic() - started
         lab.stop(child)
-        return {"newTunnelLeaseSeconds": took}
+        return took
 
-    def phase(name: str, extra: dict[str, Child]) -> dict[str, Any]:
-        log(f"scenario 8: {name}, visitors for {seconds:g} s")
-        udpVisitor.close()  # A new flow per phase.
-        lines = len(relay.lines)
-        result = _phase(visitors, seconds, public, processes | extra, registerTunnel)
-        result["relayLogLines"] = len(relay.lines) - lines
-        return result
-
-    quiet = phase("quiet relay", {})
-    before = metrics(public)
+    blocks = max(1, round(seconds / ATTACK_BLOCK))
+    block = seconds / blocks
     plan = AttackPlan(
-        seconds=seconds,
+        seconds=block,
         publicPort=public,
         controlPort=control,
         httpPort=httpPort,
         tcpPort=tcpPort,
         udpPort=udpPort,
     )
-    # At the lowest priority: a real attacker brings its own CPU, while this one shares the
-    # relay's two cores (what it sent is reported, so a starved attacker shows).
-    attacker = Child(
-        "attacker",
-        [
-            "nice",
-            "-n",
-            str(ATTACKER_NICE),
-            python(),
-            "-m",
-            "benchmarks.attacker",
-            json.dumps(attrs.asdict(plan)),
-        ],
-    )
-    try:
-        attacker.waitFor(r"^attacking$", timeout=60)
-        attacked = phase("under attack", {"attacker": attacker})
-        line = attacker.waitFor(r"^(result|failed:) ", timeout=seconds + 120).string
-        if not line.startswith("result "):
-            raise RuntimeError("the attacker failed:\n" + "\n".join(attacker.lines[-30:]))
-        attack = json.loads(line[len("result ") :])
-    finally:
-        attacker.stop()
+
+    def quietPhase() -> dict[str, Any]:
+        log(f"scenario 8: quiet, visitors for {block:g} s")
+        udpVisitor.close()  # A new flow per phase.
+        lines = len(relay.lines)
+        sampler = _Sampler(public, relay.pid, listeners, plan.idleSource)
+        phase = _phase(visitors, block, sampler, processes, registerTunnel)
+        phase["relayLogLines"] = len(relay.lines) - lines
+        return phase
+
+    quiet, attacked, attacks = [quietPhase()], [], []
+    before = metrics(public)
+    for _ in range(blocks):
+        log(f"scenario 8: under attack, visitors for {block:g} s")
+        udpVisitor.close()
+        attacker = Child(
+            "attacker", [python(), "-m", "benchmarks.attacker", json.dumps(attrs.asdict(plan))]
+        )
+        try:
+            attacker.waitFor(r"^attacking$", timeout=60)
+            lines = len(relay.lines)
+            sampler = _Sampler(public, relay.pid, listeners, plan.idleSource)
+            phase = _phase(
+                visitors, block, sampler, processes | {"attacker": attacker}, registerTunnel
+            )
+            phase["relayLogLines"] = len(relay.lines) - lines
+            attacked.append(phase)
+            line = attacker.waitFor(r"^(result|failed:) ", timeout=block + 120).string
+            if not line.startswith("result "):
+                raise RuntimeError("the attacker failed:\n" + "\n".join(attacker.lines[-30:]))
+            attacks.append(json.loads(line[len("result ") :]))
+        finally:
+            attacker.stop()
+        quiet.append(quietPhase())
     after = metrics(public)
-    quietAfter = phase("quiet again", {})
     udpVisitor.close()
     refusalsBefore = _refusals(before)
     refused = {
@@ -440,49 +591,80 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
         for reason, count in _refusals(after).items()
         if count - refusalsBefore.get(reason, 0)
     }
+    quietFigures, attackedFigures = _pool(quiet), _pool(attacked)
+    attack = _mergeAttacks(attacks)
+    quietFigures["relayLogLines"] = sum(p["relayLogLines"] for p in quiet)
+    attackedFigures["relayLogLines"] = sum(p["relayLogLines"] for p in attacked)
+    order = [quiet[0]] + [p for pair in zip(attacked, quiet[1:], strict=True) for p in pair]
     return {
         "seconds": seconds,
+        "blockSeconds": block,
+        # The harness's priority, which the relay, the tunnels and the services inherit.
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "visitorSource": VISITOR,
         "visitIntervalSeconds": VISIT_INTERVAL,
         "limits": LIMITS,
         "attackPlan": attrs.asdict(plan),
-        "quiet": quiet,
-        "attacked": attacked,
-        "quietAfter": quietAfter,
-        "comparison": _comparison(quiet, attacked),
-        "comparisonQuietAfter": _comparison(quietAfter, attacked),
+        "quiet": quietFigures,
+        "attacked": attackedFigures,
+        "phases": [
+            {
+                "attacked": any(phase is a for a in attacked),
+                "ttfbP99us": {
+                    name: _visitorFigures(ttfbs, phase["failures"][name])["ttfbP99us"]
+                    for name, ttfbs in phase["ttfbs"].items()
+                },
+                "machineBusyCores": phase["busySeconds"] / phase["seconds"],
+                "loadAverage1m": phase["loadAverage1m"],
+            }
+            for phase in order
+        ],
+        "comparison": _comparison(quietFigures, attackedFigures),
         "attack": attack,
         "refusalsDuringAttack": refused,
-        "quotas": _quotas(attack, attacked["gaugePeaks"]),
+        "quotas": _quotas(attack, attackedFigures["heldPeaks"], attackedFigures["gaugePeaks"]),
         "udpCounters": {
             name: after.get(f"portal_relay_{name}_total", 0)
             - before.get(f"portal_relay_{name}_total", 0)
             for name in ("udp_to_tunnel", "udp_dropped")
         },
-        "notes": [
-            f"visitors: from {VISITOR}, each kind on its own thread of this harness, one visit "
-            f"every {VISIT_INTERVAL * 1000:g} ms (back to back when one takes longer), a visit "
-            f"failing after {VISIT_TIMEOUT:g} s of silence; stream: a new TLS 1.3 connection "
-            "through the relay to the tunnel, which terminates TLS, and a 1-byte exchange with the "
-            "plain sink; routed HTTP: a new TLS connection and GET / through the routed tunnel to "
-            "nginx (1 KiB body); UDP: one socket per phase (one flow), each visit a request to the "
-            "counting sink through relay and tunnel and its one-datagram answer",
-            "time to first byte runs from the TCP connect (UDP: the request) to the first byte of "
-            "the answer",
-            "phases run one after the other on the same relay: quiet, under attack, quiet again; "
-            "the attack is compared with the quiet phase before it (comparison) and after it "
-            "(comparisonQuietAfter), which shows how much the machine's other load drifted",
-            "the attacker is one process (benchmarks/attacker.py) on this machine, run at nice "
-            f"{ATTACKER_NICE}: a real attacker brings its own CPU, this one shares the same 2 "
-            "cores as the relay, the tunnels and the visitors, and comes second to them; what it "
-            "sent (attempts, challenges asked, datagrams) is reported, so a starved attacker "
-            "shows; machineBusyCores counts every process on the machine (other work included)",
-            "held connections are the attacker's connections open for a second or more (over the "
-            "cap the relay closes a connection at once); relayGaugePeak, the listener's open "
-            "connections from every address, read every 2 s",
-            "CPU and wait: each process's seconds on a CPU and ready to run but waiting for one "
-            "during the phase (/proc/PID/task/*/schedstat)",
-            "newTunnelLeaseSeconds: a real portal expose started half way through the phase, "
-            "from start to its lease (Python start-up included)",
-        ],
+        "notes": NOTES,
     }
+
+
+#: What the results of scenario 8 mean.
+NOTES = [
+    f"visitors: from {VISITOR}, each kind on its own thread of this harness, one visit every "
+    f"{VISIT_INTERVAL * 1000:g} ms (back to back when one takes longer), a visit failing after "
+    f"{VISIT_TIMEOUT:g} s of silence; stream: a new TLS 1.3 connection through the relay to the "
+    "tunnel, which terminates TLS, and a 1-byte exchange with the plain sink; routed HTTP: a new "
+    "TLS connection and GET / through the routed tunnel to nginx (1 KiB body); UDP: one socket per "
+    "phase (one flow), each visit a request to the counting sink through relay and tunnel and its "
+    "one-datagram answer",
+    "time to first byte runs from the TCP connect (UDP: the request) to the first byte of the "
+    "answer",
+    f"the attack runs in blocks of {ATTACK_BLOCK:g} s or so, each between two quiet phases as "
+    "long, on the same relay (quiet, attack, quiet, ...): the machine's other load, which drifts, "
+    "falls on both; figures pool every quiet phase and every attacked phase, and the phases "
+    "table shows each one's p99",
+    "the attacker is one process (benchmarks/attacker.py) on this machine, a new one per block, at "
+    f"nice {NICE}: a real attacker brings its own CPU, this one shares the same 2 cores as the "
+    "relay, the tunnels and the visitors; what it sent (attempts, challenges asked, datagrams) is "
+    "reported, so a starved attacker shows; machine busy cores count every process on the machine "
+    "(other work included)",
+    "connections held: the established connections from the flood's address the relay process "
+    f"holds on each listener, counted from /proc every {HELD_INTERVAL:g} s, those open at two "
+    "counts in a row (peak; a refused connection is open for a moment until the relay has "
+    "written its alert and closed it); beside them, "
+    "what the attacker saw (connections open a second or more, which counts a connection the "
+    "relay closed until the attacker, starved of CPU, reads the close) and the peak of the relay's "
+    "gauge of the listener, which counts every address (the visitors' and, on the control port, "
+    "the tunnels' data sessions)",
+    "names, ports and challenges are judged per block, against what one block's time allows "
+    "(burst + rate x seconds) when that is below the quota; the relay's buckets refill in the "
+    "quiet phases between blocks",
+    "CPU and wait: each process's seconds on a CPU and ready to run but waiting for one "
+    "(/proc/PID/task/*/schedstat), summed over the phases",
+    "new tunnel's lease: a real portal expose started half way through each phase, from start to "
+    "its lease (Python start-up included)",
+]

@@ -239,7 +239,7 @@ def httpFirstByte(
         )
         head = stream.recv(65536)
         seconds = time.perf_counter() - start
-        if not head.startswith(b"HTTP/1.1 200"):
+        if not (head.startswith(b"HTTP/1.") and head[9:12] == b"200"):
             raise ConnectionError(f"answered {head[:40]!r}")
         while stream.recv(65536):
             pass

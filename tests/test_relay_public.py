@@ -5,8 +5,6 @@ L{portal.relay.router.DataPool} and L{portal.relay.control.ControlDispatch}, all
 
 from __future__ import annotations
 
-import ssl
-
 import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IProtocol
@@ -20,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from benchmarks.attacker import clientHello
 from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
 from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory, VisitorProtocol
@@ -39,25 +38,6 @@ from portal.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME, alertReco
 _VISITOR_ADDRESS = IPv4Address("TCP", "203.0.113.5", 40000)
 _TUNNEL_ADDRESS = IPv4Address("TCP", "198.51.100.7", 50000)
 _KEY = b"d" * 32
-
-
-def clientHello(serverName: str | None) -> bytes:
-    """
-    Have the standard library's C{ssl} module write a real ClientHello.
-
-    @param serverName: The name to send in SNI, or L{None} for none.
-    @return: The bytes the client wrote first.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = context.wrap_bio(incoming, outgoing, server_hostname=serverName)
-    try:
-        client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 class ClosingTransport(StringTransportWithDisconnection):

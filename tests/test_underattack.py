@@ -1,0 +1,207 @@
+"""
+Tests for L{benchmarks.underattack}, the benchmark's "service under attack" scenario, and its
+report: what the attackers held is judged against the limits that bound it, and the verdicts and
+tables say what was measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from benchmarks.report import evaluateTargets, markdown
+from benchmarks.underattack import LIMITS, _comparison, _quotas, _refusals
+
+
+def _flood(held: int) -> dict[str, Any]:
+    """
+    An idle flood's figures, holding C{held} connections at the end.
+    """
+    return {
+        "attempts": 1000,
+        "failed": 0,
+        "refusedAtOnce": 700,
+        "maxHeld": held,
+        "heldAtEnd": held,
+        "closedAfterHolding": 20,
+        "closedAfterSecondsMedian": 10.1,
+        "closedAfterSecondsMax": 10.3,
+    }
+
+
+def _attack(publicHeld: int = 256, names: int = 8, issued: int = 390) -> dict[str, Any]:
+    """
+    An attacker's result for a 10-second attack.
+    """
+    return {
+        "seconds": 10.0,
+        "idle": {name: _flood(128) for name in ("public", "site (stalled ClientHello)")}
+        | {name: _flood(256) for name in ("http", "control", "tcp")},
+        "heldPeakByListener": {"public": publicHeld, "http": 256, "control": 256, "tcp": 256},
+        "names": {"tried": 300, "held": names, "refused": {"proof of work above 16 bits": 292}},
+        "ports": {"tried": 60, "held": 8, "refused": {}},
+        "challenges": {"asked": 10000, "issued": issued, "sessions": 1, "refused": {}},
+        "udp": {"ports": 500, "sent": 16000, "failed": 0},
+    }
+
+
+def _phase(p99: float, succeeded: int = 200) -> dict[str, Any]:
+    """
+    A phase's figures with one visitor.
+    """
+    return {
+        "seconds": 10.0,
+        "visitors": {
+            "stream": {
+                "visits": 200,
+                "succeeded": succeeded,
+                "successPercent": 100.0 * succeeded / 200,
+                "ttfbP50us": p99 / 2,
+                "ttfbP99us": p99,
+                "ttfbMaxUs": p99 * 2,
+                "failures": {}
+                if succeeded == 200
+                else {"TimeoutError: timed out": 200 - succeeded},
+            }
+        },
+        "gaugePeaks": {'portal_relay_listener_connections_open{listener="public"}': 259.0},
+        "cpuSeconds": {"relay": 1.0},
+        "waitSeconds": {"relay": 2.0},
+        "machineBusyCores": 2.0,
+        "loadAverage1m": 9.0,
+        "newTunnelLeaseSeconds": 1.5,
+        "relayLogLines": 400,
+    }
+
+
+class QuotasTests(SynchronousTestCase):
+    """
+    L{_quotas} judges each holding against its limit.
+    """
+
+    def test_withinTheLimits(self) -> None:
+        """
+        Connections at the per-source cap, names and challenges under what the rate limits allow
+        in the attack's time, are all within; the relay's gauge peak is quoted beside them.
+        """
+        rows = _quotas(_attack(), _phase(1.0)["gaugePeaks"])
+        self.assertTrue(all(row["within"] for row in rows), rows)
+        public = rows[0]
+        self.assertEqual(
+            (public["limit"], public["held"], public["relayGaugePeak"]), (256, 256, 259.0)
+        )
+
+    def test_overTheLimits(self) -> None:
+        """
+        One connection over the cap, more names than the registration rate lets through in the
+        attack's time (burst 20 + 2/s x 10 s), or more challenges than their rate, are not within.
+        """
+        rows = _quotas(_attack(publicHeld=257, names=41, issued=401), {})
+        over = [row["what"] for row in rows if not row["within"]]
+        self.assertEqual(len(over), 3, over)
+        self.assertIn("public TLS port", over[0])
+        self.assertIn("lease names", over[1])
+        self.assertIn("challenges", over[2])
+
+    def test_limitsQuoted(self) -> None:
+        """
+        The limits the rows are judged against are the ones the relay is started with.
+        """
+        rows = _quotas(_attack(), {})
+        ports = [row for row in rows if "raw TCP ports" in row["what"]][0]
+        self.assertEqual(ports["limit"], LIMITS["max-ports-per-source"])
+
+
+class FiguresTests(SynchronousTestCase):
+    """
+    The scenario's arithmetic on C{/metrics} and on the phases.
+    """
+
+    def test_refusals(self) -> None:
+        """
+        L{_refusals} keeps the refusal counters, by reason, and nothing else.
+        """
+        values = {
+            'portal_refusals_total{reason="connections_per_source"}': 5.0,
+            "portal_relay_leases": 3.0,
+        }
+        self.assertEqual(_refusals(values), {"connections_per_source": 5.0})
+
+    def test_comparison(self) -> None:
+        """
+        L{_comparison} gives the success rates and the ratio of each percentile under attack to
+        the quiet one.
+        """
+        figures = _comparison(_phase(1000.0), _phase(3000.0, succeeded=199))["stream"]
+        self.assertEqual(figures["p99Ratio"], 3.0)
+        self.assertEqual(figures["successPercentQuiet"], 100.0)
+        self.assertEqual(figures["successPercentAttacked"], 99.5)
+
+
+class ReportTests(SynchronousTestCase):
+    """
+    Scenario 8 in the targets and the Markdown.
+    """
+
+    def results(self, attacked: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any]:
+        """
+        Results of a run of scenario 8 alone.
+        """
+        quiet = _phase(1000.0)
+        data = {
+            "seconds": 10.0,
+            "visitorSource": "127.0.0.3",
+            "quiet": quiet,
+            "attacked": attacked,
+            "quietAfter": quiet,
+            "comparison": _comparison(quiet, attacked),
+            "comparisonQuietAfter": _comparison(quiet, attacked),
+            "attack": attack,
+            "refusalsDuringAttack": {"connections_per_source": 3000.0},
+            "quotas": _quotas(attack, attacked["gaugePeaks"]),
+            "udpCounters": {"udp_to_tunnel": 2000.0, "udp_dropped": 0.0},
+            "notes": ["a note"],
+        }
+        return {
+            "date": "2026-12-07T09:00:00+00:00",
+            "quick": True,
+            "machine": {"cpus": 2, "python": "3.11", "kernel": "6", "openFileLimit": 20000},
+            "settings": {"runs": 5},
+            "seconds": 40.0,
+            "scenarios": {"underAttack": data},
+            "notBuilt": {},
+        }
+
+    def test_targetsMet(self) -> None:
+        """
+        Every visit succeeding, p99 within twice the quiet one and every holding within its limit
+        meet the three targets.
+        """
+        targets = evaluateTargets(self.results(_phase(2000.0), _attack()))
+        self.assertEqual([t["met"] for t in targets], [True, True, True], targets)
+
+    def test_targetsMissed(self) -> None:
+        """
+        A failed visit, a p99 over twice the quiet one, or a holding over its limit each miss
+        their target.
+        """
+        targets = evaluateTargets(self.results(_phase(2500.0, succeeded=199), _attack(names=99)))
+        self.assertEqual([t["met"] for t in targets], [False, False, False], targets)
+        self.assertEqual(targets[2]["value"], 1)
+
+    def test_markdown(self) -> None:
+        """
+        The Markdown has the scenario's section with the visitors per phase, the ratios, the
+        holdings against their limits, the refusals and the notes.
+        """
+        results = self.results(_phase(2500.0, succeeded=199), _attack(names=99))
+        results["targets"] = evaluateTargets(results)
+        text = markdown(results)
+        self.assertIn("## 8. Service under attack", text)
+        self.assertIn("| stream | under attack | 200 | 99.5% | 1,250 | 2,500 | 5,000 |", text)
+        self.assertIn("1 x TimeoutError: timed out", text)
+        self.assertIn("| stream | 2.50 | 2.50 | 2.50 |", text)
+        self.assertIn("| 40 | 99 | - | **no** |", text)
+        self.assertIn("connections_per_source 3,000", text)
+        self.assertIn("- a note", text)
