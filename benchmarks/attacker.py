@@ -81,6 +81,7 @@ class AttackPlan:
     @ivar challengeSource: The address the challenge flood comes from.
     @ivar challenges: The most challenges the flood asks for.
     @ivar challengesInFlight: Challenge requests outstanding at once.
+    @ivar label: Put in the squatters' names, so that each attack (block) asks for new ones.
     """
 
     seconds: float
@@ -106,6 +107,7 @@ class AttackPlan:
     challengeSource: str = "127.0.0.7"
     challenges: int = 200000
     challengesInFlight: int = 100
+    label: str = ""
 
 
 def clientHello(serverName: str | None) -> bytes:
@@ -607,8 +609,8 @@ async def attack(reactor: Any, plan: AttackPlan) -> dict[str, Any]:
     udp = UDPFlood(reactor, plan, plan.udpPort) if plan.udpPort is not None else None
     if udp is not None:
         udp.start()
-    names = Squatters(reactor, plan, plan.nameSource, plan.names, "stream", "squat")
-    ports = Squatters(reactor, plan, plan.portSource, plan.ports, "tcp", "port")
+    names = Squatters(reactor, plan, plan.nameSource, plan.names, "stream", f"squat{plan.label}-")
+    ports = Squatters(reactor, plan, plan.portSource, plan.ports, "tcp", f"port{plan.label}-")
     challenges = ChallengeFlood(reactor, plan)
     running = [
         names.run(deadline),

@@ -561,11 +561,13 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
 
     quiet, attacked, attacks = [quietPhase()], [], []
     before = metrics(public)
-    for _ in range(blocks):
+    for index in range(blocks):
         log(f"scenario 8: under attack, visitors for {block:g} s")
         udpVisitor.close()
+        blockPlan = attrs.evolve(plan, label=str(index))
         attacker = Child(
-            "attacker", [python(), "-m", "benchmarks.attacker", json.dumps(attrs.asdict(plan))]
+            "attacker",
+            [python(), "-m", "benchmarks.attacker", json.dumps(attrs.asdict(blockPlan))],
         )
         try:
             attacker.waitFor(r"^attacking$", timeout=60)

@@ -6,12 +6,21 @@ tables say what was measured.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from benchmarks.report import evaluateTargets, markdown
-from benchmarks.underattack import LIMITS, _comparison, _quotas, _refusals
+from benchmarks.underattack import (
+    LIMITS,
+    _comparison,
+    _mergeAttacks,
+    _pool,
+    _quotas,
+    _refusals,
+    _visitorFigures,
+)
 
 
 def _flood(held: int) -> dict[str, Any]:
@@ -46,33 +55,38 @@ def _attack(publicHeld: int = 256, names: int = 8, issued: int = 390) -> dict[st
     }
 
 
-def _phase(p99: float, succeeded: int = 200) -> dict[str, Any]:
+def _rawPhase(p99: float, succeeded: int = 200, busy: float = 20.0) -> dict[str, Any]:
     """
-    A phase's figures with one visitor.
+    A phase's raw figures with one visitor whose 200 visits took C{p99 / 2} seconds but for the
+    slowest 2% (C{p99}), of which C{200 - succeeded} failed.
     """
+    ttfbs = [p99 / 2] * 196 + [p99] * 4
     return {
         "seconds": 10.0,
-        "visitors": {
-            "stream": {
-                "visits": 200,
-                "succeeded": succeeded,
-                "successPercent": 100.0 * succeeded / 200,
-                "ttfbP50us": p99 / 2,
-                "ttfbP99us": p99,
-                "ttfbMaxUs": p99 * 2,
-                "failures": {}
-                if succeeded == 200
-                else {"TimeoutError: timed out": 200 - succeeded},
-            }
-        },
-        "gaugePeaks": {'portal_relay_listener_connections_open{listener="public"}': 259.0},
+        "ttfbs": {"stream": ttfbs[:succeeded]},
+        "failures": {"stream": Counter({"TimeoutError: timed out": 200 - succeeded})},
+        "gauges": {'portal_relay_listener_connections_open{listener="public"}': 259.0},
+        "held": {"public": 256},
         "cpuSeconds": {"relay": 1.0},
         "waitSeconds": {"relay": 2.0},
-        "machineBusyCores": 2.0,
+        "busySeconds": busy,
         "loadAverage1m": 9.0,
         "newTunnelLeaseSeconds": 1.5,
         "relayLogLines": 400,
     }
+
+
+def _phase(p99: float, succeeded: int = 200) -> dict[str, Any]:
+    """
+    The pooled figures of one phase like L{_rawPhase} (times in microseconds).
+    """
+    pooled = _pool([_rawPhase(p99 / 1e6, succeeded)])
+    pooled["relayLogLines"] = 400
+    return pooled
+
+
+#: The connections the relay held from the flood's address, by listener.
+_HELD = {"public": 256, "http": 256, "control": 256, "tcp": 256}
 
 
 class QuotasTests(SynchronousTestCase):
@@ -85,7 +99,7 @@ class QuotasTests(SynchronousTestCase):
         Connections at the per-source cap, names and challenges under what the rate limits allow
         in the attack's time, are all within; the relay's gauge peak is quoted beside them.
         """
-        rows = _quotas(_attack(), _phase(1.0)["gaugePeaks"])
+        rows = _quotas(_attack(), _HELD, _phase(1.0)["gaugePeaks"])
         self.assertTrue(all(row["within"] for row in rows), rows)
         public = rows[0]
         self.assertEqual(
@@ -94,10 +108,11 @@ class QuotasTests(SynchronousTestCase):
 
     def test_overTheLimits(self) -> None:
         """
-        One connection over the cap, more names than the registration rate lets through in the
-        attack's time (burst 20 + 2/s x 10 s), or more challenges than their rate, are not within.
+        One connection over the cap held by the relay (whatever the attacker saw), more names than
+        the registration rate lets through in the attack's time (burst 20 + 2/s x 10 s), or more
+        challenges than their rate, are not within.
         """
-        rows = _quotas(_attack(publicHeld=257, names=41, issued=401), {})
+        rows = _quotas(_attack(names=41, issued=401), _HELD | {"public": 257}, {})
         over = [row["what"] for row in rows if not row["within"]]
         self.assertEqual(len(over), 3, over)
         self.assertIn("public TLS port", over[0])
@@ -108,7 +123,7 @@ class QuotasTests(SynchronousTestCase):
         """
         The limits the rows are judged against are the ones the relay is started with.
         """
-        rows = _quotas(_attack(), {})
+        rows = _quotas(_attack(), _HELD, {})
         ports = [row for row in rows if "raw TCP ports" in row["what"]][0]
         self.assertEqual(ports["limit"], LIMITS["max-ports-per-source"])
 
@@ -139,6 +154,52 @@ class FiguresTests(SynchronousTestCase):
         self.assertEqual(figures["successPercentAttacked"], 99.5)
 
 
+class PoolingTests(SynchronousTestCase):
+    """
+    Phases of one kind, and attack blocks, taken together.
+    """
+
+    def test_visitorFigures(self) -> None:
+        """
+        L{_visitorFigures} counts failed visits against the success rate and takes percentiles
+        of the successful ones only.
+        """
+        figures = _visitorFigures([0.001] * 99 + [0.5], Counter({"TimeoutError": 1}))
+        self.assertEqual((figures["visits"], figures["succeeded"]), (101, 100))
+        self.assertAlmostEqual(figures["successPercent"], 100 * 100 / 101)
+        self.assertEqual((figures["ttfbP50us"], figures["ttfbP99us"]), (1000.0, 1000.0))
+        self.assertEqual(figures["ttfbMaxUs"], 500000.0)
+
+    def test_pool(self) -> None:
+        """
+        L{_pool} takes every visit of every phase together, sums CPU and wait, keeps the peaks,
+        and gives the machine's busy cores over the phases' whole time.
+        """
+        pooled = _pool([_rawPhase(0.01), _rawPhase(0.03, succeeded=198, busy=10.0)])
+        stream = pooled["visitors"]["stream"]
+        self.assertEqual((stream["visits"], stream["succeeded"]), (400, 398))
+        self.assertEqual(stream["ttfbP99us"], 15000.0)
+        self.assertEqual(pooled["cpuSeconds"], {"relay": 2.0})
+        self.assertEqual(pooled["heldPeaks"], {"public": 256})
+        self.assertEqual(pooled["machineBusyCores"], 1.5)
+        self.assertEqual(pooled["newTunnelLeaseSeconds"], [1.5, 1.5])
+
+    def test_mergeAttacks(self) -> None:
+        """
+        L{_mergeAttacks} sums what the blocks tried and keeps, for what was held at once, the
+        largest of any block (each block is judged against one block's limits).
+        """
+        merged = _mergeAttacks([_attack(names=8, issued=390), _attack(names=12, issued=380)])
+        self.assertEqual(merged["blocks"], 2)
+        self.assertEqual(merged["names"]["held"], 12)
+        self.assertEqual(merged["names"]["heldInAll"], 20)
+        self.assertEqual(merged["names"]["tried"], 600)
+        self.assertEqual(merged["challenges"]["issued"], 390)
+        self.assertEqual(merged["challenges"]["issuedInAll"], 770)
+        self.assertEqual(merged["idle"]["public"]["attempts"], 2000)
+        self.assertEqual(merged["udp"]["sent"], 32000)
+
+
 class ReportTests(SynchronousTestCase):
     """
     Scenario 8 in the targets and the Markdown.
@@ -146,20 +207,29 @@ class ReportTests(SynchronousTestCase):
 
     def results(self, attacked: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any]:
         """
-        Results of a run of scenario 8 alone.
+        Results of a run of scenario 8 alone, with one attack block.
         """
         quiet = _phase(1000.0)
+        attack = _mergeAttacks([attack])
         data = {
             "seconds": 10.0,
+            "blockSeconds": 10.0,
+            "nice": 0,
             "visitorSource": "127.0.0.3",
             "quiet": quiet,
             "attacked": attacked,
-            "quietAfter": quiet,
+            "phases": [
+                {
+                    "attacked": False,
+                    "ttfbP99us": {"stream": 1000.0},
+                    "machineBusyCores": 2.0,
+                    "loadAverage1m": 9.0,
+                },
+            ],
             "comparison": _comparison(quiet, attacked),
-            "comparisonQuietAfter": _comparison(quiet, attacked),
             "attack": attack,
             "refusalsDuringAttack": {"connections_per_source": 3000.0},
-            "quotas": _quotas(attack, attacked["gaugePeaks"]),
+            "quotas": _quotas(attack, attacked["heldPeaks"] | _HELD, attacked["gaugePeaks"]),
             "udpCounters": {"udp_to_tunnel": 2000.0, "udp_dropped": 0.0},
             "notes": ["a note"],
         }
@@ -199,9 +269,10 @@ class ReportTests(SynchronousTestCase):
         results["targets"] = evaluateTargets(results)
         text = markdown(results)
         self.assertIn("## 8. Service under attack", text)
-        self.assertIn("| stream | under attack | 200 | 99.5% | 1,250 | 2,500 | 5,000 |", text)
+        self.assertIn("| stream | under attack | 200 | 99.5% | 1,250 | 2,500 | 2,500 |", text)
         self.assertIn("1 x TimeoutError: timed out", text)
-        self.assertIn("| stream | 2.50 | 2.50 | 2.50 |", text)
-        self.assertIn("| 40 | 99 | - | **no** |", text)
+        self.assertIn("| stream | 2.50 | 2.50 |", text)
+        self.assertIn("| quiet | 1,000 | 2.00 | 9.0 |", text)
+        self.assertIn("| 40 | 99 | - | - | **no** |", text)
         self.assertIn("connections_per_source 3,000", text)
         self.assertIn("- a note", text)
