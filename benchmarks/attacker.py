@@ -1,5 +1,5 @@
 """
-The attacker of the "service under attack" scenario (8): a bounded mix of the attacks of issue 14
+The attacker of the "service under attack" scenario (9): a bounded mix of the attacks of issue 14
 against one relay on loopback, each from its own source address, for a fixed time.
 
 C{python -m benchmarks.attacker PLAN}, where PLAN is the JSON of an L{AttackPlan}, prints

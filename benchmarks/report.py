@@ -346,7 +346,7 @@ def markdown(results: dict[str, Any]) -> str:
             out += _udpSection(data)
     data = scenarios.get("underAttack")
     if data:
-        out += ["", "## 8. Service under attack", ""]
+        out += ["", "## 9. Service under attack", ""]
         if "error" in data:
             out.append(f"Failed: {data['error']}")
         else:
@@ -556,7 +556,7 @@ def _udpSection(data: dict[str, Any]) -> list[str]:
 
 def _attackSection(data: dict[str, Any]) -> list[str]:
     """
-    Scenario 8's Markdown: the visitors quiet and under attack, each phase's p99, what the
+    Scenario 9's Markdown: the visitors quiet and under attack, each phase's p99, what the
     attackers got against the limits, the relay's refusals, and the load on the machine.
     """
     quiet, attacked = data["quiet"], data["attacked"]

@@ -1,5 +1,5 @@
 """
-Scenario 8, "service under attack" (issue 14): legitimate visitors from one loopback address keep
+Scenario 9, "service under attack" (issue 14): legitimate visitors from one loopback address keep
 opening new TLS connections through a real C{portal expose} in stream mode and sending routed HTTP
 requests through a real C{portal expose --http}, first on a quiet relay and then while
 L{benchmarks.attacker} runs a bounded mix of the issue's attacks from other loopback addresses
@@ -473,7 +473,7 @@ def _comparison(baseline: dict[str, Any], attacked: dict[str, Any]) -> dict[str,
 
 def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
     """
-    Scenario 8: a relay with every mode on (C{--http}, raw TCP and UDP ports) and the limits of
+    Scenario 9: a relay with every mode on (C{--http}, raw TCP and UDP ports) and the limits of
     L{LIMITS}; a stream tunnel to a plain sink, a routed HTTP tunnel to nginx, a raw TCP tunnel
     and a UDP tunnel to the counting UDP sink; visitors from L{VISITOR} throughout, while the
     attacker runs for C{seconds} in all, in blocks of about L{ATTACK_BLOCK} seconds each between
@@ -551,7 +551,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
     )
 
     def quietPhase() -> dict[str, Any]:
-        log(f"scenario 8: quiet, visitors for {block:g} s")
+        log(f"scenario 9: quiet, visitors for {block:g} s")
         udpVisitor.close()  # A new flow per phase.
         lines = len(relay.lines)
         sampler = _Sampler(public, relay.pid, listeners, plan.idleSource)
@@ -562,7 +562,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
     quiet, attacked, attacks = [quietPhase()], [], []
     before = metrics(public)
     for index in range(blocks):
-        log(f"scenario 8: under attack, visitors for {block:g} s")
+        log(f"scenario 9: under attack, visitors for {block:g} s")
         udpVisitor.close()
         blockPlan = attrs.evolve(plan, label=str(index))
         attacker = Child(
@@ -634,7 +634,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
     }
 
 
-#: What the results of scenario 8 mean.
+#: What the results of scenario 9 mean.
 NOTES = [
     f"visitors: from {VISITOR}, each kind on its own thread of this harness, one visit every "
     f"{VISIT_INTERVAL * 1000:g} ms (back to back when one takes longer), a visit failing after "

@@ -202,12 +202,12 @@ class PoolingTests(SynchronousTestCase):
 
 class ReportTests(SynchronousTestCase):
     """
-    Scenario 8 in the targets and the Markdown.
+    Scenario 9 in the targets and the Markdown.
     """
 
     def results(self, attacked: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any]:
         """
-        Results of a run of scenario 8 alone, with one attack block.
+        Results of a run of scenario 9 alone, with one attack block.
         """
         quiet = _phase(1000.0)
         attack = _mergeAttacks([attack])
@@ -268,7 +268,7 @@ class ReportTests(SynchronousTestCase):
         results = self.results(_phase(2500.0, succeeded=199), _attack(names=99))
         results["targets"] = evaluateTargets(results)
         text = markdown(results)
-        self.assertIn("## 8. Service under attack", text)
+        self.assertIn("## 9. Service under attack", text)
         self.assertIn("| stream | under attack | 200 | 99.5% | 1,250 | 2,500 | 2,500 |", text)
         self.assertIn("1 x TimeoutError: timed out", text)
         self.assertIn("| stream | 2.50 | 2.50 |", text)
