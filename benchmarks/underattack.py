@@ -1,11 +1,12 @@
 """
 Scenario 9, "service under attack" (issue 14): legitimate visitors from one loopback address keep
-opening new TLS connections through a real C{portal expose} in stream mode and sending routed HTTP
-requests through a real C{portal expose --http}, first on a quiet relay and then while
-L{benchmarks.attacker} runs a bounded mix of the issue's attacks from other loopback addresses
-against the same relay. Reported: the visitors' success rate and time to first byte in both
-phases, and what the attackers got (their own counts and the relay's C{/metrics}) against the
-relay's configured limits.
+opening new TLS connections through a real C{portal expose} in stream mode, sending routed HTTP
+requests through a real C{portal expose --http} and UDP round trips through C{portal expose --udp},
+in quiet phases and in phases while L{benchmarks.attacker} runs a bounded mix of the issue's attacks
+from other loopback addresses against the same relay (alternating: quiet, attack, quiet, ...).
+Reported: the visitors' success rate and time to first byte quiet and under attack, and what the
+attackers held (counted on the relay's side, by the attacker and on the relay's C{/metrics})
+against the relay's configured limits.
 """
 
 from __future__ import annotations
