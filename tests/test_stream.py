@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portal.trust.acmechallenge import ACME_IDENTIFIER_OID, ACME_TLS_1, PendingChallenges
 from portal.trust.localca import LocalCA, SNIServerConnectionCreator
+from portal.tunnel.addressrules import AddressRules
 from portal.tunnel.config import Target
 from portal.tunnel.stream import CHALLENGE_HANDSHAKE_TIMEOUT, StreamHandler
 from portal.wire.attach import StreamHeader
@@ -108,6 +109,22 @@ class ChallengeDispatchTests(SynchronousTestCase):
         client, recorder = self.connect([ACME_TLS_1])
         self.assertTrue(recorder.handshakeDone)
         self.assertFalse(self.hasAcmeIdentifier(client))
+
+    def test_addressRulesSpareValidation(self) -> None:
+        """
+        C{--allow-ip} does not stop the CA's validation connection (it only gets the challenge
+        certificate), while a visitor from the same address, not offering C{acme-tls/1}, is
+        refused as usual.
+        """
+        self.handler.addressRules = AddressRules.parse(allow=["198.51.100.0/24"])
+        self.challenges.add(HOST, "token.thumbprint")
+        client, recorder = self.connect([ACME_TLS_1])
+        self.assertTrue(recorder.handshakeDone)
+        self.assertTrue(self.hasAcmeIdentifier(client))
+        client, recorder = self.connect([b"http/1.1"])
+        self.assertFalse(recorder.handshakeDone)
+        self.assertEqual(self.handler.refused, 1)
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_handshakeTimeout(self) -> None:
         """
