@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated, TimeoutError
 from twisted.internet.protocol import ProcessProtocol
@@ -104,7 +105,8 @@ class WatchedProcess(ProcessProtocol):
         self._waiters.append((compiled, d))
 
         def timedOut(failure: Failure) -> Failure:
-            failure.trap(TimeoutError)
+            # addTimeout fails with twisted.internet.defer's TimeoutError.
+            failure.trap(TimeoutError, DeferredTimeoutError)
             if (compiled, d) in self._waiters:
                 self._waiters.remove((compiled, d))
             raise ProcessFailed(

@@ -174,7 +174,7 @@ class ParseConfigTests(SynchronousTestCase):
         Paths are read relative to the file's directory; a registry URL is left alone.
         """
         config = parseConfig(
-            '[tunnels.w]\napp = "app.json"\ncert = "/abs/c.pem"\nkey = "k.pem"\n'
+            '[tunnels.w]\napp = "app.json"\ncert = "/abs/c.pem"\nkey = "k.pem"\nacme-ca = "ca.pem"\n'
             'registry = "https://r.example/registry.json"\n[tunnels.v]\nregistry = "reg.json"\n',
             "/srv/site/portal.toml",
         )
@@ -182,6 +182,7 @@ class ParseConfigTests(SynchronousTestCase):
         self.assertEqual(w["app"], ["/srv/site/app.json"])
         self.assertEqual(w["cert"], "/abs/c.pem")
         self.assertEqual(w["key"], "/srv/site/k.pem")
+        self.assertEqual(w["acme-ca"], "/srv/site/ca.pem")
         self.assertEqual(w["registry"], "https://r.example/registry.json")
         self.assertEqual(config.tunnel("v").values["registry"], "/srv/site/reg.json")
 

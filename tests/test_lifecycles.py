@@ -2,6 +2,8 @@
 Tests for the lifecycles written as automat machines: the relay's control session
 (L{portal.relay.control.controlMachine}) and data session (L{portal.relay.data.sessionMachine}), and
 the tunnel's relay link (L{portal.tunnel.link.linkMachine}), driven on a clock; and their state tables
+(the ACME certificate's machine, L{portal.tunnel.acme.lifecycle.certificateMachine}, too: it is
+driven in C{tests/test_acmecertificates.py})
 in C{docs/lifecycles.md}, which must match the machines.
 """
 
@@ -25,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from portal.relay.control import RelayControlProtocol, controlMachine
 from portal.relay.data import RelayDataSession, sessionMachine
 from portal.trust.relayhello import FatalRelayError, helloArguments
+from portal.tunnel.acme.lifecycle import certificateMachine
 from portal.tunnel.backoff import STABLE_AFTER
 from portal.tunnel.config import buildConfig
 from portal.tunnel.control import TunnelControlProtocol
@@ -43,6 +46,18 @@ MACHINES: dict[str, tuple[Any, list[str]]] = {
     "relay link": (
         linkMachine,
         ["stopped", "connecting", "hello", "registering", "live", "draining", "backingOff"],
+    ),
+    "acme certificate": (
+        certificateMachine,
+        [
+            "idle",
+            "ordering",
+            "waitingRetry",
+            "serving",
+            "renewing",
+            "servingRetry",
+            "stopped",
+        ],
     ),
 }
 

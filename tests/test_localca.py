@@ -8,6 +8,7 @@ import datetime
 import os
 import stat
 import sys
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -475,13 +477,13 @@ class VerifyingClientCreator:
 
     def __init__(
         self,
-        caPath: str,
+        caPath: str | None,
         serverName: bytes | None,
         alpn: list[bytes] | None = None,
         maximumVersion: int | None = None,
     ) -> None:
         """
-        @param caPath: The trusted CA certificate file.
+        @param caPath: The trusted CA certificate file, or L{None} to verify nothing.
         @param serverName: The SNI to send, or L{None} to send none.
         @param alpn: The ALPN protocols to offer, or L{None} to offer none.
         @param maximumVersion: The highest TLS version to offer, or L{None} for the default.
@@ -499,8 +501,9 @@ class VerifyingClientCreator:
         @return: The connection.
         """
         context = SSL.Context(SSL.TLS_METHOD)
-        context.load_verify_locations(self.caPath)
-        context.set_verify(SSL.VERIFY_PEER)
+        if self.caPath is not None:
+            context.load_verify_locations(self.caPath)
+            context.set_verify(SSL.VERIFY_PEER)
         if self.maximumVersion is not None:
             context.set_max_proto_version(self.maximumVersion)
         if self.alpn is not None:
@@ -511,6 +514,31 @@ class VerifyingClientCreator:
             self.connection.set_tlsext_host_name(self.serverName)
         self.connection.set_app_data(tlsProtocol)
         return self.connection
+
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)
+
+
+def tlsHandshake(
+    buildServer: Callable[[], IProtocol], client: VerifyingClientCreator
+) -> tuple[TLSMemoryBIOProtocol, HandshakeRecorder]:
+    """
+    Connect a TLS client to a server protocol in memory and run until neither has more to send.
+
+    @param buildServer: Builds the server's protocol.
+    @param client: The client's connection creator.
+    @return: The client's TLS protocol and its application protocol.
+    """
+    clientFactory = TLSMemoryBIOFactory(client, True, Factory.forProtocol(HandshakeRecorder))
+    clientProtocol, serverProtocol, pump = connectedServerAndClient(
+        buildServer, lambda: clientFactory.buildProtocol(ADDRESS), greet=False
+    )
+    assert isinstance(clientProtocol, TLSMemoryBIOProtocol)
+    # The TLS protocol lets go of its application protocol when the connection is lost.
+    recorder = clientProtocol.wrappedProtocol
+    assert isinstance(recorder, HandshakeRecorder)
+    pump.flush()
+    return clientProtocol, recorder
 
 
 class SNIServerConnectionCreatorTests(SynchronousTestCase):
@@ -545,20 +573,8 @@ class SNIServerConnectionCreatorTests(SynchronousTestCase):
         @param client: The client's connection creator.
         @return: The client's TLS protocol and its application protocol.
         """
-        address = IPv4Address("TCP", "127.0.0.1", 443)
         serverFactory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(Protocol))
-        clientFactory = TLSMemoryBIOFactory(client, True, Factory.forProtocol(HandshakeRecorder))
-        clientProtocol, serverProtocol, pump = connectedServerAndClient(
-            lambda: serverFactory.buildProtocol(address),
-            lambda: clientFactory.buildProtocol(address),
-            greet=False,
-        )
-        assert isinstance(clientProtocol, TLSMemoryBIOProtocol)
-        # The TLS protocol lets go of its application protocol when the connection is lost.
-        recorder = clientProtocol.wrappedProtocol
-        assert isinstance(recorder, HandshakeRecorder)
-        pump.flush()
-        return clientProtocol, recorder
+        return tlsHandshake(lambda: serverFactory.buildProtocol(ADDRESS), client)
 
     def assertServedFor(self, client: VerifyingClientCreator, hostname: str) -> None:
         """
@@ -611,6 +627,20 @@ class SNIServerConnectionCreatorTests(SynchronousTestCase):
             self.assertTrue(recorder.handshakeDone)
             self.assertServedFor(client, hostname)
             self.assertRaises(HostnameMismatch, verify_hostname, client.connection, "c.localhost")
+
+    def test_forget(self) -> None:
+        """
+        After L{SNIServerConnectionCreator.forget}, the next handshake for that hostname asks for
+        its certificate again (how a renewed certificate is swapped in); other hostnames stay
+        cached.
+        """
+        creator = SNIServerConnectionCreator(self.certificateFor)
+        for hostname in [b"a.localhost", b"b.localhost"]:
+            self.handshake(creator, VerifyingClientCreator(self.ca.certPath, hostname))
+        creator.forget("A.localhost.")
+        for hostname in [b"a.localhost", b"b.localhost"]:
+            self.handshake(creator, VerifyingClientCreator(self.ca.certPath, hostname))
+        self.assertEqual(self.requested, ["a.localhost", "b.localhost", "a.localhost"])
 
     def test_cachedPerHostname(self) -> None:
         """

@@ -29,6 +29,36 @@ class ReporterTests(SynchronousTestCase):
         self.assertEqual(lines[0], "Forwarding https://a.localhost:8443 -> 127.0.0.1:8000")
         self.assertIn("curl --cacert /ca.pem https://a.localhost:8443/", lines[1])
 
+    def test_certificateKind(self) -> None:
+        """
+        The C{Forwarding} line says which certificate the URL has: the local CA's until the ACME
+        CA issues one, then the ACME CA's; the JSON event carries it as C{certificate}.
+        """
+        out = io.StringIO()
+        reporter = Reporter(out)
+        url, target, acme = "https://a.portal.test", "127.0.0.1:8000", "https://ca.test/dir"
+        reporter.lease(url, "r:4017", target, "/ca.pem", "local-ca", acme)
+        reporter.lease(url, "r:4017", target, "/ca.pem", "acme", acme)
+        lines = out.getvalue().splitlines()
+        self.assertIn("local CA /ca.pem", lines[1])
+        self.assertEqual(lines[2], f"  (until the ACME CA {acme} issues one)")
+        self.assertEqual(lines[4], f"  (certificate from the ACME CA {acme})")
+        self.assertNotIn("local CA", "\n".join(lines[3:]))
+        json = io.StringIO()
+        Reporter(json, asJSON=True).lease(url, "r:4017", target, "/ca.pem", "acme", acme)
+        self.assertIn('"certificate": "acme"', json.getvalue())
+
+    def test_acmeFailedIsAnError(self) -> None:
+        """
+        In text mode C{acme-failed} goes to the error stream; the other ACME events do not.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        reporter = Reporter(out, err=err)
+        reporter.state("acme-failed", "", "a.portal.test: cannot get a certificate")
+        reporter.state("acme-issued", "", "a.portal.test: issued")
+        self.assertEqual(err.getvalue(), "a.portal.test: cannot get a certificate\n")
+        self.assertEqual(out.getvalue(), "a.portal.test: issued\n")
+
     def test_jsonLines(self) -> None:
         """
         With JSON on, every event, errors included, is one JSON object per line on the output stream.

@@ -12,6 +12,12 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.cli.exposeoptions import TunnelOptions
+from portal.tunnel.acme.settings import (
+    LETSENCRYPT,
+    LETSENCRYPT_STAGING,
+    AcmeSettings,
+    parseDuration,
+)
 from portal.tunnel.config import (
     DEFAULT_RELAY,
     ConfigError,
@@ -422,17 +428,73 @@ class TunnelOptionsTests(SynchronousTestCase):
             e = self.assertRaises(UsageError, self.parse, *arguments)
             self.assertIn(text, str(e))
 
-    def test_unavailableFeatures(self) -> None:
+    def test_acmeOptions(self) -> None:
         """
-        Features this version does not have are refused with a usage error naming the flag.
+        C{--acme} with its companions builds the ACME settings: shortcuts expand to Let's Encrypt's
+        directories, the renew-before duration is read in seconds, and the CA file is made absolute.
         """
-        cases = [
-            (["--acme", "https://a"], "--acme"),
-        ]
-        for arguments, flag in cases:
-            e = self.assertRaises(UsageError, self.parse, "8000", *arguments)
-            self.assertTrue(str(e).startswith(f"{flag}:"), str(e))
-            self.assertIn("not available", str(e))
+        caFile = self.mktemp()
+        with open(caFile, "w") as f:
+            f.write("x")
+        options = self.parse(
+            "8000",
+            "--acme",
+            "letsencrypt-staging",
+            "--acme-email",
+            "me@example.net",
+            "--acme-ca",
+            caFile,
+            "--acme-renew-before",
+            "30d",
+        )
+        self.assertEqual(
+            options.tunnelConfig.acme,
+            AcmeSettings(
+                LETSENCRYPT_STAGING, "me@example.net", os.path.abspath(caFile), 30 * 86400.0
+            ),
+        )
+        self.assertEqual(
+            self.parse("8000", "--acme", "letsencrypt").tunnelConfig.acme,
+            AcmeSettings(LETSENCRYPT),
+        )
+        self.assertIsNone(self.parse("8000").tunnelConfig.acme)
+
+    def test_acmeRefusals(self) -> None:
+        """
+        Malformed ACME options, companions without C{--acme}, and C{--acme} where the tunnel
+        terminates no TLS or has a certificate already are usage errors naming the flag.
+        """
+        for arguments, text in [
+            (["8000", "--acme", "ftp://a"], "--acme 'ftp://a'"),
+            (["8000", "--acme-email", "a@b"], "--acme-email needs --acme"),
+            (["8000", "--acme-ca", "ca.pem"], "--acme-ca needs --acme"),
+            (["8000", "--acme-renew-before", "1d"], "--acme-renew-before needs --acme"),
+            (["8000", "--acme", "letsencrypt", "--acme-email", "nobody"], "--acme-email"),
+            (["8000", "--acme", "letsencrypt", "--acme-ca", "/nonexistent"], "--acme-ca"),
+            (["8000", "--acme", "letsencrypt", "--acme-renew-before", "soon"], "duration"),
+            (["8000", "--acme", "letsencrypt", "--acme-renew-before", "0"], "duration"),
+            (["8000", "--acme", "letsencrypt", "--tcp"], "terminates TLS"),
+            (["53", "--acme", "letsencrypt", "--udp"], "terminates TLS"),
+            (
+                ["8000", "--acme", "letsencrypt", "--cert", "c.pem", "--key", "k.pem"],
+                "--acme and --cert",
+            ),
+        ]:
+            e = self.assertRaises(UsageError, self.parse, *arguments)
+            self.assertIn(text, str(e))
+
+    def test_durations(self) -> None:
+        """
+        Durations are seconds, or a number with C{s}, C{m}, C{h} or C{d}.
+        """
+        for text, seconds in [
+            ("90", 90.0),
+            ("45s", 45.0),
+            ("2m", 120.0),
+            ("1.5h", 5400.0),
+            ("30d", 2592000.0),
+        ]:
+            self.assertEqual(parseDuration(text, "--x"), seconds)
 
     def test_configErrorIsUsageError(self) -> None:
         """

@@ -133,3 +133,64 @@ class AppServiceTests(SynchronousTestCase):
         tunnel = TunnelService(config, MemoryReactorClock(), self.reporter, self.fatals.append)
         self.assertIsNone(tunnel.gateway)
         self.assertIsNone(tunnel.httpProxy.gateway)
+
+
+class AcmeServiceTests(SynchronousTestCase):
+    """
+    A tunnel service with C{--acme}: its certificates come from L{AcmeCertificates} once issued, and
+    from the local CA until then.
+    """
+
+    def setUp(self) -> None:
+        """
+        A stream mode tunnel with C{--acme}.
+        """
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.reporter = Reporter(io.StringIO(), asJSON=True)
+        config = buildConfig(
+            "3000",
+            identityPath=os.path.join(self.directory, "identity.json"),
+            acme="https://ca.test/dir",
+        )
+        self.tunnel = TunnelService(config, MemoryReactorClock(), self.reporter, [].append)
+        acme = self.tunnel.acme
+        assert acme is not None
+        self.acme = acme
+        self.wanted: list[str] = []
+        self.patch(acme, "want", self.wanted.append)
+
+    def test_accountKeyBesideIdentity(self) -> None:
+        """
+        The ACME account key is created beside the identity file, mode 0600, and the ACME service
+        runs with the tunnel.
+        """
+        path = os.path.join(self.directory, "identity.acme-account.pem")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertIn(self.acme, list(self.tunnel))
+
+    def test_leaseWantsCertificate(self) -> None:
+        """
+        Each lease hostname a relay grants is handed to the ACME service, and its C{Forwarding}
+        line says the local CA's certificate serves until one is issued.
+        """
+        [link] = self.tunnel.links
+        link.registered(object(), ["a.portal.test", "b.portal.test"], 443)  # type: ignore[arg-type]
+        self.assertEqual(self.wanted, ["a.portal.test", "b.portal.test"])
+        leases = [e for e in self.reporter.events if e["event"] == "lease"]
+        self.assertEqual([e["certificate"] for e in leases], ["local-ca", "local-ca"])
+
+    def test_issuedCertificateServes(self) -> None:
+        """
+        A hostname with an issued certificate is served with it; others with the local CA's.
+        """
+        [link] = self.tunnel.links
+        link.registered(object(), ["a.portal.test", "b.portal.test"], 443)  # type: ignore[arg-type]
+        issued = self.tunnel._certificateFor("b.portal.test")
+        self.patch(
+            self.acme,
+            "certificateFor",
+            lambda hostname: issued if hostname == "a.portal.test" else None,
+        )
+        self.assertIs(self.tunnel._certificateFor("a.portal.test"), issued)
+        self.assertIsNot(self.tunnel._certificateFor("b.portal.test"), issued)

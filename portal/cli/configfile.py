@@ -5,7 +5,7 @@ A file holds a C{[defaults]} table and any number of C{[tunnels.NAME]} tables. T
 options of C{portal expose} without the dashes (C{pool-size = 8}, C{http = true}), plus C{target};
 the repeatable options (L{REPEATED}) take a list, and a C{relay} entry may be C{{relay = "C:4017",
 via = ["A:4017"]}} for a chain. A tunnel's keys override the defaults'. Paths (C{cert}, C{key}, C{identity},
-C{app}, a C{registry} file) are relative to the file's directory.
+C{app}, C{acme-ca}, a C{registry} file) are relative to the file's directory.
 
 This module reads and checks the file (every error names the key and its line) and turns each tunnel
 into the argument list of C{portal expose}, so that one parser (L{TunnelOptions}) builds every
@@ -45,7 +45,7 @@ REPEATED = {
 }
 
 #: Keys holding a file path, read relative to the configuration file.
-PATH_KEYS = frozenset({"cert", "key", "identity", "app", "basic-auth-file"})
+PATH_KEYS = frozenset({"cert", "key", "identity", "app", "basic-auth-file", "acme-ca"})
 
 
 class ConfigFileError(Exception):

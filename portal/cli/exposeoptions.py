@@ -122,7 +122,27 @@ class TunnelOptions(FlagsAnywhere):
             "Routed HTTP mode: serve the request inspector on PORT or HOST:PORT (default "
             "127.0.0.1:4040, or the next free port).",
         ],
-        ["acme", None, None, "ACME directory URL (not available yet)."],
+        [
+            "acme",
+            None,
+            None,
+            "Get browser-trusted certificates from an ACME CA (TLS-ALPN-01 through the relay): "
+            "a directory URL, letsencrypt or letsencrypt-staging.",
+        ],
+        ["acme-email", None, None, "Contact address for the ACME account (with --acme)."],
+        [
+            "acme-ca",
+            None,
+            None,
+            "CA certificates (PEM) to verify a private ACME server's HTTPS with (with --acme).",
+        ],
+        [
+            "acme-renew-before",
+            None,
+            None,
+            "Renew this long before expiry, like 30d or 12h (default: at two thirds of the "
+            "certificate's lifetime).",
+        ],
     ]
 
     tunnelConfig: TunnelConfig
@@ -212,15 +232,8 @@ class TunnelOptions(FlagsAnywhere):
 
     def postOptions(self) -> None:
         """
-        Refuse what this version cannot do yet, then build the configuration.
+        Build the configuration.
         """
-        unavailable = [
-            ("acme", "ACME certificates"),
-        ]
-        for option, feature in unavailable:
-            if self[option]:
-                flag = "--http-route" if option == "http-routes" else f"--{option}"
-                raise usage.UsageError(f"{flag}: {feature} is not available in this version yet")
         self.refuseDanglingVia()
         try:
             self.tunnelConfig = buildConfig(
@@ -255,6 +268,10 @@ class TunnelOptions(FlagsAnywhere):
                 takeover=bool(self["takeover"]),
                 inspect=self["inspect"],
                 noInspect=bool(self["no-inspect"]),
+                acme=self["acme"],
+                acmeEmail=self["acme-email"],
+                acmeCA=self["acme-ca"],
+                acmeRenewBefore=self["acme-renew-before"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

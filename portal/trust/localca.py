@@ -266,7 +266,7 @@ class LocalCA:
             CA certificate.
         @raise ValueError: If C{hostnames} is empty or holds an empty name.
         """
-        names = [_normalizeHostname(hostname) for hostname in hostnames]
+        names = [normalizeHostname(hostname) for hostname in hostnames]
         if not names:
             raise ValueError("a certificate needs at least one hostname")
         if not all(names):
@@ -342,8 +342,25 @@ def loadKeyPair(certFile: str, keyFile: str) -> tuple[PKey, list[X509]]:
     @raise CertificateError: If a file is missing, unreadable or corrupt, the key is
         encrypted, or the key does not belong to the first certificate.
     """
-    certificates = _loadCertificates(certFile)
-    privateKey = _loadPrivateKey(keyFile)
+    return parseKeyPair(_readFile(certFile), _readFile(keyFile), certFile, keyFile)
+
+
+def parseKeyPair(
+    certData: bytes, keyData: bytes, certFile: str, keyFile: str
+) -> tuple[PKey, list[X509]]:
+    """
+    Parse a certificate chain and its private key, as L{loadKeyPair} reads them.
+
+    @param certData: PEM certificates, the server certificate first.
+    @param keyData: The PEM unencrypted private key.
+    @param certFile: Where C{certData} came from, for messages.
+    @param keyFile: Where C{keyData} came from, for messages.
+    @return: The private key and the certificate chain, server certificate first.
+    @raise CertificateError: If either is corrupt, the key is encrypted, or the key does not
+        belong to the first certificate.
+    """
+    certificates = _parseCertificates(certData, certFile)
+    privateKey = _parsePrivateKey(keyData, keyFile)
     if not _isIssuerKey(privateKey):
         raise CertificateError(f"the private key in {keyFile} is of a type TLS cannot use.")
     if not _sameKey(certificates[0], privateKey):
@@ -413,6 +430,19 @@ class SNIServerConnectionCreator:
         connection.set_app_data(tlsProtocol)
         return connection
 
+    def forget(self, hostname: str | None) -> None:
+        """
+        Drop the cached context of a hostname, so that the next handshake for it asks
+        C{certificateFor} again: how a renewed certificate is swapped in.  Connections already
+        made keep the context they were made with.
+
+        @param hostname: The hostname, or L{None} for the default context.
+        """
+        if hostname is None:
+            self._defaultContext = None
+        else:
+            self._contexts.pop(normalizeHostname(hostname), None)
+
     def _selectContext(self, connection: SSL.Connection) -> None:
         """
         Switch a connection to the context for its SNI hostname, or to the default context,
@@ -424,7 +454,7 @@ class SNIServerConnectionCreator:
         try:
             hostname = None
             if serverName is not None:
-                hostname = _normalizeHostname(serverName.decode("ascii")) or None
+                hostname = normalizeHostname(serverName.decode("ascii")) or None
             connection.set_context(self._contextFor(hostname))
         except Exception:
             self._log.failure("refusing TLS for server name {serverName!r}", serverName=serverName)
@@ -515,7 +545,7 @@ def _utcNow(now: datetime.datetime | None) -> datetime.datetime:
     return now
 
 
-def _normalizeHostname(hostname: str) -> str:
+def normalizeHostname(hostname: str) -> str:
     """
     Put a hostname in the form certificates and caches use.
 
@@ -595,7 +625,18 @@ def _loadCertificates(path: str) -> list[x509.Certificate]:
     @return: Its certificates, in file order; at least one.
     @raise CertificateError: If it is missing, unreadable, or holds no valid PEM certificate.
     """
-    data = _readFile(path)
+    return _parseCertificates(_readFile(path), path)
+
+
+def _parseCertificates(data: bytes, path: str) -> list[x509.Certificate]:
+    """
+    Parse the certificates of a PEM file.
+
+    @param data: The file's contents.
+    @param path: The file, for messages.
+    @return: Its certificates, in file order; at least one.
+    @raise CertificateError: If it holds no valid PEM certificate.
+    """
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError as e:
@@ -613,7 +654,18 @@ def _loadPrivateKey(path: str) -> PrivateKeyTypes:
     @return: The key.
     @raise CertificateError: If it is missing, unreadable, encrypted, or not a PEM key.
     """
-    data = _readFile(path)
+    return _parsePrivateKey(_readFile(path), path)
+
+
+def _parsePrivateKey(data: bytes, path: str) -> PrivateKeyTypes:
+    """
+    Parse an unencrypted PEM private key.
+
+    @param data: The file's contents.
+    @param path: The file, for messages.
+    @return: The key.
+    @raise CertificateError: If it is encrypted or not a PEM key.
+    """
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -30,6 +30,7 @@ from portal.trust.relayaddress import (
     parsePort,
     parseRelay,
 )
+from portal.tunnel.acme.settings import AcmeSettings, parseAcme
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 
 #: The relay a tunnel uses when given none: one on this machine.
@@ -147,6 +148,7 @@ class TunnelConfig:
     @ivar logLevel: The least level of log events printed (one of L{LOG_LEVELS}).
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
+    @ivar acme: With C{--acme}, how to get certificates from an ACME CA; else L{None}.
     """
 
     target: Target | None
@@ -175,6 +177,7 @@ class TunnelConfig:
     takeover: bool = False
     inspect: tuple[str, int] | None = None
     inspectFixed: bool = False
+    acme: AcmeSettings | None = None
 
     @property
     def mode(self) -> str:
@@ -250,6 +253,10 @@ def buildConfig(
     takeover: bool = False,
     inspect: str | None = None,
     noInspect: bool = False,
+    acme: str | None = None,
+    acmeEmail: str | None = None,
+    acmeCA: str | None = None,
+    acmeRenewBefore: str | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -266,6 +273,8 @@ def buildConfig(
     @param takeover: C{--takeover}.
     @param inspect: C{--inspect ADDR}: PORT or HOST:PORT of the request inspector.
     @param noInspect: C{--no-inspect}.
+    @param acme: C{--acme}, with C{acmeEmail}, C{acmeCA} and C{acmeRenewBefore} its companions
+        (L{portal.tunnel.acme.settings.parseAcme}).
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -371,6 +380,17 @@ def buildConfig(
     elif (routes or loadedApps) and not noInspect:
         inspectAt = DEFAULT_INSPECT
     credentials = _credentials(basicAuth, basicAuthFiles, bool(routes), bool(loadedApps))
+    acmeSettings = parseAcme(acme, acmeEmail, acmeCA, acmeRenewBefore)
+    if acmeSettings is not None:
+        if certFile is not None:
+            raise ConfigError(
+                "--acme and --cert both say where the certificate comes from; give one"
+            )
+        if tcp or (target is None and not routes and not loadedApps):
+            raise ConfigError(
+                "--acme: only modes where the tunnel terminates TLS (stream, routed HTTP, --app) "
+                "use certificates"
+            )
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
     if maxRelays is not None and not 0 < maxRelays <= MAX_MAX_RELAYS:
@@ -411,6 +431,7 @@ def buildConfig(
         takeover=takeover,
         inspect=inspectAt,
         inspectFixed=inspect is not None,
+        acme=acmeSettings,
     )
 
 

@@ -30,7 +30,18 @@ class ITunnel(Interface):
     servedHostnames = Attribute("Lease hostnames relays gave the tunnel (a set, updated by links).")
     publicURLs = Attribute("The https URLs of live leases (a set, updated by links).")
     caPath = Attribute("The local CA certificate file, when the local CA issues certificates.")
+    acme = Attribute(
+        "With --acme, the lease hostnames' certificates (L{AcmeCertificates<portal.tunnel.acme."
+        "certificates.AcmeCertificates>}: C{want(hostname)}); else None."
+    )
     links = Attribute("The tunnel's relay links (a list; the relay pool adds and removes some).")
+
+    def certificateKind(hostname: str) -> str:
+        """
+        @param hostname: A lease hostname.
+        @return: Which certificate it presents now: C{"file"} (C{--cert}), C{"acme"}, or
+            C{"local-ca"}.
+        """
 
     def fatal(message: str, relay: str = "") -> None:
         """

@@ -30,6 +30,7 @@ from portal.trust.relayhello import FatalRelayError, RelayAuthenticationFailed, 
 from portal.tunnel.backoff import StableBackoff
 from portal.tunnel.control import TunnelControlProtocol
 from portal.tunnel.data import ATTACH_TIMEOUT, DataSessionPool
+from portal.tunnel.handledinputs import HandledInputs
 from portal.tunnel.hop import HOP_TIMEOUT, HopFailed, chainEndpoint
 from portal.tunnel.interfaces import IRelayLink, ITunnel
 from portal.wire.control import modeParts
@@ -276,7 +277,17 @@ class RelayLink(Service):
             url = f"https://{hostname}" if port == 443 else f"https://{hostname}:{port}"
             target = config.describeTarget(hostname.partition(".")[0] if config.apps else None)
             self.tunnel.publicURLs.add(url)
-            self.reporter.lease(url, self.relay.address, target, self.tunnel.caPath)
+            if self.tunnel.acme is not None:
+                # First: a stored certificate is then already on the Forwarding line.
+                self.tunnel.acme.want(hostname)
+            self.reporter.lease(
+                url,
+                self.relay.address,
+                target,
+                self.tunnel.caPath,
+                self.tunnel.certificateKind(hostname),
+                config.acme.directory if config.acme else None,
+            )
 
     def controlLost(self, protocol: TunnelControlProtocol) -> None:
         """
@@ -395,12 +406,9 @@ def _buildLinkMachine() -> TypeMachine[LinkInputs, RelayLink]:
     }
     running = [connecting, hello, registering, live, draining, backingOff]
     sessions = [hello, registering, live, draining]
-    names = {id(state): name for name, state in states.items()}
     #: (state, input) pairs given a transition below; the rest are ignored (see the end).
-    handled: set[tuple[str, str]] = set()
-
-    def on(state: object, input: str) -> None:
-        handled.add((names[id(state)], input))
+    handled = HandledInputs(states)
+    on = handled.on
 
     @stopped.upon(LinkInputs.start).to(connecting)
     def startClient(inputs: LinkInputs, link: RelayLink) -> None:
@@ -478,20 +486,7 @@ def _buildLinkMachine() -> TypeMachine[LinkInputs, RelayLink]:
         on(state, "stop")
 
     # Everything else is late or repeated news: it changes nothing.
-    for name, state in states.items():
-        state.upon(LinkInputs.state).loop().returns(name)
-        for input in (
-            LinkInputs.start,
-            LinkInputs.dialling,
-            LinkInputs.attemptFailed,
-            LinkInputs.connected,
-            LinkInputs.helloed,
-            LinkInputs.goingAway,
-            LinkInputs.lost,
-            LinkInputs.stop,
-        ):
-            if (name, input.__name__) not in handled:
-                state.upon(input).loop().returns(None)
+    handled.ignoreTheRest(LinkInputs)
     return builder.build()
 
 

@@ -37,6 +37,7 @@ class Reporter:
             "target-down",
             "unreached",
             "warning",
+            "acme-failed",
         }
     )
 
@@ -114,7 +115,15 @@ class Reporter:
             self._out.write(data)
             self._out.flush()
 
-    def lease(self, url: str, relay: str, target: str, caPath: str | None) -> None:
+    def lease(
+        self,
+        url: str,
+        relay: str,
+        target: str,
+        caPath: str | None,
+        certificate: str | None = None,
+        acme: str | None = None,
+    ) -> None:
         """
         A lease is live: visitors can use C{url}.
 
@@ -122,16 +131,24 @@ class Reporter:
         @param relay: The relay's address.
         @param target: The local target.
         @param caPath: The local CA file visitors can trust, when the local CA is used.
+        @param certificate: Which certificate C{url} presents: C{"acme"}, C{"local-ca"} or
+            C{"file"} (C{--cert}); L{None} where no TLS ends in the tunnel.
+        @param acme: With C{--acme}, the ACME directory.
         """
         self.leasedRelays.add(relay)
         text = f"Forwarding {url} -> {target}"
-        if caPath:
+        if certificate == "acme":
+            text += f"\n  (certificate from the ACME CA {acme})"
+        elif caPath:
             text += (
                 f"\n  (certificate from the local CA {caPath}; try: curl --cacert {caPath} {url}/)"
             )
-        self._emit(
-            {"event": "lease", "url": url, "relay": relay, "target": target, "ca": caPath}, text
-        )
+            if acme:
+                text += f"\n  (until the ACME CA {acme} issues one)"
+        event = {"event": "lease", "url": url, "relay": relay, "target": target, "ca": caPath}
+        if certificate is not None:
+            event["certificate"] = certificate
+        self._emit(event, text)
 
     def request(
         self,

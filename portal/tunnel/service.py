@@ -28,6 +28,7 @@ from portal.trust.identity import Identity, loadOrCreateIdentity
 from portal.trust.localca import LocalCA, SNIServerConnectionCreator, loadKeyPair
 from portal.trust.names import stableLabel
 from portal.trust.pinning import KnownRelays
+from portal.tunnel.acme.certificates import AcmeCertificates, acmeCertificates
 from portal.tunnel.config import ConfigError, Target, TunnelConfig
 from portal.tunnel.http2 import RoutedHTTP
 from portal.tunnel.httpproxy import HTTPProxy
@@ -69,6 +70,8 @@ class TunnelService(MultiService):
 
     _log = Logger()
     gateway: Gateway | None = None
+    #: With C{--acme}, the lease hostnames' ACME certificates.
+    acme: AcmeCertificates | None = None
 
     def __init__(
         self,
@@ -190,6 +193,16 @@ class TunnelService(MultiService):
             )
             self.caPath = self._ca.certPath
         creator = SNIServerConnectionCreator(self._certificateFor, alpn=config.alpn)
+        if config.acme is not None:
+            self.acme = acmeCertificates(
+                self.reactor,
+                config.acme,
+                config.identityPath,
+                self.identity.shortId,
+                self.reporter,
+                creator.forget,
+            )
+            self.acme.setServiceParent(self)
         inner = None
         if config.routes or config.apps:
             table = RouteTable(config.routes) if config.routes else None
@@ -209,6 +222,7 @@ class TunnelService(MultiService):
             config.proxyProtocol,
             config.addressRules,
             self.reporter,
+            challenges=None if self.acme is None else self.acme.challenges,
         )
 
     def _certificateFor(self, hostname: str | None) -> tuple[PKey, list[X509]]:
@@ -225,7 +239,23 @@ class TunnelService(MultiService):
             hostname = min(self.servedHostnames, default="localhost")
         elif hostname not in self.servedHostnames:
             raise ValueError(f"{hostname!r} is not a hostname of this tunnel")
+        elif self.acme is not None:
+            issued = self.acme.certificateFor(hostname)
+            if issued is not None:
+                return issued
         return self._ca.issue([hostname])
+
+    def certificateKind(self, hostname: str) -> str:
+        """
+        @param hostname: A lease hostname.
+        @return: Which certificate it presents now: C{"file"} (C{--cert}), C{"acme"}, or
+            C{"local-ca"}.
+        """
+        if self._keyPair is not None:
+            return "file"
+        if self.acme is not None:
+            return self.acme.describe(hostname)
+        return "local-ca"
 
     def fatal(self, message: str, relay: str = "") -> None:
         """

@@ -1,36 +1,60 @@
 """
 Stream mode in the tunnel: terminate the visitor's TLS with the tenant's certificate and splice the
 decrypted bytes to the local target.
+
+With C{--acme}, while a TLS-ALPN-01 challenge is pending for a hostname, each stream for that
+hostname first shows its ClientHello to L{_ChallengeDispatch}: one that offers C{acme-tls/1} is the
+CA's validation connection and is answered with the challenge certificate, then closed; any other
+goes on as usual. Streams for other hostnames, and all streams when no challenge is pending, go
+straight to TLS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.trust.acmechallenge import ACME_TLS_1, PendingChallenges
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
 from portal.tunnel.report import Reporter
 from portal.wire.attach import StreamHeader
+from portal.wire.clienthello import (
+    HANDSHAKE_FAILURE,
+    MAX_CLIENT_HELLO_BYTES,
+    MalformedClientHello,
+    alertRecord,
+    parseClientHello,
+)
+from portal.wire.peek import PeekingProtocol, RefuseConnection
 from portal.wire.proxyheader import proxyHeader
 
 #: Seconds to wait for the local target to accept a connection.
 TARGET_CONNECT_TIMEOUT = 10.0
 #: Least seconds between two log events about refused visitors (the others are counted).
 REFUSED_LOG_INTERVAL = 10.0
+
+#: Seconds a TLS-ALPN-01 validation connection may take to finish its handshake.
+CHALLENGE_HANDSHAKE_TIMEOUT = 10.0
 
 
 class _TargetSide(SpliceProtocol):
@@ -145,6 +169,90 @@ class _Refused(Protocol):
         """
 
 
+@implementer(IHandshakeListener)
+class _ChallengeAnswer(Protocol):
+    """
+    Inside the TLS of a CA's TLS-ALPN-01 validation connection: close once the handshake (which
+    presented the challenge certificate) is done. Nothing is read or forwarded.
+    """
+
+    _log = Logger()
+
+    def __init__(self, handler: StreamHandler, header: StreamHeader) -> None:
+        self._handler = handler
+        self._header = header
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Give the handshake L{CHALLENGE_HANDSHAKE_TIMEOUT} seconds.
+        """
+        self._timer = self._handler.reactor.callLater(CHALLENGE_HANDSHAKE_TIMEOUT, self._expired)
+
+    def _expired(self) -> None:
+        """
+        The validation connection did not finish its handshake in time: abort it.
+        """
+        self._timer = None
+        self._log.warn(
+            "TLS-ALPN-01 validation for {hostname} from {peer}: no handshake within {seconds} s",
+            hostname=self._header.hostname,
+            peer=self._header.peerHost,
+            seconds=CHALLENGE_HANDSHAKE_TIMEOUT,
+        )
+        assert self.transport is not None
+        cast(ITCPTransport, self.transport).abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        """
+        The CA has seen the challenge certificate: close.
+        """
+        self._log.info(
+            "answered the TLS-ALPN-01 validation for {hostname} from {peer}",
+            hostname=self._header.hostname,
+            peer=self._header.peerHost,
+        )
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Stop the handshake timer.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _ChallengeDispatch(PeekingProtocol):
+    """
+    A stream for a hostname with a pending TLS-ALPN-01 challenge: read its ClientHello, then answer
+    the challenge if it offers C{acme-tls/1}, else serve it as any other stream.
+    """
+
+    maxPeek = MAX_CLIENT_HELLO_BYTES
+
+    def __init__(self, handler: StreamHandler, header: StreamHeader) -> None:
+        super().__init__()
+        self._handler = handler
+        self._header = header
+        self.callLater = handler.reactor.callLater  # type: ignore[method-assign]
+
+    def choose(self, data: bytes) -> IProtocol | None:
+        """
+        @return: The challenge answer for a validation connection, the usual protocol otherwise,
+            or L{None} until the ClientHello is complete.
+        @raise RefuseConnection: When the bytes are not a ClientHello.
+        """
+        try:
+            hello = parseClientHello(data)
+        except MalformedClientHello as e:
+            raise RefuseConnection(e.reason, alertRecord(HANDSHAKE_FAILURE))
+        if hello is None:
+            return None
+        return self._handler.protocolFor(self._header, ACME_TLS_1.decode() in hello.alpn)
+
+
 class StreamHandler:
     """
     Builds, for each stream header a data session receives, the protocol that serves it: inside the
@@ -169,6 +277,7 @@ class StreamHandler:
         proxyProtocol: str | None = None,
         addressRules: AddressRules = SERVE_ALL,
         reporter: Reporter | None = None,
+        challenges: PendingChallenges | None = None,
     ) -> None:
         """
         @param reactor: The reactor (TCP and time).
@@ -182,6 +291,7 @@ class StreamHandler:
         @param addressRules: Which visitor addresses are served (C{--allow-ip}, C{--deny-ip}).
         @param reporter: Where each ended connection is reported (stream and raw TCP modes: one
             line per connection), or L{None}.
+        @param challenges: With C{--acme}, the pending TLS-ALPN-01 challenges to answer.
         """
         self.reporter = reporter
         self.reactor = reactor
@@ -195,6 +305,12 @@ class StreamHandler:
             None
             if tlsCreator is None
             else TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+        )
+        self._challenges = challenges
+        self._challengeFactory = (
+            None
+            if challenges is None
+            else TLSMemoryBIOFactory(challenges.creator, False, Factory(), clock=reactor)
         )
 
     def targetEndpoint(self) -> Any:
@@ -217,6 +333,30 @@ class StreamHandler:
         @return: A TLS server protocol around the visitor's stream, or in raw TCP mode the splice to
             the target itself; for a visitor the address rules refuse, a protocol that closes.
         """
+        challenges = self._challenges
+        if (
+            self._tlsFactory is not None
+            and challenges is not None
+            and challenges.isPending(header.hostname)
+        ):
+            # The ClientHello says whether this is the CA's validation (which the address
+            # rules do not apply to: it only sees the challenge certificate) or a visitor.
+            return _ChallengeDispatch(self, header)
+        return self.protocolFor(header)
+
+    def protocolFor(self, header: StreamHeader, validation: bool = False) -> IProtocol:
+        """
+        @param header: The visitor's stream header.
+        @param validation: Whether the stream is an ACME CA's TLS-ALPN-01 validation connection
+            (its ClientHello offers C{acme-tls/1}) for a hostname with a pending challenge.
+        @return: The protocol serving the stream: see L{__call__}; for a validation connection, a
+            TLS server presenting the challenge certificate that closes after the handshake.
+        """
+        challengeFactory = self._challengeFactory
+        if validation and challengeFactory is not None:
+            assert self._challenges is not None
+            if self._challenges.isPending(header.hostname):
+                return challengeFactory.protocol(challengeFactory, _ChallengeAnswer(self, header))
         reason = self.addressRules.refusal(header.peerHost)
         if reason is not None:
             self.refused += 1
