@@ -237,6 +237,29 @@ class Lab:
         _waitListening(port, child)
         return child, port
 
+    def sslh(self, targetPort: int) -> tuple[Child, int] | None:
+        """
+        sslh (Debian's C{sslh-select}: one process, no fork per connection) routing TLS by SNI
+        (C{sni_hostnames}) without decrypting; L{None} if absent.
+        """
+        binary = tool("sslh-select")
+        if binary is None:
+            return None
+        port = freePort()
+        config = os.path.join(self.root, "sslh.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "foreground: true;\ninetd: false;\nnumeric: true;\ntransparent: false;\n"
+                "timeout: 5;\n"
+                f'listen: ( {{ host: "127.0.0.1"; port: "{port}"; }} );\n'
+                f'protocols: ( {{ name: "tls"; host: "127.0.0.1"; port: "{targetPort}"; '
+                f'sni_hostnames: [ "{SINK_NAME}" ]; }} );\n'
+            )
+        # sslh reads its configuration file from -F only when the path is attached to the flag.
+        child = self._start("sslh", [binary, f"-F{config}"])
+        _waitListening(port, child)
+        return child, port
+
     def nginx(self, targetPort: int) -> tuple[Child, int] | None:
         """
         nginx routing by SNI without decrypting (C{ssl_preread}), one worker; L{None} if absent.

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
 from portal.tunnel.report import Reporter
@@ -200,13 +201,12 @@ class StreamHandler:
     def targetEndpoint(self) -> Any:
         """
         @return: A client endpoint to the local target (TLS without verification for C{https://}
-            targets, as local development servers rarely have a trusted certificate).
+            targets, as local development servers rarely have a trusted certificate); straight
+            to an IP literal, with no resolver (L{tcpEndpoint}).
         """
         target = self.target
         assert target is not None
-        endpoint = HostnameEndpoint(
-            self.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
-        )
+        endpoint = tcpEndpoint(self.reactor, target.host, target.port, TARGET_CONNECT_TIMEOUT)
         if target.tls:
             return wrapClientTLS(CertificateOptions(verify=False), endpoint)
         return endpoint
