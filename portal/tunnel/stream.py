@@ -25,6 +25,7 @@ from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
 from portal.tunnel.report import Reporter
+from portal.tunnel.tlswrapper import LeanTLSTransport
 from portal.wire.attach import StreamHeader
 from portal.wire.proxyheader import proxyHeader
 
@@ -192,11 +193,10 @@ class StreamHandler:
         self.target = target
         self._inner = inner
         self.proxyProtocol = proxyProtocol
-        self._tlsFactory = (
-            None
-            if tlsCreator is None
-            else TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
-        )
+        self._tlsFactory = None
+        if tlsCreator is not None:
+            self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+            self._tlsFactory.protocol = LeanTLSTransport
 
     def targetEndpoint(self) -> Any:
         """
