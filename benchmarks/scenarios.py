@@ -365,7 +365,11 @@ def concurrency(
                 f"tunnel each; the hard open-file limit here is {limit}, so {count} were held"
             )
         _, sinkPort = lab.sink(tls=False)
-        relay, public, control = lab.relay()
+        # Every idle connection comes from 127.0.0.1: the relay's cap per source address (issue
+        # 14, 256 by default) would refuse all but the first few hundred.
+        relay, public, control = lab.relay(
+            ["--max-connections-per-source", str(count + 100), "--max-connections", str(limit)]
+        )
         tunnel, url = lab.tunnel(control, sinkPort, f"idle{wanted}")
         # One connection first, so that lazily built state is not counted as per-connection cost.
         warm = workload.hold(public, _host(url), 10, lambda n: None)
