@@ -358,11 +358,13 @@ def concurrency(
     results = []
     notes = []
     for wanted in settings.concurrency:
-        count = min(wanted, (limit - 500) // 2)
+        # The relay keeps 1,024 descriptors spare below the limit (RelayLimits.maxConnections).
+        count = min(wanted, (limit - 1024 - 500) // 2)
         if count < wanted:
             notes.append(
-                f"{wanted} connections need about {2 * wanted + 500} descriptors in the relay and the "
-                f"tunnel each; the hard open-file limit here is {limit}, so {count} were held"
+                f"{wanted} connections need about {2 * wanted + 1524} descriptors in the relay (two "
+                f"per connection, 1,024 kept spare) and the tunnel; the hard open-file limit here is "
+                f"{limit}, so {count} were held"
             )
         _, sinkPort = lab.sink(tls=False)
         # Every idle connection comes from 127.0.0.1: the relay's cap per source address (issue
