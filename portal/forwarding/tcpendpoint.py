@@ -6,7 +6,8 @@ Twisted's C{HostnameEndpoint} hands even an IP literal to the resolver, which ru
 a thread of the reactor's pool and builds its connection attempts in C{Deferred}s: on the path of
 every new visitor (the tunnel's connection to its target, each replacement data session to the
 relay) that is a thread hand-off, and contention for the GIL with that thread, that a direct
-C{connectTCP} does not need (issue 16's profile: about a fifth of the tunnel's time per connection).
+C{connectTCP} does not need (issue 16's profile: about a tenth of the tunnel's time per connection,
+and as much again waiting for the GIL in OpenSSL calls).
 """
 
 from __future__ import annotations
