@@ -33,7 +33,8 @@ def busiest(stacks: str, top: int = 25) -> list[tuple[float, str]]:
 
     @param stacks: py-spy's raw output: one C{frame;frame;... COUNT} line per distinct stack.
     @param top: How many functions to return.
-    @return: (share of busy samples in percent, function) pairs, busiest first.
+    @return: (share of busy samples in percent, function) pairs, busiest first, leaving out the
+        functions on every busy stack.
     """
     inside: collections.Counter[str] = collections.Counter()
     busy = 0
@@ -47,7 +48,9 @@ def busiest(stacks: str, top: int = 25) -> list[tuple[float, str]]:
         busy += int(count)
         for name in {frame.split(" (")[0] for frame in frames}:
             inside[name] += int(count)
-    return [(100 * n / busy, name) for name, n in inside.most_common(top)] if busy else []
+    # Functions on every busy stack (the reactor's run loop and what starts it) say nothing.
+    shares = [(100 * n / busy, name) for name, n in inside.most_common() if n < busy]
+    return shares[:top]
 
 
 def main(argv: list[str] | None = None) -> int:
