@@ -12,7 +12,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import serialization
 
@@ -214,17 +214,38 @@ class Lab:
         )
         return child, int(child.waitFor(r"^listening (\d+)").group(1))
 
+    def _passthrough(
+        self,
+        name: str,
+        configuration: Callable[[int], str],
+        argv: Callable[[str, str], list[str]],
+    ) -> tuple[Child, int] | None:
+        """
+        Start a C forwarder that routes TLS by SNI without decrypting, from a configuration file.
+
+        @param name: The program (C{haproxy}, C{sslh-select}).
+        @param configuration: Its configuration file's text, given the port to listen on.
+        @param argv: Its command line, given the program's path and the configuration file's.
+        @return: The child and its port, or L{None} when the program is not installed.
+        """
+        binary = tool(name)
+        if binary is None:
+            return None
+        port = freePort()
+        config = os.path.join(self.root, f"{name}.cfg")
+        with open(config, "w") as f:
+            f.write(configuration(port))
+        child = self._start(name, argv(binary, config))
+        _waitListening(port, child)
+        return child, port
+
     def haproxy(self, targetPort: int) -> tuple[Child, int] | None:
         """
         HAProxy routing by SNI without decrypting (C{req_ssl_sni}), one thread; L{None} if absent.
         """
-        binary = tool("haproxy")
-        if binary is None:
-            return None
-        port = freePort()
-        config = os.path.join(self.root, "haproxy.cfg")
-        with open(config, "w") as f:
-            f.write(
+        return self._passthrough(
+            "haproxy",
+            lambda port: (
                 "global\n  maxconn 9000\n  nbthread 1\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n"
                 "  timeout server 300s\n"
@@ -232,10 +253,27 @@ class Lab:
                 "  tcp-request content accept if { req_ssl_hello_type 1 }\n"
                 f"  use_backend sink if {{ req_ssl_sni -i {SINK_NAME} }}\n"
                 f"backend sink\n  server s1 127.0.0.1:{targetPort}\n"
-            )
-        child = self._start("haproxy", [binary, "-db", "-f", config])
-        _waitListening(port, child)
-        return child, port
+            ),
+            lambda binary, config: [binary, "-db", "-f", config],
+        )
+
+    def sslh(self, targetPort: int) -> tuple[Child, int] | None:
+        """
+        sslh (Debian's C{sslh-select}: one process, no fork per connection) routing TLS by SNI
+        (C{sni_hostnames}) without decrypting; L{None} if absent.
+        """
+        return self._passthrough(
+            "sslh-select",
+            lambda port: (
+                "foreground: true;\ninetd: false;\nnumeric: true;\ntransparent: false;\n"
+                "timeout: 5;\n"
+                f'listen: ( {{ host: "127.0.0.1"; port: "{port}"; }} );\n'
+                f'protocols: ( {{ name: "tls"; host: "127.0.0.1"; port: "{targetPort}"; '
+                f'sni_hostnames: [ "{SINK_NAME}" ]; }} );\n'
+            ),
+            # sslh reads its configuration file from -F only when the path is attached to the flag.
+            lambda binary, config: [binary, f"-F{config}"],
+        )
 
     def nginx(self, targetPort: int) -> tuple[Child, int] | None:
         """

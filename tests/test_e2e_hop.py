@@ -23,7 +23,7 @@ from tests.realprocesses import (
     startRelay,
     waitForLease,
 )
-from tests.test_e2e import PAGE, _fetch, _hostPort, _Page
+from tests.test_e2e import PAGE, _fetch, _hostPort, _metrics, _Page
 from tests.test_e2e_tcp import REPLY, _address, _DigestAfterEOF, _halfCloseExchange, _pattern
 
 #: A hop relay's log line for an opened hop: its outbound connection's local port.
@@ -70,14 +70,24 @@ class ChainEndToEndTests(TestCase):
 
         @return: C{(a, aControl, b, bPublic, bControl)}.
         """
-        b, bPublic, bControl = yield startRelay(
-            self, os.path.join(homeDir(self, "b"), "state"), extra=list(bExtra)
-        )
+        self._bState = os.path.join(homeDir(self, "b"), "state")
+        b, bPublic, bControl = yield startRelay(self, self._bState, extra=list(bExtra))
         extra = ["--allow-hop", f"127.0.0.1:{bControl}"] if hopExtra is None else hopExtra
         a, _, aControl = yield startRelay(
             self, os.path.join(homeDir(self, "a"), "state"), extra=extra
         )
         return a, aControl, b, bPublic, bControl
+
+    @inlineCallbacks
+    def _onlyTLSDataSessions(self, bPublic: int) -> Any:
+        """
+        Relay B's /metrics counted TLS data sessions and no plain one: inside a chain every data
+        session runs in TLS to B.
+        """
+        ca = os.path.join(self._bState, "tls", "ca.pem")
+        metrics = yield deferToThread(_metrics, bPublic, ca)
+        self.assertGreater(metrics["portal_relay_tls_data_sessions_total"], 0, metrics)
+        self.assertNotIn("portal_relay_plain_data_sessions_total", metrics)
 
     @inlineCallbacks
     def test_pageThroughA(self) -> Any:
@@ -108,7 +118,7 @@ class ChainEndToEndTests(TestCase):
         self.assertTrue(controlPeers, b.output())
         self.assertTrue(dataPeers, b.output())
         self.assertLessEqual(controlPeers | dataPeers, fromA)
-        self.assertNotIn(" (plain)", b.output())
+        yield self._onlyTLSDataSessions(bPublic)
         host = _hostPort(url)[0]
         label = host.split(".")[0]
         aLog = a.output()
@@ -137,7 +147,7 @@ class ChainEndToEndTests(TestCase):
         self.assertEqual(line.decode(), sent)
         self.assertEqual(rest, _pattern(REPLY))
         self.assertTrue([m for m in map(_DATA_PEER.search, b.lines) if m], b.output())
-        self.assertNotIn(" (plain)", b.output())
+        yield self._onlyTLSDataSessions(bPublic)
 
     @inlineCallbacks
     def test_hopNotAllowed(self) -> Any:

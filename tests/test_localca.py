@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from OpenSSL import SSL
+from OpenSSL._util import lib
 from OpenSSL.crypto import X509, PKey
 from service_identity import VerificationError as HostnameMismatch
 from service_identity.pyopenssl import verify_hostname
@@ -641,6 +642,21 @@ class SNIServerConnectionCreatorTests(SynchronousTestCase):
         for hostname in [b"a.localhost", b"b.localhost"]:
             self.handshake(creator, VerifyingClientCreator(self.ca.certPath, hostname))
         self.assertEqual(self.requested, ["a.localhost", "b.localhost", "a.localhost"])
+
+    def test_releaseBuffers(self) -> None:
+        """
+        Connections release an idle connection's buffers (C{SSL_MODE_RELEASE_BUFFERS}), from the
+        context they start on, and so do the contexts their server name switches them to; a
+        handshake still completes.
+        """
+        creator = SNIServerConnectionCreator(self.certificateFor)
+        client = VerifyingClientCreator(self.ca.certPath, b"a.localhost")
+        self.assertTrue(self.handshake(creator, client)[1].handshakeDone)
+        connection = creator.serverConnectionForTLS(object())  # type: ignore[arg-type]
+        # Setting no mode bits returns the mode in force (pyOpenSSL has no getter).
+        self.assertTrue(lib.SSL_set_mode(connection._ssl, 0) & SSL.MODE_RELEASE_BUFFERS)
+        context = creator._contextFor("a.localhost")
+        self.assertTrue(lib.SSL_CTX_set_mode(context._context, 0) & SSL.MODE_RELEASE_BUFFERS)
 
     def test_cachedPerHostname(self) -> None:
         """

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -26,6 +26,7 @@ from zope.interface import implementer
 from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.kernelsplice import joinEnds
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
+from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.relay.cluster import ClusterDirectory, ICluster, Member
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.public import VisitorProtocol
@@ -369,9 +370,7 @@ class MemberLinks:
     def _endpoint(self, member: Member) -> IStreamClientEndpoint:
         host, port = parseHostPort(member.address, "member address")
         timeout = self.router.limits.attachTimeout
-        if all(part.isdigit() for part in host.split(".")) and host.count(".") == 3:
-            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
-        return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        return tcpEndpoint(self._reactor, host, port, timeout)
 
     def forward(self, visitor: Any, member: Member, header: Any) -> None:
         """

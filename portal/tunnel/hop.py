@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.quietconnect import connectQuietly
+from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.trust.challenge import PURPOSE_HOP, signHop
 from portal.trust.identity import Identity
 from portal.trust.pinning import KnownRelays
@@ -311,9 +312,7 @@ def chainEndpoint(
     @return: The endpoint.
     """
     path = [*relay.via, relay]
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, path[0].host, path[0].port, timeout=CONNECT_TIMEOUT
-    )
+    endpoint = tcpEndpoint(reactor, path[0].host, path[0].port, CONNECT_TIMEOUT)
     for hop, destination in zip(path, path[1:], strict=False):
         endpoint = HopEndpoint(reactor, endpoint, hop, destination, identity, pins, reporter)
     return endpoint

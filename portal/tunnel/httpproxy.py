@@ -26,7 +26,7 @@ from typing import Any, cast
 import attrs
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import TimeoutError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import IForwardingTransport, noDelay, pauseReading, resumeReading
+from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
 from portal.gateway.basicauth import BasicAuth
 from portal.gateway.caller import GatewayRequest, GatewayResponse
@@ -1190,9 +1191,7 @@ class UpstreamPool:
             connection = idle.pop()
             if not connection.lost:
                 return succeed(connection)
-        endpoint: Any = HostnameEndpoint(
-            self.reactor, upstream.host, upstream.port, timeout=CONNECT_TIMEOUT
-        )
+        endpoint: Any = tcpEndpoint(self.reactor, upstream.host, upstream.port, CONNECT_TIMEOUT)
         if upstream.tls:
             endpoint = wrapClientTLS(CertificateOptions(verify=False), endpoint)
         self.opened += 1

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
@@ -33,10 +33,12 @@ from zope.interface import implementer
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.quietconnect import connectQuietly
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, splice
+from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.trust.acmechallenge import ACME_TLS_1, PendingChallenges
 from portal.tunnel.addressrules import SERVE_ALL, AddressRules
 from portal.tunnel.config import Target
 from portal.tunnel.report import Reporter
+from portal.tunnel.tlswrapper import LeanTLSTransport
 from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import (
     HANDSHAKE_FAILURE,
@@ -301,11 +303,10 @@ class StreamHandler:
         self.target = target
         self._inner = inner
         self.proxyProtocol = proxyProtocol
-        self._tlsFactory = (
-            None
-            if tlsCreator is None
-            else TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
-        )
+        self._tlsFactory = None
+        if tlsCreator is not None:
+            self._tlsFactory = TLSMemoryBIOFactory(tlsCreator, False, Factory(), clock=reactor)
+            self._tlsFactory.protocol = LeanTLSTransport
         self._challenges = challenges
         self._challengeFactory = (
             None
@@ -316,13 +317,12 @@ class StreamHandler:
     def targetEndpoint(self) -> Any:
         """
         @return: A client endpoint to the local target (TLS without verification for C{https://}
-            targets, as local development servers rarely have a trusted certificate).
+            targets, as local development servers rarely have a trusted certificate); straight
+            to an IP literal, with no resolver (L{tcpEndpoint}).
         """
         target = self.target
         assert target is not None
-        endpoint = HostnameEndpoint(
-            self.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
-        )
+        endpoint = tcpEndpoint(self.reactor, target.host, target.port, TARGET_CONNECT_TIMEOUT)
         if target.tls:
             return wrapClientTLS(CertificateOptions(verify=False), endpoint)
         return endpoint

@@ -1,0 +1,112 @@
+"""
+Tests for L{portal.tunnel.tlswrapper}: the TLS wrapper with its per-connection set-up done once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import providedBy
+
+from portal.trust.localca import LocalCA, SNIServerConnectionCreator
+from portal.tunnel.tlswrapper import LeanTLSTransport
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)
+
+
+class _Recorder(Protocol):
+    """
+    An application protocol that counts how often it was connected and keeps what it read.
+    """
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        """
+        Count the connection.
+        """
+        self.made += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Keep the bytes.
+        """
+        self.received += data
+
+
+class LeanTLSTransportTests(SynchronousTestCase):
+    """
+    L{LeanTLSTransport} serves TLS as L{BufferingTLSTransport} does.
+    """
+
+    def setUp(self) -> None:
+        """
+        A server factory building L{LeanTLSTransport}s with a local CA's certificate.
+        """
+        ca = LocalCA.loadOrCreate(os.path.join(self.mktemp(), "ca"), "Alice")
+        pair = ca.issue(["a.localhost"])
+        self.clock = MemoryReactorClock()
+        self.creator = SNIServerConnectionCreator(lambda hostname: pair)
+        self.server = _Recorder()
+        self.factory = TLSMemoryBIOFactory(
+            self.creator, False, Factory.forProtocol(Protocol), clock=self.clock
+        )
+        self.factory.protocol = LeanTLSTransport
+
+    def test_handshakeAndBytesBothWays(self) -> None:
+        """
+        A client completes the handshake and bytes cross both ways; the application protocol is
+        connected once and the wrapper registered with its factory once, until it is lost.
+        """
+        client = _Recorder()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
+        )
+        clientTLS, serverTLS, pump = connectedServerAndClient(
+            lambda: LeanTLSTransport(self.factory, self.server),
+            lambda: clientFactory.protocol(clientFactory, client),
+            greet=False,
+        )
+        pump.flush()
+        clientTLS.write(b"ping")
+        serverTLS.write(b"pong")
+        self.clock.advance(0)  # The buffering transport writes on the next turn.
+        pump.flush()
+        self.assertEqual((self.server.received, client.received), (b"ping", b"pong"))
+        self.assertEqual((self.server.made, client.made), (1, 1))
+        self.assertEqual(list(self.factory.protocols), [serverTLS])
+        clientTLS.loseConnection()
+        pump.flush()
+        self.assertEqual(list(self.factory.protocols), [])
+
+    def test_providesWhatTheTransportProvides(self) -> None:
+        """
+        The wrapper provides the same interfaces, in the same order, as Twisted's own wrapper on the
+        same kind of transport.
+        """
+        lean = LeanTLSTransport(self.factory, _Recorder())
+        lean.makeConnection(StringTransport(peerAddress=ADDRESS))
+        stock = BufferingTLSTransport(self.factory, _Recorder())
+        stock.makeConnection(StringTransport(peerAddress=ADDRESS))
+        self.assertEqual(list(providedBy(lean)), list(providedBy(stock)))
+        self.assertTrue(set(providedBy(StringTransport())) <= set(providedBy(lean)))
+
+    def test_notConnectingTheWrapped(self) -> None:
+        """
+        Told not to, the wrapper does not connect its application protocol, but still starts the
+        handshake's wait for the client.
+        """
+        wrapped = _Recorder()
+        lean = LeanTLSTransport(self.factory, wrapped, _connectWrapped=False)
+        lean.makeConnection(StringTransport(peerAddress=ADDRESS))
+        self.assertEqual(wrapped.made, 0)
+        self.assertIsNotNone(lean.getHandle())
