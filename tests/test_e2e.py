@@ -29,6 +29,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tests.metricstext import metricValues
 from tests.realprocesses import (
     browserTools,
     dumpDOM,
@@ -253,11 +254,7 @@ def _metrics(port: int, cafile: str) -> dict[str, float]:
             body = b""
             while chunk := tls.recv(65536):
                 body += chunk
-    values = {}
-    for line in body.split(b"\r\n\r\n", 1)[1].decode().splitlines():
-        name, _, value = line.partition(" ")
-        values[name] = float(value)
-    return values
+    return metricValues(body.split(b"\r\n\r\n", 1)[1].decode())
 
 
 def _alertFor(port: int, hostname: str) -> str:

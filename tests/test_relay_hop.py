@@ -32,6 +32,7 @@ from portal.wire.control import (
     HopUnreachable,
     TryAgain,
 )
+from tests.metricstext import metricValues
 from tests.test_control import ControlTestCase
 
 DESTINATION = ("relay-b.example", 4017)
@@ -305,10 +306,11 @@ class HopAllowedTests(HopTestCase):
         self.outbound.succeed()
         connection.flush()
         self.assertNotIsInstance(self.result(d), Failure)
-        lines = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode().splitlines()
-        self.assertIn("portal_relay_hops_open 1", lines)
-        self.assertIn("portal_relay_hops_opened_total 1", lines)
-        self.assertIn("portal_relay_hops_refused_total 0", lines)
+        text = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode()
+        values = metricValues(text)
+        self.assertEqual(values["portal_relay_hops_open"], 1)
+        self.assertEqual(values["portal_relay_hops_opened_total"], 1)
+        self.assertEqual(values["portal_relay_hops_refused_total"], 0)
 
     def test_silentHopKept(self) -> None:
         """

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.idlewatch import IdlePolicy, IdleWatch
+from portal.forwarding.meter import ByteMeter
 from portal.forwarding.pacing import Pacer
 from portal.forwarding.splice import SpliceProtocol, splice
 
@@ -148,8 +149,10 @@ class _Direction:
         prefix: bytes,
         pool: PipePool,
         pacer: Pacer | None = None,
+        meter: ByteMeter | None = None,
     ) -> None:
         self.source = source
+        self.meter = meter
         self.destination = destination
         self.prefix = prefix
         self._pool = pool
@@ -243,6 +246,8 @@ class _Direction:
                 self.moved += moved
                 if self.pacer is not None:
                     self.pacer.spend(moved)
+                if self.meter is not None:
+                    self.meter.count(moved)
         if self.pending or self.eof:
             # Out of rounds with bytes in the pipe (or an EOF to pass on): come back when the
             # destination is writable, not only if the source happens to send more.
@@ -373,6 +378,7 @@ class KernelSplice:
         pool: PipePool = pipes,
         pacer: Pacer | None = None,
         idle: IdlePolicy | None = None,
+        meters: tuple[ByteMeter | None, ByteMeter | None] = (None, None),
     ) -> None:
         """
         @param reactor: The reactor both transports belong to.
@@ -384,6 +390,7 @@ class KernelSplice:
             what its buckets allow (L{portal.forwarding.pacing}); L{None} for no cap.
         @param idle: Aborts both connections when no byte moves either way for its timeout; L{None}
             for no idle timeout.
+        @param meters: Meters for the bytes read from C{a} (towards C{b}) and from C{b} (towards C{a}).
         """
         self.reactor = reactor
         self._pacer = pacer
@@ -393,8 +400,12 @@ class KernelSplice:
         self._b = _End(self, b)
         toA = takeUnsent(a)
         toB = takeUnsent(b) + toB
-        self._a.outgoing = self._b.incoming = _Direction(self._a, self._b, toB, pool, pacer)
-        self._b.outgoing = self._a.incoming = _Direction(self._b, self._a, toA, pool, pacer)
+        self._a.outgoing = self._b.incoming = _Direction(
+            self._a, self._b, toB, pool, pacer, meters[0]
+        )
+        self._b.outgoing = self._a.incoming = _Direction(
+            self._b, self._a, toA, pool, pacer, meters[1]
+        )
 
     def start(self) -> None:
         """
@@ -480,6 +491,7 @@ def joinEnds(
     toB: bytes = b"",
     pacer: Pacer | None = None,
     idle: IdlePolicy | None = None,
+    meters: tuple[ByteMeter | None, ByteMeter | None] = (None, None),
 ) -> bool:
     """
     Join two connected splice ends: in the kernel when both are plain TCP connections and a reactor
@@ -494,6 +506,8 @@ def joinEnds(
     @param pacer: Paces both directions by bandwidth caps (L{portal.forwarding.pacing}), or
         L{None}.
     @param idle: Closes both ends when no byte moves either way for its timeout, or L{None}.
+    @param meters: Meters for the bytes read from C{a} (towards C{b}) and from C{b} (towards C{a}),
+        whichever way they are moved.
     @return: Whether the kernel moves the bytes.
     """
     if reactor is not None and canSplice(a.transport, b.transport):
@@ -508,7 +522,9 @@ def joinEnds(
             toB=first,
             pacer=pacer,
             idle=idle,
+            meters=meters,
         ).start()
         return True
+    a.meter, b.meter = meters
     splice(a, b, bFirst=toB, pacer=pacer, idle=idle)
     return False

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from portal.forwarding.idlewatch import IdlePolicy, IdleWatch
+from portal.forwarding.meter import ByteMeter
 from portal.forwarding.pacing import PacedProducer, Pacer
 
 
@@ -134,6 +135,7 @@ class SpliceProtocol(Protocol):
     L{unsplicedDataReceived} (the default buffers them). Once paired, every byte goes straight to the peer.
 
     @ivar peer: The other end, once spliced.
+    @ivar meter: Counts the bytes this end reads and forwards to its peer, when set.
     """
 
     peer: SpliceProtocol | None = None
@@ -143,6 +145,7 @@ class SpliceProtocol(Protocol):
     idle: IdleWatch | None = None
     #: Bytes read from this side and forwarded to the peer.
     forwarded = 0
+    meter: ByteMeter | None = None
     _readClosed = False
     _writeClosed = False
     _lost = False
@@ -158,6 +161,8 @@ class SpliceProtocol(Protocol):
         """
         peer = self.peer
         if peer is not None:
+            if self.meter is not None:
+                self.meter.count(len(data))
             _transportOf(peer).write(data)
             self.forwarded += len(data)
             if self.paced is not None:

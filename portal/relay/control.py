@@ -116,6 +116,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     source = ""
     udpSession: UDPSession | None = None
     _helloTimer: IDelayedCall | None = None
+    _challengedAt: float | None = None
     _hopPending: Deferred[HopInbound] | None = None
     _log = Logger()
 
@@ -232,6 +233,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 router.bandwidth,
                 router.clock,
                 router.refusals,
+                router.metrics,
             )
             router.sessions[self.sessionId] = self.pool
         exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
@@ -293,6 +295,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 f"unknown challenge purpose {purpose[:40]!r}",
             )
         nonce = self._router.challenges.issue(names, purpose, work)
+        if purpose == PURPOSE_REGISTER:
+            self._challengedAt = self._router.clock.seconds()
         response: dict[str, object] = {"nonce": nonce, "expiresIn": self._router.challenges.ttl}
         if "pow" in self.capabilities:
             response["work"] = work
@@ -522,6 +526,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         The names are registered: in raw modes, open their public ports.
         """
         if mode == "stream":
+            self._observeRegistration()
             return response
         assert self.pool is not None
         if "tcp" in modeParts(mode):
@@ -613,7 +618,17 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             self.source, [(kind, owner, name) for kind in sorted(modes & {"tcp", "udp"})]
         )
         router.onLeasesChanged()
+        self._observeRegistration()
         return response
+
+    def _observeRegistration(self) -> None:
+        """
+        Leases were granted: observe the time since their challenge was issued.
+        """
+        if self._challengedAt is not None:
+            metrics = self._router.metrics
+            metrics.registration.observe(metrics.since(self._challengedAt))
+            self._challengedAt = None
 
     def _closePort(self, name: str) -> None:
         """

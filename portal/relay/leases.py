@@ -364,6 +364,15 @@ class LeaseTable:
             detached.append(lease)
         return detached
 
+    def records(self) -> list[Lease]:
+        """
+        Every lease recorded, live, detached or reserved, for reports (names whose reservation has
+        ended are included until L{expire} removes them).
+
+        @return: The table's own records, in name order: read them, do not change them.
+        """
+        return [self._leases[name] for name in sorted(self._leases)]
+
     def route(self, name: str) -> Lease | None:
         """
         Find where to send a visitor for a name.

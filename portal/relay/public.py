@@ -31,12 +31,14 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
     session, handed to the relay's own TLS site, or refused with a TLS alert.
 
     @ivar pool: The data pool this visitor waits in, while it waits.
+    @ivar acceptedAt: When the connection was accepted, by the router's clock.
     """
 
     pool: DataPool | None = None
     #: Whether a visitor for a lease another cluster member holds is forwarded to it (a visitor that
     #: came over a member link is not forwarded again).
     mayForward = True
+    acceptedAt: float | None = None
     _site: IProtocol | None = None
     _decided = False
     _reads = 0
@@ -56,6 +58,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         Start the ClientHello timer.
         """
         self._router.counters["visitors"] += 1
+        self.acceptedAt = self._router.clock.seconds()
         self._router.visitors.add(self)
         noDelay(self.transport)
         self.setTimeout(self._router.limits.helloTimeout)

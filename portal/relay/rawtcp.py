@@ -31,9 +31,11 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
     (paused) for a data session if none is idle.
 
     @ivar pool: The data pool this visitor waits in, while it waits.
+    @ivar acceptedAt: When the connection was accepted, by the router's clock.
     """
 
     pool: DataPool | None = None
+    acceptedAt: float | None = None
     _log = Logger()
 
     def __init__(self, lease: PortLease) -> None:
@@ -50,6 +52,7 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         lease = self._lease
         router = lease.router
         router.counters["tcp_visitors"] += 1
+        self.acceptedAt = router.clock.seconds()
         router.visitors.add(self)
         assert self.transport is not None
         noDelay(self.transport)

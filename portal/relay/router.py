@@ -15,15 +15,18 @@ from twisted.logger import Logger
 from portal.forwarding.connlimit import ConnectionLimiter, LimitedFactory, OpenConnections
 from portal.forwarding.idlewatch import IdlePolicy
 from portal.forwarding.kernelsplice import joinEnds
+from portal.forwarding.meter import ByteMeter
 from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import sourceKey
 from portal.forwarding.splice import SpliceProtocol, pauseReading, splice
 from portal.relay.admission import Admission, AdmissionLimits
 from portal.relay.cluster import ICluster
+from portal.relay.events import RecentEvents
 from portal.relay.hop import HopForwarder
 from portal.relay.interfaces import IDataSession, ILeasePorts, IUDPMode, IWaitingVisitor
 from portal.relay.leases import LeaseTable
+from portal.relay.metrics import RelayMetrics
 from portal.trust.challenge import ChallengeIssuer
 from portal.trust.identity import Identity
 from portal.trust.names import leaseLabel, normaliseHostname
@@ -129,6 +132,7 @@ class DataPool:
         bandwidth: BandwidthCaps | None = None,
         clock: IReactorTime | None = None,
         refusals: Refusals | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         """
         @param owner: The control session, asked for more data sessions when they run out.
@@ -141,6 +145,7 @@ class DataPool:
         @param clock: Times the idle timeout of every stream paired here
             (L{RelayLimits.streamIdleTimeout}); L{None} for no idle timeout.
         @param refusals: Where streams closed for being idle are counted and logged.
+        @param metrics: Where to observe visitors' waits and times to first byte.
         """
         self._idlePolicy: IdlePolicy | None = None
         if clock is not None:
@@ -158,6 +163,11 @@ class DataPool:
         self._limits = limits
         self._idle: dict[IDataSession, None] = {}
         self._waiting: dict[IWaitingVisitor, StreamHeader] = {}
+        self._metrics = metrics
+        #: Visitors paired with a data session of this pool.
+        self.paired = 0
+        # When each waiting visitor started waiting, for the data wait histogram.
+        self._since: dict[IWaitingVisitor, float] = {}
         self._closed = False
         #: Raw TCP mode: the secret its streams are sealed under (L{portal.wire.streamseal}), exported
         #: from the control session; L{None} in stream mode, whose payload is the visitor's TLS.
@@ -189,6 +199,9 @@ class DataPool:
         if self._waiting:
             visitor = next(iter(self._waiting))
             header = self._waiting.pop(visitor)
+            since = self._since.pop(visitor, None)
+            if self._metrics is not None and since is not None:
+                self._metrics.dataWait.observe(self._metrics.since(since))
             self._pair(visitor, session, header)
             return
         if len(self._idle) >= self._limits.maxIdleData:
@@ -218,6 +231,8 @@ class DataPool:
         if self._idle:
             session = next(iter(self._idle))
             del self._idle[session]
+            if self._metrics is not None:
+                self._metrics.dataWait.observe(0.0)
             self._pair(visitor, session, header)
             return True
         if len(self._waiting) >= self._limits.maxWaiting:
@@ -226,6 +241,8 @@ class DataPool:
         pauseReading(visitor.transport)
         self.counters["waited"] = self.counters.get("waited", 0) + 1
         self._waiting[visitor] = header
+        if self._metrics is not None:
+            self._since[visitor] = self._metrics.clock.seconds()
         visitor.setTimeout(self._limits.dataWaitTimeout)
         self._owner.requestData(len(self._waiting))
         return True
@@ -237,6 +254,27 @@ class DataPool:
         @param visitor: The visitor.
         """
         self._waiting.pop(visitor, None)
+        self._since.pop(visitor, None)
+
+    def _meters(self, visitor: IWaitingVisitor) -> tuple[ByteMeter, ByteMeter]:
+        """
+        Meters for a paired visitor's bytes: towards the tunnel, and back (whose first byte ends the
+        visitor's time to first byte).
+
+        @return: The meter of bytes read from the visitor, and of bytes read from the data session.
+        """
+        metrics = self._metrics
+        acceptedAt = getattr(visitor, "acceptedAt", None)
+        onFirstByte: Callable[[], None] | None = None
+        if metrics is not None and acceptedAt is not None:
+
+            def onFirstByte() -> None:
+                metrics.firstByte.observe(metrics.since(acceptedAt))
+
+        return (
+            ByteMeter(self.counters, "bytes_to_tunnels"),
+            ByteMeter(self.counters, "bytes_to_visitors", onFirstByte),
+        )
 
     def _pair(self, visitor: IWaitingVisitor, session: IDataSession, header: StreamHeader) -> None:
         """
@@ -245,6 +283,8 @@ class DataPool:
         visitor.setTimeout(None)
         visitor.pool = None
         session.paired(header.streamId)
+        self.paired += 1
+        toTunnel, toVisitor = self._meters(visitor)
         prefix = encodeStreamHeader(self.key, session.nonce, header)
         pacer = None
         if self._bandwidth is not None:
@@ -257,7 +297,9 @@ class DataPool:
             # Raw TCP mode: the header goes as it is, the visitor's bytes sealed after it.
             assert session.transport is not None
             session.transport.write(prefix)
-            splice(visitorEnd, session.seal(self.sealSecret), pacer=pacer, idle=self._idlePolicy)
+            sealed = session.seal(self.sealSecret)
+            visitorEnd.meter, sealed.meter = toTunnel, toVisitor
+            splice(visitorEnd, sealed, pacer=pacer, idle=self._idlePolicy)
             self.counters["sealed_spliced"] += 1
         elif joinEnds(
             self._reactor,
@@ -266,6 +308,7 @@ class DataPool:
             toB=prefix,
             pacer=pacer,
             idle=self._idlePolicy,
+            meters=(toTunnel, toVisitor),
         ):
             self.counters["kernel_spliced"] += 1
         else:
@@ -289,6 +332,7 @@ class DataPool:
         self._closed = True
         idle, self._idle = self._idle, {}
         waiting, self._waiting = self._waiting, {}
+        self._since.clear()
         for session in idle:
             assert session.transport is not None
             session.transport.loseConnection()
@@ -317,6 +361,9 @@ class Router:
         C{"tcp"} (all raw TCP lease ports together).
     @ivar bandwidth: Bandwidth caps per lease, identity and source address, or L{None} when the
         limits set none.
+    @ivar startedAt: When the router was made (the relay's start), by its clock.
+    @ivar metrics: The relay's Prometheus metrics.
+    @ivar events: The relay's recent log events (an observer the service adds to the log publisher).
     """
 
     _log = Logger()
@@ -399,6 +446,55 @@ class Router:
             "sealed_spliced": 0,
             "waited": 0,
             "tcp_visitors": 0,
+            "bytes_to_tunnels": 0,
+            "bytes_to_visitors": 0,
+        }
+        self.startedAt = clock.seconds()
+        self.metrics = RelayMetrics(clock)
+        self.events = RecentEvents()
+        self.metrics.watch(
+            self.allCounters, self.gauges, self.limitRefusals, self.listenerConnections
+        )
+
+    def allCounters(self) -> dict[str, int]:
+        """
+        @return: Every counter of the relay by name: the router's, multi-hop forwarding's (prefixed
+            C{hops_}) and UDP mode's.
+        """
+        counters = dict(self.counters)
+        counters.update({f"hops_{name}": n for name, n in self.hops.counters.items()})
+        if self.udp is not None:
+            counters.update(self.udp.counters)
+        return counters
+
+    def limitRefusals(self) -> dict[str, int]:
+        """
+        @return: What the relay's limits refused, by reason (L{refusals}).
+        """
+        return dict(self.refusals.counts)
+
+    def listenerConnections(self) -> dict[str, int]:
+        """
+        @return: Connections open on each listener (L{limiters}).
+        """
+        return {name: limiter.open for name, limiter in self.limiters.items()}
+
+    def gauges(self) -> dict[str, float]:
+        """
+        @return: The relay's current levels by name (leases, sessions, visitors, uptime).
+        """
+        pools = list(self.sessions.values())
+        return {
+            "leases": len(self.leases),
+            "live_leases": sum(1 for lease in self.leases.records() if lease.holder is not None),
+            "control_sessions": len(self.sessions),
+            "idle_data_sessions": sum(len(pool) for pool in pools),
+            "waiting_visitors": sum(pool.waiting for pool in pools),
+            "open_visitors": len(self.visitors),
+            "hops_open": self.hops.openCount,
+            "connections_open": self.connections.count,
+            "pow_difficulty_bits": self.admission.difficulty.current(),
+            "uptime_seconds": self.clock.seconds() - self.startedAt,
         }
 
     def limited(

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -138,6 +138,8 @@ class RelayConfig:
     @ivar workerArgs: The C{portal-relay} command line, for the first worker to start the others.
     @ivar inviteOnly: Only identities listed in the state directory's C{invited-identities} file may
         register (L{portal.relay.identitylists}).
+    @ivar adminToken: The token that shows the operator's view of the dashboard (the per-lease table
+        and recent events), or L{None} for the public view only.
     """
 
     public: str = "tcp:8443"
@@ -163,6 +165,7 @@ class RelayConfig:
     workerIndex: int | None = None
     workerArgs: tuple[str, ...] = ()
     inviteOnly: bool = False
+    adminToken: str | None = attrs.field(default=None, repr=False)
 
 
 class RelayService(Service):
@@ -178,17 +181,24 @@ class RelayService(Service):
     router: Router | None = None
 
     def __init__(
-        self, config: RelayConfig, reactor: Any, installSignal: SignalInstaller | None = None
+        self,
+        config: RelayConfig,
+        reactor: Any,
+        installSignal: SignalInstaller | None = None,
+        logPublisher: LogPublisher | None = None,
     ) -> None:
         """
         @param config: The relay's configuration.
         @param reactor: The reactor.
         @param installSignal: Installs the SIGHUP handler that reloads the identity lists
             (L{signalInstaller} in a relay process); L{None} installs none.
+        @param logPublisher: Where the relay's recent events (for the dashboard) are collected from;
+            the global log publisher by default.
         """
         self.config = config
         self._reactor = reactor
         self._installSignal = installSignal
+        self._logPublisher = logPublisher if logPublisher is not None else globalLogPublisher
         self.ports: dict[str, IListeningPort] = {}
         #: Why the relay could not start, once it failed to (twistd exits 1 then).
         self.startFailure: Failure | None = None
@@ -410,6 +420,7 @@ class RelayService(Service):
         self.router = router
         if self._installSignal is not None:
             self._installSignal(signal.SIGHUP, self.reloadLists)
+        self._logPublisher.addObserver(router.events)
         config = self.config
         if config.allowHopRegistry is not None:
             registry = yield loadRegistry(self._reactor, config.allowHopRegistry)
@@ -420,7 +431,9 @@ class RelayService(Service):
                 count=len(added),
                 source=registry.source,
             )
-        site = TLSMemoryBIOFactory(tlsOptions, False, relaySite(router), clock=self._reactor)
+        site = TLSMemoryBIOFactory(
+            tlsOptions, False, relaySite(router, config.adminToken), clock=self._reactor
+        )
         public = yield self._listen(
             config.public,
             router.limited("public", PublicFactory(router, site), alertRecord(INTERNAL_ERROR)),
@@ -666,6 +679,8 @@ class RelayService(Service):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if router is not None:
+            self._logPublisher.removeObserver(router.events)
 
     def _drain(self, router: Router, grace: float) -> Deferred[None]:
         """

@@ -1,14 +1,14 @@
 """
-The relay's own web pages: a status page, C{/healthz}, C{/metrics} and the signed descriptor
-C{/.well-known/portal-relay.json}, served over TLS on the relay's own hostname and, on the optional
+The relay's own web pages: the dashboard (L{portal.relay.dashboard}), C{/healthz}, C{/metrics} and the
+signed descriptor C{/.well-known/portal-relay.json}, served over TLS on the relay's own hostname and, on the optional
 plain-HTTP listener, next to a redirect to https.
 """
 
 from __future__ import annotations
 
-import html
 from typing import Any, cast
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -19,6 +19,7 @@ from twisted.web.util import Redirect
 
 import portal
 from portal.registry.descriptor import RelayDescriptor, signDescriptor
+from portal.relay.dashboard import AdminCheck, Dashboard, StatusAPI
 from portal.relay.router import Router
 
 
@@ -98,7 +99,7 @@ def wellKnown(router: Router) -> Resource:
 
 class Metrics(Resource):
     """
-    C{/metrics}: counters in the Prometheus text format.
+    C{/metrics}: the relay's metrics in the Prometheus text format (L{portal.relay.metrics}).
     """
 
     isLeaf = True
@@ -111,63 +112,8 @@ class Metrics(Resource):
         """
         @return: The metrics text.
         """
-        router = self._router
-        lines = [
-            f"portal_relay_leases {len(router.leases)}",
-            f"portal_relay_control_sessions {len(router.sessions)}",
-            f"portal_relay_idle_data_sessions {sum(len(p) for p in router.sessions.values())}",
-            f"portal_relay_hops_open {router.hops.openCount}",
-        ]
-        counters = dict(router.counters)
-        counters.update({f"hops_{name}": n for name, n in router.hops.counters.items()})
-        if router.udp is not None:
-            counters.update(router.udp.counters)
-        for name, value in sorted(counters.items()):
-            lines.append(f"portal_relay_{name}_total {value}")
-        lines.append(f"portal_relay_connections_open {router.connections.count}")
-        for listener, limiter in sorted(router.limiters.items()):
-            lines.append(
-                f'portal_relay_listener_connections_open{{listener="{listener}"}} {limiter.open}'
-            )
-        lines.append(f"portal_relay_pow_difficulty_bits {router.admission.difficulty.current()}")
-        lines.extend(router.refusals.metricLines())
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
-        return ("\n".join(lines) + "\n").encode("ascii")
-
-
-class Status(Resource):
-    """
-    The relay's status page.
-    """
-
-    def __init__(self, router: Router) -> None:
-        super().__init__()
-        self._router = router
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        """
-        Serve the status page at the root only.
-        """
-        if path == b"":
-            return self
-        child: Resource = Resource.getChild(self, path, request)
-        return child
-
-    def render_GET(self, request: Request) -> bytes:
-        """
-        @return: A small HTML page describing this relay.
-        """
-        router = self._router
-        body = (
-            "<!doctype html><meta charset=utf-8><title>Portal relay</title>"
-            f"<h1>Portal relay {html.escape(router.relayDomain)}</h1>"
-            f"<p>Identity <code>{html.escape(router.identity.id)}</code></p>"
-            f"<p>Tunnel domain <code>{html.escape(router.tunnelDomain)}</code>, "
-            f"{len(router.leases)} leases, {len(router.sessions)} tunnels connected.</p>"
-            f"<p>portal {portal.__version__}</p>"
-        )
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return body.encode("utf-8")
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._router.metrics.render()
 
 
 class DeadlineChannel(HTTPChannel):
@@ -280,14 +226,19 @@ class RelaySite(Site):
         self.refusals = router.refusals
 
 
-def relaySite(router: Router) -> Site:
+def relaySite(router: Router, adminToken: str | None = None) -> Site:
     """
-    The site served over TLS on the relay's own hostname.
+    The site served over TLS on the relay's own hostname: the dashboard and its API, health,
+    metrics and the descriptor.
 
     @param router: The relay's state.
+    @param adminToken: The token that shows the operator's view of the dashboard, or L{None}.
     @return: A L{Site}.
     """
-    root = Status(router)
+    root = Dashboard(router)
+    api = Resource()
+    api.putChild(b"status", StatusAPI(router, AdminCheck(router, adminToken)))
+    root.putChild(b"api", api)
     root.putChild(b"healthz", Health())
     root.putChild(b"metrics", Metrics(router))
     root.putChild(b".well-known", wellKnown(router))

@@ -95,6 +95,13 @@ class Options(usage.Options):
         ["http", None, None, "Endpoint of the plain-HTTP listener (off unless given)."],
         ["state-dir", None, None, "Directory for the relay's identity, TLS key and leases."],
         [
+            "admin-token",
+            None,
+            None,
+            "A secret that shows the operator's view of the dashboard (per-lease table, recent "
+            "events) to requests bearing it; see also --admin-token-file.",
+        ],
+        [
             "tcp-ports",
             None,
             None,
@@ -271,6 +278,12 @@ class Options(usage.Options):
             _bandwidth,
         ],
         [
+            "admin-token-file",
+            None,
+            None,
+            "A file holding the admin token (its first line), instead of --admin-token.",
+        ],
+        [
             "allow-hop-registry",
             None,
             None,
@@ -359,7 +372,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """
-        Check the port ranges, rates and endpoint descriptions.
+        Check the port ranges, rates and endpoint descriptions; read the admin token file.
         """
         if self["workers"] > 1:
             if self["cluster"] is None:
@@ -387,6 +400,7 @@ class Options(usage.Options):
                 f"--pow-max-bits {self['pow-max-bits']}: must be 0 to {MAX_WORK} (tunnels spend "
                 f"at most {MAX_WORK} bits)"
             )
+        self["admin"] = readAdminToken(self["admin-token"], self["admin-token-file"])
         for kind in ("tcp", "udp"):
             self[f"{kind}-range"] = None
             if self[f"{kind}-ports"] is not None:
@@ -441,6 +455,7 @@ class Options(usage.Options):
             workers=self["workers"],
             workerIndex=self["worker-index"],
             workerArgs=getattr(self, "rawArgs", ()),
+            adminToken=self["admin"],
             limits=RelayLimits(
                 leaseTTL=self["lease-ttl"],
                 reservation=self["reservation"],
@@ -489,6 +504,36 @@ def exitIfStartFailed(service: RelayService) -> None:
             if stream is not None:
                 stream.flush()
         os._exit(1)
+
+
+#: The shortest admin token accepted: it is a password to a page that names tenants and visitors.
+MIN_ADMIN_TOKEN = 16
+
+
+def readAdminToken(token: str | None, path: str | None) -> str | None:
+    """
+    The admin token from C{--admin-token} or the first line of C{--admin-token-file}.
+
+    @return: The token, or L{None} when neither is given.
+    @raise usage.UsageError: When both are given, the file cannot be read, or the token is shorter
+        than L{MIN_ADMIN_TOKEN} characters.
+    """
+    if token is not None and path is not None:
+        raise usage.UsageError("give --admin-token or --admin-token-file, not both")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"--admin-token-file {path!r}: {e}")
+    if token is None:
+        return None
+    if len(token) < MIN_ADMIN_TOKEN or any(c.isspace() for c in token):
+        raise usage.UsageError(
+            f"the admin token must be at least {MIN_ADMIN_TOKEN} characters without spaces "
+            "(for example: openssl rand -hex 16)"
+        )
+    return token
 
 
 def makeService(options: Options) -> RelayService:
