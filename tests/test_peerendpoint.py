@@ -32,8 +32,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from portal.gateway.caller import AuthenticationFailed, Caller, GatewayRequest
 from portal.gateway.contacts import Contact, ContactList
+from portal.gateway.loopback import EndpointAddressError
 from portal.gateway.peerendpoint import (
-    EndpointAddressError,
     PeerEndpointResource,
     PeerEndpointService,
     PeerTLSPolicy,

@@ -14,7 +14,6 @@ that neither the relay nor anyone on the path reads or answers in the peer's pla
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable
 from io import BytesIO
@@ -69,6 +68,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from portal.gateway.contacts import Contact, ContactsError, InvalidContact, validateIdentityId
+from portal.gateway.loopback import isLoopbackHost, loopbackEndpoint, parseLoopbackAddress
 from portal.gateway.signatures import CREDENTIAL_HEADERS, ContactLookup, signRequest
 from portal.trust.identity import Identity
 from portal.wire.httpheaders import HOP_BY_HOP
@@ -113,71 +113,20 @@ _TARGET = re.compile(rb"\A/[\x21\x22\x24-\x7e]*\Z")
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"content-digest"} | CREDENTIAL_HEADERS
 
 
-class EndpointAddressError(ValueError):
-    """
-    The address given for the local peer endpoint is malformed or not a loopback address.
-    """
-
-
-def isLoopbackHost(host: str) -> bool:
-    """
-    @param host: A host name or address (IPv6 without brackets).
-    @return: Whether it is C{localhost} or a loopback address.
-    """
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parseEndpointAddress(text: str) -> tuple[str, int]:
     """
-    Parse the local peer endpoint's address.
+    Parse the local peer endpoint's address (L{parseLoopbackAddress}).
 
-    @param text: C{PORT}, C{HOST:PORT} or C{[IPV6]:PORT}; port 0 lets the OS choose.  HOST must be
-        a loopback address (C{127.0.0.0/8}, C{::1}); C{localhost} means C{127.0.0.1}.
+    @param text: C{PORT}, C{HOST:PORT} or C{[IPV6]:PORT}; port 0 lets the OS choose.
     @return: The address and port.
-    @raise EndpointAddressError: If it is malformed or the host is not a loopback address: the
+    @raise portal.gateway.loopback.EndpointAddressError: If it is malformed or the host is not a loopback address: the
         endpoint signs with the tunnel's identity for whoever can reach it.
     """
-    text = text.strip()
-    if text.isdigit():
-        host, port = "127.0.0.1", text
-    elif text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if not rest.startswith(":"):
-            raise EndpointAddressError(f"{text!r} is not [IPV6]:PORT")
-        port = rest[1:]
-    else:
-        host, _, port = text.rpartition(":")
-    if not port.isdigit() or int(port) > 65535:
-        raise EndpointAddressError(f"{text!r}: expected PORT or HOST:PORT with a port 0-65535")
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        raise EndpointAddressError(
-            f"{text!r}: the peer endpoint listens on a loopback address (127.0.0.1 or ::1), "
-            f"given as an address, not a name"
-        )
-    if not loopback:
-        raise EndpointAddressError(
-            f"{text!r}: the peer endpoint may only listen on a loopback address (127.0.0.1 or "
-            f"::1): anyone who can reach it can call peers with this tunnel's identity"
-        )
-    return host, int(port)
-
-
-def _endpointDescription(host: str, port: int) -> str:
-    """
-    @return: The server endpoint string listening on C{host}, C{port}.
-    """
-    if ":" in host:
-        return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
-    return f"tcp:{port}:interface={host}"
+    return parseLoopbackAddress(
+        text,
+        "the peer endpoint",
+        "anyone who can reach it can call peers with this tunnel's identity",
+    )
 
 
 @implementer(IPolicyForHTTPS)
@@ -629,7 +578,7 @@ class PeerEndpointService(Service):
         @param agents: The agents to call peers with; L{PeerAgents} on C{reactor} by default.
         @param timeout: Seconds a peer has to answer.
         @param maxBody: Largest request body sent to a peer.
-        @raise EndpointAddressError: If C{address} is malformed or not a loopback address.
+        @raise portal.gateway.loopback.EndpointAddressError: If C{address} is malformed or not a loopback address.
         """
         self.reactor = reactor
         self.host, self._requestedPort = parseEndpointAddress(address)
@@ -649,9 +598,7 @@ class PeerEndpointService(Service):
         Start listening.
         """
         super().startService()
-        endpoint = serverFromString(
-            self.reactor, _endpointDescription(self.host, self._requestedPort)
-        )
+        endpoint = serverFromString(self.reactor, loopbackEndpoint(self.host, self._requestedPort))
         self._listening = endpoint.listen(self.site)
         self._listening.addCallbacks(self._listened, self._failed)
 
