@@ -624,10 +624,18 @@ def openBrowser(testCase: TestCase, chromium: str, browserHome: str, url: str) -
     return int(match.group(1))
 
 
-def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float) -> Any:
+def _devtools(
+    devtoolsPort: int,
+    urlPrefix: str,
+    commands: Sequence[tuple[str, dict[str, Any]]],
+    timeout: float,
+) -> Any:
     """
-    Evaluate C{expression} in the page whose URL starts with C{urlPrefix} over the DevTools protocol
-    (blocking; run it on a thread). A promise is awaited.
+    Send DevTools protocol commands, in one session, to the page whose URL starts with C{urlPrefix}
+    (blocking; run it on a thread).
+
+    @param commands: Each command's method and parameters.
+    @return: The last command's result.
     """
     from urllib.request import urlopen
 
@@ -638,20 +646,71 @@ def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float
     pages = [t for t in targets if t.get("type") == "page" and t["url"].startswith(urlPrefix)]
     if not pages:
         raise AssertionError(f"no page at {urlPrefix} among {[t['url'] for t in targets]}")
-    request = {
-        "id": 1,
-        "method": "Runtime.evaluate",
-        "params": {"expression": expression, "returnByValue": True, "awaitPromise": True},
-    }
-    with connect(pages[0]["webSocketDebuggerUrl"], open_timeout=timeout) as session:
-        session.send(json.dumps(request))
-        while True:
-            answer = json.loads(session.recv(timeout=timeout))
-            if answer.get("id") == 1:
-                result = answer["result"]
-                if "exceptionDetails" in result:
-                    raise AssertionError(f"{expression!r} threw: {result['exceptionDetails']}")
-                return result["result"].get("value")
+    result = None
+    with connect(pages[0]["webSocketDebuggerUrl"], open_timeout=timeout, max_size=None) as session:
+        for number, (method, params) in enumerate(commands, 1):
+            session.send(json.dumps({"id": number, "method": method, "params": params}))
+            while True:
+                answer = json.loads(session.recv(timeout=timeout))
+                if answer.get("id") == number:
+                    break
+            if "error" in answer:
+                raise AssertionError(f"{method} failed: {answer['error']}")
+            result = answer["result"]
+    return result
+
+
+def _evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float) -> Any:
+    """
+    Evaluate C{expression} in the page whose URL starts with C{urlPrefix} over the DevTools protocol
+    (blocking; run it on a thread). A promise is awaited.
+    """
+    params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
+    result = _devtools(devtoolsPort, urlPrefix, [("Runtime.evaluate", params)], timeout)
+    if "exceptionDetails" in result:
+        raise AssertionError(f"{expression!r} threw: {result['exceptionDetails']}")
+    return result["result"].get("value")
+
+
+def _screenshot(
+    devtoolsPort: int, urlPrefix: str, path: str, size: tuple[int, int], timeout: float
+) -> bytes:
+    """
+    Save a PNG screenshot of the page whose URL starts with C{urlPrefix} to C{path} (blocking).
+
+    @param size: The viewport's width and height for the screenshot.
+    @return: The PNG bytes.
+    """
+    import base64
+
+    width, height = size
+    viewport = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    commands = [
+        ("Emulation.setDeviceMetricsOverride", viewport),
+        ("Page.captureScreenshot", {"format": "png"}),
+    ]
+    png = base64.b64decode(_devtools(devtoolsPort, urlPrefix, commands, timeout)["data"])
+    with open(path, "wb") as f:
+        f.write(png)
+    return png
+
+
+def screenshot(
+    devtoolsPort: int,
+    urlPrefix: str,
+    path: str,
+    size: tuple[int, int] = (1280, 1000),
+    timeout: float = WAIT,
+) -> Any:
+    """
+    Save a PNG screenshot of the page at C{urlPrefix} in a browser from L{openBrowser}.
+
+    @param size: The viewport's width and height for the screenshot.
+    @return: A L{Deferred} firing with the PNG bytes, also written to C{path}.
+    """
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(_screenshot, devtoolsPort, urlPrefix, path, size, timeout)
 
 
 def evaluate(devtoolsPort: int, urlPrefix: str, expression: str, timeout: float = WAIT) -> Any:

@@ -143,6 +143,13 @@ class TunnelOptions(FlagsAnywhere):
             "Renew this long before expiry, like 30d or 12h (default: at two thirds of the "
             "certificate's lifetime).",
         ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics (Prometheus) and /healthz on this loopback address, PORT or HOST:PORT.",
+        ],
+        ["log-format", None, "text", "Log lines on standard error as text or json."],
     ]
 
     tunnelConfig: TunnelConfig
@@ -272,6 +279,8 @@ class TunnelOptions(FlagsAnywhere):
                 acmeEmail=self["acme-email"],
                 acmeCA=self["acme-ca"],
                 acmeRenewBefore=self["acme-renew-before"],
+                metrics=self["metrics"],
+                logFormat=self["log-format"],
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))

@@ -26,6 +26,7 @@ from twisted.python import usage
 import portal
 from portal.cli.exposeoptions import TunnelOptions
 from portal.cli.helptext import TidyHelp
+from portal.cli.jsonlog import jsonLogObserver
 from portal.cli.peers import PeersOptions, peersCommand
 from portal.cli.startoptions import StartOptions
 from portal.cli.terminals import (
@@ -313,7 +314,12 @@ def runTunnels(
         reactor.addSystemEventTrigger("after", "shutdown", status.stop)
     # One log for the process: the most verbose level any of the tunnels asks for.
     level = min((config.logLevel for config in configs), key=LOG_LEVELS.index)
-    _startLogging(err, LogLevel.levelWithName(level))
+    if any(config.logFormat == "json" for config in configs):
+        globalLogBeginner.beginLoggingTo(
+            [jsonLogObserver(err, LogLevel.levelWithName(level))], redirectStandardIO=False
+        )
+    else:
+        _startLogging(err, LogLevel.levelWithName(level))
     exit, fatal = _stopOnFatal(reactor)
     tunnels = []
     for index, config in enumerate(configs):

@@ -34,6 +34,8 @@ REFUSAL_REASONS: dict[str, str] = {
     "unknown": "no live lease for the name",
     "refused": "too many visitors waiting",
     "timeouts": "no data session in time",
+    "hops_refused": "hop refused (destination not allowed or over the limit)",
+    "admin_refused": "dashboard request with a wrong admin token",
 }
 
 
@@ -157,6 +159,7 @@ class AdminCheck:
         """
         self._router = router
         self._token = token.encode("utf-8") if token else None
+        router.counters.setdefault("admin_refused", 0)
 
     def isAdmin(self, request: Request) -> bool:
         """
@@ -173,8 +176,7 @@ class AdminCheck:
             and hmac.compare_digest(given.strip(), self._token)
         ):
             return True
-        counters = self._router.counters
-        counters["admin_refused"] = counters.get("admin_refused", 0) + 1
+        self._router.counters["admin_refused"] += 1
         self._log.warn(
             "refused a dashboard request from {peer}: {reason}",
             peer=getattr(request.getClientAddress(), "host", "?"),

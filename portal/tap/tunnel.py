@@ -36,13 +36,18 @@ class Options(StartOptions):
 
     def postOptions(self) -> None:
         """
-        Build the configurations; refuse C{--log-level}, as twistd sets up logging itself.
+        Build the configurations; refuse C{--log-level} and C{--log-format}, as twistd sets up
+        logging itself.
         """
         super().postOptions()
         if any(c.logLevel != DEFAULT_LOG_LEVEL for c in self.tunnelConfigs.values()):
             raise usage.UsageError(
                 "--log-level is for portal expose and portal start; under twistd, its own "
                 "logging options (--logger, --logfile) apply"
+            )
+        if any(c.logFormat != "text" for c in self.tunnelConfigs.values()):
+            raise usage.UsageError(
+                "--log-format: under twistd, use twistd --logger portal.cli.jsonlog.observer"
             )
 
 

@@ -1,7 +1,7 @@
 """
 What runs beside a tunnel started from the command line (C{portal expose}, C{portal start},
-C{twistd portal-tunnel}): the startup check of its targets, the C{--give-up-after} watch, and in
-routed HTTP mode the request inspector.
+C{twistd portal-tunnel}): the startup check of its targets, the C{--give-up-after} watch, the
+C{--metrics} listener, and in routed HTTP mode the request inspector.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 
 from portal.tunnel.giveup import giveUpUnlessReached
 from portal.tunnel.inspector import startInspector
+from portal.tunnel.metrics import addMetrics
 from portal.tunnel.service import TunnelService
 from portal.tunnel.targetcheck import reportTargets
 
@@ -24,6 +25,9 @@ def startCompanions(reactor: Any, tunnel: TunnelService) -> None:
     @param tunnel: The tunnel.
     """
     config = tunnel.config
+    if config.metrics is not None:
+        # A child of the tunnel: it listens while the tunnel runs.
+        addMetrics(tunnel, config.metrics)
     reactor.callWhenRunning(reportTargets, reactor, config, tunnel.reporter)
     reactor.callWhenRunning(giveUpUnlessReached, reactor, tunnel)
     proxy = getattr(tunnel, "httpProxy", None)

@@ -16,6 +16,7 @@ from portal.gateway.basicauth import (
     loadCredentialsFile,
     parseCredential,
 )
+from portal.gateway.loopback import EndpointAddressError, parseLoopbackAddress
 from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
 from portal.trust.identity import defaultIdentityPath
 from portal.trust.relayaddress import (
@@ -149,6 +150,9 @@ class TunnelConfig:
     @ivar basicAuth: Routed HTTP mode's users (C{--basic-auth}, C{--basic-auth-file}); empty for
         no HTTP Basic authentication.
     @ivar acme: With C{--acme}, how to get certificates from an ACME CA; else L{None}.
+    @ivar metrics: Where the tunnel serves its metrics (C{--metrics}, a loopback address), or
+        L{None} for nowhere.
+    @ivar logFormat: How log lines are written: C{text} or C{json} (C{--log-format}).
     """
 
     target: Target | None
@@ -178,6 +182,8 @@ class TunnelConfig:
     inspect: tuple[str, int] | None = None
     inspectFixed: bool = False
     acme: AcmeSettings | None = None
+    metrics: tuple[str, int] | None = None
+    logFormat: str = "text"
 
     @property
     def mode(self) -> str:
@@ -221,6 +227,21 @@ class TunnelConfig:
         return os.path.dirname(os.path.abspath(self.identityPath))
 
 
+def parseMetricsAddress(text: str) -> tuple[str, int]:
+    """
+    Parse C{--metrics}.
+
+    @param text: C{PORT}, C{HOST:PORT} or C{[IPV6]:PORT}, on a loopback address.
+    @return: The address and port.
+    @raise portal.gateway.loopback.EndpointAddressError: If malformed or not on loopback.
+    """
+    return parseLoopbackAddress(
+        text,
+        "the tunnel's metrics listener",
+        "a tunnel never listens on a public interface (scrape it from this machine)",
+    )
+
+
 def buildConfig(
     target: str | None,
     relays: Sequence[str] = (),
@@ -257,6 +278,8 @@ def buildConfig(
     acmeEmail: str | None = None,
     acmeCA: str | None = None,
     acmeRenewBefore: str | None = None,
+    metrics: str | None = None,
+    logFormat: str | None = None,
 ) -> TunnelConfig:
     """
     Build a L{TunnelConfig} from command-line strings.
@@ -275,6 +298,8 @@ def buildConfig(
     @param noInspect: C{--no-inspect}.
     @param acme: C{--acme}, with C{acmeEmail}, C{acmeCA} and C{acmeRenewBefore} its companions
         (L{portal.tunnel.acme.settings.parseAcme}).
+    @param metrics: C{--metrics ADDR}: PORT or HOST:PORT on a loopback address.
+    @param logFormat: C{--log-format}: C{text} or C{json}, or L{None} for text.
     @raise ConfigError: For any malformed or inconsistent option.
     """
     if (certFile is None) != (keyFile is None):
@@ -391,6 +416,14 @@ def buildConfig(
                 "--acme: only modes where the tunnel terminates TLS (stream, routed HTTP, --app) "
                 "use certificates"
             )
+    metricsAt = None
+    if metrics is not None:
+        try:
+            metricsAt = parseMetricsAddress(metrics)
+        except EndpointAddressError as e:
+            raise ConfigError(f"--metrics {e}")
+    if logFormat is not None and logFormat not in ("text", "json"):
+        raise ConfigError(f"--log-format {logFormat!r}: expected text or json")
     if maxRelays is not None and registry is None:
         raise ConfigError("--max-relays needs --registry")
     if maxRelays is not None and not 0 < maxRelays <= MAX_MAX_RELAYS:
@@ -432,6 +465,8 @@ def buildConfig(
         inspect=inspectAt,
         inspectFixed=inspect is not None,
         acme=acmeSettings,
+        metrics=metricsAt,
+        logFormat=logFormat or "text",
     )
 
 

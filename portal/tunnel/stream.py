@@ -266,7 +266,10 @@ class StreamHandler:
     @ivar reactor: The reactor (TCP and time).
     @ivar refused: How many visitors the address rules refused.
     @ivar reporter: Where each ended connection is reported, or L{None}.
+    @ivar streams: How many visitor streams were served (the address rules admitted them).
     """
+
+    streams = 0
 
     _log = Logger()
 
@@ -371,6 +374,7 @@ class StreamHandler:
                     held=held,
                 )
             return _Refused()
+        self.streams += 1
         factory = self._tlsFactory
         inner = self._inner(header) if self._inner is not None else _VisitorSide(self, header)
         if factory is None:
