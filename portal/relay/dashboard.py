@@ -159,7 +159,6 @@ class AdminCheck:
         """
         self._router = router
         self._token = token.encode("utf-8") if token else None
-        router.counters.setdefault("admin_refused", 0)
 
     def isAdmin(self, request: Request) -> bool:
         """

@@ -448,6 +448,7 @@ class Router:
             "tcp_visitors": 0,
             "bytes_to_tunnels": 0,
             "bytes_to_visitors": 0,
+            "admin_refused": 0,
         }
         self.startedAt = clock.seconds()
         self.metrics = RelayMetrics(clock)
