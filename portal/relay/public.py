@@ -152,7 +152,7 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
 
     def _serveSite(self) -> None:
         """
-        Hand the connection to the relay's own TLS site (status page).
+        Hand the connection to the relay's own TLS site (dashboard, API, metrics).
         """
         self.setTimeout(None)
         assert self.transport is not None

@@ -88,7 +88,7 @@ class Options(usage.Options):
         "decrypting it."
     )
     optParameters = [
-        ["domain", None, "localhost", "The relay's own hostname (status page and API)."],
+        ["domain", None, "localhost", "The relay's own hostname (dashboard, API, metrics)."],
         ["tunnel-domain", None, "localhost", "Lease hostnames are <label>.<tunnel-domain>."],
         ["public", None, "tcp:8443", "Endpoint of the public TLS listener."],
         ["control", None, "tcp:4017", "Endpoint of the control listener tunnels connect to."],
