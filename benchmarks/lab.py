@@ -547,6 +547,9 @@ def metrics(publicPort: int) -> dict[str, float]:
                 body += chunk
     values = {}
     for line in body.split(b"\r\n\r\n", 1)[1].decode().splitlines():
+        if not line or line.startswith("#"):
+            # prometheus-client's # HELP and # TYPE lines.
+            continue
         name, _, value = line.partition(" ")
         values[name] = float(value)
     return values
