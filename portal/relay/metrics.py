@@ -32,6 +32,8 @@ COUNTER_HELP: dict[str, str] = {
     "bytes_to_tunnels": "Bytes read from visitors and sent to tunnels.",
     "bytes_to_visitors": "Bytes read from tunnels and sent to visitors.",
     "admin_refused": "Requests for the operator's dashboard data refused: no or a wrong token.",
+    "forwarded": "Visitors forwarded to the cluster member holding their lease (--cluster).",
+    "member_links_refused": "Member links from other cluster members refused (--cluster).",
 }
 
 #: What the relay's gauges measure.
