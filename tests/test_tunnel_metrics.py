@@ -5,7 +5,9 @@ C{--log-format}.
 
 from __future__ import annotations
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import EventLoggingObserver, MemoryReactor, RaisingMemoryReactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -98,6 +100,25 @@ class MetricsListenerTests(SynchronousTestCase):
         self.assertIsNotNone(service.port)
         service.stopService()
         self.assertIsNone(service.port)
+
+    def test_cannotListen(self) -> None:
+        """
+        A listener that cannot start is logged with the address and the reason; the tunnel runs on
+        without it.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        reactor = RaisingMemoryReactor(listenException=CannotListenError("127.0.0.1", 9090, "busy"))
+        service = MetricsService(reactor, TunnelMetrics(), ("127.0.0.1", 9090))
+        service.startService()
+        self.assertIsNone(service.port)
+        texts = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(texts), 1)
+        self.assertIn("tunnel metrics: cannot listen on 127.0.0.1:9090", texts[0])
+        self.assertIn("busy", texts[0])
+        self.assertIsNone(self.successResultOf(service.stopService()))
 
     def test_options(self) -> None:
         """
