@@ -163,7 +163,8 @@ class RelayConfig:
     clusterTTL: int = DEFAULT_TTL
     workers: int = 1
     workerIndex: int | None = None
-    workerArgs: tuple[str, ...] = ()
+    # The command line may hold the admin token: kept out of repr (and so out of logs).
+    workerArgs: tuple[str, ...] = attrs.field(default=(), repr=False)
     inviteOnly: bool = False
     adminToken: str | None = attrs.field(default=None, repr=False)
 
