@@ -115,7 +115,7 @@ class StatusTests(SynchronousTestCase):
     def test_refusals(self) -> None:
         """
         Known refusal counters get their reason; any other counter named C{refused} counts under its
-        own name; others are not refusals.
+        own name; others are not refusals; the limits' refusals count under their reasons.
         """
         found = refusals({"unknown": 1, "timeouts": 2, "rate_refused": 4, "visitors": 9})
         self.assertEqual(found["no live lease for the name"], 1)
@@ -123,6 +123,9 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(found["too many visitors waiting"], 0)
         self.assertEqual(found["rate_refused"], 4)
         self.assertNotIn("visitors", found)
+        withLimits = refusals({"unknown": 1}, {"connections_per_source": 5})
+        self.assertEqual(withLimits["connections_per_source"], 5)
+        self.assertEqual(withLimits["no live lease for the name"], 1)
 
 
 class AdminTests(SynchronousTestCase):

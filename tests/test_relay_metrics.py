@@ -81,7 +81,11 @@ class PoolMetricsTests(RelayHarness):
         """
         super().setUp()
         self.pool = DataPool(
-            self.owner, _KEY, self.limits, None, self.router.counters, self.router.metrics
+            self.owner,
+            _KEY,
+            self.limits,
+            counters=self.router.counters,
+            metrics=self.router.metrics,
         )
         self.router.sessions[self.sessionId] = self.pool
         self.router.leases.release("app", "owner-id")
@@ -174,6 +178,20 @@ class PoolMetricsTests(RelayHarness):
         self.assertIn("# TYPE portal_relay_visitors_total counter", text)
         self.assertIn("# TYPE portal_relay_data_wait_seconds histogram", text)
         self.assertIn('portal_relay_info{version="0.1.0"} 1.0', text)
+
+    def test_limitRefusals(self) -> None:
+        """
+        What the relay's limits refused (the router's refusals) is exported by reason as
+        C{portal_refusals_total}; before any refusal the family is there, empty.
+        """
+        text = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode()
+        self.assertIn("# TYPE portal_refusals_total counter", text)
+        self.assertNotIn("portal_refusals_total{", text)
+        for reason in ("connections_per_source", "connections_per_source", "register_rate"):
+            self.router.refusals.count(reason)
+        text = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode()
+        self.assertIn('portal_refusals_total{reason="connections_per_source"} 2.0', text)
+        self.assertIn('portal_refusals_total{reason="register_rate"} 1.0', text)
 
     def test_uptime(self) -> None:
         """

@@ -39,17 +39,20 @@ REFUSAL_REASONS: dict[str, str] = {
 }
 
 
-def refusals(counters: dict[str, int]) -> dict[str, int]:
+def refusals(counters: dict[str, int], limits: dict[str, int] | None = None) -> dict[str, int]:
     """
-    The refusal counters among C{counters}, by reason.
+    The refusal counters among C{counters}, and the refusals of the relay's limits, by reason.
 
     @param counters: Every counter of the relay (L{Router.allCounters}).
+    @param limits: What the relay's limits refused, by reason (L{Router.limitRefusals}).
     @return: Counts by reason, in a stable order.
     """
     found = {reason: counters.get(name, 0) for name, reason in REFUSAL_REASONS.items()}
     for name in sorted(counters):
         if "refused" in name and name not in REFUSAL_REASONS:
             found[name] = counters[name]
+    for reason, count in sorted((limits or {}).items()):
+        found[reason] = found.get(reason, 0) + count
     return found
 
 
@@ -126,7 +129,7 @@ def relayStatus(router: Router, admin: bool = False) -> dict[str, Any]:
             "bytesToTunnels": counters.get("bytes_to_tunnels", 0),
             "bytesToVisitors": counters.get("bytes_to_visitors", 0),
         },
-        "refusals": refusals(counters),
+        "refusals": refusals(counters, router.limitRefusals()),
         "dataSessions": {
             "idle": gauges["idle_data_sessions"],
             "waitingVisitors": gauges["waiting_visitors"],
