@@ -31,7 +31,7 @@ say() { echo "container test: $*"; }
 
 cleanup() {
   if [ "$started" = 1 ]; then
-    "${compose[@]}" down -v >"$work/down.log" 2>&1 || cat "$work/down.log"
+    timeout "$WAIT" "${compose[@]}" down -v >"$work/down.log" 2>&1 || cat "$work/down.log"
     podman volume rm -f "${PROJECT}_relay-state" "${PROJECT}_tunnel-state" >/dev/null 2>&1
   fi
   rm -rf "$work"
@@ -98,7 +98,7 @@ if ! podman image exists "$BASE"; then
     rootfs="$CACHE/rootfs.tmp"
     rm -rf "$rootfs"
     start=$SECONDS
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" \
+    timeout 1200 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" \
       >"$work/debootstrap.log" 2>&1 || { tail -n 20 "$work/debootstrap.log"; fail "debootstrap failed"; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
       "$rootfs"/usr/share/doc "$rootfs"/usr/share/man "$rootfs"/usr/share/locale
@@ -113,7 +113,7 @@ fi
 python=python3
 [ -x "$repo/.venv/bin/python" ] && python="$repo/.venv/bin/python"
 start=$SECONDS
-ENGINE=podman IMAGE="$IMAGE" PYTHON="$python" "$repo/docker/build.sh" --runtime runc $runArgs \
+ENGINE=podman IMAGE="$IMAGE" PYTHON="$python" timeout 900 "$repo/docker/build.sh" --runtime runc $runArgs \
   --build-arg BASE="$BASE" >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log"; fail "image build failed"; }
 buildSeconds=$((SECONDS - start))
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
@@ -122,16 +122,33 @@ user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
 [ "$user" = portal ] || fail "the image runs as '$user', not as the portal user"
 
 # --- the compose demo -------------------------------------------------------------------------------
-read -r publicPort httpPort < <(python3 -c '
+# Two ports the OS says are free; another process may take one before podman binds it, so a start
+# that fails is retried with new ports. Every podman-compose call is bounded: it waits for
+# containers it depends on without a limit of its own.
+freePorts() {
+  python3 -c '
 import socket
-ports = []
-held = []
-for _ in range(2):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); held.append(s); ports.append(s.getsockname()[1])
-print(*ports)')
-export PORTAL_IMAGE="$IMAGE" PORTAL_PORT="$publicPort" PORTAL_HTTP_PORT="$httpPort"
+held = [socket.socket() for _ in range(2)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))'
+}
+export PORTAL_IMAGE="$IMAGE"
 started=1
-"${compose[@]}" up -d >"$work/up.log" 2>&1 || { cat "$work/up.log"; fail "podman-compose up failed"; }
+for attempt in 1 2 3; do
+  read -r publicPort httpPort < <(freePorts)
+  export PORTAL_PORT="$publicPort" PORTAL_HTTP_PORT="$httpPort"
+  if timeout "$WAIT" "${compose[@]}" up -d >"$work/up.log" 2>&1 \
+    && [ "$(podman inspect --format '{{.State.Running}}' "${PROJECT}_relay_1" 2>/dev/null)" = true ]; then
+    break
+  fi
+  if [ "$attempt" = 3 ] || ! grep -q "address already in use" "$work/up.log"; then
+    tail -n 20 "$work/up.log"
+    fail "podman-compose up failed"
+  fi
+  say "port $publicPort or $httpPort was taken meanwhile; again with new ports"
+  timeout "$WAIT" "${compose[@]}" down -v >"$work/down.log" 2>&1
+done
 
 forwardingLines() { podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -c '^Forwarding https://'; }
 hasForwarding() { [ "$(forwardingLines)" -ge "$1" ]; }
@@ -153,7 +170,7 @@ waitFor "the image's HEALTHCHECK passed in the tunnel container" podman healthch
 say "/healthz answers; HEALTHCHECK passes in the relay and tunnel containers"
 
 before=$(forwardingLines)
-podman "${podmanArgs[@]}" restart "${PROJECT}_relay_1" >/dev/null 2>"$work/restart.log" || fail "could not restart the relay"
+timeout "$WAIT" podman "${podmanArgs[@]}" restart "${PROJECT}_relay_1" >/dev/null 2>"$work/restart.log" || fail "could not restart the relay"
 waitFor "the tunnel printed its URL again after the relay's restart" hasForwarding $((before + 1))
 again=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE '^Forwarding https://[^ ]+' | tail -n 1 | cut -d' ' -f2)
 [ "$again" = "$url" ] || fail "after the relay's restart the URL is $again, not $url"
