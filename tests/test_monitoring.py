@@ -36,6 +36,8 @@ def servedNames() -> tuple[set[str], set[str]]:
     clock = Clock()
     router = Router(Identity.generate(), clock)
     router.udp = UDPMode(clock, PortAllocator(parsePortRange("40000-40001", "--udp-ports"), clock))
+    # A labelled family has samples once something is counted under a label.
+    router.refusals.count("connections_per_source")
     tunnel = TunnelMetrics()
     tunnel.observe({"event": "lease", "relay": "r:4017"})
     tunnel.observe({"event": "request", "status": 200, "bytes": 1, "ms": 1.0})
