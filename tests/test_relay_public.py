@@ -23,6 +23,7 @@ from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
 from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory, VisitorProtocol
 from portal.relay.router import DataPool, RelayLimits, Router
+from portal.relay.site import httpSite, relaySite
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
 from portal.wire.attach import (
@@ -977,3 +978,11 @@ class RelaySiteTests(RelayHarness):
         visitor.readConnectionLost()
         self.assertTrue(transport.disconnecting)
         self.assertTrue(self.site.built[0].lost)
+
+    def test_alpnHTTP11Only(self) -> None:
+        """
+        The relay's own sites let TLS negotiate HTTP/1.1 only: their channel speaks no HTTP/2, and a
+        browser or curl offered C{h2} sent HTTP/2 to it.
+        """
+        for site in (relaySite(self.router), httpSite(self.router)):
+            self.assertEqual(site.acceptableProtocols(), [b"http/1.1"])

@@ -225,6 +225,16 @@ class RelaySite(Site):
         self.headerTimeout = router.limits.siteHeaderTimeout
         self.refusals = router.refusals
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The protocols TLS may negotiate with ALPN: HTTP/1.1 only. L{DeadlineChannel} speaks no
+        HTTP/2; offering C{h2} (as L{Site} does when HTTP/2 is installed) made browsers and curl
+        send HTTP/2 to it, which failed.
+
+        @return: C{[b"http/1.1"]}.
+        """
+        return [b"http/1.1"]
+
 
 def relaySite(router: Router, adminToken: str | None = None) -> Site:
     """
