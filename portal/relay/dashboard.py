@@ -278,14 +278,14 @@ function render(s) {
       list.append(li);
     }
   }
-  $("updated").textContent = new Date().toISOString().slice(11, 19);
-  $("state").textContent = "live";
 }
 async function refresh() {
   try {
     const r = await fetch("/api/status", {headers: token ? {Authorization: "Bearer " + token} : {}, cache: "no-store"});
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json());
+    $("updated").textContent = new Date().toISOString().slice(11, 19);
+    $("state").textContent = "live";
   } catch (e) {
     $("state").textContent = "cannot refresh: " + e.message;
   }
