@@ -138,6 +138,7 @@ def relayStatus(router: Router, admin: bool = False) -> dict[str, Any]:
             "meanWaitSeconds": None if meanWait is None else round(meanWait, 6),
             "kernelSpliced": counters.get("kernel_spliced", 0),
             "pythonSpliced": counters.get("python_spliced", 0),
+            "sealedSpliced": counters.get("sealed_spliced", 0),
         },
         "counters": counters,
         "admin": admin,
@@ -260,10 +261,10 @@ function render(s) {
   rows($("refusals"), ["reason", "count"], Object.entries(s.refusals));
   const p = s.dataSessions;
   rows($("pool"), ["idle data sessions", "visitors waiting", "visitors who waited", "wait timeouts",
-                   "mean wait", "kernel spliced", "python spliced"],
+                   "mean wait", "kernel spliced", "python spliced", "sealed (raw TCP)"],
        [[p.idle, p.waitingVisitors, p.visitorsWhoWaited, p.waitTimeouts,
          p.meanWaitSeconds === null ? null : (p.meanWaitSeconds * 1000).toFixed(2) + " ms",
-         p.kernelSpliced, p.pythonSpliced]]);
+         p.kernelSpliced, p.pythonSpliced, p.sealedSpliced]]);
   $("admin").hidden = !s.admin;
   if (s.admin) {
     rows($("lease-table"), ["name", "state", "owner", "tunnel", "mode", "expires in", "idle", "waiting", "served"],
