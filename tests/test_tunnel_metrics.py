@@ -15,7 +15,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from portal.cli.exposeoptions import TunnelOptions
 from portal.gateway.loopback import EndpointAddressError
 from portal.tap.tunnel import Options as TwistdTunnelOptions
-from portal.tunnel.metrics import MetricsService, TunnelMetrics, metricsSite, parseMetricsAddress
+from portal.tunnel.config import parseMetricsAddress
+from portal.tunnel.metrics import MetricsService, TunnelMetrics, metricsSite
 from tests.metricstext import metricValues
 
 
@@ -127,7 +128,8 @@ class MetricsListenerTests(SynchronousTestCase):
         """
         options = TunnelOptions()
         options.parseOptions(["8000", "--metrics", "9191", "--log-format", "json"])
-        self.assertEqual(options["metrics-address"], ("127.0.0.1", 9191))
+        self.assertEqual(options.tunnelConfig.metrics, ("127.0.0.1", 9191))
+        self.assertEqual(options.tunnelConfig.logFormat, "json")
         for argv, message in [
             (["8000", "--metrics", "192.0.2.1:9090"], "loopback"),
             (["8000", "--log-format", "xml"], "expected text or json"),

@@ -150,7 +150,7 @@ class UnitFileTests(SynchronousTestCase):
         options = TunnelOptions()
         options.parseOptions(shlex.split(line.partition("=")[2]))
         self.assertEqual(options.tunnelConfig.name, "web")
-        self.assertEqual(options["metrics-address"], ("127.0.0.1", 9090))
+        self.assertEqual(options.tunnelConfig.metrics, ("127.0.0.1", 9090))
 
 
 class SystemdAnalyzeTests(SynchronousTestCase):
