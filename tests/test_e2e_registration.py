@@ -25,6 +25,7 @@ from portal.trust.identity import Identity, identityId
 from portal.trust.proofofwork import solve
 from portal.trust.relayhello import helloArguments, relayTLSOptions
 from portal.wire.control import Challenge, Hello, Register
+from tests.metricstext import metricValues
 from tests.realprocesses import (
     freePortRange,
     homeDir,
@@ -119,7 +120,7 @@ def metrics(httpPort: int) -> Any:
         10, reactor
     )
     body = yield treq.text_content(response)
-    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in body.splitlines()}
+    return metricValues(body)
 
 
 class RegistrationFloodTests(TestCase):

@@ -33,6 +33,7 @@ from portal.wire.control import (
     RegistrationRefused,
     TryAgain,
 )
+from tests.metricstext import metricValues
 from tests.test_control import LABEL, ClientTestCase, ControlTestCase
 from tests.test_rawtcp import PortsReactor
 
@@ -452,6 +453,7 @@ class MetricsTests(GateClientTestCase):
         self.hello()
         self.register([LABEL], self.challenge([LABEL]))
         self.busy(14)
-        lines = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode().splitlines()
-        self.assertIn('portal_refusals_total{reason="identity_denied"} 1', lines)
-        self.assertIn("portal_relay_pow_difficulty_bits 14", lines)
+        text = Metrics(self.router).render_GET(DummyRequest([b"metrics"])).decode()
+        values = metricValues(text)
+        self.assertEqual(values['portal_refusals_total{reason="identity_denied"}'], 1)
+        self.assertEqual(values["portal_relay_pow_difficulty_bits"], 14)
