@@ -150,10 +150,10 @@ for attempt in 1 2 3; do
   timeout "$WAIT" "${compose[@]}" down -v >"$work/down.log" 2>&1
 done
 
-forwardingLines() { podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -c '^Forwarding https://'; }
+forwardingLines() { podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -cE '(^| )Forwarding https://'; }
 hasForwarding() { [ "$(forwardingLines)" -ge "$1" ]; }
 waitFor "the tunnel printed its URL" hasForwarding 1
-url=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE '^Forwarding https://[^ ]+' | head -n 1 | cut -d' ' -f2)
+url=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE 'Forwarding https://[^ ]+' | head -n 1 | cut -d' ' -f2)
 caPath=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE 'local CA [^;]+' | head -n 1 | cut -d' ' -f3)
 say "the tunnel printed $url"
 podman cp "${PROJECT}_tunnel_1:$caPath" "$work/ca.pem" || fail "could not copy the tunnel's CA $caPath"
@@ -172,7 +172,7 @@ say "/healthz answers; HEALTHCHECK passes in the relay and tunnel containers"
 before=$(forwardingLines)
 timeout "$WAIT" podman "${podmanArgs[@]}" restart "${PROJECT}_relay_1" >/dev/null 2>"$work/restart.log" || fail "could not restart the relay"
 waitFor "the tunnel printed its URL again after the relay's restart" hasForwarding $((before + 1))
-again=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE '^Forwarding https://[^ ]+' | tail -n 1 | cut -d' ' -f2)
+again=$(podman logs "${PROJECT}_tunnel_1" 2>/dev/null | grep -oE 'Forwarding https://[^ ]+' | tail -n 1 | cut -d' ' -f2)
 [ "$again" = "$url" ] || fail "after the relay's restart the URL is $again, not $url"
 waitFor "curl got the sample page again after the relay's restart" hasPage
 say "after a restart of the relay container the same URL works: $again"
