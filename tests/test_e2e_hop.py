@@ -29,10 +29,7 @@ from tests.test_e2e_tcp import REPLY, _address, _DigestAfterEOF, _halfCloseExcha
 #: A hop relay's log line for an opened hop: its outbound connection's local port.
 _OPENED = re.compile(r"hop \d+ opened: \S+ \(\w+\) -> (\S+) from 127\.0\.0\.1:(\d+)")
 #: The last relay's log lines naming the peer port of a control session or a data session.
-_CONTROL_PEER = re.compile(
-    r"RelayControlProtocol connection established .*PEER:IPv4Address\(type='TCP', "
-    r"host='127\.0\.0\.1', port=(\d+)\)"
-)
+_CONTROL_PEER = re.compile(r"control session from 127\.0\.0\.1:(\d+): Hello")
 _DATA_PEER = re.compile(r"data session attached from 127\.0\.0\.1:(\d+) \(TLS\)")
 
 

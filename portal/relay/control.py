@@ -15,7 +15,13 @@ from typing import Any, Protocol, cast
 from automat import TypeMachine, TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -237,6 +243,13 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             )
             router.sessions[self.sessionId] = self.pool
         exporter = exportKeyingMaterial(self.transport, EXPORTER_HELLO)
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        self._log.debug(
+            "control session from {peer}: Hello, protocol {version}",
+            peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+            version=version,
+        )
         return {
             "version": version,
             "capabilities": [c for c in CAPABILITIES if c in capabilities],
@@ -733,6 +746,13 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         self.callRemote(RequestData, count=count)
 
+    def makeConnection(self, transport: ITransport) -> None:
+        """
+        Connect without AMP's info line per connection: a flood of control connections must not be
+        a flood of log lines (what a session does is logged, and refusals are rate-limited).
+        """
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Detach this session's leases (they stay owned until expiry plus reservation) and close its pool.
@@ -752,7 +772,9 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             self._closePort(name)
         if self.udpSession is not None and router.udp is not None:
             router.udp.forget(self.udpSession)
-        super().connectionLost(reason)
+        # Not AMP.connectionLost: it logs a line per connection (see makeConnection).
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
 
 class ControlInputs(Protocol):
