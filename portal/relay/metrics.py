@@ -33,6 +33,8 @@ COUNTER_HELP: dict[str, str] = {
     "bytes_to_visitors": "Bytes read from tunnels and sent to visitors.",
     "admin_refused": "Requests for the operator's dashboard data refused: no or a wrong token.",
     "forwarded": "Visitors forwarded to the cluster member holding their lease (--cluster).",
+    "plain_data_sessions": "Data sessions attached over plain TCP (stream, routed HTTP, raw TCP).",
+    "tls_data_sessions": "Data sessions attached inside TLS (a multi-hop chain's).",
     "member_links_refused": "Member links from other cluster members refused (--cluster).",
 }
 
