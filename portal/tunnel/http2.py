@@ -21,6 +21,8 @@ from functools import partial
 from typing import Any, cast
 
 import attrs
+import h2.config
+import h2.connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from twisted.internet.defer import CancelledError
@@ -39,6 +41,7 @@ from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     Exchange,
     ExchangeAnswers,
+    H2Exchange,
     HTTPProxy,
     UpstreamConnection,
     VisitorHTTP,
@@ -216,13 +219,13 @@ class H2Visitor(ExchangeAnswers):
             self._respondLocally(exchange, 404, f"No route for this path. Routes: {prefixes}")
             return
         exchange.match = match
-        idle = self._proxy.pool.takeIdle(match.route.upstream)
+        idle = self._proxy.pool.takeIdle(match.route.upstream, exchange)
         if idle is not None:
             self._begin(idle, exchange)
             return
-        d = self._proxy.pool.get(match.route.upstream)
+        d = self._proxy.pool.get(match.route.upstream, exchange)
 
-        def connected(upstream: UpstreamConnection) -> None:
+        def connected(upstream: UpstreamConnection | H2Exchange) -> None:
             if self._lost or exchange.status:
                 self._proxy.pool.release(upstream, reusable=True)
                 return
@@ -241,7 +244,7 @@ class H2Visitor(ExchangeAnswers):
 
         d.addCallbacks(connected, failed)
 
-    def _begin(self, upstream: UpstreamConnection, exchange: Exchange) -> None:
+    def _begin(self, upstream: UpstreamConnection | H2Exchange, exchange: Exchange) -> None:
         """
         Send the request head (and any body held so far) upstream, then let the body flow.
         """
@@ -311,6 +314,16 @@ class H2Visitor(ExchangeAnswers):
         exchange.sent += len(data) if payload is None else payload
         if data and not self._request.finished and not self._lost:
             self._request.write(data)
+
+    def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        End the response with C{trailers} (a C{HEADERS} frame with C{END_STREAM}) instead of an
+        empty C{DATA} frame, as gRPC needs for its C{grpc-status}.
+        """
+        stream: Any = self._request.channel  # twisted.web's H2Stream
+        if trailers and stream is not None and not self._request.finished and not self._lost:
+            channel: _H2Channel = stream._conn
+            channel.conn.trailers[stream.streamID] = trailers
 
     def finished(self, exchange: Exchange) -> None:
         """
@@ -387,6 +400,29 @@ class _QuietSite(Site):
         """
 
 
+class _TrailingConnection(h2.connection.H2Connection):
+    """
+    twisted.web's HTTP/2 state machine, ending a stream with its response's trailers when it has
+    some (twisted.web ends every stream with an empty C{DATA} frame and knows no trailers).
+
+    @ivar trailers: Trailers to end each stream with, by stream id (L{H2Visitor.writeTrailers}).
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+
+    def end_stream(self, stream_id: int) -> None:
+        """
+        End the stream: with its trailers if it has some, else as C{h2} does.
+        """
+        trailers = self.trailers.pop(stream_id, None)
+        if trailers:
+            self.send_headers(stream_id, trailers, end_stream=True)
+        else:
+            super().end_stream(stream_id)
+
+
 class _H2Channel(H2Connection):
     """
     twisted.web's HTTP/2 connection, closed when idle as an HTTP/1.1 visitor's is: after
@@ -394,10 +430,20 @@ class _H2Channel(H2Connection):
     also closes connections with streams in flight: a slow upstream, a long poll, an event stream.)
     """
 
+    conn: _TrailingConnection
+
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor)
+        self.conn = _TrailingConnection(self.conn.config)
         #: Streams L{_sendPrioritisedData} blocked for want of flow-control window.
         self._parked: set[int] = set()
+
+    def _requestDone(self, streamID: int) -> None:
+        """
+        A stream is done: forget trailers it did not send (it was reset).
+        """
+        self.conn.trailers.pop(streamID, None)
+        super()._requestDone(streamID)
 
     def timeoutConnection(self) -> None:
         """
