@@ -318,12 +318,18 @@ class H2Visitor(ExchangeAnswers):
     def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
         """
         End the response with C{trailers} (a C{HEADERS} frame with C{END_STREAM}) instead of an
-        empty C{DATA} frame, as gRPC needs for its C{grpc-status}.
+        empty C{DATA} frame, as gRPC needs for its C{grpc-status}; a response with neither body nor
+        trailers ends with its head.
         """
-        stream: Any = self._request.channel  # twisted.web's H2Stream
-        if trailers and stream is not None and not self._request.finished and not self._lost:
-            channel: _H2Channel = stream._conn
+        request = self._request
+        stream: Any = request.channel  # twisted.web's H2Stream
+        if stream is None or request.finished or self._lost:
+            return
+        channel: _H2Channel = stream._conn
+        if trailers:
             channel.conn.trailers[stream.streamID] = trailers
+        elif not request.startedWriting:
+            channel.conn.headersOnly.add(stream.streamID)
 
     def finished(self, exchange: Exchange) -> None:
         """
@@ -403,24 +409,66 @@ class _QuietSite(Site):
 class _TrailingConnection(h2.connection.H2Connection):
     """
     twisted.web's HTTP/2 state machine, ending a stream with its response's trailers when it has
-    some (twisted.web ends every stream with an empty C{DATA} frame and knows no trailers).
+    some, and a response without body or trailers with its C{HEADERS} frame (gRPC's
+    "Trailers-Only" answer: its C{grpc-status} is in that frame). twisted.web knows no trailers and
+    ends every stream with an empty C{DATA} frame.
 
     @ivar trailers: Trailers to end each stream with, by stream id (L{H2Visitor.writeTrailers}).
+    @ivar headersOnly: Streams whose response head is to end them.
     """
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.headersOnly: set[int] = set()
+        self._endedByHeaders: set[int] = set()
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        """
+        Send a head; one of L{headersOnly} ends its stream.
+        """
+        if stream_id in self.headersOnly:
+            self.headersOnly.discard(stream_id)
+            self._endedByHeaders.add(stream_id)
+            end_stream = True
+        super().send_headers(
+            stream_id,
+            headers,
+            end_stream,
+            priority_weight,
+            priority_depends_on,
+            priority_exclusive,
+        )
 
     def end_stream(self, stream_id: int) -> None:
         """
-        End the stream: with its trailers if it has some, else as C{h2} does.
+        End the stream: with its trailers if it has some, not at all if its head ended it, else as
+        C{h2} does.
         """
+        if stream_id in self._endedByHeaders:
+            self._endedByHeaders.discard(stream_id)
+            return
         trailers = self.trailers.pop(stream_id, None)
         if trailers:
             self.send_headers(stream_id, trailers, end_stream=True)
         else:
             super().end_stream(stream_id)
+
+    def forget(self, streamID: int) -> None:
+        """
+        A stream is done: drop what was kept for its end (it was reset before).
+        """
+        self.trailers.pop(streamID, None)
+        self.headersOnly.discard(streamID)
+        self._endedByHeaders.discard(streamID)
 
 
 class _H2Channel(H2Connection):
@@ -442,7 +490,7 @@ class _H2Channel(H2Connection):
         """
         A stream is done: forget trailers it did not send (it was reset).
         """
-        self.conn.trailers.pop(streamID, None)
+        self.conn.forget(streamID)
         super()._requestDone(streamID)
 
     def timeoutConnection(self) -> None:
