@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -58,6 +58,9 @@ CONNECT_TIMEOUT = 10.0
 RESPONSE_TIMEOUT = 60.0
 #: Seconds a connection with no open stream is kept before it is closed with C{GOAWAY}.
 IDLE_TIMEOUT = 60.0
+
+#: The type of a C{SETTINGS} frame, the first frame a server sends.
+_SETTINGS = 0x04
 
 #: Request headers never sent over HTTP/2 (RFC 9113 section 8.2.2), besides the hop-by-hop ones;
 #: C{host} becomes C{:authority}.
@@ -164,7 +167,9 @@ class H2UpstreamStream:
         self.writer: IBodyWriter | None = None
         self.done = False
         self._outbound: deque[bytes] = deque()
+        #: Whether the request body is complete (L{endBody}); C{END_STREAM} follows what is queued.
         self._ending = False
+        self._endSent = False
         self._writerPaused = False
         self._paused = False
         self._unacknowledged = 0
@@ -209,9 +214,9 @@ class H2UpstreamStream:
                     self._outbound.appendleft(data[room:])
                     data = data[:room]
                 h2.send_data(self.streamID, data)
-            if not self._outbound and self._ending:
+            if not self._outbound and self._ending and not self._endSent:
+                self._endSent = True
                 h2.end_stream(self.streamID)
-                self._ending = False
         except H2Error:
             # The server closed its side or reset the stream: its events say what happened.
             self._outbound.clear()
@@ -367,6 +372,8 @@ class H2UpstreamConnection(Protocol):
         self.lost = False
         self.goingAway = False
         self._idleTimer: Any = None
+        #: The first bytes received, until there are enough to check the first frame's type.
+        self._first: bytes | None = b""
 
     def connectionMade(self) -> None:
         """
@@ -469,24 +476,43 @@ class H2UpstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Frames from the server: dispatch their events to the streams.
+        Frames from the server: dispatch their events to the streams. The first frame must be
+        C{SETTINGS} (RFC 9113 section 3.4): a server that answers otherwise (in HTTP/1.1, say) is
+        refused at once instead of when its "frame" would be complete.
         """
+        if self._first is not None:
+            self._first += data
+            if len(self._first) < 4:
+                return
+            first, self._first = self._first, None
+            if first[3] != _SETTINGS:
+                self._broken(f"its first bytes are {first[:16]!r}, not an HTTP/2 SETTINGS frame")
+                return
+            data = first
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:
-            self.log.warn(
-                "upstream {upstream} broke HTTP/2: {error}",
-                upstream=self.upstream.authority,
-                error=str(e) or type(e).__name__,
-            )
-            self.flush()
-            self._failAll(502, "the upstream does not speak HTTP/2 or broke the protocol")
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self._broken(str(e) or type(e).__name__)
             return
         for event in events:
             self._event(event)
         self.flush()
+
+    def _broken(self, error: str) -> None:
+        """
+        The server does not speak HTTP/2, or broke the protocol: fail every stream, close.
+        """
+        self.log.warn(
+            "upstream {upstream} does not speak HTTP/2: {error}",
+            upstream=self.upstream.authority,
+            error=error,
+        )
+        self.goingAway = True
+        self._pool.forget(self)
+        self.flush()
+        self._failAll(502, "the upstream does not speak HTTP/2 or broke the protocol")
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _event(self, event: Any) -> None:
         """
@@ -535,6 +561,10 @@ class H2UpstreamConnection(Protocol):
         for streamID, stream in list(self._streams.items()):
             if streamID > last:
                 stream.failed(502, "the upstream refused the stream (GOAWAY)")
+        if self._streams:
+            # h2 takes GOAWAY for the end of the connection and refuses every later frame, but
+            # the server still answers the streams it took (RFC 9113 section 6.8): go on reading.
+            self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
         if not self._streams and self.transport is not None:
             self.transport.loseConnection()
 
