@@ -4,7 +4,9 @@ HTTP/2 for visitors of routed HTTP mode.
 When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn h2,http/1.1}), the
 connection is served by twisted.web's HTTP/2 implementation (the C{h2} package), and each request is
 forwarded over the same pooled HTTP/1.1 upstream connections as the HTTP/1.1 path
-(L{portal.tunnel.httpproxy.UpstreamConnection}). Responses stream to the visitor with HTTP/2 flow
+(L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of an HTTP/2 upstream
+(L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream
+(L{_TrailingConnection}). Responses stream to the visitor with HTTP/2 flow
 control as backpressure. Request bodies stream too: L{StreamingRequest} takes over from twisted.web's
 C{Request} as soon as the request's headers are in (twisted.web would collect the whole body and only
 then render), forwards each DATA frame upstream as it arrives, and holds the stream's flow-control

@@ -7,6 +7,9 @@ persistent and pooled per target. Bodies stream both ways with backpressure (eac
 other's producer while an exchange runs); C{Connection: Upgrade} answered with C{101} becomes a raw
 two-way splice (WebSocket). Pipelined requests are answered in order.
 
+Routes to HTTP/2 upstreams (C{h2c://}, C{h2://}) and gRPC calls go on a stream of a multiplexed
+HTTP/2 connection instead (L{H2Exchange} over L{portal.tunnel.h2upstream}).
+
 With C{--app}, each request first goes through the app gateway (L{portal.gateway.access.Gateway}):
 it picks the app by host, and either answers itself (401, 403, the gateway's own pages, ...; nothing
 reaches the app, no upstream connection is opened) or admits the request with its headers edited
