@@ -907,6 +907,23 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         self._respondLocally(exchange, 400, reason)
 
 
+def answerFailure(
+    visitor: ExchangeVisitor, exchange: Exchange, upstream: Upstream, status: int, message: str
+) -> None:
+    """
+    An upstream broke an exchange: answer C{status} with a page naming the route if nothing was
+    answered yet, else cut the visitor off (a truncated response must not look whole).
+    """
+    match = exchange.match
+    assert match is not None
+    if not exchange.status:
+        visitor._respondLocally(
+            exchange, status, f"Route {match.route.prefix} -> {upstream.authority}: {message}"
+        )
+    elif visitor.transport is not None:
+        visitor.transport.loseConnection()
+
+
 class UpstreamConnection(Protocol):
     """
     One persistent connection to an upstream; carries one exchange at a time.
@@ -1189,14 +1206,7 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()
         if exchange is None or visitor is None:
             return
-        if not exchange.status:
-            match = exchange.match
-            assert match is not None
-            visitor._respondLocally(
-                exchange, 502, f"Route {match.route.prefix} -> {self.upstream.authority}: {message}"
-            )
-        elif visitor.transport is not None:
-            visitor.transport.loseConnection()
+        answerFailure(visitor, exchange, self.upstream, 502, message)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -1361,14 +1371,7 @@ class H2Exchange:
             upstream=self.upstream.authority,
             message=message,
         )
-        if not exchange.status:
-            visitor._respondLocally(
-                exchange,
-                status,
-                f"Route {match.route.prefix} -> {self.upstream.authority}: {message}",
-            )
-        elif visitor.transport is not None:
-            visitor.transport.loseConnection()
+        answerFailure(visitor, exchange, self.upstream, status, message)
 
     def _end(self) -> None:
         """
