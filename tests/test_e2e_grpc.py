@@ -11,10 +11,12 @@ from __future__ import annotations
 from concurrent import futures
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from portal.trust.localca import LocalCA
 from tests.realprocesses import homeDir, startExpose, startRelay, waitForLease
 
 try:
@@ -73,9 +75,22 @@ def _fail(request: bytes, context: Any) -> bytes:
     context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + request.decode())
 
 
-def startServer(testCase: TestCase) -> int:
+def serverCredentials(testCase: TestCase) -> Any:
     """
-    Start the gRPC server (insecure, HTTP/2 in cleartext) on 127.0.0.1; it stops when the test ends.
+    @return: gRPC server credentials: a certificate for C{localhost} from a throwaway local CA
+        (the tunnel does not verify upstream certificates, as for C{https://} targets).
+    """
+    ca = LocalCA.loadOrCreate(testCase.mktemp(), "grpc test CA")
+    key, chain = ca.issue(["localhost"])
+    keyPEM = crypto.dump_privatekey(crypto.FILETYPE_PEM, key)
+    chainPEM = b"".join(crypto.dump_certificate(crypto.FILETYPE_PEM, c) for c in chain)
+    return grpc.ssl_server_credentials([(keyPEM, chainPEM)])
+
+
+def startServer(testCase: TestCase, tls: bool = False) -> int:
+    """
+    Start the gRPC server on 127.0.0.1 (HTTP/2 in cleartext, or over TLS); it stops when the test
+    ends.
 
     @return: Its port.
     """
@@ -91,7 +106,10 @@ def startServer(testCase: TestCase) -> int:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls:
+        port = server.add_secure_port("127.0.0.1:0", serverCredentials(testCase))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     testCase.addCleanup(lambda: server.stop(None).wait(10))
     return int(port)
@@ -145,12 +163,14 @@ class GRPCTests(TestCase):
             self.skipTest("grpcio is not installed (pip install -e '.[test]')")
 
     @inlineCallbacks
-    def check(self, arguments: list[str]) -> Any:
+    def check(self, arguments: list[str], tls: bool = False) -> Any:
         """
         Run the tunnel with C{arguments} in front of the gRPC server (C{{port}} in them is its port),
         make every kind of call, and check each result.
+
+        @param tls: Whether the gRPC server speaks TLS.
         """
-        port = startServer(self)
+        port = startServer(self, tls)
         relayHome = homeDir(self, "relay")
         _, _, controlPort = yield startRelay(self, relayHome + "/state")
         tunnel = startExpose(
@@ -185,3 +205,16 @@ class GRPCTests(TestCase):
         The same calls work through C{--http-route /pkg.Echo=h2c://127.0.0.1:PORT}.
         """
         return self.check(["--http-route", f"/{SERVICE}=h2c://127.0.0.1:{{port}}"])
+
+    def test_httpRouteTLS(self) -> None:
+        """
+        The same calls work to a gRPC server over TLS through
+        C{--http-route /pkg.Echo=h2://127.0.0.1:PORT} (ALPN h2 to the upstream).
+        """
+        return self.check(["--http-route", f"/{SERVICE}=h2://127.0.0.1:{{port}}"], tls=True)
+
+    def test_httpsTargetDetected(self) -> None:
+        """
+        gRPC calls are detected on an C{https://} target too, and go to it over HTTP/2 over TLS.
+        """
+        return self.check(["https://127.0.0.1:{port}", "--http"], tls=True)

@@ -39,7 +39,7 @@ from portal.tunnel.h2upstream import (
     H2UpstreamStream,
     requestHeaders,
 )
-from tests.test_http2 import H2TestCase
+from tests.test_http2 import H2TestCase, Response
 from tests.test_httpproxy import parseResponses
 
 #: The upstream of the client-level tests.
@@ -603,6 +603,33 @@ class ProxyTests(H2TestCase):
         self.assertEqual(trailers.headers, [(b"grpc-status", b"0")])
         [logged] = self.requestLog()
         self.assertEqual(logged["status"], 200)
+
+    def test_fullDuplex(self) -> None:
+        """
+        An HTTP/2 visitor's request body keeps flowing to an HTTP/2 upstream after the response
+        started (a bidirectional gRPC call answers each message as it comes).
+        """
+        _, _, client = self.connectH2()
+        streamID = client.conn.get_next_available_stream_id()
+        head = [(b":method", b"POST"), (b":path", b"/pkg.Echo/Bidi")]
+        head += [(b":authority", b"app.localhost"), (b":scheme", b"https"), GRPC_TYPE]
+        client.conn.send_headers(streamID, head)
+        client.responses[streamID] = Response()
+        client.conn.send_data(streamID, b"one")
+        self.flush(client)
+        server = self.h2pool.links[0].server
+        server.respond(1, b"eno", end=False)
+        self.flush(client)
+        self.assertEqual(client.responses[streamID].body, b"eno")
+        client.conn.send_data(streamID, b"two", end_stream=True)
+        self.flush(client)
+        self.assertEqual(server.bodies[1], b"onetwo")
+        self.assertIn(1, server.ended)
+        server.conn.send_data(1, b"owt")
+        server.conn.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+        self.flush(client)
+        self.assertEqual(client.responses[streamID].body, b"enoowt")
+        self.assertTrue(client.responses[streamID].ended)
 
     def test_trailersOnly(self) -> None:
         """

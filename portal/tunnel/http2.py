@@ -257,10 +257,15 @@ class H2Visitor(ExchangeAnswers):
     def bodyChunk(self, data: bytes) -> None:
         """
         A DATA frame of the request body: forward it, or hold it (and close the stream's window)
-        until the upstream is connected.
+        until the upstream is connected. Once a response started the rest of the body is dropped,
+        except on an HTTP/2 upstream's stream, which is full duplex (a bidirectional gRPC call
+        answers each message as it comes).
         """
         exchange = self._exchange
-        if exchange is None or self._lost or exchange.bodyDone or exchange.status:
+        if exchange is None or self._lost or exchange.bodyDone:
+            return
+        upstream = exchange.upstream
+        if exchange.status and not (isinstance(upstream, H2Exchange) and upstream.ready):
             return
         if exchange.capture is not None:
             exchange.capture.request(data)
