@@ -34,6 +34,7 @@ from portal.gateway.routes import Upstream
 from portal.tunnel.h2upstream import (
     IDLE_TIMEOUT,
     RESPONSE_TIMEOUT,
+    WINDOW,
     H2UpstreamConnection,
     H2UpstreamPool,
     H2UpstreamStream,
@@ -405,21 +406,22 @@ class StreamTests(ClientTestCase):
 
     def test_largeResponseFlowControl(self) -> None:
         """
-        While the stream is paused (the visitor's side is full), what it receives is not given
-        back: the server can send one window and no more. Resuming gives it back.
+        The client gives each stream a window of L{WINDOW} bytes. While the stream is paused (the
+        visitor's side is full), what it receives is not given back: the server can send one window
+        and no more. Resuming gives it back.
         """
         stream, receiver = self.open()
+        self.assertEqual(self.server.conn.local_flow_control_window(1), WINDOW)
         stream.pauseProducing()
         self.server.respond(1, end=False)
-        for _ in range(3):
+        for _ in range(WINDOW // 16384):
             self.server.conn.send_data(1, b"x" * 16384)
-        self.server.conn.send_data(1, b"x" * 16383)
         self.link.flush()
-        self.assertEqual(len(receiver.body), 65535)
+        self.assertEqual(len(receiver.body), WINDOW)
         self.assertEqual(self.server.conn.local_flow_control_window(1), 0)
         stream.resumeProducing()
         self.link.flush()
-        self.assertEqual(self.server.conn.local_flow_control_window(1), 65535)
+        self.assertEqual(self.server.conn.local_flow_control_window(1), WINDOW)
 
     def test_reset(self) -> None:
         """
