@@ -234,7 +234,7 @@ class ValidationTests(SynchronousTestCase):
         """
         self.assertInvalid(
             example(routes={"/": "ftp://x:1"}),
-            "routes[\"/\"]: scheme 'ftp': only http:// and https:// are supported",
+            "routes[\"/\"]: scheme 'ftp': only http://, https://, h2c:// and h2:// are supported",
         )
         self.assertInvalid(
             example(routes={"/": "99999"}),

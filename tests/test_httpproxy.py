@@ -21,12 +21,14 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.gateway.routes import RouteTable, Upstream, parseRoute
+from portal.gateway.routes import RouteTable, Upstream, isGRPC, parseRoute
 from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     LINK_THRESHOLD,
     MAX_HEAD_BYTES,
     RESPONSE_TIMEOUT,
+    Exchange,
+    H2Exchange,
     HTTPProxy,
     UpstreamConnection,
     UpstreamPool,
@@ -210,9 +212,9 @@ class FakePool(UpstreamPool):
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor)
         self.gets: list[Upstream] = []
-        self.waiting: list[tuple[Upstream, Deferred[UpstreamConnection]]] = []
+        self.waiting: list[tuple[Upstream, Deferred[UpstreamConnection | H2Exchange]]] = []
         self.taken: list[UpstreamConnection] = []
-        self.released: list[tuple[UpstreamConnection, bool]] = []
+        self.released: list[tuple[UpstreamConnection | H2Exchange, bool]] = []
         self.forgotten: list[UpstreamConnection] = []
 
     @property
@@ -222,24 +224,31 @@ class FakePool(UpstreamPool):
         """
         return [c for connections in self._idle.values() for c in connections]
 
-    def takeIdle(self, upstream: Upstream) -> UpstreamConnection | None:
+    def takeIdle(
+        self, upstream: Upstream, exchange: Exchange | None = None
+    ) -> UpstreamConnection | None:
         """
         Take an idle connection as the real pool does, and record it.
         """
-        connection = super().takeIdle(upstream)
+        connection = super().takeIdle(upstream, exchange)
         if connection is not None:
             self.taken.append(connection)
         return connection
 
-    def get(self, upstream: Upstream) -> Deferred[UpstreamConnection]:
+    def get(
+        self, upstream: Upstream, exchange: Exchange | None = None
+    ) -> Deferred[UpstreamConnection | H2Exchange]:
         """
-        An idle connection to C{upstream}, or a Deferred for the test to fire.
+        An idle connection to C{upstream}, or a Deferred for the test to fire; HTTP/2 exchanges
+        come from the real HTTP/2 pool (L{UpstreamPool.http2}).
         """
         self.gets.append(upstream)
+        if upstream.http2 or (exchange is not None and isGRPC(exchange.headers)):
+            return super().get(upstream, exchange)
         connection = self.takeIdle(upstream)
         if connection is not None:
             return succeed(connection)
-        d: Deferred[UpstreamConnection] = Deferred()
+        d: Deferred[UpstreamConnection | H2Exchange] = Deferred()
         self.waiting.append((upstream, d))
         return d
 
@@ -262,7 +271,7 @@ class FakePool(UpstreamPool):
         _, d = self.waiting.pop(0)
         d.errback(Failure(error))
 
-    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+    def release(self, connection: UpstreamConnection | H2Exchange, reusable: bool) -> None:
         """
         Record the release, then keep or close the connection as the real pool does.
         """

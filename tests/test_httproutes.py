@@ -14,6 +14,7 @@ from portal.gateway.routes import (
     RouteError,
     RouteTable,
     Upstream,
+    isGRPC,
     normalisePath,
     parseRoute,
 )
@@ -91,6 +92,29 @@ class UpstreamTests(SynchronousTestCase):
         The authority of an IPv6 upstream puts the address in brackets.
         """
         self.assertEqual(Upstream("::1", 8443, True, "").authority, "[::1]:8443")
+
+
+class IsGRPCTests(SynchronousTestCase):
+    """
+    Tests for L{isGRPC}.
+    """
+
+    def test_grpcContentTypes(self) -> None:
+        """
+        C{application/grpc} and its C{+proto}, C{+json} forms are gRPC, whatever their case and
+        parameters.
+        """
+        for value in (b"application/grpc", b"application/grpc+proto", b"Application/GRPC; x=1"):
+            self.assertTrue(isGRPC([(b"Content-Type", value)]), value)
+
+    def test_otherContentTypes(self) -> None:
+        """
+        Other content types (gRPC-Web's included, which runs over HTTP/1.1) and no content type
+        are not gRPC.
+        """
+        for value in (b"application/json", b"application/grpc-web", b"application/grpcx"):
+            self.assertFalse(isGRPC([(b"content-type", value)]), value)
+        self.assertFalse(isGRPC([(b"accept", b"application/grpc")]))
 
 
 class ParseRouteTests(SynchronousTestCase):
@@ -272,9 +296,27 @@ class ParseRouteTests(SynchronousTestCase):
 
     def test_unsupportedScheme(self) -> None:
         """
-        Schemes other than http and https are rejected, with the scheme named.
+        Schemes other than http, https, h2c and h2 are rejected, with the scheme named.
         """
-        self.assertRouteError("/api=ftp://h:21", "'ftp'", "only http:// and https://")
+        self.assertRouteError(
+            "/api=ftp://h:21", "'ftp'", "only http://, https://, h2c:// and h2://"
+        )
+
+    def test_http2Schemes(self) -> None:
+        """
+        C{h2c://} is HTTP/2 in cleartext and C{h2://} HTTP/2 over TLS, with a base path as for
+        http; http and https targets and bare ports are HTTP/1.1.
+        """
+        self.assertEqual(
+            parseRoute("/pkg.Service=h2c://127.0.0.1:50051").upstream,
+            Upstream("127.0.0.1", 50051, False, "", http2=True),
+        )
+        self.assertEqual(
+            parseRoute("/=H2://grpc.internal:443/base").upstream,
+            Upstream("grpc.internal", 443, True, "/base", http2=True),
+        )
+        self.assertFalse(parseRoute("/=http://h:80").upstream.http2)
+        self.assertFalse(parseRoute("/=50051").upstream.http2)
 
     def test_emptyHost(self) -> None:
         """

@@ -655,6 +655,23 @@ class RoutedHTTPConfigTests(SynchronousTestCase):
         self.assertEqual([r.prefix for r in config.routes], ["/api", "/"])
         self.assertEqual(config.describeTarget(), "/api=127.0.0.1:3001,strip /=127.0.0.1:5173")
 
+    def test_http2RoutesDescribed(self) -> None:
+        """
+        HTTP/2 routes are described with their scheme (C{h2c://}, C{h2://}); HTTP/1.1 ones as before.
+        """
+        config = self.parse(
+            "--http-route",
+            "/pkg.Echo=h2c://127.0.0.1:50051",
+            "--http-route",
+            "/s=h2://10.0.0.5:8443",
+            "--http-route",
+            "/=5173",
+        ).tunnelConfig
+        self.assertEqual(
+            config.describeTarget(),
+            "/pkg.Echo=h2c://127.0.0.1:50051 /s=h2://10.0.0.5:8443 /=127.0.0.1:5173",
+        )
+
     def test_targetBecomesRootRoute(self) -> None:
         """
         A TARGET given with routes becomes the '/' route; if a '/' route is given too, that is an error.

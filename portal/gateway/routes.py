@@ -37,6 +37,14 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
 #: The beginning of an absolute-form request-target, up to the end of its authority.
 _ABSOLUTE_FORM = re.compile(r"(?i)https?://[^/?#]*")
 
+#: The schemes a route's target may have, and what each means: (TLS, HTTP/2).
+_SCHEMES = {
+    "http": (False, False),
+    "https": (True, False),
+    "h2c": (False, True),
+    "h2": (True, True),
+}
+
 #: How users write a route, for error messages.
 _SYNTAX = "expected PREFIX=TARGET[,strip][,host], e.g. /api=3001,strip"
 
@@ -58,12 +66,15 @@ class Upstream:
     @ivar tls: Whether the tunnel speaks TLS to it (an C{https://} target).
     @ivar basePath: A path every forwarded request path is appended to: C{""}, or a normalised
         path starting with C{/} and without a trailing C{/}.
+    @ivar http2: Whether the tunnel speaks HTTP/2 to it (an C{h2c://} or C{h2://} target); an
+        HTTP/1.1 target still gets gRPC requests over HTTP/2 (L{isGRPC}).
     """
 
     host: str
     port: int
     tls: bool
     basePath: str
+    http2: bool = False
 
     @property
     def authority(self) -> str:
@@ -256,12 +267,14 @@ def _hostPort(hostport: str, where: str) -> tuple[str, int]:
 
 def _parseUpstream(target: str, where: str) -> Upstream:
     """
-    Parse a route's TARGET: C{PORT}, C{HOST:PORT}, C{[IPV6]:PORT} or C{http(s)://HOST:PORT[/BASE]}.
+    Parse a route's TARGET: C{PORT}, C{HOST:PORT}, C{[IPV6]:PORT}, C{http(s)://HOST:PORT[/BASE]},
+    or C{h2c://HOST:PORT[/BASE]} (HTTP/2 in cleartext) or C{h2://HOST:PORT[/BASE]} (HTTP/2 over TLS).
 
     @param target: The target as written.
     @param where: Where the route was given, for error messages.
     @return: The upstream; a bare port means C{127.0.0.1}.
-    @raise RouteError: If the target is malformed or uses a scheme other than http and https.
+    @raise RouteError: If the target is malformed or uses a scheme other than http, https, h2c
+        and h2.
     """
     if not target:
         raise RouteError(f"{where}: TARGET is empty; {_SYNTAX}")
@@ -270,15 +283,19 @@ def _parseUpstream(target: str, where: str) -> Upstream:
         if target.isascii() and target.isdigit():
             return Upstream("127.0.0.1", _port(target, where), False, "")
         return Upstream(*_hostPort(target, where), False, "")
-    if scheme.lower() not in ("http", "https"):
-        raise RouteError(f"{where}: scheme {scheme!r}: only http:// and https:// are supported")
+    scheme = scheme.lower()
+    if scheme not in _SCHEMES:
+        raise RouteError(
+            f"{where}: scheme {scheme!r}: only http://, https://, h2c:// and h2:// are supported"
+        )
     if "?" in rest or "#" in rest:
         raise RouteError(f"{where}: target {target!r} may not contain a query or fragment")
     hostport, slash, base = rest.partition("/")
     host, port = _hostPort(hostport, where)
     basePath = slash + base
     checkPath(basePath, "base path", where)
-    return Upstream(host, port, scheme.lower() == "https", _trimPath(basePath) if basePath else "")
+    tls, http2 = _SCHEMES[scheme]
+    return Upstream(host, port, tls, _trimPath(basePath) if basePath else "", http2)
 
 
 def parseRoute(text: str) -> Route:
@@ -288,7 +305,8 @@ def parseRoute(text: str) -> Route:
     PREFIX is a path starting with C{/}; it is normalised like request paths (L{normalisePath}) and
     loses any trailing C{/}.  It cannot contain C{=}, which ends it.  TARGET is C{PORT} (on
     127.0.0.1), C{HOST:PORT}, C{[IPV6]:PORT}, or C{http://HOST:PORT[/BASE]} or
-    C{https://HOST:PORT[/BASE]}.  Options: C{strip} removes the prefix from the forwarded path;
+    C{https://HOST:PORT[/BASE]}; C{h2c://} and C{h2://} instead of C{http://} and C{https://}
+    make the tunnel speak HTTP/2 to the target (a gRPC server).  Options: C{strip} removes the prefix from the forwarded path;
     C{host} sends the target's C{HOST:PORT} as the C{Host} header instead of the visitor's.
 
     @param text: The route as given.
@@ -332,6 +350,22 @@ def makeRoute(prefix: str, target: str, where: str) -> Route:
             )
     upstream = _parseUpstream(spec, where)
     return Route(_trimPath(prefix) or "/", upstream, strip, rewriteHost)
+
+
+def isGRPC(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """
+    Tell a gRPC request by its C{Content-Type} (C{application/grpc}, C{application/grpc+proto},
+    ...): gRPC runs over HTTP/2 only, so such a request goes to its upstream over HTTP/2 even when
+    the route's target was written without C{h2c://} or C{h2://}.
+
+    @param headers: The request's headers.
+    @return: Whether the request is a gRPC call.
+    """
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            return kind == b"application/grpc" or kind.startswith(b"application/grpc+")
+    return False
 
 
 def originForm(target: str) -> str | None:

@@ -17,7 +17,7 @@ from portal.gateway.basicauth import (
     parseCredential,
 )
 from portal.gateway.loopback import EndpointAddressError, parseLoopbackAddress
-from portal.gateway.routes import Route, RouteError, RouteTable, parseRoute
+from portal.gateway.routes import Route, RouteError, RouteTable, Upstream, parseRoute
 from portal.trust.identity import defaultIdentityPath
 from portal.trust.relayaddress import (
     ConfigError as ConfigError,
@@ -211,7 +211,7 @@ class TunnelConfig:
             return ", ".join(app.describe() for app in self.apps if label in (None, app.name))
         if self.routes:
             return " ".join(
-                f"{r.prefix}={r.upstream.authority}{r.upstream.basePath}"
+                f"{r.prefix}={_h2scheme(r.upstream)}{r.upstream.authority}{r.upstream.basePath}"
                 f"{',strip' if r.strip else ''}{',host' if r.rewriteHost else ''}"
                 for r in self.routes
             )
@@ -557,3 +557,13 @@ def _loadApps(
                 )
         loaded.append(app)
     return tuple(loaded)
+
+
+def _h2scheme(upstream: Upstream) -> str:
+    """
+    @return: C{h2c://} or C{h2://} for an HTTP/2 upstream, else nothing (an HTTP/1.1 upstream is
+        described as before, which keeps its routes' stable labels).
+    """
+    if not upstream.http2:
+        return ""
+    return "h2://" if upstream.tls else "h2c://"

@@ -4,7 +4,9 @@ HTTP/2 for visitors of routed HTTP mode.
 When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn h2,http/1.1}), the
 connection is served by twisted.web's HTTP/2 implementation (the C{h2} package), and each request is
 forwarded over the same pooled HTTP/1.1 upstream connections as the HTTP/1.1 path
-(L{portal.tunnel.httpproxy.UpstreamConnection}). Responses stream to the visitor with HTTP/2 flow
+(L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of an HTTP/2 upstream
+(L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream
+(L{_TrailingConnection}). Responses stream to the visitor with HTTP/2 flow
 control as backpressure. Request bodies stream too: L{StreamingRequest} takes over from twisted.web's
 C{Request} as soon as the request's headers are in (twisted.web would collect the whole body and only
 then render), forwards each DATA frame upstream as it arrives, and holds the stream's flow-control
@@ -21,6 +23,8 @@ from functools import partial
 from typing import Any, cast
 
 import attrs
+import h2.config
+import h2.connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from twisted.internet.defer import CancelledError
@@ -39,6 +43,7 @@ from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     Exchange,
     ExchangeAnswers,
+    H2Exchange,
     HTTPProxy,
     UpstreamConnection,
     VisitorHTTP,
@@ -216,13 +221,13 @@ class H2Visitor(ExchangeAnswers):
             self._respondLocally(exchange, 404, f"No route for this path. Routes: {prefixes}")
             return
         exchange.match = match
-        idle = self._proxy.pool.takeIdle(match.route.upstream)
+        idle = self._proxy.pool.takeIdle(match.route.upstream, exchange)
         if idle is not None:
             self._begin(idle, exchange)
             return
-        d = self._proxy.pool.get(match.route.upstream)
+        d = self._proxy.pool.get(match.route.upstream, exchange)
 
-        def connected(upstream: UpstreamConnection) -> None:
+        def connected(upstream: UpstreamConnection | H2Exchange) -> None:
             if self._lost or exchange.status:
                 self._proxy.pool.release(upstream, reusable=True)
                 return
@@ -241,7 +246,7 @@ class H2Visitor(ExchangeAnswers):
 
         d.addCallbacks(connected, failed)
 
-    def _begin(self, upstream: UpstreamConnection, exchange: Exchange) -> None:
+    def _begin(self, upstream: UpstreamConnection | H2Exchange, exchange: Exchange) -> None:
         """
         Send the request head (and any body held so far) upstream, then let the body flow.
         """
@@ -252,10 +257,15 @@ class H2Visitor(ExchangeAnswers):
     def bodyChunk(self, data: bytes) -> None:
         """
         A DATA frame of the request body: forward it, or hold it (and close the stream's window)
-        until the upstream is connected.
+        until the upstream is connected. Once a response started the rest of the body is dropped,
+        except on an HTTP/2 upstream's stream, which is full duplex (a bidirectional gRPC call
+        answers each message as it comes).
         """
         exchange = self._exchange
-        if exchange is None or self._lost or exchange.bodyDone or exchange.status:
+        if exchange is None or self._lost or exchange.bodyDone:
+            return
+        upstream = exchange.upstream
+        if exchange.status and not (isinstance(upstream, H2Exchange) and upstream.ready):
             return
         if exchange.capture is not None:
             exchange.capture.request(data)
@@ -311,6 +321,22 @@ class H2Visitor(ExchangeAnswers):
         exchange.sent += len(data) if payload is None else payload
         if data and not self._request.finished and not self._lost:
             self._request.write(data)
+
+    def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        End the response with C{trailers} (a C{HEADERS} frame with C{END_STREAM}) instead of an
+        empty C{DATA} frame, as gRPC needs for its C{grpc-status}; a response with neither body nor
+        trailers ends with its head.
+        """
+        request = self._request
+        stream: Any = request.channel  # twisted.web's H2Stream
+        if stream is None or request.finished or self._lost:
+            return
+        channel: _H2Channel = stream._conn
+        if trailers:
+            channel.conn.trailers[stream.streamID] = trailers
+        elif not request.startedWriting:
+            channel.conn.headersOnly.add(stream.streamID)
 
     def finished(self, exchange: Exchange) -> None:
         """
@@ -387,6 +413,71 @@ class _QuietSite(Site):
         """
 
 
+class _TrailingConnection(h2.connection.H2Connection):
+    """
+    twisted.web's HTTP/2 state machine, ending a stream with its response's trailers when it has
+    some, and a response without body or trailers with its C{HEADERS} frame (gRPC's
+    "Trailers-Only" answer: its C{grpc-status} is in that frame). twisted.web knows no trailers and
+    ends every stream with an empty C{DATA} frame.
+
+    @ivar trailers: Trailers to end each stream with, by stream id (L{H2Visitor.writeTrailers}).
+    @ivar headersOnly: Streams whose response head is to end them.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.headersOnly: set[int] = set()
+        self._endedByHeaders: set[int] = set()
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        """
+        Send a head; one of L{headersOnly} ends its stream.
+        """
+        if stream_id in self.headersOnly:
+            self.headersOnly.discard(stream_id)
+            self._endedByHeaders.add(stream_id)
+            end_stream = True
+        super().send_headers(
+            stream_id,
+            headers,
+            end_stream,
+            priority_weight,
+            priority_depends_on,
+            priority_exclusive,
+        )
+
+    def end_stream(self, stream_id: int) -> None:
+        """
+        End the stream: with its trailers if it has some, not at all if its head ended it, else as
+        C{h2} does.
+        """
+        if stream_id in self._endedByHeaders:
+            self._endedByHeaders.discard(stream_id)
+            return
+        trailers = self.trailers.pop(stream_id, None)
+        if trailers:
+            self.send_headers(stream_id, trailers, end_stream=True)
+        else:
+            super().end_stream(stream_id)
+
+    def forget(self, streamID: int) -> None:
+        """
+        A stream is done: drop what was kept for its end (it was reset before).
+        """
+        self.trailers.pop(streamID, None)
+        self.headersOnly.discard(streamID)
+        self._endedByHeaders.discard(streamID)
+
+
 class _H2Channel(H2Connection):
     """
     twisted.web's HTTP/2 connection, closed when idle as an HTTP/1.1 visitor's is: after
@@ -394,10 +485,20 @@ class _H2Channel(H2Connection):
     also closes connections with streams in flight: a slow upstream, a long poll, an event stream.)
     """
 
+    conn: _TrailingConnection
+
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor)
+        self.conn = _TrailingConnection(self.conn.config)
         #: Streams L{_sendPrioritisedData} blocked for want of flow-control window.
         self._parked: set[int] = set()
+
+    def _requestDone(self, streamID: int) -> None:
+        """
+        A stream is done: forget trailers it did not send (it was reset).
+        """
+        self.conn.forget(streamID)
+        super()._requestDone(streamID)
 
     def timeoutConnection(self) -> None:
         """

@@ -7,6 +7,9 @@ persistent and pooled per target. Bodies stream both ways with backpressure (eac
 other's producer while an exchange runs); C{Connection: Upgrade} answered with C{101} becomes a raw
 two-way splice (WebSocket). Pipelined requests are answered in order.
 
+Routes to HTTP/2 upstreams (C{h2c://}, C{h2://}) and gRPC calls go on a stream of a multiplexed
+HTTP/2 connection instead (L{H2Exchange} over L{portal.tunnel.h2upstream}).
+
 With C{--app}, each request first goes through the app gateway (L{portal.gateway.access.Gateway}):
 it picks the app by host, and either answers itself (401, 403, the gateway's own pages, ...; nothing
 reaches the app, no upstream connection is opened) or admits the request with its headers edited
@@ -40,7 +43,13 @@ from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.gateway.access import MAX_BODY, Admitted, Gateway, page
 from portal.gateway.basicauth import BasicAuth
 from portal.gateway.caller import GatewayRequest, GatewayResponse
-from portal.gateway.routes import Match, RouteTable, Upstream
+from portal.gateway.routes import Match, RouteTable, Upstream, isGRPC
+from portal.tunnel.h2upstream import (
+    H2UpstreamConnection,
+    H2UpstreamPool,
+    H2UpstreamStream,
+    requestHeaders,
+)
 from portal.tunnel.inspector import Capture, Inspector
 from portal.tunnel.report import Reporter
 from portal.wire.attach import StreamHeader
@@ -190,6 +199,16 @@ class ExchangeVisitor(typing.Protocol):
         The request head to send upstream.
         """
 
+    def requestHeaders(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """
+        The request headers to send upstream.
+        """
+
+    def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Send the response's trailers with its end (HTTP/2 visitors only).
+        """
+
     def pendingBody(self, exchange: Exchange) -> bytes:
         """
         Body bytes held until the upstream was connected.
@@ -226,7 +245,7 @@ class Exchange:
         self.held = 0
         self.bodyDone = False
         self.chunkedUpstream = False
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamConnection | H2Exchange | None = None
         self.started = 0.0
         self.status = 0
         self.sent = 0
@@ -250,9 +269,8 @@ class Exchange:
         @return: Whether it went upstream.
         """
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.bodyProgress(len(data))
-            upstream.transport.write(_chunk(data) if self.chunkedUpstream else data)
+        if upstream is not None and upstream.ready:
+            upstream.sendBody(self, data)
             return True
         self.body.append(data)
         self.held += len(data)
@@ -264,8 +282,8 @@ class Exchange:
         """
         self.bodyDone = True
         upstream = self.upstream
-        if self.chunkedUpstream and upstream is not None and upstream.transport is not None:
-            upstream.transport.write(b"0\r\n\r\n")
+        if upstream is not None and upstream.ready:
+            upstream.endBody(self)
 
 
 class HTTPProxy:
@@ -416,7 +434,20 @@ class ExchangeAnswers:
 
     def requestHead(self, exchange: Exchange) -> bytes:
         """
-        The request head to send upstream: hop-by-hop headers removed, forwarding headers added.
+        The request head to send upstream over HTTP/1.1: L{requestHeaders}, framed.
+        """
+        match = exchange.match
+        assert match is not None
+        headers = self.requestHeaders(exchange)
+        if exchange.chunkedUpstream:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
+        lines += [b"%s: %s" % (n, v) for n, v in headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def requestHeaders(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """
+        The request headers to send upstream: hop-by-hop headers removed, forwarding headers added.
         """
         match = exchange.match
         assert match is not None
@@ -449,11 +480,14 @@ class ExchangeAnswers:
             headers.append((b"X-Forwarded-Prefix", match.strippedPrefix.encode("latin-1")))
         # After the filtering above, so that a visitor's Connection header cannot remove them.
         headers += exchange.gatewayHeaders
-        if exchange.chunkedUpstream:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        lines = [b"%s %s HTTP/1.1" % (exchange.method, match.upstreamPath.encode("latin-1"))]
-        lines += [b"%s: %s" % (n, v) for n, v in headers]
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+        return headers
+
+    def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Send the response's trailers with its end. Only visitors that frame bodies themselves
+        (HTTP/2) are asked; an HTTP/1.1 visitor gets them in its chunked body (L{H2Exchange}).
+        """
+        raise NotImplementedError()
 
     def pendingBody(self, exchange: Exchange) -> bytes:
         """
@@ -703,7 +737,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         exchange.match = match
         transport = self.transport
         assert transport is not None
-        idle = self._proxy.pool.takeIdle(match.route.upstream)
+        idle = self._proxy.pool.takeIdle(match.route.upstream, exchange)
         if idle is not None:
             # The common case with keep-alive: no Deferred, no pause.
             exchange.upstream = idle
@@ -712,9 +746,9 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         # Hold the request body in the socket, not in memory, until the upstream is connected.
         pauseReading(transport)
         self._connecting = True
-        d = self._proxy.pool.get(match.route.upstream)
+        d = self._proxy.pool.get(match.route.upstream, exchange)
 
-        def connected(upstream: UpstreamConnection) -> None:
+        def connected(upstream: UpstreamConnection | H2Exchange) -> None:
             self._connecting = False
             if self._lost or exchange.status:
                 # Gone, or already answered (a malformed body): the request was never sent.
@@ -873,6 +907,23 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         self._respondLocally(exchange, 400, reason)
 
 
+def answerFailure(
+    visitor: ExchangeVisitor, exchange: Exchange, upstream: Upstream, status: int, message: str
+) -> None:
+    """
+    An upstream broke an exchange: answer C{status} with a page naming the route if nothing was
+    answered yet, else cut the visitor off (a truncated response must not look whole).
+    """
+    match = exchange.match
+    assert match is not None
+    if not exchange.status:
+        visitor._respondLocally(
+            exchange, status, f"Route {match.route.prefix} -> {upstream.authority}: {message}"
+        )
+    elif visitor.transport is not None:
+        visitor.transport.loseConnection()
+
+
 class UpstreamConnection(Protocol):
     """
     One persistent connection to an upstream; carries one exchange at a time.
@@ -901,6 +952,28 @@ class UpstreamConnection(Protocol):
         Send small writes at once.
         """
         noDelay(self.transport)
+
+    @property
+    def ready(self) -> bool:
+        """
+        Whether request body bytes can be written now.
+        """
+        return self.transport is not None
+
+    def sendBody(self, exchange: Exchange, data: bytes) -> None:
+        """
+        Write a piece of C{exchange}'s request body, chunk-framed if the request is sent that way.
+        """
+        assert self.transport is not None
+        self.bodyProgress(len(data))
+        self.transport.write(_chunk(data) if exchange.chunkedUpstream else data)
+
+    def endBody(self, exchange: Exchange) -> None:
+        """
+        C{exchange}'s request body is complete: end the chunked framing if it was sent that way.
+        """
+        if exchange.chunkedUpstream and self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
 
     def begin(self, visitor: ExchangeVisitor, exchange: Exchange) -> None:
         """
@@ -1133,14 +1206,7 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()
         if exchange is None or visitor is None:
             return
-        if not exchange.status:
-            match = exchange.match
-            assert match is not None
-            visitor._respondLocally(
-                exchange, 502, f"Route {match.route.prefix} -> {self.upstream.authority}: {message}"
-            )
-        elif visitor.transport is not None:
-            visitor.transport.loseConnection()
+        answerFailure(visitor, exchange, self.upstream, 502, message)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -1161,20 +1227,185 @@ class UpstreamConnection(Protocol):
         self._fail("the upstream closed the connection")
 
 
+class H2Exchange:
+    """
+    One exchange forwarded over HTTP/2 (L{portal.tunnel.h2upstream}), seen by the visitor as its
+    upstream connection is: the request body goes out on the stream as it arrives, the response comes
+    back as it arrives, the stream is the push producer of the visitor's transport (so a slow visitor
+    holds back the server's window). Trailers end the response of an HTTP/2 visitor; an HTTP/1.1
+    visitor gets them in the trailer section of a chunked body (a response with a length drops them).
+
+    @ivar upstream: The upstream, as the pool keys it (C{http2} set).
+    """
+
+    _log = Logger()
+
+    def __init__(self, connection: H2UpstreamConnection, upstream: Upstream) -> None:
+        self._connection = connection
+        self.upstream = upstream
+        self._stream: H2UpstreamStream | None = None
+        self._visitor: ExchangeVisitor | None = None
+        self._exchange: Exchange | None = None
+        self._chunked = False
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._producing = False
+
+    @property
+    def ready(self) -> bool:
+        """
+        Whether request body bytes can be sent now.
+        """
+        return self._stream is not None and not self._stream.done
+
+    def begin(self, visitor: ExchangeVisitor, exchange: Exchange) -> None:
+        """
+        Open a stream for C{exchange} and send what the visitor sent of its body so far.
+        """
+        self._visitor, self._exchange = visitor, exchange
+        match = exchange.match
+        assert match is not None and visitor.transport is not None
+        headers = visitor.requestHeaders(exchange)
+        authority = _header(headers, b"host") or self.upstream.authority.encode("latin-1")
+        scheme = b"https" if self.upstream.tls else b"http"
+        path = match.upstreamPath.encode("latin-1")
+        stream = self._connection.openStream(
+            requestHeaders(exchange.method, scheme, authority, path, headers), self
+        )
+        self._stream = stream
+        stream.writer = visitor.transport
+        visitor.transport.registerProducer(stream, True)
+        self._producing = True
+        held, exchange.body = exchange.body, []
+        exchange.held = 0
+        for data in held:
+            stream.sendBody(data)
+        if exchange.bodyDone:
+            stream.endBody()
+
+    def sendBody(self, exchange: Exchange, data: bytes) -> None:
+        """
+        Send a piece of the request body on the stream.
+        """
+        if self._stream is not None:
+            self._stream.sendBody(data)
+
+    def endBody(self, exchange: Exchange) -> None:
+        """
+        The request body is complete: end the stream's request side.
+        """
+        if self._stream is not None:
+            self._stream.endBody()
+
+    def abandon(self) -> None:
+        """
+        The visitor went away: reset the stream; the connection's other streams go on.
+        """
+        stream = self._stream
+        self._end()
+        if stream is not None:
+            stream.cancel()
+
+    def responseHead(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Write the response head to the visitor, choosing an HTTP/1.1 visitor's framing.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        if exchange is None or visitor is None:
+            return
+        noBody = exchange.method == b"HEAD" or status in (204, 304)
+        if not noBody and not visitor.framesBodies and _header(headers, b"content-length") is None:
+            if exchange.version == "1.1":
+                self._chunked = True
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                visitor._closeAfter = True
+        if exchange.capture is not None:
+            exchange.capture.head(headers)
+        visitor.writeHead(exchange, status, _STATUS.get(status, b"Status"), headers)
+
+    def responseBody(self, data: bytes) -> None:
+        """
+        Stream a piece of the response body to the visitor.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        if exchange is None or visitor is None:
+            return
+        if exchange.capture is not None:
+            exchange.capture.response(data)
+        visitor.writeBody(exchange, _chunk(data) if self._chunked else data, len(data))
+
+    def responseTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Keep the trailers for the end of the response.
+        """
+        self._trailers = trailers
+
+    def responseEnded(self) -> None:
+        """
+        The response is complete: its trailers, then the end.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        self._end()
+        if exchange is None or visitor is None:
+            return
+        if visitor.framesBodies:
+            visitor.writeTrailers(exchange, self._trailers)
+        elif self._chunked:
+            fields = b"".join(b"%s: %s\r\n" % field for field in self._trailers)
+            visitor.writeBody(exchange, b"0\r\n" + fields + b"\r\n", 0)
+        visitor.finished(exchange)
+
+    def responseFailed(self, status: int, message: str) -> None:
+        """
+        The stream failed: answer 502 or 504 if nothing was answered yet, else cut the visitor off.
+        """
+        exchange, visitor = self._exchange, self._visitor
+        self._end()
+        if exchange is None or visitor is None:
+            return
+        match = exchange.match
+        assert match is not None
+        self._log.warn(
+            "route {prefix} -> {upstream} (HTTP/2): {message}",
+            prefix=match.route.prefix,
+            upstream=self.upstream.authority,
+            message=message,
+        )
+        answerFailure(visitor, exchange, self.upstream, status, message)
+
+    def _end(self) -> None:
+        """
+        The exchange is over: the stream stops producing for the visitor's transport.
+        """
+        visitor = self._visitor
+        self._exchange = None
+        if self._producing and visitor is not None and not visitor._lost:
+            self._producing = False
+            if visitor.transport is not None:
+                cast(IForwardingTransport, visitor.transport).unregisterProducer()
+
+
 class UpstreamPool:
     """
-    Persistent upstream connections, idle ones kept per target.
+    Persistent upstream connections: HTTP/1.1 ones, idle ones kept per target; HTTP/2 ones
+    (L{H2UpstreamPool}) for C{h2c://} and C{h2://} targets and for gRPC requests.
     """
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self._idle: dict[Upstream, list[UpstreamConnection]] = {}
         self.opened = 0
+        self.http2 = H2UpstreamPool(reactor)
 
-    def takeIdle(self, upstream: Upstream) -> UpstreamConnection | None:
+    def takeIdle(
+        self, upstream: Upstream, exchange: Exchange | None = None
+    ) -> UpstreamConnection | None:
         """
-        @return: An idle connection to C{upstream}, or L{None}.
+        @param exchange: The request, if its kind may choose HTTP/2 (a gRPC request).
+        @return: An idle connection to C{upstream}, or L{None} (always for HTTP/2).
         """
+        if _overHTTP2(upstream, exchange) is not None:
+            return None
         idle = self._idle.get(upstream)
         while idle:
             connection = idle.pop()
@@ -1182,10 +1413,18 @@ class UpstreamPool:
                 return connection
         return None
 
-    def get(self, upstream: Upstream) -> Deferred[UpstreamConnection]:
+    def get(
+        self, upstream: Upstream, exchange: Exchange | None = None
+    ) -> Deferred[UpstreamConnection | H2Exchange]:
         """
-        @return: An idle connection to C{upstream}, or a new one (within L{CONNECT_TIMEOUT}).
+        @param exchange: The request, if its kind may choose HTTP/2 (a gRPC request).
+        @return: An idle connection to C{upstream}, or a new one (within L{CONNECT_TIMEOUT}); or for
+            HTTP/2 a stream's exchange on a (possibly new) multiplexed connection.
         """
+        http2 = _overHTTP2(upstream, exchange)
+        if http2 is not None:
+            exchanges = self.http2.connection(http2).addCallback(H2Exchange, http2)
+            return cast("Deferred[UpstreamConnection | H2Exchange]", exchanges)
         idle = self._idle.get(upstream)
         while idle:
             connection = idle.pop()
@@ -1195,16 +1434,19 @@ class UpstreamPool:
         if upstream.tls:
             endpoint = wrapClientTLS(CertificateOptions(verify=False), endpoint)
         self.opened += 1
-        d: Deferred[UpstreamConnection] = connectQuietly(
+        d: Deferred[UpstreamConnection | H2Exchange] = connectQuietly(
             endpoint, UpstreamConnection(self, upstream)
         )
         d.addTimeout(CONNECT_TIMEOUT, self.reactor)
         return d
 
-    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+    def release(self, connection: UpstreamConnection | H2Exchange, reusable: bool) -> None:
         """
-        Keep a connection whose exchange finished cleanly, or close it.
+        Keep a connection whose exchange finished cleanly, or close it; an HTTP/2 exchange that
+        never began needs nothing.
         """
+        if isinstance(connection, H2Exchange):
+            return
         idle = self._idle.setdefault(connection.upstream, [])
         if reusable and not connection.lost and len(idle) < MAX_IDLE_PER_UPSTREAM:
             idle.append(connection)
@@ -1218,3 +1460,15 @@ class UpstreamPool:
         idle = self._idle.get(connection.upstream)
         if idle and connection in idle:
             idle.remove(connection)
+
+
+def _overHTTP2(upstream: Upstream, exchange: Exchange | None) -> Upstream | None:
+    """
+    @return: The upstream as the HTTP/2 pool keys it when the request goes over HTTP/2 (the target
+        was written C{h2c://} or C{h2://}, or the request is a gRPC call), else L{None}.
+    """
+    if upstream.http2:
+        return upstream
+    if exchange is not None and isGRPC(exchange.headers):
+        return attrs.evolve(upstream, http2=True)
+    return None
