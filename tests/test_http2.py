@@ -9,7 +9,7 @@ L{UpstreamConnection}s handed out by L{tests.test_httpproxy.FakePool}, as in the
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -1005,3 +1005,120 @@ class ClockTests(H2TestCase):
         self.assertTrue(client.responses[streamID].ended)
         self.clock.advance(IDLE_TIMEOUT)
         self.assertTrue(transport.disconnecting)
+
+
+class CountingTransport(NegotiatedTransport):
+    """
+    A L{NegotiatedTransport} that counts how often its local address is asked for.
+
+    @ivar hostAsked: The number of L{getHost} calls.
+    """
+
+    hostAsked = 0
+
+    def getHost(self) -> Any:
+        """
+        Count the call and answer as L{StringTransport} does.
+        """
+        self.hostAsked += 1
+        return super().getHost()
+
+
+class FastPathTests(H2TestCase):
+    """
+    The common case (a small response to a request whose headers came in whole) takes no extra
+    reactor turns: the request is forwarded as soon as its frames are handled, and its response
+    leaves in the same turn as the upstream's answer, headers, body and end together.
+    """
+
+    def test_requestForwardedWithoutTurn(self) -> None:
+        """
+        A request is routed and sent upstream while the frames that carried it are handled, before
+        any call on the clock runs.
+        """
+        routed, _, client = self.connectH2()
+        client.request(b"GET", b"/api/x")
+        routed.dataReceived(client.conn.data_to_send())
+        self.assertEqual(self.pool.gets, [API])
+        [request] = self.sentUpstream(self.pool.connect())
+        self.assertEqual(request.url, b"/x")
+
+    def test_smallResponseAtOnce(self) -> None:
+        """
+        A small response is written whole (headers, body, end of stream) as the upstream's answer
+        arrives, with no send-loop turn in between, and the stream is forgotten.
+        """
+        routed, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.receive(transport.value())  # No clock call has run since the answer.
+        response = client.responses[streamID]
+        self.assertEqual((response.status, response.body, response.ended), (200, b"hello", True))
+        channel: Any = routed._inner
+        self.assertEqual(channel.streams, {})
+        self.assertEqual(channel._outboundStreamQueues, {})
+
+    def test_largeResponseThroughSendLoop(self) -> None:
+        """
+        A piece of a response larger than a frame goes through twisted.web's send loop, frame by
+        frame, and ends only after its last byte.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        body = b"y" * 40_000
+        self.pool.connect().dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        client.receive(transport.value())
+        transport.clear()
+        response = client.responses[streamID]
+        self.assertLess(len(response.body), len(body))
+        self.assertFalse(response.ended)
+        for _ in range(10):
+            client.acknowledge(streamID)
+            client.flush()
+        self.assertEqual((response.body, response.ended), (body, True))
+
+    def test_responseAfterQueuedDataWaits(self) -> None:
+        """
+        Once a stream has data queued (its window ran out), later pieces queue behind it rather
+        than overtaking it, and the end of the stream comes last.
+        """
+        _, transport, client = self.connectH2()
+        client.conn.update_settings({0x4: 10})  # SETTINGS_INITIAL_WINDOW_SIZE
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        upstream = self.pool.connect()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + b"a" * 15)
+        upstream.dataReceived(b"b" * 15)
+        client.flush()
+        response = client.responses[streamID]
+        self.assertEqual(response.body, b"a" * 10)
+        self.assertFalse(response.ended)
+        for _ in range(10):
+            if response.ended:
+                break
+            client.conn.increment_flow_control_window(10, streamID)
+            client.flush()
+        self.assertEqual((response.body, response.ended), (b"a" * 15 + b"b" * 15, True))
+
+    def test_hostAskedOnce(self) -> None:
+        """
+        The local address is asked of the transport once per connection, not once per request.
+        """
+        routed = RoutedHTTP(self.proxy, HEADER)
+        transport = CountingTransport(b"h2")
+        routed.makeConnection(transport)
+        client = H2Client(routed, transport, self.clock)
+        client.flush()
+        upstream = None
+        for _ in range(3):
+            streamID = client.request(b"GET", b"/api/x")
+            client.flush()
+            upstream = upstream or self.pool.connect()  # Then kept alive and reused.
+            upstream.dataReceived(OK_HELLO)
+            client.flush()
+            self.assertTrue(client.responses[streamID].ended)
+        self.assertEqual(transport.hostAsked, 1)

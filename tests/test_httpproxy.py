@@ -26,6 +26,7 @@ from portal.tunnel.httpproxy import (
     IDLE_TIMEOUT,
     LINK_THRESHOLD,
     MAX_HEAD_BYTES,
+    MAX_IDLE_PER_UPSTREAM,
     RESPONSE_TIMEOUT,
     Exchange,
     H2Exchange,
@@ -1525,3 +1526,33 @@ class HostRewriteTests(ProxyTestCase):
         self.visit(b"GET /x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         [request] = self.sentUpstream(self.pool.connect())
         self.assertEqual(request.values(b"host"), [b"app.localhost"])
+
+
+class UpstreamPoolTests(SynchronousTestCase):
+    """
+    L{UpstreamPool} keeps finished connections for reuse, up to L{MAX_IDLE_PER_UPSTREAM} per target.
+    """
+
+    def test_idleLimit(self) -> None:
+        """
+        Released connections are kept idle up to the limit; one more is closed instead, and a
+        connection released as not reusable is closed too.
+        """
+        pool = UpstreamPool(MemoryReactorClock())
+        connections = []
+        for _ in range(MAX_IDLE_PER_UPSTREAM + 1):
+            connection = UpstreamConnection(pool, API)
+            connection.makeConnection(StringTransport())
+            connections.append(connection)
+        for connection in connections:
+            pool.release(connection, reusable=True)
+        closed = [c for c in connections if transportOf(c).disconnecting]
+        self.assertEqual(closed, connections[-1:])
+        spare = UpstreamConnection(pool, APP)
+        spare.makeConnection(StringTransport())
+        pool.release(spare, reusable=False)
+        self.assertTrue(transportOf(spare).disconnecting)
+        taken = [pool.takeIdle(API) for _ in range(MAX_IDLE_PER_UPSTREAM)]
+        self.assertEqual(set(taken), set(connections[:-1]))
+        self.assertIsNone(pool.takeIdle(API))
+        self.assertIsNone(pool.takeIdle(APP))

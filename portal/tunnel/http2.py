@@ -26,7 +26,7 @@ import attrs
 import h2.config
 import h2.connection
 from h2.errors import ErrorCodes
-from h2.exceptions import H2Error
+from h2.exceptions import H2Error, StreamClosedError
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IProtocol
@@ -374,8 +374,8 @@ class StreamingRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         """
-        The headers are in (C{content-length}, if any, is C{length}): start forwarding on the next
-        reactor turn, once the stream is set up.
+        The headers are in (C{content-length}, if any, is C{length}): start forwarding once the
+        frames being handled are all handled (L{_H2Channel.startSoon}), when the stream is set up.
         """
         visitor = self.visitor
         if visitor is None:
@@ -384,7 +384,7 @@ class StreamingRequest(Request):
             self.uri = stream.path
             self.clientproto = b"HTTP/2"
             visitor = self.visitor = H2Visitor(self._proxy, self._header, self)
-            self._proxy.reactor.callLater(0, visitor.start)
+            stream._conn.startSoon(visitor)
         visitor.length = length
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -492,6 +492,20 @@ class _H2Channel(H2Connection):
         self.conn = _TrailingConnection(self.conn.config)
         #: Streams L{_sendPrioritisedData} blocked for want of flow-control window.
         self._parked: set[int] = set()
+        #: Requests whose headers came in the frames L{dataReceived} is handling, to start once
+        #: those frames are all handled.
+        self._starting: list[H2Visitor] = []
+        self._host: Any = None
+
+    def getHost(self) -> Any:
+        """
+        @return: The local address of the visitor's transport, asked of the kernel once per
+            connection rather than once per request (twisted.web's C{Request} asks for it).
+        """
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def _requestDone(self, streamID: int) -> None:
         """
@@ -526,11 +540,18 @@ class _H2Channel(H2Connection):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Frames from the visitor; afterwards, streams parked by L{_sendPrioritisedData} whose window
-        opened again (C{WINDOW_UPDATE} or a larger C{SETTINGS_INITIAL_WINDOW_SIZE}) go back to the
-        send loop, which is woken if it was waiting.
+        Frames from the visitor; afterwards, the requests whose headers they carried are started
+        (with whatever body came in the same frames), and streams parked by
+        L{_sendPrioritisedData} whose window opened again (C{WINDOW_UPDATE} or a larger
+        C{SETTINGS_INITIAL_WINDOW_SIZE}) go back to the send loop, which is woken if it was
+        waiting.
         """
         super().dataReceived(data)
+        starting = self._starting
+        if starting:
+            self._starting = []
+            for visitor in starting:
+                visitor.start()
         if not self._parked:
             return
         opened = False
@@ -545,6 +566,61 @@ class _H2Channel(H2Connection):
         if opened and sending is not None:
             self._sendingDeferred = None
             sending.callback(None)
+
+    def startSoon(self, visitor: H2Visitor) -> None:
+        """
+        Start C{visitor}'s request once the frames being handled are all handled (its stream is
+        set up by then, and any body that came with the headers is held).
+        """
+        self._starting.append(visitor)
+
+    def _canSendNow(self, streamID: int, length: int) -> bool:
+        """
+        @return: Whether C{length} bytes of C{streamID} can go out at once, in order and within
+            flow control: nothing of the stream is queued, the transport is not paused, no control
+            frame waits, and the stream's window and the frame size allow them.
+        """
+        queue = self._outboundStreamQueues.get(streamID)
+        return (
+            queue is not None
+            and not queue
+            and self._consumerBlocked is None
+            and not self._bufferedControlFrames
+            and length <= self.conn.max_outbound_frame_size
+            and length <= self._window(streamID)
+        )
+
+    def writeDataToStream(self, streamID: int, data: bytes) -> None:
+        """
+        Send a piece of a response at once when nothing is ahead of it and flow control allows
+        (the common case: a small response), so that it leaves with the headers in the same TLS
+        write; otherwise queue it for twisted.web's send loop, which sends a frame per reactor turn
+        in priority order.
+        """
+        if not data or not self._canSendNow(streamID, len(data)):
+            super().writeDataToStream(streamID, data)
+            return
+        self.conn.send_data(streamID, data)
+        self._tryToWriteControlData()  # Writes at once: nothing is buffered or blocked.
+        if self._window(streamID) <= 0:
+            self.streams[streamID].flowControlBlocked()
+
+    def endRequest(self, streamID: int) -> None:
+        """
+        End a response at once when nothing of it is queued (with C{END_STREAM} on an empty DATA
+        frame, as twisted.web's send loop does), and forget the stream; otherwise queue the end
+        behind the data.
+        """
+        if not self._canSendNow(streamID, 0):
+            super().endRequest(streamID)
+            return
+        try:
+            self.conn.end_stream(streamID)
+        except StreamClosedError:
+            pass  # Reset by the visitor meanwhile: nothing to end.
+        else:
+            self._tryToWriteControlData()
+        self._requestDone(streamID)
 
     def _window(self, streamID: int) -> int:
         """

@@ -61,8 +61,11 @@ CONNECT_TIMEOUT = 10.0
 RESPONSE_TIMEOUT = 60.0
 #: Seconds a visitor connection with no request in flight may stay silent.
 IDLE_TIMEOUT = 120.0
-#: Idle upstream connections kept per target.
-MAX_IDLE_PER_UPSTREAM = 32
+#: Idle upstream connections kept per target: enough for the requests in flight of a few HTTP/2
+#: visitors (each request has an upstream connection of its own while it runs; a browser opens up
+#: to 100 streams on a connection), so that busy multiplexed visitors do not open and close an
+#: upstream connection per request.
+MAX_IDLE_PER_UPSTREAM = 256
 #: Body bytes of one exchange after which the two transports are linked as each other's producers.
 LINK_THRESHOLD = 64 * 1024
 #: Largest request head (request line and headers) accepted.
