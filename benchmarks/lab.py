@@ -493,6 +493,57 @@ class Lab:
         seconds = float(child.waitFor(r"^registered \d+ in ([\d.]+)", timeout=600).group(1))
         return child, seconds
 
+    def haproxyHTTP(self, targetPort: int) -> tuple[Child, int] | None:
+        """
+        HAProxy terminating TLS (the sink certificate, TLS 1.3, ALPN C{h2,http/1.1}) as an HTTP
+        proxy (C{mode http}, keep-alive both ways, one thread) in front of a plain HTTP service;
+        L{None} if absent.
+
+        @return: The child and its HTTPS port.
+        """
+        binary = tool("haproxy")
+        if binary is None:
+            return None
+        port = freePort()
+        pem = os.path.join(self.root, "haproxy-http.pem")
+        with open(pem, "w") as f, open(self.certFile) as cert, open(self.keyFile) as key:
+            f.write(cert.read() + key.read())
+        config = os.path.join(self.root, "haproxy-http.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "global\n  maxconn 9000\n  nbthread 1\n"
+                "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
+                "  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n"
+                f"frontend fe\n  bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1 "
+                "ssl-min-ver TLSv1.3\n  default_backend web\n"
+                f"backend web\n  http-reuse always\n  server s1 127.0.0.1:{targetPort}\n"
+            )
+        child = self._start("haproxy http", [binary, "-db", "-f", config])
+        _waitListening(port, child)
+        return child, port
+
+    def h2load(
+        self, url: str, seconds: float, streams: int, http1: bool = False, clients: int = 16
+    ) -> dict[str, float]:
+        """
+        Run h2load (Debian nghttp2-client) against C{url} with C{clients} connections and
+        C{streams} requests in flight on each (HTTP/2), or HTTP/1.1 with C{http1}; C{*.localhost}
+        names are connected to 127.0.0.1 (C{--connect-to}), the SNI stays the URL's host.
+
+        @return: Requests per second, requests completed and failed, and the mean and largest
+            time per request (microseconds).
+        """
+        binary = tool("h2load")
+        if binary is None:
+            raise RuntimeError("h2load is not installed (Debian package nghttp2-client)")
+        port = url.rsplit(":", 1)[1]
+        argv = [binary, "-t2", f"-c{clients}", f"-m{streams}", f"-D{seconds:g}"]
+        if http1:
+            argv.append("--h1")
+        argv += [f"--connect-to=127.0.0.1:{port}", url + "/"]
+        output = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+        return parseH2load(output)
+
 
 def _waitListening(port: int, child: Child, tries: int = 200) -> None:
     """
@@ -529,6 +580,31 @@ def parseWrk(output: str) -> dict[str, float]:
             result["errors"] += sum(float(w.rstrip(",")) for w in words if w.rstrip(",").isdigit())
     if "requestsPerSecond" not in result:
         raise RuntimeError(f"wrk printed no result:\n{output}")
+    return result
+
+
+def parseH2load(output: str) -> dict[str, float]:
+    """
+    Read requests/s, the request counts and the time per request from h2load's output.
+    """
+    units = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+    def micros(word: str) -> float:
+        number = word.rstrip("usm")
+        return float(number) * units[word[len(number) :]]
+
+    result: dict[str, float] = {}
+    for line in output.splitlines():
+        words = line.replace(",", "").split()
+        if line.startswith("finished in"):
+            result["requestsPerSecond"] = float(words[3])
+        elif line.startswith("requests:"):
+            result["done"] = float(words[5])
+            result["failed"] = float(words[9]) + float(words[11])
+        elif line.startswith("time for request:"):
+            result["minUs"], result["maxUs"], result["meanUs"] = map(micros, words[3:6])
+    if "requestsPerSecond" not in result or "meanUs" not in result:
+        raise RuntimeError(f"h2load printed no result:\n{output}")
     return result
 
 

@@ -117,6 +117,14 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append(
             _target("routed HTTP p99 latency", routed["portal"]["p99us"] / 1000, 20, False, "ms")
         )
+    ratios = results["scenarios"].get("routedHTTP", {}).get("ratios", {})
+    for key, name, limit in (
+        ("portal vs HAProxy (wrk)", "routed HTTP requests/s vs HAProxy terminating TLS", 0.5),
+        ("h2 -m1 vs HTTP/1.1", "HTTP/2 requests/s vs HTTP/1.1 on the same tunnel (h2load)", 0.8),
+        ("h2 -m10 vs h2 -m1", "HTTP/2 with 10 streams per connection vs 1 (h2load)", 1.0),
+    ):
+        if key in ratios:
+            targets.append(_target(name, ratios[key], limit, True, "x"))
     full = results["scenarios"].get("fullPath", {}).get("paths", {})
     if "portal (relay + tunnel)" in full and "twisted TLS server" in full:
         for direction in ("uploadMBps", "downloadMBps"):
@@ -308,14 +316,31 @@ def markdown(results: dict[str, Any]) -> str:
             out += [
                 "wrk, 2 threads, 16 keep-alive connections, 1 KiB responses from nginx.",
                 "",
-                "| path | requests/s | p50 µs | p99 µs | errors |",
-                "|---|---|---|---|---|",
+                "| path | requests/s | p50 µs | p99 µs | errors | proxy CPU µs per request |",
+                "|---|---|---|---|---|---|",
             ]
             for name, e in data["paths"].items():
                 out.append(
                     f"| {name} | {_fmt(e['requestsPerSecond'])} | {_fmt(e['p50us'])} | "
-                    f"{_fmt(e['p99us'])} | {_fmt(e['errors'])} |"
+                    f"{_fmt(e['p99us'])} | {_fmt(e['errors'])} | "
+                    f"{_fmt(e.get('proxyCpuUsPerRequest'))} |"
                 )
+            if data.get("h2load"):
+                out += [
+                    "",
+                    "h2load on the same tunnel, same run, 16 connections:",
+                    "",
+                    "| run | requests/s | mean µs per request | failed | tunnel CPU µs per request |",
+                    "|---|---|---|---|---|",
+                ]
+                for name, e in data["h2load"].items():
+                    out.append(
+                        f"| {name} | {_fmt(e['requestsPerSecond'])} | {_fmt(e['meanUs'])} | "
+                        f"{_fmt(e['failed'])} | {_fmt(e['tunnelCpuUsPerRequest'])} |"
+                    )
+                out += [""] + [
+                    f"- {name}: {value:.2f}x" for name, value in data.get("ratios", {}).items()
+                ]
             out += [f"- {note}" for note in data.get("notes", [])]
     data = scenarios.get("leaseScale")
     if data:

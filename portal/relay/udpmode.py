@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from portal.forwarding.datagramwriter import DatagramWriter
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.udpbuffers import enlargeBuffers
@@ -229,6 +230,8 @@ class TunnelSide(DatagramProtocol):
     The relay's UDP socket for tunnels (the control port's number).
     """
 
+    _writer: DatagramWriter | None = None
+
     def __init__(self, mode: UDPMode) -> None:
         self._mode = mode
 
@@ -242,9 +245,13 @@ class TunnelSide(DatagramProtocol):
         """
         Send a sealed datagram to a tunnel; a send error drops it (UDP gives no guarantee anyway).
         """
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return
+        writer = self._writer
+        if writer is None or writer.port is not transport:
+            writer = self._writer = DatagramWriter(transport)
         try:
-            self.transport.write(datagram, address)
+            writer.write(datagram, address)
         except OSError as e:
             self._mode.dropped(f"send failed: {e}", address)
