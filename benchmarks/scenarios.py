@@ -591,7 +591,7 @@ def rawTCPConnections(lab: Lab, settings: Settings, log: Callable[[str], None]) 
 #: Scenario 6b's datagram size: UDP payload bytes.
 UDP_DATAGRAM = 1400
 #: Scenario 6b's offered loads in Mbit/s of UDP payload; 0 is as fast as the sender can.
-UDP_LOADS = (100, 500, 0)
+UDP_LOADS = (100, 200, 500, 0)
 #: The relay's UDP counters (C{/metrics}) scenario 6b reads per run.
 UDP_COUNTERS = ("udp_to_tunnel", "udp_from_tunnel", "udp_over_control", "udp_dropped")
 
@@ -708,7 +708,7 @@ def _udpRun(
 
 def udp(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """
-    Scenario 6b: 1,400-byte datagrams offered at 100 and 500 Mbit/s and as fast as the sender can,
+    Scenario 6b: 1,400-byte datagrams offered at 100, 200 and 500 Mbit/s and as fast as the sender can,
     for C{udpSeconds}, from visitor to service (upload: the harness sends, the counting sink
     receives) and from service to visitor (download: the sink sends, the harness receives),
     directly on loopback versus through the public UDP port of a relay with C{--udp-ports} and a
