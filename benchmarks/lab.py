@@ -219,23 +219,28 @@ class Lab:
         name: str,
         configuration: Callable[[int], str],
         argv: Callable[[str, str], list[str]],
+        role: str | None = None,
     ) -> tuple[Child, int] | None:
         """
-        Start a C forwarder that routes TLS by SNI without decrypting, from a configuration file.
+        Start a C forwarder (one that routes TLS by SNI without decrypting, or HAProxy terminating
+        TLS) from a configuration file.
 
         @param name: The program (C{haproxy}, C{sslh-select}).
         @param configuration: Its configuration file's text, given the port to listen on.
         @param argv: Its command line, given the program's path and the configuration file's.
+        @param role: The name of the child and its configuration file, when one program plays
+            several roles in a lab (C{name} otherwise).
         @return: The child and its port, or L{None} when the program is not installed.
         """
         binary = tool(name)
         if binary is None:
             return None
+        role = role or name
         port = freePort()
-        config = os.path.join(self.root, f"{name}.cfg")
+        config = os.path.join(self.root, f"{role}.cfg")
         with open(config, "w") as f:
             f.write(configuration(port))
-        child = self._start(name, argv(binary, config))
+        child = self._start(role, argv(binary, config))
         _waitListening(port, child)
         return child, port
 
@@ -501,26 +506,22 @@ class Lab:
 
         @return: The child and its HTTPS port.
         """
-        binary = tool("haproxy")
-        if binary is None:
-            return None
-        port = freePort()
         pem = os.path.join(self.root, "haproxy-http.pem")
         with open(pem, "w") as f, open(self.certFile) as cert, open(self.keyFile) as key:
             f.write(cert.read() + key.read())
-        config = os.path.join(self.root, "haproxy-http.cfg")
-        with open(config, "w") as f:
-            f.write(
+        return self._passthrough(
+            "haproxy",
+            lambda port: (
                 "global\n  maxconn 9000\n  nbthread 1\n"
                 "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
                 "  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n"
                 f"frontend fe\n  bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1 "
                 "ssl-min-ver TLSv1.3\n  default_backend web\n"
                 f"backend web\n  http-reuse always\n  server s1 127.0.0.1:{targetPort}\n"
-            )
-        child = self._start("haproxy http", [binary, "-db", "-f", config])
-        _waitListening(port, child)
-        return child, port
+            ),
+            lambda binary, config: [binary, "-db", "-f", config],
+            "haproxy-http",
+        )
 
     def h2load(
         self, url: str, seconds: float, streams: int, http1: bool = False, clients: int = 16
