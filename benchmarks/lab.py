@@ -469,14 +469,16 @@ class Lab:
         with open(hosts, "w") as f:
             f.write(f"127.0.0.1 {host}\n")
         env = dict(os.environ, LD_PRELOAD="libnss_wrapper.so", NSS_WRAPPER_HOSTS=hosts)
-        output = subprocess.run(
+        done = subprocess.run(
             [binary, "-t2", f"-c{connections}", f"-d{seconds:g}s", "--latency", url + "/"],
             env=env,
             capture_output=True,
             text=True,
             timeout=seconds + 60,
-        ).stdout
-        return parseWrk(output)
+        )
+        if "libnss_wrapper.so" in done.stderr and "cannot be preloaded" in done.stderr:
+            raise RuntimeError("nss_wrapper is not installed (Debian package libnss-wrapper)")
+        return parseWrk(done.stdout)
 
     def registrar(self, controlPort: int, count: int, prefix: str) -> tuple[Child, float]:
         """
