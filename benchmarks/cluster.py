@@ -64,7 +64,13 @@ def _startEtcd(base: str) -> tuple[Child, str]:
     return child, f"127.0.0.1:{client}"
 
 
-def _startMember(base: str, name: str, etcd: str) -> tuple[Child, int, int]:
+def _startRelay(base: str, name: str, etcd: str, workers: int = 1) -> tuple[Child, int, int]:
+    """
+    Start a cluster member named C{name} (with C{workers} worker processes) and wait until it has
+    joined.
+
+    @return: The child, its public port and its control port.
+    """
     home = os.path.join(base, name)
     os.makedirs(home)
     child = Child(
@@ -86,12 +92,15 @@ def _startMember(base: str, name: str, etcd: str) -> tuple[Child, int, int]:
             f"etcd://{etcd}",
             "--node-name",
             name,
+            "--workers",
+            str(workers),
         ],
         env={"HOME": home},
     )
     public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
     control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
-    child.waitFor(r"joined relay cluster")
+    suffix = rf"-w{workers - 1}" if workers > 1 else ""
+    child.waitFor(rf"joined relay cluster .* as {name}{suffix} ")
     return child, public, control
 
 
@@ -113,8 +122,8 @@ def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     """
     Time to first byte at the holding member and at another member, interleaved.
     """
-    a = _startMember(base, "a", etcd)
-    b = _startMember(base, "b", etcd)
+    a = _startRelay(base, "a", etcd)
+    b = _startRelay(base, "b", etcd)
     page = Child("page", [python(), "-m", "http.server", "0", "--bind", "127.0.0.1"])
     pagePort = int(page.waitFor(r"port (\d+)").group(1))
     home = os.path.join(base, "tunnel")
@@ -171,38 +180,6 @@ def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     }
     result["addedByHopP50ms"] = result["forwardedTTFBp50ms"] - result["holderTTFBp50ms"]
     return result
-
-
-def _startRelay(base: str, name: str, etcd: str, workers: int) -> tuple[Child, int, int]:
-    home = os.path.join(base, name)
-    os.makedirs(home)
-    child = Child(
-        name,
-        [
-            twistd(),
-            "-n",
-            "--pidfile=",
-            "portal-relay",
-            "--state-dir",
-            os.path.join(home, "state"),
-            "--public",
-            "tcp:0:interface=127.0.0.1",
-            "--control",
-            "tcp:0:interface=127.0.0.1",
-            "--tunnel-domain",
-            "cluster.localhost",
-            "--cluster",
-            f"etcd://{etcd}",
-            "--workers",
-            str(workers),
-        ],
-        env={"HOME": home},
-    )
-    public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
-    control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
-    suffix = rf"-w{workers - 1}" if workers > 1 else ""
-    child.waitFor(rf"joined relay cluster .* as \S+{suffix} ")
-    return child, public, control
 
 
 def _workerPids(parent: int) -> list[int]:

@@ -190,6 +190,32 @@ class RealEtcdTests(TestCase):
         self.assertEqual(client.endpoints[client._current], live)
 
 
+class KeptAliveFailoverTests(TestCase):
+    """
+    An endpoint that goes away while the client holds a kept-alive connection to it.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_keptAliveConnectionToDeadEndpoint(self) -> Any:
+        """
+        After the endpoint the client last used stops, the next request fails over to the next
+        endpoint instead of failing with the dead connection's error.
+        """
+        first = (yield startEtcd(self))[0]
+        second = (yield startEtcd(self))[0]
+        client = EtcdClient([first.clientURL, second.clientURL], reactor, timeout=5)
+        self.addCleanup(client.close)
+        yield ensureDeferred(client.put(b"k", b"first"))
+        self.assertEqual(client._current, 0)
+        yield first.process.stop()
+        yield ensureDeferred(client.put(b"k", b"second"))
+        self.assertEqual(client._current, 1)
+        kv = yield ensureDeferred(client.get(b"k"))
+        self.assertEqual(kv.value, b"second")
+
+
 class UnavailableTests(TestCase):
     """
     A client with no reachable endpoint.

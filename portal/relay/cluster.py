@@ -285,6 +285,13 @@ class ClusterDirectory:
             self.available = False
             self._schedule(RETRY_DELAY)
             return
+        except Exception:
+            # Whatever went wrong, keep renewing: a keep-alive loop that stops would leave the
+            # member refusing registrations for good.
+            self._log.failure("cluster keep-alive failed")
+            self.available = False
+            self._schedule(RETRY_DELAY)
+            return
         if not self.available:
             self._log.info("cluster store available again")
         self.available = True

@@ -27,7 +27,14 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 
 #: Seconds one request to etcd may take before the next endpoint is tried.
@@ -274,9 +281,14 @@ class EtcdClient:
                 ConnectError,
                 ConnectionClosed,
                 ResponseFailed,
+                ResponseNeverReceived,
+                RequestTransmissionFailed,
+                RequestNotSent,
                 TimeoutError,
                 CancelledError,
             ) as e:
+                # A kept-alive connection to an endpoint that went away fails with
+                # ResponseNeverReceived: that endpoint is unreachable too.
                 last = f"{url}: {e.__class__.__name__}"
                 continue
             self._current = index
@@ -411,6 +423,8 @@ class EtcdClient:
         @return: Its id.
         """
         answer = await self._post("/v3/lease/grant", {"TTL": str(ttl)})
+        if "ID" not in answer:
+            raise EtcdError(f"lease grant answered without an ID: {answer!r:.200}")
         return int(answer["ID"])
 
     async def keepAlive(self, lease: int) -> int:
