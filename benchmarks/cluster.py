@@ -118,6 +118,41 @@ def _ttfbNumbered(port: int, hostname: str, context: ssl.SSLContext, index: int)
     return _ttfb(port, hostname, context)
 
 
+def _startTunnel(home: str, pagePort: int, name: str, control: int) -> Child:
+    """
+    Start a real C{portal expose PAGEPORT --name NAME} on the relay control port C{control}.
+    """
+    return Child(
+        "portal expose",
+        [
+            python(),
+            "-m",
+            "portal",
+            "expose",
+            str(pagePort),
+            "--name",
+            name,
+            "--relay",
+            f"127.0.0.1:{control}",
+            "--identity",
+            os.path.join(home, "identity.json"),
+            "--json",
+        ],
+        env={"HOME": home},
+    )
+
+
+def _lease(tunnel: Child) -> tuple[str, ssl.SSLContext]:
+    """
+    Wait for the tunnel's lease.
+
+    @return: Its hostname, and a TLS context trusting the tunnel's local CA.
+    """
+    lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
+    hostname = lease["url"].removeprefix("https://").rpartition(":")[0]
+    return hostname, ssl.create_default_context(cafile=lease["ca"])
+
+
 def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     """
     Time to first byte at the holding member and at another member, interleaved.
@@ -127,28 +162,9 @@ def forwardedVisitor(base: str, etcd: str, connections: int) -> dict[str, Any]:
     page = Child("page", [python(), "-m", "http.server", "0", "--bind", "127.0.0.1"])
     pagePort = int(page.waitFor(r"port (\d+)").group(1))
     home = os.path.join(base, "tunnel")
-    tunnel = Child(
-        "portal expose",
-        [
-            python(),
-            "-m",
-            "portal",
-            "expose",
-            str(pagePort),
-            "--name",
-            "bench",
-            "--relay",
-            f"127.0.0.1:{a[2]}",
-            "--identity",
-            os.path.join(home, "identity.json"),
-            "--json",
-        ],
-        env={"HOME": home},
-    )
+    tunnel = _startTunnel(home, pagePort, "bench", a[2])
     try:
-        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
-        hostname = lease["url"].removeprefix("https://").rpartition(":")[0]
-        context = ssl.create_default_context(cafile=lease["ca"])
+        hostname, context = _lease(tunnel)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -213,28 +229,9 @@ def workersScaling(base: str, etcd: str, connections: int, threads: int) -> dict
         for workers in (1, 2):
             relay, public, control = _startRelay(base, f"relay-{workers}w", etcd, workers)
             home = os.path.join(base, f"tunnel-{workers}w")
-            tunnel = Child(
-                "portal expose",
-                [
-                    python(),
-                    "-m",
-                    "portal",
-                    "expose",
-                    str(pagePort),
-                    "--name",
-                    f"scale{workers}",
-                    "--relay",
-                    f"127.0.0.1:{control}",
-                    "--identity",
-                    os.path.join(home, "identity.json"),
-                    "--json",
-                ],
-                env={"HOME": home},
-            )
+            tunnel = _startTunnel(home, pagePort, f"scale{workers}", control)
             try:
-                lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
-                hostname = lease["url"].removeprefix("https://").rpartition(":")[0]
-                context = ssl.create_default_context(cafile=lease["ca"])
+                hostname, context = _lease(tunnel)
                 _ttfb(public, hostname, context)
                 pids = _workerPids(relay.pid)
                 before = {pid: cpuSeconds(pid) for pid in pids}
