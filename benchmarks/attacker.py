@@ -456,6 +456,12 @@ class ChallengeFlood:
                 await _sleep(self._reactor, 1.0)
                 continue
             self.sessions += 1
+            # The relay reads a session over its rate only as fast as requests are earned, so
+            # requests may still wait at the deadline: the flood ends there, they are not served
+            # after it.
+            stop = self._reactor.callLater(
+                max(0.0, deadline - self._reactor.seconds()), protocol.transport.abortConnection
+            )
             try:
                 await DeferredList(
                     [
@@ -465,6 +471,8 @@ class ChallengeFlood:
                     consumeErrors=True,
                 )
             finally:
+                if stop.active():
+                    stop.cancel()
                 protocol.transport.abortConnection()
             if self._reactor.seconds() < deadline:
                 await _sleep(self._reactor, 1.0)

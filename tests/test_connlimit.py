@@ -142,6 +142,17 @@ class LimitedFactoryTests(SynchronousTestCase):
         self.assertFalse(again.disconnecting)
         self.assertEqual(self.limiter.bySource, {"10.0.0.1": 2, "10.0.0.2": 1})
 
+    def test_refusedWithoutReply(self) -> None:
+        """
+        Without a reply to send, a refused connection gets no protocol: Twisted closes its socket
+        without building a transport. The refusal is counted all the same.
+        """
+        factory = LimitedFactory(Factory.forProtocol(Recorder), self.limiter)
+        self.assertIsNotNone(factory.buildProtocol(v4("10.0.0.1")))
+        self.assertIsNotNone(factory.buildProtocol(v4("10.0.0.1")))
+        self.assertIsNone(factory.buildProtocol(v4("10.0.0.1")))
+        self.assertEqual(self.refusals.counts, {"connections_per_source": 1})
+
     def test_vouch(self) -> None:
         """
         A connection vouched for (found through its transport, or a TLS transport over it) frees
@@ -193,12 +204,8 @@ class LimitedFactoryTests(SynchronousTestCase):
         )
         for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
             self.connect(v4(host))
-        protocol = other.buildProtocol(v4("10.0.0.4"))
-        assert protocol is not None
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(transport.value(), b"")
+        # No reply on that listener: no protocol, the socket is closed at once.
+        self.assertIsNone(other.buildProtocol(v4("10.0.0.4")))
         self.assertEqual(self.refusals.counts, {"connections_total": 1})
         self.assertEqual(self.total.count, 3)
 

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from portal.relay.admission import AdmissionLimits, CommandRates, Rate
+from portal.relay.control import MAX_HOLD_OFF
 from portal.relay.identitylists import IdentityLists
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import tcpPorts
@@ -132,18 +133,62 @@ class RateLimitTests(GateClientTestCase):
         self.connection.flush()
         self.assertEqual(self.connection.relay.lifecycle, "closed")
 
+    def pipeline(self, count: int) -> list[Any]:
+        """
+        Send C{count} challenges at once (a flood pipelined on one session) and run the exchange.
+
+        @return: The answers so far, filled in as more come.
+        """
+        results: list[Any] = []
+        for _ in range(count):
+            self.client.callRemote(Challenge, names=[LABEL]).addBoth(results.append)
+        self.connection.flush()
+        return results
+
+    def advance(self, seconds: float) -> None:
+        """
+        Move the relay's clock on and run the exchange.
+        """
+        self.clock.advance(seconds)
+        self.connection.flush()
+
     def test_challengeFloodBounded(self) -> None:
         """
-        A flood of challenges from one session gets its burst and then C{TRY_AGAIN}: the relay
-        keeps only the burst's challenges, and counts every refusal.
+        A flood of challenges pipelined on one session gets its burst and then C{TRY_AGAIN}; the
+        relay then reads nothing more from the session until a request has been earned (1 s at one
+        a second), so the flood costs it one issued challenge and one refusal a second, not one
+        refusal per request sent. The refusals are counted.
         """
         self.hello()
-        results = [self.call(Challenge, names=[LABEL]) for _ in range(50)]
+        results = self.pipeline(50)
         issued = [r for r in results if not isinstance(r, Failure)]
-        self.assertEqual(len(issued), 2)
-        self.assertEqual(len(self.router.challenges), 2)
+        self.assertEqual((len(issued), len(results)), (2, 3))
         self.assertRefusedWith(results[-1], TryAgain, "too many challenge requests")
-        self.assertEqual(self.router.refusals.counts, {"challenge_rate_source": 48})
+        self.assertTrue(self.connection.relay.paused)
+        self.advance(0.99)
+        self.assertEqual(len(results), 3)
+        self.advance(0.01)
+        self.assertEqual(len(results), 5)
+        self.assertNotIsInstance(results[3], Failure)
+        self.assertRefusedWith(results[4], TryAgain, "too many challenge requests")
+        for _ in range(10):
+            self.advance(1.0)
+        self.assertEqual(len(results), 25)
+        self.assertEqual(len(self.router.challenges), 13)
+        self.assertEqual(self.router.refusals.counts, {"challenge_rate_source": 12})
+
+    def test_holdOffEndsWithSession(self) -> None:
+        """
+        A session closed while held off leaves no timer behind.
+        """
+        self.hello()
+        self.pipeline(10)
+        self.assertEqual(len(self.clock.getDelayedCalls()) > 0, True)
+        relay = self.connection.relay
+        self.assertIsNotNone(relay._resumeCall)
+        self.client.transport.loseConnection()
+        self.connection.flush()
+        self.assertIsNone(relay._resumeCall)
 
     def test_registerPerSource(self) -> None:
         """
@@ -157,6 +202,45 @@ class RateLimitTests(GateClientTestCase):
         self.register([LABEL], nonce)
         result = self.register([LABEL], nonce, signature=b"not checked")
         self.assertRefusedWith(result, TryAgain, "too many register requests")
+
+
+class HoldOffTests(GateClientTestCase):
+    """
+    Refused again straight after a hold-off, a session is held off twice as long each time.
+    """
+
+    limits = RelayLimits(
+        admission=AdmissionLimits(
+            perSource=CommandRates(Rate(1.0, 2.0), Rate(1.0, 2.0), Rate(1.0, 2.0)),
+            total=CommandRates(Rate(100.0, 100.0), Rate(0.001, 2.0), Rate(100.0, 100.0)),
+        )
+    )
+
+    def test_holdOffDoubles(self) -> None:
+        """
+        Here the relay's total is spent: every request after the burst is refused, and the session
+        is read again after 1, 2, 4, 8, 8, ... seconds (at most L{MAX_HOLD_OFF}).
+        """
+        self.hello()
+        results: list[Any] = []
+        for _ in range(30):
+            self.client.callRemote(Challenge, names=[LABEL]).addBoth(results.append)
+        self.connection.flush()
+        self.assertEqual(len(results), 3)
+        answeredAt = []
+        for second in range(1, 40):
+            before = len(results)
+            self.clock.advance(1.0)
+            self.connection.flush()
+            if len(results) > before:
+                answeredAt.append(second)
+        self.assertEqual(MAX_HOLD_OFF, 8.0)
+        self.assertEqual(answeredAt, [1, 3, 7, 15, 23, 31, 39])
+        self.assertEqual(len(results), 10)
+        self.assertTrue(all(isinstance(r, Failure) for r in results[2:]))
+        self.assertEqual(
+            self.router.refusals.counts, {"challenge_rate_source": 1, "challenge_rate_total": 7}
+        )
 
 
 class NameQuotaTests(GateClientTestCase):

@@ -303,12 +303,14 @@ class LimitedFactory(Factory):
         Admit the connection and build its protocol, or refuse it.
 
         @param addr: The peer's address (listening ports always give one).
-        @return: L{_Admitted} around the wrapped factory's protocol, or L{_Refused}.
+        @return: L{_Admitted} around the wrapped factory's protocol; for a refused connection,
+            L{_Refused} to send the reply, or L{None} without one (Twisted then closes the socket
+            at once, without building a transport: the cheapest refusal a flood can get).
         """
         assert addr is not None
         source = peerSource(addr)
         if not self.limiter.admit(source):
-            return _Refused(self._reply)
+            return _Refused(self._reply) if self._reply else None
         inner = self.wrapped.buildProtocol(addr)
         if inner is None:
             self.limiter.release(source)

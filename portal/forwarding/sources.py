@@ -6,6 +6,7 @@ client take 2**64 of them).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -13,6 +14,12 @@ from typing import Any
 IPV6_PREFIX = 64
 
 
+#: Addresses whose source is remembered (L{sourceKey} parses an address in microseconds, and a
+#: flood brings the same few addresses again and again); a flood from more addresses only misses.
+SOURCE_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=SOURCE_CACHE)
 def sourceKey(host: str) -> str:
     """
     The source a limit counts C{host} as.

@@ -102,6 +102,19 @@ _CHALLENGE_REASONS: dict[type[ChallengeError], str] = {
 }
 
 
+#: The longest a control session over its request rate goes unread (L{RelayControlProtocol._holdOff}),
+#: far below L{RelayLimits.controlIdleTimeout<portal.relay.router.RelayLimits>}.
+MAX_HOLD_OFF = 8.0
+
+
+def _socketOf(transport: Any) -> Any:
+    """
+    @param transport: A control session's transport: the TLS protocol over the socket.
+    @return: The socket's transport under it (or C{transport} itself if it has none).
+    """
+    return getattr(transport, "transport", None) or transport
+
+
 class RelayControlProtocol(amp.AMP, TimeoutMixin):
     """
     The relay's side of one control session. A session silent for
@@ -124,6 +137,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     _helloTimer: IDelayedCall | None = None
     _challengedAt: float | None = None
     _hopPending: Deferred[HopInbound] | None = None
+    _strikes = 0
+    _resumeCall: IDelayedCall | None = None
     _log = Logger()
 
     def __init__(self, router: Router) -> None:
@@ -194,6 +209,53 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         assert self.transport is not None
         self.transport.loseConnection()
 
+    def _rate(self, command: str) -> None:
+        """
+        Take a token for C{command} from this session's source (L{Admission.rate
+        <portal.relay.admission.Admission.rate>}); over the rate, also stop reading this session
+        for a while (L{_holdOff}).
+
+        @raise TryAgain: Over the rate.
+        """
+        try:
+            self._router.admission.rate(command, self.source)
+        except TryAgain:
+            self._holdOff(command)
+            raise
+        self._strikes = 0
+
+    def _holdOff(self, command: str) -> None:
+        """
+        A request over its rate: read nothing more from this session for the time one request takes
+        to earn, doubled with each refusal in a row, at most L{MAX_HOLD_OFF} seconds. Requests already
+        sent wait in the kernel's buffers (and the ones in AMP's buffer stay unparsed), so a flood
+        pipelined on one session costs the relay one refusal per hold-off instead of one per request,
+        and a client that waits as told loses nothing.
+
+        @param command: The refused command (its per-source rate sets the first hold-off).
+        """
+        self._strikes += 1
+        if self._resumeCall is not None or self.transport is None:
+            return
+        rate = self._router.admission.limits.perSource.of(command)
+        delay = min(MAX_HOLD_OFF, 2 ** min(self._strikes - 1, 20) / rate.perSecond)
+        # AMP's parser stops between boxes while paused (IntNStringReceiver checks it); the TLS
+        # layer has no pauseProducing of its own, so the socket under it is paused.
+        self.paused = True
+        _socketOf(self.transport).pauseProducing()
+        self._resumeCall = self._router.clock.callLater(delay, self._resume)
+
+    def _resume(self) -> None:
+        """
+        The hold-off is over: read again, starting with the requests already buffered.
+        """
+        self._resumeCall = None
+        if self.transport is None:
+            return
+        self.paused = False
+        _socketOf(self.transport).resumeProducing()
+        self.dataReceived(b"")
+
     def _refused(
         self, reason: str, exception: type[Exception], message: str, **fields: Any
     ) -> Exception:
@@ -218,7 +280,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         router = self._router
         # Before the lifecycle moves on: a refused Hello leaves the Hello timer running.
-        router.admission.rate("hello", self.source)
+        self._rate("hello")
         self._machine.helloed()
         try:
             version = negotiateVersion(minVersion, maxVersion)
@@ -291,7 +353,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         if self.pool is None:
             raise self._refused("hello_first", RegistrationRefused, "Hello must come first")
         admission = self._router.admission
-        admission.rate("challenge", self.source)
+        self._rate("challenge")
         work = 0
         if purpose == PURPOSE_HOP:
             if names:
@@ -399,7 +461,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         if self.pool is None:
             raise self._refused("hello_first", RegistrationRefused, "Hello must come first")
         admission = router.admission
-        admission.rate("register", self.source)
+        self._rate("register")
         if mode not in MODES:
             raise self._refused(
                 "invalid_mode", RegistrationRefused, f"{mode} mode is not supported by this relay"
@@ -760,6 +822,9 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         @param reason: Why.
         """
         self.setTimeout(None)
+        if self._resumeCall is not None:
+            self._resumeCall.cancel()
+            self._resumeCall = None
         self._machine.lost()
         router = self._router
         router.controls.discard(self)

@@ -14,6 +14,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portal.forwarding.boundedreads import boundAccepts
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.leaseports import LeasePorts, PortLease
@@ -147,6 +148,7 @@ def tcpPorts(reactor: Any, allocator: PortAllocator, interface: str = "") -> Lea
     def listen(lease: PortLease, interface: str) -> IListeningPort:
         factory = lease.router.limited("tcp", _RawVisitorFactory(lease))
         listening: IListeningPort = reactor.listenTCP(lease.port, factory, interface=interface)
+        boundAccepts(listening)
         return listening
 
     return LeasePorts("tcp", allocator, listen, interface)

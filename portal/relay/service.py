@@ -31,6 +31,7 @@ from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from portal.forwarding.boundedreads import boundAccepts, listenUDP
 from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
@@ -462,7 +463,8 @@ class RelayService(Service):
         if router.udp is not None:
             # Tunnels' sealed datagrams arrive on the control port's number, over UDP.
             address = control.getHost()
-            tunnelSide = self._reactor.listenUDP(
+            tunnelSide = listenUDP(
+                self._reactor,
                 getattr(address, "port", 0),
                 router.udp.tunnelSide,
                 interface=getattr(address, "host", ""),
@@ -478,16 +480,20 @@ class RelayService(Service):
             host = getattr(control.getHost(), "host", "") or "127.0.0.1"
             if host in ("0.0.0.0", "::"):
                 host = "127.0.0.1"
-            memberPort = yield serverFromString(self._reactor, f"tcp:0:interface={host}").listen(
-                router.limited("control", ControlFactory(router, tlsOptions))
+            memberPort = (
+                yield serverFromString(self._reactor, f"tcp:0:interface={host}")
+                .listen(router.limited("control", ControlFactory(router, tlsOptions)))
+                .addCallback(boundAccepts)
             )
             self.ports["member"] = memberPort
             self._announce("member", memberPort)
         if config.cluster is not None:
             yield self._joinCluster(router, memberPort)
         if config.http:
-            http = yield serverFromString(self._reactor, config.http).listen(
-                router.limited("http", httpSite(router))
+            http = (
+                yield serverFromString(self._reactor, config.http)
+                .listen(router.limited("http", httpSite(router)))
+                .addCallback(boundAccepts)
             )
             self.ports["http"] = http
             self._announce("http", http)
@@ -518,9 +524,9 @@ class RelayService(Service):
                 description,
                 factory,
                 workers if steer else None,
-            )
+            ).addCallback(boundAccepts)
         listening: Deferred[Any] = serverFromString(self._reactor, description).listen(factory)
-        return listening
+        return listening.addCallback(boundAccepts)
 
     def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
         """

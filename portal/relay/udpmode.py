@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from portal.forwarding.boundedreads import listenUDP
 from portal.forwarding.datagramwriter import DatagramWriter
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
@@ -124,8 +125,8 @@ class UDPMode:
             refusals=self._refusals,
             onFlowClosed=lambda flowId: self._flowClosed(session, flowId),
         )
-        listening: IListeningPort = self._reactor.listenUDP(
-            lease.port, public, interface=interface, maxPacketSize=MAX_PACKET_SIZE
+        listening: IListeningPort = listenUDP(
+            self._reactor, lease.port, public, interface=interface, maxPacketSize=MAX_PACKET_SIZE
         )
         enlargeBuffers(listening)
         session.public = public

@@ -1,0 +1,126 @@
+"""
+Listening ports that take turns: a flood on one socket cannot hold the reactor for long.
+
+Twisted's UDP port reads datagrams until the socket is empty or C{maxThroughput} bytes were read
+(256 KiB): a flood of one-byte datagrams is read a few thousand at a time in one go, while every
+other connection waits. Its TCP port accepts up to C{numberAccepts} connections in one go and raises
+that number by 20 each time it accepted as many as it could, without bound. Both are fair to
+throughput and unfair to latency: under a flood, a visitor's event waits behind the whole batch.
+
+L{listenUDP} makes a port that reads at most L{MAX_DATAGRAMS_PER_READ} datagrams per readiness
+event, and L{boundAccepts} caps a TCP port's batch at L{MAX_ACCEPTS_PER_READ}. The reactor then
+serves other ready descriptors in between (epoll is level-triggered: what is left is read on the
+next round), so the total rate is unchanged and the delay a flood adds to anyone else is bounded by
+one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp, udp
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import DatagramProtocol
+from twisted.python import log
+
+#: Datagrams one read event of a bounded UDP port takes from its socket.
+MAX_DATAGRAMS_PER_READ = 64
+
+#: Connections one read event of a bounded TCP port accepts.
+MAX_ACCEPTS_PER_READ = 32
+
+
+class BoundedUDPPort(udp.Port):
+    """
+    A UDP port that reads at most L{maxDatagramsPerRead} datagrams per readiness event.
+    """
+
+    maxDatagramsPerRead = MAX_DATAGRAMS_PER_READ
+
+    def doRead(self) -> None:
+        """
+        Read what the socket holds, at most L{maxDatagramsPerRead} datagrams (Twisted's
+        L{udp.Port.doRead} with a count instead of a byte budget).
+        """
+        recvfrom, protocol = self.socket.recvfrom, self.protocol
+        size = self.maxPacketSize
+        for _ in range(self.maxDatagramsPerRead):
+            try:
+                data, addr = recvfrom(size)
+            except OSError as e:
+                if e.args[0] in udp._sockErrReadIgnore:
+                    return
+                if e.args[0] in udp._sockErrReadRefuse:
+                    if self._connectedAddr:
+                        protocol.connectionRefused()
+                    return
+                raise
+            try:
+                protocol.datagramReceived(data, addr[:2])
+            except BaseException:
+                log.err()
+
+
+def listenUDP(
+    reactor: Any,
+    port: int,
+    protocol: DatagramProtocol,
+    interface: str = "",
+    maxPacketSize: int = 8192,
+) -> IListeningPort:
+    """
+    Listen for datagrams like C{reactor.listenUDP}, on a L{BoundedUDPPort} when the reactor is a
+    real one (in-memory test reactors get their own kind of port).
+
+    @return: The listening port.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        listening: IListeningPort = reactor.listenUDP(
+            port, protocol, interface=interface, maxPacketSize=maxPacketSize
+        )
+        return listening
+    bounded = BoundedUDPPort(port, protocol, interface, maxPacketSize, reactor)  # type: ignore[no-untyped-call]
+    bounded.startListening()  # type: ignore[no-untyped-call]
+    return bounded
+
+
+class _BoundedAcceptsPort(tcp.Port):
+    """
+    A TCP port whose accept batch never grows past L{MAX_ACCEPTS_PER_READ} (see L{boundAccepts}).
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        """
+        The connections the next read event may accept.
+        """
+        value: int = self.__dict__.get("_boundedAccepts", MAX_ACCEPTS_PER_READ)
+        return value
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        self.__dict__["_boundedAccepts"] = max(1, min(value, MAX_ACCEPTS_PER_READ))
+
+
+def boundAccepts(port: object) -> object:
+    """
+    Cap the accept batch of a listening TCP port made by Twisted (C{listenTCP}, a C{tcp:}
+    endpoint): its class becomes a subclass that only bounds C{numberAccepts}. Other ports (an
+    in-memory test port, a UNIX socket) are left as they are.
+
+    @param port: A listening port.
+    @return: C{port}.
+    """
+    if type(port) is tcp.Port:
+        port.__class__ = _BoundedAcceptsPort
+    return port
+
+
+__all__ = [
+    "MAX_ACCEPTS_PER_READ",
+    "MAX_DATAGRAMS_PER_READ",
+    "BoundedUDPPort",
+    "boundAccepts",
+    "listenUDP",
+]

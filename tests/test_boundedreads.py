@@ -1,0 +1,152 @@
+"""
+Tests for L{portal.forwarding.boundedreads}: ports that read and accept in bounded batches.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import TestCase
+
+from portal.forwarding.boundedreads import (
+    MAX_ACCEPTS_PER_READ,
+    MAX_DATAGRAMS_PER_READ,
+    BoundedUDPPort,
+    boundAccepts,
+    listenUDP,
+)
+
+
+class _FloodedSocket:
+    """
+    A UDP socket holding C{count} datagrams, then empty (C{EAGAIN}).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.left:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        self.left -= 1
+        return b"x", ("127.0.0.6", 40000 + self.left)
+
+
+class _Counting(DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.received.append((datagram, addr))
+
+
+class BoundedUDPTests(TestCase):
+    """
+    A bounded UDP port reads at most L{MAX_DATAGRAMS_PER_READ} datagrams per read event.
+    """
+
+    def port(self, count: int) -> tuple[BoundedUDPPort, _Counting, _FloodedSocket]:
+        protocol = _Counting()
+        port = BoundedUDPPort(0, protocol, "127.0.0.1", 2048, MemoryReactor())
+        sock = _FloodedSocket(count)
+        port.socket = sock  # type: ignore[assignment]
+        return port, protocol, sock
+
+    def test_floodReadInBatches(self) -> None:
+        """
+        A socket full of one-byte datagrams (which Twisted's port would read in one go, its budget
+        being 256 KiB) is read a batch per event; nothing is lost between batches.
+        """
+        port, protocol, sock = self.port(1000)
+        port.doRead()
+        self.assertEqual(len(protocol.received), MAX_DATAGRAMS_PER_READ)
+        self.assertEqual(sock.left, 1000 - MAX_DATAGRAMS_PER_READ)
+        events = 1
+        while sock.left:
+            port.doRead()
+            events += 1
+        self.assertEqual(len(protocol.received), 1000)
+        self.assertEqual(events, -(-1000 // MAX_DATAGRAMS_PER_READ))
+        self.assertEqual(protocol.received[0], (b"x", ("127.0.0.6", 40999)))
+
+    def test_emptySocket(self) -> None:
+        """
+        A read event on an empty socket reads nothing and raises nothing.
+        """
+        port, protocol, _ = self.port(3)
+        port.doRead()
+        port.doRead()
+        self.assertEqual(len(protocol.received), 3)
+
+    def test_otherErrorsRaised(self) -> None:
+        """
+        A socket error other than "would block" or a refusal is raised, as Twisted's port does.
+        """
+        port, _, sock = self.port(0)
+
+        def broken(size: int) -> Any:
+            raise OSError(errno.EBADF, "bad descriptor")
+
+        sock.recvfrom = broken  # type: ignore[method-assign]
+        self.assertRaises(OSError, port.doRead)
+
+    def test_memoryReactor(self) -> None:
+        """
+        On an in-memory reactor, L{listenUDP} asks the reactor for its own port.
+        """
+        calls: list[Any] = []
+
+        class Reactor:
+            def listenUDP(self, *args: Any, **kw: Any) -> str:
+                calls.append((args, kw))
+                return "port"
+
+        protocol = _Counting()
+        port = listenUDP(Reactor(), 5353, protocol, interface="127.0.0.1", maxPacketSize=2048)
+        self.assertEqual(port, "port")
+        self.assertEqual(
+            calls, [((5353, protocol), {"interface": "127.0.0.1", "maxPacketSize": 2048})]
+        )
+
+
+class BoundAcceptsTests(TestCase):
+    """
+    L{boundAccepts} caps a TCP port's accept batch, which Twisted grows by 20 whenever a batch is
+    used up.
+    """
+
+    def test_capped(self) -> None:
+        """
+        However Twisted raises the batch, it stays at most L{MAX_ACCEPTS_PER_READ}, and at least 1.
+        """
+        port = tcp.Port(0, Factory())
+        self.assertIs(boundAccepts(port), port)
+        self.assertIsInstance(port, tcp.Port)
+        self.assertEqual(port.numberAccepts, MAX_ACCEPTS_PER_READ)
+        for _ in range(10):
+            port.numberAccepts = port.numberAccepts + 20
+        self.assertEqual(port.numberAccepts, MAX_ACCEPTS_PER_READ)
+        port.numberAccepts = 5
+        self.assertEqual(port.numberAccepts, 5)
+        port.numberAccepts = 0
+        self.assertEqual(port.numberAccepts, 1)
+        unbounded = tcp.Port(0, Factory())
+        unbounded.numberAccepts = 500
+        self.assertEqual(unbounded.numberAccepts, 500)
+
+    def test_otherPortsUntouched(self) -> None:
+        """
+        Anything but Twisted's own TCP port (an in-memory port, a subclass) keeps its class.
+        """
+
+        class Other(tcp.Port):
+            pass
+
+        for port in (object(), Other(0, Factory())):
+            kind = type(port)
+            boundAccepts(port)
+            self.assertIs(type(port), kind)
