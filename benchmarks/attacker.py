@@ -3,8 +3,8 @@ The attacker of the "service under attack" scenario (9): a bounded mix of the at
 against one relay on loopback, each from its own source address, for a fixed time.
 
 C{python -m benchmarks.attacker PLAN}, where PLAN is the JSON of an L{AttackPlan}, prints
-C{attacking} once every attack has started (at the lowest scheduling priority, L{NICE}) and, when the time is up (or every attack has used its
-budget), C{result JSON} with what each attack got, then exits. Every loop is bounded in count and in
+C{attacking} once every attack has started (at the lowest scheduling priority: C{SCHED_IDLE}, or
+L{NICE} alone when the plan says so) and, when the time is up (or every attack has used its budget), C{result JSON} with what each attack got, then exits. Every loop is bounded in count and in
 time, and every connection is closed at the end.
 
 The attacks:
@@ -82,6 +82,9 @@ class AttackPlan:
     @ivar challenges: The most challenges the flood asks for.
     @ivar challengesInFlight: Challenge requests outstanding at once.
     @ivar label: Put in the squatters' names, so that each attack (block) asks for new ones.
+    @ivar idleScheduling: Run under C{SCHED_IDLE} (on a CPU only when nothing else wants it), as an
+        attacker on a machine of its own would be, rather than at nice 19 alone (which still
+        takes turns with the relay, the tunnels and the visitors on the same cores).
     """
 
     seconds: float
@@ -108,6 +111,7 @@ class AttackPlan:
     challenges: int = 200000
     challengesInFlight: int = 100
     label: str = ""
+    idleScheduling: bool = True
 
 
 def clientHello(serverName: str | None) -> bytes:
@@ -658,6 +662,8 @@ def main(argv: list[str]) -> None:
     plan = AttackPlan(**json.loads(argv[0]))
     # The lowest priority, whatever the harness runs at: a real attacker brings its own CPU.
     os.setpriority(os.PRIO_PROCESS, 0, NICE)
+    if plan.idleScheduling:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     runner: Any = reactor

@@ -658,7 +658,7 @@ def _attackSection(data: dict[str, Any]) -> list[str]:
         f"Visitors from {data['visitorSource']} throughout; the attack ran {data['seconds']:g} s "
         f"in {attacked['phases']} block(s) of {data['blockSeconds']:g} s, each between two quiet "
         f"phases as long, on the same relay. The harness, relay, tunnels and services ran at nice "
-        f"{data.get('nice', 0)}.",
+        f"{data.get('nice', 0)}; the attacker at {data.get('attackerScheduling', 'nice 19')}.",
         "",
         "| visitor | phases | visits | succeeded | TTFB p50 µs | TTFB p99 µs | max µs | failures |",
         "|---|---|---|---|---|---|---|---|",

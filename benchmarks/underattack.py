@@ -549,6 +549,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
         httpPort=httpPort,
         tcpPort=tcpPort,
         udpPort=udpPort,
+        idleScheduling=not os.environ.get("PORTAL_BENCH_ATTACKER_NICE"),
     )
 
     def quietPhase() -> dict[str, Any]:
@@ -587,6 +588,9 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
             attacker.stop()
         quiet.append(quietPhase())
     after = metrics(public)
+    if os.environ.get("PORTAL_BENCH_RELAY_LOG"):
+        with open(os.environ["PORTAL_BENCH_RELAY_LOG"], "w") as f:
+            f.write("\n".join(relay.lines))
     udpVisitor.close()
     refusalsBefore = _refusals(before)
     refused = {
@@ -608,6 +612,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
         "visitIntervalSeconds": VISIT_INTERVAL,
         "limits": LIMITS,
         "attackPlan": attrs.asdict(plan),
+        "attackerScheduling": "SCHED_IDLE" if plan.idleScheduling else f"nice {NICE}",
         "quiet": quietFigures,
         "attacked": attackedFigures,
         "phases": [
@@ -650,11 +655,13 @@ NOTES = [
     "long, on the same relay (quiet, attack, quiet, ...): the machine's other load, which drifts, "
     "falls on both; figures pool every quiet phase and every attacked phase, and the phases "
     "table shows each one's p99",
-    "the attacker is one process (benchmarks/attacker.py) on this machine, a new one per block, at "
-    f"nice {NICE}: a real attacker brings its own CPU, this one shares the same 2 cores as the "
-    "relay, the tunnels and the visitors; what it sent (attempts, challenges asked, datagrams) is "
-    "reported, so a starved attacker shows; machine busy cores count every process on the machine "
-    "(other work included)",
+    "the attacker is one process (benchmarks/attacker.py) on this machine, a new one per block, "
+    f"under SCHED_IDLE at nice {NICE} (with PORTAL_BENCH_ATTACKER_NICE=1, at nice {NICE} alone): a "
+    "real attacker brings its own CPU, this one shares the same 2 cores as the relay, the tunnels "
+    "and the visitors, and SCHED_IDLE keeps it from taking turns with them while leaving it every "
+    "idle moment; what it sent (attempts, challenges asked, datagrams) is reported, so a starved "
+    "attacker shows; machine busy cores count every process on the machine (other work "
+    "included)",
     "connections held: the established connections from the flood's address the relay process "
     f"holds on each listener, counted from /proc every {HELD_INTERVAL:g} s, those open at two "
     "counts in a row (peak; a refused connection is open for a moment until the relay has "

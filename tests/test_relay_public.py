@@ -885,6 +885,36 @@ class ControlDispatchTests(RelayHarness):
         transport.loseConnection()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_overHelloRateBeforeTLS(self) -> None:
+        """
+        A TLS connection from a source that has no L{Hello} left in its bucket is refused before the
+        handshake (the costliest part of a control session): it gets a fatal alert, no TLS, and the
+        refusal is counted as C{hello_rate_source} and logged. Another source still gets TLS, and
+        a plain data session from the refused source is not refused; once its bucket refills, the
+        source is served again.
+        """
+        rate = self.router.admission.limits.perSource.hello
+        for _ in range(int(rate.burst)):
+            self.router.admission.rate("hello", "198.51.100.7")
+        dispatch, transport = self.controlConnection()
+        dispatch.dataReceived(clientHello("localhost"))
+        self.assertIsNone(dispatch.chosen)
+        self.assertRefused(transport, INTERNAL_ERROR)
+        self.assertEqual(self.router.refusals.counts, {"hello_rate_source": 1})
+        self.assertLogged("refused 198.51.100.7", "refused before the TLS handshake")
+        other = self.controlFactory.buildProtocol(IPv4Address("TCP", "198.51.100.8", 50000))
+        otherTransport = connect(other, IPv4Address("TCP", "198.51.100.8", 50000))
+        other.dataReceived(clientHello("localhost"))
+        self.assertIsInstance(other.chosen, TLSMemoryBIOProtocol)
+        otherTransport.loseConnection()
+        data, _ = self.dataConnection()
+        self.assertIsInstance(data.chosen, RelayDataSession)
+        self.clock.advance(1 / rate.perSecond)
+        again, againTransport = self.controlConnection()
+        again.dataReceived(clientHello("localhost"))
+        self.assertIsInstance(again.chosen, TLSMemoryBIOProtocol)
+        againTransport.loseConnection()
+
     def test_magic(self) -> None:
         """
         A connection starting with L{MAGIC} becomes a data session.

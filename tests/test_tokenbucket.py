@@ -97,6 +97,26 @@ class KeyedBucketsTests(SynchronousTestCase):
         self.assertTrue(buckets.take("b"))
         self.assertEqual(len(buckets), 2)
 
+    def test_hasTakesNothing(self) -> None:
+        """
+        L{KeyedBuckets.has} says whether a key's bucket holds tokens without taking any; a key never
+        seen has a full bucket (and gets none made).
+        """
+        clock = Clock()
+        buckets = KeyedBuckets(clock, rate=1.0, burst=2.0)
+        self.assertTrue(buckets.has("a"))
+        self.assertEqual(len(buckets), 0)
+        buckets.take("a")
+        self.assertTrue(buckets.has("a"))
+        self.assertFalse(buckets.has("a", 2.0))
+        buckets.take("a")
+        self.assertFalse(buckets.has("a"))
+        self.assertFalse(buckets.has("a"))
+        clock.advance(1.0)
+        self.assertTrue(buckets.has("a"))
+        self.assertTrue(buckets.take("a"))
+        self.assertFalse(buckets.take("a"))
+
     def test_acquireShares(self) -> None:
         """
         Holders of one key share one bucket; it is kept after the last release until it is full,

@@ -164,6 +164,17 @@ class KeyedBuckets:
         """
         return self._bucket(key).take(amount)
 
+    def has(self, key: Hashable, amount: float = 1.0) -> bool:
+        """
+        Whether the bucket of C{key} holds C{amount} tokens now, taking none (a key without a
+        bucket has a full one).
+
+        @param key: What the bucket limits.
+        @param amount: Tokens wanted.
+        """
+        bucket = self._buckets.get(key)
+        return bucket is None or bucket.tokens >= amount
+
     def acquire(self, key: Hashable) -> TokenBucket:
         """
         Hold the bucket of C{key} until L{release}.

@@ -223,6 +223,16 @@ class Admission:
             self.refuse(f"{command}_rate_total", source, message)
             raise TryAgain(message)
 
+    def mayHello(self, source: str) -> bool:
+        """
+        Whether C{source} has a L{Hello} left in its bucket now (taking none): a new control
+        session from a source that has none is refused before its TLS handshake, the costliest
+        part of a session for the relay (see L{portal.relay.control.ControlDispatch}).
+
+        @param source: The source address.
+        """
+        return self._perSource["hello"].has(source)
+
     def challengeWork(self) -> int:
         """
         Count a registration challenge and say what work it asks for.

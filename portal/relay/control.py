@@ -56,6 +56,7 @@ from portal.trust.challenge import (
 from portal.trust.identity import identityId
 from portal.trust.names import InvalidName, leaseHostname, validateLabel
 from portal.wire.attach import MAGIC
+from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
 from portal.wire.control import (
     CAPABILITIES,
     EXPORTER_DATA_KEY,
@@ -967,6 +968,9 @@ class ControlDispatch(PeekingProtocol):
     """
 
     maxPeek = len(MAGIC)
+    #: The reason label of a refusal by rate (see L{choose}), counted and logged by L{Admission
+    #: <portal.relay.admission.Admission>} with the rate limits it enforces.
+    _refusal: str | None = None
 
     def __init__(self, router: Router, tlsFactory: TLSMemoryBIOFactory) -> None:
         super().__init__()
@@ -985,7 +989,14 @@ class ControlDispatch(PeekingProtocol):
         """
         if data[0] == TLS_HANDSHAKE:
             assert self.transport is not None
-            return self._tlsFactory.buildProtocol(self.transport.getPeer())
+            peer = self.transport.getPeer()
+            if not self._router.admission.mayHello(peerSource(peer)):
+                self._refusal = "hello_rate_source"
+                raise RefuseConnection(
+                    "too many hello requests from your address: refused before the TLS handshake",
+                    alertRecord(INTERNAL_ERROR),
+                )
+            return self._tlsFactory.buildProtocol(peer)
         if data.startswith(MAGIC):
             return RelayDataSession(self._router)
         cluster = self._router.cluster
@@ -1004,6 +1015,13 @@ class ControlDispatch(PeekingProtocol):
         """
         self.setTimeout(None)
         assert self.transport is not None
+        if self._refusal is not None:
+            self._router.admission.refuse(
+                self._refusal, peerSource(self.transport.getPeer()), reason
+            )
+            self.transport.write(reply)
+            self.transport.loseConnection()
+            return
         self._router.refusals.refuse(
             "control_unrecognised",
             "refused connection from {peer}: {reason}",
