@@ -11,6 +11,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -236,24 +237,70 @@ def _socketInodes(pid: int) -> set[int]:
 def tcpConnectionsFrom(pid: int, source: str, ports: set[int]) -> dict[int, set[int]]:
     """
     The established IPv4 TCP connections process C{pid} holds from address C{source} on each of
-    its local C{ports} (from C{/proc/net/tcp}): the connections it accepted and has not closed yet,
-    whatever the peer knows of them.
+    its local C{ports}: the connections it accepted and has not closed yet, whatever the peer knows
+    of them. Asked of the kernel over C{NETLINK_SOCK_DIAG} for established sockets only (a flood
+    leaves thousands of others in C{TIME_WAIT}, which C{/proc/net/tcp} would list and this process
+    would parse: 35 ms a call with 2,600 connections open and 5,000 closed, against 4 ms). A socket
+    on one of C{pid}'s listening C{ports} with an inode has been accepted, and so is held by C{pid}
+    (the listener's owner): C{pid}'s descriptors are not read (thousands of links under a flood).
 
+    @param pid: The process listening on C{ports}.
     @return: Per local port (ports with none left out), the connections' socket inodes (the same
         connection has the same inode in a later call).
     """
-    inodes = _socketInodes(pid)
-    remote = socket.inet_aton(source)[::-1].hex().upper()
+    remote = socket.inet_aton(source)
     found: dict[int, set[int]] = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, peer, state, inode = fields[1], fields[2], fields[3], int(fields[9])
-            port = int(local.split(":")[1], 16)
-            if state == "01" and port in ports and peer.split(":")[0] == remote and inode in inodes:
-                found.setdefault(port, set()).add(inode)
+    for port, peer, inode in _establishedTCP():
+        if port in ports and peer == remote and inode:
+            found.setdefault(port, set()).add(inode)
     return found
+
+
+#: Netlink's C{SOCK_DIAG_BY_FAMILY} request and the flags of a dump; the message types that end it.
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP_REQUEST = 0x1 | 0x300
+_NLMSG_DONE, _NLMSG_ERROR = 3, 2
+_TCP_ESTABLISHED = 1
+_NETLINK_SOCK_DIAG = 4
+
+
+def _establishedTCP() -> list[tuple[int, bytes, int]]:
+    """
+    @return: Every established IPv4 TCP socket on the machine as (local port, peer address as 4
+        bytes, inode), from the kernel's socket diagnostics (C{inet_diag}).
+    """
+    request = struct.pack(
+        "=LHHLL BBBx L 48x",
+        16 + 56,
+        _SOCK_DIAG_BY_FAMILY,
+        _NLM_F_DUMP_REQUEST,
+        1,
+        0,
+        socket.AF_INET,
+        socket.IPPROTO_TCP,
+        0,
+        1 << _TCP_ESTABLISHED,
+    )
+    found = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+        sock.sendall(request)
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=LH", data, offset)
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR or length < 16:
+                    raise OSError("socket diagnostics refused the request")
+                # inet_diag_msg: family, state, timer, retrans; sport, dport (big-endian), src[16],
+                # dst[16], interface, cookie[8]; expires, rqueue, wqueue, uid, inode.
+                body = offset + 16
+                (port,) = struct.unpack_from("!H", data, body + 4)
+                peer = data[body + 24 : body + 28]
+                (inode,) = struct.unpack_from("=L", data, body + 68)
+                found.append((port, peer, inode))
+                offset += (length + 3) & ~3
 
 
 def udpKernelDrops() -> dict[str, int]:

@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -146,9 +148,13 @@ def _visitLoop(
 
 class _Sampler:
     """
-    Reads, on a thread, the relay's gauges every L{SAMPLE_INTERVAL} and the connections it holds
-    from the idle flood's address on each listener (from C{/proc}) every L{HELD_INTERVAL}, keeping
-    each one's peak; a connection counts as held when it was open at two counts in a row.
+    Reads, in a process of its own (L{sampleMain}), the relay's gauges every L{SAMPLE_INTERVAL}
+    and the connections it holds from the idle flood's address on each listener (from C{/proc})
+    every L{HELD_INTERVAL}, keeping each one's peak; a connection counts as held when it was open
+    at two counts in a row. Not a thread of the harness: under attack C{/proc/net/tcp} and the
+    relay's descriptors run to thousands of lines, and reading them would hold the interpreter's
+    lock for milliseconds at a time, which the visitors' threads would then count as time to
+    first byte.
 
     @ivar gauges: The peak of each gauge of C{/metrics}.
     @ivar held: The peak of the connections the relay held from the flood's address, by listener.
@@ -157,52 +163,72 @@ class _Sampler:
     def __init__(
         self, publicPort: int, relayPid: int, listeners: dict[str, int], source: str
     ) -> None:
-        self._publicPort, self._pid, self._listeners = publicPort, relayPid, listeners
-        self._source = source
-        self._stop = threading.Event()
+        self._arguments = json.dumps(
+            {"publicPort": publicPort, "pid": relayPid, "listeners": listeners, "source": source}
+        )
         self.gauges: dict[str, float] = {}
         self.held: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         """
         Start sampling.
         """
-        self._thread.start()
+        self._process = subprocess.Popen(
+            [python(), "-m", "benchmarks.underattack", self._arguments],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def stop(self) -> None:
         """
-        Stop sampling.
+        Stop sampling and read the peaks.
         """
-        self._stop.set()
-        self._thread.join(30)
+        assert self._process is not None
+        output, _ = self._process.communicate("stop\n", timeout=60)
+        peaks = json.loads(output)
+        self.gauges, self.held = peaks["gauges"], peaks["held"]
 
-    def _run(self) -> None:
-        """
-        Sample until stopped.
-        """
-        ticks = 0
-        every = round(SAMPLE_INTERVAL / HELD_INTERVAL)
-        previous: dict[int, set[int]] = {}
-        while not self._stop.wait(HELD_INTERVAL):
-            ticks += 1
-            byPort = tcpConnectionsFrom(self._pid, self._source, set(self._listeners.values()))
-            for name, port in self._listeners.items():
-                # Held: open at this count and at the one before (a refused connection is
-                # open for a moment, until the relay has written its alert and closed it).
-                held = len(byPort.get(port, set()) & previous.get(port, set()))
-                self.held[name] = max(self.held.get(name, 0), held)
-            previous = byPort
-            if ticks % every:
-                continue
-            try:
-                values = metrics(self._publicPort)
-            except OSError:
-                self.gauges["unreadable"] = self.gauges.get("unreadable", 0) + 1
-                continue
-            for name, value in values.items():
-                if "_open" in name or name == "portal_relay_pow_difficulty_bits":
-                    self.gauges[name] = max(self.gauges.get(name, 0.0), value)
+
+def sampleMain(arguments: dict[str, Any]) -> None:
+    """
+    The sampler's process: sample until a line (or the end) comes on standard input, then print
+    the peaks as JSON (see L{_Sampler}).
+    """
+    listeners: dict[str, int] = arguments["listeners"]
+    stopped = threading.Event()
+
+    def waitForStop() -> None:
+        sys.stdin.readline()
+        stopped.set()
+
+    threading.Thread(target=waitForStop, daemon=True).start()
+    gauges: dict[str, float] = {}
+    held: dict[str, int] = {}
+    ticks = 0
+    every = round(SAMPLE_INTERVAL / HELD_INTERVAL)
+    previous: dict[int, set[int]] = {}
+    while not stopped.wait(HELD_INTERVAL):
+        ticks += 1
+        byPort = tcpConnectionsFrom(arguments["pid"], arguments["source"], set(listeners.values()))
+        for name, port in listeners.items():
+            # Held: open at this count and at the one before (a refused connection is open for a
+            # moment, until the relay has written its alert and closed it).
+            count = len(byPort.get(port, set()) & previous.get(port, set()))
+            held[name] = max(held.get(name, 0), count)
+        previous = byPort
+        if ticks % every:
+            continue
+        try:
+            values = metrics(arguments["publicPort"])
+        except OSError:
+            gauges["unreadable"] = gauges.get("unreadable", 0) + 1
+            continue
+        for name, value in values.items():
+            if "_open" in name or name == "portal_relay_pow_difficulty_bits":
+                gauges[name] = max(gauges.get(name, 0.0), value)
+    print(json.dumps({"gauges": gauges, "held": held}), flush=True)
 
 
 def _phase(
@@ -550,6 +576,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
         tcpPort=tcpPort,
         udpPort=udpPort,
         idleScheduling=not os.environ.get("PORTAL_BENCH_ATTACKER_NICE"),
+        **json.loads(os.environ.get("PORTAL_BENCH_ATTACK_PLAN", "{}")),
     )
 
     def quietPhase() -> dict[str, Any]:
@@ -678,3 +705,7 @@ NOTES = [
     "new tunnel's lease: a real portal expose started half way through each phase, from start to "
     "its lease (Python start-up included)",
 ]
+
+
+if __name__ == "__main__":
+    sampleMain(json.loads(sys.argv[1]))

@@ -5,6 +5,7 @@ Tests for L{portal.forwarding.boundedreads}: ports that read and accept in bound
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 from twisted.internet import tcp
@@ -17,8 +18,10 @@ from portal.forwarding.boundedreads import (
     MAX_DATAGRAMS_PER_READ,
     BoundedUDPPort,
     boundAccepts,
+    deferAccept,
     listenUDP,
 )
+from portal.relay.service import DEFAULT_BACKLOG, withBacklog
 
 
 class _FloodedSocket:
@@ -150,3 +153,66 @@ class BoundAcceptsTests(TestCase):
             kind = type(port)
             boundAccepts(port)
             self.assertIs(type(port), kind)
+
+
+class _RecordingSocket:
+    """
+    A listening socket that records the options set on it.
+    """
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+
+class _ListeningPort:
+    def __init__(self, family: int) -> None:
+        self.socket = _RecordingSocket(family)
+
+
+class DeferAcceptTests(TestCase):
+    """
+    L{deferAccept} sets C{TCP_DEFER_ACCEPT} on TCP listeners, in whole seconds.
+    """
+
+    def test_set(self) -> None:
+        """
+        On an IPv4 or IPv6 listener the option is set, rounded up to whole seconds.
+        """
+        for family in (socket.AF_INET, socket.AF_INET6):
+            port = _ListeningPort(family)
+            self.assertTrue(deferAccept(port, 2.5))
+            self.assertEqual(
+                port.socket.options, [(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 3)]
+            )
+
+    def test_notSet(self) -> None:
+        """
+        No deferral asked (0), a UNIX socket, or a port without a socket: nothing is set.
+        """
+        port = _ListeningPort(socket.AF_INET)
+        self.assertFalse(deferAccept(port, 0))
+        unix = _ListeningPort(socket.AF_UNIX)
+        self.assertFalse(deferAccept(unix, 5))
+        self.assertFalse(deferAccept(object(), 5))
+        self.assertEqual(port.socket.options + unix.socket.options, [])
+
+
+class WithBacklogTests(TestCase):
+    """
+    L{withBacklog} gives TCP listeners without a backlog of their own L{DEFAULT_BACKLOG}.
+    """
+
+    def test_added(self) -> None:
+        self.assertEqual(withBacklog("tcp:8443"), f"tcp:8443:backlog={DEFAULT_BACKLOG}")
+        self.assertEqual(
+            withBacklog("tcp6:443:interface=\\:\\:1"),
+            f"tcp6:443:interface=\\:\\:1:backlog={DEFAULT_BACKLOG}",
+        )
+
+    def test_kept(self) -> None:
+        for description in ("tcp:8443:backlog=10", "unix:/tmp/s", "ssl:443"):
+            self.assertEqual(withBacklog(description), description)

@@ -295,6 +295,10 @@ class ConnectionFloodTests(TestCase):
                 "tcp:0:interface=127.0.0.1:backlog=1024",
                 "--tcp-ports",
                 f"{low}-{high}",
+                # The caps are what this test is about: idle connections are accepted at once
+                # (see test_idleConnectionsDeferred for the default).
+                "--defer-accept",
+                "0",
             ],
         )
         httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
@@ -352,6 +356,43 @@ class ConnectionFloodTests(TestCase):
         for listener in ("public", "http", "tcp"):
             name = f'portal_relay_listener_connections_open{{listener="{listener}"}}'
             self.assertLessEqual(metrics[name], 256 + 10, listener)
+
+    @inlineCallbacks
+    def test_idleConnectionsDeferred(self) -> Any:
+        """
+        By default (C{--defer-accept 5}) the kernel keeps connections that have sent nothing from
+        the relay: 200 idle connections from 127.0.0.2 to the public, control and HTTP listeners
+        are not accepted (the relay's gauges count none, nothing is refused), while connections
+        that sent their first bytes are accepted at once (a stalled ClientHello for the relay's
+        own name is counted on the public listener), and a visitor gets the relay's page.
+        """
+        state = os.path.join(homeDir(self, "relay"), "state")
+        relay, publicPort, controlPort = yield startRelay(
+            self, state, extra=["--http", "tcp:0:interface=127.0.0.1"]
+        )
+        httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
+        httpPort = int(httpMatch.group(1))
+        relayCA = os.path.join(state, "tls", "ca.pem")
+        held: list[socket.socket] = []
+        self.addCleanup(_closeAll, held)
+        started = time.monotonic()
+        for port in (publicPort, controlPort, httpPort):
+            sockets = yield deferToThread(_openIdle, port, 200)
+            held.extend(sockets)
+        stalled = yield deferToThread(_openIdle, publicPort, 3, clientHello("localhost"))
+        held.extend(stalled)
+        metrics = yield deferToThread(_metrics, publicPort, relayCA)
+        # The deferral is at least 5 s: these figures were read before it could end.
+        self.assertLess(time.monotonic() - started, 5)
+        # The stalled ClientHellos and this test's own request for /metrics.
+        self.assertEqual(
+            metrics['portal_relay_listener_connections_open{listener="public"}'], 3 + 1
+        )
+        self.assertEqual(metrics['portal_relay_listener_connections_open{listener="http"}'], 0)
+        self.assertEqual(metrics['portal_relay_listener_connections_open{listener="control"}'], 0)
+        self.assertNotIn('portal_refusals_total{reason="connections_per_source"}', metrics)
+        response = yield deferToThread(_httpGet, httpPort, "/healthz", VISITOR)
+        self.assertTrue(response.endswith(b"ok\n"), response)
 
 
 class UDPFloodTests(TestCase):

@@ -16,6 +16,8 @@ one batch.
 
 from __future__ import annotations
 
+import math
+import socket
 from typing import Any
 
 from twisted.internet import tcp, udp
@@ -117,10 +119,37 @@ def boundAccepts(port: object) -> object:
     return port
 
 
+def deferAccept(port: object, seconds: float) -> bool:
+    """
+    Have the kernel hand the listening TCP port's connections to the process only once the client
+    has sent something, or C{seconds} after the handshake at the earliest (Linux
+    C{TCP_DEFER_ACCEPT}; nginx's C{listen ... deferred}, HAProxy's C{bind ... defer-accept}). For
+    protocols where the client speaks first: a connection opened and left idle costs the process
+    no accept, descriptor or timer until then (the kernel keeps it half-open, resending its SYN-ACK,
+    and passes it on at the first byte or at the first ACK after C{seconds}). Other ports (UNIX
+    sockets, in-memory test ports, a system without the option) are left as they are.
+
+    @param port: A listening port.
+    @param seconds: At least this long (rounded up to the kernel's retransmission steps); 0 for no
+        deferral.
+    @return: Whether the option was set.
+    """
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    # Twisted's listening TCP port keeps its socket there (it has no getHandle).
+    handle = getattr(port, "socket", None)
+    if not seconds or option is None or handle is None:
+        return False
+    if getattr(handle, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    handle.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(seconds)))
+    return True
+
+
 __all__ = [
     "MAX_ACCEPTS_PER_READ",
     "MAX_DATAGRAMS_PER_READ",
     "BoundedUDPPort",
     "boundAccepts",
+    "deferAccept",
     "listenUDP",
 ]

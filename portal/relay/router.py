@@ -76,6 +76,9 @@ class RelayLimits:
         public port, and the HTTP listener) has to send complete request headers, from its start
         (the TLS handshake included) and again after each response.
     @ivar siteIdleTimeout: Seconds a connection to the relay's own pages may stay silent.
+    @ivar deferAccept: Seconds the kernel holds a connection to the public, control and HTTP
+        listeners that has sent nothing before the relay accepts it (C{TCP_DEFER_ACCEPT}; 0 for
+        none): idle connections cost the relay nothing until then.
     @ivar maxUDPFlowsPerSource: UDP flows one source address may have on each lease's UDP port.
     @ivar streamIdleTimeout: Seconds a spliced stream (visitor and data session) may move no byte
         either way before both are closed (it is closed after between one and two of them).
@@ -105,6 +108,7 @@ class RelayLimits:
     maxControlConnectionsPerSource: int = 256
     siteHeaderTimeout: float = 10.0
     siteIdleTimeout: float = 30.0
+    deferAccept: float = 5.0
     maxUDPFlowsPerSource: int = 64
     streamIdleTimeout: float = 3600.0
     bandwidthPerLease: float = 0.0

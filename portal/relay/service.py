@@ -31,7 +31,7 @@ from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from portal.forwarding.boundedreads import boundAccepts, listenUDP
+from portal.forwarding.boundedreads import boundAccepts, deferAccept, listenUDP
 from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
@@ -168,6 +168,25 @@ class RelayConfig:
     workerArgs: tuple[str, ...] = attrs.field(default=(), repr=False)
     inviteOnly: bool = False
     adminToken: str | None = attrs.field(default=None, repr=False)
+
+
+#: The listen backlog of a C{tcp:} listener whose description gives none (Twisted's default is 50;
+#: nginx uses 511, HAProxy its maxconn). Connections held back by the kernel's deferred accept
+#: (L{RelayLimits.deferAccept<portal.relay.router.RelayLimits>}) wait in this queue; past it, SYN
+#: cookies take over and the kernel hands connections on at once.
+DEFAULT_BACKLOG = 1024
+
+
+def withBacklog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    @param description: A listening endpoint description.
+    @return: C{description} with C{:backlog=N} added when it is a C{tcp:} or C{tcp6:} one without
+        a backlog of its own; any other, unchanged.
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class RelayService(Service):
@@ -481,9 +500,9 @@ class RelayService(Service):
             if host in ("0.0.0.0", "::"):
                 host = "127.0.0.1"
             memberPort = (
-                yield serverFromString(self._reactor, f"tcp:0:interface={host}")
+                yield serverFromString(self._reactor, withBacklog(f"tcp:0:interface={host}"))
                 .listen(router.limited("control", ControlFactory(router, tlsOptions)))
-                .addCallback(boundAccepts)
+                .addCallback(self._clientFirst)
             )
             self.ports["member"] = memberPort
             self._announce("member", memberPort)
@@ -491,9 +510,9 @@ class RelayService(Service):
             yield self._joinCluster(router, memberPort)
         if config.http:
             http = (
-                yield serverFromString(self._reactor, config.http)
+                yield serverFromString(self._reactor, withBacklog(config.http))
                 .listen(router.limited("http", httpSite(router)))
-                .addCallback(boundAccepts)
+                .addCallback(self._clientFirst)
             )
             self.ports["http"] = http
             self._announce("http", http)
@@ -510,6 +529,19 @@ class RelayService(Service):
             self._startWorkers(public, control)
         self._listened(True)
 
+    def _clientFirst(self, port: Any) -> Any:
+        """
+        Prepare a listener whose clients speak first (public, control, HTTP, member): bounded
+        accept batches and the kernel's deferred accept (L{RelayLimits.deferAccept
+        <portal.relay.router.RelayLimits>}).
+
+        @return: C{port}.
+        """
+        boundAccepts(port)
+        assert self.router is not None
+        deferAccept(port, self.router.limits.deferAccept)
+        return port
+
     def _listen(self, description: str, factory: Any, steer: bool = False) -> Deferred[Any]:
         """
         Listen on an endpoint description; with C{--workers}, on a port the workers share
@@ -521,12 +553,14 @@ class RelayService(Service):
             return maybeDeferred(
                 listenReusePort,
                 self._reactor,
-                description,
+                withBacklog(description),
                 factory,
                 workers if steer else None,
-            ).addCallback(boundAccepts)
-        listening: Deferred[Any] = serverFromString(self._reactor, description).listen(factory)
-        return listening.addCallback(boundAccepts)
+            ).addCallback(self._clientFirst)
+        listening: Deferred[Any] = serverFromString(self._reactor, withBacklog(description)).listen(
+            factory
+        )
+        return listening.addCallback(self._clientFirst)
 
     def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
         """

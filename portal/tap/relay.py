@@ -50,6 +50,24 @@ def _positive(kind: type) -> Any:
     return coerce
 
 
+def _nonNegative(kind: type) -> Any:
+    """
+    A coercer for a finite number option that may be 0.
+    """
+
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"{value!r} is not a number")
+        if not 0 <= number < float("inf"):
+            raise usage.UsageError(f"{value!r} must be 0 or more")
+        return number
+
+    coerce.coerceDoc = "Must be 0 or more."  # type: ignore[attr-defined]
+    return coerce
+
+
 _SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
@@ -233,6 +251,14 @@ class Options(usage.Options):
             "Seconds a connection to the relay's own pages has to send complete request headers "
             "(TLS handshake included).",
             _positive(float),
+        ],
+        [
+            "defer-accept",
+            None,
+            5.0,
+            "Seconds the kernel holds a new connection to the public, control and HTTP listeners "
+            "until its first byte before the relay accepts it (TCP_DEFER_ACCEPT); 0 for none.",
+            _nonNegative(float),
         ],
         [
             "site-idle-timeout",
@@ -469,6 +495,7 @@ class Options(usage.Options):
                 maxControlConnectionsPerSource=self["max-control-connections-per-source"],
                 siteHeaderTimeout=self["site-header-timeout"],
                 siteIdleTimeout=self["site-idle-timeout"],
+                deferAccept=self["defer-accept"],
                 maxUDPFlowsPerSource=self["max-udp-flows-per-source"],
                 streamIdleTimeout=self["stream-idle-timeout"],
                 bandwidthPerLease=self["bandwidth-per-lease"],
