@@ -63,6 +63,7 @@ LIMITS: dict[str, Any] = {
     "challenge-rate": "20/200",
     "hello-rate": "20/200",
     "site-header-timeout": 10.0,
+    "defer-accept": float(os.environ.get("PORTAL_BENCH_DEFER_ACCEPT", "5")),
 }
 #: Raw TCP ports the relay offers (the port squatters' target).
 TCP_PORTS = 40
