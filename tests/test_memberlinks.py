@@ -11,8 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from portal.relay.cluster import ICluster, Member
+from portal.relay.etcd import EtcdUnavailable
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.router import Router
+from portal.relay.store import ClaimsUnavailable, ILeaseClaims
 from portal.trust.identity import Identity
 from portal.wire.clienthello import UNRECOGNIZED_NAME, alertRecord
 from portal.wire.memberlink import ACK, MAGIC, MemberHeader, encodeMemberHeader, pairKey
@@ -162,6 +164,20 @@ class MemberVisitorTests(SynchronousTestCase):
         assert holder is not None
         self.assertEqual(holder.id, self.b.id)
         self.assertIsNone(self.links.holderElsewhere("shop.example.com"))
+
+    def test_claimsUnavailable(self) -> None:
+        """
+        The links are the cluster's L{ILeaseClaims}: a claim etcd cannot answer fails with
+        L{ClaimsUnavailable}, which is all the registration path knows of etcd.
+        """
+        self.assertTrue(verifyObject(ILeaseClaims, self.links))
+
+        async def unreachable(name: str, owner: str, hold: float) -> str | None:
+            raise EtcdUnavailable("etcd unavailable (connection refused)")
+
+        self.directory.claimOwnership = unreachable  # type: ignore[attr-defined]
+        failure = self.failureResultOf(self.links.claim(["shop"], "owner"), ClaimsUnavailable)
+        self.assertIn("connection refused", failure.getErrorMessage())
 
     def test_mayRegister(self) -> None:
         """

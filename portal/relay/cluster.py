@@ -100,7 +100,8 @@ def parseMemberRecord(memberId: str, value: bytes) -> Member | None:
 class ICluster(Interface):
     """
     What the relay's public listener asks of the cluster: where a lease this member does not hold
-    lives, and to forward a visitor there (implemented by L{portal.relay.memberlink.MemberLinks}).
+    lives, and to forward a visitor there (implemented by L{portal.relay.memberlink.MemberLinks},
+    which is also the cluster's L{ILeaseClaims<portal.relay.store.ILeaseClaims>}).
     """
 
     def holderElsewhere(hostname: str) -> Member | None:
@@ -112,24 +113,6 @@ class ICluster(Interface):
         """
         Forward C{visitor} (a paused public connection with its ClientHello buffered) to C{member}
         over a member link; on failure the visitor is refused with a TLS alert.
-        """
-
-    def mayRegister() -> str | None:
-        """
-        @return: L{None} when the cluster store is reachable, else why registrations are refused.
-        """
-
-    def claim(names: list[str], owner: str) -> Deferred[str | None]:
-        """
-        Claim lease names for C{owner} in the cluster store, one compare-and-set per name.
-
-        @return: A L{Deferred} firing with L{None} when every name is C{owner}'s, or with the first
-            name another identity holds; it fails with L{EtcdUnavailable} when the store is away.
-        """
-
-    def sync() -> None:
-        """
-        Publish this member's live leases (announce new ones, withdraw ended ones).
         """
 
 

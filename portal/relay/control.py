@@ -33,14 +33,13 @@ import portal
 from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.sources import peerSource
 from portal.relay.data import RelayDataSession
-from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.hop import HopInbound
 from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseError
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
 from portal.relay.router import DataPool, Router
-from portal.relay.store import StoreError
+from portal.relay.store import ClaimsUnavailable, StoreError
 from portal.relay.udpsession import UDPSession
 from portal.trust.challenge import (
     PURPOSE_HOP,
@@ -494,7 +493,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 f"{mode} mode registers exactly one name per control session",
             )
         names = self._checkNames(names)
-        unavailable = router.cluster.mayRegister() if router.cluster is not None else None
+        unavailable = router.claims.mayRegister()
         if unavailable is not None:
             raise self._refused("cluster_unavailable", TryAgain, unavailable)
         owner = identityId(publicKey)
@@ -591,9 +590,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             "hostnames": [leaseHostname(n, router.tunnelDomain) for n in names],
             "expiresIn": router.leases.ttl,
         }
-        if router.cluster is not None:
-            return Deferred.fromCoroutine(self._claimInCluster(owner, names, mode, response))
-        return self._registered(owner, names, mode, response)
+        return Deferred.fromCoroutine(self._claim(owner, names, mode, response))
 
     def _registered(
         self, owner: str, names: list[str], mode: str, response: dict[str, object]
@@ -609,21 +606,22 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             self.pool.sealSecret = exportKeyingMaterial(self.transport, EXPORTER_TCP_KEY)
         return Deferred.fromCoroutine(self._openPorts(owner, names[0], modeParts(mode), response))
 
-    async def _claimInCluster(
+    async def _claim(
         self, owner: str, names: list[str], mode: str, response: dict[str, object]
     ) -> dict[str, object]:
         """
-        In a relay cluster, claim the names in etcd (one compare-and-set each) before they count
-        as registered; give them back here when another identity holds one on another member, or
-        when etcd is away.
+        Claim the names where ownership is decided beyond this relay's lease table
+        (L{Router.claims<portal.relay.router.Router.claims>}: nothing to ask for a relay on its
+        own, a compare-and-set each in a cluster's shared store) before they count as registered;
+        give them back here when another identity holds one elsewhere, or when that store cannot
+        be reached.
         """
         router = self._router
-        assert router.cluster is not None
         try:
-            taken = await router.cluster.claim(names, owner)
-        except (EtcdUnavailable, EtcdError) as e:
+            taken = await router.claims.claim(names, owner)
+        except ClaimsUnavailable as e:
             self._giveBack(owner, names)
-            self._log.warn("registration deferred: cluster store unavailable: {error}", error=e)
+            self._log.warn("registration deferred: {error}", error=e)
             raise TryAgain("cluster store unavailable") from None
         if taken is not None:
             self._giveBack(owner, names)
@@ -633,7 +631,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 identity=owner[:12],
             )
             raise RegistrationRefused(f"name {taken!r} is taken by another identity")
-        router.cluster.sync()
+        router.claims.sync()
         result = self._registered(owner, names, mode, response)
         if isinstance(result, Deferred):
             return await result
@@ -832,8 +830,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         self._closePool()
         for lease in router.leases.detach(self):
             self._log.info("lease {name} detached: control session closed", name=lease.name)
-        if router.cluster is not None:
-            router.cluster.sync()
+        router.claims.sync()
         for name in self.names:
             self._closePort(name)
         if self.udpSession is not None and router.udp is not None:

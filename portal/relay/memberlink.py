@@ -31,6 +31,7 @@ from portal.relay.cluster import ClusterDirectory, ICluster, Member
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.public import VisitorProtocol
 from portal.relay.router import Router
+from portal.relay.store import ClaimsUnavailable, ILeaseClaims
 from portal.trust.identity import Identity, identityId
 from portal.trust.names import leaseLabel
 from portal.trust.relayaddress import ConfigError, parseHostPort
@@ -234,7 +235,7 @@ class MemberVisitor(VisitorProtocol):
         super()._dispatch(serverName)
 
 
-@implementer(ICluster)
+@implementer(ICluster, ILeaseClaims)
 class MemberLinks:
     """
     This member's side of the cluster's member links.
@@ -310,14 +311,18 @@ class MemberLinks:
         """
         Claim C{names} for C{owner} in etcd, one compare-and-set each.
 
-        @return: A L{Deferred} firing with L{None}, or the first name another identity holds.
+        @return: A L{Deferred} firing with L{None}, or the first name another identity holds; it
+            fails with L{ClaimsUnavailable} when etcd cannot be reached or answers with an error.
         """
 
         async def claimAll() -> str | None:
             for name in names:
-                other = await self.directory.claimOwnership(
-                    name, owner, self.router.leases.ttl + self.router.leases.reservation
-                )
+                try:
+                    other = await self.directory.claimOwnership(
+                        name, owner, self.router.leases.ttl + self.router.leases.reservation
+                    )
+                except (EtcdUnavailable, EtcdError) as e:
+                    raise ClaimsUnavailable(f"cluster store unavailable: {e}") from e
                 if other is not None:
                     return name
             return None

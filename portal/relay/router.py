@@ -27,6 +27,7 @@ from portal.relay.hop import HopForwarder
 from portal.relay.interfaces import IDataSession, ILeasePorts, IUDPMode, IWaitingVisitor
 from portal.relay.leases import LeaseTable
 from portal.relay.metrics import RelayMetrics
+from portal.relay.store import ILeaseClaims, LocalClaims
 from portal.trust.challenge import ChallengeIssuer
 from portal.trust.identity import Identity
 from portal.trust.names import leaseLabel, normaliseHostname
@@ -438,6 +439,9 @@ class Router:
         self.onLeasesChanged: Callable[[], None] = lambda: None
         #: The relay cluster this relay is a member of (C{--cluster}), or L{None}.
         self.cluster: ICluster | None = None
+        #: Where ownership of lease names is decided beyond the lease table: nowhere for a relay
+        #: on its own, the cluster's shared store for a member.
+        self.claims: ILeaseClaims = LocalClaims()
         self._nextStream = 0
         self.counters = {
             "visitors": 0,

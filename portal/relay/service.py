@@ -612,6 +612,7 @@ class RelayService(Service):
         self._etcd = client
         links = MemberLinks(router, directory, identity, self._reactor)
         router.cluster = links
+        router.claims = links
         notifyBefore = router.onLeasesChanged
 
         def changed() -> None:

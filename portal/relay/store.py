@@ -16,6 +16,10 @@ longer claim, which never hands a name or port to someone else.
 L{MemoryLeaseStore} keeps the records in dictionaries, for tests and for a relay without a state
 directory; L{portal.relay.sqlitestore} keeps them in SQLite.  Nothing but the relay service knows
 which one runs.
+
+Relays of a cluster also share ownership through etcd, which answers over the network: the
+registration path asks L{ILeaseClaims} (L{LocalClaims} for a relay on its own) before a name
+counts as registered, and knows no more than that of where ownership is decided.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
 #: The C{since} of names and ports imported from the JSON files of earlier relays, which did not
@@ -238,4 +243,70 @@ class MemoryLeaseStore:
     def close(self) -> None:
         """
         Nothing to release.
+        """
+
+
+class ClaimsUnavailable(StoreError):
+    """
+    The shared store that decides ownership across relays cannot be reached: registrations must
+    wait (the tunnel is told to try again); routes already known keep working.
+    """
+
+
+class ILeaseClaims(Interface):
+    """
+    Ownership of lease names across every relay that serves the tunnel domain, decided by the
+    store they share; the asynchronous half of the store, beside the records of L{ILeaseStore}
+    (which a relay reads and writes at memory speed).
+
+    A relay on its own store (SQLite) decides ownership in its lease table, and its claims are
+    L{LocalClaims}; relays of a cluster share etcd (L{portal.relay.memberlink.MemberLinks}).
+    The registration path asks these three questions of whichever it runs on, and nothing else.
+    """
+
+    def mayRegister() -> str | None:
+        """
+        @return: L{None} when registrations can be decided now, else why they cannot (the tunnel
+            is told to try again).
+        """
+
+    def claim(names: list[str], owner: str) -> Deferred[str | None]:
+        """
+        Claim lease names for C{owner}, one compare-and-set each, after this relay's own lease
+        table accepted them.
+
+        @return: A L{Deferred} firing with L{None} when every name is C{owner}'s, or with the first
+            name another identity holds; it fails with L{ClaimsUnavailable} when the store cannot
+            be reached.
+        """
+
+    def sync() -> None:
+        """
+        Publish the leases live on this relay (announce new ones, withdraw ended ones) after a
+        control session changed them.
+        """
+
+
+@implementer(ILeaseClaims)
+class LocalClaims:
+    """
+    The claims of a relay on its own: its lease table has decided every claim by the time it is
+    asked, and there is nobody to publish leases to.
+    """
+
+    def mayRegister(self) -> str | None:
+        """
+        @return: L{None}: the store is in this process.
+        """
+        return None
+
+    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+        """
+        @return: A L{Deferred} that has fired with L{None}.
+        """
+        return succeed(None)
+
+    def sync(self) -> None:
+        """
+        Nothing to publish.
         """
