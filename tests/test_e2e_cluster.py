@@ -7,9 +7,13 @@ at the others and are forwarded, still encrypted, over member links.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
@@ -283,6 +287,28 @@ class WorkersTests(TestCase):
             self.assertTrue(response.endswith(PAGE))
         self.assertIn("forwarded a visitor for w.cluster.localhost", relay.output())
         self.assertEqual(relay.output().count("created relay identity"), 1)
+        # A worker that dies is started again by the first one, and serves again.
+        started = yield relay.waitFor(r"started worker 1 \(pid (\d+)\)")
+        mark = len(relay.lines)
+        os.kill(int(started.group(1)), signal.SIGKILL)
+        yield relay.waitFor(
+            r"worker 1 ended after [\d.]+ s; restarting it in 1 s", timeout=30, after=mark
+        )
+        yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ", timeout=60, after=mark)
+        # If the tunnel's control session was on the killed worker, it reconnects (to the new
+        # one): visitors see at most that gap.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                yield deferToThread(fetchAt, public, lease["url"], lease["ca"])
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                yield deferLater(reactor, 0.5, lambda: None)
+        for _ in range(10):
+            response = yield deferToThread(fetchAt, public, lease["url"], lease["ca"])
+            self.assertTrue(response.endswith(PAGE))
         yield relay.stop()
         # The first worker stops the others before it exits.
         self.assertIn("worker 1 ended", relay.output())

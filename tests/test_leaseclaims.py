@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from portal.relay.store import ClaimsUnavailable, ILeaseClaims, LocalClaims
+from portal.relay.store import ClaimsUnavailable, ILeaseClaims, LocalClaims, UnavailableClaims
 from portal.wire.control import RegistrationRefused, TryAgain
 from tests.test_control import LABEL, ClientTestCase
 
@@ -36,6 +36,23 @@ class LocalClaimsTests(SynchronousTestCase):
         claims = LocalClaims()
         self.assertIsNone(claims.mayRegister())
         self.assertIsNone(self.successResultOf(claims.claim(["a", "b"], "owner")))
+        claims.sync()
+
+
+class UnavailableClaimsTests(SynchronousTestCase):
+    """
+    A relay that cannot decide yet (a cluster member still joining) refuses with the reason.
+    """
+
+    def test_refuses(self) -> None:
+        """
+        Registrations are refused with the reason, and a claim fails with L{ClaimsUnavailable}.
+        """
+        claims = UnavailableClaims("cluster store unavailable: the relay is starting")
+        self.assertTrue(verifyObject(ILeaseClaims, claims))
+        self.assertEqual(claims.mayRegister(), "cluster store unavailable: the relay is starting")
+        failure = self.failureResultOf(claims.claim(["a"], "owner"), ClaimsUnavailable)
+        self.assertIn("starting", failure.getErrorMessage())
         claims.sync()
 
 

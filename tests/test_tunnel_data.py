@@ -21,6 +21,7 @@ from portal.forwarding.sealedstream import SealedConnection
 from portal.tunnel.data import (
     ATTACH_TIMEOUT,
     MAX_EXTRA,
+    MAX_FAILURES_IN_A_ROW,
     RETRY_DELAY,
     DataSessionPool,
     TunnelDataSession,
@@ -582,6 +583,40 @@ class DataSessionPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
         self.reactor.advance(RETRY_DELAY)
         self.assertEqual(self.attempts, 2 * self.size)
+
+    def test_stuckAsksForANewControlSession(self) -> None:
+        """
+        After L{MAX_FAILURES_IN_A_ROW} failures in a row with the control session up, the pool
+        calls C{onStuck} (once) and schedules no retry: the new control session restarts it. A
+        success in between starts the count again.
+        """
+        stuck: list[bool] = []
+        self.pool = DataSessionPool(
+            self.reactor,
+            self.endpoint,
+            self.handler,
+            size=self.size,
+            onStuck=lambda: stuck.append(True),
+        )
+        self.pool.start(SESSION_ID, KEY)
+        attempt = 0
+        for _ in range(MAX_FAILURES_IN_A_ROW - 1):
+            self.refuse(attempt)
+            attempt += 1
+            if attempt == self.attempts:
+                self.reactor.advance(RETRY_DELAY)
+        self.assertEqual(stuck, [])
+        self.attach(attempt)
+        attempt += 1
+        for _ in range(MAX_FAILURES_IN_A_ROW):
+            while attempt >= self.attempts:
+                self.reactor.advance(RETRY_DELAY)
+            self.refuse(attempt)
+            attempt += 1
+        self.assertEqual(stuck, [True])
+        self.assertTrue(
+            any("reconnecting the control session" in e["log_format"] for e in self.events)
+        )
 
     def test_retryCancelledByStop(self) -> None:
         """

@@ -4,10 +4,22 @@ Tests for C{twistd portal-relay --workers}: its option checks and the other work
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.service import workerCommand
+from portal.relay.workers import (
+    MAX_RESTART_DELAY,
+    QUICK_DEATH,
+    RESTART_DELAY,
+    WorkerProcess,
+    Workers,
+)
 from portal.tap.relay import Options
 
 
@@ -88,3 +100,109 @@ class WorkerCommandTests(SynchronousTestCase):
                 "1",
             ],
         )
+
+
+class _FakeProcess:
+    """
+    A spawned process as C{spawnProcess} returns it: a pid and the signals it got.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(Clock):
+    """
+    A clock that also records the processes spawned on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[WorkerProcess, list[str], _FakeProcess]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
+        transport = _FakeProcess(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, list(args), transport))
+        return transport
+
+
+def _exit(process: WorkerProcess, code: int = 1) -> None:
+    """
+    Make C{process} end with exit code C{code}.
+    """
+    process.processEnded(Failure(ProcessTerminated(exitCode=code)))
+
+
+class WorkersTests(SynchronousTestCase):
+    """
+    L{Workers} starts the other workers and restarts one that ends, backing off while it dies
+    quickly, and stops them all without restarting any.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = _ProcessReactor()
+        self.workers = Workers(self.reactor, {1: ["relay", "-w1"], 2: ["relay", "-w2"]})
+        self.workers.start()
+
+    def test_started(self) -> None:
+        """
+        Every worker is started with its own command line.
+        """
+        self.assertEqual(
+            [args for _, args, _ in self.reactor.spawned], [["relay", "-w1"], ["relay", "-w2"]]
+        )
+        self.assertEqual(sorted(self.workers.running), [1, 2])
+
+    def test_restartedWithBackoff(self) -> None:
+        """
+        A worker that ends is started again after 1 s; dying within L{QUICK_DEATH} seconds each
+        time, it waits 2, 4, ... up to L{MAX_RESTART_DELAY} seconds; one that ran a while is
+        restarted after 1 s again. The other worker is not touched.
+        """
+        waits = []
+        for _ in range(7):
+            process = self.workers.running[1]
+            before = len(self.reactor.spawned)
+            _exit(process)
+            waited = 0.0
+            while len(self.reactor.spawned) == before:
+                self.reactor.advance(0.5)
+                waited += 0.5
+            waits.append(waited)
+        self.assertEqual(waits, [1.0, 2.0, 4.0, 8.0, 16.0, MAX_RESTART_DELAY, MAX_RESTART_DELAY])
+        self.reactor.advance(QUICK_DEATH)
+        before = len(self.reactor.spawned)
+        _exit(self.workers.running[1])
+        self.reactor.advance(RESTART_DELAY)
+        self.assertEqual(len(self.reactor.spawned), before + 1)
+        self.assertEqual(self.workers.restarts, {1: 8, 2: 0})
+        self.assertEqual(self.reactor.spawned[-1][1], ["relay", "-w1"])
+
+    def test_signalPassedOn(self) -> None:
+        """
+        A signal goes to every running worker.
+        """
+        self.workers.signal("HUP")
+        self.assertEqual([t.signals for _, _, t in self.reactor.spawned], [["HUP"], ["HUP"]])
+
+    def test_stop(self) -> None:
+        """
+        Stopping sends SIGTERM to every worker, cancels a pending restart, restarts none, and
+        fires once every worker has exited.
+        """
+        _exit(self.workers.running[1])
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        stopped = self.workers.stop()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertNoResult(stopped)
+        survivor = self.workers.running[2]
+        self.assertEqual(self.reactor.spawned[1][2].signals, ["TERM"])
+        _exit(survivor, 0)
+        self.successResultOf(stopped)
+        self.reactor.advance(MAX_RESTART_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 2)

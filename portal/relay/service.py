@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -16,15 +16,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
     fail,
-    gatherResults,
     inlineCallbacks,
     maybeDeferred,
     succeed,
 )
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
@@ -52,9 +50,10 @@ from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.sqlitestore import STORE_FILE, SQLiteLeaseStore
 from portal.relay.statelock import StateDirectoryLocked, StateLock, lockStateDirectory
-from portal.relay.store import ILeaseStore, StoreError
+from portal.relay.store import ILeaseStore, StoreError, UnavailableClaims
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
+from portal.relay.workers import Workers
 from portal.trust.identity import loadOrCreateIdentity
 from portal.trust.localca import LocalCA
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
@@ -231,7 +230,7 @@ class RelayService(Service):
         self._directory: ClusterDirectory | None = None
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
-        self._workers: list[_WorkerProcess] = []
+        self._workers: Workers | None = None
         self._listsDir = config.stateDir
 
     def whenListening(self) -> Deferred[None]:
@@ -361,8 +360,8 @@ class RelayService(Service):
         identities they now refuse; a list that cannot be read leaves the previous ones in force.
         The first of several workers (C{--workers}) passes the signal on to the others.
         """
-        for worker in self._workers:
-            worker.signal("HUP")
+        if self._workers is not None:
+            self._workers.signal("HUP")
         router = self.router
         if router is None:
             return
@@ -439,6 +438,9 @@ class RelayService(Service):
         """
         router, tlsOptions = self._buildRouter()
         self.router = router
+        if self.config.cluster is not None:
+            # Until this member has joined, it cannot tell who owns a name.
+            router.claims = UnavailableClaims("cluster store unavailable: the relay is starting")
         if self._installSignal is not None:
             self._installSignal(signal.SIGHUP, self.reloadLists)
         self._logPublisher.addObserver(router.events)
@@ -471,6 +473,10 @@ class RelayService(Service):
                 interface=leasePorts.interface or "*",
             )
         self._announce("public", public)
+        if config.cluster is not None:
+            # Visitors the kernel hands this member before it knows the cluster's routes (a
+            # worker restarted beside others on a shared port) wait in the listen queue.
+            getattr(public, "stopReading", lambda: None)()
         control = yield self._listen(
             config.control,
             router.limited("control", ControlFactory(router, tlsOptions)),
@@ -508,6 +514,7 @@ class RelayService(Service):
             self._announce("member", memberPort)
         if config.cluster is not None:
             yield self._joinCluster(router, memberPort)
+            getattr(public, "startReading", lambda: None)()
         if config.http:
             http = (
                 yield serverFromString(self._reactor, withBacklog(config.http))
@@ -568,20 +575,18 @@ class RelayService(Service):
         a state directory of its own under this one's.
         """
         config = self.config
-        for index in range(1, config.workers):
-            argv = workerCommand(
+        commands: dict[int, Sequence[str]] = {
+            index: workerCommand(
                 config.workerArgs,
                 index,
                 public=_sameAddress(config.public, public),
                 control=_sameAddress(config.control, control),
                 stateDir=os.path.join(config.stateDir, f"worker-{index}"),
             )
-            protocol = _WorkerProcess(index)
-            self._workers.append(protocol)
-            self._reactor.spawnProcess(
-                protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2}
-            )
-            self._log.info("started worker {index} (pid {pid})", index=index, pid=protocol.pid)
+            for index in range(1, config.workers)
+        }
+        self._workers = Workers(self._reactor, commands)
+        self._workers.start()
 
     @inlineCallbacks
     def _joinCluster(self, router: Router, control: IListeningPort) -> Any:
@@ -705,10 +710,8 @@ class RelayService(Service):
         if router is not None:
             for protocol in list(router.controls):
                 protocol.transport.loseConnection()
-        for worker in self._workers:
-            worker.stop()
-        if self._workers:
-            yield gatherResults([worker.ended for worker in self._workers])
+        if self._workers is not None:
+            yield self._workers.stop()
         if self._clusterSync is not None and self._clusterSync.running:
             self._clusterSync.stop()
         if self._directory is not None:
@@ -807,49 +810,3 @@ def workerCommand(
         "--worker-index",
         str(index),
     ]
-
-
-class _WorkerProcess(ProcessProtocol):
-    """
-    A worker started by the first one; its output goes to the first worker's.
-
-    @ivar ended: Fires when the worker exits.
-    """
-
-    _log = Logger()
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.ended: Deferred[None] = Deferred()
-
-    @property
-    def pid(self) -> int | None:
-        """
-        The worker's process id.
-        """
-        return getattr(self.transport, "pid", None)
-
-    def stop(self) -> None:
-        """
-        Ask the worker to stop (SIGTERM: it drains like any relay).
-        """
-        self.signal("TERM")
-
-    def signal(self, name: str) -> None:
-        """
-        Send the worker a signal, unless it has ended.
-
-        @param name: The signal's name, C{"TERM"} or C{"HUP"}.
-        """
-        if self.transport is not None and not self.ended.called:
-            try:
-                self.transport.signalProcess(name)
-            except ProcessExitedAlready:
-                pass
-
-    def processEnded(self, reason: Failure) -> None:
-        """
-        Log how the worker ended.
-        """
-        self._log.info("worker {index} ended: {reason}", index=self.index, reason=reason.value)
-        self.ended.callback(None)

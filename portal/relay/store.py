@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Interface, implementer
 
 #: The C{since} of names and ports imported from the JSON files of earlier relays, which did not
@@ -305,6 +305,37 @@ class LocalClaims:
         @return: A L{Deferred} that has fired with L{None}.
         """
         return succeed(None)
+
+    def sync(self) -> None:
+        """
+        Nothing to publish.
+        """
+
+
+@implementer(ILeaseClaims)
+class UnavailableClaims:
+    """
+    The claims of a relay that cannot decide yet (a cluster member still joining): registrations
+    are refused with the reason, for the tunnel to try again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        """
+        @param reason: Why registrations cannot be decided, as the tunnel is told.
+        """
+        self.reason = reason
+
+    def mayRegister(self) -> str | None:
+        """
+        @return: The reason.
+        """
+        return self.reason
+
+    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+        """
+        @return: A L{Deferred} that has failed with L{ClaimsUnavailable}.
+        """
+        return fail(ClaimsUnavailable(self.reason))
 
     def sync(self) -> None:
         """

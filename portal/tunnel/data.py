@@ -149,6 +149,10 @@ class TunnelDataSession(Protocol):
         self._pool.lost(self)
 
 
+#: Data sessions in a row that may fail before the pool asks for a new control session.
+MAX_FAILURES_IN_A_ROW = 8
+
+
 class DataSessionPool:
     """
     Keeps C{size} idle data sessions open to one relay while a control session is up, replaces each one a
@@ -169,6 +173,7 @@ class DataSessionPool:
         size: int = 4,
         tls: bool = False,
         timeout: float = ATTACH_TIMEOUT,
+        onStuck: Callable[[], None] | None = None,
     ) -> None:
         """
         @param reactor: Time, for timeouts and retries.
@@ -178,6 +183,10 @@ class DataSessionPool:
         @param tls: Whether C{endpoint} connects with TLS.
         @param timeout: Seconds a data session may take to connect and attach (longer through a
             chain of hops).
+        @param onStuck: Called when L{MAX_FAILURES_IN_A_ROW} data sessions in a row failed while
+            the control session is up: the relay does not know this control session on the
+            connections data sessions reach (a relay worker restarted beside others moves where
+            an address's connections land), and only a new control session can fix that.
         """
         self._reactor = reactor
         self.tls = tls
@@ -190,6 +199,8 @@ class DataSessionPool:
         self._opening = 0
         self._extra = 0
         self._retry: Any = None
+        self._onStuck = onStuck
+        self._failures = 0
 
     @property
     def idle(self) -> int:
@@ -207,6 +218,7 @@ class DataSessionPool:
         @param sealSecret: In raw TCP mode, its secret the streams are sealed under.
         """
         self._session = (sessionId, key, sealSecret)
+        self._failures = 0
         self._fill()
 
     def stop(self) -> None:
@@ -278,6 +290,7 @@ class DataSessionPool:
                 session.transport.loseConnection()
                 return
             self._opening -= 1
+            self._failures = 0
             self._idle.add(session)
 
         def failed(failure: Failure) -> None:
@@ -289,6 +302,16 @@ class DataSessionPool:
             self._log.warn(
                 "could not open a data session: {error}", error=failure.getErrorMessage()
             )
+            self._failures += 1
+            if self._failures >= MAX_FAILURES_IN_A_ROW and self._onStuck is not None:
+                self._failures = 0
+                self._log.warn(
+                    "{count} data sessions in a row failed while the control session is up; "
+                    "reconnecting the control session",
+                    count=MAX_FAILURES_IN_A_ROW,
+                )
+                self._onStuck()
+                return
             if self._retry is None:
                 self._retry = self._reactor.callLater(RETRY_DELAY, self._retryNow)
 

@@ -110,6 +110,7 @@ class RelayLink(Service):
             size=tunnel.config.poolSize,
             tls=tls,
             timeout=ATTACH_TIMEOUT + HOP_TIMEOUT * len(relay.via),
+            onStuck=self._poolStuck,
         )
 
     def dataEndpoint(self) -> IStreamClientEndpoint:
@@ -296,6 +297,15 @@ class RelayLink(Service):
         @param protocol: Its protocol.
         """
         self._machine.lost(protocol)
+
+    def _poolStuck(self) -> None:
+        """
+        Data sessions keep failing while the control session is up: close the control session;
+        the L{ClientService} reconnects (with backoff), and the new session gets a new pool.
+        """
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.loseConnection()
 
     def _dropSession(self, protocol: TunnelControlProtocol, report: bool) -> None:
         """
