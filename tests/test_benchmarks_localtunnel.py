@@ -298,6 +298,7 @@ class RatioTests(SynchronousTestCase):
             "scenarios": {
                 "localtunnel": {
                     "requestsPerPath": 300,
+                    "loadAverage": {"before": [0.5, 0.75, 1.0], "after": [1.25, 1.0, 1.0]},
                     "paths": figures,
                     "ratios": localtunnelRatios(figures),
                     "notes": ["a note"],
@@ -315,5 +316,6 @@ class RatioTests(SynchronousTestCase):
         results["targets"] = targets
         text = markdown(results)
         self.assertIn("## 3l. New HTTP visitors: localtunnel and Portal", text)
+        self.assertIn("was 0.50 / 0.75 / 1.00 before and 1.25 / 1.00 / 1.00 after.", text)
         self.assertIn("| TTFB p99 portal / localtunnel behind HAProxy TLS | 0.75 |", text)
         self.assertIn(f"| {LT_PORTAL} | 100 | 1,000 | 3,000 |", text)
