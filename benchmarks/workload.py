@@ -248,6 +248,78 @@ def httpFirstByte(
         stream.close()
 
 
+def parseResponseHead(data: bytes) -> tuple[int, int, int] | None:
+    """
+    Read an HTTP/1.1 response's status line and C{Content-Length} once its head has arrived.
+
+    @param data: The response's bytes so far.
+    @return: The status code, the length of the head (through the blank line) and the body's
+        length; L{None} while the head is incomplete.
+    @raise ConnectionError: When the response is not HTTP/1.x or has no C{Content-Length} (a
+        chunked or close-delimited body cannot tell a keep-alive client where it ends).
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        if not b"HTTP/1.".startswith(data[:7]):
+            raise ConnectionError(f"not an HTTP/1 response: {data[:40]!r}")
+        return None
+    lines = data[:end].split(b"\r\n")
+    words = lines[0].split(b" ", 2)
+    if len(words) < 2 or not words[0].startswith(b"HTTP/1.") or not words[1].isdigit():
+        raise ConnectionError(f"not an HTTP/1 response: {lines[0][:40]!r}")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(words[1]), end + 4, int(value.strip())
+    raise ConnectionError(f"no Content-Length in {data[:end][:200]!r}")
+
+
+def httpKeepAliveFirstByte(
+    port: int,
+    hostName: str,
+    context: ssl.SSLContext | None,
+    timeout: float = 120,
+) -> float:
+    """
+    One new connection (TLS with C{context}, SNI C{hostName}; plain TCP without) carrying one
+    HTTP/1.1 C{GET /} for C{hostName} as a browser's first request sends it (keep-alive, no
+    C{Connection: close}), read to the end of its C{Content-Length} body, then closed by the client.
+
+    @param timeout: Seconds any one socket operation may take.
+    @return: Seconds from starting the TCP connection to the response's first byte.
+    @raise ConnectionError: When the response is not a complete 200.
+    """
+    start = time.perf_counter()
+    stream = _connect(port, hostName if context else None, context, None, timeout)
+    try:
+        stream.sendall(f"GET / HTTP/1.1\r\nHost: {hostName}\r\nAccept: */*\r\n\r\n".encode())
+        data = stream.recv(65536)
+        seconds = time.perf_counter() - start
+        head = None
+        while True:
+            if not data:
+                raise ConnectionError("closed before the response")
+            head = parseResponseHead(data)
+            if head is not None:
+                break
+            more = stream.recv(65536)
+            if not more:
+                raise ConnectionError(f"closed in the response's head: {data[:40]!r}")
+            data += more
+        status, headLength, bodyLength = head
+        if status != 200:
+            raise ConnectionError(f"answered {data[:40]!r}")
+        remaining = headLength + bodyLength - len(data)
+        while remaining > 0:
+            more = stream.recv(65536)
+            if not more:
+                raise ConnectionError("closed in the response's body")
+            remaining -= len(more)
+        return seconds
+    finally:
+        stream.close()
+
+
 def hold(port: int, serverName: str | None, count: int, progress: Callable[[int], None]) -> list:  # type: ignore[type-arg]
     """
     Open C{count} TLS connections and leave them idle.
