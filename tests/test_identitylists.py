@@ -19,7 +19,8 @@ from portal.relay.identitylists import (
     IdentityLists,
     readIdentityList,
 )
-from portal.relay.service import RelayConfig, RelayService, _WorkerProcess
+from portal.relay.service import RelayConfig, RelayService
+from portal.relay.workers import WorkerProcess, Workers
 from portal.trust.identity import Identity
 
 
@@ -229,10 +230,11 @@ class WorkerListsTests(SynchronousTestCase):
         )
         service.startService()
         self.addCleanup(service.stopService)
-        worker = _WorkerProcess(1)
+        worker = WorkerProcess(1)
         worker.transport = RecordingProcess()  # type: ignore[assignment]
-        service._workers.append(worker)
-        self.addCleanup(service._workers.remove, worker)
+        service._workers = Workers(MemoryReactorClock(), {1: ["relay"]})
+        service._workers.running[1] = worker
+        self.addCleanup(setattr, service, "_workers", None)
         denied = Identity.generate().id
         with open(os.path.join(stateDir, DENY_FILE), "w") as f:
             f.write(f"{denied}\n")
