@@ -294,6 +294,39 @@ class ClusterPortsTests(SynchronousTestCase):
         failure = self.failureResultOf(self.b.open("bob", "web"), PortsExhausted)
         self.assertIn("held by other members of the cluster", str(failure.value))
 
+    def test_udpPortsClaimedNotForwarded(self) -> None:
+        """
+        UDP ports are claimed in the cluster too (two members never give one port to two leases),
+        but no member listens on a UDP port another member holds.
+        """
+        udp = {}
+        for node in (self.a, self.b):
+            machine = _Machine()
+            allocator = PortAllocator(PortRange(9000, 9002), self.clock, kind="udp")
+            ports = LeasePorts(
+                "udp",
+                allocator,
+                lambda lease, interface, machine=machine: machine.listenTCP(lease.port, None),
+            )
+            ClusterPorts(node.links, ports, machine, forward=False).install()
+            udp[node] = (ports, machine)
+        opened = [
+            self.successResultOf(
+                Deferred.fromCoroutine(
+                    udp[node][0].open(node.router, owner, "voice", f"voice.{DOMAIN}", node)
+                )
+            ).port
+            for node, owner in [(self.a, "alice"), (self.b, "bob")]
+        ]
+        self.assertEqual(opened, [9000, 9001])
+        self.assertEqual(sorted(udp[self.a][1].bound), [9000])
+        self.assertEqual(sorted(udp[self.b][1].bound), [9001])
+        claim = self.a.directory.portClaim("udp", 9001)
+        assert claim is not None
+        self.assertEqual(claim.member, self.b.member.id)
+        # The TCP side is untouched: nothing to forward.
+        self.assertEqual(self.a.ports.forwarding, {})
+
     def test_forwardedVisitor(self) -> None:
         """
         A visitor of a port B forwards is handed to the member links with the holding member, the

@@ -11,8 +11,9 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.threads import deferToThread
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import TestCase
@@ -315,19 +316,48 @@ def echoAt(host: str, port: int, line: bytes) -> bytes | None:
         return None
 
 
-def _tcpPort(url: str) -> int:
+def _tcpPort(url: str, scheme: str = "tcp") -> int:
     """
-    @return: The port of a C{tcp://HOST:PORT} URL.
+    @return: The port of a C{tcp://HOST:PORT} (or C{scheme}) URL.
     """
     parts = urlsplit(url)
-    assert parts.scheme == "tcp" and parts.port, url
+    assert parts.scheme == scheme and parts.port, url
     return parts.port
+
+
+def datagramAt(host: str, port: int, payload: bytes) -> bytes | None:
+    """
+    Send one datagram to C{host:port} and wait up to 2 s for one back.
+
+    @return: The datagram that came back, or L{None}.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(payload, (host, port))
+        try:
+            return s.recvfrom(65535)[0]
+        except OSError:
+            return None
+
+
+class _DatagramEcho(DatagramProtocol):
+    """
+    Sends every datagram back to its sender.
+    """
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        Echo.
+        """
+        assert self.transport is not None
+        self.transport.write(datagram, addr)
 
 
 class ClusterRawTCPTests(TestCase):
     """
-    Raw TCP leases on a cluster of two members, each with the same C{--tcp-ports} range: member A's
-    public ports on 127.0.0.2 and member B's on 127.0.0.3 (two machines' public addresses).
+    Raw TCP and UDP leases on a cluster of two members, each with the same C{--tcp-ports} and
+    C{--udp-ports} range: member A's public ports on 127.0.0.2 and member B's on 127.0.0.3 (two
+    machines' public addresses).
     """
 
     timeout = 120
@@ -359,6 +389,8 @@ class ClusterRawTCPTests(TestCase):
                     "--cluster-ttl",
                     "3",
                     "--tcp-ports",
+                    f"{low}-{high}",
+                    "--udp-ports",
                     f"{low}-{high}",
                 ],
             )
@@ -450,3 +482,31 @@ class ClusterRawTCPTests(TestCase):
                     timeout=20,
                 )
                 self.assertEqual(reply, b"ping\n")
+
+    @inlineCallbacks
+    def test_udpPortsDistinct(self) -> Any:
+        """
+        UDP tunnels on the two members get different ports (claimed in the cluster), each served
+        at its own member's address; UDP is not forwarded between members.
+        """
+        service = reactor.listenUDP(0, _DatagramEcho(), interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        ports = []
+        for member, who in [(0, "alice"), (1, "bob")]:
+            tunnel = startExpose(
+                self,
+                homeDir(self, who),
+                self.members[member][1],
+                [f"127.0.0.1:{service.getHost().port}", "--udp"],
+            )
+            lease = yield waitForLease(tunnel)
+            ports.append(_tcpPort(lease["url"], "udp"))
+        self.assertNotEqual(ports[0], ports[1])
+        for member, port in enumerate(ports):
+            host = self.members[member][0]
+            reply = yield pollUntil(
+                lambda host=host, port=port: deferToThread(datagramAt, host, port, b"hi"),
+                f"the UDP echo at {host}:{port}",
+                timeout=20,
+            )
+            self.assertEqual(reply, b"hi")

@@ -9,6 +9,9 @@ ports free with its routes. Every member follows the C{ports/} records through t
 and listens on each port live on another member; a visitor there is forwarded to the holding member
 over a member link (L{MemberLinks.forwardPort}), which seals its bytes towards the tunnel like those
 of a visitor of its own port. The forwarding member only splices bytes.
+
+UDP ports are claimed the same way, so that no two members hand one port to two leases, but they
+are not forwarded: a datagram reaches a UDP lease only at the member that holds it.
 """
 
 from __future__ import annotations
@@ -126,25 +129,31 @@ class _ForwardedPortFactory(Factory):
 @implementer(IPortClaims)
 class ClusterPorts:
     """
-    This member's raw TCP ports in the cluster: claims in etcd for its own leases, and forwarding
-    listeners on the ports of leases other members hold.
+    This member's raw ports of one kind in the cluster: claims in etcd for its own leases, and
+    (raw TCP) forwarding listeners on the ports of leases other members hold.
 
     @ivar links: The member links (and through them the router and the directory).
-    @ivar leasePorts: The member's raw TCP lease ports.
+    @ivar leasePorts: The member's lease ports of this kind.
+    @ivar kind: C{"tcp"} or C{"udp"}.
     @ivar forwarding: The forwarding listeners, by port.
     """
 
     _log = Logger()
-    kind = "tcp"
 
-    def __init__(self, links: MemberLinks, leasePorts: LeasePorts, reactor: Any) -> None:
+    def __init__(
+        self, links: MemberLinks, leasePorts: LeasePorts, reactor: Any, forward: bool = True
+    ) -> None:
         """
         @param links: The member links.
-        @param leasePorts: The raw TCP lease ports (their claims and allocator are hooked here).
+        @param leasePorts: The lease ports (their claims and allocator are hooked here).
         @param reactor: Provides C{listenTCP}.
+        @param forward: Whether to listen on the ports other members hold and forward their
+            visitors (raw TCP); without, ports are only claimed (UDP).
         """
         self.links = links
         self.leasePorts = leasePorts
+        self.kind = leasePorts.kind
+        self._forward = forward
         self._reactor = reactor
         self._directory: ClusterDirectory = links.directory
         self.forwarding: dict[int, IListeningPort] = {}
@@ -159,8 +168,9 @@ class ClusterPorts:
         allocator.heldElsewhere = self.heldElsewhere
         allocator.clusterPortOf = self.portOf
         self.leasePorts.claims = self
-        self._directory.onPortsChanged = self.reconcile
-        self.reconcile()
+        if self._forward:
+            self._directory.onPortsChanged = self.reconcile
+            self.reconcile()
 
     def _now(self) -> float:
         return self.links.router.clock.seconds()
@@ -230,7 +240,8 @@ class ClusterPorts:
             Deferred.fromCoroutine(
                 self._directory.releasePort(kind, port, owner, name, until)
             ).addErrback(failed)
-        self.reconcile()
+        if self._forward:
+            self.reconcile()
 
     async def _stopForwarding(self, port: int) -> None:
         """
@@ -254,6 +265,8 @@ class ClusterPorts:
         Listen on every port whose lease another member holds live, and stop listening on those
         that are no longer.
         """
+        if not self._forward:
+            return
         wanted = {
             claim.port
             for claim in self._directory.portClaims(self.kind)
@@ -300,6 +313,7 @@ class ClusterPorts:
         """
         Close every forwarding listener (relay shutdown).
         """
-        self._directory.onPortsChanged = None
+        if self._forward:
+            self._directory.onPortsChanged = None
         listening, self.forwarding = list(self.forwarding.values()), {}
         return gatherResults([maybeDeferred(p.stopListening) for p in listening])

@@ -626,6 +626,9 @@ class RelayService(Service):
             # Raw TCP ports are given out cluster-wide, and every member listens on all of them.
             self._clusterPorts = ClusterPorts(links, router.tcp, self._reactor)
             self._clusterPorts.install()
+        if router.udp is not None and isinstance(router.udp.ports, LeasePorts):
+            # UDP ports are given out cluster-wide too, but served only by the holding member.
+            ClusterPorts(links, router.udp.ports, self._reactor, forward=False).install()
         # Leases also end by lapsing; a sync now and then publishes that.
         self._clusterSync = LoopingCall(self._syncCluster, links)
         self._clusterSync.clock = self._reactor
