@@ -226,6 +226,25 @@ class ClusterPortsTests(SynchronousTestCase):
         carol = self.successResultOf(self.b.open("carol", "x"))
         self.assertEqual(carol.port, 9000)
 
+    def test_ownReservationGivenUpUnderPressure(self) -> None:
+        """
+        When the range is full of this member's own reservations, the oldest past its grace period
+        is given up here, and the cluster lets this member give its port to the newcomer; another
+        member's reservations still hold.
+        """
+        a = self.node("3", grace=0.0)
+        for name in ["x", "y", "z"]:
+            self.successResultOf(a.open("alice", name))
+            self.clock.advance(1)
+            self.successResultOf(a.tcp.close("alice", name))
+        self.failureResultOf(self.b.open("bob", "web"), PortsExhausted)
+        newcomer = self.successResultOf(a.open("carol", "db"))
+        self.assertEqual(newcomer.port, 9000)
+        self.assertEqual(
+            self.b.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "carol", "db", a.member.id),
+        )
+
     def test_portFollowsTheLeaseToAnotherMember(self) -> None:
         """
         A tunnel that moves from A to B gets its port back on B (live or reserved), and A then

@@ -367,7 +367,8 @@ class ClusterDirectory:
         """
         Give C{port} to the lease C{name} of C{owner}, held live by this member, with one
         compare-and-set: when the port has no record, when its record is the same lease's (live on
-        another member or reserved for it), or when its record's reservation has ended.
+        another member or reserved for it), when its record's reservation has ended, or when it is
+        a reservation of this member's (whose allocator decides about its own reservations).
 
         The record lives on this member's etcd lease: if this member dies, the port frees with its
         routes.
@@ -389,7 +390,12 @@ class ClusterDirectory:
             other = parsePortRecord(kind, port, current.value)
             if other is not None:
                 self._setPort(other)
-                if other.key != mine.key and other.heldAt(self._clock.seconds()):
+                ownReservation = other.member == self.me.id and other.until is not None
+                if (
+                    other.key != mine.key
+                    and other.heldAt(self._clock.seconds())
+                    and not ownReservation
+                ):
                     return other
             replaced, _ = await self._client.replace(key, current.modRevision, value, self._lease)
             if replaced:

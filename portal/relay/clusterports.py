@@ -178,9 +178,13 @@ class ClusterPorts:
     def heldElsewhere(self, port: int, key: Key) -> bool:
         """
         @return: Whether the cluster holds C{port}, live or reserved, for another lease than C{key}.
+            This member's own reservations do not count: its allocator keeps them (and may give
+            one up when the range is full).
         """
         claim = self._directory.portClaim(self.kind, port)
-        return claim is not None and claim.key != key and claim.heldAt(self._now())
+        if claim is None or claim.key == key or not claim.heldAt(self._now()):
+            return False
+        return not (claim.member == self._directory.me.id and claim.until is not None)
 
     def portOf(self, key: Key) -> int | None:
         """
