@@ -9,9 +9,10 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -346,6 +347,19 @@ class ClusterPortsTests(SynchronousTestCase):
         # The TCP side is untouched: nothing to forward.
         self.assertEqual(self.a.ports.forwarding, {})
 
+    def test_listenFailureReleasesTheClaim(self) -> None:
+        """
+        A port claimed in the cluster that cannot be bound here is released there again (reserved
+        for the lease, as on a single relay), and the lease gets no port.
+        """
+        self.a.machine.bound[9000] = _Port(self.a.machine, 9000, None)
+        self.failureResultOf(self.a.open("alice", "db"), CannotListenError)
+        claim = self.b.directory.portClaim("tcp", 9000)
+        assert claim is not None
+        self.assertEqual(claim.until, self.a.allocator.reservedUntil("alice", "db"))
+        self.assertIsNotNone(claim.until)
+        self.assertEqual(self.b.ports.forwarding, {})
+
     def test_forwardedVisitor(self) -> None:
         """
         A visitor of a port B forwards is handed to the member links with the holding member, the
@@ -368,6 +382,9 @@ class ClusterPortsTests(SynchronousTestCase):
         )
         self.assertEqual(transport.producerState, "paused")
         self.assertEqual(self.b.router.counters["forwarded"], 1)
+        self.assertIn(protocol, self.b.router.visitors)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNotIn(protocol, self.b.router.visitors)
 
 
 class AllocatorHookTests(SynchronousTestCase):

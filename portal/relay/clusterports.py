@@ -69,6 +69,7 @@ class ForwardedPortVisitor(SpliceProtocol, TimeoutMixin):
         if claim is None or member is None:
             self.refuse(f"TCP port {self._port} is not live on any member")
             return
+        router.visitors.add(self)
         router.counters["tcp_visitors"] += 1
         router.counters["forwarded"] = router.counters.get("forwarded", 0) + 1
         self.setTimeout(router.limits.dataWaitTimeout)
@@ -102,9 +103,10 @@ class ForwardedPortVisitor(SpliceProtocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
-        Stop the timer.
+        Stop the timer; leave the relay's visitors.
         """
         self.setTimeout(None)
+        self._ports.links.router.visitors.discard(self)
         super().connectionLost(reason)
 
 

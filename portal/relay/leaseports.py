@@ -146,6 +146,9 @@ class LeasePorts:
             lease.listening = self._listen(lease, self.interface)
         except Exception:
             self.allocator.release(owner, name)
+            if self.claims is not None:
+                until = self.allocator.reservedUntil(owner, name)
+                self.claims.released(self.kind, port, owner, name, until)
             raise
         self.leases[key] = lease
         self._log.info(
