@@ -293,6 +293,22 @@ class ClusterPortsTests(SynchronousTestCase):
         bob = self.successResultOf(self.b.open("bob", "web"))
         self.assertEqual(bob.port, 9000)
 
+    def test_lapsedMemberWritesItsPortsAgain(self) -> None:
+        """
+        A member whose etcd lease lapsed (its keep-alives did not arrive in time) loses its port
+        records with it, and writes them again when it rejoins; the other member forwards again.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.etcd.expire(self.a.directory._lease)
+        self.assertIsNone(self.b.directory.portClaim("tcp", 9000))
+        self.assertEqual(self.b.ports.forwarding, {})
+        self.clock.advance(10)
+        self.assertEqual(
+            self.b.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "alice", "db", self.a.member.id),
+        )
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+
     def test_etcdAway(self) -> None:
         """
         With etcd away, opening a port fails with L{StoreError} (the registration is retried) and

@@ -234,6 +234,9 @@ class ClusterDirectory:
         self._live: dict[str, str] = {}
         self._mine: set[str] = set()
         self._ports: dict[tuple[str, int], PortClaim] = {}
+        # This member's own port records, written again when it rejoins after its etcd lease lapsed
+        # (the watch deleted them from the copy above).
+        self._minePorts: dict[tuple[str, int], PortClaim] = {}
         #: Called after a C{ports/} record changed in the local copy.
         self.onPortsChanged: Callable[[], None] | None = None
         self._lease = 0
@@ -280,10 +283,12 @@ class ClusterDirectory:
         await self._client.put(self._key("members", self.me.id), memberRecord(self.me), self._lease)
         for name in sorted(self._mine):
             await self._client.put(self._key("live", name), self.me.id.encode(), self._lease)
-        for claim in [c for c in self._ports.values() if c.member == self.me.id]:
+        for claim in list(self._minePorts.values()):
             # Ports this member held before its etcd lease lapsed: back, unless taken meanwhile.
             key = self._key("ports", f"{claim.kind}/{claim.port}")
-            await self._client.create(key, portRecord(claim), self._lease)
+            created, _ = await self._client.create(key, portRecord(claim), self._lease)
+            if not created:
+                self._minePorts.pop((claim.kind, claim.port), None)
         await self._resync()
         self.available = True
         self._schedule(self._ttl / 3)
@@ -342,6 +347,8 @@ class ClusterDirectory:
                 self._ports.pop(key, None)
             else:
                 self._ports[key] = claim
+                if claim.member != self.me.id:
+                    self._minePorts.pop(key, None)
             self._portsChanged()
 
     def _portsChanged(self) -> None:
@@ -423,6 +430,7 @@ class ClusterDirectory:
         if until is None:
             if await self._client.deleteIf(key, current.modRevision):
                 self._ports.pop((kind, port), None)
+                self._minePorts.pop((kind, port), None)
                 self._portsChanged()
             return
         reserved = attrs.evolve(claim, until=until)
@@ -436,6 +444,10 @@ class ClusterDirectory:
         """
         Put a record into the local copy ahead of the watch (which brings the same value).
         """
+        if claim.member == self.me.id:
+            self._minePorts[(claim.kind, claim.port)] = claim
+        else:
+            self._minePorts.pop((claim.kind, claim.port), None)
         if self._ports.get((claim.kind, claim.port)) != claim:
             self._ports[(claim.kind, claim.port)] = claim
             self._portsChanged()
