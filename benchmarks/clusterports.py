@@ -38,6 +38,9 @@ FORWARDER = "127.0.0.3"
 
 
 def _connect(host: str, port: int) -> socket.socket:
+    """
+    @return: A new connection to C{host:port}, with C{TCP_NODELAY}.
+    """
     sock = socket.create_connection((host, port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock

@@ -175,6 +175,9 @@ class ClusterPorts:
             self.reconcile()
 
     def _now(self) -> float:
+        """
+        @return: The current time by the router's clock.
+        """
         return self.links.router.clock.seconds()
 
     def heldElsewhere(self, port: int, key: Key) -> bool:

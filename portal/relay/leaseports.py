@@ -175,7 +175,7 @@ class LeasePorts:
                 return port
             try:
                 claimed = await claims.claim(self.kind, port, owner, name)
-            except BaseException:
+            except Exception:
                 self.allocator.abandon(owner, name)
                 raise
             if claimed:

@@ -202,7 +202,8 @@ class PortAllocator:
 
     Building an allocator takes time proportional to the range and the saved records.  After that,
     every operation takes constant time, apart from taking a new port from the free pool and
-    dropping ended reservations, which take logarithmic time per port.
+    dropping ended reservations, which take logarithmic time per port (linear in a relay cluster,
+    where choosing a new port skips the ports the cluster holds: L{heldElsewhere}).
 
     @ivar portRange: The ports handed out.
     @ivar reservation: Seconds a released port stays reserved for its (identity, name), once earned.
