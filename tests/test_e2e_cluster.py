@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols.wire import Echo
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from tests.etcdprocess import startEtcd
 from tests.realprocesses import (
     WatchedProcess,
+    freePortRange,
     homeDir,
     listenLocal,
     pollUntil,
+    spawnRelay,
     startExpose,
     startRelay,
     tlsRequest,
@@ -312,3 +318,220 @@ class WorkersTests(TestCase):
         yield relay.stop()
         # The first worker stops the others before it exits.
         self.assertIn("worker 1 ended", relay.output())
+
+
+def echoAt(host: str, port: int, line: bytes) -> bytes | None:
+    """
+    Send C{line} to a raw TCP port at C{host} and read as many bytes back.
+
+    @return: What came back, or L{None} when the connection failed or closed early.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.settimeout(5)
+            s.sendall(line)
+            reply = b""
+            while len(reply) < len(line):
+                chunk = s.recv(len(line) - len(reply))
+                if not chunk:
+                    return None
+                reply += chunk
+            return reply
+    except OSError:
+        return None
+
+
+def _tcpPort(url: str, scheme: str = "tcp") -> int:
+    """
+    @return: The port of a C{tcp://HOST:PORT} (or C{scheme}) URL.
+    """
+    parts = urlsplit(url)
+    assert parts.scheme == scheme and parts.port, url
+    return parts.port
+
+
+def datagramAt(host: str, port: int, payload: bytes) -> bytes | None:
+    """
+    Send one datagram to C{host:port} and wait up to 2 s for one back.
+
+    @return: The datagram that came back, or L{None}.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(payload, (host, port))
+        try:
+            return s.recvfrom(65535)[0]
+        except OSError:
+            return None
+
+
+class _DatagramEcho(DatagramProtocol):
+    """
+    Sends every datagram back to its sender.
+    """
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        Echo.
+        """
+        assert self.transport is not None
+        self.transport.write(datagram, addr)
+
+
+class ClusterRawTCPTests(TestCase):
+    """
+    Raw TCP and UDP leases on a cluster of two members, each with the same C{--tcp-ports} and
+    C{--udp-ports} range: member A's public ports on 127.0.0.2 and member B's on 127.0.0.3 (two
+    machines' public addresses).
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        """
+        Start etcd, members A and B, and an echo service.
+        """
+        nodes = yield startEtcd(self)
+        cluster = f"etcd://127.0.0.1:{nodes[0].clientPort}"
+        low, high = freePortRange(4)
+        self.range = (low, high)
+        self.members: list[tuple[str, int]] = []
+        self.relays: list[WatchedProcess] = []
+        for name, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+            state = os.path.join(homeDir(self, f"relay-{name}"), "state")
+            relay = spawnRelay(
+                self,
+                state,
+                public=f"tcp:0:interface={host}",
+                extra=[
+                    "--tunnel-domain",
+                    "cluster.localhost",
+                    "--cluster",
+                    cluster,
+                    "--node-name",
+                    name,
+                    "--cluster-ttl",
+                    "3",
+                    "--tcp-ports",
+                    f"{low}-{high}",
+                    "--udp-ports",
+                    f"{low}-{high}",
+                ],
+            )
+            control = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
+            yield relay.waitFor(r"joined relay cluster")
+            self.members.append((host, int(control.group(1))))
+            self.relays.append(relay)
+        self.echo = yield listenLocal(self, Factory.forProtocol(Echo))
+
+    @inlineCallbacks
+    def exposeTCP(self, member: int, who: str) -> Any:
+        """
+        Start C{portal expose ECHO --tcp} on a member.
+
+        @return: A L{Deferred} firing with the lease's public port.
+        """
+        tunnel = startExpose(
+            self, homeDir(self, who), self.members[member][1], [f"127.0.0.1:{self.echo}", "--tcp"]
+        )
+        lease = yield waitForLease(tunnel)
+        port = _tcpPort(lease["url"])
+        self.assertTrue(self.range[0] <= port <= self.range[1], (port, self.range))
+        return port
+
+    def echoed(self, member: int, port: int, line: bytes) -> Any:
+        """
+        @return: A L{Deferred} firing with the echo of C{line} at a member's address, or L{None}.
+        """
+        return deferToThread(echoAt, self.members[member][0], port, line)
+
+    @inlineCallbacks
+    def test_portServedByEveryMember(self) -> Any:
+        """
+        A raw TCP tunnel on member A is reached at the same port number on member B's address
+        (forwarded over a member link) as on A's; a tunnel of another identity on B gets another
+        port, reached at A's address too.
+        """
+        first = yield self.exposeTCP(0, "alice")
+        for member in (0, 1):
+            line = f"hello via member {member}\n".encode()
+            reply = yield pollUntil(
+                lambda member=member, line=line: self.echoed(member, first, line),
+                f"the echo at port {first} of member {member}",
+                timeout=20,
+            )
+            self.assertEqual(reply, line)
+        self.assertIn(
+            f"forwarding TCP port {first} to the member holding it", self.relays[1].output()
+        )
+        second = yield self.exposeTCP(1, "bob")
+        self.assertNotEqual(first, second)
+        for member in (0, 1):
+            line = b"bob's echo\n" * 1000
+            reply = yield pollUntil(
+                lambda member=member, line=line: self.echoed(member, second, line),
+                f"the echo at port {second} of member {member}",
+                timeout=20,
+            )
+            self.assertEqual(reply, line)
+        self.assertIn(
+            f"forwarding TCP port {second} to the member holding it", self.relays[0].output()
+        )
+
+    @inlineCallbacks
+    def test_simultaneousTunnelsGetDistinctPorts(self) -> Any:
+        """
+        Four raw TCP tunnels started at once, two on each member, fill the four-port range with
+        four different ports, each of which echoes at both members' addresses.
+        """
+        tunnels = [
+            startExpose(
+                self,
+                homeDir(self, f"tenant-{index}"),
+                self.members[index % 2][1],
+                [f"127.0.0.1:{self.echo}", "--tcp"],
+            )
+            for index in range(4)
+        ]
+        ports = []
+        for tunnel in tunnels:
+            lease = yield waitForLease(tunnel)
+            ports.append(_tcpPort(lease["url"]))
+        self.assertEqual(sorted(ports), list(range(self.range[0], self.range[1] + 1)))
+        for port in ports:
+            for member in (0, 1):
+                reply = yield pollUntil(
+                    lambda member=member, port=port: self.echoed(member, port, b"ping\n"),
+                    f"the echo at port {port} of member {member}",
+                    timeout=20,
+                )
+                self.assertEqual(reply, b"ping\n")
+
+    @inlineCallbacks
+    def test_udpPortsDistinct(self) -> Any:
+        """
+        UDP tunnels on the two members get different ports (claimed in the cluster), each served
+        at its own member's address; UDP is not forwarded between members.
+        """
+        service = reactor.listenUDP(0, _DatagramEcho(), interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        ports = []
+        for member, who in [(0, "alice"), (1, "bob")]:
+            tunnel = startExpose(
+                self,
+                homeDir(self, who),
+                self.members[member][1],
+                [f"127.0.0.1:{service.getHost().port}", "--udp"],
+            )
+            lease = yield waitForLease(tunnel)
+            ports.append(_tcpPort(lease["url"], "udp"))
+        self.assertNotEqual(ports[0], ports[1])
+        for member, port in enumerate(ports):
+            host = self.members[member][0]
+            reply = yield pollUntil(
+                lambda host=host, port=port: deferToThread(datagramAt, host, port, b"hi"),
+                f"the UDP echo at {host}:{port}",
+                timeout=20,
+            )
+            self.assertEqual(reply, b"hi")

@@ -139,3 +139,33 @@ class HeaderTests(SynchronousTestCase):
             b"n" * 16,
             header("x" * MAX_HEADER_LENGTH),
         )
+
+
+class RawPortHeaderTests(SynchronousTestCase):
+    """
+    Headers that name a raw TCP lease's port.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A header naming a TCP port parses back with the port; one without has none.
+        """
+        raw = MemberHeader(B.id, B.publicKey, "db.portal.test", "203.0.113.7", 40123, 9001)
+        for sent in [raw, header()]:
+            data = encodeMemberHeader(b"k" * 32, A.id, b"n" * 16, sent)
+            parsed = parseMemberHeader(data)
+            assert parsed is not None
+            self.assertEqual(parsed[0], sent)
+
+    def test_badPortRefused(self) -> None:
+        """
+        A TCP port that is not a port number (0, too large, a boolean, a string) is refused.
+        """
+        for port in ["0", "65536", "true", '"9000"']:
+            body = (
+                b'{"from":"x","key":"00","hostname":"h","peer":["a",1],"tcpPort":'
+                + port.encode()
+                + b"}"
+            )
+            data = len(body).to_bytes(2, "big") + body + b"t" * 32
+            self.assertRaises(MemberLinkError, parseMemberHeader, data)

@@ -4,7 +4,10 @@ Tests for L{portal.relay.memberlink}: the holding member's check of a member lin
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,10 +15,13 @@ from zope.interface.verify import verifyObject
 
 from portal.relay.cluster import ICluster, Member
 from portal.relay.etcd import EtcdUnavailable
+from portal.relay.leaseports import LeasePorts
 from portal.relay.memberlink import MemberLinks, MemberVisitor
+from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.router import Router
 from portal.relay.store import ClaimsUnavailable, ILeaseClaims
 from portal.trust.identity import Identity
+from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import UNRECOGNIZED_NAME, alertRecord
 from portal.wire.memberlink import ACK, MAGIC, MemberHeader, encodeMemberHeader, pairKey
 from tests.test_relay_public import clientHello
@@ -186,3 +192,127 @@ class MemberVisitorTests(SynchronousTestCase):
         self.assertIsNone(self.links.mayRegister())
         self.directory.available = False
         self.assertEqual(self.links.mayRegister(), "cluster store unavailable")
+
+
+class _Holder:
+    """
+    A control session holding a raw TCP lease, with a pool that records what it is given.
+    """
+
+    def __init__(self) -> None:
+        self.pool = self
+        self.routed: list[tuple[object, StreamHeader]] = []
+
+    def route(self, visitor: object, header: StreamHeader) -> bool:
+        """
+        Record a visitor routed to the pool.
+
+        @return: C{True}: the visitor is taken.
+        """
+        self.routed.append((visitor, header))
+        return True
+
+    def abandon(self, visitor: object) -> None:
+        """
+        Forget a visitor that left.
+        """
+        self.routed = [(v, h) for v, h in self.routed if v is not visitor]
+
+
+class RawPortLinkTests(SynchronousTestCase):
+    """
+    Member A receiving a link from B for a raw TCP lease A holds on port 9000.
+    """
+
+    def setUp(self) -> None:
+        """
+        A's router with the raw TCP lease "db" of alice live on port 9000.
+        """
+        self.a, self.b = Identity.generate(), Identity.generate()
+        self.clock = Clock()
+        self.router = Router(self.a, self.clock, tunnelDomain="cluster.test")
+        directory = FakeDirectory(
+            asMember(self.a, "a"), [asMember(self.a, "a"), asMember(self.b, "b")], {}
+        )
+        self.links = MemberLinks(self.router, directory, self.a, None)  # type: ignore[arg-type]
+        self.router.cluster = self.links
+        allocator = PortAllocator(PortRange(9000, 9001), self.clock)
+        self.ports = LeasePorts("tcp", allocator, lambda lease, interface: _Listening())
+        self.router.tcp = self.ports
+        self.holder = _Holder()
+        self.router.leases.register("db", "alice", self.holder)
+        opening = Deferred.fromCoroutine(
+            self.ports.open(self.router, "alice", "db", "db.cluster.test", self.holder)
+        )
+        self.assertEqual(self.successResultOf(opening).port, 9000)
+
+    def link(self, port: int, hostname: str = "db.cluster.test") -> tuple[Any, Any]:
+        """
+        Open a link from B for a visitor of C{port}, with the visitor's first bytes.
+
+        @return: A's protocol and its transport.
+        """
+        visitor = MemberVisitor(self.router, self.links)
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "127.0.0.9", 5555)
+        )
+        transport.protocol = visitor
+        visitor.makeConnection(transport)
+        nonce = transport.value()
+        transport.clear()
+        header = MemberHeader(
+            self.b.id, self.b.publicKey, hostname, "198.51.100.4", 999, tcpPort=port
+        )
+        key = pairKey(self.b.privateKey, self.a.publicKey)
+        visitor.dataReceived(MAGIC + encodeMemberHeader(key, self.a.id, nonce, header) + b"PING")
+        return visitor, transport
+
+    def test_routedToTheLeasePool(self) -> None:
+        """
+        A link naming the lease's port is acknowledged and its visitor routed to the lease's pool
+        with the visitor's real address and no ClientHello read; its first bytes wait for the
+        data session.
+        """
+        visitor, transport = self.link(9000)
+        self.assertEqual(transport.value(), ACK)
+        self.assertTrue(transport.connected)
+        [(routed, header)] = self.holder.routed
+        self.assertIs(routed, visitor)
+        self.assertEqual(
+            (header.hostname, header.peerHost, header.peerPort),
+            ("db.cluster.test", "198.51.100.4", 999),
+        )
+        self.assertEqual(visitor.takePending(), b"PING")
+        self.assertEqual(self.router.counters["tcp_visitors"], 1)
+        self.assertIn(visitor, self.ports.leases[("alice", "db")].visitors)
+
+    def test_unknownPortRefused(self) -> None:
+        """
+        A link naming a port no lease holds here, or the lease's port with another hostname, is
+        closed without a TLS alert (a raw visitor is no TLS client).
+        """
+        for port, hostname in [(9001, "db.cluster.test"), (9000, "other.cluster.test")]:
+            _, transport = self.link(port, hostname)
+            self.assertEqual(transport.value(), ACK)
+            self.assertFalse(transport.connected)
+        self.assertEqual(self.holder.routed, [])
+
+    def test_lapsedLeaseRefused(self) -> None:
+        """
+        A link for the port of a lease that is no longer live here is closed.
+        """
+        self.router.leases.detach(self.holder)
+        _, transport = self.link(9000)
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.holder.routed, [])
+
+
+class _Listening:
+    """
+    A listening port that listens nowhere.
+    """
+
+    def stopListening(self) -> None:
+        """
+        Nothing to stop.
+        """

@@ -12,12 +12,17 @@ Keys, under C{portal/<tunnel-domain>/}::
     members/<member-id>   {"key": HEX, "address": "HOST:PORT", "name": NODE}   (member's etcd lease)
     live/<lease-name>     <member-id>                                           (member's etcd lease)
     owners/<lease-name>   {"owner": ID, "until": UNIX-TIME}                      (no etcd lease)
+    ports/tcp/<port>      {"owner": ID, "name": NAME, "member": MEMBER-ID,
+                           "until": UNIX-TIME or null}                           (member's etcd lease)
+
+A C{ports/} record says which lease a raw TCP port is given to, and which member holds it: live
+while C{until} is null, reserved for the same lease until C{until} after it ended there.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -52,6 +57,68 @@ class Member:
     publicKey: bytes
     address: str
     nodeName: str
+
+
+@attrs.frozen
+class PortClaim:
+    """
+    A raw port given to a lease in the cluster (a C{ports/} record).
+
+    @ivar kind: C{"tcp"}.
+    @ivar port: The port number.
+    @ivar owner: The identity the lease belongs to.
+    @ivar name: The lease name.
+    @ivar member: The id of the member whose etcd lease carries the record (the one holding the
+        lease live, or that held it last).
+    @ivar until: L{None} while the lease is live on C{member}; otherwise when its reservation ends.
+    """
+
+    kind: str
+    port: int
+    owner: str
+    name: str
+    member: str
+    until: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """
+        The (identity, name) the port is given to.
+        """
+        return (self.owner, self.name)
+
+    def heldAt(self, now: float) -> bool:
+        """
+        @return: Whether the port is still live or reserved at C{now}.
+        """
+        return self.until is None or now < self.until
+
+
+def portRecord(claim: PortClaim) -> bytes:
+    """
+    @return: The value of a C{ports/} record.
+    """
+    return json.dumps(
+        {"owner": claim.owner, "name": claim.name, "member": claim.member, "until": claim.until},
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def parsePortRecord(kind: str, port: int, value: bytes) -> PortClaim | None:
+    """
+    @return: The claim a C{ports/} record holds, or L{None} when it is malformed.
+    """
+    try:
+        fields = json.loads(value)
+        owner, name, member = fields["owner"], fields["name"], fields["member"]
+        until = fields.get("until")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not (isinstance(owner, str) and isinstance(name, str) and isinstance(member, str)):
+        return None
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int | float)):
+        return None
+    return PortClaim(kind, port, owner, name, member, None if until is None else float(until))
 
 
 def _ownerOf(value: bytes) -> str | None:
@@ -149,6 +216,12 @@ class ClusterDirectory:
         self._members: dict[str, Member] = {}
         self._live: dict[str, str] = {}
         self._mine: set[str] = set()
+        self._ports: dict[tuple[str, int], PortClaim] = {}
+        # This member's own port records, written again when it rejoins after its etcd lease lapsed
+        # (the watch deleted them from the copy above).
+        self._minePorts: dict[tuple[str, int], PortClaim] = {}
+        #: Called after a C{ports/} record changed in the local copy.
+        self.onPortsChanged: Callable[[], None] | None = None
         self._lease = 0
         self._watch: Watch | None = None
         self._revision = 0
@@ -193,6 +266,12 @@ class ClusterDirectory:
         await self._client.put(self._key("members", self.me.id), memberRecord(self.me), self._lease)
         for name in sorted(self._mine):
             await self._client.put(self._key("live", name), self.me.id.encode(), self._lease)
+        for claim in list(self._minePorts.values()):
+            # Ports this member held before its etcd lease lapsed: back, unless taken meanwhile.
+            key = self._key("ports", f"{claim.kind}/{claim.port}")
+            created, _ = await self._client.create(key, portRecord(claim), self._lease)
+            if not created:
+                self._minePorts.pop((claim.kind, claim.port), None)
         await self._resync()
         self.available = True
         self._schedule(self._ttl / 3)
@@ -201,10 +280,12 @@ class ClusterDirectory:
         kvs, revision = await self._client.getPrefix(self._prefix)
         self._members.clear()
         self._live.clear()
+        self._ports.clear()
         for kv in kvs:
             self._apply(WatchEvent("put", kv.key, kv.value, kv.modRevision))
         self._revision = revision
         self._startWatch()
+        self._portsChanged()
 
     def _startWatch(self) -> None:
         if self._watch is not None:
@@ -239,6 +320,120 @@ class ClusterDirectory:
                 self._live.pop(name, None)
             else:
                 self._live[name] = event.value.decode("ascii", "replace")
+        elif kind == "ports":
+            portKind, _, number = name.partition("/")
+            if not number.isdigit():
+                return
+            key = (portKind, int(number))
+            claim = None if event.kind == "delete" else parsePortRecord(*key, event.value)
+            if claim is None:
+                self._ports.pop(key, None)
+            else:
+                self._ports[key] = claim
+                if claim.member != self.me.id:
+                    self._minePorts.pop(key, None)
+            self._portsChanged()
+
+    def _portsChanged(self) -> None:
+        """
+        Tell L{onPortsChanged} that the port records changed.
+        """
+        if self.onPortsChanged is not None:
+            self.onPortsChanged()
+
+    def portClaim(self, kind: str, port: int) -> PortClaim | None:
+        """
+        @return: The record of C{port} in the local copy, or L{None}.
+        """
+        return self._ports.get((kind, port))
+
+    def portClaims(self, kind: str) -> list[PortClaim]:
+        """
+        @return: Every C{kind} port record in the local copy.
+        """
+        return [claim for (k, _), claim in self._ports.items() if k == kind]
+
+    async def claimPort(self, kind: str, port: int, owner: str, name: str) -> PortClaim | None:
+        """
+        Give C{port} to the lease C{name} of C{owner}, held live by this member, with one
+        compare-and-set: when the port has no record, when its record is the same lease's (live on
+        another member or reserved for it), when its record's reservation has ended, or when it is
+        a reservation of this member's (whose allocator decides about its own reservations).
+
+        The record lives on this member's etcd lease: if this member dies, the port frees with its
+        routes.
+
+        @return: L{None} when the port is this member's for the lease, else the record that holds
+            it for another lease.
+        @raise EtcdUnavailable: When etcd is away.
+        """
+        key = self._key("ports", f"{kind}/{port}")
+        mine = PortClaim(kind, port, owner, name, self.me.id)
+        value = portRecord(mine)
+        for _ in range(3):
+            created, current = await self._client.create(key, value, self._lease)
+            if created:
+                self._setPort(mine)
+                return None
+            if current is None:
+                continue
+            other = parsePortRecord(kind, port, current.value)
+            if other is not None:
+                self._setPort(other)
+                ownReservation = other.member == self.me.id and other.until is not None
+                if (
+                    other.key != mine.key
+                    and other.heldAt(self._clock.seconds())
+                    and not ownReservation
+                ):
+                    return other
+            replaced, _ = await self._client.replace(key, current.modRevision, value, self._lease)
+            if replaced:
+                self._setPort(mine)
+                return None
+        claim = self.portClaim(kind, port)
+        return claim if claim is not None else mine
+
+    async def releasePort(
+        self, kind: str, port: int, owner: str, name: str, until: float | None
+    ) -> None:
+        """
+        The lease C{name} of C{owner} ended on this member: keep its port reserved for it until
+        C{until}, or (L{None}) free the port, if this member's record still holds it.
+
+        @raise EtcdUnavailable: When etcd is away.
+        """
+        key = self._key("ports", f"{kind}/{port}")
+        current = await self._client.get(key)
+        if current is None:
+            return
+        claim = parsePortRecord(kind, port, current.value)
+        if claim is None or claim.key != (owner, name) or claim.member != self.me.id:
+            return
+        if until is None:
+            if await self._client.deleteIf(key, current.modRevision):
+                self._ports.pop((kind, port), None)
+                self._minePorts.pop((kind, port), None)
+                self._portsChanged()
+            return
+        reserved = attrs.evolve(claim, until=until)
+        replaced, _ = await self._client.replace(
+            key, current.modRevision, portRecord(reserved), self._lease
+        )
+        if replaced:
+            self._setPort(reserved)
+
+    def _setPort(self, claim: PortClaim) -> None:
+        """
+        Put a record into the local copy ahead of the watch (which brings the same value).
+        """
+        if claim.member == self.me.id:
+            self._minePorts[(claim.kind, claim.port)] = claim
+        else:
+            self._minePorts.pop((claim.kind, claim.port), None)
+        if self._ports.get((claim.kind, claim.port)) != claim:
+            self._ports[(claim.kind, claim.port)] = claim
+            self._portsChanged()
 
     def _schedule(self, delay: float) -> None:
         if self._stopped:

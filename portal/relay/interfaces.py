@@ -92,6 +92,28 @@ class IPortLease(Interface):
         """
 
 
+class IPortClaims(Interface):
+    """
+    Where a relay cluster hands out raw ports: a port a member allocates for a lease counts only
+    once the cluster gave it to that lease (L{portal.relay.clusterports.ClusterPorts}).
+    """
+
+    def claim(kind: str, port: int, owner: str, name: str) -> Deferred[bool]:
+        """
+        Claim C{port} in the cluster for the lease C{name} of C{owner}, held by this member; once
+        claimed, the port is free to listen on here (any forwarding listener on it is closed).
+
+        @return: A L{Deferred} firing with whether the port is the lease's; it fails with
+            L{StoreError<portal.relay.store.StoreError>} when the cluster store is away.
+        """
+
+    def released(kind: str, port: int, owner: str, name: str, until: float | None) -> None:
+        """
+        The lease ended here and its port is closed: keep the port reserved in the cluster until
+        C{until} (L{None}: free it).
+        """
+
+
 class ILeasePorts(Interface):
     """
     One kind of public lease port a relay offers (raw TCP or UDP): a port and a listener per live

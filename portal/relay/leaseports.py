@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from portal.relay.interfaces import ILeasePorts, IPortLease
-from portal.relay.ports import PortAllocator
+from portal.relay.interfaces import ILeasePorts, IPortClaims, IPortLease
+from portal.relay.ports import PortAllocationError, PortAllocator
 
 if TYPE_CHECKING:
     from portal.relay.router import DataPool, Router
@@ -92,9 +92,15 @@ class LeasePorts:
     @ivar allocator: Public port assignments (sticky per identity and lease name).
     @ivar interface: The address the public ports are bound to.
     @ivar leases: Open lease ports by (identity, name).
+    @ivar claims: In a relay cluster, where a port is claimed before it is used (L{None}: this
+        relay's ports are its own).
     """
 
     _log = Logger()
+    claims: IPortClaims | None = None
+    #: How many ports the cluster may refuse in a row (a race with another member) before the
+    #: allocation gives up.
+    CLAIM_ATTEMPTS = 5
 
     def __init__(
         self,
@@ -134,12 +140,15 @@ class LeasePorts:
             # Another session of the owner took the lease over: its port moves with it.
             del self.leases[key]
             await current.close()
-        port = self.allocator.allocate(owner, name)
+        port = await self._allocate(owner, name)
         lease = PortLease(router, owner, name, hostname, holder, port)
         try:
             lease.listening = self._listen(lease, self.interface)
         except Exception:
             self.allocator.release(owner, name)
+            if self.claims is not None:
+                until = self.allocator.reservedUntil(owner, name)
+                self.claims.released(self.kind, port, owner, name, until)
             raise
         self.leases[key] = lease
         self._log.info(
@@ -150,6 +159,34 @@ class LeasePorts:
             identity=owner[:12],
         )
         return lease
+
+    async def _allocate(self, owner: str, name: str) -> int:
+        """
+        Allocate a port for the lease and, in a cluster, claim it there; a port the cluster gives
+        to another lease (another member was quicker) is left and the next one tried.
+
+        @return: The port.
+        @raise PortAllocationError: When no port can be given.
+        """
+        claims = self.claims
+        for _ in range(self.CLAIM_ATTEMPTS):
+            port = self.allocator.allocate(owner, name)
+            if claims is None:
+                return port
+            try:
+                claimed = await claims.claim(self.kind, port, owner, name)
+            except Exception:
+                self.allocator.abandon(owner, name)
+                raise
+            if claimed:
+                return port
+            self.allocator.abandon(owner, name)
+            self._log.info(
+                "{kind} port {port} went to another lease in the cluster; trying another",
+                kind=self.kind,
+                port=port,
+            )
+        raise PortAllocationError("the cluster gave every port tried to other leases; try again")
 
     def close(self, owner: str, name: str, holder: Any = None) -> Deferred[None]:
         """
@@ -171,7 +208,17 @@ class LeasePorts:
             name=name,
             visitors=len(lease.visitors),
         )
-        return lease.close()
+        closed = lease.close()
+        claims = self.claims
+        if claims is not None:
+            until = self.allocator.reservedUntil(owner, name)
+            port = lease.port
+
+            def released(result: None) -> None:
+                claims.released(self.kind, port, owner, name, until)
+
+            closed.addCallback(released)
+        return closed
 
     def sweep(self) -> bool:
         """

@@ -29,6 +29,7 @@ from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
 from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.relay.cluster import ClusterDirectory, ICluster, Member
 from portal.relay.etcd import EtcdError, EtcdUnavailable
+from portal.relay.leaseports import PortLease
 from portal.relay.public import VisitorProtocol
 from portal.relay.router import Router
 from portal.relay.store import ClaimsUnavailable, ILeaseClaims
@@ -144,6 +145,7 @@ class MemberVisitor(VisitorProtocol):
     """
 
     mayForward = False
+    _portLease: PortLease | None = None
     _log = Logger()
 
     def __init__(self, router: Router, links: MemberLinks) -> None:
@@ -189,8 +191,76 @@ class MemberVisitor(VisitorProtocol):
         # Another member's authenticated link no longer counts against its address's cap.
         vouchFor(self.transport)
         self.transport.write(ACK)
+        if header.tcpPort is not None:
+            # A raw TCP visitor: no ClientHello to read, its bytes go to the lease as they are.
+            self._decided = True
+            if rest:
+                super().unsplicedDataReceived(rest)
+            self._routePort(header.tcpPort)
+            return
         if rest:
             super().unsplicedDataReceived(rest)
+
+    def _routePort(self, port: int) -> None:
+        """
+        Route a forwarded raw TCP visitor to the data pool of the lease live here on C{port}, as
+        L{portal.relay.rawtcp.RawVisitor} does for a visitor of this member's own port.
+
+        @param port: The lease's public port, as the header named it.
+        """
+        assert self._header is not None and self.transport is not None
+        self.setTimeout(None)
+        router = self._router
+        lease = None
+        if router.tcp is not None:
+            lease = next((p for p in router.tcp.leases.values() if p.port == port), None)
+        if lease is None or lease.hostname != self._header.hostname:
+            self._refuseRaw(
+                "member_link", f"member link for TCP port {port}: no such lease live here"
+            )
+            return
+        pool = lease.livePool()
+        if pool is None:
+            self._refuseRaw("lease_not_live", f"lease {lease.name} on TCP port {port} is not live")
+            return
+        router.counters["tcp_visitors"] += 1
+        self._portLease = lease
+        lease.visitors.add(self)
+        peerHost, peerPort = self.visitorAddress()
+        header = StreamHeader(
+            streamId=router.nextStreamId(),
+            hostname=lease.hostname,
+            peerHost=peerHost,
+            peerPort=peerPort,
+        )
+        self.pool = pool
+        if not pool.route(self, header):
+            self.pool = None
+            router.counters["refused"] += 1
+            self._refuseRaw("visitors_waiting", f"too many visitors waiting on TCP port {port}")
+
+    def _refuseRaw(self, label: str, why: str) -> None:
+        """
+        Count and log the refusal of a raw TCP visitor and close (no TLS alert: not a TLS client).
+        """
+        assert self.transport is not None
+        self._router.refusals.refuse(
+            label,
+            "refused forwarded TCP visitor {peer}: {reason}",
+            peer=self.visitorAddress()[0],
+            reason=why,
+        )
+        self._pending = []
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Leave the raw TCP lease's visitors, if it joined them.
+        """
+        if self._portLease is not None:
+            self._portLease.visitors.discard(self)
+            self._portLease = None
+        super().connectionLost(reason)
 
     def _linkFailed(self, reason: str) -> None:
         assert self.transport is not None
@@ -386,8 +456,6 @@ class MemberLinks:
         @param header: The visitor's L{StreamHeader}.
         """
         assert isinstance(header, StreamHeader)
-        assert visitor.transport is not None
-        pauseReading(visitor.transport)
         link = MemberHeader(
             self._identity.id,
             self._identity.publicKey,
@@ -395,6 +463,36 @@ class MemberLinks:
             header.peerHost,
             header.peerPort,
         )
+        self.forwardOver(visitor, member, link)
+
+    def forwardPort(
+        self, visitor: Any, member: Member, port: int, hostname: str, peer: tuple[str, int]
+    ) -> None:
+        """
+        Forward a raw TCP visitor of C{port} to the member holding the port's lease.
+
+        @param visitor: The visitor's splice protocol (with C{refuse(reason)}).
+        @param member: The holding member.
+        @param port: The lease's public port.
+        @param hostname: The lease's hostname.
+        @param peer: The visitor's address and port.
+        """
+        link = MemberHeader(
+            self._identity.id, self._identity.publicKey, hostname, peer[0], peer[1], port
+        )
+        self.forwardOver(visitor, member, link)
+
+    def forwardOver(self, visitor: Any, member: Member, link: MemberHeader) -> None:
+        """
+        Open a member link to C{member} for C{link} and join it to the paused visitor.
+
+        @param visitor: A splice protocol with C{refuse(reason)} and C{setTimeout}.
+        @param member: The holding member.
+        @param link: The header to send.
+        """
+        assert visitor.transport is not None
+        pauseReading(visitor.transport)
+        header = link
         client = MemberLinkClient(self, member, link)
         try:
             endpoint = self._endpoint(member)

@@ -202,7 +202,8 @@ class PortAllocator:
 
     Building an allocator takes time proportional to the range and the saved records.  After that,
     every operation takes constant time, apart from taking a new port from the free pool and
-    dropping ended reservations, which take logarithmic time per port.
+    dropping ended reservations, which take logarithmic time per port (linear in a relay cluster,
+    where choosing a new port skips the ports the cluster holds: L{heldElsewhere}).
 
     @ivar portRange: The ports handed out.
     @ivar reservation: Seconds a released port stays reserved for its (identity, name), once earned.
@@ -265,6 +266,12 @@ class PortAllocator:
         self._ends: list[tuple[float, int, Key]] = []
         # Ports free here that the store holds for a lease this allocator does not know.
         self._elsewhere: set[int] = set()
+        #: In a relay cluster: whether the cluster holds a port (live or reserved) for another key
+        #: than the one given (L{portal.relay.clusterports}); such ports are not handed out.
+        self.heldElsewhere: Callable[[int, Key], bool] | None = None
+        #: In a relay cluster: the port the cluster holds for a key, if any (its port follows it
+        #: from member to member).
+        self.clusterPortOf: Callable[[Key], int | None] | None = None
         now = clock.seconds()
         restored = []
         for record in self._store.ports(kind):
@@ -432,13 +439,19 @@ class PortAllocator:
                 f"close a tunnel before opening {name!r}"
             )
         reserved = self._reserved.get(key)
+        if (
+            reserved is not None
+            and self.heldElsewhere is not None
+            and self.heldElsewhere(reserved.port, key)
+        ):
+            # The cluster gave the port to another lease (say, after this member lost its records).
+            self._forget(key, reserved)
+            reserved = None
         while True:
             if reserved is not None:
                 port, since = reserved.port, reserved.since
             else:
-                if not self._free:
-                    self._reclaim(now)
-                port, since = self._free[0], now
+                port, since = self._nextFree(key, now), now
             record = PortRecord(self.kind, port, identity, name, since)
             if self._store.claimPort(record, now) == record:
                 break
@@ -446,7 +459,7 @@ class PortAllocator:
                 raise PortAllocationError(f"port {port} is held by another relay sharing the store")
             # A free port here that the store holds for another lease (another relay's, or a
             # release the store failed to record): leave it out and take the next one.
-            heapq.heappop(self._free)
+            self._takeFree(port)
             self._elsewhere.add(port)
             self._log.warn(
                 "{kind} port {port} is held in the lease store for another lease; it is not "
@@ -458,12 +471,87 @@ class PortAllocator:
             del self._reserved[key]
             del self._reservedFor[port]
         else:
-            heapq.heappop(self._free)
+            self._takeFree(port)
         self._live[key] = port
         self._liveOwners[port] = key
         self._liveSince[key] = since
         self._liveCounts[identity] = held + 1
         return port
+
+    def _nextFree(self, key: Key, now: float) -> int:
+        """
+        Choose the free port a key without a reservation gets: the lowest free port, or in a
+        relay cluster the port the cluster holds for the key, else the lowest free port the
+        cluster does not hold for another key (a scan of the free ports, linear in the range).
+
+        @param key: The (identity, name) to give a port.
+        @param now: The current time, after L{_purge}.
+        @return: A port still in the free pool.
+        @raise PortsExhausted: If no port can be given.
+        """
+        heldElsewhere = self.heldElsewhere
+        if heldElsewhere is None:
+            if not self._free:
+                self._reclaim(now)
+            return self._free[0]
+        wanted = self.clusterPortOf(key) if self.clusterPortOf is not None else None
+        if wanted is not None and wanted in self._free:
+            return wanted
+        for _ in range(len(self._reserved) + 1):
+            for port in sorted(self._free):
+                if not heldElsewhere(port, key):
+                    return port
+            if not self._reserved or self.grace is None:
+                break
+            # Every free port is held in the cluster: give up the oldest reservation here.
+            self._reclaim(now)
+        raise PortsExhausted(
+            f"no free port in {self.portRange}: {len(self._live)} live here, "
+            f"{len(self._reserved)} reserved here, the rest held by other members of the cluster"
+        )
+
+    def _takeFree(self, port: int) -> None:
+        """
+        Take C{port} out of the free pool (logarithmic when it is the lowest, else linear).
+
+        @param port: A port in the free pool.
+        """
+        if self._free[0] == port:
+            heapq.heappop(self._free)
+        else:
+            self._free.remove(port)
+            heapq.heapify(self._free)
+
+    def abandon(self, identity: str, name: str) -> int | None:
+        """
+        Undo the live assignment of C{name} of C{identity} without reserving its port (the cluster
+        refused it): the port is free again here.
+
+        @param identity: The identity's id.
+        @param name: The tunnel's name.
+        @return: The port, or L{None} if the key was not live.
+        """
+        key = (identity, name)
+        port = self._live.pop(key, None)
+        if port is None:
+            return None
+        del self._liveOwners[port]
+        del self._liveSince[key]
+        count = self._liveCounts[identity] - 1
+        if count:
+            self._liveCounts[identity] = count
+        else:
+            del self._liveCounts[identity]
+        heapq.heappush(self._free, port)
+        self._record(self._store.dropPort, self.kind, port, identity, name)
+        return port
+
+    def reservedUntil(self, identity: str, name: str) -> float | None:
+        """
+        @return: When the reservation of C{name} of C{identity} ends, or L{None} when it has none.
+        """
+        reservation = self._reserved.get((identity, name))
+        return None if reservation is None else reservation.until
 
     def release(self, identity: str, name: str) -> int | None:
         """

@@ -35,11 +35,13 @@ from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import RegistryError, loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
+from portal.relay.clusterports import ClusterPorts
 from portal.relay.control import ControlFactory
 from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, parseClusterURL
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.identitylists import IdentityListError, IdentityLists
 from portal.relay.interfaces import ILeasePorts
+from portal.relay.leaseports import LeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
 from portal.relay.migration import importJSONState
@@ -228,6 +230,7 @@ class RelayService(Service):
         self._listening: Failure | bool = False
         self._listeningWaiters: list[Deferred[None]] = []
         self._directory: ClusterDirectory | None = None
+        self._clusterPorts: ClusterPorts | None = None
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
         self._workers: Workers | None = None
@@ -625,8 +628,15 @@ class RelayService(Service):
             links.sync()
 
         router.onLeasesChanged = changed
+        if isinstance(router.tcp, LeasePorts):
+            # Raw TCP ports are given out cluster-wide, and every member listens on all of them.
+            self._clusterPorts = ClusterPorts(links, router.tcp, self._reactor)
+            self._clusterPorts.install()
+        if router.udp is not None and isinstance(router.udp.ports, LeasePorts):
+            # UDP ports are given out cluster-wide too, but served only by the holding member.
+            ClusterPorts(links, router.udp.ports, self._reactor, forward=False).install()
         # Leases also end by lapsing; a sync now and then publishes that.
-        self._clusterSync = LoopingCall(links.sync)
+        self._clusterSync = LoopingCall(self._syncCluster, links)
         self._clusterSync.clock = self._reactor
         self._clusterSync.start(1.0, now=False)
         self._log.info(
@@ -636,6 +646,14 @@ class RelayService(Service):
             address=nodeAddress,
             count=len(directory.members()),
         )
+
+    def _syncCluster(self, links: MemberLinks) -> None:
+        """
+        Publish this member's live leases; listen again on cluster ports a listener could not bind.
+        """
+        links.sync()
+        if self._clusterPorts is not None:
+            self._clusterPorts.reconcile()
 
     def _announce(self, name: str, port: IListeningPort) -> None:
         """
@@ -700,6 +718,8 @@ class RelayService(Service):
                 yield port.stopListening()
         for leasePorts in self._leasePorts().values():
             yield leasePorts.stopAccepting()
+        if self._clusterPorts is not None:
+            yield self._clusterPorts.stop()
         if router is not None and self.startFailure is None:
             yield self._drain(router, self.config.shutdownGrace)
         for leasePorts in self._leasePorts().values():

@@ -9,13 +9,16 @@ TCP connection from B to A's control port::
     A -> B   nonce                                              (16 random bytes, fresh per link)
     B -> A   length + header + HMAC(pairKey, "member" A B nonce header)
     A -> B   ACK                                                (1 byte)
-    both     the visitor's bytes, starting with the ClientHello B already read
+    both     the visitor's bytes, starting with the ClientHello B already read (stream mode),
+             or from the first byte (raw TCP mode: the header names the lease's port)
 
 C{pairKey} comes from a static ECDH between the two members' secp256k1 relay identities
 (L{pairKey}): each member computes it from its own private key and the other's public key, so the
 HMAC proves that the link comes from the member it names, to the member it is addressed to, and A's
 fresh nonce makes every proof single-use. Nothing secret crosses the link, and the payload is the
 visitor's TLS, so the link itself needs no encryption: the relays splice it in the kernel on both hops.
+A raw TCP visitor's bytes are opaque to the link in the same way: the holding member seals them
+towards the tunnel, as for a visitor of its own port.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class MemberHeader:
     @ivar hostname: The SNI hostname the visitor asked for.
     @ivar peerHost: The visitor's address.
     @ivar peerPort: The visitor's port.
+    @ivar tcpPort: In raw TCP mode, the lease's public port the visitor connected to (then
+        C{hostname} is the lease's hostname); L{None} for a TLS visitor routed by its SNI.
     """
 
     fromId: str
@@ -61,6 +66,7 @@ class MemberHeader:
     hostname: str
     peerHost: str
     peerPort: int
+    tcpPort: int | None = None
 
 
 def pairKey(ownKey: coincurve.PrivateKey, otherPublicKey: bytes) -> bytes:
@@ -97,15 +103,15 @@ def encodeMemberHeader(key: bytes, toId: str, nonce: bytes, header: MemberHeader
     @param header: What to send.
     @return: Length, header and HMAC, ready to write.
     """
-    body = json.dumps(
-        {
-            "from": header.fromId,
-            "key": header.fromKey.hex(),
-            "hostname": header.hostname,
-            "peer": [header.peerHost, header.peerPort],
-        },
-        separators=(",", ":"),
-    ).encode("utf-8")
+    fields: dict[str, object] = {
+        "from": header.fromId,
+        "key": header.fromKey.hex(),
+        "hostname": header.hostname,
+        "peer": [header.peerHost, header.peerPort],
+    }
+    if header.tcpPort is not None:
+        fields["tcpPort"] = header.tcpPort
+    body = json.dumps(fields, separators=(",", ":")).encode("utf-8")
     if len(body) > MAX_HEADER_LENGTH:
         raise MemberLinkError("member header too long")
     return _LENGTH.pack(len(body)) + body + _mac(key, toId, nonce, body)
@@ -139,6 +145,7 @@ def parseMemberHeader(data: bytes) -> tuple[MemberHeader, bytes, bytes, int] | N
         fromKey = bytes.fromhex(fields["key"])
         hostname = fields["hostname"]
         peerHost, peerPort = fields["peer"]
+        tcpPort = fields.get("tcpPort")
     except (ValueError, KeyError, TypeError) as e:
         raise MemberLinkError(f"malformed member header: {e}") from None
     if not (
@@ -148,9 +155,18 @@ def parseMemberHeader(data: bytes) -> tuple[MemberHeader, bytes, bytes, int] | N
         and isinstance(peerPort, int)
         and not isinstance(peerPort, bool)
         and 0 <= peerPort < 65536
+        and (tcpPort is None or _isPort(tcpPort))
     ):
         raise MemberLinkError("malformed member header: wrong field types")
-    return MemberHeader(fromId, fromKey, hostname, peerHost, peerPort), body, tag, end
+    header = MemberHeader(fromId, fromKey, hostname, peerHost, peerPort, tcpPort)
+    return header, body, tag, end
+
+
+def _isPort(value: object) -> bool:
+    """
+    @return: Whether C{value} is a port number a lease can have (1-65535).
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
 
 def checkMemberHeader(key: bytes, toId: str, nonce: bytes, body: bytes, tag: bytes) -> bool:

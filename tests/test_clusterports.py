@@ -1,0 +1,444 @@
+"""
+Tests for L{portal.relay.clusterports} and the C{ports/} records of L{portal.relay.cluster}: raw TCP
+ports handed out cluster-wide, on an in-memory etcd (L{tests.fakeetcd}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from portal.relay.cluster import (
+    ClusterDirectory,
+    Member,
+    PortClaim,
+    parsePortRecord,
+    portRecord,
+)
+from portal.relay.clusterports import ClusterPorts
+from portal.relay.interfaces import IPortClaims
+from portal.relay.leaseports import LeasePorts, PortLease
+from portal.relay.memberlink import MemberLinks
+from portal.relay.ports import PortAllocator, PortRange, PortsExhausted
+from portal.relay.router import Router
+from portal.relay.store import StoreError
+from portal.trust.identity import Identity
+from tests.fakeetcd import FakeEtcd
+
+DOMAIN = "cluster.test"
+
+
+class _Port:
+    """
+    A listening port on a L{_Machine}.
+    """
+
+    def __init__(self, machine: _Machine, port: int, factory: Any) -> None:
+        self._machine = machine
+        self.port = port
+        self.factory = factory
+
+    def stopListening(self) -> Deferred[None]:
+        """
+        Unbind at once.
+        """
+        self._machine.bound.pop(self.port, None)
+        return succeed(None)
+
+
+class _Machine:
+    """
+    The TCP ports of one member's machine: binding a bound port fails as it would.
+    """
+
+    def __init__(self) -> None:
+        self.bound: dict[int, _Port] = {}
+
+    def listenTCP(self, port: int, factory: Any, interface: str = "") -> _Port:
+        """
+        Bind C{port}.
+
+        @raise CannotListenError: When it is bound already.
+        """
+        if port in self.bound:
+            raise CannotListenError(interface, port, OSError("address in use"))
+        listening = self.bound[port] = _Port(self, port, factory)
+        return listening
+
+
+class _Node:
+    """
+    One cluster member: its directory, router, allocator, raw TCP lease ports and cluster ports.
+    """
+
+    def __init__(self, etcd: FakeEtcd, clock: Clock, name: str, grace: float | None) -> None:
+        self.identity = Identity.generate()
+        self.member = Member(self.identity.id, self.identity.publicKey, f"10.0.0.{name}:4017", name)
+        self.directory = ClusterDirectory(etcd, clock, DOMAIN, self.member)  # type: ignore[arg-type]
+        self.router = Router(self.identity, clock, tunnelDomain=DOMAIN)
+        self.machine = _Machine()
+        self.allocator = PortAllocator(PortRange(9000, 9002), clock, reservation=100.0, grace=grace)
+
+        def listen(lease: PortLease, interface: str) -> Any:
+            return self.machine.listenTCP(lease.port, None, interface)
+
+        self.tcp = LeasePorts("tcp", self.allocator, listen)
+        self.router.tcp = self.tcp
+        self.links = MemberLinks(self.router, self.directory, self.identity, None)
+        self.ports = ClusterPorts(self.links, self.tcp, self.machine)
+
+    def open(self, owner: str, name: str) -> Deferred[PortLease]:
+        """
+        Open the raw TCP port of lease C{name} of C{owner} on this member.
+        """
+        coroutine = self.tcp.open(self.router, owner, name, f"{name}.{DOMAIN}", self)
+        return Deferred.fromCoroutine(coroutine)
+
+
+class PortRecordTests(SynchronousTestCase):
+    """
+    The C{ports/} records' values.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A live and a reserved claim parse back as written.
+        """
+        for claim in [
+            PortClaim("tcp", 9000, "alice", "db", "m1"),
+            PortClaim("tcp", 9001, "bob", "web", "m2", 1234.5),
+        ]:
+            self.assertEqual(parsePortRecord("tcp", claim.port, portRecord(claim)), claim)
+
+    def test_malformed(self) -> None:
+        """
+        A malformed record is ignored (L{None}).
+        """
+        for value in [
+            b"",
+            b"[]",
+            b'{"owner":"a","name":"n"}',
+            b'{"owner":1,"name":"n","member":"m"}',
+            b'{"owner":"a","name":"n","member":"m","until":"soon"}',
+            b'{"owner":"a","name":"n","member":"m","until":true}',
+        ]:
+            self.assertIsNone(parsePortRecord("tcp", 9000, value))
+
+
+class ClusterPortsTests(SynchronousTestCase):
+    """
+    Two members, A and B, on one etcd, each with the raw TCP range 9000-9002.
+    """
+
+    def setUp(self) -> None:
+        """
+        Join A and B and hook their cluster ports.
+        """
+        self.etcd = FakeEtcd()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.a = self.node("1")
+        self.b = self.node("2")
+
+    def node(self, name: str, grace: float | None = None) -> _Node:
+        """
+        @return: A member that joined the cluster, its cluster ports installed.
+        """
+        node = _Node(self.etcd, self.clock, name, grace)
+        self.successResultOf(node.directory.start())
+        node.ports.install()
+        self.addCleanup(node.directory.stop)
+        return node
+
+    def test_provides(self) -> None:
+        """
+        L{ClusterPorts} provides L{IPortClaims}.
+        """
+        self.assertTrue(verifyObject(IPortClaims, self.a.ports))
+
+    def test_twoMembersNeverShareAPort(self) -> None:
+        """
+        Leases registered on two members get different ports; each port's record names its lease
+        and the member holding it.
+        """
+        alice = self.successResultOf(self.a.open("alice", "db"))
+        bob = self.successResultOf(self.b.open("bob", "web"))
+        self.assertEqual((alice.port, bob.port), (9000, 9001))
+        self.assertEqual(
+            self.b.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "alice", "db", self.a.member.id),
+        )
+        self.assertEqual(
+            self.a.directory.portClaim("tcp", 9001),
+            PortClaim("tcp", 9001, "bob", "web", self.b.member.id),
+        )
+
+    def test_everyMemberListensOnEveryLivePort(self) -> None:
+        """
+        Each member listens on its own lease's port and forwards the other's; a port that ends
+        stops being forwarded.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.successResultOf(self.b.open("bob", "web"))
+        self.assertEqual(sorted(self.a.machine.bound), [9000, 9001])
+        self.assertEqual(sorted(self.b.machine.bound), [9000, 9001])
+        self.assertEqual(sorted(self.a.ports.forwarding), [9001])
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+        self.successResultOf(self.a.tcp.close("alice", "db"))
+        self.assertEqual(sorted(self.b.machine.bound), [9001])
+        self.assertEqual(self.b.ports.forwarding, {})
+
+    def test_raceWithAStaleCopy(self) -> None:
+        """
+        A member whose copy of the directory is behind allocates a port another member just
+        claimed: etcd's compare-and-set refuses it, and the member takes the next port.
+        """
+        self.etcd.holdEvents = True
+        self.successResultOf(self.a.open("alice", "db"))
+        self.assertIsNone(self.b.directory.portClaim("tcp", 9000))
+        bob = self.successResultOf(self.b.open("bob", "web"))
+        self.assertEqual(bob.port, 9001)
+        self.assertEqual(self.b.allocator.owner(9000), None)
+        self.assertEqual(self.b.allocator.portFor("bob", "web"), 9001)
+        self.etcd.release()
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+
+    def test_reservationHoldsInTheCluster(self) -> None:
+        """
+        A port whose lease ended stays reserved for it in the cluster: another identity on another
+        member does not get it until the reservation ends.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.successResultOf(self.a.tcp.close("alice", "db"))
+        claim = self.b.directory.portClaim("tcp", 9000)
+        assert claim is not None
+        self.assertEqual(claim.until, self.clock.seconds() + 100.0)
+        bob = self.successResultOf(self.b.open("bob", "web"))
+        self.assertEqual(bob.port, 9001)
+        self.clock.advance(101)
+        carol = self.successResultOf(self.b.open("carol", "x"))
+        self.assertEqual(carol.port, 9000)
+
+    def test_ownReservationGivenUpUnderPressure(self) -> None:
+        """
+        When the range is full of this member's own reservations, the oldest past its grace period
+        is given up here, and the cluster lets this member give its port to the newcomer; another
+        member's reservations still hold.
+        """
+        a = self.node("3", grace=0.0)
+        for name in ["x", "y", "z"]:
+            self.successResultOf(a.open("alice", name))
+            self.clock.advance(1)
+            self.successResultOf(a.tcp.close("alice", name))
+        self.failureResultOf(self.b.open("bob", "web"), PortsExhausted)
+        newcomer = self.successResultOf(a.open("carol", "db"))
+        self.assertEqual(newcomer.port, 9000)
+        self.assertEqual(
+            self.b.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "carol", "db", a.member.id),
+        )
+
+    def test_portFollowsTheLeaseToAnotherMember(self) -> None:
+        """
+        A tunnel that moves from A to B gets its port back on B (live or reserved), and A then
+        forwards the port to B.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.successResultOf(self.a.tcp.close("alice", "db"))
+        moved = self.successResultOf(self.b.open("alice", "db"))
+        self.assertEqual(moved.port, 9000)
+        self.assertEqual(
+            self.a.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "alice", "db", self.b.member.id),
+        )
+        self.assertEqual(sorted(self.a.ports.forwarding), [9000])
+
+    def test_takeoverClosesTheForwardingListener(self) -> None:
+        """
+        A lease live on A that a new session of its owner takes to B: B stops forwarding the port
+        and listens on it for the lease; A, whose old listener still holds the port, forwards it
+        once that listener closes.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+        moved = self.successResultOf(self.b.open("alice", "db"))
+        self.assertEqual(moved.port, 9000)
+        self.assertEqual(self.b.ports.forwarding, {})
+        self.assertIsNone(self.b.machine.bound[9000].factory)
+        self.assertEqual(self.a.ports.forwarding, {})
+        self.successResultOf(self.a.tcp.close("alice", "db"))
+        self.assertEqual(sorted(self.a.ports.forwarding), [9000])
+        # A's release did not turn B's live record into a reservation.
+        claim = self.b.directory.portClaim("tcp", 9000)
+        assert claim is not None
+        self.assertEqual((claim.member, claim.until), (self.b.member.id, None))
+
+    def test_deadMemberFreesItsPorts(self) -> None:
+        """
+        When a member's etcd lease ends (it died), its port records go with it: the others stop
+        forwarding and may hand the port out.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+        self.etcd.expire(self.a.directory._lease)
+        self.assertEqual(self.b.ports.forwarding, {})
+        bob = self.successResultOf(self.b.open("bob", "web"))
+        self.assertEqual(bob.port, 9000)
+
+    def test_lapsedMemberWritesItsPortsAgain(self) -> None:
+        """
+        A member whose etcd lease lapsed (its keep-alives did not arrive in time) loses its port
+        records with it, and writes them again when it rejoins; the other member forwards again.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        self.etcd.expire(self.a.directory._lease)
+        self.assertIsNone(self.b.directory.portClaim("tcp", 9000))
+        self.assertEqual(self.b.ports.forwarding, {})
+        self.clock.advance(10)
+        self.assertEqual(
+            self.b.directory.portClaim("tcp", 9000),
+            PortClaim("tcp", 9000, "alice", "db", self.a.member.id),
+        )
+        self.assertEqual(sorted(self.b.ports.forwarding), [9000])
+
+    def test_etcdAway(self) -> None:
+        """
+        With etcd away, opening a port fails with L{StoreError} (the registration is retried) and
+        the allocator keeps no live port for the lease.
+        """
+        self.etcd.available = False
+        self.failureResultOf(self.a.open("alice", "db"), StoreError)
+        self.assertIsNone(self.a.allocator.portFor("alice", "db"))
+        self.assertEqual(self.a.allocator.live, 0)
+        self.assertEqual(self.a.machine.bound, {})
+
+    def test_exhaustedByOtherMembers(self) -> None:
+        """
+        When every port of the range is held by other members, the allocation fails with a reason
+        that says so.
+        """
+        for name in ["x", "y", "z"]:
+            self.successResultOf(self.a.open("alice", name))
+        failure = self.failureResultOf(self.b.open("bob", "web"), PortsExhausted)
+        self.assertIn("held by other members of the cluster", str(failure.value))
+
+    def test_udpPortsClaimedNotForwarded(self) -> None:
+        """
+        UDP ports are claimed in the cluster too (two members never give one port to two leases),
+        but no member listens on a UDP port another member holds.
+        """
+        udp = {}
+        for node in (self.a, self.b):
+            machine = _Machine()
+            allocator = PortAllocator(PortRange(9000, 9002), self.clock, kind="udp")
+            ports = LeasePorts(
+                "udp",
+                allocator,
+                lambda lease, interface, machine=machine: machine.listenTCP(lease.port, None),
+            )
+            ClusterPorts(node.links, ports, machine, forward=False).install()
+            udp[node] = (ports, machine)
+        opened = [
+            self.successResultOf(
+                Deferred.fromCoroutine(
+                    udp[node][0].open(node.router, owner, "voice", f"voice.{DOMAIN}", node)
+                )
+            ).port
+            for node, owner in [(self.a, "alice"), (self.b, "bob")]
+        ]
+        self.assertEqual(opened, [9000, 9001])
+        self.assertEqual(sorted(udp[self.a][1].bound), [9000])
+        self.assertEqual(sorted(udp[self.b][1].bound), [9001])
+        claim = self.a.directory.portClaim("udp", 9001)
+        assert claim is not None
+        self.assertEqual(claim.member, self.b.member.id)
+        # The TCP side is untouched: nothing to forward.
+        self.assertEqual(self.a.ports.forwarding, {})
+
+    def test_listenFailureReleasesTheClaim(self) -> None:
+        """
+        A port claimed in the cluster that cannot be bound here is released there again (reserved
+        for the lease, as on a single relay), and the lease gets no port.
+        """
+        self.a.machine.bound[9000] = _Port(self.a.machine, 9000, None)
+        self.failureResultOf(self.a.open("alice", "db"), CannotListenError)
+        claim = self.b.directory.portClaim("tcp", 9000)
+        assert claim is not None
+        self.assertEqual(claim.until, self.a.allocator.reservedUntil("alice", "db"))
+        self.assertIsNotNone(claim.until)
+        self.assertEqual(self.b.ports.forwarding, {})
+
+    def test_forwardedVisitor(self) -> None:
+        """
+        A visitor of a port B forwards is handed to the member links with the holding member, the
+        lease's hostname and the visitor's address.
+        """
+        self.successResultOf(self.a.open("alice", "db"))
+        forwarded: list[tuple[Any, ...]] = []
+        self.b.links.forwardPort = lambda *args: forwarded.append(args)  # type: ignore[method-assign]
+        factory = self.b.machine.bound[9000].factory
+        visitor = factory.buildProtocol(IPv4Address("TCP", "198.51.100.4", 999))
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "198.51.100.4", 999)
+        )
+        transport.protocol = visitor
+        visitor.makeConnection(transport)
+        [(protocol, member, port, hostname, peer)] = forwarded
+        self.assertEqual(
+            (member, port, hostname, peer),
+            (self.a.member, 9000, f"db.{DOMAIN}", ("198.51.100.4", 999)),
+        )
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.b.router.counters["forwarded"], 1)
+        self.assertIn(protocol, self.b.router.visitors)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNotIn(protocol, self.b.router.visitors)
+
+
+class AllocatorHookTests(SynchronousTestCase):
+    """
+    L{PortAllocator}'s cluster hooks, alone.
+    """
+
+    def test_reservationTakenInTheClusterIsForgotten(self) -> None:
+        """
+        A port reserved here for a lease, which the cluster has since given to another lease, is
+        not handed back to it: the lease gets the next port the cluster leaves free.
+        """
+        clock = Clock()
+        allocator = PortAllocator(PortRange(9000, 9002), clock, reservation=100.0)
+        self.assertEqual(allocator.allocate("alice", "db"), 9000)
+        allocator.release("alice", "db")
+        elsewhere = {9000: ("bob", "web")}
+        allocator.heldElsewhere = lambda port, key: elsewhere.get(port, key) != key
+        self.assertEqual(allocator.allocate("alice", "db"), 9001)
+        self.assertIsNone(allocator.reservedUntil("alice", "db"))
+
+    def test_clusterPortPreferred(self) -> None:
+        """
+        A lease the cluster holds a port for gets that port, not the lowest free one.
+        """
+        allocator = PortAllocator(PortRange(9000, 9002), Clock())
+        allocator.heldElsewhere = lambda port, key: False
+        allocator.clusterPortOf = lambda key: 9002 if key == ("alice", "db") else None
+        self.assertEqual(allocator.allocate("alice", "db"), 9002)
+        self.assertEqual(allocator.allocate("bob", "web"), 9000)
+
+    def test_abandon(self) -> None:
+        """
+        An abandoned allocation frees its port at once, with no reservation.
+        """
+        allocator = PortAllocator(PortRange(9000, 9001), Clock(), reservation=100.0)
+        self.assertEqual(allocator.allocate("alice", "db"), 9000)
+        self.assertEqual(allocator.abandon("alice", "db"), 9000)
+        self.assertIsNone(allocator.abandon("alice", "db"))
+        self.assertEqual((allocator.live, allocator.reserved), (0, 0))
+        self.assertEqual(allocator.allocate("bob", "web"), 9000)
