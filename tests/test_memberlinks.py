@@ -65,6 +65,23 @@ def asMember(identity: Identity, name: str) -> Member:
     return Member(identity.id, identity.publicKey, "127.0.0.1:4017", name)
 
 
+def _openLink(
+    router: Router, links: MemberLinks
+) -> tuple[MemberVisitor, StringTransportWithDisconnection, bytes]:
+    """
+    Open a member link to A (C{router}) from 127.0.0.9.
+
+    @return: A's protocol for the link, its transport, and the nonce it sent.
+    """
+    visitor = MemberVisitor(router, links)
+    transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.9", 5555))
+    transport.protocol = visitor
+    visitor.makeConnection(transport)
+    nonce = transport.value()
+    transport.clear()
+    return visitor, transport, nonce
+
+
 class MemberVisitorTests(SynchronousTestCase):
     """
     Member A receiving links from B (a member) and M (not one).
@@ -89,15 +106,7 @@ class MemberVisitorTests(SynchronousTestCase):
         """
         @return: A's protocol for a new link, its transport, and the nonce it sent.
         """
-        visitor = MemberVisitor(self.router, self.links)
-        transport = StringTransportWithDisconnection(
-            peerAddress=IPv4Address("TCP", "127.0.0.9", 5555)
-        )
-        transport.protocol = visitor
-        visitor.makeConnection(transport)
-        nonce = transport.value()
-        transport.clear()
-        return visitor, transport, nonce
+        return _openLink(self.router, self.links)
 
     def header(self, sender: Identity, hostname: str = "blog.cluster.test") -> MemberHeader:
         """
@@ -252,14 +261,7 @@ class RawPortLinkTests(SynchronousTestCase):
 
         @return: A's protocol and its transport.
         """
-        visitor = MemberVisitor(self.router, self.links)
-        transport = StringTransportWithDisconnection(
-            peerAddress=IPv4Address("TCP", "127.0.0.9", 5555)
-        )
-        transport.protocol = visitor
-        visitor.makeConnection(transport)
-        nonce = transport.value()
-        transport.clear()
+        visitor, transport, nonce = _openLink(self.router, self.links)
         header = MemberHeader(
             self.b.id, self.b.publicKey, hostname, "198.51.100.4", 999, tcpPort=port
         )
