@@ -864,6 +864,48 @@ class RelayDataSessionTests(RelayHarness):
         self.assertEqual(len(self.pool), 0)
 
 
+class _DescriptorTransport(ClosingTransport):
+    """
+    A transport with a descriptor, as Twisted's TCP transport has.
+    """
+
+    _shouldShutdown = True
+
+    def fileno(self) -> int:
+        return 42
+
+
+class HandOffTests(RelayHarness):
+    """
+    L{VisitorProtocol.handOff} gives the visitor's socket to another worker of the relay.
+    """
+
+    def test_handedOff(self) -> None:
+        """
+        C{send} gets the descriptor and every byte read so far; the visitor's transport is then
+        closed without shutting the connection down (the other worker holds it).
+        """
+        visitor, transport = self.visitor(_DescriptorTransport)
+        hello = clientHello("elsewhere.localhost")
+        visitor.dataReceived(hello[:20])
+        sent: list[tuple[int, bytes]] = []
+        self.assertTrue(visitor.handOff(lambda fd, prefix: sent.append((fd, prefix)) or True))
+        self.assertEqual(sent, [(42, hello[:20])])
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport._shouldShutdown)
+        self.assertEqual(transport.value(), b"")
+
+    def test_notSent(self) -> None:
+        """
+        When C{send} cannot send, nothing changes: the visitor stays with this worker.
+        """
+        visitor, transport = self.visitor(_DescriptorTransport)
+        visitor.dataReceived(b"\x16\x03\x01")
+        self.assertFalse(visitor.handOff(lambda fd, prefix: False))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(transport._shouldShutdown)
+
+
 class ControlDispatchTests(RelayHarness):
     """
     The control port tells TLS control sessions from plain data sessions by their first bytes.

@@ -29,6 +29,7 @@ from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
 from portal.forwarding.tcpendpoint import tcpEndpoint
 from portal.relay.cluster import ClusterDirectory, ICluster, Member
 from portal.relay.etcd import EtcdError, EtcdUnavailable
+from portal.relay.handoff import HandoffSender
 from portal.relay.leaseports import PortLease
 from portal.relay.public import VisitorProtocol
 from portal.relay.router import Router
@@ -331,6 +332,8 @@ class MemberLinks:
         self._reactor = reactor
         self._keys: dict[bytes, bytes] = {}
         self._announced: dict[str, str] = {}
+        #: With C{--workers}: hands visitors to the other workers of this relay by their socket.
+        self.handoff: HandoffSender | None = None
 
     def nonce(self) -> bytes:
         """
@@ -456,6 +459,18 @@ class MemberLinks:
         @param header: The visitor's L{StreamHeader}.
         """
         assert isinstance(header, StreamHeader)
+        handoff = self.handoff
+        if handoff is not None and visitor.handOff(
+            lambda fd, prefix: handoff.send(member.id, fd, prefix)
+        ):
+            # Another worker of this relay, on this machine: it gets the socket itself.
+            self.router.counters["handed_off"] = self.router.counters.get("handed_off", 0) + 1
+            self._log.debug(
+                "handed a visitor for {hostname} to worker {member}",
+                hostname=header.hostname,
+                member=member.nodeName,
+            )
+            return
         link = MemberHeader(
             self._identity.id,
             self._identity.publicKey,

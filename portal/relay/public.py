@@ -4,6 +4,8 @@ The relay's public TLS listener: peek at the ClientHello, route by SNI, never de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -141,6 +143,28 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
             )
             return
         router.counters["routed"] += 1
+
+    def handOff(self, send: Callable[[int, bytes], bool]) -> bool:
+        """
+        Give this visitor to another worker of the relay (L{portal.relay.handoff}): C{send} gets
+        the socket's descriptor and the bytes read so far; once it has sent them, this worker
+        closes its copy of the descriptor without shutting the connection down (the other worker
+        holds the same socket).
+
+        @return: Whether the visitor was handed off; if not, nothing changed.
+        """
+        transport = self.transport
+        fileno = getattr(transport, "fileno", None)
+        if fileno is None or not send(fileno(), b"".join(self._pending)):
+            return False
+        self._pending = []
+        self.setTimeout(None)
+        # Twisted's TCP transport shuts a socket down before closing it unless told not to
+        # (tcp._SocketCloser); the shutdown would end the connection for the other worker too.
+        transport._shouldShutdown = False  # type: ignore[union-attr]
+        assert transport is not None
+        transport.loseConnection()
+        return True
 
     def visitorAddress(self) -> tuple[str, int]:
         """

@@ -22,7 +22,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
@@ -38,6 +38,7 @@ from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.clusterports import ClusterPorts
 from portal.relay.control import ControlFactory
 from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, parseClusterURL
+from portal.relay.handoff import HandoffReceiver, HandoffSender, handoffPath
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.identitylists import IdentityListError, IdentityLists
 from portal.relay.interfaces import ILeasePorts
@@ -234,6 +235,7 @@ class RelayService(Service):
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
         self._workers: Workers | None = None
+        self._handoffReceiver: HandoffReceiver | None = None
         self._listsDir = config.stateDir
 
     def whenListening(self) -> Deferred[None]:
@@ -460,10 +462,10 @@ class RelayService(Service):
         site = TLSMemoryBIOFactory(
             tlsOptions, False, relaySite(router, config.adminToken), clock=self._reactor
         )
-        public = yield self._listen(
-            config.public,
-            router.limited("public", PublicFactory(router, site), alertRecord(INTERNAL_ERROR)),
+        publicFactory = router.limited(
+            "public", PublicFactory(router, site), alertRecord(INTERNAL_ERROR)
         )
+        public = yield self._listen(config.public, publicFactory)
         self.ports["public"] = public
         router.publicPort = public.getHost().port
         for kind, leasePorts in self._leasePorts().items():
@@ -517,6 +519,8 @@ class RelayService(Service):
             self._announce("member", memberPort)
         if config.cluster is not None:
             yield self._joinCluster(router, memberPort)
+            if config.workers > 1:
+                self._startHandoff(router, publicFactory)
             getattr(public, "startReading", lambda: None)()
         if config.http:
             http = (
@@ -571,6 +575,21 @@ class RelayService(Service):
             factory
         )
         return listening.addCallback(self._clientFirst)
+
+    def _startHandoff(self, router: Router, publicFactory: IProtocolFactory) -> None:
+        """
+        With C{--workers}: receive visitors the other workers hand over by their socket, and hand
+        them this worker's visitors of leases live on another worker (L{portal.relay.handoff}).
+        """
+        config = self.config
+        index = config.workerIndex or 0
+        root = config.stateDir if index == 0 else os.path.dirname(config.stateDir)
+        receiver = HandoffReceiver(self._reactor, handoffPath(root, index), publicFactory)
+        receiver.start()
+        self._handoffReceiver = receiver
+        links = router.cluster
+        assert isinstance(links, MemberLinks)
+        links.handoff = HandoffSender(root, router.identity.id, index)
 
     def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
         """
@@ -730,6 +749,9 @@ class RelayService(Service):
         if router is not None:
             for protocol in list(router.controls):
                 protocol.transport.loseConnection()
+        if self._handoffReceiver is not None:
+            self._handoffReceiver.stop()
+            self._handoffReceiver = None
         if self._workers is not None:
             yield self._workers.stop()
         if self._clusterSync is not None and self._clusterSync.running:
