@@ -123,6 +123,25 @@ class StateDirectoryTests(TestCase):
         self.assertTrue(again["url"].startswith("https://live.localhost:"))
 
     @inlineCallbacks
+    def test_missingStoreStopsRelay(self) -> Any:
+        """
+        A relay whose lease store disappeared while it was down (its identity is still there)
+        exits 1 naming the file, instead of starting empty and handing the names out again; with
+        C{--new-lease-store} it starts, on a new store.
+        """
+        relay, _, _ = yield startRelay(self, self.stateDir)
+        yield terminate(relay)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.store + suffix):
+                os.remove(self.store + suffix)
+        missing = spawnRelay(self, self.stateDir)
+        output = yield self.failedStart(missing, f"lease store {self.store} is missing")
+        self.assertIn("--new-lease-store", output)
+        self.assertFalse(os.path.exists(self.store))
+        yield startRelay(self, self.stateDir, extra=["--new-lease-store"])
+        self.assertTrue(os.path.exists(self.store))
+
+    @inlineCallbacks
     def test_lockedStateDirectory(self) -> Any:
         """
         A second relay on a state directory in use exits 1 saying which process holds it; the

@@ -229,6 +229,29 @@ class RelayStartTests(SynchronousTestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"garbage" * 1000)
 
+    def test_missingStore(self) -> None:
+        """
+        A relay that has run before (its identity exists) whose lease store is missing stops
+        with one line naming the file and how to recover, rather than start over an empty one;
+        with C{newLeaseStore} (C{--new-lease-store}) it starts on a new store.
+        """
+        stateDir = os.path.abspath(self.mktemp())
+        first = self.start(RelayConfig(stateDir=stateDir))
+        self.successResultOf(first.whenListening())
+        self.successResultOf(first.stopService())
+        os.remove(os.path.join(stateDir, STORE_FILE))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = self.start(RelayConfig(stateDir=stateDir))
+        failure = self.failureResultOf(service.whenListening(), StoreDamaged)
+        self.assertOneLine(service, list(events), failure.getErrorMessage())
+        self.assertIn(os.path.join(stateDir, STORE_FILE), failure.getErrorMessage())
+        self.assertIn("--new-lease-store", failure.getErrorMessage())
+        self.assertFalse(os.path.exists(os.path.join(stateDir, STORE_FILE)))
+        self.successResultOf(service.stopService())
+        again = self.start(RelayConfig(stateDir=stateDir, newLeaseStore=True))
+        self.successResultOf(again.whenListening())
+        self.assertTrue(os.path.exists(os.path.join(stateDir, STORE_FILE)))
+
     def test_lockedStateDirectory(self) -> None:
         """
         A second relay on a state directory in use stops with one line naming the process that

@@ -45,7 +45,7 @@ from portal.relay.interfaces import ILeasePorts
 from portal.relay.leaseports import LeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
-from portal.relay.migration import importJSONState
+from portal.relay.migration import LEASES_JSON, importJSONState
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.public import PublicFactory
 from portal.relay.rawtcp import tcpPorts
@@ -53,7 +53,7 @@ from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.sqlitestore import STORE_FILE, SQLiteLeaseStore
 from portal.relay.statelock import StateDirectoryLocked, StateLock, lockStateDirectory
-from portal.relay.store import ILeaseStore, StoreError, UnavailableClaims
+from portal.relay.store import ILeaseStore, StoreDamaged, StoreError, UnavailableClaims
 from portal.relay.udp import MAX_PACKET_SIZE
 from portal.relay.udpmode import UDPMode
 from portal.relay.workers import Workers
@@ -139,6 +139,8 @@ class RelayConfig:
     @ivar workerIndex: Which worker this process is (C{--worker-index}, set by the first worker when
         it starts the others), or L{None} for the first.
     @ivar workerArgs: The C{portal-relay} command line, for the first worker to start the others.
+    @ivar newLeaseStore: Start on a new, empty lease store even though the relay has run before
+        (its identity exists) and its store is missing; otherwise that stops the relay.
     @ivar inviteOnly: Only identities listed in the state directory's C{invited-identities} file may
         register (L{portal.relay.identitylists}).
     @ivar adminToken: The token that shows the operator's view of the dashboard (the per-lease table
@@ -169,6 +171,7 @@ class RelayConfig:
     # The command line may hold the admin token: kept out of repr (and so out of logs).
     workerArgs: tuple[str, ...] = attrs.field(default=(), repr=False)
     inviteOnly: bool = False
+    newLeaseStore: bool = False
     adminToken: str | None = attrs.field(default=None, repr=False)
 
 
@@ -299,6 +302,22 @@ class RelayService(Service):
             limits=limits,
         )
         storePath = os.path.join(config.stateDir, STORE_FILE)
+        if (
+            not created
+            and config.workerIndex is None
+            and not config.newLeaseStore
+            and not os.path.exists(storePath)
+            and not os.path.exists(os.path.join(config.stateDir, LEASES_JSON))
+        ):
+            # A relay that has run before always has its store (or, before there was one, the
+            # JSON file it is imported from): starting on an empty one would give every name to
+            # whoever registers it first.
+            raise StoreDamaged(
+                f"lease store {storePath} is missing, but this relay has run before (its "
+                f"identity is in {identityDir}): if the file was moved or the disk was not "
+                f"mounted, put it back; to start with no lease records (every name free to "
+                f"whoever registers it first), start once with --new-lease-store"
+            )
         store = self._store = SQLiteLeaseStore.open(storePath)
         router.leases = LeaseTable(
             self._reactor,

@@ -65,8 +65,8 @@ def recoveryAdvice(path: str) -> str:
     """
     return (
         f"restore it from a backup (stop the relay, then: sqlite3 {path} '.restore BACKUP'), "
-        f"or move it and its -wal/-shm files aside to start with no saved leases (every name "
-        f"and port becomes free to whoever registers first)"
+        f"or move it and its -wal/-shm files aside and start once with --new-lease-store, with "
+        f"no saved leases (every name and port becomes free to whoever registers first)"
     )
 
 

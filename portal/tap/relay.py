@@ -366,6 +366,12 @@ class Options(usage.Options):
             "Forward in Python (producer/consumer) instead of with os.splice.",
         ],
         [
+            "new-lease-store",
+            None,
+            "Start with an empty lease store although this relay has run before and its store "
+            "is missing (otherwise the relay refuses to start, so that no name changes owner).",
+        ],
+        [
             "invite-only",
             None,
             "Only identities listed in STATE_DIR/invited-identities may register (reread on "
@@ -514,6 +520,7 @@ class Options(usage.Options):
                 ),
             ),
             inviteOnly=self["invite-only"],
+            newLeaseStore=bool(self["new-lease-store"]),
         )
 
 

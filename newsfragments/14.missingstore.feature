@@ -1,0 +1,1 @@
+A relay that has run before (its identity exists) and finds its lease store missing stops with exit 1 naming the file, instead of starting empty; `--new-lease-store` starts it on a new store on purpose.
