@@ -30,6 +30,14 @@ class _Recording(Protocol):
         self.received += data
 
 
+class _Visitor(_Recording):
+    """
+    A visitor protocol that may be forwarded, as the public listener's are.
+    """
+
+    mayForward = True
+
+
 class _Reactor:
     """
     The reactor calls a receiver makes: readers, and adopting a connection (a duplicate of its
@@ -112,6 +120,23 @@ class HandoffTests(SynchronousTestCase):
         with socket.socket(fileno=fd) as adopted:
             self.client.sendall(b"more")
             self.assertEqual(adopted.recv(10), b"more")
+
+    def test_notHandedOn(self) -> None:
+        """
+        A visitor adopted from another worker may not be handed on or forwarded again (two
+        workers that disagree for a moment would pass it back and forth).
+        """
+        receiver = HandoffReceiver(
+            self.reactor, handoffPath(self.root, 2), Factory.forProtocol(_Visitor)
+        )
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        self.assertTrue(self.sender.send("relay-w2", self.visitor.fileno(), b"x"))
+        receiver.doRead()
+        [(fd, _, protocol)] = self.reactor.adopted
+        os.close(fd)
+        self.assertFalse(protocol.mayForward)  # type: ignore[attr-defined]
+        self.assertEqual(protocol.received, b"x")  # type: ignore[attr-defined]
 
     def test_notAWorker(self) -> None:
         """

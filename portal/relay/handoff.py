@@ -226,5 +226,13 @@ class HandoffReceiver:
             return
         if self._onAdopted is not None:
             self._onAdopted()
-        if built and prefix:
+        if not built:
+            return
+        # A visitor handed over is not handed on (nor forwarded): two workers whose views of the
+        # cluster differ for a moment would otherwise pass it back and forth. The listener's
+        # connection limit wraps the visitor protocol (portal.forwarding.connlimit).
+        served: Any = getattr(built[0], "inner", built[0])
+        if hasattr(served, "mayForward"):
+            served.mayForward = False
+        if prefix:
             built[0].dataReceived(prefix)
