@@ -297,6 +297,7 @@ def runTunnels(
     """
     from twisted.internet import reactor
 
+    from portal.forwarding.heap import freezeStartupHeap
     from portal.tunnel.companions import startCompanions
     from portal.tunnel.config import LOG_LEVELS
     from portal.tunnel.service import TunnelService
@@ -330,6 +331,8 @@ def runTunnels(
     reactor.callWhenRunning(runUntilStopped, reactor, tunnels)
     for tunnel in tunnels:
         startCompanions(reactor, tunnel)
+    # Once started, the process's heap can leave the garbage collector's scans.
+    reactor.callWhenRunning(freezeStartupHeap)
     reactor.run()
     return exit[0]
 

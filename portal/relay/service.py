@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from portal.forwarding.boundedreads import boundAccepts, deferAccept, listenUDP
 from portal.forwarding.connlimit import fitToDescriptors
+from portal.forwarding.heap import freezeStartupHeap
 from portal.forwarding.reuseport import listenReusePort
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import RegistryError, loadRegistry
@@ -139,6 +140,8 @@ class RelayConfig:
     @ivar workerIndex: Which worker this process is (C{--worker-index}, set by the first worker when
         it starts the others), or L{None} for the first.
     @ivar workerArgs: The C{portal-relay} command line, for the first worker to start the others.
+    @ivar freezeHeap: Once listening, leave the objects of the started relay out of garbage
+        collections (L{portal.forwarding.heap}); the relay's own process only, not a test's.
     @ivar newLeaseStore: Start on a new, empty lease store even though the relay has run before
         (its identity exists) and its store is missing; otherwise that stops the relay.
     @ivar inviteOnly: Only identities listed in the state directory's C{invited-identities} file may
@@ -172,6 +175,7 @@ class RelayConfig:
     workerArgs: tuple[str, ...] = attrs.field(default=(), repr=False)
     inviteOnly: bool = False
     newLeaseStore: bool = False
+    freezeHeap: bool = False
     adminToken: str | None = attrs.field(default=None, repr=False)
 
 
@@ -560,6 +564,9 @@ class RelayService(Service):
         )
         if config.workers > 1 and config.workerIndex is None:
             self._startWorkers(public, control)
+        if config.freezeHeap:
+            frozen = freezeStartupHeap()
+            self._log.debug("{count} objects of the started relay left out of GC", count=frozen)
         self._listened(True)
 
     def _clientFirst(self, port: Any) -> Any:

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -579,6 +580,8 @@ def makeService(options: Options) -> RelayService:
     """
     from twisted.internet import reactor
 
-    service = RelayService(options.config(), reactor, signalInstaller(reactor))
+    # The relay's own process: its started heap can leave the garbage collector's scans.
+    config = attrs.evolve(options.config(), freezeHeap=True)
+    service = RelayService(config, reactor, signalInstaller(reactor))
     reactor.addSystemEventTrigger("after", "shutdown", exitIfStartFailed, service)
     return service

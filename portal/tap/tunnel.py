@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from portal.cli.startoptions import StartOptions
+from portal.forwarding.heap import freezeStartupHeap
 from portal.tunnel.companions import startCompanions
 from portal.tunnel.config import DEFAULT_LOG_LEVEL
 from portal.tunnel.report import Reporter
@@ -78,6 +79,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         for config in options.tunnelConfigs.values()
     ]
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
+    # Once started, the process's heap can leave the garbage collector's scans.
+    reactor.callWhenRunning(freezeStartupHeap)
     for tunnel in tunnels:
         startCompanions(reactor, tunnel)
     if len(tunnels) == 1:
