@@ -524,9 +524,21 @@ class KernelSpliceTests(KernelSpliceTestCase):
         yield rig.visitorOuter.whenReadLost()
         yield gatherResults([rig.visitorInner.whenLost(), rig.dataInner.whenLost()])
         self.assertTrue(rig.splice.finished)
-        self.assertEqual(rig.splice._a.outgoing.pipe, None)
-        self.assertEqual(rig.splice._b.outgoing.pipe, None)
+        self.assertEqual(rig.splice.directions[0].pipe, None)
+        self.assertEqual(rig.splice.directions[1].pipe, None)
+        self.assertUnlinked(rig.splice)
+        self.assertUnlinked(rig.splice)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def assertUnlinked(self, kernelSplice: KernelSplice) -> None:
+        """
+        A finished splice's ends no longer refer to it or to their directions, nor does it keep
+        its idle watch: no reference cycle is left for the cyclic garbage collector.
+        """
+        for end in (kernelSplice._a, kernelSplice._b):
+            for name in ("_owner", "outgoing", "incoming"):
+                self.assertFalse(hasattr(end, name), name)
+        self.assertIsNone(kernelSplice._watch)
 
     @inlineCallbacks
     def test_abruptClose(self) -> _Gen:
@@ -550,8 +562,8 @@ class KernelSpliceTests(KernelSpliceTestCase):
         for protocol in (rig.visitorInner, rig.dataInner):
             assert protocol.lostReason is not None
             self.assertTrue(protocol.lostReason.check(ConnectionAborted))
-        self.assertEqual(rig.splice._a.outgoing.pipe, None)
-        self.assertEqual(rig.splice._b.outgoing.pipe, None)
+        self.assertEqual(rig.splice.directions[0].pipe, None)
+        self.assertEqual(rig.splice.directions[1].pipe, None)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
@@ -591,17 +603,17 @@ class KernelSpliceTests(KernelSpliceTestCase):
         bytes are in flight, and gives it back once they are delivered.
         """
         rig = self.rig()
-        self.assertIsNone(rig.splice._a.outgoing.pipe)
-        self.assertIsNone(rig.splice._b.outgoing.pipe)
+        self.assertIsNone(rig.splice.directions[0].pipe)
+        self.assertIsNone(rig.splice.directions[1].pipe)
         yield rig.dataOuter.whenReceived(len(HEADER))
-        self.assertIsNone(rig.splice._a.outgoing.pipe)
-        self.assertIsNone(rig.splice._b.outgoing.pipe)
+        self.assertIsNone(rig.splice.directions[0].pipe)
+        self.assertIsNone(rig.splice.directions[1].pipe)
 
         rig.visitorOuter.tcpTransport.write(b"x")
         yield rig.dataOuter.whenReceived(len(HEADER) + 1)
         self.assertEqual(rig.dataOuter.received, HEADER + b"x")
-        self.assertIsNone(rig.splice._a.outgoing.pipe)
-        self.assertIsNone(rig.splice._b.outgoing.pipe)
+        self.assertIsNone(rig.splice.directions[0].pipe)
+        self.assertIsNone(rig.splice.directions[1].pipe)
         self.assertGreaterEqual(len(kernelsplice.pipes), 1)
 
     @inlineCallbacks

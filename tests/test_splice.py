@@ -405,6 +405,9 @@ class CloseTests(SynchronousTestCase):
         self.assertFalse(at.connected)
         self.assertFalse(bt.connected)
         self.assertIsNone(bt.producer)
+        # Both let go of each other: no reference cycle for the cyclic garbage collector.
+        self.assertIsNone(a.peer)
+        self.assertIsNone(b.peer)
 
     def test_closeOtherDirection(self) -> None:
         """

@@ -228,6 +228,10 @@ class SpliceProtocol(Protocol):
         if self.idle is not None:
             self.idle.stop()
         peer = self.peer
+        # Neither side needs the other once it is lost: dropping the link breaks the reference
+        # cycle between the two, so that they are freed at once rather than by the cyclic
+        # garbage collector (whose full collections stall the process).
+        self.peer = None
         if peer is not None and not peer._lost:
             peerTransport = _transportOf(peer)
             peerTransport.unregisterProducer()

@@ -137,10 +137,11 @@ class _VisitorSide(SpliceProtocol):
         """
         Stop connecting to the target if that is still under way; report a spliced connection.
         """
+        # The splice lets go of the peer when the connection is lost.
+        target = self.peer
         super().connectionLost(reason)
         if self._connecting is not None:
             self._connecting.cancel()
-        target = self.peer
         reporter = self._handler.reporter
         if target is not None and reporter is not None:
             reporter.connection(
