@@ -26,10 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from benchmarks import workload
 from benchmarks.procs import Child, cpuSeconds, freePort, python, twistd
+
+_T = TypeVar("_T")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -307,27 +310,58 @@ def registrationCost(etcd: str, names: int) -> dict[str, Any]:
     return result
 
 
+def benchArguments(prog: str) -> argparse.Namespace:
+    """
+    @param prog: The command's name, for its help.
+    @return: C{--quick} and C{--out} (the results folder) as given.
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    return parser.parse_args()
+
+
+def withEtcd(prefix: str, work: Callable[[str, str], _T]) -> _T:
+    """
+    Run C{work(base, etcdAddress)} with a single-node etcd started in a new temporary folder,
+    stopped afterwards whatever happens.
+    """
+    base = tempfile.mkdtemp(prefix=prefix)
+    etcd, address = _startEtcd(base)
+    try:
+        return work(base, address)
+    finally:
+        etcd.stop()
+
+
+def writeResults(out: str, stem: str, data: dict[str, Any], table: list[str]) -> None:
+    """
+    Write C{out/stem.json} and C{out/stem.md}, and print the table.
+    """
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, stem)
+    with open(path + ".json", "w") as f:
+        json.dump(data, f, indent=2)
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(table))
+    print("\n".join(table))
+
+
 def main() -> None:
     """
     Run both measurements and write the results.
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    base = tempfile.mkdtemp(prefix="portal-cluster-bench-")
-    etcd, address = _startEtcd(base)
-    try:
+    args = benchArguments("python -m benchmarks.cluster")
+
+    def members(base: str, address: str) -> tuple[dict[str, Any], dict[str, Any]]:
         hop = forwardedVisitor(base, address, 100 if args.quick else 500)
         print(json.dumps(hop), flush=True)
         scaling = workersScaling(base, address, 200 if args.quick else 1000, 4)
         print(json.dumps(scaling), flush=True)
-    finally:
-        etcd.stop()
-    # The claims run in a child so that task.react's reactor is fresh.
-    base2 = tempfile.mkdtemp(prefix="portal-cluster-bench-")
-    etcd, address = _startEtcd(base2)
-    try:
+        return hop, scaling
+
+    def claimCost(base: str, address: str) -> dict[str, Any]:
+        # In a child, so that task.react's reactor is fresh.
         child = Child(
             "claims",
             [
@@ -338,18 +372,17 @@ def main() -> None:
             ],
         )
         line = child.waitFor(r"^RESULT ", timeout=900).string
-        claims = json.loads(line.removeprefix("RESULT "))
-    finally:
-        etcd.stop()
+        result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+        return result
+
+    hop, scaling = withEtcd("portal-cluster-bench-", members)
+    claims = withEtcd("portal-cluster-bench-", claimCost)
     results = {
         "date": datetime.date.today().isoformat(),
         "forwardedVisitor": hop,
+        "workersScaling": scaling,
         "registration": claims,
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{results['date']}-cluster")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
     table = [
         "# Relay cluster benchmark",
         "",
@@ -378,9 +411,7 @@ def main() -> None:
         f"| claim p50, first 100 / last 100 of {claims['names']} | {claims['first100p50ms']:.2f} / {claims['last100p50ms']:.2f} ms (x{claims['lastOverFirst']:.2f}) |",
         "",
     ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(table))
-    print("\n".join(table))
+    writeResults(args.out, f"{results['date']}-cluster", results, table)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes C{DIR/<date>-cluster-ports.json} and C{.md}.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -23,13 +22,12 @@ import socket
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
 
 from benchmarks import workload
-from benchmarks.cluster import _percentile, _startEtcd
+from benchmarks.cluster import _percentile, benchArguments, withEtcd, writeResults
 from benchmarks.procs import Child, cpuSeconds, freePortRange, python, twistd
 
 _COMMAND = struct.Struct("!cQ")
@@ -190,27 +188,18 @@ def main() -> None:
     """
     Run the measurements and write the results.
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.clusterports")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    base = tempfile.mkdtemp(prefix="portal-clusterports-bench-")
-    etcd, address = _startEtcd(base)
-    try:
-        result = measure(
+    args = benchArguments("python -m benchmarks.clusterports")
+    result = withEtcd(
+        "portal-clusterports-bench-",
+        lambda base, address: measure(
             base,
             address,
             connections=100 if args.quick else 500,
             size=(64 if args.quick else 256) * 1024 * 1024,
             downloads=3,
-        )
-    finally:
-        etcd.stop()
+        ),
+    )
     date = datetime.date.today().isoformat()
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{date}-cluster-ports")
-    with open(stem + ".json", "w") as f:
-        json.dump({"date": date, "rawTCP": result}, f, indent=2)
     r = result
     table = [
         "# Relay cluster: raw TCP ports",
@@ -231,9 +220,7 @@ def main() -> None:
         f"{r['addedByHopP50ms']:.2f} ms.",
         "",
     ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(table))
-    print("\n".join(table))
+    writeResults(args.out, f"{date}-cluster-ports", {"date": date, "rawTCP": result}, table)
 
 
 if __name__ == "__main__":
