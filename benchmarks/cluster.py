@@ -20,13 +20,14 @@ import datetime
 import functools
 import json
 import os
+import re
 import shutil
 import ssl
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from benchmarks import workload
@@ -67,10 +68,17 @@ def _startEtcd(base: str) -> tuple[Child, str]:
     return child, f"127.0.0.1:{client}"
 
 
-def _startRelay(base: str, name: str, etcd: str, workers: int = 1) -> tuple[Child, int, int]:
+def _startRelay(
+    base: str,
+    name: str,
+    etcd: str,
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    extra: Sequence[str] = (),
+) -> tuple[Child, int, int]:
     """
-    Start a cluster member named C{name} (with C{workers} worker processes) and wait until it has
-    joined.
+    Start a cluster member named C{name} (with C{workers} worker processes), its public listener
+    on C{host}, with C{extra} options, and wait until it has joined.
 
     @return: The child, its public port and its control port.
     """
@@ -86,7 +94,7 @@ def _startRelay(base: str, name: str, etcd: str, workers: int = 1) -> tuple[Chil
             "--state-dir",
             os.path.join(home, "state"),
             "--public",
-            "tcp:0:interface=127.0.0.1",
+            f"tcp:0:interface={host}",
             "--control",
             "tcp:0:interface=127.0.0.1",
             "--tunnel-domain",
@@ -97,10 +105,11 @@ def _startRelay(base: str, name: str, etcd: str, workers: int = 1) -> tuple[Chil
             name,
             "--workers",
             str(workers),
+            *extra,
         ],
         env={"HOME": home},
     )
-    public = int(child.waitFor(r"public listening on 127\.0\.0\.1:(\d+)").group(1))
+    public = int(child.waitFor(rf"public listening on {re.escape(host)}:(\d+)").group(1))
     control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
     suffix = rf"-w{workers - 1}" if workers > 1 else ""
     child.waitFor(rf"joined relay cluster .* as {name}{suffix} ")

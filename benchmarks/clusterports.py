@@ -27,8 +27,14 @@ import time
 from typing import Any
 
 from benchmarks import workload
-from benchmarks.cluster import _percentile, benchArguments, withEtcd, writeResults
-from benchmarks.procs import Child, cpuSeconds, freePortRange, python, twistd
+from benchmarks.cluster import (
+    _percentile,
+    _startRelay,
+    benchArguments,
+    withEtcd,
+    writeResults,
+)
+from benchmarks.procs import Child, cpuSeconds, freePortRange, python
 
 _COMMAND = struct.Struct("!cQ")
 HOLDER = "127.0.0.2"
@@ -83,34 +89,7 @@ def _startMember(base: str, name: str, host: str, etcd: str, ports: str) -> tupl
 
     @return: The child and its control port.
     """
-    home = os.path.join(base, name)
-    os.makedirs(home)
-    child = Child(
-        f"relay-{name}",
-        [
-            twistd(),
-            "-n",
-            "--pidfile=",
-            "portal-relay",
-            "--state-dir",
-            os.path.join(home, "state"),
-            "--public",
-            f"tcp:0:interface={host}",
-            "--control",
-            "tcp:0:interface=127.0.0.1",
-            "--tunnel-domain",
-            "cluster.localhost",
-            "--cluster",
-            f"etcd://{etcd}",
-            "--node-name",
-            name,
-            "--tcp-ports",
-            ports,
-        ],
-        env={"HOME": home},
-    )
-    control = int(child.waitFor(r"control listening on 127\.0\.0\.1:(\d+)").group(1))
-    child.waitFor(rf"joined relay cluster .* as {name} ")
+    child, _, control = _startRelay(base, name, etcd, host=host, extra=["--tcp-ports", ports])
     return child, control
 
 
