@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -280,6 +280,38 @@ class RelayStartTests(SynchronousTestCase):
         service = self.start(config)
         self.failureResultOf(service.whenListening(), EtcdUnavailable)
         self.assertOneLine(service, list(events), "etcd unavailable (connection refused)")
+
+    def test_nothingBeforeJoining(self) -> None:
+        """
+        A cluster member reads no visitor from its public port and refuses registrations ("cluster
+        store unavailable") until it has joined the cluster; then it reads visitors.
+        """
+        joined: Deferred[None] = Deferred()
+        self.patch(RelayService, "_joinCluster", lambda self, router, control: joined)
+        reading: list[str] = []
+        original = RelayService._listen
+
+        def listen(service: RelayService, description: str, factory: Any, steer: bool = False):
+            d = original(service, description, factory, steer)
+
+            def record(port: Any) -> Any:
+                if factory.limiter.listener == "public":
+                    port.stopReading = lambda: reading.append("stop")
+                    port.startReading = lambda: reading.append("start")
+                return port
+
+            return d.addCallback(record)
+
+        self.patch(RelayService, "_listen", listen)
+        config = RelayConfig(stateDir=os.path.abspath(self.mktemp()), cluster="etcd://127.0.0.1:1")
+        service = self.start(config)
+        self.assertNoResult(service.whenListening())
+        self.assertEqual(reading, ["stop"])
+        assert service.router is not None
+        self.assertIn("cluster store unavailable", service.router.claims.mayRegister() or "")
+        joined.callback(None)
+        self.successResultOf(service.whenListening())
+        self.assertEqual(reading, ["stop", "start"])
 
     def test_exitIfStartFailed(self) -> None:
         """
