@@ -4,14 +4,18 @@ Tests for L{portal.forwarding.reuseport}: listeners shared between workers.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from portal.forwarding.reuseport import (
     ReusePortError,
     attachSteering,
+    listenSharedTCP,
     parseTCPDescription,
     sourceSteeringProgram,
 )
@@ -80,3 +84,99 @@ class SteeringTests(SynchronousTestCase):
             accepted.close()
             chosen.setdefault(source, set()).add(sockets.index(ready[0]))
         self.assertEqual(chosen, {"127.0.0.2": {0}, "127.0.0.3": {1}})
+
+
+class _AdoptingReactor:
+    """
+    Takes listening sockets as a reactor's C{adoptStreamPort} does: its own duplicate of each.
+
+    @ivar sockets: The duplicates, by port.
+    """
+
+    def __init__(self, testCase: SynchronousTestCase) -> None:
+        self._testCase = testCase
+        self.sockets: list[socket.socket] = []
+
+    def adoptStreamPort(self, fd: int, family: int, factory: object) -> socket.socket:
+        """
+        Keep a duplicate of the listening socket.
+        """
+        duplicate = socket.socket(fileno=os.dup(fd))
+        self._testCase.addCleanup(duplicate.close)
+        self.sockets.append(duplicate)
+        return duplicate
+
+
+class SharedTCPTests(SynchronousTestCase):
+    """
+    L{listenSharedTCP}: a raw TCP lease port bound by every worker of a relay.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = _AdoptingReactor(self)
+
+    def test_everyWorkerBinds(self) -> None:
+        """
+        Listeners with C{SO_REUSEPORT} share a port, in either order of the holder and the
+        forwarders, and each is listening.
+        """
+        first = listenSharedTCP(self.reactor, 0, "127.0.0.1", Factory())
+        port = first.getsockname()[1]  # type: ignore[attr-defined]
+        listenSharedTCP(self.reactor, port, "127.0.0.1", Factory())
+        self.assertEqual(len(self.reactor.sockets), 2)
+        for s in self.reactor.sockets:
+            self.assertEqual(s.getsockname(), ("127.0.0.1", port))
+            self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+            self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
+
+    def test_portHeldWithoutReusePort(self) -> None:
+        """
+        A port another program bound without C{SO_REUSEPORT} cannot be shared: the bind fails
+        with L{CannotListenError}, as C{listenTCP}'s does.
+        """
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        error = self.assertRaises(
+            CannotListenError, listenSharedTCP, self.reactor, port, "127.0.0.1", Factory()
+        )
+        self.assertEqual(error.port, port)
+        self.assertEqual(self.reactor.sockets, [])
+
+    def test_notTakenOverWithoutReusePort(self) -> None:
+        """
+        A program that binds a shared port without C{SO_REUSEPORT} fails: the workers keep it.
+        """
+        listenSharedTCP(self.reactor, 0, "127.0.0.1", Factory())
+        port = self.reactor.sockets[0].getsockname()[1]
+        other = socket.socket()
+        self.addCleanup(other.close)
+        self.assertRaises(OSError, other.bind, ("127.0.0.1", port))
+
+    def test_otherUserCannotJoin(self) -> None:
+        """
+        A process of another user cannot join the port's group even with C{SO_REUSEPORT} (Linux
+        checks the effective user): only the relay's own user shares its ports.
+        """
+        if os.getuid() != 0:
+            raise SkipTest("needs root to run a process as another user")
+        listenSharedTCP(self.reactor, 0, "127.0.0.1", Factory())
+        port = self.reactor.sockets[0].getsockname()[1]
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child process)
+            status = 2
+            try:
+                os.setuid(65534)
+                other = socket.socket()
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    other.bind(("127.0.0.1", port))
+                    status = 1
+                except OSError:
+                    status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(child, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)

@@ -6,6 +6,12 @@ control port that is not enough: a tunnel's data sessions must reach the process
 control session, so the control listeners also carry a classic BPF program
 (C{SO_ATTACH_REUSEPORT_CBPF}) that picks the process by the connection's source address alone: every
 connection from one tunnel host reaches the same worker.
+
+Raw TCP lease ports are shared too (L{listenSharedTCP}): the worker holding a lease and the others
+(which hand its visitors over) all bind the port with C{SO_REUSEPORT}, and the kernel spreads the
+port's visitors over them. Linux lets a socket join a group only when every socket in it set the
+option and runs under the same effective user: a port another user's process holds, or one a process
+bound without the option, still cannot be bound.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import socket
 import struct
 from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 #: C{SO_ATTACH_REUSEPORT_CBPF} from Linux's C{asm-generic/socket.h}.
@@ -118,6 +125,44 @@ def listenReusePort(
     @raise OSError: When binding fails.
     """
     port, interface, backlog = parseTCPDescription(description)
+    return _listenShared(reactor, port, interface, backlog, factory, steerWorkers)
+
+
+def listenSharedTCP(
+    reactor: Any, port: int, interface: str, factory: IProtocolFactory, backlog: int = 50
+) -> IListeningPort:
+    """
+    Listen on a TCP port that other processes of this user share (with C{SO_REUSEPORT}, as
+    L{listenReusePort}), failing as C{reactor.listenTCP} does.
+
+    @param reactor: An C{IReactorSocket}.
+    @param port: The port number.
+    @param interface: The address to bind (C{""} for all IPv4 addresses).
+    @param factory: The protocol factory.
+    @param backlog: The listen queue's length.
+    @return: The listening port.
+    @raise CannotListenError: When binding fails (a process bound the port without
+        C{SO_REUSEPORT}, or as another user).
+    """
+    try:
+        return _listenShared(reactor, port, interface, backlog, factory, None)
+    except OSError as e:
+        raise CannotListenError(interface, port, e) from None
+
+
+def _listenShared(
+    reactor: Any,
+    port: int,
+    interface: str,
+    backlog: int,
+    factory: IProtocolFactory,
+    steerWorkers: int | None,
+) -> IListeningPort:
+    """
+    Bind and listen with C{SO_REUSEPORT}, then hand the socket to the reactor.
+
+    @raise OSError: When binding fails.
+    """
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
