@@ -31,6 +31,7 @@ from portal.relay.ports import PortAllocator, PortRange, PortsExhausted
 from portal.relay.router import Router
 from portal.relay.store import StoreError
 from portal.trust.identity import Identity
+from portal.wire.handoff import Handoff
 from tests.fakeetcd import FakeEtcd
 
 DOMAIN = "cluster.test"
@@ -442,3 +443,97 @@ class AllocatorHookTests(SynchronousTestCase):
         self.assertIsNone(allocator.abandon("alice", "db"))
         self.assertEqual((allocator.live, allocator.reserved), (0, 0))
         self.assertEqual(allocator.allocate("bob", "web"), 9000)
+
+
+class _HandoffSender:
+    """
+    Records the visitors a worker hands over, and whether it could.
+
+    @ivar sent: C{(memberId, fd, handoff)} of each visitor handed over.
+    """
+
+    def __init__(self, succeeds: bool) -> None:
+        self.succeeds = succeeds
+        self.sent: list[tuple[str, int, Handoff]] = []
+
+    def send(self, memberId: str, fd: int, handoff: Handoff) -> bool:
+        """
+        Record the visitor; say whether it was sent.
+        """
+        self.sent.append((memberId, fd, handoff))
+        return self.succeeds
+
+
+class _DescriptorTransport(StringTransportWithDisconnection):
+    """
+    An in-memory transport with a descriptor, as Twisted's TCP transport has.
+    """
+
+    _shouldShutdown = True
+
+    def fileno(self) -> int:
+        return 42
+
+
+class WorkerHandoffTests(SynchronousTestCase):
+    """
+    C{--workers}: a worker that accepts a visitor of a raw TCP port another worker of its relay
+    holds hands the visitor's socket to it, with the port.
+    """
+
+    def setUp(self) -> None:
+        self.etcd = FakeEtcd()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.a = _Node(self.etcd, self.clock, "1", None)
+        self.b = _Node(self.etcd, self.clock, "2", None)
+        for node in (self.a, self.b):
+            self.successResultOf(node.directory.start())
+            node.ports.install()
+            self.addCleanup(node.directory.stop)
+        self.successResultOf(self.a.open("alice", "db"))
+        self.forwarded: list[tuple[Any, ...]] = []
+        self.b.links.forwardPort = lambda *args: self.forwarded.append(args)  # type: ignore[method-assign]
+
+    def visit(self) -> tuple[Any, _DescriptorTransport]:
+        """
+        Connect a visitor to B's forwarding listener on A's port.
+        """
+        peer = IPv4Address("TCP", "198.51.100.4", 999)
+        visitor = self.b.machine.bound[9000].factory.buildProtocol(peer)
+        transport = _DescriptorTransport(peerAddress=peer)
+        transport.protocol = visitor
+        visitor.makeConnection(transport)
+        return visitor, transport
+
+    def test_handedOver(self) -> None:
+        """
+        The socket goes to the holding member with the port, and this worker closes its copy
+        without shutting the connection down; no member link is opened.
+        """
+        sender = _HandoffSender(True)
+        self.b.links.handoff = sender  # type: ignore[assignment]
+        visitor, transport = self.visit()
+        self.assertEqual(sender.sent, [(self.a.member.id, 42, Handoff(tcpPort=9000))])
+        self.assertEqual(self.forwarded, [])
+        self.assertFalse(transport.connected)
+        self.assertFalse(transport._shouldShutdown)
+        self.assertEqual(self.b.router.counters["tcp_handed_off"], 1)
+        self.assertNotIn("forwarded", self.b.router.counters)
+        self.assertNotIn(visitor, self.b.router.visitors)
+
+    def test_memberLinkFallback(self) -> None:
+        """
+        When the socket cannot be handed over (not a worker of this relay, or it is away), the
+        visitor goes over a member link as before.
+        """
+        sender = _HandoffSender(False)
+        self.b.links.handoff = sender  # type: ignore[assignment]
+        _, transport = self.visit()
+        self.assertEqual(len(sender.sent), 1)
+        [(_, member, port, _, _)] = self.forwarded
+        self.assertEqual((member, port), (self.a.member, 9000))
+        self.assertTrue(transport.connected)
+        self.assertTrue(transport._shouldShutdown)
+        self.assertEqual(self.b.router.counters["forwarded"], 1)
+        self.assertNotIn("tcp_handed_off", self.b.router.counters)

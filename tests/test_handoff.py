@@ -5,17 +5,38 @@ sockets (in-process socket pairs stand for the visitors' connections).
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay import handoff
+from portal.relay.data import RelayDataSession
 from portal.relay.handoff import HandoffReceiver, HandoffSender, handoffPath, workerIndexOf
+from portal.relay.ports import PortAllocator, PortRange
+from portal.relay.rawtcp import RawVisitor, handedOverFactory, tcpPorts
+from portal.relay.router import RelayLimits, Router
+from portal.trust.identity import Identity
+from portal.wire.attach import NONCE_LENGTH, decodeStreamHeader
+from portal.wire.handoff import Handoff, MalformedHandoff, encodeHandoff, parseHandoff
+from tests.test_control import LABEL
+from tests.test_rawtcp import _KEY, OwnerStub, PortsReactor
+
+#: A TLS visitor's handoff (its bytes start a handshake record).
+_TLS = Handoff(b"\x16\x03\x01hello")
 
 
 class _Recording(Protocol):
@@ -112,11 +133,13 @@ class HandoffTests(SynchronousTestCase):
         protocol gets the bytes the sender had read first.
         """
         self.assertEqual(self.reactor.readers, [self.receiver])
-        self.assertTrue(self.sender.send("relay-w1", self.visitor.fileno(), b"CLIENTHELLO"))
+        self.assertTrue(
+            self.sender.send("relay-w1", self.visitor.fileno(), Handoff(b"\x16CLIENTHELLO"))
+        )
         self.receiver.doRead()
         [(fd, family, protocol)] = self.reactor.adopted
         self.assertEqual(family, socket.AF_UNIX)
-        self.assertEqual(protocol.received, b"CLIENTHELLO")  # type: ignore[attr-defined]
+        self.assertEqual(protocol.received, b"\x16CLIENTHELLO")  # type: ignore[attr-defined]
         with socket.socket(fileno=fd) as adopted:
             self.client.sendall(b"more")
             self.assertEqual(adopted.recv(10), b"more")
@@ -131,12 +154,12 @@ class HandoffTests(SynchronousTestCase):
         )
         receiver.start()
         self.addCleanup(receiver.stop)
-        self.assertTrue(self.sender.send("relay-w2", self.visitor.fileno(), b"x"))
+        self.assertTrue(self.sender.send("relay-w2", self.visitor.fileno(), _TLS))
         receiver.doRead()
         [(fd, _, protocol)] = self.reactor.adopted
         os.close(fd)
         self.assertFalse(protocol.mayForward)  # type: ignore[attr-defined]
-        self.assertEqual(protocol.received, b"x")  # type: ignore[attr-defined]
+        self.assertEqual(protocol.received, _TLS.prefix)  # type: ignore[attr-defined]
 
     def test_notAWorker(self) -> None:
         """
@@ -144,10 +167,13 @@ class HandoffTests(SynchronousTestCase):
         does not listen are not sent anything.
         """
         fd = self.visitor.fileno()
-        self.assertFalse(self.sender.send("other-w1", fd, b""))
-        self.assertFalse(self.sender.send("relay-w0", fd, b""))
-        self.assertFalse(self.sender.send("relay-w2", fd, b""))
-        self.assertFalse(self.sender.send("relay-w1", fd, b"x" * (handoff.MAX_HANDOFF + 1)))
+        self.assertFalse(self.sender.send("other-w1", fd, _TLS))
+        self.assertFalse(self.sender.send("relay-w0", fd, _TLS))
+        self.assertFalse(self.sender.send("relay-w2", fd, _TLS))
+        big = Handoff(b"\x16" * (handoff.MAX_HANDOFF + 1))
+        self.assertFalse(self.sender.send("relay-w1", fd, big))
+        # A handoff that has no encoding is not sent either.
+        self.assertFalse(self.sender.send("relay-w1", fd, Handoff(b"GET /")))
         self.receiver.doRead()
         self.assertEqual(self.reactor.adopted, [])
 
@@ -158,7 +184,7 @@ class HandoffTests(SynchronousTestCase):
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.patch(handoff.os, "getuid", lambda: 4242)
-        self.assertTrue(self.sender.send("relay-w1", self.visitor.fileno(), b"x"))
+        self.assertTrue(self.sender.send("relay-w1", self.visitor.fileno(), _TLS))
         self.receiver.doRead()
         self.assertEqual(self.reactor.adopted, [])
         self.assertTrue(any("not this relay's" in e["log_format"] for e in events))
@@ -171,7 +197,257 @@ class HandoffTests(SynchronousTestCase):
             self.reactor, handoffPath(self.root, 3), Factory.forProtocol(_Recording)
         )
         other.start()
-        self.assertTrue(self.sender.send("relay-w3", self.visitor.fileno(), b"x"))
+        self.assertTrue(self.sender.send("relay-w3", self.visitor.fileno(), _TLS))
         other.stop()
         self.assertEqual(self.reactor.readers, [self.receiver])
-        self.assertFalse(self.sender.send("relay-w3", self.visitor.fileno(), b"x"))
+        self.assertFalse(self.sender.send("relay-w3", self.visitor.fileno(), _TLS))
+
+
+class HandoffMessageTests(SynchronousTestCase):
+    """
+    L{portal.wire.handoff}: what travels with a visitor's socket.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A TLS visitor's bytes travel as they are; a raw TCP visitor's port as 0x00 and two bytes;
+        both parse back as sent.
+        """
+        tls = Handoff(b"\x16\x03\x01\x00\x05hello")
+        self.assertEqual(encodeHandoff(tls), tls.prefix)
+        self.assertEqual(parseHandoff(encodeHandoff(tls)), tls)
+        for port in (1, 20000, 65535):
+            raw = Handoff(tcpPort=port)
+            self.assertEqual(encodeHandoff(raw), b"\x00" + port.to_bytes(2, "big"))
+            self.assertEqual(parseHandoff(encodeHandoff(raw)), raw)
+
+    @given(port=st.integers(1, 65535), rest=st.binary(max_size=64))
+    def test_roundTripAny(self, port: int, rest: bytes) -> None:
+        """
+        Every port and every TLS visitor's bytes parse back as sent.
+        """
+        self.assertEqual(parseHandoff(encodeHandoff(Handoff(tcpPort=port))), Handoff(tcpPort=port))
+        tls = Handoff(b"\x16" + rest)
+        self.assertEqual(parseHandoff(encodeHandoff(tls)), tls)
+
+    @given(payload=st.binary(max_size=16))
+    def test_anyBytes(self, payload: bytes) -> None:
+        """
+        Any payload parses or is refused with L{MalformedHandoff}, never another error.
+        """
+        try:
+            parseHandoff(payload)
+        except MalformedHandoff:
+            pass
+
+    def test_malformed(self) -> None:
+        """
+        An empty payload, an unknown kind, a port message of the wrong length and port 0 are
+        refused with the reason.
+        """
+        for payload, reason in [
+            (b"", "empty handoff"),
+            (b"\x07junk", "unknown handoff kind 0x07"),
+            (b"GET / HTTP/1.1", "unknown handoff kind 0x47"),
+            (b"\x00\x4e", "a raw TCP port handoff is 3 bytes, not 2"),
+            (b"\x00\x4e\x20\x00", "a raw TCP port handoff is 3 bytes, not 4"),
+            (b"\x00\x00\x00", "a raw TCP port handoff names port 0"),
+        ]:
+            with self.assertRaises(MalformedHandoff) as e:
+                parseHandoff(payload)
+            self.assertEqual(str(e.exception), reason)
+
+    def test_noEncoding(self) -> None:
+        """
+        A port out of range, a port with bytes read, and bytes that do not start a TLS record
+        have no encoding.
+        """
+        for bad in [
+            Handoff(tcpPort=0),
+            Handoff(tcpPort=65536),
+            Handoff(b"\x16", tcpPort=80),
+            Handoff(b""),
+            Handoff(b"\x00\x00\x50"),
+        ]:
+            self.assertRaises(ValueError, encodeHandoff, bad)
+
+
+class _PortReactor(_Reactor):
+    """
+    A L{_Reactor} whose adopted connections have the visitor's address (Twisted reads it from
+    the socket, which is a UNIX socket pair here).
+    """
+
+    peer = IPv4Address("TCP", "198.51.100.7", 5555)
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        protocol = factory.buildProtocol(self.peer)
+        if protocol is None:
+            # Twisted closes its duplicate of the descriptor at once.
+            return
+        transport = StringTransportWithDisconnection(peerAddress=self.peer)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.adopted.append((os.dup(fd), family, protocol))
+
+
+class RawPortHandoffTests(SynchronousTestCase):
+    """
+    A visitor of a raw TCP lease port that another worker accepted is handed over with the port,
+    and the worker holding the lease serves it as a visitor of its own listener on that port: its
+    real address reaches the tunnel and the listener's per-source cap counts it.
+    """
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.reactor = _PortReactor()
+        self.ports = PortsReactor()
+        self.router = Router(
+            Identity.generate(), self.ports, limits=RelayLimits(maxConnectionsPerSource=2)
+        )
+        self.tcp = tcpPorts(self.ports, PortAllocator(PortRange(20000, 20002), self.ports))
+        self.router.tcp = self.tcp
+        self.owner = OwnerStub(self.router)
+        self.router.leases.register(LABEL, "id1", self.owner)
+        opened = Deferred.fromCoroutine(
+            self.tcp.open(self.router, "id1", LABEL, f"{LABEL}.localhost", self.owner)
+        )
+        self.port = self.successResultOf(opened).port
+        self.adopted: list[Handoff] = []
+        self.receiver = HandoffReceiver(
+            self.reactor,
+            handoffPath(self.root, 1),
+            Factory.forProtocol(_Recording),
+            onAdopted=self.adopted.append,
+            portFactory=lambda port: handedOverFactory(self.tcp, port),
+            refusals=self.router.refusals,
+        )
+        self.receiver.start()
+        self.addCleanup(self.receiver.stop)
+        self.sender = HandoffSender(self.root, "relay", 0)
+        self.addCleanup(self.sender.close)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+
+    def handOver(self, port: int) -> socket.socket:
+        """
+        Send one visitor's socket to the receiver with C{port}, closing the sender's copy as the
+        sending worker does, and let the receiver read.
+
+        @return: The visitor's end of the connection.
+        """
+        visitor, client = socket.socketpair()
+        self.addCleanup(client.close)
+        with visitor:
+            self.assertTrue(self.sender.send("relay-w1", visitor.fileno(), Handoff(tcpPort=port)))
+        self.receiver.doRead()
+        return client
+
+    def test_adoptedAsOwnVisitor(self) -> None:
+        """
+        The visitor is served by the lease's own visitor protocol under the raw TCP listener's
+        caps: it waits in the lease's data pool, and the stream header the tunnel gets carries the
+        visitor's real address.
+        """
+        self.handOver(self.port)
+        [(fd, _, protocol)] = self.reactor.adopted
+        os.close(fd)
+        visitor: Any = getattr(protocol, "inner", None)
+        self.assertIsInstance(visitor, RawVisitor)
+        self.assertEqual(self.adopted, [Handoff(tcpPort=self.port)])
+        self.assertEqual(self.router.counters["tcp_visitors"], 1)
+        self.assertEqual(self.owner.pool.waiting, 1)
+        self.assertEqual(self.router.limiters["tcp"].bySource, {"198.51.100.7": 1})
+        session = RelayDataSession(self.router)
+        sessionTransport = StringTransportWithDisconnection()
+        sessionTransport.protocol = session
+        session.makeConnection(sessionTransport)
+        nonce = sessionTransport.value()[:NONCE_LENGTH]
+        sessionTransport.clear()
+        self.owner.pool.offer(session)
+        decoded = decodeStreamHeader(_KEY, nonce, sessionTransport.value())
+        assert decoded is not None
+        header, _ = decoded
+        self.assertEqual(
+            (header.hostname, header.peerHost, header.peerPort),
+            (f"{LABEL}.localhost", "198.51.100.7", 5555),
+        )
+
+    def test_perSourceCap(self) -> None:
+        """
+        Visitors handed over count against their source on the raw TCP listener like the ones it
+        accepts: over the cap, the visitor is closed and the refusal counted.
+        """
+        clients = [self.handOver(self.port) for _ in range(3)]
+        for fd, _, _ in self.reactor.adopted:
+            os.close(fd)
+        self.assertEqual(len(self.reactor.adopted), 2)
+        clients[2].settimeout(5)
+        self.assertEqual(clients[2].recv(10), b"")
+        self.assertEqual(self.router.refusals.counts, {"connections_per_source": 1})
+        self.assertEqual(self.owner.pool.waiting, 2)
+        self.assertEqual(self.router.limiters["tcp"].bySource, {"198.51.100.7": 2})
+
+    def test_noSuchPort(self) -> None:
+        """
+        A visitor handed over for a port no lease here listens on is refused: its socket is
+        closed (the visitor sees the end), the refusal counted and logged.
+        """
+        client = self.handOver(20002)
+        self.assertEqual(self.reactor.adopted, [])
+        client.settimeout(5)
+        self.assertEqual(client.recv(10), b"")
+        self.assertEqual(self.router.refusals.counts, {"handoff": 1})
+        [event] = [e for e in self.events if e.get("refusal") == "handoff"]
+        self.assertIn("no lease live here on TCP port 20002", formatEvent(event))
+
+    def test_closedPortRefused(self) -> None:
+        """
+        Once the lease's port is closed, its visitors handed over are refused.
+        """
+        self.successResultOf(self.tcp.close("id1", LABEL))
+        self.handOver(self.port)
+        self.assertEqual(self.reactor.adopted, [])
+        self.assertEqual(self.router.refusals.counts, {"handoff": 1})
+
+    def test_malformedRefused(self) -> None:
+        """
+        A payload that is no handoff (from a process of this user that is not a worker, or a
+        bug) is refused with the reason, and the descriptor that came with it is closed.
+        """
+        visitor, client = socket.socketpair()
+        self.addCleanup(client.close)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw, visitor:
+            raw.sendmsg(
+                [b"\x07junk"],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [visitor.fileno()]))],
+                0,
+                handoffPath(self.root, 1),
+            )
+        self.receiver.doRead()
+        self.assertEqual(self.reactor.adopted, [])
+        client.settimeout(5)
+        self.assertEqual(client.recv(10), b"")
+        self.assertEqual(self.router.refusals.counts, {"handoff": 1})
+        [event] = [e for e in self.events if e.get("refusal") == "handoff"]
+        self.assertIn("unknown handoff kind 0x07", formatEvent(event))
+
+    def test_withoutPortFactory(self) -> None:
+        """
+        A receiver that serves no raw TCP ports refuses their visitors, and logs why.
+        """
+        receiver = HandoffReceiver(
+            self.reactor, handoffPath(self.root, 2), Factory.forProtocol(_Recording)
+        )
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        visitor, client = socket.socketpair()
+        self.addCleanup(client.close)
+        with visitor:
+            self.assertTrue(
+                self.sender.send("relay-w2", visitor.fileno(), Handoff(tcpPort=self.port))
+            )
+        receiver.doRead()
+        self.assertEqual(self.reactor.adopted, [])
+        self.assertTrue(
+            any("no lease live here" in formatEvent(e) for e in self.events), list(self.events)
+        )

@@ -10,6 +10,11 @@ and listens on each port live on another member; a visitor there is forwarded to
 over a member link (L{MemberLinks.forwardPort}), which seals its bytes towards the tunnel like those
 of a visitor of its own port. The forwarding member only splices bytes.
 
+The workers of one relay (C{--workers}) are members of the cluster too, on one address: each
+binds every raw TCP port with C{SO_REUSEPORT}, the holding worker for its lease and the others to
+forward, and a worker that accepts a visitor for a port another worker of the relay holds hands it
+the socket itself (L{portal.relay.handoff}), with the member link as the fallback.
+
 UDP ports are claimed the same way, so that no two members hand one port to two leases, but they
 are not forwarded: a datagram reaches a UDP lease only at the member that holds it.
 """
@@ -28,15 +33,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.boundedreads import boundAccepts
+from portal.forwarding.reuseport import listenSharedTCP
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
 from portal.relay.cluster import ClusterDirectory, PortClaim
 from portal.relay.etcd import EtcdError, EtcdUnavailable
+from portal.relay.handoff import giveSocket
 from portal.relay.interfaces import IPortClaims
 from portal.relay.leaseports import LeasePorts
 from portal.relay.memberlink import MemberLinks
 from portal.relay.ports import Key
 from portal.relay.store import StoreError
 from portal.trust.names import leaseHostname
+from portal.wire.handoff import Handoff
 
 
 class ForwardedPortVisitor(SpliceProtocol, TimeoutMixin):
@@ -68,6 +76,19 @@ class ForwardedPortVisitor(SpliceProtocol, TimeoutMixin):
         member = None if claim is None else links.directory.member(claim.member)
         if claim is None or member is None:
             self.refuse(f"TCP port {self._port} is not live on any member")
+            return
+        handoff = links.handoff
+        holder = member.id
+        if handoff is not None and giveSocket(
+            self.transport, lambda fd: handoff.send(holder, fd, Handoff(tcpPort=self._port))
+        ):
+            # Another worker of this relay, on this machine: it gets the socket itself.
+            router.counters["tcp_handed_off"] = router.counters.get("tcp_handed_off", 0) + 1
+            self._log.debug(
+                "handed a raw TCP visitor of port {port} to worker {member}",
+                port=self._port,
+                member=member.nodeName,
+            )
             return
         router.visitors.add(self)
         router.counters["tcp_visitors"] += 1
@@ -143,15 +164,23 @@ class ClusterPorts:
     _log = Logger()
 
     def __init__(
-        self, links: MemberLinks, leasePorts: LeasePorts, reactor: Any, forward: bool = True
+        self,
+        links: MemberLinks,
+        leasePorts: LeasePorts,
+        reactor: Any,
+        forward: bool = True,
+        shared: bool = False,
     ) -> None:
         """
         @param links: The member links.
         @param leasePorts: The lease ports (their claims and allocator are hooked here).
-        @param reactor: Provides C{listenTCP}.
+        @param reactor: Provides C{listenTCP} (and C{adoptStreamPort} when C{shared}).
         @param forward: Whether to listen on the ports other members hold and forward their
             visitors (raw TCP); without, ports are only claimed (UDP).
+        @param shared: Bind the forwarding listeners with C{SO_REUSEPORT} (C{--workers}: the
+            worker holding a port's lease and the other workers all listen on it).
         """
+        self._shared = shared
         self.links = links
         self.leasePorts = leasePorts
         self.kind = leasePorts.kind
@@ -306,7 +335,11 @@ class ClusterPorts:
         router = self.links.router
         factory = router.limited("tcp", _ForwardedPortFactory(self, port))
         try:
-            listening = self._reactor.listenTCP(port, factory, interface=self.leasePorts.interface)
+            interface = self.leasePorts.interface
+            if self._shared:
+                listening = listenSharedTCP(self._reactor, port, interface, factory)
+            else:
+                listening = self._reactor.listenTCP(port, factory, interface=interface)
         except CannotListenError as e:
             self._log.warn(
                 "cannot forward TCP port {port} held by another member: {error}",

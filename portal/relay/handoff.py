@@ -9,6 +9,11 @@ worker (a UNIX datagram with the descriptor attached, C{SCM_RIGHTS}), and closes
 holding worker adopts the socket and serves the visitor as if it had accepted it, starting with
 the ClientHello bytes that came with it. The visitor's TCP connection is never touched.
 
+Raw TCP lease ports are shared the same way (every worker listens on each, with C{SO_REUSEPORT}):
+a worker that accepts a visitor of a port whose lease another worker holds sends the socket with
+the port instead of a ClientHello (L{portal.wire.handoff}), and the holding worker serves it as a
+visitor of its own listener on that port, under that listener's connection caps.
+
 Each worker binds a datagram socket named after the first worker's state directory in the abstract
 namespace (L{handoffPath}); any local process may send to such a name, so the receiver takes a
 visitor only from a sender running as its own user (the kernel attaches the sender's credentials,
@@ -26,11 +31,14 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, ITransport
 from twisted.logger import Logger
 
-#: The most bytes of a visitor one handoff carries (what the worker read before deciding: at most a
-#: ClientHello, which the public listener bounds far below this).
+from portal.forwarding.refusals import Refusals
+from portal.wire.handoff import Handoff, MalformedHandoff, encodeHandoff, parseHandoff
+
+#: The most bytes one handoff carries (what the worker read from a TLS visitor before deciding: at
+#: most a ClientHello, which the public listener bounds far below this).
 MAX_HANDOFF = 64 * 1024
 
 _INT = struct.calcsize("i")
@@ -80,20 +88,28 @@ class HandoffSender:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
 
-    def send(self, memberId: str, fd: int, prefix: bytes) -> bool:
+    def send(self, memberId: str, fd: int, handoff: Handoff) -> bool:
         """
-        Send the socket C{fd} and the bytes already read from it to the worker C{memberId}.
+        Send the socket C{fd} to the worker C{memberId}, with what it needs to serve it (the bytes
+        already read from a TLS visitor, or the raw TCP port a visitor connected to).
 
         @return: Whether it was sent; if not (not a worker of this relay, it is not listening, its
-            queue is full), nothing happened and the caller keeps the visitor.
+            queue is full, the handoff has no encoding), nothing happened and the caller keeps the
+            visitor.
         """
         index = workerIndexOf(memberId, self._relayId)
-        if index is None or index == self._ownIndex or len(prefix) > MAX_HANDOFF:
+        if index is None or index == self._ownIndex:
+            return False
+        try:
+            payload = encodeHandoff(handoff)
+        except ValueError:
+            return False
+        if len(payload) > MAX_HANDOFF:
             return False
         try:
             # Not socket.send_fds, which ignores its address argument.
             self._socket.sendmsg(
-                [prefix],
+                [payload],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
                 0,
                 handoffPath(self._root, index),
@@ -112,8 +128,9 @@ class HandoffSender:
 class HandoffReceiver:
     """
     Receives visitors' sockets from the other workers and serves each as if this worker had
-    accepted it: C{adopt} builds its protocol (the public listener's factory), which then gets the
-    bytes that came with it.
+    accepted it: a TLS visitor with the public listener's factory (its protocol then gets the
+    bytes that came with it), a raw TCP visitor with the factory of this worker's listener on its
+    port.
 
     It is a reader of the reactor (C{fileno}, C{doRead}).
     """
@@ -125,18 +142,27 @@ class HandoffReceiver:
         reactor: Any,
         path: str,
         factory: IProtocolFactory,
-        onAdopted: Callable[[], None] | None = None,
+        onAdopted: Callable[[Handoff], None] | None = None,
+        portFactory: Callable[[int], IProtocolFactory | None] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         """
         @param reactor: Provides C{addReader}, C{removeReader} and C{adoptStreamConnection}.
         @param path: Where to receive (a stale socket file there is replaced).
-        @param factory: Builds the protocol of each adopted visitor.
-        @param onAdopted: Called for each visitor adopted.
+        @param factory: Builds the protocol of each adopted TLS visitor.
+        @param onAdopted: Called with each visitor's handoff once it is adopted.
+        @param portFactory: Gives the factory of this worker's listener on a raw TCP lease port,
+            or L{None} when no lease live here has that port; without it, raw TCP visitors are
+            refused.
+        @param refusals: Where refused visitors are counted (reason C{handoff}) and logged; without
+            it they are only logged.
         """
         self._reactor = reactor
         self._path = path
         self._factory = factory
         self._onAdopted = onAdopted
+        self._portFactory = portFactory
+        self._refusals = refusals
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._socket.bind(path)
@@ -178,7 +204,7 @@ class HandoffReceiver:
         """
         for _ in range(64):
             try:
-                prefix, ancillary, _, _ = self._socket.recvmsg(MAX_HANDOFF, _ANCILLARY)
+                payload, ancillary, _, _ = self._socket.recvmsg(MAX_HANDOFF, _ANCILLARY)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -200,15 +226,54 @@ class HandoffReceiver:
                 continue
             for extra in fds[1:]:
                 os.close(extra)
-            if fds:
-                self._adopt(fds[0], prefix)
+            if not fds:
+                continue
+            try:
+                handoff = parseHandoff(payload)
+            except MalformedHandoff as e:
+                os.close(fds[0])
+                self._refuse("refused a visitor handed over by another worker: {reason}", str(e))
+                continue
+            if handoff.tcpPort is None:
+                self._adopt(fds[0], self._factory, handoff)
+                continue
+            factory = None
+            if self._portFactory is not None:
+                factory = self._portFactory(handoff.tcpPort)
+            if factory is None:
+                os.close(fds[0])
+                self._refuse(
+                    "refused a raw TCP visitor handed over by another worker: {reason}",
+                    f"no lease live here on TCP port {handoff.tcpPort}",
+                )
+                continue
+            if self._adopt(fds[0], factory, handoff):
+                self._log.debug(
+                    "adopted a raw TCP visitor of port {port} from another worker",
+                    port=handoff.tcpPort,
+                )
 
-    def _adopt(self, fd: int, prefix: bytes) -> None:
+    def _refuse(self, format: str, reason: str) -> None:
         """
-        Serve the visitor on socket C{fd}, starting with C{prefix}.
+        Count (when this receiver has L{Refusals}) and log a visitor refused.
+
+        @param format: The log event's format, with C{{reason}}.
+        @param reason: Why.
+        """
+        if self._refusals is not None:
+            self._refusals.refuse("handoff", format, reason=reason)
+        else:
+            self._log.warn(format, reason=reason)
+
+    def _adopt(self, fd: int, factory: IProtocolFactory, handoff: Handoff) -> bool:
+        """
+        Serve the visitor on socket C{fd} with a protocol of C{factory}, starting with the bytes
+        that came with it.
+
+        @return: Whether a protocol serves the visitor now (not when the reactor could not take
+            the socket, or the listener's connection caps refused it).
         """
         built: list[IProtocol] = []
-        factory = self._factory
 
         class Capture:
             def buildProtocol(self, addr: Any) -> IProtocol | None:
@@ -223,16 +288,38 @@ class HandoffReceiver:
                 self._reactor.adoptStreamConnection(visitor.fileno(), visitor.family, Capture())
         except OSError as e:
             self._log.warn("could not adopt a visitor from another worker: {error}", error=e)
-            return
-        if self._onAdopted is not None:
-            self._onAdopted()
+            return False
         if not built:
-            return
+            # Refused by the listener's connection caps (the reactor closed the socket).
+            return False
+        if self._onAdopted is not None:
+            self._onAdopted(handoff)
         # A visitor handed over is not handed on (nor forwarded): two workers whose views of the
         # cluster differ for a moment would otherwise pass it back and forth. The listener's
         # connection limit wraps the visitor protocol (portal.forwarding.connlimit).
         served: Any = getattr(built[0], "inner", built[0])
         if hasattr(served, "mayForward"):
             served.mayForward = False
-        if prefix:
-            built[0].dataReceived(prefix)
+        if handoff.prefix:
+            built[0].dataReceived(handoff.prefix)
+        return True
+
+
+def giveSocket(transport: ITransport | None, send: Callable[[int], bool]) -> bool:
+    """
+    Give a connection's socket to another worker: C{send} gets its descriptor; once it has sent
+    it, close this worker's copy without shutting the connection down (the other worker holds the
+    same socket).
+
+    @param transport: The connection's Twisted TCP transport.
+    @param send: Sends the descriptor; returns whether it did.
+    @return: Whether the socket was given; if not, nothing changed.
+    """
+    fileno = getattr(transport, "fileno", None)
+    if transport is None or fileno is None or not send(fileno()):
+        return False
+    # Twisted's TCP transport shuts a socket down before closing it unless told not to
+    # (tcp._SocketCloser); the shutdown would end the connection for the other worker too.
+    transport._shouldShutdown = False  # type: ignore[attr-defined]
+    transport.loseConnection()
+    return True

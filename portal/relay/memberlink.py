@@ -39,6 +39,7 @@ from portal.trust.names import leaseLabel
 from portal.trust.relayaddress import ConfigError, parseHostPort
 from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
+from portal.wire.handoff import Handoff
 from portal.wire.memberlink import (
     ACK,
     MAGIC,
@@ -461,7 +462,7 @@ class MemberLinks:
         assert isinstance(header, StreamHeader)
         handoff = self.handoff
         if handoff is not None and visitor.handOff(
-            lambda fd, prefix: handoff.send(member.id, fd, prefix)
+            lambda fd, prefix: handoff.send(member.id, fd, Handoff(prefix=prefix))
         ):
             # Another worker of this relay, on this machine: it gets the socket itself.
             self.router.counters["handed_off"] = self.router.counters.get("handed_off", 0) + 1

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.relay.handoff import giveSocket
 from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.router import DataPool, Router
 from portal.wire.attach import StreamHeader
@@ -153,17 +154,11 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
 
         @return: Whether the visitor was handed off; if not, nothing changed.
         """
-        transport = self.transport
-        fileno = getattr(transport, "fileno", None)
-        if fileno is None or not send(fileno(), b"".join(self._pending)):
+        pending = b"".join(self._pending)
+        if not giveSocket(self.transport, lambda fd: send(fd, pending)):
             return False
         self._pending = []
         self.setTimeout(None)
-        # Twisted's TCP transport shuts a socket down before closing it unless told not to
-        # (tcp._SocketCloser); the shutdown would end the connection for the other worker too.
-        transport._shouldShutdown = False  # type: ignore[union-attr]
-        assert transport is not None
-        transport.loseConnection()
         return True
 
     def visitorAddress(self) -> tuple[str, int]:

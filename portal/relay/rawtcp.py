@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.boundedreads import boundAccepts
+from portal.forwarding.reuseport import listenSharedTCP
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.leaseports import LeasePorts, PortLease
@@ -136,19 +137,52 @@ class _RawVisitorFactory(Factory):
         return RawVisitor(self._lease)
 
 
-def tcpPorts(reactor: Any, allocator: PortAllocator, interface: str = "") -> LeasePorts:
+def tcpPorts(
+    reactor: Any, allocator: PortAllocator, interface: str = "", shared: bool = False
+) -> LeasePorts:
     """
     The relay's raw TCP lease ports: each listens with L{RawVisitor}s.
 
-    @param reactor: Provides C{listenTCP}.
+    @param reactor: Provides C{listenTCP} (and C{adoptStreamPort} when C{shared}).
     @param allocator: The raw TCP port allocator.
     @param interface: The address to bind.
+    @param shared: Bind each port with C{SO_REUSEPORT}, for the other workers of the relay
+        (C{--workers}) to listen on it too (L{portal.forwarding.reuseport.listenSharedTCP}).
     """
 
     def listen(lease: PortLease, interface: str) -> IListeningPort:
-        factory = lease.router.limited("tcp", _RawVisitorFactory(lease))
-        listening: IListeningPort = reactor.listenTCP(lease.port, factory, interface=interface)
+        factory = visitorFactory(lease)
+        listening: IListeningPort
+        if shared:
+            listening = listenSharedTCP(reactor, lease.port, interface, factory)
+        else:
+            listening = reactor.listenTCP(lease.port, factory, interface=interface)
         boundAccepts(listening)
         return listening
 
     return LeasePorts("tcp", allocator, listen, interface)
+
+
+def visitorFactory(lease: PortLease) -> IProtocolFactory:
+    """
+    @return: The factory of C{lease}'s listener: L{RawVisitor}s under the relay's connection caps
+        for raw TCP ports (L{Router.limited <portal.relay.router.Router.limited>}).
+    """
+    return lease.router.limited("tcp", _RawVisitorFactory(lease))
+
+
+def handedOverFactory(ports: LeasePorts, port: int) -> IProtocolFactory | None:
+    """
+    The factory for a visitor of raw TCP port C{port} that another worker accepted and handed over
+    (L{portal.relay.handoff}): the one this worker's own listener on the port uses, so that the
+    visitor is served, counted and capped exactly as if this worker had accepted it.
+
+    @param ports: This worker's raw TCP lease ports.
+    @param port: The port the visitor connected to.
+    @return: The factory, or L{None} when no lease here listens on that port (a lease that is
+        no longer live is refused by its L{RawVisitor}, as at its listener).
+    """
+    for lease in ports.leases.values():
+        if lease.port == port and lease.listening is not None:
+            return visitorFactory(lease)
+    return None
