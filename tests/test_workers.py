@@ -36,14 +36,38 @@ class WorkerOptionsTests(SynchronousTestCase):
             Options().parseOptions(["--workers", "2"])
         self.assertIn("--cluster", str(e.exception))
 
-    def test_noRawModes(self) -> None:
+    def test_noUDPPorts(self) -> None:
         """
-        Raw TCP and UDP ports are refused with workers (not built yet), and so are listeners that
+        UDP ports are refused with workers (not built yet), saying so, and so are listeners that
         cannot be shared.
         """
         cluster = ["--workers", "2", "--cluster", "etcd://127.0.0.1:2379"]
-        for extra in (["--tcp-ports", "20000-20010"], ["--public", "ssl:443"]):
-            self.assertRaises(usage.UsageError, Options().parseOptions, [*cluster, *extra])
+        with self.assertRaises(usage.UsageError) as e:
+            Options().parseOptions([*cluster, "--udp-ports", "20000-20010"])
+        self.assertIn("--workers does not support UDP leases yet (--udp-ports)", str(e.exception))
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, [*cluster, "--public", "ssl:443"]
+        )
+
+    def test_tcpPorts(self) -> None:
+        """
+        Raw TCP ports are offered with workers: every worker gets the range.
+        """
+        options = Options()
+        argv = [
+            "--workers",
+            "2",
+            "--cluster",
+            "etcd://127.0.0.1:2379",
+            "--tcp-ports",
+            "20000-20010",
+        ]
+        options.parseOptions(argv)
+        config = options.config()
+        self.assertEqual(config.workers, 2)
+        self.assertIsNotNone(config.tcpPorts)
+        command = workerCommand(config.workerArgs, 1, "tcp:1", "tcp:2", "/state/worker-1")
+        self.assertIn("20000-20010", command)
 
     def test_config(self) -> None:
         """

@@ -36,6 +36,11 @@ COUNTER_HELP: dict[str, str] = {
     "plain_data_sessions": "Data sessions attached over plain TCP (stream, routed HTTP, raw TCP).",
     "tls_data_sessions": "Data sessions attached inside TLS (a multi-hop chain's).",
     "member_links_refused": "Member links from other cluster members refused (--cluster).",
+    "handed_off": "TLS visitors handed by their socket to the worker holding their lease (--workers).",
+    "adopted": "TLS visitors another worker handed over by their socket (--workers).",
+    "tcp_handed_off": "Raw TCP visitors handed by their socket to the worker holding the port "
+    "(--workers).",
+    "tcp_adopted": "Raw TCP visitors another worker handed over by their socket (--workers).",
 }
 
 #: What the relay's gauges measure.

@@ -49,7 +49,7 @@ from portal.relay.memberlink import MemberLinks
 from portal.relay.migration import LEASES_JSON, importJSONState
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.public import PublicFactory
-from portal.relay.rawtcp import tcpPorts
+from portal.relay.rawtcp import handedOverFactory, tcpPorts
 from portal.relay.router import RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.relay.sqlitestore import STORE_FILE, SQLiteLeaseStore
@@ -61,6 +61,7 @@ from portal.relay.workers import Workers
 from portal.trust.identity import loadOrCreateIdentity
 from portal.trust.localca import LocalCA
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
+from portal.wire.handoff import Handoff
 
 #: Seconds between checks for open connections while a stopping relay drains.
 DRAIN_POLL = 0.1
@@ -350,7 +351,8 @@ class RelayService(Service):
         if config.tcpPorts is not None:
             allocators["tcp"] = self._allocator("tcp", config.tcpPorts, store)
             # The interface is the public listener's, known once it listens (see _start).
-            router.tcp = tcpPorts(self._reactor, allocators["tcp"])
+            # With --workers, every worker binds each port (SO_REUSEPORT; portal.relay.clusterports).
+            router.tcp = tcpPorts(self._reactor, allocators["tcp"], shared=config.workers > 1)
         if config.udpPorts is not None:
             allocators["udp"] = self._allocator("udp", config.udpPorts, store)
             router.udp = UDPMode(
@@ -605,12 +607,29 @@ class RelayService(Service):
     def _startHandoff(self, router: Router, publicFactory: IProtocolFactory) -> None:
         """
         With C{--workers}: receive visitors the other workers hand over by their socket, and hand
-        them this worker's visitors of leases live on another worker (L{portal.relay.handoff}).
+        them this worker's visitors of leases live on another worker (L{portal.relay.handoff}):
+        TLS visitors of the public port, and visitors of raw TCP lease ports.
         """
         config = self.config
         index = config.workerIndex or 0
         root = config.stateDir if index == 0 else os.path.dirname(config.stateDir)
-        receiver = HandoffReceiver(self._reactor, handoffPath(root, index), publicFactory)
+        tcp = router.tcp
+
+        def portFactory(port: int) -> IProtocolFactory | None:
+            return handedOverFactory(tcp, port) if isinstance(tcp, LeasePorts) else None
+
+        def adopted(handoff: Handoff) -> None:
+            counter = "adopted" if handoff.tcpPort is None else "tcp_adopted"
+            router.counters[counter] = router.counters.get(counter, 0) + 1
+
+        receiver = HandoffReceiver(
+            self._reactor,
+            handoffPath(root, index),
+            publicFactory,
+            onAdopted=adopted,
+            portFactory=portFactory,
+            refusals=router.refusals,
+        )
         receiver.start()
         self._handoffReceiver = receiver
         links = router.cluster
@@ -675,7 +694,9 @@ class RelayService(Service):
         router.onLeasesChanged = changed
         if isinstance(router.tcp, LeasePorts):
             # Raw TCP ports are given out cluster-wide, and every member listens on all of them.
-            self._clusterPorts = ClusterPorts(links, router.tcp, self._reactor)
+            self._clusterPorts = ClusterPorts(
+                links, router.tcp, self._reactor, shared=config.workers > 1
+            )
             self._clusterPorts.install()
         if router.udp is not None and isinstance(router.udp.ports, LeasePorts):
             # UDP ports are given out cluster-wide too, but served only by the holding member.

@@ -412,9 +412,10 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--workers needs --cluster etcd://HOST:PORT: the workers coordinate through etcd"
                 )
-            if self["tcp-ports"] is not None or self["udp-ports"] is not None:
+            if self["udp-ports"] is not None:
                 raise usage.UsageError(
-                    "--workers does not support raw TCP or UDP leases yet (--tcp-ports, --udp-ports)"
+                    "--workers does not support UDP leases yet (--udp-ports): every worker would "
+                    "bind each UDP port and datagrams are not passed between workers"
                 )
             for name in ("public", "control"):
                 try:
