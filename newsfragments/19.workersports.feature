@@ -1,0 +1,1 @@
+Relay workers (`--workers N`) offer raw TCP leases (`--tcp-ports`): every worker binds each lease port with `SO_REUSEPORT`, and a worker that accepts a visitor of a port another worker holds hands it the socket with the port, to be served under that worker's connection caps. `--udp-ports` is still refused with `--workers`.
