@@ -154,12 +154,16 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
 
         @return: Whether the visitor was handed off; if not, nothing changed.
         """
-        pending = b"".join(self._pending)
-        if not giveSocket(self.transport, lambda fd: send(fd, pending)):
-            return False
-        self._pending = []
-        self.setTimeout(None)
-        return True
+
+        def sent(fd: int) -> bool:
+            if not send(fd, b"".join(self._pending)):
+                return False
+            # Gone before the transport closes: nothing of it is this worker's any more.
+            self._pending = []
+            self.setTimeout(None)
+            return True
+
+        return giveSocket(self.transport, sent)
 
     def visitorAddress(self) -> tuple[str, int]:
         """
