@@ -217,10 +217,27 @@ class HolderUDPLinkTests(SynchronousTestCase):
 
     def test_leasePortClosedEndsTheLink(self) -> None:
         """
-        Once the lease's port closes (the lease ended or moved), the link's next frame closes it.
+        The link is one of the lease port's visitors, not one a graceful shutdown waits for: it
+        closes with the port (the lease ended or moved).
         """
-        _, transport = self.link(encodeFrame(*_ALICE, b"ping"))
+        visitor, transport = self.link(encodeFrame(*_ALICE, b"ping"))
+        self.assertNotIn(visitor, self.router.visitors)
+        self.assertIn(visitor, self.lease.visitors)
         self.mode.ports.close("alice", "voice")
-        self.reactor.advance(1)
-        transport.protocol.dataReceived(encodeFrame(*_ALICE, b"again"))
         self.assertFalse(transport.connected)
+
+    def test_stoppedPortEndsTheLink(self) -> None:
+        """
+        A frame for a port that stopped taking datagrams closes the link.
+        """
+        visitor, transport = self.link(encodeFrame(*_ALICE, b"ping"))
+        link = visitor._udpLink
+        assert link is not None
+        self.lease.visitors.clear()
+        self.session.public.stop()  # type: ignore[union-attr]
+        visitor.dataReceived(encodeFrame(*_ALICE, b"again"))
+        self.assertFalse(transport.connected)
+        self.assertEqual(
+            [kw for command, kw in self.toTunnel() if command is Datagram],
+            [{"flowId": 1, "payload": b"ping"}],
+        )

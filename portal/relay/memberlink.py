@@ -280,6 +280,11 @@ class MemberVisitor(VisitorProtocol):
         member = self._links.directory.member(self._header.fromId)
         name = member.nodeName if member is not None else self._header.fromId[:12]
         self._udpLink = HolderUDPLink(self._router, self.transport, public, name)
+        # Like the lease's own port, the link carries datagrams until the port closes, and
+        # closes with it: it is not a visitor connection a graceful shutdown waits for.
+        self._router.visitors.discard(self)
+        self._portLease = lease
+        lease.visitors.add(self)
         self._log.info(
             "member {member} forwards the UDP visitors of port {port} ({name}) here",
             member=name,
