@@ -36,6 +36,8 @@ COUNTER_HELP: dict[str, str] = {
     "plain_data_sessions": "Data sessions attached over plain TCP (stream, routed HTTP, raw TCP).",
     "tls_data_sessions": "Data sessions attached inside TLS (a multi-hop chain's).",
     "member_links_refused": "Member links from other cluster members refused (--cluster).",
+    "udp_forwarded": "UDP datagrams relayed to the cluster member holding their lease (--cluster).",
+    "udp_forward_replies": "UDP replies from the holding cluster member sent to visitors (--cluster).",
 }
 
 #: What the relay's gauges measure.
