@@ -221,9 +221,16 @@ class UDPLinkClient(MemberLinkClient):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
-        The link's connection is gone.
+        The link's connection is gone; say so when the holder closed an attached link (it
+        refused the port, or the lease's port closed there).
         """
         super().connectionLost(reason)
+        if self._attachedYet and not self.closed:
+            self._log.info(
+                "member {member} closed the UDP link for port {port}",
+                member=self._member.nodeName,
+                port=self._header.udpPort,
+            )
         self._closed()
 
     def pauseProducing(self) -> None:
