@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.udp import MAX_PACKET_SIZE
+from portal.wire.clienthello import MalformedClientHello, parseClientHello
 from portal.wire.udpframes import (
     MAX_BODY,
     MAX_DATAGRAM,
@@ -74,6 +75,17 @@ class EncodeTests(SynchronousTestCase):
             [(ip_address(f.host), f.port, f.payload) for f in frames],
         )
         self.assertEqual(reader.buffered, 0)
+
+    def test_neverAClientHello(self) -> None:
+        """
+        A frame starts with a zero byte (the high byte of its length), so a member that does not
+        know UDP links, and reads a link's first frame as a visitor's ClientHello, refuses it at
+        once instead of waiting for more.
+        """
+        for host in ["192.0.2.1", "2001:db8::1"]:
+            frame = encodeFrame(host, 9, b"\x16" * MAX_DATAGRAM)
+            self.assertEqual(frame[:1], b"\x00")
+            self.assertRaises(MalformedClientHello, parseClientHello, frame)
 
     def test_refusedWhenEncoding(self) -> None:
         """

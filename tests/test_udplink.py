@@ -184,6 +184,24 @@ class HolderUDPLinkTests(SynchronousTestCase):
         self.assertEqual(self.toTunnel(), [])
         self.assertEqual(self.router.refusals.counts["member_link"], 2)
 
+    def test_noUDPModeRefused(self) -> None:
+        """
+        A member without UDP mode refuses a UDP link.
+        """
+        self.router.udp = None
+        _, transport = self.link(encodeFrame(*_ALICE, b"x"))
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.toTunnel(), [])
+
+    def test_lapsedLeaseRefused(self) -> None:
+        """
+        A link for the port of a lease no longer live here is refused.
+        """
+        self.router.leases.detach(self.control)
+        _, transport = self.link(encodeFrame(*_ALICE, b"x"))
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.router.refusals.counts["lease_not_live"], 1)
+
     def test_congestedRepliesDropped(self) -> None:
         """
         While the link's socket asks for no more, replies are dropped and counted; once it
