@@ -16,6 +16,7 @@ from twisted.internet.testing import (
 )
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay.cluster import PortClaim
@@ -26,14 +27,16 @@ from portal.relay.clusterudp import (
     ForwardedUDPPort,
     UDPLinkClient,
 )
-from portal.relay.memberlink import MemberLinks
+from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.router import Router
 from portal.relay.udplink import BAD_FRAME, LINK_IDLE_TIMEOUT
 from portal.trust.identity import Identity
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
+from portal.wire.control import Datagram, FlowOpened
 from portal.wire.memberlink import ACK, MAGIC, checkMemberHeader, pairKey, parseMemberHeader
 from portal.wire.udpframes import Frame, FrameReader, encodeFrame
 from tests.test_memberlinks import FakeDirectory, asMember
+from tests.test_udplink import Holder
 from tests.test_udpmode import UDPReactor
 
 _ALICE = ("198.51.100.4", 4001)
@@ -282,3 +285,67 @@ class ForwardedUDPPortTests(SynchronousTestCase):
         _, transport = self.attach()
         self.forwarder.doStop()
         self.assertFalse(transport.connected)
+
+
+class LinkEndsTests(SynchronousTestCase):
+    """
+    Both ends of a UDP member link together, in memory: member B forwards port 30000 to member
+    A, which holds the UDP lease "voice" on it.
+    """
+
+    def setUp(self) -> None:
+        """
+        A with UDP mode and the lease's port open; B with its forwarding socket on the port.
+        """
+        holder = self.holder = Holder()
+        self.bReactor = MemoryReactorClock()
+        bRouter = Router(holder.b, self.bReactor, tunnelDomain="cluster.test")
+        directory = FakeDirectory(
+            asMember(holder.b, "b"), [asMember(holder.a, "a"), asMember(holder.b, "b")], {}
+        )
+        self.bRouter = bRouter
+        links = MemberLinks(bRouter, directory, holder.b, self.bReactor)  # type: ignore[arg-type]
+        claim = PortClaim("udp", 30000, "alice", "voice", holder.a.id)
+        self.forwarder = ForwardedUDPPort(links, 30000, lambda port: claim)
+        self.udp = UDPReactor().listenUDP(30000, self.forwarder)
+
+    def connect(self) -> iosim.IOPump:
+        """
+        Join B's pending connection to a new member link protocol at A.
+
+        @return: The pump between them.
+        """
+        host, port, factory, _, _ = self.bReactor.tcpClients[-1]
+        client = factory.buildProtocol(IPv4Address("TCP", host, port))
+        server = MemberVisitor(self.holder.router, self.holder.links)
+        return iosim.connect(
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
+            greet=False,
+        )
+
+    def test_roundTrip(self) -> None:
+        """
+        Datagrams at B reach A's tunnel as flows of their visitors' real addresses, and the
+        tunnel's answers leave B's port for those visitors.
+        """
+        self.udp.receive(b"ping", _ALICE)
+        self.udp.receive(b"hello", _BOB)
+        pump = self.connect()
+        pump.flush()
+        calls = self.holder.control.take()
+        self.assertEqual(
+            [(kw["host"], kw["port"]) for command, kw in calls if command is FlowOpened],
+            [_ALICE, _BOB],
+        )
+        self.assertEqual(
+            [kw["payload"] for command, kw in calls if command is Datagram], [b"ping", b"hello"]
+        )
+        self.holder.mode.fromTunnel(self.holder.session, 2, b"to bob")
+        self.holder.mode.fromTunnel(self.holder.session, 1, b"to alice")
+        pump.flush()
+        self.assertEqual(self.udp.written, [(b"to bob", _BOB), (b"to alice", _ALICE)])
+        self.assertEqual(self.holder.publicPort.written, [])
+        self.assertEqual(self.bRouter.counters["udp_forward_replies"], 2)

@@ -14,6 +14,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from portal.relay.leaseports import PortLease
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.router import Router
@@ -31,15 +32,16 @@ _ALICE = ("198.51.100.4", 4001)
 _BOB = ("2001:db8::5", 4002)
 
 
-class HolderUDPLinkTests(SynchronousTestCase):
+class Holder:
     """
-    Member A holds the UDP lease "voice" on port 30000 (at most two flows per source address);
-    member B forwards the datagrams its own socket on that port receives.
+    Member A, holding the UDP lease "voice" of alice on port 30000 (at most two flows per source
+    address), in a cluster with member B: its router and member links, UDP mode on a fake
+    reactor, a fake control session for the lease, and the lease's port open.
     """
 
-    def setUp(self) -> None:
+    def __init__(self) -> None:
         """
-        A's router in a cluster with B, UDP mode on a fake reactor, and the lease's port open.
+        Build A and open the lease's port.
         """
         self.a, self.b = Identity.generate(), Identity.generate()
         self.reactor = UDPReactor()
@@ -63,15 +65,31 @@ class HolderUDPLinkTests(SynchronousTestCase):
         self.session = self.mode.newSession(self.control, b"s" * 32)
         self.control.udpSession = self.session
         self.router.leases.register("voice", "alice", self.control)
-        self.lease = self.successResultOf(
-            Deferred.fromCoroutine(
-                self.mode.ports.open(
-                    self.router, "alice", "voice", "voice.cluster.test", self.control
-                )
-            )
+        opening = Deferred.fromCoroutine(
+            self.mode.ports.open(self.router, "alice", "voice", "voice.cluster.test", self.control)
         )
-        self.assertEqual(self.lease.port, 30000)
+        leases: list[PortLease] = []
+        opening.addCallback(leases.append)
+        [self.lease] = leases
+        assert self.lease.port == 30000
         self.publicPort = self.reactor.portAt(30000)
+
+
+class HolderUDPLinkTests(SynchronousTestCase):
+    """
+    Member A (L{Holder}) receiving UDP links from member B, which forwards the datagrams its own
+    socket on port 30000 receives.
+    """
+
+    def setUp(self) -> None:
+        """
+        Build A; watch log events.
+        """
+        holder = Holder()
+        self.a, self.b, self.reactor = holder.a, holder.b, holder.reactor
+        self.router, self.links, self.mode = holder.router, holder.links, holder.mode
+        self.control, self.session = holder.control, holder.session
+        self.lease, self.publicPort = holder.lease, holder.publicPort
         self.events = EventLoggingObserver.createWithCleanup(
             self,  # type: ignore[arg-type]
             globalLogPublisher,
