@@ -24,12 +24,14 @@ from portal.relay.cluster import (
     portRecord,
 )
 from portal.relay.clusterports import ClusterPorts
+from portal.relay.clusterudp import ForwardedUDPPort
 from portal.relay.interfaces import IPortClaims
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.memberlink import MemberLinks
 from portal.relay.ports import PortAllocator, PortRange, PortsExhausted
 from portal.relay.router import Router
 from portal.relay.store import StoreError
+from portal.relay.udp import MAX_PACKET_SIZE
 from portal.trust.identity import Identity
 from portal.wire.handoff import Handoff
 from tests.fakeetcd import FakeEtcd
@@ -46,6 +48,7 @@ class _Port:
         self._machine = machine
         self.port = port
         self.factory = factory
+        self.maxPacketSize = 0
 
     def stopListening(self) -> Deferred[None]:
         """
@@ -57,7 +60,7 @@ class _Port:
 
 class _Machine:
     """
-    The TCP ports of one member's machine: binding a bound port fails as it would.
+    The TCP (or UDP) ports of one member's machine: binding a bound port fails as it would.
     """
 
     def __init__(self) -> None:
@@ -72,6 +75,18 @@ class _Machine:
         if port in self.bound:
             raise CannotListenError(interface, port, OSError("address in use"))
         listening = self.bound[port] = _Port(self, port, factory)
+        return listening
+
+    def listenUDP(
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> _Port:
+        """
+        Bind UDP C{port} (the protocol is kept as the port's C{factory}).
+
+        @raise CannotListenError: When it is bound already.
+        """
+        listening = self.listenTCP(port, protocol, interface)
+        listening.maxPacketSize = maxPacketSize
         return listening
 
 
@@ -331,10 +346,12 @@ class ClusterPortsTests(SynchronousTestCase):
         failure = self.failureResultOf(self.b.open("bob", "web"), PortsExhausted)
         self.assertIn("held by other members of the cluster", str(failure.value))
 
-    def test_udpPortsClaimedNotForwarded(self) -> None:
+    def test_udpPortsClaimedAndForwarded(self) -> None:
         """
         UDP ports are claimed in the cluster too (two members never give one port to two leases),
-        but no member listens on a UDP port another member holds.
+        and each member binds the UDP port another member holds, with a forwarding protocol, next
+        to its TCP forwarding (both follow the port records); a port that ends stops being
+        forwarded.
         """
         udp = {}
         for node in (self.a, self.b):
@@ -343,10 +360,11 @@ class ClusterPortsTests(SynchronousTestCase):
             ports = LeasePorts(
                 "udp",
                 allocator,
-                lambda lease, interface, machine=machine: machine.listenTCP(lease.port, None),
+                lambda lease, interface, machine=machine: machine.listenUDP(lease.port, None),
             )
-            ClusterPorts(node.links, ports, machine, forward=False).install()
-            udp[node] = (ports, machine)
+            cluster = ClusterPorts(node.links, ports, machine)
+            cluster.install()
+            udp[node] = (ports, machine, cluster)
         opened = [
             self.successResultOf(
                 Deferred.fromCoroutine(
@@ -356,13 +374,22 @@ class ClusterPortsTests(SynchronousTestCase):
             for node, owner in [(self.a, "alice"), (self.b, "bob")]
         ]
         self.assertEqual(opened, [9000, 9001])
-        self.assertEqual(sorted(udp[self.a][1].bound), [9000])
-        self.assertEqual(sorted(udp[self.b][1].bound), [9001])
+        self.assertEqual(sorted(udp[self.a][1].bound), [9000, 9001])
+        self.assertEqual(sorted(udp[self.b][1].bound), [9000, 9001])
+        forwarder = udp[self.a][2].udpForwarders[9001]
+        self.assertIsInstance(forwarder, ForwardedUDPPort)
+        self.assertIs(udp[self.a][1].bound[9001].factory, forwarder)
+        self.assertEqual(udp[self.a][1].bound[9001].maxPacketSize, MAX_PACKET_SIZE)
         claim = self.a.directory.portClaim("udp", 9001)
         assert claim is not None
         self.assertEqual(claim.member, self.b.member.id)
-        # The TCP side is untouched: nothing to forward.
         self.assertEqual(self.a.ports.forwarding, {})
+        # The TCP ports still follow the records with the UDP ports hooked after them.
+        self.successResultOf(self.b.open("carol", "db"))
+        self.assertEqual(sorted(self.a.ports.forwarding), [9000])
+        self.successResultOf(udp[self.b][0].close("bob", "voice"))
+        self.assertEqual(sorted(udp[self.a][1].bound), [9000])
+        self.assertEqual(udp[self.a][2].udpForwarders, {})
 
     def test_listenFailureReleasesTheClaim(self) -> None:
         """

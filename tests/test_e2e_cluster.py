@@ -22,6 +22,7 @@ from twisted.protocols.wire import Echo
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
+from portal.relay.udpmode import RELAY_MAX_FLOWS
 from tests.etcdprocess import startEtcd
 from tests.realprocesses import (
     WatchedProcess,
@@ -355,19 +356,52 @@ def _tcpPort(url: str, scheme: str = "tcp") -> int:
     return parts.port
 
 
-def datagramAt(host: str, port: int, payload: bytes) -> bytes | None:
-    """
-    Send one datagram to C{host:port} and wait up to 2 s for one back.
+#: Datagrams in the flood of L{ClusterRawTCPTests.test_udpFloodThroughAMember}, each from its own
+#: port: more than a lease's port has flows.
+FLOOD = RELAY_MAX_FLOWS + 200
 
-    @return: The datagram that came back, or L{None}.
+
+def datagramFrom(
+    source: str, target: tuple[str, int], payload: bytes
+) -> tuple[bytes, tuple[str, int]] | None:
+    """
+    Send one datagram from a new port of C{source} to C{target}, and wait up to 2 s for one back.
+
+    @return: The datagram that came back and where it came from, or L{None}.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(2)
-        s.sendto(payload, (host, port))
+        s.bind((source, 0))
+        s.sendto(payload, target)
         try:
-            return s.recvfrom(65535)[0]
+            data, address = s.recvfrom(65535)
         except OSError:
             return None
+        return data, (address[0], address[1])
+
+
+def floodFrom(source: str, target: tuple[str, int], count: int) -> int:
+    """
+    Send one datagram from each of C{count} ports of C{source} to C{target}.
+
+    @return: How many were sent (a port in use is skipped).
+    """
+    sent = 0
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(s)
+            try:
+                s.bind((source, 0))
+                s.sendto(b"flood", target)
+            except OSError:
+                continue
+            sent += 1
+    finally:
+        for s in sockets:
+            s.close()
+    return sent
 
 
 class _DatagramEcho(DatagramProtocol):
@@ -514,29 +548,90 @@ class ClusterRawTCPTests(TestCase):
                 self.assertEqual(reply, b"ping\n")
 
     @inlineCallbacks
-    def test_udpPortsDistinct(self) -> Any:
+    def exposeUDP(self, member: int, who: str, service: int) -> Any:
         """
-        UDP tunnels on the two members get different ports (claimed in the cluster), each served
-        at its own member's address; UDP is not forwarded between members.
+        Start C{portal expose SERVICE --udp} on a member.
+
+        @return: A L{Deferred} firing with the lease's public UDP port.
+        """
+        tunnel = startExpose(
+            self, homeDir(self, who), self.members[member][1], [f"127.0.0.1:{service}", "--udp"]
+        )
+        lease = yield waitForLease(tunnel)
+        port = _tcpPort(lease["url"], "udp")
+        self.assertTrue(self.range[0] <= port <= self.range[1], (port, self.range))
+        return port
+
+    def udpEchoed(self, source: str, member: int, port: int, payload: bytes) -> Any:
+        """
+        @return: A L{Deferred} firing with the answer to C{payload} sent from C{source} to a
+            member's address, if it came from that very address, else L{None}.
+        """
+        target = (self.members[member][0], port)
+
+        def exchange() -> bytes | None:
+            answer = datagramFrom(source, target, payload)
+            return answer[0] if answer is not None and answer[1] == target else None
+
+        return deferToThread(exchange)
+
+    @inlineCallbacks
+    def test_udpServedByEveryMember(self) -> Any:
+        """
+        UDP tunnels on the two members get different ports (claimed in the cluster); each port
+        answers at both members' addresses, the other member relaying the datagrams over a member
+        link and answering from the port the visitor wrote to; the tunnel is told the visitor's
+        real address.
         """
         service = reactor.listenUDP(0, _DatagramEcho(), interface="127.0.0.1")
         self.addCleanup(service.stopListening)
         ports = []
         for member, who in [(0, "alice"), (1, "bob")]:
-            tunnel = startExpose(
-                self,
-                homeDir(self, who),
-                self.members[member][1],
-                [f"127.0.0.1:{service.getHost().port}", "--udp"],
-            )
-            lease = yield waitForLease(tunnel)
-            ports.append(_tcpPort(lease["url"], "udp"))
+            ports.append((yield self.exposeUDP(member, who, service.getHost().port)))
         self.assertNotEqual(ports[0], ports[1])
-        for member, port in enumerate(ports):
-            host = self.members[member][0]
-            reply = yield pollUntil(
-                lambda host=host, port=port: deferToThread(datagramAt, host, port, b"hi"),
-                f"the UDP echo at {host}:{port}",
-                timeout=20,
+        for holder, port in enumerate(ports):
+            for member in (0, 1):
+                payload = f"hi {port} via member {member}".encode()
+                reply = yield pollUntil(
+                    lambda member=member, port=port, payload=payload: self.udpEchoed(
+                        "127.0.0.4", member, port, payload
+                    ),
+                    f"the UDP echo at port {port} of member {member}",
+                    timeout=20,
+                )
+                self.assertEqual(reply, payload)
+            other = 1 - holder
+            self.assertIn(
+                f"forwarding UDP port {port} to the member holding it", self.relays[other].output()
             )
-            self.assertEqual(reply, b"hi")
+            self.assertIn(f"forwards the UDP visitors of port {port}", self.relays[holder].output())
+
+    @inlineCallbacks
+    def test_udpFloodThroughAMember(self) -> Any:
+        """
+        A flood of datagrams from more ports of 127.0.0.2 than a lease has flows, sent to member
+        B for a UDP tunnel on member A, takes no more flows than one source may have at A (which
+        sees the visitors' real addresses): a visitor from 127.0.0.3 through B is still answered.
+        """
+        service = reactor.listenUDP(0, _DatagramEcho(), interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        port = yield self.exposeUDP(0, "alice", service.getHost().port)
+        reply = yield pollUntil(
+            lambda: self.udpEchoed("127.0.0.2", 1, port, b"first"),
+            f"the UDP echo at port {port} of member B",
+            timeout=20,
+        )
+        self.assertEqual(reply, b"first")
+        sent = yield deferToThread(floodFrom, "127.0.0.2", (self.members[1][0], port), FLOOD)
+        self.assertGreater(sent, RELAY_MAX_FLOWS)
+        reply = yield pollUntil(
+            lambda: self.udpEchoed("127.0.0.3", 1, port, b"still here"),
+            f"the UDP echo at port {port} of member B after the flood",
+            timeout=20,
+        )
+        self.assertEqual(reply, b"still here")
+        yield pollUntil(
+            lambda: "refused a new flow from 127.0.0.2" in self.relays[0].output(),
+            "member A's refusal of the flood's flows",
+            timeout=10,
+        )

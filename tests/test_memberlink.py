@@ -169,3 +169,48 @@ class RawPortHeaderTests(SynchronousTestCase):
             )
             data = len(body).to_bytes(2, "big") + body + b"t" * 32
             self.assertRaises(MemberLinkError, parseMemberHeader, data)
+
+
+class UDPPortHeaderTests(SynchronousTestCase):
+    """
+    Headers that open a UDP link for a lease's port.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A header naming a UDP port parses back with the port, and no TCP port.
+        """
+        sent = MemberHeader(B.id, B.publicKey, "voice.portal.test", "", 0, udpPort=9002)
+        parsed = parseMemberHeader(encodeMemberHeader(b"k" * 32, A.id, b"n" * 16, sent))
+        assert parsed is not None
+        self.assertEqual(parsed[0], sent)
+        self.assertIsNone(parsed[0].tcpPort)
+
+    def test_bothPortsRefused(self) -> None:
+        """
+        A header naming a TCP and a UDP port is neither encoded nor accepted.
+        """
+        both = MemberHeader(B.id, B.publicKey, "x.portal.test", "", 0, tcpPort=1, udpPort=2)
+        self.assertRaises(MemberLinkError, encodeMemberHeader, b"k" * 32, A.id, b"n" * 16, both)
+        body = b'{"from":"x","key":"00","hostname":"h","peer":["a",1],"tcpPort":1,"udpPort":2}'
+        data = len(body).to_bytes(2, "big") + body + b"t" * 32
+        self.assertRaises(MemberLinkError, parseMemberHeader, data)
+
+    def test_badPortRefused(self) -> None:
+        """
+        A UDP port that is not a port number is refused.
+        """
+        for port in ["0", "65536", "false", '"53"', "null"]:
+            body = (
+                b'{"from":"x","key":"00","hostname":"h","peer":["a",1],"udpPort":'
+                + port.encode()
+                + b"}"
+            )
+            data = len(body).to_bytes(2, "big") + body + b"t" * 32
+            if port == "null":
+                # JSON null is the field's absence.
+                parsed = parseMemberHeader(data)
+                assert parsed is not None
+                self.assertIsNone(parsed[0].udpPort)
+                continue
+            self.assertRaises(MemberLinkError, parseMemberHeader, data)

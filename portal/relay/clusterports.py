@@ -1,6 +1,6 @@
 """
-Raw TCP ports across a relay cluster (docs/cluster.md): a port is given to one lease in the whole
-cluster, and every member listens on every live port.
+Raw TCP and UDP ports across a relay cluster (docs/cluster.md): a port is given to one lease in the
+whole cluster, and every member listens on every live port.
 
 A member that registers a raw TCP lease allocates a port from its own allocator as before, skipping
 the ports the cluster holds for other leases, then claims it in etcd with one compare-and-set
@@ -15,12 +15,15 @@ binds every raw TCP port with C{SO_REUSEPORT}, the holding worker for its lease 
 forward, and a worker that accepts a visitor for a port another worker of the relay holds hands it
 the socket itself (L{portal.relay.handoff}), with the member link as the fallback.
 
-UDP ports are claimed the same way, so that no two members hand one port to two leases, but they
-are not forwarded: a datagram reaches a UDP lease only at the member that holds it.
+UDP ports are claimed the same way, so that no two members hand one port to two leases, and every
+member binds every UDP port live on another member too: its datagrams go to the holding member over
+a UDP member link (L{portal.relay.clusterudp.ForwardedUDPPort}), and the answers come back to the
+visitor from the same port.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -32,10 +35,12 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portal.forwarding.boundedreads import boundAccepts
+from portal.forwarding.boundedreads import boundAccepts, listenUDP
 from portal.forwarding.reuseport import listenSharedTCP
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
+from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.relay.cluster import ClusterDirectory, PortClaim
+from portal.relay.clusterudp import ForwardedUDPPort
 from portal.relay.etcd import EtcdError, EtcdUnavailable
 from portal.relay.handoff import giveSocket
 from portal.relay.interfaces import IPortClaims
@@ -43,6 +48,7 @@ from portal.relay.leaseports import LeasePorts
 from portal.relay.memberlink import MemberLinks
 from portal.relay.ports import Key
 from portal.relay.store import StoreError
+from portal.relay.udp import MAX_PACKET_SIZE
 from portal.trust.names import leaseHostname
 from portal.wire.handoff import Handoff
 
@@ -153,12 +159,13 @@ class _ForwardedPortFactory(Factory):
 class ClusterPorts:
     """
     This member's raw ports of one kind in the cluster: claims in etcd for its own leases, and
-    (raw TCP) forwarding listeners on the ports of leases other members hold.
+    forwarding listeners (raw TCP) or sockets (UDP) on the ports of leases other members hold.
 
     @ivar links: The member links (and through them the router and the directory).
     @ivar leasePorts: The member's lease ports of this kind.
     @ivar kind: C{"tcp"} or C{"udp"}.
     @ivar forwarding: The forwarding listeners, by port.
+    @ivar udpForwarders: The protocols of the forwarding UDP sockets, by port.
     """
 
     _log = Logger()
@@ -174,10 +181,11 @@ class ClusterPorts:
         """
         @param links: The member links.
         @param leasePorts: The lease ports (their claims and allocator are hooked here).
-        @param reactor: Provides C{listenTCP} (and C{adoptStreamPort} when C{shared}).
+        @param reactor: Provides C{listenTCP} (C{adoptStreamPort} when C{shared}) and C{listenUDP}
+            for UDP ports.
         @param forward: Whether to listen on the ports other members hold and forward their
-            visitors (raw TCP); without, ports are only claimed (UDP).
-        @param shared: Bind the forwarding listeners with C{SO_REUSEPORT} (C{--workers}: the
+            visitors; without, ports are only claimed.
+        @param shared: Bind the forwarding TCP listeners with C{SO_REUSEPORT} (C{--workers}: the
             worker holding a port's lease and the other workers all listen on it).
         """
         self._shared = shared
@@ -188,6 +196,8 @@ class ClusterPorts:
         self._reactor = reactor
         self._directory: ClusterDirectory = links.directory
         self.forwarding: dict[int, IListeningPort] = {}
+        self.udpForwarders: dict[int, ForwardedUDPPort] = {}
+        self._notifyBefore: Callable[[], None] | None = None
         self._closing: dict[int, Deferred[Any]] = {}
 
     def install(self) -> None:
@@ -200,8 +210,18 @@ class ClusterPorts:
         allocator.clusterPortOf = self.portOf
         self.leasePorts.claims = self
         if self._forward:
-            self._directory.onPortsChanged = self.reconcile
+            # The TCP and the UDP ports both follow the port records.
+            self._notifyBefore = self._directory.onPortsChanged
+            self._directory.onPortsChanged = self._portsChanged
             self.reconcile()
+
+    def _portsChanged(self) -> None:
+        """
+        The port records changed: tell whoever followed them before this, then reconcile.
+        """
+        if self._notifyBefore is not None:
+            self._notifyBefore()
+        self.reconcile()
 
     def _now(self) -> float:
         """
@@ -286,8 +306,13 @@ class ClusterPorts:
         Close the forwarding listener on C{port} and wait until the port is unbound.
         """
         listening = self.forwarding.pop(port, None)
+        self.udpForwarders.pop(port, None)
         if listening is not None:
-            self._log.info("stopped forwarding TCP port {port}: its lease is here", port=port)
+            self._log.info(
+                "stopped forwarding {kind} port {port}: its lease is here",
+                kind=self.kind.upper(),
+                port=port,
+            )
             closing = maybeDeferred(listening.stopListening)
             self._closing[port] = closing
             try:
@@ -313,10 +338,15 @@ class ClusterPorts:
         own = {lease.port for lease in self.leasePorts.leases.values()}
         for port in sorted(set(self.forwarding) - wanted):
             listening = self.forwarding.pop(port)
+            self.udpForwarders.pop(port, None)
             closing = maybeDeferred(listening.stopListening)
             self._closing[port] = closing
             closing.addBoth(self._closed, port, closing)
-            self._log.info("stopped forwarding TCP port {port}", port=port)
+            self._log.info(
+                "stopped forwarding {kind} port {port}", kind=self.kind.upper(), port=port
+            )
+        for forwarder in self.udpForwarders.values():
+            forwarder.checkHolder()
         for port in sorted(wanted - set(self.forwarding) - own - set(self._closing)):
             self._listen(port)
 
@@ -333,29 +363,49 @@ class ClusterPorts:
         Listen on C{port} to forward its visitors.
         """
         router = self.links.router
-        factory = router.limited("tcp", _ForwardedPortFactory(self, port))
+        interface = self.leasePorts.interface
+        forwarder = None
         try:
-            interface = self.leasePorts.interface
-            if self._shared:
-                listening = listenSharedTCP(self._reactor, port, interface, factory)
+            if self.kind == "udp":
+                forwarder = ForwardedUDPPort(self.links, port, self.holding)
+                listening = listenUDP(
+                    self._reactor,
+                    port,
+                    forwarder,
+                    interface=interface,
+                    maxPacketSize=MAX_PACKET_SIZE,
+                )
+                enlargeBuffers(listening)
             else:
-                listening = self._reactor.listenTCP(port, factory, interface=interface)
+                factory = router.limited("tcp", _ForwardedPortFactory(self, port))
+                if self._shared:
+                    listening = listenSharedTCP(self._reactor, port, interface, factory)
+                else:
+                    listening = self._reactor.listenTCP(port, factory, interface=interface)
+                boundAccepts(listening)
         except CannotListenError as e:
             self._log.warn(
-                "cannot forward TCP port {port} held by another member: {error}",
+                "cannot forward {kind} port {port} held by another member: {error}",
+                kind=self.kind.upper(),
                 port=port,
                 error=str(e),
             )
             return
-        boundAccepts(listening)
         self.forwarding[port] = listening
-        self._log.info("forwarding TCP port {port} to the member holding it", port=port)
+        if forwarder is not None:
+            self.udpForwarders[port] = forwarder
+        self._log.info(
+            "forwarding {kind} port {port} to the member holding it",
+            kind=self.kind.upper(),
+            port=port,
+        )
 
     def stop(self) -> Deferred[Any]:
         """
         Close every forwarding listener (relay shutdown).
         """
-        if self._forward:
-            self._directory.onPortsChanged = None
+        if self._forward and self._directory.onPortsChanged == self._portsChanged:
+            self._directory.onPortsChanged = self._notifyBefore
         listening, self.forwarding = list(self.forwarding.values()), {}
+        self.udpForwarders = {}
         return gatherResults([maybeDeferred(p.stopListening) for p in listening])

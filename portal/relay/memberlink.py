@@ -6,7 +6,8 @@ L{portal.wire.memberlink}).
 On the receiving member the visitor waits paused while L{MemberLinks.forward} connects to the holding
 member's control port and proves this member's identity; the two connections are then joined, in the
 kernel where possible. On the holding member, L{MemberVisitor} checks the proof and then serves the
-forwarded connection like a visitor of its own public port, with the visitor's real address.
+forwarded connection like a visitor of its own public port, with the visitor's real address; a link
+that names a UDP port carries datagram frames instead, handed to L{HolderUDPLink}.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from portal.relay.leaseports import PortLease
 from portal.relay.public import VisitorProtocol
 from portal.relay.router import Router
 from portal.relay.store import ClaimsUnavailable, ILeaseClaims
+from portal.relay.udplink import HolderUDPLink
 from portal.trust.identity import Identity, identityId
 from portal.trust.names import leaseLabel
 from portal.trust.relayaddress import ConfigError, parseHostPort
@@ -148,6 +150,7 @@ class MemberVisitor(VisitorProtocol):
 
     mayForward = False
     _portLease: PortLease | None = None
+    _udpLink: HolderUDPLink | None = None
     _log = Logger()
 
     def __init__(self, router: Router, links: MemberLinks) -> None:
@@ -167,8 +170,12 @@ class MemberVisitor(VisitorProtocol):
 
     def unsplicedDataReceived(self, data: bytes) -> None:
         """
-        Read and check the member header, then treat the rest as a visitor's bytes.
+        Read and check the member header, then treat the rest as a visitor's bytes (or, on a UDP
+        link, as frames).
         """
+        if self._udpLink is not None:
+            self._udpLink.dataReceived(data)
+            return
         if self._header is not None:
             super().unsplicedDataReceived(data)
             return
@@ -199,6 +206,10 @@ class MemberVisitor(VisitorProtocol):
             if rest:
                 super().unsplicedDataReceived(rest)
             self._routePort(header.tcpPort)
+            return
+        if header.udpPort is not None:
+            self._decided = True
+            self._routeUDP(header.udpPort, rest)
             return
         if rest:
             super().unsplicedDataReceived(rest)
@@ -241,14 +252,59 @@ class MemberVisitor(VisitorProtocol):
             router.counters["refused"] += 1
             self._refuseRaw("visitors_waiting", f"too many visitors waiting on TCP port {port}")
 
-    def _refuseRaw(self, label: str, why: str) -> None:
+    def _routeUDP(self, port: int, rest: bytes) -> None:
         """
-        Count and log the refusal of a raw TCP visitor and close (no TLS alert: not a TLS client).
+        Serve a UDP link: its frames become datagrams into the public port of the UDP lease live
+        here on C{port}, and the tunnel's replies to them go back over it.
+
+        @param port: The lease's public UDP port, as the header named it.
+        @param rest: The link's bytes after the header (its first frames).
+        """
+        assert self._header is not None and self.transport is not None
+        self.setTimeout(None)
+        udp = self._router.udp
+        lease = None
+        if udp is not None:
+            lease = next((p for p in udp.ports.leases.values() if p.port == port), None)
+        if lease is None or lease.hostname != self._header.hostname:
+            self._refuseRaw(
+                "member_link", f"member link for UDP port {port}: no such lease live here", "UDP"
+            )
+            return
+        session = getattr(lease.holder, "udpSession", None)
+        public = getattr(session, "public", None)
+        if not lease.live() or public is None or public.stopped:
+            self._refuseRaw(
+                "lease_not_live", f"lease {lease.name} on UDP port {port} is not live", "UDP"
+            )
+            return
+        member = self._links.directory.member(self._header.fromId)
+        name = member.nodeName if member is not None else self._header.fromId[:12]
+        self._udpLink = HolderUDPLink(self._router, self.transport, public, name)
+        # Like the lease's own port, the link carries datagrams until the port closes, and
+        # closes with it: it is not a visitor connection a graceful shutdown waits for.
+        self._router.visitors.discard(self)
+        self._portLease = lease
+        lease.visitors.add(self)
+        self._log.info(
+            "member {member} forwards the UDP visitors of port {port} ({name}) here",
+            member=name,
+            port=port,
+            name=lease.name,
+        )
+        if rest:
+            self._udpLink.dataReceived(rest)
+
+    def _refuseRaw(self, label: str, why: str, kind: str = "TCP") -> None:
+        """
+        Count and log the refusal of a raw TCP visitor or a UDP link and close (no TLS alert: not
+        a TLS client).
         """
         assert self.transport is not None
         self._router.refusals.refuse(
             label,
-            "refused forwarded TCP visitor {peer}: {reason}",
+            "refused forwarded {kind} visitor {peer}: {reason}",
+            kind=kind,
             peer=self.visitorAddress()[0],
             reason=why,
         )
@@ -257,8 +313,10 @@ class MemberVisitor(VisitorProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
-        Leave the raw TCP lease's visitors, if it joined them.
+        Leave the raw TCP lease's visitors, if it joined them; end a UDP link.
         """
+        if self._udpLink is not None:
+            self._udpLink.connectionLost()
         if self._portLease is not None:
             self._portLease.visitors.discard(self)
             self._portLease = None
@@ -446,7 +504,11 @@ class MemberLinks:
         # Published again by the next sync.
         self._announced.pop(name, None)
 
-    def _endpoint(self, member: Member) -> IStreamClientEndpoint:
+    def endpointFor(self, member: Member) -> IStreamClientEndpoint:
+        """
+        @return: The endpoint of C{member}'s control port, where member links go.
+        @raise ConfigError: When the member's address is not C{HOST:PORT}.
+        """
         host, port = parseHostPort(member.address, "member address")
         timeout = self.router.limits.attachTimeout
         return tcpEndpoint(self._reactor, host, port, timeout)
@@ -511,7 +573,7 @@ class MemberLinks:
         header = link
         client = MemberLinkClient(self, member, link)
         try:
-            endpoint = self._endpoint(member)
+            endpoint = self.endpointFor(member)
         except ConfigError as e:
             visitor.refuse(f"member {member.nodeName} has a bad address: {e}")
             return

@@ -41,6 +41,8 @@ COUNTER_HELP: dict[str, str] = {
     "tcp_handed_off": "Raw TCP visitors handed by their socket to the worker holding the port "
     "(--workers).",
     "tcp_adopted": "Raw TCP visitors another worker handed over by their socket (--workers).",
+    "udp_forwarded": "UDP datagrams relayed to the cluster member holding their lease (--cluster).",
+    "udp_forward_replies": "UDP replies from the holding cluster member sent to visitors (--cluster).",
 }
 
 #: What the relay's gauges measure.

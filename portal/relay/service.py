@@ -240,6 +240,7 @@ class RelayService(Service):
         self._listeningWaiters: list[Deferred[None]] = []
         self._directory: ClusterDirectory | None = None
         self._clusterPorts: ClusterPorts | None = None
+        self._clusterUDP: ClusterPorts | None = None
         self._etcd: EtcdClient | None = None
         self._clusterSync: LoopingCall | None = None
         self._workers: Workers | None = None
@@ -699,8 +700,9 @@ class RelayService(Service):
             )
             self._clusterPorts.install()
         if router.udp is not None and isinstance(router.udp.ports, LeasePorts):
-            # UDP ports are given out cluster-wide too, but served only by the holding member.
-            ClusterPorts(links, router.udp.ports, self._reactor, forward=False).install()
+            # UDP ports too; their datagrams go to the holding member over UDP member links.
+            self._clusterUDP = ClusterPorts(links, router.udp.ports, self._reactor)
+            self._clusterUDP.install()
         # Leases also end by lapsing; a sync now and then publishes that.
         self._clusterSync = LoopingCall(self._syncCluster, links)
         self._clusterSync.clock = self._reactor
@@ -718,8 +720,9 @@ class RelayService(Service):
         Publish this member's live leases; listen again on cluster ports a listener could not bind.
         """
         links.sync()
-        if self._clusterPorts is not None:
-            self._clusterPorts.reconcile()
+        for clusterPorts in (self._clusterPorts, self._clusterUDP):
+            if clusterPorts is not None:
+                clusterPorts.reconcile()
 
     def _announce(self, name: str, port: IListeningPort) -> None:
         """
@@ -784,8 +787,9 @@ class RelayService(Service):
                 yield port.stopListening()
         for leasePorts in self._leasePorts().values():
             yield leasePorts.stopAccepting()
-        if self._clusterPorts is not None:
-            yield self._clusterPorts.stop()
+        for clusterPorts in (self._clusterPorts, self._clusterUDP):
+            if clusterPorts is not None:
+                yield clusterPorts.stop()
         if router is not None and self.startFailure is None:
             yield self._drain(router, self.config.shutdownGrace)
         for leasePorts in self._leasePorts().values():

@@ -21,6 +21,12 @@ This class does not listen; the caller does, and must pass C{maxPacketSize=MAX_P
 Twisted's default C{maxPacketSize} is 8192 bytes, the size of the buffer each datagram is read
 into: a larger datagram (9,000 bytes from a jumbo-frame network, or anything up to 65,507 bytes)
 would arrive truncated to 8192 bytes, without any error (on Linux).
+
+In a relay cluster, visitors of the port may also arrive at another member, which forwards their
+datagrams over a member link (L{portal.relay.clusterudp}); they enter here by L{PublicUDP.datagramVia},
+with their real address and the link as the flow's I{reply path}, and count against the same flow
+table and per-source limits as the port's own visitors. The tunnel's replies to such a flow go
+back over the link instead of out of this port.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from portal.forwarding.datagramwriter import DatagramWriter
 from portal.forwarding.logthrottle import LogThrottle
@@ -67,6 +74,20 @@ DROP_REASONS = (
 Address = tuple[str, int]
 
 
+class IReplyPath(Interface):
+    """
+    Where the replies of a flow whose visitor came through another cluster member go: the member
+    link it came over.
+    """
+
+    def send(payload: bytes, address: Address) -> bool:
+        """
+        Send a reply towards the visitor at C{address}.
+
+        @return: Whether it was sent (a closed or congested link drops it).
+        """
+
+
 @attrs.define
 class _Flow:
     """
@@ -78,6 +99,8 @@ class _Flow:
     @ivar address: The address replies are written to, as the visitor's first datagram came from.
     @ivar active: Whether a datagram went either way since the last sweep.
     @ivar idleSweeps: How many sweep intervals in a row have passed without a datagram.
+    @ivar path: Where replies go instead of this port, for a visitor whose last datagram came over
+        a member link (an L{IReplyPath}); L{None} for one that sent to this port.
     """
 
     flowId: int
@@ -86,6 +109,7 @@ class _Flow:
     address: tuple[Any, ...]
     active: bool = True
     idleSweeps: int = 0
+    path: IReplyPath | None = None
 
 
 class PublicUDP(DatagramProtocol):
@@ -104,7 +128,8 @@ class PublicUDP(DatagramProtocol):
         C{"too_many_flows"} and C{"flow_ids_exhausted"} for a new visitor's datagram when
         L{maxFlows} flows are live or every flow id has been used, C{"too_many_flows_per_source"}
         when its source address has L{maxFlowsPerSource} flows, C{"unknown_flow"} for a reply
-        to a flow that is not live, C{"send_failed"} for a reply the socket refused, and
+        to a flow that is not live, C{"send_failed"} for a reply the socket (or the member link of
+        a forwarded flow) refused, and
         C{"stopped"} for anything after L{stop} or while not listening.
     """
 
@@ -205,8 +230,40 @@ class PublicUDP(DatagramProtocol):
                 return
         else:
             flow.active = True
+            flow.path = None
         self.received += 1
         self._toTunnel(flow.flowId, datagram)
+
+    def datagramVia(self, datagram: bytes, addr: Address, path: IReplyPath) -> None:
+        """
+        Forward to the tunnel a visitor's datagram that another cluster member received on this
+        port's number, exactly as L{datagramReceived} does (same flow table, same limits); the
+        flow's replies go to C{path} until the visitor sends to this port directly.
+
+        @param datagram: The payload.
+        @param addr: The visitor's real (host, port), as the forwarding member saw it.
+        @param path: The L{IReplyPath} the datagram came over.
+        """
+        if self._stopped:
+            self.dropped["stopped"] += 1
+            return
+        flow = self._byKey.get(addr)
+        if flow is None:
+            flow = self._openFlow(addr, addr)
+            if flow is None:
+                return
+        else:
+            flow.active = True
+        flow.path = path
+        self.received += 1
+        self._toTunnel(flow.flowId, datagram)
+
+    @property
+    def stopped(self) -> bool:
+        """
+        Whether L{stop} was called: the port takes no more datagrams.
+        """
+        return self._stopped
 
     def _openFlow(self, key: Address, addr: tuple[Any, ...]) -> _Flow | None:
         """
@@ -315,6 +372,13 @@ class PublicUDP(DatagramProtocol):
             self.dropped["unknown_flow"] += 1
             return False
         flow.active = True
+        path = flow.path
+        if path is not None:
+            if not path.send(payload, flow.key):
+                self.dropped["send_failed"] += 1
+                return False
+            self.sent += 1
+            return True
         writer = self._writer
         if writer is None or writer.port is not transport:
             writer = self._writer = DatagramWriter(transport)

@@ -10,7 +10,9 @@ TCP connection from B to A's control port::
     B -> A   length + header + HMAC(pairKey, "member" A B nonce header)
     A -> B   ACK                                                (1 byte)
     both     the visitor's bytes, starting with the ClientHello B already read (stream mode),
-             or from the first byte (raw TCP mode: the header names the lease's port)
+             or from the first byte (raw TCP mode: the header names the lease's port),
+             or datagram frames (UDP mode: the header names the lease's UDP port; framing in
+             L{portal.wire.udpframes})
 
 C{pairKey} comes from a static ECDH between the two members' secp256k1 relay identities
 (L{pairKey}): each member computes it from its own private key and the other's public key, so the
@@ -18,7 +20,13 @@ HMAC proves that the link comes from the member it names, to the member it is ad
 fresh nonce makes every proof single-use. Nothing secret crosses the link, and the payload is the
 visitor's TLS, so the link itself needs no encryption: the relays splice it in the kernel on both hops.
 A raw TCP visitor's bytes are opaque to the link in the same way: the holding member seals them
-towards the tunnel, as for a visitor of its own port.
+towards the tunnel, as for a visitor of its own port. A UDP link carries the datagrams of every
+visitor of one UDP port, each frame naming the visitor's address, in both directions; UDP payload
+is the tenant's own, sealed by the holding member towards the tunnel.
+
+A member that predates C{udpPort} ignores the field and takes the link for a TLS visitor: it
+refuses the first frame as a malformed ClientHello (a TLS alert), which the forwarding member reads
+as a bad frame and closes the link on.
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ class MemberHeader:
     @ivar peerPort: The visitor's port.
     @ivar tcpPort: In raw TCP mode, the lease's public port the visitor connected to (then
         C{hostname} is the lease's hostname); L{None} for a TLS visitor routed by its SNI.
+    @ivar udpPort: In UDP mode, the lease's public UDP port whose datagrams the link carries (then
+        C{hostname} is the lease's hostname and C{peerHost}/C{peerPort} are the forwarding
+        member's first visitor, for logs: every frame names its own visitor); never set together
+        with C{tcpPort}.
     """
 
     fromId: str
@@ -67,6 +79,7 @@ class MemberHeader:
     peerHost: str
     peerPort: int
     tcpPort: int | None = None
+    udpPort: int | None = None
 
 
 def pairKey(ownKey: coincurve.PrivateKey, otherPublicKey: bytes) -> bytes:
@@ -109,8 +122,12 @@ def encodeMemberHeader(key: bytes, toId: str, nonce: bytes, header: MemberHeader
         "hostname": header.hostname,
         "peer": [header.peerHost, header.peerPort],
     }
+    if header.tcpPort is not None and header.udpPort is not None:
+        raise MemberLinkError("a member link carries a TCP visitor or UDP datagrams, not both")
     if header.tcpPort is not None:
         fields["tcpPort"] = header.tcpPort
+    if header.udpPort is not None:
+        fields["udpPort"] = header.udpPort
     body = json.dumps(fields, separators=(",", ":")).encode("utf-8")
     if len(body) > MAX_HEADER_LENGTH:
         raise MemberLinkError("member header too long")
@@ -146,6 +163,7 @@ def parseMemberHeader(data: bytes) -> tuple[MemberHeader, bytes, bytes, int] | N
         hostname = fields["hostname"]
         peerHost, peerPort = fields["peer"]
         tcpPort = fields.get("tcpPort")
+        udpPort = fields.get("udpPort")
     except (ValueError, KeyError, TypeError) as e:
         raise MemberLinkError(f"malformed member header: {e}") from None
     if not (
@@ -156,9 +174,12 @@ def parseMemberHeader(data: bytes) -> tuple[MemberHeader, bytes, bytes, int] | N
         and not isinstance(peerPort, bool)
         and 0 <= peerPort < 65536
         and (tcpPort is None or _isPort(tcpPort))
+        and (udpPort is None or _isPort(udpPort))
     ):
         raise MemberLinkError("malformed member header: wrong field types")
-    header = MemberHeader(fromId, fromKey, hostname, peerHost, peerPort, tcpPort)
+    if tcpPort is not None and udpPort is not None:
+        raise MemberLinkError("malformed member header: both tcpPort and udpPort")
+    header = MemberHeader(fromId, fromKey, hostname, peerHost, peerPort, tcpPort, udpPort)
     return header, body, tag, end
 
 
