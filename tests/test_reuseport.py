@@ -4,18 +4,23 @@ Tests for L{portal.forwarding.reuseport}: listeners shared between workers.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
+from typing import Any
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from portal.forwarding.reuseport import (
     ReusePortError,
+    SharedUDPPort,
     attachSteering,
+    bindingTogether,
     listenSharedTCP,
+    listenSharedUDP,
     parseTCPDescription,
     sourceSteeringProgram,
 )
@@ -180,3 +185,156 @@ class SharedTCPTests(SynchronousTestCase):
                 os._exit(status)
         _, status = os.waitpid(child, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+
+class _ReadingReactor:
+    """
+    Enough of a reactor for a UDP port to start reading: it only records the readers.
+    """
+
+    def __init__(self) -> None:
+        self.readers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        """
+        Record a reader.
+        """
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        """
+        Forget a reader.
+        """
+        self.readers.remove(reader)
+
+
+def _receivedBy(ports: list[SharedUDPPort], payload: bytes) -> int:
+    """
+    @return: The index of the port whose socket received C{payload} (read from it), waiting up to
+        5 s.
+    """
+    sockets = [p.socket for p in ports]
+    ready, _, _ = select.select(sockets, [], [], 5)
+    if len(ready) != 1:
+        raise AssertionError(f"{len(ready)} sockets got the datagram")
+    data, _ = ready[0].recvfrom(2048)
+    if data != payload:
+        raise AssertionError(data)
+    return sockets.index(ready[0])
+
+
+class SharedUDPTests(SynchronousTestCase):
+    """
+    L{listenSharedUDP}: a UDP lease port (or the tunnel-facing socket) bound by every worker.
+    """
+
+    def listen(self, port: int = 0, steer: int | None = None) -> SharedUDPPort:
+        """
+        Bind a shared UDP port on 127.0.0.1, closed after the test.
+        """
+        listening = listenSharedUDP(
+            _ReadingReactor(), port, DatagramProtocol(), "127.0.0.1", steerWorkers=steer
+        )
+        assert isinstance(listening, SharedUDPPort)
+        self.addCleanup(listening.socket.close)
+        return listening
+
+    def sender(self, source: str = "127.0.0.1") -> socket.socket:
+        """
+        A UDP socket on C{source}, closed after the test.
+        """
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        s.bind((source, 0))
+        return s
+
+    def test_everyWorkerBinds(self) -> None:
+        """
+        Two sockets with C{SO_REUSEPORT} bind one UDP port, and both are read by the reactor.
+        """
+        first = self.listen()
+        port = first.getHost().port
+        second = self.listen(port)
+        for p in (first, second):
+            self.assertEqual(p.socket.getsockname(), ("127.0.0.1", port))
+            self.assertEqual(p.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+            self.assertEqual(p.reactor.readers, [p])  # type: ignore[attr-defined]
+
+    def test_portHeldWithoutReusePort(self) -> None:
+        """
+        A UDP port another program bound without C{SO_REUSEPORT} cannot be shared: the bind fails
+        with L{CannotListenError}, as C{listenUDP}'s does.
+        """
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(other.close)
+        other.bind(("127.0.0.1", 0))
+        port = other.getsockname()[1]
+        error = self.assertRaises(
+            CannotListenError,
+            listenSharedUDP,
+            _ReadingReactor(),
+            port,
+            DatagramProtocol(),
+            "127.0.0.1",
+        )
+        self.assertEqual(error.port, port)
+
+    def test_notTakenOverWithoutReusePort(self) -> None:
+        """
+        A program that binds a shared UDP port without C{SO_REUSEPORT} fails: the workers keep it.
+        """
+        port = self.listen().getHost().port
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(other.close)
+        self.assertRaises(OSError, other.bind, ("127.0.0.1", port))
+
+    def test_flowsSpreadAndStick(self) -> None:
+        """
+        Without steering, the kernel spreads visitors (source ports) over the sockets, and every
+        datagram of one visitor reaches the same socket.
+        """
+        first = self.listen()
+        port = first.getHost().port
+        ports = [first, self.listen(port)]
+        chosen: dict[int, set[int]] = {}
+        for index in range(32):
+            visitor = self.sender()
+            for _ in range(3):
+                payload = f"visitor {index}".encode()
+                visitor.sendto(payload, ("127.0.0.1", port))
+                chosen.setdefault(index, set()).add(_receivedBy(ports, payload))
+        self.assertEqual({len(sockets) for sockets in chosen.values()}, {1})
+        self.assertEqual(set().union(*chosen.values()), {0, 1})
+
+    def test_steeredBySource(self) -> None:
+        """
+        With steering, a source address's datagrams reach the same socket whatever their source
+        port, as the control port's connections from that address do.
+        """
+        first = self.listen(steer=2)
+        port = first.getHost().port
+        ports = [first, self.listen(port, steer=2)]
+        chosen: dict[str, set[int]] = {}
+        for source in ["127.0.0.2", "127.0.0.3"] * 8:
+            payload = source.encode()
+            self.sender(source).sendto(payload, ("127.0.0.1", port))
+            chosen.setdefault(source, set()).add(_receivedBy(ports, payload))
+        self.assertEqual(chosen, {"127.0.0.2": {0}, "127.0.0.3": {1}})
+
+
+class BindingTogetherTests(SynchronousTestCase):
+    """
+    L{bindingTogether}: one worker binds at a time.
+    """
+
+    def test_exclusive(self) -> None:
+        """
+        While one process holds the lock, nobody else gets it; after, they do.
+        """
+        path = self.mktemp()
+        with bindingTogether(path):
+            other = os.open(path, os.O_RDWR)
+            self.addCleanup(os.close, other)
+            self.assertRaises(BlockingIOError, fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)

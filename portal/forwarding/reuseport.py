@@ -12,17 +12,32 @@ Raw TCP lease ports are shared too (L{listenSharedTCP}): the worker holding a le
 port's visitors over them. Linux lets a socket join a group only when every socket in it set the
 option and runs under the same effective user: a port another user's process holds, or one a process
 bound without the option, still cannot be bound.
+
+UDP lease ports are shared the same way (L{listenSharedUDP}): the kernel picks a socket of the group
+by a hash of each datagram's addresses and ports, so one visitor's datagrams (one source address and
+port) always reach the same worker. The relay's tunnel-facing UDP socket, on the control port's
+number, carries the control port's steering program, so that a tunnel's sealed datagrams reach the
+worker its control session reached: the program picks the I{position} of a socket in its group, so
+each worker binds its control listener and its tunnel-facing UDP socket together, while it holds
+L{bindingTogether}'s lock, and the two sockets take the same position in their groups.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import os
 import socket
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import DatagramProtocol
+
+from portal.forwarding.boundedreads import BoundedUDPPort
 
 #: C{SO_ATTACH_REUSEPORT_CBPF} from Linux's C{asm-generic/socket.h}.
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -178,3 +193,83 @@ def _listenShared(
     finally:
         # The reactor holds its own duplicate of the descriptor.
         sock.close()
+
+
+class SharedUDPPort(BoundedUDPPort):
+    """
+    A L{BoundedUDPPort} bound with C{SO_REUSEPORT}, optionally steering the group's datagrams by
+    source address (L{sourceSteeringProgram}).
+
+    @ivar steerWorkers: Steer over this many sockets, or L{None} to let the kernel hash.
+    """
+
+    steerWorkers: int | None = None
+
+    def createInternetSocket(self) -> socket.socket:
+        """
+        A UDP socket that may share its port with this user's other sockets.
+        """
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return skt
+
+    def _bindSocket(self) -> None:
+        """
+        Bind, then attach the steering program if asked.
+
+        @raise CannotListenError: When binding or attaching fails.
+        """
+        super()._bindSocket()  # type: ignore[no-untyped-call]
+        if self.steerWorkers is not None:
+            try:
+                attachSteering(self.socket, self.steerWorkers)
+            except OSError as e:
+                self.socket.close()
+                raise CannotListenError(self.interface, self.port, e) from None
+
+
+def listenSharedUDP(
+    reactor: Any,
+    port: int,
+    protocol: DatagramProtocol,
+    interface: str = "",
+    maxPacketSize: int = 8192,
+    steerWorkers: int | None = None,
+) -> IListeningPort:
+    """
+    Listen for datagrams on a UDP port that other processes of this user share (with
+    C{SO_REUSEPORT}), failing as C{reactor.listenUDP} does; reads are bounded as
+    L{portal.forwarding.boundedreads.listenUDP}'s.
+
+    @param reactor: A posix reactor (C{addReader}).
+    @param port: The port number.
+    @param protocol: The datagram protocol.
+    @param interface: The address to bind (C{""} for all IPv4 addresses).
+    @param maxPacketSize: The largest datagram read.
+    @param steerWorkers: Steer datagrams by source address over this many workers, or L{None} to
+        let the kernel spread them by their addresses and ports.
+    @return: The listening port.
+    @raise CannotListenError: When binding fails (a process bound the port without
+        C{SO_REUSEPORT}, or as another user).
+    """
+    shared = SharedUDPPort(port, protocol, interface, maxPacketSize, reactor)  # type: ignore[no-untyped-call]
+    shared.steerWorkers = steerWorkers
+    shared.startListening()  # type: ignore[no-untyped-call]
+    return shared
+
+
+@contextmanager
+def bindingTogether(path: str) -> Iterator[None]:
+    """
+    Hold an exclusive lock (C{flock} on C{path}, created if need be) while this process binds
+    sockets that must take the same position in their reuseport groups as each other: no other
+    worker binds in between.
+
+    @param path: The lock file, the same for every worker of a relay.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
