@@ -4,6 +4,10 @@ Tests for C{twistd portal-relay --workers}: its option checks and the other work
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 from twisted.internet.error import ProcessTerminated
@@ -36,18 +40,33 @@ class WorkerOptionsTests(SynchronousTestCase):
             Options().parseOptions(["--workers", "2"])
         self.assertIn("--cluster", str(e.exception))
 
-    def test_noUDPPorts(self) -> None:
+    def test_sharedListenersOnly(self) -> None:
         """
-        UDP ports are refused with workers (not built yet), saying so, and so are listeners that
-        cannot be shared.
+        Listeners that cannot be shared are refused with workers.
         """
         cluster = ["--workers", "2", "--cluster", "etcd://127.0.0.1:2379"]
-        with self.assertRaises(usage.UsageError) as e:
-            Options().parseOptions([*cluster, "--udp-ports", "20000-20010"])
-        self.assertIn("--workers does not support UDP leases yet (--udp-ports)", str(e.exception))
         self.assertRaises(
             usage.UsageError, Options().parseOptions, [*cluster, "--public", "ssl:443"]
         )
+
+    def test_udpPorts(self) -> None:
+        """
+        UDP ports are offered with workers: every worker gets the range.
+        """
+        options = Options()
+        argv = [
+            "--workers",
+            "2",
+            "--cluster",
+            "etcd://127.0.0.1:2379",
+            "--udp-ports",
+            "20000-20010",
+        ]
+        options.parseOptions(argv)
+        config = options.config()
+        self.assertIsNotNone(config.udpPorts)
+        command = workerCommand(config.workerArgs, 1, "tcp:1", "tcp:2", "/state/worker-1")
+        self.assertIn("20000-20010", command)
 
     def test_tcpPorts(self) -> None:
         """
@@ -230,3 +249,58 @@ class WorkersTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.reactor.advance(MAX_RESTART_DELAY)
         self.assertEqual(len(self.reactor.spawned), 2)
+
+
+def _runWorkerCode(code: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{code} in a new Python process, child of this one, with this one's C{portal}.
+
+    @return: The finished process, its output as text.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+class DieWithParentTests(SynchronousTestCase):
+    """
+    L{dieWithParent}: a worker ends when the first worker does, however that one ended.
+    """
+
+    def test_signalSet(self) -> None:
+        """
+        Once called with its parent's id, the process has SIGTERM as its parent-death signal and
+        goes on.
+        """
+        done = _runWorkerCode(
+            "import ctypes, os\n"
+            f"from portal.relay.workers import dieWithParent\n"
+            f"dieWithParent({os.getpid()})\n"
+            "value = ctypes.c_int()\n"
+            "ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)\n"
+            "print(value.value)\n"
+        )
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, str(int(signal.SIGTERM))))
+
+    def test_parentAlreadyGone(self) -> None:
+        """
+        A process whose parent is not the one named (it ended before the call, and the process
+        was adopted) ends at once with SIGTERM.
+        """
+        done = _runWorkerCode(
+            "from portal.relay.workers import dieWithParent\n"
+            f"dieWithParent({os.getpid() + 1_000_000})\n"
+            "print('still running')\n"
+        )
+        self.assertEqual((done.returncode, done.stdout), (-signal.SIGTERM, ""))
+
+    def test_workerCommandCallsIt(self) -> None:
+        """
+        A worker's command line calls L{dieWithParent} with the first worker's process id before
+        C{twistd} runs.
+        """
+        argv = workerCommand((), 1, "tcp:1", "tcp:2", "/s/worker-1", parent=4321)
+        code = argv[argv.index("-c") + 1]
+        self.assertLess(code.index("dieWithParent(4321)"), code.index("run()"))
+        default = workerCommand((), 1, "tcp:1", "tcp:2", "/s/worker-1")
+        self.assertIn(f"dieWithParent({os.getpid()})", default[default.index("-c") + 1])

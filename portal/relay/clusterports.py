@@ -11,9 +11,10 @@ over a member link (L{MemberLinks.forwardPort}), which seals its bytes towards t
 of a visitor of its own port. The forwarding member only splices bytes.
 
 The workers of one relay (C{--workers}) are members of the cluster too, on one address: each
-binds every raw TCP port with C{SO_REUSEPORT}, the holding worker for its lease and the others to
-forward, and a worker that accepts a visitor for a port another worker of the relay holds hands it
-the socket itself (L{portal.relay.handoff}), with the member link as the fallback.
+binds every raw TCP and UDP port with C{SO_REUSEPORT}, the holding worker for its lease and the
+others to forward, and a worker that accepts a visitor for a raw TCP port another worker of the
+relay holds hands it the socket itself (L{portal.relay.handoff}), with the member link as the
+fallback; a UDP port's datagrams go over UDP member links, as between machines.
 
 UDP ports are claimed the same way, so that no two members hand one port to two leases, and every
 member binds every UDP port live on another member too: its datagrams go to the holding member over
@@ -36,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.boundedreads import boundAccepts, listenUDP
-from portal.forwarding.reuseport import listenSharedTCP
+from portal.forwarding.reuseport import listenSharedTCP, listenSharedUDP
 from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.relay.cluster import ClusterDirectory, PortClaim
@@ -185,8 +186,9 @@ class ClusterPorts:
             for UDP ports.
         @param forward: Whether to listen on the ports other members hold and forward their
             visitors; without, ports are only claimed.
-        @param shared: Bind the forwarding TCP listeners with C{SO_REUSEPORT} (C{--workers}: the
-            worker holding a port's lease and the other workers all listen on it).
+        @param shared: Bind the forwarding TCP listeners and UDP sockets with C{SO_REUSEPORT}
+            (C{--workers}: the worker holding a port's lease and the other workers all listen on
+            it).
         """
         self._shared = shared
         self.links = links
@@ -368,7 +370,7 @@ class ClusterPorts:
         try:
             if self.kind == "udp":
                 forwarder = ForwardedUDPPort(self.links, port, self.holding)
-                listening = listenUDP(
+                listening = (listenSharedUDP if self._shared else listenUDP)(
                     self._reactor,
                     port,
                     forwarder,

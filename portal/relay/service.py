@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import attrs
@@ -32,7 +33,7 @@ from twisted.python.failure import Failure
 from portal.forwarding.boundedreads import boundAccepts, deferAccept, listenUDP
 from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.heap import freezeStartupHeap
-from portal.forwarding.reuseport import listenReusePort
+from portal.forwarding.reuseport import bindingTogether, listenReusePort, listenSharedUDP
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.registry.document import RegistryError, loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
@@ -42,7 +43,7 @@ from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, parseClust
 from portal.relay.handoff import HandoffReceiver, HandoffSender, handoffPath
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
 from portal.relay.identitylists import IdentityListError, IdentityLists
-from portal.relay.interfaces import ILeasePorts
+from portal.relay.interfaces import ILeasePorts, IUDPMode
 from portal.relay.leaseports import LeasePorts
 from portal.relay.leases import LeaseTable
 from portal.relay.memberlink import MemberLinks
@@ -361,6 +362,8 @@ class RelayService(Service):
                 allocators["udp"],
                 maxFlowsPerSource=limits.maxUDPFlowsPerSource,
                 refusals=router.refusals,
+                # With --workers, every worker binds each port (SO_REUSEPORT), as for raw TCP.
+                shared=config.workers > 1,
             )
         for migrated in importJSONState(config.stateDir, router.leases, allocators):
             self._log.info(
@@ -508,27 +511,25 @@ class RelayService(Service):
             # Visitors the kernel hands this member before it knows the cluster's routes (a
             # worker restarted beside others on a shared port) wait in the listen queue.
             getattr(public, "stopReading", lambda: None)()
-        control = yield self._listen(
-            config.control,
-            router.limited("control", ControlFactory(router, tlsOptions)),
-            steer=True,
-        )
+        together: AbstractContextManager[None] = nullcontext()
+        if config.workers > 1:
+            # The control listener and the tunnel-facing UDP socket must take the same position
+            # in their groups, for the steering program to send a tunnel's datagrams where its
+            # control session is: no other worker binds in between.
+            together = bindingTogether(os.path.join(self._rootStateDir(), "bind.lock"))
+        with together:
+            control = yield self._listen(
+                config.control,
+                router.limited("control", ControlFactory(router, tlsOptions)),
+                steer=True,
+            )
+            if router.udp is not None:
+                self._listenTunnelSide(router.udp, control)
         self.ports["control"] = control
         router.controlPort = getattr(control.getHost(), "port", 0)
         self._announce("control", control)
         if router.udp is not None:
-            # Tunnels' sealed datagrams arrive on the control port's number, over UDP.
-            address = control.getHost()
-            tunnelSide = listenUDP(
-                self._reactor,
-                getattr(address, "port", 0),
-                router.udp.tunnelSide,
-                interface=getattr(address, "host", ""),
-                maxPacketSize=MAX_PACKET_SIZE,
-            )
-            enlargeBuffers(tunnelSide)
-            self.ports["udp-tunnels"] = tunnelSide
-            self._announce("udp-tunnels", tunnelSide)
+            self._announce("udp-tunnels", self.ports["udp-tunnels"])
         memberPort = control
         if config.workers > 1:
             # Other members must reach this very process: the shared control port would steer
@@ -572,6 +573,43 @@ class RelayService(Service):
             self._log.debug("{count} objects of the started relay left out of GC", count=frozen)
         self._listened(True)
 
+    def _rootStateDir(self) -> str:
+        """
+        @return: The first worker's state directory (this one's, without C{--workers}).
+        """
+        config = self.config
+        return config.stateDir if config.workerIndex is None else os.path.dirname(config.stateDir)
+
+    def _listenTunnelSide(self, mode: IUDPMode, control: IListeningPort) -> None:
+        """
+        Listen for tunnels' sealed datagrams on the control port's number, over UDP; with
+        C{--workers}, on a socket the workers share, steered by source address like the control
+        port, so that a tunnel's datagrams reach the worker holding its control session.
+        """
+        address = control.getHost()
+        port = getattr(address, "port", 0)
+        interface = getattr(address, "host", "")
+        workers = self.config.workers
+        if workers > 1:
+            tunnelSide = listenSharedUDP(
+                self._reactor,
+                port,
+                mode.tunnelSide,
+                interface=interface,
+                maxPacketSize=MAX_PACKET_SIZE,
+                steerWorkers=workers,
+            )
+        else:
+            tunnelSide = listenUDP(
+                self._reactor,
+                port,
+                mode.tunnelSide,
+                interface=interface,
+                maxPacketSize=MAX_PACKET_SIZE,
+            )
+        enlargeBuffers(tunnelSide)
+        self.ports["udp-tunnels"] = tunnelSide
+
     def _clientFirst(self, port: Any) -> Any:
         """
         Prepare a listener whose clients speak first (public, control, HTTP, member): bounded
@@ -613,7 +651,7 @@ class RelayService(Service):
         """
         config = self.config
         index = config.workerIndex or 0
-        root = config.stateDir if index == 0 else os.path.dirname(config.stateDir)
+        root = self._rootStateDir()
         tcp = router.tcp
 
         def portFactory(port: int) -> IProtocolFactory | None:
@@ -701,7 +739,9 @@ class RelayService(Service):
             self._clusterPorts.install()
         if router.udp is not None and isinstance(router.udp.ports, LeasePorts):
             # UDP ports too; their datagrams go to the holding member over UDP member links.
-            self._clusterUDP = ClusterPorts(links, router.udp.ports, self._reactor)
+            self._clusterUDP = ClusterPorts(
+                links, router.udp.ports, self._reactor, shared=config.workers > 1
+            )
             self._clusterUDP.install()
         # Leases also end by lapsing; a sync now and then publishes that.
         self._clusterSync = LoopingCall(self._syncCluster, links)
@@ -868,13 +908,20 @@ def _sameAddress(description: str, port: IListeningPort) -> str:
 
 
 def workerCommand(
-    args: tuple[str, ...], index: int, public: str, control: str, stateDir: str
+    args: tuple[str, ...],
+    index: int,
+    public: str,
+    control: str,
+    stateDir: str,
+    parent: int | None = None,
 ) -> list[str]:
     """
     The command line of worker C{index}: C{twistd -n portal-relay} with the first worker's
-    options, its listeners' actual ports, its own state directory and C{--worker-index}.
+    options, its listeners' actual ports, its own state directory and C{--worker-index}, which
+    ends when the first worker does (L{portal.relay.workers.dieWithParent}).
 
     @param args: The first worker's C{portal-relay} options.
+    @param parent: The first worker's process id (default: this process's).
     @return: The argv.
     """
     replaced = {"--public": public, "--control": control, "--state-dir": stateDir}
@@ -892,9 +939,11 @@ def workerCommand(
         out.append(arg)
     for name, value in replaced.items():
         out += [name, value]
+    parent = os.getpid() if parent is None else parent
     return [
         sys.executable,
         "-c",
+        f"from portal.relay.workers import dieWithParent; dieWithParent({parent:d}); "
         "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",

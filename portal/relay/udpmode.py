@@ -26,6 +26,7 @@ from portal.forwarding.boundedreads import listenUDP
 from portal.forwarding.datagramwriter import DatagramWriter
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.refusals import Refusals
+from portal.forwarding.reuseport import listenSharedUDP
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.relay.interfaces import IUDPMode
 from portal.relay.leaseports import LeasePorts, PortLease
@@ -72,6 +73,7 @@ class UDPMode:
         interface: str = "",
         maxFlowsPerSource: int = 64,
         refusals: Refusals | None = None,
+        shared: bool = False,
     ) -> None:
         """
         @param reactor: UDP and time.
@@ -79,8 +81,11 @@ class UDPMode:
         @param interface: The address lease ports bind.
         @param maxFlowsPerSource: Most flows one source address may have on a lease's port.
         @param refusals: Where flows refused for their source are counted and logged.
+        @param shared: Bind lease ports with C{SO_REUSEPORT} (C{--workers}: the other workers
+            bind them too, to forward their share of the visitors to this one).
         """
         self._reactor = reactor
+        self._shared = shared
         self.maxFlowsPerSource = maxFlowsPerSource
         self._refusals = refusals
         self.ports = LeasePorts("udp", allocator, self._listen, interface)
@@ -125,7 +130,8 @@ class UDPMode:
             refusals=self._refusals,
             onFlowClosed=lambda flowId: self._flowClosed(session, flowId),
         )
-        listening: IListeningPort = listenUDP(
+        listen = listenSharedUDP if self._shared else listenUDP
+        listening: IListeningPort = listen(
             self._reactor, lease.port, public, interface=interface, maxPacketSize=MAX_PACKET_SIZE
         )
         enlargeBuffers(listening)

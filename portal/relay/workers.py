@@ -7,11 +7,23 @@ nginx's master process restarts a worker: after 1 s, and twice as long each time
 within L{QUICK_DEATH} seconds of starting (at most L{MAX_RESTART_DELAY}), so a worker that cannot
 start does not spin. SIGHUP is passed on to every worker; on stop, each gets SIGTERM (they drain
 like any relay) and no worker is restarted.
+
+A worker must not outlive the first one, even when that one is killed with SIGKILL and cannot
+stop it: each worker calls L{dieWithParent} first thing, which asks Linux to send it SIGTERM when
+the process that started it ends (C{prctl(PR_SET_PDEATHSIG)}), so it stops as on any SIGTERM
+(draining for at most C{--shutdown-grace} seconds). The call is made in the worker itself, at the
+start of its command (Twisted's C{spawnProcess} runs no code between C{fork} and C{exec}; the
+setting survives C{exec} anyway), and a worker whose parent is already gone by then ends at once.
+The kernel does the watching, so nothing in the worker's reactor is needed, and it works whatever
+state the worker is in; a pipe from the first worker watched by each worker's reactor would also
+work beyond Linux, but the workers need Linux already (C{SO_REUSEPORT} steering).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +42,27 @@ MAX_RESTART_DELAY = 30.0
 
 #: A worker that ends sooner than this after it started died quickly: the next wait doubles.
 QUICK_DEATH = 10.0
+
+
+#: C{PR_SET_PDEATHSIG} from Linux's C{linux/prctl.h}.
+PR_SET_PDEATHSIG = 1
+
+
+def dieWithParent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """
+    Have the kernel send this process C{sig} when its parent ends (C{PR_SET_PDEATHSIG}); when the
+    parent is already gone (this process's parent is no longer C{parent}), send it now.
+
+    @param parent: The process id of the first worker, which started this one.
+    @param sig: The signal.
+    @raise OSError: When the kernel refuses (not Linux).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 class WorkerProcess(ProcessProtocol):

@@ -412,11 +412,6 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--workers needs --cluster etcd://HOST:PORT: the workers coordinate through etcd"
                 )
-            if self["udp-ports"] is not None:
-                raise usage.UsageError(
-                    "--workers does not support UDP leases yet (--udp-ports): every worker would "
-                    "bind each UDP port and datagrams are not passed between workers"
-                )
             for name in ("public", "control"):
                 try:
                     parseTCPDescription(self[name])
