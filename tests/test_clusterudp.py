@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.relay.cluster import PortClaim
+from portal.relay.cluster import Member, PortClaim
 from portal.relay.clusterudp import (
     LINK_RETRY,
     MAX_QUEUED_BYTES,
@@ -30,7 +30,7 @@ from portal.relay.clusterudp import (
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.router import Router
 from portal.relay.udplink import BAD_FRAME, LINK_IDLE_TIMEOUT
-from portal.trust.identity import Identity
+from portal.trust.identity import Identity, identityId
 from portal.wire.clienthello import INTERNAL_ERROR, alertRecord
 from portal.wire.control import Datagram, FlowOpened
 from portal.wire.memberlink import ACK, MAGIC, checkMemberHeader, pairKey, parseMemberHeader
@@ -128,6 +128,23 @@ class ForwardedUDPPortTests(SynchronousTestCase):
         self.assertEqual(FrameReader().feed(transport.value()), [Frame(*_ALICE, b"three")])
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertEqual(self.router.counters["udp_forwarded"], 3)
+
+    def test_workerSendsTheRelayIdentity(self) -> None:
+        """
+        A worker of a relay (C{--workers}), whose member id has a suffix, names the relay's
+        identity in the link's header, the id of the key it sends, as the holder checks.
+        """
+        me = Member(f"{self.b.id}-w0", self.b.publicKey, "127.0.0.1:4018", "b-w0")
+        self.directory.me = me
+        self.udp.receive(b"one", _ALICE)
+        protocol, transport = self.connect()
+        transport.clear()
+        protocol.dataReceived(_NONCE)
+        parsed = parseMemberHeader(transport.value())
+        assert parsed is not None
+        header = parsed[0]
+        self.assertEqual((header.fromId, header.fromKey), (self.b.id, self.b.publicKey))
+        self.assertEqual(identityId(header.fromKey), header.fromId)
 
     def test_queueBounded(self) -> None:
         """

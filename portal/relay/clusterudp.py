@@ -35,6 +35,7 @@ from portal.forwarding.datagramwriter import DatagramWriter
 from portal.relay.cluster import Member, PortClaim
 from portal.relay.memberlink import MemberLinkClient, MemberLinks
 from portal.relay.udplink import BAD_FRAME, LINK_IDLE_TIMEOUT, countDrop
+from portal.trust.identity import identityId
 from portal.trust.names import leaseHostname
 from portal.trust.relayaddress import ConfigError
 from portal.wire.memberlink import MemberHeader
@@ -343,7 +344,9 @@ class ForwardedUDPPort(DatagramProtocol):
         self._retryAt = now + LINK_RETRY
         me = links.directory.me
         header = MemberHeader(
-            me.id,
+            # The relay's identity, not the member id (a worker's has a suffix): the holder checks
+            # that the id is the key's.
+            identityId(me.publicKey),
             me.publicKey,
             leaseHostname(claim.name, router.tunnelDomain),
             "",
