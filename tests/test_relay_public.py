@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from benchmarks.attacker import clientHello
+from portal.relay.admission import Rate
 from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
 from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory, VisitorProtocol
@@ -1058,3 +1059,123 @@ class RelaySiteTests(RelayHarness):
         """
         for site in (relaySite(self.router), httpSite(self.router)):
             self.assertEqual(site.acceptableProtocols(), [b"http/1.1"])
+
+
+class ControlHandshakePacingTests(RelayHarness):
+    """
+    The control port starts at most L{RelayLimits.handshakeRate} TLS handshakes a second; the rest
+    wait, reading nothing, in a bounded queue served source by source.
+    """
+
+    limits = attrs.evolve(RelayHarness.limits, handshakeRate=Rate(10.0, 2.0), handshakeQueue=3)
+
+    def tlsFrom(self, host: str, port: int = 50000) -> tuple[ControlDispatch, ClosingTransport]:
+        """
+        Open a control-port connection from C{host} and send a ClientHello.
+
+        @return: The dispatcher and its transport.
+        """
+        address = IPv4Address("TCP", host, port)
+        dispatch = self.controlFactory.buildProtocol(address)
+        dispatch.callLater = self.clock.callLater  # type: ignore[method-assign, assignment]
+        transport = connect(dispatch, address)
+        dispatch.dataReceived(clientHello("localhost"))
+        return dispatch, transport
+
+    def test_burstThenWait(self) -> None:
+        """
+        The burst shakes hands at once; the next connection waits paused, with nothing written,
+        counted and shown as waiting, and shakes hands when its turn comes 1/rate later.
+        """
+        for _ in range(2):
+            dispatch, _ = self.tlsFrom("198.51.100.7")
+            self.assertIsInstance(dispatch.chosen, TLSMemoryBIOProtocol)
+        waiting, transport = self.tlsFrom("198.51.100.7")
+        self.assertIsNone(waiting.chosen)
+        self.assertEqual((transport.producerState, transport.value()), ("paused", b""))
+        self.assertEqual(self.router.counters["handshakes_delayed"], 1)
+        self.assertEqual(self.router.gauges()["handshakes_waiting"], 1)
+        self.clock.advance(0.1)
+        self.assertIsInstance(waiting.chosen, TLSMemoryBIOProtocol)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(transport.value()[:1], b"\x16")
+        self.assertEqual(self.router.gauges()["handshakes_waiting"], 0)
+        self.assertEqual(self.router.gauges()["handshakes_waiting_peak"], 1)
+
+    def test_fairBetweenSources(self) -> None:
+        """
+        A source with several connections waiting does not make another source's one wait behind
+        all of them.
+        """
+        for _ in range(2):
+            self.tlsFrom("198.51.100.7")
+        flood = [self.tlsFrom("198.51.100.7", 50001 + i)[0] for i in range(2)]
+        user, _ = self.tlsFrom("198.51.100.8")
+        self.clock.advance(0.1)
+        self.assertIsInstance(flood[0].chosen, TLSMemoryBIOProtocol)
+        self.assertIsNone(user.chosen)
+        self.clock.advance(0.1)
+        self.assertIsInstance(user.chosen, TLSMemoryBIOProtocol)
+        self.assertIsNone(flood[1].chosen)
+
+    def test_queueFull(self) -> None:
+        """
+        Beyond the queue, a TLS connection is refused before the handshake with a fatal alert,
+        counted and logged as C{handshake_queue}.
+        """
+        for _ in range(2 + 3):
+            self.tlsFrom("198.51.100.7")
+        refused, transport = self.tlsFrom("198.51.100.9")
+        self.assertIsNone(refused.chosen)
+        self.assertRefused(transport, INTERNAL_ERROR)
+        self.assertEqual(self.router.refusals.counts, {"handshake_queue": 1})
+        self.assertLogged("refused 198.51.100.9", "TLS handshakes waiting")
+
+    def test_closedWhileWaiting(self) -> None:
+        """
+        A connection that closes while waiting leaves the queue; the next one gets its turn.
+        """
+        for _ in range(2):
+            self.tlsFrom("198.51.100.7")
+        gone, goneTransport = self.tlsFrom("198.51.100.7")
+        after, _ = self.tlsFrom("198.51.100.8")
+        goneTransport.loseConnection()
+        self.assertEqual(self.router.handshakes.waiting, 1)
+        self.clock.advance(0.1)
+        self.assertIsNone(gone.chosen)
+        self.assertIsInstance(after.chosen, TLSMemoryBIOProtocol)
+
+    def test_waitedTooLong(self) -> None:
+        """
+        A connection still waiting when the attach timeout ends is refused as C{handshake_wait}.
+        """
+        self.router.handshakes._bucket.rate = 0.01
+        for _ in range(2):
+            self.tlsFrom("198.51.100.7")[1].loseConnection()
+        waiting, transport = self.tlsFrom("198.51.100.7")
+        self.clock.advance(self.limits.attachTimeout)
+        self.assertIsNone(waiting.chosen)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.router.refusals.counts, {"handshake_wait": 1})
+        self.assertEqual(self.router.handshakes.waiting, 0)
+
+    def test_dataSessionsNotPaced(self) -> None:
+        """
+        Plain data sessions (one per visitor) never wait behind TLS handshakes.
+        """
+        for _ in range(4):
+            self.tlsFrom("198.51.100.7")
+        data, _ = self.dataConnection()
+        self.assertIsInstance(data.chosen, RelayDataSession)
+
+    def test_bytesWhileWaitingBounded(self) -> None:
+        """
+        A waiting connection that keeps sending is closed past L{ControlDispatch.maxWaitingPeek}
+        bytes, and leaves the queue.
+        """
+        for _ in range(2):
+            self.tlsFrom("198.51.100.7")
+        waiting, transport = self.tlsFrom("198.51.100.7")
+        waiting.dataReceived(b"\x00" * ControlDispatch.maxWaitingPeek)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.router.handshakes.waiting, 0)

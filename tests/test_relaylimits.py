@@ -16,6 +16,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.connlimit import LimitedFactory
+from portal.relay.admission import Rate
 from portal.relay.public import PublicFactory
 from portal.relay.router import DataPool, RelayLimits, Router
 from portal.relay.service import RelayConfig, RelayService
@@ -284,9 +285,20 @@ class LimitOptionsTests(SynchronousTestCase):
         self.assertEqual(options.config().limits, RelayLimits())
         self.assertEqual(RelayLimits().maxConnections, 16384)
         self.assertEqual(RelayLimits().deferAccept, 5.0)
+        self.assertEqual(RelayLimits().handshakeRate, Rate(200.0, 20.0))
+        self.assertEqual(RelayLimits().handshakeQueue, 1024)
         options = Options()
         options.parseOptions(["--defer-accept", "0"])
         self.assertEqual(options.config().limits.deferAccept, 0.0)
+
+    def test_handshakeOptions(self) -> None:
+        """
+        C{--handshake-rate} and C{--handshake-queue} set the control port's handshake pacing.
+        """
+        options = Options()
+        options.parseOptions(["--handshake-rate", "50/5", "--handshake-queue", "64"])
+        limits = options.config().limits
+        self.assertEqual((limits.handshakeRate, limits.handshakeQueue), (Rate(50.0, 5.0), 64))
 
     def test_options(self) -> None:
         """
@@ -337,6 +349,9 @@ class LimitOptionsTests(SynchronousTestCase):
             ("--defer-accept", "-1"),
             ("--defer-accept", "inf"),
             ("--defer-accept", "soon"),
+            ("--handshake-rate", "0/1"),
+            ("--handshake-rate", "fast"),
+            ("--handshake-queue", "0"),
             ("--bandwidth-per-lease", "-1"),
             ("--bandwidth-per-lease", "fast"),
             ("--bandwidth-per-lease", "1T"),

@@ -31,7 +31,9 @@ from twisted.python.failure import Failure
 
 import portal
 from portal.forwarding.connlimit import vouchFor
+from portal.forwarding.pacer import PacerFull, Waiting
 from portal.forwarding.sources import peerSource
+from portal.forwarding.splice import pauseReading, resumeReading
 from portal.relay.data import RelayDataSession
 from portal.relay.hop import HopInbound
 from portal.relay.interfaces import ILeasePorts
@@ -965,9 +967,16 @@ class ControlDispatch(PeekingProtocol):
     """
 
     maxPeek = len(MAGIC)
+    #: Bytes a connection waiting for its turn to shake hands may have sent (a ClientHello, with
+    #: room to spare); more closes it.
+    maxWaitingPeek = 16384
     #: The reason label of a refusal by rate (see L{choose}), counted and logged by L{Admission
     #: <portal.relay.admission.Admission>} with the rate limits it enforces.
     _refusal: str | None = None
+    #: This connection's place in the queue for a TLS handshake, while it waits.
+    _waiting: Waiting | None = None
+    #: Its turn has come: the TLS handshake may start.
+    _turn = False
 
     def __init__(self, router: Router, tlsFactory: TLSMemoryBIOFactory) -> None:
         super().__init__()
@@ -982,18 +991,39 @@ class ControlDispatch(PeekingProtocol):
     def choose(self, data: bytes) -> IProtocol | None:
         """
         @param data: The first bytes of the connection.
-        @return: A TLS-wrapped L{RelayControlProtocol} or a L{RelayDataSession}.
+        @return: A TLS-wrapped L{RelayControlProtocol} or a L{RelayDataSession}; L{None} while a
+            TLS connection waits for its turn to shake hands (L{Router.handshakes
+            <portal.relay.router.Router.handshakes>}), reading nothing more meanwhile.
         """
         if data[0] == TLS_HANDSHAKE:
             assert self.transport is not None
             peer = self.transport.getPeer()
-            if not self._router.admission.mayHello(peerSource(peer)):
+            if self._turn:
+                return self._tlsFactory.buildProtocol(peer)
+            if self._waiting is not None:
+                return None
+            source = peerSource(peer)
+            if not self._router.admission.mayHello(source):
                 self._refusal = "hello_rate_source"
                 raise RefuseConnection(
                     "too many hello requests from your address: refused before the TLS handshake",
                     alertRecord(INTERNAL_ERROR),
                 )
-            return self._tlsFactory.buildProtocol(peer)
+            try:
+                self._waiting = self._router.handshakes.enter(source, self._yourTurn)
+            except PacerFull:
+                self._refusal = "handshake_queue"
+                raise RefuseConnection(
+                    "too many TLS handshakes waiting: refused before the TLS handshake",
+                    alertRecord(INTERNAL_ERROR),
+                )
+            if self._waiting is None:
+                return self._tlsFactory.buildProtocol(peer)
+            self._router.counters["handshakes_delayed"] = (
+                self._router.counters.get("handshakes_delayed", 0) + 1
+            )
+            pauseReading(self.transport)
+            return None
         if data.startswith(MAGIC):
             return RelayDataSession(self._router)
         cluster = self._router.cluster
@@ -1002,6 +1032,49 @@ class ControlDispatch(PeekingProtocol):
         if MAGIC.startswith(data) or MEMBER_MAGIC.startswith(data):
             return None
         raise RefuseConnection("neither TLS nor a Portal data session")
+
+    def peekedTooMuch(self) -> bool:
+        """
+        @return: Whether more bytes were buffered than a decision needs, or, while the connection
+            waits for its TLS handshake, than L{maxWaitingPeek}.
+        """
+        if self._waiting is not None:
+            return len(self._peeked) > self.maxWaitingPeek
+        return super().peekedTooMuch()
+
+    def timeoutConnection(self) -> None:
+        """
+        Nothing recognisable arrived in time, or the connection waited that long for its turn to
+        shake hands (counted and logged as C{handshake_wait}).
+        """
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+            self._refusal = "handshake_wait"
+            self.refuse(f"waited {self.peekTimeout} seconds for its TLS handshake")
+            return
+        super().timeoutConnection()
+
+    def _yourTurn(self) -> None:
+        """
+        The pacer lets this connection's TLS handshake start: read again and start it.
+        """
+        self._waiting = None
+        self._turn = True
+        assert self.transport is not None
+        resumeReading(self.transport)
+        super().dataReceived(b"")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Leave the handshake queue, if waiting, and stop as the peeking protocol does.
+
+        @param reason: Why the connection closed.
+        """
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        super().connectionLost(reason)
 
     def refuse(self, reason: str, reply: bytes = b"") -> None:
         """

@@ -43,6 +43,8 @@ COUNTER_HELP: dict[str, str] = {
     "tcp_adopted": "Raw TCP visitors another worker handed over by their socket (--workers).",
     "udp_forwarded": "UDP datagrams relayed to the cluster member holding their lease (--cluster).",
     "udp_forward_replies": "UDP replies from the holding cluster member sent to visitors (--cluster).",
+    "handshakes_delayed": "Control-port connections that waited for their TLS handshake "
+    "(--handshake-rate).",
 }
 
 #: What the relay's gauges measure.
@@ -56,6 +58,9 @@ GAUGE_HELP: dict[str, str] = {
     "hops_open": "Multi-hop connections open through this relay.",
     "connections_open": "Connections open on all the relay's listeners together.",
     "pow_difficulty_bits": "The proof of work registrations need now, in bits (0 while quiet).",
+    "handshakes_waiting": "Control-port connections waiting for their TLS handshake now.",
+    "handshakes_waiting_peak": "Most control-port connections that waited for their TLS handshake "
+    "at once since the relay started.",
     "uptime_seconds": "Seconds since the relay started.",
 }
 

@@ -16,11 +16,12 @@ from portal.forwarding.connlimit import ConnectionLimiter, LimitedFactory, OpenC
 from portal.forwarding.idlewatch import IdlePolicy
 from portal.forwarding.kernelsplice import joinEnds
 from portal.forwarding.meter import ByteMeter
+from portal.forwarding.pacer import FairPacer
 from portal.forwarding.pacing import BandwidthCaps
 from portal.forwarding.refusals import Refusals
 from portal.forwarding.sources import sourceKey
 from portal.forwarding.splice import SpliceProtocol, pauseReading, splice
-from portal.relay.admission import Admission, AdmissionLimits
+from portal.relay.admission import Admission, AdmissionLimits, Rate
 from portal.relay.cluster import ICluster
 from portal.relay.events import RecentEvents
 from portal.relay.hop import HopForwarder
@@ -90,6 +91,11 @@ class RelayLimits:
     @ivar bandwidthPerSource: Bytes per second all streams of one visitor source address may move
         together; 0 for no cap.
     @ivar admission: Rate limits, quotas per source address and proof of work on registrations.
+    @ivar handshakeRate: TLS handshakes a second the relay starts on its control port, and the
+        burst it starts at once after a quiet spell (HAProxy's C{maxsslrate}); the rest wait their
+        turn, source address by source address (L{portal.forwarding.pacer}).
+    @ivar handshakeQueue: Control-port connections that may wait for their TLS handshake at once;
+        more are refused before the handshake.
     """
 
     maxIdleData: int = 64
@@ -116,6 +122,8 @@ class RelayLimits:
     bandwidthPerIdentity: float = 0.0
     bandwidthPerSource: float = 0.0
     admission: AdmissionLimits = attrs.field(factory=AdmissionLimits)
+    handshakeRate: Rate = Rate(200.0, 20.0)
+    handshakeQueue: int = 1024
 
 
 class DataPool:
@@ -419,6 +427,13 @@ class Router:
         self.admission = Admission(
             clock, self.limits.admission, self.refusals, self._nameHeld, self._portHeld
         )
+        #: Paces the TLS handshakes of new control-port connections.
+        self.handshakes = FairPacer(
+            clock,
+            self.limits.handshakeRate.perSecond,
+            self.limits.handshakeRate.burst,
+            self.limits.handshakeQueue,
+        )
         self.sessions: dict[bytes, DataPool] = {}
         self.controls: set[Any] = set()
         self.visitors: set[Any] = set()
@@ -503,6 +518,8 @@ class Router:
             "hops_open": self.hops.openCount,
             "connections_open": self.connections.count,
             "pow_difficulty_bits": self.admission.difficulty.current(),
+            "handshakes_waiting": self.handshakes.waiting,
+            "handshakes_waiting_peak": self.handshakes.peakWaiting,
             "uptime_seconds": self.clock.seconds() - self.startedAt,
         }
 

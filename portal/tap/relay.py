@@ -30,6 +30,7 @@ from portal.trust.relayaddress import ConfigError, parseHostPort
 from portal.tunnel.control import MAX_WORK
 
 _ADMISSION = AdmissionLimits()
+_LIMITS = RelayLimits()
 _DIFFICULTY = DifficultyPolicy()
 
 
@@ -262,6 +263,21 @@ class Options(usage.Options):
             _nonNegative(float),
         ],
         [
+            "handshake-rate",
+            None,
+            str(_LIMITS.handshakeRate),
+            "TLS handshakes a second the relay starts on its control port, PER_SECOND/BURST (token "
+            "bucket); more wait their turn, source address by source address.",
+        ],
+        [
+            "handshake-queue",
+            None,
+            _LIMITS.handshakeQueue,
+            "Control-port connections that may wait for their TLS handshake at once; more are "
+            "refused before the handshake.",
+            _positive(int),
+        ],
+        [
             "site-idle-timeout",
             None,
             30.0,
@@ -417,6 +433,10 @@ class Options(usage.Options):
                     parseTCPDescription(self[name])
                 except ReusePortError as e:
                     raise usage.UsageError(f"--{name} {e}")
+        try:
+            self["handshake-rate-parsed"] = parseRate(self["handshake-rate"], "--handshake-rate")
+        except RateError as e:
+            raise usage.UsageError(str(e))
         for scope in ("", "-total"):
             for command in COMMANDS:
                 option = f"{command}-rate{scope}"
@@ -499,6 +519,8 @@ class Options(usage.Options):
                 siteHeaderTimeout=self["site-header-timeout"],
                 siteIdleTimeout=self["site-idle-timeout"],
                 deferAccept=self["defer-accept"],
+                handshakeRate=self["handshake-rate-parsed"],
+                handshakeQueue=self["handshake-queue"],
                 maxUDPFlowsPerSource=self["max-udp-flows-per-source"],
                 streamIdleTimeout=self["stream-idle-timeout"],
                 bandwidthPerLease=self["bandwidth-per-lease"],

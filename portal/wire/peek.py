@@ -107,7 +107,7 @@ class PeekingProtocol(Protocol, TimeoutMixin):
             self.refuse(str(e), e.reply)
             return
         if chosen is None:
-            if len(self._peeked) > self.maxPeek:
+            if self.peekedTooMuch():
                 self.refuse(f"sent {len(self._peeked)} bytes without a recognisable start")
             return
         self.setTimeout(None)
@@ -117,6 +117,12 @@ class PeekingProtocol(Protocol, TimeoutMixin):
         chosen.makeConnection(self.transport)
         if data:
             chosen.dataReceived(data)
+
+    def peekedTooMuch(self) -> bool:
+        """
+        @return: Whether more bytes were buffered than a decision may need (L{maxPeek}).
+        """
+        return len(self._peeked) > self.maxPeek
 
     def refuse(self, reason: str, reply: bytes = b"") -> None:
         """

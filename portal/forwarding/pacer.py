@@ -1,0 +1,186 @@
+"""
+A fair pacer for costly work that arrives in bursts: at most C{rate} starts a second (a token
+bucket of C{burst}), the rest waiting in a bounded queue, served round robin between keys.
+
+The relay paces the TLS handshakes it does itself (control sessions, tunnels' TLS data sessions): one
+costs a millisecond or more of the relay's only thread, and a few hundred started at once (a flood
+of new control sessions, a restart's reconnections) would hold every visitor's connection for that
+long. Paced, the handshakes take turns with everything else, and a burst is spread over time
+instead of stalling the reactor; queued work is served one key at a time in turn, so a source with
+a hundred waiting delays another source's one by at most one turn per waiting source. The model is
+HAProxy's C{maxsslrate} (new TLS sessions a second, the excess waiting in the accept queue), with
+fairness between source addresses that HAProxy leaves to the kernel.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from portal.forwarding.tokenbucket import TokenBucket
+
+#: Seconds the queue's timer waits at least.
+MIN_WAIT = 1e-4
+
+
+class PacerFull(Exception):
+    """
+    The queue holds as many waiting starts as it may.
+    """
+
+
+class Waiting:
+    """
+    A start waiting in a L{FairPacer}'s queue.
+
+    @ivar key: What it waits under (a source address).
+    """
+
+    __slots__ = ("_pacer", "key", "_start", "cancelled")
+
+    def __init__(self, pacer: FairPacer, key: Hashable, start: Callable[[], None]) -> None:
+        self._pacer = pacer
+        self.key = key
+        self._start = start
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """
+        Leave the queue (the connection went away); does nothing once started or cancelled.
+        """
+        if not self.cancelled:
+            self.cancelled = True
+            self._pacer._left(self)
+
+
+class FairPacer:
+    """
+    Lets at most C{rate} starts a second through (C{burst} at once after a quiet spell) and queues the
+    rest, at most C{maxWaiting} in all, served round robin between keys as tokens come.
+
+    @ivar rate: Starts a second.
+    @ivar burst: Starts let through at once after a quiet spell.
+    @ivar maxWaiting: Most starts waiting at once.
+    @ivar waiting: Starts waiting now.
+    @ivar peakWaiting: Most starts that waited at once since this pacer was made.
+    @ivar delayed: Starts that had to wait, in all.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: float, maxWaiting: int) -> None:
+        """
+        @param clock: The source of time, and of the timer that serves the queue.
+        @param rate: Starts a second; positive.
+        @param burst: Starts let through at once; positive.
+        @param maxWaiting: Most starts waiting at once; at least 1.
+        @raise ValueError: For a rate, burst or queue size out of range.
+        """
+        if maxWaiting < 1:
+            raise ValueError(f"a pacer's queue must hold at least 1, not {maxWaiting}")
+        self._clock = clock
+        self._bucket = TokenBucket(clock, rate, burst)
+        self.rate = self._bucket.rate
+        self.burst = self._bucket.burst
+        self.maxWaiting = maxWaiting
+        # Each key's queue, in the order keys take turns (a dict keeps insertion order).
+        self._queues: dict[Hashable, deque[Waiting]] = {}
+        self.waiting = 0
+        self.peakWaiting = 0
+        self.delayed = 0
+        self._timer: IDelayedCall | None = None
+
+    def enter(self, key: Hashable, start: Callable[[], None]) -> Waiting | None:
+        """
+        Ask to start now.
+
+        @param key: Whose start this is (fairness is between keys).
+        @param start: Called, later, when the start is let through, unless cancelled first.
+        @return: L{None} when the caller may start at once (C{start} is not called), else the
+            L{Waiting} entry whose C{start} will be called in turn.
+        @raise PacerFull: When the queue is full; nothing is queued.
+        """
+        if not self.waiting and self._bucket.take():
+            return None
+        if self.waiting >= self.maxWaiting:
+            raise PacerFull(f"{self.waiting} starts are waiting already")
+        entry = Waiting(self, key, start)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(entry)
+        self.waiting += 1
+        self.delayed += 1
+        self.peakWaiting = max(self.peakWaiting, self.waiting)
+        self._schedule()
+        return entry
+
+    def _left(self, entry: Waiting) -> None:
+        """
+        Take a cancelled entry out of its key's queue.
+        """
+        queue = self._queues.get(entry.key)
+        if queue is None:
+            return
+        try:
+            queue.remove(entry)
+        except ValueError:
+            return
+        self.waiting -= 1
+        if not queue:
+            del self._queues[entry.key]
+        if not self.waiting and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self) -> None:
+        """
+        Make sure the timer that serves the queue will run when the next token is there.
+        """
+        if self._timer is not None and self._timer.active():
+            return
+        # Never less than MIN_WAIT: with float time, a wait a rounding error long could leave the
+        # bucket a hair short of a token when the timer fires, and fire it again at once.
+        self._timer = self._clock.callLater(max(MIN_WAIT, self._bucket.delay(1.0)), self._serve)
+
+    def _serve(self) -> None:
+        """
+        Let through as many waiting starts as there are tokens, one key at a time in turn.
+        """
+        self._timer = None
+        started: list[Waiting] = []
+        while self._queues and self._bucket.take():
+            key = next(iter(self._queues))
+            queue = self._queues.pop(key)
+            entry = queue.popleft()
+            if queue:
+                self._queues[key] = queue  # To the back of the line.
+            self.waiting -= 1
+            entry.cancelled = True  # Started: no longer cancellable.
+            started.append(entry)
+        if self._queues:
+            self._schedule()
+        for entry in started:
+            try:
+                entry._start()
+            except Exception:
+                self._log.failure("a paced start failed")
+
+    def stop(self) -> None:
+        """
+        Forget every waiting start (the relay is stopping) and the timer.
+        """
+        for queue in self._queues.values():
+            for entry in queue:
+                entry.cancelled = True
+        self._queues.clear()
+        self.waiting = 0
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def __repr__(self) -> str:
+        return f"<FairPacer {self.rate:g}/s burst {self.burst:g}, {self.waiting} waiting>"
