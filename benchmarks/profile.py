@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     spy = nextToPython if os.path.exists(nextToPython) else tool("py-spy")
     if spy is None:
         parser.error("py-spy is not installed (pip install -e '.[bench]')")
+    os.makedirs(args.out, exist_ok=True)
     lab = Lab()
     try:
         _, plainPort = lab.sink(tls=False)

@@ -736,6 +736,20 @@ def _attackSection(data: dict[str, Any]) -> list[str]:
             f"| {'under attack' if phase['attacked'] else 'quiet'} | {cells} | "
             f"{_fmt(phase['machineBusyCores'], 2)} | {_fmt(phase['loadAverage1m'], 1)} |"
         )
+    slow = [phase.get("slowBySecond") for phase in data["phases"]]
+    if all(slow):
+        width = max(len(counts) for counts in slow)
+        out += [
+            "",
+            "When the slow visits came: visits (all visitors) slower than twice their quiet p99, by "
+            "second of each phase in order:",
+            "",
+            "| phase | " + " | ".join(f"{s}-{s + 1} s" for s in range(width)) + " |",
+            "|---|" + "---|" * width,
+        ]
+        for phase, counts in zip(data["phases"], slow, strict=True):
+            kind = "under attack" if phase["attacked"] else "quiet"
+            out.append(f"| {kind} | " + " | ".join(str(c) for c in counts) + " |")
     out += [
         "",
         "| phases | machine busy cores | relay CPU s | relay waiting for a CPU s | attacker CPU s "

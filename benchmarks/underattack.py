@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import socket
 import statistics
@@ -62,6 +63,7 @@ LIMITS: dict[str, Any] = {
     "register-rate": "2/20",
     "challenge-rate": "20/200",
     "hello-rate": "20/200",
+    "handshake-rate": "200/20",
     "site-header-timeout": 10.0,
     "defer-accept": float(os.environ.get("PORTAL_BENCH_DEFER_ACCEPT", "5")),
 }
@@ -127,16 +129,24 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def _visitLoop(
-    visitor: Visitor, seconds: float, ttfbs: list[float], failures: Counter[str]
+    visitor: Visitor,
+    seconds: float,
+    ttfbs: list[float],
+    failures: Counter[str],
+    offsets: list[float],
 ) -> None:
     """
-    Visit every L{VISIT_INTERVAL} (or back to back when a visit takes longer) for C{seconds}.
+    Visit every L{VISIT_INTERVAL} (or back to back when a visit takes longer) for C{seconds},
+    noting each successful visit's time to first byte in C{ttfbs} and when in the phase it began in
+    C{offsets}.
     """
     start = time.monotonic()
     due = start
     while time.monotonic() - start < seconds:
         try:
+            began = time.monotonic() - start
             ttfbs.append(visitor.visit())
+            offsets.append(began)
         except Exception as e:
             failures[f"{type(e).__name__}: {e}"[:120]] += 1
         due += VISIT_INTERVAL
@@ -249,10 +259,13 @@ def _phase(
         C{during} returned.
     """
     ttfbs: dict[str, list[float]] = {v.name: [] for v in visitors}
+    offsets: dict[str, list[float]] = {v.name: [] for v in visitors}
     failures: dict[str, Counter[str]] = {v.name: Counter() for v in visitors}
     threads = [
         threading.Thread(
-            target=_visitLoop, args=(v, seconds, ttfbs[v.name], failures[v.name]), daemon=True
+            target=_visitLoop,
+            args=(v, seconds, ttfbs[v.name], failures[v.name], offsets[v.name]),
+            daemon=True,
         )
         for v in visitors
     ]
@@ -276,6 +289,7 @@ def _phase(
     return {
         "seconds": time.monotonic() - started,
         "ttfbs": ttfbs,
+        "offsets": offsets,
         "failures": failures,
         "gauges": sampler.gauges,
         "held": sampler.held,
@@ -303,6 +317,27 @@ def _visitorFigures(ttfbs: list[float], failures: Counter[str]) -> dict[str, Any
         "ttfbMaxUs": max(ttfbs) * 1e6 if ttfbs else None,
         "failures": dict(failures.most_common(10)),
     }
+
+
+def _slowBySecond(phase: dict[str, Any], quiet: dict[str, Any], seconds: float) -> list[int]:
+    """
+    When in a phase the slow visits came: a visit is slow when its time to first byte is more
+    than twice its visitor's p99 over all quiet phases.
+
+    @param phase: A phase's raw figures (L{_phase}).
+    @param quiet: The quiet phases' pooled figures (L{_pool}).
+    @param seconds: The phase's length.
+    @return: Slow visits of every visitor together, by whole second of the phase.
+    """
+    counts = [0] * max(1, math.ceil(seconds))
+    for name, ttfbs in phase["ttfbs"].items():
+        p99 = quiet["visitors"][name]["ttfbP99us"]
+        if not p99:
+            continue
+        for began, ttfb in zip(phase["offsets"][name], ttfbs, strict=True):
+            if ttfb * 1e6 > 2 * p99:
+                counts[min(len(counts) - 1, int(began))] += 1
+    return counts
 
 
 def _pool(phases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -652,6 +687,7 @@ def underAttack(lab: Lab, seconds: float, log: Callable[[str], None]) -> dict[st
                 },
                 "machineBusyCores": phase["busySeconds"] / phase["seconds"],
                 "loadAverage1m": phase["loadAverage1m"],
+                "slowBySecond": _slowBySecond(phase, quietFigures, block),
             }
             for phase in order
         ],
