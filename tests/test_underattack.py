@@ -19,6 +19,7 @@ from benchmarks.underattack import (
     _pool,
     _quotas,
     _refusals,
+    _slowBySecond,
     _visitorFigures,
 )
 
@@ -184,6 +185,18 @@ class PoolingTests(SynchronousTestCase):
         self.assertEqual(pooled["machineBusyCores"], 1.5)
         self.assertEqual(pooled["newTunnelLeaseSeconds"], [1.5, 1.5])
 
+    def test_slowBySecond(self) -> None:
+        """
+        L{_slowBySecond} counts, by whole second of the phase, the visits slower than twice their
+        visitor's quiet p99 (the last second takes any visit that began after the phase's end).
+        """
+        quiet = _pool([_rawPhase(0.01)])
+        phase = {
+            "ttfbs": {"stream": [0.005, 0.025, 0.021, 0.019, 0.5]},
+            "offsets": {"stream": [0.0, 0.1, 1.5, 2.0, 3.2]},
+        }
+        self.assertEqual(_slowBySecond(phase, quiet, 3.0), [1, 1, 1])
+
     def test_mergeAttacks(self) -> None:
         """
         L{_mergeAttacks} sums what the blocks tried and keeps, for what was held at once, the
@@ -224,6 +237,7 @@ class ReportTests(SynchronousTestCase):
                     "ttfbP99us": {"stream": 1000.0},
                     "machineBusyCores": 2.0,
                     "loadAverage1m": 9.0,
+                    "slowBySecond": [3, 0],
                 },
             ],
             "comparison": _comparison(quiet, attacked),
@@ -273,6 +287,8 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("1 x TimeoutError: timed out", text)
         self.assertIn("| stream | 2.50 | 2.50 |", text)
         self.assertIn("| quiet | 1,000 | 2.00 | 9.0 |", text)
+        self.assertIn("| phase | 0-1 s | 1-2 s |", text)
+        self.assertIn("| quiet | 3 | 0 |", text)
         self.assertIn("| 40 | 99 | - | - | **no** |", text)
         self.assertIn("connections_per_source 3,000", text)
         self.assertIn("- a note", text)
