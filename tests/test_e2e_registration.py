@@ -15,6 +15,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -234,6 +235,54 @@ class RegistrationFloodTests(TestCase):
         self.assertLessEqual(len(issued) + len(refused), 200 + 40 * seconds + 2)
         logged = [line for line in relay.lines if "too many challenge requests" in line]
         self.assertEqual(len(logged), 1)
+
+    @inlineCallbacks
+    def test_handshakesPaced(self) -> Any:
+        """
+        With C{--handshake-rate 10/2}, 20 control sessions opened at once from 127.0.0.2 shake hands
+        two at once and then ten a second, the rest waiting (counted on C{/metrics}); a session
+        from 127.0.0.3 that arrives while they wait is served in its own turn, before most of
+        them, and every session gets its L{Hello} answered.
+        """
+        stateDir = os.path.join(homeDir(self, "relay"), "state")
+        relay, _, controlPort = yield startRelay(
+            self,
+            stateDir,
+            extra=["--http", "tcp:0:interface=127.0.0.1", "--handshake-rate", "10/2"],
+        )
+        httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
+        httpPort = int(httpMatch.group(1))
+        answered: list[str] = []
+
+        async def hello(source: str, label: str) -> None:
+            endpoint = wrapClientTLS(
+                relayTLSOptions(),
+                TCP4ClientEndpoint(
+                    reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=(source, 0)
+                ),
+            )
+            protocol = await connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+            try:
+                await protocol.callRemote(Hello, **helloArguments()).addTimeout(30, reactor)
+                answered.append(label)
+            finally:
+                assert protocol.transport is not None
+                protocol.transport.loseConnection()
+
+        flood = [Deferred.fromCoroutine(hello("127.0.0.2", f"flood{i}")) for i in range(20)]
+        for _ in range(100):
+            values = yield metrics(httpPort)
+            if values.get("portal_relay_handshakes_waiting", 0) >= 10:
+                break
+            yield deferLater(reactor, 0.05)
+        self.assertGreaterEqual(values["portal_relay_handshakes_waiting"], 10)
+        yield Deferred.fromCoroutine(hello("127.0.0.3", "user"))
+        yield gatherResults(flood)
+        self.assertEqual(len(answered), 21)
+        self.assertLess(answered.index("user"), 10, answered)
+        values = yield metrics(httpPort)
+        self.assertGreaterEqual(values["portal_relay_handshakes_delayed_total"], 18)
+        self.assertEqual(values["portal_relay_handshakes_waiting"], 0)
 
     @inlineCallbacks
     def test_denyListOnSighup(self) -> Any:
