@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -128,3 +129,34 @@ def startEtcd(testCase: TestCase, members: int = 1) -> Any:
 
         yield gatherResults([startNode(testCase, n, cluster) for n in nodes])
     return nodes
+
+
+@inlineCallbacks
+def startWorkerRelay(testCase: TestCase, extra: Sequence[str] = ()) -> Any:
+    """
+    Start a real etcd and a C{twistd -n portal-relay --workers 2} in a cluster on it (tunnel domain
+    C{cluster.localhost}), and wait until its second worker has joined.
+
+    @param extra: More relay options.
+    @return: A L{Deferred} firing with the relay process, its public and control ports, and its
+        state directory.
+    """
+    from tests.realprocesses import homeDir, startRelay
+
+    nodes = yield startEtcd(testCase)
+    state = os.path.join(homeDir(testCase, "relay"), "state")
+    relay, public, control = yield startRelay(
+        testCase,
+        state,
+        extra=[
+            "--tunnel-domain",
+            "cluster.localhost",
+            "--cluster",
+            f"etcd://127.0.0.1:{nodes[0].clientPort}",
+            "--workers",
+            "2",
+            *extra,
+        ],
+    )
+    yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ")
+    return relay, public, control, state

@@ -6,7 +6,6 @@ without the tunnel hands each of its visitors' sockets to the one with it.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from typing import Any
@@ -17,14 +16,13 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import TestCase
 
-from tests.etcdprocess import startEtcd
+from tests.etcdprocess import startWorkerRelay
 from tests.realprocesses import (
     freePortRange,
     homeDir,
     listenLocal,
     pollUntil,
     startExpose,
-    startRelay,
     waitForLease,
 )
 from tests.test_e2e_cluster import _tcpPort, echoAt
@@ -79,26 +77,16 @@ class WorkersRawTCPTests(TestCase):
         member link), which adopts them; the per-source connection cap still counts the visitors
         handed over, and frees their places when they close.
         """
-        nodes = yield startEtcd(self)
         low, high = freePortRange(2)
-        state = os.path.join(homeDir(self, "relay"), "state")
-        relay, _, control = yield startRelay(
+        relay, _, control, _ = yield startWorkerRelay(
             self,
-            state,
-            extra=[
-                "--tunnel-domain",
-                "cluster.localhost",
-                "--cluster",
-                f"etcd://127.0.0.1:{nodes[0].clientPort}",
-                "--workers",
-                "2",
+            [
                 "--tcp-ports",
                 f"{low}-{high}",
                 "--max-connections-per-source",
                 str(PER_SOURCE),
             ],
         )
-        yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ")
         echo = yield listenLocal(self, Factory.forProtocol(Echo))
         tunnel = startExpose(self, homeDir(self, "alice"), control, [f"127.0.0.1:{echo}", "--tcp"])
         lease = yield waitForLease(tunnel)

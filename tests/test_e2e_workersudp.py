@@ -19,14 +19,13 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.etcdprocess import startEtcd
+from tests.etcdprocess import startWorkerRelay
 from tests.metricstext import metricValues
 from tests.realprocesses import (
     freePortRange,
     homeDir,
     pollUntil,
     startExpose,
-    startRelay,
     waitForLease,
 )
 from tests.test_e2e_cluster import _tcpPort, datagramFrom
@@ -96,24 +95,14 @@ class WorkersUDPTests(TestCase):
         127.0.0.1, whatever their source port, all reach the worker holding the control sessions
         from 127.0.0.1. When the first worker is killed with SIGKILL, the other ends too.
         """
-        nodes = yield startEtcd(self)
         low, high = freePortRange(2)
-        state = os.path.join(homeDir(self, "relay"), "state")
-        relay, public, control = yield startRelay(
+        relay, public, control, state = yield startWorkerRelay(
             self,
-            state,
-            extra=[
-                "--tunnel-domain",
-                "cluster.localhost",
-                "--cluster",
-                f"etcd://127.0.0.1:{nodes[0].clientPort}",
-                "--workers",
-                "2",
+            [
                 "--udp-ports",
                 f"{low}-{high}",
             ],
         )
-        yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ")
         echo = reactor.listenUDP(0, _Echo(), interface="127.0.0.1", maxPacketSize=65535)
         self.addCleanup(echo.stopListening)
         tunnel = startExpose(
