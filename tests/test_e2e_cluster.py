@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from portal.relay.udpmode import RELAY_MAX_FLOWS
-from tests.etcdprocess import startEtcd
+from tests.etcdprocess import startEtcd, startWorkerRelay
 from tests.realprocesses import (
     WatchedProcess,
     freePortRange,
@@ -272,21 +272,7 @@ class WorkersTests(TestCase):
         one with it; the workers share the relay's identity. A worker killed with SIGKILL is
         started again and serves again.
         """
-        nodes = yield startEtcd(self)
-        state = os.path.join(homeDir(self, "relay"), "state")
-        relay, public, control = yield startRelay(
-            self,
-            state,
-            extra=[
-                "--tunnel-domain",
-                "cluster.localhost",
-                "--cluster",
-                f"etcd://127.0.0.1:{nodes[0].clientPort}",
-                "--workers",
-                "2",
-            ],
-        )
-        yield relay.waitFor(r"joined relay cluster .* as \S+-w1 ")
+        relay, public, control, state = yield startWorkerRelay(self)
         port = yield listenLocal(self, Site(_Page()))
         tunnel = startExpose(self, homeDir(self, "alice"), control, [str(port), "--name", "w"])
         lease = yield waitForLease(tunnel)
@@ -295,6 +281,8 @@ class WorkersTests(TestCase):
             self.assertTrue(response.endswith(PAGE))
         # The worker without the tunnel hands the visitor's socket to the one with it.
         self.assertIn("handed a visitor for w.cluster.localhost to worker", relay.output())
+        # As it was accepted, from its ClientHello peeked at (portal.relay.earlyhandoff).
+        self.assertIn("as it was accepted", relay.output())
         self.assertNotIn("forwarded a visitor for w.cluster.localhost", relay.output())
         self.assertEqual(relay.output().count("created relay identity"), 1)
         # A worker that dies is started again by the first one, and serves again.

@@ -144,6 +144,19 @@ class HandoffTests(SynchronousTestCase):
             self.client.sendall(b"more")
             self.assertEqual(adopted.recv(10), b"more")
 
+    def test_adoptedUnread(self) -> None:
+        """
+        A visitor handed over before anything was read (only peeked at) is adopted with no bytes
+        given to its protocol: the ClientHello is still in the socket for it to read.
+        """
+        self.client.sendall(b"\x16CLIENTHELLO")
+        self.assertTrue(self.sender.send("relay-w1", self.visitor.fileno(), Handoff()))
+        self.receiver.doRead()
+        [(fd, _, protocol)] = self.reactor.adopted
+        self.assertEqual(protocol.received, b"")  # type: ignore[attr-defined]
+        with socket.socket(fileno=fd) as adopted:
+            self.assertEqual(adopted.recv(20), b"\x16CLIENTHELLO")
+
     def test_notHandedOn(self) -> None:
         """
         A visitor adopted from another worker may not be handed on or forwarded again (two
@@ -211,7 +224,7 @@ class HandoffMessageTests(SynchronousTestCase):
     def test_roundTrip(self) -> None:
         """
         A TLS visitor's bytes travel as they are; a raw TCP visitor's port as 0x00 and two bytes;
-        both parse back as sent.
+        a TLS visitor of which nothing was read as 0x01 alone; all parse back as sent.
         """
         tls = Handoff(b"\x16\x03\x01\x00\x05hello")
         self.assertEqual(encodeHandoff(tls), tls.prefix)
@@ -220,6 +233,8 @@ class HandoffMessageTests(SynchronousTestCase):
             raw = Handoff(tcpPort=port)
             self.assertEqual(encodeHandoff(raw), b"\x00" + port.to_bytes(2, "big"))
             self.assertEqual(parseHandoff(encodeHandoff(raw)), raw)
+        self.assertEqual(encodeHandoff(Handoff()), b"\x01")
+        self.assertEqual(parseHandoff(b"\x01"), Handoff())
 
     @given(port=st.integers(1, 65535), rest=st.binary(max_size=64))
     def test_roundTripAny(self, port: int, rest: bytes) -> None:
@@ -252,6 +267,7 @@ class HandoffMessageTests(SynchronousTestCase):
             (b"\x00\x4e", "a raw TCP port handoff is 3 bytes, not 2"),
             (b"\x00\x4e\x20\x00", "a raw TCP port handoff is 3 bytes, not 4"),
             (b"\x00\x00\x00", "a raw TCP port handoff names port 0"),
+            (b"\x01\x16", "an unread TLS visitor's handoff is 1 byte, not 2"),
         ]:
             with self.assertRaises(MalformedHandoff) as e:
                 parseHandoff(payload)
@@ -266,7 +282,6 @@ class HandoffMessageTests(SynchronousTestCase):
             Handoff(tcpPort=0),
             Handoff(tcpPort=65536),
             Handoff(b"\x16", tcpPort=80),
-            Handoff(b""),
             Handoff(b"\x00\x00\x50"),
         ]:
             self.assertRaises(ValueError, encodeHandoff, bad)

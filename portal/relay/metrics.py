@@ -38,6 +38,8 @@ COUNTER_HELP: dict[str, str] = {
     "member_links_refused": "Member links from other cluster members refused (--cluster).",
     "handed_off": "TLS visitors handed by their socket to the worker holding their lease (--workers).",
     "adopted": "TLS visitors another worker handed over by their socket (--workers).",
+    "handed_off_at_accept": "TLS visitors handed to the worker holding their lease as they were "
+    "accepted, from their ClientHello peeked at (--workers; counted in handed_off too).",
     "tcp_handed_off": "Raw TCP visitors handed by their socket to the worker holding the port "
     "(--workers).",
     "tcp_adopted": "Raw TCP visitors another worker handed over by their socket (--workers).",

@@ -39,6 +39,7 @@ from portal.registry.document import RegistryError, loadRegistry
 from portal.relay.cluster import DEFAULT_TTL, ClusterDirectory, Member
 from portal.relay.clusterports import ClusterPorts
 from portal.relay.control import ControlFactory
+from portal.relay.earlyhandoff import EarlyHandoff, peekAtAccept
 from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, parseClusterURL
 from portal.relay.handoff import HandoffReceiver, HandoffSender, handoffPath
 from portal.relay.hop import MAX_HOPS_PER_IDENTITY, HopForwarder, formatDestination
@@ -674,6 +675,9 @@ class RelayService(Service):
         links = router.cluster
         assert isinstance(links, MemberLinks)
         links.handoff = HandoffSender(root, router.identity.id, index)
+        # Visitors of leases on another worker leave as they are accepted, from their ClientHello
+        # peeked at in the socket, before this worker builds anything for them.
+        peekAtAccept(self.ports["public"], EarlyHandoff(router, links))
 
     def _startWorkers(self, public: IListeningPort, control: IListeningPort) -> None:
         """

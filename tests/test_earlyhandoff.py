@@ -1,0 +1,244 @@
+"""
+Tests for L{portal.relay.earlyhandoff}: visitors handed to the worker holding their lease as they are
+accepted, from their ClientHello peeked at in the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+import attrs
+from twisted.trial.unittest import SynchronousTestCase
+
+from benchmarks.attacker import clientHello
+from portal.relay import earlyhandoff
+from portal.relay.earlyhandoff import EarlyHandoff, PeekingListener, peekAtAccept
+from portal.wire.handoff import Handoff
+
+
+@attrs.frozen
+class _Member:
+    id: str
+    nodeName: str
+
+
+class _Sender:
+    """
+    Records the handoffs it is asked to send; sends them when C{works}.
+    """
+
+    def __init__(self) -> None:
+        self.works = True
+        self.sent: list[tuple[str, int, Handoff]] = []
+
+    def send(self, memberId: str, fd: int, handoff: Handoff) -> bool:
+        self.sent.append((memberId, fd, handoff))
+        return self.works
+
+
+class _Links:
+    """
+    A cluster view in which C{elsewhere.localhost} is live on worker 1 of this relay.
+    """
+
+    def __init__(self) -> None:
+        self.handoff: _Sender | None = _Sender()
+
+    def holderElsewhere(self, hostname: str) -> _Member | None:
+        if hostname == "elsewhere.localhost":
+            return _Member("relay-w1", "w1")
+        return None
+
+
+class _Router:
+    """
+    A router holding C{here.localhost}, whose own name is C{relay.localhost}.
+    """
+
+    relayDomain = "relay.localhost"
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+
+    def poolFor(self, hostname: str) -> object | None:
+        return object() if hostname == "here.localhost" else None
+
+
+class EarlyHandoffTests(SynchronousTestCase):
+    """
+    L{EarlyHandoff} sends a socket whose ClientHello names a lease live on another worker, and
+    leaves every other socket as it was, unread.
+    """
+
+    def setUp(self) -> None:
+        self.router = _Router()
+        self.links = _Links()
+        self.early = EarlyHandoff(self.router, self.links)  # type: ignore[arg-type]
+        self.accepted, self.client = socket.socketpair()
+        self.addCleanup(self.accepted.close)
+        self.addCleanup(self.client.close)
+
+    def assertKept(self, sent: bytes) -> None:
+        """
+        Have the client send C{sent}; assert the socket is not taken, and those bytes are all
+        still to read.
+        """
+        self.client.sendall(sent)
+        self.assertFalse(self.early(self.accepted))
+        self.assertNotEqual(self.accepted.fileno(), -1)
+        self.accepted.setblocking(False)
+        self.assertEqual(self.accepted.recv(len(sent) + 10) if sent else b"", sent)
+        self.assertEqual(self.router.counters, {})
+
+    def test_handedOver(self) -> None:
+        """
+        A complete ClientHello for a lease live on another worker: the socket is sent to it, as a
+        visitor of which nothing was read, and this worker's copy is closed; counted.
+        """
+        self.client.sendall(clientHello("elsewhere.localhost"))
+        fd = self.accepted.fileno()
+        self.assertTrue(self.early(self.accepted))
+        assert self.links.handoff is not None
+        self.assertEqual(self.links.handoff.sent, [("relay-w1", fd, Handoff())])
+        self.assertEqual(self.accepted.fileno(), -1)
+        self.assertEqual(self.router.counters, {"handed_off": 1, "handed_off_at_accept": 1})
+
+    def test_nothingYet(self) -> None:
+        """
+        A socket with nothing to read yet is left to the usual path.
+        """
+        self.assertKept(b"")
+
+    def test_incomplete(self) -> None:
+        """
+        An incomplete ClientHello is left, unread.
+        """
+        self.assertKept(clientHello("elsewhere.localhost")[:30])
+
+    def test_notTLS(self) -> None:
+        """
+        Bytes that are no ClientHello are left, unread (the usual path refuses them).
+        """
+        self.assertKept(b"GET / HTTP/1.1\r\n\r\n")
+
+    def test_localOrOwnOrUnknown(self) -> None:
+        """
+        A lease live on this worker, the relay's own name, and a name live nowhere are left.
+        """
+        for name in ("here.localhost", "relay.localhost", "nowhere.localhost"):
+            self.setUp()
+            self.assertKept(clientHello(name))
+
+    def test_sendFails(self) -> None:
+        """
+        When the other worker cannot be sent the socket, it stays here, unread.
+        """
+        assert self.links.handoff is not None
+        self.links.handoff.works = False
+        self.assertKept(clientHello("elsewhere.localhost"))
+
+    def test_noSender(self) -> None:
+        """
+        Without a handoff sender (not started yet), nothing is handed over.
+        """
+        self.links.handoff = None
+        self.assertKept(clientHello("elsewhere.localhost"))
+
+
+class _Listening:
+    """
+    A listening socket whose connections are the given sockets, then C{EAGAIN}.
+    """
+
+    family = socket.AF_INET
+
+    def __init__(self, connections: list[socket.socket]) -> None:
+        self.connections = connections
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.connections:
+            raise BlockingIOError(errno.EAGAIN, "none")
+        return self.connections.pop(0), ("198.51.100.7", 5000)
+
+
+class PeekingListenerTests(SynchronousTestCase):
+    """
+    L{PeekingListener.accept} returns the first connection its C{early} does not take.
+    """
+
+    def sockets(self, count: int) -> list[socket.socket]:
+        """
+        @return: C{count} sockets, closed after the test.
+        """
+        made = []
+        for _ in range(count):
+            one, other = socket.socketpair()
+            self.addCleanup(one.close)
+            self.addCleanup(other.close)
+            made.append(one)
+        return made
+
+    def test_skipsTaken(self) -> None:
+        """
+        Connections C{early} takes are not returned; the next one is, with its address; with none
+        left, C{EAGAIN} as from the listening socket itself.
+        """
+        first, second, third = self.sockets(3)
+        taken = {first.fileno()}
+        listener = PeekingListener(
+            _Listening([first, second, third]),  # type: ignore[arg-type]
+            lambda s: s.fileno() in taken,
+        )
+        self.assertEqual(listener.accept(), (second, ("198.51.100.7", 5000)))
+        self.assertEqual(listener.accept()[0], third)
+        with self.assertRaises(BlockingIOError):
+            listener.accept()
+
+    def test_batchBounded(self) -> None:
+        """
+        One call takes at most L{earlyhandoff.MAX_ACCEPTS_PER_READ} connections, then ends the
+        port's batch with C{EAGAIN}, leaving the rest for the next turn.
+        """
+        self.patch(earlyhandoff, "MAX_ACCEPTS_PER_READ", 2)
+        listening = _Listening(self.sockets(3))
+        listener = PeekingListener(listening, lambda s: True)  # type: ignore[arg-type]
+        with self.assertRaises(BlockingIOError) as e:
+            listener.accept()
+        self.assertEqual(e.exception.errno, errno.EAGAIN)
+        self.assertEqual(len(listening.connections), 1)
+
+    def test_delegates(self) -> None:
+        """
+        Everything but C{accept} is the listening socket's.
+        """
+        listener = PeekingListener(_Listening([]), lambda s: False)  # type: ignore[arg-type]
+        self.assertEqual(listener.family, socket.AF_INET)
+
+
+class PeekAtAcceptTests(SynchronousTestCase):
+    """
+    L{peekAtAccept} puts a L{PeekingListener} in front of a port's listening socket.
+    """
+
+    def test_port(self) -> None:
+        """
+        A port with a listening socket gets the stand-in, around the same socket.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+
+        class Port:
+            socket = listening
+
+        port = Port()
+        self.assertTrue(peekAtAccept(port, lambda s: False))
+        self.assertIsInstance(port.socket, PeekingListener)
+        self.assertEqual(port.socket.fileno(), listening.fileno())
+
+    def test_noSocket(self) -> None:
+        """
+        Other ports (in memory, UNIX) are left as they are.
+        """
+        self.assertFalse(peekAtAccept(object(), lambda s: False))
