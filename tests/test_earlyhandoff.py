@@ -10,6 +10,8 @@ import socket
 from typing import Any
 
 import attrs
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from benchmarks.attacker import clientHello
@@ -104,6 +106,23 @@ class EarlyHandoffTests(SynchronousTestCase):
         self.assertEqual(self.links.handoff.sent, [("relay-w1", fd, Handoff())])
         self.assertEqual(self.accepted.fileno(), -1)
         self.assertEqual(self.router.counters, {"handed_off": 1, "handed_off_at_accept": 1})
+
+    def test_loggedOnce(self) -> None:
+        """
+        The first visitor handed over is logged; the later ones are only counted (a line per
+        visitor would cost more than the handoff).
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        for _ in range(3):
+            accepted, client = socket.socketpair()
+            self.addCleanup(accepted.close)
+            self.addCleanup(client.close)
+            client.sendall(clientHello("elsewhere.localhost"))
+            self.assertTrue(self.early(accepted))
+        logged = [formatEvent(e) for e in events]
+        self.assertEqual(len(logged), 1)
+        self.assertIn("handed a visitor for elsewhere.localhost to worker w1", logged[0])
+        self.assertEqual(self.router.counters["handed_off_at_accept"], 3)
 
     def test_nothingYet(self) -> None:
         """

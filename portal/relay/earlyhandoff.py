@@ -85,6 +85,7 @@ class EarlyHandoff:
         """
         self._router = router
         self._links = links
+        self._announced = False
 
     def __call__(self, connection: socket.socket) -> bool:
         """
@@ -118,11 +119,16 @@ class EarlyHandoff:
         connection.close()
         router.counters["handed_off"] = router.counters.get("handed_off", 0) + 1
         router.counters["handed_off_at_accept"] = router.counters.get("handed_off_at_accept", 0) + 1
-        self._log.debug(
-            "handed a visitor for {hostname} to worker {member} as it was accepted",
-            hostname=hello.serverName,
-            member=member.nodeName,
-        )
+        if not self._announced:
+            # Once: a log line per visitor would cost more than the handoff itself (twistd
+            # formats and writes every event); /metrics counts them.
+            self._announced = True
+            self._log.info(
+                "handed a visitor for {hostname} to worker {member} as it was accepted (later "
+                "ones are counted in handed_off_at_accept)",
+                hostname=hello.serverName,
+                member=member.nodeName,
+            )
         return True
 
 

@@ -87,6 +87,8 @@ class HandoffSender:
         self._ownIndex = ownIndex
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
+        # Each worker's name, made once (it resolves the state directory's path).
+        self._paths: dict[int, str] = {}
 
     def send(self, memberId: str, fd: int, handoff: Handoff) -> bool:
         """
@@ -112,11 +114,20 @@ class HandoffSender:
                 [payload],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
                 0,
-                handoffPath(self._root, index),
+                self._pathOf(index),
             )
         except OSError:
             return False
         return True
+
+    def _pathOf(self, index: int) -> str:
+        """
+        @return: Where worker C{index} receives visitors (L{handoffPath}, made once).
+        """
+        path = self._paths.get(index)
+        if path is None:
+            path = self._paths[index] = handoffPath(self._root, index)
+        return path
 
     def close(self) -> None:
         """
