@@ -1,0 +1,1 @@
+With `--workers`, a visitor whose lease is live on another worker usually leaves as it is accepted: the worker peeks at its ClientHello in the socket and sends the socket unread, before it builds anything for it (metric `handed_off_at_accept`).
