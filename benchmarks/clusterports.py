@@ -34,6 +34,7 @@ from benchmarks.cluster import (
     withEtcd,
     writeResults,
 )
+from benchmarks.lab import UNPACED_TCP
 from benchmarks.procs import Child, cpuSeconds, freePortRange, python
 
 _COMMAND = struct.Struct("!cQ")
@@ -89,7 +90,9 @@ def _startMember(base: str, name: str, host: str, etcd: str, ports: str) -> tupl
 
     @return: The child and its control port.
     """
-    child, _, control = _startRelay(base, name, etcd, host=host, extra=["--tcp-ports", ports])
+    child, _, control = _startRelay(
+        base, name, etcd, host=host, extra=["--tcp-ports", ports, *UNPACED_TCP]
+    )
     return child, control
 
 

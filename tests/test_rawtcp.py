@@ -27,11 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import portal.relay.control
 import portal.relay.data
+from portal.relay.admission import Rate
 from portal.relay.control import ControlFactory, RelayControlProtocol
 from portal.relay.data import RelayDataSession
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, tcpPorts
-from portal.relay.router import DataPool, Router
+from portal.relay.router import DataPool, RelayLimits, Router
 from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
@@ -504,6 +505,127 @@ class LeasePortsTests(SynchronousTestCase):
         self.successResultOf(self.ports.closeAll())
         self.assertTrue(self.reactor.listening[port][1].stopped)
         self.assertEqual(self.allocator.live, 1)
+
+
+class RawVisitorPacingTests(SynchronousTestCase):
+    """
+    A raw TCP lease port passes at most L{RelayLimits.tcpVisitorRate} new visitors a second to its
+    tunnel; the rest wait, paused, in a bounded queue served source by source.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = PortsReactor()
+        limits = RelayLimits(tcpVisitorRate=Rate(10.0, 2.0), tcpVisitorQueue=3)
+        self.router = Router(Identity.generate(), self.reactor, limits=limits)
+        allocator = PortAllocator(PortRange(20000, 20002), self.reactor, reservation=100.0)
+        self.ports = tcpPorts(self.reactor, allocator, "127.0.0.1")
+        self.owner = OwnerStub(self.router)
+        self.router.leases.register(LABEL, "id1", self.owner)
+        self.events = captureLogs(self)
+        d = Deferred.fromCoroutine(
+            self.ports.open(self.router, "id1", LABEL, f"{LABEL}.localhost", self.owner)
+        )
+        self.port = self.successResultOf(d).port
+
+    def visit(self, host: str = "198.51.100.7") -> tuple[RawVisitor, Any]:
+        """
+        Connect a visitor from C{host}.
+        """
+        factory, _ = self.reactor.listening[self.port]
+        address = IPv4Address("TCP", host, 5555)
+        visitor = factory.buildProtocol(address)
+        transport = StringTransportWithDisconnection(peerAddress=address)
+        transport.protocol = visitor
+        visitor.makeConnection(transport)
+        # The listener's connection caps wrap the visitor (portal.forwarding.connlimit).
+        return getattr(visitor, "inner", visitor), transport
+
+    def test_burstThenTurns(self) -> None:
+        """
+        The burst is routed at once (waiting for data sessions the tunnel is asked for); the next
+        visitor waits, paused and not routed, counted, and is routed 1/rate later.
+        """
+        self.visit()
+        self.visit()
+        self.assertEqual(self.owner.pool.waiting, 2)
+        asked = sum(self.owner.requested)
+        waiting, transport = self.visit()
+        self.assertIsNone(waiting.pool)
+        self.assertEqual((self.owner.pool.waiting, sum(self.owner.requested)), (2, asked))
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.router.counters["tcp_visitors_delayed"], 1)
+        self.reactor.advance(0.1)
+        self.assertIsNotNone(waiting.pool)
+        self.assertEqual(self.owner.pool.waiting, 3)
+        self.assertGreater(sum(self.owner.requested), asked)
+
+    def test_fairBetweenSources(self) -> None:
+        """
+        A source with visitors waiting does not make another source's visitor wait behind all of
+        them.
+        """
+        self.visit()
+        self.visit()
+        first, _ = self.visit()
+        second, _ = self.visit()
+        other, _ = self.visit("203.0.113.9")
+        self.reactor.advance(0.1)
+        self.assertIsNotNone(first.pool)
+        self.reactor.advance(0.1)
+        self.assertIsNotNone(other.pool)
+        self.assertIsNone(second.pool)
+
+    def test_queueFull(self) -> None:
+        """
+        Beyond the queue a visitor is closed at once, counted and logged as C{tcp_visitor_queue}.
+        """
+        for _ in range(2 + 3):
+            self.visit()
+        _, transport = self.visit()
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.router.refusals.counts, {"tcp_visitor_queue": 1})
+
+    def test_closedWhileWaiting(self) -> None:
+        """
+        A visitor that leaves while waiting gives up its turn.
+        """
+        self.visit()
+        self.visit()
+        gone, goneTransport = self.visit()
+        after, _ = self.visit("203.0.113.9")
+        goneTransport.loseConnection()
+        self.reactor.advance(0.1)
+        self.assertIsNone(gone.pool)
+        self.assertIsNotNone(after.pool)
+
+    def test_waitedTooLong(self) -> None:
+        """
+        A visitor still waiting its turn after the data wait timeout is closed, counted as
+        C{tcp_visitor_wait}, and leaves the queue.
+        """
+        self.visit()
+        self.visit()
+        lease = self.ports.leases[("id1", LABEL)]
+        lease.pacer()._bucket.rate = 0.01
+        waiting, transport = self.visit()
+        self.reactor.advance(self.router.limits.dataWaitTimeout)
+        self.assertFalse(transport.connected)
+        self.assertIsNone(waiting.pool)
+        self.assertEqual(self.router.refusals.counts["tcp_visitor_wait"], 1)
+        self.assertEqual(lease.pacer().waiting, 0)
+
+    def test_portClosed(self) -> None:
+        """
+        Closing the port closes the visitors waiting their turn, and the queue's timer.
+        """
+        self.visit()
+        self.visit()
+        _, transport = self.visit()
+        self.successResultOf(self.ports.close("id1", LABEL))
+        self.assertFalse(transport.connected)
+        self.assertEqual(
+            [c for c in self.reactor.getDelayedCalls() if c.active() and "serve" in repr(c)], []
+        )
 
 
 class RawTCPRegistrationTests(ControlTestCase):

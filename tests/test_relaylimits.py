@@ -287,6 +287,7 @@ class LimitOptionsTests(SynchronousTestCase):
         self.assertEqual(RelayLimits().deferAccept, 5.0)
         self.assertEqual(RelayLimits().handshakeRate, Rate(200.0, 20.0))
         self.assertEqual(RelayLimits().handshakeQueue, 1024)
+        self.assertEqual(RelayLimits().tcpVisitorRate, Rate(100.0, 20.0))
         options = Options()
         options.parseOptions(["--defer-accept", "0"])
         self.assertEqual(options.config().limits.deferAccept, 0.0)
@@ -296,9 +297,21 @@ class LimitOptionsTests(SynchronousTestCase):
         C{--handshake-rate} and C{--handshake-queue} set the control port's handshake pacing.
         """
         options = Options()
-        options.parseOptions(["--handshake-rate", "50/5", "--handshake-queue", "64"])
+        options.parseOptions(
+            [
+                "--handshake-rate",
+                "50/5",
+                "--handshake-queue",
+                "64",
+                "--tcp-visitor-rate",
+                "30/3",
+                "--tcp-visitor-queue",
+                "7",
+            ]
+        )
         limits = options.config().limits
         self.assertEqual((limits.handshakeRate, limits.handshakeQueue), (Rate(50.0, 5.0), 64))
+        self.assertEqual((limits.tcpVisitorRate, limits.tcpVisitorQueue), (Rate(30.0, 3.0), 7))
 
     def test_options(self) -> None:
         """
@@ -352,6 +365,8 @@ class LimitOptionsTests(SynchronousTestCase):
             ("--handshake-rate", "0/1"),
             ("--handshake-rate", "fast"),
             ("--handshake-queue", "0"),
+            ("--tcp-visitor-rate", "-5/1"),
+            ("--tcp-visitor-queue", "0"),
             ("--bandwidth-per-lease", "-1"),
             ("--bandwidth-per-lease", "fast"),
             ("--bandwidth-per-lease", "1T"),

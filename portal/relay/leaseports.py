@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from portal.forwarding.pacer import FairPacer
 from portal.relay.interfaces import ILeasePorts, IPortClaims, IPortLease
 from portal.relay.ports import PortAllocationError, PortAllocator
 
@@ -38,6 +39,7 @@ class PortLease:
 
     listening: IListeningPort | None = None
     onClose: Callable[[], None] | None = None
+    _pacer: FairPacer | None = None
 
     def __init__(
         self, router: Router, owner: str, name: str, hostname: str, holder: Any, port: int
@@ -49,6 +51,21 @@ class PortLease:
         self.holder = holder
         self.port = port
         self.visitors: set[Any] = set()
+
+    def pacer(self) -> FairPacer:
+        """
+        @return: What paces this port's new visitors to the tunnel (raw TCP mode:
+            L{RelayLimits.tcpVisitorRate <portal.relay.router.RelayLimits>}), made on first use.
+        """
+        if self._pacer is None:
+            limits = self.router.limits
+            self._pacer = FairPacer(
+                self.router.clock,
+                limits.tcpVisitorRate.perSecond,
+                limits.tcpVisitorRate.burst,
+                limits.tcpVisitorQueue,
+            )
+        return self._pacer
 
     def live(self) -> bool:
         """
@@ -75,6 +92,8 @@ class PortLease:
         visitors, self.visitors = self.visitors, set()
         for visitor in visitors:
             visitor.transport.loseConnection()
+        if self._pacer is not None:
+            self._pacer.stop()
         if self.onClose is not None:
             self.onClose()
         listening, self.listening = self.listening, None

@@ -45,6 +45,8 @@ COUNTER_HELP: dict[str, str] = {
     "tcp_adopted": "Raw TCP visitors another worker handed over by their socket (--workers).",
     "udp_forwarded": "UDP datagrams relayed to the cluster member holding their lease (--cluster).",
     "udp_forward_replies": "UDP replies from the holding cluster member sent to visitors (--cluster).",
+    "tcp_visitors_delayed": "Raw TCP visitors that waited for their turn to reach the tunnel "
+    "(--tcp-visitor-rate).",
     "handshakes_delayed": "Control-port connections that waited for their TLS handshake "
     "(--handshake-rate).",
 }

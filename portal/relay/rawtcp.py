@@ -15,8 +15,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portal.forwarding.boundedreads import boundAccepts
+from portal.forwarding.pacer import PacerFull, Waiting
 from portal.forwarding.reuseport import listenSharedTCP
-from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.forwarding.sources import sourceKey
+from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, resumeReading
 from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.ports import PortAllocator
@@ -38,6 +40,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
 
     pool: DataPool | None = None
     acceptedAt: float | None = None
+    #: This visitor's place in the port's queue (L{PortLease.pacer}), while it waits its turn.
+    _waiting: Waiting | None = None
     _log = Logger()
 
     def __init__(self, lease: PortLease) -> None:
@@ -49,7 +53,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         """
-        Route the visitor to the tunnel holding the lease.
+        Route the visitor to the tunnel holding the lease, at once or, over the port's rate of new
+        visitors, when its turn comes (paused meanwhile).
         """
         lease = self._lease
         router = lease.router
@@ -58,6 +63,48 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         router.visitors.add(self)
         assert self.transport is not None
         noDelay(self.transport)
+        peerHost = str(getattr(self.transport.getPeer(), "host", ""))
+        if lease.livePool() is None:
+            self._route()
+            return
+        lease.visitors.add(self)
+        try:
+            self._waiting = lease.pacer().enter(sourceKey(peerHost), self._yourTurn)
+        except PacerFull:
+            router.refusals.refuse(
+                "tcp_visitor_queue",
+                "refused TCP visitor {peer} on port {port}: {waiting} visitors are waiting for "
+                "their turn, the most allowed",
+                peer=peerHost,
+                port=lease.port,
+                waiting=router.limits.tcpVisitorQueue,
+            )
+            self.transport.loseConnection()
+            return
+        if self._waiting is None:
+            self._route()
+            return
+        router.counters["tcp_visitors_delayed"] = router.counters.get("tcp_visitors_delayed", 0) + 1
+        pauseReading(self.transport)
+        self.setTimeout(router.limits.dataWaitTimeout)
+
+    def _yourTurn(self) -> None:
+        """
+        The port's pacer lets this visitor through: route it.
+        """
+        self._waiting = None
+        self.setTimeout(None)
+        assert self.transport is not None
+        resumeReading(self.transport)
+        self._route()
+
+    def _route(self) -> None:
+        """
+        Pass the visitor to the lease's data pool, or refuse it.
+        """
+        lease = self._lease
+        router = lease.router
+        assert self.transport is not None
         peer = self.transport.getPeer()
         peerHost = str(getattr(peer, "host", ""))
         pool = lease.livePool()
@@ -92,8 +139,20 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         """
-        No data session came in time: drop the visitor.
+        Its turn, or a data session, did not come in time: drop the visitor.
         """
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+            self._lease.router.refusals.refuse(
+                "tcp_visitor_wait",
+                "refused TCP visitor on port {port}: its turn did not come within {timeout} s",
+                port=self._lease.port,
+                timeout=self._lease.router.limits.dataWaitTimeout,
+            )
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
         self._lease.router.counters["timeouts"] += 1
         self._log.warn(
             "no data session from the tunnel within {timeout}s; dropping TCP visitor",
@@ -112,6 +171,9 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         @param reason: Why.
         """
         self.setTimeout(None)
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
         self._lease.visitors.discard(self)
         self._lease.router.visitors.discard(self)
         if self.pool is not None:

@@ -278,6 +278,20 @@ class Options(usage.Options):
             _positive(int),
         ],
         [
+            "tcp-visitor-rate",
+            None,
+            str(_LIMITS.tcpVisitorRate),
+            "New visitors a second each raw TCP lease port passes to its tunnel, PER_SECOND/BURST "
+            "(token bucket); more wait their turn, source address by source address.",
+        ],
+        [
+            "tcp-visitor-queue",
+            None,
+            _LIMITS.tcpVisitorQueue,
+            "Visitors that may wait for their turn on each raw TCP lease port; more are refused.",
+            _positive(int),
+        ],
+        [
             "site-idle-timeout",
             None,
             30.0,
@@ -433,10 +447,11 @@ class Options(usage.Options):
                     parseTCPDescription(self[name])
                 except ReusePortError as e:
                     raise usage.UsageError(f"--{name} {e}")
-        try:
-            self["handshake-rate-parsed"] = parseRate(self["handshake-rate"], "--handshake-rate")
-        except RateError as e:
-            raise usage.UsageError(str(e))
+        for option in ("handshake-rate", "tcp-visitor-rate"):
+            try:
+                self[f"{option}-parsed"] = parseRate(self[option], f"--{option}")
+            except RateError as e:
+                raise usage.UsageError(str(e))
         for scope in ("", "-total"):
             for command in COMMANDS:
                 option = f"{command}-rate{scope}"
@@ -521,6 +536,8 @@ class Options(usage.Options):
                 deferAccept=self["defer-accept"],
                 handshakeRate=self["handshake-rate-parsed"],
                 handshakeQueue=self["handshake-queue"],
+                tcpVisitorRate=self["tcp-visitor-rate-parsed"],
+                tcpVisitorQueue=self["tcp-visitor-queue"],
                 maxUDPFlowsPerSource=self["max-udp-flows-per-source"],
                 streamIdleTimeout=self["stream-idle-timeout"],
                 bandwidthPerLease=self["bandwidth-per-lease"],
