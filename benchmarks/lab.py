@@ -26,7 +26,7 @@ SINK_NAME = "bench.localhost"
 
 
 #: Relay options that let one source open raw TCP connections as fast as it can (a load
-#: generator, not a flood): the default paces a port's new visitors at 100 a second.
+#: generator, not a flood): the default paces one address's new visitors to a port at 20 a second.
 UNPACED_TCP = ["--tcp-visitor-rate", "1000000/1000"]
 
 

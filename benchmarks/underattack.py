@@ -64,7 +64,7 @@ LIMITS: dict[str, Any] = {
     "challenge-rate": "20/200",
     "hello-rate": "20/200",
     "handshake-rate": "200/20",
-    "tcp-visitor-rate": "100/20",
+    "tcp-visitor-rate": "20/20",
     "site-header-timeout": 10.0,
     "defer-accept": float(os.environ.get("PORTAL_BENCH_DEFER_ACCEPT", "5")),
 }

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from portal.forwarding.pacer import FairPacer, PacerFull
+from portal.forwarding.pacer import FairPacer, KeyedPacer, PacerFull
 
 
 class FairPacerTests(SynchronousTestCase):
@@ -160,3 +160,70 @@ class FairPacerTests(SynchronousTestCase):
         self.assertRaises(ValueError, FairPacer, self.clock, 1, 1, 0)
         self.assertRaises(ValueError, FairPacer, self.clock, 0, 1, 1)
         self.assertRaises(ValueError, FairPacer, self.clock, 1, -1, 1)
+
+
+class KeyedPacerTests(SynchronousTestCase):
+    """
+    L{KeyedPacer} paces each key on its own.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.started: list[str] = []
+
+    def test_eachKeyItsOwnRate(self) -> None:
+        """
+        A key over its rate waits; another key still starts at once, with its own burst.
+        """
+        pacer = KeyedPacer(self.clock, rate=10, burst=1, maxWaiting=5)
+        self.assertIsNone(pacer.enter("flood", lambda: None))
+        waiting = pacer.enter("flood", lambda: self.started.append("flood"))
+        self.assertIsNotNone(waiting)
+        self.assertIsNone(pacer.enter("user", lambda: None))
+        self.assertEqual((pacer.waiting, pacer.delayed, len(pacer)), (1, 1, 2))
+        self.clock.advance(0.1)
+        self.assertEqual(self.started, ["flood"])
+
+    def test_fullPerKey(self) -> None:
+        """
+        Each key has its own queue of C{maxWaiting}.
+        """
+        pacer = KeyedPacer(self.clock, rate=1, burst=1, maxWaiting=1)
+        pacer.enter("a", lambda: None)
+        pacer.enter("a", lambda: None)
+        self.assertRaises(PacerFull, pacer.enter, "a", lambda: None)
+        pacer.enter("b", lambda: None)
+        self.assertIsNotNone(pacer.enter("b", lambda: None))
+
+    def test_idleKeysForgotten(self) -> None:
+        """
+        Beyond C{maxKeys}, keys with nothing waiting and a full bucket are forgotten; a key that
+        started recently (its bucket not full again) is kept.
+        """
+        pacer = KeyedPacer(self.clock, rate=1, burst=1, maxWaiting=5, maxKeys=2)
+        pacer.enter("busy", lambda: None)
+        pacer.enter("busy", lambda: None)
+        pacer.enter("idle", lambda: None)
+        self.clock.advance(0.5)
+        self.clock.advance(0.6)
+        pacer.enter("new", lambda: None)
+        self.assertEqual(len(pacer), 2)
+        self.assertEqual(pacer.waiting, 0)
+
+    def test_stop(self) -> None:
+        """
+        L{KeyedPacer.stop} forgets every key, waiting start and timer.
+        """
+        pacer = KeyedPacer(self.clock, rate=1, burst=1, maxWaiting=5)
+        pacer.enter("a", lambda: None)
+        pacer.enter("a", lambda: self.started.append("never"))
+        pacer.stop()
+        self.clock.advance(5)
+        self.assertEqual((self.started, len(pacer), self.clock.getDelayedCalls()), ([], 0, []))
+
+    def test_invalid(self) -> None:
+        """
+        The same arguments as L{FairPacer}'s are refused.
+        """
+        self.assertRaises(ValueError, KeyedPacer, self.clock, 0, 1, 1)
+        self.assertRaises(ValueError, KeyedPacer, self.clock, 1, 1, 0)

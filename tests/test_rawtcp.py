@@ -509,8 +509,8 @@ class LeasePortsTests(SynchronousTestCase):
 
 class RawVisitorPacingTests(SynchronousTestCase):
     """
-    A raw TCP lease port passes at most L{RelayLimits.tcpVisitorRate} new visitors a second to its
-    tunnel; the rest wait, paused, in a bounded queue served source by source.
+    A raw TCP lease port passes at most L{RelayLimits.tcpVisitorRate} new visitors a second from one
+    source address to its tunnel; that source's next ones wait, paused, in a bounded queue.
     """
 
     def setUp(self) -> None:
@@ -559,20 +559,19 @@ class RawVisitorPacingTests(SynchronousTestCase):
         self.assertEqual(self.owner.pool.waiting, 3)
         self.assertGreater(sum(self.owner.requested), asked)
 
-    def test_fairBetweenSources(self) -> None:
+    def test_eachSourceItsOwnRate(self) -> None:
         """
-        A source with visitors waiting does not make another source's visitor wait behind all of
-        them.
+        A source over its rate waits alone: another source's visitors still go at once, with their
+        own burst.
         """
         self.visit()
         self.visit()
         first, _ = self.visit()
         second, _ = self.visit()
-        other, _ = self.visit("203.0.113.9")
+        others = [self.visit("203.0.113.9")[0] for _ in range(2)]
+        self.assertEqual([o.pool is not None for o in others], [True, True])
         self.reactor.advance(0.1)
         self.assertIsNotNone(first.pool)
-        self.reactor.advance(0.1)
-        self.assertIsNotNone(other.pool)
         self.assertIsNone(second.pool)
 
     def test_queueFull(self) -> None:
@@ -584,6 +583,8 @@ class RawVisitorPacingTests(SynchronousTestCase):
         _, transport = self.visit()
         self.assertFalse(transport.connected)
         self.assertEqual(self.router.refusals.counts, {"tcp_visitor_queue": 1})
+        _, another = self.visit("203.0.113.9")
+        self.assertTrue(another.connected)
 
     def test_closedWhileWaiting(self) -> None:
         """
@@ -592,7 +593,7 @@ class RawVisitorPacingTests(SynchronousTestCase):
         self.visit()
         self.visit()
         gone, goneTransport = self.visit()
-        after, _ = self.visit("203.0.113.9")
+        after, _ = self.visit()
         goneTransport.loseConnection()
         self.reactor.advance(0.1)
         self.assertIsNone(gone.pool)
@@ -606,7 +607,7 @@ class RawVisitorPacingTests(SynchronousTestCase):
         self.visit()
         self.visit()
         lease = self.ports.leases[("id1", LABEL)]
-        lease.pacer()._bucket.rate = 0.01
+        lease.pacer()._pacers["198.51.100.7"]._bucket.rate = 0.01
         waiting, transport = self.visit()
         self.reactor.advance(self.router.limits.dataWaitTimeout)
         self.assertFalse(transport.connected)

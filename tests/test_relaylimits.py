@@ -287,7 +287,7 @@ class LimitOptionsTests(SynchronousTestCase):
         self.assertEqual(RelayLimits().deferAccept, 5.0)
         self.assertEqual(RelayLimits().handshakeRate, Rate(200.0, 20.0))
         self.assertEqual(RelayLimits().handshakeQueue, 1024)
-        self.assertEqual(RelayLimits().tcpVisitorRate, Rate(100.0, 20.0))
+        self.assertEqual(RelayLimits().tcpVisitorRate, Rate(20.0, 20.0))
         options = Options()
         options.parseOptions(["--defer-accept", "0"])
         self.assertEqual(options.config().limits.deferAccept, 0.0)

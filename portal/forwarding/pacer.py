@@ -184,3 +184,91 @@ class FairPacer:
 
     def __repr__(self) -> str:
         return f"<FairPacer {self.rate:g}/s burst {self.burst:g}, {self.waiting} waiting>"
+
+
+class KeyedPacer:
+    """
+    A L{FairPacer} per key: at most C{rate} starts a second for each key (a source address) after
+    a burst, the rest of that key waiting in its own queue of at most C{maxWaiting}, so that one
+    key starting too much waits alone and every other key keeps its own rate.
+
+    Pacers of keys with nothing waiting and a full bucket (unused for C{burst / rate} seconds) are
+    forgotten once more than C{maxKeys} are kept.
+
+    @ivar delayed: Starts that had to wait, in all keys.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        burst: float,
+        maxWaiting: int,
+        maxKeys: int = 4096,
+    ) -> None:
+        """
+        @param clock: The source of time and timers.
+        @param rate: Starts a second per key; positive.
+        @param burst: Starts let through at once per key; positive.
+        @param maxWaiting: Most starts waiting per key; at least 1.
+        @param maxKeys: Idle keys kept before they are forgotten.
+        @raise ValueError: For a rate, burst or queue size out of range.
+        """
+        FairPacer(clock, rate, burst, maxWaiting)  # Checks the arguments.
+        self._clock = clock
+        self._rate = rate
+        self._burst = burst
+        self._maxWaiting = maxWaiting
+        self._maxKeys = maxKeys
+        self._pacers: dict[Hashable, FairPacer] = {}
+
+    @property
+    def waiting(self) -> int:
+        """
+        Starts waiting now, in all keys.
+        """
+        return sum(pacer.waiting for pacer in self._pacers.values())
+
+    @property
+    def delayed(self) -> int:
+        """
+        Starts that had to wait, in all keys (of the keys still kept).
+        """
+        return sum(pacer.delayed for pacer in self._pacers.values())
+
+    def __len__(self) -> int:
+        """
+        @return: The keys with a pacer.
+        """
+        return len(self._pacers)
+
+    def enter(self, key: Hashable, start: Callable[[], None]) -> Waiting | None:
+        """
+        Ask to start now, under C{key}'s rate (see L{FairPacer.enter}).
+
+        @raise PacerFull: When C{key} has C{maxWaiting} starts waiting.
+        """
+        pacer = self._pacers.get(key)
+        if pacer is None:
+            if len(self._pacers) >= self._maxKeys:
+                self._forgetIdle()
+            pacer = self._pacers[key] = FairPacer(
+                self._clock, self._rate, self._burst, self._maxWaiting
+            )
+        return pacer.enter(key, start)
+
+    def _forgetIdle(self) -> None:
+        """
+        Forget the pacers of keys with nothing waiting and a full bucket.
+        """
+        for key, pacer in list(self._pacers.items()):
+            if not pacer.waiting and pacer._bucket.full():
+                del self._pacers[key]
+
+    def stop(self) -> None:
+        """
+        Forget every waiting start and every timer.
+        """
+        for pacer in self._pacers.values():
+            pacer.stop()
+        self._pacers.clear()

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from portal.forwarding.pacer import FairPacer
+from portal.forwarding.pacer import KeyedPacer
 from portal.relay.interfaces import ILeasePorts, IPortClaims, IPortLease
 from portal.relay.ports import PortAllocationError, PortAllocator
 
@@ -39,7 +39,7 @@ class PortLease:
 
     listening: IListeningPort | None = None
     onClose: Callable[[], None] | None = None
-    _pacer: FairPacer | None = None
+    _pacer: KeyedPacer | None = None
 
     def __init__(
         self, router: Router, owner: str, name: str, hostname: str, holder: Any, port: int
@@ -52,14 +52,15 @@ class PortLease:
         self.port = port
         self.visitors: set[Any] = set()
 
-    def pacer(self) -> FairPacer:
+    def pacer(self) -> KeyedPacer:
         """
-        @return: What paces this port's new visitors to the tunnel (raw TCP mode:
-            L{RelayLimits.tcpVisitorRate <portal.relay.router.RelayLimits>}), made on first use.
+        @return: What paces this port's new visitors to the tunnel, source address by source
+            address (raw TCP mode: L{RelayLimits.tcpVisitorRate
+            <portal.relay.router.RelayLimits>}), made on first use.
         """
         if self._pacer is None:
             limits = self.router.limits
-            self._pacer = FairPacer(
+            self._pacer = KeyedPacer(
                 self.router.clock,
                 limits.tcpVisitorRate.perSecond,
                 limits.tcpVisitorRate.burst,

@@ -53,8 +53,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         """
-        Route the visitor to the tunnel holding the lease, at once or, over the port's rate of new
-        visitors, when its turn comes (paused meanwhile).
+        Route the visitor to the tunnel holding the lease, at once or, over its source address's
+        rate of new visitors to this port, when its turn comes (paused meanwhile).
         """
         lease = self._lease
         router = lease.router
@@ -73,8 +73,8 @@ class RawVisitor(SpliceProtocol, TimeoutMixin):
         except PacerFull:
             router.refusals.refuse(
                 "tcp_visitor_queue",
-                "refused TCP visitor {peer} on port {port}: {waiting} visitors are waiting for "
-                "their turn, the most allowed",
+                "refused TCP visitor {peer} on port {port}: {waiting} visitors from its address "
+                "are waiting for their turn, the most allowed",
                 peer=peerHost,
                 port=lease.port,
                 waiting=router.limits.tcpVisitorQueue,

@@ -96,12 +96,12 @@ class RelayLimits:
         turn, source address by source address (L{portal.forwarding.pacer}).
     @ivar handshakeQueue: Control-port connections that may wait for their TLS handshake at once;
         more are refused before the handshake.
-    @ivar tcpVisitorRate: New visitors a second each raw TCP lease port passes to its tunnel (each
-        costs the tunnel a data session and a connection to its service, the moment it is accepted,
-        whether or not it ever sends a byte), and the burst passed at once; more wait their turn,
-        source address by source address.
-    @ivar tcpVisitorQueue: Visitors that may wait for their turn on each raw TCP lease port; more
-        are refused.
+    @ivar tcpVisitorRate: New visitors a second from one source address that a raw TCP lease port
+        passes to its tunnel (each costs the tunnel a data session and a connection to its service
+        the moment it is accepted, whether or not it ever sends a byte), and the burst passed at
+        once; the source's next visitors wait their turn, paused.
+    @ivar tcpVisitorQueue: Visitors from one source address that may wait for their turn on a raw
+        TCP lease port; more are refused.
     """
 
     maxIdleData: int = 64
@@ -130,8 +130,8 @@ class RelayLimits:
     admission: AdmissionLimits = attrs.field(factory=AdmissionLimits)
     handshakeRate: Rate = Rate(200.0, 20.0)
     handshakeQueue: int = 1024
-    tcpVisitorRate: Rate = Rate(100.0, 20.0)
-    tcpVisitorQueue: int = 512
+    tcpVisitorRate: Rate = Rate(20.0, 20.0)
+    tcpVisitorQueue: int = 256
 
 
 class DataPool:

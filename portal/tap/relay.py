@@ -281,14 +281,15 @@ class Options(usage.Options):
             "tcp-visitor-rate",
             None,
             str(_LIMITS.tcpVisitorRate),
-            "New visitors a second each raw TCP lease port passes to its tunnel, PER_SECOND/BURST "
-            "(token bucket); more wait their turn, source address by source address.",
+            "New visitors a second from one source address that a raw TCP lease port passes to "
+            "its tunnel, PER_SECOND/BURST (token bucket); the source's next ones wait their turn.",
         ],
         [
             "tcp-visitor-queue",
             None,
             _LIMITS.tcpVisitorQueue,
-            "Visitors that may wait for their turn on each raw TCP lease port; more are refused.",
+            "Visitors from one source address that may wait for their turn on a raw TCP lease "
+            "port; more are refused.",
             _positive(int),
         ],
         [
