@@ -24,7 +24,7 @@ class IdleWatch:
     @ivar timeout: Seconds between two readings of the activity counter.
     """
 
-    _call: Any = None
+    __slots__ = ("_clock", "timeout", "_activity", "_onIdle", "_seen", "_call")
 
     def __init__(
         self,
@@ -49,7 +49,7 @@ class IdleWatch:
         self._activity = activity
         self._onIdle = onIdle
         self._seen = activity()
-        self._call = clock.callLater(timeout, self._check)
+        self._call: Any = clock.callLater(timeout, self._check)
 
     def _check(self) -> None:
         """
