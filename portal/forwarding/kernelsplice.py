@@ -438,12 +438,21 @@ class KernelSplice:
             end.transport.stopReading()
             end.transport.stopWriting()
         if self._idlePolicy is not None:
-            self._watch = self._idlePolicy.watch(
-                lambda: self._a.outgoing.moved + self._b.outgoing.moved,
-                lambda: self.abort(Failure(ConnectionDone("idle stream"))),
-            )
+            self._watch = self._idlePolicy.watch(self._moved, self._idle)
         self.run(self._a.outgoing)
         self.run(self._b.outgoing)
+
+    def _moved(self) -> int:
+        """
+        @return: Bytes moved so far both ways, for the idle watch.
+        """
+        return self.directions[0].moved + self.directions[1].moved
+
+    def _idle(self) -> None:
+        """
+        No byte moved either way for the idle timeout: drop both connections.
+        """
+        self.abort(Failure(ConnectionDone("idle stream")))
 
     def run(self, direction: _Direction) -> None:
         """
