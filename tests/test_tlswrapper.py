@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import providedBy
 
 from portal.trust.localca import LocalCA, SNIServerConnectionCreator
-from portal.tunnel.tlswrapper import LeanTLSTransport
+from portal.tunnel.tlswrapper import LeanTLSTransport, renewMemoryBIOs
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)
 
@@ -110,3 +110,49 @@ class LeanTLSTransportTests(SynchronousTestCase):
         lean.makeConnection(StringTransport(peerAddress=ADDRESS))
         self.assertEqual(wrapped.made, 0)
         self.assertIsNotNone(lean.getHandle())
+
+    def test_memoryBIOsRenewedAfterHandshake(self) -> None:
+        """
+        Once the handshake is done and both memory BIOs are empty, the connection gets new ones,
+        once; bytes go on crossing both ways through them.
+        """
+        client = _Recorder()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
+        )
+        clientTLS, serverTLS, pump = connectedServerAndClient(
+            lambda: LeanTLSTransport(self.factory, self.server),
+            lambda: clientFactory.protocol(clientFactory, client),
+            greet=False,
+        )
+        connection = serverTLS.getHandle()
+        handshakeBIOs = (connection._into_ssl, connection._from_ssl)
+        pump.flush()
+        clientTLS.write(b"ping")
+        self.clock.advance(0)
+        pump.flush()
+        self.assertFalse(serverTLS._handshakeBIOs)
+        renewed = (connection._into_ssl, connection._from_ssl)
+        self.assertNotEqual(renewed[0], handshakeBIOs[0])
+        self.assertNotEqual(renewed[1], handshakeBIOs[1])
+        for _ in range(3):
+            clientTLS.write(b"ping")
+            serverTLS.write(b"pong")
+            self.clock.advance(0)
+            pump.flush()
+        self.assertEqual((self.server.received, client.received), (b"ping" * 4, b"pong" * 3))
+        self.assertEqual((connection._into_ssl, connection._from_ssl), renewed)
+
+    def test_renewOnlyEmptyBIOs(self) -> None:
+        """
+        L{renewMemoryBIOs} leaves a connection whose incoming BIO holds bytes, and an object
+        without memory BIOs, as they are.
+        """
+        connection = self.creator.serverConnectionForTLS(LeanTLSTransport(self.factory, Protocol()))
+        into = connection._into_ssl
+        connection.bio_write(b"\x16\x03\x01")
+        self.assertFalse(renewMemoryBIOs(connection))
+        self.assertEqual(connection._into_ssl, into)
+        self.assertFalse(renewMemoryBIOs(object()))
+        fresh = self.creator.serverConnectionForTLS(LeanTLSTransport(self.factory, Protocol()))
+        self.assertTrue(renewMemoryBIOs(fresh))

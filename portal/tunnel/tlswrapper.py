@@ -8,23 +8,69 @@ the protocol a second time: a dozen zope declarations, each normalising its inte
 every visitor a tunnel serves (issue 16's profile: 2-4% of the tunnel's own work per new TLS
 visitor). L{LeanTLSTransport} ends in the same state with one declaration, one connection and
 one registration.
+
+It also gives an idle connection smaller memory BIOs: pyOpenSSL's memory BIOs keep the largest
+buffer they ever held (the ClientHello one way; the server's handshake flight and session tickets
+the other, about 1.3 KB together), so once the handshake is done and both are empty, the
+connection gets two new empty ones (L{renewMemoryBIOs}; issue 16's memory per idle visitor).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 from zope.interface import directlyProvides, providedBy
+
+_lib: Any = Binding.lib
+_ffi: Any = Binding.ffi
+
+
+def renewMemoryBIOs(connection: Any) -> bool:
+    """
+    Give a pyOpenSSL connection with memory BIOs two new, empty ones in place of its own, if both of
+    its own are empty: a memory BIO never shrinks the buffer it grew to.
+
+    This replaces pyOpenSSL's private C{_into_ssl} and C{_from_ssl} (the BIOs its C{bio_write} and
+    C{bio_read} use) with C{SSL_set_bio}, which frees the old ones; nothing is done if they are
+    missing or either holds bytes.
+
+    @param connection: An L{OpenSSL.SSL.Connection} made without a socket.
+    @return: Whether the BIOs were replaced.
+    """
+    into = getattr(connection, "_into_ssl", None)
+    out = getattr(connection, "_from_ssl", None)
+    ssl = getattr(connection, "_ssl", None)
+    if into is None or out is None or ssl is None:
+        return False
+    if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+        return False
+    newInto = _lib.BIO_new(_lib.BIO_s_mem())
+    newOut = _lib.BIO_new(_lib.BIO_s_mem())
+    if newInto == _ffi.NULL or newOut == _ffi.NULL:
+        for bio in (newInto, newOut):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    # SSL_set_bio takes ownership of the new BIOs and frees the old ones.
+    _lib.SSL_set_bio(ssl, newInto, newOut)
+    connection._into_ssl, connection._from_ssl = newInto, newOut
+    return True
 
 
 class LeanTLSTransport(BufferingTLSTransport):
     """
     L{BufferingTLSTransport} (what L{twisted.protocols.tls.TLSMemoryBIOFactory} builds) whose
     C{makeConnection} declares the transport's interfaces once, and connects and registers itself
-    once.
+    once, and whose memory BIOs are renewed once after the handshake (L{renewMemoryBIOs}).
     """
+
+    _log = Logger()
+    #: Whether the memory BIOs still are the ones the handshake grew.
+    _handshakeBIOs = True
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -42,3 +88,26 @@ class LeanTLSTransport(BufferingTLSTransport):
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Decrypt and deliver as usual; the first time both memory BIOs are empty after the
+        handshake, renew them.
+
+        @param data: Bytes from the transport.
+        """
+        super().dataReceived(data)
+        if (
+            self._handshakeBIOs
+            and self._handshakeDone
+            and not self._lostTLSConnection
+            and not self.disconnecting
+        ):
+            try:
+                renewed = renewMemoryBIOs(self._tlsConnection)
+            except Exception:
+                # A pyOpenSSL without these internals: keep the BIOs, and stop trying.
+                self._log.failure("cannot renew the TLS memory BIOs")
+                renewed = True
+            if renewed:
+                self._handshakeBIOs = False
