@@ -133,6 +133,29 @@ class IdleWatchTests(SynchronousTestCase):
         self.assertEqual(events, ["idle", "first closed"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_failedCloseKeepsWatching(self) -> None:
+        """
+        A stream whose close raises is logged; the other idle streams are closed all the same and
+        the streams left are still read.
+        """
+        closed: list[str] = []
+
+        def broken() -> None:
+            raise RuntimeError("cannot close")
+
+        self.watch.stop()
+        sweep = self.sweep
+        sweep.watch(lambda: 0, broken)
+        sweep.watch(lambda: 0, lambda: closed.append("second"))
+        self.clock.advance(10)
+        self.counter += 1
+        sweep.watch(lambda: self.counter, lambda: closed.append("third"))
+        self.clock.advance(10)
+        self.assertEqual(closed, ["second"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(10)
+        self.assertEqual(closed, ["second", "third"])
+
 
 class Side(SpliceProtocol):
     """

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 
 class IdleWatch:
@@ -70,6 +71,8 @@ class IdleSweep:
     """
 
     __slots__ = ("_clock", "timeout", "_onIdle", "_watches", "_call")
+
+    _log = Logger()
 
     def __init__(
         self, clock: IReactorTime, timeout: float, onIdle: Callable[[], None] = lambda: None
@@ -130,8 +133,12 @@ class IdleSweep:
             # An earlier close may have ended (and stopped) this stream too.
             if watch in self._watches:
                 self._forget(watch)
-                self._onIdle()
-                watch._close()
+                # One stream's failure to close must not leave the others unwatched.
+                try:
+                    self._onIdle()
+                    watch._close()
+                except Exception:
+                    self._log.failure("closing an idle stream failed")
         if self._watches and self._call is None:
             self._call = self._clock.callLater(self.timeout, self._read)
 
