@@ -10,9 +10,13 @@ visitor). L{LeanTLSTransport} ends in the same state with one declaration, one c
 one registration.
 
 It also gives an idle connection smaller memory BIOs: pyOpenSSL's memory BIOs keep the largest
-buffer they ever held (the ClientHello one way; the server's handshake flight and session tickets
-the other, about 1.3 KB together), so once the handshake is done and both are empty, the
-connection gets two new empty ones (L{renewMemoryBIOs}; issue 16's memory per idle visitor).
+buffer they ever held (after the handshake, the ClientHello one way and the server's flight and
+session tickets the other: about 2 KB of a tunnel's memory per idle visitor; after one 64 KiB read
+from the socket, about 88 KB), so when they may have grown (the handshake, a read or a write of more
+than L{GROWN_ABOVE} bytes) the connection gets two new empty ones at the next small read that
+leaves both empty (L{renewMemoryBIOs}). Waiting for a small read keeps bulk transfers from renewing
+them at every read; a connection whose last read was large keeps its buffer until its next small
+one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 from zope.interface import directlyProvides, providedBy
+
+#: Reads and writes larger than this (bytes) may leave a memory BIO with a grown buffer.
+GROWN_ABOVE = 4096
 
 _lib: Any = Binding.lib
 _ffi: Any = Binding.ffi
@@ -65,12 +72,14 @@ class LeanTLSTransport(BufferingTLSTransport):
     """
     L{BufferingTLSTransport} (what L{twisted.protocols.tls.TLSMemoryBIOFactory} builds) whose
     C{makeConnection} declares the transport's interfaces once, and connects and registers itself
-    once, and whose memory BIOs are renewed once after the handshake (L{renewMemoryBIOs}).
+    once, and whose memory BIOs are renewed when they may have grown (L{renewMemoryBIOs}).
     """
 
     _log = Logger()
-    #: Whether the memory BIOs still are the ones the handshake grew.
-    _handshakeBIOs = True
+    #: Whether the memory BIOs may hold buffers grown by the handshake or a large read or write.
+    _grownBIOs = True
+    #: Whether this process's pyOpenSSL lets BIOs be renewed (set to False on the first failure).
+    _renewable = True
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -91,23 +100,37 @@ class LeanTLSTransport(BufferingTLSTransport):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Decrypt and deliver as usual; the first time both memory BIOs are empty after the
-        handshake, renew them.
+        Decrypt and deliver as usual; after a small read, once the handshake is done, renew the
+        memory BIOs if they may have grown and both are empty.
 
         @param data: Bytes from the transport.
         """
         super().dataReceived(data)
-        if (
-            self._handshakeBIOs
+        if len(data) > GROWN_ABOVE:
+            self._grownBIOs = True
+        elif (
+            self._grownBIOs
             and self._handshakeDone
             and not self._lostTLSConnection
             and not self.disconnecting
+            and self._renewable
         ):
             try:
                 renewed = renewMemoryBIOs(self._tlsConnection)
             except Exception:
                 # A pyOpenSSL without these internals: keep the BIOs, and stop trying.
                 self._log.failure("cannot renew the TLS memory BIOs")
-                renewed = True
+                LeanTLSTransport._renewable = False
+                renewed = False
             if renewed:
-                self._handshakeBIOs = False
+                self._grownBIOs = False
+
+    def _write(self, data: bytes) -> None:
+        """
+        Encrypt and send as usual; a large write may grow the outgoing memory BIO.
+
+        @param data: Application bytes.
+        """
+        if len(data) > GROWN_ABOVE:
+            self._grownBIOs = True
+        super()._write(data)
