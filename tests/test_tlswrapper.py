@@ -5,6 +5,7 @@ Tests for L{portal.tunnel.tlswrapper}: the TLS wrapper with its per-connection s
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import providedBy
 
 from portal.trust.localca import LocalCA, SNIServerConnectionCreator
-from portal.tunnel.tlswrapper import LeanTLSTransport
+from portal.tunnel.tlswrapper import GROWN_ABOVE, LeanTLSTransport, renewMemoryBIOs
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)
 
@@ -110,3 +111,90 @@ class LeanTLSTransportTests(SynchronousTestCase):
         lean.makeConnection(StringTransport(peerAddress=ADDRESS))
         self.assertEqual(wrapped.made, 0)
         self.assertIsNotNone(lean.getHandle())
+
+    def test_memoryBIOsRenewedAfterHandshake(self) -> None:
+        """
+        Once the handshake is done and both memory BIOs are empty, the connection gets new ones,
+        once; bytes go on crossing both ways through them.
+        """
+        client = _Recorder()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
+        )
+        clientTLS, serverTLS, pump = connectedServerAndClient(
+            lambda: LeanTLSTransport(self.factory, self.server),
+            lambda: clientFactory.protocol(clientFactory, client),
+            greet=False,
+        )
+        connection = serverTLS.getHandle()
+        handshakeBIOs = (connection._into_ssl, connection._from_ssl)
+        pump.flush()
+        clientTLS.write(b"ping")
+        self.clock.advance(0)
+        pump.flush()
+        self.assertFalse(serverTLS._grownBIOs)
+        renewed = (connection._into_ssl, connection._from_ssl)
+        self.assertNotEqual(renewed[0], handshakeBIOs[0])
+        self.assertNotEqual(renewed[1], handshakeBIOs[1])
+        for _ in range(3):
+            clientTLS.write(b"ping")
+            serverTLS.write(b"pong")
+            self.clock.advance(0)
+            pump.flush()
+        self.assertEqual((self.server.received, client.received), (b"ping" * 4, b"pong" * 3))
+        self.assertEqual((connection._into_ssl, connection._from_ssl), renewed)
+
+    def test_renewOnlyEmptyBIOs(self) -> None:
+        """
+        L{renewMemoryBIOs} leaves a connection whose incoming BIO holds bytes, and an object
+        without memory BIOs, as they are.
+        """
+        connection = self.creator.serverConnectionForTLS(LeanTLSTransport(self.factory, Protocol()))
+        into = connection._into_ssl
+        connection.bio_write(b"\x16\x03\x01")
+        self.assertFalse(renewMemoryBIOs(connection))
+        self.assertEqual(connection._into_ssl, into)
+        self.assertFalse(renewMemoryBIOs(object()))
+        fresh = self.creator.serverConnectionForTLS(LeanTLSTransport(self.factory, Protocol()))
+        self.assertTrue(renewMemoryBIOs(fresh))
+
+    def test_memoryBIOsRenewedAfterLargeTransfers(self) -> None:
+        """
+        A read or a write larger than L{GROWN_ABOVE} marks the memory BIOs as grown without
+        renewing them (a bulk transfer is not slowed down); the next small read renews them.
+        """
+        client = _Recorder()
+        clientFactory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
+        )
+        clientTLS, serverTLS, pump = connectedServerAndClient(
+            lambda: LeanTLSTransport(self.factory, self.server),
+            lambda: clientFactory.protocol(clientFactory, client),
+            greet=False,
+        )
+        connection = serverTLS.getHandle()
+        pump.flush()
+
+        def send(toServer: bytes, toClient: bytes = b"") -> tuple[Any, Any]:
+            clientTLS.write(toServer)
+            if toClient:
+                serverTLS.write(toClient)
+            self.clock.advance(0)
+            pump.flush()
+            return (connection._into_ssl, connection._from_ssl)
+
+        afterHandshake = send(b"x")
+        self.assertFalse(serverTLS._grownBIOs)
+        big = os.urandom(GROWN_ABOVE * 16)
+        self.assertEqual(send(big), afterHandshake)
+        self.assertTrue(serverTLS._grownBIOs)
+        afterUpload = send(b"y")
+        self.assertFalse(serverTLS._grownBIOs)
+        self.assertNotEqual(afterUpload[0], afterHandshake[0])
+        self.assertEqual(send(b"", big), afterUpload)
+        self.assertTrue(serverTLS._grownBIOs)
+        afterDownload = send(b"z")
+        self.assertFalse(serverTLS._grownBIOs)
+        self.assertNotEqual(afterDownload[1], afterUpload[1])
+        self.assertEqual(self.server.received, b"x" + big + b"yz")
+        self.assertEqual(client.received, big)

@@ -137,10 +137,24 @@ class _Direction:
     @ivar pending: Bytes in the pipe not yet written to the destination.
     @ivar eof: The source sent its end of stream.
     @ivar done: End of stream passed on and the pipe drained.
+    @ivar wake: While paced: the call that reads again once the buckets allow it.
     """
 
-    #: While paced: the call that reads again once the buckets allow it.
-    wake: Any = None
+    # Slots: a relay keeps two directions per spliced connection, idle ones included (issue 16).
+    __slots__ = (
+        "source",
+        "meter",
+        "destination",
+        "prefix",
+        "_pool",
+        "pacer",
+        "moved",
+        "pipe",
+        "pending",
+        "eof",
+        "done",
+        "wake",
+    )
 
     def __init__(
         self,
@@ -163,6 +177,7 @@ class _Direction:
         self.pending = 0
         self.eof = False
         self.done = False
+        self.wake: Any = None
 
     def _release(self) -> None:
         """
@@ -261,6 +276,8 @@ class _End:
     """
     One socket of a kernel splice, as the reactor sees it.
     """
+
+    __slots__ = ("_owner", "transport", "fd", "outgoing", "incoming", "_reading", "_writing")
 
     _owner: KernelSplice
 
@@ -368,8 +385,9 @@ class KernelSplice:
     @ivar finished: Whether both directions ended or the splice was aborted.
     """
 
+    __slots__ = ("reactor", "finished", "_pacer", "_idlePolicy", "_watch", "_a", "_b", "directions")
+
     _log = Logger()
-    finished = False
 
     def __init__(
         self,
@@ -395,6 +413,7 @@ class KernelSplice:
         @param meters: Meters for the bytes read from C{a} (towards C{b}) and from C{b} (towards C{a}).
         """
         self.reactor = reactor
+        self.finished = False
         self._pacer = pacer
         self._idlePolicy = idle
         self._watch: IdleWatch | None = None
@@ -419,12 +438,21 @@ class KernelSplice:
             end.transport.stopReading()
             end.transport.stopWriting()
         if self._idlePolicy is not None:
-            self._watch = self._idlePolicy.watch(
-                lambda: self._a.outgoing.moved + self._b.outgoing.moved,
-                lambda: self.abort(Failure(ConnectionDone("idle stream"))),
-            )
+            self._watch = self._idlePolicy.watch(self._moved, self._idle)
         self.run(self._a.outgoing)
         self.run(self._b.outgoing)
+
+    def _moved(self) -> int:
+        """
+        @return: Bytes moved so far both ways, for the idle watch.
+        """
+        return self.directions[0].moved + self.directions[1].moved
+
+    def _idle(self) -> None:
+        """
+        No byte moved either way for the idle timeout: drop both connections.
+        """
+        self.abort(Failure(ConnectionDone("idle stream")))
 
     def run(self, direction: _Direction) -> None:
         """

@@ -17,6 +17,9 @@ class ByteMeter:
     Counts the bytes of one direction of one spliced connection into a shared counter.
     """
 
+    # Slots: a relay keeps two meters per spliced connection, idle ones included (issue 16).
+    __slots__ = ("_counters", "_key", "_onFirstByte")
+
     def __init__(
         self,
         counters: MutableMapping[str, int],

@@ -24,13 +24,15 @@ class _QuietFactory(Factory):
         """
         @param protocol: The protocol to connect.
         """
-        self._protocol = protocol
+        self._protocol: IProtocol | None = protocol
 
     def buildProtocol(self, addr: Any) -> Any:
         """
-        @return: The protocol given.
+        @return: The protocol given (once: the factory lets go of it, as the connector keeps the
+            factory for the connection's life).
         """
-        return self._protocol
+        protocol, self._protocol = self._protocol, None
+        return protocol
 
 
 def connectQuietly(endpoint: IStreamClientEndpoint, protocol: IProtocol) -> Deferred[Any]:
