@@ -170,48 +170,39 @@ def _leanConnect(
     return d
 
 
-class _LeanTCP4Endpoint(TCP4ClientEndpoint):
+class _LeanConnect:
+    """
+    For a TCP client endpoint: connect with L{_leanConnect} on a real reactor, as the endpoint
+    class it is mixed with does otherwise.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+        base: Any = super()
+        base.__init__(reactor, host, port, timeout=timeout)
+        self._leanArgs = (reactor, host, port, timeout)
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        @return: A L{Deferred} firing with the connected protocol.
+        """
+        reactor, host, port, timeout = self._leanArgs
+        if isinstance(reactor, PosixReactorBase):
+            return _leanConnect(reactor, host, port, timeout, protocolFactory)
+        base: Any = super()
+        connecting: Deferred[Any] = base.connect(protocolFactory)
+        return connecting
+
+
+class _LeanTCP4Endpoint(_LeanConnect, TCP4ClientEndpoint):
     """
     L{TCP4ClientEndpoint} connecting with L{_leanConnect} on a real reactor.
     """
 
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
-        base: Any = super()
-        base.__init__(reactor, host, port, timeout=timeout)
-        self._leanArgs = (reactor, host, port, timeout)
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
-        """
-        @return: A L{Deferred} firing with the connected protocol.
-        """
-        reactor, host, port, timeout = self._leanArgs
-        if isinstance(reactor, PosixReactorBase):
-            return _leanConnect(reactor, host, port, timeout, protocolFactory)
-        base: Any = super()
-        connecting: Deferred[Any] = base.connect(protocolFactory)
-        return connecting
-
-
-class _LeanTCP6Endpoint(TCP6ClientEndpoint):
+class _LeanTCP6Endpoint(_LeanConnect, TCP6ClientEndpoint):
     """
     L{TCP6ClientEndpoint} connecting with L{_leanConnect} on a real reactor.
     """
-
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
-        base: Any = super()
-        base.__init__(reactor, host, port, timeout=timeout)
-        self._leanArgs = (reactor, host, port, timeout)
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
-        """
-        @return: A L{Deferred} firing with the connected protocol.
-        """
-        reactor, host, port, timeout = self._leanArgs
-        if isinstance(reactor, PosixReactorBase):
-            return _leanConnect(reactor, host, port, timeout, protocolFactory)
-        base: Any = super()
-        connecting: Deferred[Any] = base.connect(protocolFactory)
-        return connecting
 
 
 def tcpEndpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:

@@ -10,7 +10,6 @@ splice now, no AMP) -> C{closed}.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from automat import TypeMachine, TypeMachineBuilder
@@ -41,7 +40,7 @@ from portal.relay.interfaces import ILeasePorts
 from portal.relay.leases import LeaseError
 from portal.relay.memberlink import MemberLinks, MemberVisitor
 from portal.relay.ports import PortAllocationError
-from portal.relay.router import DataPool, Router
+from portal.relay.router import DataPool, OnRouterClock, Router
 from portal.relay.store import ClaimsUnavailable, StoreError
 from portal.relay.udpsession import UDPSession
 from portal.trust.challenge import (
@@ -962,7 +961,7 @@ def _buildControlMachine() -> TypeMachine[ControlInputs, RelayControlProtocol]:
 controlMachine = _buildControlMachine()
 
 
-class ControlDispatch(PeekingProtocol):
+class ControlDispatch(OnRouterClock, PeekingProtocol):
     """
     Tells a TLS control session (first byte 0x16) from a plain data session (L{MAGIC}).
     """
@@ -984,17 +983,6 @@ class ControlDispatch(PeekingProtocol):
         self._router = router
         self._tlsFactory = tlsFactory
         self.peekTimeout = router.limits.attachTimeout
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """
-        Schedule L{TimeoutMixin}'s timer on the router's clock rather than the global reactor (a
-        method, not a bound method stored per connection: issue 16's memory per connection).
-
-        @param period: Seconds from now.
-        @param func: What to call.
-        @return: The scheduled call.
-        """
-        return self._router.clock.callLater(period, func)
 
     def choose(self, data: bytes) -> IProtocol | None:
         """

@@ -10,11 +10,9 @@ idle session, closes it from C{attaching} or C{idle}.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Protocol
 
 from automat import TypeMachine, TypeMachineBuilder
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -25,7 +23,7 @@ from portal.forwarding.connlimit import vouchFor
 from portal.forwarding.sealedstream import SealedConnection, sealedStream
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.interfaces import IDataSession
-from portal.relay.router import DataPool, Router
+from portal.relay.router import DataPool, OnRouterClock, Router
 from portal.wire.attach import (
     ACK,
     ATTACH_LENGTH,
@@ -80,7 +78,7 @@ class DataSessionInputs(Protocol):
 
 
 @implementer(IDataSession)
-class RelayDataSession(SpliceProtocol, TimeoutMixin):
+class RelayDataSession(OnRouterClock, SpliceProtocol, TimeoutMixin):
     """
     A data session the tunnel opened to the control port, after the L{MAGIC} prefix was seen.
 
@@ -109,17 +107,6 @@ class RelayDataSession(SpliceProtocol, TimeoutMixin):
         The lifecycle state: C{attaching}, C{idle}, C{paired} or C{closed}.
         """
         return self._machine.state()
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """
-        Schedule L{TimeoutMixin}'s timer on the router's clock rather than the global reactor (a
-        method, not a bound method stored per connection: issue 16's memory per connection).
-
-        @param period: Seconds from now.
-        @param func: What to call.
-        @return: The scheduled call.
-        """
-        return self._router.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
         """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -16,7 +16,7 @@ from zope.interface import implementer
 from portal.forwarding.splice import SpliceProtocol, noDelay
 from portal.relay.handoff import giveSocket
 from portal.relay.interfaces import IWaitingVisitor
-from portal.relay.router import DataPool, Router
+from portal.relay.router import DataPool, OnRouterClock, Router
 from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import (
     INTERNAL_ERROR,
@@ -28,7 +28,7 @@ from portal.wire.clienthello import (
 
 
 @implementer(IWaitingVisitor)
-class VisitorProtocol(SpliceProtocol, TimeoutMixin):
+class VisitorProtocol(OnRouterClock, SpliceProtocol, TimeoutMixin):
     """
     One public connection: buffered until its ClientHello is complete, then spliced to a tunnel's data
     session, handed to the relay's own TLS site, or refused with a TLS alert.
@@ -51,17 +51,6 @@ class VisitorProtocol(SpliceProtocol, TimeoutMixin):
         super().__init__()
         self._router = router
         self._siteFactory = siteFactory
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """
-        Schedule L{TimeoutMixin}'s timer on the router's clock rather than the global reactor (a
-        method, not a bound method stored per connection: issue 16's memory per connection).
-
-        @param period: Seconds from now.
-        @param func: What to call.
-        @return: The scheduled call.
-        """
-        return self._router.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
         """
