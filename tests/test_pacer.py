@@ -210,6 +210,18 @@ class KeyedPacerTests(SynchronousTestCase):
         self.assertEqual(len(pacer), 2)
         self.assertEqual(pacer.waiting, 0)
 
+    def test_manyAddressesOnceEach(self) -> None:
+        """
+        Keys that started once and went quiet are forgotten as later starts come, without a timer:
+        a thousand addresses once each leave a handful of pacers, not a thousand.
+        """
+        pacer = KeyedPacer(self.clock, rate=10, burst=1, maxWaiting=5)
+        for i in range(1000):
+            pacer.enter(f"198.51.100.{i}", lambda: None)
+            self.clock.advance(0.01)
+        self.assertLess(len(pacer), 20)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stop(self) -> None:
         """
         L{KeyedPacer.stop} forgets every key, waiting start and timer.

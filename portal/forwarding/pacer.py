@@ -192,8 +192,10 @@ class KeyedPacer:
     a burst, the rest of that key waiting in its own queue of at most C{maxWaiting}, so that one
     key starting too much waits alone and every other key keeps its own rate.
 
-    Pacers of keys with nothing waiting and a full bucket (unused for C{burst / rate} seconds) are
-    forgotten once more than C{maxKeys} are kept.
+    A pacer whose key has nothing waiting and a full bucket (unused for C{burst / rate} seconds) is
+    the same as a new one and is forgotten: each start looks at the key looked at longest ago, and
+    all are looked at once more than C{maxKeys} are kept (a flood from many addresses, each once,
+    leaves few behind).
 
     @ivar delayed: Starts that had to wait, in all keys.
     """
@@ -204,7 +206,7 @@ class KeyedPacer:
         rate: float,
         burst: float,
         maxWaiting: int,
-        maxKeys: int = 4096,
+        maxKeys: int = 1024,
     ) -> None:
         """
         @param clock: The source of time and timers.
@@ -255,7 +257,23 @@ class KeyedPacer:
             pacer = self._pacers[key] = FairPacer(
                 self._clock, self._rate, self._burst, self._maxWaiting
             )
-        return pacer.enter(key, start)
+        try:
+            return pacer.enter(key, start)
+        finally:
+            self._sweepOne()
+
+    def _sweepOne(self) -> None:
+        """
+        Look at the key that has gone longest without a look: forget its pacer if it is idle (nothing
+        waiting, a full bucket: the same as a new one), else send it to the back of the line. One key
+        per start keeps the idle ones few without a timer, whatever number of addresses came once.
+        """
+        if len(self._pacers) < 2:
+            return
+        key = next(iter(self._pacers))
+        pacer = self._pacers.pop(key)
+        if pacer.waiting or not pacer._bucket.full():
+            self._pacers[key] = pacer
 
     def _forgetIdle(self) -> None:
         """
