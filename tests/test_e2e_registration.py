@@ -239,8 +239,8 @@ class RegistrationFloodTests(TestCase):
     @inlineCallbacks
     def test_handshakesPaced(self) -> Any:
         """
-        With C{--handshake-rate 10/2}, 20 control sessions opened at once from 127.0.0.2 shake hands
-        two at once and then ten a second, the rest waiting (counted on C{/metrics}); a session
+        With C{--handshake-rate 5/2}, 20 control sessions opened at once from 127.0.0.2 shake hands
+        two at once and then five a second, the rest waiting (counted on C{/metrics}); a session
         from 127.0.0.3 that arrives while they wait is served in its own turn, before most of
         them, and every session gets its L{Hello} answered.
         """
@@ -248,7 +248,7 @@ class RegistrationFloodTests(TestCase):
         relay, _, controlPort = yield startRelay(
             self,
             stateDir,
-            extra=["--http", "tcp:0:interface=127.0.0.1", "--handshake-rate", "10/2"],
+            extra=["--http", "tcp:0:interface=127.0.0.1", "--handshake-rate", "5/2"],
         )
         httpMatch = yield relay.waitFor(r"http listening on 127\.0\.0\.1:(\d+)")
         httpPort = int(httpMatch.group(1))
