@@ -14,6 +14,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from portal.relay import control
 from portal.relay.admission import AdmissionLimits, CommandRates, Rate
 from portal.relay.control import MAX_HOLD_OFF
 from portal.relay.identitylists import IdentityLists
@@ -176,6 +177,34 @@ class RateLimitTests(GateClientTestCase):
         self.assertEqual(len(results), 25)
         self.assertEqual(len(self.router.challenges), 13)
         self.assertEqual(self.router.refusals.counts, {"challenge_rate_source": 12})
+
+    def test_pipelinedReadTakesTurns(self) -> None:
+        """
+        Requests that arrive in one read, within the rate, are answered
+        L{control.MAX_REQUESTS_PER_READ} at a time: then the session yields for
+        L{control.YIELD_SECONDS}, so a burst of pipelined requests never holds every other
+        connection while it is answered.
+        """
+        self.patch(self.router.admission, "rate", lambda command, source: None)
+        self.hello()
+        # The client's twenty requests leave in one write, so the relay reads them at once.
+        written: list[bytes] = []
+        transport = self.client.transport
+        transport.write = written.append
+        results: list[Any] = []
+        for _ in range(20):
+            self.client.callRemote(Challenge, names=[LABEL]).addBoth(results.append)
+        del transport.write
+        transport.write(b"".join(written))
+        self.connection.flush()
+        step = control.MAX_REQUESTS_PER_READ
+        self.assertEqual(len(results), step)
+        self.assertTrue(self.connection.relay.paused)
+        self.advance(control.YIELD_SECONDS)
+        self.assertEqual(len(results), 2 * step)
+        self.advance(control.YIELD_SECONDS)
+        self.assertEqual(len(results), 20)
+        self.assertNotIn(True, [isinstance(r, Failure) for r in results])
 
     def test_holdOffEndsWithSession(self) -> None:
         """

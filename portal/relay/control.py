@@ -108,6 +108,15 @@ _CHALLENGE_REASONS: dict[type[ChallengeError], str] = {
 #: far below L{RelayLimits.controlIdleTimeout<portal.relay.router.RelayLimits>}.
 MAX_HOLD_OFF = 8.0
 
+#: Most requests of one read a control session gets answered before it yields
+#: (L{RelayControlProtocol.ampBoxReceived}): a read may carry a hundred pipelined requests (a burst
+#: of challenges), which answered in one go held every other connection of the relay for 5-10 ms.
+MAX_REQUESTS_PER_READ = 8
+#: How long such a session yields, letting the reactor serve everything else first. Not 0: a
+#: session resumed in the very next turn, over and over, kept its TLS layer's answers from being
+#: flushed (seen end to end).
+YIELD_SECONDS = 0.001
+
 
 def _socketOf(transport: Any) -> Any:
     """
@@ -141,6 +150,8 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
     _hopPending: Deferred[HopInbound] | None = None
     _strikes = 0
     _resumeCall: IDelayedCall | None = None
+    #: Requests answered since this session last read from its transport.
+    _readRequests = 0
     _log = Logger()
 
     def __init__(self, router: Router) -> None:
@@ -179,7 +190,27 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         Anything from the tunnel shows the path is alive.
         """
         self.resetTimeout()
+        self._readRequests = 0
         super().dataReceived(data)
+
+    def ampBoxReceived(self, box: Any) -> None:
+        """
+        Handle one box; after L{MAX_REQUESTS_PER_READ} from one read, yield for L{YIELD_SECONDS}
+        (AMP's parser stops between boxes while paused; the rest are parsed when it resumes).
+
+        @param box: The box.
+        """
+        super().ampBoxReceived(box)
+        self._readRequests += 1
+        if (
+            self._readRequests >= MAX_REQUESTS_PER_READ
+            and self._resumeCall is None
+            and self.transport is not None
+            and not self.paused
+        ):
+            self.paused = True
+            _socketOf(self.transport).pauseProducing()
+            self._resumeCall = self._router.clock.callLater(YIELD_SECONDS, self._resume)
 
     def timeoutConnection(self) -> None:
         """
