@@ -1,0 +1,1 @@
+A control session's requests are answered at most 8 per read, then the session yields for a millisecond: a burst of pipelined requests no longer holds every other connection of the relay while it is answered.
