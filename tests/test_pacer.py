@@ -87,6 +87,18 @@ class FairPacerTests(SynchronousTestCase):
         self.assertEqual(self.started, ["w1", "w2"])
         self.assertEqual(pacer.peakWaiting, 2)
 
+    def test_fullPerKey(self) -> None:
+        """
+        With C{maxWaitingPerKey}, one key cannot take more of the queue; other keys still can.
+        """
+        pacer = FairPacer(self.clock, rate=1, burst=1, maxWaiting=10, maxWaitingPerKey=2)
+        pacer.enter("a", self.starter("now"))
+        pacer.enter("a", self.starter("a1"))
+        pacer.enter("a", self.starter("a2"))
+        self.assertRaises(PacerFull, pacer.enter, "a", self.starter("refused"))
+        self.assertIsNotNone(pacer.enter("b", self.starter("b1")))
+        self.assertEqual(pacer.waiting, 3)
+
     def test_cancel(self) -> None:
         """
         A cancelled entry never starts and frees its place; cancelling the last one stops the

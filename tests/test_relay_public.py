@@ -23,7 +23,7 @@ from portal.relay.admission import Rate
 from portal.relay.control import ControlDispatch, ControlFactory, _TLSDispatch
 from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory, VisitorProtocol
-from portal.relay.router import DataPool, RelayLimits, Router
+from portal.relay.router import HANDSHAKES_WAITING_PER_SOURCE, DataPool, RelayLimits, Router
 from portal.relay.site import httpSite, relaySite
 from portal.trust.identity import Identity
 from portal.trust.localca import LocalCA
@@ -1130,6 +1130,28 @@ class ControlHandshakePacingTests(RelayHarness):
         self.assertRefused(transport, INTERNAL_ERROR)
         self.assertEqual(self.router.refusals.counts, {"handshake_queue": 1})
         self.assertLogged("refused 198.51.100.9", "TLS handshakes waiting")
+
+    def test_oneSourceCannotFillTheQueue(self) -> None:
+        """
+        One source has at most L{HANDSHAKES_WAITING_PER_SOURCE} connections waiting; beyond, its
+        next is refused (C{handshake_queue}) while another source still waits its turn.
+        """
+        self.patch(self.router.handshakes, "maxWaiting", 100)
+        self.patch(self.router.handshakes, "maxWaitingPerKey", 2)
+        for port in range(2 + 2):
+            self.tlsFrom("198.51.100.7", 50000 + port)
+        _, refused = self.tlsFrom("198.51.100.7", 50010)
+        self.assertRefused(refused, INTERNAL_ERROR)
+        waiting, transport = self.tlsFrom("198.51.100.8")
+        self.assertFalse(transport.disconnecting)
+        self.assertIsNotNone(waiting._waiting)
+        self.assertEqual(HANDSHAKES_WAITING_PER_SOURCE, self.routerDefaultsPerSource())
+
+    def routerDefaultsPerSource(self) -> int | None:
+        """
+        @return: What a relay with default limits allows one source to have waiting.
+        """
+        return Router(Identity.generate(), self.clock).handshakes.maxWaitingPerKey
 
     def test_closedWhileWaiting(self) -> None:
         """

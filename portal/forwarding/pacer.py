@@ -64,6 +64,7 @@ class FairPacer:
     @ivar rate: Starts a second.
     @ivar burst: Starts let through at once after a quiet spell.
     @ivar maxWaiting: Most starts waiting at once.
+    @ivar maxWaitingPerKey: Most starts of one key waiting at once, or L{None}.
     @ivar waiting: Starts waiting now.
     @ivar peakWaiting: Most starts that waited at once since this pacer was made.
     @ivar delayed: Starts that had to wait, in all.
@@ -71,12 +72,21 @@ class FairPacer:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, rate: float, burst: float, maxWaiting: int) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        burst: float,
+        maxWaiting: int,
+        maxWaitingPerKey: int | None = None,
+    ) -> None:
         """
         @param clock: The source of time, and of the timer that serves the queue.
         @param rate: Starts a second; positive.
         @param burst: Starts let through at once; positive.
         @param maxWaiting: Most starts waiting at once; at least 1.
+        @param maxWaitingPerKey: Most starts of one key waiting at once (L{None}: as many as the
+            queue holds), so that one key cannot fill the queue for all the others.
         @raise ValueError: For a rate, burst or queue size out of range.
         """
         if maxWaiting < 1:
@@ -86,6 +96,7 @@ class FairPacer:
         self.rate = self._bucket.rate
         self.burst = self._bucket.burst
         self.maxWaiting = maxWaiting
+        self.maxWaitingPerKey = maxWaitingPerKey
         # Each key's queue, in the order keys take turns (a dict keeps insertion order).
         self._queues: dict[Hashable, deque[Waiting]] = {}
         self.waiting = 0
@@ -107,8 +118,14 @@ class FairPacer:
             return None
         if self.waiting >= self.maxWaiting:
             raise PacerFull(f"{self.waiting} starts are waiting already")
-        entry = Waiting(self, key, start)
         queue = self._queues.get(key)
+        if (
+            queue is not None
+            and self.maxWaitingPerKey is not None
+            and len(queue) >= self.maxWaitingPerKey
+        ):
+            raise PacerFull(f"{len(queue)} starts of the same key are waiting already")
+        entry = Waiting(self, key, start)
         if queue is None:
             queue = self._queues[key] = deque()
         queue.append(entry)

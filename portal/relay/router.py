@@ -47,6 +47,11 @@ class RequestsData(Protocol):
         """
 
 
+#: Control-port connections of one source address that may wait for their TLS handshake at once
+#: (L{Router.handshakes}): one address cannot fill the queue for every other.
+HANDSHAKES_WAITING_PER_SOURCE = 32
+
+
 @attrs.frozen
 class RelayLimits:
     """
@@ -460,6 +465,7 @@ class Router:
             self.limits.handshakeRate.perSecond,
             self.limits.handshakeRate.burst,
             self.limits.handshakeQueue,
+            maxWaitingPerKey=HANDSHAKES_WAITING_PER_SOURCE,
         )
         self.sessions: dict[bytes, DataPool] = {}
         self.controls: set[Any] = set()
