@@ -34,7 +34,7 @@ from zope.interface import implementer
 from portal.forwarding.datagramwriter import DatagramWriter
 from portal.relay.cluster import Member, PortClaim
 from portal.relay.memberlink import MemberLinkClient, MemberLinks
-from portal.relay.udplink import BAD_FRAME, LINK_IDLE_TIMEOUT, countDrop
+from portal.relay.udplink import BAD_FRAME, LINK_IDLE_TIMEOUT, DropWhilePaused, countDrop
 from portal.trust.identity import identityId
 from portal.trust.names import leaseHostname
 from portal.trust.relayaddress import ConfigError
@@ -51,7 +51,7 @@ LINK_RETRY = 1.0
 
 
 @implementer(IPushProducer)
-class UDPLinkClient(MemberLinkClient):
+class UDPLinkClient(DropWhilePaused, MemberLinkClient):
     """
     The forwarding member's end of the UDP link for one port: frames queued while it attaches,
     then written as they come; frames from the holder handed to the port's socket.
@@ -233,24 +233,6 @@ class UDPLinkClient(MemberLinkClient):
                 port=self._header.udpPort,
             )
         self._closed()
-
-    def pauseProducing(self) -> None:
-        """
-        The link's socket is full: drop datagrams until it drains.
-        """
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        """
-        The link's socket drained.
-        """
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        """
-        The link's connection is closing.
-        """
-        self.paused = True
 
 
 class ForwardedUDPPort(DatagramProtocol):

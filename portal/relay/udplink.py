@@ -44,8 +44,38 @@ def countDrop(router: Router, reason: str) -> None:
     router.counters[name] = router.counters.get(name, 0) + 1
 
 
+class DropWhilePaused:
+    """
+    The producer side of a UDP member link's end (registered with the link's transport): while the
+    link's socket is full, or closing, C{paused} is true and the end drops datagrams (counted)
+    rather than queue them.
+
+    @ivar paused: Whether datagrams are dropped now.
+    """
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        """
+        The link's socket is full: drop datagrams until it drains.
+        """
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """
+        The link's socket drained.
+        """
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        """
+        The link's connection is closing.
+        """
+        self.paused = True
+
+
 @implementer(IReplyPath, IPushProducer)
-class HolderUDPLink(TimeoutMixin):
+class HolderUDPLink(DropWhilePaused, TimeoutMixin):
     """
     The holding member's end of one UDP member link, for one lease's public UDP port.
 
@@ -171,21 +201,3 @@ class HolderUDPLink(TimeoutMixin):
         """
         self.closed = True
         self.setTimeout(None)
-
-    def pauseProducing(self) -> None:
-        """
-        The link's socket is full: drop replies until it drains.
-        """
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        """
-        The link's socket drained.
-        """
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        """
-        The link's connection is closing.
-        """
-        self.paused = True
