@@ -241,13 +241,16 @@ def _negotiated(url: str, cafile: str, protocols: list[str]) -> str | None:
             return tls.selected_alpn_protocol()
 
 
-def _metrics(port: int, cafile: str) -> dict[str, float]:
+def _metrics(port: int, *cafiles: str) -> dict[str, float]:
     """
     Read the relay's C{/metrics} over TLS on its own hostname.
 
+    @param cafiles: The CA certificates to trust (with C{--workers}, each worker has its own).
     @return: Metric values by name.
     """
-    context = ssl.create_default_context(cafile=cafile)
+    context = ssl.create_default_context()
+    for cafile in cafiles:
+        context.load_verify_locations(cafile)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")

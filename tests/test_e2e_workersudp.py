@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 from typing import Any
 
 from twisted.internet import reactor
@@ -20,7 +19,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.etcdprocess import startWorkerRelay
-from tests.metricstext import metricValues
 from tests.realprocesses import (
     freePortRange,
     homeDir,
@@ -28,6 +26,7 @@ from tests.realprocesses import (
     startExpose,
     waitForLease,
 )
+from tests.test_e2e import _metrics
 from tests.test_e2e_cluster import _tcpPort, datagramFrom
 from tests.test_e2e_udp import _Echo
 
@@ -36,25 +35,6 @@ VISITORS = 40
 
 #: Malformed datagrams sent to the relay's tunnel-facing UDP socket, each from its own port.
 STRAYS = 20
-
-
-def workerMetrics(port: int, cafiles: list[str]) -> dict[str, float]:
-    """
-    Read C{/metrics} from whichever worker the kernel gives this connection to (each worker has
-    its own TLS certificate authority, in its own state directory).
-
-    @return: Metric values by name.
-    """
-    context = ssl.create_default_context()
-    for cafile in cafiles:
-        context.load_verify_locations(cafile)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            body = b""
-            while chunk := tls.recv(65536):
-                body += chunk
-    return metricValues(body.split(b"\r\n\r\n", 1)[1].decode())
 
 
 def sendStrays(port: int, count: int) -> None:
@@ -139,7 +119,7 @@ class WorkersUDPTests(TestCase):
                     "portal_relay_udp_dropped_total", 0
                 ) + views["forwarding"].get("portal_relay_udp_dropped_total", 0) == float(STRAYS)
 
-            return deferToThread(workerMetrics, public, cafiles).addCallback(seen)
+            return deferToThread(_metrics, public, *cafiles).addCallback(seen)
 
         yield pollUntil(bothWorkers, "both workers' metrics, every stray counted", timeout=30)
         holding, forwarding = views["holding"], views["forwarding"]

@@ -68,15 +68,7 @@ class LeanTLSTransportTests(SynchronousTestCase):
         A client completes the handshake and bytes cross both ways; the application protocol is
         connected once and the wrapper registered with its factory once, until it is lost.
         """
-        client = _Recorder()
-        clientFactory = TLSMemoryBIOFactory(
-            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
-        )
-        clientTLS, serverTLS, pump = connectedServerAndClient(
-            lambda: LeanTLSTransport(self.factory, self.server),
-            lambda: clientFactory.protocol(clientFactory, client),
-            greet=False,
-        )
+        client, clientTLS, serverTLS, pump = self.connectedPair()
         pump.flush()
         clientTLS.write(b"ping")
         serverTLS.write(b"pong")
@@ -112,10 +104,12 @@ class LeanTLSTransportTests(SynchronousTestCase):
         self.assertEqual(wrapped.made, 0)
         self.assertIsNotNone(lean.getHandle())
 
-    def test_memoryBIOsRenewedAfterHandshake(self) -> None:
+    def connectedPair(self) -> tuple[_Recorder, Any, Any, Any]:
         """
-        Once the handshake is done and both memory BIOs are empty, the connection gets new ones,
-        once; bytes go on crossing both ways through them.
+        Connect a TLS client, in memory, to a L{LeanTLSTransport} serving C{self.server}.
+
+        @return: The client's recording protocol, the client's and the server's TLS protocols,
+            and the pump between them.
         """
         client = _Recorder()
         clientFactory = TLSMemoryBIOFactory(
@@ -126,6 +120,14 @@ class LeanTLSTransportTests(SynchronousTestCase):
             lambda: clientFactory.protocol(clientFactory, client),
             greet=False,
         )
+        return client, clientTLS, serverTLS, pump
+
+    def test_memoryBIOsRenewedAfterHandshake(self) -> None:
+        """
+        Once the handshake is done and both memory BIOs are empty, the connection gets new ones,
+        once; bytes go on crossing both ways through them.
+        """
+        client, clientTLS, serverTLS, pump = self.connectedPair()
         connection = serverTLS.getHandle()
         handshakeBIOs = (connection._into_ssl, connection._from_ssl)
         pump.flush()
@@ -163,15 +165,7 @@ class LeanTLSTransportTests(SynchronousTestCase):
         A read or a write larger than L{GROWN_ABOVE} marks the memory BIOs as grown without
         renewing them (a bulk transfer is not slowed down); the next small read renews them.
         """
-        client = _Recorder()
-        clientFactory = TLSMemoryBIOFactory(
-            CertificateOptions(verify=False), True, Factory.forProtocol(Protocol), clock=self.clock
-        )
-        clientTLS, serverTLS, pump = connectedServerAndClient(
-            lambda: LeanTLSTransport(self.factory, self.server),
-            lambda: clientFactory.protocol(clientFactory, client),
-            greet=False,
-        )
+        client, clientTLS, serverTLS, pump = self.connectedPair()
         connection = serverTLS.getHandle()
         pump.flush()
 
