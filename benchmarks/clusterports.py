@@ -1,6 +1,6 @@
 """
-C{python -m benchmarks.clusterports [--quick] [--out DIR]}: raw TCP ports in a relay cluster
-(docs/cluster.md), measured on the path a user runs.
+C{python -m benchmarks.clusterports [--quick] [--out DIR]}: raw TCP and UDP ports in a relay
+cluster (docs/cluster.md), measured on the path a user runs.
 
 Real etcd, two real C{twistd portal-relay} members with the same C{--tcp-ports} range (member A's
 public address 127.0.0.2, member B's 127.0.0.3), a real C{portal expose --tcp} on member A in front
@@ -9,6 +9,14 @@ holding member) and at B's (forwarded over a member link), interleaved in one ru
 
 - new connections: connect + a 1-byte exchange with the sink (time to first byte), p50 and p99;
 - downloads of one large body on one connection (MB/s), and the CPU time each member spends on it.
+
+Then the same for UDP, with new members and a real C{portal expose --udp} on member A in front of
+the UDP sink (L{benchmarks.udpworkload}), the lease's port used at A's address and at B's (B
+forwards datagrams over a member link, docs/cluster.md):
+
+- round trips: one request datagram, one answer, p50 and p99;
+- 1,400-byte datagrams offered at fixed rates, visitor to service (upload) and service to visitor
+  (download): loss, and the CPU time each member spends per datagram.
 
 Writes C{DIR/<date>-cluster-ports.json} and C{.md}.
 """
@@ -26,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from benchmarks import workload
+from benchmarks import udpworkload, workload
 from benchmarks.cluster import (
     _percentile,
     _startRelay,
@@ -166,6 +174,170 @@ def measure(base: str, etcd: str, connections: int, size: int, downloads: int) -
     return result
 
 
+#: UDP payload bytes per datagram (as scenario 6b).
+UDP_DATAGRAM = 1400
+#: Offered UDP loads, Mbit/s of payload.
+UDP_LOADS = (100, 200)
+
+
+def _udpLoad(
+    host: str,
+    port: int,
+    sinkPort: int,
+    run: int,
+    direction: str,
+    mbps: int,
+    seconds: float,
+    members: tuple[Child, Child],
+) -> dict[str, float]:
+    """
+    Offer C{mbps} of datagrams for C{seconds} through C{host:port}, from the visitor to the sink
+    (C{"upload"}) or from the sink to the visitor (C{"download"}).
+
+    @return: Datagrams sent and received, loss in percent, and each member's CPU microseconds per
+        datagram sent.
+    """
+    rate = mbps * 1e6 / 8 / UDP_DATAGRAM
+    client = udpworkload.udpSocket()
+    try:
+        client.connect((host, port))
+        before = cpuSeconds(members[0].pid), cpuSeconds(members[1].pid)
+        if direction == "upload":
+            sent, _ = udpworkload.send(client, None, run, UDP_DATAGRAM, rate, seconds)
+            received = udpworkload.settled(sinkPort, run)["received"]
+        else:
+            tally = udpworkload.Tally()
+            for _ in range(3):  # The request is a datagram too.
+                udpworkload.requestSend(client, run, seconds, rate, UDP_DATAGRAM)
+                udpworkload.receive(client, tally, run, 2.0, udpworkload.DRAIN)
+                if tally.received:
+                    break
+            sent, received = udpworkload.query(sinkPort, run)["sent"], tally.received
+        after = cpuSeconds(members[0].pid), cpuSeconds(members[1].pid)
+    finally:
+        client.close()
+    return {
+        "sent": float(sent),
+        "received": float(received),
+        "lossPercent": 100 * (1 - received / sent) if sent else 100.0,
+        "holderCpuUs": (after[0] - before[0]) * 1e6 / sent if sent else 0.0,
+        "forwarderCpuUs": (after[1] - before[1]) * 1e6 / sent if sent else 0.0,
+    }
+
+
+def measureUDP(base: str, etcd: str, roundTrips: int, seconds: float) -> dict[str, Any]:
+    """
+    UDP round trips and loads at the holding member and at the forwarding member, interleaved.
+    """
+    low, high = freePortRange(4, belowEphemeral=True)
+    extra = ["--udp-ports", f"{low}-{high}"]
+    a, _, controlA = _startRelay(base, "ua", etcd, host=HOLDER, extra=extra)
+    b, _, _ = _startRelay(base, "ub", etcd, host=FORWARDER, extra=extra)
+    sink = Child("udp sink", [python(), "-m", "benchmarks.udpworkload"])
+    tunnel: Child | None = None
+    try:
+        sinkPort = int(sink.waitFor(r"^listening (\d+) ").group(1))
+        home = os.path.join(base, "udptunnel")
+        tunnel = Child(
+            "portal expose --udp",
+            [
+                python(),
+                "-m",
+                "portal",
+                "expose",
+                f"127.0.0.1:{sinkPort}",
+                "--udp",
+                "--relay",
+                f"127.0.0.1:{controlA}",
+                "--identity",
+                os.path.join(home, "identity.json"),
+                "--json",
+            ],
+            env={"HOME": home},
+        )
+        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
+        port = int(lease["url"].rpartition(":")[2])
+        runs = iter(range(1, 1 << 30))
+        sockets = {host: udpworkload.udpSocket() for host in (HOLDER, FORWARDER)}
+        try:
+            for host, sock in sockets.items():
+                sock.connect((host, port))
+                deadline = time.monotonic() + 20
+                while True:  # B learns of the port through etcd's watch.
+                    try:
+                        udpworkload.answerTime(sock, next(runs), 0.5)
+                        break
+                    except (TimeoutError, ConnectionRefusedError):
+                        if time.monotonic() > deadline:
+                            raise
+            times: dict[str, list[float]] = {HOLDER: [], FORWARDER: []}
+            for _ in range(roundTrips):
+                for host, sock in sockets.items():
+                    times[host].append(udpworkload.answerTime(sock, next(runs), 2.0))
+        finally:
+            for sock in sockets.values():
+                sock.close()
+        loads: dict[str, list[dict[str, float]]] = {}
+        for mbps in UDP_LOADS:
+            for direction in ("upload", "download"):
+                for _ in range(2):
+                    for host in (HOLDER, FORWARDER):
+                        loads.setdefault(f"{host} {direction} {mbps}", []).append(
+                            _udpLoad(
+                                host, port, sinkPort, next(runs), direction, mbps, seconds, (a, b)
+                            )
+                        )
+    finally:
+        for child in (tunnel, sink, b, a):
+            if child is not None:
+                child.stop()
+    result: dict[str, Any] = {"roundTrips": roundTrips, "seconds": seconds, "loads": {}}
+    for label, host in (("holder", HOLDER), ("forwarded", FORWARDER)):
+        result[f"{label}RTTp50ms"] = statistics.median(times[host]) * 1e3
+        result[f"{label}RTTp99ms"] = _percentile(times[host], 0.99) * 1e3
+        for mbps in UDP_LOADS:
+            for direction in ("upload", "download"):
+                runsOf = loads[f"{host} {direction} {mbps}"]
+                result["loads"][f"{label} {direction} {mbps}"] = {
+                    key: statistics.median(r[key] for r in runsOf) for key in runsOf[0]
+                }
+    result["addedByHopP50ms"] = result["forwardedRTTp50ms"] - result["holderRTTp50ms"]
+    return result
+
+
+def udpTable(r: dict[str, Any]) -> list[str]:
+    """
+    @return: The UDP results as Markdown lines.
+    """
+    lines = [
+        "## UDP",
+        "",
+        "| measure | at the holding member | at another member (member hop) |",
+        "|---|---|---|",
+        f"| round trip (request, answer), p50 | {r['holderRTTp50ms']:.2f} ms | {r['forwardedRTTp50ms']:.2f} ms |",
+        f"| same, p99 | {r['holderRTTp99ms']:.2f} ms | {r['forwardedRTTp99ms']:.2f} ms |",
+    ]
+    for mbps in UDP_LOADS:
+        for direction in ("upload", "download"):
+            at = r["loads"][f"holder {direction} {mbps}"]
+            via = r["loads"][f"forwarded {direction} {mbps}"]
+            lines.append(
+                f"| {direction} at {mbps} Mbit/s: loss | {at['lossPercent']:.2f} % | {via['lossPercent']:.2f} % |"
+            )
+            lines.append(
+                f"| same: CPU per datagram, holder / forwarder | {at['holderCpuUs']:.1f} / "
+                f"{at['forwarderCpuUs']:.1f} us | {via['holderCpuUs']:.1f} / {via['forwarderCpuUs']:.1f} us |"
+            )
+    lines += [
+        "",
+        f"{r['roundTrips']} round trips on each path, interleaved; added by the member hop, p50: "
+        f"{r['addedByHopP50ms']:.2f} ms. Loads: {UDP_DATAGRAM}-byte datagrams for {r['seconds']:g} s, "
+        "each path twice (median), paths alternating.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     """
     Run the measurements and write the results.
@@ -181,10 +353,16 @@ def main() -> None:
             downloads=3,
         ),
     )
+    udp = withEtcd(
+        "portal-clusterports-udp-bench-",
+        lambda base, address: measureUDP(
+            base, address, roundTrips=100 if args.quick else 500, seconds=1.0 if args.quick else 2.0
+        ),
+    )
     date = datetime.date.today().isoformat()
     r = result
     table = [
-        "# Relay cluster: raw TCP ports",
+        "# Relay cluster: raw TCP and UDP ports",
         "",
         f"Run {date} on this machine (2 cores, loopback), `python -m benchmarks.clusterports`"
         + (" --quick" if args.quick else "")
@@ -201,8 +379,11 @@ def main() -> None:
         f"{r['connections']} connections on each path, interleaved; added by the member hop, p50: "
         f"{r['addedByHopP50ms']:.2f} ms.",
         "",
+        *udpTable(udp),
     ]
-    writeResults(args.out, f"{date}-cluster-ports", {"date": date, "rawTCP": result}, table)
+    writeResults(
+        args.out, f"{date}-cluster-ports", {"date": date, "rawTCP": result, "udp": udp}, table
+    )
 
 
 if __name__ == "__main__":
