@@ -1,8 +1,8 @@
 """
-C{python -m benchmarks.profile [--seconds S] [--out DIR]}: profile the new-connection path of stream
-mode with py-spy (C{pip install -e '.[bench]'}): a relay and a real C{portal expose PORT} in front
-of the plain sink, new TLS connections one after another for S seconds while py-spy samples both
-processes, then each process's busiest functions (time inside them, callees included) as a share
+C{python -m benchmarks.profile [--mode stream|tcp] [--seconds S] [--out DIR]}: profile the
+new-connection path of stream mode (or of raw TCP mode) with py-spy (C{pip install -e '.[bench]'}):
+a relay and a real C{portal expose PORT} (C{--tcp}) in front of the plain sink, new TLS connections
+(plain TCP connections) one after another for S seconds while py-spy samples both processes, then each process's busiest functions (time inside them, callees included) as a share
 of its reactor thread's busy samples (waiting in C{epoll} and idle pool threads left out). The raw
 stacks are written to C{DIR/profile-relay.txt} and C{DIR/profile-tunnel.txt} (py-spy's collapsed
 format, for a flame graph).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of new connections")
     parser.add_argument("--out", default=".", help="folder for the raw stacks")
+    parser.add_argument(
+        "--mode",
+        choices=("stream", "tcp"),
+        default="stream",
+        help="stream mode (TLS in the tunnel) or raw TCP mode (--tcp)",
+    )
     args = parser.parse_args(argv)
     nextToPython = os.path.join(os.path.dirname(sys.executable), "py-spy")
     spy = nextToPython if os.path.exists(nextToPython) else tool("py-spy")
@@ -71,10 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab()
     try:
         _, plainPort = lab.sink(tls=False)
-        relay, public, control = lab.relay()
-        tunnel, url = lab.tunnel(control, plainPort, "profile")
-        host = url.split("//", 1)[1].rsplit(":", 1)[0]
-        context = workload.clientContext()
+        host: str | None
+        context: ssl.SSLContext | None
+        if args.mode == "tcp":
+            relay, _, control = lab.tcpRelay()
+            tunnel, public = lab.tcpTunnel(control, plainPort, "profile")
+            host, context = None, None
+        else:
+            relay, public, control = lab.relay()
+            tunnel, url = lab.tunnel(control, plainPort, "profile")
+            host = url.split("//", 1)[1].rsplit(":", 1)[0]
+            context = workload.clientContext()
         for _ in range(50):  # Warm-up: the data session pool, the certificate.
             workload.firstByte(public, host, context)
         processes: dict[str, Child] = {"relay": relay, "tunnel": tunnel}
