@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from portal.forwarding.quietconnect import connectQuietly
-from portal.forwarding.tcpendpoint import tcpEndpoint
+from portal.forwarding.tcpendpoint import _ClientFactoryFor, _LeanConnector, tcpEndpoint
 
 
 class TCPEndpointTests(SynchronousTestCase):
@@ -159,6 +159,40 @@ class LeanConnectTests(TestCase):
         d = connectQuietly(tcpEndpoint(reactor, "127.0.0.1", free, 5.0), _Recorder())
         d.addTimeout(5, reactor)
         yield self.assertFailure(d, ConnectionRefusedError)
+
+    @inlineCallbacks
+    def test_connectedReadsOnly(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Once connected, the transport is registered for reading and no longer for writing, and
+        its protocol's writes go out without it (the transport writes through).
+        """
+        port = self.listen()
+        protocol = _Recorder()
+        d = connectQuietly(tcpEndpoint(reactor, "127.0.0.1", port, 5.0), protocol)
+        d.addTimeout(5, reactor)
+        yield d
+        transport: Any = protocol.transport
+        self.assertIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        transport.write(b"hi")
+        self.assertNotIn(transport, reactor.getWriters())
+        yield protocol.lost.addTimeout(5, reactor)
+
+    def test_immediateFailureReportedLater(self) -> None:
+        """
+        A connection attempt the kernel refuses within C{connect} (an unreachable broadcast
+        address) fails the Deferred on the reactor's next turn, not within the call.
+        """
+        clock = MemoryReactorClock()
+        connector = _LeanConnector(
+            "255.255.255.255", 9, _ClientFactoryFor(Factory.forProtocol(Protocol)), 5.0, None, clock
+        )
+        d = connector.whenConnected
+        assert d is not None
+        connector.connect()
+        self.assertNoResult(d)
+        clock.advance(0)
+        self.failureResultOf(d, ConnectError)
 
     def test_cancel(self) -> None:
         """

@@ -26,6 +26,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log
 
+from portal.forwarding.writethrough import WriteThroughServer
+
 #: Datagrams one read event of a bounded UDP port takes from its socket.
 MAX_DATAGRAMS_PER_READ = 64
 
@@ -91,6 +93,9 @@ class _BoundedAcceptsPort(tcp.Port):
     """
     A TCP port whose accept batch never grows past L{MAX_ACCEPTS_PER_READ} (see L{boundAccepts}).
     """
+
+    #: Accepted connections write through (L{portal.forwarding.writethrough}).
+    transport = WriteThroughServer
 
     @property
     def numberAccepts(self) -> int:

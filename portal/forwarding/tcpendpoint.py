@@ -19,6 +19,9 @@ dictionary of their own: together about 1.6 KB per idle connection of a tunnel (
 
 from __future__ import annotations
 
+import socket
+from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
+from os import strerror
 from typing import Any
 
 from twisted.internet import error, tcp
@@ -29,12 +32,21 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 
+from portal.forwarding.writethrough import WriteThrough
 
-class _LeanClient(tcp.Client):
+
+class _LeanClient(WriteThrough, tcp.Client):
     """
     A client TCP transport that fires its connector's C{Deferred} once its protocol is connected.
     A class of its own: CPython shares the attribute keys of a class's instances, up to 30 names,
     and L{tcp.Client}'s table is filled by every kind of client connection of the process.
+
+    It writes through (L{WriteThrough}), and connects to an IPv4 literal with fewer steps than
+    L{tcp.Client}: the non-blocking C{connect} at once instead of on the reactor's next turn
+    through a C{Deferred} chain, no longer registered for writing once it is connected
+    (Twisted unregisters reading and writing, then registers reading again: five C{epoll_ctl}
+    where three do), and its outcome read once from C{SO_ERROR}. Failures are still
+    reported on a later turn, never from within C{connectTCP}.
     """
 
     def __init__(self, *args: Any) -> None:
@@ -49,6 +61,59 @@ class _LeanClient(tcp.Client):
         self.producerPaused = False
         self.dataBuffer = b""
         self.offset = 0
+
+    def _finishInit(self, whenDone: Any, skt: Any, err: Any, reactor: Any) -> None:
+        """
+        Start connecting at once to an IPv4 literal; anything else the way L{tcp.Client} does.
+        """
+        base: Any = super()
+        this: Any = self
+        if whenDone is None or this._requiresResolution or len(this.addr) != 2:
+            base._finishInit(whenDone, skt, err, reactor)
+            return
+        this._commonConnection.__init__(self, skt, None, reactor)
+        this.realAddress = this.addr
+        try:
+            result = skt.connect_ex(this.realAddress)
+        except OSError as e:
+            result = e.args[0]
+        if result in (EINPROGRESS, EWOULDBLOCK, EALREADY):
+            this.doWrite = this.doRead = self._connectAnswered
+            # Reading too, so that a refusal (EPOLLERR and EPOLLHUP with EPOLLIN) comes to
+            # _connectAnswered, not to the reactor's lost-connection path.
+            this.startReading()
+            this.startWriting()
+        elif result in (0, EISCONN):
+            reactor.callLater(0, self._connected)
+        else:
+            reactor.callLater(
+                0, this.failIfNotConnected, error.getConnectError((result, strerror(result)))
+            )
+
+    def _connectAnswered(self) -> None:
+        """
+        The socket is writable (or has an error): the connection attempt has its outcome.
+        """
+        this: Any = self
+        if not hasattr(this, "connector"):
+            return  # Already failed (timed out, cancelled).
+        failed = this.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if failed:
+            this.failIfNotConnected(error.getConnectError((failed, strerror(failed))))
+            return
+        self._connected()
+
+    def _connected(self) -> None:
+        """
+        Connected: stop watching for writability, connect the protocol (which reads from now on).
+        """
+        this: Any = self
+        if not hasattr(this, "connector") or this.connected:
+            return
+        this.__dict__.pop("doWrite", None)
+        this.__dict__.pop("doRead", None)
+        this.stopWriting()
+        this._connectDone()
 
     def _connectDone(self) -> None:
         """

@@ -1,0 +1,193 @@
+"""
+Tests for L{portal.forwarding.writethrough}: writes go to the socket at once while nothing is
+buffered, and take Twisted's buffered path in every other case, in order.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet import main, tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from portal.forwarding.writethrough import WriteThroughServer
+
+
+class _FakeSocket:
+    """
+    A socket whose C{send} takes at most C{room} bytes (C{None}: everything) or raises C{error}.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.room: int | None = None
+        self.error: OSError | None = None
+
+    def fileno(self) -> int:
+        return 99
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def send(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        data = bytes(data)
+        if self.room is not None:
+            data = data[: self.room]
+            self.room -= len(data)
+        self.sent.append(data)
+        return len(data)
+
+
+class _Keeper:
+    def __init__(self) -> None:
+        self.kept: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.kept.append(data)
+
+
+class _PullProducer:
+    def __init__(self) -> None:
+        self.resumed = 0
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class WriteThroughTests(SynchronousTestCase):
+    """
+    L{WriteThroughServer}, on a fake socket and a memory reactor.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.socket = _FakeSocket()
+        self.protocol = Protocol()
+        port: Any = None
+        socket: Any = self.socket
+        self.transport = WriteThroughServer(
+            socket, self.protocol, ("127.0.0.2", 4000), port, 1, self.reactor
+        )
+        self.protocol.makeConnection(self.transport)
+
+    def writing(self) -> bool:
+        """
+        @return: Whether the transport waits for its socket to be writable.
+        """
+        return self.transport in self.reactor.getWriters()
+
+    def test_sentAtOnce(self) -> None:
+        """
+        With nothing buffered, a write is sent within the call and the transport does not wait
+        for writability.
+        """
+        self.transport.write(b"hello")
+        self.assertEqual(self.socket.sent, [b"hello"])
+        self.assertFalse(self.writing())
+
+    def test_remainderBuffered(self) -> None:
+        """
+        What the socket does not take is buffered and sent when it is writable, before later
+        writes, which are buffered behind it.
+        """
+        self.socket.room = 3
+        self.transport.write(b"hello")
+        self.transport.write(b" world")
+        self.assertEqual(self.socket.sent, [b"hel"])
+        self.assertTrue(self.writing())
+        self.socket.room = None
+        self.assertIsNone(self.transport.doWrite())
+        self.assertEqual(b"".join(self.socket.sent), b"hello world")
+        self.assertFalse(self.writing())
+        self.transport.write(b"!")
+        self.assertEqual(self.socket.sent[-1], b"!")
+
+    def test_wouldBlock(self) -> None:
+        """
+        A socket that takes nothing (EAGAIN) leaves the whole write buffered.
+        """
+        self.socket.error = BlockingIOError(errno.EAGAIN, "again")
+        self.transport.write(b"hello")
+        self.assertTrue(self.writing())
+        self.socket.error = None
+        self.transport.doWrite()
+        self.assertEqual(self.socket.sent, [b"hello"])
+
+    def test_brokenSocket(self) -> None:
+        """
+        A send that fails raises nothing from C{write}: the data is buffered and the reactor's
+        write attempt meets the error and reports the connection lost.
+        """
+        self.socket.error = BrokenPipeError(errno.EPIPE, "broken pipe")
+        self.transport.write(b"hello")
+        self.assertTrue(self.writing())
+        self.assertIs(self.transport.doWrite(), main.CONNECTION_LOST)
+
+    def test_writeSequence(self) -> None:
+        """
+        A sequence is sent as one write.
+        """
+        self.transport.writeSequence([b"a", b"b", b"c"])
+        self.assertEqual(self.socket.sent, [b"abc"])
+        self.assertFalse(self.writing())
+
+    def test_bufferedCases(self) -> None:
+        """
+        Closing, half-closed, aborted and TLS transports, pull producers and writes larger than
+        C{SEND_LIMIT} take Twisted's buffered path.
+        """
+        cases: dict[str, Any] = {
+            "disconnecting": lambda t: setattr(t, "disconnecting", True),
+            "aborting": lambda t: setattr(t, "_aborting", True),
+            "half-closing": lambda t: setattr(t, "_writeDisconnecting", True),
+            # Under startTLS, Twisted's write goes to the TLS protocol (here one that keeps it).
+            "tls": lambda t: (setattr(t, "TLS", True), setattr(t, "protocol", _Keeper())),
+            "pull producer": lambda t: t.registerProducer(_PullProducer(), False),
+        }
+        for name, prepare in cases.items():
+            self.setUp()
+            prepare(self.transport)
+            self.transport.write(b"hello")
+            self.assertEqual(self.socket.sent, [], name)
+        self.setUp()
+        self.transport.write(b"x" * (tcp.Server.SEND_LIMIT + 1))
+        self.assertEqual(self.socket.sent, [])
+        self.assertTrue(self.writing())
+
+    def test_pullProducerDriven(self) -> None:
+        """
+        A pull producer is still asked for more by the reactor's write events (writing through
+        would leave nothing to drive it).
+        """
+        producer = _PullProducer()
+        self.transport.registerProducer(producer, False)
+        self.transport.write(b"chunk")
+        self.assertTrue(self.writing())
+        before = producer.resumed
+        self.transport.doWrite()
+        self.assertEqual(self.socket.sent, [b"chunk"])
+        self.assertEqual(producer.resumed, before + 1)
+
+    def test_streamingProducerNotPaused(self) -> None:
+        """
+        A streaming producer whose writes all went out is never paused.
+        """
+        paused = []
+
+        class Streaming(_PullProducer):
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+        self.transport.bufferSize = 4
+        self.transport.registerProducer(Streaming(), True)
+        self.transport.write(b"more than four bytes")
+        self.assertEqual(self.socket.sent, [b"more than four bytes"])
+        self.assertEqual(paused, [])
