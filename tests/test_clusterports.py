@@ -28,7 +28,7 @@ from portal.relay.clusterudp import ForwardedUDPPort
 from portal.relay.interfaces import IPortClaims
 from portal.relay.leaseports import LeasePorts, PortLease
 from portal.relay.memberlink import MemberLinks
-from portal.relay.ports import PortAllocator, PortRange, PortsExhausted
+from portal.relay.ports import PortAllocator, PortLimitReached, PortRange, PortsExhausted
 from portal.relay.router import Router
 from portal.relay.store import StoreError
 from portal.relay.udp import MAX_PACKET_SIZE
@@ -93,7 +93,11 @@ class _Machine:
 class _Node:
     """
     One cluster member: its directory, router, allocator, raw TCP lease ports and cluster ports.
+
+    @ivar source: The source address its leases register from (it is their control session).
     """
+
+    source: str | None = None
 
     def __init__(self, etcd: FakeEtcd, clock: Clock, name: str, grace: float | None) -> None:
         self.identity = Identity.generate()
@@ -211,6 +215,37 @@ class ClusterPortsTests(SynchronousTestCase):
         self.successResultOf(self.a.tcp.close("alice", "db"))
         self.assertEqual(sorted(self.b.machine.bound), [9001])
         self.assertEqual(self.b.ports.forwarding, {})
+
+    def test_identityPortLimitAcrossMembers(self) -> None:
+        """
+        An identity's ports live on other members count towards its limit of live ports: it is
+        refused at B what it holds at A, with a message saying so; a port that stops being live
+        there (reserved) no longer counts.
+        """
+        self.a.allocator.maxPerIdentity = self.b.allocator.maxPerIdentity = 2
+        self.successResultOf(self.a.open("alice", "x"))
+        self.successResultOf(self.a.open("alice", "y"))
+        failure = self.failureResultOf(self.b.open("alice", "z"), PortLimitReached)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "identity already holds 2 live ports in this relay cluster, the most allowed; "
+            "close a tunnel before opening 'z'",
+        )
+        self.successResultOf(self.a.tcp.close("alice", "y"))
+        self.assertEqual(self.successResultOf(self.b.open("alice", "z")).port, 9002)
+
+    def test_recordsNameTheSource(self) -> None:
+        """
+        A port's record names the source address of the control session holding its lease, and
+        counts for that source at the other member.
+        """
+        self.a.source = "10.0.0.7"
+        self.successResultOf(self.a.open("alice", "db"))
+        claim = self.b.directory.portClaim("tcp", 9000)
+        self.assertEqual(
+            claim, PortClaim("tcp", 9000, "alice", "db", self.a.member.id, None, "10.0.0.7")
+        )
+        self.assertEqual(self.b.directory.portQuota.heldBy("10.0.0.7"), {("tcp", "alice", "db")})
 
     def test_raceWithAStaleCopy(self) -> None:
         """

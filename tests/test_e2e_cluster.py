@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -23,6 +23,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from portal.relay.udpmode import RELAY_MAX_FLOWS
+from portal.trust.identity import Identity
+from portal.wire.control import RegistrationRefused
 from tests.etcdprocess import startEtcd, startWorkerRelay
 from tests.realprocesses import (
     WatchedProcess,
@@ -37,6 +39,7 @@ from tests.realprocesses import (
     waitForLease,
 )
 from tests.test_e2e import PAGE, _hostPort, _Page
+from tests.test_e2e_registration import FAST, register
 
 
 def fetchAt(port: int, url: str, cafile: str) -> bytes:
@@ -623,3 +626,78 @@ class ClusterRawTCPTests(TestCase):
             "member A's refusal of the flood's flows",
             timeout=10,
         )
+
+
+class ClusterQuotaTests(TestCase):
+    """
+    The quotas per source address count what a source holds on every member of the cluster.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_portQuotaAcrossMembers(self) -> Any:
+        """
+        Registrations from 127.0.0.2 holding its quota of two raw TCP ports on member A make its
+        third refused on member B, saying so; its lease names count at B too. A registration from
+        127.0.0.3 gets a port on B at once.
+        """
+        nodes = yield startEtcd(self)
+        cluster = f"etcd://127.0.0.1:{nodes[0].clientPort}"
+        low, high = freePortRange(4)
+        relays: list[WatchedProcess] = []
+        controls: list[int] = []
+        for name, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+            relay = spawnRelay(
+                self,
+                os.path.join(homeDir(self, f"relay-{name}"), "state"),
+                public=f"tcp:0:interface={host}",
+                extra=[
+                    *FAST,
+                    "--tunnel-domain",
+                    "cluster.localhost",
+                    "--cluster",
+                    cluster,
+                    "--node-name",
+                    name,
+                    "--tcp-ports",
+                    f"{low}-{high}",
+                    "--max-ports-per-source",
+                    "2",
+                    "--max-names-per-source",
+                    "3",
+                ],
+            )
+            control = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
+            yield relay.waitFor(r"joined relay cluster")
+            relays.append(relay)
+            controls.append(int(control.group(1)))
+        held = []
+        for name in ("p1", "p2"):
+            answer = yield Deferred.fromCoroutine(
+                register(controls[0], "127.0.0.2", Identity.generate(), name, mode="tcp")
+            )
+            held.append(answer["tcpPort"])
+        for port in held:
+            # B's copy of the directory has the port's record.
+            yield relays[1].waitFor(rf"forwarding TCP port {port} to the member holding it")
+        refused = yield Deferred.fromCoroutine(
+            register(controls[1], "127.0.0.2", Identity.generate(), "p3", mode="tcp")
+        ).addErrback(lambda f: f.value)
+        self.assertIsInstance(refused, RegistrationRefused)
+        self.assertIn(
+            "your address already holds 2 public ports in this relay cluster (live or reserved), "
+            "and at most 2 are allowed per address",
+            str(refused),
+        )
+        yield relays[1].waitFor(r"refused 127\.0\.0\.2: your address already holds 2 public")
+        legit = yield Deferred.fromCoroutine(
+            register(controls[1], "127.0.0.3", Identity.generate(), "legit", mode="tcp")
+        )
+        self.assertIn(legit["tcpPort"], set(range(low, high + 1)) - set(held))
+        # Names: two on A, the third on B; the fourth is refused at B.
+        yield Deferred.fromCoroutine(register(controls[1], "127.0.0.2", Identity.generate(), "n3"))
+        refused = yield Deferred.fromCoroutine(
+            register(controls[1], "127.0.0.2", Identity.generate(), "n4")
+        ).addErrback(lambda f: f.value)
+        self.assertIn("already holds 3 lease names in this relay cluster", str(refused))

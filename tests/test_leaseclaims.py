@@ -71,7 +71,9 @@ class _FakeClaims:
     def mayRegister(self) -> str | None:
         return self.unavailable
 
-    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+    def claim(
+        self, names: list[str], owner: str, source: str | None = None
+    ) -> Deferred[str | None]:
         self.claimed.append((list(names), owner))
         return self.answer
 

@@ -187,7 +187,9 @@ class MemberVisitorTests(SynchronousTestCase):
         """
         self.assertTrue(verifyObject(ILeaseClaims, self.links))
 
-        async def unreachable(name: str, owner: str, hold: float) -> str | None:
+        async def unreachable(
+            name: str, owner: str, hold: float, source: str | None = None
+        ) -> str | None:
             raise EtcdUnavailable("etcd unavailable (connection refused)")
 
         self.directory.claimOwnership = unreachable  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
@@ -364,6 +365,103 @@ class PortQuotaTests(GateClientTestCase):
         self.assertEqual(self.allocator.live + self.allocator.reserved, 2)
         self.assertEqual(self.registerPort("10.0.0.3", "legit")["tcpPort"], 20002)
         self.assertEqual(self.router.refusals.counts, {"ports_per_source": 1})
+
+    def test_waitingRegistrationsCountedOneByOne(self) -> None:
+        """
+        Registrations from one address that wait on a cluster's claims at the same time are
+        counted as they take their ports, not all against what the address held before any of
+        them: of three, the third is refused once its claim is answered. The claims of names and
+        of ports name the address.
+        """
+        names = _WaitingNameClaims()
+        self.router.claims = names
+        ports = _PortClaims()
+        self.router.tcp.claims = ports
+        waiting = []
+        for name in ["s1", "s2", "s3"]:
+            self.reconnect("10.0.0.2")
+            self.hello(capabilities=("stream", "tcp", "sealed-tcp", "pow"))
+            nonce = self.challenge([name])
+            identity = Identity.generate()
+            results: list[Any] = []
+            self.client.callRemote(
+                Register,
+                publicKey=identity.publicKey,
+                names=[name],
+                nonce=nonce,
+                signature=signRegistration(identity, self.relayIdentity.id, nonce, [name]),
+                mode="tcp",
+            ).addBoth(results.append)
+            self.connection.flush()
+            self.assertEqual(results, [])
+            waiting.append((self.connection, results))
+        self.assertEqual([source for source, _ in names.claims], ["10.0.0.2"] * 3)
+        for (connection, results), (_, answer) in zip(waiting, names.claims, strict=True):
+            answer.callback(None)
+            connection.flush()
+            self.assertEqual(len(results), 1)
+        self.assertIn("tcpPort", waiting[0][1][0])
+        self.assertIn("tcpPort", waiting[1][1][0])
+        self.assertRefusedWith(waiting[2][1][0], RegistrationRefused, "already holds 2 public")
+        self.assertEqual(ports.sources, ["10.0.0.2", "10.0.0.2"])
+        self.assertEqual(self.allocator.live + self.allocator.reserved, 2)
+
+
+class _WaitingNameClaims:
+    """
+    A cluster's name claims that wait until the test answers them.
+
+    @ivar claims: The source of each claim asked, with the L{Deferred} it waits on.
+    """
+
+    def __init__(self) -> None:
+        self.claims: list[tuple[str | None, Deferred[str | None]]] = []
+
+    def mayRegister(self) -> str | None:
+        """
+        @return: L{None}: the cluster is there.
+        """
+        return None
+
+    def claim(
+        self, names: list[str], owner: str, source: str | None = None
+    ) -> Deferred[str | None]:
+        """
+        @return: A L{Deferred} the test fires.
+        """
+        answer: Deferred[str | None] = Deferred()
+        self.claims.append((source, answer))
+        return answer
+
+    def sync(self) -> None:
+        """
+        Nothing to publish.
+        """
+
+
+class _PortClaims:
+    """
+    A cluster's port claims, all granted at once.
+
+    @ivar sources: The source each claim named.
+    """
+
+    def __init__(self) -> None:
+        self.sources: list[str | None] = []
+
+    def claim(
+        self, kind: str, port: int, owner: str, name: str, source: str | None = None
+    ) -> Deferred[bool]:
+        """
+        @return: A L{Deferred} that has fired with L{True}.
+        """
+        self.sources.append(source)
+        return succeed(True)
+
+    def released(self, kind: str, port: int, owner: str, name: str, until: float | None) -> None:
+        """
+        Nothing to record.
+        """
 
 
 class ProofOfWorkTests(GateClientTestCase):

@@ -291,6 +291,27 @@ class Admission:
                 self.refuse(reason, source, str(e), identity=identity[:12])
                 raise RegistrationRefused(str(e))
 
+    def takePort(self, source: str, identity: str, name: str, kind: str) -> None:
+        """
+        Check again, just before a port is allocated for the lease C{name} of C{identity}, that
+        C{source} may hold it, and count it at once: registrations from one source that wait on a
+        cluster's store at the same time are counted one after the other, not all against the
+        count before any of them.
+
+        @param source: The source address.
+        @param identity: The registering identity's id.
+        @param name: The lease name.
+        @param kind: C{"tcp"} or C{"udp"}.
+        @raise RegistrationRefused: Over the quota.
+        """
+        thing = (kind, identity, name)
+        try:
+            self.ports.check(source, [thing])
+        except OverQuota as e:
+            self.refuse("ports_per_source", source, str(e), identity=identity[:12])
+            raise RegistrationRefused(str(e)) from None
+        self.ports.add(source, [thing])
+
     def sweep(self) -> None:
         """
         Forget the names and ports no longer held (for sources that do not come back).

@@ -11,17 +11,23 @@ Keys, under C{portal/<tunnel-domain>/}::
 
     members/<member-id>   {"key": HEX, "address": "HOST:PORT", "name": NODE}   (member's etcd lease)
     live/<lease-name>     <member-id>                                           (member's etcd lease)
-    owners/<lease-name>   {"owner": ID, "until": UNIX-TIME}                      (no etcd lease)
+    owners/<lease-name>   {"owner": ID, "until": UNIX-TIME, "source": SOURCE}    (no etcd lease)
     ports/tcp/<port>      {"owner": ID, "name": NAME, "member": MEMBER-ID,
-                           "until": UNIX-TIME or null}                           (member's etcd lease)
+                           "until": UNIX-TIME or null, "source": SOURCE}         (member's etcd lease)
 
 A C{ports/} record says which lease a raw TCP port is given to, and which member holds it: live
 while C{until} is null, reserved for the same lease until C{until} after it ended there.
+
+C{source} is the source address (L{portal.forwarding.sources}) the name or port was registered
+from: every member counts, from its copy, what each source and identity holds in the whole
+cluster (L{portal.relay.clusterquota}). Records of older members have none, and count for no
+source.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from portal.relay.clusterquota import LiveIndex, SourceIndex, recordSource
 from portal.relay.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
 
 #: Seconds a member's etcd lease lives without a keep-alive.
@@ -71,6 +78,8 @@ class PortClaim:
     @ivar member: The id of the member whose etcd lease carries the record (the one holding the
         lease live, or that held it last).
     @ivar until: L{None} while the lease is live on C{member}; otherwise when its reservation ends.
+    @ivar source: The source address the lease registered from (L{None}: unknown, a record of an
+        older member).
     """
 
     kind: str
@@ -79,6 +88,7 @@ class PortClaim:
     name: str
     member: str
     until: float | None = None
+    source: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -98,10 +108,15 @@ def portRecord(claim: PortClaim) -> bytes:
     """
     @return: The value of a C{ports/} record.
     """
-    return json.dumps(
-        {"owner": claim.owner, "name": claim.name, "member": claim.member, "until": claim.until},
-        separators=(",", ":"),
-    ).encode("utf-8")
+    fields: dict[str, object] = {
+        "owner": claim.owner,
+        "name": claim.name,
+        "member": claim.member,
+        "until": claim.until,
+    }
+    if claim.source is not None:
+        fields["source"] = claim.source
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
 
 
 def parsePortRecord(kind: str, port: int, value: bytes) -> PortClaim | None:
@@ -112,35 +127,82 @@ def parsePortRecord(kind: str, port: int, value: bytes) -> PortClaim | None:
         fields = json.loads(value)
         owner, name, member = fields["owner"], fields["name"], fields["member"]
         until = fields.get("until")
+        source = recordSource(fields.get("source"))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if not (isinstance(owner, str) and isinstance(name, str) and isinstance(member, str)):
         return None
-    if until is not None and (isinstance(until, bool) or not isinstance(until, int | float)):
+    if until is not None and not _isTime(until):
         return None
-    return PortClaim(kind, port, owner, name, member, None if until is None else float(until))
+    return PortClaim(
+        kind, port, owner, name, member, None if until is None else float(until), source
+    )
+
+
+def _isTime(value: object) -> bool:
+    """
+    @return: Whether C{value} (parsed from JSON) is a finite number of seconds.
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@attrs.frozen
+class NameClaim:
+    """
+    The ownership of a lease name in the cluster (an C{owners/} record).
+
+    @ivar owner: The identity that owns it.
+    @ivar until: Until when it is reserved for C{owner} (it is held beyond while live somewhere).
+    @ivar source: The source address it was registered from (L{None}: unknown).
+    """
+
+    owner: str
+    until: float
+    source: str | None = None
+
+
+def ownerRecord(claim: NameClaim) -> bytes:
+    """
+    @return: The value of an C{owners/} record.
+    """
+    fields: dict[str, object] = {"owner": claim.owner, "until": claim.until}
+    if claim.source is not None:
+        fields["source"] = claim.source
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
+
+
+def parseOwnerRecord(value: bytes) -> NameClaim | None:
+    """
+    @return: The ownership an C{owners/} record holds, or L{None} when it is malformed (a
+        malformed C{until} reads as 0, a reservation that has ended; a malformed C{source} as
+        unknown).
+    """
+    try:
+        fields = json.loads(value)
+        owner = fields["owner"]
+        until = fields.get("until")
+        source = recordSource(fields.get("source"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(owner, str):
+        return None
+    return NameClaim(owner, float(until) if _isTime(until) else 0.0, source)
 
 
 def _ownerOf(value: bytes) -> str | None:
     """
     @return: The owner in an C{owners/} record, or L{None} when malformed.
     """
-    try:
-        owner = json.loads(value)["owner"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return owner if isinstance(owner, str) else None
+    claim = parseOwnerRecord(value)
+    return None if claim is None else claim.owner
 
 
 def _untilOf(value: bytes) -> float:
     """
     @return: Until when an C{owners/} record reserves its name (0 when malformed).
     """
-    try:
-        until = json.loads(value)["until"]
-    except (ValueError, KeyError, TypeError):
-        return 0.0
-    return float(until) if isinstance(until, int | float) else 0.0
+    claim = parseOwnerRecord(value)
+    return 0.0 if claim is None else claim.until
 
 
 def memberRecord(member: Member) -> bytes:
@@ -222,6 +284,14 @@ class ClusterDirectory:
         self._minePorts: dict[tuple[str, int], PortClaim] = {}
         #: Called after a C{ports/} record changed in the local copy.
         self.onPortsChanged: Callable[[], None] | None = None
+        #: The lease names each source holds in the cluster, as C{(identity, name)}.
+        self.nameQuota: SourceIndex[str, tuple[str, str]] = SourceIndex(self._nameHeld)
+        #: The ports each source holds in the cluster, as C{(kind, identity, name)}.
+        self.portQuota: SourceIndex[tuple[str, int], tuple[str, str, str]] = SourceIndex(
+            self._portHeld
+        )
+        #: The ports live in the cluster for each identity.
+        self.livePorts = LiveIndex()
         self._lease = 0
         self._watch: Watch | None = None
         self._revision = 0
@@ -231,6 +301,27 @@ class ClusterDirectory:
 
     def _key(self, kind: str, name: str) -> bytes:
         return self._prefix + f"{kind}/{name}".encode()
+
+    def _nameHeld(self, name: str, until: float | None) -> bool:
+        """
+        @return: Whether lease name C{name}, reserved until C{until}, is still held: live on a
+            member, or reserved.
+        """
+        return name in self._live or (until is not None and self._clock.seconds() < until)
+
+    def _portHeld(self, key: tuple[str, int], until: float | None) -> bool:
+        """
+        @return: Whether a port record, reserved until C{until}, is still held: live, or
+            reserved.
+        """
+        return until is None or self._clock.seconds() < until
+
+    def livePortsElsewhere(self, kind: str, owner: str, name: str) -> int:
+        """
+        @return: How many C{kind} ports C{owner} holds live on other members, not counting the
+            lease C{name} (whose port follows it here).
+        """
+        return self.livePorts.liveElsewhere(kind, owner, name, self.me.id)
 
     def holderOf(self, name: str) -> Member | None:
         """
@@ -281,6 +372,9 @@ class ClusterDirectory:
         self._members.clear()
         self._live.clear()
         self._ports.clear()
+        self.nameQuota.clear()
+        self.portQuota.clear()
+        self.livePorts.clear()
         for kv in kvs:
             self._apply(WatchEvent("put", kv.key, kv.value, kv.modRevision))
         self._revision = revision
@@ -326,13 +420,35 @@ class ClusterDirectory:
                 return
             key = (portKind, int(number))
             claim = None if event.kind == "delete" else parsePortRecord(*key, event.value)
-            if claim is None:
-                self._ports.pop(key, None)
-            else:
-                self._ports[key] = claim
-                if claim.member != self.me.id:
-                    self._minePorts.pop(key, None)
+            if claim is None and event.kind != "delete":
+                self._log.warn("ignored a malformed cluster record {key}", key=relative[:120])
+            self._storePort(key, claim)
+            if claim is not None and claim.member != self.me.id:
+                self._minePorts.pop(key, None)
             self._portsChanged()
+        elif kind == "owners":
+            owner = None if event.kind == "delete" else parseOwnerRecord(event.value)
+            if owner is None and event.kind != "delete":
+                self._log.warn("ignored a malformed cluster record {key}", key=relative[:120])
+            if owner is None:
+                self.nameQuota.drop(name)
+            else:
+                self.nameQuota.put(name, owner.source, (owner.owner, name), owner.until)
+
+    def _storePort(self, key: tuple[str, int], claim: PortClaim | None) -> None:
+        """
+        Put a port record into the local copy and the quota indexes, or (L{None}) take it out.
+        """
+        if claim is None:
+            self._ports.pop(key, None)
+            self.portQuota.drop(key)
+            self.livePorts.drop(*key)
+            return
+        self._ports[key] = claim
+        self.portQuota.put(key, claim.source, (claim.kind, claim.owner, claim.name), claim.until)
+        self.livePorts.put(
+            claim.kind, claim.port, claim.owner, claim.name, claim.member, claim.until is None
+        )
 
     def _portsChanged(self) -> None:
         """
@@ -353,7 +469,9 @@ class ClusterDirectory:
         """
         return [claim for (k, _), claim in self._ports.items() if k == kind]
 
-    async def claimPort(self, kind: str, port: int, owner: str, name: str) -> PortClaim | None:
+    async def claimPort(
+        self, kind: str, port: int, owner: str, name: str, source: str | None = None
+    ) -> PortClaim | None:
         """
         Give C{port} to the lease C{name} of C{owner}, held live by this member, with one
         compare-and-set: when the port has no record, when its record is the same lease's (live on
@@ -361,14 +479,14 @@ class ClusterDirectory:
         a reservation of this member's (whose allocator decides about its own reservations).
 
         The record lives on this member's etcd lease: if this member dies, the port frees with its
-        routes.
+        routes. It names C{source}, the address the lease registered from, for the quotas.
 
         @return: L{None} when the port is this member's for the lease, else the record that holds
             it for another lease.
         @raise EtcdUnavailable: When etcd is away.
         """
         key = self._key("ports", f"{kind}/{port}")
-        mine = PortClaim(kind, port, owner, name, self.me.id)
+        mine = PortClaim(kind, port, owner, name, self.me.id, source=source)
         value = portRecord(mine)
         for _ in range(3):
             created, current = await self._client.create(key, value, self._lease)
@@ -412,7 +530,7 @@ class ClusterDirectory:
             return
         if until is None:
             if await self._client.deleteIf(key, current.modRevision):
-                self._ports.pop((kind, port), None)
+                self._storePort((kind, port), None)
                 self._minePorts.pop((kind, port), None)
                 self._portsChanged()
             return
@@ -432,7 +550,7 @@ class ClusterDirectory:
         else:
             self._minePorts.pop((claim.kind, claim.port), None)
         if self._ports.get((claim.kind, claim.port)) != claim:
-            self._ports[(claim.kind, claim.port)] = claim
+            self._storePort((claim.kind, claim.port), claim)
             self._portsChanged()
 
     def _schedule(self, delay: float) -> None:
@@ -475,21 +593,26 @@ class ClusterDirectory:
         self.available = True
         self._schedule(self._ttl / 3)
 
-    async def claimOwnership(self, name: str, owner: str, hold: float) -> str | None:
+    async def claimOwnership(
+        self, name: str, owner: str, hold: float, source: str | None = None
+    ) -> str | None:
         """
         Make C{owner} the owner of lease name C{name} in etcd, unless another identity holds it:
         live on some member, or reserved until a time not yet reached.
 
         @param hold: Seconds from now the ownership is reserved at least (refreshed when the lease
             ends on this member, see L{release}).
+        @param source: The source address the name is registered from, for the quotas.
         @return: L{None} when C{owner} owns the name, else the other owner's id.
         """
         key = self._key("owners", name)
         now = self._clock.seconds()
-        value = json.dumps({"owner": owner, "until": now + hold}).encode("utf-8")
+        claim = NameClaim(owner, now + hold, source)
+        value = ownerRecord(claim)
         for _ in range(3):
             created, current = await self._client.create(key, value)
             if created:
+                self.nameQuota.put(name, source, (owner, name), claim.until)
                 return None
             if current is None:
                 continue
@@ -502,6 +625,7 @@ class ClusterDirectory:
                     return other
             replaced, latest = await self._client.replace(key, current.modRevision, value)
             if replaced:
+                self.nameQuota.put(name, source, (owner, name), claim.until)
                 return None
         return "unknown"
 
@@ -513,9 +637,11 @@ class ClusterDirectory:
         await self.withdraw(name)
         key = self._key("owners", name)
         current = await self._client.get(key)
-        if current is not None and _ownerOf(current.value) == owner:
-            value = json.dumps({"owner": owner, "until": self._clock.seconds() + hold})
-            await self._client.replace(key, current.modRevision, value.encode("utf-8"))
+        claim = None if current is None else parseOwnerRecord(current.value)
+        if current is not None and claim is not None and claim.owner == owner:
+            # The source stays: the reserved name still counts for the address that registered it.
+            value = ownerRecord(attrs.evolve(claim, until=self._clock.seconds() + hold))
+            await self._client.replace(key, current.modRevision, value)
 
     def announce(self, name: str) -> Deferred[None]:
         """

@@ -210,6 +210,7 @@ class ClusterPorts:
         allocator = self.leasePorts.allocator
         allocator.heldElsewhere = self.heldElsewhere
         allocator.clusterPortOf = self.portOf
+        allocator.liveElsewhere = self.liveElsewhere
         self.leasePorts.claims = self
         if self._forward:
             # The TCP and the UDP ports both follow the port records.
@@ -242,6 +243,13 @@ class ClusterPorts:
             return False
         return not (claim.member == self._directory.me.id and claim.until is not None)
 
+    def liveElsewhere(self, key: Key) -> int:
+        """
+        @return: How many ports of this kind the identity of C{key} holds live on other members,
+            besides the lease C{key}'s own.
+        """
+        return self._directory.livePortsElsewhere(self.kind, *key)
+
     def portOf(self, key: Key) -> int | None:
         """
         @return: The port the cluster holds for the lease C{key}, live or reserved, if any.
@@ -261,7 +269,9 @@ class ClusterPorts:
             return None
         return claim
 
-    def claim(self, kind: str, port: int, owner: str, name: str) -> Deferred[bool]:
+    def claim(
+        self, kind: str, port: int, owner: str, name: str, source: str | None = None
+    ) -> Deferred[bool]:
         """
         Claim C{port} in etcd for the lease; once it is the lease's, close this member's forwarding
         listener on it, if any, so that the lease's own listener can bind it.
@@ -271,7 +281,7 @@ class ClusterPorts:
 
         async def claiming() -> bool:
             try:
-                other = await self._directory.claimPort(kind, port, owner, name)
+                other = await self._directory.claimPort(kind, port, owner, name, source)
             except (EtcdUnavailable, EtcdError) as e:
                 raise StoreError(f"cluster store: {e}") from None
             if other is not None:

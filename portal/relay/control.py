@@ -651,7 +651,7 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         """
         router = self._router
         try:
-            taken = await router.claims.claim(names, owner)
+            taken = await router.claims.claim(names, owner, self.source)
         except ClaimsUnavailable as e:
             self._giveBack(owner, names)
             self._log.warn("registration deferred: {error}", error=e)
@@ -692,9 +692,18 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
         hostname = leaseHostname(name, router.tunnelDomain)
         response = {**response, "publicHost": router.relayDomain}
         opened: list[ILeasePorts] = []
+
+        def giveBack() -> None:
+            for ports in opened:
+                ports.close(owner, name, self)
+            self.names.discard(name)
+            router.leases.release(name, owner)
+            router.onLeasesChanged()
+
         try:
             if "tcp" in modes:
                 assert router.tcp is not None
+                router.admission.takePort(self.source, owner, name, "tcp")
                 lease = await router.tcp.open(router, owner, name, hostname, self)
                 opened.append(router.tcp)
                 response["tcpPort"] = lease.port
@@ -703,15 +712,15 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
                 if self.udpSession is None:
                     secret = exportKeyingMaterial(self.transport, EXPORTER_UDP_KEY)
                     self.udpSession = router.udp.newSession(self, secret)
+                router.admission.takePort(self.source, owner, name, "udp")
                 lease = await router.udp.ports.open(router, owner, name, hostname, self)
                 response["udpPort"] = lease.port
                 response["udpSession"] = self.udpSession.sessionId
+        except RegistrationRefused:
+            giveBack()
+            raise
         except (PortAllocationError, CannotListenError, StoreError) as e:
-            for ports in opened:
-                ports.close(owner, name, self)
-            self.names.discard(name)
-            router.leases.release(name, owner)
-            router.onLeasesChanged()
+            giveBack()
             if isinstance(e, StoreError):
                 self._log.error("registration failed: {error}", error=str(e))
                 raise self._refused(
@@ -721,9 +730,6 @@ class RelayControlProtocol(amp.AMP, TimeoutMixin):
             raise self._refused(
                 "no_port", RegistrationRefused, f"no public port for {name!r}: {reason}"
             ) from None
-        router.admission.ports.add(
-            self.source, [(kind, owner, name) for kind in sorted(modes & {"tcp", "udp"})]
-        )
         router.onLeasesChanged()
         self._observeRegistration()
         return response

@@ -98,10 +98,11 @@ class IPortClaims(Interface):
     once the cluster gave it to that lease (L{portal.relay.clusterports.ClusterPorts}).
     """
 
-    def claim(kind: str, port: int, owner: str, name: str) -> Deferred[bool]:
+    def claim(kind: str, port: int, owner: str, name: str, source: str | None) -> Deferred[bool]:
         """
         Claim C{port} in the cluster for the lease C{name} of C{owner}, held by this member; once
         claimed, the port is free to listen on here (any forwarding listener on it is closed).
+        C{source}, the address the lease registered from, is recorded for the quotas per source.
 
         @return: A L{Deferred} firing with whether the port is the lease's; it fails with
             L{StoreError<portal.relay.store.StoreError>} when the cluster store is away.

@@ -160,7 +160,7 @@ class LeasePorts:
             # Another session of the owner took the lease over: its port moves with it.
             del self.leases[key]
             await current.close()
-        port = await self._allocate(owner, name)
+        port = await self._allocate(owner, name, getattr(holder, "source", None))
         lease = PortLease(router, owner, name, hostname, holder, port)
         try:
             lease.listening = self._listen(lease, self.interface)
@@ -180,10 +180,11 @@ class LeasePorts:
         )
         return lease
 
-    async def _allocate(self, owner: str, name: str) -> int:
+    async def _allocate(self, owner: str, name: str, source: str | None) -> int:
         """
-        Allocate a port for the lease and, in a cluster, claim it there; a port the cluster gives
-        to another lease (another member was quicker) is left and the next one tried.
+        Allocate a port for the lease and, in a cluster, claim it there (naming C{source}, the
+        address the lease registered from); a port the cluster gives to another lease (another
+        member was quicker) is left and the next one tried.
 
         @return: The port.
         @raise PortAllocationError: When no port can be given.
@@ -194,7 +195,7 @@ class LeasePorts:
             if claims is None:
                 return port
             try:
-                claimed = await claims.claim(self.kind, port, owner, name)
+                claimed = await claims.claim(self.kind, port, owner, name, source)
             except Exception:
                 self.allocator.abandon(owner, name)
                 raise

@@ -439,9 +439,12 @@ class MemberLinks:
         """
         return None if self.directory.available else "cluster store unavailable"
 
-    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+    def claim(
+        self, names: list[str], owner: str, source: str | None = None
+    ) -> Deferred[str | None]:
         """
-        Claim C{names} for C{owner} in etcd, one compare-and-set each.
+        Claim C{names} for C{owner} in etcd, one compare-and-set each, recording C{source} with
+        each for the quotas per source.
 
         @return: A L{Deferred} firing with L{None}, or the first name another identity holds; it
             fails with L{ClaimsUnavailable} when etcd cannot be reached or answers with an error.
@@ -451,7 +454,10 @@ class MemberLinks:
             for name in names:
                 try:
                     other = await self.directory.claimOwnership(
-                        name, owner, self.router.leases.ttl + self.router.leases.reservation
+                        name,
+                        owner,
+                        self.router.leases.ttl + self.router.leases.reservation,
+                        source,
                     )
                 except (EtcdUnavailable, EtcdError) as e:
                     raise ClaimsUnavailable(f"cluster store unavailable: {e}") from e

@@ -272,6 +272,9 @@ class PortAllocator:
         #: In a relay cluster: the port the cluster holds for a key, if any (its port follows it
         #: from member to member).
         self.clusterPortOf: Callable[[Key], int | None] | None = None
+        #: In a relay cluster: how many ports of this kind an identity holds live on the other
+        #: members, not counting the given key's (they count towards L{maxPerIdentity}).
+        self.liveElsewhere: Callable[[Key], int] | None = None
         now = clock.seconds()
         restored = []
         for record in self._store.ports(kind):
@@ -433,10 +436,12 @@ class PortAllocator:
         now = self._clock.seconds()
         self._purge(now)
         held = self._liveCounts.get(identity, 0)
-        if held >= self.maxPerIdentity:
+        elsewhere = 0 if self.liveElsewhere is None else self.liveElsewhere(key)
+        if held + elsewhere >= self.maxPerIdentity:
+            where = "on this relay" if self.liveElsewhere is None else "in this relay cluster"
             raise PortLimitReached(
-                f"identity already holds {held} live ports on this relay, the most allowed; "
-                f"close a tunnel before opening {name!r}"
+                f"identity already holds {held + elsewhere} live ports {where}, the most "
+                f"allowed; close a tunnel before opening {name!r}"
             )
         reserved = self._reserved.get(key)
         if (

@@ -728,6 +728,9 @@ class RelayService(Service):
         links = MemberLinks(router, directory, identity, self._reactor)
         router.cluster = links
         router.claims = links
+        # The quotas per source count what each source holds on every member.
+        router.admission.names.shared = directory.nameQuota
+        router.admission.ports.shared = directory.portQuota
         notifyBefore = router.onLeasesChanged
 
         def changed() -> None:

@@ -6,14 +6,43 @@ address, an IPv6 /64, see L{portal.forwarding.sources}) do. A L{SourceQuota} rem
 registered each thing (a lease name of an identity, a port of a lease) and counts, per source,
 those that are still held, live or reserved: whether a thing is still held is asked of the table
 that holds it (the lease table, the port allocator), so the quota never keeps a thing alive.
+
+In a relay cluster, the quota also counts what the source holds on the other members
+(L{ISharedHoldings}, kept from the cluster's records by L{portal.relay.clusterquota}).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from zope.interface import Interface
 
 K = TypeVar("K", bound=Hashable)
+
+
+class ISharedHoldings(Interface):
+    """
+    What each source holds across a relay cluster, this member included, as the cluster's
+    records say.
+    """
+
+    def upperBound(source: str) -> int:
+        """
+        @return: At least how many things C{source} holds in the cluster, at once (constant time).
+        """
+
+    def heldBy(source: str) -> set[Any]:
+        """
+        @return: The things C{source} holds in the cluster, live or reserved, now.
+        """
+
+    def sweep() -> int:
+        """
+        Forget what is no longer held.
+
+        @return: How many were forgotten.
+        """
 
 
 class OverQuota(Exception):
@@ -45,7 +74,12 @@ class SourceQuota(Generic[K]):
 
     @ivar limit: Most things one source may hold.
     @ivar what: What is counted, for messages (C{"lease names"}).
+    @ivar shared: In a relay cluster, what each source holds on every member (L{None}: the things
+        registered here are all there is). A thing counts once, whether held here, elsewhere or
+        both.
     """
+
+    shared: ISharedHoldings | None = None
 
     def __init__(self, limit: int, held: Callable[[K], bool], what: str) -> None:
         """
@@ -97,14 +131,22 @@ class SourceQuota(Generic[K]):
         """
         mine = self._bySource.get(source, set())
         new = [thing for thing in dict.fromkeys(things) if thing not in mine]
-        if not new or len(mine) + len(new) <= self.limit:
+        shared = self.shared
+        elsewhere = 0 if shared is None else shared.upperBound(source)
+        if not new or len(mine) + elsewhere + len(new) <= self.limit:
             return
-        held = self.holding(source)
-        if held + len(new) > self.limit:
+        self.holding(source)
+        everywhere = set(self._bySource.get(source, ()))
+        if shared is not None:
+            everywhere |= shared.heldBy(source)
+        held = len(everywhere)
+        new = [thing for thing in new if thing not in everywhere]
+        if new and held + len(new) > self.limit:
+            where = "on this relay" if shared is None else "in this relay cluster"
             raise OverQuota(
-                f"your address already holds {held} {self.what} on this relay (live or "
-                f"reserved), and at most {self.limit} are allowed per address; release some, or "
-                f"wait for their reservations to end",
+                f"your address already holds {held} {self.what} {where} (live or reserved), and "
+                f"at most {self.limit} are allowed per address; release some, or wait for their "
+                f"reservations to end",
                 held,
                 self.limit,
             )
@@ -131,6 +173,8 @@ class SourceQuota(Generic[K]):
         gone = [thing for thing in self._sourceOf if not self._held(thing)]
         for thing in gone:
             self._forget(thing)
+        if self.shared is not None:
+            self.shared.sweep()
         return len(gone)
 
     def __len__(self) -> int:

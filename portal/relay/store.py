@@ -270,10 +270,11 @@ class ILeaseClaims(Interface):
             is told to try again).
         """
 
-    def claim(names: list[str], owner: str) -> Deferred[str | None]:
+    def claim(names: list[str], owner: str, source: str | None) -> Deferred[str | None]:
         """
         Claim lease names for C{owner}, one compare-and-set each, after this relay's own lease
-        table accepted them.
+        table accepted them; C{source}, the address they are registered from, is recorded with
+        them for the quotas per source.
 
         @return: A L{Deferred} firing with L{None} when every name is C{owner}'s, or with the first
             name another identity holds; it fails with L{ClaimsUnavailable} when the store cannot
@@ -300,7 +301,9 @@ class LocalClaims:
         """
         return None
 
-    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+    def claim(
+        self, names: list[str], owner: str, source: str | None = None
+    ) -> Deferred[str | None]:
         """
         @return: A L{Deferred} that has fired with L{None}.
         """
@@ -331,7 +334,9 @@ class UnavailableClaims:
         """
         return self.reason
 
-    def claim(self, names: list[str], owner: str) -> Deferred[str | None]:
+    def claim(
+        self, names: list[str], owner: str, source: str | None = None
+    ) -> Deferred[str | None]:
         """
         @return: A L{Deferred} that has failed with L{ClaimsUnavailable}.
         """
