@@ -25,7 +25,7 @@ from portal.trust.challenge import signRegistration
 from portal.trust.identity import Identity, identityId
 from portal.trust.proofofwork import solve
 from portal.trust.relayhello import helloArguments, relayTLSOptions
-from portal.wire.control import Challenge, Hello, Register
+from portal.wire.control import Challenge, GoingAway, Hello, Register
 from tests.metricstext import metricValues
 from tests.realprocesses import (
     freePortRange,
@@ -52,6 +52,21 @@ NAME_QUOTA = 20
 WORK = ["--pow-quiet-rate", "1", "--pow-max-bits", "8"]
 
 
+class _TunnelSide(amp.AMP):
+    """
+    The client side of a control session, as a tunnel that lists C{goaway} among its capabilities
+    (L{helloArguments} does) must be: it accepts L{GoingAway} (a relay stopping at the end of a
+    test may send it to a session still closing).
+    """
+
+    @GoingAway.responder
+    def goingAway(self, deadline: float) -> dict[str, object]:
+        """
+        Nothing to do: the session is ending anyway.
+        """
+        return {}
+
+
 async def register(
     controlPort: int, source: str, identity: Identity, name: str, mode: str = "stream"
 ) -> dict[str, Any]:
@@ -66,7 +81,7 @@ async def register(
         relayTLSOptions(),
         TCP4ClientEndpoint(reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=(source, 0)),
     )
-    protocol = await connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+    protocol = await connectProtocol(endpoint, _TunnelSide()).addTimeout(10, reactor)
     try:
         hello = await protocol.callRemote(Hello, **helloArguments()).addTimeout(10, reactor)
         challenge = await protocol.callRemote(Challenge, names=[name]).addTimeout(10, reactor)
@@ -204,7 +219,7 @@ class RegistrationFloodTests(TestCase):
                 reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=("127.0.0.2", 0)
             ),
         )
-        protocol = yield connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+        protocol = yield connectProtocol(endpoint, _TunnelSide()).addTimeout(10, reactor)
         self.addCleanup(lambda: protocol.transport.loseConnection())
         yield protocol.callRemote(Hello, **helloArguments()).addTimeout(10, reactor)
         started = time.monotonic()
@@ -261,7 +276,7 @@ class RegistrationFloodTests(TestCase):
                     reactor, "127.0.0.1", controlPort, timeout=10, bindAddress=(source, 0)
                 ),
             )
-            protocol = await connectProtocol(endpoint, amp.AMP()).addTimeout(10, reactor)
+            protocol = await connectProtocol(endpoint, _TunnelSide()).addTimeout(10, reactor)
             try:
                 await protocol.callRemote(Hello, **helloArguments()).addTimeout(30, reactor)
                 answered.append(label)
