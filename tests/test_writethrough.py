@@ -9,8 +9,10 @@ import errno
 from typing import Any
 
 from twisted.internet import main, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.writethrough import WriteThroughServer
@@ -32,6 +34,14 @@ class _FakeSocket:
     def setblocking(self, flag: bool) -> None:
         pass
 
+    closed = False
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
     def send(self, data: Any) -> int:
         if self.error is not None:
             raise self.error
@@ -41,6 +51,13 @@ class _FakeSocket:
             self.room -= len(data)
         self.sent.append(data)
         return len(data)
+
+
+class _Lost(Protocol):
+    reason: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
 
 
 class _Keeper:
@@ -62,15 +79,15 @@ class _PullProducer:
         pass
 
 
-class WriteThroughTests(SynchronousTestCase):
+class _OnFakeSocket(SynchronousTestCase):
     """
-    L{WriteThroughServer}, on a fake socket and a memory reactor.
+    A L{WriteThroughServer} on a fake socket and a memory reactor.
     """
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.socket = _FakeSocket()
-        self.protocol = Protocol()
+        self.protocol = _Lost()
         port: Any = None
         socket: Any = self.socket
         self.transport = WriteThroughServer(
@@ -83,6 +100,12 @@ class WriteThroughTests(SynchronousTestCase):
         @return: Whether the transport waits for its socket to be writable.
         """
         return self.transport in self.reactor.getWriters()
+
+
+class WriteThroughTests(_OnFakeSocket):
+    """
+    L{WriteThroughServer.write}.
+    """
 
     def test_sentAtOnce(self) -> None:
         """
@@ -191,3 +214,62 @@ class WriteThroughTests(SynchronousTestCase):
         self.transport.write(b"more than four bytes")
         self.assertEqual(self.socket.sent, [b"more than four bytes"])
         self.assertEqual(paused, [])
+
+
+class CloseThroughTests(_OnFakeSocket):
+    """
+    L{WriteThroughServer.loseConnection}: with nothing buffered, the connection closes on the
+    reactor's next turn without waiting for writability; otherwise as Twisted does.
+    """
+
+    def test_closedNextTurn(self) -> None:
+        """
+        Nothing buffered: the transport stops reading, never waits for writability, and the
+        connection is lost cleanly on the next turn (socket closed, protocol told).
+        """
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+        self.assertFalse(self.writing())
+        self.assertNotIn(self.transport, self.reactor.getReaders())
+        self.assertIsNone(self.protocol.reason)
+        self.reactor.advance(0)
+        self.assertEqual(self.socket.sent, [b"bye"])
+        self.assertTrue(self.socket.closed)
+        self.assertTrue(self.protocol.reason.check(ConnectionDone))
+
+    def test_writtenAfterwardsFlushedFirst(self) -> None:
+        """
+        Bytes written after C{loseConnection} (buffered, as on a closing Twisted transport) are
+        sent before the connection closes.
+        """
+        self.transport.loseConnection()
+        self.transport.write(b"late")
+        self.reactor.advance(0)
+        self.assertFalse(self.socket.closed)
+        self.assertTrue(self.writing())
+        self.assertIs(self.transport.doWrite(), main.CONNECTION_DONE)
+        self.assertEqual(self.socket.sent, [b"late"])
+
+    def test_bufferedDrainsFirst(self) -> None:
+        """
+        With bytes buffered, C{loseConnection} waits for writability as Twisted does.
+        """
+        self.socket.room = 1
+        self.transport.write(b"hello")
+        self.transport.loseConnection()
+        self.reactor.advance(0)
+        self.assertFalse(self.socket.closed)
+        self.socket.room = None
+        self.assertIs(self.transport.doWrite(), main.CONNECTION_DONE)
+        self.assertEqual(b"".join(self.socket.sent), b"hello")
+
+    def test_lostMeanwhile(self) -> None:
+        """
+        A connection lost before the next turn is not lost twice.
+        """
+        self.transport.loseConnection()
+        reason = Failure(ConnectionDone())
+        self.transport.connectionLost(reason)
+        self.assertIs(self.protocol.reason, reason)
+        self.reactor.advance(0)
+        self.assertIs(self.protocol.reason, reason)

@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
 
 
 class WriteThrough:
@@ -57,6 +58,48 @@ class WriteThrough:
             data = data[sent:]
         base: Any = super()
         base.write(data)
+
+    def loseConnection(self) -> None:
+        """
+        Close: at once (on the reactor's next turn) when nothing is buffered and no producer waits
+        to be asked for more; otherwise after the buffer drains, as Twisted does.
+
+        Twisted registers the socket for writing, wakes up to send nothing, and only then closes:
+        two C{epoll_ctl}, an empty C{send} and a reactor turn more for every connection closed
+        with an empty buffer.
+        """
+        this: Any = self
+        if (
+            this.connected
+            and not this.disconnecting
+            and not this._tempDataLen
+            and not this.dataBuffer
+            and not this._aborting
+            and not this._writeDisconnected
+            and not this._writeDisconnecting
+            and not this.TLS
+            and (this.producer is None or (this.streamingProducer and not this.producerPaused))
+        ):
+            this.stopReading()
+            this.disconnecting = True
+            this.reactor.callLater(0, self._closeNow)
+            return
+        base: Any = super()
+        base.loseConnection()
+
+    def _closeNow(self) -> None:
+        """
+        Close after L{loseConnection}, unless the connection was lost meanwhile; what was written
+        since is sent first (Twisted's way: the buffer drains, then the connection closes).
+        """
+        this: Any = self
+        if this.disconnected or not hasattr(this, "socket"):
+            return
+        if this._tempDataLen or this.dataBuffer:
+            this.startWriting()
+            return
+        this.stopWriting()
+        this.connectionLost(Failure(main.CONNECTION_DONE))
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         """
