@@ -24,12 +24,16 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
+from h2.utilities import HeaderValidationFlags, validate_headers
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
 
 from portal.tunnel import http2
-from portal.tunnel.http2 import H2Server, RoutedHTTP
+from portal.tunnel.http2 import H2Server, MalformedRequest, RoutedHTTP, readRequestHead
 from portal.tunnel.httpproxy import IDLE_TIMEOUT, LINK_THRESHOLD, RESPONSE_TIMEOUT, VisitorHTTP
 from tests.test_httpproxy import (
     API,
@@ -1304,3 +1308,194 @@ class ContinueTests(H2TestCase):
         client.flush()
         [interim] = [e for e in client.events if isinstance(e, InformationalResponseReceived)]
         self.assertEqual(dict(interim.headers)[b":status"], b"100")
+
+
+#: A well-formed request head, as a client sends it.
+GOOD_HEAD = [
+    (b":method", b"GET"),
+    (b":path", b"/a?b=c"),
+    (b":scheme", b"https"),
+    (b":authority", AUTHORITY),
+    (b"user-agent", b"h2load nghttp2/1.52.0"),
+]
+
+
+class ReadRequestHeadTests(SynchronousTestCase):
+    """
+    L{readRequestHead} checks a request's HTTP/2 fields in one pass and puts them in the form they
+    go upstream in.
+    """
+
+    def test_wellFormed(self) -> None:
+        """
+        A well-formed head gives its method and target, C{host} from C{:authority} first, the
+        regular headers in order, cookies joined into one, and its length apart.
+        """
+        head = readRequestHead(
+            [
+                *GOOD_HEAD,
+                (b"cookie", b"a=1"),
+                (b"content-length", b"12"),
+                (b"cookie", b"b=2"),
+                (b"expect", b"100-continue"),
+            ]
+        )
+        self.assertEqual((head.method, head.path, head.length), (b"GET", b"/a?b=c", 12))
+        self.assertTrue(head.expectContinue)
+        self.assertEqual(
+            head.headers,
+            [
+                (b"host", AUTHORITY),
+                (b"user-agent", b"h2load nghttp2/1.52.0"),
+                (b"expect", b"100-continue"),
+                (b"cookie", b"a=1; b=2"),
+            ],
+        )
+
+    def test_hostKept(self) -> None:
+        """
+        A C{host} that agrees with C{:authority} is kept as it came, not doubled.
+        """
+        head = readRequestHead([*GOOD_HEAD, (b"host", AUTHORITY)])
+        self.assertEqual([v for n, v in head.headers if n == b"host"], [AUTHORITY])
+
+    def test_malformed(self) -> None:
+        """
+        Every head HTTP/2 forbids (RFC 9113 8.2, 8.3), and every one whose parts the HTTP/1.1
+        request line or header block could not carry, is refused with a reason.
+        """
+        cases = {
+            "uppercase name": [*GOOD_HEAD, (b"User-Agent", b"x")],
+            "space in name": [*GOOD_HEAD, (b"x y", b"1")],
+            "colon in name": [*GOOD_HEAD, (b"x:y", b"1")],
+            "empty name": [*GOOD_HEAD, (b"", b"1")],
+            "CR LF in value": [*GOOD_HEAD, (b"x", b"a\r\nHost: evil")],
+            "NUL in value": [*GOOD_HEAD, (b"x", b"a\x00b")],
+            "leading space": [*GOOD_HEAD, (b"x", b" a")],
+            "trailing tab": [*GOOD_HEAD, (b"x", b"a\t")],
+            "connection": [*GOOD_HEAD, (b"connection", b"close")],
+            "transfer-encoding": [*GOOD_HEAD, (b"transfer-encoding", b"chunked")],
+            "upgrade": [*GOOD_HEAD, (b"upgrade", b"websocket")],
+            "keep-alive": [*GOOD_HEAD, (b"keep-alive", b"1")],
+            "te gzip": [*GOOD_HEAD, (b"te", b"gzip")],
+            "pseudo after regular": [*GOOD_HEAD, (b":path", b"/b")],
+            "repeated pseudo": [(b":path", b"/b"), *GOOD_HEAD],
+            "unknown pseudo": [(b":status", b"200"), *GOOD_HEAD],
+            "no method": GOOD_HEAD[1:],
+            "method with space": [(b":method", b"GET /x"), *GOOD_HEAD[1:]],
+            "CONNECT": [(b":method", b"CONNECT"), (b":authority", AUTHORITY)],
+            "no scheme": [h for h in GOOD_HEAD if h[0] != b":scheme"],
+            "no path": [h for h in GOOD_HEAD if h[0] != b":path"],
+            "empty path": [(b":path", b""), *[h for h in GOOD_HEAD if h[0] != b":path"]],
+            "space in path": [(b":path", b"/a b"), *[h for h in GOOD_HEAD if h[0] != b":path"]],
+            "no authority or host": [h for h in GOOD_HEAD if h[0] != b":authority"],
+            "host differs": [*GOOD_HEAD, (b"host", b"evil.example")],
+            "two hosts": [*GOOD_HEAD[:3], (b"host", b"a"), (b"host", b"a")],
+            "signed length": [*GOOD_HEAD, (b"content-length", b"+3")],
+            "lengths differ": [*GOOD_HEAD, (b"content-length", b"3"), (b"content-length", b"4")],
+        }
+        for what, fields in cases.items():
+            with self.subTest(what):
+                self.assertRaises(MalformedRequest, readRequestHead, fields)
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(
+                    st.sampled_from(
+                        [b":method", b":path", b":scheme", b":authority", b":status", b"host"]
+                        + [b"te", b"connection", b"content-length", b"cookie", b"x-a"]
+                    ),
+                    st.binary(max_size=4),
+                ),
+                st.one_of(
+                    st.sampled_from([b"GET", b"/", b"https", b"a", b"trailers", b"3", b""]),
+                    st.binary(max_size=4),
+                ),
+            ),
+            max_size=8,
+        )
+    )
+    def test_noLaxerThanH2(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """
+        Whatever L{readRequestHead} accepts, C{h2}'s own request validation accepts too.
+        """
+        try:
+            readRequestHead(fields)
+        except MalformedRequest:
+            return
+        flags = HeaderValidationFlags(
+            is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+        )
+        list(validate_headers(fields, flags))
+
+
+class MalformedRequestTests(H2TestCase):
+    """
+    A malformed request resets its own stream, not the connection.
+    """
+
+    def test_refusedWithReset(self) -> None:
+        """
+        A request with CR LF in a header value is refused with a C{PROTOCOL_ERROR} reset and a log
+        event, no upstream is asked, and the connection serves the next request.
+        """
+        _, transport, client = self.connectH2()
+        client.conn.config.validate_outbound_headers = False
+        client.conn.config.normalize_outbound_headers = False
+        streamID = client.request(b"GET", b"/api/x", [(b"x-a", b"1\r\nHost: evil")])
+        client.flush()
+        self.assertEqual(self.pool.gets, [])
+        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
+        other = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertFalse(transport.disconnecting)
+
+    def test_refusalsSpendResetTokens(self) -> None:
+        """
+        Refusals are paid from the reset token bucket: a flood of malformed requests (each making
+        the server reset a stream) ends with C{ENHANCE_YOUR_CALM} as a reset flood does.
+        """
+        self.patch(http2, "RESET_BURST", 3)
+        _, transport, client = self.connectH2()
+        client.conn.config.validate_outbound_headers = False
+        for _ in range(4):
+            client.request(b"GET", b"/api/x", [(b"te", b"gzip")])
+        client.flush()
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(transport.disconnecting)
+
+
+class EndStreamTests(H2TestCase):
+    """
+    A response whose length the upstream gave ends on its last DATA frame.
+    """
+
+    def test_endOnLastData(self) -> None:
+        """
+        With C{Content-Length}, the stream ends with the frame that carries the last body bytes
+        (no empty DATA frame after it); a chunked body ends on an empty frame after its last chunk.
+        """
+        client, streamID = self.get(b"/api/x")
+        upstream = self.pool.connect()
+        upstream.dataReceived(OK_HELLO)
+        client.flush()
+        [data] = [e for e in client.events if isinstance(e, DataReceived)]
+        self.assertEqual(data.data, b"hello")
+        self.assertIsNotNone(data.stream_ended)
+        self.assertTrue(client.responses[streamID].ended)
+        streamID = client.request(b"GET", b"/api/y")
+        client.flush()
+        upstream.dataReceived(  # Kept alive and taken again.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        client.flush()
+        frames = [e for e in client.events if isinstance(e, DataReceived)][1:]
+        self.assertEqual([f.data for f in frames], [b"hello", b""])
+        self.assertIsNone(frames[0].stream_ended)
+        self.assertTrue(client.responses[streamID].ended)

@@ -24,7 +24,9 @@ whole (up to L{portal.gateway.access.MAX_BODY}) when the gateway needs it.
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
@@ -75,16 +77,133 @@ ABORT_TIMEOUT = 15
 #: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
 _CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
 
-#: Inbound headers are validated and normalised by C{h2} (a visitor's input); outbound ones are
-#: built here from what the upstream's parser accepted, lowercased and filtered by L{_responseHead}.
+#: C{h2}'s header checks are replaced by one pass of ours: inbound by L{readRequestHead} (stricter,
+#: since the request goes on as HTTP/1.1), outbound by L{_responseHead} (the heads are built from
+#: what the upstream's parser accepted). C{h2} still checks framing, lengths and flow control.
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
     header_encoding=None,
-    validate_inbound_headers=True,
-    normalize_inbound_headers=True,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
+
+#: A request header name: a lowercase token (RFC 9110 5.1, RFC 9113 8.2.1).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+#: A method: a token.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A request target: visible ASCII, which the HTTP/1.1 request line can carry.
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+#: What a field value must not contain (NUL, CR, LF) or start or end with (RFC 9113 8.2.1).
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+#: The request pseudo-headers forwarded (C{:protocol} belongs to CONNECT, which is refused).
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+#: Header names an HTTP/2 request must not carry (RFC 9113 8.2.2).
+_FORBIDDEN = frozenset(
+    {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+)
+
+
+class MalformedRequest(Exception):
+    """
+    A request head HTTP/2 forbids or the proxy cannot forward; the argument says why.
+    """
+
+
+@attrs.frozen
+class RequestHead:
+    """
+    A request head read from HTTP/2 fields, as it goes on upstream.
+
+    @ivar method: The method.
+    @ivar path: The request target (C{:path}).
+    @ivar headers: The regular headers in order, without C{content-length}; C{host} first when it
+        came as C{:authority}; C{cookie} fields joined into one at the end (RFC 9113 8.2.3).
+    @ivar length: The C{content-length}, if it gave one.
+    @ivar expectContinue: Whether it asked for C{100 Continue}.
+    """
+
+    method: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    length: int | None
+    expectContinue: bool
+
+
+def readRequestHead(fields: Iterable[tuple[bytes, bytes]]) -> RequestHead:
+    """
+    Check a request's HTTP/2 fields in one pass, as C{h2}'s validation does (RFC 9113 8.2, 8.3),
+    and more strictly where the request goes on as HTTP/1.1: names are tokens, the method is a
+    token, the target visible ASCII.
+
+    @param fields: The decoded fields, pseudo-headers included, in order.
+    @return: The head to forward.
+    @raise MalformedRequest: When the head is malformed or cannot be forwarded (CONNECT).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    headers: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    lengths: list[bytes] = []
+    host: bytes | None = None
+    expectContinue = regular = False
+    for name, value in fields:
+        if value and _BAD_VALUE.search(value) is not None:
+            raise MalformedRequest("a field value with NUL, CR, LF or surrounding whitespace")
+        if name[:1] == b":":
+            if regular:
+                raise MalformedRequest("a pseudo-header after a regular header")
+            if name not in _PSEUDO or name in pseudo:
+                raise MalformedRequest("an unknown or repeated pseudo-header")
+            pseudo[name] = value
+            continue
+        regular = True
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise MalformedRequest("a header name that is not a lowercase token")
+        if name in _FORBIDDEN:
+            raise MalformedRequest("a connection-specific header")
+        if name == b"content-length":
+            lengths.append(value)
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host":
+            if host is not None:
+                raise MalformedRequest("two host headers")
+            host = value
+        elif name == b"te":
+            if value.lower() != b"trailers":
+                raise MalformedRequest("te other than trailers")
+        elif name == b"expect":
+            expectContinue = value.lower() == b"100-continue"
+        headers.append((name, value))
+    method = pseudo.get(b":method")
+    path = pseudo.get(b":path")
+    authority = pseudo.get(b":authority")
+    if method is None or _METHOD.fullmatch(method) is None:
+        raise MalformedRequest("no :method, or one that is not a token")
+    if method == b"CONNECT":
+        raise MalformedRequest("CONNECT")
+    if b":scheme" not in pseudo:
+        raise MalformedRequest("no :scheme")
+    if path is None or _TARGET.fullmatch(path) is None:
+        raise MalformedRequest("no :path, or one with other than visible ASCII")
+    if authority is not None:
+        if host is None:
+            headers.insert(0, (b"host", authority))
+        elif host != authority:
+            raise MalformedRequest("host and :authority differ")
+    elif host is None:
+        raise MalformedRequest("neither :authority nor host")
+    if cookies:
+        headers.append((b"cookie", b"; ".join(cookies)))
+    length = None
+    if lengths:
+        length = _contentLength(lengths)
+        if length is None:
+            raise MalformedRequest("an invalid content-length")
+    return RequestHead(method, path, headers, length, expectContinue)
 
 
 def _responseHead(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -98,6 +217,19 @@ def _responseHead(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple
         if lower not in _CONNECTION_SPECIFIC:
             head.append((lower, value))
     return head
+
+
+def _responseLength(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """
+    @return: The C{Content-Length} of a response head, or L{None} if it has none (or several).
+    """
+    found = None
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            if found is not None or not value.isdigit():
+                return None
+            found = int(value)
+    return found
 
 
 def _contentLength(values: list[bytes]) -> int | None:
@@ -154,6 +286,8 @@ class H2Visitor(ExchangeAnswers):
         #: The response head, kept until the first body bytes or the end go with it.
         self._head: list[tuple[bytes, bytes]] | None = None
         self._trailers: list[tuple[bytes, bytes]] = []
+        #: Body bytes still to come when the response gave its length, else L{None}.
+        self._remaining: int | None = None
         #: Response bytes waiting for the flow-control window, and whether the end waits behind them.
         self._pending: deque[bytes] = deque()
         self._ending = False
@@ -356,10 +490,19 @@ class H2Visitor(ExchangeAnswers):
         self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         """
-        Keep the response head; it goes out with the first body bytes or the end.
+        Keep the response head; it goes out with the first body bytes or the end. When an HTTP/1.1
+        upstream gives the body's length, C{END_STREAM} goes on its last DATA frame (a response
+        from an HTTP/2 upstream may still have trailers to end with).
         """
         exchange.status = status
         self._head = _responseHead(status, headers)
+        if (
+            isinstance(exchange.upstream, UpstreamConnection)
+            and exchange.method != b"HEAD"
+            and status >= 200
+            and status not in (204, 304)
+        ):
+            self._remaining = _responseLength(headers)
 
     def writeBody(self, exchange: Exchange, data: bytes, payload: int | None = None) -> None:
         """
@@ -367,6 +510,10 @@ class H2Visitor(ExchangeAnswers):
         """
         exchange.sent += len(data) if payload is None else payload
         if data and not self._closed:
+            remaining = self._remaining
+            if remaining is not None:
+                remaining = self._remaining = remaining - len(data)
+                self._ending = remaining <= 0
             self._send(data)
             self._server.flush()
 
@@ -434,6 +581,11 @@ class H2Visitor(ExchangeAnswers):
                     size = min(window, frame)
                     if len(chunk) <= size:
                         pending.popleft()
+                        if not pending and self._ending and not self._trailers:
+                            # The last piece: it ends the stream.
+                            conn.send_data(streamID, chunk, end_stream=True)
+                            self._close()
+                            return
                     else:
                         pending[0] = chunk[size:]
                         chunk = chunk[:size]
@@ -708,54 +860,27 @@ class H2Server(Protocol, TimeoutMixin):
 
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
         """
-        A request's headers (validated by C{h2}): set up its stream, to be started once the frames
-        being handled are all handled. The visitor's C{:authority} becomes C{Host} unless it sent
-        one (C{h2} checks that they agree).
+        A request's headers: checked (L{readRequestHead}; a malformed one resets its stream), then
+        its stream is set up, to be started once the frames being handled are all handled.
         """
         streamID = event.stream_id
         assert streamID is not None
-        method = path = authority = None
-        headers: list[tuple[bytes, bytes]] = []
-        lengths: list[bytes] = []
-        hasHost = expectContinue = False
-        for name, value in event.headers or ():
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"content-length":
-                lengths.append(value)  # Sent upstream as the body goes (L{H2Visitor.start}).
-                continue
-            if name == b"host":
-                hasHost = True
-            elif name == b"expect" and value.lower() == b"100-continue":
-                expectContinue = True
-            headers.append((name, value))
-        length = None
-        if lengths:
-            length = _contentLength(lengths)
-            if length is None:
-                self._refuse(streamID, "an invalid content-length")
-                return
-        if method is None or path is None:
-            # CONNECT (no :path): nothing to forward it to.
-            self._refuse(streamID, "no :path (CONNECT)")
+        try:
+            head = readRequestHead(cast("list[tuple[bytes, bytes]]", event.headers or ()))
+        except MalformedRequest as e:
+            self._refuse(streamID, str(e))
             return
-        if authority is not None and not hasHost:
-            headers.insert(0, (b"host", authority))
-        visitor = H2Visitor(self, streamID, method, path, headers, length)
+        visitor = H2Visitor(self, streamID, head.method, head.path, head.headers, head.length)
         self.streams[streamID] = visitor
         self._starting.append(visitor)
-        if expectContinue:
+        if head.expectContinue:
             self.conn.send_headers(streamID, [(b":status", b"100")])
 
     def _refuse(self, streamID: int, what: str) -> None:
         """
-        Reset a request stream the proxy cannot forward, with a log event.
+        Reset a request stream the proxy cannot forward (RFC 9113 8.1.1), with a log event. The
+        reset is paid from the visitor's reset tokens: malformed requests cost a stream reset each
+        too (the "MadeYouReset" variant of Rapid Reset).
         """
         self._log.warn(
             "HTTP/2 request from {peer} refused: {what}", peer=self.header.peerHost, what=what
@@ -764,6 +889,7 @@ class H2Server(Protocol, TimeoutMixin):
             self.conn.reset_stream(streamID, ErrorCodes.PROTOCOL_ERROR)
         except H2Error:
             pass
+        self._spendResetToken()
 
     def _dataAfterEnd(self, event: h2.events.DataReceived) -> None:
         """
@@ -788,6 +914,12 @@ class H2Server(Protocol, TimeoutMixin):
         visitor = self.streams.pop(event.stream_id, None)
         if visitor is not None:
             visitor.reset(Failure(ConnectionLost(f"stream reset with code {event.error_code}")))
+        self._spendResetToken()
+
+    def _spendResetToken(self) -> None:
+        """
+        Pay for one stream reset; when the bucket is empty, C{GOAWAY} with C{ENHANCE_YOUR_CALM}.
+        """
         now = self._reactor.seconds()
         # A wall clock: a step backwards must not drain the bucket.
         elapsed = max(0.0, now - self._resetStamp)
