@@ -11,11 +11,14 @@ follows frame by frame, and the stream's flow-control window stays closed while 
 cannot take more. Responses stream back with HTTP/2 flow control as backpressure: what a window
 cannot take waits on its stream, and the upstream is paused meanwhile.
 
-The server keeps what a visitor could abuse bounded: C{h2}'s own limits (100 concurrent streams,
-64 KiB of headers, header validation), a token bucket on the visitor's stream resets (HTTP/2 Rapid
-Reset, CVE-2023-44487), a cap on what it writes while the visitor does not read
-(L{MAX_PAUSED_OUTPUT}: PING and SETTINGS floods), and the idle timeout of the HTTP/1.1 path. There
-is no priority scheduling: each stream sends what its window allows as its response arrives.
+Request heads are checked in one pass (L{readRequestHead}) in place of C{h2}'s chain of
+validators; a malformed one resets its own stream. The server keeps what a visitor could abuse
+bounded: C{h2}'s own limits (100 concurrent streams, 64 KiB of headers, frame sizes, body lengths
+against C{content-length}, flow control), a token bucket on stream resets, the visitor's and those
+its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset" variant),
+a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and SETTINGS
+floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each stream
+sends what its window allows as its response arrives.
 
 With C{--app} each request is first put to the app gateway, as on the HTTP/1.1 path
 (L{portal.tunnel.httpproxy}): meanwhile its body is held with the stream's window closed, or read
