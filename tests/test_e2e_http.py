@@ -772,10 +772,10 @@ class RoutedHTTPEndToEndTests(TestCase):
     @inlineCallbacks
     def test_curlHTTP11AndHTTP2(self) -> Any:
         """
-        Routed mode offers h2 by default: curl C{--http2} gets HTTP/2 (twisted.web's h2, forwarded
-        over the same upstream pool), including a streamed upload, and C{--http1.1} gets HTTP/1.1;
-        with C{--alpn http/1.1} curl C{--http2} falls back to HTTP/1.1; an unknown protocol is a
-        usage error.
+        Routed mode offers h2 by default: curl C{--http2} gets HTTP/2 (the tunnel's HTTP/2 server,
+        forwarded over the same upstream pool), including a streamed upload, and C{--http1.1} gets
+        HTTP/1.1; with C{--alpn http/1.1} curl C{--http2} falls back to HTTP/1.1; an unknown
+        protocol is a usage error.
         """
         port = yield self._service(Site(_Echo("single")))
         tunnel, lease = yield self._routed(str(port), "--http")

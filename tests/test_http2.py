@@ -18,17 +18,22 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    InformationalResponseReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
 )
+from h2.utilities import HeaderValidationFlags, validate_headers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web._http2 import H2Connection as ServerH2Connection
+from twisted.trial.unittest import SynchronousTestCase
 
-from portal.tunnel.http2 import RoutedHTTP
+from portal.tunnel import http2
+from portal.tunnel.http2 import H2Server, MalformedRequest, RoutedHTTP, readRequestHead
 from portal.tunnel.httpproxy import IDLE_TIMEOUT, LINK_THRESHOLD, RESPONSE_TIMEOUT, VisitorHTTP
 from tests.test_httpproxy import (
     API,
@@ -97,7 +102,7 @@ class Response:
 class H2Client:
     """
     An HTTP/2 client (the C{h2} library's state machine) connected to a L{RoutedHTTP} through a
-    L{NegotiatedTransport}, with the proxy's clock driving twisted.web's send loop.
+    L{NegotiatedTransport}, with the proxy's clock running the calls due as the client flushes.
 
     @ivar conn: The client's C{h2} connection.
     @ivar events: Every event the client saw, in order.
@@ -147,9 +152,8 @@ class H2Client:
     def _turn(self) -> bool:
         """
         Run the calls due now, as one reactor iteration does: calls they schedule wait for the next
-        turn. (C{Clock.advance(0)} runs until nothing is due, which never happens while twisted.web's
-        send loop waits for a flow-control window: it reschedules itself with C{callLater(0)} every
-        turn until the window opens.)
+        turn. (C{Clock.advance(0)} runs until nothing is due, which would never happen with a send
+        loop that reschedules itself with C{callLater(0)} every turn, as twisted.web's does.)
 
         @return: Whether any call was due.
         """
@@ -246,11 +250,11 @@ class DispatchTests(H2TestCase):
 
     def test_h2(self) -> None:
         """
-        With C{h2} negotiated, the client's preface is answered by twisted.web's HTTP/2 channel
-        with the server's SETTINGS, and the channel is the transport's producer (backpressure).
+        With C{h2} negotiated, the client's preface is answered by an L{H2Server} with the server's
+        SETTINGS, and the server is the transport's producer (backpressure).
         """
         routed, transport, client = self.connectH2()
-        self.assertIsInstance(routed._inner, ServerH2Connection)
+        self.assertIsInstance(routed._inner, H2Server)
         self.assertIs(transport.producer, routed._inner)
         self.assertTrue(any(isinstance(e, RemoteSettingsChanged) for e in client.events))
         self.assertFalse(any(isinstance(e, ConnectionTerminated) for e in client.events))
@@ -541,18 +545,19 @@ class StallTests(H2TestCase):
 
     def sendLoops(self) -> list[DelayedCall]:
         """
-        @return: Runs of twisted.web's send loop scheduled on the proxy's clock.
+        @return: Calls scheduled on the proxy's clock other than the idle timer (a send loop, as
+            twisted.web's reschedules itself every turn while a stream waits for its window).
         """
         return [
             cast(DelayedCall, call)
             for call in self.clock.getDelayedCalls()
-            if getattr(call.func, "__name__", "") == "_sendPrioritisedData"
+            if getattr(call.func, "__name__", "") != "__timedOut"
         ]
 
     def test_stalledStreamDoesNotSpin(self) -> None:
         """
-        While a stream's window is used up with data still queued, the send loop is not rescheduled
-        (twisted.web alone reschedules it every reactor turn); when the client opens the window the
+        While a stream's window is used up with data still queued, nothing is scheduled (twisted.web
+        alone reschedules its send loop every reactor turn); when the client opens the window the
         rest is sent.
         """
         client, streamID = self.get(b"/big")
@@ -573,7 +578,7 @@ class StallTests(H2TestCase):
     def test_moreDataKeepsStalledStreamParked(self) -> None:
         """
         Response bytes that arrive while the stream is stalled (twisted.web unblocks a stream it is
-        given data for) do not start the send loop spinning either.
+        given data for) do not start anything spinning either.
         """
         client, streamID = self.get(b"/big")
         upstream = self.pool.connect()
@@ -950,7 +955,7 @@ class ResetTests(H2TestCase):
 
 class ClockTests(H2TestCase):
     """
-    twisted.web's HTTP/2 runs on the proxy's reactor, not the global one, and closes idle
+    The HTTP/2 server runs on the proxy's reactor, not the global one, and closes idle
     connections as the HTTP/1.1 path does.
     """
 
@@ -1055,14 +1060,14 @@ class FastPathTests(H2TestCase):
         client.receive(transport.value())  # No clock call has run since the answer.
         response = client.responses[streamID]
         self.assertEqual((response.status, response.body, response.ended), (200, b"hello", True))
-        channel: Any = routed._inner
-        self.assertEqual(channel.streams, {})
-        self.assertEqual(channel._outboundStreamQueues, {})
+        server: Any = routed._inner
+        self.assertEqual(server.streams, {})
 
-    def test_largeResponseThroughSendLoop(self) -> None:
+    def test_largeResponseInFrames(self) -> None:
         """
-        A piece of a response larger than a frame goes through twisted.web's send loop, frame by
-        frame, and ends only after its last byte.
+        A piece of a response larger than a frame goes out at once (the window allows it) in
+        frames no larger than the client's maximum frame size, and the stream ends after its last
+        byte.
         """
         _, transport, client = self.connectH2()
         streamID = client.request(b"GET", b"/api/x")
@@ -1071,15 +1076,13 @@ class FastPathTests(H2TestCase):
         self.pool.connect().dataReceived(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        client.receive(transport.value())
-        transport.clear()
+        client.receive(transport.value())  # No clock call has run since the answer.
         response = client.responses[streamID]
-        self.assertLess(len(response.body), len(body))
-        self.assertFalse(response.ended)
-        for _ in range(10):
-            client.acknowledge(streamID)
-            client.flush()
         self.assertEqual((response.body, response.ended), (body, True))
+        frames = [len(e.data) for e in client.events if isinstance(e, DataReceived) and e.data]
+        self.assertEqual(sum(frames), len(body))
+        self.assertLessEqual(max(frames), client.conn.max_inbound_frame_size)
+        self.assertGreater(len(frames), 2)
 
     def test_responseAfterQueuedDataWaits(self) -> None:
         """
@@ -1104,9 +1107,10 @@ class FastPathTests(H2TestCase):
             client.flush()
         self.assertEqual((response.body, response.ended), (b"a" * 15 + b"b" * 15, True))
 
-    def test_hostAskedOnce(self) -> None:
+    def test_hostNeverAsked(self) -> None:
         """
-        The local address is asked of the transport once per connection, not once per request.
+        The local address is never asked of the transport (twisted.web's C{Request} asked for it
+        once per request).
         """
         routed = RoutedHTTP(self.proxy, HEADER)
         transport = CountingTransport(b"h2")
@@ -1121,4 +1125,393 @@ class FastPathTests(H2TestCase):
             upstream.dataReceived(OK_HELLO)
             client.flush()
             self.assertTrue(client.responses[streamID].ended)
-        self.assertEqual(transport.hostAsked, 1)
+        self.assertEqual(transport.hostAsked, 0)
+
+
+class SmugglingTests(H2TestCase):
+    """
+    A request body can never be read upstream as another request.
+    """
+
+    def test_getBodyWithoutLengthIsChunked(self) -> None:
+        """
+        A GET whose headers do not end the stream and that gives no C{content-length} goes upstream
+        chunked, so that DATA that follows (here shaped as a second request) is its body; twisted.web
+        took such a GET for one without body (C{Content-Length: 0}) and the DATA went upstream raw.
+        """
+        _, _, client = self.connectH2()
+        streamID: int = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            streamID,
+            [
+                (b":method", b"GET"),
+                (b":path", b"/api/x"),
+                (b":authority", AUTHORITY),
+                (b":scheme", b"https"),
+            ],
+        )
+        client.responses[streamID] = Response()
+        client.flush()
+        upstream = self.pool.connect()
+        smuggled = b"GET /admin HTTP/1.1\r\nHost: app.localhost\r\n\r\n"
+        client.conn.send_data(streamID, smuggled, end_stream=True)
+        client.flush()
+        [request] = self.sentUpstream(upstream)
+        self.assertEqual(request.url, b"/x")
+        self.assertEqual(request.header(b"transfer-encoding"), b"chunked")
+        self.assertIsNone(request.header(b"content-length"))
+        self.assertEqual(request.body, smuggled)
+        self.assertTrue(request.complete)
+
+    def test_differingLengthsRefused(self) -> None:
+        """
+        A request with two C{content-length} values that differ as text (C{h2} reads both as 3; it
+        refuses lengths that are not numbers itself) is refused with a stream reset and a log event
+        before any upstream is asked; the connection serves other requests.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(
+            b"POST", b"/api/x", [(b"content-length", b"3"), (b"content-length", b"03")], b"abc"
+        )
+        client.flush()
+        self.assertEqual(self.pool.gets, [])
+        response = client.responses[streamID]
+        self.assertFalse(response.status)
+        self.assertEqual(response.reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
+        other = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertFalse(transport.disconnecting)
+
+    def test_bodyLongerThanLength(self) -> None:
+        """
+        A body that does not match its C{content-length} is a protocol error (C{h2} checks it): the
+        connection ends with C{GOAWAY} and a log event, and no upstream is asked.
+        """
+        _, transport, client = self.connectH2()
+        client.request(b"POST", b"/api/x", [(b"content-length", b"30")], b"abc")
+        client.flush()
+        self.assertEqual(self.pool.gets, [])
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue([e for e in self.events if "protocol error" in e["log_format"]])
+
+
+class AbuseTests(H2TestCase):
+    """
+    A visitor cannot make the server spend without bound: resets are rate-limited, and what it
+    provokes while reading nothing is capped.
+    """
+
+    def test_rapidReset(self) -> None:
+        """
+        A visitor that opens and resets streams faster than the token bucket allows (HTTP/2 Rapid
+        Reset, CVE-2023-44487) gets C{GOAWAY} with C{ENHANCE_YOUR_CALM}, loses the connection,
+        and a log event says why; resets within the burst are served.
+        """
+        self.patch(http2, "RESET_BURST", 3)
+        _, transport, client = self.connectH2()
+        for _ in range(3):
+            streamID = client.request(b"GET", b"/api/x")
+            client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        self.assertFalse(transport.disconnecting)
+        streamID = client.request(b"GET", b"/api/x")
+        client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+        client.flush()
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue([e for e in self.events if "too fast" in e["log_format"]])
+
+    def test_resetsRefill(self) -> None:
+        """
+        The bucket refills with time: a visitor resetting at a sustainable pace keeps its
+        connection.
+        """
+        self.patch(http2, "RESET_BURST", 2)
+        _, transport, client = self.connectH2()
+        for _ in range(10):
+            streamID = client.request(b"GET", b"/api/x")
+            client.conn.reset_stream(streamID, ErrorCodes.CANCEL)
+            client.flush()
+            self.clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_pausedOutputCapped(self) -> None:
+        """
+        While the transport is paused (the visitor reads nothing), PINGs it keeps sending make the
+        server write at most L{http2.MAX_PAUSED_OUTPUT} bytes of acknowledgements; past that the
+        connection is aborted, with a log event.
+        """
+        routed, transport, client = self.connectH2()
+        server: Any = routed._inner
+        server.pauseProducing()
+        for i in range(100):
+            client.conn.ping(b"%08d" % i)
+        routed.dataReceived(client.conn.data_to_send())
+        self.assertFalse(transport.disconnecting)
+        for i in range(http2.MAX_PAUSED_OUTPUT // 17):
+            client.conn.ping(b"%08d" % i)
+        routed.dataReceived(client.conn.data_to_send())
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue([e for e in self.events if "reads nothing" in e["log_format"]])
+
+    def test_bodyWaitsWhilePaused(self) -> None:
+        """
+        A response that comes while the transport is paused waits on its stream, and goes out when
+        the transport resumes.
+        """
+        routed, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        server: Any = routed._inner
+        server.pauseProducing()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.receive(transport.value())
+        transport.clear()
+        response = client.responses[streamID]
+        self.assertEqual((response.body, response.ended), (b"", False))
+        server.resumeProducing()
+        client.receive(transport.value())
+        self.assertEqual((response.status, response.body, response.ended), (200, b"hello", True))
+
+
+class ContinueTests(H2TestCase):
+    """
+    C{Expect: 100-continue} is answered at once.
+    """
+
+    def test_expectContinue(self) -> None:
+        """
+        A request with C{expect: 100-continue} gets an interim C{100} head before the upstream
+        answers.
+        """
+        _, _, client = self.connectH2()
+        streamID: int = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            streamID,
+            [
+                (b":method", b"POST"),
+                (b":path", b"/api/x"),
+                (b":authority", AUTHORITY),
+                (b":scheme", b"https"),
+                (b"expect", b"100-continue"),
+                (b"content-length", b"2"),
+            ],
+        )
+        client.responses[streamID] = Response()
+        client.flush()
+        [interim] = [e for e in client.events if isinstance(e, InformationalResponseReceived)]
+        self.assertEqual(dict(interim.headers)[b":status"], b"100")
+
+
+#: A well-formed request head, as a client sends it.
+GOOD_HEAD = [
+    (b":method", b"GET"),
+    (b":path", b"/a?b=c"),
+    (b":scheme", b"https"),
+    (b":authority", AUTHORITY),
+    (b"user-agent", b"h2load nghttp2/1.52.0"),
+]
+
+
+class ReadRequestHeadTests(SynchronousTestCase):
+    """
+    L{readRequestHead} checks a request's HTTP/2 fields in one pass and puts them in the form they
+    go upstream in.
+    """
+
+    def test_wellFormed(self) -> None:
+        """
+        A well-formed head gives its method and target, C{host} from C{:authority} first, the
+        regular headers in order, cookies joined into one, and its length apart.
+        """
+        head = readRequestHead(
+            [
+                *GOOD_HEAD,
+                (b"cookie", b"a=1"),
+                (b"content-length", b"12"),
+                (b"cookie", b"b=2"),
+                (b"expect", b"100-continue"),
+            ]
+        )
+        self.assertEqual((head.method, head.path, head.length), (b"GET", b"/a?b=c", 12))
+        self.assertTrue(head.expectContinue)
+        self.assertEqual(
+            head.headers,
+            [
+                (b"host", AUTHORITY),
+                (b"user-agent", b"h2load nghttp2/1.52.0"),
+                (b"expect", b"100-continue"),
+                (b"cookie", b"a=1; b=2"),
+            ],
+        )
+
+    def test_hostKept(self) -> None:
+        """
+        A C{host} that agrees with C{:authority} is kept as it came, not doubled.
+        """
+        head = readRequestHead([*GOOD_HEAD, (b"host", AUTHORITY)])
+        self.assertEqual([v for n, v in head.headers if n == b"host"], [AUTHORITY])
+
+    def test_malformed(self) -> None:
+        """
+        Every head HTTP/2 forbids (RFC 9113 8.2, 8.3), and every one whose parts the HTTP/1.1
+        request line or header block could not carry, is refused with a reason.
+        """
+        cases = {
+            "uppercase name": [*GOOD_HEAD, (b"User-Agent", b"x")],
+            "space in name": [*GOOD_HEAD, (b"x y", b"1")],
+            "colon in name": [*GOOD_HEAD, (b"x:y", b"1")],
+            "empty name": [*GOOD_HEAD, (b"", b"1")],
+            "CR LF in value": [*GOOD_HEAD, (b"x", b"a\r\nHost: evil")],
+            "NUL in value": [*GOOD_HEAD, (b"x", b"a\x00b")],
+            "leading space": [*GOOD_HEAD, (b"x", b" a")],
+            "trailing tab": [*GOOD_HEAD, (b"x", b"a\t")],
+            "connection": [*GOOD_HEAD, (b"connection", b"close")],
+            "transfer-encoding": [*GOOD_HEAD, (b"transfer-encoding", b"chunked")],
+            "upgrade": [*GOOD_HEAD, (b"upgrade", b"websocket")],
+            "keep-alive": [*GOOD_HEAD, (b"keep-alive", b"1")],
+            "te gzip": [*GOOD_HEAD, (b"te", b"gzip")],
+            "pseudo after regular": [*GOOD_HEAD, (b":path", b"/b")],
+            "repeated pseudo": [(b":path", b"/b"), *GOOD_HEAD],
+            "unknown pseudo": [(b":status", b"200"), *GOOD_HEAD],
+            "no method": GOOD_HEAD[1:],
+            "method with space": [(b":method", b"GET /x"), *GOOD_HEAD[1:]],
+            "CONNECT": [(b":method", b"CONNECT"), (b":authority", AUTHORITY)],
+            "no scheme": [h for h in GOOD_HEAD if h[0] != b":scheme"],
+            "no path": [h for h in GOOD_HEAD if h[0] != b":path"],
+            "empty path": [(b":path", b""), *[h for h in GOOD_HEAD if h[0] != b":path"]],
+            "space in path": [(b":path", b"/a b"), *[h for h in GOOD_HEAD if h[0] != b":path"]],
+            "no authority or host": [h for h in GOOD_HEAD if h[0] != b":authority"],
+            "host differs": [*GOOD_HEAD, (b"host", b"evil.example")],
+            "two hosts": [*GOOD_HEAD[:3], (b"host", b"a"), (b"host", b"a")],
+            "signed length": [*GOOD_HEAD, (b"content-length", b"+3")],
+            "lengths differ": [*GOOD_HEAD, (b"content-length", b"3"), (b"content-length", b"4")],
+        }
+        for what, fields in cases.items():
+            with self.subTest(what):
+                self.assertRaises(MalformedRequest, readRequestHead, fields)
+
+    @settings(max_examples=2000)
+    @given(st.data())
+    def test_noLaxerThanH2(self, data: st.DataObject) -> None:
+        """
+        Whatever L{readRequestHead} accepts, C{h2}'s own request validation accepts too: heads
+        built from a mostly well-formed base (pseudo-headers sometimes reordered, dropped or given
+        bad values) with arbitrary fields inserted anywhere.
+        """
+
+        def pick(good: bytes, bad: list[bytes]) -> bytes:
+            # Mostly the good value (hypothesis favours the first of a sample), so that most heads
+            # are well-formed but for the extras.
+            return data.draw(st.sampled_from([good] * 6 + bad))
+
+        fields = [
+            (b":method", pick(b"GET", [b"POST", b"CONNECT", b"G T", b""])),
+            (b":path", pick(b"/a?b", [b"/", b"", b"/a b", b"*"])),
+            (b":scheme", pick(b"https", [b"http", b""])),
+            (b":authority", pick(AUTHORITY, [b"a.b:1", b" a", b""])),
+        ]
+        if data.draw(st.sampled_from([False] * 7 + [True])):
+            fields = data.draw(st.permutations(fields))
+        fields = [f for f in fields if data.draw(st.sampled_from([True] * 15 + [False]))]
+        names = st.one_of(
+            st.sampled_from(
+                [b"host", b"te", b"connection", b":method", b":path", b":status", b":protocol"]
+                + [b"keep-alive", b"content-length", b"cookie", b"x-a", b"X-A", b"a:b", b""]
+            ),
+            st.binary(max_size=4),
+        )
+        values = st.one_of(
+            st.sampled_from(
+                [b"x", b"GET", b"/", AUTHORITY, b"trailers", b"3", b"", b" a", b"a\r\n"]
+            ),
+            st.binary(max_size=4),
+        )
+        for extra in data.draw(st.lists(st.tuples(names, values), max_size=2)):
+            fields.insert(data.draw(st.integers(0, len(fields))), extra)
+        try:
+            readRequestHead(fields)
+        except MalformedRequest:
+            return
+        flags = HeaderValidationFlags(
+            is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+        )
+        list(validate_headers(fields, flags))
+
+
+class MalformedRequestTests(H2TestCase):
+    """
+    A malformed request resets its own stream, not the connection.
+    """
+
+    def test_refusedWithReset(self) -> None:
+        """
+        A request with CR LF in a header value is refused with a C{PROTOCOL_ERROR} reset and a log
+        event, no upstream is asked, and the connection serves the next request.
+        """
+        _, transport, client = self.connectH2()
+        client.conn.config.validate_outbound_headers = False
+        client.conn.config.normalize_outbound_headers = False
+        streamID = client.request(b"GET", b"/api/x", [(b"x-a", b"1\r\nHost: evil")])
+        client.flush()
+        self.assertEqual(self.pool.gets, [])
+        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
+        other = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertFalse(transport.disconnecting)
+
+    def test_refusalsSpendResetTokens(self) -> None:
+        """
+        Refusals are paid from the reset token bucket: a flood of malformed requests (each making
+        the server reset a stream) ends with C{ENHANCE_YOUR_CALM} as a reset flood does.
+        """
+        self.patch(http2, "RESET_BURST", 3)
+        _, transport, client = self.connectH2()
+        client.conn.config.validate_outbound_headers = False
+        for _ in range(4):
+            client.request(b"GET", b"/api/x", [(b"te", b"gzip")])
+        client.flush()
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(transport.disconnecting)
+
+
+class EndStreamTests(H2TestCase):
+    """
+    A response whose length the upstream gave ends on its last DATA frame.
+    """
+
+    def test_endOnLastData(self) -> None:
+        """
+        With C{Content-Length}, the stream ends with the frame that carries the last body bytes
+        (no empty DATA frame after it); a chunked body ends on an empty frame after its last chunk.
+        """
+        client, streamID = self.get(b"/api/x")
+        upstream = self.pool.connect()
+        upstream.dataReceived(OK_HELLO)
+        client.flush()
+        [data] = [e for e in client.events if isinstance(e, DataReceived)]
+        self.assertEqual(data.data, b"hello")
+        self.assertIsNotNone(data.stream_ended)
+        self.assertTrue(client.responses[streamID].ended)
+        streamID = client.request(b"GET", b"/api/y")
+        client.flush()
+        upstream.dataReceived(  # Kept alive and taken again.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        client.flush()
+        frames = [e for e in client.events if isinstance(e, DataReceived)][1:]
+        self.assertEqual([f.data for f in frames], [b"hello", b""])
+        self.assertIsNone(frames[0].stream_ended)
+        self.assertTrue(client.responses[streamID].ended)

@@ -2,15 +2,23 @@
 HTTP/2 for visitors of routed HTTP mode.
 
 When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn h2,http/1.1}), the
-connection is served by twisted.web's HTTP/2 implementation (the C{h2} package), and each request is
-forwarded over the same pooled HTTP/1.1 upstream connections as the HTTP/1.1 path
-(L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of an HTTP/2 upstream
-(L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream
-(L{_TrailingConnection}). Responses stream to the visitor with HTTP/2 flow
-control as backpressure. Request bodies stream too: L{StreamingRequest} takes over from twisted.web's
-C{Request} as soon as the request's headers are in (twisted.web would collect the whole body and only
-then render), forwards each DATA frame upstream as it arrives, and holds the stream's flow-control
-window closed while the upstream cannot take more.
+connection is served by L{H2Server}, a lean server protocol on the C{h2} package's state machine,
+and each request (L{H2Visitor}, one per stream) is forwarded over the same pooled HTTP/1.1 upstream
+connections as the HTTP/1.1 path (L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of
+an HTTP/2 upstream (L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream.
+A request is forwarded as soon as the frames that carried its headers are handled; its body
+follows frame by frame, and the stream's flow-control window stays closed while the upstream
+cannot take more. Responses stream back with HTTP/2 flow control as backpressure: what a window
+cannot take waits on its stream, and the upstream is paused meanwhile.
+
+Request heads are checked in one pass (L{readRequestHead}) in place of C{h2}'s chain of
+validators; a malformed one resets its own stream. The server keeps what a visitor could abuse
+bounded: C{h2}'s own limits (100 concurrent streams, 64 KiB of headers, frame sizes, body lengths
+against C{content-length}, flow control), a token bucket on stream resets, the visitor's and those
+its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset" variant),
+a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and SETTINGS
+floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each stream
+sends what its window allows as its response arrives.
 
 With C{--app} each request is first put to the app gateway, as on the HTTP/1.1 path
 (L{portal.tunnel.httpproxy}): meanwhile its body is held with the stream's window closed, or read
@@ -19,24 +27,27 @@ whole (up to L{portal.gateway.access.MAX_BODY}) when the gateway needs it.
 
 from __future__ import annotations
 
-from functools import partial
+import re
+from collections import deque
+from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
 import h2.config
 import h2.connection
+import h2.events
 from h2.errors import ErrorCodes
-from h2.exceptions import H2Error, StreamClosedError
+from h2.exceptions import H2Error, ProtocolError
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.error import ConnectionLost, TimeoutError
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from zope.interface import implementer
 
-from portal.forwarding.splice import IForwardingTransport
+from portal.forwarding.splice import IForwardingTransport, noDelay
 from portal.gateway.access import MAX_BODY, Admitted
 from portal.gateway.caller import GatewayResponse
 from portal.tunnel.httpproxy import (
@@ -51,114 +62,258 @@ from portal.tunnel.httpproxy import (
     tooLarge,
 )
 from portal.wire.attach import StreamHeader
+from portal.wire.httpheaders import HOP_BY_HOP
+
+#: Bytes the server may write while its transport is paused (the visitor does not read) before it
+#: gives up on the connection: control frames a visitor can provoke (PING and SETTINGS
+#: acknowledgements) and response heads. Response bodies wait on their streams meanwhile.
+MAX_PAUSED_OUTPUT = 64 * 1024
+
+#: Stream resets a visitor may send in a burst, and how many more it earns per second (HTTP/2
+#: Rapid Reset, CVE-2023-44487); twisted.web's values.
+RESET_BURST = 1000
+RESET_RATE = 33.0
+
+#: Seconds a connection closed for idleness has to go before it is aborted.
+ABORT_TIMEOUT = 15
+
+#: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
+_CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
+
+#: C{h2}'s header checks are replaced by one pass of ours: inbound by L{readRequestHead} (stricter,
+#: since the request goes on as HTTP/1.1), outbound by L{_responseHead} (the heads are built from
+#: what the upstream's parser accepted). C{h2} still checks framing, lengths and flow control.
+_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+
+#: A request header name: a lowercase token (RFC 9110 5.1, RFC 9113 8.2.1).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+#: A method: a token.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A request target: visible ASCII, which the HTTP/1.1 request line can carry.
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+#: What a field value must not contain (NUL, CR, LF) or start or end with (RFC 9113 8.2.1).
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+#: The request pseudo-headers forwarded (C{:protocol} belongs to CONNECT, which is refused).
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+#: Header names an HTTP/2 request must not carry (RFC 9113 8.2.2).
+_FORBIDDEN = frozenset(
+    {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+)
 
 
-class _RequestSink:
+class MalformedRequest(Exception):
     """
-    What an L{UpstreamConnection} treats as the visitor's transport, for one HTTP/2 request: writes go
-    to the request, producers are registered with it (so HTTP/2 flow control pauses the upstream).
+    A request head HTTP/2 forbids or the proxy cannot forward; the argument says why.
     """
 
-    connected = True
-    disconnecting = False
 
-    def __init__(self, request: Request) -> None:
-        self._request = request
+@attrs.frozen
+class RequestHead:
+    """
+    A request head read from HTTP/2 fields, as it goes on upstream.
 
-    def write(self, data: bytes) -> None:
-        """
-        Write response bytes.
-        """
-        if not self._request.finished:
-            self._request.write(data)
+    @ivar method: The method.
+    @ivar path: The request target (C{:path}).
+    @ivar headers: The regular headers in order, without C{content-length}; C{host} first when it
+        came as C{:authority}; C{cookie} fields joined into one at the end (RFC 9113 8.2.3).
+    @ivar length: The C{content-length}, if it gave one.
+    @ivar expectContinue: Whether it asked for C{100 Continue}.
+    """
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """
-        Let the stream's flow control pause the upstream.
-        """
-        if not self._request.finished:
-            self._request.registerProducer(producer, streaming)
+    method: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    length: int | None
+    expectContinue: bool
 
-    def unregisterProducer(self) -> None:
-        """
-        The exchange ended.
-        """
-        if not self._request.finished:
-            self._request.unregisterProducer()
 
-    def pauseProducing(self) -> None:
-        """
-        The upstream cannot take more of the request body: stop giving the visitor flow-control
-        window for this stream.
-        """
-        channel: Any = None if self._request.finished else self._request.channel
-        if channel is not None:
-            channel.pauseProducing()
+def readRequestHead(fields: Iterable[tuple[bytes, bytes]]) -> RequestHead:
+    """
+    Check a request's HTTP/2 fields in one pass, as C{h2}'s validation does (RFC 9113 8.2, 8.3),
+    and more strictly where the request goes on as HTTP/1.1: names are tokens, the method is a
+    token, the target visible ASCII.
 
-    def resumeProducing(self) -> None:
-        """
-        Pass on what the stream held back and open its window again.
-        """
-        channel: Any = None if self._request.finished else self._request.channel
-        if channel is not None and not channel.producing:
-            channel.resumeProducing()
+    @param fields: The decoded fields, pseudo-headers included, in order.
+    @return: The head to forward.
+    @raise MalformedRequest: When the head is malformed or cannot be forwarded (CONNECT).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    headers: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    lengths: list[bytes] = []
+    host: bytes | None = None
+    expectContinue = regular = False
+    for name, value in fields:
+        if value and _BAD_VALUE.search(value) is not None:
+            raise MalformedRequest("a field value with NUL, CR, LF or surrounding whitespace")
+        if name[:1] == b":":
+            if regular:
+                raise MalformedRequest("a pseudo-header after a regular header")
+            if name not in _PSEUDO or name in pseudo:
+                raise MalformedRequest("an unknown or repeated pseudo-header")
+            pseudo[name] = value
+            continue
+        regular = True
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise MalformedRequest("a header name that is not a lowercase token")
+        if name in _FORBIDDEN:
+            raise MalformedRequest("a connection-specific header")
+        if name == b"content-length":
+            lengths.append(value)
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host":
+            if host is not None:
+                raise MalformedRequest("two host headers")
+            host = value
+        elif name == b"te":
+            if value.lower() != b"trailers":
+                raise MalformedRequest("te other than trailers")
+        elif name == b"expect":
+            expectContinue = value.lower() == b"100-continue"
+        headers.append((name, value))
+    method = pseudo.get(b":method")
+    path = pseudo.get(b":path")
+    authority = pseudo.get(b":authority")
+    if method is None or _METHOD.fullmatch(method) is None:
+        raise MalformedRequest("no :method, or one that is not a token")
+    if method == b"CONNECT":
+        raise MalformedRequest("CONNECT")
+    if b":scheme" not in pseudo:
+        raise MalformedRequest("no :scheme")
+    if path is None or _TARGET.fullmatch(path) is None:
+        raise MalformedRequest("no :path, or one with other than visible ASCII")
+    if authority is not None:
+        if host is None:
+            headers.insert(0, (b"host", authority))
+        elif host != authority:
+            raise MalformedRequest("host and :authority differ")
+    elif host is None:
+        raise MalformedRequest("neither :authority nor host")
+    if cookies:
+        headers.append((b"cookie", b"; ".join(cookies)))
+    length = None
+    if lengths:
+        length = _contentLength(lengths)
+        if length is None:
+            raise MalformedRequest("an invalid content-length")
+    return RequestHead(method, path, headers, length, expectContinue)
 
-    def stopProducing(self) -> None:
-        """
-        The upstream went away: L{H2Visitor} answers or resets the stream.
-        """
 
-    def loseConnection(self) -> None:
-        """
-        Reset the stream (the other streams of the connection go on), so that the visitor does not
-        take a truncated body for a whole one: C{Request.loseConnection} would end it cleanly.
-        """
-        channel: Any = self._request.channel  # An H2Stream, which can reset itself.
-        if not self._request.finished and channel is not None:
-            channel.abortConnection()
+def _responseHead(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """
+    @return: A response head in HTTP/2 form: C{:status} first, names lowercased, connection-specific
+        headers dropped.
+    """
+    head = [(b":status", b"%d" % status)]
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in _CONNECTION_SPECIFIC:
+            head.append((lower, value))
+    return head
+
+
+def _responseLength(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """
+    @return: The C{Content-Length} of a response head, or L{None} if it has none (or several).
+    """
+    found = None
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            if found is not None or not value.isdigit():
+                return None
+            found = int(value)
+    return found
+
+
+def _contentLength(values: list[bytes]) -> int | None:
+    """
+    @return: The request's length from its C{content-length} values, or L{None} when they are not
+        all the same decimal number.
+    """
+    first = values[0]
+    if not first.isdigit() or len(first) > 18 or any(v != first for v in values):
+        return None
+    return int(first)
 
 
 class H2Visitor(ExchangeAnswers):
     """
-    One HTTP/2 request, seen by an L{UpstreamConnection} as its visitor.
+    One HTTP/2 stream: a request forwarded as an L{UpstreamConnection} (or L{H2Exchange}) forwards any
+    visitor's, and what that upstream sees as the visitor's transport. Response bytes written to it
+    go out on the stream as far as the flow-control windows allow and wait on the stream otherwise,
+    with the upstream paused (it registers as this stream's producer). Pausing it (the upstream
+    cannot take more of the body) holds the body frames that come after, unacknowledged, so that
+    the visitor's window for this stream closes.
+
+    @ivar streamID: The stream's id.
+    @ivar length: The request's C{content-length}, if it gave one.
     """
 
     framesBodies = True
     _closeAfter = False
 
-    def __init__(self, proxy: HTTPProxy, header: StreamHeader, request: Request) -> None:
+    def __init__(
+        self,
+        server: H2Server,
+        streamID: int,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+    ) -> None:
+        proxy = server.proxy
+        self._server = server
         self._proxy = proxy
-        self._header = header
-        self._request = request
-        self.transport = _RequestSink(request)
+        self._header = server.header
+        self.streamID = streamID
+        self.transport = self
+        self.length = length
         self._lost = False
         self._done = False
-        self._exchange: Exchange | None = Exchange(header.peerHost, proxy.newCapture())
-        #: The request's C{content-length}, if it gave one.
-        self.length: int | None = None
-        request.notifyFinish().addErrback(self._gone)
+        #: Whether this side of the stream is over (ended, reset, or the connection gone).
+        self._closed = False
+        exchange = self._exchange = Exchange(server.header.peerHost, proxy.newCapture())
+        exchange.method = method
+        exchange.url = path
+        exchange.headers = headers
+        #: The response head, kept until the first body bytes or the end go with it.
+        self._head: list[tuple[bytes, bytes]] | None = None
+        self._trailers: list[tuple[bytes, bytes]] = []
+        #: Body bytes still to come when the response gave its length, else L{None}.
+        self._remaining: int | None = None
+        #: Response bytes waiting for the flow-control window, and whether the end waits behind them.
+        self._pending: deque[bytes] = deque()
+        self._ending = False
+        self._producer: Any = None
+        self._producerPaused = False
+        #: Whether body frames are held (the upstream cannot take more), and the frames held (with
+        #: their flow-controlled size; L{None} for the end of the body).
+        self._holding = False
+        self._held: deque[tuple[bytes | None, int]] = deque()
+
+    # The request.
 
     def start(self) -> None:
         """
         Route the request and forward it; its body follows as it arrives (L{bodyChunk}).
         """
-        request = self._request
-        if self._lost or request.finished:
-            return
         exchange = self._exchange
-        assert exchange is not None
+        if self._lost or self._closed or exchange is None:
+            return
         exchange.started = self._proxy.reactor.seconds()
-        exchange.method = request.method
-        exchange.url = request.uri
-        exchange.headers = [
-            (name, value)
-            for name, values in request.requestHeaders.getAllRawHeaders()
-            for value in values
-            if name.lower() not in (b"content-length", b"transfer-encoding")
-        ]
         if exchange.bodyDone:
             # The whole body (if any) came with the headers.
-            held = sum(len(b) for b in exchange.body)
+            held = exchange.held
             if held or exchange.method in (b"POST", b"PUT", b"PATCH"):
                 exchange.headers.append((b"Content-Length", b"%d" % held))
         elif self.length is not None:
@@ -202,7 +357,7 @@ class H2Visitor(ExchangeAnswers):
         """
         The gateway decided: answer as it said, or forward the request as it edited it.
         """
-        if self._lost or exchange.status or self._request.finished:
+        if self._lost or self._closed or exchange.status:
             return
         if isinstance(decision, GatewayResponse):
             self._respondWith(exchange, decision)
@@ -290,6 +445,38 @@ class H2Visitor(ExchangeAnswers):
                 exchange.awaitingBody = False
                 self._admit(exchange)
 
+    # Frames from the visitor (L{H2Server}).
+
+    def dataFrame(self, data: bytes, flowControlled: int) -> None:
+        """
+        A DATA frame of the request body: forwarded and its window given back, or held unacknowledged
+        while the body is paused.
+        """
+        if self._holding:
+            self._held.append((data, flowControlled))
+            return
+        if data:
+            self.bodyChunk(data)
+        self._server.conn.acknowledge_received_data(flowControlled, self.streamID)
+
+    def requestEnded(self) -> None:
+        """
+        C{END_STREAM} from the visitor: the body is complete (after what is held).
+        """
+        if self._holding:
+            self._held.append((None, 0))
+        else:
+            self.bodyComplete()
+
+    def reset(self, reason: Failure) -> None:
+        """
+        The visitor reset the stream, or the connection is gone.
+        """
+        self._closed = True
+        self._pending.clear()
+        self._releaseHeld()
+        self._gone(reason)
+
     def _gone(self, reason: Failure) -> None:
         """
         The visitor reset the stream or closed the connection: an upstream still answering (even
@@ -300,52 +487,58 @@ class H2Visitor(ExchangeAnswers):
         if exchange is not None and exchange.upstream is not None and not self._done:
             exchange.upstream.abandon()
 
+    # The response (from the upstream).
+
     def writeHead(
         self, exchange: Exchange, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         """
-        Set the response status and headers (HTTP/2 sends them with the first body frame or the end).
+        Keep the response head; it goes out with the first body bytes or the end. When an HTTP/1.1
+        upstream gives the body's length, C{END_STREAM} goes on its last DATA frame (a response
+        from an HTTP/2 upstream may still have trailers to end with).
         """
         exchange.status = status
-        request = self._request
-        request.setResponseCode(status, reason)
-        request.defaultContentType = None
-        for name, value in headers:
-            if name.lower() not in (b"connection", b"transfer-encoding"):
-                request.responseHeaders.addRawHeader(name, value)
+        self._head = _responseHead(status, headers)
+        if (
+            isinstance(exchange.upstream, UpstreamConnection)
+            and exchange.method != b"HEAD"
+            and status >= 200
+            and status not in (204, 304)
+        ):
+            self._remaining = _responseLength(headers)
 
     def writeBody(self, exchange: Exchange, data: bytes, payload: int | None = None) -> None:
         """
         Stream response bytes.
         """
         exchange.sent += len(data) if payload is None else payload
-        if data and not self._request.finished and not self._lost:
-            self._request.write(data)
+        if data and not self._closed:
+            remaining = self._remaining
+            if remaining is not None:
+                remaining = self._remaining = remaining - len(data)
+                self._ending = remaining <= 0
+            self._send(data)
+            self._server.flush()
 
     def writeTrailers(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
         """
         End the response with C{trailers} (a C{HEADERS} frame with C{END_STREAM}) instead of an
         empty C{DATA} frame, as gRPC needs for its C{grpc-status}; a response with neither body nor
-        trailers ends with its head.
+        trailers ends with its head (gRPC's "Trailers-Only").
         """
-        request = self._request
-        stream: Any = request.channel  # twisted.web's H2Stream
-        if stream is None or request.finished or self._lost:
-            return
-        channel: _H2Channel = stream._conn
-        if trailers:
-            channel.conn.trailers[stream.streamID] = trailers
-        elif not request.startedWriting:
-            channel.conn.headersOnly.add(stream.streamID)
+        self._trailers = [(name.lower(), value) for name, value in trailers]
 
     def finished(self, exchange: Exchange) -> None:
         """
-        The response is complete.
+        The response is complete: end the stream once what waits for the window is sent.
         """
         self._done = True
         self._proxy.logRequest(exchange)
-        if not self._request.finished and not self._lost:
-            self._request.finish()
+        if self._closed or self._lost:
+            return
+        self._ending = True
+        self._drain()
+        self._server.flush()
 
     def upgraded(self, upstream: UpstreamConnection) -> None:
         """
@@ -353,314 +546,488 @@ class H2Visitor(ExchangeAnswers):
         """
         upstream.abandon()
 
-
-class StreamingRequest(Request):
-    """
-    One HTTP/2 request, forwarded as soon as its headers are in (twisted.web would collect the whole
-    body first): L{gotLength}, which twisted.web's C{H2Stream} calls once it has read the headers,
-    starts an L{H2Visitor}; each DATA frame then goes to L{H2Visitor.bodyChunk} and C{END_STREAM} to
-    L{H2Visitor.bodyComplete}. Nothing of the body is kept here, and twisted.web's resource rendering
-    (and its form parsing of the body) never runs.
-    """
-
-    visitor: H2Visitor | None = None
-
-    def __init__(
-        self, channel: Any, queued: Any = False, *, proxy: HTTPProxy, header: StreamHeader
-    ) -> None:
-        super().__init__(channel, queued)
-        self._proxy = proxy
-        self._header = header
-
-    def gotLength(self, length: int | None) -> None:
+    def _send(self, data: bytes) -> None:
         """
-        The headers are in (C{content-length}, if any, is C{length}): start forwarding once the
-        frames being handled are all handled (L{_H2Channel.startSoon}), when the stream is set up.
+        Send response bytes (with the head before the first), or queue them behind what waits.
         """
-        visitor = self.visitor
-        if visitor is None:
-            stream: Any = self.channel
-            self.method = stream.command
-            self.uri = stream.path
-            self.clientproto = b"HTTP/2"
-            visitor = self.visitor = H2Visitor(self._proxy, self._header, self)
-            stream._conn.startSoon(visitor)
-        visitor.length = length
+        if self._head is not None:
+            self._sendHead(False)
+        self._pending.append(data)
+        self._drain()
 
-    def handleContentChunk(self, data: bytes) -> None:
+    def _sendHead(self, endStream: bool) -> None:
         """
-        Forward a piece of the body.
+        Send the response head.
         """
-        if self.visitor is not None and not self.finished:
-            self.visitor.bodyChunk(data)
+        head, self._head = self._head, None
+        assert head is not None
+        self._server.conn.send_headers(self.streamID, head, end_stream=endStream)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+    def _drain(self) -> None:
         """
-        The body ended.
+        Send what waits as far as the windows allow (nothing while the visitor does not read), end
+        the stream when all of it went and the response is complete, and pause the upstream while
+        something is left.
         """
-        if self.visitor is not None:
-            self.visitor.bodyComplete()
-
-
-class _QuietSite(Site):
-    """
-    A site that writes no access log (the tunnel reports each request itself).
-    """
-
-    def log(self, request: Any) -> None:
-        """
-        No access log.
-        """
-
-
-class _TrailingConnection(h2.connection.H2Connection):
-    """
-    twisted.web's HTTP/2 state machine, ending a stream with its response's trailers when it has
-    some, and a response without body or trailers with its C{HEADERS} frame (gRPC's
-    "Trailers-Only" answer: its C{grpc-status} is in that frame). twisted.web knows no trailers and
-    ends every stream with an empty C{DATA} frame.
-
-    @ivar trailers: Trailers to end each stream with, by stream id (L{H2Visitor.writeTrailers}).
-    @ivar headersOnly: Streams whose response head is to end them.
-    """
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config=config)
-        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
-        self.headersOnly: set[int] = set()
-        self._endedByHeaders: set[int] = set()
-
-    def send_headers(
-        self,
-        stream_id: int,
-        headers: Any,
-        end_stream: bool = False,
-        priority_weight: int | None = None,
-        priority_depends_on: int | None = None,
-        priority_exclusive: bool | None = None,
-    ) -> None:
-        """
-        Send a head; one of L{headersOnly} ends its stream.
-        """
-        if stream_id in self.headersOnly:
-            self.headersOnly.discard(stream_id)
-            self._endedByHeaders.add(stream_id)
-            end_stream = True
-        super().send_headers(
-            stream_id,
-            headers,
-            end_stream,
-            priority_weight,
-            priority_depends_on,
-            priority_exclusive,
-        )
-
-    def end_stream(self, stream_id: int) -> None:
-        """
-        End the stream: with its trailers if it has some, not at all if its head ended it, else as
-        C{h2} does.
-        """
-        if stream_id in self._endedByHeaders:
-            self._endedByHeaders.discard(stream_id)
+        server = self._server
+        conn = server.conn
+        pending = self._pending
+        streamID = self.streamID
+        if server.paused:
+            pass
+        elif pending:
+            try:
+                window = conn.local_flow_control_window(streamID)
+                frame = conn.max_outbound_frame_size
+                while pending and window > 0:
+                    chunk = pending[0]
+                    size = min(window, frame)
+                    if len(chunk) <= size:
+                        pending.popleft()
+                        if not pending and self._ending and not self._trailers:
+                            # The last piece: it ends the stream.
+                            conn.send_data(streamID, chunk, end_stream=True)
+                            self._close()
+                            return
+                    else:
+                        pending[0] = chunk[size:]
+                        chunk = chunk[:size]
+                    conn.send_data(streamID, chunk)
+                    window -= len(chunk)
+            except H2Error:
+                # The visitor closed its side of the stream (a reset on its way): nothing more goes.
+                self._close()
+                return
+        if not pending and self._ending:
+            self._end()
             return
-        trailers = self.trailers.pop(stream_id, None)
-        if trailers:
-            self.send_headers(stream_id, trailers, end_stream=True)
-        else:
-            super().end_stream(stream_id)
+        producer = self._producer
+        if producer is not None:
+            if pending and not self._producerPaused:
+                self._producerPaused = True
+                producer.pauseProducing()
+            elif not pending and self._producerPaused:
+                self._producerPaused = False
+                producer.resumeProducing()
 
-    def forget(self, streamID: int) -> None:
+    def _end(self) -> None:
         """
-        A stream is done: drop what was kept for its end (it was reset before).
+        End the stream: with its head when nothing else came, with its trailers when it has some.
         """
-        self.trailers.pop(streamID, None)
-        self.headersOnly.discard(streamID)
-        self._endedByHeaders.discard(streamID)
+        conn = self._server.conn
+        try:
+            if self._head is not None and not self._trailers:
+                self._sendHead(True)
+            else:
+                if self._head is not None:
+                    self._sendHead(False)
+                if self._trailers:
+                    conn.send_headers(self.streamID, self._trailers, end_stream=True)
+                else:
+                    conn.end_stream(self.streamID)
+        except H2Error:
+            pass  # Reset by the visitor meanwhile: nothing to end.
+        self._close()
+
+    def _close(self) -> None:
+        """
+        This side of the stream is over: the connection forgets it (frames still coming for it get a
+        reset, L{H2Server}).
+        """
+        self._closed = True
+        self._pending.clear()
+        self._producer = None
+        self._releaseHeld()
+        self._server.forget(self.streamID)
+
+    def _releaseHeld(self) -> None:
+        """
+        Drop the body frames held, giving back their share of the connection's window.
+        """
+        held = self._held
+        if held:
+            size = sum(flowControlled for _, flowControlled in held)
+            held.clear()
+            self._holding = False
+            if size:
+                self._server.conn.acknowledge_received_data(size, self.streamID)
+
+    def windowOpened(self) -> None:
+        """
+        The visitor gave window (or its transport can take writes again): send what waits.
+        """
+        if self._pending and not self._closed:
+            self._drain()
+
+    # What the upstream sees as the visitor's transport.
+
+    def write(self, data: bytes) -> None:
+        """
+        Response bytes from the upstream; nothing before the response head (an interim response in
+        HTTP/1.1 form has no place in HTTP/2).
+        """
+        exchange = self._exchange
+        if data and not self._closed and exchange is not None and exchange.status:
+            self._send(data)
+            self._server.flush()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Let the stream's flow control pause the upstream.
+        """
+        if not self._closed:
+            self._producer = producer
+            self._producerPaused = False
+
+    def unregisterProducer(self) -> None:
+        """
+        The exchange ended.
+        """
+        self._producer = None
+        self._producerPaused = False
+
+    def pauseProducing(self) -> None:
+        """
+        The upstream cannot take more of the request body: hold the frames that come, so that the
+        visitor's window for this stream closes.
+        """
+        self._holding = True
+
+    def resumeProducing(self) -> None:
+        """
+        Pass on what the stream held back and open its window again.
+        """
+        if not self._holding:
+            return
+        self._holding = False
+        held = self._held
+        acknowledged = 0
+        while held and not self._holding:
+            data, flowControlled = held.popleft()
+            if data is None:
+                self.bodyComplete()
+            else:
+                acknowledged += flowControlled
+                self.bodyChunk(data)
+        if acknowledged:
+            self._server.conn.acknowledge_received_data(acknowledged, self.streamID)
+        self._server.flush()
+
+    def stopProducing(self) -> None:
+        """
+        The upstream went away: L{H2Visitor} answers or resets the stream.
+        """
+
+    def loseConnection(self) -> None:
+        """
+        Reset the stream (the other streams of the connection go on), so that the visitor does not
+        take a truncated body for a whole one.
+        """
+        if self._closed:
+            return
+        try:
+            self._server.conn.reset_stream(self.streamID, ErrorCodes.INTERNAL_ERROR)
+        except H2Error:
+            pass
+        self._close()
+        self._server.flush()
 
 
-class _H2Channel(H2Connection):
+@implementer(IPushProducer)
+class H2Server(Protocol, TimeoutMixin):
     """
-    twisted.web's HTTP/2 connection, closed when idle as an HTTP/1.1 visitor's is: after
-    L{IDLE_TIMEOUT} seconds without frames and with no request in flight. (twisted.web's own timeout
-    also closes connections with streams in flight: a slow upstream, a long poll, an event stream.)
+    One visitor's HTTP/2 connection: C{h2}'s state machine, a L{H2Visitor} per request stream. It is
+    the push producer of its transport: while the transport is paused (the visitor does not read),
+    response bodies wait on their streams and at most L{MAX_PAUSED_OUTPUT} bytes of other frames
+    are written. The connection is closed with C{GOAWAY} after L{IDLE_TIMEOUT} seconds without frames
+    and with no request in flight, as an HTTP/1.1 visitor's is.
+
+    @ivar conn: The C{h2} connection.
+    @ivar streams: The streams whose response is not over, by id.
+    @ivar paused: Whether the transport asked for a pause.
     """
 
-    conn: _TrailingConnection
+    _log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
-        super().__init__(reactor)
-        self.conn = _TrailingConnection(self.conn.config)
-        #: Streams L{_sendPrioritisedData} blocked for want of flow-control window.
-        self._parked: set[int] = set()
-        #: Requests whose headers came in the frames L{dataReceived} is handling, to start once
-        #: those frames are all handled.
+    def __init__(self, proxy: HTTPProxy, header: StreamHeader) -> None:
+        self.proxy = proxy
+        self.header = header
+        reactor = proxy.reactor
+        self._reactor = reactor
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = reactor.callLater  # type: ignore[method-assign]
+        self.conn = h2.connection.H2Connection(config=_CONFIG)
+        self.streams: dict[int, H2Visitor] = {}
+        self.paused = False
+        self._pausedOutput = 0
+        #: Requests whose headers came in the frames being handled, started once all are handled.
         self._starting: list[H2Visitor] = []
-        self._host: Any = None
+        self._resetTokens = float(RESET_BURST)
+        self._resetStamp = reactor.seconds()
+        self._aborting: Any = None
+        self._lost = False
 
-    def getHost(self) -> Any:
+    def connectionMade(self) -> None:
         """
-        @return: The local address of the visitor's transport, asked of the kernel once per
-            connection rather than once per request (twisted.web's C{Request} asks for it).
+        Send the server's preface (its SETTINGS) and start the idle timer.
         """
-        host = self._host
-        if host is None:
-            host = self._host = super().getHost()
-        return host
+        noDelay(self.transport)
+        self.setTimeout(IDLE_TIMEOUT)
+        self.conn.initiate_connection()
+        self.flush()
 
-    def _requestDone(self, streamID: int) -> None:
+    def flush(self) -> None:
         """
-        A stream is done: forget trailers it did not send (it was reset).
+        Write what C{h2} has to send; a visitor that makes the server write more than
+        L{MAX_PAUSED_OUTPUT} bytes while it reads nothing is cut off.
         """
-        self.conn.forget(streamID)
-        super()._requestDone(streamID)
-
-    def timeoutConnection(self) -> None:
-        """
-        Close the connection unless a request is in flight.
-        """
-        if self.streams:
-            self.setTimeout(self.timeOut)
+        data = self.conn.data_to_send()
+        if not data or self._lost:
             return
-        super().timeoutConnection()
-
-    def _sendPrioritisedData(self, *args: Any) -> None:
-        """
-        twisted.web's send loop, with flow-control stalls parked: twisted.web leaves a stream whose
-        window ran out while it still has data queued in the priority tree, and its loop then runs
-        every reactor turn (sending nothing, a core at 100%) until the visitor opens the window.
-        Such streams are blocked here; L{dataReceived} unblocks them when the window opens.
-        """
-        super()._sendPrioritisedData(*args)
-        parked = self._parked
-        for streamID, queue in self._outboundStreamQueues.items():
-            # Blocked again even if parked: new response data unblocks a stream in twisted.web.
-            if queue and self._window(streamID) <= 0:
-                self.priority.block(streamID)
-                parked.add(streamID)
+        transport = self.transport
+        assert transport is not None
+        if self.paused:
+            self._pausedOutput += len(data)
+            if self._pausedOutput > MAX_PAUSED_OUTPUT:
+                self._log.warn(
+                    "HTTP/2 visitor {peer} reads nothing and was sent {count} bytes meanwhile: "
+                    "closing the connection",
+                    peer=self.header.peerHost,
+                    count=self._pausedOutput,
+                )
+                cast(Any, transport).abortConnection()
+                self._loseStreams(Failure(ConnectionLost("the visitor does not read")))
+                return
+        transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Frames from the visitor; afterwards, the requests whose headers they carried are started
-        (with whatever body came in the same frames), and streams parked by
-        L{_sendPrioritisedData} whose window opened again (C{WINDOW_UPDATE} or a larger
-        C{SETTINGS_INITIAL_WINDOW_SIZE}) go back to the send loop, which is woken if it was
-        waiting.
+        Handle the visitor's frames; then start the requests whose headers they carried (with
+        whatever body came in the same frames), and write the answers in one go.
         """
-        super().dataReceived(data)
+        if self._lost:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            self._log.warn(
+                "HTTP/2 protocol error from {peer}: {error}",
+                peer=self.header.peerHost,
+                error=str(e) or type(e).__name__,
+            )
+            self.flush()  # The GOAWAY h2 queued.
+            self._terminate(Failure(ConnectionLost("HTTP/2 protocol error")))
+            return
+        self.resetTimeout()
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.RequestReceived:
+                self._requestReceived(cast(h2.events.RequestReceived, event))
+            elif kind is h2.events.DataReceived:
+                received = cast(h2.events.DataReceived, event)
+                visitor = streams.get(received.stream_id)
+                if visitor is not None:
+                    visitor.dataFrame(received.data or b"", received.flow_controlled_length or 0)
+                else:
+                    self._dataAfterEnd(received)
+            elif kind is h2.events.StreamEnded:
+                visitor = streams.get(cast(h2.events.StreamEnded, event).stream_id)
+                if visitor is not None:
+                    visitor.requestEnded()
+            elif kind is h2.events.StreamReset:
+                self._streamReset(cast(h2.events.StreamReset, event))
+                if self._lost:
+                    return
+            elif kind is h2.events.WindowUpdated:
+                streamID = cast(h2.events.WindowUpdated, event).stream_id
+                if streamID:
+                    visitor = streams.get(streamID)
+                    if visitor is not None:
+                        visitor.windowOpened()
+                else:
+                    self._windowsOpened()
+            elif kind is h2.events.RemoteSettingsChanged:
+                # SETTINGS_INITIAL_WINDOW_SIZE may have opened every stream's window.
+                self._windowsOpened()
+            elif kind is h2.events.ConnectionTerminated:
+                self.flush()
+                self._terminate(Failure(ConnectionLost("the visitor sent GOAWAY")))
+                return
         starting = self._starting
         if starting:
             self._starting = []
             for visitor in starting:
                 visitor.start()
-        if not self._parked:
-            return
-        opened = False
-        for streamID in list(self._parked):
-            if streamID not in self._outboundStreamQueues:
-                self._parked.discard(streamID)  # Finished or reset meanwhile.
-            elif self._window(streamID) > 0:
-                self._parked.discard(streamID)
-                self.priority.unblock(streamID)
-                opened = True
-        sending = self._sendingDeferred
-        if opened and sending is not None:
-            self._sendingDeferred = None
-            sending.callback(None)
+        self.flush()
 
-    def startSoon(self, visitor: H2Visitor) -> None:
+    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
         """
-        Start C{visitor}'s request once the frames being handled are all handled (its stream is
-        set up by then, and any body that came with the headers is held).
+        A request's headers: checked (L{readRequestHead}; a malformed one resets its stream), then
+        its stream is set up, to be started once the frames being handled are all handled.
         """
+        streamID = event.stream_id
+        assert streamID is not None
+        try:
+            head = readRequestHead(cast("list[tuple[bytes, bytes]]", event.headers or ()))
+        except MalformedRequest as e:
+            self._refuse(streamID, str(e))
+            return
+        visitor = H2Visitor(self, streamID, head.method, head.path, head.headers, head.length)
+        self.streams[streamID] = visitor
         self._starting.append(visitor)
+        if head.expectContinue:
+            self.conn.send_headers(streamID, [(b":status", b"100")])
 
-    def _canSendNow(self, streamID: int, length: int) -> bool:
+    def _refuse(self, streamID: int, what: str) -> None:
         """
-        @return: Whether C{length} bytes of C{streamID} can go out at once, in order and within
-            flow control: nothing of the stream is queued, the transport is not paused, no control
-            frame waits, and the stream's window and the frame size allow them.
+        Reset a request stream the proxy cannot forward (RFC 9113 8.1.1), with a log event. The
+        reset is paid from the visitor's reset tokens: malformed requests cost a stream reset each
+        too (the "MadeYouReset" variant of Rapid Reset).
         """
-        queue = self._outboundStreamQueues.get(streamID)
-        return (
-            queue is not None
-            and not queue
-            and self._consumerBlocked is None
-            and not self._bufferedControlFrames
-            and length <= self.conn.max_outbound_frame_size
-            and length <= self._window(streamID)
+        self._log.warn(
+            "HTTP/2 request from {peer} refused: {what}", peer=self.header.peerHost, what=what
         )
-
-    def writeDataToStream(self, streamID: int, data: bytes) -> None:
-        """
-        Send a piece of a response at once when nothing is ahead of it and flow control allows
-        (the common case: a small response), so that it leaves with the headers in the same TLS
-        write; otherwise queue it for twisted.web's send loop, which sends a frame per reactor turn
-        in priority order.
-        """
-        if not data or not self._canSendNow(streamID, len(data)):
-            super().writeDataToStream(streamID, data)
-            return
-        self.conn.send_data(streamID, data)
-        self._tryToWriteControlData()  # Writes at once: nothing is buffered or blocked.
-        if self._window(streamID) <= 0:
-            self.streams[streamID].flowControlBlocked()
-
-    def endRequest(self, streamID: int) -> None:
-        """
-        End a response at once when nothing of it is queued (with C{END_STREAM} on an empty DATA
-        frame, as twisted.web's send loop does), and forget the stream; otherwise queue the end
-        behind the data.
-        """
-        if not self._canSendNow(streamID, 0):
-            super().endRequest(streamID)
-            return
         try:
-            self.conn.end_stream(streamID)
-        except StreamClosedError:
-            pass  # Reset by the visitor meanwhile: nothing to end.
-        else:
-            self._tryToWriteControlData()
-        self._requestDone(streamID)
-
-    def _window(self, streamID: int) -> int:
-        """
-        @return: How much C{streamID} may send now (0 once the stream is closed).
-        """
-        try:
-            window: int = self.conn.local_flow_control_window(streamID)
+            self.conn.reset_stream(streamID, ErrorCodes.PROTOCOL_ERROR)
         except H2Error:
-            return 0
-        return window
+            pass
+        self._spendResetToken()
 
-    def _requestDataReceived(self, event: Any) -> None:
+    def _dataAfterEnd(self, event: h2.events.DataReceived) -> None:
         """
-        A DATA frame. One for a stream whose response already ended (an answer given before the
-        whole body came, such as a 502 or an upstream's early 413) is discarded, its window given back,
-        and the stream reset with C{NO_ERROR} (RFC 9113 8.1) so the client stops sending; twisted.web
-        would look the stream up and fail the whole connection.
+        A DATA frame for a stream whose response already ended (an answer given before the whole
+        body came, such as a 502 or an upstream's early 413): discarded, its window given back, and
+        the stream reset with C{NO_ERROR} (RFC 9113 8.1) so the client stops sending.
         """
-        if event.stream_id in self.streams:
-            super()._requestDataReceived(event)
-            return
-        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        self._resetFinished(event.stream_id)
-
-    def _requestEnded(self, event: Any) -> None:
-        """
-        C{END_STREAM}; ignored for a stream whose response already ended.
-        """
-        if event.stream_id in self.streams:
-            super()._requestEnded(event)
-
-    def _resetFinished(self, streamID: int) -> None:
-        """
-        Ask the client to stop sending the body of an answered request.
-        """
+        streamID = event.stream_id
+        assert streamID is not None
+        self.conn.acknowledge_received_data(event.flow_controlled_length or 0, streamID)
         try:
             self.conn.reset_stream(streamID, ErrorCodes.NO_ERROR)
         except H2Error:
-            return  # Already closed both ways.
-        self._tryToWriteControlData()
+            pass  # Already closed both ways.
+
+    def _streamReset(self, event: h2.events.StreamReset) -> None:
+        """
+        The visitor reset a stream: its request is abandoned. Resets are paid from a token bucket
+        (L{RESET_BURST}, L{RESET_RATE}); a visitor that empties it (HTTP/2 Rapid Reset) gets
+        C{GOAWAY} with C{ENHANCE_YOUR_CALM} and loses the connection.
+        """
+        visitor = self.streams.pop(event.stream_id, None)
+        if visitor is not None:
+            visitor.reset(Failure(ConnectionLost(f"stream reset with code {event.error_code}")))
+        self._spendResetToken()
+
+    def _spendResetToken(self) -> None:
+        """
+        Pay for one stream reset; when the bucket is empty, C{GOAWAY} with C{ENHANCE_YOUR_CALM}.
+        """
+        now = self._reactor.seconds()
+        # A wall clock: a step backwards must not drain the bucket.
+        elapsed = max(0.0, now - self._resetStamp)
+        self._resetStamp = now
+        tokens = min(float(RESET_BURST), self._resetTokens + elapsed * RESET_RATE)
+        if tokens < 1:
+            self._log.warn(
+                "HTTP/2 visitor {peer} resets streams too fast: closing the connection",
+                peer=self.header.peerHost,
+            )
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self.flush()
+            self._terminate(Failure(ConnectionLost("too many stream resets")))
+            return
+        self._resetTokens = tokens - 1
+
+    def _windowsOpened(self) -> None:
+        """
+        The connection's window opened, or every stream's: send what waits, stream by stream.
+        """
+        for visitor in list(self.streams.values()):
+            visitor.windowOpened()
+
+    def forget(self, streamID: int) -> None:
+        """
+        A stream's response is over (or it was reset): frames that still come for it are answered
+        with a reset.
+        """
+        self.streams.pop(streamID, None)
+
+    def timeoutConnection(self) -> None:
+        """
+        Close the connection with C{GOAWAY} unless a request is in flight (a slow upstream, a long
+        poll, an event stream); abort it if it is not gone L{ABORT_TIMEOUT} seconds later.
+        """
+        if self.streams:
+            self.setTimeout(IDLE_TIMEOUT)
+            return
+        self._log.info("closing idle HTTP/2 connection from {peer}", peer=self.header.peerHost)
+        self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self.flush()
+        assert self.transport is not None
+        self._aborting = self.callLater(ABORT_TIMEOUT, self._abort)
+        self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        """
+        The connection closed for idleness is still there: abort it.
+        """
+        self._aborting = None
+        if self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+    def _terminate(self, reason: Failure) -> None:
+        """
+        Close the connection (after what was written) and give up every stream.
+        """
+        assert self.transport is not None
+        self.transport.loseConnection()
+        self._loseStreams(reason)
+
+    def _loseStreams(self, reason: Failure) -> None:
+        """
+        The connection is over: every request in flight is abandoned.
+        """
+        self._lost = True
+        self._starting = []
+        streams, self.streams = self.streams, {}
+        for visitor in streams.values():
+            visitor.reset(reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Abandon the requests in flight and stop the timers.
+        """
+        self.setTimeout(None)
+        if self._aborting is not None and self._aborting.active():
+            self._aborting.cancel()
+        self._aborting = None
+        self._loseStreams(reason)
+
+    # The transport's producer.
+
+    def pauseProducing(self) -> None:
+        """
+        The visitor does not read: response bodies wait on their streams.
+        """
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """
+        The transport can take writes again: send what waits.
+        """
+        if not self.paused:
+            return
+        self.paused = False
+        self._pausedOutput = 0
+        self._windowsOpened()
+        self.flush()
+
+    def stopProducing(self) -> None:
+        """
+        The transport is going away (L{connectionLost} follows).
+        """
+        self.paused = True
 
 
 class RoutedHTTP(Protocol):
@@ -685,34 +1052,15 @@ class RoutedHTTP(Protocol):
             negotiated = getattr(self.transport, "negotiatedProtocol", None)
             assert self.transport is not None
             if negotiated == b"h2":
-                inner = self._h2Channel()
+                inner = H2Server(self._proxy, self._header)
                 self._inner = inner
                 inner.makeConnection(self.transport)
-                # Let the visitor's transport pause the channel when its buffer fills, as
-                # twisted.web's own ALPN switch does.
+                # Let the visitor's transport pause the server when its buffer fills.
                 cast(IForwardingTransport, self.transport).registerProducer(inner, True)
             else:
                 inner = self._inner = VisitorHTTP(self._proxy, self._header)
                 inner.makeConnection(self.transport)
         inner.dataReceived(data)
-
-    def _h2Channel(self) -> _H2Channel:
-        """
-        @return: twisted.web's HTTP/2 channel, running on the proxy's reactor: built through
-            C{Site.buildProtocol} it would schedule its send loop on the global reactor.
-        """
-        reactor = self._proxy.reactor
-        site = _QuietSite(Resource(), reactor=reactor)
-        site.displayTracebacks = False
-        channel = _H2Channel(reactor)
-        # twisted.web's H2Connection declares these None; its Site-built channels get them set too.
-        configure: Any = channel
-        configure.site = site
-        configure.factory = site
-        configure.requestFactory = partial(StreamingRequest, proxy=self._proxy, header=self._header)
-        configure.timeOut = IDLE_TIMEOUT
-        configure.callLater = reactor.callLater
-        return channel
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
