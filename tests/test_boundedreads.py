@@ -141,6 +141,18 @@ class BoundAcceptsTests(TestCase):
         unbounded.numberAccepts = 500
         self.assertEqual(unbounded.numberAccepts, 500)
 
+    def test_logPrefixWorkedOutOnce(self) -> None:
+        """
+        A bounded port's log prefix is Twisted's (its factory's class name), worked out on the
+        first call only.
+        """
+        port: Any = boundAccepts(tcp.Port(0, Factory()))
+        self.assertEqual(port.logPrefix(), tcp.Port(0, Factory()).logPrefix())
+        asked: list[object] = []
+        self.patch(tcp.reflect, "qual", lambda c: asked.append(c) or "other")
+        self.assertEqual(port.logPrefix(), "twisted.internet.protocol.Factory")
+        self.assertEqual(asked, [])
+
     def test_otherPortsUntouched(self) -> None:
         """
         Anything but Twisted's own TCP port (an in-memory port, a subclass) keeps its class.

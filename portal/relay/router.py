@@ -386,6 +386,10 @@ class DataPool:
             visitor.transport.loseConnection()
 
 
+#: SNI hostnames whose lease label L{Router.poolFor} remembers (the table is emptied when full).
+LABELS_REMEMBERED = 4096
+_UNKNOWN: Any = object()
+
 class Router:
     """
     Everything the relay's listeners share.
@@ -425,6 +429,8 @@ class Router:
         self.clock = clock
         self.relayDomain = normaliseHostname(relayDomain)
         self.tunnelDomain = normaliseHostname(tunnelDomain)
+        #: Lease labels of recent SNI hostnames (L{poolFor}), at most L{LABELS_REMEMBERED}.
+        self._labels: dict[str, str | None] = {}
         self.limits = limits or RelayLimits()
         self.leases = LeaseTable(
             clock,
@@ -606,7 +612,15 @@ class Router:
         @param hostname: A normalised SNI hostname.
         @return: The pool, or L{None} when no live lease has that name.
         """
-        label = leaseLabel(hostname, self.tunnelDomain)
+        labels = self._labels
+        label = labels.get(hostname, _UNKNOWN)
+        if label is _UNKNOWN:
+            # Checking a hostname is a tenth of what handing a visitor to another worker costs;
+            # a flood of made-up names only empties the table now and then.
+            label = leaseLabel(hostname, self.tunnelDomain)
+            if len(labels) >= LABELS_REMEMBERED:
+                labels.clear()
+            labels[hostname] = label
         if label is None:
             return None
         lease = self.leases.route(label)
