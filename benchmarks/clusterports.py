@@ -29,7 +29,6 @@ import os
 import socket
 import statistics
 import struct
-import sys
 import threading
 import time
 from typing import Any
@@ -104,6 +103,40 @@ def _startMember(base: str, name: str, host: str, etcd: str, ports: str) -> tupl
     return child, control
 
 
+def _expose(base: str, name: str, target: int, mode: str, control: int) -> tuple[Child, int]:
+    """
+    Start a real C{portal expose 127.0.0.1:TARGET MODE} on the member whose control port is
+    C{control}, and wait for its lease.
+
+    @param mode: C{"--tcp"} or C{"--udp"}.
+    @return: The child and the lease's public port.
+    """
+    home = os.path.join(base, name)
+    tunnel = Child(
+        f"portal expose {mode}",
+        [
+            python(),
+            "-m",
+            "portal",
+            "expose",
+            f"127.0.0.1:{target}",
+            mode,
+            "--relay",
+            f"127.0.0.1:{control}",
+            "--identity",
+            os.path.join(home, "identity.json"),
+            "--json",
+        ],
+        env={"HOME": home},
+    )
+    try:
+        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
+    except BaseException:
+        tunnel.stop()
+        raise
+    return tunnel, int(lease["url"].rpartition(":")[2])
+
+
 def measure(base: str, etcd: str, connections: int, size: int, downloads: int) -> dict[str, Any]:
     """
     Both measurements at the holding member and at the forwarding member.
@@ -113,27 +146,8 @@ def measure(base: str, etcd: str, connections: int, size: int, downloads: int) -
     b, _ = _startMember(base, "b", FORWARDER, etcd, f"{low}-{high}")
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=workload.serveForever, args=(listener, None), daemon=True).start()
-    home = os.path.join(base, "tunnel")
-    tunnel = Child(
-        "portal expose",
-        [
-            python(),
-            "-m",
-            "portal",
-            "expose",
-            f"127.0.0.1:{listener.getsockname()[1]}",
-            "--tcp",
-            "--relay",
-            f"127.0.0.1:{controlA}",
-            "--identity",
-            os.path.join(home, "identity.json"),
-            "--json",
-        ],
-        env={"HOME": home},
-    )
+    tunnel, port = _expose(base, "tunnel", listener.getsockname()[1], "--tcp", controlA)
     try:
-        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
-        port = int(lease["url"].rpartition(":")[2])
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -206,12 +220,7 @@ def _udpLoad(
             sent, _ = udpworkload.send(client, None, run, UDP_DATAGRAM, rate, seconds)
             received = udpworkload.settled(sinkPort, run)["received"]
         else:
-            tally = udpworkload.Tally()
-            for _ in range(3):  # The request is a datagram too.
-                udpworkload.requestSend(client, run, seconds, rate, UDP_DATAGRAM)
-                udpworkload.receive(client, tally, run, 2.0, udpworkload.DRAIN)
-                if tally.received:
-                    break
+            tally = udpworkload.requestAndReceive(client, run, seconds, rate, UDP_DATAGRAM)
             sent, received = udpworkload.query(sinkPort, run)["sent"], tally.received
         after = cpuSeconds(members[0].pid), cpuSeconds(members[1].pid)
     finally:
@@ -237,26 +246,7 @@ def measureUDP(base: str, etcd: str, roundTrips: int, seconds: float) -> dict[st
     tunnel: Child | None = None
     try:
         sinkPort = int(sink.waitFor(r"^listening (\d+) ").group(1))
-        home = os.path.join(base, "udptunnel")
-        tunnel = Child(
-            "portal expose --udp",
-            [
-                python(),
-                "-m",
-                "portal",
-                "expose",
-                f"127.0.0.1:{sinkPort}",
-                "--udp",
-                "--relay",
-                f"127.0.0.1:{controlA}",
-                "--identity",
-                os.path.join(home, "identity.json"),
-                "--json",
-            ],
-            env={"HOME": home},
-        )
-        lease = json.loads(tunnel.waitFor(r'^\{.*"event": "lease".*\}$').group(0))
-        port = int(lease["url"].rpartition(":")[2])
+        tunnel, port = _expose(base, "udptunnel", sinkPort, "--udp", controlA)
         runs = iter(range(1, 1 << 30))
         sockets = {host: udpworkload.udpSocket() for host in (HOLDER, FORWARDER)}
         try:
@@ -387,4 +377,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from benchmarks import workload
 from benchmarks.lab import Lab
@@ -54,6 +55,38 @@ def busiest(stacks: str, top: int = 25) -> list[tuple[float, str]]:
     return shares[:top]
 
 
+def newConnectionPath(lab: Lab, mode: str, name: str) -> tuple[Child, Child, Callable[[], float]]:
+    """
+    Start the path a user runs for new connections: a relay and a real C{portal expose} in front
+    of the plain sink, in stream mode (TLS in the tunnel) or raw TCP mode (C{"tcp"}), warmed up
+    (the data session pool, the certificate).
+
+    @param mode: C{"stream"} or C{"tcp"}.
+    @param name: The lease's name.
+    @return: The relay, the tunnel, and one new connection with a 1-byte exchange (its time to
+        first byte).
+    """
+    _, plainPort = lab.sink(tls=False)
+    host: str | None
+    context: ssl.SSLContext | None
+    if mode == "tcp":
+        relay, _, control = lab.tcpRelay()
+        tunnel, public = lab.tcpTunnel(control, plainPort, name)
+        host, context = None, None
+    else:
+        relay, public, control = lab.relay()
+        tunnel, url = lab.tunnel(control, plainPort, name)
+        host = url.split("//", 1)[1].rsplit(":", 1)[0]
+        context = workload.clientContext()
+
+    def visit() -> float:
+        return workload.firstByte(public, host, context)
+
+    for _ in range(50):
+        visit()
+    return relay, tunnel, visit
+
+
 def main(argv: list[str] | None = None) -> int:
     """
     Run the profile and print each process's busiest functions.
@@ -77,20 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     lab = Lab()
     try:
-        _, plainPort = lab.sink(tls=False)
-        host: str | None
-        context: ssl.SSLContext | None
-        if args.mode == "tcp":
-            relay, _, control = lab.tcpRelay()
-            tunnel, public = lab.tcpTunnel(control, plainPort, "profile")
-            host, context = None, None
-        else:
-            relay, public, control = lab.relay()
-            tunnel, url = lab.tunnel(control, plainPort, "profile")
-            host = url.split("//", 1)[1].rsplit(":", 1)[0]
-            context = workload.clientContext()
-        for _ in range(50):  # Warm-up: the data session pool, the certificate.
-            workload.firstByte(public, host, context)
+        relay, tunnel, visit = newConnectionPath(lab, args.mode, "profile")
         processes: dict[str, Child] = {"relay": relay, "tunnel": tunnel}
         paths = {name: os.path.join(args.out, f"profile-{name}.txt") for name in processes}
         spies = [
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         before = {name: child.cpuSeconds() for name, child in processes.items()}
         count, start = 0, time.monotonic()
         while time.monotonic() - start < args.seconds:
-            workload.firstByte(public, host, context)
+            visit()
             count += 1
         used = {name: child.cpuSeconds() - before[name] for name, child in processes.items()}
         for running in spies:

@@ -826,12 +826,7 @@ def _udpRun(
                 figures["duplicates"],
             )
         else:
-            tally = udpworkload.Tally()
-            for _ in range(3):  # The request is a datagram too.
-                udpworkload.requestSend(client, run, seconds, rate, UDP_DATAGRAM)
-                udpworkload.receive(client, tally, run, 2.0, udpworkload.DRAIN)
-                if tally.received:
-                    break
+            tally = udpworkload.requestAndReceive(client, run, seconds, rate, UDP_DATAGRAM)
             after = _usage(pids)
             after["time"] -= udpworkload.DRAIN  # The quiet time that ended the count.
             figures = udpworkload.query(sinkPort, run)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks import workload
 from benchmarks.lab import Lab
 from benchmarks.procs import tool
+from benchmarks.profile import newConnectionPath
 
 
 def parseSummary(text: str) -> dict[str, int]:
@@ -56,20 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = tempfile.mkdtemp(prefix="portal-syscalls-")
     lab = Lab()
     try:
-        _, plainPort = lab.sink(tls=False)
-        host: str | None
-        context: ssl.SSLContext | None
-        if args.mode == "tcp":
-            relay, _, control = lab.tcpRelay()
-            tunnel, public = lab.tcpTunnel(control, plainPort, "syscalls")
-            host, context = None, None
-        else:
-            relay, public, control = lab.relay()
-            tunnel, url = lab.tunnel(control, plainPort, "syscalls")
-            host = url.split("//", 1)[1].rsplit(":", 1)[0]
-            context = workload.clientContext()
-        for _ in range(50):  # Warm-up: the data session pool, the certificate.
-            workload.firstByte(public, host, context)
+        relay, tunnel, visit = newConnectionPath(lab, args.mode, "syscalls")
         outputs = {name: os.path.join(folder, f"{name}.txt") for name in ("relay", "tunnel")}
         tracers = [
             subprocess.Popen(
@@ -80,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         time.sleep(1.0)  # strace attaches.
         for _ in range(args.connections):
-            workload.firstByte(public, host, context)
+            visit()
         time.sleep(0.5)  # The last connection's closing calls.
         for tracer in tracers:
             tracer.send_signal(signal.SIGINT)

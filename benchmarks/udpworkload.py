@@ -265,6 +265,24 @@ def requestSend(sock: socket.socket, run: int, seconds: float, rate: float, size
     sock.send(_HEADER.pack(b"s", run, 0) + _SEND.pack(seconds, rate, size))
 
 
+def requestAndReceive(
+    sock: socket.socket, run: int, seconds: float, rate: float, size: int
+) -> Tally:
+    """
+    Ask the sink, through whatever C{sock} is connected to, to send to it for C{seconds}, and count
+    what arrives; the request is a datagram too, so it is sent up to three times until data comes.
+
+    @return: What arrived.
+    """
+    tally = Tally()
+    for _ in range(3):
+        requestSend(sock, run, seconds, rate, size)
+        receive(sock, tally, run, 2.0, DRAIN)
+        if tally.received:
+            break
+    return tally
+
+
 def answerTime(sock: socket.socket, run: int, timeout: float) -> float:
     """
     Ask the sink, through whatever C{sock} is connected to, for one data datagram of C{run}, and
