@@ -27,6 +27,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 
+# The end-to-end tests take their port ranges as the benchmarks do: after half the attempts below the
+# ephemeral range, where a busy machine's outgoing connections and their TIME_WAIT leave free runs.
+from benchmarks.procs import freePortRange as freePortRange
+
 #: Seconds a process may take to print what a test waits for.
 WAIT = 30.0
 
@@ -512,35 +516,6 @@ def listenLocal(testCase: TestCase, factory: Any) -> Any:
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     testCase.addCleanup(port.stopListening)
     return port.getHost().port
-
-
-def freePortRange(count: int, attempts: int = 50) -> tuple[int, int]:
-    """
-    Find C{count} consecutive loopback ports free for both TCP and UDP right now, starting at one the
-    OS picks (for a relay's C{--tcp-ports} / C{--udp-ports}).
-
-    @return: The first and last port.
-    """
-    for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            low = probe.getsockname()[1]
-        if low + count - 1 > 65535:
-            continue
-        held: list[socket.socket] = []
-        try:
-            for port in range(low, low + count):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    s = socket.socket(socket.AF_INET, kind)
-                    held.append(s)
-                    s.bind(("127.0.0.1", port))
-            return low, low + count - 1
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 #: Headless Chromium on a machine with no network but loopback.
