@@ -227,45 +227,63 @@ def _workerPids(parent: int) -> list[int]:
     return [parent, *children]
 
 
-def workersScaling(base: str, etcd: str, connections: int, threads: int) -> dict[str, Any]:
+def workersScaling(
+    base: str, etcd: str, connections: int, threads: int, rounds: int = 4
+) -> dict[str, Any]:
     """
-    New connections per second through a relay with one worker and with two, same tunnel type,
-    C{threads} clients at once; each worker process's CPU per connection.
+    New connections per second through a relay with one worker and through one with two, same
+    tunnel type, C{threads} clients at once; each worker process's CPU per connection. Both relays
+    run side by side and are measured in alternating blocks (C{rounds} of C{connections /
+    rounds} each, one worker first, then two), so that a drift of the machine's pace touches both;
+    each figure is over all of a configuration's blocks.
     """
     import concurrent.futures
 
     page = Child("page", [python(), "-m", "http.server", "0", "--bind", "127.0.0.1"])
     pagePort = int(page.waitFor(r"port (\d+)").group(1))
-    out: dict[str, Any] = {"connections": connections, "clientThreads": threads}
+    out: dict[str, Any] = {"connections": connections, "clientThreads": threads, "rounds": rounds}
+    started: list[Child] = []
     try:
+        paths = {}
         for workers in (1, 2):
             relay, public, control = _startRelay(base, f"relay-{workers}w", etcd, workers)
+            started.append(relay)
             home = os.path.join(base, f"tunnel-{workers}w")
             tunnel = _startTunnel(home, pagePort, f"scale{workers}", control)
-            try:
-                hostname, context = _lease(tunnel)
-                _ttfb(public, hostname, context)
-                pids = _workerPids(relay.pid)
+            started.append(tunnel)
+            hostname, context = _lease(tunnel)
+            _ttfb(public, hostname, context)
+            paths[workers] = (relay, tunnel, public, hostname, context, _workerPids(relay.pid))
+        totals = {
+            workers: {"seconds": 0.0, "tunnel": 0.0, "cpu": {pid: 0.0 for pid in path[5]}}
+            for workers, path in paths.items()
+        }
+        block = max(1, connections // rounds)
+        for _ in range(rounds):
+            for workers, (_, tunnel, public, hostname, context, pids) in paths.items():
                 before = {pid: cpuSeconds(pid) for pid in pids}
                 tunnelBefore = cpuSeconds(tunnel.pid)
                 start = time.perf_counter()
                 target = functools.partial(_ttfbNumbered, public, hostname, context)
                 with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(target, range(connections)))
-                elapsed = time.perf_counter() - start
-                cpu = {pid: cpuSeconds(pid) - before[pid] for pid in pids}
-                out[f"workers{workers}"] = {
-                    "connectionsPerSecond": connections / elapsed,
-                    "relayCPUPerConnectionMs": sum(cpu.values()) / connections * 1e3,
-                    "perWorkerCPUSeconds": sorted(cpu.values(), reverse=True),
-                    "tunnelCPUPerConnectionMs": (cpuSeconds(tunnel.pid) - tunnelBefore)
-                    / connections
-                    * 1e3,
-                }
-            finally:
-                tunnel.stop()
-                relay.stop()
+                    list(pool.map(target, range(block)))
+                total = totals[workers]
+                total["seconds"] += time.perf_counter() - start
+                total["tunnel"] += cpuSeconds(tunnel.pid) - tunnelBefore
+                for pid in pids:
+                    total["cpu"][pid] += cpuSeconds(pid) - before[pid]
+        measured = block * rounds
+        for workers, total in totals.items():
+            cpu = total["cpu"]
+            out[f"workers{workers}"] = {
+                "connectionsPerSecond": measured / total["seconds"],
+                "relayCPUPerConnectionMs": sum(cpu.values()) / measured * 1e3,
+                "perWorkerCPUSeconds": sorted(cpu.values(), reverse=True),
+                "tunnelCPUPerConnectionMs": total["tunnel"] / measured * 1e3,
+            }
     finally:
+        for child in reversed(started):
+            child.stop()
         page.stop()
     one, two = out["workers1"], out["workers2"]
     out["rateRatio"] = two["connectionsPerSecond"] / one["connectionsPerSecond"]
@@ -365,7 +383,7 @@ def main() -> None:
     def members(base: str, address: str) -> tuple[dict[str, Any], dict[str, Any]]:
         hop = forwardedVisitor(base, address, 100 if args.quick else 500)
         print(json.dumps(hop), flush=True)
-        scaling = workersScaling(base, address, 200 if args.quick else 1000, 4)
+        scaling = workersScaling(base, address, 200 if args.quick else 2000, 4)
         print(json.dumps(scaling), flush=True)
         return hop, scaling
 
@@ -411,7 +429,7 @@ def main() -> None:
         f"| new connections/s, --workers 1 / --workers 2 ({scaling['clientThreads']} clients) | "
         f"{scaling['workers1']['connectionsPerSecond']:.0f} / {scaling['workers2']['connectionsPerSecond']:.0f} "
         f"(x{scaling['rateRatio']:.2f}) |",
-        f"| relay CPU per connection, 1 worker / 2 workers | "
+        f"| relay CPU per connection, 1 worker / 2 workers ({scaling['rounds']} alternating blocks each) | "
         f"{scaling['workers1']['relayCPUPerConnectionMs']:.3f} / {scaling['workers2']['relayCPUPerConnectionMs']:.3f} ms "
         f"(x{scaling['relayCPUPerConnectionRatio']:.2f}) |",
         f"| tunnel CPU per connection, 1 worker / 2 workers | "
