@@ -132,6 +132,24 @@ class H2Client:
 
         @return: The stream ID.
         """
+        streamID = self.openStream(method, path, headers, end=not body)
+        if body:
+            self.conn.send_data(streamID, body, end_stream=True)
+        return streamID
+
+    def openStream(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        end: bool = False,
+    ) -> int:
+        """
+        Send a request's headers on a new stream (not yet flushed), ending the stream with them
+        only if C{end}.
+
+        @return: The stream ID.
+        """
         streamID: int = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             streamID,
@@ -142,10 +160,8 @@ class H2Client:
                 (b":scheme", b"https"),
                 *(headers or []),
             ],
-            end_stream=not body,
+            end_stream=end,
         )
-        if body:
-            self.conn.send_data(streamID, body, end_stream=True)
         self.responses[streamID] = Response()
         return streamID
 
@@ -610,18 +626,7 @@ class UploadTests(H2TestCase):
         @return: The client and the stream ID.
         """
         _, _, client = self.connectH2()
-        streamID: int = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(
-            streamID,
-            [
-                (b":method", b"POST"),
-                (b":path", path),
-                (b":authority", AUTHORITY),
-                (b":scheme", b"https"),
-                *headers,
-            ],
-        )
-        client.responses[streamID] = Response()
+        streamID = client.openStream(b"POST", path, headers)
         client.flush()
         return client, streamID
 
@@ -1140,17 +1145,7 @@ class SmugglingTests(H2TestCase):
         took such a GET for one without body (C{Content-Length: 0}) and the DATA went upstream raw.
         """
         _, _, client = self.connectH2()
-        streamID: int = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(
-            streamID,
-            [
-                (b":method", b"GET"),
-                (b":path", b"/api/x"),
-                (b":authority", AUTHORITY),
-                (b":scheme", b"https"),
-            ],
-        )
-        client.responses[streamID] = Response()
+        streamID = client.openStream(b"GET", b"/api/x")
         client.flush()
         upstream = self.pool.connect()
         smuggled = b"GET /admin HTTP/1.1\r\nHost: app.localhost\r\n\r\n"
@@ -1292,19 +1287,9 @@ class ContinueTests(H2TestCase):
         answers.
         """
         _, _, client = self.connectH2()
-        streamID: int = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(
-            streamID,
-            [
-                (b":method", b"POST"),
-                (b":path", b"/api/x"),
-                (b":authority", AUTHORITY),
-                (b":scheme", b"https"),
-                (b"expect", b"100-continue"),
-                (b"content-length", b"2"),
-            ],
+        client.openStream(
+            b"POST", b"/api/x", [(b"expect", b"100-continue"), (b"content-length", b"2")]
         )
-        client.responses[streamID] = Response()
         client.flush()
         [interim] = [e for e in client.events if isinstance(e, InformationalResponseReceived)]
         self.assertEqual(dict(interim.headers)[b":status"], b"100")
