@@ -258,6 +258,24 @@ class H2TestCase(ProxyTestCase):
         client.flush()
         return client, streamID
 
+    def assertRefusedAlone(
+        self, client: H2Client, transport: NegotiatedTransport, streamID: int
+    ) -> None:
+        """
+        The request on C{streamID} reached no upstream, its stream was reset with
+        C{PROTOCOL_ERROR} and the refusal logged; the connection goes on: a next request on it is
+        answered.
+        """
+        self.assertEqual(self.pool.gets, [])
+        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
+        other = client.request(b"GET", b"/api/y")
+        client.flush()
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertFalse(transport.disconnecting)
+
 
 class DispatchTests(H2TestCase):
     """
@@ -1169,17 +1187,8 @@ class SmugglingTests(H2TestCase):
             b"POST", b"/api/x", [(b"content-length", b"3"), (b"content-length", b"03")], b"abc"
         )
         client.flush()
-        self.assertEqual(self.pool.gets, [])
-        response = client.responses[streamID]
-        self.assertFalse(response.status)
-        self.assertEqual(response.reset, ErrorCodes.PROTOCOL_ERROR)
-        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
-        other = client.request(b"GET", b"/api/y")
-        client.flush()
-        self.pool.connect().dataReceived(OK_HELLO)
-        client.flush()
-        self.assertEqual(client.responses[other].body, b"hello")
-        self.assertFalse(transport.disconnecting)
+        self.assertFalse(client.responses[streamID].status)
+        self.assertRefusedAlone(client, transport, streamID)
 
     def test_bodyLongerThanLength(self) -> None:
         """
@@ -1446,15 +1455,7 @@ class MalformedRequestTests(H2TestCase):
         client.conn.config.normalize_outbound_headers = False
         streamID = client.request(b"GET", b"/api/x", [(b"x-a", b"1\r\nHost: evil")])
         client.flush()
-        self.assertEqual(self.pool.gets, [])
-        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
-        self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
-        other = client.request(b"GET", b"/api/y")
-        client.flush()
-        self.pool.connect().dataReceived(OK_HELLO)
-        client.flush()
-        self.assertEqual(client.responses[other].body, b"hello")
-        self.assertFalse(transport.disconnecting)
+        self.assertRefusedAlone(client, transport, streamID)
 
     def test_refusalsSpendResetTokens(self) -> None:
         """
