@@ -41,6 +41,39 @@ from tests.realprocesses import (
 from tests.test_e2e import PAGE, _hostPort, _Page
 from tests.test_e2e_registration import FAST, register
 
+#: Members A's and B's public addresses in the two-member tests (two machines' addresses).
+MEMBER_HOSTS = ("127.0.0.2", "127.0.0.3")
+
+
+@inlineCallbacks
+def startTwoMembers(case: TestCase, cluster: str, extra: list[str]) -> Any:
+    """
+    Start members C{a} and C{b} of C{cluster} (tunnel domain C{cluster.localhost}), their public
+    listeners on L{MEMBER_HOSTS}, with C{extra} options, and wait until both have joined.
+
+    @return: A L{Deferred} firing with each member's process and control port, A first.
+    """
+    started: list[tuple[WatchedProcess, int]] = []
+    for name, host in zip(("a", "b"), MEMBER_HOSTS, strict=True):
+        relay = spawnRelay(
+            case,
+            os.path.join(homeDir(case, f"relay-{name}"), "state"),
+            public=f"tcp:0:interface={host}",
+            extra=[
+                "--tunnel-domain",
+                "cluster.localhost",
+                "--cluster",
+                cluster,
+                "--node-name",
+                name,
+                *extra,
+            ],
+        )
+        control = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
+        yield relay.waitFor(r"joined relay cluster")
+        started.append((relay, int(control.group(1))))
+    return started
+
 
 def fetchAt(port: int, url: str, cafile: str) -> bytes:
     """
@@ -426,33 +459,15 @@ class ClusterRawTCPTests(TestCase):
         cluster = f"etcd://127.0.0.1:{nodes[0].clientPort}"
         low, high = freePortRange(4)
         self.range = (low, high)
-        self.members: list[tuple[str, int]] = []
-        self.relays: list[WatchedProcess] = []
-        for name, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
-            state = os.path.join(homeDir(self, f"relay-{name}"), "state")
-            relay = spawnRelay(
-                self,
-                state,
-                public=f"tcp:0:interface={host}",
-                extra=[
-                    "--tunnel-domain",
-                    "cluster.localhost",
-                    "--cluster",
-                    cluster,
-                    "--node-name",
-                    name,
-                    "--cluster-ttl",
-                    "3",
-                    "--tcp-ports",
-                    f"{low}-{high}",
-                    "--udp-ports",
-                    f"{low}-{high}",
-                ],
-            )
-            control = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
-            yield relay.waitFor(r"joined relay cluster")
-            self.members.append((host, int(control.group(1))))
-            self.relays.append(relay)
+        started = yield startTwoMembers(
+            self,
+            cluster,
+            ["--cluster-ttl", "3", "--tcp-ports", f"{low}-{high}", "--udp-ports", f"{low}-{high}"],
+        )
+        self.relays: list[WatchedProcess] = [relay for relay, _ in started]
+        self.members: list[tuple[str, int]] = [
+            (host, control) for host, (_, control) in zip(MEMBER_HOSTS, started, strict=True)
+        ]
         self.echo = yield listenLocal(self, Factory.forProtocol(Echo))
 
     @inlineCallbacks
@@ -645,33 +660,21 @@ class ClusterQuotaTests(TestCase):
         nodes = yield startEtcd(self)
         cluster = f"etcd://127.0.0.1:{nodes[0].clientPort}"
         low, high = freePortRange(4)
-        relays: list[WatchedProcess] = []
-        controls: list[int] = []
-        for name, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
-            relay = spawnRelay(
-                self,
-                os.path.join(homeDir(self, f"relay-{name}"), "state"),
-                public=f"tcp:0:interface={host}",
-                extra=[
-                    *FAST,
-                    "--tunnel-domain",
-                    "cluster.localhost",
-                    "--cluster",
-                    cluster,
-                    "--node-name",
-                    name,
-                    "--tcp-ports",
-                    f"{low}-{high}",
-                    "--max-ports-per-source",
-                    "2",
-                    "--max-names-per-source",
-                    "3",
-                ],
-            )
-            control = yield relay.waitFor(r"control listening on 127\.0\.0\.1:(\d+)")
-            yield relay.waitFor(r"joined relay cluster")
-            relays.append(relay)
-            controls.append(int(control.group(1)))
+        started = yield startTwoMembers(
+            self,
+            cluster,
+            [
+                *FAST,
+                "--tcp-ports",
+                f"{low}-{high}",
+                "--max-ports-per-source",
+                "2",
+                "--max-names-per-source",
+                "3",
+            ],
+        )
+        relays = [relay for relay, _ in started]
+        controls = [control for _, control in started]
         held = []
         for name in ("p1", "p2"):
             answer = yield Deferred.fromCoroutine(
