@@ -24,16 +24,15 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.relay import handoff
-from portal.relay.data import RelayDataSession
 from portal.relay.handoff import HandoffReceiver, HandoffSender, handoffPath, workerIndexOf
 from portal.relay.ports import PortAllocator, PortRange
 from portal.relay.rawtcp import RawVisitor, handedOverFactory, tcpPorts
 from portal.relay.router import RelayLimits, Router
 from portal.trust.identity import Identity
-from portal.wire.attach import NONCE_LENGTH, decodeStreamHeader
+from portal.wire.attach import decodeStreamHeader
 from portal.wire.handoff import Handoff, MalformedHandoff, encodeHandoff, parseHandoff
 from tests.test_control import LABEL
-from tests.test_rawtcp import _KEY, OwnerStub, PortsReactor
+from tests.test_rawtcp import _KEY, OwnerStub, PortsReactor, offerIdleSession
 
 #: A TLS visitor's handoff (its bytes start a handshake record).
 _TLS = Handoff(b"\x16\x03\x01hello")
@@ -372,13 +371,7 @@ class RawPortHandoffTests(SynchronousTestCase):
         self.assertEqual(self.router.counters["tcp_visitors"], 1)
         self.assertEqual(self.owner.pool.waiting, 1)
         self.assertEqual(self.router.limiters["tcp"].bySource, {"198.51.100.7": 1})
-        session = RelayDataSession(self.router)
-        sessionTransport = StringTransportWithDisconnection()
-        sessionTransport.protocol = session
-        session.makeConnection(sessionTransport)
-        nonce = sessionTransport.value()[:NONCE_LENGTH]
-        sessionTransport.clear()
-        self.owner.pool.offer(session)
+        _, sessionTransport, nonce = offerIdleSession(self.router, self.owner)
         decoded = decodeStreamHeader(_KEY, nonce, sessionTransport.value())
         assert decoded is not None
         header, _ = decoded

@@ -163,6 +163,24 @@ def tlsDataSession(
     return session, connectOverTLS(router, clock, session)
 
 
+def offerIdleSession(
+    router: Router, owner: OwnerStub
+) -> tuple[RelayDataSession, StringTransportWithDisconnection, bytes]:
+    """
+    Offer an attached plain data session of C{router} to C{owner}'s pool.
+
+    @return: The session, its transport (cleared after the nonce) and its attach nonce.
+    """
+    session = RelayDataSession(router)
+    sessionTransport = StringTransportWithDisconnection()
+    sessionTransport.protocol = session
+    session.makeConnection(sessionTransport)
+    nonce = sessionTransport.value()[:NONCE_LENGTH]
+    sessionTransport.clear()
+    owner.pool.offer(session)
+    return session, sessionTransport, nonce
+
+
 class TLSDataSessionTests(SynchronousTestCase):
     """
     A data session inside TLS (through a chain of hops) attaches only with a proof bound to that TLS
@@ -346,16 +364,9 @@ class LeasePortsTests(SynchronousTestCase):
         """
         Offer an attached plain data session to the lease's pool.
 
-        @return: The session, its transport (cleared after the nonce) and its attach nonce.
+        @return: See L{offerIdleSession}.
         """
-        session = RelayDataSession(self.router)
-        sessionTransport = StringTransportWithDisconnection()
-        sessionTransport.protocol = session
-        session.makeConnection(sessionTransport)
-        nonce = sessionTransport.value()[:NONCE_LENGTH]
-        sessionTransport.clear()
-        self.owner.pool.offer(session)
-        return session, sessionTransport, nonce
+        return offerIdleSession(self.router, self.owner)
 
     def test_visitorPairedWithHeader(self) -> None:
         """
