@@ -21,6 +21,7 @@ from twisted.names.common import ResolverBase
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import SkipTest, TestCase
 
+from portal.forwarding.udpbuffers import enlargeBuffers
 from tests.realprocesses import (
     WAIT,
     freePortRange,
@@ -83,6 +84,25 @@ def _roundTrip(port: int, payload: bytes) -> bytes:
     return data
 
 
+def _burst(port: int, datagrams: list[bytes]) -> list[bytes]:
+    """
+    Send datagrams to the public port as fast as the socket takes them, then read as many back, or
+    what came until a read waited L{WAIT} seconds.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        s.settimeout(WAIT)
+        for datagram in datagrams:
+            s.sendto(datagram, ("127.0.0.1", port))
+        replies: list[bytes] = []
+        try:
+            while len(replies) < len(datagrams):
+                replies.append(s.recvfrom(65535)[0])
+        except TimeoutError:
+            pass
+        return replies
+
+
 def _dig(dig: str, port: int, name: str) -> str:
     """
     Ask C{dig} for the A record of C{name} through the public port.
@@ -127,11 +147,16 @@ class UDPEndToEndTests(TestCase):
         self.assertTrue(low <= port <= high, (port, low, high))
         return relay, tunnel, lease, port, (low, high), controlPort, state
 
-    def listenUDP(self, protocol: DatagramProtocol) -> int:
+    def listenUDP(self, protocol: DatagramProtocol, buffers: bool = False) -> int:
         """
         Listen with C{protocol} on a loopback UDP port the OS picks, until the test ends.
+
+        @param buffers: Ask for socket buffers that hold a burst (the default receive buffer holds
+            about 90 datagrams, and this process also runs the test).
         """
         port = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=65535)
+        if buffers:
+            enlargeBuffers(port)
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)
 
@@ -161,6 +186,24 @@ class UDPEndToEndTests(TestCase):
         self.assertEqual(reply, payload)
         metrics = yield deferToThread(_metrics, self.publicPort, self.relayCA)
         self.assertEqual(metrics["portal_relay_udp_over_control_total"], 1)
+
+    @inlineCallbacks
+    def test_burstArrivesInOrder(self) -> Any:
+        """
+        A burst of 300 datagrams (relay and tunnel read it many at a time and send on in groups,
+        L{portal.forwarding.udpbatch}), of two sizes and a few empty ones, comes back whole, each
+        once and in order.
+        """
+        service = self.listenUDP(_Echo(), buffers=True)
+        _, _, _, port, *_ = yield self.startPair(service)
+        reply = yield deferToThread(_roundTrip, port, b"first")
+        self.assertEqual(reply, b"first")
+        burst = [
+            b"" if i % 97 == 0 else i.to_bytes(4, "big") * (300 if i % 50 else 75)
+            for i in range(1, 301)
+        ]
+        replies = yield deferToThread(_burst, port, burst)
+        self.assertEqual(replies, burst)
 
     @inlineCallbacks
     def test_dnsTwoVisitors(self) -> Any:

@@ -24,8 +24,20 @@ from twisted.internet import tcp, udp
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
 from twisted.python import log
 
+from portal.forwarding.udpbatch import (
+    BURST,
+    COALESCED_BUFFER,
+    GRO_ANCILLARY,
+    Burst,
+    SendQueue,
+    askCoalesced,
+    canSegment,
+    segmentSize,
+    splitCoalesced,
+)
 from portal.forwarding.writethrough import WriteThroughServer
 
 #: Datagrams one read event of a bounded UDP port takes from its socket.
@@ -37,15 +49,55 @@ MAX_ACCEPTS_PER_READ = 32
 
 class BoundedUDPPort(udp.Port):
     """
-    A UDP port that reads at most L{maxDatagramsPerRead} datagrams per readiness event.
+    A UDP port that reads at most about L{maxDatagramsPerRead} datagrams per readiness event, and
+    sends what its reads produce in groups (L{portal.forwarding.udpbatch}).
+
+    @ivar coalesced: Whether reads take segmented groups whole (C{UDP_GRO}); set by L{listenUDP}'s
+        C{coalesced} before listening, kept only if the kernel agrees.
+    @ivar sends: The queue of datagrams sent during a read burst, or L{None} where the socket
+        cannot segment (the datagrams then go at once).
     """
 
+    _log = Logger()
     maxDatagramsPerRead = MAX_DATAGRAMS_PER_READ
+    coalesced = False
+    sends: SendQueue | None = None
+    burst: Burst = BURST
+
+    def startListening(self) -> None:
+        """
+        Listen; then ask for coalesced reads if wanted, and queue sends where the socket can
+        segment.
+        """
+        super().startListening()  # type: ignore[no-untyped-call]
+        if self.coalesced:
+            self.coalesced = askCoalesced(self.socket)
+        if canSegment(self.socket):
+            self.sends = SendQueue(self.socket, super().write, self._sendFailed, self.burst)
 
     def doRead(self) -> None:
         """
-        Read what the socket holds, at most L{maxDatagramsPerRead} datagrams (Twisted's
-        L{udp.Port.doRead} with a count instead of a byte budget).
+        Read what the socket holds, at most about L{maxDatagramsPerRead} datagrams (Twisted's
+        L{udp.Port.doRead} with a count instead of a byte budget), inside a burst: what the
+        protocol sends meanwhile goes out in groups when the reading ends.
+        """
+        burst = self.burst
+        if not burst.depth:
+            burst.number += 1
+        burst.depth += 1
+        try:
+            if self.coalesced:
+                self._readCoalesced()
+            else:
+                self._readEach()
+        finally:
+            burst.depth -= 1
+            if not burst.depth and burst.pending:
+                burst.end(opened=False)
+
+    def _readEach(self) -> None:
+        """
+        Read datagrams one per system call.
         """
         recvfrom, protocol = self.socket.recvfrom, self.protocol
         size = self.maxPacketSize
@@ -53,17 +105,98 @@ class BoundedUDPPort(udp.Port):
             try:
                 data, addr = recvfrom(size)
             except OSError as e:
-                if e.args[0] in udp._sockErrReadIgnore:
-                    return
-                if e.args[0] in udp._sockErrReadRefuse:
-                    if self._connectedAddr:
-                        protocol.connectionRefused()
+                if self._readFailed(e):
                     return
                 raise
             try:
                 protocol.datagramReceived(data, addr[:2])
             except BaseException:
                 log.err()
+
+    def _readCoalesced(self) -> None:
+        """
+        Read segmented groups whole and hand on their datagrams one by one.
+        """
+        recv, protocol = self.socket.recvmsg, self.protocol
+        size = self.maxPacketSize
+        count = 0
+        while count < self.maxDatagramsPerRead:
+            try:
+                data, ancillary, _, addr = recv(COALESCED_BUFFER, GRO_ANCILLARY)
+            except OSError as e:
+                if self._readFailed(e):
+                    return
+                raise
+            segment = segmentSize(ancillary) if ancillary else 0
+            if not segment:
+                # One ordinary datagram, the usual case at low rates.
+                count += 1
+                try:
+                    protocol.datagramReceived(data[:size] if len(data) > size else data, addr[:2])
+                except BaseException:
+                    log.err()
+                continue
+            datagrams = splitCoalesced(data, segment)
+            count += len(datagrams)
+            addr = addr[:2]
+            for datagram in datagrams:
+                try:
+                    protocol.datagramReceived(datagram, addr)
+                except BaseException:
+                    log.err()
+
+    def _readFailed(self, e: OSError) -> bool:
+        """
+        Deal with a read error as Twisted's port does.
+
+        @return: Whether reading ends here quietly (nothing left, or a refusal told); if not, the
+            error is the caller's to raise.
+        """
+        if e.args[0] in udp._sockErrReadIgnore:
+            return True
+        if e.args[0] in udp._sockErrReadRefuse:
+            if self._connectedAddr:
+                self.protocol.connectionRefused()
+            return True
+        return False
+
+    def write(self, datagram: bytes, addr: Any = None) -> Any:
+        """
+        Send a datagram; on a connected socket during a read burst, queue it to go in a group.
+
+        @param datagram: The datagram.
+        @param addr: Where to; L{None} on a connected socket.
+        """
+        sends = self.sends
+        if addr is None and sends is not None and self._connectedAddr:
+            if sends.queue(datagram, None):
+                return None
+        return super().write(datagram, addr)
+
+    def sendChecked(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        """
+        Send a datagram to an address this port's C{write} has already accepted once (as
+        L{portal.forwarding.datagramwriter.DatagramWriter} sends), queued during a read burst.
+
+        @raise OSError: As C{sendto} raises, when sent at once.
+        """
+        sends = self.sends
+        if sends is not None and sends.queue(datagram, addr):
+            return
+        self.socket.sendto(datagram, addr)
+
+    def _sendFailed(self, datagram: bytes, addr: Any, error: BaseException) -> None:
+        """
+        A datagram queued in a burst could not be sent after all: tell the protocol
+        (C{sendFailed(datagram, address, error)}) if it listens, else log it.
+        """
+        told = getattr(self.protocol, "sendFailed", None)
+        if told is not None:
+            told(datagram, addr, error)
+            return
+        self._log.info(
+            "a UDP datagram to {address} could not be sent: {error}", address=addr, error=error
+        )
 
 
 def listenUDP(
@@ -72,10 +205,14 @@ def listenUDP(
     protocol: DatagramProtocol,
     interface: str = "",
     maxPacketSize: int = 8192,
+    coalesced: bool = False,
 ) -> IListeningPort:
     """
     Listen for datagrams like C{reactor.listenUDP}, on a L{BoundedUDPPort} when the reactor is a
     real one (in-memory test reactors get their own kind of port).
+
+    @param coalesced: Take segmented groups whole (C{UDP_GRO}): for sockets that talk to a peer
+        sending that way (the relay's and the tunnel's sockets to each other).
 
     @return: The listening port.
     """
@@ -85,7 +222,8 @@ def listenUDP(
         )
         return listening
     bounded = BoundedUDPPort(port, protocol, interface, maxPacketSize, reactor)  # type: ignore[no-untyped-call]
-    bounded.startListening()  # type: ignore[no-untyped-call]
+    bounded.coalesced = coalesced
+    bounded.startListening()
     return bounded
 
 

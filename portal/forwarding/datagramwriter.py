@@ -6,8 +6,9 @@ Twisted's C{udp.Port.write(datagram, addr)} checks on every call that C{addr}'s 
 literal of the port's family (C{isIPAddress} and C{isIPv6Address}, the latter raising and catching
 an exception for every IPv4 address): benchmark scenario 6b found a third of the relay's CPU time
 per datagram in these checks. L{DatagramWriter} lets Twisted check a host once, with the datagram
-that first goes to it, and sends later datagrams to that host straight from the socket. A send
-that fails is handed back to Twisted's C{write}, which retries it and turns the error into the
+that first goes to it, and sends later datagrams to that host straight from the socket (on a
+L{BoundedUDPPort <portal.forwarding.boundedreads.BoundedUDPPort>}, through its C{sendChecked}, which
+sends the datagrams of a read burst in groups: L{portal.forwarding.udpbatch}). A send that fails is handed back to Twisted's C{write}, which retries it and turns the error into the
 exceptions Twisted documents (C{MessageLengthError}; a refusal ignored), so callers see exactly
 what C{Port.write} would have given them.
 """
@@ -40,6 +41,10 @@ class DatagramWriter:
         getHandle = getattr(port, "getHandle", None)
         handle = getHandle() if getHandle is not None else None
         self._sendto = handle.sendto if isinstance(handle, socket.socket) else None
+        sendChecked = getattr(port, "sendChecked", None)
+        if self._sendto is not None and sendChecked is not None:
+            # A bounded port queues the datagrams of a read burst to send them in groups.
+            self._sendto = sendChecked
         self.checked: set[str] = set()
 
     def write(self, datagram: bytes, address: tuple[Any, ...]) -> None:

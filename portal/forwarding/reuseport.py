@@ -235,6 +235,7 @@ def listenSharedUDP(
     interface: str = "",
     maxPacketSize: int = 8192,
     steerWorkers: int | None = None,
+    coalesced: bool = False,
 ) -> IListeningPort:
     """
     Listen for datagrams on a UDP port that other processes of this user share (with
@@ -248,13 +249,15 @@ def listenSharedUDP(
     @param maxPacketSize: The largest datagram read.
     @param steerWorkers: Steer datagrams by source address over this many workers, or L{None} to
         let the kernel spread them by their addresses and ports.
+    @param coalesced: Take segmented groups whole (L{BoundedUDPPort.coalesced}).
     @return: The listening port.
     @raise CannotListenError: When binding fails (a process bound the port without
         C{SO_REUSEPORT}, or as another user).
     """
     shared = SharedUDPPort(port, protocol, interface, maxPacketSize, reactor)  # type: ignore[no-untyped-call]
     shared.steerWorkers = steerWorkers
-    shared.startListening()  # type: ignore[no-untyped-call]
+    shared.coalesced = coalesced
+    shared.startListening()
     return shared
 
 

@@ -387,6 +387,16 @@ class ForwardedUDPPort(DatagramProtocol):
         self.replied += 1
         router.counters["udp_forward_replies"] = router.counters.get("udp_forward_replies", 0) + 1
 
+    def sendFailed(self, datagram: bytes, address: Any, error: BaseException) -> None:
+        """
+        A reply queued during a read burst could not be sent after all
+        (L{portal.forwarding.udpbatch}): count it as dropped instead of replied.
+        """
+        router = self._links.router
+        self.replied -= 1
+        router.counters["udp_forward_replies"] = router.counters.get("udp_forward_replies", 1) - 1
+        countDrop(router, "send_failed")
+
     def stopProtocol(self) -> None:
         """
         The port stopped listening: close the link.

@@ -390,6 +390,7 @@ class DataPool:
 LABELS_REMEMBERED = 4096
 _UNKNOWN: Any = object()
 
+
 class Router:
     """
     Everything the relay's listeners share.

@@ -599,6 +599,7 @@ class RelayService(Service):
                 interface=interface,
                 maxPacketSize=MAX_PACKET_SIZE,
                 steerWorkers=workers,
+                coalesced=True,
             )
         else:
             tunnelSide = listenUDP(
@@ -607,6 +608,7 @@ class RelayService(Service):
                 mode.tunnelSide,
                 interface=interface,
                 maxPacketSize=MAX_PACKET_SIZE,
+                coalesced=True,
             )
         enlargeBuffers(tunnelSide)
         self.ports["udp-tunnels"] = tunnelSide

@@ -390,6 +390,14 @@ class PublicUDP(DatagramProtocol):
         self.sent += 1
         return True
 
+    def sendFailed(self, datagram: bytes, address: Any, error: BaseException) -> None:
+        """
+        A reply queued during a read burst could not be sent after all: count it as dropped
+        instead of sent (L{portal.forwarding.udpbatch}).
+        """
+        self.sent -= 1
+        self.dropped["send_failed"] += 1
+
     def closeFlow(self, flowId: int) -> bool:
         """
         Forget a flow the tunnel has forgotten; C{onFlowClosed} is not called.

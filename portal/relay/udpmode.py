@@ -262,3 +262,10 @@ class TunnelSide(DatagramProtocol):
             writer.write(datagram, address)
         except OSError as e:
             self._mode.dropped(f"send failed: {e}", address)
+
+    def sendFailed(self, datagram: bytes, address: Any, error: BaseException) -> None:
+        """
+        A datagram queued during a read burst could not be sent after all: drop it as L{send}
+        would have (L{portal.forwarding.udpbatch}).
+        """
+        self._mode.dropped(f"send failed: {error}", address)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IUDPTransport
@@ -32,6 +32,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from portal.forwarding.boundedreads import listenUDP
 from portal.forwarding.logthrottle import LogThrottle
 from portal.forwarding.sources import sourceKey
 from portal.forwarding.udpbuffers import enlargeBuffers
@@ -109,6 +110,15 @@ class _Flow(DatagramProtocol):
         """
         if not self.closed:
             self._table._reply(self, datagram)
+
+    def sendFailed(self, datagram: bytes, address: Any, error: BaseException) -> None:
+        """
+        A datagram to the target queued during a read burst could not be sent after all
+        (L{portal.forwarding.udpbatch}): drop it as a failed write.
+        """
+        self._table._drop(
+            "write_failed", self.flowId, "could not send to the local service: {error}", error
+        )
 
     def connectionRefused(self) -> None:
         """
@@ -449,8 +459,11 @@ class FlowTable:
             datagram is dropped and counted).
         """
         try:
-            port: IUDPTransport = self._reactor.listenUDP(
-                0, flow, interface=self.interface, maxPacketSize=MAX_PACKET_SIZE
+            port = cast(
+                IUDPTransport,
+                listenUDP(
+                    self._reactor, 0, flow, interface=self.interface, maxPacketSize=MAX_PACKET_SIZE
+                ),
             )
         except CannotListenError as e:
             self._drop("open_failed", flow.flowId, "could not open a UDP socket: {error}", e)

@@ -17,6 +17,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from portal.forwarding.boundedreads import listenUDP
 from portal.forwarding.udpbuffers import enlargeBuffers
 from portal.tunnel.udpflows import MAX_PACKET_SIZE, FlowTable
 from portal.wire.control import Datagram, FlowClosed
@@ -102,7 +103,9 @@ class TunnelUDP(DatagramProtocol):
                 "the relay is reached through hops: carrying datagrams over the control session"
             )
             return
-        enlargeBuffers(self._reactor.listenUDP(0, self, maxPacketSize=MAX_PACKET_SIZE))
+        enlargeBuffers(
+            listenUDP(self._reactor, 0, self, maxPacketSize=MAX_PACKET_SIZE, coalesced=True)
+        )
 
     def startProtocol(self) -> None:
         """
@@ -154,6 +157,14 @@ class TunnelUDP(DatagramProtocol):
         except OSError as e:
             self.dropped["send"] = self.dropped.get("send", 0) + 1
             self._log.debug("UDP send to the relay failed: {error}", error=str(e))
+
+    def sendFailed(self, datagram: bytes, address: Any, error: BaseException) -> None:
+        """
+        A datagram queued during a read burst could not be sent after all: count it as L{_send}
+        would have (L{portal.forwarding.udpbatch}).
+        """
+        self.dropped["send"] = self.dropped.get("send", 0) + 1
+        self._log.debug("UDP send to the relay failed: {error}", error=str(error))
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """
