@@ -284,11 +284,12 @@ class _Reader:
         @return: The bytes read.
         @raise MalformedClientHello: When fewer than C{count} bytes remain.
         """
-        if count > self.remaining():
+        start = self._offset
+        end = start + count
+        if end > len(self._data):
             raise MalformedClientHello(f"truncated {what}")
-        chunk = self._data[self._offset : self._offset + count]
-        self._offset += count
-        return chunk
+        self._offset = end
+        return self._data[start:end]
 
     def integer(self, size: int, what: str) -> int:
         """
@@ -312,10 +313,20 @@ class _Reader:
         @return: The vector's contents.
         @raise MalformedClientHello: When the vector is truncated or its length is out of bounds.
         """
-        length = self.integer(lengthSize, f"{what} length")
+        # The reads of L{read} and L{integer} inline, error messages made only on error: a
+        # ClientHello holds some twenty vectors, and every visitor's is parsed.
+        data = self._data
+        start = self._offset + lengthSize
+        if start > len(data):
+            raise MalformedClientHello(f"truncated {what} length")
+        length = int.from_bytes(data[self._offset : start], "big")
         if not minimum <= length <= maximum:
             raise MalformedClientHello(f"{what} length {length} not in {minimum}..{maximum}")
-        return self.read(length, what)
+        end = start + length
+        if end > len(data):
+            raise MalformedClientHello(f"truncated {what}")
+        self._offset = end
+        return data[start:end]
 
     def expectEnd(self, what: str) -> None:
         """
@@ -349,14 +360,24 @@ def _parseBody(body: bytes, length: int) -> ClientHello:
     reader.vector(1, "legacy_compression_methods", minimum=1)
     extensions: dict[int, bytes] = {}
     if reader.remaining():
-        extensionsReader = _Reader(reader.vector(2, "extensions"))
+        data = reader.vector(2, "extensions")
         reader.expectEnd("extensions")
-        while extensionsReader.remaining():
-            extensionType = extensionsReader.integer(2, "extension type")
-            extensionData = extensionsReader.vector(2, f"extension {extensionType}")
+        # What _Reader would do for each extension (type, then a vector with a 2-byte length),
+        # inline: a ClientHello holds a dozen or more, and every visitor's is parsed.
+        offset, end = 0, len(data)
+        while offset < end:
+            if offset + 2 > end:
+                raise MalformedClientHello("truncated extension type")
+            extensionType = data[offset] << 8 | data[offset + 1]
+            if offset + 4 > end:
+                raise MalformedClientHello(f"truncated extension {extensionType} length")
+            start = offset + 4
+            offset = start + (data[offset + 2] << 8 | data[offset + 3])
+            if offset > end:
+                raise MalformedClientHello(f"truncated extension {extensionType}")
             if extensionType in extensions:
                 raise MalformedClientHello(f"duplicate extension {extensionType}")
-            extensions[extensionType] = extensionData
+            extensions[extensionType] = data[start:offset]
     serverName = None
     alpn: tuple[str, ...] = ()
     supportedVersions: tuple[int, ...] = ()
