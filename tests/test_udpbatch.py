@@ -242,6 +242,23 @@ class SendQueueTests(SynchronousTestCase):
         if not self.queue.queue(datagram, address):
             self.sock.sent.append(("now", datagram, address))
 
+    def sendBurst(self, datagrams: tuple[bytes, ...], address: Any) -> None:
+        """
+        Send datagrams to one address as a port does during one burst, and end the burst.
+        """
+        self.burst.begin()
+        for datagram in datagrams:
+            self.send(datagram, address)
+        self.burst.end()
+
+    def assertSentOneByOne(self, datagrams: list[bytes], address: Any) -> None:
+        """
+        Assert that after the burst's first datagram, C{datagrams} went one by one from the socket.
+        """
+        self.assertEqual(
+            self.sock.sent[1:], [("sendto", datagram, address) for datagram in datagrams]
+        )
+
     def test_noBurstNoQueue(self) -> None:
         """
         Outside a burst nothing is queued: the caller sends at once.
@@ -280,10 +297,7 @@ class SendQueueTests(SynchronousTestCase):
         """
         On a connected socket a group goes without an address.
         """
-        self.burst.begin()
-        for datagram in (b"xx", b"aa", b"bb"):
-            self.send(datagram, None)
-        self.burst.end()
+        self.sendBurst((b"xx", b"aa", b"bb"), None)
         self.assertEqual(self.sock.sent[1:], [("sendmsg", (b"aabb", _control(2)), None)])
 
     def test_loneDatagram(self) -> None:
@@ -301,10 +315,7 @@ class SendQueueTests(SynchronousTestCase):
         """
         A group of one on a connected socket goes as an ordinary send.
         """
-        self.burst.begin()
-        self.send(b"xx", None)
-        self.send(b"aa", None)
-        self.burst.end()
+        self.sendBurst((b"xx", b"aa"), None)
         self.assertEqual(self.sock.sent[1:], [("send", b"aa", None)])
 
     def test_refusedByTheSocket(self) -> None:
@@ -338,13 +349,8 @@ class SendQueueTests(SynchronousTestCase):
         datagrams go at once.
         """
         self.sock.sendmsgError = OSError(errno.EIO, "no offload")
-        self.burst.begin()
-        for datagram in (b"xx", b"aa", b"bb"):
-            self.send(datagram, VISITOR)
-        self.burst.end()
-        self.assertEqual(
-            self.sock.sent[1:], [("sendto", b"aa", VISITOR), ("sendto", b"bb", VISITOR)]
-        )
+        self.sendBurst((b"xx", b"aa", b"bb"), VISITOR)
+        self.assertSentOneByOne([b"aa", b"bb"], VISITOR)
         self.assertFalse(self.queue.segmenting)
         self.burst.begin()
         self.assertFalse(self.queue.queue(b"cc", VISITOR))
@@ -357,20 +363,12 @@ class SendQueueTests(SynchronousTestCase):
         by one, and from then on only shorter datagrams go in groups.
         """
         self.sock.sendmsgError = OSError(errno.EINVAL, "longer than the MTU")
-        self.burst.begin()
-        for datagram in (b"xxxx", b"aaaa", b"bbbb"):
-            self.send(datagram, VISITOR)
-        self.burst.end()
-        self.assertEqual(
-            self.sock.sent[1:], [("sendto", b"aaaa", VISITOR), ("sendto", b"bbbb", VISITOR)]
-        )
+        self.sendBurst((b"xxxx", b"aaaa", b"bbbb"), VISITOR)
+        self.assertSentOneByOne([b"aaaa", b"bbbb"], VISITOR)
         self.assertEqual(self.queue.longest, 3)
         self.sock.sendmsgError = None
         del self.sock.sent[:]
-        self.burst.begin()
-        for datagram in (b"xxxx", b"cccc", b"dddd", b"eee", b"fff"):
-            self.send(datagram, VISITOR)
-        self.burst.end()
+        self.sendBurst((b"xxxx", b"cccc", b"dddd", b"eee", b"fff"), VISITOR)
         self.assertEqual(
             self.sock.sent[1:],
             [
@@ -386,13 +384,8 @@ class SendQueueTests(SynchronousTestCase):
         and keeps grouping.
         """
         self.sock.sendmsgError = BlockingIOError(errno.EAGAIN, "full")
-        self.burst.begin()
-        for datagram in (b"xx", b"aa", b"bb"):
-            self.send(datagram, VISITOR)
-        self.burst.end()
-        self.assertEqual(
-            self.sock.sent[1:], [("sendto", b"aa", VISITOR), ("sendto", b"bb", VISITOR)]
-        )
+        self.sendBurst((b"xx", b"aa", b"bb"), VISITOR)
+        self.assertSentOneByOne([b"aa", b"bb"], VISITOR)
         self.assertTrue(self.queue.segmenting)
 
     def test_lostReported(self) -> None:
