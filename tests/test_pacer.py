@@ -167,11 +167,80 @@ class FairPacerTests(SynchronousTestCase):
 
     def test_invalid(self) -> None:
         """
-        A queue of less than one, or a rate or burst that is not positive, is refused.
+        A queue of less than one, a rate or burst that is not positive, or fewer than one start per
+        turn, is refused.
         """
         self.assertRaises(ValueError, FairPacer, self.clock, 1, 1, 0)
         self.assertRaises(ValueError, FairPacer, self.clock, 0, 1, 1)
         self.assertRaises(ValueError, FairPacer, self.clock, 1, -1, 1)
+        self.assertRaises(ValueError, FairPacer, self.clock, 1, 1, 1, perTurn=0)
+
+    def test_onePerTurn(self) -> None:
+        """
+        With C{perTurn=1}, a full bucket still lets one start through per turn of the reactor (a
+        C{callLater(0)} ends the turn): the others of the turn wait and start one per later turn,
+        with no wait for tokens.
+        """
+        pacer = FairPacer(self.clock, rate=10, burst=3, maxWaiting=10, perTurn=1)
+        self.assertIsNone(pacer.enter("a", self.starter("now")))
+        self.assertIsNotNone(pacer.enter("b", self.starter("b")))
+        self.assertIsNotNone(pacer.enter("c", self.starter("c")))
+        self.assertEqual((self.started, pacer.waiting), ([], 2))
+        self.clock.advance(0)
+        self.assertEqual(self.started, [])
+        self.clock.advance(0.0001)
+        self.assertEqual(self.started, ["b"])
+        self.clock.advance(0)
+        self.clock.advance(0.0001)
+        self.assertEqual(self.started, ["b", "c"])
+        self.assertEqual(pacer.waiting, 0)
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_turnStartedByTheQueueIsFull(self) -> None:
+        """
+        A start from the queue counts against its turn: a newcomer in that turn (here, one that
+        comes while the queued start runs) waits behind it even when tokens remain.
+        """
+        pacer = FairPacer(self.clock, rate=10, burst=3, maxWaiting=10, perTurn=1)
+        entered: list[object] = []
+
+        def startB() -> None:
+            self.started.append("b")
+            entered.append(pacer.enter("c", self.starter("c")))
+
+        pacer.enter("a", self.starter("now"))
+        pacer.enter("b", startB)
+        self.clock.advance(0)
+        self.clock.advance(0.0001)
+        self.assertEqual(self.started, ["b"])
+        self.assertIsNotNone(entered[0])
+        self.clock.advance(0)
+        self.clock.advance(0.0001)
+        self.assertEqual(self.started, ["b", "c"])
+
+    def test_perTurnStillRated(self) -> None:
+        """
+        The turn limit adds to the rate, never raises it: with an empty bucket, starts wait for
+        tokens as before.
+        """
+        pacer = FairPacer(self.clock, rate=10, burst=1, maxWaiting=10, perTurn=5)
+        self.assertIsNone(pacer.enter("a", self.starter("now")))
+        self.assertIsNotNone(pacer.enter("a", self.starter("w")))
+        self.clock.advance(0)
+        self.clock.advance(0.05)
+        self.assertEqual(self.started, [])
+        self.clock.advance(0.05)
+        self.assertEqual(self.started, ["w"])
+
+    def test_stopForgetsTheTurn(self) -> None:
+        """
+        L{FairPacer.stop} cancels the call that ends the turn.
+        """
+        pacer = FairPacer(self.clock, rate=10, burst=3, maxWaiting=10, perTurn=1)
+        pacer.enter("a", self.starter("now"))
+        pacer.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class KeyedPacerTests(SynchronousTestCase):

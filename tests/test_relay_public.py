@@ -926,6 +926,7 @@ class ControlDispatchTests(RelayHarness):
         self.assertEqual(transport.value()[:1], b"\x16")
         self.assertFalse(transport.disconnecting)
         transport.loseConnection()
+        self.clock.advance(0)  # The handshake pacer's turn ends.
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_overHelloRateBeforeTLS(self) -> None:
@@ -1079,8 +1080,31 @@ class ControlHandshakePacingTests(RelayHarness):
         dispatch = self.controlFactory.buildProtocol(address)
         dispatch.callLater = self.clock.callLater  # type: ignore[method-assign, assignment]
         transport = connect(dispatch, address)
+        # A turn of the reactor of its own (the pacer starts one handshake per turn; see
+        # test_oneHandshakePerTurn).
+        self.clock.advance(0)
         dispatch.dataReceived(clientHello("localhost"))
         return dispatch, transport
+
+    def test_oneHandshakePerTurn(self) -> None:
+        """
+        Of two ClientHellos in one turn of the reactor, only the first shakes hands at once, even
+        with tokens left; the second does on a later turn, without waiting 1/rate.
+        """
+        dispatches = []
+        for port in (50000, 50001):
+            address = IPv4Address("TCP", "198.51.100.7", port)
+            dispatch = self.controlFactory.buildProtocol(address)
+            dispatch.callLater = self.clock.callLater  # type: ignore[method-assign, assignment]
+            connect(dispatch, address)
+            dispatches.append(dispatch)
+        for dispatch in dispatches:
+            dispatch.dataReceived(clientHello("localhost"))
+        self.assertIsInstance(dispatches[0].chosen, TLSMemoryBIOProtocol)
+        self.assertIsNone(dispatches[1].chosen)
+        self.clock.advance(0)
+        self.clock.advance(0.0001)
+        self.assertIsInstance(dispatches[1].chosen, TLSMemoryBIOProtocol)
 
     def test_burstThenWait(self) -> None:
         """

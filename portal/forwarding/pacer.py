@@ -6,7 +6,10 @@ The relay paces the TLS handshakes it does itself (control sessions, tunnels' TL
 costs a millisecond or more of the relay's only thread, and a few hundred started at once (a flood
 of new control sessions, a restart's reconnections) would hold every visitor's connection for that
 long. Paced, the handshakes take turns with everything else, and a burst is spread over time
-instead of stalling the reactor; queued work is served one key at a time in turn, so a source with
+instead of stalling the reactor; with C{perTurn}, at most that many start in one turn of the reactor
+(the events of one poll), even from a full bucket, so that the burst the bucket allows after a
+quiet spell is spread too (twenty handshakes let through at once held visitors for twenty
+milliseconds at the start of benchmark scenario 9's attacks); queued work is served one key at a time in turn, so a source with
 a hundred waiting delays another source's one by at most one turn per waiting source. The model is
 HAProxy's C{maxsslrate} (new TLS sessions a second, the excess waiting in the accept queue), with
 fairness between source addresses that HAProxy leaves to the kernel.
@@ -65,6 +68,7 @@ class FairPacer:
     @ivar burst: Starts let through at once after a quiet spell.
     @ivar maxWaiting: Most starts waiting at once.
     @ivar maxWaitingPerKey: Most starts of one key waiting at once, or L{None}.
+    @ivar perTurn: Most starts in one turn of the reactor, or L{None}.
     @ivar waiting: Starts waiting now.
     @ivar peakWaiting: Most starts that waited at once since this pacer was made.
     @ivar delayed: Starts that had to wait, in all.
@@ -79,6 +83,7 @@ class FairPacer:
         burst: float,
         maxWaiting: int,
         maxWaitingPerKey: int | None = None,
+        perTurn: int | None = None,
     ) -> None:
         """
         @param clock: The source of time, and of the timer that serves the queue.
@@ -87,10 +92,15 @@ class FairPacer:
         @param maxWaiting: Most starts waiting at once; at least 1.
         @param maxWaitingPerKey: Most starts of one key waiting at once (L{None}: as many as the
             queue holds), so that one key cannot fill the queue for all the others.
-        @raise ValueError: For a rate, burst or queue size out of range.
+        @param perTurn: Most starts in one turn of the reactor (L{None}: as many as there are
+            tokens); the others wait for a later turn. A turn ends when a C{callLater(0)} made in
+            it runs, which the reactor does before it polls again.
+        @raise ValueError: For a rate, burst, queue size or turn size out of range.
         """
         if maxWaiting < 1:
             raise ValueError(f"a pacer's queue must hold at least 1, not {maxWaiting}")
+        if perTurn is not None and perTurn < 1:
+            raise ValueError(f"a pacer must start at least 1 per turn, not {perTurn}")
         self._clock = clock
         self._bucket = TokenBucket(clock, rate, burst)
         self.rate = self._bucket.rate
@@ -103,6 +113,9 @@ class FairPacer:
         self.peakWaiting = 0
         self.delayed = 0
         self._timer: IDelayedCall | None = None
+        self.perTurn = perTurn
+        self._startedThisTurn = 0
+        self._turnEnds: IDelayedCall | None = None
 
     def enter(self, key: Hashable, start: Callable[[], None]) -> Waiting | None:
         """
@@ -114,7 +127,8 @@ class FairPacer:
             L{Waiting} entry whose C{start} will be called in turn.
         @raise PacerFull: When the queue is full; nothing is queued.
         """
-        if not self.waiting and self._bucket.take():
+        if not self.waiting and not self._turnFull() and self._bucket.take():
+            self._started()
             return None
         if self.waiting >= self.maxWaiting:
             raise PacerFull(f"{self.waiting} starts are waiting already")
@@ -169,7 +183,7 @@ class FairPacer:
         """
         self._timer = None
         started: list[Waiting] = []
-        while self._queues and self._bucket.take():
+        while self._queues and not self._turnFull() and self._bucket.take():
             key = next(iter(self._queues))
             queue = self._queues.pop(key)
             entry = queue.popleft()
@@ -178,6 +192,7 @@ class FairPacer:
             self.waiting -= 1
             entry.cancelled = True  # Started: no longer cancellable.
             started.append(entry)
+            self._started()
         if self._queues:
             self._schedule()
         for entry in started:
@@ -186,9 +201,32 @@ class FairPacer:
             except Exception:
                 self._log.failure("a paced start failed")
 
+    def _turnFull(self) -> bool:
+        """
+        @return: Whether this turn of the reactor has had its L{perTurn} starts.
+        """
+        return self.perTurn is not None and self._startedThisTurn >= self.perTurn
+
+    def _started(self) -> None:
+        """
+        Count a start against this turn; the first of a turn marks the turn's end.
+        """
+        if self.perTurn is None:
+            return
+        self._startedThisTurn += 1
+        if self._turnEnds is None:
+            self._turnEnds = self._clock.callLater(0, self._nextTurn)
+
+    def _nextTurn(self) -> None:
+        """
+        A new turn of the reactor: its starts are not counted yet.
+        """
+        self._turnEnds = None
+        self._startedThisTurn = 0
+
     def stop(self) -> None:
         """
-        Forget every waiting start (the relay is stopping) and the timer.
+        Forget every waiting start (the relay is stopping) and the timers.
         """
         for queue in self._queues.values():
             for entry in queue:
@@ -198,6 +236,10 @@ class FairPacer:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._turnEnds is not None and self._turnEnds.active():
+            self._turnEnds.cancel()
+        self._turnEnds = None
+        self._startedThisTurn = 0
 
     def __repr__(self) -> str:
         return f"<FairPacer {self.rate:g}/s burst {self.burst:g}, {self.waiting} waiting>"

@@ -51,6 +51,11 @@ class RequestsData(Protocol):
 #: (L{Router.handshakes}): one address cannot fill the queue for every other.
 HANDSHAKES_WAITING_PER_SOURCE = 32
 
+#: Control-port TLS handshakes started in one turn of the reactor (L{Router.handshakes}): a
+#: handshake costs the relay about a millisecond, and the burst the rate allows, started in one
+#: turn, held every visitor's events of that turn for as many milliseconds.
+HANDSHAKES_PER_TURN = 1
+
 
 @attrs.frozen
 class RelayLimits:
@@ -473,6 +478,7 @@ class Router:
             self.limits.handshakeRate.burst,
             self.limits.handshakeQueue,
             maxWaitingPerKey=HANDSHAKES_WAITING_PER_SOURCE,
+            perTurn=HANDSHAKES_PER_TURN,
         )
         self.sessions: dict[bytes, DataPool] = {}
         self.controls: set[Any] = set()
