@@ -1030,8 +1030,72 @@ class RelaySiteTests(RelayHarness):
         self.assertEqual(site.received, hello)
         visitor.dataReceived(b"more")
         self.assertEqual(site.received, hello + b"more")
+        self.clock.advance(0)  # The handshake pacer's turn ends.
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.owner.requested, [])
+
+    def test_sitePaced(self) -> None:
+        """
+        The relay terminates its own site's TLS, so ClientHellos for its name take turns in the
+        relay's TLS handshake pacer: a second one in the same turn of the reactor waits, reading
+        nothing, counted as delayed, and reaches the site on a later turn with what it sent.
+        """
+        first, _ = self.visitor()
+        first.dataReceived(clientHello("localhost"))
+        second, transport = self.visitor()
+        hello = clientHello("localhost")
+        second.dataReceived(hello)
+        self.assertEqual(len(self.site.built), 1)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.router.counters["handshakes_delayed"], 1)
+        self.clock.advance(0)
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.site.built), 2)
+        self.assertEqual(self.site.built[1].received, hello)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_siteWaitingClosed(self) -> None:
+        """
+        A visitor of the site that goes away while waiting leaves the pacer's queue.
+        """
+        self.visitor()[0].dataReceived(clientHello("localhost"))
+        second, transport = self.visitor()
+        second.dataReceived(clientHello("localhost"))
+        self.assertEqual(self.router.handshakes.waiting, 1)
+        transport.loseConnection()
+        self.assertEqual(self.router.handshakes.waiting, 0)
+        self.clock.advance(0)
+        self.clock.advance(1)
+        self.assertEqual(len(self.site.built), 1)
+
+    def test_siteWaitedTooLong(self) -> None:
+        """
+        A visitor of the site still waiting when the attach timeout ends is refused as
+        C{handshake_wait}.
+        """
+        bucket = self.router.handshakes._bucket
+        bucket.rate = 0.001
+        while bucket.take():
+            pass
+        waiting, transport = self.visitor()
+        waiting.dataReceived(clientHello("localhost"))
+        self.clock.advance(self.limits.attachTimeout)
+        self.assertRefused(transport, INTERNAL_ERROR)
+        self.assertEqual(self.router.refusals.counts, {"handshake_wait": 1})
+        self.assertEqual(self.router.handshakes.waiting, 0)
+
+    def test_siteQueueFull(self) -> None:
+        """
+        Beyond the pacer's queue, a ClientHello for the relay's own name is refused before the
+        handshake (C{handshake_queue}).
+        """
+        self.patch(self.router.handshakes, "maxWaiting", 1)
+        self.visitor()[0].dataReceived(clientHello("localhost"))
+        self.visitor()[0].dataReceived(clientHello("localhost"))
+        refused, transport = self.visitor()
+        refused.dataReceived(clientHello("localhost"))
+        self.assertRefused(transport, INTERNAL_ERROR)
+        self.assertEqual(self.router.refusals.counts, {"handshake_queue": 1})
 
     def test_siteConnectionLost(self) -> None:
         """

@@ -13,7 +13,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portal.forwarding.splice import SpliceProtocol, noDelay
+from portal.forwarding.pacer import PacerFull, Waiting
+from portal.forwarding.sources import peerSource
+from portal.forwarding.splice import SpliceProtocol, noDelay, pauseReading, resumeReading
 from portal.relay.handoff import giveSocket
 from portal.relay.interfaces import IWaitingVisitor
 from portal.relay.router import DataPool, OnRouterClock, Router
@@ -43,6 +45,8 @@ class VisitorProtocol(OnRouterClock, SpliceProtocol, TimeoutMixin):
     mayForward = True
     acceptedAt: float | None = None
     _site: IProtocol | None = None
+    #: Its place in the relay's TLS handshake pacer, while it waits to reach the relay's own site.
+    _siteWaiting: Waiting | None = None
     _decided = False
     _reads = 0
     _log = Logger()
@@ -171,7 +175,43 @@ class VisitorProtocol(OnRouterClock, SpliceProtocol, TimeoutMixin):
 
     def _serveSite(self) -> None:
         """
-        Hand the connection to the relay's own TLS site (dashboard, API, metrics).
+        Hand the connection to the relay's own TLS site (dashboard, API, metrics) when the relay's
+        TLS handshake pacer (L{Router.handshakes <portal.relay.router.Router.handshakes>}) lets
+        it: the relay terminates this TLS itself, so ClientHellos for its own name are paced as
+        control sessions' are (waiting, nothing more read; refused as C{handshake_queue} beyond
+        the queue, as C{handshake_wait} after the attach timeout).
+        """
+        assert self.transport is not None
+        router = self._router
+        try:
+            waiting = router.handshakes.enter(peerSource(self.transport.getPeer()), self._siteTurn)
+        except PacerFull:
+            self._refuse(
+                "handshake_queue",
+                "too many TLS handshakes waiting: refused before the TLS handshake",
+                INTERNAL_ERROR,
+            )
+            return
+        if waiting is None:
+            self._startSite()
+            return
+        router.counters["handshakes_delayed"] = router.counters.get("handshakes_delayed", 0) + 1
+        self._siteWaiting = waiting
+        pauseReading(self.transport)
+        self.setTimeout(router.limits.attachTimeout)
+
+    def _siteTurn(self) -> None:
+        """
+        The pacer lets this visitor's TLS handshake with the relay's own site start.
+        """
+        self._siteWaiting = None
+        assert self.transport is not None
+        resumeReading(self.transport)
+        self._startSite()
+
+    def _startSite(self) -> None:
+        """
+        Connect the relay's own site to this connection and give it what was read.
         """
         self.setTimeout(None)
         assert self.transport is not None
@@ -215,8 +255,18 @@ class VisitorProtocol(OnRouterClock, SpliceProtocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         """
-        Too slow: either the ClientHello did not arrive in time, or no data session came for it.
+        Too slow: the ClientHello did not arrive in time, no data session came for it, or its turn
+        to reach the relay's own site did not come.
         """
+        if self._siteWaiting is not None:
+            self._siteWaiting.cancel()
+            self._siteWaiting = None
+            self._refuse(
+                "handshake_wait",
+                f"waited {self._router.limits.attachTimeout} seconds for its TLS handshake",
+                INTERNAL_ERROR,
+            )
+            return
         if self.pool is not None:
             self._router.counters["timeouts"] += 1
             self._log.warn(
@@ -252,6 +302,9 @@ class VisitorProtocol(OnRouterClock, SpliceProtocol, TimeoutMixin):
         """
         self.setTimeout(None)
         self._router.visitors.discard(self)
+        if self._siteWaiting is not None:
+            self._siteWaiting.cancel()
+            self._siteWaiting = None
         if self.pool is not None:
             self.pool.abandon(self)
             self.pool = None
