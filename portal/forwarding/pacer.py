@@ -9,8 +9,9 @@ long. Paced, the handshakes take turns with everything else, and a burst is spre
 instead of stalling the reactor; with C{perTurn}, at most that many start in one turn of the reactor
 (the events of one poll), even from a full bucket, so that the burst the bucket allows after a
 quiet spell is spread too (twenty handshakes let through at once held visitors for twenty
-milliseconds at the start of benchmark scenario 9's attacks); queued work is served one key at a time in turn, so a source with
-a hundred waiting delays another source's one by at most one turn per waiting source. The model is
+milliseconds at the start of benchmark scenario 9's attacks). Queued work is served one key at a
+time in turn, so a source with a hundred waiting delays another source's one by at most one turn
+per waiting source. The model is
 HAProxy's C{maxsslrate} (new TLS sessions a second, the excess waiting in the accept queue), with
 fairness between source addresses that HAProxy leaves to the kernel.
 """
