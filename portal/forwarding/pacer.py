@@ -2,18 +2,18 @@
 A fair pacer for costly work that arrives in bursts: at most C{rate} starts a second (a token
 bucket of C{burst}), the rest waiting in a bounded queue, served round robin between keys.
 
-The relay paces the TLS handshakes it does itself (control sessions, tunnels' TLS data sessions): one
-costs a millisecond or more of the relay's only thread, and a few hundred started at once (a flood
-of new control sessions, a restart's reconnections) would hold every visitor's connection for that
-long. Paced, the handshakes take turns with everything else, and a burst is spread over time
-instead of stalling the reactor; with C{perTurn}, at most that many start in one turn of the reactor
-(the events of one poll), even from a full bucket, so that the burst the bucket allows after a
-quiet spell is spread too (twenty handshakes let through at once held visitors for twenty
-milliseconds at the start of benchmark scenario 9's attacks). Queued work is served one key at a
-time in turn, so a source with a hundred waiting delays another source's one by at most one turn
-per waiting source. The model is
-HAProxy's C{maxsslrate} (new TLS sessions a second, the excess waiting in the accept queue), with
-fairness between source addresses that HAProxy leaves to the kernel.
+The relay paces the TLS handshakes it does itself (control sessions, tunnels' TLS data sessions, its
+own site): one costs a millisecond or more of the relay's only thread, and a few hundred started at
+once (a flood of new control sessions, a restart's reconnections) would hold every visitor's
+connection for that long. Paced, the handshakes take turns with everything else, and a burst is
+spread over time instead of stalling the reactor; with C{perTurn}, at most that many start in one
+turn of the reactor (the events of one poll), even from a full bucket, so that the burst the bucket
+allows after a quiet spell is spread too (twenty handshakes let through at once held visitors for
+twenty milliseconds at the start of benchmark scenario 9's attacks). Queued work is served one key
+at a time in turn, so a source with a hundred waiting delays another source's one by at most one
+turn per waiting source. The model is HAProxy's C{maxsslrate} (new TLS sessions a second, the excess
+waiting in the accept queue), with fairness between source addresses that HAProxy leaves to the
+kernel.
 """
 
 from __future__ import annotations
