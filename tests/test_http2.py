@@ -269,11 +269,17 @@ class H2TestCase(ProxyTestCase):
         self.assertEqual(self.pool.gets, [])
         self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
         self.assertTrue([e for e in self.events if "refused" in e["log_format"]])
-        other = client.request(b"GET", b"/api/y")
+        self.assertServesNext(client, transport)
+
+    def assertServesNext(self, client: H2Client, transport: NegotiatedTransport) -> None:
+        """
+        The connection goes on: a next request on it is answered, and it stays open.
+        """
+        again = client.request(b"GET", b"/api/y")
         client.flush()
         self.pool.connect().dataReceived(OK_HELLO)
         client.flush()
-        self.assertEqual(client.responses[other].body, b"hello")
+        self.assertEqual(client.responses[again].body, b"hello")
         self.assertFalse(transport.disconnecting)
 
 
@@ -793,12 +799,7 @@ class ErrorTests(H2TestCase):
             client.responses[streamID], 502, b"Route /api -&gt; 127.0.0.1:3001"
         )
         self.assertEqual(self.requestLog()[0]["status"], 502)
-        again = client.request(b"GET", b"/api/y")
-        client.flush()
-        self.pool.connect().dataReceived(OK_HELLO)
-        client.flush()
-        self.assertEqual(client.responses[again].body, b"hello")
-        self.assertFalse(transport.disconnecting)
+        self.assertServesNext(client, transport)
 
     def test_upstreamClosedBeforeAnswer(self) -> None:
         """
@@ -860,12 +861,7 @@ class ErrorTests(H2TestCase):
         client.flush()
         self.assertLocalResponse(client.responses[streamID], 504, b"no response in 60 s")
         self.assertTrue(transportOf(upstream).disconnecting)
-        self.assertFalse(transport.disconnecting)
-        again = client.request(b"GET", b"/api/y")
-        client.flush()
-        self.pool.connect().dataReceived(OK_HELLO)
-        client.flush()
-        self.assertEqual(client.responses[again].body, b"hello")
+        self.assertServesNext(client, transport)
 
 
 class NoRootRouteTests(H2TestCase):
