@@ -297,6 +297,7 @@ def runTunnels(
     """
     from twisted.internet import reactor
 
+    from portal.forwarding import leanpoll
     from portal.forwarding.heap import freezeStartupHeap
     from portal.tunnel.companions import startCompanions
     from portal.tunnel.config import LOG_LEVELS
@@ -333,6 +334,8 @@ def runTunnels(
         startCompanions(reactor, tunnel)
     # Once started, the process's heap can leave the garbage collector's scans.
     reactor.callWhenRunning(freezeStartupHeap)
+    # Events skip Twisted's legacy log context (the tunnel logs with twisted.logger only).
+    leanpoll.install(reactor)
     reactor.run()
     return exit[0]
 

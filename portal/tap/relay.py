@@ -12,6 +12,7 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from portal.forwarding import leanpoll
 from portal.forwarding.reuseport import ReusePortError, parseTCPDescription
 from portal.relay.admission import (
     COMMANDS,
@@ -618,6 +619,9 @@ def makeService(options: Options) -> RelayService:
 
     # The relay's own process: its started heap can leave the garbage collector's scans.
     config = attrs.evolve(options.config(), freezeHeap=True)
+    # Every event of every connection skips Twisted's legacy log context (the relay logs with
+    # twisted.logger only).
+    leanpoll.install(reactor)
     service = RelayService(config, reactor, signalInstaller(reactor))
     reactor.addSystemEventTrigger("after", "shutdown", exitIfStartFailed, service)
     return service

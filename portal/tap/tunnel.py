@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from portal.cli.startoptions import StartOptions
+from portal.forwarding import leanpoll
 from portal.forwarding.heap import freezeStartupHeap
 from portal.tunnel.companions import startCompanions
 from portal.tunnel.config import DEFAULT_LOG_LEVEL
@@ -81,6 +82,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     reactor.callWhenRunning(stopCleanlyOnSignals, reactor)
     # Once started, the process's heap can leave the garbage collector's scans.
     reactor.callWhenRunning(freezeStartupHeap)
+    # Events skip Twisted's legacy log context (the tunnel logs with twisted.logger only).
+    leanpoll.install(reactor)
     for tunnel in tunnels:
         startCompanions(reactor, tunnel)
     if len(tunnels) == 1:
