@@ -22,7 +22,9 @@ from portal.wire.clienthello import (
     ClientHello,
     MalformedClientHello,
     alertRecord,
+    normalizeHostName,
     parseClientHello,
+    peekHostName,
 )
 
 _HOST = "Foo.Example.localhost."
@@ -888,3 +890,115 @@ class PropertyTests(SynchronousTestCase):
         """
         end = data.draw(st.integers(0, hello.expected.length - 1))
         self.assertIsNone(parseClientHello(hello.data[:end]))
+
+
+def _peekedName(data: bytes) -> str | None:
+    """
+    @param data: A connection's first bytes.
+    @return: The normal form of the host name L{peekHostName} finds, or L{None}.
+    """
+    sent = peekHostName(data)
+    return None if sent is None else normalizeHostName(sent)
+
+
+class PeekHostNameTests(SynchronousTestCase):
+    """
+    Tests for L{peekHostName} and L{normalizeHostName}: the host name of a simple ClientHello,
+    found without parsing the rest.
+    """
+
+    def test_realHellos(self) -> None:
+        """
+        The hellos of real TLS stacks give the name L{parseClientHello} finds, or none when they
+        send none.
+        """
+        for name, data, expected in _realHellos():
+            self.assertEqual(_peekedName(data), expected.serverName, name)
+
+    def test_asSent(self) -> None:
+        """
+        The name comes as sent; L{normalizeHostName} gives the form L{parseClientHello} returns,
+        or L{None} where it refuses the name.
+        """
+        data = _records(_handshake(_clientHelloBody([_serverNameExtension(b"Foo.Localhost.")])))
+        self.assertEqual(peekHostName(data), b"Foo.Localhost.")
+        self.assertEqual(normalizeHostName(b"Foo.Localhost."), "foo.localhost")
+        for refused in (b"", b".", b"a..b", b"caf\xc3\xa9.localhost", b"a b.localhost", b"x" * 254):
+            self.assertIsNone(normalizeHostName(refused), refused)
+
+    def test_notSimple(self) -> None:
+        """
+        Only a ClientHello whole in its first record, whose server name list starts with a host
+        name, gives a name; for the rest it says nothing (L{parseClientHello} decides).
+        """
+        sni = _serverNameExtension(b"a.localhost")
+        message = _handshake(_clientHelloBody([_alpnExtension(b"h2"), sni]))
+        self.assertEqual(peekHostName(_records(message)), b"a.localhost")
+        cases = {
+            "fragmented": _records(message, 40),
+            "incomplete": _records(message)[:-1],
+            "not a handshake record": _records(message, contentType=23),
+            "not a ClientHello": _records(_handshake(_clientHelloBody([sni]), handshakeType=2)),
+            "no server name": _records(_handshake(_clientHelloBody([_alpnExtension(b"h2")]))),
+            "no extensions": _records(_handshake(_clientHelloBody(None))),
+            "other name type first": _records(
+                _handshake(
+                    _clientHelloBody(
+                        [
+                            _extension(
+                                0,
+                                _vector16(b"\x01" + _vector16(b"x") + b"\x00" + _vector16(b"a.b")),
+                            )
+                        ]
+                    )
+                )
+            ),
+            "short server name list": _records(
+                _handshake(_clientHelloBody([_extension(0, b"\x00\x01\x00")]))
+            ),
+            "name past its extension": _records(
+                _handshake(_clientHelloBody([_extension(0, _vector16(b"\x00\x00\x09ab"))]))
+            ),
+            "extension past the block": _records(
+                _handshake(_clientHelloBody([b"\x00\x00\x00\x40" + b"\x00" * 10]))
+            ),
+            "empty": b"",
+            "HTTP": b"GET / HTTP/1.1\r\nHost: a.localhost\r\n\r\n",
+        }
+        for name, data in cases.items():
+            self.assertIsNone(peekHostName(data), name)
+
+    @given(st.binary(max_size=2000))
+    def test_randomBytes(self, data: bytes) -> None:
+        """
+        Arbitrary bytes give a name or none; nothing is raised.
+        """
+        peekHostName(data)
+        peekHostName(_records(data) if data else b"")
+
+    @given(_validHellos())
+    @settings(suppress_health_check=[HealthCheck.too_slow])
+    def test_validHellos(self, hello: _Components) -> None:
+        """
+        A valid hello gives the name L{parseClientHello} gives, or none (when fragmented or
+        without a name).
+        """
+        peeked = _peekedName(hello.data)
+        if peeked is not None:
+            self.assertEqual(peeked, hello.expected.serverName)
+        first = _records(_handshake(_clientHelloBody([_serverNameExtension(b"x.localhost")])))
+        self.assertEqual(_peekedName(first + hello.data), "x.localhost")
+
+    @given(_validHellos(), st.data())
+    @settings(suppress_health_check=[HealthCheck.too_slow])
+    def test_agreesWithParse(self, hello: _Components, data: st.DataObject) -> None:
+        """
+        Whenever a (possibly damaged) hello both gives a name here and parses, the names agree.
+        """
+        mutated = bytearray(hello.data)
+        for _ in range(data.draw(st.integers(0, 5))):
+            mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+        parsed = _parseOrRaise(bytes(mutated))
+        peeked = _peekedName(bytes(mutated))
+        if parsed is not None and peeked is not None:
+            self.assertEqual(peeked, parsed.serverName)

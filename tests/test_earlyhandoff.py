@@ -17,7 +17,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from benchmarks.attacker import clientHello
 from portal.relay import earlyhandoff
 from portal.relay.earlyhandoff import EarlyHandoff, PeekingListener, peekAtAccept
+from portal.wire.clienthello import MalformedClientHello, parseClientHello
 from portal.wire.handoff import Handoff
+from tests.test_clienthello import (
+    _clientHelloBody,
+    _extension,
+    _handshake,
+    _records,
+    _serverNameExtension,
+    _vector16,
+)
 
 
 @attrs.frozen
@@ -106,6 +115,61 @@ class EarlyHandoffTests(SynchronousTestCase):
         self.assertEqual(self.links.handoff.sent, [("relay-w1", fd, Handoff())])
         self.assertEqual(self.accepted.fileno(), -1)
         self.assertEqual(self.router.counters, {"handed_off": 1, "handed_off_at_accept": 1})
+
+    def test_nameAsSent(self) -> None:
+        """
+        The name is compared in its normal form (case and a trailing dot as a client may send
+        them), as the usual path compares it.
+        """
+        self.client.sendall(clientHello("ElseWhere.LOCALHOST."))
+        self.assertTrue(self.early(self.accepted))
+        assert self.links.handoff is not None
+        self.assertEqual([m for m, _, _ in self.links.handoff.sent], ["relay-w1"])
+
+    def test_malformedElsewhereHandedOver(self) -> None:
+        """
+        Only the host name is looked for here: a ClientHello naming a lease live on another worker
+        but malformed further on is handed over (the adopting worker parses it whole and refuses
+        it there).
+        """
+        emptyALPN = _extension(16, _vector16(b""))
+        hello = _records(
+            _handshake(_clientHelloBody([_serverNameExtension(b"elsewhere.localhost"), emptyALPN]))
+        )
+        with self.assertRaises(MalformedClientHello):
+            parseClientHello(hello)
+        self.client.sendall(hello)
+        self.assertTrue(self.early(self.accepted))
+
+    def test_refusedNameKept(self) -> None:
+        """
+        A host name the usual path refuses is left to it, unread.
+        """
+        self.assertKept(_records(_handshake(_clientHelloBody([_serverNameExtension(b"a..b")]))))
+
+    def test_namesRemembered(self) -> None:
+        """
+        The normal form of each name is worked out once; at most L{earlyhandoff.NAMES_REMEMBERED}
+        names are kept (a flood of made-up names empties the table now and then).
+        """
+        self.patch(earlyhandoff, "NAMES_REMEMBERED", 2)
+        normalized: list[bytes] = []
+        real = earlyhandoff.normalizeHostName
+
+        def counting(sent: bytes) -> str | None:
+            normalized.append(sent)
+            return real(sent)
+
+        self.patch(earlyhandoff, "normalizeHostName", counting)
+        names = ["elsewhere.localhost", "elsewhere.localhost", "a.localhost", "b.localhost"]
+        for name in names:
+            accepted, client = socket.socketpair()
+            self.addCleanup(accepted.close)
+            self.addCleanup(client.close)
+            client.sendall(clientHello(name))
+            self.early(accepted)
+            self.assertLessEqual(len(self.early._names), 2)
+        self.assertEqual(normalized, [b"elsewhere.localhost", b"a.localhost", b"b.localhost"])
 
     def test_loggedOnce(self) -> None:
         """

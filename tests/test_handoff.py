@@ -189,6 +189,33 @@ class HandoffTests(SynchronousTestCase):
         self.receiver.doRead()
         self.assertEqual(self.reactor.adopted, [])
 
+    def test_membersRemembered(self) -> None:
+        """
+        What each member id is (another worker's name, or nobody to send to) is worked out once
+        and remembered, for at most C{_PATHS_REMEMBERED} ids; the answers stay the same.
+        """
+        self.patch(handoff, "_PATHS_REMEMBERED", 2)
+        worked: list[str] = []
+        real = handoff.workerIndexOf
+
+        def counting(memberId: str, relayId: str) -> int | None:
+            worked.append(memberId)
+            return real(memberId, relayId)
+
+        self.patch(handoff, "workerIndexOf", counting)
+        fd = self.visitor.fileno()
+        for _ in range(2):
+            self.assertFalse(self.sender.send("other-w1", fd, _TLS))
+            self.assertTrue(self.sender.send("relay-w1", fd, _TLS))
+        self.assertEqual(worked, ["other-w1", "relay-w1"])
+        self.assertFalse(self.sender.send("relay-w0", fd, _TLS))
+        self.assertLessEqual(len(self.sender._paths), 2)
+        self.assertTrue(self.sender.send("relay-w1", fd, _TLS))
+        self.receiver.doRead()
+        self.assertEqual(len(self.reactor.adopted), 3)
+        for adoptedFd, _, _ in self.reactor.adopted:
+            os.close(adoptedFd)
+
     def test_otherUserRefused(self) -> None:
         """
         A visitor from a sender running as another user is refused (its descriptor closed) and

@@ -11,9 +11,14 @@ client has sent something (C{TCP_DEFER_ACCEPT}), so the ClientHello is usually i
 is accepted: L{PeekingListener} peeks at it there, and when its name is live on another worker of
 this relay, sends the socket as it is (L{portal.relay.handoff}, a handoff of the kind "nothing
 read") and closes this worker's copy; the adopting worker reads the ClientHello itself. Anything
-else (nothing to peek yet, an incomplete or malformed ClientHello, the relay's own name, a lease
-live here or nowhere, a handoff that cannot be sent) goes the usual way, where the same decisions
-are made and refusals are counted.
+else (nothing to peek yet, no host name found, the relay's own name, a lease live here or nowhere,
+a handoff that cannot be sent) goes the usual way, where the same decisions are made and refusals
+are counted.
+
+This worker only looks for the host name (L{peekHostName <portal.wire.clienthello.peekHostName>},
+a third of a full parse's cost) and remembers the normal form of the names it saw: the adopting
+worker parses the whole ClientHello, so one that names a lease but is malformed elsewhere is refused
+(and counted) there instead of here.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from twisted.logger import Logger
 from portal.forwarding.boundedreads import MAX_ACCEPTS_PER_READ
 from portal.relay.memberlink import MemberLinks
 from portal.relay.router import Router
-from portal.wire.clienthello import MalformedClientHello, parseClientHello
+from portal.wire.clienthello import normalizeHostName, peekHostName
 from portal.wire.handoff import Handoff
 
 #: The most bytes peeked at: a ClientHello fits (the public listener reads at most this much
 #: before deciding, too); a longer one is left to the usual path.
 PEEK_BYTES = 16 * 1024
+#: Host names remembered with their normal form (each at most 255 bytes).
+NAMES_REMEMBERED = 4096
+_UNKNOWN: Any = object()
 
 
 class PeekingListener:
@@ -86,6 +94,8 @@ class EarlyHandoff:
         self._router = router
         self._links = links
         self._announced = False
+        #: Host names as sent, normalised (L{None}: refused), for the last L{NAMES_REMEMBERED}.
+        self._names: dict[bytes, Any] = {}
 
     def __call__(self, connection: socket.socket) -> bool:
         """
@@ -103,16 +113,23 @@ class EarlyHandoff:
             return False
         if not peeked:
             return False
-        try:
-            hello = parseClientHello(peeked)
-        except MalformedClientHello:
+        sent = peekHostName(peeked)
+        if sent is None:
             return False
-        if hello is None or hello.serverName is None:
+        names = self._names
+        hostname = names.get(sent, _UNKNOWN)
+        if hostname is _UNKNOWN:
+            # A flood of made-up names only empties the table now and then.
+            hostname = normalizeHostName(sent)
+            if len(names) >= NAMES_REMEMBERED:
+                names.clear()
+            names[sent] = hostname
+        if hostname is None:
             return False
         router = self._router
-        if hello.serverName == router.relayDomain or router.poolFor(hello.serverName) is not None:
+        if hostname == router.relayDomain or router.poolFor(hostname) is not None:
             return False
-        member = self._links.holderElsewhere(hello.serverName)
+        member = self._links.holderElsewhere(hostname)
         if member is None or not sender.send(member.id, connection.fileno(), Handoff()):
             return False
         # The other worker holds the connection now; closing this copy does not end it.
@@ -126,7 +143,7 @@ class EarlyHandoff:
             self._log.info(
                 "handed a visitor for {hostname} to worker {member} as it was accepted (later "
                 "ones are counted in handed_off_at_accept)",
-                hostname=hello.serverName,
+                hostname=hostname,
                 member=member.nodeName,
             )
         return True

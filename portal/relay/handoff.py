@@ -42,6 +42,14 @@ from portal.wire.handoff import Handoff, MalformedHandoff, encodeHandoff, parseH
 MAX_HANDOFF = 64 * 1024
 
 _INT = struct.calcsize("i")
+#: One descriptor, as C{SCM_RIGHTS} carries it.
+_FD = struct.Struct("i")
+#: A TLS visitor of which nothing was read (what workers hand over as they accept), and its
+#: encoding, made once.
+_UNREAD = Handoff()
+_UNREAD_PAYLOAD = encodeHandoff(_UNREAD)
+#: Member ids whose handoff names are remembered (a cluster has a few; more only empties it).
+_PATHS_REMEMBERED = 256
 #: Room for one descriptor and the sender's credentials.
 _ANCILLARY = socket.CMSG_SPACE(_INT) + socket.CMSG_SPACE(3 * _INT)
 
@@ -87,8 +95,8 @@ class HandoffSender:
         self._ownIndex = ownIndex
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
-        # Each worker's name, made once (it resolves the state directory's path).
-        self._paths: dict[int, str] = {}
+        # Each member's name, made once (it resolves the state directory's path).
+        self._paths: dict[str, str | None] = {}
 
     def send(self, memberId: str, fd: int, handoff: Handoff) -> bool:
         """
@@ -99,34 +107,42 @@ class HandoffSender:
             queue is full, the handoff has no encoding), nothing happened and the caller keeps the
             visitor.
         """
-        index = workerIndexOf(memberId, self._relayId)
-        if index is None or index == self._ownIndex:
+        path = self._pathOf(memberId)
+        if path is None:
             return False
-        try:
-            payload = encodeHandoff(handoff)
-        except ValueError:
-            return False
-        if len(payload) > MAX_HANDOFF:
-            return False
+        if handoff == _UNREAD:
+            payload = _UNREAD_PAYLOAD
+        else:
+            try:
+                payload = encodeHandoff(handoff)
+            except ValueError:
+                return False
+            if len(payload) > MAX_HANDOFF:
+                return False
         try:
             # Not socket.send_fds, which ignores its address argument.
             self._socket.sendmsg(
-                [payload],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-                0,
-                self._pathOf(index),
+                [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))], 0, path
             )
         except OSError:
             return False
         return True
 
-    def _pathOf(self, index: int) -> str:
+    def _pathOf(self, memberId: str) -> str | None:
         """
-        @return: Where worker C{index} receives visitors (L{handoffPath}, made once).
+        @return: Where worker C{memberId} receives visitors (L{handoffPath}, made once per
+            member), or L{None} when it is not another worker of this relay.
         """
-        path = self._paths.get(index)
-        if path is None:
-            path = self._paths[index] = handoffPath(self._root, index)
+        paths = self._paths
+        if memberId in paths:
+            return paths[memberId]
+        index = workerIndexOf(memberId, self._relayId)
+        path = None
+        if index is not None and index != self._ownIndex:
+            path = handoffPath(self._root, index)
+        if len(paths) >= _PATHS_REMEMBERED:
+            paths.clear()
+        paths[memberId] = path
         return path
 
     def close(self) -> None:

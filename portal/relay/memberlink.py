@@ -37,7 +37,6 @@ from portal.relay.router import Router
 from portal.relay.store import ClaimsUnavailable, ILeaseClaims
 from portal.relay.udplink import HolderUDPLink
 from portal.trust.identity import Identity, identityId
-from portal.trust.names import leaseLabel
 from portal.trust.relayaddress import ConfigError, parseHostPort
 from portal.wire.attach import StreamHeader
 from portal.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
@@ -427,7 +426,7 @@ class MemberLinks:
         """
         @return: The other member holding the lease of C{hostname} live, or L{None}.
         """
-        name = leaseLabel(hostname, self.router.tunnelDomain)
+        name = self.router.labelOf(hostname)
         if name is None:
             return None
         holder = self.directory.holderOf(name)

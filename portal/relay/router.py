@@ -393,7 +393,6 @@ class DataPool:
 
 #: SNI hostnames whose lease label L{Router.poolFor} remembers (the table is emptied when full).
 LABELS_REMEMBERED = 4096
-_UNKNOWN: Any = object()
 
 
 class Router:
@@ -612,6 +611,25 @@ class Router:
         self._nextStream += 1
         return self._nextStream
 
+    def labelOf(self, hostname: str) -> str | None:
+        """
+        L{leaseLabel} of this relay's tunnel domain, remembered for the last
+        L{LABELS_REMEMBERED} hostnames asked about.
+
+        @param hostname: A normalised SNI hostname.
+        @return: The lease name C{hostname} refers to, or L{None} when it names no lease.
+        """
+        labels = self._labels
+        if hostname in labels:
+            return labels[hostname]
+        # Checking a hostname is a tenth of what handing a visitor to another worker costs; a
+        # flood of made-up names only empties the table now and then.
+        label = leaseLabel(hostname, self.tunnelDomain)
+        if len(labels) >= LABELS_REMEMBERED:
+            labels.clear()
+        labels[hostname] = label
+        return label
+
     def poolFor(self, hostname: str) -> DataPool | None:
         """
         Find the data pool of the tunnel serving C{hostname}.
@@ -619,15 +637,7 @@ class Router:
         @param hostname: A normalised SNI hostname.
         @return: The pool, or L{None} when no live lease has that name.
         """
-        labels = self._labels
-        label = labels.get(hostname, _UNKNOWN)
-        if label is _UNKNOWN:
-            # Checking a hostname is a tenth of what handing a visitor to another worker costs;
-            # a flood of made-up names only empties the table now and then.
-            label = leaseLabel(hostname, self.tunnelDomain)
-            if len(labels) >= LABELS_REMEMBERED:
-                labels.clear()
-            labels[hostname] = label
+        label = self.labelOf(hostname)
         if label is None:
             return None
         lease = self.leases.route(label)

@@ -135,6 +135,74 @@ def parseClientHello(data: bytes) -> ClientHello | None:
     return _parseBody(body, length)
 
 
+def peekHostName(data: bytes) -> bytes | None:
+    """
+    Find the host name of a ClientHello quickly, checking only what finding it needs: for a
+    decision that L{parseClientHello} makes again later (the relay's workers peeking at a visitor
+    as it is accepted, L{portal.relay.earlyhandoff}).
+
+    Only the simple case is recognised: a handshake record holding the whole ClientHello, whose
+    C{server_name} list starts with a host name. Whenever that finds a name and
+    L{parseClientHello} accepts the same bytes, their names agree (property-tested); a hello that
+    L{parseClientHello} refuses may still yield one here.
+
+    @param data: The connection's first bytes.
+    @return: The host name as sent (see L{normalizeHostName}), or L{None} when not found that way.
+    """
+    size = len(data)
+    if size < 9 or data[0] != _CONTENT_TYPE_HANDSHAKE or data[5] != _HANDSHAKE_TYPE_CLIENT_HELLO:
+        return None
+    recordEnd = 5 + ((data[3] << 8) | data[4])
+    end = 9 + ((data[6] << 16) | (data[7] << 8) | data[8])
+    if recordEnd > size or end > recordEnd:
+        return None
+    # Legacy version and random, then the session id, cipher suites and compression methods.
+    at = 9 + 2 + 32
+    if at >= end:
+        return None
+    at += 1 + data[at]
+    if at + 2 > end:
+        return None
+    at += 2 + ((data[at] << 8) | data[at + 1])
+    if at >= end:
+        return None
+    at += 1 + data[at]
+    if at + 2 > end:
+        return None
+    extensionsEnd = at + 2 + ((data[at] << 8) | data[at + 1])
+    if extensionsEnd > end:
+        return None
+    at += 2
+    while at + 4 <= extensionsEnd:
+        kind = (data[at] << 8) | data[at + 1]
+        length = (data[at + 2] << 8) | data[at + 3]
+        at += 4
+        if at + length > extensionsEnd:
+            return None
+        if kind == _EXTENSION_SERVER_NAME:
+            # server_name_list: its length, then the first entry's type and length.
+            if length < 5 or data[at + 2] != _SERVER_NAME_TYPE_HOST_NAME:
+                return None
+            nameEnd = at + 5 + ((data[at + 3] << 8) | data[at + 4])
+            if nameEnd > at + length:
+                return None
+            return data[at + 5 : nameEnd]
+        at += length
+    return None
+
+
+def normalizeHostName(hostName: bytes) -> str | None:
+    """
+    @param hostName: A host name as a ClientHello sends it.
+    @return: The name as L{parseClientHello} returns it (lowercased, one trailing dot removed), or
+        L{None} when it refuses it.
+    """
+    try:
+        return _normalizeHostName(hostName)
+    except MalformedClientHello:
+        return None
+
+
 def _describeFirstByte(data: bytes) -> str:
     """
     Explain why the first record of a connection is not a handshake record.
