@@ -26,7 +26,7 @@ from benchmarks.procs import Child, tool
 #: Samples per second py-spy takes.
 RATE = 400
 #: Frames that mean a thread is waiting, not working (its own samples are left out).
-IDLE_FRAMES = ("EPollReactor.doPoll", "Condition.wait")
+IDLE_FRAMES = ("EPollReactor.doPoll", "LeanPolling.doPoll", "Condition.wait")
 
 
 def busiest(stacks: str, top: int = 25) -> list[tuple[float, str]]:

@@ -28,35 +28,40 @@ from twisted.logger import Logger
 _log = Logger()
 
 
-def install(reactor: Any) -> bool:
+class LeanPolling:
     """
-    Have an epoll reactor dispatch its events without the legacy log context.
-
-    @param reactor: The reactor (not yet running, or running: the next iteration uses the change).
-    @return: Whether it was changed (only an epoll reactor with the attributes relied on is).
+    An epoll reactor's iteration: wait for readiness events and dispatch each straight to the
+    reactor's C{_doReadOrWrite}.
     """
-    poller = getattr(reactor, "_poller", None)
-    selectables = getattr(reactor, "_selectables", None)
-    dispatch = getattr(reactor, "_doReadOrWrite", None)
-    if poller is None or not hasattr(poller, "poll") or not isinstance(selectables, dict):
-        return False
-    if dispatch is None:
-        return False
 
-    def doPoll(timeout: float | None) -> None:
+    __slots__ = ("_poller", "_selectables", "_dispatch")
+
+    def __init__(self, poller: Any, selectables: dict[int, Any], dispatch: Any) -> None:
+        """
+        @param poller: The reactor's C{select.epoll}.
+        @param selectables: The reactor's descriptors by file number.
+        @param dispatch: The reactor's C{_doReadOrWrite}.
+        """
+        self._poller = poller
+        self._selectables = selectables
+        self._dispatch = dispatch
+
+    def doPoll(self, timeout: float | None) -> None:
         """
         Wait for readiness events for at most C{timeout} seconds (forever for L{None}) and dispatch
         each to its descriptor.
         """
+        selectables = self._selectables
         try:
             # As Twisted does: at most as many events as descriptors watched.
-            ready = poller.poll(-1 if timeout is None else timeout, len(selectables))
+            ready = self._poller.poll(-1 if timeout is None else timeout, len(selectables))
         except InterruptedError:
             return
         except OSError as e:
             if e.errno == errno.EINTR:
                 return
             raise
+        dispatch = self._dispatch
         for fd, event in ready:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -72,5 +77,20 @@ def install(reactor: Any) -> bool:
                     "unhandled error dispatching an event of {selectable}", selectable=selectable
                 )
 
-    reactor.doIteration = doPoll
+
+def install(reactor: Any) -> bool:
+    """
+    Have an epoll reactor dispatch its events without the legacy log context.
+
+    @param reactor: The reactor (not yet running, or running: the next iteration uses the change).
+    @return: Whether it was changed (only an epoll reactor with the attributes relied on is).
+    """
+    poller = getattr(reactor, "_poller", None)
+    selectables = getattr(reactor, "_selectables", None)
+    dispatch = getattr(reactor, "_doReadOrWrite", None)
+    if poller is None or not hasattr(poller, "poll") or not isinstance(selectables, dict):
+        return False
+    if dispatch is None:
+        return False
+    reactor.doIteration = LeanPolling(poller, selectables, dispatch).doPoll
     return True
