@@ -347,3 +347,50 @@ class DirectoryQuotaTests(SynchronousTestCase):
         self.assertIn("at most 2", str(error))
         quota.check("10.0.0.2", [("al", "n1"), ("al", "n2")])
         quota.check("10.0.0.3", [("al", "n3"), ("al", "n4")])
+
+    def test_namesPerIdentityCounted(self) -> None:
+        """
+        The names an identity claims at A count for it at B (C{ownerNames}), whatever source
+        they came from, while live or reserved; records of older members (no source) count too,
+        and a malformed record counts for no one.
+        """
+        self.successResultOf(self.a.claimOwnership("n1", "al", 50, "10.0.0.2"))
+        self.successResultOf(self.a.claimOwnership("n2", "al", 50, "10.0.0.3"))
+        self.successResultOf(self.a.claimOwnership("n3", "bo", 50, "10.0.0.2"))
+        self.successResultOf(
+            self.etcd.put(PREFIX + b"owners/old", b'{"owner": "al", "until": 99999}')
+        )
+        self.assertEqual(self.b.ownerNames.heldBy("al"), {"n1", "n2", "old"})
+        self.assertEqual(self.b.ownerNames.heldBy("bo"), {"n3"})
+        self.assertEqual(self.a.ownerNames.heldBy("al"), {"n1", "n2", "old"})
+        self.successResultOf(self.etcd.put(PREFIX + b"owners/old", b"{not json"))
+        self.successResultOf(self.a.announce("n1"))
+        self.successResultOf(self.a.release("n2", "al", 30))
+        self.clock.advance(60)
+        self.assertEqual(self.b.ownerNames.heldBy("al"), {"n1"})
+        self.assertEqual(self.b.ownerNames.heldBy("bo"), set())
+        self.assertEqual(self.directory("3").ownerNames.heldBy("al"), {"n1"})
+
+    def test_leasesPerIdentityRefused(self) -> None:
+        """
+        A lease table given the cluster's names per identity refuses at B a name beyond
+        C{maxPerOwner} when the identity holds the rest at A, saying so; a name the identity holds
+        already (its tunnel moved to B) costs nothing, and another identity is not affected.
+        """
+        from portal.relay.leases import LeaseTable, TooManyLeases
+
+        for name in ["n1", "n2"]:
+            self.successResultOf(self.a.claimOwnership(name, "al", 50, "10.0.0.2"))
+        table = LeaseTable(self.clock, maxPerOwner=2)
+        table.shared = self.b.ownerNames
+        error = self.assertRaises(TooManyLeases, table.register, "n3", "al", object())
+        self.assertIn("already holds 2 names in this relay cluster", str(error))
+        self.assertIn("at most 2 are allowed", str(error))
+        table.register("n1", "al", object())
+        table.register("m1", "bo", object())
+        table.register("m2", "bo", object())
+        self.assertRaises(TooManyLeases, table.register, "m3", "bo", object())
+        # Once A's names are no longer held, B takes new ones.
+        self.successResultOf(self.a.release("n2", "al", 0))
+        self.clock.advance(1)
+        table.register("n3", "al", object())

@@ -704,3 +704,28 @@ class ClusterQuotaTests(TestCase):
             register(controls[1], "127.0.0.2", Identity.generate(), "n4")
         ).addErrback(lambda f: f.value)
         self.assertIn("already holds 3 lease names in this relay cluster", str(refused))
+
+    @inlineCallbacks
+    def test_leasesPerIdentityAcrossMembers(self) -> Any:
+        """
+        An identity holding its C{--max-leases-per-identity} of two names on member A (reserved
+        after its sessions closed) is refused a third on member B, saying so; registering again a
+        name it holds works on B, and another identity registers on B at once.
+        """
+        nodes = yield startEtcd(self)
+        cluster = f"etcd://127.0.0.1:{nodes[0].clientPort}"
+        started = yield startTwoMembers(self, cluster, [*FAST, "--max-leases-per-identity", "2"])
+        controls = [control for _, control in started]
+        identity = Identity.generate()
+        for name in ("i1", "i2"):
+            yield Deferred.fromCoroutine(register(controls[0], "127.0.0.2", identity, name))
+        refused = yield Deferred.fromCoroutine(
+            register(controls[1], "127.0.0.3", identity, "i3")
+        ).addErrback(lambda f: f.value)
+        self.assertIn(
+            "identity already holds 2 names in this relay cluster (live or reserved), and at "
+            "most 2 are allowed",
+            str(refused),
+        )
+        yield Deferred.fromCoroutine(register(controls[1], "127.0.0.3", identity, "i1"))
+        yield Deferred.fromCoroutine(register(controls[1], "127.0.0.3", Identity.generate(), "o1"))

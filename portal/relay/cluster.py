@@ -286,6 +286,8 @@ class ClusterDirectory:
         self.onPortsChanged: Callable[[], None] | None = None
         #: The lease names each source holds in the cluster, as C{(identity, name)}.
         self.nameQuota: SourceIndex[str, tuple[str, str]] = SourceIndex(self._nameHeld)
+        #: The lease names each identity holds in the cluster (for C{--max-leases-per-identity}).
+        self.ownerNames: SourceIndex[str, str] = SourceIndex(self._nameHeld)
         #: The ports each source holds in the cluster, as C{(kind, identity, name)}.
         self.portQuota: SourceIndex[tuple[str, int], tuple[str, str, str]] = SourceIndex(
             self._portHeld
@@ -373,6 +375,7 @@ class ClusterDirectory:
         self._live.clear()
         self._ports.clear()
         self.nameQuota.clear()
+        self.ownerNames.clear()
         self.portQuota.clear()
         self.livePorts.clear()
         for kv in kvs:
@@ -432,8 +435,10 @@ class ClusterDirectory:
                 self._log.warn("ignored a malformed cluster record {key}", key=relative[:120])
             if owner is None:
                 self.nameQuota.drop(name)
+                self.ownerNames.drop(name)
             else:
                 self.nameQuota.put(name, owner.source, (owner.owner, name), owner.until)
+                self.ownerNames.put(name, owner.owner, name, owner.until)
 
     def _storePort(self, key: tuple[str, int], claim: PortClaim | None) -> None:
         """
@@ -613,6 +618,7 @@ class ClusterDirectory:
             created, current = await self._client.create(key, value)
             if created:
                 self.nameQuota.put(name, source, (owner, name), claim.until)
+                self.ownerNames.put(name, owner, name, claim.until)
                 return None
             if current is None:
                 continue
@@ -626,6 +632,7 @@ class ClusterDirectory:
             replaced, latest = await self._client.replace(key, current.modRevision, value)
             if replaced:
                 self.nameQuota.put(name, source, (owner, name), claim.until)
+                self.ownerNames.put(name, owner, name, claim.until)
                 return None
         return "unknown"
 

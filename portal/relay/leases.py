@@ -23,6 +23,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from portal.relay.sourcequota import ISharedHoldings
 from portal.relay.store import IMPORTED_SINCE, ILeaseStore, MemoryLeaseStore, NameRecord, StoreError
 
 #: Version of the C{leases.json} format of earlier relays, read by L{LeaseTable.importJSON}.
@@ -79,9 +80,13 @@ class LeaseTable:
     @ivar reserveAfter: Seconds a name must have been owned (from its first registration to the end
         of its lease) to earn the reservation; a name that lapses sooner is free when its lease ends.
     @ivar maxPerOwner: Most names (live or reserved) one owner may hold.
+    @ivar shared: In a relay cluster, the names each owner holds on every member (L{None}: the
+        names of this table are all there is); a name counts once, whether held here, elsewhere or
+        both.
     """
 
     _log = Logger()
+    shared: ISharedHoldings | None = None
 
     def __init__(
         self,
@@ -267,6 +272,32 @@ class LeaseTable:
             names = self._byOwner.get(owner, set())
         return len(names)
 
+    def _checkOwnerQuota(self, name: str, owner: str, now: float) -> None:
+        """
+        Check that C{owner} may hold C{name} as well as the names it holds (here, and on every
+        member of a cluster).
+
+        @raise TooManyLeases: If it holds L{maxPerOwner} other names.
+        """
+        held = self._ownedCount(owner, now)
+        shared = self.shared
+        if shared is None:
+            if held >= self.maxPerOwner:
+                raise TooManyLeases(
+                    f"identity already holds {self.maxPerOwner} names on this relay, the most "
+                    f"allowed; release one before registering {name!r}"
+                )
+            return
+        if held + shared.upperBound(owner) < self.maxPerOwner:
+            return
+        everywhere = set(self._byOwner.get(owner, ())) | shared.heldBy(owner)
+        if name not in everywhere and len(everywhere) >= self.maxPerOwner:
+            raise TooManyLeases(
+                f"identity already holds {len(everywhere)} names in this relay cluster (live or "
+                f"reserved), and at most {self.maxPerOwner} are allowed; release one before "
+                f"registering {name!r}"
+            )
+
     def register(self, name: str, owner: str, holder: object) -> Lease:
         """
         Give C{owner} a live lease on C{name}, served by C{holder}.
@@ -287,11 +318,8 @@ class LeaseTable:
         lease = self._lookup(name, now)
         if lease is not None and lease.owner != owner:
             raise NameTaken(f"name {name!r} is taken by another identity")
-        if lease is None and self._ownedCount(owner, now) >= self.maxPerOwner:
-            raise TooManyLeases(
-                f"identity already holds {self.maxPerOwner} names on this relay, the most "
-                f"allowed; release one before registering {name!r}"
-            )
+        if lease is None:
+            self._checkOwnerQuota(name, owner, now)
         since = now if lease is None else lease.since
         self._save(name, owner, since, now + self.ttl, now)
         if lease is None:

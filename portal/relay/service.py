@@ -730,9 +730,11 @@ class RelayService(Service):
         links = MemberLinks(router, directory, identity, self._reactor)
         router.cluster = links
         router.claims = links
-        # The quotas per source count what each source holds on every member.
+        # The quotas per source, and the names per identity, count what each source (identity)
+        # holds on every member.
         router.admission.names.shared = directory.nameQuota
         router.admission.ports.shared = directory.portQuota
+        router.leases.shared = directory.ownerNames
         notifyBefore = router.onLeasesChanged
 
         def changed() -> None:
