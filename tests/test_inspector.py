@@ -94,6 +94,46 @@ class CaptureTests(SynchronousTestCase):
         self.assertIsNone(inspector.find(1))
         self.assertIsNotNone(inspector.find(MAX_RECORDS + 5))
 
+    def test_madeWhenAsked(self) -> None:
+        """
+        C{keep} (what the proxy calls for every exchange) only keeps what it is given; the record
+        is made when first asked for, once, with the time the exchange was kept, and equals the
+        record C{add} makes at once.
+        """
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        inspector = Inspector(clock)
+        capture = Capture()
+        capture.request(b"hello")
+        capture.head([(b"Content-Type", b"text/plain")])
+        capture.response(b"world")
+        arguments: dict[str, Any] = {
+            "client": "203.0.113.9",
+            "method": b"POST",
+            "path": b"/a",
+            "version": "1.1",
+            "requestHeaders": [(b"Host", b"app.localhost")],
+            "status": 201,
+            "ms": 2.25,
+            "route": "/",
+            "upstream": ("127.0.0.1", 3000, False),
+            "upstreamPath": "/a",
+            "capture": capture,
+        }
+        inspector.keep(**arguments)
+        [kept] = inspector._kept
+        self.assertIsNone(kept._record)
+        clock.advance(5)
+        eager = Inspector(Clock()).add(**arguments)
+        made = inspector.find(1)
+        assert made is not None
+        self.assertIs(inspector.records[0], made)
+        self.assertEqual(made["time"], "2023-11-14T22:13:20Z")
+        self.assertEqual({**made, "time": None}, {**eager, "time": None})
+        self.assertEqual(made["requestBody"]["data"], "hello")
+        self.assertEqual([r["id"] for r in inspector.since(0)], [1])
+        self.assertEqual(inspector.since(1), [])
+
 
 class PageTests(SynchronousTestCase):
     """

@@ -141,3 +141,32 @@ class ReporterTests(SynchronousTestCase):
         self.assertEqual(lines[0], f"{stamp} 203.0.113.9 GET / 200 1 B 1.0 ms [/ -> 127.0.0.1:1]")
         self.assertEqual(lines[1], f"{stamp} Forwarding https://a.localhost:8443 -> 127.0.0.1:8000")
         self.assertTrue(lines[2].startswith("  (certificate"))
+
+    def test_timeAcrossSeconds(self) -> None:
+        """
+        Each event's time is its own to the millisecond, also when the second changes between
+        two events (the texts of a second are reused within it).
+        """
+        out = io.StringIO()
+        clock = Clock()
+        clock.advance(1_700_000_000.998)
+        reporter = Reporter(out, asJSON=True, clock=clock, timestamps=True)
+        text = io.StringIO()
+        local = Reporter(text, clock=clock, timestamps=True)
+        stamps = []
+        for step in (0, 0.0015, 0.001, 1.25):
+            clock.advance(step)
+            reporter.state("reconnected", "r:1", "again")
+            local.state("reconnected", "r:1", "again")
+            stamps.append(time.strftime("%H:%M:%S", time.localtime(int(clock.seconds()))))
+        times = [json.loads(line)["time"] for line in out.getvalue().splitlines()]
+        self.assertEqual(
+            times,
+            [
+                "2023-11-14T22:13:20.998+00:00",
+                "2023-11-14T22:13:20.999+00:00",
+                "2023-11-14T22:13:21.000+00:00",
+                "2023-11-14T22:13:22.250+00:00",
+            ],
+        )
+        self.assertEqual([line.split(" ")[0] for line in text.getvalue().splitlines()], stamps)

@@ -388,7 +388,7 @@ class HTTPProxy:
         )
         if self.inspector is not None and exchange.capture is not None:
             upstream = route.upstream if route else None
-            self.inspector.add(
+            self.inspector.keep(
                 client=exchange.client,
                 method=exchange.method,
                 path=exchange.url,

@@ -121,11 +121,93 @@ def _body(data: bytes, size: int) -> dict[str, Any]:
     return {"data": text, "encoding": encoding, "size": size, "truncated": size > len(data)}
 
 
+class _Kept:
+    """
+    A finished exchange as given to L{Inspector.keep}, made into its record when first asked for
+    (a busy tunnel keeps far more exchanges than anyone looks at).
+    """
+
+    __slots__ = ("id", "at", "_arguments", "_record")
+
+    def __init__(self, recordId: int, at: float, arguments: dict[str, Any]) -> None:
+        """
+        @param recordId: The record's id.
+        @param at: When the exchange ended (seconds since the epoch).
+        @param arguments: What L{Inspector.keep} was given.
+        """
+        self.id = recordId
+        self.at = at
+        self._arguments: dict[str, Any] | None = arguments
+        self._record: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """
+        @return: The record (made once).
+        """
+        if self._record is None:
+            assert self._arguments is not None
+            self._record = _makeRecord(self.id, self.at, **self._arguments)
+            self._arguments = None
+        return self._record
+
+
+def _makeRecord(
+    recordId: int,
+    at: float,
+    *,
+    client: str,
+    method: bytes,
+    path: bytes,
+    version: str,
+    requestHeaders: Sequence[tuple[bytes, bytes]],
+    status: int,
+    ms: float,
+    route: str | None,
+    upstream: tuple[str, int, bool] | None,
+    upstreamPath: str | None,
+    capture: Capture,
+    replayOf: int | None = None,
+) -> dict[str, Any]:
+    """
+    @return: The JSON-ready record of a finished exchange (see L{Inspector.keep}), with private
+        C{_replay} data.
+    """
+    return {
+        "id": recordId,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+        "client": client,
+        "method": method.decode("latin-1"),
+        "path": path.decode("latin-1"),
+        "version": version,
+        "status": status,
+        "ms": round(ms, 2),
+        "route": route,
+        "upstream": None if upstream is None else f"{upstream[0]}:{upstream[1]}",
+        "requestHeaders": _headers(requestHeaders),
+        "requestBody": _body(bytes(capture.requestBody), capture.requestSize),
+        "responseHeaders": _headers(capture.responseHeaders),
+        "responseBody": _body(bytes(capture.responseBody), capture.responseSize),
+        "replayOf": replayOf,
+        "_replay": None
+        if upstream is None or upstreamPath is None
+        else {
+            "upstream": upstream,
+            "path": upstreamPath,
+            "headers": [
+                (n, v)
+                for n, v in requestHeaders
+                if n.lower() not in HOP_BY_HOP and n.lower() not in REDACTED_HEADERS
+            ],
+            "body": bytes(capture.requestBody)
+            if capture.requestSize == len(capture.requestBody)
+            else None,
+        },
+    }
+
+
 class Inspector:
     """
     The finished exchanges of one tunnel, newest last.
-
-    @ivar records: The kept records (JSON-ready dicts, with private C{_replay} data).
     """
 
     _log = Logger()
@@ -136,7 +218,28 @@ class Inspector:
         """
         self._clock = clock
         self._next = 1
-        self.records: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDS)
+        self._kept: deque[_Kept] = deque(maxlen=MAX_RECORDS)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """
+        The kept records (JSON-ready dicts, with private C{_replay} data), oldest first.
+        """
+        return [kept.record() for kept in self._kept]
+
+    def since(self, after: int) -> list[dict[str, Any]]:
+        """
+        @return: The kept records whose id is above C{after}, oldest first.
+        """
+        return [kept.record() for kept in self._kept if kept.id > after]
+
+    def keep(self, **arguments: Any) -> None:
+        """
+        Keep a finished exchange; its record is made when first asked for. The arguments are
+        L{add}'s; the headers and the capture are not changed afterwards.
+        """
+        self._kept.append(_Kept(self._next, self._clock.seconds(), arguments))
+        self._next += 1
 
     def add(
         self,
@@ -161,48 +264,29 @@ class Inspector:
         @param upstreamPath: The request-target sent upstream.
         @return: The record.
         """
-        record = {
-            "id": self._next,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock.seconds())),
-            "client": client,
-            "method": method.decode("latin-1"),
-            "path": path.decode("latin-1"),
-            "version": version,
-            "status": status,
-            "ms": round(ms, 2),
-            "route": route,
-            "upstream": None if upstream is None else f"{upstream[0]}:{upstream[1]}",
-            "requestHeaders": _headers(requestHeaders),
-            "requestBody": _body(bytes(capture.requestBody), capture.requestSize),
-            "responseHeaders": _headers(capture.responseHeaders),
-            "responseBody": _body(bytes(capture.responseBody), capture.responseSize),
-            "replayOf": replayOf,
-            "_replay": None
-            if upstream is None or upstreamPath is None
-            else {
-                "upstream": upstream,
-                "path": upstreamPath,
-                "headers": [
-                    (n, v)
-                    for n, v in requestHeaders
-                    if n.lower() not in HOP_BY_HOP and n.lower() not in REDACTED_HEADERS
-                ],
-                "body": bytes(capture.requestBody)
-                if capture.requestSize == len(capture.requestBody)
-                else None,
-            },
-        }
-        self._next += 1
-        self.records.append(record)
-        return record
+        self.keep(
+            client=client,
+            method=method,
+            path=path,
+            version=version,
+            requestHeaders=requestHeaders,
+            status=status,
+            ms=ms,
+            route=route,
+            upstream=upstream,
+            upstreamPath=upstreamPath,
+            capture=capture,
+            replayOf=replayOf,
+        )
+        return self._kept[-1].record()
 
     def find(self, recordId: int) -> dict[str, Any] | None:
         """
         @return: The record with this id, if still kept.
         """
-        for record in self.records:
-            if record["id"] == recordId:
-                return record
+        for kept in self._kept:
+            if kept.id == recordId:
+                return kept.record()
         return None
 
     async def replay(
@@ -345,7 +429,7 @@ class InspectorPage(Resource):
             return self._json(request, 404, {"error": "not found"})
         if len(parts) == 2 and method == b"GET":
             after = int((request.args.get(b"after") or [b"0"])[0] or 0)
-            records = [summary(r) for r in self._inspector.records if r["id"] > after]
+            records = [summary(r) for r in self._inspector.since(after)]
             return self._json(request, 200, {"requests": records})
         record = (
             self._inspector.find(int(parts[2])) if len(parts) > 2 and parts[2].isdigit() else None

@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 #: Events kept in L{Reporter.events}.
 MAX_EVENTS = 1000
+#: C{json.dumps(event, sort_keys=True)} without building an encoder for every event.
+_encodeSorted = json.JSONEncoder(sort_keys=True).encode
 
 
 class Reporter:
@@ -65,6 +67,10 @@ class Reporter:
         self._clock = clock
         self._flushing: Any = None
         self._pendingLines: list[str] = []
+        #: The whole second whose time texts are kept, and those texts (UTC ISO 8601, local).
+        self._second: int | None = None
+        self._isoSecond = ""
+        self._localSecond = ""
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.leasedRelays: set[str] = set()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -74,15 +80,21 @@ class Reporter:
         Record an event and print it.
         """
         if self._clock is not None:
-            now = self._clock.seconds()
-            event["time"] = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+            second, micros = divmod(round(self._clock.seconds() * 1_000_000), 1_000_000)
+            if second != self._second:
+                # A busy tunnel reports many events a second: the time's text is made once per
+                # second.
+                self._second = second
+                self._isoSecond = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+                self._localSecond = time.strftime("%H:%M:%S ", time.localtime(second))
+            event["time"] = f"{self._isoSecond}.{micros // 1000:03d}+00:00"
             if self._timestamps:
-                text = time.strftime("%H:%M:%S ", time.localtime(now)) + text
+                text = self._localSecond + text
         self.events.append(event)
         for listener in self.listeners:
             listener(event)
         if self._json:
-            stream, line = self._out, json.dumps(event, sort_keys=True)
+            stream, line = self._out, _encodeSorted(event)
         else:
             stream = self._err if event["event"] in self.ERRORS else self._out
             line = text
