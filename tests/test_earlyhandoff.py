@@ -6,6 +6,7 @@ accepted, from their ClientHello peeked at in the socket.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -292,6 +293,48 @@ class PeekingListenerTests(SynchronousTestCase):
         self.assertEqual(e.exception.errno, errno.EAGAIN)
         self.assertEqual(len(listening.connections), 1)
 
+    def test_acceptEarly(self) -> None:
+        """
+        L{PeekingListener.acceptEarly} hands over what C{early} takes and says whether the port
+        has work: not after C{EAGAIN}; yes with a connection C{early} left (the port's next
+        accept returns it first, then goes on as usual).
+        """
+        first, second, third = self.sockets(3)
+        taken = {first.fileno()}
+        listener = PeekingListener(
+            _Listening([first, second, third]),  # type: ignore[arg-type]
+            lambda s: s.fileno() in taken,
+        )
+        self.assertTrue(listener.acceptEarly())
+        self.assertEqual(listener.accept()[0], second)
+        self.assertEqual(listener.accept()[0], third)
+        with self.assertRaises(BlockingIOError):
+            listener.accept()
+        self.assertFalse(listener.acceptEarly())
+
+    def test_acceptEarlyBounded(self) -> None:
+        """
+        L{PeekingListener.acceptEarly} takes at most L{earlyhandoff.MAX_ACCEPTS_PER_READ}
+        connections, leaving the rest for the next read event, and leaves the port nothing to do.
+        """
+        self.patch(earlyhandoff, "MAX_ACCEPTS_PER_READ", 2)
+        listening = _Listening(self.sockets(3))
+        listener = PeekingListener(listening, lambda s: True)  # type: ignore[arg-type]
+        self.assertFalse(listener.acceptEarly())
+        self.assertEqual(len(listening.connections), 1)
+
+    def test_acceptEarlyError(self) -> None:
+        """
+        An accept error other than C{EAGAIN} is left to the port (its own accept meets it again).
+        """
+
+        class Failing(_Listening):
+            def accept(self) -> tuple[socket.socket, Any]:
+                raise OSError(errno.EMFILE, "too many open files")
+
+        listener = PeekingListener(Failing([]), lambda s: True)  # type: ignore[arg-type]
+        self.assertTrue(listener.acceptEarly())
+
     def test_delegates(self) -> None:
         """
         Everything but C{accept} is the listening socket's.
@@ -319,6 +362,62 @@ class PeekAtAcceptTests(SynchronousTestCase):
         self.assertTrue(peekAtAccept(port, lambda s: False))
         self.assertIsInstance(port.socket, PeekingListener)
         self.assertEqual(port.socket.fileno(), listening.fileno())
+
+    def test_readEvents(self) -> None:
+        """
+        A read event whose visitors are all handed over never enters the port's own accept loop;
+        one with a visitor left runs it, and its accept returns that visitor first.
+        """
+        path = os.path.join(self.mktemp())
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(path)
+        listening.listen(8)
+        listening.setblocking(False)
+        served: list[socket.socket] = []
+
+        class Port:
+            socket = listening
+            reads = 0
+
+            def doRead(self) -> None:
+                # As Twisted's port: accept until EAGAIN.
+                self.reads += 1
+                while True:
+                    try:
+                        connection, _ = self.socket.accept()
+                    except BlockingIOError:
+                        return
+                    served.append(connection)
+                    self.addCleanup(connection.close)
+
+        port = Port()
+        port.addCleanup = self.addCleanup  # type: ignore[attr-defined]
+        handOver = [True]
+        seen: list[socket.socket] = []
+
+        def early(connection: socket.socket) -> bool:
+            seen.append(connection)
+            if handOver[0]:
+                connection.close()
+            return handOver[0]
+
+        def connect() -> None:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(client.close)
+            client.connect(path)
+
+        self.assertTrue(peekAtAccept(port, early))
+        connect()
+        connect()
+        port.doRead()
+        self.assertEqual((len(seen), port.reads, served), (2, 0, []))
+        handOver[0] = False
+        connect()
+        connect()
+        port.doRead()
+        self.assertEqual((len(seen), port.reads, len(served)), (4, 1, 2))
+        self.assertIs(served[0], seen[2])
 
     def test_noSocket(self) -> None:
         """

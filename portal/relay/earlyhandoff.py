@@ -59,15 +59,43 @@ class PeekingListener:
         """
         self._listening = listening
         self._early = early
+        #: A connection L{acceptEarly} accepted and C{early} did not take, for the next L{accept}.
+        self._pending: tuple[socket.socket, Any] | None = None
+
+    def acceptEarly(self) -> bool:
+        """
+        Accept connections and offer them to C{early}, before the port does anything (a read event
+        that only hands visitors over then costs no more than that).
+
+        @return: Whether the port has work: a connection C{early} did not take (the port's next
+            L{accept} returns it) or an error other than C{EAGAIN} (the port's own accept meets it
+            again, and handles it as Twisted does); not after C{EAGAIN}, nor after
+            L{MAX_ACCEPTS_PER_READ} connections taken (the rest wait for the next read event).
+        """
+        for _ in range(MAX_ACCEPTS_PER_READ):
+            try:
+                connection, address = self._listening.accept()
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not self._early(connection):
+                self._pending = (connection, address)
+                return True
+        return False
 
     def accept(self) -> tuple[socket.socket, Any]:
         """
-        Accept the next connection C{early} does not take.
+        Accept the next connection C{early} does not take (first the one L{acceptEarly} kept).
 
         @return: Its socket and address.
         @raise OSError: C{EAGAIN} when none is waiting, or once L{MAX_ACCEPTS_PER_READ} were taken
             in this call (which ends the port's batch for this turn of the reactor).
         """
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
         for _ in range(MAX_ACCEPTS_PER_READ):
             connection, address = self._listening.accept()
             if not self._early(connection):
@@ -151,7 +179,9 @@ class EarlyHandoff:
 
 def peekAtAccept(port: object, early: Callable[[socket.socket], bool]) -> bool:
     """
-    Have a listening port made by Twisted offer each connection it accepts to C{early} first.
+    Have a listening port made by Twisted offer each connection it accepts to C{early} first: its
+    read events start with L{PeekingListener.acceptEarly}, and its own accept loop runs only when
+    there is more to do.
 
     @param port: A Twisted TCP port (its listening socket is its C{socket}).
     @param early: See L{PeekingListener}.
@@ -160,5 +190,20 @@ def peekAtAccept(port: object, early: Callable[[socket.socket], bool]) -> bool:
     listening = getattr(port, "socket", None)
     if not isinstance(listening, socket.socket):
         return False
-    port.socket = PeekingListener(listening, early)  # type: ignore[attr-defined]
+    listener = PeekingListener(listening, early)
+    port.socket = listener  # type: ignore[attr-defined]
+    portRead = getattr(port, "doRead", None)
+    if portRead is None:
+        return True
+
+    def doRead() -> object:
+        """
+        The listening socket is readable: hand visitors over first; only what is left goes through
+        the port's own accept loop (Twisted's log buffering, protocol and transport set-up).
+        """
+        if listener.acceptEarly():
+            return portRead()
+        return None
+
+    port.doRead = doRead  # type: ignore[attr-defined]
     return True
