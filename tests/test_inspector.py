@@ -16,6 +16,7 @@ from portal.tunnel.inspector import (
     BODY_CAP,
     MAX_RECORDS,
     Capture,
+    Finished,
     Inspector,
     InspectorPage,
     public,
@@ -120,7 +121,7 @@ class CaptureTests(SynchronousTestCase):
             "upstreamPath": "/a",
             "capture": capture,
         }
-        inspector.keep(**arguments)
+        inspector.keep(Finished(**arguments))
         [kept] = inspector._kept
         self.assertIsNone(kept._record)
         clock.advance(5)

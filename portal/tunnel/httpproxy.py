@@ -50,7 +50,7 @@ from portal.tunnel.h2upstream import (
     H2UpstreamStream,
     requestHeaders,
 )
-from portal.tunnel.inspector import Capture, Inspector
+from portal.tunnel.inspector import Capture, Finished, Inspector
 from portal.tunnel.report import Reporter
 from portal.wire.attach import StreamHeader
 from portal.wire.httpheaders import HOP_BY_HOP
@@ -389,17 +389,21 @@ class HTTPProxy:
         if self.inspector is not None and exchange.capture is not None:
             upstream = route.upstream if route else None
             self.inspector.keep(
-                client=exchange.client,
-                method=exchange.method,
-                path=exchange.url,
-                version=exchange.version,
-                requestHeaders=exchange.headers,
-                status=exchange.status,
-                ms=(self.reactor.seconds() - exchange.started) * 1000,
-                route=route.prefix if route else None,
-                upstream=None if upstream is None else (upstream.host, upstream.port, upstream.tls),
-                upstreamPath=exchange.match.upstreamPath if exchange.match else None,
-                capture=exchange.capture,
+                Finished(
+                    client=exchange.client,
+                    method=exchange.method,
+                    path=exchange.url,
+                    version=exchange.version,
+                    requestHeaders=exchange.headers,
+                    status=exchange.status,
+                    ms=(self.reactor.seconds() - exchange.started) * 1000,
+                    route=route.prefix if route else None,
+                    upstream=None
+                    if upstream is None
+                    else (upstream.host, upstream.port, upstream.tls),
+                    upstreamPath=exchange.match.upstreamPath if exchange.match else None,
+                    capture=exchange.capture,
+                )
             )
 
 

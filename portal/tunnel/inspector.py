@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
+import attrs
 import treq
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -121,81 +122,91 @@ def _body(data: bytes, size: int) -> dict[str, Any]:
     return {"data": text, "encoding": encoding, "size": size, "truncated": size > len(data)}
 
 
+@attrs.define(slots=True)
+class Finished:
+    """
+    A finished exchange, as the proxy (or a replay) gives it to the inspector.
+
+    @ivar client: The visitor's address (C{"replay"} for a replay).
+    @ivar upstream: The route's upstream (host, port, TLS), or L{None} when none was chosen.
+    @ivar upstreamPath: The request-target sent upstream.
+    @ivar capture: Its heads and bodies; neither it nor C{requestHeaders} changes afterwards.
+    @ivar replayOf: The record replayed, for a replay.
+    """
+
+    client: str
+    method: bytes
+    path: bytes
+    version: str
+    requestHeaders: Sequence[tuple[bytes, bytes]]
+    status: int
+    ms: float
+    route: str | None
+    upstream: tuple[str, int, bool] | None
+    upstreamPath: str | None
+    capture: Capture
+    replayOf: int | None = None
+
+
 class _Kept:
     """
-    A finished exchange as given to L{Inspector.keep}, made into its record when first asked for
-    (a busy tunnel keeps far more exchanges than anyone looks at).
+    A finished exchange kept by L{Inspector.keep}, made into its record when first asked for (a
+    busy tunnel keeps far more exchanges than anyone looks at).
     """
 
-    __slots__ = ("id", "at", "_arguments", "_record")
+    __slots__ = ("id", "at", "_finished", "_record")
 
-    def __init__(self, recordId: int, at: float, arguments: dict[str, Any]) -> None:
+    def __init__(self, recordId: int, at: float, finished: Finished) -> None:
         """
         @param recordId: The record's id.
         @param at: When the exchange ended (seconds since the epoch).
-        @param arguments: What L{Inspector.keep} was given.
+        @param finished: The exchange.
         """
         self.id = recordId
         self.at = at
-        self._arguments: dict[str, Any] | None = arguments
+        self._finished: Finished | None = finished
         self._record: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """
-        @return: The record (made once).
+        @return: The JSON-ready record (made once), with private C{_replay} data.
         """
         if self._record is None:
-            assert self._arguments is not None
-            self._record = _makeRecord(self.id, self.at, **self._arguments)
-            self._arguments = None
+            assert self._finished is not None
+            self._record = _makeRecord(self.id, self.at, self._finished)
+            self._finished = None
         return self._record
 
 
-def _makeRecord(
-    recordId: int,
-    at: float,
-    *,
-    client: str,
-    method: bytes,
-    path: bytes,
-    version: str,
-    requestHeaders: Sequence[tuple[bytes, bytes]],
-    status: int,
-    ms: float,
-    route: str | None,
-    upstream: tuple[str, int, bool] | None,
-    upstreamPath: str | None,
-    capture: Capture,
-    replayOf: int | None = None,
-) -> dict[str, Any]:
+def _makeRecord(recordId: int, at: float, f: Finished) -> dict[str, Any]:
     """
-    @return: The JSON-ready record of a finished exchange (see L{Inspector.keep}), with private
-        C{_replay} data.
+    @return: The JSON-ready record of a finished exchange, with private C{_replay} data.
     """
+    capture, upstream = f.capture, f.upstream
     return {
         "id": recordId,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
-        "client": client,
-        "method": method.decode("latin-1"),
-        "path": path.decode("latin-1"),
-        "version": version,
-        "status": status,
-        "ms": round(ms, 2),
-        "route": route,
+        "client": f.client,
+        "method": f.method.decode("latin-1"),
+        "path": f.path.decode("latin-1"),
+        "version": f.version,
+        "status": f.status,
+        "ms": round(f.ms, 2),
+        "route": f.route,
         "upstream": None if upstream is None else f"{upstream[0]}:{upstream[1]}",
-        "requestHeaders": _headers(requestHeaders),
+        "requestHeaders": _headers(f.requestHeaders),
         "requestBody": _body(bytes(capture.requestBody), capture.requestSize),
         "responseHeaders": _headers(capture.responseHeaders),
         "responseBody": _body(bytes(capture.responseBody), capture.responseSize),
-        "replayOf": replayOf,
+        "replayOf": f.replayOf,
         "_replay": None
-        if upstream is None or upstreamPath is None
+        if upstream is None or f.upstreamPath is None
         else {
             "upstream": upstream,
-            "path": upstreamPath,
+            "path": f.upstreamPath,
             "headers": [
                 (n, v)
-                for n, v in requestHeaders
+                for n, v in f.requestHeaders
                 if n.lower() not in HOP_BY_HOP and n.lower() not in REDACTED_HEADERS
             ],
             "body": bytes(capture.requestBody)
@@ -233,51 +244,21 @@ class Inspector:
         """
         return [kept.record() for kept in self._kept if kept.id > after]
 
-    def keep(self, **arguments: Any) -> None:
+    def keep(self, finished: Finished) -> None:
         """
-        Keep a finished exchange; its record is made when first asked for. The arguments are
-        L{add}'s; the headers and the capture are not changed afterwards.
+        Keep a finished exchange (what the proxy does for every one); its record is made when
+        first asked for.
         """
-        self._kept.append(_Kept(self._next, self._clock.seconds(), arguments))
+        self._kept.append(_Kept(self._next, self._clock.seconds(), finished))
         self._next += 1
 
-    def add(
-        self,
-        *,
-        client: str,
-        method: bytes,
-        path: bytes,
-        version: str,
-        requestHeaders: Sequence[tuple[bytes, bytes]],
-        status: int,
-        ms: float,
-        route: str | None,
-        upstream: tuple[str, int, bool] | None,
-        upstreamPath: str | None,
-        capture: Capture,
-        replayOf: int | None = None,
-    ) -> dict[str, Any]:
+    def add(self, **fields: Any) -> dict[str, Any]:
         """
-        Keep a finished exchange.
+        Keep a finished exchange, given by the fields of L{Finished}.
 
-        @param upstream: The route's upstream (host, port, TLS), or L{None} when none was chosen.
-        @param upstreamPath: The request-target sent upstream.
-        @return: The record.
+        @return: Its record.
         """
-        self.keep(
-            client=client,
-            method=method,
-            path=path,
-            version=version,
-            requestHeaders=requestHeaders,
-            status=status,
-            ms=ms,
-            route=route,
-            upstream=upstream,
-            upstreamPath=upstreamPath,
-            capture=capture,
-            replayOf=replayOf,
-        )
+        self.keep(Finished(**fields))
         return self._kept[-1].record()
 
     def find(self, recordId: int) -> dict[str, Any] | None:
@@ -355,20 +336,23 @@ class Inspector:
             upstream=authority,
             status=response.code,
         )
-        return self.add(
-            client="replay",
-            method=method,
-            path=path.encode("latin-1"),
-            version="1.1",
-            requestHeaders=headers,
-            status=response.code,
-            ms=(reactor.seconds() - started) * 1000,
-            route=record["route"],
-            upstream=(host, port, tls),
-            upstreamPath=path,
-            capture=capture,
-            replayOf=record["id"],
+        self.keep(
+            Finished(
+                client="replay",
+                method=method,
+                path=path.encode("latin-1"),
+                version="1.1",
+                requestHeaders=headers,
+                status=response.code,
+                ms=(reactor.seconds() - started) * 1000,
+                route=record["route"],
+                upstream=(host, port, tls),
+                upstreamPath=path,
+                capture=capture,
+                replayOf=record["id"],
+            )
         )
+        return self._kept[-1].record()
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
