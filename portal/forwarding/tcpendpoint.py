@@ -49,19 +49,6 @@ class _LeanClient(WriteThrough, tcp.Client):
     reported on a later turn, never from within C{connectTCP}.
     """
 
-    def __init__(self, *args: Any) -> None:
-        base: Any = super()
-        base.__init__(*args)
-        # CPython 3.11 makes room in a class's shared keys for fewer new names with every instance
-        # made, and gives an instance setting a name that finds no room a dictionary of its own
-        # (about 0.8 KB): names a connection only sets later (registering a producer, writing)
-        # are set here, to their class defaults, so that every instance's names are in the keys.
-        self.producer = None
-        self.streamingProducer = False
-        self.producerPaused = False
-        self.dataBuffer = b""
-        self.offset = 0
-
     def _finishInit(self, whenDone: Any, skt: Any, err: Any, reactor: Any) -> None:
         """
         Start connecting at once to an IPv4 literal; anything else the way L{tcp.Client} does.
