@@ -1,0 +1,1 @@
+Routed HTTP costs the tunnel less per request: request lines make their time stamps once per second and `--json` events use one encoder, and the request inspector keeps each exchange as it is and builds its record only when the inspector shows it (tunnel CPU per kept-alive request about 15% lower).

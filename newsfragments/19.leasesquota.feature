@@ -1,0 +1,1 @@
+Relay cluster (`--cluster`, `--workers N`): `--max-leases-per-identity` now counts the lease names an identity holds on every member, not on each member separately; the refusal says `in this relay cluster`. A name the identity already holds anywhere costs nothing to register again (its tunnel moved).
