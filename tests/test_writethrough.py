@@ -309,3 +309,23 @@ class SharedKeysTests(SynchronousTestCase):
             takeUnsent(transport)
         grown = tracemalloc.get_traced_memory()[0] - before
         self.assertLess(grown / len(transports), 200)
+
+    def test_logTextsMadeWhenAsked(self) -> None:
+        """
+        The transport keeps no log prefix or C{repr} text per connection, and makes them as
+        Twisted's server transport does when asked.
+        """
+        reactor = MemoryReactorClock()
+        factory: Any = None
+        port: Any = tcp.Port(4443, factory, reactor=reactor)
+        port._realPortNumber = 4443
+        socket: Any = _FakeSocket()
+        transport = WriteThroughServer(socket, _Lost(), ("127.0.0.2", 4000), port, 7, reactor)
+        self.assertNotIn("logstr", vars(transport))
+        self.assertNotIn("repstr", vars(transport))
+        self.assertEqual(transport.logPrefix(), "_Lost,7,127.0.0.2")
+        self.assertEqual(repr(transport), "<_Lost #7 on 4443>")
+        socket = _FakeSocket()
+        twisted = tcp.Server(socket, _Lost(), ("127.0.0.2", 4000), port, 7, reactor)
+        self.assertEqual(transport.logPrefix(), twisted.logPrefix())
+        self.assertEqual(repr(transport), repr(twisted))

@@ -129,4 +129,39 @@ class WriteThrough:
 class WriteThroughServer(WriteThrough, tcp.Server):
     """
     An accepted TCP connection that writes through (see L{WriteThrough}).
+
+    Its log prefix and C{repr} are made when asked for, not kept: Twisted's server transport formats
+    both texts for every connection it accepts and keeps them (about 150 bytes per connection, twice
+    per relayed visitor: issue 16's memory per idle connection). Made later, they name the
+    protocol serving the connection then.
     """
+
+    @property
+    def logstr(self) -> str:
+        """
+        The log prefix: protocol, session number and peer host, as Twisted's.
+        """
+        this: Any = self
+        return f"{this._getLogPrefix(this.protocol)},{this.sessionno},{this.hostname}"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        """
+        Twisted's constructor sets it: made when asked for instead.
+        """
+
+    @property
+    def repstr(self) -> str:
+        """
+        The C{repr}: protocol class, session number and the listening port's number, as
+        Twisted's.
+        """
+        this: Any = self
+        port = this.server._realPortNumber if this.server is not None else None
+        return f"<{type(this.protocol).__name__} #{this.sessionno} on {port}>"
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        """
+        Twisted's constructor sets it: made when asked for instead.
+        """
