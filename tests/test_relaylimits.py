@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portal.forwarding.connlimit import LimitedFactory
 from portal.relay.admission import Rate
+from portal.relay.data import RelayDataSession
 from portal.relay.public import PublicFactory
 from portal.relay.router import DataPool, RelayLimits, Router
 from portal.relay.service import RelayConfig, RelayService
@@ -145,7 +146,8 @@ class VouchTests(RelayHarness):
         transport = connectTransport(wrapper, _TUNNEL_ADDRESS)
         self.assertEqual(limiter.bySource, {"198.51.100.7": 1})
         wrapper.dataReceived(MAGIC)
-        session = wrapper.inner.chosen  # type: ignore[attr-defined]
+        session = wrapper.inner  # The dispatcher left the chain once it chose.
+        assert isinstance(session, RelayDataSession)
         wrapper.dataReceived(attachProof(_KEY, session.nonce, self.sessionId))
         self.assertEqual(limiter.bySource, {})
         self.assertEqual((limiter.vouched, limiter.open, self.router.connections.count), (1, 1, 1))
@@ -161,7 +163,8 @@ class VouchTests(RelayHarness):
         assert wrapper is not None
         connectTransport(wrapper, _TUNNEL_ADDRESS)
         wrapper.dataReceived(MAGIC)
-        session = wrapper.inner.chosen  # type: ignore[attr-defined]
+        session = wrapper.inner  # The dispatcher left the chain once it chose.
+        assert isinstance(session, RelayDataSession)
         wrapper.dataReceived(attachProof(b"x" * 32, session.nonce, self.sessionId))
         self.assertEqual((limiter.vouched, self.router.connections.count), (0, 0))
         self.assertEqual(self.router.refusals.counts, {"data_session": 1})

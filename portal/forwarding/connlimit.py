@@ -217,6 +217,18 @@ class _Admitted(Protocol):
             self._vouched = True
             self._limiter.vouch(self._source)
 
+    def replaceInner(self, old: IProtocol, new: IProtocol) -> bool:
+        """
+        Pass every later event to C{new} instead of C{old}, when C{old} is the inner protocol (a
+        peeking wrapper leaving the chain once it has chosen, L{portal.wire.peek.PeekingProtocol}).
+
+        @return: Whether C{new} is now the inner protocol.
+        """
+        if self.inner is not old:
+            return False
+        self.inner = new
+        return True
+
     def makeConnection(self, transport: ITransport) -> None:
         """
         Connect the inner protocol to the transport itself.
