@@ -527,7 +527,10 @@ class KernelSpliceTests(KernelSpliceTestCase):
         self.assertEqual(rig.splice.directions[0].pipe, None)
         self.assertEqual(rig.splice.directions[1].pipe, None)
         self.assertUnlinked(rig.splice)
-        self.assertUnlinked(rig.splice)
+        # Both ends were closed without a shutdown(SHUT_RDWR) that would change nothing.
+        for inner in (rig.visitorInner, rig.dataInner):
+            transport: Any = inner.transport
+            self.assertFalse(transport._shouldShutdown)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def assertUnlinked(self, kernelSplice: KernelSplice) -> None:
