@@ -279,6 +279,12 @@ def workersScaling(
                 "connectionsPerSecond": measured / total["seconds"],
                 "relayCPUPerConnectionMs": sum(cpu.values()) / measured * 1e3,
                 "perWorkerCPUSeconds": sorted(cpu.values(), reverse=True),
+                # Each worker's CPU over all of the configuration's connections, busiest first
+                # (with two workers: the one holding the tunnel serves every visitor, those it
+                # accepted and those handed to it; the other only hands visitors over).
+                "perWorkerCPUPerConnectionMs": [
+                    seconds / measured * 1e3 for seconds in sorted(cpu.values(), reverse=True)
+                ],
                 "tunnelCPUPerConnectionMs": total["tunnel"] / measured * 1e3,
             }
     finally:
@@ -432,6 +438,10 @@ def main() -> None:
         f"| relay CPU per connection, 1 worker / 2 workers ({scaling['rounds']} alternating blocks each) | "
         f"{scaling['workers1']['relayCPUPerConnectionMs']:.3f} / {scaling['workers2']['relayCPUPerConnectionMs']:.3f} ms "
         f"(x{scaling['relayCPUPerConnectionRatio']:.2f}) |",
+        "| relay CPU per connection of each of the 2 workers (the tunnel's holder first), over all "
+        "connections | "
+        + " / ".join(f"{ms:.3f}" for ms in scaling["workers2"]["perWorkerCPUPerConnectionMs"])
+        + f" ms (holder x{scaling['workers2']['perWorkerCPUPerConnectionMs'][0] / scaling['workers1']['relayCPUPerConnectionMs']:.2f} of 1 worker) |",
         f"| tunnel CPU per connection, 1 worker / 2 workers | "
         f"{scaling['workers1']['tunnelCPUPerConnectionMs']:.3f} / {scaling['workers2']['tunnelCPUPerConnectionMs']:.3f} ms |",
         f"| etcd claims + live routes per second (sequential) | {claims['registrationsPerSecond']:.0f} |",
