@@ -421,10 +421,12 @@ def startExpose(
     controlPort: int,
     arguments: Sequence[str],
     name: str = "portal expose",
+    relay: str | None = None,
 ) -> WatchedProcess:
     """
     Start C{portal expose ARGUMENTS --relay 127.0.0.1:PORT --identity HOME/identity.json --json}.
 
+    @param relay: What to give C{--relay} instead of C{127.0.0.1:PORT}.
     @return: The watcher; wait for its lease with L{waitForLease}.
     """
     argv = [
@@ -434,7 +436,7 @@ def startExpose(
         "expose",
         *arguments,
         "--relay",
-        f"127.0.0.1:{controlPort}",
+        relay or f"127.0.0.1:{controlPort}",
         "--identity",
         os.path.join(home, "identity.json"),
         "--json",

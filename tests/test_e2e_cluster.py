@@ -244,6 +244,44 @@ class ClusterTests(TestCase):
         response = yield deferToThread(fetchAt, self.members[1][1], other["url"], other["ca"])
         self.assertTrue(response.endswith(PAGE))
 
+    @inlineCallbacks
+    def test_alternativeAddresses(self) -> Any:
+        """
+        A tunnel given two members' control addresses as one relay (C{--relay A,B}) holds its
+        lease through A only; when A dies (SIGKILL), its next attempts reach B, the lease comes back
+        there with the same URL, and visitors at C are served again.
+        """
+        a, b = self.members[0][2], self.members[1][2]
+        tunnel = startExpose(
+            self,
+            homeDir(self, "alice"),
+            a,
+            [self.target, "--name", "moving"],
+            relay=f"127.0.0.1:{a},127.0.0.1:{b}",
+        )
+        lease = yield waitForLease(tunnel)
+        self.assertEqual(lease["relay"], f"127.0.0.1:{a}")
+        atC = self.members[2][1]
+
+        def fetched() -> Any:
+            return deferToThread(fetchAt, atC, lease["url"], lease["ca"]).addErrback(lambda f: None)
+
+        yield pollUntil(fetched, "moving via C", timeout=20)
+        self.assertEqual(sum('"event": "lease"' in line for line in tunnel.lines), 1)
+        mark = len(tunnel.lines)
+        self.members[0][0].signal("KILL")
+        yield self.members[0][0].ended
+        moved = yield waitForLease(tunnel, after=mark)
+        # The same name; the port differs only because each member of this test has a public
+        # port of its own (members behind one address share it).
+        self.assertEqual(
+            (moved["relay"], _hostPort(moved["url"])[0]),
+            (f"127.0.0.1:{b}", _hostPort(lease["url"])[0]),
+        )
+        self.assertIn('"event": "alternative"', "\n".join(tunnel.lines[mark:]))
+        response = yield pollUntil(fetched, "moving via C after A died", timeout=20)
+        self.assertTrue(response.endswith(PAGE))
+
 
 class ThreeNodeEtcdTests(TestCase):
     """

@@ -430,6 +430,49 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         self.link._unreachable(Failure(ConnectionRefusedError()))
         self.assertEqual(len(self.events("unreachable")), 2)
 
+    def test_alternativeAddresses(self) -> None:
+        """
+        A relay given with several addresses (C{--relay A,B}): each failed attempt moves the next
+        attempt to the next address, in turn (reported as C{alternative}); the data sessions go to
+        the address the control session reached; an address that works is kept.
+        """
+        directory = os.path.abspath(self.mktemp())
+        config = buildConfig(
+            "8000",
+            relays=["127.0.0.1:4001,127.0.0.1:4002"],
+            identityPath=os.path.join(directory, "identity.json"),
+        )
+        tunnel = TunnelService(
+            config, self.reactor, Reporter(io.StringIO(), asJSON=True), self.fatals.append
+        )
+        [link] = tunnel.links
+        link.startService()
+        self.addCleanup(link.stopService)
+        tried = []
+        for _ in range(3):
+            link.controlEndpoint().connect(Factory.forProtocol(Protocol))
+            tried.append(self.reactor.tcpClients[-1][1])
+            link._unreachable(Failure(ConnectionRefusedError()))
+        self.assertEqual(tried, [4001, 4002, 4001])
+        alternatives = [e for e in link.reporter.events if e["event"] == "alternative"]
+        self.assertEqual(
+            [(e["relay"], e["next"]) for e in alternatives],
+            [
+                ("127.0.0.1:4001", "127.0.0.1:4002"),
+                ("127.0.0.1:4002", "127.0.0.1:4001"),
+                ("127.0.0.1:4001", "127.0.0.1:4002"),
+            ],
+        )
+        link.controlEndpoint().connect(Factory.forProtocol(Protocol))
+        self.assertEqual(self.reactor.tcpClients[-1][1], 4002)
+        protocol = link._newSession()
+        link.registered(protocol, ["app.localhost"], 8443)
+        link.dataEndpoint().connect(Factory.forProtocol(Protocol))
+        self.assertEqual(self.reactor.tcpClients[-1][1], 4002)
+        link.controlLost(protocol)
+        link.controlEndpoint().connect(Factory.forProtocol(Protocol))
+        self.assertEqual(self.reactor.tcpClients[-1][1], 4002)
+
     def test_fatalAttempt(self) -> None:
         """
         An attempt that fails for good (a relay that is not who it should be) stops the tunnel.

@@ -573,6 +573,33 @@ class ViaTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, parseChain, "c:1", ["c:1"])
         self.assertIn("only once on the path to c:1", str(error))
 
+    def test_alternatives(self) -> None:
+        """
+        C{--relay A,B#ID}: one relay with two control addresses, tried in that order, each parsed
+        like a relay and each with the path given with C{--via}.
+        """
+        config = self.parse(
+            "8000", "--via", "h:1", "--relay", f"A.example, b.example:4018#{RELAY_ID}"
+        ).tunnelConfig
+        [relay] = config.relays
+        first, second = relay.choices
+        hop = (RelayAddress("h", 1),)
+        self.assertEqual(first, RelayAddress("a.example", 4017, via=hop))
+        self.assertEqual(second, RelayAddress("b.example", 4018, RELAY_ID, via=hop))
+        self.assertEqual(relay.address, "a.example:4017")
+        self.assertEqual(RelayAddress("c", 1).choices, (RelayAddress("c", 1),))
+
+    def test_alternativeGivenTwice(self) -> None:
+        """
+        An address listed twice, within one C{--relay} or in two, or as a hop of the path, is
+        refused.
+        """
+        error = self.assertRaises(ConfigError, parseChain, "a:1,b:1,a:1")
+        self.assertIn("a:1 is listed twice", str(error))
+        self.assertRaises(ConfigError, buildConfig, "8000", relays=["a:1,b:1", "b:1"])
+        self.assertRaises(ConfigError, parseChain, "a:1,b:1", ["b:1"])
+        self.assertRaises(ConfigError, parseChain, "a:1,")
+
     def test_hopMayBeAPoolRelay(self) -> None:
         """
         A relay of the pool may also be a hop on another relay's path.

@@ -168,7 +168,8 @@ class TunnelOptions(FlagsAnywhere):
 
     def opt_relay(self, relay: str) -> None:
         """
-        A relay to hold a lease on, HOST:PORT[#RELAYID] (repeatable; default localhost:4017).
+        A relay to hold a lease on, HOST:PORT[#RELAYID] (repeatable; default localhost:4017); a
+        relay cluster's control addresses separated by commas, tried in turn.
         """
         self["relays"].append(relay)
         self["via"].append(tuple(self["pending-via"]))

@@ -1,6 +1,8 @@
 """
 Where a relay is and which identity it must prove: C{HOST:PORT[#RELAYID]} as given to C{--relay},
-C{--via} and registries, parsed into a L{RelayAddress} with the hops on the path to it.
+C{--via} and registries, parsed into a L{RelayAddress} with the hops on the path to it. C{--relay}
+may list several control addresses of one relay cluster, C{A,B,C}: the tunnel holds its lease
+through one of them at a time and moves on to the next when that one cannot be reached.
 """
 
 from __future__ import annotations
@@ -59,12 +61,25 @@ class RelayAddress:
     @ivar expectedId: The relay identity given as C{HOST:PORT#RELAYID}, if any.
     @ivar via: The hop relays on the path to this relay, first hop first (C{--via}); empty for a
         direct connection. Each is checked and pinned like a relay.
+    @ivar alternatives: Other control addresses of the same relay cluster (C{--relay A,B}), each
+        with the same C{via}, tried in turn after this one when it cannot be reached; each member
+        proves its own identity and is pinned under its own address.
     """
 
     host: str
     port: int
     expectedId: str | None = None
     via: tuple[RelayAddress, ...] = ()
+    alternatives: tuple[RelayAddress, ...] = ()
+
+    @property
+    def choices(self) -> tuple[RelayAddress, ...]:
+        """
+        This address and its alternatives, in the order they are tried, each without alternatives.
+        """
+        if not self.alternatives:
+            return (self,)
+        return (attrs.evolve(self, alternatives=()), *self.alternatives)
 
     @property
     def address(self) -> str:
@@ -104,20 +119,28 @@ def parseRelay(text: str, flag: str = "--relay") -> RelayAddress:
 
 def parseChain(relay: str, via: Sequence[str] = ()) -> RelayAddress:
     """
-    Parse a relay and the hops on the path to it.
+    Parse a relay, its alternative addresses and the hops on the path to it.
 
-    @param relay: The relay, C{HOST:PORT[#RELAYID]}.
+    @param relay: The relay, C{HOST:PORT[#RELAYID]}, or several addresses of one relay cluster
+        separated by commas (the first is tried first).
     @param via: The hop relays, first hop first, each C{HOST:PORT[#RELAYID]}.
-    @return: The relay's address with its path.
-    @raise ConfigError: When an address is malformed, or a relay occurs twice on the path.
+    @return: The relay's address with its path and alternatives.
+    @raise ConfigError: When an address is malformed, given twice, or a relay occurs twice on the
+        path.
     """
-    target = parseRelay(relay)
+    targets = [parseRelay(part.strip()) for part in relay.split(",")]
+    addresses = [target.address for target in targets]
+    for address in addresses:
+        if addresses.count(address) > 1:
+            raise ConfigError(f"--relay {relay!r}: {address} is listed twice")
     hops = tuple(parseRelay(hop, "--via") for hop in via)
-    seen = {target.address}
+    seen = set(addresses)
     for hop in hops:
         if hop.address in seen:
             raise ConfigError(
-                f"--via {hop.address}: a relay may occur only once on the path to {target.address}"
+                f"--via {hop.address}: a relay may occur only once on the path to "
+                f"{targets[0].address}"
             )
         seen.add(hop.address)
-    return attrs.evolve(target, via=hops)
+    first, *others = (attrs.evolve(target, via=hops) for target in targets)
+    return attrs.evolve(first, alternatives=tuple(others))

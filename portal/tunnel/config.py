@@ -435,7 +435,8 @@ def buildConfig(
     parsedRelays = tuple(parseChain(r, hops) for r, hops in zip(relays, paths, strict=True)) or (
         () if registry else (parseRelay(DEFAULT_RELAY),)
     )
-    if len({r.address for r in parsedRelays}) != len(parsedRelays):
+    addresses = [choice.address for r in parsedRelays for choice in r.choices]
+    if len(set(addresses)) != len(addresses):
         raise ConfigError("--relay: the same relay is given twice")
     return TunnelConfig(
         target=None if routes or target is None else parseTarget(target),

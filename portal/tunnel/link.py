@@ -68,13 +68,32 @@ class _ReportingEndpoint:
         return connecting
 
 
+@implementer(IStreamClientEndpoint)
+class _CurrentRelay:
+    """
+    Connects to the link's relay as it is at each attempt: with several addresses of one relay
+    cluster (C{--relay A,B}), the one the link is trying now.
+    """
+
+    def __init__(self, link: RelayLink) -> None:
+        self._link = link
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Connect with TLS to the link's current relay address.
+        """
+        return self._link.tlsEndpoint().connect(factory)
+
+
 @implementer(IRelayLink)
 class RelayLink(Service):
     """
     Keeps one relay connected: control session with reconnect and backoff, data session pool, and the
     user-facing reports of its state.
 
-    @ivar relay: The relay's address.
+    @ivar relay: The relay's address the link uses now: with several addresses of one relay
+        cluster (C{--relay A,B}, L{RelayAddress.alternatives}), the link moves on to the next after
+        an attempt to reach this one failed, and stays with an address while it works.
     @ivar pool: The data session pool.
     @ivar protocol: The live control protocol, if any.
     """
@@ -87,7 +106,9 @@ class RelayLink(Service):
 
     def __init__(self, tunnel: ITunnel, relay: RelayAddress) -> None:
         self.tunnel = tunnel
-        self.relay = relay
+        self._choices = relay.choices
+        self._choice = 0
+        self.relay = self._choices[0]
         self.reactor = tunnel.reactor
         self.identity = tunnel.identity
         self.label = tunnel.label
@@ -132,7 +153,7 @@ class RelayLink(Service):
         """
         @return: The TLS endpoint of L{tlsEndpoint}, reporting failed attempts.
         """
-        return _ReportingEndpoint(self.tlsEndpoint(), self._unreachable, self._machine.dialling)
+        return _ReportingEndpoint(_CurrentRelay(self), self._unreachable, self._machine.dialling)
 
     def startService(self) -> None:
         """
@@ -198,9 +219,21 @@ class RelayLink(Service):
 
     def _unreachable(self, failure: Failure) -> None:
         """
-        A connection attempt failed.
+        A connection attempt failed: with other addresses of the relay, the next attempt goes to
+        the next one.
         """
         self._machine.attemptFailed(failure)
+        if len(self._choices) > 1 and self.running:
+            failed = self.relay
+            self._choice = (self._choice + 1) % len(self._choices)
+            self.relay = self._choices[self._choice]
+            self.reporter.state(
+                "alternative",
+                failed.address,
+                f"cannot reach {failed.address}; trying {self.relay.address}, another address of "
+                f"this relay, next",
+                next=self.relay.address,
+            )
 
     def _reportUnreachable(self, failure: Failure) -> None:
         """

@@ -172,7 +172,7 @@ class RelayPool(Service):
             return
         mode = tunnel.config.mode
         needed = modeParts(mode)
-        explicit = {relay.address for relay in tunnel.config.relays}
+        explicit = {choice.address for relay in tunnel.config.relays for choice in relay.choices}
         usable = [e for e in registry.relays if needed <= e.modes and e.address not in explicit]
         if not usable:
             tunnel.fatal(
