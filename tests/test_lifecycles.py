@@ -472,6 +472,10 @@ class RelayLinkLifecycleTests(SynchronousTestCase):
         link.controlLost(protocol)
         link.controlEndpoint().connect(Factory.forProtocol(Protocol))
         self.assertEqual(self.reactor.tcpClients[-1][1], 4002)
+        # An error reconnecting cannot fix stops the tunnel; no other address is announced.
+        link._unreachable(Failure(FatalRelayError("the hop refuses")))
+        self.assertEqual(len(self.fatals), 1)
+        self.assertEqual(len([e for e in link.reporter.events if e["event"] == "alternative"]), 3)
 
     def test_fatalAttempt(self) -> None:
         """

@@ -223,7 +223,8 @@ class RelayLink(Service):
         the next one.
         """
         self._machine.attemptFailed(failure)
-        if len(self._choices) > 1 and self.running:
+        fatal = failure.check(FatalRelayError, RelayAuthenticationFailed)
+        if len(self._choices) > 1 and self.running and not fatal:
             failed = self.relay
             self._choice = (self._choice + 1) % len(self._choices)
             self.relay = self._choices[self._choice]
