@@ -1186,19 +1186,36 @@ class SmugglingTests(H2TestCase):
         self.assertFalse(client.responses[streamID].status)
         self.assertRefusedAlone(client, transport, streamID)
 
-    def test_bodyLongerThanLength(self) -> None:
+    def test_bodyShorterThanLength(self) -> None:
         """
-        A body that does not match its C{content-length} is a protocol error (C{h2} checks it): the
-        connection ends with C{GOAWAY} and a log event, and no upstream is asked.
+        A body that ends before its C{content-length} is a stream error (RFC 9113 8.1.1): that
+        stream is reset with C{PROTOCOL_ERROR} and a log event, no upstream is asked, and the
+        connection serves other requests.
         """
         _, transport, client = self.connectH2()
-        client.request(b"POST", b"/api/x", [(b"content-length", b"30")], b"abc")
+        streamID = client.request(b"POST", b"/api/x", [(b"content-length", b"30")], b"abc")
         client.flush()
         self.assertEqual(self.pool.gets, [])
-        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
-        self.assertEqual(goaway.error_code, ErrorCodes.PROTOCOL_ERROR)
-        self.assertTrue(transport.disconnecting)
-        self.assertTrue([e for e in self.events if "protocol error" in e["log_format"]])
+        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(
+            [e for e in self.events if e.get("what") == "less DATA than content-length"]
+        )
+        self.assertServesNext(client, transport)
+
+    def test_bodyLongerThanLength(self) -> None:
+        """
+        A body that goes beyond its C{content-length} resets its stream with C{PROTOCOL_ERROR} at the
+        first byte too many; the connection serves other requests.
+        """
+        _, transport, client = self.connectH2()
+        streamID = client.request(b"POST", b"/api/x", [(b"content-length", b"2")], b"abc")
+        client.flush()
+        self.assertEqual(self.pool.gets, [])
+        self.assertEqual(client.responses[streamID].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(
+            [e for e in self.events if e.get("what") == "more DATA than content-length"]
+        )
+        self.assertServesNext(client, transport)
 
 
 class AbuseTests(H2TestCase):

@@ -2,7 +2,7 @@
 HTTP/2 for visitors of routed HTTP mode.
 
 When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn h2,http/1.1}), the
-connection is served by L{H2Server}, a lean server protocol on the C{h2} package's state machine,
+connection is served by L{H2Server}, a lean server protocol on L{portal.wire.h2server}'s connection state,
 and each request (L{H2Visitor}, one per stream) is forwarded over the same pooled HTTP/1.1 upstream
 connections as the HTTP/1.1 path (L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of
 an HTTP/2 upstream (L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream.
@@ -11,10 +11,9 @@ follows frame by frame, and the stream's flow-control window stays closed while 
 cannot take more. Responses stream back with HTTP/2 flow control as backpressure: what a window
 cannot take waits on its stream, and the upstream is paused meanwhile.
 
-Request heads are checked in one pass (L{readRequestHead}) in place of C{h2}'s chain of
-validators; a malformed one resets its own stream. The server keeps what a visitor could abuse
-bounded: C{h2}'s own limits (100 concurrent streams, 64 KiB of headers, frame sizes, body lengths
-against C{content-length}, flow control), a token bucket on stream resets, the visitor's and those
+Request heads are checked in one pass (L{readRequestHead}); a malformed one resets its own stream. The server keeps what a visitor could abuse
+bounded: the connection's own limits (L{portal.wire.h2server}: 100 concurrent streams, 64 KiB of
+headers, frame sizes, body lengths against C{content-length}, flow control), a token bucket on stream resets, the visitor's and those
 its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset" variant),
 a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and SETTINGS
 floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each stream
@@ -33,11 +32,6 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
-import h2.config
-import h2.connection
-import h2.events
-from h2.errors import ErrorCodes
-from h2.exceptions import H2Error, ProtocolError
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionLost, TimeoutError
 from twisted.internet.interfaces import IProtocol, IPushProducer
@@ -61,7 +55,9 @@ from portal.tunnel.httpproxy import (
     gatewayRequest,
     tooLarge,
 )
+from portal.wire import h2server
 from portal.wire.attach import StreamHeader
+from portal.wire.h2server import ErrorCode, ProtocolError, ServerConnection, StreamStateError
 from portal.wire.httpheaders import HOP_BY_HOP
 
 #: Bytes the server may write while its transport is paused (the visitor does not read) before it
@@ -79,18 +75,6 @@ ABORT_TIMEOUT = 15
 
 #: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
 _CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
-
-#: C{h2}'s header checks are replaced by one pass of ours: inbound by L{readRequestHead} (stricter,
-#: since the request goes on as HTTP/1.1), outbound by L{_responseHead} (the heads are built from
-#: what the upstream's parser accepted). C{h2} still checks framing, lengths and flow control.
-_CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
 
 #: A request header name: a lowercase token (RFC 9110 5.1, RFC 9113 8.2.1).
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -457,7 +441,7 @@ class H2Visitor(ExchangeAnswers):
             return
         if data:
             self.bodyChunk(data)
-        self._server.conn.acknowledge_received_data(flowControlled, self.streamID)
+        self._server.conn.acknowledgeReceivedData(flowControlled, self.streamID)
 
     def requestEnded(self) -> None:
         """
@@ -561,7 +545,7 @@ class H2Visitor(ExchangeAnswers):
         """
         head, self._head = self._head, None
         assert head is not None
-        self._server.conn.send_headers(self.streamID, head, end_stream=endStream)
+        self._server.conn.sendHeaders(self.streamID, head, endStream=endStream)
 
     def _drain(self) -> None:
         """
@@ -577,8 +561,8 @@ class H2Visitor(ExchangeAnswers):
             pass
         elif pending:
             try:
-                window = conn.local_flow_control_window(streamID)
-                frame = conn.max_outbound_frame_size
+                window = conn.localFlowControlWindow(streamID)
+                frame = conn.maxOutboundFrameSize
                 while pending and window > 0:
                     chunk = pending[0]
                     size = min(window, frame)
@@ -586,15 +570,15 @@ class H2Visitor(ExchangeAnswers):
                         pending.popleft()
                         if not pending and self._ending and not self._trailers:
                             # The last piece: it ends the stream.
-                            conn.send_data(streamID, chunk, end_stream=True)
+                            conn.sendData(streamID, chunk, endStream=True)
                             self._close()
                             return
                     else:
                         pending[0] = chunk[size:]
                         chunk = chunk[:size]
-                    conn.send_data(streamID, chunk)
+                    conn.sendData(streamID, chunk)
                     window -= len(chunk)
-            except H2Error:
+            except StreamStateError:
                 # The visitor closed its side of the stream (a reset on its way): nothing more goes.
                 self._close()
                 return
@@ -622,10 +606,10 @@ class H2Visitor(ExchangeAnswers):
                 if self._head is not None:
                     self._sendHead(False)
                 if self._trailers:
-                    conn.send_headers(self.streamID, self._trailers, end_stream=True)
+                    conn.sendHeaders(self.streamID, self._trailers, endStream=True)
                 else:
-                    conn.end_stream(self.streamID)
-        except H2Error:
+                    conn.endStream(self.streamID)
+        except StreamStateError:
             pass  # Reset by the visitor meanwhile: nothing to end.
         self._close()
 
@@ -650,7 +634,7 @@ class H2Visitor(ExchangeAnswers):
             held.clear()
             self._holding = False
             if size:
-                self._server.conn.acknowledge_received_data(size, self.streamID)
+                self._server.conn.acknowledgeReceivedData(size, self.streamID)
 
     def windowOpened(self) -> None:
         """
@@ -710,7 +694,7 @@ class H2Visitor(ExchangeAnswers):
                 acknowledged += flowControlled
                 self.bodyChunk(data)
         if acknowledged:
-            self._server.conn.acknowledge_received_data(acknowledged, self.streamID)
+            self._server.conn.acknowledgeReceivedData(acknowledged, self.streamID)
         self._server.flush()
 
     def stopProducing(self) -> None:
@@ -726,8 +710,8 @@ class H2Visitor(ExchangeAnswers):
         if self._closed:
             return
         try:
-            self._server.conn.reset_stream(self.streamID, ErrorCodes.INTERNAL_ERROR)
-        except H2Error:
+            self._server.conn.resetStream(self.streamID, ErrorCode.INTERNAL_ERROR)
+        except StreamStateError:
             pass
         self._close()
         self._server.flush()
@@ -736,13 +720,13 @@ class H2Visitor(ExchangeAnswers):
 @implementer(IPushProducer)
 class H2Server(Protocol, TimeoutMixin):
     """
-    One visitor's HTTP/2 connection: C{h2}'s state machine, a L{H2Visitor} per request stream. It is
+    One visitor's HTTP/2 connection: its state (L{ServerConnection}), a L{H2Visitor} per request stream. It is
     the push producer of its transport: while the transport is paused (the visitor does not read),
     response bodies wait on their streams and at most L{MAX_PAUSED_OUTPUT} bytes of other frames
     are written. The connection is closed with C{GOAWAY} after L{IDLE_TIMEOUT} seconds without frames
     and with no request in flight, as an HTTP/1.1 visitor's is.
 
-    @ivar conn: The C{h2} connection.
+    @ivar conn: The connection's HTTP/2 state.
     @ivar streams: The streams whose response is not over, by id.
     @ivar paused: Whether the transport asked for a pause.
     """
@@ -756,7 +740,7 @@ class H2Server(Protocol, TimeoutMixin):
         self._reactor = reactor
         # TimeoutMixin schedules on the global reactor unless told otherwise.
         self.callLater = reactor.callLater  # type: ignore[method-assign]
-        self.conn = h2.connection.H2Connection(config=_CONFIG)
+        self.conn = ServerConnection()
         self.streams: dict[int, H2Visitor] = {}
         self.paused = False
         self._pausedOutput = 0
@@ -773,15 +757,15 @@ class H2Server(Protocol, TimeoutMixin):
         """
         noDelay(self.transport)
         self.setTimeout(IDLE_TIMEOUT)
-        self.conn.initiate_connection()
+        self.conn.initiateConnection()
         self.flush()
 
     def flush(self) -> None:
         """
-        Write what C{h2} has to send; a visitor that makes the server write more than
+        Write the frames the connection queued; a visitor that makes the server write more than
         L{MAX_PAUSED_OUTPUT} bytes while it reads nothing is cut off.
         """
-        data = self.conn.data_to_send()
+        data = self.conn.dataToSend()
         if not data or self._lost:
             return
         transport = self.transport
@@ -808,49 +792,49 @@ class H2Server(Protocol, TimeoutMixin):
         if self._lost:
             return
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receiveData(data)
         except ProtocolError as e:
             self._log.warn(
                 "HTTP/2 protocol error from {peer}: {error}",
                 peer=self.header.peerHost,
                 error=str(e) or type(e).__name__,
             )
-            self.flush()  # The GOAWAY h2 queued.
+            self.flush()  # The GOAWAY queued.
             self._terminate(Failure(ConnectionLost("HTTP/2 protocol error")))
             return
         self.resetTimeout()
         streams = self.streams
         for event in events:
             kind = type(event)
-            if kind is h2.events.RequestReceived:
-                self._requestReceived(cast(h2.events.RequestReceived, event))
-            elif kind is h2.events.DataReceived:
-                received = cast(h2.events.DataReceived, event)
-                visitor = streams.get(received.stream_id)
+            if kind is h2server.RequestReceived:
+                self._requestReceived(cast(h2server.RequestReceived, event))
+            elif kind is h2server.DataReceived:
+                received = cast(h2server.DataReceived, event)
+                visitor = streams.get(received.streamID)
                 if visitor is not None:
-                    visitor.dataFrame(received.data or b"", received.flow_controlled_length or 0)
+                    visitor.dataFrame(received.data, received.flowControlled)
                 else:
                     self._dataAfterEnd(received)
-            elif kind is h2.events.StreamEnded:
-                visitor = streams.get(cast(h2.events.StreamEnded, event).stream_id)
+            elif kind is h2server.StreamEnded:
+                visitor = streams.get(cast(h2server.StreamEnded, event).streamID)
                 if visitor is not None:
                     visitor.requestEnded()
-            elif kind is h2.events.StreamReset:
-                self._streamReset(cast(h2.events.StreamReset, event))
+            elif kind is h2server.StreamReset:
+                self._streamReset(cast(h2server.StreamReset, event))
                 if self._lost:
                     return
-            elif kind is h2.events.WindowUpdated:
-                streamID = cast(h2.events.WindowUpdated, event).stream_id
+            elif kind is h2server.WindowUpdated:
+                streamID = cast(h2server.WindowUpdated, event).streamID
                 if streamID:
                     visitor = streams.get(streamID)
                     if visitor is not None:
                         visitor.windowOpened()
                 else:
                     self._windowsOpened()
-            elif kind is h2.events.RemoteSettingsChanged:
+            elif kind is h2server.WindowsChanged:
                 # SETTINGS_INITIAL_WINDOW_SIZE may have opened every stream's window.
                 self._windowsOpened()
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is h2server.ConnectionTerminated:
                 self.flush()
                 self._terminate(Failure(ConnectionLost("the visitor sent GOAWAY")))
                 return
@@ -861,15 +845,14 @@ class H2Server(Protocol, TimeoutMixin):
                 visitor.start()
         self.flush()
 
-    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+    def _requestReceived(self, event: h2server.RequestReceived) -> None:
         """
         A request's headers: checked (L{readRequestHead}; a malformed one resets its stream), then
         its stream is set up, to be started once the frames being handled are all handled.
         """
-        streamID = event.stream_id
-        assert streamID is not None
+        streamID = event.streamID
         try:
-            head = readRequestHead(cast("list[tuple[bytes, bytes]]", event.headers or ()))
+            head = readRequestHead(event.headers)
         except MalformedRequest as e:
             self._refuse(streamID, str(e))
             return
@@ -877,7 +860,7 @@ class H2Server(Protocol, TimeoutMixin):
         self.streams[streamID] = visitor
         self._starting.append(visitor)
         if head.expectContinue:
-            self.conn.send_headers(streamID, [(b":status", b"100")])
+            self.conn.sendHeaders(streamID, [(b":status", b"100")])
 
     def _refuse(self, streamID: int, what: str) -> None:
         """
@@ -889,34 +872,44 @@ class H2Server(Protocol, TimeoutMixin):
             "HTTP/2 request from {peer} refused: {what}", peer=self.header.peerHost, what=what
         )
         try:
-            self.conn.reset_stream(streamID, ErrorCodes.PROTOCOL_ERROR)
-        except H2Error:
+            self.conn.resetStream(streamID, ErrorCode.PROTOCOL_ERROR)
+        except StreamStateError:
             pass
         self._spendResetToken()
 
-    def _dataAfterEnd(self, event: h2.events.DataReceived) -> None:
+    def _dataAfterEnd(self, event: h2server.DataReceived) -> None:
         """
         A DATA frame for a stream whose response already ended (an answer given before the whole
         body came, such as a 502 or an upstream's early 413): discarded, its window given back, and
         the stream reset with C{NO_ERROR} (RFC 9113 8.1) so the client stops sending.
         """
-        streamID = event.stream_id
-        assert streamID is not None
-        self.conn.acknowledge_received_data(event.flow_controlled_length or 0, streamID)
+        streamID = event.streamID
+        self.conn.acknowledgeReceivedData(event.flowControlled, streamID)
         try:
-            self.conn.reset_stream(streamID, ErrorCodes.NO_ERROR)
-        except H2Error:
+            self.conn.resetStream(streamID, ErrorCode.NO_ERROR)
+        except StreamStateError:
             pass  # Already closed both ways.
 
-    def _streamReset(self, event: h2.events.StreamReset) -> None:
+    def _streamReset(self, event: h2server.StreamReset) -> None:
         """
-        The visitor reset a stream: its request is abandoned. Resets are paid from a token bucket
-        (L{RESET_BURST}, L{RESET_RATE}); a visitor that empties it (HTTP/2 Rapid Reset) gets
-        C{GOAWAY} with C{ENHANCE_YOUR_CALM} and loses the connection.
+        The visitor reset a stream, or broke the rules within it (the server reset it): its request
+        is abandoned. Resets are paid from a token bucket (L{RESET_BURST}, L{RESET_RATE}), the
+        server's as well as the visitor's (the "MadeYouReset" variant); a visitor that empties it
+        (HTTP/2 Rapid Reset) gets C{GOAWAY} with C{ENHANCE_YOUR_CALM} and loses the connection.
         """
-        visitor = self.streams.pop(event.stream_id, None)
+        if event.remote:
+            what = f"stream reset with code {event.code}"
+        else:
+            what = f"stream reset: {event.reason}"
+            self._log.warn(
+                "HTTP/2 stream {stream} from {peer} reset: {what}",
+                stream=event.streamID,
+                peer=self.header.peerHost,
+                what=event.reason,
+            )
+        visitor = self.streams.pop(event.streamID, None)
         if visitor is not None:
-            visitor.reset(Failure(ConnectionLost(f"stream reset with code {event.error_code}")))
+            visitor.reset(Failure(ConnectionLost(what)))
         self._spendResetToken()
 
     def _spendResetToken(self) -> None:
@@ -933,7 +926,7 @@ class H2Server(Protocol, TimeoutMixin):
                 "HTTP/2 visitor {peer} resets streams too fast: closing the connection",
                 peer=self.header.peerHost,
             )
-            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self.conn.closeConnection(ErrorCode.ENHANCE_YOUR_CALM)
             self.flush()
             self._terminate(Failure(ConnectionLost("too many stream resets")))
             return
@@ -962,7 +955,7 @@ class H2Server(Protocol, TimeoutMixin):
             self.setTimeout(IDLE_TIMEOUT)
             return
         self._log.info("closing idle HTTP/2 connection from {peer}", peer=self.header.peerHost)
-        self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self.conn.closeConnection(ErrorCode.NO_ERROR)
         self.flush()
         assert self.transport is not None
         self._aborting = self.callLater(ABORT_TIMEOUT, self._abort)
