@@ -9,6 +9,7 @@ L{UpstreamConnection}s handed out by L{tests.test_httpproxy.FakePool}, as in the
 
 from __future__ import annotations
 
+import struct
 from typing import Any, cast
 
 from h2.config import H2Configuration
@@ -1216,6 +1217,71 @@ class SmugglingTests(H2TestCase):
             [e for e in self.events if e.get("what") == "more DATA than content-length"]
         )
         self.assertServesNext(client, transport)
+
+
+def goAwayFrame(code: int) -> bytes:
+    """
+    @return: A client's C{GOAWAY} frame with C{code}, made by hand so that the test client's own
+        state machine stays open to read the responses still coming.
+    """
+    return struct.pack(">BHBBLLL", 0, 8, 0x7, 0, 0, 0, code)
+
+
+class ClosingTests(H2TestCase):
+    """
+    How connections end: after the visitor's C{GOAWAY} once its streams are done, and with an abort
+    L{http2.CLOSE_GRACE} seconds after the server's own C{GOAWAY} when TLS does not close.
+    """
+
+    def test_visitorGoAwayLetsStreamsFinish(self) -> None:
+        """
+        The visitor's C{GOAWAY} with a request in flight leaves the connection open: the response
+        comes whole, then the server answers with C{GOAWAY} C{NO_ERROR} and closes, aborting the
+        transport L{http2.CLOSE_GRACE} seconds later if it is still there.
+        """
+        routed, transport, client = self.connectH2()
+        streamID = client.request(b"GET", b"/api/x")
+        client.flush()
+        routed.dataReceived(goAwayFrame(0))
+        client.flush()
+        self.assertFalse(transport.disconnecting)
+        self.pool.connect().dataReceived(OK_HELLO)
+        client.flush()
+        self.assertEqual(client.responses[streamID].body, b"hello")
+        self.assertTrue(client.responses[streamID].ended)
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.NO_ERROR)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(http2.CLOSE_GRACE)
+        self.assertTrue(transport.disconnected)
+
+    def test_visitorGoAwayIdle(self) -> None:
+        """
+        The visitor's C{GOAWAY} with nothing in flight closes the connection at once.
+        """
+        routed, transport, client = self.connectH2()
+        routed.dataReceived(goAwayFrame(0))
+        client.flush()
+        self.assertTrue(transport.disconnecting)
+
+    def test_protocolErrorAborts(self) -> None:
+        """
+        After a protocol error the server sends C{GOAWAY} and closes; a transport still there
+        L{http2.CLOSE_GRACE} seconds later (TLS waiting for a close_notify the visitor never sends)
+        is aborted.
+        """
+        routed, transport, client = self.connectH2()
+        routed.dataReceived(struct.pack(">BHBBL", 0, 8, 0x6, 0, 3) + b"12345678")
+        client.receive(transport.value())
+        [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(http2.CLOSE_GRACE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue([e for e in self.events if "protocol error" in e["log_format"]])
 
 
 class AbuseTests(H2TestCase):

@@ -72,6 +72,9 @@ RESET_RATE = 33.0
 
 #: Seconds a connection closed for idleness has to go before it is aborted.
 ABORT_TIMEOUT = 15
+#: Seconds a connection closed for an error or after the visitor's C{GOAWAY} has to go (its
+#: C{GOAWAY} and TLS close_notify are sent) before it is aborted.
+CLOSE_GRACE = 1.0
 
 #: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
 _CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
@@ -835,9 +838,9 @@ class H2Server(Protocol, TimeoutMixin):
                 # SETTINGS_INITIAL_WINDOW_SIZE may have opened every stream's window.
                 self._windowsOpened()
             elif kind is h2server.ConnectionTerminated:
-                self.flush()
-                self._terminate(Failure(ConnectionLost("the visitor sent GOAWAY")))
-                return
+                if not streams:
+                    self._leave()
+                    return
         starting = self._starting
         if starting:
             self._starting = []
@@ -942,9 +945,20 @@ class H2Server(Protocol, TimeoutMixin):
     def forget(self, streamID: int) -> None:
         """
         A stream's response is over (or it was reset): frames that still come for it are answered
-        with a reset.
+        as RFC 9113 says for closed streams (L{ServerConnection}). The last one to end after the
+        visitor's C{GOAWAY} closes the connection.
         """
         self.streams.pop(streamID, None)
+        if not self.streams and self.conn.remoteGoingAway and not self._lost:
+            self._leave()
+
+    def _leave(self) -> None:
+        """
+        The visitor sent C{GOAWAY} and no stream is left: close the connection.
+        """
+        self.conn.closeConnection(ErrorCode.NO_ERROR)
+        self.flush()
+        self._terminate(Failure(ConnectionLost("the visitor sent GOAWAY")))
 
     def timeoutConnection(self) -> None:
         """
@@ -975,6 +989,10 @@ class H2Server(Protocol, TimeoutMixin):
         """
         assert self.transport is not None
         self.transport.loseConnection()
+        if self._aborting is None:
+            # TLS waits for the visitor's close_notify, which a client that broke the rules (or
+            # one that does not care) may never send.
+            self._aborting = self.callLater(CLOSE_GRACE, self._abort)
         self._loseStreams(reason)
 
     def _loseStreams(self, reason: Failure) -> None:

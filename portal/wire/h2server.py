@@ -28,8 +28,13 @@ connection is then over. A violation confined to one stream resets that stream (
 reported as L{StreamReset} with C{remote=False}, so the application can count it (the "MadeYouReset"
 variant of Rapid Reset). RFC 9113 5.4.1 lets an endpoint treat a stream error as a connection error:
 rare ones with no legitimate cause (a stream depending on itself, a malformed C{PRIORITY}) are.
-Frames on streams already closed are ignored (their C{DATA} gives back its share of the
-connection's window): the client may have sent them before it saw a reset.
+Frames on closed streams (RFC 9113 5.1; the last L{MAX_CLOSED_STREAMS} are remembered with how they
+closed) are ignored after the server's reset, since the client may have sent them before it saw it,
+and are a stream error C{STREAM_CLOSED} after the client's own reset and a connection error
+C{STREAM_CLOSED} once both sides ended the stream; their C{DATA} gives back its share of the
+connection's window. A new stream with an id below the last one is a connection error. The
+client's C{GOAWAY} is reported (L{ConnectionTerminated}); the connection goes on for the streams
+in flight.
 
 Priorities are not scheduled (RFC 9113 deprecates the scheme); server push is never used.
 """
@@ -64,6 +69,14 @@ MAX_FRAME_SIZE = 16_384
 INITIAL_WINDOW = 65_535
 #: The largest flow-control window (RFC 9113 6.9.1).
 MAX_WINDOW = 2**31 - 1
+#: Closed streams remembered with how they closed, the most recent ones (frames on older ones are
+#: ignored, as on a stream the server reset).
+MAX_CLOSED_STREAMS = 512
+
+# How a remembered stream closed.
+_ENDED = 1
+_RESET_BY_CLIENT = 2
+_RESET_BY_SERVER = 3
 
 # Frame types (RFC 9113 6).
 _DATA = 0x0
@@ -217,7 +230,8 @@ class WindowUpdated:
 
 class WindowsChanged:
     """
-    The client changed C{SETTINGS_INITIAL_WINDOW_SIZE}: every stream's window moved.
+    The client changed C{SETTINGS_INITIAL_WINDOW_SIZE}: every stream's window moved. This event and
+    L{WindowUpdated} for the connection come at most once, together, per L{ServerConnection.receiveData}.
     """
 
     __slots__ = ()
@@ -225,7 +239,7 @@ class WindowsChanged:
 
 class ConnectionTerminated:
     """
-    The client sent C{GOAWAY}; nothing after it is read.
+    The client sent C{GOAWAY}: it opens no more streams; those in flight may finish.
 
     @ivar code: Its error code.
     """
@@ -294,12 +308,17 @@ class ServerConnection:
         self._settingsSeen = False
         self._over = False
         self._streams: dict[int, _Stream] = {}
+        self._closed: dict[int, int] = {}
+        #: Streams below this id may have been closed and forgotten.
+        self._forgottenBelow = 0
         self.lastStreamID = 0
+        self.remoteGoingAway = False
         self.maxOutboundFrameSize = 16_384
         self._remoteInitialWindow = 65_535
         self._outbound = 65_535
         self._inbound = INITIAL_WINDOW
         self._unacknowledged = 0
+        self._allWindowsNoted = False
         # A header block being collected: its stream, fragments, END_STREAM flag, frame count.
         self._blockStream = 0
         self._block: bytearray | None = None
@@ -356,6 +375,7 @@ class ServerConnection:
         buffer = self._buffer
         buffer += data
         events: list[Event] = []
+        self._allWindowsNoted = False
         position = 0
         try:
             if not self._prefaceSeen:
@@ -434,10 +454,10 @@ class ServerConnection:
             raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         stream = self._streams.get(streamID)
         if stream is None:
-            if streamID > self.lastStreamID:
+            if streamID > self.lastStreamID or not streamID & 1:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
-            # Closed: sent before the client saw its end.
             self._giveBack(flowControlled)
+            self._onClosed(streamID, "DATA", events)
             return
         if stream.remoteEnded:
             self._giveBack(flowControlled)
@@ -529,10 +549,18 @@ class ServerConnection:
         stream = self._streams.get(streamID)
         if stream is None:
             if streamID <= self.lastStreamID:
-                return  # Trailers for a stream already reset: ignored.
+                if streamID not in self._closed and streamID < self._forgottenBelow:
+                    return  # Closed long ago: ignored.
+                if streamID not in self._closed:
+                    raise ProtocolError(
+                        ErrorCode.PROTOCOL_ERROR, "a new stream with an id below the last one"
+                    )
+                self._onClosed(streamID, "HEADERS", events)
+                return
             self.lastStreamID = streamID
             if len(self._streams) >= MAX_CONCURRENT_STREAMS:
                 self._out += _frame(_RST_STREAM, 0, streamID, _U32.pack(ErrorCode.REFUSED_STREAM))
+                self._remember(streamID, _RESET_BY_SERVER)
                 events.append(
                     StreamReset(
                         streamID, ErrorCode.REFUSED_STREAM, False, "too many concurrent streams"
@@ -569,6 +597,7 @@ class ServerConnection:
         events.append(StreamEnded(streamID))
         if stream.localEnded:
             del self._streams[streamID]
+            self._remember(streamID, _ENDED)
 
     def _windowUpdate(self, streamID: int, payload: bytes, events: list[Event]) -> None:
         """
@@ -583,11 +612,11 @@ class ServerConnection:
             self._outbound += increment
             if self._outbound > MAX_WINDOW:
                 raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "a window beyond 2^31-1")
-            events.append(WindowUpdated(0))
+            self._noteAllWindows(WindowUpdated(0), events)
             return
         stream = self._streams.get(streamID)
         if stream is None:
-            if streamID > self.lastStreamID:
+            if streamID > self.lastStreamID or not streamID & 1:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
             return
         if not increment:
@@ -607,9 +636,11 @@ class ServerConnection:
         """
         if len(payload) != 4:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
-        if not streamID or streamID > self.lastStreamID:
+        if not streamID or streamID > self.lastStreamID or not streamID & 1:
+            # Even ids are the server's, which opens none: always idle.
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
         if self._streams.pop(streamID, None) is not None:
+            self._remember(streamID, _RESET_BY_CLIENT)
             events.append(StreamReset(streamID, _U32.unpack(payload)[0], True))
 
     def _settings(self, flags: int, streamID: int, payload: bytes, events: list[Event]) -> None:
@@ -624,7 +655,7 @@ class ServerConnection:
             return
         if len(payload) % 6:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
-        windowChanged = False
+        initialWindow = self._remoteInitialWindow
         for offset in range(0, len(payload), 6):
             code, value = _SETTING.unpack_from(payload, offset)
             if code == _INITIAL_WINDOW_SIZE:
@@ -632,16 +663,7 @@ class ServerConnection:
                     raise ProtocolError(
                         ErrorCode.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE beyond 2^31-1"
                     )
-                delta = value - self._remoteInitialWindow
-                self._remoteInitialWindow = value
-                if delta:
-                    windowChanged = True
-                    for stream in self._streams.values():
-                        stream.outbound += delta
-                        if stream.outbound > MAX_WINDOW:
-                            raise ProtocolError(
-                                ErrorCode.FLOW_CONTROL_ERROR, "a window beyond 2^31-1"
-                            )
+                initialWindow = value
             elif code == _MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise ProtocolError(
@@ -659,9 +681,17 @@ class ServerConnection:
                     )
             # SETTINGS_MAX_CONCURRENT_STREAMS bounds pushes (never sent), the header list size
             # is advisory, and unknown settings are ignored (RFC 9113 6.5.2).
+        # The streams' windows move once per frame, by the net change, however many times the
+        # frame repeats the setting.
+        delta = initialWindow - self._remoteInitialWindow
+        if delta:
+            self._remoteInitialWindow = initialWindow
+            for stream in self._streams.values():
+                stream.outbound += delta
+                if stream.outbound > MAX_WINDOW:
+                    raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "a window beyond 2^31-1")
+            self._noteAllWindows(WindowsChanged(), events)
         self._out += _frame(_SETTINGS, _ACK, 0)
-        if windowChanged:
-            events.append(WindowsChanged())
 
     def _ping(self, flags: int, streamID: int, payload: bytes) -> None:
         """
@@ -687,14 +717,24 @@ class ServerConnection:
 
     def _goAway(self, streamID: int, payload: bytes, events: list[Event]) -> None:
         """
-        A C{GOAWAY} frame: the client is leaving; nothing after it is read.
+        A C{GOAWAY} frame: the client is leaving. The connection goes on (the streams in flight
+        may finish; L{remoteGoingAway} is set).
         """
         if streamID:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY too short")
-        self._over = True
+        self.remoteGoingAway = True
         events.append(ConnectionTerminated(_TWO_U32.unpack_from(payload)[1]))
+
+    def _noteAllWindows(self, event: WindowUpdated | WindowsChanged, events: list[Event]) -> None:
+        """
+        Report that every stream may send more, once per L{receiveData}: the application then
+        walks its streams once, however many such frames came.
+        """
+        if not self._allWindowsNoted:
+            self._allWindowsNoted = True
+            events.append(event)
 
     def _streamError(
         self, streamID: int, code: ErrorCode, reason: str, events: list[Event]
@@ -702,7 +742,8 @@ class ServerConnection:
         """
         Reset a stream for the client's error in it.
         """
-        self._streams.pop(streamID, None)
+        if self._streams.pop(streamID, None) is not None:
+            self._remember(streamID, _RESET_BY_SERVER)
         self._out += _frame(_RST_STREAM, 0, streamID, _U32.pack(code))
         events.append(StreamReset(streamID, code, False, reason))
 
@@ -794,7 +835,9 @@ class ServerConnection:
         if stream is None or stream.localEnded:
             raise StreamStateError(f"stream {streamID} is closed")
         length = len(data)
-        if length > stream.outbound or length > self._outbound:
+        # An empty frame (the end of a stream) takes no window, even one a smaller
+        # SETTINGS_INITIAL_WINDOW_SIZE made negative.
+        if length and (length > stream.outbound or length > self._outbound):
             raise StreamStateError(f"{length} bytes beyond the window of stream {streamID}")
         stream.outbound -= length
         self._outbound -= length
@@ -830,6 +873,7 @@ class ServerConnection:
         """
         if self._streams.pop(streamID, None) is None:
             raise StreamStateError(f"stream {streamID} is closed")
+        self._remember(streamID, _RESET_BY_SERVER)
         self._out += _frame(_RST_STREAM, 0, streamID, _U32.pack(code))
 
     def closeConnection(self, code: ErrorCode) -> None:
@@ -845,6 +889,35 @@ class ServerConnection:
         stream.localEnded = True
         if stream.remoteEnded:
             del self._streams[streamID]
+            self._remember(streamID, _ENDED)
+
+    def _remember(self, streamID: int, how: int) -> None:
+        """
+        Keep how a stream closed, for the frames that may still come on it (RFC 9113 5.1); the
+        oldest record goes when L{MAX_CLOSED_STREAMS} are kept.
+        """
+        closed = self._closed
+        closed[streamID] = how
+        if len(closed) > MAX_CLOSED_STREAMS:
+            oldest = next(iter(closed))
+            del closed[oldest]
+            self._forgottenBelow = max(self._forgottenBelow, oldest + 1)
+
+    def _onClosed(self, streamID: int, kind: str, events: list[Event]) -> None:
+        """
+        C{DATA} or C{HEADERS} on a closed stream (RFC 9113 5.1): ignored after the server's reset
+        (the client may have sent it before it saw the reset) or on a stream closed long ago; a
+        stream error C{STREAM_CLOSED} after the client's own reset; a connection error
+        C{STREAM_CLOSED} after both sides ended it.
+        """
+        how = self._closed.get(streamID)
+        if how == _ENDED:
+            raise ProtocolError(ErrorCode.STREAM_CLOSED, f"{kind} on a closed stream")
+        if how == _RESET_BY_CLIENT:
+            self._out += _frame(_RST_STREAM, 0, streamID, _U32.pack(ErrorCode.STREAM_CLOSED))
+            events.append(
+                StreamReset(streamID, ErrorCode.STREAM_CLOSED, False, f"{kind} after RST_STREAM")
+            )
 
 
 def _unpad(payload: bytes) -> bytes:
