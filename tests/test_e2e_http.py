@@ -710,6 +710,62 @@ class RoutedHTTPEndToEndTests(TestCase):
         self.assertEqual((after[0], json.loads(after[1])["uri"]), (200, "/still/here"))
 
     @inlineCallbacks
+    def test_closedWithoutTheVisitorsCloseNotify(self) -> Any:
+        """
+        A visitor that never closes its side (no close_notify, the socket kept open) still has its
+        connection closed by the tunnel once the answer is sent: after a C{Connection: close}
+        response over HTTP/1.1, and after an HTTP/2 protocol error (C{GOAWAY}), the relay's socket
+        reports the end (TLS close_notify, then TCP's) within seconds, not at an idle timeout.
+        """
+        port = yield self._service(Site(_Echo("linger")))
+        _, lease = yield self._routed(f"{port}", "--http")
+        host, public = _hostPort(lease["url"])
+
+        def lingering(alpn: str, request: bytes) -> tuple[bytes, bool]:
+            """
+            Send C{request}, read the answer up to the tunnel's close_notify, then wait up to 10 s
+            (the tunnel's idle timeout is longer) for the end of the TCP connection.
+
+            @return: The answer, and whether the TCP connection ended.
+            """
+            context = ssl.create_default_context(cafile=lease["ca"])
+            context.set_alpn_protocols([alpn])
+            raw = socket.create_connection(("127.0.0.1", public), 10)
+            tls = context.wrap_socket(raw, server_hostname=host)
+            try:
+                tls.sendall(request)
+                answer = b""
+                while chunk := tls.recv(65536):  # Ends at the tunnel's close_notify.
+                    answer += chunk
+                # Our own close_notify is never sent: watch the TCP connection under TLS.
+                under = socket.socket(fileno=os.dup(tls.fileno()))
+                try:
+                    under.settimeout(10)
+                    while under.recv(65536):
+                        pass
+                except TimeoutError:
+                    return answer, False
+                finally:
+                    under.close()
+                return answer, True
+            finally:
+                tls.close()
+
+        answer, ended = yield deferToThread(
+            lingering,
+            "http/1.1",
+            f"GET /once HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:100])
+        self.assertTrue(ended)
+        # A PING on stream 3: a protocol error, answered with GOAWAY.
+        badPing = b"\x00\x00\x08\x06\x00\x00\x00\x00\x03" + b"12345678"
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        answer, ended = yield deferToThread(lingering, "h2", preface + badPing)
+        self.assertIn(b"\x07\x00\x00\x00\x00\x00", answer)  # A GOAWAY frame's type and flags.
+        self.assertTrue(ended)
+
+    @inlineCallbacks
     def test_http2UploadStreams(self) -> Any:
         """
         An upload by curl over HTTP/2 from its standard input reaches the local service while curl is

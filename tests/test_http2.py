@@ -1264,6 +1264,8 @@ class ClosingTests(H2TestCase):
         routed.dataReceived(goAwayFrame(0))
         client.flush()
         self.assertTrue(transport.disconnecting)
+        # No longer the transport's producer, which TLS would wait for before its close_notify.
+        self.assertIsNone(transport.producer)
 
     def test_protocolErrorAborts(self) -> None:
         """
@@ -1277,6 +1279,7 @@ class ClosingTests(H2TestCase):
         [goaway] = [e for e in client.events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway.error_code, ErrorCodes.PROTOCOL_ERROR)
         self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
         self.clock.advance(http2.CLOSE_GRACE - 0.1)
         self.assertFalse(transport.disconnected)
         self.clock.advance(0.1)

@@ -17,7 +17,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import providedBy
 
 from portal.trust.localca import LocalCA, SNIServerConnectionCreator
-from portal.tunnel.tlswrapper import GROWN_ABOVE, LeanTLSTransport, renewMemoryBIOs
+from portal.tunnel.tlswrapper import (
+    GROWN_ABOVE,
+    LeanTLSTransport,
+    closePromptly,
+    renewMemoryBIOs,
+)
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)
 
@@ -192,3 +197,85 @@ class LeanTLSTransportTests(SynchronousTestCase):
         self.assertNotEqual(afterDownload[1], afterUpload[1])
         self.assertEqual(self.server.received, b"x" + big + b"yz")
         self.assertEqual(client.received, big)
+
+
+class _Producer:
+    """
+    A push producer that does nothing.
+    """
+
+    def pauseProducing(self) -> None:
+        """
+        Nothing to pause.
+        """
+
+    def resumeProducing(self) -> None:
+        """
+        Nothing to resume.
+        """
+
+    def stopProducing(self) -> None:
+        """
+        Nothing to stop.
+        """
+
+
+class PromptCloseTests(LeanTLSTransportTests):
+    """
+    L{LeanTLSTransport.loseConnectionPromptly} and L{closePromptly}: close_notify, then the TCP
+    connection, without waiting for the peer's close_notify.
+    """
+
+    def test_twistedWaitsForThePeer(self) -> None:
+        """
+        Twisted's C{loseConnection} sends close_notify and keeps the TCP connection open until the
+        peer answers with its own: what a visitor that never answers exploits.
+        """
+        _, _, serverTLS, pump = self.connectedPair()
+        pump.flush()
+        serverTLS.loseConnection()
+        self.assertFalse(serverTLS.transport.disconnecting)
+
+    def test_closesAfterCloseNotify(self) -> None:
+        """
+        After L{LeanTLSTransport.loseConnectionPromptly} the TCP connection is closing at once;
+        the client still gets what was written before, then the end.
+        """
+        client, clientTLS, serverTLS, pump = self.connectedPair()
+        pump.flush()
+        serverTLS.write(b"last words")
+        serverTLS.loseConnectionPromptly()
+        self.assertTrue(serverTLS.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(client.received, b"last words")
+        self.assertFalse(clientTLS.connected)
+        self.assertEqual(list(self.factory.protocols), [])
+
+    def test_waitsForTheProducer(self) -> None:
+        """
+        While a producer is registered (a response still streaming), nothing closes; once it goes
+        away, what it wrote, close_notify and the end of the TCP connection follow.
+        """
+        client, _, serverTLS, pump = self.connectedPair()
+        pump.flush()
+        serverTLS.registerProducer(_Producer(), True)
+        serverTLS.write(b"tail")
+        serverTLS.loseConnectionPromptly()
+        self.assertFalse(serverTLS.transport.disconnecting)
+        serverTLS.unregisterProducer()
+        self.assertTrue(serverTLS.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(client.received, b"tail")
+
+    def test_closePromptly(self) -> None:
+        """
+        L{closePromptly} closes a lean TLS transport promptly and any other transport with its
+        C{loseConnection}.
+        """
+        _, _, serverTLS, pump = self.connectedPair()
+        pump.flush()
+        closePromptly(serverTLS)
+        self.assertTrue(serverTLS.transport.disconnecting)
+        plain = StringTransport()
+        closePromptly(plain)
+        self.assertTrue(plain.disconnecting)

@@ -55,6 +55,7 @@ from portal.tunnel.httpproxy import (
     gatewayRequest,
     tooLarge,
 )
+from portal.tunnel.tlswrapper import closePromptly
 from portal.wire import h2server
 from portal.wire.attach import StreamHeader
 from portal.wire.h2server import ErrorCode, ProtocolError, ServerConnection, StreamStateError
@@ -73,7 +74,7 @@ RESET_RATE = 33.0
 #: Seconds a connection closed for idleness has to go before it is aborted.
 ABORT_TIMEOUT = 15
 #: Seconds a connection closed for an error or after the visitor's C{GOAWAY} has to go (its
-#: C{GOAWAY} and TLS close_notify are sent) before it is aborted.
+#: C{GOAWAY} and TLS close_notify sent, its TCP connection closing) before it is aborted.
 CLOSE_GRACE = 1.0
 
 #: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
@@ -753,12 +754,16 @@ class H2Server(Protocol, TimeoutMixin):
         self._resetStamp = reactor.seconds()
         self._aborting: Any = None
         self._lost = False
+        self._producing = False
 
     def connectionMade(self) -> None:
         """
         Send the server's preface (its SETTINGS) and start the idle timer.
         """
         noDelay(self.transport)
+        # Let the visitor's transport pause the server when its buffer fills.
+        cast(IForwardingTransport, self.transport).registerProducer(self, True)
+        self._producing = True
         self.setTimeout(IDLE_TIMEOUT)
         self.conn.initiateConnection()
         self.flush()
@@ -971,9 +976,21 @@ class H2Server(Protocol, TimeoutMixin):
         self._log.info("closing idle HTTP/2 connection from {peer}", peer=self.header.peerHost)
         self.conn.closeConnection(ErrorCode.NO_ERROR)
         self.flush()
-        assert self.transport is not None
         self._aborting = self.callLater(ABORT_TIMEOUT, self._abort)
-        self.transport.loseConnection()
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the transport after what was written, without waiting for the visitor's close_notify
+        (L{closePromptly}). This server stops being its producer first: TLS would wait for it to
+        go away before sending close_notify.
+        """
+        transport = self.transport
+        assert transport is not None
+        if self._producing:
+            self._producing = False
+            cast(IForwardingTransport, transport).unregisterProducer()
+        closePromptly(transport)
 
     def _abort(self) -> None:
         """
@@ -987,11 +1004,10 @@ class H2Server(Protocol, TimeoutMixin):
         """
         Close the connection (after what was written) and give up every stream.
         """
-        assert self.transport is not None
-        self.transport.loseConnection()
+        self._close()
         if self._aborting is None:
-            # TLS waits for the visitor's close_notify, which a client that broke the rules (or
-            # one that does not care) may never send.
+            # The TCP connection closes once close_notify is sent; a visitor that reads nothing
+            # would keep it open with unsent bytes.
             self._aborting = self.callLater(CLOSE_GRACE, self._abort)
         self._loseStreams(reason)
 
@@ -1066,8 +1082,6 @@ class RoutedHTTP(Protocol):
                 inner = H2Server(self._proxy, self._header)
                 self._inner = inner
                 inner.makeConnection(self.transport)
-                # Let the visitor's transport pause the server when its buffer fills.
-                cast(IForwardingTransport, self.transport).registerProducer(inner, True)
             else:
                 inner = self._inner = VisitorHTTP(self._proxy, self._header)
                 inner.makeConnection(self.transport)

@@ -52,6 +52,7 @@ from portal.tunnel.h2upstream import (
 )
 from portal.tunnel.inspector import Capture, Finished, Inspector
 from portal.tunnel.report import Reporter
+from portal.tunnel.tlswrapper import closePromptly
 from portal.wire.attach import StreamHeader
 from portal.wire.httpheaders import HOP_BY_HOP
 
@@ -592,7 +593,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
             return
         self._log.info("closing idle connection from {peer}", peer=self._header.peerHost)
         assert self.transport is not None
-        self.transport.loseConnection()
+        closePromptly(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -868,7 +869,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         transport = self.transport
         assert transport is not None
         if self._closeAfter or self._lost:
-            transport.loseConnection()
+            closePromptly(transport)
             return
         if self._queue:
             self._current = self._queue.popleft()
@@ -906,7 +907,7 @@ class VisitorHTTP(ExchangeAnswers, Protocol, TimeoutMixin):
         exchange = current or Exchange(self._header.peerHost, self._proxy.newCapture())
         if exchange.status:
             assert self.transport is not None
-            self.transport.loseConnection()
+            closePromptly(self.transport)
             return
         if exchange.upstream is not None:
             # Its head (and part of its body) went upstream: that connection cannot be reused.
@@ -928,7 +929,7 @@ def answerFailure(
             exchange, status, f"Route {match.route.prefix} -> {upstream.authority}: {message}"
         )
     elif visitor.transport is not None:
-        visitor.transport.loseConnection()
+        closePromptly(visitor.transport)
 
 
 class UpstreamConnection(Protocol):
@@ -1224,7 +1225,7 @@ class UpstreamConnection(Protocol):
         visitor = self._visitor
         if self._raw:
             if visitor is not None and visitor.transport is not None:
-                visitor.transport.loseConnection()
+                closePromptly(visitor.transport)
             return
         if self._exchange is None:
             return

@@ -9,6 +9,11 @@ every visitor a tunnel serves (issue 16's profile: 2-4% of the tunnel's own work
 visitor). L{LeanTLSTransport} ends in the same state with one declaration, one connection and
 one registration.
 
+A connection an HTTP server ends (L{closePromptly}) closes its TCP connection once its own
+close_notify is sent, instead of waiting for the visitor's as Twisted does (so that the rest of a
+half-closed stream can still be read): a visitor that sends none and keeps the socket open would
+otherwise hold the connection, and the relay's, until an idle timeout.
+
 It also gives an idle connection smaller memory BIOs: pyOpenSSL's memory BIOs keep the largest
 buffer they ever held (after the handshake, the ClientHello one way and the server's flight and
 session tickets the other: about 2 KB of a tunnel's memory per idle visitor; after one 64 KiB read
@@ -81,6 +86,27 @@ class LeanTLSTransport(BufferingTLSTransport):
     #: Whether this process's pyOpenSSL lets BIOs be renewed (set to False on the first failure).
     _renewable = True
 
+    #: Whether the TCP connection closes once close_notify is sent (L{loseConnectionPromptly}).
+    _prompt = False
+
+    def loseConnectionPromptly(self) -> None:
+        """
+        Close as C{loseConnection} does (after what was written, with close_notify), then close the
+        TCP connection (after its own buffered bytes) without waiting for the peer's close_notify,
+        which RFC 8446 6.1 allows. For a server that reads nothing more from this peer.
+        """
+        self._prompt = True
+        self.loseConnection()
+
+    def _shutdownTLS(self) -> None:
+        """
+        Send close_notify as usual (once what the application wrote is encrypted); after
+        L{loseConnectionPromptly}, close the TCP connection too.
+        """
+        super()._shutdownTLS()
+        if self._prompt and self.transport is not None:
+            self.transport.loseConnection()
+
     def makeConnection(self, transport: Any) -> None:
         """
         Create the TLS connection, provide what C{transport} provides, connect the wrapped
@@ -134,3 +160,17 @@ class LeanTLSTransport(BufferingTLSTransport):
         if len(data) > GROWN_ABOVE:
             self._grownBIOs = True
         super()._write(data)
+
+
+def closePromptly(transport: Any) -> None:
+    """
+    Close C{transport} without waiting for the peer: L{LeanTLSTransport.loseConnectionPromptly}
+    where it is one, C{loseConnection} otherwise.
+
+    @param transport: A visitor's transport.
+    """
+    prompt = getattr(type(transport), "loseConnectionPromptly", None)
+    if prompt is not None:
+        prompt(transport)
+    else:
+        transport.loseConnection()
