@@ -34,7 +34,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.tunnel import http2
-from portal.tunnel.http2 import H2Server, MalformedRequest, RoutedHTTP, readRequestHead
+from portal.tunnel.http2 import (
+    H2Server,
+    MalformedRequest,
+    RequestHead,
+    RoutedHTTP,
+    readRequestHead,
+)
 from portal.tunnel.httpproxy import IDLE_TIMEOUT, LINK_THRESHOLD, RESPONSE_TIMEOUT, VisitorHTTP
 from tests.test_httpproxy import (
     API,
@@ -1396,6 +1402,20 @@ GOOD_HEAD = [
 ]
 
 
+#: Header names and values for property tests of L{readRequestHead}: well-formed, special and bad.
+_NAMES = st.one_of(
+    st.sampled_from(
+        [b"host", b"te", b"connection", b":method", b":path", b"x-a", b"X-A", b"cookie"]
+        + [b"content-length", b"expect", b"user-agent", b""]
+    ),
+    st.binary(max_size=3),
+)
+_VALUES = st.one_of(
+    st.sampled_from([b"x", b"3", b"", b" a", b"a\r\n", b"trailers", b"100-continue", AUTHORITY]),
+    st.binary(max_size=3),
+)
+
+
 class ReadRequestHeadTests(SynchronousTestCase):
     """
     L{readRequestHead} checks a request's HTTP/2 fields in one pass and puts them in the form they
@@ -1473,6 +1493,58 @@ class ReadRequestHeadTests(SynchronousTestCase):
         for what, fields in cases.items():
             with self.subTest(what):
                 self.assertRaises(MalformedRequest, readRequestHead, fields)
+
+    def test_checkedFieldsRemembered(self) -> None:
+        """
+        With a connection's set of checked fields, the well-formed regular fields of a head are
+        remembered (not C{host}, C{te}, C{expect}, C{cookie} or C{content-length}, whose checks do
+        more than pass, nor fields over L{http2.CHECKED_FIELD_SIZE} bytes, nor more than
+        L{http2.CHECKED_FIELDS}); a remembered field still counts as a regular header, so that a
+        pseudo-header after it is refused.
+        """
+        checked: set[tuple[bytes, bytes]] = set()
+        big = (b"x-big", b"v" * http2.CHECKED_FIELD_SIZE)
+        fields = [
+            *GOOD_HEAD,
+            (b"user-agent", b"browser/1"),
+            (b"te", b"trailers"),
+            (b"expect", b"100-continue"),
+            (b"cookie", b"a=b"),
+            (b"content-length", b"0"),
+            big,
+        ]
+        first = readRequestHead(fields, checked)
+        self.assertEqual(checked, {GOOD_HEAD[-1], (b"user-agent", b"browser/1")})
+        self.assertEqual(readRequestHead(fields, checked), first)
+        self.assertRaises(
+            MalformedRequest,
+            readRequestHead,
+            [*GOOD_HEAD[:2], (b"user-agent", b"browser/1"), *GOOD_HEAD[2:4]],
+            checked,
+        )
+        many = [(b"x-%d" % n, b"1") for n in range(2 * http2.CHECKED_FIELDS)]
+        readRequestHead([*GOOD_HEAD, *many], checked)
+        self.assertEqual(len(checked), http2.CHECKED_FIELDS)
+
+    @settings(max_examples=500)
+    @given(st.lists(st.lists(st.tuples(_NAMES, _VALUES), max_size=4), min_size=1, max_size=4))
+    def test_checkedFieldsChangeNothing(self, extras: list[list[tuple[bytes, bytes]]]) -> None:
+        """
+        Heads read one after another with a connection's set of checked fields give the same heads,
+        or the same refusals, as each read alone.
+        """
+        checked: set[tuple[bytes, bytes]] = set()
+        for extra in extras:
+            for fields in ([*GOOD_HEAD, *extra], [*extra, *GOOD_HEAD]):
+                try:
+                    alone: RequestHead | str = readRequestHead(fields)
+                except MalformedRequest as e:
+                    alone = str(e)
+                try:
+                    remembered: RequestHead | str = readRequestHead(fields, checked)
+                except MalformedRequest as e:
+                    remembered = str(e)
+                self.assertEqual(remembered, alone)
 
     @settings(max_examples=2000)
     @given(st.data())

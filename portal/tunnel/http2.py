@@ -80,6 +80,11 @@ CLOSE_GRACE = 1.0
 #: Response header names HTTP/2 forbids (RFC 9113 8.2.2), dropped from upstream responses.
 _CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
 
+#: Well-formed request fields an HTTP/2 connection remembers (L{readRequestHead}), and the
+#: largest (name and value) it remembers.
+CHECKED_FIELDS = 64
+CHECKED_FIELD_SIZE = 512
+
 #: A request header name: a lowercase token (RFC 9110 5.1, RFC 9113 8.2.1).
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 #: A method: a token.
@@ -122,13 +127,19 @@ class RequestHead:
     expectContinue: bool
 
 
-def readRequestHead(fields: Iterable[tuple[bytes, bytes]]) -> RequestHead:
+def readRequestHead(
+    fields: Iterable[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]] | None = None
+) -> RequestHead:
     """
     Check a request's HTTP/2 fields in one pass, as C{h2}'s validation does (RFC 9113 8.2, 8.3),
     and more strictly where the request goes on as HTTP/1.1: names are tokens, the method is a
     token, the target visible ASCII.
 
     @param fields: The decoded fields, pseudo-headers included, in order.
+    @param checked: Regular fields found well-formed before on the same connection, forwarded
+        without their checks again (a browser repeats most of its fields, its cookies and
+        C{user-agent} among them, from request to request); well-formed ones found here are added,
+        up to L{CHECKED_FIELDS} fields of at most L{CHECKED_FIELD_SIZE} bytes.
     @return: The head to forward.
     @raise MalformedRequest: When the head is malformed or cannot be forwarded (CONNECT).
     """
@@ -138,7 +149,12 @@ def readRequestHead(fields: Iterable[tuple[bytes, bytes]]) -> RequestHead:
     lengths: list[bytes] = []
     host: bytes | None = None
     expectContinue = regular = False
-    for name, value in fields:
+    for field in fields:
+        if checked is not None and field in checked:
+            regular = True
+            headers.append(field)
+            continue
+        name, value = field
         if value and _BAD_VALUE.search(value) is not None:
             raise MalformedRequest("a field value with NUL, CR, LF or surrounding whitespace")
         if name[:1] == b":":
@@ -168,6 +184,13 @@ def readRequestHead(fields: Iterable[tuple[bytes, bytes]]) -> RequestHead:
                 raise MalformedRequest("te other than trailers")
         elif name == b"expect":
             expectContinue = value.lower() == b"100-continue"
+        elif (
+            checked is not None
+            and len(checked) < CHECKED_FIELDS
+            and len(name) + len(value) <= CHECKED_FIELD_SIZE
+        ):
+            # Only fields whose checks have no effect beyond passing (not host, te or expect).
+            checked.add(field)
         headers.append((name, value))
     method = pseudo.get(b":method")
     path = pseudo.get(b":path")
@@ -755,6 +778,7 @@ class H2Server(Protocol, TimeoutMixin):
         self._aborting: Any = None
         self._lost = False
         self._producing = False
+        self._checkedFields: set[tuple[bytes, bytes]] = set()
 
     def connectionMade(self) -> None:
         """
@@ -860,7 +884,7 @@ class H2Server(Protocol, TimeoutMixin):
         """
         streamID = event.streamID
         try:
-            head = readRequestHead(event.headers)
+            head = readRequestHead(event.headers, self._checkedFields)
         except MalformedRequest as e:
             self._refuse(streamID, str(e))
             return
