@@ -81,9 +81,10 @@ CLOSE_GRACE = 1.0
 _CONNECTION_SPECIFIC = HOP_BY_HOP - {b"proxy-authenticate", b"proxy-authorization", b"trailer"}
 
 #: Well-formed request fields an HTTP/2 connection remembers (L{readRequestHead}), and the
-#: largest (name and value) it remembers.
-CHECKED_FIELDS = 64
-CHECKED_FIELD_SIZE = 512
+#: largest (name and value) it remembers: at most 8 KiB a connection (a browser sends 10 to 20
+#: regular fields, most of them short).
+CHECKED_FIELDS = 32
+CHECKED_FIELD_SIZE = 256
 
 #: A request header name: a lowercase token (RFC 9110 5.1, RFC 9113 8.2.1).
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
