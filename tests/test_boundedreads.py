@@ -8,8 +8,8 @@ import errno
 import socket
 from typing import Any
 
-from twisted.internet import tcp
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet import reactor, tcp
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import TestCase
 
@@ -20,6 +20,7 @@ from portal.forwarding.boundedreads import (
     boundAccepts,
     deferAccept,
     listenUDP,
+    readAtAccept,
 )
 from portal.relay.service import DEFAULT_BACKLOG, withBacklog
 
@@ -164,6 +165,95 @@ class BoundAcceptsTests(TestCase):
         for port in (object(), Other(0, Factory())):
             kind = type(port)
             boundAccepts(port)
+            self.assertIs(type(port), kind)
+
+
+class _Reading(Protocol):
+    """
+    Keeps what it reads; paused from the start when told to.
+    """
+
+    def __init__(self, paused: bool) -> None:
+        self.paused = paused
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        """
+        Stop reading if told to.
+        """
+        if self.paused:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Keep the bytes.
+        """
+        self.received += data
+
+
+class ReadAtAcceptTests(TestCase):
+    """
+    L{readAtAccept}: a client-first port with deferred accept reads each connection in the same
+    read event that accepted it (real loopback sockets, the real reactor's dispatch).
+    """
+
+    def listen(self, readAtOnce: bool, paused: bool = False) -> tuple[Any, list[_Reading]]:
+        """
+        A bounded, deferred-accept TCP port on 127.0.0.1 (reading at accept if C{readAtOnce}),
+        with a client connected that has sent C{hello}.
+
+        @return: The port and the protocols it built.
+        """
+        built: list[_Reading] = []
+
+        def build() -> _Reading:
+            built.append(_Reading(paused))
+            return built[-1]
+
+        port: Any = boundAccepts(
+            reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        )
+        self.addCleanup(port.stopListening)
+        self.assertTrue(deferAccept(port, 1))
+        if readAtOnce:
+            self.assertTrue(readAtAccept(port))
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        client.sendall(b"hello")
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in built])
+        return port, built
+
+    def test_readInTheAcceptEvent(self) -> None:
+        """
+        One read event of the port accepts the connection and delivers its first bytes.
+        """
+        port, built = self.listen(True)
+        port.doRead()
+        self.assertEqual([p.received for p in built], [b"hello"])
+
+    def test_twistedWaitsForTheNextTurn(self) -> None:
+        """
+        Without it, the accepted connection's bytes wait for a read event of their own.
+        """
+        port, built = self.listen(False)
+        port.doRead()
+        self.assertEqual([p.received for p in built], [b""])
+
+    def test_pausedNotRead(self) -> None:
+        """
+        A connection its protocol paused on connecting is not read.
+        """
+        port, built = self.listen(True, paused=True)
+        port.doRead()
+        self.assertEqual([p.received for p in built], [b""])
+
+    def test_onlyBoundedPorts(self) -> None:
+        """
+        Only a port L{boundAccepts} changed is changed.
+        """
+        for port in (object(), tcp.Port(0, Factory())):
+            kind = type(port)
+            self.assertFalse(readAtAccept(port))
             self.assertIs(type(port), kind)
 
 

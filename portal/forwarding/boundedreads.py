@@ -17,6 +17,7 @@ one batch.
 from __future__ import annotations
 
 import math
+import select
 import socket
 from typing import Any
 
@@ -260,6 +261,71 @@ class _BoundedAcceptsPort(tcp.Port):
         self.__dict__["_boundedAccepts"] = max(1, min(value, MAX_ACCEPTS_PER_READ))
 
 
+class _ReadAtAcceptServer(WriteThroughServer):
+    """
+    A connection of a L{_ReadAtAcceptPort}: it tells its port it was made.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        accepted: list[Any] | None = self.server.__dict__.get("_accepted")
+        if accepted is not None:
+            accepted.append(self)
+
+
+class _ReadAtAcceptPort(_BoundedAcceptsPort):
+    """
+    A bounded TCP port whose clients speak first and whose connections the kernel hands over once
+    they did (C{TCP_DEFER_ACCEPT}): each connection accepted is read at once, as the reactor would
+    on its next turn (see L{readAtAccept}).
+    """
+
+    transport = _ReadAtAcceptServer
+
+    def doRead(self) -> Any:
+        """
+        Accept a batch as Twisted does; then read each connection still reading, through the
+        reactor's own dispatch (its errors and its end handled as for any read event).
+        """
+        accepted: list[Any] = []
+        self.__dict__["_accepted"] = accepted
+        try:
+            result = super().doRead()  # type: ignore[no-untyped-call]
+        finally:
+            self.__dict__["_accepted"] = None
+        reactor: Any = self.reactor
+        reads = getattr(reactor, "_reads", None)
+        dispatch = getattr(reactor, "_doReadOrWrite", None)
+        if reads is None or dispatch is None:
+            return result
+        for connection in accepted:
+            fd = connection.fileno()
+            if fd in reads:
+                dispatch(connection, fd, _READABLE)
+        return result
+
+
+#: The event the reactor's dispatch reads on.
+_READABLE = getattr(select, "EPOLLIN", 1)
+
+
+def readAtAccept(port: object) -> bool:
+    """
+    Have a bounded TCP port (L{boundAccepts}) whose clients speak first, and which the kernel hands
+    connections only once they did (L{deferAccept}), read each connection right after accepting it:
+    the bytes are there, and waiting for the reactor's next turn costs a wake-up and a pass through
+    C{epoll} per connection (nginx and HAProxy read at once after a deferred accept too). On a
+    reactor without the epoll reactor's descriptor table (C{_reads}) nothing changes.
+
+    @param port: A port L{boundAccepts} changed.
+    @return: Whether the port was changed.
+    """
+    if type(port) is not _BoundedAcceptsPort:
+        return False
+    port.__class__ = _ReadAtAcceptPort
+    return True
+
+
 def boundAccepts(port: object) -> object:
     """
     Cap the accept batch of a listening TCP port made by Twisted (C{listenTCP}, a C{tcp:}
@@ -306,5 +372,6 @@ __all__ = [
     "BoundedUDPPort",
     "boundAccepts",
     "deferAccept",
+    "readAtAccept",
     "listenUDP",
 ]

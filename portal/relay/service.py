@@ -30,7 +30,7 @@ from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from portal.forwarding.boundedreads import boundAccepts, deferAccept, listenUDP
+from portal.forwarding.boundedreads import boundAccepts, deferAccept, listenUDP, readAtAccept
 from portal.forwarding.connlimit import fitToDescriptors
 from portal.forwarding.heap import freezeStartupHeap
 from portal.forwarding.reuseport import bindingTogether, listenReusePort, listenSharedUDP
@@ -617,13 +617,15 @@ class RelayService(Service):
         """
         Prepare a listener whose clients speak first (public, control, HTTP, member): bounded
         accept batches and the kernel's deferred accept (L{RelayLimits.deferAccept
-        <portal.relay.router.RelayLimits>}).
+        <portal.relay.router.RelayLimits>}), with each connection read right after its accept.
 
         @return: C{port}.
         """
         boundAccepts(port)
         assert self.router is not None
-        deferAccept(port, self.router.limits.deferAccept)
+        if deferAccept(port, self.router.limits.deferAccept):
+            # The first bytes are in when a connection is handed over: read them at once.
+            readAtAccept(port)
         return port
 
     def _listen(self, description: str, factory: Any, steer: bool = False) -> Deferred[Any]:
