@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from portal.wire.h2server import (
+    CONNECTION_WINDOW,
+    INITIAL_WINDOW,
     MAX_CLOSED_STREAMS,
     MAX_CONCURRENT_STREAMS,
     MAX_CONTINUATIONS,
@@ -71,7 +73,8 @@ ENABLE_PUSH = 0x2
 INITIAL_WINDOW_SIZE = 0x4
 MAX_FRAME_SIZE = 0x5
 
-#: The windows both sides start with.
+#: The protocol's default windows: the client's, which the server sends within (the server gives its own
+#: clients larger ones: INITIAL_WINDOW, CONNECTION_WINDOW).
 WINDOW = 65_535
 #: The largest frame a client may send this server.
 FRAME = 16_384
@@ -332,27 +335,31 @@ class HandshakeTests(ServerTestCase):
     def test_serverSettings(self) -> None:
         """
         The server's preface advertises 100 concurrent streams, a header list of at most 65,536
-        bytes, windows of 65,535 bytes, frames of 16,384 bytes, and no server push.
+        bytes, stream windows of L{INITIAL_WINDOW} bytes, frames of 16,384 bytes and no server
+        push, and opens the connection's window to L{CONNECTION_WINDOW}.
         """
         pair = Pair()
         remote = pair.client.remote_settings
         self.assertEqual(remote.max_concurrent_streams, 100)
         self.assertEqual(remote.max_header_list_size, 65_536)
-        self.assertEqual(remote.initial_window_size, WINDOW)
+        self.assertEqual(remote.initial_window_size, INITIAL_WINDOW)
         self.assertEqual(remote.max_frame_size, FRAME)
         self.assertEqual(remote.enable_push, 0)
+        self.assertEqual(pair.client.outbound_flow_control_window, CONNECTION_WINDOW)
         self.assertEqual(MAX_CONCURRENT_STREAMS, 100)
         self.assertEqual(MAX_HEADER_LIST_SIZE, 65_536)
+        self.assertEqual((INITIAL_WINDOW, CONNECTION_WINDOW), (262_144, 1_048_576))
 
     def test_settingsFirst(self) -> None:
         """
-        L{ServerConnection.initiateConnection} queues exactly one frame, a C{SETTINGS} frame on
-        stream 0 that is no acknowledgement, with the settings the server advertises.
+        L{ServerConnection.initiateConnection} queues a C{SETTINGS} frame on stream 0 that is no
+        acknowledgement, with the settings the server advertises, then a C{WINDOW_UPDATE} that
+        opens the connection's window from the protocol's 65,535 bytes to L{CONNECTION_WINDOW}.
         """
         server = ServerConnection()
         self.assertEqual(server.dataToSend(), b"")
         server.initiateConnection()
-        [settingsFrame] = parseFrames(server.dataToSend())
+        settingsFrame, opening = parseFrames(server.dataToSend())
         self.assertEqual(settingsFrame[:3], (SETTINGS, 0, 0))
         payload = settingsFrame.payload
         self.assertEqual(len(payload) % 6, 0)
@@ -361,12 +368,13 @@ class HandshakeTests(ServerTestCase):
             advertised,
             {
                 0x3: MAX_CONCURRENT_STREAMS,
-                INITIAL_WINDOW_SIZE: WINDOW,
+                INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
                 MAX_FRAME_SIZE: FRAME,
                 0x6: MAX_HEADER_LIST_SIZE,
                 ENABLE_PUSH: 0,
             },
         )
+        self.assertEqual(opening, windowUpdate(0, CONNECTION_WINDOW - WINDOW))
         self.assertEqual(server.dataToSend(), b"")
 
     def test_clientSettingsAcknowledged(self) -> None:
@@ -1155,26 +1163,37 @@ class FlowControlTests(ServerTestCase):
 
     def test_acknowledgeGivesWindowBack(self) -> None:
         """
-        Acknowledged data is given back to the client's windows, the connection's and the stream's,
-        once half a window (32,767 bytes) was acknowledged: not before.
+        Acknowledged data is given back to the client's windows once half of that window was
+        acknowledged, not before: a stream's at half of L{INITIAL_WINDOW}, the connection's at half
+        of L{CONNECTION_WINDOW}, which takes several streams.
         """
         pair = Pair()
-        pair.request(1, POST, endStream=False)
-        pair.client.send_data(1, b"x" * 16_384)
-        pair.client.send_data(1, b"x" * 16_384)
-        pair.client.send_data(1, b"x" * 7_232)
-        events = pair.toServer()
-        self.assertEqual([e[3] for e in events], [16_384, 16_384, 7_232])
-        self.assertEqual(pair.client.local_flow_control_window(1), WINDOW - 40_000)
-        pair.server.acknowledgeReceivedData(16_384, 1)
-        pair.server.acknowledgeReceivedData(16_382, 1)
+        half = INITIAL_WINDOW // 2
+        for streamID in (1, 3, 5, 7, 9):
+            pair.request(streamID, POST, endStream=False)
+            for offset in range(0, half - 1000, FRAME):
+                pair.client.send_data(streamID, b"x" * min(FRAME, half - 1000 - offset))
+        pair.toServer()
+        self.assertEqual(pair.client.local_flow_control_window(1), INITIAL_WINDOW - half + 1000)
+        pair.server.acknowledgeReceivedData(half - 1001, 1)
         self.assertEqual(pair.server.dataToSend(), b"")
+        pair.client.send_data(1, b"x" * 1000)
+        pair.toServer()
         pair.server.acknowledgeReceivedData(1, 1)
+        self.assertEqual(pair.server.dataToSend(), b"")
+        pair.server.acknowledgeReceivedData(1000, 1)
         data = pair.server.dataToSend()
-        self.assertEqual(parseFrames(data), [windowUpdate(0, 32_767), windowUpdate(1, 32_767)])
+        self.assertEqual(parseFrames(data), [windowUpdate(1, half)])
         pair.client.receive_data(data)
-        self.assertEqual(pair.client.local_flow_control_window(1), WINDOW - 40_000 + 32_767)
-        self.assertEqual(pair.client.outbound_flow_control_window, WINDOW - 40_000 + 32_767)
+        self.assertEqual(pair.client.local_flow_control_window(1), INITIAL_WINDOW)
+        # The connection's: 5 x (half - 1000) + 1000 received; half of its window is crossed on
+        # the fifth stream's acknowledgement.
+        for streamID in (3, 5, 7):
+            pair.server.acknowledgeReceivedData(half - 1000, streamID)
+        self.assertEqual(pair.server.dataToSend(), b"")
+        pair.server.acknowledgeReceivedData(half - 1000, 9)
+        received = 5 * (half - 1000) + 1000
+        self.assertEqual(parseFrames(pair.server.dataToSend()), [windowUpdate(0, received)])
 
     def test_acknowledgeAfterEnd(self) -> None:
         """
@@ -1188,74 +1207,71 @@ class FlowControlTests(ServerTestCase):
         pair.client.send_data(1, b"x" * 8_000, end_stream=True)
         pair.toServer()
         pair.server.acknowledgeReceivedData(40_000, 1)
-        self.assertEqual(parseFrames(pair.server.dataToSend()), [windowUpdate(0, 40_000)])
+        self.assertEqual(pair.server.dataToSend(), b"")
         pair.server.acknowledgeReceivedData(0, 1)
         self.assertEqual(pair.server.dataToSend(), b"")
+        # Other streams take the connection past half its window: one update for all of it.
+        rest = CONNECTION_WINDOW // 2 - 40_000 + 3  # Divisible by 3.
+        for streamID in (3, 5, 7):
+            pair.request(streamID, POST, endStream=False)
+            for offset in range(0, rest // 3, FRAME):
+                pair.client.send_data(streamID, b"x" * min(FRAME, rest // 3 - offset))
+        pair.toServer()
+        for streamID in (3, 5, 7):
+            pair.server.acknowledgeReceivedData(rest // 3, streamID)
+        frames = parseFrames(pair.server.dataToSend())
+        self.assertIn(windowUpdate(0, 40_000 + 3 * (rest // 3)), frames)
+        self.assertEqual([f for f in frames if f.streamID == 1], [])
 
     def test_connectionWindowOverflowByClient(self) -> None:
         """
         C{DATA} beyond the connection's window is a connection error of type
-        C{FLOW_CONTROL_ERROR}: here 65,536 bytes on two streams, neither of which had its own
-        window exceeded.
+        C{FLOW_CONTROL_ERROR}: here L{CONNECTION_WINDOW} bytes and one more on five streams, none
+        of which had its own window exceeded.
         """
         client = RawClient()
-        client.send(client.headers(1, POST, END_HEADERS), client.headers(3, POST, END_HEADERS))
         chunk = b"x" * FRAME
-        self.assertEqual(
-            client.send(frame(DATA, 0, 1, chunk), frame(DATA, 0, 1, chunk)),
-            [("data", 1, chunk, FRAME), ("data", 1, chunk, FRAME)],
-        )
-        self.assertEqual(
-            client.send(frame(DATA, 0, 1, chunk), frame(DATA, 0, 3, chunk[:-1])),
-            [("data", 1, chunk, FRAME), ("data", 3, chunk[:-1], FRAME - 1)],
-        )
+        perStream = CONNECTION_WINDOW // 4
+        for streamID in (1, 3, 5, 7):
+            client.send(client.headers(streamID, POST, END_HEADERS))
+            events = client.send(*[frame(DATA, 0, streamID, chunk)] * (perStream // FRAME))
+            self.assertEqual(len(events), perStream // FRAME)
+        client.send(client.headers(9, POST, END_HEADERS))
         self.assertEqual(client.sent(), [])
         self.assertConnectionError(
-            client.server,
-            frame(DATA, 0, 3, b"x"),
-            ErrorCode.FLOW_CONTROL_ERROR,
-            3,
+            client.server, frame(DATA, 0, 9, b"x"), ErrorCode.FLOW_CONTROL_ERROR, 9
         )
 
     def test_connectionAndStreamWindowOverflow(self) -> None:
         """
-        65,536 bytes on one stream exceed the stream's window and the connection's (both 65,535):
-        the connection's is checked first, a connection error of type C{FLOW_CONTROL_ERROR}.
+        When one frame exceeds both the stream's window and the connection's, the connection's is
+        checked first: a connection error of type C{FLOW_CONTROL_ERROR}. Four streams filled to
+        their windows fill the connection's too; one more byte on the last one exceeds both.
         """
         client = RawClient()
-        client.send(client.headers(1, POST, END_HEADERS))
         chunk = b"x" * FRAME
-        client.send(*[frame(DATA, 0, 1, chunk)] * 3, frame(DATA, 0, 1, chunk[:-1]))
+        for streamID in (1, 3, 5, 7):
+            client.send(client.headers(streamID, POST, END_HEADERS))
+            client.send(*[frame(DATA, 0, streamID, chunk)] * (INITIAL_WINDOW // FRAME))
+        self.assertEqual(4 * INITIAL_WINDOW, CONNECTION_WINDOW)
         self.assertConnectionError(
-            client.server, frame(DATA, 0, 1, b"x"), ErrorCode.FLOW_CONTROL_ERROR, 1
+            client.server, frame(DATA, 0, 7, b"x"), ErrorCode.FLOW_CONTROL_ERROR, 7
         )
 
     def test_streamWindowOverflowByClient(self) -> None:
         """
-        C{DATA} beyond a stream's window resets that stream with C{FLOW_CONTROL_ERROR} and gives
-        back the frame's share of the connection's window; other streams go on. To have the
-        connection's window larger than the stream's, 40,000 acknowledged bytes (20,000 of stream 3,
-        ended, and 20,000 of stream 1) gave the connection its window back while stream 1 still
-        lacks 20,000: its window is 45,535, the connection's 65,535.
+        C{DATA} beyond a stream's window (L{INITIAL_WINDOW}, smaller than the connection's) resets
+        that stream with C{FLOW_CONTROL_ERROR} and gives back the frame's share of the connection's
+        window; other streams go on.
         """
         client = RawClient()
         client.send(client.headers(1, POST, END_HEADERS), client.headers(3, POST, END_HEADERS))
-        client.send(*[frame(DATA, 0, 3, b"x" * 10_000)] * 2, frame(DATA, END_STREAM, 3, b""))
-        client.server.acknowledgeReceivedData(20_000, 3)
-        client.send(*[frame(DATA, 0, 1, b"x" * 10_000)] * 2)
-        client.server.acknowledgeReceivedData(20_000, 1)
-        self.assertEqual(client.sent(), [windowUpdate(0, 40_000)])
         chunk = b"x" * FRAME
-        events = client.send(
-            frame(DATA, 0, 1, chunk),
-            frame(DATA, 0, 1, chunk),
-            frame(DATA, 0, 1, b"x" * (WINDOW - 20_000 - 2 * FRAME + 1)),
-        )
+        events = client.send(*[frame(DATA, 0, 1, chunk)] * (INITIAL_WINDOW // FRAME))
+        self.assertEqual(events, [("data", 1, chunk, FRAME)] * (INITIAL_WINDOW // FRAME))
         self.assertEqual(
-            events,
+            client.send(frame(DATA, 0, 1, b"x")),
             [
-                ("data", 1, chunk, FRAME),
-                ("data", 1, chunk, FRAME),
                 ("reset", 1, ErrorCode.FLOW_CONTROL_ERROR, False),
             ],
         )
@@ -1263,13 +1279,9 @@ class FlowControlTests(ServerTestCase):
         assert isinstance(event, StreamReset)
         self.assertTrue(event.reason)
         self.assertEqual(
-            client.sent(),
-            [
-                windowUpdate(0, WINDOW - 20_000 - 2 * FRAME + 1),
-                reset(1, ErrorCode.FLOW_CONTROL_ERROR),
-            ],
+            client.sent(), [windowUpdate(0, 1), reset(1, ErrorCode.FLOW_CONTROL_ERROR)]
         )
-        self.assertEqual(client.server.openStreams, 1)  # Stream 3, the server's side still open.
+        self.assertEqual(client.server.openStreams, 1)  # Stream 3.
         self.assertEqual(client.send(client.headers(5)), [("request", 5, GET), ("ended", 5)])
 
     def test_connectionWindowUpdateOverflow(self) -> None:

@@ -42,6 +42,7 @@ from portal.tunnel.http2 import (
     readRequestHead,
 )
 from portal.tunnel.httpproxy import IDLE_TIMEOUT, LINK_THRESHOLD, RESPONSE_TIMEOUT, VisitorHTTP
+from portal.wire import h2server
 from tests.test_httpproxy import (
     API,
     APP,
@@ -708,6 +709,10 @@ class UploadTests(H2TestCase):
         closed (so what is held is bounded by one window), and go upstream after the head once it
         connects.
         """
+        # Windows of the protocol's default size, so that acknowledging what this test sends
+        # gives window back (the server's own are larger).
+        self.patch(h2server, "INITIAL_WINDOW", 65_535)
+        self.patch(h2server, "CONNECTION_WINDOW", 65_535)
         client, streamID = self.startUpload([(b"content-length", b"%d" % 60_000)])
         for part in (b"a", b"b"):
             for _ in range(2):
@@ -728,6 +733,10 @@ class UploadTests(H2TestCase):
         what the client sends then is held and its window stays closed; when the upstream drains,
         the held bytes go upstream and the window opens again.
         """
+        # Windows of the protocol's default size, so that acknowledging what this test sends
+        # gives window back (the server's own are larger).
+        self.patch(h2server, "INITIAL_WINDOW", 65_535)
+        self.patch(h2server, "CONNECTION_WINDOW", 65_535)
         size = LINK_THRESHOLD + 40_000
         client, streamID = self.startUpload([(b"content-length", b"%d" % size)])
         upstream = self.pool.connect()

@@ -13,7 +13,8 @@ cannot take waits on its stream, and the upstream is paused meanwhile.
 
 Request heads are checked in one pass (L{readRequestHead}); a malformed one resets its own stream. The server keeps what a visitor could abuse
 bounded: the connection's own limits (L{portal.wire.h2server}: 100 concurrent streams, 64 KiB of
-headers, frame sizes, body lengths against C{content-length}, flow control), a token bucket on stream resets, the visitor's and those
+headers, frame sizes, body lengths against C{content-length}, flow control: request bodies held
+while upstreams cannot take them are bounded by the connection's window, 1 MiB), a token bucket on stream resets, the visitor's and those
 its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset" variant),
 a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and SETTINGS
 floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each stream

@@ -65,8 +65,12 @@ MAX_HEADER_BLOCK = 64 * 1024
 MAX_CONTINUATIONS = 128
 #: The largest frame the client may send (the protocol's default, advertised).
 MAX_FRAME_SIZE = 16_384
-#: The flow-control windows the client starts with, per stream and for the connection.
-INITIAL_WINDOW = 65_535
+#: The flow-control window each stream of the client starts with (advertised as
+#: C{SETTINGS_INITIAL_WINDOW_SIZE}).
+INITIAL_WINDOW = 262_144
+#: The flow-control window of the whole connection (opened from the protocol's 65,535 by a
+#: C{WINDOW_UPDATE} after the server's C{SETTINGS}).
+CONNECTION_WINDOW = 1_048_576
 #: The largest flow-control window (RFC 9113 6.9.1).
 MAX_WINDOW = 2**31 - 1
 #: Closed streams remembered with how they closed, the most recent ones (frames on older ones are
@@ -316,7 +320,7 @@ class ServerConnection:
         self.maxOutboundFrameSize = 16_384
         self._remoteInitialWindow = 65_535
         self._outbound = 65_535
-        self._inbound = INITIAL_WINDOW
+        self._inbound = CONNECTION_WINDOW
         self._unacknowledged = 0
         self._allWindowsNoted = False
         # A header block being collected: its stream, fragments, END_STREAM flag, frame count.
@@ -330,7 +334,8 @@ class ServerConnection:
 
     def initiateConnection(self) -> None:
         """
-        Queue the server's preface: its C{SETTINGS}.
+        Queue the server's preface: its C{SETTINGS}, and the C{WINDOW_UPDATE} that opens the
+        connection's window to L{CONNECTION_WINDOW}.
         """
         settings = b"".join(
             _SETTING.pack(code, value)
@@ -343,6 +348,8 @@ class ServerConnection:
             )
         )
         self._out += _frame(_SETTINGS, 0, 0, settings)
+        if CONNECTION_WINDOW > 65_535:
+            self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - 65_535))
 
     def dataToSend(self) -> bytes:
         """
@@ -773,7 +780,7 @@ class ServerConnection:
         if not size:
             return
         self._unacknowledged += size
-        if self._unacknowledged >= INITIAL_WINDOW // 2:
+        if self._unacknowledged >= CONNECTION_WINDOW // 2:
             self._inbound += self._unacknowledged
             self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(self._unacknowledged))
             self._unacknowledged = 0
