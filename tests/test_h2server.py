@@ -73,8 +73,8 @@ ENABLE_PUSH = 0x2
 INITIAL_WINDOW_SIZE = 0x4
 MAX_FRAME_SIZE = 0x5
 
-#: The protocol's default windows: the client's, which the server sends within (the server gives its own
-#: clients larger ones: INITIAL_WINDOW, CONNECTION_WINDOW).
+#: The protocol's default windows: the client's, which the server sends within (the server gives
+#: its own clients larger ones: INITIAL_WINDOW, CONNECTION_WINDOW).
 WINDOW = 65_535
 #: The largest frame a client may send this server.
 FRAME = 16_384

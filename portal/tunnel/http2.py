@@ -1,24 +1,26 @@
 """
 HTTP/2 for visitors of routed HTTP mode.
 
-When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn h2,http/1.1}), the
-connection is served by L{H2Server}, a lean server protocol on L{portal.wire.h2server}'s connection state,
-and each request (L{H2Visitor}, one per stream) is forwarded over the same pooled HTTP/1.1 upstream
-connections as the HTTP/1.1 path (L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of
-an HTTP/2 upstream (L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream.
-A request is forwarded as soon as the frames that carried its headers are handled; its body
-follows frame by frame, and the stream's flow-control window stays closed while the upstream
-cannot take more. Responses stream back with HTTP/2 flow control as backpressure: what a window
-cannot take waits on its stream, and the upstream is paused meanwhile.
+When the visitor's TLS handshake negotiates C{h2} (the tunnel offers it with C{--alpn
+h2,http/1.1}), the connection is served by L{H2Server}, a lean server protocol on the connection
+state of L{portal.wire.h2server}, and each request (L{H2Visitor}, one per stream) is forwarded over
+the same pooled HTTP/1.1 upstream connections as the HTTP/1.1 path
+(L{portal.tunnel.httpproxy.UpstreamConnection}), or on a stream of an HTTP/2 upstream
+(L{portal.tunnel.httpproxy.H2Exchange}), whose trailers end the visitor's stream. A request is
+forwarded as soon as the frames that carried its headers are handled; its body follows frame by
+frame, and the stream's flow-control window stays closed while the upstream cannot take more.
+Responses stream back with HTTP/2 flow control as backpressure: what a window cannot take waits on
+its stream, and the upstream is paused meanwhile.
 
-Request heads are checked in one pass (L{readRequestHead}); a malformed one resets its own stream. The server keeps what a visitor could abuse
-bounded: the connection's own limits (L{portal.wire.h2server}: 100 concurrent streams, 64 KiB of
-headers, frame sizes, body lengths against C{content-length}, flow control: request bodies held
-while upstreams cannot take them are bounded by the connection's window, 1 MiB), a token bucket on stream resets, the visitor's and those
-its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset" variant),
-a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and SETTINGS
-floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each stream
-sends what its window allows as its response arrives.
+Request heads are checked in one pass (L{readRequestHead}); a malformed one resets its own stream.
+The server keeps what a visitor could abuse bounded: the connection's own limits
+(L{portal.wire.h2server}: 100 concurrent streams, 64 KiB of headers, frame sizes, body lengths
+against C{content-length}, flow control: request bodies held while upstreams cannot take them are
+bounded by the connection's window, 1 MiB), a token bucket on stream resets, the visitor's and
+those its malformed requests cause (HTTP/2 Rapid Reset, CVE-2023-44487, and its "MadeYouReset"
+variant), a cap on what it writes while the visitor does not read (L{MAX_PAUSED_OUTPUT}: PING and
+SETTINGS floods), and the idle timeout of the HTTP/1.1 path. There is no priority scheduling: each
+stream sends what its window allows as its response arrives.
 
 With C{--app} each request is first put to the app gateway, as on the HTTP/1.1 path
 (L{portal.tunnel.httpproxy}): meanwhile its body is held with the stream's window closed, or read
@@ -749,11 +751,11 @@ class H2Visitor(ExchangeAnswers):
 @implementer(IPushProducer)
 class H2Server(Protocol, TimeoutMixin):
     """
-    One visitor's HTTP/2 connection: its state (L{ServerConnection}), a L{H2Visitor} per request stream. It is
-    the push producer of its transport: while the transport is paused (the visitor does not read),
-    response bodies wait on their streams and at most L{MAX_PAUSED_OUTPUT} bytes of other frames
-    are written. The connection is closed with C{GOAWAY} after L{IDLE_TIMEOUT} seconds without frames
-    and with no request in flight, as an HTTP/1.1 visitor's is.
+    One visitor's HTTP/2 connection: its state (L{ServerConnection}), a L{H2Visitor} per request
+    stream. It is the push producer of its transport: while the transport is paused (the visitor
+    does not read), response bodies wait on their streams and at most L{MAX_PAUSED_OUTPUT} bytes of
+    other frames are written. The connection is closed with C{GOAWAY} after L{IDLE_TIMEOUT} seconds
+    without frames and with no request in flight, as an HTTP/1.1 visitor's is.
 
     @ivar conn: The connection's HTTP/2 state.
     @ivar streams: The streams whose response is not over, by id.

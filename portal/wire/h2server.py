@@ -24,10 +24,11 @@ What it does and checks, following RFC 9113:
  - C{PING} answered, C{PUSH_PROMISE} from a client refused, unknown frame types ignored.
 
 A violation of the connection's rules raises L{ProtocolError} after a C{GOAWAY} is queued; the
-connection is then over. A violation confined to one stream resets that stream (C{RST_STREAM}) and is
-reported as L{StreamReset} with C{remote=False}, so the application can count it (the "MadeYouReset"
-variant of Rapid Reset). RFC 9113 5.4.1 lets an endpoint treat a stream error as a connection error:
-rare ones with no legitimate cause (a stream depending on itself, a malformed C{PRIORITY}) are.
+connection is then over. A violation confined to one stream resets that stream (C{RST_STREAM}) and
+is reported as L{StreamReset} with C{remote=False}, so the application can count it (the
+"MadeYouReset" variant of Rapid Reset). RFC 9113 5.4.1 lets an endpoint treat a stream error as a
+connection error: rare ones with no legitimate cause (a stream depending on itself, a malformed
+C{PRIORITY}) are.
 Frames on closed streams (RFC 9113 5.1; the last L{MAX_CLOSED_STREAMS} are remembered with how they
 closed) are ignored after the server's reset, since the client may have sent them before it saw it,
 and are a stream error C{STREAM_CLOSED} after the client's own reset and a connection error
@@ -235,7 +236,8 @@ class WindowUpdated:
 class WindowsChanged:
     """
     The client changed C{SETTINGS_INITIAL_WINDOW_SIZE}: every stream's window moved. This event and
-    L{WindowUpdated} for the connection come at most once, together, per L{ServerConnection.receiveData}.
+    L{WindowUpdated} for the connection come at most once, together, per
+    L{ServerConnection.receiveData}.
     """
 
     __slots__ = ()

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from hpack.exceptions import HPACKDecodingError
+from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
@@ -221,18 +222,12 @@ class HeaderDecoder:
 
 def _encodeInteger(value: int, prefixBits: int, first: int) -> bytes:
     """
-    Encode C{value} with a prefix of C{prefixBits} bits, the byte's other bits C{first}.
+    Encode C{value} with a prefix of C{prefixBits} bits (the C{hpack} package's encoding), the
+    first byte's other bits C{first}.
     """
-    limit = (1 << prefixBits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    encoded = encode_integer(value, prefixBits)
+    encoded[0] |= first
+    return bytes(encoded)
 
 
 def _encodeString(value: bytes) -> bytes:
